@@ -1,0 +1,123 @@
+"""Batched ONNX Runtime inference with decoding overlapped in a thread pool. No torch here."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imagesieve.data import ImageLoadError, ImageSource, load_image, source_name
+from imagesieve.models import BackboneConfig
+
+__all__ = ["EngineItem", "EngineResult", "ScoringEngine"]
+
+log = logging.getLogger(__name__)
+
+#: An input: a path, bytes or file object, or a (name, source) pair naming bytes or uploads.
+EngineItem = ImageSource | tuple[str, ImageSource]
+_END = object()
+
+
+@dataclass
+class EngineResult:
+    """One input's outcome: model outputs (one row per output name) or a load error."""
+
+    source: str
+    width: int = 0
+    height: int = 0
+    sha256: str = ""
+    outputs: dict[str, np.ndarray] | None = None
+    error: ImageLoadError | None = None
+
+
+def _split_item(item: EngineItem) -> tuple[str, ImageSource]:
+    if isinstance(item, tuple):
+        return item
+    return source_name(item), item
+
+
+class ScoringEngine:
+    """Runs an ONNX model over a stream of images, batch by batch, never holding the stream.
+
+    Decoding and preprocessing run in ``workers`` threads (PIL and numpy release the GIL) while
+    the previous batch is in ONNX Runtime, so decoding hides behind compute.
+    """
+
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike,
+        config: BackboneConfig,
+        *,
+        batch_size: int = 32,
+        workers: int | None = None,
+        threads: int | None = None,
+    ):
+        import onnxruntime as ort
+
+        self.config = config
+        self.batch_size = batch_size
+        cpus = os.cpu_count() or 1
+        self.workers = workers or cpus
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or cpus
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        # Spinning ORT threads would steal the cores the decode threads need.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            str(Path(onnx_path)), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """(n, s, s, 3) uint8 pixels -> {output name: (n, ...) array}."""
+        x = np.ascontiguousarray(x, dtype=np.uint8)
+        return dict(zip(self.output_names, self.session.run(self.output_names, {self.input_name: x}), strict=True))
+
+    def _prepare(self, item: EngineItem) -> tuple[EngineResult, np.ndarray | None]:
+        name, source = _split_item(item)
+        try:
+            decoded = load_image(source, min_side=self.config.resize_side, name=name)
+            x = self.config.preprocess(decoded.image)
+        except ImageLoadError as e:
+            return EngineResult(source=name, error=e), None
+        except Exception as e:  # a decoder bug must not kill the batch: record it per item
+            log.exception("unexpected error preparing %s", name)
+            return EngineResult(source=name, error=ImageLoadError(name, "error", f"{type(e).__name__}: {e}")), None
+        return EngineResult(name, decoded.width, decoded.height, decoded.sha256), x
+
+    def run(self, items: Iterable[EngineItem]) -> Iterator[list[EngineResult]]:
+        """Yield results batch by batch, in input order; failed items carry ``error``."""
+        prefetch = self.batch_size * 2 + self.workers
+        it = iter(items)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="imagesieve-decode") as pool:
+            pending: deque[Future] = deque()
+
+            def fill() -> None:
+                while len(pending) < prefetch:
+                    item = next(it, _END)
+                    if item is _END:
+                        return
+                    pending.append(pool.submit(self._prepare, item))
+
+            fill()
+            while pending:
+                batch = [pending.popleft().result() for _ in range(min(self.batch_size, len(pending)))]
+                fill()  # queue the next images before the forward pass so decoding overlaps it
+                yield self._forward_batch(batch)
+
+    def _forward_batch(self, batch: list[tuple[EngineResult, np.ndarray | None]]) -> list[EngineResult]:
+        ok = [(r, x) for r, x in batch if x is not None]
+        if ok:
+            out = self.forward(np.stack([x for _, x in ok]))
+            for i, (r, _) in enumerate(ok):
+                r.outputs = {k: v[i] for k, v in out.items()}
+        return [r for r, _ in batch]

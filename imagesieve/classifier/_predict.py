@@ -1,0 +1,126 @@
+"""Predictions: softmax Top-3 and the UNKNOWN decision, on top of the scoring engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from imagesieve.classifier._engine import EngineItem, EngineResult, ScoringEngine
+from imagesieve.models import ModelVersion
+
+__all__ = ["UNKNOWN", "Prediction", "Predictor", "softmax", "top_k"]
+
+UNKNOWN = "UNKNOWN"
+LOW_CONFIDENCE = "low_confidence"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (n, c) logits, numerically stable."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, c) probabilities -> (n, k) indices and probabilities, best first."""
+    k = min(k, probs.shape[-1])
+    idx = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+    return idx, np.take_along_axis(probs, idx, axis=-1)
+
+
+@dataclass
+class Prediction:
+    """One scored image: Top-3, decision and embedding, or the reason it could not be scored."""
+
+    source: str
+    label: str | None = None
+    reason: str | None = None
+    top3: list[tuple[str, float]] = field(default_factory=list)
+    embedding: np.ndarray | None = None
+    width: int = 0
+    height: int = 0
+    sha256: str = ""
+    error_kind: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the image was scored."""
+        return self.error is None
+
+    @property
+    def confidence(self) -> float:
+        """Top-1 probability (0 for failed items)."""
+        return self.top3[0][1] if self.top3 else 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (no embedding)."""
+        return {
+            "source": self.source,
+            "label": self.label,
+            "reason": self.reason,
+            "top3": [{"class": c, "probability": round(p, 6)} for c, p in self.top3],
+            "width": self.width,
+            "height": self.height,
+            "sha256": self.sha256,
+            "error_kind": self.error_kind,
+            "error": self.error,
+        }
+
+
+class Predictor:
+    """Scores images with one model version: ONNX engine + softmax + UNKNOWN decision."""
+
+    def __init__(
+        self,
+        version: ModelVersion,
+        *,
+        threshold: float | None = None,
+        batch_size: int = 32,
+        workers: int | None = None,
+    ):
+        self.version = version
+        self.classes = version.classes
+        self.threshold = version.confidence_threshold if threshold is None else threshold
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"confidence threshold must be within [0, 1], got {self.threshold}")
+        self.engine = ScoringEngine(version.onnx_path, version.config, batch_size=batch_size, workers=workers)
+
+    def decide(self, probs: np.ndarray) -> list[tuple[str, str | None, list[tuple[str, float]]]]:
+        """(n, c) probabilities -> per row (label, UNKNOWN reason or None, Top-3)."""
+        idx, p = top_k(probs, 3)
+        out = []
+        for row_i, row_p in zip(idx, p, strict=True):
+            top3 = [(self.classes[i], float(q)) for i, q in zip(row_i, row_p, strict=True)]
+            if top3[0][1] < self.threshold:
+                out.append((UNKNOWN, LOW_CONFIDENCE, top3))
+            else:
+                out.append((top3[0][0], None, top3))
+        return out
+
+    def _predictions(self, batch: list[EngineResult]) -> list[Prediction]:
+        ok = [r for r in batch if r.outputs is not None]
+        decisions = iter(self.decide(softmax(np.stack([r.outputs["logits"] for r in ok]))) if ok else [])
+        preds = []
+        for r in batch:
+            if r.error is not None:
+                preds.append(Prediction(r.source, error_kind=r.error.kind, error=r.error.reason))
+                continue
+            label, reason, top3 = next(decisions)
+            preds.append(
+                Prediction(r.source, label, reason, top3, r.outputs["embedding"], r.width, r.height, r.sha256)
+            )
+        return preds
+
+    def score_batches(self, items: Iterable[EngineItem]) -> Iterator[list[Prediction]]:
+        """Score a stream of images batch by batch, in input order."""
+        for batch in self.engine.run(items):
+            yield self._predictions(batch)
+
+    def score(self, items: Iterable[EngineItem]) -> Iterator[Prediction]:
+        """Score a stream of images one prediction at a time, in input order."""
+        for batch in self.score_batches(items):
+            yield from batch

@@ -1,0 +1,39 @@
+"""Backbones (one registry, one factory), their preprocessing, and model versions.
+
+Importing this package does not import torch; only building or exporting a model does.
+"""
+
+from imagesieve.models._config import BackboneConfig
+from imagesieve.models._registry import (
+    BackboneSpec,
+    MissingWeightsError,
+    create_backbone,
+    get_backbone_spec,
+    list_backbones,
+    register_backbone,
+)
+from imagesieve.models._version import (
+    ModelVersion,
+    activate_version,
+    active_version,
+    get_version,
+    list_versions,
+)
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "BackboneConfig",
+    "BackboneSpec",
+    "MissingWeightsError",
+    "ModelVersion",
+    "activate_version",
+    "active_version",
+    "create_backbone",
+    "get_backbone_spec",
+    "get_version",
+    "list_backbones",
+    "list_versions",
+    "register_backbone",
+]

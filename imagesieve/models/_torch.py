@@ -1,0 +1,68 @@
+"""Torch modules: a backbone giving pooled features, and the model giving embedding + logits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["Backbone", "PixelNormalize", "SieveModel"]
+
+
+class Backbone(nn.Module):
+    """A pretrained network cut before its classifier: image batch -> (n, d) pooled features.
+
+    ``body`` maps images to the last feature map, ``imagenet_head`` is the original ImageNet
+    classifier and ``tail`` names the last block(s), the part fine-tuning unfreezes.
+    """
+
+    def __init__(self, name: str, body: nn.Module, imagenet_head: nn.Linear, tail: list[str]):
+        super().__init__()
+        self.name = name
+        self.body = body
+        self.imagenet_head = imagenet_head
+        self.tail = tail
+
+    @property
+    def embed_dim(self) -> int:
+        """Size of the pooled feature vector."""
+        return self.imagenet_head.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, 3, s, s) float32 -> (n, d) pooled features."""
+        return torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
+
+    def tail_modules(self) -> list[nn.Module]:
+        """The modules fine-tuning trains (the last block and what follows it)."""
+        return [self.body.get_submodule(n) for n in self.tail]
+
+
+class PixelNormalize(nn.Module):
+    """(n, s, s, 3) RGB pixels (uint8 or float, 0-255) -> (n, 3, s, s) normalised float32."""
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last pixels to normalised channels-first floats."""
+        return (x.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+
+
+class SieveModel(nn.Module):
+    """Pixels -> backbone -> linear head: one forward pass gives the embedding and the logits.
+
+    The head sees the raw pooled features; the embedding is their L2-normalised copy.
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Module, mean, std):
+        super().__init__()
+        self.normalize = PixelNormalize(mean, std)
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, s, s, 3) pixels -> ((n, d) unit-norm embedding, (n, c) logits)."""
+        f = self.backbone(self.normalize(x))
+        return F.normalize(f, dim=1), self.head(f)

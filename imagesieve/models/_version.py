@@ -1,0 +1,165 @@
+"""Model versions: ``models/<version>/`` with checkpoint, ONNX export, ``meta.json``, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from imagesieve._workspace import Workspace
+from imagesieve.models._config import BackboneConfig
+
+__all__ = [
+    "ModelVersion",
+    "activate_version",
+    "active_version",
+    "get_version",
+    "list_versions",
+    "write_version",
+]
+
+_ACTIVE_FILE = "ACTIVE"
+_NAME_RE = re.compile(r"^v(\d+)$")
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A model version directory and its parsed ``meta.json``."""
+
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        """The version's name, e.g. ``v3``."""
+        return self.path.name
+
+    @property
+    def onnx_path(self) -> Path:
+        """ONNX graph: input ``image`` (n, 3, s, s); outputs ``embedding`` (n, d), ``logits``."""
+        return self.path / "model.onnx"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """Torch checkpoint (state dict of the whole model, plus backbone name and classes)."""
+        return self.path / "model.pt"
+
+    @property
+    def report_dir(self) -> Path:
+        """Evaluation outputs written at training time."""
+        return self.path / "report"
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in logit order."""
+        return list(self.meta["classes"])
+
+    @property
+    def config(self) -> BackboneConfig:
+        """The backbone's preprocessing config as used by this version."""
+        return BackboneConfig.from_dict(self.meta["preprocessing"])
+
+    @property
+    def confidence_threshold(self) -> float:
+        """Top-1 probability below which a prediction is UNKNOWN."""
+        return float(self.meta.get("thresholds", {}).get("confidence", 0.5))
+
+    @classmethod
+    def load(cls, path: Path) -> ModelVersion:
+        """Read a version directory; a broken one raises ``ValueError`` saying what is wrong."""
+        meta_path = path / "meta.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"model version {path.name} has no meta.json ({meta_path})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model version {path.name}: meta.json is not valid JSON ({e})") from None
+        return cls(path, meta)
+
+
+def list_versions(ws: Workspace) -> list[ModelVersion]:
+    """All complete versions in the workspace, oldest first."""
+    if not ws.models_dir.is_dir():
+        return []
+    found = []
+    for p in ws.models_dir.iterdir():
+        if p.is_dir() and not p.name.startswith(".") and (p / "meta.json").is_file():
+            found.append(ModelVersion.load(p))
+    return sorted(found, key=lambda v: (v.meta.get("created_at", ""), v.name))
+
+
+def get_version(ws: Workspace, name: str | None = None) -> ModelVersion:
+    """The named version, or the active one when ``name`` is None."""
+    if name is None:
+        version = active_version(ws)
+        if version is None:
+            raise ValueError(
+                f"no active model in workspace {ws.root}; run 'imagesieve train DATA_DIR' first"
+            )
+        return version
+    path = ws.models_dir / name
+    if not (path / "meta.json").is_file():
+        known = ", ".join(v.name for v in list_versions(ws)) or "none"
+        raise ValueError(f"no model version {name!r} in {ws.root} (versions: {known})")
+    return ModelVersion.load(path)
+
+
+def active_version(ws: Workspace) -> ModelVersion | None:
+    """The version scoring uses by default, or None before the first training."""
+    marker = ws.models_dir / _ACTIVE_FILE
+    if not marker.is_file():
+        return None
+    name = marker.read_text().strip()
+    path = ws.models_dir / name
+    return ModelVersion.load(path) if (path / "meta.json").is_file() else None
+
+
+def activate_version(ws: Workspace, name: str) -> ModelVersion:
+    """Make ``name`` the active version (atomic rename of the marker file)."""
+    version = get_version(ws, name)
+    tmp = ws.models_dir / f".{_ACTIVE_FILE}.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, ws.models_dir / _ACTIVE_FILE)
+    return version
+
+
+def _next_name(ws: Workspace) -> str:
+    numbers = [int(m.group(1)) for p in ws.models_dir.iterdir() if (m := _NAME_RE.match(p.name))]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+def write_version(ws: Workspace, build_dir: Path, meta: dict[str, Any], name: str | None = None) -> ModelVersion:
+    """Turn a fully written ``build_dir`` into a new version, atomically (rename).
+
+    ``name`` defaults to the next ``vN``; an existing version of that name is never touched.
+    """
+    ws.models_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        final = name or _next_name(ws)
+        meta = {**meta, "version": final, "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        (build_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            os.rename(build_dir, ws.models_dir / final)
+        except OSError:
+            if name is not None:
+                raise ValueError(f"model version {name!r} already exists in {ws.root}") from None
+            continue
+        return ModelVersion.load(ws.models_dir / final)
+    raise RuntimeError("could not allocate a model version name")
+
+
+def new_build_dir(ws: Workspace) -> Path:
+    """A private directory inside ``models/`` to assemble a version before it is published."""
+    ws.models_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".build-", dir=ws.models_dir))
+
+
+def discard_build_dir(path: Path) -> None:
+    """Remove an unfinished build directory."""
+    shutil.rmtree(path, ignore_errors=True)

@@ -45,6 +45,7 @@ class Prediction:
     sha256: str = ""
     error_kind: str | None = None
     error: str | None = None
+    probs: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -103,15 +104,18 @@ class Predictor:
 
     def _predictions(self, batch: list[EngineResult]) -> list[Prediction]:
         ok = [r for r in batch if r.outputs is not None]
-        decisions = iter(self.decide(softmax(np.stack([r.outputs["logits"] for r in ok]))) if ok else [])
+        probs = softmax(np.stack([r.outputs["logits"] for r in ok])) if ok else np.zeros((0, len(self.classes)))
+        decisions = iter(zip(self.decide(probs), probs, strict=True))
         preds = []
         for r in batch:
             if r.error is not None:
                 preds.append(Prediction(r.source, error_kind=r.error.kind, error=r.error.reason))
                 continue
-            label, reason, top3 = next(decisions)
+            (label, reason, top3), p = next(decisions)
             preds.append(
-                Prediction(r.source, label, reason, top3, r.outputs["embedding"], r.width, r.height, r.sha256)
+                Prediction(
+                    r.source, label, reason, top3, r.outputs["embedding"], r.width, r.height, r.sha256, probs=p
+                )
             )
         return preds
 

@@ -104,7 +104,9 @@ def fit_shorter_side(image: Image.Image, side: int) -> Image.Image:
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB; transparency is composited onto white."""
     mode = im.mode
-    if mode == "RGB":
+    if mode in ("L", "RGB") and "transparency" in im.info:
+        im = im.convert("RGBA")  # PNG tRNS colour key
+    elif mode == "RGB":
         return im
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(im)
@@ -146,7 +148,8 @@ def load_image(
     digest = hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # max_pixels below is the limit; PIL's warning (at ~89 MP) would undercut it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             width, height = im.size
             if width * height > max_pixels:
@@ -168,9 +171,11 @@ def load_image(
             im = ImageOps.exif_transpose(im)
             if orientation in (5, 6, 7, 8):
                 width, height = height, width
-            if min_side and im.mode in ("L", "RGB"):
+            if min_side and im.mode in ("L", "RGB") and "transparency" not in im.info:
                 im = fit_shorter_side(im, min_side)
             im = _to_rgb(im)
+            if min_side:
+                im = fit_shorter_side(im, min_side)  # modes not resized above; no-op otherwise
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

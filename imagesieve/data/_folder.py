@@ -60,6 +60,9 @@ class ImageFolder:
 
 def _scan_classes(folder: Path, split: str | None, root: Path) -> tuple[list, list]:
     samples, skipped = [], []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if split is not None or path.parent == root:
+            skipped.append(SkippedFile(path, "not inside a class folder"))
     for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(class_dir.rglob("*")):
             if path.is_dir() or any(part.startswith(".") for part in path.relative_to(root).parts):

@@ -1,0 +1,173 @@
+"""Scoring throughput, side by side in one run: our engine vs a plain per-image PyTorch loop vs
+the ONNX forward pass alone on pre-made tensors; also 12-megapixel JPEGs and peak memory.
+
+Usage: python bench/bench_scoring.py [--plain-n 300] [--big-n 48] [--memory-n 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "_data"
+WS = HERE / "_out" / "ws"
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds
+
+
+def elpv_paths() -> list[str]:
+    from imagesieve.data._elpv import elpv_images
+
+    return [str(im.path) for im in elpv_images()]
+
+
+def make_big_jpegs(paths: list[str], n: int) -> list[str]:
+    """12-megapixel (4000x3000) RGB JPEGs made by upscaling ELPV cells; generated once."""
+    out_dir = DATA / "jpeg12mp"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in paths[:n]:
+        target = out_dir / (Path(p).stem + ".jpg")
+        if not target.exists():
+            Image.open(p).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC).save(target, quality=90)
+        out.append(str(target))
+    return out
+
+
+def plain_torch_loop(paths: list[str]) -> float:
+    """What the hand-built systems did: open, transform, model(x[None]) per image (torch eager)."""
+    import torch
+    from torchvision import transforms
+
+    from imagesieve.models import create_backbone, get_backbone_spec
+    from imagesieve.models._torch import Backbone
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = get_backbone_spec("efficientnet_lite0").config
+    net: Backbone = create_backbone("efficientnet_lite0")
+    model = torch.nn.Sequential(net, net.imagenet_head).eval()
+    tf = transforms.Compose([
+        transforms.Resize(cfg.input_size),
+        transforms.CenterCrop(cfg.input_size),
+        transforms.ToTensor(),
+        transforms.Normalize([m / 255 for m in cfg.mean], [s / 255 for s in cfg.std]),
+    ])
+    with torch.no_grad():
+        model(tf(Image.open(paths[0]).convert("RGB"))[None])
+        t = time.perf_counter()
+        for p in paths:
+            model(tf(Image.open(p).convert("RGB"))[None]).softmax(1)
+        return rate(len(paths), time.perf_counter() - t)
+
+
+def engine_rate(version, paths: list[str], batch_size: int) -> float:
+    from imagesieve.classifier import Predictor
+
+    predictor = Predictor(version, batch_size=batch_size)
+    list(predictor.score(paths[:batch_size]))  # warm-up
+    t = time.perf_counter()
+    n = sum(1 for p in predictor.score(paths) if p.ok)
+    assert n == len(paths), f"{len(paths) - n} images failed"
+    return rate(n, time.perf_counter() - t)
+
+
+def forward_rate(version, paths: list[str], batch_size: int) -> float:
+    """ONNX forward alone on pre-made (n, s, s, 3) uint8 batches, same session settings."""
+    from imagesieve.classifier import ScoringEngine
+    from imagesieve.data import load_image
+
+    engine = ScoringEngine(version.onnx_path, version.config, batch_size=batch_size)
+    cfg = version.config
+    x = np.stack([cfg.preprocess(load_image(p, min_side=cfg.resize_side).image) for p in paths])
+    engine.forward(x[:batch_size])
+    t = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        engine.forward(x[i : i + batch_size])
+    return rate(len(x), time.perf_counter() - t)
+
+
+def memory_child(ws: str, n: int) -> None:
+    """Score n images (ELPV cycled) streaming; print peak RSS and whether torch was imported."""
+    import itertools
+
+    from imagesieve._workspace import Workspace
+    from imagesieve.classifier import Predictor
+    from imagesieve.models import get_version
+
+    paths = elpv_paths()
+    version = get_version(Workspace(ws), "imagenet-efficientnet_lite0")
+    items = ((f"{i}:{p}", Path(p)) for i, p in zip(range(n), itertools.cycle(paths), strict=False))
+    t = time.perf_counter()
+    done = sum(1 for p in Predictor(version).score(items) if p.ok)
+    seconds = time.perf_counter() - t
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"n": done, "seconds": seconds, "peak_mb": peak_mb, "torch_imported": "torch" in sys.modules}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plain-n", type=int, default=300, help="images for the (slow) plain loop")
+    ap.add_argument("--big-n", type=int, default=48, help="12 MP JPEGs")
+    ap.add_argument("--memory-n", type=int, default=10_000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory-child", nargs=2, metavar=("WS", "N"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child[0], int(args.memory_child[1]))
+        return
+
+    from imagesieve._workspace import Workspace
+    from imagesieve.models._export import imagenet_version
+
+    version = imagenet_version(Workspace(WS))
+    paths = elpv_paths()
+    bs = args.batch_size
+    print(f"# scoring benchmark: efficientnet_lite0, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
+    print(f"python {platform.python_version()}, batch size {bs}, median of {args.repeats} runs where repeated\n")
+
+    fw = statistics.median(forward_rate(version, paths[:640], bs) for _ in range(args.repeats))
+    eng = statistics.median(engine_rate(version, paths, bs) for _ in range(args.repeats))
+    plain = plain_torch_loop(paths[: args.plain_n])
+    print("## ELPV 300x300 PNG")
+    print("| pipeline | images | img/s | ratio |")
+    print("|---|---|---|---|")
+    print(f"| ONNX forward alone (pre-made tensors) | 640 | {fw:.1f} | engine / forward = **{eng / fw:.2f}x** (target >= 0.75) |")
+    print(f"| imagesieve engine (decode + ONNX, overlapped) | {len(paths)} | {eng:.1f} | engine / plain = **{eng / plain:.2f}x** (target >= 3.5) |")
+    print(f"| plain per-image PyTorch loop | {args.plain_n} | {plain:.1f} | 1.00x |")
+
+    big = make_big_jpegs(paths, args.big_n)
+    eng_big = statistics.median(engine_rate(version, big, bs) for _ in range(args.repeats))
+    plain_big = plain_torch_loop(big[: max(8, args.big_n // 2)])
+    print("\n## 12-megapixel JPEG (4000x3000, ELPV upscaled)")
+    print("| pipeline | images | img/s | ratio |")
+    print("|---|---|---|---|")
+    print(f"| imagesieve engine (JPEG draft decode) | {len(big)} | {eng_big:.1f} | engine / plain = **{eng_big / plain_big:.2f}x** (target >= 8) |")
+    print(f"| plain per-image PyTorch loop | {max(8, args.big_n // 2)} | {plain_big:.1f} | 1.00x |")
+
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", str(WS), str(args.memory_n)],
+        capture_output=True, text=True, check=True,
+    )
+    mem = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\n## Streaming {mem['n']:,} images in a fresh process")
+    print(f"peak RSS **{mem['peak_mb']:.0f} MB** (target <= 1536 MB), {mem['n'] / mem['seconds']:.1f} img/s, "
+          f"torch imported by the scoring path: **{'yes' if mem['torch_imported'] else 'no'}**")
+
+
+if __name__ == "__main__":
+    main()

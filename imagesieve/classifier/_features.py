@@ -1,0 +1,69 @@
+"""Frozen-backbone features for phase-1 training, computed with the fast ONNX engine."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from imagesieve._workspace import Workspace
+from imagesieve.classifier._engine import ScoringEngine
+from imagesieve.data import ImageLoadError
+from imagesieve.models import get_backbone_spec
+
+__all__ = ["backbone_onnx", "extract_features"]
+
+
+def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> Path:
+    """ONNX of the pretrained backbone alone (outputs ``embedding`` and raw ``features``).
+
+    Exported once per backbone and weights file into the workspace cache, then reused.
+    """
+    key = backbone
+    if weights:
+        st = os.stat(weights)
+        key += "-" + hashlib.sha256(f"{os.path.abspath(weights)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    path = ws.cache_dir / f"backbone-{key}.onnx"
+    if path.is_file():
+        return path
+    from torch import nn
+
+    from imagesieve.models import create_backbone
+    from imagesieve.models._export import export_onnx, make_model
+
+    ws.cache_dir.mkdir(parents=True, exist_ok=True)
+    model = make_model(create_backbone(backbone, weights=weights), nn.Identity())
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    export_onnx(model, tmp, output_names=("embedding", "features"))
+    os.replace(tmp, path)
+    return path
+
+
+def extract_features(
+    onnx_path: Path,
+    backbone: str,
+    paths: Sequence[Path],
+    *,
+    batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, list[ImageLoadError | None]]:
+    """(n, d) float32 raw pooled features of ``paths``; rows of failed images are zero.
+
+    Returns the features and, per path, the load error or None.
+    """
+    engine = ScoringEngine(onnx_path, get_backbone_spec(backbone).config, batch_size=batch_size)
+    feats = np.zeros((len(paths), engine.session.get_outputs()[1].shape[1]), np.float32)
+    errors: list[ImageLoadError | None] = []
+    i = 0
+    for batch in engine.run(paths):
+        for r in batch:
+            if r.outputs is not None:
+                feats[i] = r.outputs["features"]
+            errors.append(r.error)
+            i += 1
+        if on_batch:
+            on_batch(len(batch))
+    return feats, errors

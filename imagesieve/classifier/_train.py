@@ -1,0 +1,364 @@
+"""Training: phase 1 fits the head on cached frozen-backbone features; phase 2 fine-tunes."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imagesieve._workspace import Workspace
+from imagesieve.classifier._features import backbone_onnx, extract_features
+from imagesieve.classifier._split import SplitPlan, adaptive_split
+from imagesieve.data import ImageFolder, load_image, scan_image_folder
+from imagesieve.models import DEFAULT_BACKBONE, ModelVersion, activate_version, get_backbone_spec
+
+__all__ = ["Progress", "TrainOptions", "TrainResult", "train_model"]
+
+log = logging.getLogger(__name__)
+
+#: progress(stage, done, total): called as work advances; total is 0 when unknown.
+Progress = Callable[[str, int, int], None]
+
+CLASS_WEIGHTS = ("sqrt", "balanced", "none")
+WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 3e-2)
+
+
+@dataclass
+class TrainOptions:
+    """Everything ``imagesieve train`` can set; stored in the version's ``meta.json``."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    finetune_epochs: int = 0
+    finetune_lr: float = 1e-4
+    patience: int = 3
+    test_size: float = 0.2
+    val_size: float = 0.1
+    class_weight: str = "sqrt"
+    confidence_threshold: float = 0.5
+    batch_size: int = 32
+    seed: int = 0
+    activate: bool = True
+
+    def __post_init__(self) -> None:
+        get_backbone_spec(self.backbone)  # unknown names fail here with the list of known ones
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise ValueError(f"class weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}")
+        if self.finetune_epochs < 0:
+            raise ValueError(f"finetune epochs must be >= 0, got {self.finetune_epochs}")
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence threshold must be within [0, 1], got {self.confidence_threshold}")
+
+
+@dataclass
+class TrainResult:
+    """The new version, its test metrics and the files that were left out."""
+
+    version: ModelVersion
+    metrics: dict[str, Any]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _class_weights(y: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
+    """Per-class loss weights (inverse frequency, its square root, or none), mean 1 per sample."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    w = np.ones(n_classes) if mode == "none" else 1.0 / np.maximum(counts, 1)
+    if mode == "sqrt":
+        w = np.sqrt(w)
+    w *= counts.sum() / (w * counts).sum()
+    return w.astype(np.float32)
+
+
+def _holdout(y: np.ndarray, idx: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``idx`` into (fit, check), stratified, for choosing hyper-parameters when no val exists."""
+    rng = np.random.default_rng(seed + 1)
+    fit, check = [], []
+    for c in np.unique(y[idx]):
+        members = rng.permutation(idx[y[idx] == c])
+        k = int(round(len(members) * share)) if len(members) >= 5 else 0
+        check.append(members[:k])
+        fit.append(members[k:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(check))
+
+
+def _fit_linear(x, y, xv, yv, n_classes, class_w, weight_decay, epochs=300, lr=0.01):
+    """Full-batch Adam on standardised features; returns (state at best val loss, history)."""
+    import torch
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xvt, yvt = torch.from_numpy(xv), torch.from_numpy(yv)
+    lin = torch.nn.Linear(x.shape[1], n_classes)
+    opt = torch.optim.Adam(lin.parameters(), lr=lr)
+    cw = torch.from_numpy(class_w)
+    hist: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": []}
+    best = (float("inf"), None, 0)
+    for epoch in range(epochs):
+        opt.zero_grad()
+        logits = lin(xt)
+        loss = F.cross_entropy(logits, yt, weight=cw) + 0.5 * weight_decay * lin.weight.pow(2).sum()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            hist["train_loss"].append(float(F.cross_entropy(logits, yt)))
+            hist["train_acc"].append(float((logits.argmax(1) == yt).float().mean()))
+            if len(yv):
+                vl = lin(xvt)
+                val_loss = float(F.cross_entropy(vl, yvt))
+                hist["val_loss"].append(val_loss)
+                hist["val_acc"].append(float((vl.argmax(1) == yvt).float().mean()))
+                if val_loss < best[0]:
+                    best = (val_loss, copy.deepcopy(lin.state_dict()), epoch + 1)
+    if best[1] is None:
+        best = (float("nan"), lin.state_dict(), epochs)
+    lin.load_state_dict(best[1])
+    return lin, best[0], best[2], hist
+
+
+def _fit_head(feats, y, train, val, n_classes, opts: TrainOptions):
+    """Phase 1: choose weight decay and epochs on validation, fold standardisation into the head."""
+    import torch
+
+    val_source = "val split"
+    fit_idx = train
+    if len(val) == 0:
+        fit_idx, val = _holdout(y, train, 0.2, opts.seed)
+        val_source = "20% hold-out of train (refit on all of train)"
+    mu = feats[fit_idx].mean(0)
+    sd = feats[fit_idx].std(0) + 1e-6
+    z = (feats - mu) / sd
+    cw = _class_weights(y[train], n_classes, opts.class_weight)
+    trials = []
+    for wd in WEIGHT_DECAYS:
+        lin, vloss, epochs, hist = _fit_linear(z[fit_idx], y[fit_idx], z[val], y[val], n_classes, cw, wd)
+        trials.append((vloss if np.isfinite(vloss) else 0.0, wd, epochs, lin, hist))
+    vloss, wd, epochs, lin, hist = min(trials, key=lambda t: t[0])
+    if fit_idx is not train:  # refit on all training images with the chosen settings
+        mu, sd = feats[train].mean(0), feats[train].std(0) + 1e-6
+        z = (feats - mu) / sd
+        lin, _, _, _ = _fit_linear(z[train], y[train], z[:0], y[:0], n_classes, cw, wd, epochs=epochs)
+    head = torch.nn.Linear(feats.shape[1], n_classes)
+    with torch.no_grad():  # logits = W (f - mu) / sd + b  ==  (W / sd) f + (b - W mu / sd)
+        w = lin.weight / torch.from_numpy(sd)
+        head.weight.copy_(w)
+        head.bias.copy_(lin.bias - w @ torch.from_numpy(mu))
+    info = {
+        "weight_decay": wd,
+        "epochs": epochs,
+        "val_loss": round(float(vloss), 5),
+        "selected_on": val_source,
+        "class_weight": opts.class_weight,
+        "weight_decay_trials": {str(t[1]): round(float(t[0]), 5) for t in trials},
+    }
+    return head, info, hist
+
+
+def _augment_transform(size: int):
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),  # zoom
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.RandomRotation(15)], p=0.5),  # camera angle
+            v2.ColorJitter(brightness=0.35, contrast=0.35, saturation=0.2),  # lighting
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3),  # blur / focus
+        ]
+    )
+
+
+def _finetune(model, images, y, train, val, n_classes, opts: TrainOptions, progress: Progress):
+    """Phase 2: unfreeze the backbone's last block, train with augmentation, keep the best epoch."""
+    import torch
+    from torch.nn import functional as F
+
+    config = get_backbone_spec(opts.backbone).config
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    aug = _augment_transform(config.input_size)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tail = model.backbone.tail_modules()
+    tail_params = [p for m in tail for p in m.parameters()]
+    for p in [*tail_params, *model.head.parameters()]:
+        p.requires_grad_(True)
+    optim = torch.optim.AdamW(
+        [{"params": tail_params, "lr": opts.finetune_lr}, {"params": model.head.parameters(), "lr": opts.finetune_lr * 10}],
+        weight_decay=1e-4,
+    )
+    cw = torch.from_numpy(_class_weights(y[train], n_classes, opts.class_weight))
+    model = model.to(memory_format=torch.channels_last)
+    val_x = torch.from_numpy(np.stack([config.preprocess(images[i]) for i in val])) if len(val) else None
+    hist: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": []}
+    best = (-1.0, copy.deepcopy(model.state_dict()), 0)
+    stale = 0
+    total = opts.finetune_epochs * len(train)
+    for epoch in range(opts.finetune_epochs):
+        model.eval()
+        for m in tail:
+            m.train()
+        order = rng.permutation(train)
+        losses, correct = [], 0
+        for start in range(0, len(order), opts.batch_size):
+            idx = order[start : start + opts.batch_size]
+            x = torch.from_numpy(np.stack([np.asarray(aug(images[i]), dtype=np.uint8) for i in idx]))
+            target = torch.from_numpy(y[idx])
+            _, logits = model(x)
+            loss = F.cross_entropy(logits, target, weight=cw)
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+            losses.append(loss.item() * len(idx))
+            correct += int((logits.argmax(1) == target).sum())
+            progress("fine-tuning", epoch * len(train) + start + len(idx), total)
+        hist["train_loss"].append(sum(losses) / len(train))
+        hist["train_acc"].append(correct / len(train))
+        model.eval()
+        if val_x is None:
+            best = (0.0, copy.deepcopy(model.state_dict()), epoch + 1)
+            continue
+        with torch.no_grad():
+            logits = torch.cat([model(val_x[i : i + 64])[1] for i in range(0, len(val_x), 64)])
+        vt = torch.from_numpy(y[val])
+        val_acc = float((logits.argmax(1) == vt).float().mean())
+        hist["val_loss"].append(float(F.cross_entropy(logits, vt)))
+        hist["val_acc"].append(val_acc)
+        log.info("fine-tune epoch %d: val acc %.4f", epoch + 1, val_acc)
+        if val_acc > best[0]:
+            best, stale = (val_acc, copy.deepcopy(model.state_dict()), epoch + 1), 0
+        else:
+            stale += 1
+            if stale >= opts.patience:
+                break
+    model.load_state_dict(best[1])
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    info = {"epochs_run": len(hist["train_loss"]), "best_epoch": best[2], "best_val_acc": best[0], "lr": opts.finetune_lr}
+    return model, info, hist
+
+
+def _merge_history(h1: dict, h2: dict | None) -> dict[str, list[float]]:
+    if not h2:
+        return h1
+    out = {k: h1.get(k, []) + h2.get(k, []) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+    out["phase_boundary"] = [len(h1.get("train_loss", []))]
+    return out
+
+
+def train_model(
+    data_dir: str | os.PathLike,
+    ws: Workspace,
+    opts: TrainOptions | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train a new model version on an ImageFolder, evaluate it, and (by default) activate it."""
+    import torch
+
+    from imagesieve.classifier._evaluate import evaluate_version_on
+    from imagesieve.models import create_backbone
+    from imagesieve.models._export import make_model, save_model_files
+    from imagesieve.models._version import ModelVersion, discard_build_dir, new_build_dir, write_version
+
+    opts = opts or TrainOptions()
+    progress = progress or (lambda stage, done, total: None)
+    t0 = time.perf_counter()
+    torch.set_num_threads(os.cpu_count() or 1)
+    folder: ImageFolder = scan_image_folder(data_dir)
+    skipped = [{"path": str(s.path), "reason": s.reason} for s in folder.skipped]
+
+    # Phase 1 features: the frozen backbone over every image, once, with the ONNX engine.
+    onnx = backbone_onnx(ws, opts.backbone, opts.weights)
+    paths = [s.path for s in folder.samples]
+    done = [0]
+
+    def on_batch(n: int) -> None:
+        done[0] += n
+        progress("embedding", done[0], len(paths))
+
+    feats, errors = extract_features(onnx, opts.backbone, paths, batch_size=opts.batch_size, on_batch=on_batch)
+    keep = np.array([e is None for e in errors], bool)
+    skipped += [{"path": str(p), "reason": e.reason} for p, e in zip(paths, errors, strict=True) if e is not None]
+    samples = [s for s, k in zip(folder.samples, keep, strict=True) if k]
+    feats = feats[keep]
+    classes = sorted({s.label for s in samples})
+    if len(classes) < 2:
+        raise ValueError(f"need at least 2 classes with readable images in {data_dir}, found {len(classes)}: {classes}")
+    y = np.array([classes.index(s.label) for s in samples], np.int64)
+
+    if folder.presplit:
+        by = {k: np.array([i for i, s in enumerate(samples) if s.split == k], np.int64) for k in ("train", "val", "test")}
+        plan = SplitPlan(by["train"], by["val"], by["test"], {
+            c: {k: int((y[by[k]] == ci).sum()) for k in by} | {"rule": "pre-split folders"} for ci, c in enumerate(classes)
+        })
+    else:
+        plan = adaptive_split(y, classes, test_size=opts.test_size, val_size=opts.val_size, seed=opts.seed)
+
+    progress("training head", 0, 1)
+    head, phase1, history = _fit_head(feats, y, plan.train, plan.val, len(classes), opts)
+    progress("training head", 1, 1)
+    backbone = create_backbone(opts.backbone, weights=opts.weights)
+    model = make_model(backbone, head)
+    phase2 = None
+    if opts.finetune_epochs > 0:
+        images = [None] * len(samples)
+        need = np.concatenate([plan.train, plan.val])
+        side = get_backbone_spec(opts.backbone).config.resize_side
+        for i in need:
+            images[i] = load_image(samples[i].path, min_side=side).image
+        val = plan.val
+        train_idx = plan.train
+        if len(val) == 0:
+            train_idx, val = _holdout(y, plan.train, 0.15, opts.seed)
+        model, phase2, hist2 = _finetune(model, images, y, train_idx, val, len(classes), opts, progress)
+        history = _merge_history(history, hist2)
+
+    build = new_build_dir(ws)
+    try:
+        save_model_files(model, classes, build)
+        meta: dict[str, Any] = {
+            "kind": "trained",
+            "backbone": opts.backbone,
+            "weights": opts.weights or get_backbone_spec(opts.backbone).weights_source,
+            "classes": classes,
+            "preprocessing": get_backbone_spec(opts.backbone).config.to_dict(),
+            "thresholds": {"confidence": opts.confidence_threshold},
+            "data": {
+                "root": str(Path(data_dir).resolve()),
+                "fingerprint": folder.fingerprint(),
+                "images": len(samples),
+                "counts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
+                "presplit": folder.presplit,
+                "skipped": skipped,
+            },
+            "split": plan.to_dict(),
+            "training": {"options": asdict(opts), "phase1": phase1, "phase2": phase2},
+        }
+        eval_idx, eval_on = (plan.test, "test") if len(plan.test) else (plan.val, "val") if len(plan.val) else (plan.train, "train")
+        draft = ModelVersion(build, meta)
+        metrics = evaluate_version_on(
+            draft,
+            [samples[i].path for i in eval_idx],
+            [samples[i].label for i in eval_idx],
+            build / "report",
+            history=history,
+            extra={"evaluated_on": eval_on, "split": plan.to_dict()},
+            batch_size=opts.batch_size,
+        )
+        meta["metrics"] = {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "roc_auc", "ece", "unknown_rate") if k in metrics}
+        meta["metrics"]["evaluated_on"] = eval_on
+        meta["training"]["seconds"] = round(time.perf_counter() - t0, 1)
+        version = write_version(ws, build, meta)
+    except BaseException:
+        discard_build_dir(build)
+        raise
+    if opts.activate:
+        activate_version(ws, version.name)
+    return TrainResult(version, meta["metrics"], skipped, time.perf_counter() - t0)

@@ -1,0 +1,166 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imagesieve.classifier import UNKNOWN, Predictor, ScoringEngine, softmax, top_k
+from imagesieve.classifier._split import adaptive_split
+from imagesieve.classifier._train import TrainOptions, train_model
+from imagesieve.data import load_image
+from imagesieve.models import active_version, get_version
+from imagesieve.models._export import imagenet_version, load_checkpoint
+
+
+def test_softmax_top_k__against_reference():
+    logits = np.array([[1.0, 3.0, 2.0, 0.0], [5.0, 5.0, 0.0, -1.0]], np.float32)
+    p = softmax(logits.copy())
+    ref = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(p, ref, rtol=1e-6)
+    idx, probs = top_k(p, 3)
+    assert idx.tolist() == [[1, 2, 0], [0, 1, 2]]
+    np.testing.assert_allclose(probs, np.take_along_axis(ref, idx, 1), rtol=1e-6)
+
+
+def test_adaptive_split__rules_per_class_size():
+    labels = np.array([0] * 2 + [1] * 10 + [2] * 100)
+    plan = adaptive_split(labels, ["rare", "medium", "many"], test_size=0.2, val_size=0.1, seed=0)
+    pc = plan.per_class
+    assert pc["rare"] == {"images": 2, "train": 2, "val": 0, "test": 0, "rule": "train only (fewer than 4 images)"}
+    assert (pc["medium"]["train"], pc["medium"]["val"], pc["medium"]["test"], pc["medium"]["rule"]) == (8, 0, 2, "train+test")
+    assert (pc["many"]["train"], pc["many"]["val"], pc["many"]["test"]) == (70, 10, 20)
+    all_idx = np.concatenate([plan.train, plan.val, plan.test])
+    assert sorted(all_idx.tolist()) == list(range(len(labels)))  # a partition: nothing lost, nothing twice
+
+
+def test_adaptive_split__bad_shares_rejected():
+    with pytest.raises(ValueError, match="must be shares in \\[0, 1\\) summing below 1"):
+        adaptive_split(np.zeros(10, int), ["a"], test_size=0.6, val_size=0.5)
+
+
+def test_train_model__version_files_split_and_skipped(trained):
+    ws, result = trained
+    v = result.version
+    assert active_version(ws).name == v.name == "v1"
+    for name in ("model.pt", "model.onnx", "meta.json"):
+        assert (v.path / name).is_file()
+    for name in ("metrics.json", "confusion_matrix.png", "training_curves.png", "audit.csv"):
+        assert (v.report_dir / name).is_file(), name
+    meta = json.loads((v.path / "meta.json").read_text())
+    assert meta["classes"] == ["defective", "functional", "lonely"]
+    assert meta["split"]["per_class"]["lonely"]["rule"] == "train only (fewer than 4 images)"
+    assert meta["split"]["per_class"]["defective"]["test"] == 10
+    assert meta["thresholds"] == {"confidence": 0.5}
+    assert len(meta["data"]["fingerprint"]) == 64
+    reasons = {Path(s["path"]).name: s["reason"] for s in result.skipped}
+    assert reasons["notes.txt"] == "not an image file extension (.txt)"
+    assert reasons["broken.png"].startswith("truncated image data")
+    assert reasons["README.txt"] == "not inside a class folder"
+    assert meta["data"]["images"] == 81
+    assert 0.5 <= result.metrics["accuracy"] <= 1.0
+
+
+def test_predictor__onnx_top1_matches_torch_checkpoint(trained, small_folder):
+    ws, result = trained
+    v = result.version
+    paths = sorted(str(p) for p in (small_folder / "defective").glob("cell*.png"))[:12]
+    paths += sorted(str(p) for p in (small_folder / "functional").glob("*.png"))[:12]
+    preds = list(Predictor(v).score(paths))
+    model, classes = load_checkpoint(v.checkpoint_path)
+    x = np.stack([v.config.preprocess(load_image(p, min_side=v.config.resize_side).image) for p in paths])
+    with torch.no_grad():
+        emb, logits = model(torch.from_numpy(x))
+    assert [p.top3[0][0] for p in preds] == [classes[i] for i in logits.argmax(1).tolist()]
+    np.testing.assert_allclose(np.stack([p.embedding for p in preds]), emb.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.stack([p.probs for p in preds]), logits.softmax(1).numpy(), atol=1e-4)
+
+
+def test_predictor__threshold_marks_unknown_and_keeps_top3(trained, small_folder):
+    ws, result = trained
+    paths = sorted(str(p) for p in (small_folder / "functional").glob("*.png"))[:5]
+    for p in Predictor(result.version, threshold=1.0).score(paths):
+        assert p.label == UNKNOWN and p.reason == "low_confidence"
+        assert len(p.top3) == 3 and p.top3[0][1] >= p.top3[1][1] >= p.top3[2][1]
+    for p in Predictor(result.version, threshold=0.0).score(paths):
+        assert p.label == p.top3[0][0] and p.reason is None
+
+
+def test_predictor__bad_items_fail_alone_in_order(trained, small_folder, tmp_path):
+    ws, result = trained
+    good = sorted(str(p) for p in (small_folder / "functional").glob("*.png"))[:3]
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    items = [good[0], str(tmp_path / "empty.jpg"), good[1], str(tmp_path / "text.png"),
+             str(tmp_path / "missing.png"), ("upload.png", Path(good[2]).read_bytes())]
+    preds = list(Predictor(result.version, batch_size=2).score(items))
+    assert [p.source for p in preds] == [good[0], str(tmp_path / "empty.jpg"), good[1], str(tmp_path / "text.png"),
+                                         str(tmp_path / "missing.png"), "upload.png"]
+    assert [p.error_kind for p in preds] == [None, "empty", None, "not_image", "missing", None]
+    assert preds[3].error == "not a recognised image format"
+    assert preds[5].ok and preds[5].top3
+
+
+def test_imagenet_version__no_training_top3_on_a_real_photo(tmp_path):
+    import skimage
+
+    from imagesieve._workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    v = imagenet_version(ws)
+    assert len(v.classes) == 1000 and v.meta["kind"] == "imagenet"
+    assert active_version(ws) is None  # the baseline is never activated behind the user's back
+    cat = Path(skimage.__file__).parent / "data" / "chelsea.png"
+    pred = next(Predictor(v).score([str(cat)]))
+    assert {c for c, _ in pred.top3} <= {"Egyptian cat", "tabby", "tiger cat", "lynx", "Persian cat"}
+    assert imagenet_version(ws).path == v.path  # reused, not rebuilt
+
+
+def test_scoring_engine__streams_in_batches(trained, small_folder):
+    ws, result = trained
+    v = result.version
+    paths = sorted(str(p) for p in small_folder.rglob("cell*.png"))[:10]
+    engine = ScoringEngine(v.onnx_path, v.config, batch_size=4, workers=2)
+    sizes = [len(b) for b in engine.run(iter(paths))]
+    assert sizes == [4, 4, 2]
+
+
+def test_scoring_path__does_not_import_torch(trained, small_folder):
+    ws, result = trained
+    img = next((small_folder / "functional").glob("*.png"))
+    code = (
+        "import sys; from imagesieve._workspace import Workspace; from imagesieve.models import get_version;"
+        "from imagesieve.classifier import Predictor;"
+        f"p = next(Predictor(get_version(Workspace({str(ws.root)!r}))).score([{str(img)!r}]));"
+        "assert p.ok, p.error; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_train_model__finetune_phase_records_curves(tmp_path, small_folder):
+    from imagesieve._workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    result = train_model(small_folder, ws, TrainOptions(finetune_epochs=1, test_size=0.25, val_size=0.15, activate=False))
+    meta = result.version.meta
+    assert meta["training"]["phase2"]["epochs_run"] == 1
+    assert meta["training"]["phase2"]["best_epoch"] == 1
+    assert active_version(ws) is None
+    assert (result.version.report_dir / "training_curves.png").stat().st_size > 1000
+    assert get_version(ws, "v1").meta["training"]["phase1"]["selected_on"] == "val split"
+
+
+def test_train_model__unknown_backbone_and_one_class(tmp_path, small_folder):
+    from imagesieve._workspace import Workspace
+
+    with pytest.raises(ValueError, match="unknown backbone 'nope'"):
+        TrainOptions(backbone="nope")
+    one = tmp_path / "one"
+    (one / "only").mkdir(parents=True)
+    for p in list((small_folder / "functional").glob("cell*.png"))[:3]:
+        (one / "only" / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(ValueError, match="need at least 2 classes with readable images"):
+        train_model(one, Workspace(tmp_path / "ws"))

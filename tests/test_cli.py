@@ -1,0 +1,83 @@
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from imagesieve.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "imagesieve.cli", *args], capture_output=True, text=True)
+
+
+def test_main__models_json_parses(trained, capsys):
+    ws, result = trained
+    assert main(["models", "--workspace", str(ws.root), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["active"] == "v1"
+    assert doc["versions"][0]["classes"] == 3
+    assert doc["backbones"][0] == "efficientnet_lite0"
+
+
+def test_main__score_json_and_csv(trained, small_folder, tmp_path, capsys):
+    ws, result = trained
+    out_csv = tmp_path / "out.csv"
+    (tmp_path / "bad.jpg").write_text("not an image")
+    code = main(["score", str(small_folder / "functional"), str(tmp_path / "bad.jpg"),
+                 "--workspace", str(ws.root), "--json", "--csv", str(out_csv)])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    n_images = len(list((small_folder / "functional").glob("*.png")))
+    assert len(doc["predictions"]) == n_images + 1
+    assert doc["counts"]["failed"] == 1
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == n_images + 1
+    bad = [r for r in rows if r["source"].endswith("bad.jpg")][0]
+    assert bad["error"] == "not a recognised image format" and bad["label"] == ""
+    good = rows[0]
+    assert good["top1"] in ("defective", "functional", "lonely") and 0 < float(good["top1_prob"]) <= 1
+
+
+def test_main__evaluate_json_reports_unseen_class(trained, small_folder, tmp_path, capsys, elpv):
+    ws, result = trained
+    data = tmp_path / "eval"
+    for label in ("functional", "defective"):
+        (data / label).mkdir(parents=True)
+        for p in sorted((small_folder / label).glob("cell*.png"))[:5]:
+            (data / label / p.name).write_bytes(p.read_bytes())
+    (data / "poly").mkdir()
+    for im in [im for im in elpv if im.cell_type == "poly"][1:4]:
+        (data / "poly" / im.path.name).write_bytes(im.path.read_bytes())
+    assert main(["evaluate", str(data), "--workspace", str(ws.root), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["n"] == 10
+    assert doc["unseen_classes"]["poly"]["images"] == 3
+    assert (ws.root / "models" / "v1" / "evaluations").is_dir()
+
+
+def test_cli__errors_are_one_line_exit_2(tmp_path):
+    r = run_cli("train", str(tmp_path / "nope"), "--workspace", str(tmp_path / "ws"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"imagesieve train: error: data folder not found: {tmp_path / 'nope'}"
+    r = run_cli("score", "x.jpg", "--workspace", str(tmp_path / "ws"))
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("imagesieve score: error: no active model in workspace")
+    assert "Traceback" not in r.stderr
+
+
+def test_cli__unknown_backbone_lists_known(tmp_path, small_folder):
+    r = run_cli("train", str(small_folder), "--backbone", "vgg", "--workspace", str(tmp_path))
+    assert r.returncode == 2
+    assert "unknown backbone 'vgg'; known backbones: efficientnet_lite0, resnet18, resnet50, mobilenet_v2" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli__train_json_end_to_end(tmp_path, small_folder):
+    r = run_cli("train", str(small_folder), "--workspace", str(tmp_path), "--json", "--test-size", "0.25")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["version"] == "v1" and doc["activated"] is True
+    assert set(doc["metrics"]) >= {"accuracy", "macro_f1", "ece", "n"}

@@ -14,11 +14,14 @@ from imagesieve.classifier._engine import ScoringEngine
 from imagesieve.data import ImageLoadError
 from imagesieve.models import get_backbone_spec
 
-__all__ = ["backbone_onnx", "extract_features"]
+__all__ = ["HEAD_POOLING", "backbone_onnx", "extract_features"]
+
+#: Pooling of trained heads: average and max pooled features concatenated.
+HEAD_POOLING = "avgmax"
 
 
 def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> Path:
-    """ONNX of the pretrained backbone alone (outputs ``embedding`` and raw ``features``).
+    """ONNX of the pretrained backbone alone: ``embedding`` and ``features`` (avg + max pooled).
 
     Exported once per backbone and weights file into the workspace cache, then reused.
     """
@@ -26,7 +29,7 @@ def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> P
     if weights:
         st = os.stat(weights)
         key += "-" + hashlib.sha256(f"{os.path.abspath(weights)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    path = ws.cache_dir / f"backbone-{key}.onnx"
+    path = ws.cache_dir / f"backbone-{key}-{HEAD_POOLING}.onnx"
     if path.is_file():
         return path
     from torch import nn
@@ -35,7 +38,7 @@ def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> P
     from imagesieve.models._export import export_onnx, make_model
 
     ws.cache_dir.mkdir(parents=True, exist_ok=True)
-    model = make_model(create_backbone(backbone, weights=weights), nn.Identity())
+    model = make_model(create_backbone(backbone, weights=weights), nn.Identity(), pooling=HEAD_POOLING)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     export_onnx(model, tmp, output_names=("embedding", "features"))
     os.replace(tmp, path)
@@ -50,7 +53,7 @@ def extract_features(
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, list[ImageLoadError | None]]:
-    """(n, d) float32 raw pooled features of ``paths``; rows of failed images are zero.
+    """(n, 2d) float32 pooled features of ``paths`` (head input); rows of failed images are zero.
 
     Returns the features and, per path, the load error or None.
     """

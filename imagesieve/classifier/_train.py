@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier._features import backbone_onnx, extract_features
+from imagesieve.classifier._features import HEAD_POOLING, backbone_onnx, extract_features
 from imagesieve.classifier._split import SplitPlan, adaptive_split
 from imagesieve.data import ImageFolder, load_image, scan_image_folder
 from imagesieve.models import DEFAULT_BACKBONE, ModelVersion, activate_version, get_backbone_spec
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 CLASS_WEIGHTS = ("sqrt", "balanced", "none")
-WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 3e-2)
+WEIGHT_DECAYS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
 
 
 @dataclass
@@ -89,8 +89,12 @@ def _holdout(y: np.ndarray, idx: np.ndarray, share: float, seed: int) -> tuple[n
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(check))
 
 
-def _fit_linear(x, y, xv, yv, n_classes, class_w, weight_decay, epochs=300, lr=0.01):
-    """Full-batch Adam on standardised features; returns (state at best val loss, history)."""
+def _fit_linear(x, y, xv, yv, n_classes, class_w, weight_decay, steps=30):
+    """L2-regularised multinomial logistic regression by full-batch L-BFGS (convex: converges).
+
+    Records train/val loss and accuracy after each of ``steps`` L-BFGS steps (10 iterations
+    each) as the training curve; returns the fitted layer, final val loss and history.
+    """
     import torch
     from torch.nn import functional as F
 
@@ -98,17 +102,23 @@ def _fit_linear(x, y, xv, yv, n_classes, class_w, weight_decay, epochs=300, lr=0
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     xvt, yvt = torch.from_numpy(xv), torch.from_numpy(yv)
     lin = torch.nn.Linear(x.shape[1], n_classes)
-    opt = torch.optim.Adam(lin.parameters(), lr=lr)
+    torch.nn.init.zeros_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=10, history_size=20, line_search_fn="strong_wolfe")
     cw = torch.from_numpy(class_w)
-    hist: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": []}
-    best = (float("inf"), None, 0)
-    for epoch in range(epochs):
+
+    def closure():
         opt.zero_grad()
-        logits = lin(xt)
-        loss = F.cross_entropy(logits, yt, weight=cw) + 0.5 * weight_decay * lin.weight.pow(2).sum()
+        loss = F.cross_entropy(lin(xt), yt, weight=cw) + 0.5 * weight_decay * lin.weight.pow(2).sum()
         loss.backward()
-        opt.step()
+        return loss
+
+    hist: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": []}
+    val_loss = float("nan")
+    for _ in range(steps):
+        opt.step(closure)
         with torch.no_grad():
+            logits = lin(xt)
             hist["train_loss"].append(float(F.cross_entropy(logits, yt)))
             hist["train_acc"].append(float((logits.argmax(1) == yt).float().mean()))
             if len(yv):
@@ -116,16 +126,11 @@ def _fit_linear(x, y, xv, yv, n_classes, class_w, weight_decay, epochs=300, lr=0
                 val_loss = float(F.cross_entropy(vl, yvt))
                 hist["val_loss"].append(val_loss)
                 hist["val_acc"].append(float((vl.argmax(1) == yvt).float().mean()))
-                if val_loss < best[0]:
-                    best = (val_loss, copy.deepcopy(lin.state_dict()), epoch + 1)
-    if best[1] is None:
-        best = (float("nan"), lin.state_dict(), epochs)
-    lin.load_state_dict(best[1])
-    return lin, best[0], best[2], hist
+    return lin, val_loss, hist
 
 
 def _fit_head(feats, y, train, val, n_classes, opts: TrainOptions):
-    """Phase 1: choose weight decay and epochs on validation, fold standardisation into the head."""
+    """Phase 1: choose weight decay on validation loss, fold standardisation into the head."""
     import torch
 
     val_source = "val split"
@@ -139,13 +144,13 @@ def _fit_head(feats, y, train, val, n_classes, opts: TrainOptions):
     cw = _class_weights(y[train], n_classes, opts.class_weight)
     trials = []
     for wd in WEIGHT_DECAYS:
-        lin, vloss, epochs, hist = _fit_linear(z[fit_idx], y[fit_idx], z[val], y[val], n_classes, cw, wd)
-        trials.append((vloss if np.isfinite(vloss) else 0.0, wd, epochs, lin, hist))
-    vloss, wd, epochs, lin, hist = min(trials, key=lambda t: t[0])
-    if fit_idx is not train:  # refit on all training images with the chosen settings
+        lin, vloss, hist = _fit_linear(z[fit_idx], y[fit_idx], z[val], y[val], n_classes, cw, wd)
+        trials.append((vloss if np.isfinite(vloss) else 0.0, wd, lin, hist))
+    vloss, wd, lin, hist = min(trials, key=lambda t: t[0])
+    if fit_idx is not train:  # refit on all training images with the chosen weight decay
         mu, sd = feats[train].mean(0), feats[train].std(0) + 1e-6
         z = (feats - mu) / sd
-        lin, _, _, _ = _fit_linear(z[train], y[train], z[:0], y[:0], n_classes, cw, wd, epochs=epochs)
+        lin, _, _ = _fit_linear(z[train], y[train], z[:0], y[:0], n_classes, cw, wd)
     head = torch.nn.Linear(feats.shape[1], n_classes)
     with torch.no_grad():  # logits = W (f - mu) / sd + b  ==  (W / sd) f + (b - W mu / sd)
         w = lin.weight / torch.from_numpy(sd)
@@ -153,7 +158,6 @@ def _fit_head(feats, y, train, val, n_classes, opts: TrainOptions):
         head.bias.copy_(lin.bias - w @ torch.from_numpy(mu))
     info = {
         "weight_decay": wd,
-        "epochs": epochs,
         "val_loss": round(float(vloss), 5),
         "selected_on": val_source,
         "class_weight": opts.class_weight,
@@ -305,7 +309,7 @@ def train_model(
     head, phase1, history = _fit_head(feats, y, plan.train, plan.val, len(classes), opts)
     progress("training head", 1, 1)
     backbone = create_backbone(opts.backbone, weights=opts.weights)
-    model = make_model(backbone, head)
+    model = make_model(backbone, head, pooling=HEAD_POOLING)
     phase2 = None
     if opts.finetune_epochs > 0:
         images = [None] * len(samples)

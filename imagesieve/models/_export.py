@@ -26,10 +26,10 @@ ONNX_INPUT = "image"
 ONNX_OUTPUTS = ("embedding", "logits")
 
 
-def make_model(backbone: Backbone, head: nn.Module) -> SieveModel:
+def make_model(backbone: Backbone, head: nn.Module, pooling: str = "avg") -> SieveModel:
     """Wrap a backbone and a head with the backbone's own pixel normalisation."""
     config = get_backbone_spec(backbone.name).config
-    return SieveModel(backbone, head, config.mean, config.std)
+    return SieveModel(backbone, head, config.mean, config.std, pooling)
 
 
 def export_onnx(model: SieveModel, path: Path, output_names=ONNX_OUTPUTS) -> None:
@@ -58,7 +58,13 @@ def export_onnx(model: SieveModel, path: Path, output_names=ONNX_OUTPUTS) -> Non
 def save_model_files(model: SieveModel, classes: list[str], build_dir: Path) -> None:
     """Write ``model.pt`` and ``model.onnx`` for a version being built."""
     torch.save(
-        {"format": 1, "backbone": model.backbone.name, "classes": list(classes), "state_dict": model.state_dict()},
+        {
+            "format": 1,
+            "backbone": model.backbone.name,
+            "pooling": model.pooling,
+            "classes": list(classes),
+            "state_dict": model.state_dict(),
+        },
         build_dir / "model.pt",
     )
     export_onnx(model, build_dir / "model.onnx")
@@ -68,7 +74,9 @@ def load_checkpoint(path: Path) -> tuple[SieveModel, list[str]]:
     """Rebuild the torch model of a version from its ``model.pt`` (no pretrained weights needed)."""
     ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     backbone = create_backbone(ckpt["backbone"], pretrained=False)
-    model = make_model(backbone, nn.Linear(backbone.embed_dim, len(ckpt["classes"])))
+    pooling = ckpt.get("pooling", "avg")
+    model = make_model(backbone, nn.Linear(1, 1), pooling)
+    model.head = nn.Linear(model.head_dim, len(ckpt["classes"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), list(ckpt["classes"])
 

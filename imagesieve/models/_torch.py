@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Backbone", "PixelNormalize", "SieveModel"]
+__all__ = ["POOLINGS", "Backbone", "PixelNormalize", "SieveModel"]
 
 
 class Backbone(nn.Module):
@@ -50,19 +50,33 @@ class PixelNormalize(nn.Module):
         return (x.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
 
 
+POOLINGS = ("avg", "avgmax")
+
+
 class SieveModel(nn.Module):
     """Pixels -> backbone -> linear head: one forward pass gives the embedding and the logits.
 
-    The head sees the raw pooled features; the embedding is their L2-normalised copy.
+    The embedding is the L2-normalised average-pooled feature map. The head sees the raw
+    average-pooled features (``pooling="avg"``, e.g. the ImageNet head) or those concatenated
+    with the max-pooled ones (``"avgmax"``, which keeps small local defects visible).
     """
 
-    def __init__(self, backbone: Backbone, head: nn.Module, mean, std):
+    def __init__(self, backbone: Backbone, head: nn.Module, mean, std, pooling: str = "avg"):
         super().__init__()
+        assert pooling in POOLINGS, pooling
         self.normalize = PixelNormalize(mean, std)
         self.backbone = backbone
         self.head = head
+        self.pooling = pooling
+
+    @property
+    def head_dim(self) -> int:
+        """Size of the head's input vector."""
+        return self.backbone.embed_dim * (2 if self.pooling == "avgmax" else 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, s, s, 3) pixels -> ((n, d) unit-norm embedding, (n, c) logits)."""
-        f = self.backbone(self.normalize(x))
-        return F.normalize(f, dim=1), self.head(f)
+        fmap = self.backbone.body(self.normalize(x))
+        avg = fmap.mean(dim=(2, 3))
+        feats = torch.cat([avg, fmap.amax(dim=(2, 3))], dim=1) if self.pooling == "avgmax" else avg
+        return F.normalize(avg, dim=1), self.head(feats)

@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,9 @@ def make_big_jpegs(paths: list[str], n: int) -> list[str]:
     for p in paths[:n]:
         target = out_dir / (Path(p).stem + ".jpg")
         if not target.exists():
-            Image.open(p).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC).save(target, quality=90)
+            Image.open(p).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC).save(
+                target, quality=90
+            )
         out.append(str(target))
     return out
 
@@ -60,12 +63,14 @@ def plain_torch_loop(paths: list[str]) -> float:
     cfg = get_backbone_spec("efficientnet_lite0").config
     net: Backbone = create_backbone("efficientnet_lite0")
     model = torch.nn.Sequential(net, net.imagenet_head).eval()
-    tf = transforms.Compose([
-        transforms.Resize(cfg.input_size),
-        transforms.CenterCrop(cfg.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize([m / 255 for m in cfg.mean], [s / 255 for s in cfg.std]),
-    ])
+    tf = transforms.Compose(
+        [
+            transforms.Resize(cfg.input_size),
+            transforms.CenterCrop(cfg.input_size),
+            transforms.ToTensor(),
+            transforms.Normalize([m / 255 for m in cfg.mean], [s / 255 for s in cfg.std]),
+        ]
+    )
     with torch.no_grad():
         model(tf(Image.open(paths[0]).convert("RGB"))[None])
         t = time.perf_counter()
@@ -86,18 +91,39 @@ def engine_rate(version, paths: list[str], batch_size: int) -> float:
 
 
 def forward_rate(version, paths: list[str], batch_size: int) -> float:
-    """ONNX forward alone on pre-made (n, s, s, 3) uint8 batches, same session settings."""
-    from imagesieve.classifier import ScoringEngine
+    """ONNX forward alone on pre-made (n, s, s, 3) uint8 batches: the faster of one session
+    using every core per call, and the engine's concurrent single-threaded streams."""
+    import onnxruntime as ort
+
     from imagesieve.data import load_image
 
-    engine = ScoringEngine(version.onnx_path, version.config, batch_size=batch_size)
     cfg = version.config
     x = np.stack([cfg.preprocess(load_image(p, min_side=cfg.resize_side).image) for p in paths])
-    engine.forward(x[:batch_size])
-    t = time.perf_counter()
-    for i in range(0, len(x), batch_size):
-        engine.forward(x[i : i + batch_size])
-    return rate(len(x), time.perf_counter() - t)
+    batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    best = 0.0
+    for threads, streams in ((os.cpu_count() or 1, 1), (1, os.cpu_count() or 1)):
+        for spin in ("0", "1"):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+            sess = ort.InferenceSession(
+                str(version.onnx_path), so, providers=["CPUExecutionProvider"]
+            )
+            sess.run(None, {"image": batches[0]})
+            t = time.perf_counter()
+            with ThreadPoolExecutor(streams) as pool:
+                list(pool.map(lambda b, s=sess: s.run(None, {"image": b}), batches))
+            best = max(best, rate(len(x), time.perf_counter() - t))
+    return best
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM). Not ru_maxrss: that survives exec, so a
+    child started by a big parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def memory_child(ws: str, n: int) -> None:
@@ -114,8 +140,17 @@ def memory_child(ws: str, n: int) -> None:
     t = time.perf_counter()
     done = sum(1 for p in Predictor(version).score(items) if p.ok)
     seconds = time.perf_counter() - t
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"n": done, "seconds": seconds, "peak_mb": peak_mb, "torch_imported": "torch" in sys.modules}))
+    peak_mb = peak_rss_mb()
+    print(
+        json.dumps(
+            {
+                "n": done,
+                "seconds": seconds,
+                "peak_mb": peak_mb,
+                "torch_imported": "torch" in sys.modules,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -137,8 +172,12 @@ def main() -> None:
     version = imagenet_version(Workspace(WS))
     paths = elpv_paths()
     bs = args.batch_size
-    print(f"# scoring benchmark: efficientnet_lite0, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
-    print(f"python {platform.python_version()}, batch size {bs}, median of {args.repeats} runs where repeated\n")
+    print(
+        f"# scoring benchmark: efficientnet_lite0, {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+    )
+    print(
+        f"python {platform.python_version()}, batch size {bs}, median of {args.repeats} runs where repeated\n"
+    )
 
     fw = statistics.median(forward_rate(version, paths[:640], bs) for _ in range(args.repeats))
     eng = statistics.median(engine_rate(version, paths, bs) for _ in range(args.repeats))
@@ -146,8 +185,14 @@ def main() -> None:
     print("## ELPV 300x300 PNG")
     print("| pipeline | images | img/s | ratio |")
     print("|---|---|---|---|")
-    print(f"| ONNX forward alone (pre-made tensors) | 640 | {fw:.1f} | engine / forward = **{eng / fw:.2f}x** (target >= 0.75) |")
-    print(f"| imagesieve engine (decode + ONNX, overlapped) | {len(paths)} | {eng:.1f} | engine / plain = **{eng / plain:.2f}x** (target >= 3.5) |")
+    print(
+        "| ONNX forward alone (pre-made tensors, best of 4 thread settings) | 640 | "
+        f"{fw:.1f} | engine / forward = **{eng / fw:.2f}x** (target >= 0.75) |"
+    )
+    print(
+        f"| imagesieve engine (decode + ONNX, overlapped) | {len(paths)} | {eng:.1f} | "
+        f"engine / plain = **{eng / plain:.2f}x** (target >= 3.5) |"
+    )
     print(f"| plain per-image PyTorch loop | {args.plain_n} | {plain:.1f} | 1.00x |")
 
     big = make_big_jpegs(paths, args.big_n)
@@ -156,17 +201,24 @@ def main() -> None:
     print("\n## 12-megapixel JPEG (4000x3000, ELPV upscaled)")
     print("| pipeline | images | img/s | ratio |")
     print("|---|---|---|---|")
-    print(f"| imagesieve engine (JPEG draft decode) | {len(big)} | {eng_big:.1f} | engine / plain = **{eng_big / plain_big:.2f}x** (target >= 8) |")
+    print(
+        f"| imagesieve engine (JPEG draft decode) | {len(big)} | {eng_big:.1f} | "
+        f"engine / plain = **{eng_big / plain_big:.2f}x** (target >= 8) |"
+    )
     print(f"| plain per-image PyTorch loop | {max(8, args.big_n // 2)} | {plain_big:.1f} | 1.00x |")
 
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", str(WS), str(args.memory_n)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     mem = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"\n## Streaming {mem['n']:,} images in a fresh process")
-    print(f"peak RSS **{mem['peak_mb']:.0f} MB** (target <= 1536 MB), {mem['n'] / mem['seconds']:.1f} img/s, "
-          f"torch imported by the scoring path: **{'yes' if mem['torch_imported'] else 'no'}**")
+    print(
+        f"peak RSS **{mem['peak_mb']:.0f} MB** (target <= 1536 MB), {mem['n'] / mem['seconds']:.1f} img/s, "
+        f"torch imported by the scoring path: **{'yes' if mem['torch_imported'] else 'no'}**"
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def reference_folder(seed: int) -> Path:
 
     images = elpv_images()
     y = np.array([im.defective for im in images])
-    train, test = train_test_split(np.arange(len(images)), test_size=0.25, stratify=y, random_state=seed)
+    train, test = train_test_split(
+        np.arange(len(images)), test_size=0.25, stratify=y, random_state=seed
+    )
     root = HERE / "_data" / f"elpv-defect-ref{seed}"
     export_elpv(root / "train", [images[i] for i in train], label)
     export_elpv(root / "test", [images[i] for i in test], label)
@@ -44,7 +46,17 @@ def reference_folder(seed: int) -> Path:
 
 def run_train(data: Path, ws: Path, extra: list[str]) -> tuple[dict, float]:
     shutil.rmtree(ws, ignore_errors=True)
-    cmd = [sys.executable, "-m", "imagesieve.cli", "train", str(data), "--workspace", str(ws), "--json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "imagesieve.cli",
+        "train",
+        str(data),
+        "--workspace",
+        str(ws),
+        "--json",
+        *extra,
+    ]
     t = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -70,23 +82,36 @@ def main() -> None:
         else:
             data = export_elpv(HERE / "_data" / "elpv-defect", elpv_images(), label)
             extra += ["--test-size", "0.25", "--val-size", "0"]
-        doc, wall = run_train(data, HERE / "_out" / f"ws-train-{args.split}{seed}-ft{args.finetune_epochs}", extra)
+        doc, wall = run_train(
+            data, HERE / "_out" / f"ws-train-{args.split}{seed}-ft{args.finetune_epochs}", extra
+        )
         m, tr = doc["metrics"], doc["training"]
         results.append((m["accuracy"], wall))
-        print(f"## split {args.split}, seed {seed}: {doc['split']['train']} train / {doc['split']['test']} test")
+        print(
+            f"## split {args.split}, seed {seed}: {doc['split']['train']} train / {doc['split']['test']} test"
+        )
         print(f"command: imagesieve train {data.relative_to(HERE.parent)} {' '.join(extra)}")
-        print(f"accuracy **{m['accuracy']:.4f}**, macro-F1 {m['macro_f1']:.4f}, ROC-AUC {m['roc_auc']:.4f}, "
-              f"ECE {m['ece']:.4f}; wall **{wall:.1f} s** (process start to exit)")
-        print(f"phase 1: weight decay {tr['phase1']['weight_decay']} chosen on {tr['phase1']['selected_on']}")
+        print(
+            f"accuracy **{m['accuracy']:.4f}**, macro-F1 {m['macro_f1']:.4f}, ROC-AUC {m['roc_auc']:.4f}, "
+            f"ECE {m['ece']:.4f}; wall **{wall:.1f} s** (process start to exit)"
+        )
+        print(
+            f"phase 1: weight decay {tr['phase1']['weight_decay']} chosen on {tr['phase1']['selected_on']}"
+        )
         if tr.get("phase2"):
             p2 = tr["phase2"]
-            print(f"phase 2: {p2['epochs_run']} epochs run, best epoch {p2['best_epoch']} (val acc {p2['best_val_acc']:.4f})")
+            print(
+                f"phase 2: {p2['epochs_run']} epochs run, best epoch {p2['best_epoch']} "
+                f"(val acc {p2['best_val_acc']:.4f})"
+            )
         print()
     if len(results) > 1:
         accs = [a for a, _ in results]
-        print(f"over seeds {args.seeds}: accuracy mean **{statistics.mean(accs):.4f}** "
-              f"(sd {statistics.stdev(accs):.4f}, min {min(accs):.4f}, max {max(accs):.4f}); "
-              f"wall mean {statistics.mean(w for _, w in results):.1f} s")
+        print(
+            f"over seeds {args.seeds}: accuracy mean **{statistics.mean(accs):.4f}** "
+            f"(sd {statistics.stdev(accs):.4f}, min {min(accs):.4f}, max {max(accs):.4f}); "
+            f"wall mean {statistics.mean(w for _, w in results):.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ from typing import Any
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import UNKNOWN, Predictor
 from imagesieve.classifier._train import Progress, TrainOptions, train_model
-from imagesieve.data._elpv import elpv_images, export_elpv
 from imagesieve.data import scan_image_folder
+from imagesieve.data._elpv import elpv_images, export_elpv
 from imagesieve.models import active_version
 
 __all__ = ["run_demo"]
@@ -17,7 +17,9 @@ __all__ = ["run_demo"]
 MIXED_PER_TYPE = 150
 
 
-def run_demo(ws: Workspace, progress: Progress | None = None, finetune_epochs: int = 0) -> dict[str, Any]:
+def run_demo(
+    ws: Workspace, progress: Progress | None = None, finetune_epochs: int = 0
+) -> dict[str, Any]:
     """Build the demo data, train (or reuse the trained version), and score a mixed batch."""
     images = elpv_images()
     mono = [im for im in images if im.cell_type == "mono"]
@@ -27,7 +29,9 @@ def run_demo(ws: Workspace, progress: Progress | None = None, finetune_epochs: i
     version = active_version(ws)
     reused = version is not None and version.meta.get("data", {}).get("fingerprint") == fingerprint
     if not reused:
-        version = train_model(data_dir, ws, TrainOptions(finetune_epochs=finetune_epochs), progress).version
+        version = train_model(
+            data_dir, ws, TrainOptions(finetune_epochs=finetune_epochs), progress
+        ).version
     mixed = [str(im.path) for im in mono[-MIXED_PER_TYPE:] + poly[:MIXED_PER_TYPE]]
     kinds = ["mono"] * MIXED_PER_TYPE + ["poly"] * MIXED_PER_TYPE
     predictor = Predictor(version)
@@ -45,7 +49,8 @@ def run_demo(ws: Workspace, progress: Progress | None = None, finetune_epochs: i
         f"model {version.name} ({'reused' if reused else 'trained'}) on {version.meta['data']['images']} mono cells "
         f"({', '.join(f'{c} {n}' for c, n in version.meta['data']['counts'].items())})",
         f"  test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, report in {version.report_dir}",
-        f"scored {len(mixed)} cells ({MIXED_PER_TYPE} unseen mono, {MIXED_PER_TYPE} poly, a cell type never trained on):",
+        f"scored {len(mixed)} cells ({MIXED_PER_TYPE} unseen mono, "
+        f"{MIXED_PER_TYPE} poly, a cell type never trained on):",
     ]
     for kind, counts in per_kind.items():
         lines.append(f"  {kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

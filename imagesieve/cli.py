@@ -35,7 +35,9 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
             return
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total or None, desc=stage, unit="img", leave=False, file=sys.stderr)
+            bar = bars[stage] = tqdm(
+                total=total or None, desc=stage, unit="img", leave=False, file=sys.stderr
+            )
         bar.update(done - bar.n)
 
     try:
@@ -52,7 +54,10 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
         p = Path(item)
         if p.is_dir():
             out += sorted(
-                str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                str(f)
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in IMAGE_EXTENSIONS
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
         else:
@@ -73,11 +78,15 @@ def _print_metrics(m: dict[str, Any]) -> None:
         parts.append(f"ROC-AUC {m['roc_auc']:.4f}")
     if m.get("ece") is not None:
         parts.append(f"ECE {m['ece']:.4f}")
-    print(f"  {', '.join(parts)} on {m['n']} {m.get('evaluated_on', '')} images".replace("  on", " on"))
+    print(
+        f"  {', '.join(parts)} on {m['n']} {m.get('evaluated_on', '')} images".replace(
+            "  on", " on"
+        )
+    )
 
 
 def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
-    """imagesieve train DATA_DIR."""
+    """Imagesieve train DATA_DIR."""
     from imagesieve.classifier._train import TrainOptions, train_model
 
     opts = TrainOptions(
@@ -95,19 +104,31 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
     with _progress(not args.json) as progress:
         result = train_model(args.data_dir, ws, opts, progress)
     v = result.version
-    doc = {"version": v.name, "path": str(v.path), "activated": opts.activate, "classes": v.classes,
-           "metrics": result.metrics, "skipped": result.skipped, "seconds": round(result.seconds, 1),
-           "split": v.meta["split"], "training": v.meta["training"]}
+    doc = {
+        "version": v.name,
+        "path": str(v.path),
+        "activated": opts.activate,
+        "classes": v.classes,
+        "metrics": result.metrics,
+        "skipped": result.skipped,
+        "seconds": round(result.seconds, 1),
+        "split": v.meta["split"],
+        "training": v.meta["training"],
+    }
 
     def human() -> None:
-        print(f"trained {v.name} ({v.meta['backbone']}, {len(v.classes)} classes, "
-              f"{v.meta['data']['images']} images) in {result.seconds:.0f} s"
-              + (" and activated it" if opts.activate else ""))
+        print(
+            f"trained {v.name} ({v.meta['backbone']}, {len(v.classes)} classes, "
+            f"{v.meta['data']['images']} images) in {result.seconds:.0f} s"
+            + (" and activated it" if opts.activate else "")
+        )
         _print_metrics(result.metrics)
         s = v.meta["split"]
         print(f"  split: {s['train']} train, {s['val']} val, {s['test']} test")
         if result.skipped:
-            print(f"  skipped {len(result.skipped)} unreadable files (listed in {v.path / 'meta.json'}):")
+            print(
+                f"  skipped {len(result.skipped)} unreadable files (listed in {v.path / 'meta.json'}):"
+            )
             for item in result.skipped[:5]:
                 print(f"    {item['path']}: {item['reason']}")
         print(f"  report: {v.report_dir}")
@@ -116,7 +137,7 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, ws: Workspace) -> None:
-    """imagesieve evaluate DATA_DIR."""
+    """Imagesieve evaluate DATA_DIR."""
     from imagesieve.classifier._evaluate import evaluate_model
 
     with _progress(not args.json) as progress:
@@ -133,7 +154,9 @@ def cmd_evaluate(args: argparse.Namespace, ws: Workspace) -> None:
         print(f"evaluated {metrics['model_version']} on {args.data_dir}")
         _print_metrics(metrics)
         for c, u in metrics.get("unseen_classes", {}).items():
-            print(f"  class {c!r} is not known to the model: {u['unknown']}/{u['images']} marked UNKNOWN")
+            print(
+                f"  class {c!r} is not known to the model: {u['unknown']}/{u['images']} marked UNKNOWN"
+            )
         if metrics.get("failed"):
             print(f"  {len(metrics['failed'])} files could not be read (see metrics.json)")
         print(f"  report: {out_dir}")
@@ -142,7 +165,7 @@ def cmd_evaluate(args: argparse.Namespace, ws: Workspace) -> None:
 
 
 def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
-    """imagesieve score INPUT..."""
+    """Imagesieve score INPUT..."""
     from imagesieve.classifier import UNKNOWN, Predictor
     from imagesieve.models import get_version
 
@@ -164,16 +187,42 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["source", "label", "reason", "top1", "top1_prob", "top2", "top2_prob", "top3", "top3_prob", "error"])
+            w.writerow(
+                [
+                    "source",
+                    "label",
+                    "reason",
+                    "top1",
+                    "top1_prob",
+                    "top2",
+                    "top2_prob",
+                    "top3",
+                    "top3_prob",
+                    "error",
+                ]
+            )
             for p in preds:
                 tops = [x for c, q in p.top3 for x in (c, f"{q:.6f}")]
-                w.writerow([p.source, p.label or "", p.reason or "", *tops, *[""] * (6 - len(tops)), p.error or ""])
+                w.writerow(
+                    [
+                        p.source,
+                        p.label or "",
+                        p.reason or "",
+                        *tops,
+                        *[""] * (6 - len(tops)),
+                        p.error or "",
+                    ]
+                )
     counts: dict[str, int] = {}
     for p in preds:
         key = p.label if p.ok else "failed"
         counts[key] = counts.get(key, 0) + 1
-    doc = {"model_version": version.name, "threshold": predictor.threshold, "counts": counts,
-           "predictions": [p.to_dict() for p in preds]}
+    doc = {
+        "model_version": version.name,
+        "threshold": predictor.threshold,
+        "counts": counts,
+        "predictions": [p.to_dict() for p in preds],
+    }
 
     def human() -> None:
         for p in preds[: args.show]:
@@ -185,25 +234,40 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
             print(f"{p.source}: {p.label}{flag}  ({tops})")
         if len(preds) > args.show:
             print(f"... {len(preds) - args.show} more (use --csv OUT for all)")
-        print(f"scored {len(preds)} images with {version.name}: "
-              + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        print(
+            f"scored {len(preds)} images with {version.name}: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        )
 
     _emit(args, doc, human)
 
 
 def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
-    """imagesieve models [--activate VERSION]."""
+    """Imagesieve models [--activate VERSION]."""
     from imagesieve.models import activate_version, active_version, list_backbones, list_versions
 
     if args.activate:
         activate_version(ws, args.activate)
     active = active_version(ws)
     versions = list_versions(ws)
-    rows = [{"version": v.name, "active": active is not None and v.name == active.name, "kind": v.meta.get("kind"),
-             "backbone": v.meta.get("backbone"), "classes": len(v.classes), "created_at": v.meta.get("created_at"),
-             "metrics": v.meta.get("metrics", {})} for v in versions]
-    doc = {"workspace": str(ws.root), "active": active.name if active else None, "versions": rows,
-           "backbones": list_backbones()}
+    rows = [
+        {
+            "version": v.name,
+            "active": active is not None and v.name == active.name,
+            "kind": v.meta.get("kind"),
+            "backbone": v.meta.get("backbone"),
+            "classes": len(v.classes),
+            "created_at": v.meta.get("created_at"),
+            "metrics": v.meta.get("metrics", {}),
+        }
+        for v in versions
+    ]
+    doc = {
+        "workspace": str(ws.root),
+        "active": active.name if active else None,
+        "versions": rows,
+        "backbones": list_backbones(),
+    }
 
     def human() -> None:
         if not rows:
@@ -211,14 +275,16 @@ def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
         for r in rows:
             acc = r["metrics"].get("accuracy")
             acc_s = f"accuracy {acc:.4f}" if acc is not None else ""
-            print(f"{'*' if r['active'] else ' '} {r['version']:<28} {r['kind']:<9} {r['backbone']:<20} "
-                  f"{r['classes']:>4} classes  {r['created_at'] or ''}  {acc_s}")
+            print(
+                f"{'*' if r['active'] else ' '} {r['version']:<28} {r['kind']:<9} {r['backbone']:<20} "
+                f"{r['classes']:>4} classes  {r['created_at'] or ''}  {acc_s}"
+            )
 
     _emit(args, doc, human)
 
 
 def cmd_demo(args: argparse.Namespace, ws: Workspace) -> None:
-    """imagesieve demo: ELPV mono cells -> train -> evaluate -> score a mixed batch."""
+    """Imagesieve demo: ELPV mono cells -> train -> evaluate -> score a mixed batch."""
     from imagesieve._demo import run_demo
 
     with _progress(not args.json) as progress:
@@ -230,30 +296,65 @@ def _parser() -> argparse.ArgumentParser:
     from imagesieve.models import DEFAULT_BACKBONE
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--workspace", help="workspace directory (default: $IMAGESIEVE_WORKSPACE or ./sieve)")
-    common.add_argument("--json", action="store_true", help="print one JSON document instead of a summary")
+    common.add_argument(
+        "--workspace", help="workspace directory (default: $IMAGESIEVE_WORKSPACE or ./sieve)"
+    )
+    common.add_argument(
+        "--json", action="store_true", help="print one JSON document instead of a summary"
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
 
     p = argparse.ArgumentParser(prog="imagesieve", description=__doc__)
     p.add_argument("--version", action="version", version=f"imagesieve {__version__}")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    t = sub.add_parser("train", parents=[common], help="train a new model version on an ImageFolder")
-    t.add_argument("data_dir", metavar="DATA_DIR", help="one sub-folder per class, or train/ val/ test/")
-    t.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone name (default {DEFAULT_BACKBONE})")
+    t = sub.add_parser(
+        "train", parents=[common], help="train a new model version on an ImageFolder"
+    )
+    t.add_argument(
+        "data_dir", metavar="DATA_DIR", help="one sub-folder per class, or train/ val/ test/"
+    )
+    t.add_argument(
+        "--backbone", default=DEFAULT_BACKBONE, help=f"backbone name (default {DEFAULT_BACKBONE})"
+    )
     t.add_argument("--weights", help="local ImageNet weights file for the backbone")
-    t.add_argument("--finetune-epochs", type=int, default=0, help="phase-2 epochs fine-tuning the last block (default 0)")
-    t.add_argument("--finetune-lr", type=float, default=1e-4, help="phase-2 learning rate of the last block")
-    t.add_argument("--test-size", type=float, default=0.2, help="share of each class held out for test")
-    t.add_argument("--val-size", type=float, default=0.1, help="share of each large class held out for validation")
-    t.add_argument("--class-weight", default="sqrt", choices=["sqrt", "balanced", "none"],
-                   help="loss weighting against class imbalance (default sqrt inverse frequency)")
-    t.add_argument("--threshold", type=float, default=0.5, help="Top-1 probability below which -> UNKNOWN")
+    t.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=0,
+        help="phase-2 epochs fine-tuning the last block (default 0)",
+    )
+    t.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=3e-4,
+        help="phase-2 learning rate of the last stage (head: 10x)",
+    )
+    t.add_argument(
+        "--test-size", type=float, default=0.2, help="share of each class held out for test"
+    )
+    t.add_argument(
+        "--val-size",
+        type=float,
+        default=0.1,
+        help="share of each large class held out for validation",
+    )
+    t.add_argument(
+        "--class-weight",
+        default="sqrt",
+        choices=["sqrt", "balanced", "none"],
+        help="loss weighting against class imbalance (default sqrt inverse frequency)",
+    )
+    t.add_argument(
+        "--threshold", type=float, default=0.5, help="Top-1 probability below which -> UNKNOWN"
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-activate", action="store_true", help="keep the current active version")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", parents=[common], help="metrics and report files on a labelled folder")
+    e = sub.add_parser(
+        "evaluate", parents=[common], help="metrics and report files on a labelled folder"
+    )
     e.add_argument("data_dir", metavar="DATA_DIR")
     e.add_argument("--model", help="model version (default: the active one)")
     e.set_defaults(func=cmd_evaluate)
@@ -261,18 +362,26 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", parents=[common], help="score images: Top-3 and UNKNOWN decision")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     s.add_argument("--model", help="model version (default: the active one)")
-    s.add_argument("--imagenet", action="store_true", help="no training: the backbone's own ImageNet Top-3")
+    s.add_argument(
+        "--imagenet", action="store_true", help="no training: the backbone's own ImageNet Top-3"
+    )
     s.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone for --imagenet")
     s.add_argument("--threshold", type=float, help="override the version's confidence threshold")
-    s.add_argument("--csv", metavar="OUT", help="write source, Top-3 with probabilities and label to OUT")
-    s.add_argument("--show", type=int, default=20, help="how many predictions to print (default 20)")
+    s.add_argument(
+        "--csv", metavar="OUT", help="write source, Top-3 with probabilities and label to OUT"
+    )
+    s.add_argument(
+        "--show", type=int, default=20, help="how many predictions to print (default 20)"
+    )
     s.set_defaults(func=cmd_score)
 
     m = sub.add_parser("models", parents=[common], help="list model versions; --activate one")
     m.add_argument("--activate", metavar="VERSION")
     m.set_defaults(func=cmd_models)
 
-    d = sub.add_parser("demo", parents=[common], help="the built-in end-to-end demo on ELPV solar cells")
+    d = sub.add_parser(
+        "demo", parents=[common], help="the built-in end-to-end demo on ELPV solar cells"
+    )
     d.add_argument("--finetune-epochs", type=int, default=0)
     d.set_defaults(func=cmd_demo)
     return p
@@ -281,13 +390,23 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``imagesieve`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     ws = Workspace.resolve(args.workspace)
     from imagesieve.models import MissingWeightsError
 
     try:
         args.func(args, ws)
-    except (UserError, ValueError, FileNotFoundError, MissingWeightsError, ImageLoadError, RuntimeError) as e:
+    except (
+        UserError,
+        ValueError,
+        FileNotFoundError,
+        MissingWeightsError,
+        ImageLoadError,
+        RuntimeError,
+    ) as e:
         print(f"imagesieve {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

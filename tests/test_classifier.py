@@ -29,11 +29,24 @@ def test_adaptive_split__rules_per_class_size():
     labels = np.array([0] * 2 + [1] * 10 + [2] * 100)
     plan = adaptive_split(labels, ["rare", "medium", "many"], test_size=0.2, val_size=0.1, seed=0)
     pc = plan.per_class
-    assert pc["rare"] == {"images": 2, "train": 2, "val": 0, "test": 0, "rule": "train only (fewer than 4 images)"}
-    assert (pc["medium"]["train"], pc["medium"]["val"], pc["medium"]["test"], pc["medium"]["rule"]) == (8, 0, 2, "train+test")
+    assert pc["rare"] == {
+        "images": 2,
+        "train": 2,
+        "val": 0,
+        "test": 0,
+        "rule": "train only (fewer than 4 images)",
+    }
+    assert (
+        pc["medium"]["train"],
+        pc["medium"]["val"],
+        pc["medium"]["test"],
+        pc["medium"]["rule"],
+    ) == (8, 0, 2, "train+test")
     assert (pc["many"]["train"], pc["many"]["val"], pc["many"]["test"]) == (70, 10, 20)
     all_idx = np.concatenate([plan.train, plan.val, plan.test])
-    assert sorted(all_idx.tolist()) == list(range(len(labels)))  # a partition: nothing lost, nothing twice
+    assert sorted(all_idx.tolist()) == list(
+        range(len(labels))
+    )  # a partition: nothing lost, nothing twice
 
 
 def test_adaptive_split__bad_shares_rejected():
@@ -70,12 +83,16 @@ def test_predictor__onnx_top1_matches_torch_checkpoint(trained, small_folder):
     paths += sorted(str(p) for p in (small_folder / "functional").glob("*.png"))[:12]
     preds = list(Predictor(v).score(paths))
     model, classes = load_checkpoint(v.checkpoint_path)
-    x = np.stack([v.config.preprocess(load_image(p, min_side=v.config.resize_side).image) for p in paths])
+    x = np.stack(
+        [v.config.preprocess(load_image(p, min_side=v.config.resize_side).image) for p in paths]
+    )
     with torch.no_grad():
         emb, logits = model(torch.from_numpy(x))
     assert [p.top3[0][0] for p in preds] == [classes[i] for i in logits.argmax(1).tolist()]
     np.testing.assert_allclose(np.stack([p.embedding for p in preds]), emb.numpy(), atol=1e-4)
-    np.testing.assert_allclose(np.stack([p.probs for p in preds]), logits.softmax(1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(
+        np.stack([p.probs for p in preds]), logits.softmax(1).numpy(), atol=1e-4
+    )
 
 
 def test_predictor__threshold_marks_unknown_and_keeps_top3(trained, small_folder):
@@ -93,11 +110,23 @@ def test_predictor__bad_items_fail_alone_in_order(trained, small_folder, tmp_pat
     good = sorted(str(p) for p in (small_folder / "functional").glob("*.png"))[:3]
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.png").write_text("hello")
-    items = [good[0], str(tmp_path / "empty.jpg"), good[1], str(tmp_path / "text.png"),
-             str(tmp_path / "missing.png"), ("upload.png", Path(good[2]).read_bytes())]
+    items = [
+        good[0],
+        str(tmp_path / "empty.jpg"),
+        good[1],
+        str(tmp_path / "text.png"),
+        str(tmp_path / "missing.png"),
+        ("upload.png", Path(good[2]).read_bytes()),
+    ]
     preds = list(Predictor(result.version, batch_size=2).score(items))
-    assert [p.source for p in preds] == [good[0], str(tmp_path / "empty.jpg"), good[1], str(tmp_path / "text.png"),
-                                         str(tmp_path / "missing.png"), "upload.png"]
+    assert [p.source for p in preds] == [
+        good[0],
+        str(tmp_path / "empty.jpg"),
+        good[1],
+        str(tmp_path / "text.png"),
+        str(tmp_path / "missing.png"),
+        "upload.png",
+    ]
     assert [p.error_kind for p in preds] == [None, "empty", None, "not_image", "missing", None]
     assert preds[3].error == "not a recognised image format"
     assert preds[5].ok and preds[5].top3
@@ -114,7 +143,13 @@ def test_imagenet_version__no_training_top3_on_a_real_photo(tmp_path):
     assert active_version(ws) is None  # the baseline is never activated behind the user's back
     cat = Path(skimage.__file__).parent / "data" / "chelsea.png"
     pred = next(Predictor(v).score([str(cat)]))
-    assert {c for c, _ in pred.top3} <= {"Egyptian cat", "tabby", "tiger cat", "lynx", "Persian cat"}
+    assert {c for c, _ in pred.top3} <= {
+        "Egyptian cat",
+        "tabby",
+        "tiger cat",
+        "lynx",
+        "Persian cat",
+    }
     assert imagenet_version(ws).path == v.path  # reused, not rebuilt
 
 
@@ -144,7 +179,11 @@ def test_train_model__finetune_phase_records_curves(tmp_path, small_folder):
     from imagesieve._workspace import Workspace
 
     ws = Workspace(tmp_path)
-    result = train_model(small_folder, ws, TrainOptions(finetune_epochs=1, test_size=0.25, val_size=0.15, activate=False))
+    result = train_model(
+        small_folder,
+        ws,
+        TrainOptions(finetune_epochs=1, test_size=0.25, val_size=0.15, activate=False),
+    )
     meta = result.version.meta
     assert meta["training"]["phase2"]["epochs_run"] == 1
     assert meta["training"]["phase2"]["best_epoch"] == 1

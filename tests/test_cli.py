@@ -10,7 +10,9 @@ from imagesieve.cli import main
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The real console entry point in a subprocess, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "imagesieve.cli", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "imagesieve.cli", *args], capture_output=True, text=True
+    )
 
 
 def test_main__models_json_parses(trained, capsys):
@@ -26,8 +28,18 @@ def test_main__score_json_and_csv(trained, small_folder, tmp_path, capsys):
     ws, result = trained
     out_csv = tmp_path / "out.csv"
     (tmp_path / "bad.jpg").write_text("not an image")
-    code = main(["score", str(small_folder / "functional"), str(tmp_path / "bad.jpg"),
-                 "--workspace", str(ws.root), "--json", "--csv", str(out_csv)])
+    code = main(
+        [
+            "score",
+            str(small_folder / "functional"),
+            str(tmp_path / "bad.jpg"),
+            "--workspace",
+            str(ws.root),
+            "--json",
+            "--csv",
+            str(out_csv),
+        ]
+    )
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     n_images = len(list((small_folder / "functional").glob("*.png")))
@@ -38,7 +50,9 @@ def test_main__score_json_and_csv(trained, small_folder, tmp_path, capsys):
     bad = [r for r in rows if r["source"].endswith("bad.jpg")][0]
     assert bad["error"] == "not a recognised image format" and bad["label"] == ""
     good = rows[0]
-    assert good["top1"] in ("defective", "functional", "lonely") and 0 < float(good["top1_prob"]) <= 1
+    assert (
+        good["top1"] in ("defective", "functional", "lonely") and 0 < float(good["top1_prob"]) <= 1
+    )
 
 
 def test_main__evaluate_json_reports_unseen_class(trained, small_folder, tmp_path, capsys, elpv):
@@ -61,7 +75,9 @@ def test_main__evaluate_json_reports_unseen_class(trained, small_folder, tmp_pat
 def test_cli__errors_are_one_line_exit_2(tmp_path):
     r = run_cli("train", str(tmp_path / "nope"), "--workspace", str(tmp_path / "ws"))
     assert r.returncode == 2
-    assert r.stderr.strip() == f"imagesieve train: error: data folder not found: {tmp_path / 'nope'}"
+    assert (
+        r.stderr.strip() == f"imagesieve train: error: data folder not found: {tmp_path / 'nope'}"
+    )
     r = run_cli("score", "x.jpg", "--workspace", str(tmp_path / "ws"))
     assert r.returncode == 2
     assert r.stderr.strip().startswith("imagesieve score: error: no active model in workspace")
@@ -71,12 +87,17 @@ def test_cli__errors_are_one_line_exit_2(tmp_path):
 def test_cli__unknown_backbone_lists_known(tmp_path, small_folder):
     r = run_cli("train", str(small_folder), "--backbone", "vgg", "--workspace", str(tmp_path))
     assert r.returncode == 2
-    assert "unknown backbone 'vgg'; known backbones: efficientnet_lite0, resnet18, resnet50, mobilenet_v2" in r.stderr
+    assert (
+        "unknown backbone 'vgg'; known backbones: efficientnet_lite0, resnet18, resnet50, mobilenet_v2"
+        in r.stderr
+    )
 
 
 @pytest.mark.slow
 def test_cli__train_json_end_to_end(tmp_path, small_folder):
-    r = run_cli("train", str(small_folder), "--workspace", str(tmp_path), "--json", "--test-size", "0.25")
+    r = run_cli(
+        "train", str(small_folder), "--workspace", str(tmp_path), "--json", "--test-size", "0.25"
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["version"] == "v1" and doc["activated"] is True

@@ -486,8 +486,7 @@ def test_scan_image_folder__class_subfolders(class_folder):
     assert not folder.presplit
     assert folder.classes == ["cats", "dogs"]
     found = {
-        (s.path.relative_to(class_folder).as_posix(), s.label, s.split)
-        for s in folder.samples
+        (s.path.relative_to(class_folder).as_posix(), s.label, s.split) for s in folder.samples
     }
     assert found == {
         ("cats/B.PNG", "cats", None),

@@ -28,7 +28,9 @@ def test_list_backbones__default_first_and_all_registered():
 
 
 def test_get_backbone_spec__unknown_name_lists_known():
-    with pytest.raises(ValueError, match="unknown backbone 'vgg19'; known backbones: efficientnet_lite0, resnet18"):
+    with pytest.raises(
+        ValueError, match="unknown backbone 'vgg19'; known backbones: efficientnet_lite0, resnet18"
+    ):
         get_backbone_spec("vgg19")
 
 
@@ -48,7 +50,9 @@ def test_create_backbone__hub_cache_file_is_used(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     ref = tvm.resnet18(weights=None)
-    target = tmp_path / "hub" / "checkpoints" / tvm.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    target = (
+        tmp_path / "hub" / "checkpoints" / tvm.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    )
     target.parent.mkdir(parents=True)
     torch.save(ref.state_dict(), target)
     net = create_backbone("resnet18")
@@ -116,7 +120,9 @@ def test_backbone_config__dict_roundtrip():
 def test_versions__write_list_activate(tmp_path):
     ws = Workspace(tmp_path / "ws")
     assert list_versions(ws) == [] and active_version(ws) is None
-    with pytest.raises(ValueError, match="no active model in workspace .*; run 'imagesieve train DATA_DIR' first"):
+    with pytest.raises(
+        ValueError, match="no active model in workspace .*; run 'imagesieve train DATA_DIR' first"
+    ):
         get_version(ws)
     names = []
     for _ in range(2):

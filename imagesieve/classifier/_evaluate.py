@@ -63,12 +63,15 @@ def evaluate_version_on(
         if on_batch:
             on_batch(len(batch))
     if not sources:
-        raise ValueError("no readable images of the model's classes to evaluate: " + ", ".join(classes))
+        raise ValueError(
+            "no readable images of the model's classes to evaluate: " + ", ".join(classes)
+        )
     extra = dict(extra or {})
     extra["model_version"] = version.meta.get("version", version.name)
     extra["failed"] = failed
     extra["unseen_classes"] = {
-        c: {**u, "unknown_rate": round(u["unknown"] / u["images"], 4)} for c, u in sorted(unseen.items())
+        c: {**u, "unknown_rate": round(u["unknown"] / u["images"], 4)}
+        for c, u in sorted(unseen.items())
     }
     return write_report(
         out_dir,
@@ -94,7 +97,11 @@ def evaluate_model(
     """Evaluate a version on an ImageFolder (its ``test/`` split when pre-split) -> (metrics, report dir)."""
     v = get_version(ws, version)
     folder = scan_image_folder(data_dir)
-    samples = [s for s in folder.samples if s.split in (None, "test")] if folder.presplit else folder.samples
+    samples = (
+        [s for s in folder.samples if s.split in (None, "test")]
+        if folder.presplit
+        else folder.samples
+    )
     if folder.presplit and not any(s.split == "test" for s in samples):
         raise ValueError(f"{data_dir} is pre-split but has no test/ folder to evaluate on")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
@@ -104,7 +111,10 @@ def evaluate_model(
         [s.path for s in samples],
         [s.label for s in samples],
         out_dir,
-        extra={"data_dir": str(Path(data_dir).resolve()), "skipped": [str(s.path) for s in folder.skipped]},
+        extra={
+            "data_dir": str(Path(data_dir).resolve()),
+            "skipped": [str(s.path) for s in folder.skipped],
+        },
         batch_size=batch_size,
         on_batch=on_batch,
     )

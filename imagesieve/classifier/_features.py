@@ -28,7 +28,12 @@ def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> P
     key = backbone
     if weights:
         st = os.stat(weights)
-        key += "-" + hashlib.sha256(f"{os.path.abspath(weights)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        key += (
+            "-"
+            + hashlib.sha256(
+                f"{os.path.abspath(weights)}:{st.st_size}:{st.st_mtime_ns}".encode()
+            ).hexdigest()[:12]
+        )
     path = ws.cache_dir / f"backbone-{key}-{HEAD_POOLING}.onnx"
     if path.is_file():
         return path
@@ -38,7 +43,9 @@ def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> P
     from imagesieve.models._export import export_onnx, make_model
 
     ws.cache_dir.mkdir(parents=True, exist_ok=True)
-    model = make_model(create_backbone(backbone, weights=weights), nn.Identity(), pooling=HEAD_POOLING)
+    model = make_model(
+        create_backbone(backbone, weights=weights), nn.Identity(), pooling=HEAD_POOLING
+    )
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     export_onnx(model, tmp, output_names=("embedding", "features"))
     os.replace(tmp, path)

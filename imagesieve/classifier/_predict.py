@@ -88,7 +88,9 @@ class Predictor:
         self.threshold = version.confidence_threshold if threshold is None else threshold
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"confidence threshold must be within [0, 1], got {self.threshold}")
-        self.engine = ScoringEngine(version.onnx_path, version.config, batch_size=batch_size, workers=workers)
+        self.engine = ScoringEngine(
+            version.onnx_path, version.config, batch_size=batch_size, workers=workers
+        )
 
     def decide(self, probs: np.ndarray) -> list[tuple[str, str | None, list[tuple[str, float]]]]:
         """(n, c) probabilities -> per row (label, UNKNOWN reason or None, Top-3)."""
@@ -104,7 +106,11 @@ class Predictor:
 
     def _predictions(self, batch: list[EngineResult]) -> list[Prediction]:
         ok = [r for r in batch if r.outputs is not None]
-        probs = softmax(np.stack([r.outputs["logits"] for r in ok])) if ok else np.zeros((0, len(self.classes)))
+        probs = (
+            softmax(np.stack([r.outputs["logits"] for r in ok]))
+            if ok
+            else np.zeros((0, len(self.classes)))
+        )
         decisions = iter(zip(self.decide(probs), probs, strict=True))
         preds = []
         for r in batch:
@@ -114,7 +120,15 @@ class Predictor:
             (label, reason, top3), p = next(decisions)
             preds.append(
                 Prediction(
-                    r.source, label, reason, top3, r.outputs["embedding"], r.width, r.height, r.sha256, probs=p
+                    r.source,
+                    label,
+                    reason,
+                    top3,
+                    r.outputs["embedding"],
+                    r.width,
+                    r.height,
+                    r.sha256,
+                    probs=p,
                 )
             )
         return preds

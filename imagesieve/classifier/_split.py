@@ -47,7 +47,9 @@ def adaptive_split(
     receives at least one image, and train always keeps at least one.
     """
     if not 0 <= test_size < 1 or not 0 <= val_size < 1 or test_size + val_size >= 1:
-        raise ValueError(f"test size {test_size} and val size {val_size} must be shares in [0, 1) summing below 1")
+        raise ValueError(
+            f"test size {test_size} and val size {val_size} must be shares in [0, 1) summing below 1"
+        )
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     per_class = {}
@@ -59,12 +61,29 @@ def adaptive_split(
             n_test = max(1, int(round(n * test_size)))
         if n >= MIN_FOR_VAL and val_size > 0:
             n_val = max(1, int(round(n * val_size)))
-        rule = "train+val+test" if n_val and n_test else "train+test" if n_test else "train+val" if n_val else "train only"
+        rule = (
+            "train+val+test"
+            if n_val and n_test
+            else "train+test"
+            if n_test
+            else "train+val"
+            if n_val
+            else "train only"
+        )
         if n < MIN_FOR_TEST:
             rule = f"train only (fewer than {MIN_FOR_TEST} images)"
         parts["test"].append(idx[:n_test])
         parts["val"].append(idx[n_test : n_test + n_val])
         parts["train"].append(idx[n_test + n_val :])
-        per_class[name] = {"images": n, "train": n - n_test - n_val, "val": n_val, "test": n_test, "rule": rule}
-    cat = {k: np.sort(np.concatenate(v)).astype(np.int64) if v else np.zeros(0, np.int64) for k, v in parts.items()}
+        per_class[name] = {
+            "images": n,
+            "train": n - n_test - n_val,
+            "val": n_val,
+            "test": n_test,
+            "rule": rule,
+        }
+    cat = {
+        k: np.sort(np.concatenate(v)).astype(np.int64) if v else np.zeros(0, np.int64)
+        for k, v in parts.items()
+    }
     return SplitPlan(cat["train"], cat["val"], cat["test"], per_class)

@@ -37,7 +37,7 @@ class TrainOptions:
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     finetune_epochs: int = 0
-    finetune_lr: float = 1e-4
+    finetune_lr: float = 3e-4
     patience: int = 3
     test_size: float = 0.2
     val_size: float = 0.1
@@ -50,11 +50,15 @@ class TrainOptions:
     def __post_init__(self) -> None:
         get_backbone_spec(self.backbone)  # unknown names fail here with the list of known ones
         if self.class_weight not in CLASS_WEIGHTS:
-            raise ValueError(f"class weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}")
+            raise ValueError(
+                f"class weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}"
+            )
         if self.finetune_epochs < 0:
             raise ValueError(f"finetune epochs must be >= 0, got {self.finetune_epochs}")
         if not 0.0 <= self.confidence_threshold <= 1.0:
-            raise ValueError(f"confidence threshold must be within [0, 1], got {self.confidence_threshold}")
+            raise ValueError(
+                f"confidence threshold must be within [0, 1], got {self.confidence_threshold}"
+            )
 
 
 @dataclass
@@ -77,7 +81,9 @@ def _class_weights(y: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
     return w.astype(np.float32)
 
 
-def _holdout(y: np.ndarray, idx: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _holdout(
+    y: np.ndarray, idx: np.ndarray, share: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Split ``idx`` into (fit, check), stratified, for choosing hyper-parameters when no val exists."""
     rng = np.random.default_rng(seed + 1)
     fit, check = [], []
@@ -104,16 +110,25 @@ def _fit_linear(x, y, xv, yv, n_classes, class_w, weight_decay, steps=30):
     lin = torch.nn.Linear(x.shape[1], n_classes)
     torch.nn.init.zeros_(lin.weight)
     torch.nn.init.zeros_(lin.bias)
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=10, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        lin.parameters(), lr=1, max_iter=10, history_size=20, line_search_fn="strong_wolfe"
+    )
     cw = torch.from_numpy(class_w)
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(lin(xt), yt, weight=cw) + 0.5 * weight_decay * lin.weight.pow(2).sum()
+        loss = (
+            F.cross_entropy(lin(xt), yt, weight=cw) + 0.5 * weight_decay * lin.weight.pow(2).sum()
+        )
         loss.backward()
         return loss
 
-    hist: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": []}
+    hist: dict[str, list[float]] = {
+        "train_loss": [],
+        "train_acc": [],
+        "val_loss": [],
+        "val_acc": [],
+    }
     val_loss = float("nan")
     for _ in range(steps):
         opt.step(closure)
@@ -196,13 +211,25 @@ def _finetune(model, images, y, train, val, n_classes, opts: TrainOptions, progr
     for p in [*tail_params, *model.head.parameters()]:
         p.requires_grad_(True)
     optim = torch.optim.AdamW(
-        [{"params": tail_params, "lr": opts.finetune_lr}, {"params": model.head.parameters(), "lr": opts.finetune_lr * 10}],
+        [
+            {"params": tail_params, "lr": opts.finetune_lr},
+            {"params": model.head.parameters(), "lr": opts.finetune_lr * 10},
+        ],
         weight_decay=1e-4,
     )
     cw = torch.from_numpy(_class_weights(y[train], n_classes, opts.class_weight))
     model = model.to(memory_format=torch.channels_last)
-    val_x = torch.from_numpy(np.stack([config.preprocess(images[i]) for i in val])) if len(val) else None
-    hist: dict[str, list[float]] = {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": []}
+    val_x = (
+        torch.from_numpy(np.stack([config.preprocess(images[i]) for i in val]))
+        if len(val)
+        else None
+    )
+    hist: dict[str, list[float]] = {
+        "train_loss": [],
+        "train_acc": [],
+        "val_loss": [],
+        "val_acc": [],
+    }
     best = (-1.0, copy.deepcopy(model.state_dict()), 0)
     stale = 0
     total = opts.finetune_epochs * len(train)
@@ -214,7 +241,9 @@ def _finetune(model, images, y, train, val, n_classes, opts: TrainOptions, progr
         losses, correct = [], 0
         for start in range(0, len(order), opts.batch_size):
             idx = order[start : start + opts.batch_size]
-            x = torch.from_numpy(np.stack([np.asarray(aug(images[i]), dtype=np.uint8) for i in idx]))
+            x = torch.from_numpy(
+                np.stack([np.asarray(aug(images[i]), dtype=np.uint8) for i in idx])
+            )
             target = torch.from_numpy(y[idx])
             _, logits = model(x)
             loss = F.cross_entropy(logits, target, weight=cw)
@@ -245,14 +274,21 @@ def _finetune(model, images, y, train, val, n_classes, opts: TrainOptions, progr
                 break
     model.load_state_dict(best[1])
     model = model.to(memory_format=torch.contiguous_format).eval()
-    info = {"epochs_run": len(hist["train_loss"]), "best_epoch": best[2], "best_val_acc": best[0], "lr": opts.finetune_lr}
+    info = {
+        "epochs_run": len(hist["train_loss"]),
+        "best_epoch": best[2],
+        "best_val_acc": best[0],
+        "lr": opts.finetune_lr,
+    }
     return model, info, hist
 
 
 def _merge_history(h1: dict, h2: dict | None) -> dict[str, list[float]]:
     if not h2:
         return h1
-    out = {k: h1.get(k, []) + h2.get(k, []) for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+    out = {
+        k: h1.get(k, []) + h2.get(k, []) for k in ("train_loss", "train_acc", "val_loss", "val_acc")
+    }
     out["phase_boundary"] = [len(h1.get("train_loss", []))]
     return out
 
@@ -269,7 +305,12 @@ def train_model(
     from imagesieve.classifier._evaluate import evaluate_version_on
     from imagesieve.models import create_backbone
     from imagesieve.models._export import make_model, save_model_files
-    from imagesieve.models._version import ModelVersion, discard_build_dir, new_build_dir, write_version
+    from imagesieve.models._version import (
+        ModelVersion,
+        discard_build_dir,
+        new_build_dir,
+        write_version,
+    )
 
     opts = opts or TrainOptions()
     progress = progress or (lambda stage, done, total: None)
@@ -287,23 +328,42 @@ def train_model(
         done[0] += n
         progress("embedding", done[0], len(paths))
 
-    feats, errors = extract_features(onnx, opts.backbone, paths, batch_size=opts.batch_size, on_batch=on_batch)
+    feats, errors = extract_features(
+        onnx, opts.backbone, paths, batch_size=opts.batch_size, on_batch=on_batch
+    )
     keep = np.array([e is None for e in errors], bool)
-    skipped += [{"path": str(p), "reason": e.reason} for p, e in zip(paths, errors, strict=True) if e is not None]
+    skipped += [
+        {"path": str(p), "reason": e.reason}
+        for p, e in zip(paths, errors, strict=True)
+        if e is not None
+    ]
     samples = [s for s, k in zip(folder.samples, keep, strict=True) if k]
     feats = feats[keep]
     classes = sorted({s.label for s in samples})
     if len(classes) < 2:
-        raise ValueError(f"need at least 2 classes with readable images in {data_dir}, found {len(classes)}: {classes}")
+        raise ValueError(
+            f"need at least 2 classes with readable images in {data_dir}, found {len(classes)}: {classes}"
+        )
     y = np.array([classes.index(s.label) for s in samples], np.int64)
 
     if folder.presplit:
-        by = {k: np.array([i for i, s in enumerate(samples) if s.split == k], np.int64) for k in ("train", "val", "test")}
-        plan = SplitPlan(by["train"], by["val"], by["test"], {
-            c: {k: int((y[by[k]] == ci).sum()) for k in by} | {"rule": "pre-split folders"} for ci, c in enumerate(classes)
-        })
+        by = {
+            k: np.array([i for i, s in enumerate(samples) if s.split == k], np.int64)
+            for k in ("train", "val", "test")
+        }
+        plan = SplitPlan(
+            by["train"],
+            by["val"],
+            by["test"],
+            {
+                c: {k: int((y[by[k]] == ci).sum()) for k in by} | {"rule": "pre-split folders"}
+                for ci, c in enumerate(classes)
+            },
+        )
     else:
-        plan = adaptive_split(y, classes, test_size=opts.test_size, val_size=opts.val_size, seed=opts.seed)
+        plan = adaptive_split(
+            y, classes, test_size=opts.test_size, val_size=opts.val_size, seed=opts.seed
+        )
 
     progress("training head", 0, 1)
     head, phase1, history = _fit_head(feats, y, plan.train, plan.val, len(classes), opts)
@@ -321,7 +381,9 @@ def train_model(
         train_idx = plan.train
         if len(val) == 0:
             train_idx, val = _holdout(y, plan.train, 0.15, opts.seed)
-        model, phase2, hist2 = _finetune(model, images, y, train_idx, val, len(classes), opts, progress)
+        model, phase2, hist2 = _finetune(
+            model, images, y, train_idx, val, len(classes), opts, progress
+        )
         history = _merge_history(history, hist2)
 
     build = new_build_dir(ws)
@@ -345,7 +407,13 @@ def train_model(
             "split": plan.to_dict(),
             "training": {"options": asdict(opts), "phase1": phase1, "phase2": phase2},
         }
-        eval_idx, eval_on = (plan.test, "test") if len(plan.test) else (plan.val, "val") if len(plan.val) else (plan.train, "train")
+        eval_idx, eval_on = (
+            (plan.test, "test")
+            if len(plan.test)
+            else (plan.val, "val")
+            if len(plan.val)
+            else (plan.train, "train")
+        )
         draft = ModelVersion(build, meta)
         metrics = evaluate_version_on(
             draft,
@@ -356,7 +424,11 @@ def train_model(
             extra={"evaluated_on": eval_on, "split": plan.to_dict()},
             batch_size=opts.batch_size,
         )
-        meta["metrics"] = {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "roc_auc", "ece", "unknown_rate") if k in metrics}
+        meta["metrics"] = {
+            k: metrics[k]
+            for k in ("n", "accuracy", "macro_f1", "roc_auc", "ece", "unknown_rate")
+            if k in metrics
+        }
         meta["metrics"]["evaluated_on"] = eval_on
         meta["training"]["seconds"] = round(time.perf_counter() - t0, 1)
         version = write_version(ws, build, meta)

@@ -10,7 +10,13 @@ from imagesieve.data._decode import (
     load_image,
     source_name,
 )
-from imagesieve.data._folder import IMAGE_EXTENSIONS, ImageFolder, Sample, SkippedFile, scan_image_folder
+from imagesieve.data._folder import (
+    IMAGE_EXTENSIONS,
+    ImageFolder,
+    Sample,
+    SkippedFile,
+    scan_image_folder,
+)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

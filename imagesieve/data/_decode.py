@@ -168,7 +168,8 @@ def load_image(
                     im.draft(im.mode, (max(1, round(width * scale)), max(1, round(height * scale))))
             im.load()
             orientation = im.getexif().get(0x0112, 1)
-            im = ImageOps.exif_transpose(im)
+            if orientation in (2, 3, 4, 5, 6, 7, 8):  # exif_transpose copies even when upright
+                im = ImageOps.exif_transpose(im)
             if orientation in (5, 6, 7, 8):
                 width, height = height, width
             if min_side and im.mode in ("L", "RGB") and "transparency" not in im.info:

@@ -29,7 +29,9 @@ def elpv_images() -> list[ElpvImage]:
     try:
         import elpv_dataset
     except ImportError:
-        raise RuntimeError("the ELPV images come from the elpv-dataset package: pip install 'imagesieve[demo]'") from None
+        raise RuntimeError(
+            "the ELPV images come from the elpv-dataset package: pip install 'imagesieve[demo]'"
+        ) from None
     root = Path(elpv_dataset.__file__).parent / "data"
     out = []
     for line in (root / "labels.csv").read_text().splitlines():
@@ -39,7 +41,11 @@ def elpv_images() -> list[ElpvImage]:
     return out
 
 
-def export_elpv(dest: str | os.PathLike, images: list[ElpvImage], label_of=lambda im: "defective" if im.defective else "functional") -> Path:
+def export_elpv(
+    dest: str | os.PathLike,
+    images: list[ElpvImage],
+    label_of=lambda im: "defective" if im.defective else "functional",
+) -> Path:
     """Copy ``images`` into an ImageFolder at ``dest`` (``dest/<label>/cellNNNN.png``), once.
 
     Files already present are kept, so a second call is cheap.

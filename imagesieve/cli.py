@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -166,7 +165,7 @@ def cmd_evaluate(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
     """Imagesieve score INPUT..."""
-    from imagesieve.classifier import UNKNOWN, Predictor
+    from imagesieve.classifier import UNKNOWN, Predictor, write_predictions_csv
     from imagesieve.models import get_version
 
     if args.imagenet:
@@ -185,34 +184,7 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
             preds += batch
             progress("scoring", len(preds), len(items))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(
-                [
-                    "source",
-                    "label",
-                    "reason",
-                    "top1",
-                    "top1_prob",
-                    "top2",
-                    "top2_prob",
-                    "top3",
-                    "top3_prob",
-                    "error",
-                ]
-            )
-            for p in preds:
-                tops = [x for c, q in p.top3 for x in (c, f"{q:.6f}")]
-                w.writerow(
-                    [
-                        p.source,
-                        p.label or "",
-                        p.reason or "",
-                        *tops,
-                        *[""] * (6 - len(tops)),
-                        p.error or "",
-                    ]
-                )
+        write_predictions_csv(preds, args.csv)
     counts: dict[str, int] = {}
     for p in preds:
         key = p.label if p.ok else "failed"

@@ -1,9 +1,20 @@
 """Scoring (ONNX Runtime, no torch), training and evaluation of the classifier head."""
 
 from imagesieve.classifier._engine import EngineItem, EngineResult, ScoringEngine
-from imagesieve.classifier._predict import UNKNOWN, Prediction, Predictor, softmax, top_k
+from imagesieve.classifier._predict import (
+    PREDICTION_CSV_COLUMNS,
+    TOP3_COLUMNS,
+    UNKNOWN,
+    Prediction,
+    Predictor,
+    softmax,
+    top_k,
+    write_predictions_csv,
+)
 
 __all__ = [
+    "PREDICTION_CSV_COLUMNS",
+    "TOP3_COLUMNS",
     "UNKNOWN",
     "EngineItem",
     "EngineResult",
@@ -12,4 +23,5 @@ __all__ = [
     "ScoringEngine",
     "softmax",
     "top_k",
+    "write_predictions_csv",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -10,10 +12,21 @@ import numpy as np
 from imagesieve.classifier._engine import EngineItem, EngineResult, ScoringEngine
 from imagesieve.models import ModelVersion
 
-__all__ = ["UNKNOWN", "Prediction", "Predictor", "softmax", "top_k"]
+__all__ = [
+    "PREDICTION_CSV_COLUMNS",
+    "TOP3_COLUMNS",
+    "UNKNOWN",
+    "Prediction",
+    "Predictor",
+    "softmax",
+    "top_k",
+    "write_predictions_csv",
+]
 
 UNKNOWN = "UNKNOWN"
 LOW_CONFIDENCE = "low_confidence"
+TOP3_COLUMNS = ["top1", "top1_prob", "top2", "top2_prob", "top3", "top3_prob"]
+PREDICTION_CSV_COLUMNS = ["source", "label", "reason", *TOP3_COLUMNS, "error"]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -56,6 +69,11 @@ class Prediction:
     def confidence(self) -> float:
         """Top-1 probability (0 for failed items)."""
         return self.top3[0][1] if self.top3 else 0.0
+
+    def top3_cells(self) -> list[str]:
+        """Top-3 as six CSV cells (class, probability with 6 decimals), blank where missing."""
+        cells = [x for c, q in self.top3 for x in (c, f"{q:.6f}")]
+        return cells + [""] * (len(TOP3_COLUMNS) - len(cells))
 
     def to_dict(self) -> dict:
         """JSON-ready form (no embedding)."""
@@ -142,3 +160,15 @@ class Predictor:
         """Score a stream of images one prediction at a time, in input order."""
         for batch in self.score_batches(items):
             yield from batch
+
+
+def write_predictions_csv(predictions: Iterable[Prediction], path: str | os.PathLike) -> int:
+    """The report operators hand on: source, label, UNKNOWN reason, Top-3, error; returns rows."""
+    n = 0
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(PREDICTION_CSV_COLUMNS)
+        for p in predictions:
+            w.writerow([p.source, p.label or "", p.reason or "", *p.top3_cells(), p.error or ""])
+            n += 1
+    return n

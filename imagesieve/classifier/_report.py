@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imagesieve.classifier._predict import top_k
+from imagesieve.classifier._predict import TOP3_COLUMNS, top_k
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -45,19 +45,7 @@ RESERVED_KEYS = frozenset(
         "files",
     }
 )
-AUDIT_COLUMNS = [
-    "path",
-    "true",
-    "top1",
-    "top1_prob",
-    "top2",
-    "top2_prob",
-    "top3",
-    "top3_prob",
-    "confidence",
-    "correct",
-    "unknown",
-]
+AUDIT_COLUMNS = ["path", "true", *TOP3_COLUMNS, "confidence", "correct", "unknown"]
 
 
 def write_report(

@@ -197,15 +197,15 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
     }
 
     def human() -> None:
-        for p in preds[: args.show]:
-            if not p.ok:
-                print(f"{p.source}: FAILED ({p.error_kind}): {p.error}")
-                continue
+        scored = [p for p in preds if p.ok]
+        for p in scored[: args.show]:
             tops = ", ".join(f"{c} {q:.1%}" for c, q in p.top3)
             flag = f"  [{UNKNOWN}: {p.reason}]" if p.label == UNKNOWN else ""
             print(f"{p.source}: {p.label}{flag}  ({tops})")
-        if len(preds) > args.show:
-            print(f"... {len(preds) - args.show} more (use --csv OUT for all)")
+        if len(scored) > args.show:
+            print(f"... {len(scored) - args.show} more (use --csv OUT for all)")
+        for p in [p for p in preds if not p.ok]:
+            print(f"{p.source}: FAILED ({p.error_kind}): {p.error}")
         print(
             f"scored {len(preds)} images with {version.name}: "
             + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))

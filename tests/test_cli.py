@@ -102,3 +102,25 @@ def test_cli__train_json_end_to_end(tmp_path, small_folder):
     doc = json.loads(r.stdout)
     assert doc["version"] == "v1" and doc["activated"] is True
     assert set(doc["metrics"]) >= {"accuracy", "macro_f1", "ece", "n"}
+
+
+def test_main__score_human_summary_always_lists_failures(trained, small_folder, tmp_path, capsys):
+    ws, result = trained
+    (tmp_path / "bad.jpg").write_text("not an image")
+    good = sorted((small_folder / "functional").glob("cell*.png"))[:3]
+    code = main(
+        [
+            "score",
+            *map(str, good),
+            str(tmp_path / "bad.jpg"),
+            "--workspace",
+            str(ws.root),
+            "--show",
+            "1",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "... 2 more (use --csv OUT for all)"
+    assert out[2] == f"{tmp_path / 'bad.jpg'}: FAILED (not_image): not a recognised image format"
+    assert out[3].startswith("scored 4 images with v1: ") and "failed 1" in out[3]

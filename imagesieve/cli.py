@@ -299,7 +299,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--finetune-lr",
         type=float,
-        default=3e-4,
+        default=1e-4,
         help="phase-2 learning rate of the last stage (head: 10x)",
     )
     t.add_argument(

@@ -28,6 +28,12 @@ Progress = Callable[[str, int, int], None]
 
 CLASS_WEIGHTS = ("sqrt", "balanced", "none")
 WEIGHT_DECAYS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
+CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def _new_history() -> dict[str, list[float]]:
+    """Empty training curves: one value per epoch (or L-BFGS step) under each of CURVES."""
+    return {k: [] for k in CURVES}
 
 
 @dataclass
@@ -123,12 +129,7 @@ def _fit_linear(x, y, xv, yv, n_classes, class_w, weight_decay, steps=30):
         loss.backward()
         return loss
 
-    hist: dict[str, list[float]] = {
-        "train_loss": [],
-        "train_acc": [],
-        "val_loss": [],
-        "val_acc": [],
-    }
+    hist = _new_history()
     val_loss = float("nan")
     for _ in range(steps):
         opt.step(closure)
@@ -235,12 +236,7 @@ def _finetune(model, images, y, train, val, n_classes, opts: TrainOptions, progr
         if len(val)
         else None
     )
-    hist: dict[str, list[float]] = {
-        "train_loss": [],
-        "train_acc": [],
-        "val_loss": [],
-        "val_acc": [],
-    }
+    hist = _new_history()
     best = (-1.0, copy.deepcopy(model.state_dict()), 0)
     stale = 0
     total = opts.finetune_epochs * len(train)
@@ -293,11 +289,10 @@ def _finetune(model, images, y, train, val, n_classes, opts: TrainOptions, progr
 
 
 def _merge_history(h1: dict, h2: dict | None) -> dict[str, list[float]]:
+    """Phase-1 then phase-2 curves, with the epoch where phase 2 starts marked."""
     if not h2:
         return h1
-    out = {
-        k: h1.get(k, []) + h2.get(k, []) for k in ("train_loss", "train_acc", "val_loss", "val_acc")
-    }
+    out = {k: h1.get(k, []) + h2.get(k, []) for k in CURVES}
     out["phase_boundary"] = [len(h1.get("train_loss", []))]
     return out
 

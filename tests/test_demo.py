@@ -15,6 +15,10 @@ def test_main__demo_trains_then_reuses(tmp_path, capsys):
     mono, poly = first["mixed_batch"]["mono"], first["mixed_batch"]["poly"]
     assert sum(mono.values()) == sum(poly.values()) == 150
     assert "failed" not in mono and "failed" not in poly
+    trained_on = tmp_path / "sieve" / "demo" / "elpv-mono"
+    assert (
+        sum(1 for _ in trained_on.rglob("*.png")) == 1074 - 150
+    )  # the scored mono cells are held out
 
     assert main(["demo", "--workspace", ws]) == 0
     out = capsys.readouterr().out

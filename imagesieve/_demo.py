@@ -6,8 +6,8 @@ from collections import Counter
 from typing import Any
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import UNKNOWN, Predictor
-from imagesieve.classifier._train import Progress, TrainOptions, train_model
+from imagesieve.classifier import UNKNOWN, Predictor, Progress
+from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.data import scan_image_folder
 from imagesieve.data._elpv import elpv_images, export_elpv
 from imagesieve.models import active_version

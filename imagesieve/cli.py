@@ -13,6 +13,7 @@ from typing import Any
 
 from imagesieve import __version__
 from imagesieve._workspace import Workspace
+from imagesieve.classifier import Progress
 from imagesieve.data import IMAGE_EXTENSIONS, ImageLoadError
 
 __all__ = ["main"]
@@ -23,7 +24,7 @@ class UserError(Exception):
 
 
 @contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+def _progress(enabled: bool) -> Iterator[Progress]:
     """A progress(stage, done, total) callback drawing one tqdm bar per stage on stderr."""
     from tqdm import tqdm
 
@@ -85,7 +86,7 @@ def _print_metrics(m: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
-    """Imagesieve train DATA_DIR."""
+    """The `train` verb: a new model version from an ImageFolder."""
     from imagesieve.classifier._train import TrainOptions, train_model
 
     opts = TrainOptions(
@@ -136,17 +137,11 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, ws: Workspace) -> None:
-    """Imagesieve evaluate DATA_DIR."""
+    """The `evaluate` verb: metrics and report files for a labelled folder."""
     from imagesieve.classifier._evaluate import evaluate_model
 
     with _progress(not args.json) as progress:
-        done = [0]
-
-        def on_batch(n: int) -> None:
-            done[0] += n
-            progress("evaluating", done[0], 0)
-
-        metrics, out_dir = evaluate_model(args.data_dir, ws, args.model, on_batch=on_batch)
+        metrics, out_dir = evaluate_model(args.data_dir, ws, args.model, progress=progress)
     doc = {**metrics, "report_dir": str(out_dir)}
 
     def human() -> None:
@@ -164,7 +159,7 @@ def cmd_evaluate(args: argparse.Namespace, ws: Workspace) -> None:
 
 
 def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
-    """Imagesieve score INPUT..."""
+    """The `score` verb: Top-3 and decision per image, optionally as CSV."""
     from imagesieve.classifier import UNKNOWN, Predictor, write_predictions_csv
     from imagesieve.models import get_version
 
@@ -215,7 +210,7 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
 
 
 def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
-    """Imagesieve models [--activate VERSION]."""
+    """The `models` verb: list versions, optionally activate one."""
     from imagesieve.models import activate_version, active_version, list_backbones, list_versions
 
     if args.activate:
@@ -256,7 +251,7 @@ def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, ws: Workspace) -> None:
-    """Imagesieve demo: ELPV mono cells -> train -> evaluate -> score a mixed batch."""
+    """The `demo` verb: ELPV mono cells -> train -> evaluate -> score a mixed batch."""
     from imagesieve._demo import run_demo
 
     with _progress(not args.json) as progress:

@@ -1,6 +1,6 @@
 """Scoring (ONNX Runtime, no torch), training and evaluation of the classifier head."""
 
-from imagesieve.classifier._engine import EngineItem, EngineResult, ScoringEngine
+from imagesieve.classifier._engine import EngineItem, EngineResult, Progress, ScoringEngine
 from imagesieve.classifier._predict import (
     PREDICTION_CSV_COLUMNS,
     TOP3_COLUMNS,
@@ -19,6 +19,7 @@ __all__ = [
     "EngineItem",
     "EngineResult",
     "Prediction",
+    "Progress",
     "Predictor",
     "ScoringEngine",
     "softmax",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +15,16 @@ import numpy as np
 from imagesieve.data import ImageLoadError, ImageSource, load_image, source_name
 from imagesieve.models import BackboneConfig
 
-__all__ = ["EngineItem", "EngineResult", "ScoringEngine"]
+__all__ = ["EngineItem", "EngineResult", "Progress", "ScoringEngine"]
 
 log = logging.getLogger(__name__)
 
 #: An input: a path, bytes or file object, or a (name, source) pair naming bytes or uploads.
 EngineItem = ImageSource | tuple[str, ImageSource]
 _END = object()
+
+#: progress(stage, done, total): called as work advances; total is 0 when unknown.
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass

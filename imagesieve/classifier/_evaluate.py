@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from imagesieve._workspace import Workspace
+from imagesieve.classifier._engine import Progress
 from imagesieve.classifier._predict import UNKNOWN, Predictor
 from imagesieve.classifier._report import write_report
 from imagesieve.data import load_image, scan_image_folder
@@ -34,7 +34,7 @@ def evaluate_version_on(
     history: dict[str, list[float]] | None = None,
     extra: dict[str, Any] | None = None,
     batch_size: int = 32,
-    on_batch: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Score ``paths`` with ``version`` and write metrics, plots, audit CSV and gallery.
 
@@ -46,10 +46,11 @@ def evaluate_version_on(
     predictor = Predictor(version, batch_size=batch_size)
     y_true, probs, sources, failed = [], [], [], []
     unseen: dict[str, dict[str, int]] = {}
-    label_iter = iter(labels)
+    done = 0
     for batch in predictor.score_batches([str(p) for p in paths]):
         for pred in batch:
-            label = next(label_iter)
+            label = labels[done]
+            done += 1
             if not pred.ok:
                 failed.append({"path": pred.source, "reason": pred.error})
             elif label not in index:
@@ -60,8 +61,8 @@ def evaluate_version_on(
                 y_true.append(index[label])
                 probs.append(pred.probs)
                 sources.append(pred.source)
-        if on_batch:
-            on_batch(len(batch))
+        if progress:
+            progress("evaluating", done, len(paths))
     if not sources:
         raise ValueError(
             "no readable images of the model's classes to evaluate: " + ", ".join(classes)
@@ -92,7 +93,7 @@ def evaluate_model(
     version: str | None = None,
     *,
     batch_size: int = 32,
-    on_batch: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate a version on an ImageFolder (its ``test/`` split when pre-split) -> (metrics, report dir)."""
     v = get_version(ws, version)
@@ -116,6 +117,6 @@ def evaluate_model(
             "skipped": [str(s.path) for s in folder.skipped],
         },
         batch_size=batch_size,
-        on_batch=on_batch,
+        progress=progress,
     )
     return metrics, out_dir

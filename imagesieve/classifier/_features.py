@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier._engine import ScoringEngine
+from imagesieve.classifier._engine import Progress, ScoringEngine
 from imagesieve.data import ImageLoadError
 from imagesieve.models import get_backbone_spec
 
@@ -58,7 +58,7 @@ def extract_features(
     paths: Sequence[Path],
     *,
     batch_size: int = 32,
-    on_batch: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[np.ndarray, list[ImageLoadError | None]]:
     """(n, 2d) float32 pooled features of ``paths`` (head input); rows of failed images are zero.
 
@@ -74,6 +74,6 @@ def extract_features(
                 feats[i] = r.outputs["features"]
             errors.append(r.error)
             i += 1
-        if on_batch:
-            on_batch(len(batch))
+        if progress:
+            progress("embedding", i, len(paths))
     return feats, errors

@@ -6,7 +6,6 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,17 +13,16 @@ from typing import Any
 import numpy as np
 
 from imagesieve._workspace import Workspace
+from imagesieve.classifier._engine import Progress
 from imagesieve.classifier._features import HEAD_POOLING, backbone_onnx, extract_features
 from imagesieve.classifier._split import SplitPlan, adaptive_split
 from imagesieve.data import ImageFolder, load_image, scan_image_folder
 from imagesieve.models import DEFAULT_BACKBONE, ModelVersion, activate_version, get_backbone_spec
 
-__all__ = ["Progress", "TrainOptions", "TrainResult", "train_model"]
+__all__ = ["TrainOptions", "TrainResult", "train_model"]
 
 log = logging.getLogger(__name__)
 
-#: progress(stage, done, total): called as work advances; total is 0 when unknown.
-Progress = Callable[[str, int, int], None]
 
 CLASS_WEIGHTS = ("sqrt", "balanced", "none")
 WEIGHT_DECAYS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
@@ -326,14 +324,8 @@ def train_model(
     # Phase 1 features: the frozen backbone over every image, once, with the ONNX engine.
     onnx = backbone_onnx(ws, opts.backbone, opts.weights)
     paths = [s.path for s in folder.samples]
-    done = [0]
-
-    def on_batch(n: int) -> None:
-        done[0] += n
-        progress("embedding", done[0], len(paths))
-
     feats, errors = extract_features(
-        onnx, opts.backbone, paths, batch_size=opts.batch_size, on_batch=on_batch
+        onnx, opts.backbone, paths, batch_size=opts.batch_size, progress=progress
     )
     keep = np.array([e is None for e in errors], bool)
     skipped += [

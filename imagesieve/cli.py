@@ -14,7 +14,7 @@ from typing import Any
 from imagesieve import __version__
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import Progress
-from imagesieve.data import IMAGE_EXTENSIONS, ImageLoadError
+from imagesieve.data import ImageLoadError
 
 __all__ = ["main"]
 
@@ -45,24 +45,6 @@ def _progress(enabled: bool) -> Iterator[Progress]:
     finally:
         for bar in bars.values():
             bar.close()
-
-
-def _expand_inputs(inputs: list[str]) -> list[str]:
-    """Files as given; folders walked recursively for image files (sorted)."""
-    out = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            out += sorted(
-                str(f)
-                for f in p.rglob("*")
-                if f.is_file()
-                and f.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
-        else:
-            out.append(item)
-    return out
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], human: Callable[[], None]) -> None:
@@ -158,32 +140,40 @@ def cmd_evaluate(args: argparse.Namespace, ws: Workspace) -> None:
     _emit(args, doc, human)
 
 
-def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
-    """The `score` verb: Top-3 and decision per image, optionally as CSV."""
-    from imagesieve.classifier import UNKNOWN, Predictor, write_predictions_csv
-    from imagesieve.models import get_version
+def _print_prediction(p: Any) -> None:
+    from imagesieve.classifier import UNKNOWN
 
-    if args.imagenet:
-        from imagesieve.models._export import imagenet_version
+    if not p.ok:
+        print(f"{p.source}: FAILED ({p.error_kind}): {p.error}")
+        return
+    tops = ", ".join(f"{c} {q:.1%}" for c, q in p.top3)
+    flag = f"  [{UNKNOWN}: {p.reason}]" if p.label == UNKNOWN else ""
+    dist = "" if p.neighbor_distance is None else f"  distance {p.neighbor_distance:.3f}"
+    print(f"{p.source}: {p.label}{flag}  ({tops}){dist}")
 
-        version = imagenet_version(ws, args.backbone)
-    else:
-        version = get_version(ws, args.model)
-    items = _expand_inputs(args.inputs)
-    if not items:
-        raise UserError("no images found in " + ", ".join(args.inputs))
+
+def _score_imagenet(args: argparse.Namespace, ws: Workspace) -> None:
+    """`score --imagenet`: the backbone's own ImageNet Top-3, not stored (no trained version)."""
+    from imagesieve.classifier import Predictor, write_predictions_csv
+    from imagesieve.indexer import expand_inputs, fetch_items
+    from imagesieve.models._export import imagenet_version
+
+    version = imagenet_version(ws, args.backbone)
     predictor = Predictor(version, threshold=args.threshold)
+    items = (
+        (i.name, i.error or i.source)
+        for i in fetch_items(expand_inputs(args.inputs, column=args.column))
+    )
     preds = []
     with _progress(not args.json) as progress:
         for batch in predictor.score_batches(items):
             preds += batch
-            progress("scoring", len(preds), len(items))
+            progress("scoring", len(preds), 0)
     if args.csv:
         write_predictions_csv(preds, args.csv)
     counts: dict[str, int] = {}
     for p in preds:
-        key = p.label if p.ok else "failed"
-        counts[key] = counts.get(key, 0) + 1
+        counts[p.label if p.ok else "failed"] = counts.get(p.label if p.ok else "failed", 0) + 1
     doc = {
         "model_version": version.name,
         "threshold": predictor.threshold,
@@ -192,19 +182,94 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
     }
 
     def human() -> None:
-        scored = [p for p in preds if p.ok]
-        for p in scored[: args.show]:
-            tops = ", ".join(f"{c} {q:.1%}" for c, q in p.top3)
-            flag = f"  [{UNKNOWN}: {p.reason}]" if p.label == UNKNOWN else ""
-            print(f"{p.source}: {p.label}{flag}  ({tops})")
-        if len(scored) > args.show:
-            print(f"... {len(scored) - args.show} more (use --csv OUT for all)")
-        for p in [p for p in preds if not p.ok]:
-            print(f"{p.source}: FAILED ({p.error_kind}): {p.error}")
+        for p in [p for p in preds if p.ok][: args.show] + [p for p in preds if not p.ok]:
+            _print_prediction(p)
         print(
-            f"scored {len(preds)} images with {version.name}: "
+            f"scored {len(preds)} images with {version.name} (not stored): "
             + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         )
+
+    _emit(args, doc, human)
+
+
+def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `score` verb: images, folders, zips, lists and URLs into the store, with a report."""
+    if not args.inputs and not args.retry_failed:
+        raise UserError("nothing to score: give image files, folders, zips, CSV/XLSX lists or URLs")
+    if args.imagenet:
+        _score_imagenet(args, ws)
+        return
+    from imagesieve.indexer import FetchOptions, ScoreOptions, score_inputs
+
+    opts = ScoreOptions(
+        model=args.model,
+        threshold=args.threshold,
+        distance_threshold=args.distance_threshold,
+        column=args.column,
+        rescore=args.rescore,
+        retry_failed=args.retry_failed,
+        csv=args.csv,
+        sort_into=args.sort_into,
+        fetch=FetchOptions(workers=args.fetch_workers, read_timeout=args.timeout),
+    )
+    with _progress(not args.json) as progress:
+        summary = score_inputs(ws, args.inputs, opts, progress)
+    doc = summary.to_dict()
+
+    def human() -> None:
+        for p in [p for p in summary.shown if p.ok][: args.show]:
+            _print_prediction(p)
+        if summary.items - len(summary.failures) > args.show:
+            print(
+                f"... {summary.items - len(summary.failures) - args.show} more (use --csv OUT for all)"
+            )
+        for f in summary.failures[:50]:
+            print(f"{f.source}: FAILED ({f.kind}): {f.message}")
+        if len(summary.failures) > 50:
+            print(
+                f"... {len(summary.failures) - 50} more failures (imagesieve sql: failures table)"
+            )
+        if summary.ignored:
+            print(f"ignored {len(summary.ignored)} non-image files (e.g. {summary.ignored[0][0]})")
+        labels = ", ".join(f"{k} {v}" for k, v in sorted(summary.labels.items())) or "none"
+        print(
+            f"batch {summary.batch_id} with {summary.model_version}: {summary.items} items, "
+            f"{summary.scored} newly scored, {summary.rescored} rescored, "
+            f"{summary.already_scored} already stored, {len(summary.failures)} failed "
+            f"({summary.seconds:.1f} s)"
+        )
+        print(f"  labels: {labels}")
+        if summary.unknown_reasons:
+            print(
+                f"  {summary.unknown} UNKNOWN: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(summary.unknown_reasons.items()))
+            )
+        if summary.csv:
+            print(f"  report: {summary.csv}")
+        if summary.sort_into:
+            print(f"  sorted into: {summary.sort_into}/<label>/")
+
+    _emit(args, doc, human)
+
+
+def cmd_reindex(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `reindex` verb: check every version's FAISS index against DuckDB, or rebuild it."""
+    from imagesieve.indexer import Store
+
+    with Store(ws, check=not args.rebuild) as store:
+        checks = (
+            [store.rebuild_index(v) for v in store.versions()] if args.rebuild else store.checks
+        )
+    doc = {"workspace": str(ws.root), "indexes": [c.__dict__ for c in checks]}
+
+    def human() -> None:
+        if not checks:
+            print(f"nothing stored in {ws.root} yet")
+        for c in checks:
+            print(
+                f"{c.model_version}: {c.action} ({c.rows} rows, +{c.added} -{c.removed}, "
+                f"{c.seconds:.2f} s)"
+            )
 
     _emit(args, doc, human)
 
@@ -326,21 +391,63 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="model version (default: the active one)")
     e.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("score", parents=[common], help="score images: Top-3 and UNKNOWN decision")
-    s.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    s.add_argument("--model", help="model version (default: the active one)")
-    s.add_argument(
-        "--imagenet", action="store_true", help="no training: the backbone's own ImageNet Top-3"
+    s = sub.add_parser(
+        "score",
+        parents=[common],
+        help="score images into the store: Top-3, UNKNOWN decision, report, sorted copies",
     )
-    s.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone for --imagenet")
+    s.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="image files, folders (recursive), .zip archives, .csv/.xlsx lists of URLs or paths, URLs",
+    )
+    s.add_argument("--model", help="model version (default: the active one)")
+    s.add_argument("--column", help="the URL or path column of .csv/.xlsx lists (default: auto)")
     s.add_argument("--threshold", type=float, help="override the version's confidence threshold")
     s.add_argument(
-        "--csv", metavar="OUT", help="write source, Top-3 with probabilities and label to OUT"
+        "--distance-threshold",
+        type=float,
+        help="override the version's nearest-training-image distance threshold (0-2)",
     )
+    s.add_argument(
+        "--csv", metavar="OUT", help="write source, label, reason, Top-3 and distance to OUT"
+    )
+    s.add_argument(
+        "--sort-into", metavar="DIR", help="copy each image into DIR/<label>/ (never overwrites)"
+    )
+    s.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score content already stored with this version again",
+    )
+    s.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="retry the recorded failures (and INPUTs, if any)",
+    )
+    s.add_argument(
+        "--fetch-workers", type=int, default=16, help="concurrent URL downloads (default 16)"
+    )
+    s.add_argument(
+        "--timeout", type=float, default=15.0, help="URL read timeout in seconds (default 15)"
+    )
+    s.add_argument(
+        "--imagenet",
+        action="store_true",
+        help="no training: the backbone's own ImageNet Top-3 (not stored)",
+    )
+    s.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone for --imagenet")
     s.add_argument(
         "--show", type=int, default=20, help="how many predictions to print (default 20)"
     )
     s.set_defaults(func=cmd_score)
+
+    r = sub.add_parser(
+        "reindex", parents=[common], help="check the FAISS indexes against DuckDB; --rebuild them"
+    )
+    r.add_argument("--rebuild", action="store_true", help="rebuild every index from DuckDB")
+    r.set_defaults(func=cmd_reindex)
 
     m = sub.add_parser("models", parents=[common], help="list model versions; --activate one")
     m.add_argument("--activate", metavar="VERSION")

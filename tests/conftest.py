@@ -42,3 +42,12 @@ def trained(tmp_path_factory, small_folder):
     ws = Workspace(tmp_path_factory.mktemp("ws"))
     result = train_model(small_folder, ws, TrainOptions(test_size=0.25, val_size=0.15))
     return ws, result
+
+
+@pytest.fixture
+def scoring_ws(trained, tmp_path) -> Workspace:
+    """A fresh workspace (empty store) holding a copy of the ``trained`` model version."""
+    ws_trained, _ = trained
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+    return ws

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from imagesieve.classifier import UNKNOWN, Predictor, ScoringEngine, softmax, top_k
+from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.classifier._split import adaptive_split
 from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.data import load_image
@@ -66,7 +67,19 @@ def test_train_model__version_files_split_and_skipped(trained):
     assert meta["classes"] == ["defective", "functional", "lonely"]
     assert meta["split"]["per_class"]["lonely"]["rule"] == "train only (fewer than 4 images)"
     assert meta["split"]["per_class"]["defective"]["test"] == 10
-    assert meta["thresholds"] == {"confidence": 0.5}
+    thresholds = meta["thresholds"]
+    assert thresholds["confidence"] == 0.5
+    assert 0.0 < thresholds["distance"] < 2.0
+    # 8 validation images are too few to calibrate on: leave-one-out over the training images
+    calibration = thresholds["distance_calibration"]
+    assert calibration["on"] == "train leave-one-out"
+    n_train = sum(c["train"] for c in meta["split"]["per_class"].values())
+    assert calibration["n"] == n_train
+    assert calibration["false_unknown_rate"] == 0.05
+    reference = ReferenceSet.load(v.path)
+    assert len(reference) == n_train and reference.embeddings.shape == (n_train, 1280)
+    assert np.allclose(np.linalg.norm(reference.embeddings, axis=1), 1.0, atol=1e-4)
+    assert "lonely" in reference.labels
     assert len(meta["data"]["fingerprint"]) == 64
     reasons = {Path(s["path"]).name: s["reason"] for s in result.skipped}
     assert reasons["notes.txt"] == "not an image file extension (.txt)"

@@ -24,8 +24,8 @@ def test_main__models_json_parses(trained, capsys):
     assert doc["backbones"][0] == "efficientnet_lite0"
 
 
-def test_main__score_json_and_csv(trained, small_folder, tmp_path, capsys):
-    ws, result = trained
+def test_main__score_json_and_csv(scoring_ws, small_folder, tmp_path, capsys):
+    ws = scoring_ws
     out_csv = tmp_path / "out.csv"
     (tmp_path / "bad.jpg").write_text("not an image")
     code = main(
@@ -43,8 +43,10 @@ def test_main__score_json_and_csv(trained, small_folder, tmp_path, capsys):
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     n_images = len(list((small_folder / "functional").glob("*.png")))
-    assert len(doc["predictions"]) == n_images + 1
-    assert doc["counts"]["failed"] == 1
+    assert doc["items"] == len(doc["predictions"]) == n_images + 1
+    assert doc["failed"] == 1 and doc["scored"] == n_images
+    assert doc["failures"][0]["kind"] == "not_image"
+    assert sum(doc["labels"].values()) == n_images
     rows = list(csv.DictReader(out_csv.open()))
     assert len(rows) == n_images + 1
     bad = [r for r in rows if r["source"].endswith("bad.jpg")][0]
@@ -104,8 +106,10 @@ def test_cli__train_json_end_to_end(tmp_path, small_folder):
     assert set(doc["metrics"]) >= {"accuracy", "macro_f1", "ece", "n"}
 
 
-def test_main__score_human_summary_always_lists_failures(trained, small_folder, tmp_path, capsys):
-    ws, result = trained
+def test_main__score_human_summary_always_lists_failures(
+    scoring_ws, small_folder, tmp_path, capsys
+):
+    ws = scoring_ws
     (tmp_path / "bad.jpg").write_text("not an image")
     good = sorted((small_folder / "functional").glob("cell*.png"))[:3]
     code = main(
@@ -123,4 +127,6 @@ def test_main__score_human_summary_always_lists_failures(trained, small_folder, 
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "... 2 more (use --csv OUT for all)"
     assert out[2] == f"{tmp_path / 'bad.jpg'}: FAILED (not_image): not a recognised image format"
-    assert out[3].startswith("scored 4 images with v1: ") and "failed 1" in out[3]
+    assert out[3].startswith("batch 1 with v1: 4 items, 3 newly scored, 0 rescored, ")
+    assert "1 failed" in out[3]
+    assert out[4].startswith("  labels: ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import deque
@@ -12,15 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from imagesieve.data import ImageLoadError, ImageSource, load_image, source_name
+from imagesieve.data import ImageLoadError, ImageSource, load_image, read_image_bytes, source_name
 from imagesieve.models import BackboneConfig
 
-__all__ = ["EngineItem", "EngineResult", "Progress", "ScoringEngine"]
+__all__ = ["EngineItem", "EngineResult", "Progress", "ScoringEngine", "SkipContent"]
 
 log = logging.getLogger(__name__)
 
-#: An input: a path, bytes or file object, or a (name, source) pair naming bytes or uploads.
-EngineItem = ImageSource | tuple[str, ImageSource]
+#: An input: a path, bytes or file object, or a (name, source) pair naming bytes or uploads;
+#: a source that is an ImageLoadError (e.g. a failed download) comes back as that error.
+EngineItem = ImageSource | tuple[str, ImageSource | ImageLoadError]
+#: skip(sha256) -> True: the content is already scored; it is hashed but not decoded.
+SkipContent = Callable[[str], bool]
 _END = object()
 
 #: progress(stage, done, total): called as work advances; total is 0 when unknown.
@@ -29,7 +33,11 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class EngineResult:
-    """One input's outcome: model outputs (one row per output name) or a load error."""
+    """One input's outcome: model outputs, a load error, or ``skipped`` (already scored).
+
+    ``outputs`` holds one row per ONNX output name; ``skipped`` is set when the run's skip
+    predicate accepted the content's hash.
+    """
 
     source: str
     width: int = 0
@@ -37,6 +45,7 @@ class EngineResult:
     sha256: str = ""
     outputs: dict[str, np.ndarray] | None = None
     error: ImageLoadError | None = None
+    skipped: bool = False
 
 
 def _split_item(item: EngineItem) -> tuple[str, ImageSource]:
@@ -92,10 +101,20 @@ class ScoringEngine:
             )
         )
 
-    def _prepare(self, item: EngineItem) -> tuple[EngineResult, np.ndarray | None]:
+    def _prepare(
+        self, item: EngineItem, skip: SkipContent | None
+    ) -> tuple[EngineResult, np.ndarray | None]:
         name, source = _split_item(item)
+        if isinstance(source, ImageLoadError):
+            return EngineResult(source=name, error=source), None
         try:
-            decoded = load_image(source, min_side=self.config.resize_side, name=name)
+            digest = None
+            if skip is not None:
+                source = read_image_bytes(source, name)
+                digest = hashlib.sha256(source).hexdigest()
+                if skip(digest):
+                    return EngineResult(source=name, sha256=digest, skipped=True), None
+            decoded = load_image(source, min_side=self.config.resize_side, name=name, sha256=digest)
             x = self.config.preprocess(decoded.image)
         except ImageLoadError as e:
             return EngineResult(source=name, error=e), None
@@ -106,8 +125,13 @@ class ScoringEngine:
             ), None
         return EngineResult(name, decoded.width, decoded.height, decoded.sha256), x
 
-    def run(self, items: Iterable[EngineItem]) -> Iterator[list[EngineResult]]:
-        """Yield results batch by batch, in input order; failed items carry ``error``."""
+    def run(
+        self, items: Iterable[EngineItem], skip: SkipContent | None = None
+    ) -> Iterator[list[EngineResult]]:
+        """Yield results batch by batch, in input order; failed items carry ``error``.
+
+        Items whose content ``skip(sha256)`` accepts come back ``skipped``, never decoded.
+        """
         prefetch = self.batch_size * (self.streams + 1) + self.workers
         it = iter(items)
         with (
@@ -122,7 +146,7 @@ class ScoringEngine:
                     item = next(it, _END)
                     if item is _END:
                         return
-                    pending.append(decode.submit(self._prepare, item))
+                    pending.append(decode.submit(self._prepare, item, skip))
 
             fill()
             while pending:

@@ -12,7 +12,7 @@ import numpy as np
 from imagesieve._workspace import Workspace
 from imagesieve.classifier._engine import Progress, ScoringEngine
 from imagesieve.data import ImageLoadError
-from imagesieve.models import get_backbone_spec
+from imagesieve.models import BackboneConfig
 
 __all__ = ["HEAD_POOLING", "backbone_onnx", "extract_features"]
 
@@ -54,26 +54,30 @@ def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> P
 
 def extract_features(
     onnx_path: Path,
-    backbone: str,
+    config: BackboneConfig,
     paths: Sequence[Path],
+    outputs: Sequence[str] = ("features", "embedding"),
     *,
     batch_size: int = 32,
     progress: Progress | None = None,
-) -> tuple[np.ndarray, list[ImageLoadError | None]]:
-    """(n, 2d) float32 pooled features of ``paths`` (head input); rows of failed images are zero.
+) -> tuple[dict[str, np.ndarray], list[ImageLoadError | None]]:
+    """Run an ONNX model over ``paths`` and keep the named outputs, one (n, dim) array each.
 
-    Returns the features and, per path, the load error or None.
+    Returns the arrays and, per path, the load error or None; rows of failed images are zero.
+    Phase 1 reads the backbone's ``features`` (the head's input) and ``embedding``.
     """
-    engine = ScoringEngine(onnx_path, get_backbone_spec(backbone).config, batch_size=batch_size)
-    feats = np.zeros((len(paths), engine.session.get_outputs()[1].shape[1]), np.float32)
+    engine = ScoringEngine(onnx_path, config, batch_size=batch_size)
+    dims = {o.name: o.shape[1] for o in engine.session.get_outputs()}
+    arrays = {k: np.zeros((len(paths), dims[k]), np.float32) for k in outputs}
     errors: list[ImageLoadError | None] = []
     i = 0
     for batch in engine.run(paths):
         for r in batch:
             if r.outputs is not None:
-                feats[i] = r.outputs["features"]
+                for k, a in arrays.items():
+                    a[i] = r.outputs[k]
             errors.append(r.error)
             i += 1
         if progress:
             progress("embedding", i, len(paths))
-    return feats, errors
+    return arrays, errors

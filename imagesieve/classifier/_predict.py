@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from imagesieve.classifier._engine import EngineItem, EngineResult, ScoringEngine
+from imagesieve.classifier._engine import EngineItem, EngineResult, ScoringEngine, SkipContent
 from imagesieve.models import ModelVersion
 
 __all__ = [
@@ -24,9 +24,12 @@ __all__ = [
 ]
 
 UNKNOWN = "UNKNOWN"
+#: Why a prediction is UNKNOWN: Top-1 under the confidence threshold, and/or the nearest
+#: training image further than the distance threshold; both fire -> "low_confidence+far_from_training".
 LOW_CONFIDENCE = "low_confidence"
+FAR_FROM_TRAINING = "far_from_training"
 TOP3_COLUMNS = ["top1", "top1_prob", "top2", "top2_prob", "top3", "top3_prob"]
-PREDICTION_CSV_COLUMNS = ["source", "label", "reason", *TOP3_COLUMNS, "error"]
+PREDICTION_CSV_COLUMNS = ["source", "label", "reason", *TOP3_COLUMNS, "distance", "error"]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -59,6 +62,9 @@ class Prediction:
     error_kind: str | None = None
     error: str | None = None
     probs: np.ndarray | None = field(default=None, repr=False)
+    neighbor_id: int | None = None
+    neighbor_distance: float | None = None
+    skipped: bool = False
 
     @property
     def ok(self) -> bool:
@@ -85,39 +91,69 @@ class Prediction:
             "width": self.width,
             "height": self.height,
             "sha256": self.sha256,
+            "neighbor_id": self.neighbor_id,
+            "neighbor_distance": (
+                None if self.neighbor_distance is None else round(self.neighbor_distance, 6)
+            ),
             "error_kind": self.error_kind,
             "error": self.error,
         }
 
 
 class Predictor:
-    """Scores images with one model version: ONNX engine + softmax + UNKNOWN decision."""
+    """Scores images with one model version: ONNX engine, Top-3, nearest training image, decision.
+
+    UNKNOWN when Top-1 is under the confidence threshold, or the image is further than the
+    distance threshold from every training image (or both).
+    """
 
     def __init__(
         self,
         version: ModelVersion,
         *,
         threshold: float | None = None,
+        distance_threshold: float | None = None,
         batch_size: int = 32,
         workers: int | None = None,
     ):
+        from imagesieve.classifier._reference import ReferenceSet
+
         self.version = version
         self.classes = version.classes
         self.threshold = version.confidence_threshold if threshold is None else threshold
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"confidence threshold must be within [0, 1], got {self.threshold}")
+        self.reference = ReferenceSet.load(version.path)
+        self.distance_threshold = (
+            version.distance_threshold if distance_threshold is None else distance_threshold
+        )
+        if self.distance_threshold is not None and not 0.0 <= self.distance_threshold <= 2.0:
+            raise ValueError(
+                f"distance threshold must be within [0, 2] (cosine distance), got {self.distance_threshold}"
+            )
         self.engine = ScoringEngine(
             version.onnx_path, version.config, batch_size=batch_size, workers=workers
         )
 
-    def decide(self, probs: np.ndarray) -> list[tuple[str, str | None, list[tuple[str, float]]]]:
-        """(n, c) probabilities -> per row (label, UNKNOWN reason or None, Top-3)."""
+    def decide(
+        self, probs: np.ndarray, distances: np.ndarray | None = None
+    ) -> list[tuple[str, str | None, list[tuple[str, float]]]]:
+        """(n, c) probabilities, (n,) training distances -> per row (label, reason or None, Top-3).
+
+        Without distances (or a distance threshold) only confidence counts.
+        """
         idx, p = top_k(probs, 3)
+        far = np.zeros(len(probs), bool)
+        if distances is not None and self.distance_threshold is not None:
+            far = np.asarray(distances) > self.distance_threshold
         out = []
-        for row_i, row_p in zip(idx, p, strict=True):
+        for row_i, row_p, row_far in zip(idx, p, far, strict=True):
             top3 = [(self.classes[i], float(q)) for i, q in zip(row_i, row_p, strict=True)]
-            if top3[0][1] < self.threshold:
-                out.append((UNKNOWN, LOW_CONFIDENCE, top3))
+            reasons = [LOW_CONFIDENCE] if top3[0][1] < self.threshold else []
+            if row_far:
+                reasons.append(FAR_FROM_TRAINING)
+            if reasons:
+                out.append((UNKNOWN, "+".join(reasons), top3))
             else:
                 out.append((top3[0][0], None, top3))
         return out
@@ -129,13 +165,24 @@ class Predictor:
             if ok
             else np.zeros((0, len(self.classes)))
         )
-        decisions = iter(zip(self.decide(probs), probs, strict=True))
+        ids = dist = None
+        if self.reference is not None and ok:
+            ids, dist = self.reference.nearest(np.stack([r.outputs["embedding"] for r in ok]))
+            ids, dist = ids[:, 0], dist[:, 0]
+        decisions = iter(enumerate(zip(self.decide(probs, dist), probs, strict=True)))
         preds = []
         for r in batch:
-            if r.error is not None:
-                preds.append(Prediction(r.source, error_kind=r.error.kind, error=r.error.reason))
+            if r.skipped:
+                preds.append(Prediction(r.source, sha256=r.sha256, skipped=True))
                 continue
-            (label, reason, top3), p = next(decisions)
+            if r.error is not None:
+                preds.append(
+                    Prediction(
+                        r.source, sha256=r.sha256, error_kind=r.error.kind, error=r.error.reason
+                    )
+                )
+                continue
+            j, ((label, reason, top3), p) = next(decisions)
             preds.append(
                 Prediction(
                     r.source,
@@ -147,13 +194,20 @@ class Predictor:
                     r.height,
                     r.sha256,
                     probs=p,
+                    neighbor_id=None if ids is None else int(ids[j]),
+                    neighbor_distance=None if dist is None else float(dist[j]),
                 )
             )
         return preds
 
-    def score_batches(self, items: Iterable[EngineItem]) -> Iterator[list[Prediction]]:
-        """Score a stream of images batch by batch, in input order."""
-        for batch in self.engine.run(items):
+    def score_batches(
+        self, items: Iterable[EngineItem], skip: SkipContent | None = None
+    ) -> Iterator[list[Prediction]]:
+        """Score a stream of images batch by batch, in input order.
+
+        Content accepted by ``skip(sha256)`` comes back as ``skipped`` predictions, undecoded.
+        """
+        for batch in self.engine.run(items, skip):
             yield self._predictions(batch)
 
     def score(self, items: Iterable[EngineItem]) -> Iterator[Prediction]:
@@ -163,12 +217,18 @@ class Predictor:
 
 
 def write_predictions_csv(predictions: Iterable[Prediction], path: str | os.PathLike) -> int:
-    """The report operators hand on: source, label, UNKNOWN reason, Top-3, error; returns rows."""
+    """Write the report operators hand on; returns the number of rows.
+
+    Columns: source, label, UNKNOWN reason, Top-3, nearest-training distance, error.
+    """
     n = 0
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(PREDICTION_CSV_COLUMNS)
         for p in predictions:
-            w.writerow([p.source, p.label or "", p.reason or "", *p.top3_cells(), p.error or ""])
+            distance = "" if p.neighbor_distance is None else f"{p.neighbor_distance:.6f}"
+            w.writerow(
+                [p.source, p.label or "", p.reason or "", *p.top3_cells(), distance, p.error or ""]
+            )
             n += 1
     return n

@@ -15,6 +15,11 @@ import numpy as np
 from imagesieve._workspace import Workspace
 from imagesieve.classifier._engine import Progress
 from imagesieve.classifier._features import HEAD_POOLING, backbone_onnx, extract_features
+from imagesieve.classifier._reference import (
+    DEFAULT_FALSE_UNKNOWN_RATE,
+    ReferenceSet,
+    calibrate_distance,
+)
 from imagesieve.classifier._split import SplitPlan, adaptive_split
 from imagesieve.data import ImageFolder, load_image, scan_image_folder
 from imagesieve.models import DEFAULT_BACKBONE, ModelVersion, activate_version, get_backbone_spec
@@ -47,6 +52,7 @@ class TrainOptions:
     val_size: float = 0.1
     class_weight: str = "sqrt"
     confidence_threshold: float = 0.5
+    false_unknown_rate: float = DEFAULT_FALSE_UNKNOWN_RATE
     batch_size: int = 32
     seed: int = 0
     activate: bool = True
@@ -62,6 +68,10 @@ class TrainOptions:
         if not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError(
                 f"confidence threshold must be within [0, 1], got {self.confidence_threshold}"
+            )
+        if not 0.0 < self.false_unknown_rate < 1.0:
+            raise ValueError(
+                f"false-UNKNOWN rate must be within (0, 1), got {self.false_unknown_rate}"
             )
 
 
@@ -324,9 +334,11 @@ def train_model(
     # Phase 1 features: the frozen backbone over every image, once, with the ONNX engine.
     onnx = backbone_onnx(ws, opts.backbone, opts.weights)
     paths = [s.path for s in folder.samples]
-    feats, errors = extract_features(
-        onnx, opts.backbone, paths, batch_size=opts.batch_size, progress=progress
+    config = get_backbone_spec(opts.backbone).config
+    arrays, errors = extract_features(
+        onnx, config, paths, batch_size=opts.batch_size, progress=progress
     )
+    feats, embeddings = arrays["features"], arrays["embedding"]
     keep = np.array([e is None for e in errors], bool)
     skipped += [
         {"path": str(p), "reason": e.reason}
@@ -334,7 +346,7 @@ def train_model(
         if e is not None
     ]
     samples = [s for s, k in zip(folder.samples, keep, strict=True) if k]
-    feats = feats[keep]
+    feats, embeddings = feats[keep], embeddings[keep]
     classes = sorted({s.label for s in samples})
     if len(classes) < 2:
         raise ValueError(
@@ -370,9 +382,8 @@ def train_model(
     if opts.finetune_epochs > 0:
         images = [None] * len(samples)
         need = np.concatenate([plan.train, plan.val])
-        side = get_backbone_spec(opts.backbone).config.resize_side
         for i in need:
-            images[i] = load_image(samples[i].path, min_side=side).image
+            images[i] = load_image(samples[i].path, min_side=config.resize_side).image
         val = plan.val
         train_idx = plan.train
         if len(val) == 0:
@@ -385,13 +396,40 @@ def train_model(
     build = new_build_dir(ws)
     try:
         save_model_files(model, classes, build)
+        if (
+            opts.finetune_epochs > 0
+        ):  # fine-tuning moved the embedding: recompute with the final model
+            need = np.concatenate([plan.train, plan.val])
+            embeddings = np.zeros_like(embeddings)
+            arrays, _ = extract_features(
+                build / "model.onnx",
+                config,
+                [samples[i].path for i in need],
+                ("embedding",),
+                batch_size=opts.batch_size,
+                progress=progress,
+            )
+            embeddings[need] = arrays["embedding"]
+        reference = ReferenceSet(
+            embeddings[plan.train],
+            [str(samples[i].path) for i in plan.train],
+            [samples[i].label for i in plan.train],
+        )
+        reference.save(build)
+        distance, calibration = calibrate_distance(
+            reference, embeddings[plan.val], opts.false_unknown_rate
+        )
         meta: dict[str, Any] = {
             "kind": "trained",
             "backbone": opts.backbone,
             "weights": opts.weights or get_backbone_spec(opts.backbone).weights_source,
             "classes": classes,
-            "preprocessing": get_backbone_spec(opts.backbone).config.to_dict(),
-            "thresholds": {"confidence": opts.confidence_threshold},
+            "preprocessing": config.to_dict(),
+            "thresholds": {
+                "confidence": opts.confidence_threshold,
+                "distance": round(distance, 6),
+                "distance_calibration": calibration,
+            },
             "data": {
                 "root": str(Path(data_dir).resolve()),
                 "fingerprint": folder.fingerprint(),

@@ -8,6 +8,7 @@ from imagesieve.data._decode import (
     ImageSource,
     fit_shorter_side,
     load_image,
+    read_image_bytes,
     source_name,
 )
 from imagesieve.data._folder import (
@@ -30,6 +31,7 @@ __all__ = [
     "SkippedFile",
     "fit_shorter_side",
     "load_image",
+    "read_image_bytes",
     "scan_image_folder",
     "source_name",
 ]

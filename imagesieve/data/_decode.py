@@ -21,6 +21,7 @@ __all__ = [
     "ImageSource",
     "fit_shorter_side",
     "load_image",
+    "read_image_bytes",
     "source_name",
 ]
 
@@ -61,7 +62,8 @@ def source_name(source: ImageSource) -> str:
     return str(name) if name else "<bytes>"
 
 
-def _read_bytes(source: ImageSource, name: str, max_bytes: int) -> bytes:
+def read_image_bytes(source: ImageSource, name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The raw bytes of a source, refusing missing, unreadable, empty and oversized inputs."""
     if isinstance(source, bytes):
         data = source
     elif isinstance(source, str | os.PathLike):
@@ -134,6 +136,7 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     name: str | None = None,
+    sha256: str | None = None,
 ) -> DecodedImage:
     """Decode a path, bytes or file object into an RGB image, safely.
 
@@ -142,10 +145,11 @@ def load_image(
     smallest scale whose shorter side still covers ``min_side``, then (any format) resized so
     the shorter side is ``min_side``, before colour conversion to save work. Oversized, truncated, empty
     and non-image inputs raise :class:`ImageLoadError` naming the source and the reason.
+    ``sha256`` is the bytes' digest when the caller already computed it.
     """
     name = name or source_name(source)
-    data = _read_bytes(source, name, max_bytes)
-    digest = hashlib.sha256(data).hexdigest()
+    data = read_image_bytes(source, name, max_bytes)
+    digest = sha256 or hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():
             # max_pixels below is the limit; PIL's warning (at ~89 MP) would undercut it.

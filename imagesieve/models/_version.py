@@ -42,7 +42,7 @@ class ModelVersion:
 
     @property
     def onnx_path(self) -> Path:
-        """ONNX graph: input ``image`` (n, 3, s, s); outputs ``embedding`` (n, d), ``logits``."""
+        """ONNX graph: input ``image`` (n, s, s, 3) uint8; outputs ``embedding`` (n, d), ``logits``."""
         return self.path / "model.onnx"
 
     @property
@@ -69,6 +69,12 @@ class ModelVersion:
     def confidence_threshold(self) -> float:
         """Top-1 probability below which a prediction is UNKNOWN."""
         return float(self.meta.get("thresholds", {}).get("confidence", 0.5))
+
+    @property
+    def distance_threshold(self) -> float | None:
+        """Nearest-training-image distance above which a prediction is UNKNOWN (None: no rule)."""
+        value = self.meta.get("thresholds", {}).get("distance")
+        return None if value is None else float(value)
 
     @classmethod
     def load(cls, path: Path) -> ModelVersion:

@@ -1,0 +1,128 @@
+"""The training images' embeddings, for the "unlike anything trained on" half of UNKNOWN.
+
+Every trained version keeps the L2-normalised embeddings of its training images. A scored
+image's distance to its nearest training image (cosine distance, ``1 - cos``, in [0, 2]) is
+compared with a threshold calibrated at training time so that a chosen share of held-out
+images of the known classes (default 5%) would be called UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_FALSE_UNKNOWN_RATE",
+    "REFERENCE_EMBEDDINGS",
+    "REFERENCE_TABLE",
+    "ReferenceSet",
+    "calibrate_distance",
+]
+
+REFERENCE_EMBEDDINGS = "reference.npy"
+REFERENCE_TABLE = "reference.csv"
+DEFAULT_FALSE_UNKNOWN_RATE = 0.05
+#: Fewest held-out images a distance threshold is calibrated on; fewer -> leave-one-out on train.
+MIN_CALIBRATION = 20
+
+
+@dataclass
+class ReferenceSet:
+    """Training images of one version: embeddings (row i is reference id i), sources, labels."""
+
+    embeddings: np.ndarray
+    sources: list[str]
+    labels: list[str]
+
+    def __post_init__(self) -> None:
+        import faiss
+
+        self.embeddings = np.ascontiguousarray(self.embeddings, dtype=np.float32)
+        self._index = faiss.IndexFlatIP(self.embeddings.shape[1])
+        self._index.add(self.embeddings)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def nearest(self, embeddings: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(m, d) normalised embeddings -> (m, k) reference ids and cosine distances, nearest first."""
+        x = np.ascontiguousarray(np.atleast_2d(embeddings), dtype=np.float32)
+        if len(x) == 0 or len(self) == 0:
+            return np.zeros((len(x), k), np.int64), np.full((len(x), k), np.inf, np.float32)
+        sims, ids = self._index.search(x, min(k, len(self)))
+        return ids, np.clip(1.0 - sims, 0.0, 2.0)
+
+    def leave_one_out(self) -> np.ndarray:
+        """Each training image's distance to its nearest *other* training image."""
+        ids, dist = self.nearest(self.embeddings, k=2)
+        if dist.shape[1] < 2:
+            return np.zeros(0, np.float32)
+        own = ids[:, 0] == np.arange(len(self))
+        return np.where(own, dist[:, 1], dist[:, 0])
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``reference.npy`` and ``reference.csv`` (id, source, label) into a version dir."""
+        directory = Path(directory)
+        np.save(directory / REFERENCE_EMBEDDINGS, self.embeddings)
+        with open(directory / REFERENCE_TABLE, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "source", "label"])
+            w.writerows(
+                (i, s, lab)
+                for i, (s, lab) in enumerate(zip(self.sources, self.labels, strict=True))
+            )
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> ReferenceSet | None:
+        """The reference set saved in a version dir, or None when it has none (ImageNet mode)."""
+        directory = Path(directory)
+        if not (directory / REFERENCE_EMBEDDINGS).is_file():
+            return None
+        emb = np.load(directory / REFERENCE_EMBEDDINGS)
+        with open(directory / REFERENCE_TABLE, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if len(rows) != len(emb):
+            raise ValueError(
+                f"{directory}: {REFERENCE_TABLE} has {len(rows)} rows but "
+                f"{REFERENCE_EMBEDDINGS} has {len(emb)}"
+            )
+        return cls(emb, [r["source"] for r in rows], [r["label"] for r in rows])
+
+
+def calibrate_distance(
+    reference: ReferenceSet,
+    held_out: np.ndarray | None,
+    false_unknown_rate: float = DEFAULT_FALSE_UNKNOWN_RATE,
+) -> tuple[float, dict]:
+    """Distance threshold that marks ``false_unknown_rate`` of known-class images UNKNOWN.
+
+    Calibrated on held-out embeddings (validation images) when there are at least
+    MIN_CALIBRATION of them, else on each training image's leave-one-out distance.
+    Returns the threshold and a record of how it was set, for ``meta.json``.
+    """
+    if not 0.0 < false_unknown_rate < 1.0:
+        raise ValueError(f"false-UNKNOWN rate must be within (0, 1), got {false_unknown_rate}")
+    if held_out is not None and len(held_out) >= MIN_CALIBRATION:
+        dist, on = reference.nearest(held_out)[1][:, 0], "val"
+    else:
+        dist, on = reference.leave_one_out(), "train leave-one-out"
+    if len(dist) == 0:
+        return 2.0, {
+            "on": "none (one training image)",
+            "n": 0,
+            "false_unknown_rate": false_unknown_rate,
+        }
+    threshold = float(np.quantile(dist, 1.0 - false_unknown_rate, method="higher"))
+    info = {
+        "on": on,
+        "n": int(len(dist)),
+        "false_unknown_rate": false_unknown_rate,
+        "distance_quantiles": {
+            q: round(float(np.quantile(dist, float(q))), 6) for q in ("0.5", "0.9", "0.95", "0.99")
+        },
+    }
+    return threshold, info

@@ -1,0 +1,342 @@
+"""The inputs of ``imagesieve score``: files, folders, zips, CSV/XLSX lists and URLs, as one stream."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import logging
+import os
+import re
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+
+from imagesieve.data import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageLoadError
+
+__all__ = ["LIST_COLUMNS", "InputError", "InputExpander", "InputItem", "expand_inputs"]
+
+log = logging.getLogger(__name__)
+
+#: Headers tried, in order and case-insensitively, when a list is given without ``--column``.
+LIST_COLUMNS = ("url", "image_url", "image", "path", "file", "filename", "source")
+#: Largest zip member read into memory, in bytes (declared or inflated); guards zip bombs.
+MAX_MEMBER_BYTES = DEFAULT_MAX_BYTES
+
+_CSV_SUFFIXES = (".csv", ".tsv")
+_XLSX_SUFFIXES = (".xlsx", ".xlsm")
+_UNSUPPORTED_LISTS = (".xls", ".ods")
+_DELIMITERS = (",", ";", "\t")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: C:\ is a drive
+
+
+class InputError(ValueError):
+    """A whole input is unusable (missing path, list without the column, unreadable sheet)."""
+
+
+@dataclass
+class InputItem:
+    """One thing to score.
+
+    ``index`` numbers the items 0, 1, 2, ... across all inputs, in input order; ``name`` is
+    printable: a path, a URL or ``archive.zip:dir/member.png``. ``source`` is a file path (str),
+    the bytes of a zip member or fetched URL, or None for a URL not fetched yet and for an item
+    that already failed (``error`` set).
+    """
+
+    index: int
+    name: str
+    source: str | bytes | None
+    url: str | None = None
+    error: ImageLoadError | None = None
+    member: str | None = None  # path inside the archive, for zip members
+
+    @property
+    def filename(self) -> str:
+        """The original file name (of the path, zip member or URL path), or ``image``."""
+        if self.url is not None:
+            raw = unquote(urlsplit(self.url).path)
+        elif self.member is not None:
+            raw = self.member
+        else:
+            raw = self.name
+        base = raw.replace("\\", "/").rsplit("/", 1)[-1]
+        base = "".join(ch for ch in base if ch.isprintable()).strip()
+        return base if base not in ("", ".", "..") else "image"
+
+
+def _is_http(text: str) -> bool:
+    return text[:8].lower().startswith(("http://", "https://"))
+
+
+def _ignored_reason(suffix: str) -> str:
+    return f"not an image file extension ({suffix or 'none'})"
+
+
+def _hidden(parts: Sequence[str]) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+@dataclass(frozen=True)
+class _Sheet:
+    """A validated CSV/XLSX list: where its header is and which column holds the images."""
+
+    path: Path
+    header_row: int  # 1-based
+    col: int  # 0-based
+    column: str  # as written in the header
+    encoding: str | None = None  # CSV only
+    delimiter: str | None = None  # CSV only
+
+
+def _csv_encoding(path: Path) -> str:
+    """``utf-8-sig`` when the whole file decodes as UTF-8, else ``cp1252`` (what Excel writes)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        log.info("%s is not UTF-8; reading it as cp1252", path)
+        return "cp1252"
+    return "utf-8-sig"
+
+
+def _csv_delimiter(path: Path, encoding: str) -> str:
+    """The most frequent of ``,`` ``;`` and tab in the first non-blank line (``,`` when none)."""
+    with path.open(encoding=encoding, errors="replace", newline="") as f:
+        first = next((line for line in f if line.strip()), "")
+    counts = [first.count(d) for d in _DELIMITERS]
+    return _DELIMITERS[counts.index(max(counts))] if max(counts) else ","
+
+
+def _csv_rows(path: Path, encoding: str, delimiter: str) -> Iterator[list[str]]:
+    with path.open(encoding=encoding, errors="replace", newline="") as f:
+        try:
+            yield from csv.reader(f, delimiter=delimiter)
+        except csv.Error as e:
+            raise InputError(f"{path}: unreadable CSV ({e})") from None
+
+
+def _xlsx_rows(path: Path) -> Iterator[list]:
+    import openpyxl
+
+    try:
+        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as e:  # openpyxl raises many kinds for a bad file
+        raise InputError(f"{path}: cannot read the spreadsheet ({e or type(e).__name__})") from None
+    try:
+        if not wb.worksheets:
+            raise InputError(f"{path}: the workbook has no worksheet")
+        ws = wb.worksheets[0]
+        ws.reset_dimensions()  # stored dimensions can be wrong and would cut rows off
+        for row in ws.iter_rows(values_only=True):
+            yield ["" if v is None else str(v) for v in row]
+    finally:
+        wb.close()
+
+
+def _sheet_rows(sheet: _Sheet) -> Iterator[list[str]]:
+    if sheet.encoding is None:
+        return _xlsx_rows(sheet.path)
+    return _csv_rows(sheet.path, sheet.encoding, sheet.delimiter)
+
+
+def _open_sheet(arg: str, path: Path, column: str | None) -> _Sheet:
+    """Find the header row and the image column of a list, or raise InputError saying how to fix."""
+    if path.suffix.lower() in _CSV_SUFFIXES:
+        encoding = _csv_encoding(path)
+        delimiter = _csv_delimiter(path, encoding)
+        rows = _csv_rows(path, encoding, delimiter)
+    else:
+        encoding = delimiter = None
+        rows = _xlsx_rows(path)
+    try:
+        numbered = enumerate(rows, start=1)
+        found = next(((n, row) for n, row in numbered if any(c.strip() for c in row)), None)
+    finally:
+        rows.close()
+    if found is None:
+        raise InputError(f"{arg} is empty: expected a header row naming the image column")
+    number, header = found[0], [cell.strip().lstrip("\ufeff") for cell in found[1]]
+    lower = [h.lower() for h in header]
+    wanted = [column.strip().lower()] if column is not None else list(LIST_COLUMNS)
+    for name in wanted:
+        if name in lower:
+            col = lower.index(name)
+            return _Sheet(path, number, col, header[col], encoding, delimiter)
+    if column is None and _is_http(header[0]):  # a bare list of URLs, no header
+        return _Sheet(path, number - 1, 0, "1", encoding, delimiter)
+    columns = ", ".join(h for h in header if h) or "none"
+    missing = f"column '{column}'" if column is not None else "column named " + ", ".join(wanted)
+    raise InputError(f"{arg} has no {missing}; columns: {columns} (choose one with --column)")
+
+
+def _cell_item(cell: str, sheet: _Sheet, row: int) -> InputItem:
+    """The item for one list cell: a URL, a file path (relative to the list) or an error."""
+    where = f"{sheet.path.name} row {row}"
+    if not cell:
+        name, reason = str(sheet.path), f"row {row}: empty cell in column '{sheet.column}'"
+        return InputItem(-1, name, None, error=ImageLoadError(name, "empty", reason))
+    if _is_http(cell):
+        return InputItem(-1, cell, None, url=cell)
+    if _SCHEME.match(cell):
+        reason = f"only http and https URLs are fetched ({where})"
+        return InputItem(-1, cell, None, error=ImageLoadError(cell, "bad_url", reason))
+    name = str(sheet.path.parent / Path(cell).expanduser())
+    if not os.path.exists(name):
+        reason = f"file not found ({where})"
+        return InputItem(-1, name, None, error=ImageLoadError(name, "missing", reason))
+    return InputItem(-1, name, name)
+
+
+class InputExpander:
+    """The items of some inputs, validated up front and streamed lazily.
+
+    Iterate over :meth:`items` (or the expander itself). Files left out on purpose — non-image
+    extensions inside folders and zips, unreadable sub-folders — are appended to ``ignored`` as
+    ``(name, reason)`` while iterating, so the list is complete once the iteration is. Hidden
+    files and folders (and ``__MACOSX``) inside folders and zips are skipped silently; symlinked
+    folders are not followed. Iterating raises :class:`InputError` only if a list that passed the
+    up-front check turns out unreadable part-way (e.g. a CSV field over the csv module's limit).
+    """
+
+    def __init__(self, inputs: Sequence[str], *, column: str | None = None):
+        self.ignored: list[tuple[str, str]] = []
+        self._inputs = [self._check(str(arg), column) for arg in inputs]
+
+    @staticmethod
+    def _check(arg: str, column: str | None) -> tuple[str, str, object]:
+        """(kind, arg, details) for one command-line input; InputError when it cannot be used."""
+        if _is_http(arg):
+            return "url", arg, None
+        path = Path(arg).expanduser()
+        if not path.exists():
+            if _SCHEME.match(arg) and "://" in arg:
+                raise InputError(f"{arg}: only http and https URLs are fetched")
+            raise InputError(f"{arg}: no such file or folder")
+        if path.is_dir():
+            return "folder", arg, path
+        suffix = path.suffix.lower()
+        if suffix in _UNSUPPORTED_LISTS:
+            raise InputError(f"{arg}: {suffix} lists are not supported; save it as .xlsx or .csv")
+        if suffix in _CSV_SUFFIXES + _XLSX_SUFFIXES:
+            return "list", arg, _open_sheet(arg, path, column)
+        if suffix == ".zip":
+            try:
+                with zipfile.ZipFile(path):
+                    pass
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                raise InputError(f"{arg}: not a readable zip archive ({e})") from None
+            return "zip", arg, path
+        return "file", arg, path
+
+    def __iter__(self) -> Iterator[InputItem]:
+        return self.items()
+
+    def items(self) -> Iterator[InputItem]:
+        """Every item of every input, numbered 0, 1, 2, ... in input order."""
+        self.ignored = []
+        index = 0
+        for kind, arg, details in self._inputs:
+            if kind == "url":
+                found = iter([InputItem(-1, arg, None, url=arg)])
+            elif kind == "file":
+                found = iter([InputItem(-1, arg, str(details))])
+            elif kind == "folder":
+                found = self._folder_items(details)
+            elif kind == "zip":
+                found = self._zip_items(arg, details)
+            else:
+                found = self._list_items(details)
+            for item in found:
+                item.index = index
+                index += 1
+                yield item
+
+    def _folder_items(self, root: Path) -> Iterator[InputItem]:
+        found = []
+
+        def unreadable(e: OSError) -> None:
+            self.ignored.append((e.filename, f"cannot read folder ({e.strerror})"))
+
+        for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(root).parts
+            found += [(*rel, f) for f in filenames if not f.startswith(".")]
+        for parts in sorted(found):
+            name = str(root.joinpath(*parts))
+            suffix = os.path.splitext(parts[-1])[1].lower()
+            if suffix in IMAGE_EXTENSIONS:
+                yield InputItem(-1, name, name)
+            else:
+                self.ignored.append((name, _ignored_reason(suffix)))
+
+    def _zip_items(self, arg: str, path: Path) -> Iterator[InputItem]:
+        with zipfile.ZipFile(path) as zf:
+            members = [
+                info
+                for info in zf.infolist()
+                if not info.is_dir() and not _hidden(PurePosixPath(info.filename).parts)
+            ]
+            for info in sorted(members, key=lambda i: PurePosixPath(i.filename).parts):
+                name = f"{arg}:{info.filename}"
+                suffix = PurePosixPath(info.filename).suffix.lower()
+                if suffix not in IMAGE_EXTENSIONS:
+                    self.ignored.append((name, _ignored_reason(suffix)))
+                    continue
+                try:
+                    data = _read_member(zf, info, name)
+                except ImageLoadError as e:
+                    yield InputItem(-1, name, None, error=e, member=info.filename)
+                else:
+                    yield InputItem(-1, name, data, member=info.filename)
+
+    def _list_items(self, sheet: _Sheet) -> Iterator[InputItem]:
+        rows = _sheet_rows(sheet)
+        try:
+            for number, row in enumerate(rows, start=1):
+                if number <= sheet.header_row or not any(cell.strip() for cell in row):
+                    continue
+                cell = row[sheet.col].strip() if sheet.col < len(row) else ""
+                yield _cell_item(cell, sheet, number)
+        finally:
+            rows.close()
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> bytes:
+    """A zip member's bytes, refusing members that declare or inflate past MAX_MEMBER_BYTES."""
+    cap = MAX_MEMBER_BYTES
+    if info.file_size > cap:
+        reason = f"zip member is {info.file_size:,} bytes, over the {cap:,}-byte limit"
+        raise ImageLoadError(name, "too_large", reason)
+    if info.flag_bits & 0x1:
+        raise ImageLoadError(name, "unreadable", "zip member is encrypted (password protected)")
+    try:
+        with zf.open(info) as f:
+            data = f.read(cap + 1)
+    except NotImplementedError as e:
+        raise ImageLoadError(name, "unreadable", f"unsupported zip member ({e})") from None
+    except RuntimeError as e:  # encryption zipfile noticed on its own
+        raise ImageLoadError(name, "unreadable", f"unreadable zip member ({e})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+        raise ImageLoadError(name, "corrupt", f"corrupt zip member ({e})") from None
+    if len(data) > cap:
+        raise ImageLoadError(name, "too_large", f"zip member inflates past the {cap:,}-byte limit")
+    return data
+
+
+def expand_inputs(inputs: Sequence[str], *, column: str | None = None) -> InputExpander:
+    """Check every input now (raising :class:`InputError`), then stream their items lazily.
+
+    An input is an ``http(s)://`` URL; a file (passed through whatever its extension); a folder
+    (image files under it, recursively, sorted by relative path); a ``.zip`` (its image members,
+    sorted, read into memory one at a time); or a ``.csv``/``.tsv``/``.xlsx`` list whose
+    ``column`` (or the first of :data:`LIST_COLUMNS`, any case) holds URLs or file paths, paths
+    relative to the list's folder. Per-row problems (empty cell, missing file, non-http URL) and
+    per-member problems (too large, encrypted, corrupt) become items with ``error`` set.
+    """
+    return InputExpander(inputs, column=column)

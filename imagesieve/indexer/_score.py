@@ -1,0 +1,397 @@
+"""``imagesieve score``: any pile of images -> predictions in the store, a report, sorted copies.
+
+Inputs stream through URL fetching (a thread pool), decoding (the engine's pool) and ONNX
+inference at once. Content already scored with the model version is recognised by its
+SHA-256 before decoding and not stored twice; each chunk of rows is one DuckDB transaction,
+so a killed run loses nothing committed and re-running the same command completes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import re
+import shutil
+import time
+import zipfile
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagesieve._workspace import Workspace
+from imagesieve.classifier import UNKNOWN, Prediction, Predictor, Progress
+from imagesieve.classifier._predict import PREDICTION_CSV_COLUMNS
+from imagesieve.data import ImageLoadError
+from imagesieve.indexer._fetch import FetchOptions, fetch_items
+from imagesieve.indexer._inputs import InputItem, _read_member, expand_inputs
+from imagesieve.indexer._store import Failure, IndexCheck, Store
+from imagesieve.models import get_version
+
+__all__ = ["ScoreOptions", "ScoreSummary", "score_inputs", "sort_into"]
+
+#: Failure kind of files left out on purpose (non-image extensions inside folders and zips).
+IGNORED = "ignored"
+#: How many outputs a summary keeps for display.
+SHOW = 50
+
+
+@dataclass
+class ScoreOptions:
+    """What ``imagesieve score`` can set."""
+
+    model: str | None = None
+    threshold: float | None = None
+    distance_threshold: float | None = None
+    column: str | None = None
+    rescore: bool = False
+    retry_failed: bool = False
+    csv: str | None = None
+    sort_into: str | None = None
+    batch_size: int = 32
+    commit_rows: int = 256
+    commit_seconds: float = 2.0
+    fetch: FetchOptions = field(default_factory=FetchOptions)
+
+
+@dataclass
+class ScoreSummary:
+    """What one run did: counts per label, UNKNOWN reasons, failures, the store's batch id."""
+
+    batch_id: int
+    model_version: str
+    items: int = 0
+    scored: int = 0
+    rescored: int = 0
+    already_scored: int = 0
+    labels: Counter = field(default_factory=Counter)
+    unknown_reasons: Counter = field(default_factory=Counter)
+    failures: list[Failure] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+    shown: list[Prediction] = field(default_factory=list)
+    index_checks: list[IndexCheck] = field(default_factory=list)
+    csv: str | None = None
+    sort_into: str | None = None
+    seconds: float = 0.0
+    status: str = "running"
+
+    @property
+    def unknown(self) -> int:
+        """Items labelled UNKNOWN (new or already stored)."""
+        return self.labels.get(UNKNOWN, 0)
+
+    def counts(self) -> dict[str, int]:
+        """The batch row's counters."""
+        return {
+            "n_items": self.items,
+            "n_scored": self.scored + self.rescored,
+            "n_skipped": self.already_scored,
+            "n_unknown": self.unknown,
+            "n_failed": len(self.failures),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "batch_id": self.batch_id,
+            "model_version": self.model_version,
+            "status": self.status,
+            "items": self.items,
+            "scored": self.scored,
+            "rescored": self.rescored,
+            "already_scored": self.already_scored,
+            "labels": dict(sorted(self.labels.items())),
+            "unknown": self.unknown,
+            "unknown_reasons": dict(sorted(self.unknown_reasons.items())),
+            "failed": len(self.failures),
+            "failures": [f.__dict__ for f in self.failures],
+            "ignored": [{"source": n, "reason": r} for n, r in self.ignored],
+            "csv": self.csv,
+            "sort_into": self.sort_into,
+            "seconds": round(self.seconds, 3),
+            "index": [c.__dict__ for c in self.index_checks],
+            "predictions": [p.to_dict() for p in self.shown],
+        }
+
+
+def _safe_part(name: str) -> str:
+    """A label or file name usable as one path component (no separators, no leading dots)."""
+    name = re.sub(r"[\\/\x00-\x1f]", "_", name).strip().lstrip(".")
+    return name or "_"
+
+
+def sort_into(
+    root: str | os.PathLike, label: str, filename: str, source: str | bytes, sha256: str
+) -> Path:
+    """Copy an image into ``root/<label>/<filename>``, never overwriting.
+
+    A name already taken by other content gets a numeric suffix (``name_1.png``); the same
+    content already there is not copied again, so re-running a command adds no duplicates.
+    """
+    folder = Path(root) / _safe_part(label)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem, ext = os.path.splitext(_safe_part(filename))
+    for n in itertools.count():
+        target = folder / (f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
+        try:
+            out = open(target, "xb")  # exclusive create: never overwrite
+        except FileExistsError:
+            with open(target, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() == sha256:
+                    return target
+            continue
+        with out:
+            if isinstance(source, bytes):
+                out.write(source)
+            else:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, out)
+        return target
+    raise AssertionError("unreachable")
+
+
+def _stored_prediction(name: str, row: dict[str, Any]) -> Prediction:
+    """A stored row as a Prediction for reports (no embedding)."""
+    top3 = [
+        (row[f"top{i}_class"], float(row[f"top{i}_prob"]))
+        for i in (1, 2, 3)
+        if row[f"top{i}_class"] is not None
+    ]
+    return Prediction(
+        name,
+        row["label"],
+        row["reason"],
+        top3,
+        width=row["width"] or 0,
+        height=row["height"] or 0,
+        sha256=row["sha256"],
+        neighbor_id=row["neighbor_id"],
+        neighbor_distance=row["neighbor_distance"],
+        skipped=True,
+    )
+
+
+_ZIP_MEMBER = re.compile(r"^(?P<zip>.+?\.zip):(?P<member>.+)$", re.IGNORECASE)
+
+
+def _retry_items(failures: Sequence[Failure]) -> Iterator[InputItem]:
+    """Items for recorded failures: URLs, files and zip members, as they were named."""
+    for i, f in enumerate(failures):
+        m = _ZIP_MEMBER.match(f.source)
+        if f.source.lower().startswith(("http://", "https://")):
+            yield InputItem(i, f.source, None, url=f.source)
+        elif m and Path(m["zip"]).is_file():
+            try:
+                with zipfile.ZipFile(m["zip"]) as zf:
+                    data = _read_member(zf, zf.getinfo(m["member"]), f.source)
+                yield InputItem(i, f.source, data, member=m["member"])
+            except (ImageLoadError, KeyError, zipfile.BadZipFile, OSError) as e:
+                error = (
+                    e
+                    if isinstance(e, ImageLoadError)
+                    else ImageLoadError(f.source, "missing", f"cannot read zip member ({e})")
+                )
+                yield InputItem(i, f.source, None, error=error, member=m["member"])
+        else:
+            yield InputItem(i, f.source, f.source)
+
+
+class _Run:
+    """The state of one scoring run: pending rows, outputs and counters."""
+
+    def __init__(
+        self, store: Store, predictor: Predictor, opts: ScoreOptions, summary: ScoreSummary
+    ):
+        self.store = store
+        self.predictor = predictor
+        self.opts = opts
+        self.summary = summary
+        self.version = predictor.version.name
+        self.stored = store.known_content(self.version)
+        self.this_run: dict[str, Prediction] = {}
+        self.new: list[Prediction] = []
+        self.rescored: list[Prediction] = []
+        self.failures: list[Failure] = []
+        self.sources: list[str] = []
+        self.last_commit = time.monotonic()
+        self.csv = None
+        if opts.csv:
+            Path(opts.csv).parent.mkdir(parents=True, exist_ok=True)
+            self.csv_file = open(opts.csv, "w", newline="")  # noqa: SIM115 - closed in close()
+            import csv
+
+            self.csv = csv.writer(self.csv_file)
+            self.csv.writerow(PREDICTION_CSV_COLUMNS)
+
+    def skip(self, sha256: str) -> bool:
+        """Engine hook: content already stored (or scored earlier in this run) is not decoded."""
+        return not self.opts.rescore and (sha256 in self.stored or sha256 in self.this_run)
+
+    def handle(self, batch: list[tuple[InputItem, Prediction]]) -> None:
+        """Route one engine batch into pending rows and outputs."""
+        lookup = [p.sha256 for _, p in batch if p.skipped and p.sha256 not in self.this_run]
+        rows = self.store.rows_by_content(self.version, lookup) if lookup else {}
+        for item, pred in batch:
+            self.summary.items += 1
+            self.sources.append(item.name)
+            if pred.skipped:
+                earlier = self.this_run.get(pred.sha256)
+                if earlier is not None:
+                    pred = _copy_for(item.name, earlier)
+                else:
+                    pred = _stored_prediction(item.name, rows[pred.sha256])
+                self.summary.already_scored += 1
+            elif not pred.ok:
+                self.failures.append(
+                    Failure(item.name, pred.error_kind or "error", pred.error or "")
+                )
+                self.summary.failures.append(self.failures[-1])
+            elif pred.sha256 in self.this_run:  # same content twice in one run
+                pred = _copy_for(item.name, self.this_run[pred.sha256])
+                self.summary.already_scored += 1
+            else:
+                self.this_run[pred.sha256] = pred
+                if pred.sha256 in self.stored:
+                    self.rescored.append(pred)
+                    self.summary.rescored += 1
+                else:
+                    self.new.append(pred)
+                    self.summary.scored += 1
+            self._output(item, pred)
+        if (
+            len(self.new) + len(self.rescored) + len(self.failures) >= self.opts.commit_rows
+            or time.monotonic() - self.last_commit >= self.opts.commit_seconds
+        ):
+            self.commit()
+
+    def _output(self, item: InputItem, pred: Prediction) -> None:
+        if pred.ok:
+            self.summary.labels[pred.label] += 1
+            if pred.label == UNKNOWN and pred.reason:
+                self.summary.unknown_reasons[pred.reason] += 1
+        if len(self.summary.shown) < SHOW:
+            self.summary.shown.append(pred)
+        if self.csv is not None:
+            distance = "" if pred.neighbor_distance is None else f"{pred.neighbor_distance:.6f}"
+            self.csv.writerow(
+                [
+                    pred.source,
+                    pred.label or "",
+                    pred.reason or "",
+                    *pred.top3_cells(),
+                    distance,
+                    pred.error or "",
+                ]
+            )
+        if self.opts.sort_into and pred.ok and item.source is not None:
+            sort_into(self.opts.sort_into, pred.label, item.filename, item.source, pred.sha256)
+
+    def commit(self) -> None:
+        """Write pending rows in one transaction."""
+        if self.new or self.rescored or self.failures or self.sources:
+            self.store.commit(
+                self.summary.batch_id,
+                self.version,
+                self.new,
+                self.rescored,
+                self.failures,
+                self.sources,
+            )
+            self.stored.update(p.sha256 for p in self.new)
+        self.new, self.rescored, self.failures, self.sources = [], [], [], []
+        self.last_commit = time.monotonic()
+        if self.csv is not None:
+            self.csv_file.flush()
+
+    def close(self) -> None:
+        """Close the CSV report."""
+        if self.csv is not None:
+            self.csv_file.close()
+
+
+def _copy_for(name: str, pred: Prediction) -> Prediction:
+    """The prediction of identical content, reported under another source name."""
+    from dataclasses import replace
+
+    return replace(pred, source=name, embedding=None, probs=None, skipped=True)
+
+
+def score_inputs(
+    ws: Workspace,
+    inputs: Sequence[str],
+    opts: ScoreOptions | None = None,
+    progress: Progress | None = None,
+) -> ScoreSummary:
+    """Score files, folders, zips, CSV/XLSX lists and URLs into the store; returns the summary.
+
+    Raises InputError before anything is stored when an input is unusable as a whole.
+    """
+    opts = opts or ScoreOptions()
+    progress = progress or (lambda stage, done, total: None)
+    t0 = time.perf_counter()
+    version = get_version(ws, opts.model)
+    if version.meta.get("kind") != "trained":
+        raise ValueError(
+            f"{version.name} is not a trained version; only trained versions are stored"
+        )
+    predictor = Predictor(
+        version,
+        threshold=opts.threshold,
+        distance_threshold=opts.distance_threshold,
+        batch_size=opts.batch_size,
+    )
+    expander = None if opts.retry_failed else expand_inputs(inputs, column=opts.column)
+    with Store(ws) as store:
+        if predictor.reference is not None:
+            store.register_version(
+                version.name, predictor.reference.sources, predictor.reference.labels
+            )
+        if opts.retry_failed:
+            retry = store.unresolved_failures()
+            items: Iterator[InputItem] = _retry_items(retry)
+            asked = [f.source for f in retry]
+        else:
+            items = expander.items()
+            asked = list(inputs)
+        options = {
+            "threshold": predictor.threshold,
+            "distance_threshold": predictor.distance_threshold,
+            "rescore": opts.rescore,
+            "retry_failed": opts.retry_failed,
+            "column": opts.column,
+            "csv": opts.csv,
+            "sort_into": opts.sort_into,
+        }
+        summary = ScoreSummary(store.begin_batch(version.name, asked, options), version.name)
+        summary.index_checks = store.checks
+        summary.csv, summary.sort_into = opts.csv, opts.sort_into
+        run = _Run(store, predictor, opts, summary)
+        queue: deque[InputItem] = deque()
+
+        def feed() -> Iterator[tuple[str, Any]]:
+            for item in fetch_items(items, opts.fetch):
+                queue.append(item)
+                yield item.name, item.error if item.error is not None else item.source
+
+        try:
+            for batch in predictor.score_batches(feed(), skip=run.skip):
+                run.handle([(queue.popleft(), pred) for pred in batch])
+                progress("scoring", summary.items, 0)
+            if expander is not None:
+                summary.ignored = list(expander.ignored)
+                run.failures += [Failure(n, IGNORED, r) for n, r in summary.ignored]
+            run.commit()
+            summary.status = "done"
+        finally:
+            run.close()
+            if summary.status != "done":
+                summary.status = "interrupted"
+                try:
+                    run.commit()
+                except Exception:  # the original error matters more than a failed final write
+                    pass
+            summary.seconds = time.perf_counter() - t0
+            store.finish_batch(summary.batch_id, summary.status, summary.counts())
+    return summary

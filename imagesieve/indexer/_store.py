@@ -1,0 +1,558 @@
+"""The sieve store: DuckDB holds every scored image (the source of truth), FAISS its embedding.
+
+One workspace, one writer: DuckDB's file lock keeps a second writing process out, so row ids
+are handed out here. Each chunk of rows (predictions, embeddings, failures) is one DuckDB
+transaction; the FAISS index follows in memory and is saved when a run ends. After a crash,
+opening the store finds the saved index behind DuckDB and catches it up from the stored
+embeddings (or rebuilds it), so the two never disagree for long and nothing committed is lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imagesieve._workspace import Workspace
+from imagesieve.classifier import Prediction
+from imagesieve.indexer._vectors import VectorIndex
+
+__all__ = ["STORE_FILE", "Failure", "IndexCheck", "Store", "StoreBusyError"]
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "store.duckdb"
+INDEX_DIR = "index"
+#: Rows read per chunk when rebuilding or catching up an index from DuckDB.
+READ_CHUNK = 8192
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id INTEGER PRIMARY KEY,
+    started_at TIMESTAMPTZ NOT NULL,
+    finished_at TIMESTAMPTZ,
+    status VARCHAR NOT NULL,            -- running, done, interrupted
+    model_version VARCHAR NOT NULL,
+    inputs VARCHAR,                     -- JSON list of what was asked for
+    options VARCHAR,                    -- JSON of the run's options
+    n_items INTEGER DEFAULT 0,
+    n_scored INTEGER DEFAULT 0,
+    n_skipped INTEGER DEFAULT 0,        -- content already scored with this version
+    n_unknown INTEGER DEFAULT 0,
+    n_failed INTEGER DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    id BIGINT PRIMARY KEY,
+    source VARCHAR NOT NULL,            -- path, URL or archive.zip:member
+    sha256 VARCHAR NOT NULL,
+    width INTEGER,
+    height INTEGER,
+    model_version VARCHAR NOT NULL,
+    scored_at TIMESTAMPTZ NOT NULL,
+    batch_id INTEGER NOT NULL,
+    top1_class VARCHAR, top1_prob FLOAT,
+    top2_class VARCHAR, top2_prob FLOAT,
+    top3_class VARCHAR, top3_prob FLOAT,
+    label VARCHAR NOT NULL,             -- a class, or UNKNOWN
+    reason VARCHAR,                     -- why UNKNOWN: low_confidence, far_from_training, both
+    neighbor_id INTEGER,                -- nearest training image (reference_images.id)
+    neighbor_distance FLOAT,            -- its cosine distance
+    cluster_id INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS predictions_content ON predictions (model_version, sha256);
+CREATE TABLE IF NOT EXISTS embeddings (
+    id BIGINT PRIMARY KEY,              -- predictions.id
+    embedding FLOAT[] NOT NULL          -- L2-normalised, the model version's embedding
+);
+CREATE TABLE IF NOT EXISTS failures (
+    batch_id INTEGER NOT NULL,
+    source VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,              -- missing, not_image, truncated, http_error, timeout, ...
+    message VARCHAR NOT NULL,
+    failed_at TIMESTAMPTZ NOT NULL,
+    model_version VARCHAR NOT NULL,
+    resolved BOOLEAN NOT NULL DEFAULT false  -- the source was processed again later
+);
+CREATE TABLE IF NOT EXISTS reference_images (
+    model_version VARCHAR NOT NULL,
+    id INTEGER NOT NULL,
+    source VARCHAR NOT NULL,
+    label VARCHAR NOT NULL,
+    PRIMARY KEY (model_version, id)
+);
+"""
+
+PREDICTION_COLUMNS = [
+    "id",
+    "source",
+    "sha256",
+    "width",
+    "height",
+    "model_version",
+    "scored_at",
+    "batch_id",
+    "top1_class",
+    "top1_prob",
+    "top2_class",
+    "top2_prob",
+    "top3_class",
+    "top3_prob",
+    "label",
+    "reason",
+    "neighbor_id",
+    "neighbor_distance",
+    "cluster_id",
+]
+
+
+class StoreBusyError(RuntimeError):
+    """Another process holds the workspace's store open for writing."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One input that could not be scored, with its one-line reason."""
+
+    source: str
+    kind: str
+    message: str
+
+
+@dataclass
+class IndexCheck:
+    """What opening (or ``reindex``) did to one version's FAISS index."""
+
+    model_version: str
+    rows: int
+    action: str  # in_sync, caught_up, repaired, rebuilt
+    added: int = 0
+    removed: int = 0
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# DuckDB 2 streams results: a result not read to the end keeps the connection busy, so every
+# query here is read in full (fetchall / fetchnumpy) before the next call.
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _embedding_matrix(table, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """An Arrow table (id, embedding list) -> (ids, (n, d) float32)."""
+    import pyarrow.compute as pc
+
+    ids = table.column("id").to_numpy().astype(np.int64)
+    if len(ids) == 0:
+        return ids, np.zeros((0, dim or 0), np.float32)
+    flat = pc.list_flatten(table.column("embedding")).to_numpy().astype(np.float32)
+    return ids, flat.reshape(len(ids), -1)
+
+
+class Store:
+    """The workspace's store: open it, write scored batches, read back rows and the vector index.
+
+    ``Store(ws)`` opens (creating) ``store.duckdb`` for writing, marks batches left running by
+    a dead process as interrupted, and checks every version's FAISS index against DuckDB,
+    catching it up or rebuilding it. ``read_only=True`` opens for reading alongside nothing else
+    writing (DuckDB's rule) and checks nothing.
+    """
+
+    def __init__(self, ws: Workspace, *, read_only: bool = False, check: bool = True):
+        import duckdb
+
+        self.ws = ws
+        self.path = ws.root / STORE_FILE
+        self.read_only = read_only
+        if read_only and not self.path.is_file():
+            raise FileNotFoundError(f"no store in {ws.root} yet: score some images first")
+        if not read_only:
+            ws.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as e:
+            if "lock" in str(e).lower():
+                raise StoreBusyError(
+                    f"the store {self.path} is in use by another imagesieve process; "
+                    "wait for it to finish"
+                ) from None
+            raise
+        self._indexes: dict[str, VectorIndex] = {}
+        self.checks: list[IndexCheck] = []
+        if not read_only:
+            self.con.execute(SCHEMA)
+            self.con.execute("UPDATE batches SET status = 'interrupted' WHERE status = 'running'")
+        self._next_id = (
+            int(self.con.execute("SELECT coalesce(max(id), 0) FROM predictions").fetchall()[0][0])
+            + 1
+        )
+        if check and not read_only:
+            self.checks = [self.check_index(v) for v in self.versions()]
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Save changed indexes and close DuckDB."""
+        try:
+            self.save_indexes()
+        finally:
+            self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- batches --------------------------------------------------------------------------
+    def begin_batch(
+        self, model_version: str, inputs: Sequence[str], options: dict[str, Any]
+    ) -> int:
+        """Record a new batch as running; returns its id."""
+        import json
+
+        batch_id = int(
+            self.con.execute("SELECT coalesce(max(batch_id), 0) + 1 FROM batches").fetchall()[0][0]
+        )
+        self.con.execute(
+            "INSERT INTO batches (batch_id, started_at, status, model_version, inputs, options) "
+            "VALUES (?, ?, 'running', ?, ?, ?)",
+            [
+                batch_id,
+                _now(),
+                model_version,
+                json.dumps(list(inputs)),
+                json.dumps(options, default=str),
+            ],
+        )
+        return batch_id
+
+    def finish_batch(self, batch_id: int, status: str, counts: dict[str, int]) -> None:
+        """Mark a batch done (or interrupted) with its final counts."""
+        cols = ("n_items", "n_scored", "n_skipped", "n_unknown", "n_failed")
+        self.con.execute(
+            "UPDATE batches SET status = ?, finished_at = ?, "
+            + ", ".join(f"{c} = ?" for c in cols)
+            + " WHERE batch_id = ?",
+            [status, _now(), *(int(counts.get(c, 0)) for c in cols), batch_id],
+        )
+
+    # -- rows -----------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        """Model versions with stored rows."""
+        rows = self.con.execute(
+            "SELECT DISTINCT model_version FROM predictions ORDER BY model_version"
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def known_content(self, model_version: str) -> set[str]:
+        """SHA-256 of every image already scored with ``model_version``."""
+        rows = self.con.execute(
+            "SELECT sha256 FROM predictions WHERE model_version = ?", [model_version]
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def rows_by_content(
+        self, model_version: str, sha256s: Iterable[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Stored rows of ``model_version`` for these contents, keyed by SHA-256."""
+        import pyarrow as pa
+
+        wanted = pa.table({"sha256": pa.array(sorted(set(sha256s)), pa.string())})
+        self.con.register("_wanted", wanted)
+        try:
+            cur = self.con.execute(
+                f"SELECT {', '.join('p.' + c for c in PREDICTION_COLUMNS)} FROM predictions p "
+                "JOIN _wanted w USING (sha256) WHERE p.model_version = ?",
+                [model_version],
+            )
+            rows = [dict(zip(PREDICTION_COLUMNS, r, strict=True)) for r in cur.fetchall()]
+        except BaseException:
+            self.con.abort()
+            raise
+        finally:
+            self.con.unregister("_wanted")
+        return {r["sha256"]: r for r in rows}
+
+    def register_version(
+        self, model_version: str, sources: Sequence[str], labels: Sequence[str]
+    ) -> None:
+        """Record a version's training (reference) images once, so neighbour ids join in SQL."""
+        import pyarrow as pa
+
+        have = self.con.execute(
+            "SELECT count(*) FROM reference_images WHERE model_version = ?", [model_version]
+        ).fetchall()[0][0]
+        if have or not sources:
+            return
+        ref = pa.table(
+            {
+                "model_version": pa.array([model_version] * len(sources), pa.string()),
+                "id": pa.array(np.arange(len(sources)), pa.int32()),
+                "source": pa.array(list(sources), pa.string()),
+                "label": pa.array(list(labels), pa.string()),
+            }
+        )
+        self.con.register("_ref", ref)
+        try:
+            self.con.execute("INSERT INTO reference_images SELECT * FROM _ref")
+        finally:
+            self.con.unregister("_ref")
+
+    def commit(
+        self,
+        batch_id: int,
+        model_version: str,
+        new: Sequence[Prediction] = (),
+        rescored: Sequence[Prediction] = (),
+        failures: Sequence[Failure] = (),
+        processed_sources: Iterable[str] = (),
+    ) -> np.ndarray:
+        """Write one chunk of a batch in one transaction; returns the ids given to ``new``.
+
+        ``new`` rows are inserted with their embeddings; ``rescored`` rows (content already
+        stored with this version) have their prediction replaced in place; ``failures`` are
+        recorded; earlier failures of every processed source are marked resolved. The FAISS
+        index follows in memory once DuckDB has committed.
+        """
+        import pyarrow as pa
+
+        now = _now()
+        ids = np.arange(self._next_id, self._next_id + len(new), dtype=np.int64)
+        emb = np.stack([p.embedding for p in new]).astype(np.float32) if new else None
+        # Load (and check) the index before this chunk lands in DuckDB, so it is added once.
+        index = self.index(model_version, dim=emb.shape[1]) if new else None
+        tables: dict[str, pa.Table] = {}
+        if new:
+            tables["_new"] = self._prediction_table(ids, new, model_version, batch_id, now)
+            tables["_emb"] = pa.table(
+                {
+                    "id": pa.array(ids, pa.int64()),
+                    "embedding": pa.ListArray.from_arrays(
+                        pa.array(np.arange(0, emb.size + 1, emb.shape[1], dtype=np.int32)),
+                        pa.array(emb.ravel(), pa.float32()),
+                    ),
+                }
+            )
+        if rescored:
+            tables["_re"] = self._prediction_table(
+                np.zeros(len(rescored), np.int64), rescored, model_version, batch_id, now
+            )
+        if failures:
+            tables["_fail"] = pa.table(
+                {
+                    "batch_id": pa.array([batch_id] * len(failures), pa.int32()),
+                    "source": pa.array([f.source for f in failures], pa.string()),
+                    "kind": pa.array([f.kind for f in failures], pa.string()),
+                    "message": pa.array([f.message for f in failures], pa.string()),
+                    "failed_at": pa.array([now] * len(failures), pa.timestamp("us", tz="UTC")),
+                    "model_version": pa.array([model_version] * len(failures), pa.string()),
+                    "resolved": pa.array([False] * len(failures), pa.bool_()),
+                }
+            )
+        sources = sorted(set(processed_sources))
+        if sources:
+            tables["_seen"] = pa.table({"source": pa.array(sources, pa.string())})
+        for name, table in tables.items():
+            self.con.register(name, table)
+        try:
+            self.con.execute("BEGIN TRANSACTION")
+            if "_seen" in tables:
+                self.con.execute(
+                    "UPDATE failures SET resolved = true FROM _seen "
+                    "WHERE NOT failures.resolved AND failures.source = _seen.source "
+                    "AND failures.batch_id <> ?",
+                    [batch_id],
+                )
+            if "_new" in tables:
+                self.con.execute(
+                    f"INSERT INTO predictions ({', '.join(PREDICTION_COLUMNS)}) SELECT * FROM _new"
+                )
+                self.con.execute("INSERT INTO embeddings SELECT * FROM _emb")
+            if "_re" in tables:
+                keep = ("id", "sha256", "model_version", "cluster_id")
+                sets = ", ".join(f"{c} = _re.{c}" for c in PREDICTION_COLUMNS if c not in keep)
+                self.con.execute(
+                    f"UPDATE predictions SET {sets} FROM _re "
+                    "WHERE predictions.model_version = _re.model_version "
+                    "AND predictions.sha256 = _re.sha256"
+                )
+            if "_fail" in tables:
+                self.con.execute("INSERT INTO failures SELECT * FROM _fail")
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        finally:
+            for name in tables:
+                self.con.unregister(name)
+        self._next_id += len(new)
+        if index is not None:
+            index.add(ids, emb)
+        return ids
+
+    @staticmethod
+    def _prediction_table(ids, preds, model_version, batch_id, now):
+        import pyarrow as pa
+
+        def top(i: int, part: int) -> list:
+            return [p.top3[i][part] if len(p.top3) > i else None for p in preds]
+
+        n = len(preds)
+        return pa.table(
+            {
+                "id": pa.array(ids, pa.int64()),
+                "source": pa.array([p.source for p in preds], pa.string()),
+                "sha256": pa.array([p.sha256 for p in preds], pa.string()),
+                "width": pa.array([p.width for p in preds], pa.int32()),
+                "height": pa.array([p.height for p in preds], pa.int32()),
+                "model_version": pa.array([model_version] * n, pa.string()),
+                "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+                "batch_id": pa.array([batch_id] * n, pa.int32()),
+                "top1_class": pa.array(top(0, 0), pa.string()),
+                "top1_prob": pa.array(top(0, 1), pa.float32()),
+                "top2_class": pa.array(top(1, 0), pa.string()),
+                "top2_prob": pa.array(top(1, 1), pa.float32()),
+                "top3_class": pa.array(top(2, 0), pa.string()),
+                "top3_prob": pa.array(top(2, 1), pa.float32()),
+                "label": pa.array([p.label for p in preds], pa.string()),
+                "reason": pa.array([p.reason for p in preds], pa.string()),
+                "neighbor_id": pa.array([p.neighbor_id for p in preds], pa.int32()),
+                "neighbor_distance": pa.array([p.neighbor_distance for p in preds], pa.float32()),
+                "cluster_id": pa.array([None] * n, pa.int32()),
+            }
+        )
+
+    def unresolved_failures(self) -> list[Failure]:
+        """The latest failure of every source not processed since (ignored files excluded)."""
+        rows = self.con.execute(
+            "SELECT source, arg_max(kind, failed_at), arg_max(message, failed_at) FROM failures "
+            "WHERE NOT resolved AND kind <> 'ignored' GROUP BY source ORDER BY min(failed_at), source"
+        ).fetchall()
+        return [Failure(*r) for r in rows]
+
+    # -- the vector index -----------------------------------------------------------------
+    def index_path(self, model_version: str) -> Path:
+        """Where a version's FAISS index is saved."""
+        return self.ws.root / INDEX_DIR / f"{model_version}.faiss"
+
+    def _db_stats(self, model_version: str) -> tuple[int, int, int]:
+        count, max_id, id_sum = self.con.execute(
+            "SELECT count(*), coalesce(max(id), -1), coalesce(sum(id), 0) FROM predictions "
+            "WHERE model_version = ?",
+            [model_version],
+        ).fetchall()[0]
+        return int(count), int(max_id), int(id_sum)
+
+    def _embedding_dim(self, model_version: str) -> int | None:
+        row = self.con.execute(
+            "SELECT len(e.embedding) FROM embeddings e JOIN predictions p USING (id) "
+            "WHERE p.model_version = ? LIMIT 1",
+            [model_version],
+        ).fetchall()
+        return int(row[0][0]) if row else None
+
+    def check_index(self, model_version: str) -> IndexCheck:
+        """Compare a version's FAISS index with DuckDB; catch it up, repair or rebuild it."""
+        import time
+
+        t0 = time.perf_counter()
+        db = self._db_stats(model_version)
+        loaded = self._indexes.get(model_version)
+        if loaded is None and VectorIndex.saved_stats(self.index_path(model_version)) == db:
+            return IndexCheck(model_version, db[0], "in_sync", seconds=time.perf_counter() - t0)
+        index = loaded or VectorIndex.load(self.index_path(model_version))
+        dim = self._embedding_dim(model_version)
+        if index is not None and index.stats() == db:
+            self._indexes[model_version] = index
+            if loaded is None:
+                index.save()  # refresh a missing or stale sidecar
+            return IndexCheck(model_version, db[0], "in_sync", seconds=time.perf_counter() - t0)
+        if index is None or (dim is not None and index.dim != dim):
+            check = self.rebuild_index(model_version)
+            check.seconds = time.perf_counter() - t0
+            return check
+        have = index.ids()
+        want = self._ids(model_version)
+        extra = np.setdiff1d(have, want, assume_unique=True)
+        missing = np.setdiff1d(want, have, assume_unique=True)
+        index.remove(extra)
+        self._add_from_db(index, model_version, missing)
+        index.save()
+        self._indexes[model_version] = index
+        action = "repaired" if len(extra) else "caught_up"
+        log.info("index %s %s: +%d -%d", model_version, action, len(missing), len(extra))
+        return IndexCheck(
+            model_version, db[0], action, len(missing), len(extra), time.perf_counter() - t0
+        )
+
+    def rebuild_index(self, model_version: str) -> IndexCheck:
+        """Build a version's FAISS index afresh from the embeddings in DuckDB, and save it."""
+        import time
+
+        t0 = time.perf_counter()
+        dim = self._embedding_dim(model_version)
+        index = VectorIndex(self.index_path(model_version), dim or 1)
+        if dim is not None:
+            self._add_from_db(index, model_version, None)
+        index.save()
+        self._indexes[model_version] = index
+        return IndexCheck(
+            model_version, index.ntotal, "rebuilt", index.ntotal, 0, time.perf_counter() - t0
+        )
+
+    def _ids(self, model_version: str) -> np.ndarray:
+        ids = self.con.execute(
+            "SELECT id FROM predictions WHERE model_version = ? ORDER BY id", [model_version]
+        ).fetchnumpy()["id"]
+        return np.asarray(ids, dtype=np.int64)
+
+    def _add_from_db(self, index: VectorIndex, model_version: str, ids: np.ndarray | None) -> None:
+        """Add stored embeddings (all of the version's, or just ``ids``) to ``index`` in chunks."""
+        import pyarrow as pa
+
+        if ids is not None and len(ids) == 0:
+            return
+        query = (
+            "SELECT e.id, e.embedding FROM embeddings e JOIN predictions p USING (id) "
+            f"WHERE p.model_version = '{_quote(model_version)}'"
+        )
+        if ids is not None:
+            self.con.register("_want_ids", pa.table({"id": pa.array(ids, pa.int64())}))
+            query += " AND e.id IN (SELECT id FROM _want_ids)"
+        try:
+            reader = self.con.sql(query + " ORDER BY e.id").to_arrow_reader(READ_CHUNK)
+            for batch in reader:
+                got_ids, vectors = _embedding_matrix(pa.Table.from_batches([batch]), index.dim)
+                index.add(got_ids, vectors)
+        finally:
+            if ids is not None:
+                self.con.unregister("_want_ids")
+
+    def index(self, model_version: str, dim: int | None = None) -> VectorIndex:
+        """The version's FAISS index, loaded (and checked) on first use; empty when new."""
+        if model_version not in self._indexes:
+            if self._db_stats(model_version)[0] or self.index_path(model_version).is_file():
+                self.check_index(model_version)
+            if model_version not in self._indexes:
+                if dim is None:
+                    raise ValueError(f"no stored embeddings for {model_version} yet")
+                self._indexes[model_version] = VectorIndex(self.index_path(model_version), dim)
+        return self._indexes[model_version]
+
+    def save_indexes(self) -> None:
+        """Save every index changed since it was loaded."""
+        if self.read_only:
+            return
+        for index in self._indexes.values():
+            if index.dirty:
+                index.save()
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "''")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from typing import Any
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import UNKNOWN, Predictor, Progress
+from imagesieve.classifier import UNKNOWN, Progress
 from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.data import scan_image_folder
 from imagesieve.data._elpv import elpv_images, export_elpv
+from imagesieve.indexer import ScoreOptions, Store, score_inputs
 from imagesieve.models import active_version
 
 __all__ = ["run_demo"]
@@ -24,8 +26,11 @@ def run_demo(
     images = elpv_images()
     mono = [im for im in images if im.cell_type == "mono"]
     poly = [im for im in images if im.cell_type == "poly"]
-    held_out = mono[-MIXED_PER_TYPE:]  # mono cells kept out of training, scored below
-    data_dir = export_elpv(ws.root / "demo" / "elpv-mono", mono[:-MIXED_PER_TYPE])
+    # Unseen mono cells: a seeded random sample kept out of training, scored below with poly.
+    held = set(random.Random(0).sample(range(len(mono)), MIXED_PER_TYPE))
+    held_out = [im for i, im in enumerate(mono) if i in held]
+    train = [im for i, im in enumerate(mono) if i not in held]
+    data_dir = export_elpv(ws.root / "demo" / "elpv-mono", train)
     fingerprint = scan_image_folder(data_dir).fingerprint()
     version = active_version(ws)
     reused = version is not None and version.meta.get("data", {}).get("fingerprint") == fingerprint
@@ -33,31 +38,39 @@ def run_demo(
         version = train_model(
             data_dir, ws, TrainOptions(finetune_epochs=finetune_epochs), progress
         ).version
-    mixed = [str(im.path) for im in held_out + poly[:MIXED_PER_TYPE]]
-    kinds = ["mono"] * MIXED_PER_TYPE + ["poly"] * MIXED_PER_TYPE
-    predictor = Predictor(version)
+    kind_of = {str(im.path): "mono" for im in held_out} | {
+        str(im.path): "poly" for im in poly[:MIXED_PER_TYPE]
+    }
+    summary = score_inputs(ws, list(kind_of), ScoreOptions(model=version.name), progress)
     per_kind: dict[str, Counter] = {"mono": Counter(), "poly": Counter()}
-    done = 0
-    for batch in predictor.score_batches(mixed):
-        for pred in batch:
-            per_kind[kinds[done]][pred.label if pred.ok else "failed"] += 1
-            done += 1
-        if progress:
-            progress("scoring mixed batch", done, len(mixed))
+    with Store(ws, check=False) as store:
+        rows = store.con.execute(
+            "SELECT source, label, reason FROM predictions WHERE model_version = ?",
+            [version.name],
+        ).fetchall()
+    for source, label, reason in rows:
+        if source in kind_of:
+            per_kind[kind_of[source]][f"{label} ({reason})" if reason else label] += 1
     m = version.meta["metrics"]
     lines = [
         f"demo workspace: {ws.root}",
         f"model {version.name} ({'reused' if reused else 'trained'}) on {version.meta['data']['images']} mono cells "
         f"({', '.join(f'{c} {n}' for c, n in version.meta['data']['counts'].items())})",
         f"  test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, report in {version.report_dir}",
-        f"scored {len(mixed)} cells ({MIXED_PER_TYPE} unseen mono, "
+        f"scored {len(kind_of)} cells ({MIXED_PER_TYPE} unseen mono, "
         f"{MIXED_PER_TYPE} poly, a cell type never trained on):",
     ]
     for kind, counts in per_kind.items():
         lines.append(f"  {kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    thresholds = version.meta["thresholds"]
     lines.append(
-        f"  {UNKNOWN} here means Top-1 below {predictor.threshold:.0%}: softmax confidence alone "
-        "rarely flags the unseen cell type"
+        f"  {UNKNOWN}: Top-1 below {thresholds['confidence']:.0%} (low_confidence) or nearest "
+        f"training image further than {thresholds.get('distance', float('nan')):.3f} "
+        "(far_from_training)"
+    )
+    lines.append(
+        f"stored in {store.path} (batch {summary.batch_id}: {summary.scored} newly scored, "
+        f"{summary.already_scored} already stored)"
     )
     return {
         "workspace": str(ws.root),
@@ -65,5 +78,6 @@ def run_demo(
         "reused_model": reused,
         "metrics": m,
         "mixed_batch": {k: dict(v) for k, v in per_kind.items()},
+        "batch": summary.to_dict() | {"predictions": None},
         "summary": "\n".join(lines),
     }

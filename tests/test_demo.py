@@ -1,12 +1,13 @@
 import json
 
+import duckdb
 import pytest
 
 from imagesieve.cli import main
 
 
 @pytest.mark.slow
-def test_main__demo_trains_then_reuses(tmp_path, capsys):
+def test_main__demo_trains_flags_poly_cells_unknown_then_reuses(tmp_path, capsys):
     ws = str(tmp_path / "sieve")
     assert main(["demo", "--workspace", ws, "--json"]) == 0
     first = json.loads(capsys.readouterr().out)
@@ -14,12 +15,28 @@ def test_main__demo_trains_then_reuses(tmp_path, capsys):
     assert first["metrics"]["accuracy"] > 0.75
     mono, poly = first["mixed_batch"]["mono"], first["mixed_batch"]["poly"]
     assert sum(mono.values()) == sum(poly.values()) == 150
-    assert "failed" not in mono and "failed" not in poly
     trained_on = tmp_path / "sieve" / "demo" / "elpv-mono"
-    assert (
-        sum(1 for _ in trained_on.rglob("*.png")) == 1074 - 150
-    )  # the scored mono cells are held out
+    assert sum(1 for _ in trained_on.rglob("*.png")) == 1074 - 150  # scored mono cells held out
 
-    assert main(["demo", "--workspace", ws]) == 0
-    out = capsys.readouterr().out
-    assert "(reused)" in out and "scored 300 cells" in out
+    # Trained on mono cells only: the poly cells are unlike anything trained on, and the
+    # distance rule says so; unseen mono cells mostly keep their label.
+    poly_far = sum(
+        n for k, n in poly.items() if k.startswith("UNKNOWN (") and "far_from_training" in k
+    )
+    assert poly_far >= 0.95 * 150, poly
+    mono_known = sum(n for k, n in mono.items() if not k.startswith("UNKNOWN"))
+    assert mono_known >= 0.8 * 150, mono
+    # ... which softmax confidence alone does not: most poly cells get a confident Top-1, and
+    # are UNKNOWN only because they are far from the training images.
+    assert poly.get("UNKNOWN (far_from_training)", 0) >= 0.5 * 150, poly
+
+    assert main(["demo", "--workspace", ws, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["reused_model"] is True
+    assert again["mixed_batch"] == first["mixed_batch"]
+    assert again["batch"]["already_scored"] == 300 and again["batch"]["scored"] == 0
+    con = duckdb.connect(str(tmp_path / "sieve" / "store.duckdb"), read_only=True)
+    assert con.execute("SELECT count(*), count(DISTINCT sha256) FROM predictions").fetchall() == [
+        (300, 300)
+    ]
+    con.close()

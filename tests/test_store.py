@@ -1,0 +1,396 @@
+"""The store end to end: real DuckDB file, real FAISS index, real images, a real HTTP server."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import openpyxl
+import pytest
+from httpserver import ImageServer
+from PIL import Image
+
+from imagesieve.classifier._reference import ReferenceSet, calibrate_distance
+from imagesieve.cli import main
+from imagesieve.indexer import ScoreOptions, Store, VectorIndex, score_inputs, sort_into
+
+
+def query(ws, sql: str, params=()) -> list[tuple]:
+    """Read the store in a separate read-only connection (the store is closed between runs)."""
+    con = duckdb.connect(str(ws.root / "store.duckdb"), read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
+def assert_index_matches_db(ws, version: str = "v1") -> None:
+    """FAISS holds exactly DuckDB's ids for the version, and the same vectors."""
+    ids = sorted(
+        r[0] for r in query(ws, "SELECT id FROM predictions WHERE model_version = ?", [version])
+    )
+    index = VectorIndex.load(ws.root / "index" / f"{version}.faiss")
+    assert sorted(index.ids().tolist()) == ids
+    some = ids[len(ids) // 2]
+    stored = np.array(query(ws, "SELECT embedding FROM embeddings WHERE id = ?", [some])[0][0])
+    assert np.allclose(index.index.reconstruct(some), stored, atol=1e-6)
+
+
+def png_bytes(seed: int, size: int = 64) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def cells(small_folder) -> list[Path]:
+    """Ten real functional ELPV cells."""
+    return sorted((small_folder / "functional").glob("cell*.png"))[:10]
+
+
+def test_score__exactly_once_then_rescore_in_place(scoring_ws, cells):
+    ws = scoring_ws
+    first = score_inputs(ws, [str(p) for p in cells])
+    assert (first.items, first.scored, first.already_scored) == (10, 10, 0)
+    rows = query(
+        ws, "SELECT id, source, label, batch_id, model_version FROM predictions ORDER BY id"
+    )
+    assert [r[0] for r in rows] == list(range(1, 11))
+    assert {r[1] for r in rows} == {str(p) for p in cells}
+    assert {r[3] for r in rows} == {first.batch_id} and {r[4] for r in rows} == {"v1"}
+    assert query(ws, "SELECT count(*) FROM embeddings") == [(10,)]
+    assert_index_matches_db(ws)
+
+    again = score_inputs(ws, [str(p) for p in cells])
+    assert (again.scored, again.already_scored) == (0, 10)
+    assert again.labels == first.labels  # outputs come from the stored rows
+    assert query(ws, "SELECT count(*) FROM predictions") == [(10,)]
+
+    # same content under another name: recognised by SHA-256, not stored twice
+    copy = cells[0].parent.parent / "copy-of-first.png"
+    copy.write_bytes(cells[0].read_bytes())
+    try:
+        dup = score_inputs(ws, [str(copy)])
+    finally:
+        copy.unlink()
+    assert (dup.scored, dup.already_scored) == (0, 1)
+
+    re = score_inputs(ws, [str(p) for p in cells[:4]], ScoreOptions(rescore=True, threshold=0.99))
+    assert (re.scored, re.rescored) == (0, 4)
+    after = query(ws, "SELECT id, batch_id, label, reason FROM predictions ORDER BY id")
+    assert [r[0] for r in after] == list(range(1, 11))  # ids kept
+    assert [r[1] for r in after[:4]] == [re.batch_id] * 4
+    batches = query(
+        ws, "SELECT batch_id, status, n_items, n_scored, n_skipped FROM batches ORDER BY 1"
+    )
+    assert batches == [
+        (1, "done", 10, 10, 0),
+        (2, "done", 10, 0, 10),
+        (3, "done", 1, 0, 1),
+        (4, "done", 4, 4, 0),
+    ]
+    assert_index_matches_db(ws)
+
+
+def test_score__failures_are_stored_and_retried(scoring_ws, cells, tmp_path):
+    ws = scoring_ws
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for p in cells[:3]:
+        (folder / "sub" / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 10)
+    data = cells[3].read_bytes()
+    (folder / "half.png").write_bytes(data[: len(data) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    summary = score_inputs(ws, [str(folder)])
+    assert summary.scored == 3
+    kinds = {Path(f.source).name: f.kind for f in summary.failures}
+    assert kinds == {"broken.png": "not_image", "half.png": "truncated", "empty.jpg": "empty"}
+    stored = query(ws, "SELECT source, kind, message, resolved FROM failures ORDER BY source")
+    assert [(Path(s).name, k, r) for s, k, _, r in stored] == [
+        ("broken.png", "not_image", False),
+        ("empty.jpg", "empty", False),
+        ("half.png", "truncated", False),
+        ("notes.txt", "ignored", False),
+    ]
+    assert all(m and "\n" not in m for _, _, m, _ in stored)
+
+    # fix one file, then retry what failed: it is scored, the others fail again
+    (folder / "half.png").write_bytes(data)
+    retry = score_inputs(ws, [], ScoreOptions(retry_failed=True))
+    assert retry.items == 3 and retry.scored == 1
+    assert sorted(Path(f.source).name for f in retry.failures) == ["broken.png", "empty.jpg"]
+    unresolved = query(ws, "SELECT source FROM failures WHERE NOT resolved AND kind <> 'ignored'")
+    assert sorted(Path(s).name for (s,) in unresolved) == ["broken.png", "empty.jpg"]
+    assert query(ws, "SELECT count(*) FROM predictions") == [(4,)]
+
+
+def test_score__url_list_csv_with_failures_per_row(scoring_ws, cells, tmp_path):
+    ws = scoring_ws
+    files = {p.name: p.read_bytes() for p in cells[:4]}
+    with ImageServer(files) as srv:
+        urls = [srv.url(n) for n in files] + [
+            f"{srv.base}/status/404",
+            f"{srv.base}/html",
+            f"{srv.base}/redirect/{cells[0].name}",  # same content as the first: stored once
+            "ftp://example.com/x.png",
+        ]
+        sheet = tmp_path / "meters.csv"
+        with sheet.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "photo"])
+            w.writerows([i, u] for i, u in enumerate(urls))
+        out = tmp_path / "report.csv"
+        code = main(
+            [
+                "score",
+                str(sheet),
+                "--column",
+                "Photo",
+                "--workspace",
+                str(ws.root),
+                "--csv",
+                str(out),
+                "--json",
+            ]
+        )
+    assert code == 0
+    stored = query(ws, "SELECT source FROM predictions ORDER BY source")
+    assert sorted(s for (s,) in stored) == sorted(urls[:4])
+    kinds = dict(query(ws, "SELECT source, kind FROM failures"))
+    assert kinds == {urls[4]: "http_error", urls[5]: "not_image", urls[7]: "bad_url"}
+    report = list(csv.DictReader(out.open()))
+    assert len(report) == len(urls)
+    assert {r["source"] for r in report} == set(urls)
+    redirected = next(r for r in report if r["source"] == urls[6])
+    first = next(r for r in report if r["source"] == urls[0])
+    assert redirected["label"] == first["label"] and redirected["top1_prob"] == first["top1_prob"]
+
+
+def test_cli__list_without_the_column_is_one_line_listing_columns(scoring_ws, tmp_path):
+    book = openpyxl.Workbook()
+    book.active.append(["meter", "link", "note"])
+    book.active.append(["A1", "http://127.0.0.1:9/x.png", ""])
+    book.save(tmp_path / "meters.xlsx")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imagesieve.cli",
+            "score",
+            str(tmp_path / "meters.xlsx"),
+            "--workspace",
+            str(scoring_ws.root),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "columns: meter, link, note" in r.stderr
+    assert not (scoring_ws.root / "store.duckdb").exists()  # nothing stored for a bad input
+
+
+def test_score__zip_with_nested_folders_sorted_into_label_folders(scoring_ws, cells, tmp_path):
+    ws = scoring_ws
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("day1/meter.png", cells[0].read_bytes())
+        zf.writestr("day2/meter.png", cells[1].read_bytes())  # same name, other content
+        zf.writestr("day2/deep/x.png", cells[2].read_bytes())
+        zf.writestr("day2/readme.txt", "notes")
+    out = tmp_path / "sorted"
+    summary = score_inputs(ws, [str(archive)], ScoreOptions(sort_into=str(out)))
+    assert summary.scored == 3
+    assert summary.ignored == [(f"{archive}:day2/readme.txt", "not an image file extension (.txt)")]
+    names = sorted(query(ws, "SELECT source FROM predictions"))
+    assert [n for (n,) in names] == [
+        f"{archive}:day1/meter.png",
+        f"{archive}:day2/deep/x.png",
+        f"{archive}:day2/meter.png",
+    ]
+    copied = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    labels = {p.split("/")[0] for p in copied}
+    assert labels <= {"functional", "defective", "lonely", "UNKNOWN"}
+    assert sorted(p.split("/")[1] for p in copied) == ["meter.png", "meter_1.png", "x.png"]
+    # the copies are the originals, byte for byte
+    assert sorted(p.read_bytes() for p in out.rglob("*.png")) == sorted(
+        c.read_bytes() for c in cells[:3]
+    )
+
+    score_inputs(ws, [str(archive)], ScoreOptions(sort_into=str(out)))  # re-run: no duplicates
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == copied
+
+
+def test_sort_into__never_overwrites_and_never_escapes(tmp_path):
+    a, b = png_bytes(1), png_bytes(2)
+    import hashlib
+
+    sha = lambda d: hashlib.sha256(d).hexdigest()  # noqa: E731
+    first = sort_into(tmp_path, "ok", "x.png", a, sha(a))
+    second = sort_into(tmp_path, "ok", "x.png", b, sha(b))
+    third = sort_into(tmp_path, "ok", "x.png", a, sha(a))
+    assert (first.name, second.name, third) == ("x.png", "x_1.png", first)
+    assert first.read_bytes() == a and second.read_bytes() == b
+    src = tmp_path / "src.png"
+    src.write_bytes(b)
+    assert sort_into(tmp_path, "ok", "x.png", str(src), sha(b)) == second
+    odd = sort_into(tmp_path, "../../etc", "../passwd", a, sha(a))
+    assert odd.resolve().is_relative_to(tmp_path.resolve())
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from imagesieve._workspace import Workspace
+    from imagesieve.indexer import ScoreOptions, score_inputs
+
+    def progress(stage, done, total):
+        if done >= int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)  # kill -9 in the middle of the batch
+
+    score_inputs(Workspace(sys.argv[1]), sys.argv[3:], ScoreOptions(commit_rows=16, commit_seconds=60), progress)
+    """
+)
+
+
+def test_score__kill_9_mid_batch_then_rerun_completes_exactly_once(scoring_ws, elpv, tmp_path):
+    ws = scoring_ws
+    paths = [str(im.path) for im in elpv[:160]]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(ws.root), "100", *paths],
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    committed = query(ws, "SELECT count(*) FROM predictions")[0][0]
+    assert 0 < committed < 160  # some chunks landed, the rest did not
+    assert query(ws, "SELECT status FROM batches") == [("running",)]
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imagesieve.cli",
+            "score",
+            *paths,
+            "--workspace",
+            str(ws.root),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["already_scored"] == committed and doc["scored"] == 160 - committed
+    assert query(
+        ws, "SELECT count(*), count(DISTINCT sha256), count(DISTINCT id), max(id) FROM predictions"
+    ) == [(160, 160, 160, 160)]
+    assert query(ws, "SELECT count(*) FROM embeddings") == [(160,)]
+    assert query(ws, "SELECT batch_id, status FROM batches ORDER BY 1") == [
+        (1, "interrupted"),
+        (2, "done"),
+    ]
+    # the FAISS index saved before the kill (none) was caught up from DuckDB on open
+    assert doc["index"][0]["model_version"] == "v1"
+    assert_index_matches_db(ws)
+
+
+def test_store__index_checked_on_open_caught_up_repaired_or_rebuilt(scoring_ws, cells):
+    ws = scoring_ws
+    score_inputs(ws, [str(p) for p in cells])
+    path = ws.root / "index" / "v1.faiss"
+    with Store(ws) as store:
+        assert [(c.action, c.rows) for c in store.checks] == [("in_sync", 10)]
+
+    index = VectorIndex.load(path)
+    index.remove(np.array([9, 10]))  # the index is behind DuckDB, as after a crash
+    index.save()
+    with Store(ws) as store:
+        (check,) = store.checks
+        assert (check.action, check.added, check.removed) == ("caught_up", 2, 0)
+    assert_index_matches_db(ws)
+
+    index = VectorIndex.load(path)
+    index.add(np.array([999]), np.ones((1, index.dim), np.float32) / np.sqrt(index.dim))
+    index.save()
+    with Store(ws) as store:
+        assert (store.checks[0].action, store.checks[0].removed) == ("repaired", 1)
+    assert_index_matches_db(ws)
+
+    path.unlink()
+    assert main(["reindex", "--workspace", str(ws.root)]) == 0
+    assert_index_matches_db(ws)
+    path.write_bytes(b"garbage")
+    with Store(ws) as store:
+        assert store.checks[0].action == "rebuilt"
+    assert_index_matches_db(ws)
+
+
+def test_store__busy_workspace_is_a_one_line_error(scoring_ws, cells):
+    ws = scoring_ws
+    score_inputs(ws, [str(cells[0])])
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from imagesieve._workspace import Workspace; from imagesieve.indexer import Store; "
+            "s = Store(Workspace(sys.argv[1])); print('open', flush=True); time.sleep(60)",
+            str(ws.root),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "imagesieve.cli",
+                "score",
+                str(cells[1]),
+                "--workspace",
+                str(ws.root),
+            ],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 2
+    assert "is in use by another imagesieve process" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_calibrate_distance__hits_the_target_false_unknown_rate():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 64))
+
+    def sample(n):
+        x = centres[rng.integers(0, 5, n)] + 0.3 * rng.normal(size=(n, 64))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    ref = ReferenceSet(sample(2000), [f"t{i}" for i in range(2000)], ["c"] * 2000)
+    threshold, info = calibrate_distance(ref, sample(400), 0.05)
+    assert info["on"] == "val" and info["n"] == 400
+    fresh = ref.nearest(sample(4000))[1][:, 0]
+    assert 0.03 <= (fresh > threshold).mean() <= 0.08
+    far = rng.normal(size=(200, 64))
+    far = (far / np.linalg.norm(far, axis=1, keepdims=True)).astype(np.float32)
+    assert (ref.nearest(far)[1][:, 0] > threshold).mean() > 0.99
+    loo_threshold, loo = calibrate_distance(ref, sample(5), 0.05)  # too few held out
+    assert loo["on"] == "train leave-one-out" and loo["n"] == 2000
+    assert abs(loo_threshold - threshold) < 0.05

@@ -10,26 +10,34 @@ from imagesieve._workspace import Workspace
 from imagesieve.classifier import UNKNOWN, Progress
 from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.data import scan_image_folder
-from imagesieve.data._elpv import elpv_images, export_elpv
+from imagesieve.data._elpv import ElpvImage, elpv_images, export_elpv
 from imagesieve.indexer import ScoreOptions, Store, score_inputs
 from imagesieve.models import active_version
 
-__all__ = ["run_demo"]
+__all__ = ["demo_split", "run_demo"]
 
 MIXED_PER_TYPE = 150
+
+
+def demo_split() -> tuple[list[ElpvImage], list[ElpvImage], list[ElpvImage]]:
+    """(mono cells to train on, unseen mono cells, poly cells): the demo's fixed split.
+
+    The unseen mono cells are a seeded random sample of MIXED_PER_TYPE kept out of training.
+    """
+    images = elpv_images()
+    mono = [im for im in images if im.cell_type == "mono"]
+    poly = [im for im in images if im.cell_type == "poly"]
+    held = set(random.Random(0).sample(range(len(mono)), MIXED_PER_TYPE))
+    held_out = [im for i, im in enumerate(mono) if i in held]
+    train = [im for i, im in enumerate(mono) if i not in held]
+    return train, held_out, poly
 
 
 def run_demo(
     ws: Workspace, progress: Progress | None = None, finetune_epochs: int = 0
 ) -> dict[str, Any]:
     """Build the demo data, train (or reuse the trained version), and score a mixed batch."""
-    images = elpv_images()
-    mono = [im for im in images if im.cell_type == "mono"]
-    poly = [im for im in images if im.cell_type == "poly"]
-    # Unseen mono cells: a seeded random sample kept out of training, scored below with poly.
-    held = set(random.Random(0).sample(range(len(mono)), MIXED_PER_TYPE))
-    held_out = [im for i, im in enumerate(mono) if i in held]
-    train = [im for i, im in enumerate(mono) if i not in held]
+    train, held_out, poly = demo_split()
     data_dir = export_elpv(ws.root / "demo" / "elpv-mono", train)
     fingerprint = scan_image_folder(data_dir).fingerprint()
     version = active_version(ws)

@@ -79,6 +79,7 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         val_size=args.val_size,
         class_weight=args.class_weight,
         confidence_threshold=args.threshold,
+        false_unknown_rate=args.false_unknown_rate,
         seed=args.seed,
         activate=not args.no_activate,
     )
@@ -94,6 +95,7 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         "skipped": result.skipped,
         "seconds": round(result.seconds, 1),
         "split": v.meta["split"],
+        "thresholds": v.meta["thresholds"],
         "training": v.meta["training"],
     }
 
@@ -106,6 +108,13 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         _print_metrics(result.metrics)
         s = v.meta["split"]
         print(f"  split: {s['train']} train, {s['val']} val, {s['test']} test")
+        th = v.meta["thresholds"]
+        cal = th["distance_calibration"]
+        print(
+            f"  UNKNOWN when Top-1 < {th['confidence']} or nearest training image > "
+            f"{th['distance']:.4f} (calibrated on {cal['n']} {cal['on']} images for "
+            f"{cal['false_unknown_rate']:.0%} false UNKNOWN)"
+        )
         if result.skipped:
             print(
                 f"  skipped {len(result.skipped)} unreadable files (listed in {v.path / 'meta.json'}):"
@@ -378,6 +387,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--threshold", type=float, default=0.5, help="Top-1 probability below which -> UNKNOWN"
+    )
+    t.add_argument(
+        "--false-unknown-rate",
+        type=float,
+        default=0.05,
+        help="share of validation images the distance threshold may mark UNKNOWN (default 0.05)",
     )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-activate", action="store_true", help="keep the current active version")

@@ -300,6 +300,8 @@ class _Run:
                 self.sources,
             )
             self.stored.update(p.sha256 for p in self.new)
+            for p in self.new + self.rescored:  # stored now: keep only what reports need
+                p.embedding = p.probs = None
         self.new, self.rescored, self.failures, self.sources = [], [], [], []
         self.last_commit = time.monotonic()
         if self.csv is not None:

@@ -282,6 +282,55 @@ def cmd_reindex(args: argparse.Namespace, ws: Workspace) -> None:
     _emit(args, doc, human)
 
 
+def cmd_sql(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `sql` verb: one read-only query over the store, as a table, CSV or JSON."""
+    from imagesieve.search._sql import VIEWS, open_readonly, run_sql
+
+    fmt = "json" if args.json else args.format
+    if args.views:
+        if fmt == "json":
+            print(json.dumps({"views": VIEWS}, indent=2))
+        else:
+            width = max(len(name) for name in VIEWS)
+            for name, description in VIEWS.items():
+                print(f"{name:<{width}}  {description}")
+        return
+    if not args.query:
+        raise UserError("no query: give one SQL statement, '-' to read it from stdin, or --views")
+    sql = sys.stdin.read() if args.query == "-" else args.query
+    limit = args.limit if args.limit is not None else (1_000_000 if args.out else 1000)
+    with open_readonly(ws) as con:
+        result = run_sql(
+            con, sql, limit=limit or None, timeout=args.timeout if args.timeout > 0 else None
+        )
+    if result.truncated:
+        print(
+            f"imagesieve sql: note: stopped at {limit} rows (--limit N for more)", file=sys.stderr
+        )
+    if args.out:
+        result.to_csv(args.out)
+        doc = {
+            "out": args.out,
+            "columns": result.columns,
+            "row_count": len(result.rows),
+            "truncated": result.truncated,
+            "seconds": round(result.seconds, 4),
+        }
+        if fmt == "json":
+            print(json.dumps(doc, indent=2))
+        else:
+            print(
+                f"wrote {len(result.rows)} rows x {len(result.columns)} columns to {args.out} "
+                f"({result.seconds:.2f} s)"
+            )
+    elif fmt == "json":
+        print(json.dumps(result.to_dict(), indent=2))
+    elif fmt == "csv":
+        result.to_csv(sys.stdout)
+    else:
+        print(result.to_text())
+
+
 def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
     """The `models` verb: list versions, optionally activate one."""
     from imagesieve.models import activate_version, active_version, list_backbones, list_versions
@@ -330,6 +379,36 @@ def cmd_demo(args: argparse.Namespace, ws: Workspace) -> None:
     with _progress(not args.json) as progress:
         doc = run_demo(ws, progress=progress, finetune_epochs=args.finetune_epochs)
     _emit(args, doc, lambda: print(doc["summary"]))
+
+
+def cmd_similar(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `similar` verb: nearest stored images to an image, a stored id or a class."""
+    from imagesieve.search._similar import find_similar
+
+    info, results = find_similar(
+        ws,
+        image=args.image,
+        id=args.id,
+        class_name=args.class_name,
+        k=args.k,
+        max_distance=args.max_distance,
+        where=args.where,
+        model=args.model,
+    )
+    doc = {"query": info.__dict__, "results": [r.to_dict() for r in results]}
+
+    def human() -> None:
+        filt = f", {info.matching_rows} rows pass the filter" if info.where else ""
+        print(
+            f"{len(results)} nearest to {info.kind} {info.value} in {info.model_version} "
+            f"({info.method}{filt})"
+        )
+        for r in results:
+            label = f"{r.label} ({r.reason})" if r.reason else r.label
+            cluster = "" if r.cluster_id is None else f"  cluster {r.cluster_id}"
+            print(f"  {r.distance:.4f}  #{r.id:<7} {label:<32} {r.source}{cluster}")
+
+    _emit(args, doc, human)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -457,11 +536,59 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_score)
 
+    q = sub.add_parser(
+        "similar", parents=[common], help="nearest stored images to an image, an id or a class"
+    )
+    q.add_argument("image", nargs="?", metavar="IMAGE", help="an image file to search with")
+    q.add_argument("--id", type=int, help="a stored image's id")
+    q.add_argument("--class", dest="class_name", metavar="NAME", help="a class's centroid")
+    q.add_argument("-k", type=int, default=10, help="how many neighbours (default 10)")
+    q.add_argument("--max-distance", type=float, help="drop neighbours further than this (0-2)")
+    q.add_argument(
+        "--where",
+        metavar="SQL_EXPR",
+        help="filter over the predictions columns, e.g. \"label = 'UNKNOWN'\"",
+    )
+    q.add_argument("--model", help="model version (default: the active one)")
+    q.set_defaults(func=cmd_similar)
+
     r = sub.add_parser(
         "reindex", parents=[common], help="check the FAISS indexes against DuckDB; --rebuild them"
     )
     r.add_argument("--rebuild", action="store_true", help="rebuild every index from DuckDB")
     r.set_defaults(func=cmd_reindex)
+
+    sq = sub.add_parser(
+        "sql",
+        parents=[common],
+        help="one read-only SQL query over the store (tables and ready-made views)",
+        description="Run one read-only SQL query (SELECT, DESCRIBE, SHOW, EXPLAIN) over the "
+        "store: tables batches, predictions, embeddings, failures, reference_images, and "
+        "ready-made views (--views lists them). No files, network or writes.",
+    )
+    sq.add_argument(
+        "query", nargs="?", metavar="QUERY", help="the SQL, or '-' to read it from stdin"
+    )
+    sq.add_argument(
+        "--limit",
+        type=int,
+        help="most rows to fetch; 0 = no limit (default 1000, or 1,000,000 with --out)",
+    )
+    sq.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds before the query is stopped (default 30; 0 = none)",
+    )
+    sq.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="output format (default table; --json means json)",
+    )
+    sq.add_argument("--out", metavar="FILE", help="write the rows as CSV to FILE, print a summary")
+    sq.add_argument("--views", action="store_true", help="list the ready-made views and exit")
+    sq.set_defaults(func=cmd_sql)
 
     m = sub.add_parser("models", parents=[common], help="list model versions; --activate one")
     m.add_argument("--activate", metavar="VERSION")
@@ -500,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"imagesieve {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     return 0
 
 

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 
 STORE_FILE = "store.duckdb"
 INDEX_DIR = "index"
+#: The store never reads or writes files through DuckDB (rows arrive as Arrow tables), so
+#: file and network access stay off: user SQL (filters, the console) cannot reach outside.
+CONNECTION_CONFIG = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+}
 #: Rows read per chunk when rebuilding or catching up an index from DuckDB.
 READ_CHUNK = 8192
 
@@ -175,7 +182,7 @@ class Store:
         if not read_only:
             ws.root.mkdir(parents=True, exist_ok=True)
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
+            self.con = duckdb.connect(str(self.path), read_only=read_only, config=CONNECTION_CONFIG)
         except duckdb.IOException as e:
             if "lock" in str(e).lower():
                 raise StoreBusyError(
@@ -187,6 +194,9 @@ class Store:
         self.checks: list[IndexCheck] = []
         if not read_only:
             self.con.execute(SCHEMA)
+            from imagesieve.search._sql import VIEWS_SQL  # local: search imports the indexer
+
+            self.con.execute(VIEWS_SQL)
             self.con.execute("UPDATE batches SET status = 'interrupted' WHERE status = 'running'")
         self._next_id = (
             int(self.con.execute("SELECT coalesce(max(id), 0) FROM predictions").fetchall()[0][0])
@@ -249,6 +259,10 @@ class Store:
             "SELECT DISTINCT model_version FROM predictions ORDER BY model_version"
         ).fetchall()
         return [r[0] for r in rows]
+
+    def row_count(self, model_version: str) -> int:
+        """Stored images of a model version."""
+        return self._db_stats(model_version)[0]
 
     def known_content(self, model_version: str) -> set[str]:
         """SHA-256 of every image already scored with ``model_version``."""
@@ -497,14 +511,38 @@ class Store:
 
         t0 = time.perf_counter()
         dim = self._embedding_dim(model_version)
-        index = VectorIndex(self.index_path(model_version), dim or 1)
-        if dim is not None:
-            self._add_from_db(index, model_version, None)
+        ids, vectors = self._read_embeddings(model_version, dim or 1)
+        index = VectorIndex.build(self.index_path(model_version), dim or 1, ids, vectors)
+        del vectors
         index.save()
         self._indexes[model_version] = index
         return IndexCheck(
-            model_version, index.ntotal, "rebuilt", index.ntotal, 0, time.perf_counter() - t0
+            model_version,
+            index.ntotal,
+            "rebuilt",
+            index.ntotal,
+            0,
+            time.perf_counter() - t0,
+            {"kind": index.kind, **index.info},
         )
+
+    def _read_embeddings(self, model_version: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """All of a version's (ids, embeddings) from DuckDB, read in chunks into one array."""
+        import pyarrow as pa
+
+        n = self._db_stats(model_version)[0]
+        ids = np.zeros(n, np.int64)
+        vectors = np.zeros((n, dim), np.float32)
+        query = (
+            "SELECT e.id, e.embedding FROM embeddings e JOIN predictions p USING (id) "
+            f"WHERE p.model_version = '{_quote(model_version)}' ORDER BY e.id"
+        )
+        i = 0
+        for batch in self.con.sql(query).to_arrow_reader(READ_CHUNK):
+            got_ids, got = _embedding_matrix(pa.Table.from_batches([batch]), dim)
+            ids[i : i + len(got_ids)], vectors[i : i + len(got_ids)] = got_ids, got
+            i += len(got_ids)
+        return ids[:i], vectors[:i]
 
     def _ids(self, model_version: str) -> np.ndarray:
         ids = self.con.execute(
@@ -512,37 +550,35 @@ class Store:
         ).fetchnumpy()["id"]
         return np.asarray(ids, dtype=np.int64)
 
-    def _add_from_db(self, index: VectorIndex, model_version: str, ids: np.ndarray | None) -> None:
-        """Add stored embeddings (all of the version's, or just ``ids``) to ``index`` in chunks."""
+    def _add_from_db(self, index: VectorIndex, model_version: str, ids: np.ndarray) -> None:
+        """Add the stored embeddings of ``ids`` to ``index``, read in chunks."""
         import pyarrow as pa
 
-        if ids is not None and len(ids) == 0:
+        if len(ids) == 0:
             return
-        query = (
-            "SELECT e.id, e.embedding FROM embeddings e JOIN predictions p USING (id) "
-            f"WHERE p.model_version = '{_quote(model_version)}'"
-        )
-        if ids is not None:
-            self.con.register("_want_ids", pa.table({"id": pa.array(ids, pa.int64())}))
-            query += " AND e.id IN (SELECT id FROM _want_ids)"
+        self.con.register("_want_ids", pa.table({"id": pa.array(ids, pa.int64())}))
         try:
-            reader = self.con.sql(query + " ORDER BY e.id").to_arrow_reader(READ_CHUNK)
-            for batch in reader:
+            query = (
+                "SELECT e.id, e.embedding FROM embeddings e JOIN _want_ids USING (id) ORDER BY e.id"
+            )
+            for batch in self.con.sql(query).to_arrow_reader(READ_CHUNK):
                 got_ids, vectors = _embedding_matrix(pa.Table.from_batches([batch]), index.dim)
                 index.add(got_ids, vectors)
         finally:
-            if ids is not None:
-                self.con.unregister("_want_ids")
+            self.con.unregister("_want_ids")
 
     def index(self, model_version: str, dim: int | None = None) -> VectorIndex:
         """The version's FAISS index, loaded (and checked) on first use; empty when new."""
         if model_version not in self._indexes:
             if self._db_stats(model_version)[0] or self.index_path(model_version).is_file():
                 self.check_index(model_version)
-            if model_version not in self._indexes:
-                if dim is None:
-                    raise ValueError(f"no stored embeddings for {model_version} yet")
-                self._indexes[model_version] = VectorIndex(self.index_path(model_version), dim)
+            if model_version not in self._indexes:  # in sync without a load, or new
+                index = VectorIndex.load(self.index_path(model_version))
+                if index is None:
+                    if dim is None:
+                        raise ValueError(f"no stored embeddings for {model_version} yet")
+                    index = VectorIndex(self.index_path(model_version), dim)
+                self._indexes[model_version] = index
         return self._indexes[model_version]
 
     def save_indexes(self) -> None:

@@ -1,30 +1,69 @@
-"""The FAISS side of the store: one ID-mapped index per model version, ids = DuckDB row ids."""
+"""The FAISS side of the store: one ID-mapped index per model version, ids = DuckDB row ids.
+
+The index type follows the collection's size: exact (flat) search while it is small, and past
+FLAT_MAX vectors an HNSW graph, built from the stored vectors, with ``efSearch`` tuned at build
+time until recall@10 against exact search reaches TARGET_RECALL (measured and stored). New
+vectors are added to either kind incrementally; the HNSW is re-tuned when it has doubled.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["VectorIndex"]
+__all__ = ["FLAT_MAX", "VectorIndex"]
+
+log = logging.getLogger(__name__)
+
+#: Largest collection searched exactly; beyond it the index becomes an HNSW graph.
+FLAT_MAX = 20_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 40
+#: recall@10 against exact search the HNSW's efSearch is tuned to reach.
+TARGET_RECALL = 0.97
+EF_SEARCH_CANDIDATES = (16, 32, 64, 128, 256, 512)
+#: Queries (sampled stored vectors) recall is measured on.
+RECALL_QUERIES = 200
+
+
+def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:
+    """Row indices of the ``k`` largest inner products of each query, by chunked brute force."""
+    m = len(queries)
+    best_s = np.zeros((m, 0), np.float32)
+    best_i = np.zeros((m, 0), np.int64)
+    for start in range(0, len(vectors), chunk):
+        s = queries @ vectors[start : start + chunk].T
+        cand_s = np.concatenate([best_s, s], axis=1)
+        rows = np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)
+        cand_i = np.concatenate([best_i, rows], axis=1)
+        kk = min(k, cand_s.shape[1])
+        top = np.argpartition(-cand_s, kk - 1, axis=1)[:, :kk]
+        best_s, best_i = np.take_along_axis(cand_s, top, 1), np.take_along_axis(cand_i, top, 1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_i, order, 1)
 
 
 class VectorIndex:
     """Stored embeddings of one model version, searchable by inner product (cosine similarity).
 
     DuckDB is the source of truth; this index is derived from it and can always be rebuilt.
-    ``save`` writes the index and a small sidecar (count, max id, id sum, file size) so that a
-    check against DuckDB needs no load when nothing changed.
+    ``save`` writes the index and a small sidecar (count, max id, id sum, file size, kind and
+    tuning) so that a check against DuckDB needs no load when nothing changed.
     """
 
-    def __init__(self, path: Path, dim: int, index=None):
+    def __init__(self, path: Path, dim: int, index=None, info: dict[str, Any] | None = None):
         import faiss
 
         self.path = Path(path)
         self.dim = dim
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.info: dict[str, Any] = dict(info or {})
         self.dirty = index is None
 
     @property
@@ -36,6 +75,17 @@ class VectorIndex:
     def ntotal(self) -> int:
         """Number of vectors in the index."""
         return int(self.index.ntotal)
+
+    @property
+    def kind(self) -> str:
+        """``flat`` (exact) or ``hnsw`` (approximate)."""
+        import faiss
+
+        return (
+            "hnsw"
+            if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW)
+            else "flat"
+        )
 
     @classmethod
     def load(cls, path: Path) -> VectorIndex | None:
@@ -49,7 +99,22 @@ class VectorIndex:
             index = faiss.read_index(str(path))
         except RuntimeError:
             return None
-        return cls(path, index.d, index)
+        try:
+            info = json.loads(path.with_suffix(".json").read_text()).get("info", {})
+        except (OSError, ValueError):
+            info = {}
+        return cls(path, index.d, index, info)
+
+    @classmethod
+    def build(cls, path: Path, dim: int, ids: np.ndarray, vectors: np.ndarray) -> VectorIndex:
+        """A new index over these vectors, of the kind their number calls for."""
+        index = cls(path, dim)
+        if len(ids) > FLAT_MAX:
+            index._make_hnsw(np.asarray(ids, np.int64), np.ascontiguousarray(vectors, np.float32))
+        else:
+            index.add(ids, vectors)
+        index.dirty = True
+        return index
 
     def ids(self) -> np.ndarray:
         """The DuckDB ids held, in insertion order."""
@@ -57,35 +122,125 @@ class VectorIndex:
 
         return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """All (ids, vectors) held, in insertion order."""
+        import faiss
+
+        inner = faiss.downcast_index(self.index.index)
+        return self.ids(), inner.reconstruct_n(0, self.ntotal) if self.ntotal else np.zeros(
+            (0, self.dim), np.float32
+        )
+
     def stats(self) -> tuple[int, int, int]:
         """(count, max id, sum of ids): compared with the same figures from DuckDB."""
         ids = self.ids()
         return len(ids), int(ids.max(initial=-1)), int(ids.sum())
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add vectors under their DuckDB ids."""
+        """Add vectors under their DuckDB ids; a flat index that outgrows FLAT_MAX becomes HNSW."""
         if len(ids) == 0:
             return
         x = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
         self.index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
         self.dirty = True
+        if self.kind == "flat" and self.ntotal > FLAT_MAX:
+            self._make_hnsw(*self.vectors())
 
     def remove(self, ids: np.ndarray) -> None:
-        """Remove vectors by DuckDB id (missing ids are ignored)."""
-        if len(ids):
+        """Remove vectors by DuckDB id (missing ids are ignored); HNSW is rebuilt without them."""
+        if len(ids) == 0:
+            return
+        if self.kind == "flat":
             self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
-            self.dirty = True
+        else:
+            have, vectors = self.vectors()
+            keep = ~np.isin(have, ids)
+            self._make_hnsw(have[keep], vectors[keep])
+        self.dirty = True
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(m, d) normalised queries -> (m, k) ids (-1 where fewer) and cosine distances."""
+    def _make_hnsw(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        import faiss
+
+        t0 = time.perf_counter()
+        inner = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index = faiss.IndexIDMap2(inner)
+        index.add_with_ids(vectors, ids)
+        self.index = index
+        self.info = {"built_at": len(ids), "build_seconds": round(time.perf_counter() - t0, 2)}
+        self.tune(vectors)
+
+    def tune(self, vectors: np.ndarray | None = None) -> None:
+        """HNSW: the smallest efSearch whose recall@10 against exact search reaches the target."""
+        import faiss
+
+        if self.kind != "hnsw":
+            return
+        if vectors is None:
+            vectors = self.vectors()[1]
+        # Queries are stored vectors; each one's own match is left out of both lists, so the
+        # figure is the recall of its 10 true neighbours, as for a new image near the data.
+        rng = np.random.default_rng(0)
+        sample = rng.choice(len(vectors), min(RECALL_QUERIES, len(vectors)), replace=False)
+        queries = vectors[sample]
+        ids = self.ids()
+        truth = ids[exact_top_k(queries, vectors, 11)]
+        inner = faiss.downcast_index(self.index.index)
+        recall = 0.0
+        for ef in EF_SEARCH_CANDIDATES:
+            inner.hnsw.efSearch = ef
+            _, got = self.index.search(queries, 11)
+            hits = [
+                len(set(a[a != own][:10]) & set(b[b != own][:10])) / 10
+                for a, b, own in zip(got, truth, ids[sample], strict=True)
+            ]
+            recall = float(np.mean(hits))
+            if recall >= TARGET_RECALL:
+                break
+        self.info.update(
+            {
+                "ef_search": int(inner.hnsw.efSearch),
+                "recall_at_10": round(recall, 4),
+                "tuned_at": len(vectors),
+            }
+        )
+        log.info(
+            "HNSW over %d vectors: efSearch %d, recall@10 %.4f",
+            len(vectors),
+            inner.hnsw.efSearch,
+            recall,
+        )
+
+    def search(
+        self, queries: np.ndarray, k: int, ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(m, d) normalised queries -> (m, k) ids (-1 where fewer) and cosine distances.
+
+        ``ids`` restricts the search to those DuckDB ids (exact over the subset).
+        """
         x = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        sims, ids = self.index.search(x, k)
-        return ids, np.where(ids >= 0, np.clip(1.0 - sims, 0.0, 2.0), np.inf)
+        if ids is not None:
+            have = np.intersect1d(np.asarray(ids, np.int64), self.ids())
+            if len(have) == 0:
+                return np.full((len(x), k), -1, np.int64), np.full((len(x), k), np.inf, np.float32)
+            sub = self.index.reconstruct_batch(have)
+            top = exact_top_k(x, sub, min(k, len(have)))
+            sims = np.take_along_axis(x @ sub.T, top, 1)
+            out_ids, out_sims = have[top], sims
+            pad = k - out_ids.shape[1]
+            if pad:
+                out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)
+                out_sims = np.pad(out_sims, ((0, 0), (0, pad)), constant_values=-np.inf)
+        else:
+            out_sims, out_ids = self.index.search(x, k)
+        return out_ids, np.where(out_ids >= 0, np.clip(1.0 - out_sims, 0.0, 2.0), np.inf)
 
     def save(self) -> None:
         """Write the index atomically (temp file + rename), then its sidecar."""
         import faiss
 
+        if self.kind == "hnsw" and self.ntotal >= 2 * self.info.get("tuned_at", self.ntotal):
+            self.tune()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         faiss.write_index(self.index, str(tmp))
@@ -97,6 +252,8 @@ class VectorIndex:
             "id_sum": id_sum,
             "bytes": self.path.stat().st_size,
             "dim": self.dim,
+            "kind": self.kind,
+            "info": self.info,
         }
         tmp = self.sidecar_path.with_name(f".{self.sidecar_path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(side))

@@ -1,0 +1,1 @@
+"""Find similar images, SQL over the history, clusters of UNKNOWNs."""

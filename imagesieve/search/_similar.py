@@ -1,0 +1,209 @@
+"""Find similar images: by an image file, a stored id or a class centroid, with filters.
+
+Results come from the model version's FAISS index (ids = DuckDB ids) and carry the stored
+metadata. A SQL filter over the store's columns is applied so that k results still come back
+when it is selective: a filter matching few rows is searched exactly within those rows;
+otherwise the approximate search is widened until k rows pass the filter.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from imagesieve._workspace import Workspace
+from imagesieve.indexer import Store
+from imagesieve.models import get_version
+
+__all__ = ["SimilarQuery", "SimilarResult", "find_similar"]
+
+#: Filters matching at most this many rows are searched exactly within them.
+EXACT_FILTER_MAX = 50_000
+
+RESULT_COLUMNS = (
+    "id",
+    "source",
+    "label",
+    "reason",
+    "top1_class",
+    "top1_prob",
+    "cluster_id",
+    "scored_at",
+    "sha256",
+)
+
+
+@dataclass
+class SimilarResult:
+    """One neighbour: its store row and its cosine distance to the query."""
+
+    id: int
+    distance: float
+    source: str
+    label: str
+    reason: str | None
+    top1_class: str | None
+    top1_prob: float | None
+    cluster_id: int | None
+    scored_at: str
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self) | {"distance": round(self.distance, 6)}
+
+
+@dataclass
+class SimilarQuery:
+    """What was searched for, and how."""
+
+    kind: str  # image, id, class
+    value: str
+    model_version: str
+    k: int
+    max_distance: float | None
+    where: str | None
+    matching_rows: int | None  # rows passing the filter (None without one)
+    method: str  # exact, ann, exact-within-filter, ann-widened
+    prediction: dict[str, Any] | None = None  # the query image's own prediction (image queries)
+
+
+class SimilarError(ValueError):
+    """A similar-image query that cannot run (unknown id or class, bad filter); one line."""
+
+
+def _filter_ids(store: Store, model_version: str, where: str) -> np.ndarray:
+    """Ids of the version's rows passing a SQL boolean expression over ``predictions``."""
+    from imagesieve.search._sql import SqlError, run_sql
+
+    sql = (
+        "SELECT id FROM predictions WHERE model_version = "
+        f"'{model_version.replace(chr(39), chr(39) * 2)}' AND ({where})"
+    )
+    try:
+        result = run_sql(store.con, sql, limit=10_000_000)
+    except SqlError as e:
+        raise SimilarError(f"bad --where filter: {e}") from None
+    return np.array([r[0] for r in result.rows], np.int64)
+
+
+def find_similar(
+    ws: Workspace,
+    *,
+    image: str | os.PathLike | bytes | None = None,
+    id: int | None = None,  # noqa: A002 - the store's column name
+    class_name: str | None = None,
+    k: int = 10,
+    max_distance: float | None = None,
+    where: str | None = None,
+    model: str | None = None,
+) -> tuple[SimilarQuery, list[SimilarResult]]:
+    """The k stored images nearest to an image, a stored id or a class centroid."""
+    if sum(x is not None for x in (image, id, class_name)) != 1:
+        raise SimilarError("give exactly one of an image, --id or --class")
+    if k < 1:
+        raise SimilarError(f"k must be at least 1, got {k}")
+    version = get_version(ws, model)
+    prediction = None
+    with Store(ws) as store:
+        index = store.index(version.name) if store.row_count(version.name) else None
+        if image is not None:
+            from imagesieve.classifier import Predictor
+
+            (pred,) = Predictor(version).score(
+                [image if not isinstance(image, bytes) else ("<upload>", image)]
+            )
+            if not pred.ok:
+                raise SimilarError(f"{pred.source}: {pred.error}")
+            query, kind, value = pred.embedding, "image", str(pred.source)
+            prediction = pred.to_dict()
+        elif id is not None:
+            if index is None or id not in set(index.ids().tolist()):
+                raise SimilarError(f"no stored image with id {id} for model {version.name}")
+            query, kind, value = index.index.reconstruct(int(id)), "id", str(id)
+        else:
+            from imagesieve.classifier._reference import ReferenceSet
+
+            ref = ReferenceSet.load(version.path)
+            if ref is None or class_name not in ref.labels:
+                known = sorted(set(ref.labels)) if ref is not None else version.classes
+                raise SimilarError(
+                    f"no class {class_name!r} in {version.name}; classes: {', '.join(known)}"
+                )
+            rows = np.array([lab == class_name for lab in ref.labels])
+            centroid = ref.embeddings[rows].mean(axis=0)
+            query, kind, value = centroid / np.linalg.norm(centroid), "class", class_name
+        info = SimilarQuery(
+            kind, value, version.name, k, max_distance, where, None, "exact", prediction
+        )
+        if index is None or index.ntotal == 0:
+            return info, []
+        info.method = "exact" if index.kind == "flat" else "ann"
+        exclude = {int(id)} if id is not None else set()
+        want = k + len(exclude)
+        if where:
+            allowed = _filter_ids(store, version.name, where)
+            info.matching_rows = len(allowed)
+            if len(allowed) <= EXACT_FILTER_MAX or index.kind == "flat":
+                ids, dist = index.search(query, want, ids=allowed)
+                info.method = "exact-within-filter"
+            else:
+                ids, dist = _widened(index, query, want, set(allowed.tolist()))
+                info.method = "ann-widened"
+        else:
+            ids, dist = index.search(query, want)
+        pairs = [
+            (int(i), float(d))
+            for i, d in zip(ids[0], dist[0], strict=True)
+            if i >= 0 and int(i) not in exclude and (max_distance is None or d <= max_distance)
+        ][:k]
+        return info, _results(store, pairs)
+
+
+def _widened(index, query: np.ndarray, k: int, allowed: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate search asking for more and more neighbours until k pass the filter."""
+    ask = 4 * k
+    while True:
+        ids, dist = index.search(query, min(ask, index.ntotal))
+        keep = np.array([i in allowed for i in ids[0]])
+        if keep.sum() >= k or ask >= index.ntotal:
+            return ids[:, keep][:, :k], dist[:, keep][:, :k]
+        ask *= 4
+
+
+def _results(store: Store, pairs: list[tuple[int, float]]) -> list[SimilarResult]:
+    if not pairs:
+        return []
+    import pyarrow as pa
+
+    store.con.register("_hits", pa.table({"id": pa.array([i for i, _ in pairs], pa.int64())}))
+    try:
+        rows = store.con.execute(
+            f"SELECT {', '.join('p.' + c for c in RESULT_COLUMNS[:-2])}, "
+            "strftime(p.scored_at, '%Y-%m-%dT%H:%M:%S%z'), p.sha256 "
+            "FROM predictions p JOIN _hits USING (id)"
+        ).fetchall()
+    finally:
+        store.con.unregister("_hits")
+    by_id = {r[0]: r for r in rows}
+    out = []
+    for i, d in pairs:
+        r = by_id[i]
+        out.append(
+            SimilarResult(
+                id=i,
+                distance=d,
+                source=r[1],
+                label=r[2],
+                reason=r[3],
+                top1_class=r[4],
+                top1_prob=None if r[5] is None else float(r[5]),
+                cluster_id=r[6],
+                scored_at=r[7],
+                sha256=r[8],
+            )
+        )
+    return out

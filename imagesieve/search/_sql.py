@@ -1,0 +1,507 @@
+"""Read-only SQL over the store: one SELECT at a time, no file or network access, a time limit.
+
+Two locks keep untrusted SQL in: the connection (``SAFE_CONFIG``: no external access, no
+extensions, configuration locked; ``read_only=True`` for the console) and ``run_sql``'s
+statement check (one statement, SELECT or EXPLAIN of a SELECT, no housekeeping functions), which
+is what keeps writes out when SQL runs through a cursor of the writer's connection.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import decimal
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any
+
+import duckdb
+import numpy as np
+
+from imagesieve.classifier import UNKNOWN
+
+if TYPE_CHECKING:
+    from imagesieve._workspace import Workspace
+
+__all__ = [
+    "SAFE_CONFIG",
+    "VIEWS",
+    "VIEWS_SQL",
+    "SqlError",
+    "SqlResult",
+    "open_readonly",
+    "run_sql",
+]
+
+log = logging.getLogger(__name__)
+
+#: DuckDB configuration for connections that run untrusted SQL. ``lock_configuration`` comes
+#: last: once set, no ``SET``/``PRAGMA`` can change the others back.
+SAFE_CONFIG: dict[str, Any] = {
+    "enable_external_access": False,  # no files, URLs, ATTACH, COPY, INSTALL/LOAD, Python scans
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "lock_configuration": True,
+}
+
+#: Table functions allowed in a SELECT that still have side effects (checkpoints, log
+#: truncation, external resources) or run SQL hidden in a string past the statement check.
+DENIED_FUNCTIONS = frozenset(
+    {
+        "checkpoint",
+        "force_checkpoint",
+        "truncate_duckdb_logs",
+        "enable_logging",
+        "disable_logging",
+        "enable_profiling",
+        "disable_profiling",
+        "create_external_resource",
+        "destroy_external_resource",
+        "register_external_resource",
+        "register_external_resource_type",
+        "deregister_external_resource",
+        "query",
+        "json_execute_serialized_sql",
+    }
+)
+
+# -- ready-made views -----------------------------------------------------------------------
+
+_VIEWS: list[tuple[str, str, str]] = [
+    (
+        "predictions_per_day",
+        "predictions per UTC day of their latest scoring, model version and label",
+        """
+SELECT CAST(timezone('UTC', scored_at) AS DATE) AS day, model_version, label, count(*) AS n
+FROM predictions
+GROUP BY ALL
+ORDER BY day, model_version, label""",
+    ),
+    (
+        "unknown_rate_per_batch",
+        "per batch: items, scored (new + rescored + already stored), failed, UNKNOWN and its "
+        "rate; batches that never finished count their stored rows",
+        # A finished batch's counters are what it saw, even after later batches rescored its
+        # rows; a batch that never finished has no counters, so its rows still carrying its
+        # batch_id (a lower bound) and its failures stand in.
+        f"""
+WITH stored AS (
+    SELECT batch_id, count(*) AS n, count(*) FILTER (WHERE label = '{UNKNOWN}') AS n_unknown
+    FROM predictions GROUP BY batch_id
+), failed AS (
+    SELECT batch_id, count(DISTINCT source) AS n FROM failures WHERE kind <> 'ignored'
+    GROUP BY batch_id
+), counted AS (
+    SELECT b.batch_id, b.started_at, b.model_version, b.status,
+        CASE WHEN b.finished_at IS NULL THEN coalesce(s.n, 0) + coalesce(f.n, 0)
+            ELSE b.n_items END AS items,
+        CASE WHEN b.finished_at IS NULL THEN coalesce(s.n, 0)
+            ELSE b.n_scored + b.n_skipped END AS scored,
+        CASE WHEN b.finished_at IS NULL THEN coalesce(f.n, 0) ELSE b.n_failed END AS failed,
+        CASE WHEN b.finished_at IS NULL THEN coalesce(s.n_unknown, 0)
+            ELSE b.n_unknown END AS unknown
+    FROM batches b LEFT JOIN stored s USING (batch_id) LEFT JOIN failed f USING (batch_id)
+)
+SELECT batch_id, started_at, model_version, status, items, scored, failed, unknown,
+    unknown / nullif(scored, 0) AS unknown_rate
+FROM counted
+ORDER BY batch_id""",
+    ),
+    (
+        "class_confusion",
+        "pairs of Top-1 and Top-2 classes per model version: count, mean probabilities and "
+        "margin, share marked UNKNOWN",
+        f"""
+SELECT model_version, top1_class, top2_class, count(*) AS n,
+    avg(top1_prob) AS mean_top1_prob, avg(top2_prob) AS mean_top2_prob,
+    avg(top1_prob - top2_prob) AS mean_margin,
+    count(*) FILTER (WHERE label = '{UNKNOWN}') / count(*) AS unknown_share
+FROM predictions
+WHERE top2_class IS NOT NULL
+GROUP BY ALL
+ORDER BY n DESC, model_version, top1_class, top2_class""",
+    ),
+    (
+        "unknowns",
+        "UNKNOWN predictions with reason, Top-3, nearest training image and distance, cluster",
+        f"""
+SELECT p.id, p.source, p.model_version, p.scored_at, p.batch_id, p.reason,
+    p.top1_class, p.top1_prob, p.top2_class, p.top2_prob, p.top3_class, p.top3_prob,
+    p.neighbor_distance, p.neighbor_id, r.label AS neighbor_label,
+    r.source AS neighbor_source, p.cluster_id
+FROM predictions p
+LEFT JOIN reference_images r ON r.model_version = p.model_version AND r.id = p.neighbor_id
+WHERE p.label = '{UNKNOWN}'
+ORDER BY p.id""",
+    ),
+    (
+        "failures_open",
+        "inputs whose latest attempt failed and that were not processed since (one row each)",
+        """
+SELECT source, kind, message, failed_at, batch_id, model_version
+FROM failures
+WHERE NOT resolved AND kind <> 'ignored'
+QUALIFY row_number() OVER (PARTITION BY source ORDER BY failed_at DESC, batch_id DESC) = 1
+ORDER BY failed_at, source""",
+    ),
+]
+
+#: Ready-made views: name -> one-line description.
+VIEWS: dict[str, str] = {name: description for name, description, _ in _VIEWS}
+
+
+def _views_sql(temporary: bool = False) -> str:
+    kind = "TEMP VIEW" if temporary else "VIEW"
+    return "".join(f"CREATE OR REPLACE {kind} {name} AS{body};\n" for name, _, body in _VIEWS)
+
+
+#: Creates (or updates) the ready-made views; run on the store's writable connection.
+VIEWS_SQL = _views_sql()
+
+
+# -- errors and results ----------------------------------------------------------------------
+
+
+class SqlError(ValueError):
+    """A query that was refused or failed; the message is one line."""
+
+
+def _message(e: BaseException) -> str:
+    """DuckDB's first message line, with its "Did you mean" hint when it gives one."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    hint = next((line for line in lines[1:3] if line.startswith("Did you mean")), None)
+    return f"{lines[0]} {hint}" if hint else lines[0]
+
+
+def _json_value(v: Any) -> Any:
+    """A DuckDB value as JSON: ISO timestamps, numbers as float, bytes as hex, NaN as null."""
+    if v is None or isinstance(v, bool | int | str):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, decimal.Decimal):
+        return _json_value(float(v))
+    if isinstance(v, dt.datetime | dt.date | dt.time):
+        return v.isoformat()
+    if isinstance(v, dt.timedelta):
+        return str(v)
+    if isinstance(v, bytes | bytearray | memoryview):
+        return bytes(v).hex()
+    if isinstance(v, uuid.UUID):
+        return str(v)
+    if hasattr(v, "tolist"):  # numpy scalars and arrays
+        return _json_value(v.tolist())
+    if isinstance(v, list | tuple):
+        return [_json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_value(x) for k, x in v.items()}
+    return str(v)
+
+
+def _short_float32(v: Any) -> Any:
+    """A FLOAT (or FLOAT[]) value as the shortest decimal that reads back as the same float32."""
+    if isinstance(v, float):
+        return float(str(np.float32(v)))
+    if isinstance(v, list):
+        return [_short_float32(x) for x in v]
+    return v
+
+
+def _csv_value(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, list | tuple | dict):
+        return json.dumps(_json_value(v))
+    j = _json_value(v)
+    return j if isinstance(j, str) else str(j)
+
+
+def _float_text(x: float) -> str:
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0 or 1e-4 <= abs(x) < 1e15:
+        return repr(round(x, 6))
+    return f"{x:.6g}"
+
+
+def _text_value(v: Any) -> str:
+    if v is None:
+        return "NULL"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return _float_text(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_text_value(x) for x in v) + "]"
+    if isinstance(v, dt.datetime):
+        return str(v)
+    if isinstance(v, bytes | bytearray | memoryview):
+        return "\\x" + bytes(v).hex()
+    return str(v)
+
+
+def _clip(text: str, width: int) -> str:
+    text = text.replace("\r", "").replace("\n", "↵").replace("\t", " ")
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float | decimal.Decimal) and not isinstance(v, bool)
+
+
+@dataclass
+class SqlResult:
+    """The rows of one query (at most the limit asked for) and how long it took."""
+
+    columns: list[str]
+    rows: list[tuple]
+    truncated: bool = False  # more rows than the limit: the rest were not fetched
+    seconds: float = 0.0
+    types: list[str] = field(default_factory=list)  # DuckDB's type of each column
+
+    def _rows_for_output(self) -> Iterator[tuple]:
+        """Rows with FLOAT values as written (0.4, not 0.4000000059604645)."""
+        short = {i for i, t in enumerate(self.types) if t.startswith("FLOAT")}
+        for row in self.rows:
+            if short:
+                row = tuple(_short_float32(v) if i in short else v for i, v in enumerate(row))
+            yield row
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: columns, types, rows as lists."""
+        return {
+            "columns": list(self.columns),
+            "types": list(self.types),
+            "rows": [[_json_value(v) for v in row] for row in self._rows_for_output()],
+            "row_count": len(self.rows),
+            "truncated": self.truncated,
+            "seconds": round(self.seconds, 4),
+        }
+
+    def to_csv(self, path_or_file: str | os.PathLike | IO[str]) -> None:
+        """Write a header and the rows as CSV (NULL as an empty cell, lists as JSON)."""
+        if isinstance(path_or_file, str | os.PathLike):
+            with open(path_or_file, "w", newline="", encoding="utf-8") as f:
+                self.to_csv(f)
+            return
+        writer = csv.writer(path_or_file)
+        writer.writerow(self.columns)
+        for row in self._rows_for_output():
+            writer.writerow([_csv_value(v) for v in row])
+
+    def to_text(self, max_width: int = 40) -> str:
+        """An aligned plain-text table, cells cut to ``max_width`` characters, and a footer."""
+        if self.columns == ["explain_key", "explain_value"]:  # EXPLAIN: the plan as drawn
+            body = "\n".join(str(value).rstrip("\n") for _, value in self.rows)
+            return f"{body}\n({self.seconds:.2f} s)"
+        header = [_clip(c, max_width) for c in self.columns]
+        cells = [[_clip(_text_value(v), max_width) for v in row] for row in self.rows]
+        widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+        right = [
+            any(_is_number(row[i]) for row in self.rows)
+            and all(row[i] is None or _is_number(row[i]) for row in self.rows)
+            for i in range(len(header))
+        ]
+
+        def line(values: list[str]) -> str:
+            parts = [
+                v.rjust(w) if r else v.ljust(w)
+                for v, w, r in zip(values, widths, right, strict=True)
+            ]
+            return " | ".join(parts).rstrip()
+
+        out = [line(header), "-+-".join("-" * w for w in widths)]
+        out += [line(r) for r in cells]
+        n = len(self.rows)
+        if self.truncated:
+            out.append(f"(first {n} rows, more not fetched: limit reached; {self.seconds:.2f} s)")
+        else:
+            out.append(f"({n} row{'' if n == 1 else 's'}, {self.seconds:.2f} s)")
+        return "\n".join(out)
+
+
+# -- opening and running ----------------------------------------------------------------------
+
+
+def open_readonly(ws: Workspace) -> duckdb.DuckDBPyConnection:
+    """Open the workspace's store read-only with ``SAFE_CONFIG``, ready-made views included.
+
+    Raises:
+        FileNotFoundError: nothing was stored in the workspace yet.
+        StoreBusyError: another process has the store open for writing.
+    """
+    from imagesieve.indexer._store import STORE_FILE, StoreBusyError
+
+    path = ws.root / STORE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no store in {ws.root} yet: score some images first")
+    try:
+        con = duckdb.connect(str(path), read_only=True, config=dict(SAFE_CONFIG))
+    except duckdb.IOException as e:
+        if "lock" in str(e).lower():
+            raise StoreBusyError(
+                f"the store {path} is in use by another imagesieve process; wait for it to finish"
+            ) from None
+        raise RuntimeError(f"cannot open the store {path}: {_message(e)}") from None
+    except duckdb.ConnectionException as e:  # open in this process with another configuration
+        raise StoreBusyError(
+            f"the store {path} is already open in this process: {_message(e)}"
+        ) from None
+    try:
+        have = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+        if not set(VIEWS) <= have:  # a store written before the views existed
+            con.execute(_views_sql(temporary=True))
+    except duckdb.Error as e:
+        con.close()
+        raise RuntimeError(f"cannot open the store {path}: {_message(e)}") from None
+    return con
+
+
+_EXPLAIN = re.compile(r"\s*EXPLAIN\b\s*(?:ANALY[SZ]E\b|\([^)]*\))?(.*)", re.IGNORECASE | re.DOTALL)
+_FIRST_WORD = re.compile(r"\s*([A-Za-z_]+)")
+
+
+def _kind(statement: Any) -> str:
+    """What the user would call the statement: its first keyword (CHECKPOINT, INSTALL) or type."""
+    m = _FIRST_WORD.match(statement.query)
+    word = m.group(1).upper() if m else ""
+    return word if word and word not in ("WITH", "FROM") else statement.type.name
+
+
+def _called_functions(con: duckdb.DuckDBPyConnection, select_sql: str) -> set[str]:
+    """Names of the functions a SELECT calls, from DuckDB's own parse tree."""
+    try:
+        tree = json.loads(
+            con.execute("SELECT json_serialize_sql(?)", [select_sql]).fetchall()[0][0]
+        )
+    except (duckdb.Error, ValueError, TypeError):
+        tree = {"error": True}
+    if tree.get("error"):  # no parse tree: every name followed by "(" counts
+        return set(re.findall(r"([a-z_][a-z0-9_]*)\s*\(", select_sql.lower().replace('"', "")))
+    names: set[str] = set()
+    stack: list[Any] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("function_name"), str):
+                names.add(node["function_name"].lower())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return names
+
+
+def _checked_statement(con: duckdb.DuckDBPyConnection, sql: str) -> Any:
+    """The one read-only statement in ``sql``, or SqlError saying why not."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as e:
+        raise SqlError(_message(e)) from None
+    if not statements:
+        raise SqlError("no SQL statement given")
+    if len(statements) > 1:
+        raise SqlError(f"one statement at a time, got {len(statements)}")
+    statement = statements[0]
+    select_sql = statement.query
+    refused = None
+    if statement.type == duckdb.StatementType.EXPLAIN:
+        # EXPLAIN ANALYZE runs its statement: only a SELECT may follow.
+        m = _EXPLAIN.match(statement.query)
+        try:
+            inner = con.extract_statements(m.group(1)) if m else []
+        except duckdb.Error:
+            inner = []
+        if len(inner) != 1 or inner[0].type != duckdb.StatementType.SELECT:
+            refused = "EXPLAIN " + (_kind(inner[0]) if len(inner) == 1 else "of that statement")
+        else:
+            select_sql = inner[0].query
+    elif statement.type != duckdb.StatementType.SELECT:
+        refused = _kind(statement)
+    if refused:
+        raise SqlError(f"only read-only queries (SELECT) are allowed, got {refused}")
+    denied = sorted(_called_functions(con, select_sql) & DENIED_FUNCTIONS)
+    if denied:
+        raise SqlError(f"function {denied[0]}() is not allowed in read-only queries")
+    return statement
+
+
+def run_sql(
+    con: duckdb.DuckDBPyConnection,
+    sql: str,
+    *,
+    limit: int | None = 10_000,
+    timeout: float | None = 30.0,
+) -> SqlResult:
+    """Run one read-only statement; at most ``limit`` rows, stopped after ``timeout`` seconds.
+
+    Safe on a writable connection too: only SELECT (and EXPLAIN of a SELECT) runs. ``limit``
+    or ``timeout`` None means no limit.
+
+    Raises:
+        SqlError: the statement was refused, failed, or ran out of time (one-line message).
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be 0 or more, got {limit}")
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    statement = _checked_statement(con, sql)
+    lock = threading.Lock()
+    state = {"running": True, "stopped": False}
+
+    def stop() -> None:
+        with lock:
+            if state["running"]:
+                state["stopped"] = True
+                con.interrupt()
+
+    timer = threading.Timer(timeout, stop) if timeout is not None else None
+    t0 = time.perf_counter()
+    try:
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        con.execute(statement)
+        description = con.description or []
+        rows = con.fetchall() if limit is None else con.fetchmany(limit + 1)
+    except duckdb.Error as e:
+        if state["stopped"]:
+            raise SqlError(f"query stopped after {timeout:g} s (time limit)") from None
+        if isinstance(e, duckdb.InterruptException):
+            raise SqlError("query interrupted") from None
+        raise SqlError(_message(e)) from None
+    finally:
+        with lock:
+            state["running"] = False
+        if timer is not None:
+            timer.cancel()
+        try:  # DuckDB streams results: drop the unread rest so the connection is free again
+            con.abort()
+        except duckdb.Error:
+            pass
+    seconds = time.perf_counter() - t0
+    truncated = limit is not None and len(rows) > limit
+    if truncated:
+        rows = rows[:limit]
+    log.debug("sql: %d rows in %.3f s%s", len(rows), seconds, " (truncated)" if truncated else "")
+    return SqlResult(
+        columns=[d[0] for d in description],
+        rows=rows,
+        truncated=truncated,
+        seconds=seconds,
+        types=[str(d[1]) for d in description],
+    )

@@ -1,0 +1,83 @@
+"""The FAISS index: exact while small, HNSW past FLAT_MAX with measured recall, ids = DuckDB ids."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from imagesieve.indexer import _vectors
+from imagesieve.indexer._vectors import VectorIndex, exact_top_k
+
+
+def blobs(n: int, d: int = 64, seed: int = 0) -> np.ndarray:
+    """Points around 40 fixed centres on the unit sphere (``seed`` varies the points only)."""
+    centres = np.random.default_rng(1234).normal(size=(40, d))
+    rng = np.random.default_rng(seed)
+    x = centres[rng.integers(0, 40, n)] + 0.4 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_exact_top_k__matches_full_sort():
+    x, q = blobs(1000), blobs(7, seed=1)
+    want = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
+    assert np.array_equal(exact_top_k(q, x, 10, chunk=64), want)
+    assert exact_top_k(q, x[:3], 10).shape == (7, 3)
+
+
+def test_vector_index__flat_grows_into_tuned_hnsw(tmp_path, monkeypatch):
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 500)
+    x = blobs(1200)
+    ids = np.arange(1000, 2200)
+    index = VectorIndex(tmp_path / "v1.faiss", 64)
+    index.add(ids[:400], x[:400])
+    assert index.kind == "flat"
+    index.add(ids[400:], x[400:])  # crosses FLAT_MAX: rebuilt as HNSW, efSearch tuned
+    assert index.kind == "hnsw" and index.ntotal == 1200
+    assert (
+        index.info["recall_at_10"] >= 0.97
+        and index.info["ef_search"] in _vectors.EF_SEARCH_CANDIDATES
+    )
+    assert np.array_equal(np.sort(index.ids()), ids)
+
+    q = blobs(50, seed=2)
+    got, dist = index.search(q, 10)
+    truth = ids[exact_top_k(q, x, 10)]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)])
+    assert recall >= 0.95
+    assert np.all(np.diff(dist, axis=1) >= -1e-6) and np.all((dist >= 0) & (dist <= 2))
+
+    index.save()
+    side = json.loads(index.sidecar_path.read_text())
+    assert side["kind"] == "hnsw" and side["info"]["recall_at_10"] == index.info["recall_at_10"]
+    again = VectorIndex.load(index.path)
+    assert again.kind == "hnsw" and again.info == index.info
+    assert np.array_equal(again.search(q, 10)[0], got)
+
+    again.remove(ids[:100])  # HNSW cannot delete: rebuilt without them
+    assert again.kind == "hnsw" and again.ntotal == 1100 and not set(ids[:100]) & set(again.ids())
+
+
+def test_vector_index__search_within_ids_is_exact(tmp_path):
+    x = blobs(3000)
+    ids = np.arange(3000) + 1
+    index = VectorIndex.build(tmp_path / "v.faiss", 64, ids, x)
+    subset = ids[::37]
+    q = blobs(5, seed=3)
+    got, dist = index.search(q, 10, ids=subset)
+    rows = subset - 1
+    want = subset[exact_top_k(q, x[rows], 10)]
+    assert np.array_equal(got, want)
+    assert np.allclose(
+        dist, 1 - np.take_along_axis(q @ x[rows].T, exact_top_k(q, x[rows], 10), 1), atol=1e-5
+    )
+    few, fd = index.search(q, 10, ids=np.array([5, 6, 99999]))
+    assert set(few[0]) == {5, 6, -1} and np.isinf(fd[0][2])
+
+
+@pytest.mark.parametrize("n, kind", [(100, "flat"), (600, "hnsw")])
+def test_vector_index__build_picks_the_kind_by_size(tmp_path, monkeypatch, n, kind):
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 500)
+    index = VectorIndex.build(tmp_path / "v.faiss", 64, np.arange(n), blobs(n))
+    assert index.kind == kind and index.ntotal == n

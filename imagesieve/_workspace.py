@@ -32,5 +32,10 @@ class Workspace:
         """Derived files that can always be rebuilt (e.g. temporary ONNX exports)."""
         return self.root / "cache"
 
+    @property
+    def images_dir(self) -> Path:
+        """Kept copies of scored images (UNKNOWNs by default), content-addressed by SHA-256."""
+        return self.root / "images"
+
     def __repr__(self) -> str:
         return f"Workspace({str(self.root)!r})"

@@ -218,6 +218,7 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
         retry_failed=args.retry_failed,
         csv=args.csv,
         sort_into=args.sort_into,
+        keep_images=args.keep_images,
         fetch=FetchOptions(workers=args.fetch_workers, read_timeout=args.timeout),
     )
     with _progress(not args.json) as progress:
@@ -508,6 +509,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--sort-into", metavar="DIR", help="copy each image into DIR/<label>/ (never overwrites)"
+    )
+    s.add_argument(
+        "--keep-images",
+        choices=["unknown", "all", "none"],
+        default="unknown",
+        help="which images keep a copy in the workspace for review (default unknown)",
     )
     s.add_argument(
         "--rescore",

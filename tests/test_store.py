@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import signal
@@ -22,6 +23,7 @@ from PIL import Image
 from imagesieve.classifier._reference import ReferenceSet, calibrate_distance
 from imagesieve.cli import main
 from imagesieve.indexer import ScoreOptions, Store, VectorIndex, score_inputs, sort_into
+from imagesieve.indexer._images import image_source
 
 
 def query(ws, sql: str, params=()) -> list[tuple]:
@@ -211,8 +213,12 @@ def test_score__zip_with_nested_folders_sorted_into_label_folders(scoring_ws, ce
         zf.writestr("day2/deep/x.png", cells[2].read_bytes())
         zf.writestr("day2/readme.txt", "notes")
     out = tmp_path / "sorted"
-    summary = score_inputs(ws, [str(archive)], ScoreOptions(sort_into=str(out)))
+    summary = score_inputs(ws, [str(archive)], ScoreOptions(sort_into=str(out), keep_images="all"))
     assert summary.scored == 3
+    # every image kept in the workspace by content, so it outlives the archive
+    for sha, source in query(ws, "SELECT sha256, source FROM predictions"):
+        assert image_source(ws, sha, source) == str(ws.images_dir / sha[:2] / sha)
+        assert hashlib.sha256((ws.images_dir / sha[:2] / sha).read_bytes()).hexdigest() == sha
     assert summary.ignored == [(f"{archive}:day2/readme.txt", "not an image file extension (.txt)")]
     names = sorted(query(ws, "SELECT source FROM predictions"))
     assert [n for (n,) in names] == [
@@ -235,8 +241,6 @@ def test_score__zip_with_nested_folders_sorted_into_label_folders(scoring_ws, ce
 
 def test_sort_into__never_overwrites_and_never_escapes(tmp_path):
     a, b = png_bytes(1), png_bytes(2)
-    import hashlib
-
     sha = lambda d: hashlib.sha256(d).hexdigest()  # noqa: E731
     first = sort_into(tmp_path, "ok", "x.png", a, sha(a))
     second = sort_into(tmp_path, "ok", "x.png", b, sha(b))

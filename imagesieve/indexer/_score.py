@@ -26,6 +26,7 @@ from imagesieve.classifier import UNKNOWN, Prediction, Predictor, Progress
 from imagesieve.classifier._predict import PREDICTION_CSV_COLUMNS
 from imagesieve.data import ImageLoadError
 from imagesieve.indexer._fetch import FetchOptions, fetch_items
+from imagesieve.indexer._images import KEEP_POLICIES, ZIP_MEMBER, keep_image
 from imagesieve.indexer._inputs import InputItem, _read_member, expand_inputs
 from imagesieve.indexer._store import Failure, IndexCheck, Store
 from imagesieve.models import get_version
@@ -50,6 +51,7 @@ class ScoreOptions:
     retry_failed: bool = False
     csv: str | None = None
     sort_into: str | None = None
+    keep_images: str = "unknown"  # which scored images keep a copy in the workspace
     batch_size: int = 32
     commit_rows: int = 256
     commit_seconds: float = 2.0
@@ -173,13 +175,10 @@ def _stored_prediction(name: str, row: dict[str, Any]) -> Prediction:
     )
 
 
-_ZIP_MEMBER = re.compile(r"^(?P<zip>.+?\.zip):(?P<member>.+)$", re.IGNORECASE)
-
-
 def _retry_items(failures: Sequence[Failure]) -> Iterator[InputItem]:
     """Items for recorded failures: URLs, files and zip members, as they were named."""
     for i, f in enumerate(failures):
-        m = _ZIP_MEMBER.match(f.source)
+        m = ZIP_MEMBER.match(f.source)
         if f.source.lower().startswith(("http://", "https://")):
             yield InputItem(i, f.source, None, url=f.source)
         elif m and Path(m["zip"]).is_file():
@@ -285,8 +284,12 @@ class _Run:
                     pred.error or "",
                 ]
             )
-        if self.opts.sort_into and pred.ok and item.source is not None:
-            sort_into(self.opts.sort_into, pred.label, item.filename, item.source, pred.sha256)
+        if pred.ok and item.source is not None:
+            if self.opts.sort_into:
+                sort_into(self.opts.sort_into, pred.label, item.filename, item.source, pred.sha256)
+            keep = self.opts.keep_images
+            if keep == "all" or (keep == "unknown" and pred.label == UNKNOWN):
+                keep_image(self.store.ws, pred.sha256, item.source)
 
     def commit(self) -> None:
         """Write pending rows in one transaction."""
@@ -331,6 +334,10 @@ def score_inputs(
     Raises InputError before anything is stored when an input is unusable as a whole.
     """
     opts = opts or ScoreOptions()
+    if opts.keep_images not in KEEP_POLICIES:
+        raise ValueError(
+            f"keep-images must be one of {', '.join(KEEP_POLICIES)}, got {opts.keep_images!r}"
+        )
     progress = progress or (lambda stage, done, total: None)
     t0 = time.perf_counter()
     version = get_version(ws, opts.model)

@@ -412,6 +412,92 @@ def cmd_similar(args: argparse.Namespace, ws: Workspace) -> None:
     _emit(args, doc, human)
 
 
+def _print_clusters(clusters: list[dict[str, Any]]) -> None:
+    for c in clusters:
+        if c["size"] == 0:
+            continue
+        looks = ", ".join(f"{k} {v}" for k, v in list(c["top1"].items())[:2])
+        second = ", ".join(f"{k} {v}" for k, v in list(c["top2"].items())[:2])
+        name = f" '{c['name']}'" if c["name"] else ""
+        print(
+            f"  cluster {c['cluster_id']:<4} {c['status']:<9}{name} {c['size']:>5} images, "
+            f"cohesion {c['cohesion']:.3f}; Top-1: {looks}; Top-2: {second}"
+        )
+
+
+def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `cluster` verb: cluster the UNKNOWNs, or list / name / reject / trim clusters."""
+    from imagesieve.search._cluster import ClusterParams
+    from imagesieve.search._review import list_clusters, run_clustering, update_cluster
+
+    if args.name or args.reject is not None or args.exclude:
+        target = (
+            int(args.name[0])
+            if args.name
+            else args.reject
+            if args.reject is not None
+            else int(args.exclude[0])
+        )
+        row = update_cluster(
+            ws,
+            target,
+            name=args.name[1] if args.name else None,
+            reject=args.reject is not None,
+            exclude=tuple(int(i) for i in args.exclude[1:]) if args.exclude else (),
+            model=args.model,
+        )
+        _emit(args, row, lambda: _print_clusters([row]))
+        return
+    if args.list:
+        rows = list_clusters(ws, model=args.model)
+        _emit(
+            args,
+            {"clusters": rows},
+            lambda: _print_clusters(rows) if rows else print("no clusters yet"),
+        )
+        return
+    params = ClusterParams(
+        min_cluster_size=args.min_cluster_size,
+        min_samples=args.min_samples,
+        pca_dims=args.pca_dims,
+        umap_dims=args.umap_dims,
+    )
+    with _progress(not args.json) as progress:
+        run = run_clustering(ws, params, model=args.model, export=args.export, progress=progress)
+    doc = run.to_dict()
+
+    def human() -> None:
+        print(
+            f"clustered {run.images} UNKNOWN images of {run.model_version}: "
+            f"{len(run.clusters)} clusters, {run.noise} noise "
+            f"({sum(run.seconds.values()):.1f} s); folders and summary.csv in {run.export_dir}"
+        )
+        _print_clusters(run.clusters)
+
+    _emit(args, doc, human)
+
+
+def cmd_promote(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `promote` verb: a cluster's images into the training data as a (new) class."""
+    from imagesieve.search._review import promote_cluster
+
+    excluded = tuple(int(i) for i in args.exclude.split(",")) if args.exclude else ()
+    result = promote_cluster(
+        ws, args.cluster, args.name, args.into, exclude=excluded, model=args.model
+    )
+    doc = result.to_dict()
+
+    def human() -> None:
+        print(
+            f"promoted cluster {result.cluster_id} as '{result.name}': {result.copied} images copied "
+            f"into {result.dest} ({result.already_there} already there, {result.excluded} excluded, "
+            f"{len(result.missing)} no longer available)"
+        )
+        print(f"  next: imagesieve train {args.into}")
+
+    _emit(args, doc, human)
+
+
 def _parser() -> argparse.ArgumentParser:
     from imagesieve.models import DEFAULT_BACKBONE
 
@@ -558,6 +644,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--model", help="model version (default: the active one)")
     q.set_defaults(func=cmd_similar)
+
+    c = sub.add_parser(
+        "cluster", parents=[common], help="cluster the UNKNOWN images; list, name, reject clusters"
+    )
+    c.add_argument("--min-cluster-size", type=int, default=10, help="HDBSCAN (default 10)")
+    c.add_argument("--min-samples", type=int, help="HDBSCAN (default: the min cluster size)")
+    c.add_argument("--pca-dims", type=int, default=50, help="PCA before HDBSCAN (default 50)")
+    c.add_argument("--umap-dims", type=int, help="UMAP after PCA (needs umap-learn)")
+    c.add_argument("--export", metavar="DIR", help="cluster folders here (default sieve/clusters)")
+    c.add_argument("--list", action="store_true", help="list the clusters without re-running")
+    c.add_argument("--name", nargs=2, metavar=("CLUSTER", "NAME"), help="name a cluster")
+    c.add_argument("--reject", type=int, metavar="CLUSTER", help="mark a cluster rejected")
+    c.add_argument(
+        "--exclude", nargs="+", metavar=("CLUSTER", "ID"), help="leave these ids out of promotion"
+    )
+    c.add_argument("--model", help="model version (default: the active one)")
+    c.set_defaults(func=cmd_cluster)
+
+    pr = sub.add_parser(
+        "promote", parents=[common], help="copy a cluster's images into the training data"
+    )
+    pr.add_argument("cluster", type=int, metavar="CLUSTER_ID")
+    pr.add_argument("--name", required=True, help="the class name (an existing one merges)")
+    pr.add_argument("--into", required=True, metavar="DATA_DIR", help="the training ImageFolder")
+    pr.add_argument("--exclude", metavar="IDS", help="comma-separated ids to leave out")
+    pr.add_argument("--model", help="model version (default: the active one)")
+    pr.set_defaults(func=cmd_promote)
 
     r = sub.add_parser(
         "reindex", parents=[common], help="check the FAISS indexes against DuckDB; --rebuild them"

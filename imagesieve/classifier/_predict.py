@@ -65,6 +65,7 @@ class Prediction:
     neighbor_id: int | None = None
     neighbor_distance: float | None = None
     skipped: bool = False
+    cluster_id: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -92,6 +93,7 @@ class Prediction:
             "height": self.height,
             "sha256": self.sha256,
             "neighbor_id": self.neighbor_id,
+            "cluster_id": self.cluster_id,
             "neighbor_distance": (
                 None if self.neighbor_distance is None else round(self.neighbor_distance, 6)
             ),

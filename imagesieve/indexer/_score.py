@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import UNKNOWN, Prediction, Predictor, Progress
 from imagesieve.classifier._predict import PREDICTION_CSV_COLUMNS
@@ -209,6 +211,7 @@ class _Run:
         self.summary = summary
         self.version = predictor.version.name
         self.stored = store.known_content(self.version)
+        self.clusters = _live_clusters(store, self.version)
         self.this_run: dict[str, Prediction] = {}
         self.new: list[Prediction] = []
         self.rescored: list[Prediction] = []
@@ -292,7 +295,14 @@ class _Run:
                 keep_image(self.store.ws, pred.sha256, item.source)
 
     def commit(self) -> None:
-        """Write pending rows in one transaction."""
+        """Write pending rows in one transaction; new UNKNOWNs join a cluster that covers them."""
+        unknown = [p for p in self.new if p.label == UNKNOWN]
+        if self.clusters and unknown:
+            from imagesieve.search._cluster import assign_to_clusters
+
+            found = assign_to_clusters(np.stack([p.embedding for p in unknown]), self.clusters)
+            for p, c in zip(unknown, found, strict=True):
+                p.cluster_id = int(c) if c >= 0 else None
         if self.new or self.rescored or self.failures or self.sources:
             self.store.commit(
                 self.summary.batch_id,
@@ -314,6 +324,21 @@ class _Run:
         """Close the CSV report."""
         if self.csv is not None:
             self.csv_file.close()
+
+
+def _live_clusters(store: Store, model_version: str) -> list:
+    """The version's current clusters (id, centroid, radius) for assigning new UNKNOWNs."""
+    from imagesieve.search._cluster import PreviousCluster
+
+    rows = store.con.execute(
+        "SELECT cluster_id, centroid, radius FROM clusters "
+        "WHERE model_version = ? AND size > 0",
+        [model_version],
+    ).fetchall()
+    return [
+        PreviousCluster(int(c), np.zeros(0, np.int64), np.array(v, np.float32), float(r))
+        for c, v, r in rows
+    ]
 
 
 def _copy_for(name: str, pred: Prediction) -> Prediction:

@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     reason VARCHAR,                     -- why UNKNOWN: low_confidence, far_from_training, both
     neighbor_id INTEGER,                -- nearest training image (reference_images.id)
     neighbor_distance FLOAT,            -- its cosine distance
-    cluster_id INTEGER
+    cluster_id INTEGER                  -- clusters.cluster_id; -1 noise; NULL not clustered
 );
 CREATE UNIQUE INDEX IF NOT EXISTS predictions_content ON predictions (model_version, sha256);
 CREATE TABLE IF NOT EXISTS embeddings (
@@ -84,6 +84,40 @@ CREATE TABLE IF NOT EXISTS failures (
     failed_at TIMESTAMPTZ NOT NULL,
     model_version VARCHAR NOT NULL,
     resolved BOOLEAN NOT NULL DEFAULT false  -- the source was processed again later
+);
+CREATE TABLE IF NOT EXISTS clusters (
+    model_version VARCHAR NOT NULL,
+    cluster_id INTEGER NOT NULL,        -- stable across clustering runs
+    status VARCHAR NOT NULL,            -- new, named, promoted, rejected
+    name VARCHAR,
+    size INTEGER NOT NULL,              -- members at the last run (0: not found again)
+    medoid_id BIGINT,                   -- predictions.id of the member nearest the centroid
+    cohesion FLOAT,                     -- mean cosine similarity of members to the centroid
+    radius FLOAT,                       -- cosine distance covering ~95% of members
+    centroid FLOAT[],
+    top1 VARCHAR,                       -- JSON {class: members with that Top-1}
+    top2 VARCHAR,
+    run_id INTEGER,                     -- the clustering run that last saw it
+    created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    promoted_into VARCHAR,              -- the folder its images were copied into
+    PRIMARY KEY (model_version, cluster_id)
+);
+CREATE TABLE IF NOT EXISTS cluster_runs (
+    run_id INTEGER PRIMARY KEY,
+    model_version VARCHAR NOT NULL,
+    finished_at TIMESTAMPTZ NOT NULL,
+    images INTEGER NOT NULL,
+    clusters INTEGER NOT NULL,
+    noise INTEGER NOT NULL,
+    params VARCHAR,
+    seconds VARCHAR
+);
+CREATE TABLE IF NOT EXISTS cluster_exclusions (
+    model_version VARCHAR NOT NULL,
+    cluster_id INTEGER NOT NULL,
+    id BIGINT NOT NULL,                 -- a member left out of promotion
+    PRIMARY KEY (model_version, cluster_id, id)
 );
 CREATE TABLE IF NOT EXISTS reference_images (
     model_version VARCHAR NOT NULL,
@@ -438,7 +472,7 @@ class Store:
                 "reason": pa.array([p.reason for p in preds], pa.string()),
                 "neighbor_id": pa.array([p.neighbor_id for p in preds], pa.int32()),
                 "neighbor_distance": pa.array([p.neighbor_distance for p in preds], pa.float32()),
-                "cluster_id": pa.array([None] * n, pa.int32()),
+                "cluster_id": pa.array([p.cluster_id for p in preds], pa.int32()),
             }
         )
 

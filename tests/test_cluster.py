@@ -1,0 +1,324 @@
+"""Clustering of UNKNOWN embeddings: recovery of known groups, figures, stable ids, assignment."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from imagesieve.search._cluster import (
+    Cluster,
+    ClusterParams,
+    PreviousCluster,
+    assign_to_clusters,
+    cluster_embeddings,
+)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def make_blobs(seed=0, sizes=(80, 70, 60, 50, 40), d=64, spread=0.2, n_junk=40):
+    """Blobs on the unit sphere, their centres in one cone (like real embeddings), plus junk.
+
+    Returns the embeddings and the true label of each row (-1 = junk, uniform on the sphere).
+    """
+    rng = np.random.default_rng(seed)
+    common = unit(rng.normal(size=d))
+    centres = unit(common + 0.8 * unit(rng.normal(size=(len(sizes), d))))
+    x = [
+        c + spread * rng.normal(size=(m, d)) / np.sqrt(d)
+        for c, m in zip(centres, sizes, strict=True)
+    ]
+    x.append(rng.normal(size=(n_junk, d)))
+    y = np.concatenate([np.full(m, i) for i, m in enumerate(sizes)] + [np.full(n_junk, -1)])
+    return unit(np.concatenate(x)), y
+
+
+def names(y: np.ndarray, prefix: str) -> list[str]:
+    """Class names per row: mostly the blob's own, every 7th row another one."""
+    return [f"{prefix}{(v if i % 7 else v + 1) % 3}" for i, v in enumerate(y)]
+
+
+def run(ids, x, y, **kw):
+    return cluster_embeddings(np.asarray(ids), x, names(y, "a"), names(y, "b"), **kw)
+
+
+def id_of_blob(result, ids, y) -> dict[int, int]:
+    """The cluster id holding most of each blob."""
+    label = dict(zip(np.asarray(ids).tolist(), result.labels.tolist(), strict=True))
+    out = {}
+    for blob in np.unique(y[y >= 0]):
+        got = Counter(label[i] for i in np.asarray(ids)[y == blob].tolist())
+        out[int(blob)] = got.most_common(1)[0][0]
+    return out
+
+
+def test_cluster_embeddings__recovers_blobs_and_junk_is_noise():
+    x, y = make_blobs()
+    ids = np.arange(len(x)) * 3 + 100
+    res = run(ids, x, y)
+    blob = y >= 0
+    assert len(res.clusters) == 5
+    kept = blob & (res.labels >= 0)
+    assert kept.sum() >= 0.9 * blob.sum()
+    assert adjusted_rand_score(y[kept], res.labels[kept]) >= 0.9
+    assert (res.labels[~blob] == -1).mean() >= 0.9
+    assert [c.size for c in res.clusters] == sorted((c.size for c in res.clusters), reverse=True)
+    assert set(res.params.__dict__) >= {"min_cluster_size", "pca_dims", "seed"}
+    assert set(res.seconds) == {"pca", "umap", "hdbscan", "stats", "match"}
+
+
+def test_cluster_embeddings__figures_match_numpy():
+    x, y = make_blobs(seed=1)
+    ids = np.arange(len(x)) * 3 + 100
+    top1, top2 = names(y, "a"), names(y, "b")
+    res = cluster_embeddings(ids, x, top1, top2)
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    clustered = np.concatenate([c.member_ids for c in res.clusters] + [res.noise_ids])
+    assert sorted(clustered.tolist()) == sorted(ids.tolist())  # every image exactly once
+    for c in res.clusters:
+        rows = np.array([row_of[int(i)] for i in c.member_ids])
+        assert c.member_ids.dtype == np.int64 and np.all(np.diff(c.member_ids) > 0)
+        assert np.all(res.labels[rows] == c.cluster_id)
+        mean = x[rows].astype(np.float64).mean(axis=0)
+        centroid = mean / np.linalg.norm(mean)
+        np.testing.assert_allclose(c.centroid, centroid, atol=1e-5)
+        sim = x[rows].astype(np.float64) @ centroid
+        assert c.cohesion == pytest.approx(sim.mean(), abs=1e-5)
+        assert c.radius == pytest.approx(
+            np.quantile(1 - sim, 0.95, method="inverted_cdf"), abs=1e-5
+        )
+        assert (1 - sim <= c.radius + 1e-6).mean() >= 0.95
+        assert c.medoid_id == ids[rows[np.argmax(sim)]]
+        assert c.top1 == dict(Counter(top1[r] for r in rows).most_common())
+        assert list(c.top2.values()) == sorted(c.top2.values(), reverse=True)
+        assert sum(c.top2.values()) == c.size
+    assert np.all(res.labels[[row_of[int(i)] for i in res.noise_ids]] == -1)
+
+
+def test_cluster_embeddings__deterministic():
+    x, y = make_blobs(seed=2)
+    a = run(np.arange(len(x)), x, y, params=ClusterParams(seed=3))
+    b = run(np.arange(len(x)), x, y, params=ClusterParams(seed=3))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert [c.medoid_id for c in a.clusters] == [c.medoid_id for c in b.clusters]
+
+
+def test_cluster_embeddings__keeps_ids_across_runs():
+    x, y = make_blobs(seed=3, n_junk=20)
+    ids = np.arange(len(x)) * 2 + 1
+    first = run(ids, x, y, next_id=100)
+    assert sorted(c.cluster_id for c in first.clusters) == [100, 101, 102, 103, 104]
+    assert all(c.matched_from is None for c in first.clusters)
+    assert first.next_id == 105
+    # More images of the same blobs, some images gone (promoted), rows shuffled.
+    x_more, y_more = make_blobs(seed=3, sizes=(20, 20, 20, 20, 20), n_junk=10)
+    rng = np.random.default_rng(0)
+    x_more = unit(x_more + 0.01 * rng.normal(size=x_more.shape))  # not copies of the first ones
+    keep = rng.random(len(x)) > 0.1
+    x2 = np.concatenate([x[keep], x_more])
+    y2 = np.concatenate([y[keep], y_more])
+    ids2 = np.concatenate([ids[keep], 10_000 + np.arange(len(x_more))])
+    order = rng.permutation(len(x2))
+    previous = [c.as_previous() for c in first.clusters]
+    second = run(ids2[order], x2[order], y2[order], previous=previous, next_id=first.next_id)
+    assert id_of_blob(second, ids2[order], y2[order]) == id_of_blob(first, ids, y)
+    assert all(c.matched_from == c.cluster_id for c in second.clusters)
+    assert second.next_id == 105
+
+
+def test_cluster_embeddings__new_blob_gets_fresh_id_above_all_previous():
+    x, y = make_blobs(seed=4, sizes=(60, 50, 40), n_junk=0)
+    first = run(np.arange(len(x)), x, y, next_id=3)
+    previous = [c.as_previous() for c in first.clusters]
+    # A previous cluster that will not continue: its id (20) must not be given out again.
+    gone = PreviousCluster(20, np.array([90_000, 90_001]), -first.clusters[0].centroid, 0.05)
+    x_new, _ = make_blobs(seed=5, sizes=(30,), n_junk=0)
+    x2 = np.concatenate([x, x_new])
+    y2 = np.concatenate([y, np.full(30, 9)])
+    ids2 = np.arange(len(x2))
+    second = run(ids2, x2, y2, previous=[*previous, gone], next_id=first.next_id)
+    got = id_of_blob(second, ids2, y2)
+    assert {got[b] for b in (0, 1, 2)} == {c.cluster_id for c in first.clusters} == {3, 4, 5}
+    assert got[9] == 21 and second.next_id == 22
+    assert next(c for c in second.clusters if c.cluster_id == 21).matched_from is None
+
+
+def test_cluster_embeddings__split_keeps_id_on_largest_piece():
+    x, y = make_blobs(seed=6, sizes=(60, 40), n_junk=0)
+    ids = np.arange(len(x))
+    both = _previous(7, ids, x)  # an earlier run saw the two blobs as one cluster
+    res = run(ids, x, y, previous=[both], next_id=8)
+    got = id_of_blob(res, ids, y)
+    assert got == {0: 7, 1: 8}
+
+
+def test_cluster_embeddings__merge_keeps_id_of_largest_contributor():
+    x, y = make_blobs(seed=7, sizes=(60, 40), n_junk=0)
+    ids = np.arange(len(x))
+    a = np.flatnonzero(y == 0)
+    # An earlier run split blob 0 in two (ids 3 and 4); blob 1 was cluster 5.
+    previous = [
+        _previous(3, a[:25], x[a[:25]]),
+        _previous(4, a[25:], x[a[25:]]),
+        _previous(5, ids[y == 1], x[y == 1]),
+    ]
+    res = run(ids, x, y, previous=previous, next_id=6)
+    assert id_of_blob(res, ids, y) == {0: 4, 1: 5}  # 35 shared members beat 25
+    assert res.next_id == 6  # id 3 retires, nothing new
+
+
+def test_cluster_embeddings__overlap_below_half_of_smaller_is_not_a_match():
+    x, y = make_blobs(seed=8, sizes=(60, 40), n_junk=0)
+    ids = np.arange(len(x))
+    a, b = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+    mixed = np.concatenate([a[:20], b[:30]])  # 20/50 of the smaller for blob 0, 30/40 for blob 1
+    res = run(ids, x, y, previous=[_previous(2, mixed, x[mixed])], next_id=3)
+    assert id_of_blob(res, ids, y) == {0: 3, 1: 2}
+
+
+def test_cluster_embeddings__matches_by_position_without_shared_members():
+    x, y = make_blobs(seed=9, sizes=(50, 50), n_junk=0)
+    ids = np.arange(len(x))
+    first = run(ids, x, y, next_id=10)
+    # All of those images were promoted; new images of the same two kinds arrive.
+    x_new, y_new = make_blobs(seed=9, sizes=(50, 50), n_junk=0)
+    rng = np.random.default_rng(1)
+    x_new = unit(x_new + 0.02 * rng.normal(size=x_new.shape) / np.sqrt(x.shape[1]))
+    ids_new = 1000 + np.arange(len(x_new))
+    far = PreviousCluster(3, np.array([5_000]), unit(rng.normal(size=x.shape[1])), 0.1)
+    previous = [c.as_previous() for c in first.clusters] + [far]
+    second = run(ids_new, x_new, y_new, previous=previous, next_id=first.next_id)
+    assert id_of_blob(second, ids_new, y_new) == id_of_blob(first, ids, y)
+    assert second.next_id == 12
+
+
+def test_assign_to_clusters__members_in_and_far_points_out():
+    x, y = make_blobs(seed=10, n_junk=0)
+    res = run(np.arange(len(x)), x, y)
+    blob_id = id_of_blob(res, np.arange(len(x)), y)
+    x_new, y_new = make_blobs(seed=10, sizes=(30,) * 5, n_junk=50)  # same centres, new draws
+    got = assign_to_clusters(x_new, res.clusters)
+    assert got.dtype == np.int64 and got.shape == (len(x_new),)
+    expected = np.array([blob_id[int(v)] if v >= 0 else -1 for v in y_new])
+    blob = y_new >= 0
+    assert (got[blob] == expected[blob]).mean() >= 0.85
+    assert np.all(got[~blob] == -1)
+    # Previous clusters work the same, and an empty list assigns nothing.
+    previous = [c.as_previous() for c in res.clusters]
+    np.testing.assert_array_equal(assign_to_clusters(x_new, previous), got)
+    assert np.all(assign_to_clusters(x_new, []) == -1)
+    with pytest.raises(
+        ValueError,
+        match=r"clusters have centroids of shape \(64,\) \(cluster \d+\) but the embeddings have 32 dimensions",
+    ):
+        assign_to_clusters(x_new[:, :32], res.clusters)
+
+
+@pytest.mark.filterwarnings("ignore:no clusters found")
+def test_cluster_embeddings__tiny_inputs():
+    empty = cluster_embeddings(np.zeros(0, np.int64), np.zeros((0, 1280), np.float32), [], [])
+    assert empty.clusters == [] and len(empty.noise_ids) == 0 and len(empty.labels) == 0
+    assert empty.next_id == 0
+    x, y = make_blobs(seed=11, sizes=(5,), n_junk=0)
+    with pytest.warns(UserWarning, match="no clusters found among 5 images"):
+        few = run([4, 3, 2, 1, 0], x, y, next_id=5)
+    assert few.clusters == [] and few.noise_ids.tolist() == [0, 1, 2, 3, 4]
+    assert few.next_id == 5
+    for n in (10, 11, 12):  # just enough points for one cluster: no crash whatever comes out
+        x, y = make_blobs(seed=n, sizes=(n,), n_junk=0)
+        res = run(np.arange(n), x, y, params=ClusterParams(min_samples=50))
+        assert len(res.labels) == n
+    dup = np.repeat(make_blobs(seed=12, sizes=(2,), n_junk=0)[0], 15, axis=0)  # exact duplicates
+    res = run(np.arange(30), dup, np.zeros(30, int))
+    assert {int(v) for v in res.labels} <= {-1, 0, 1}
+    assert all(c.radius >= 0 for c in res.clusters)
+
+
+def test_cluster_embeddings__junk_projected_together_is_noise():
+    # With few PCA dimensions, junk (uniform on the sphere) lands on one spot of the projection
+    # and HDBSCAN alone would call it a cluster; it is far looser than the input as a whole.
+    x, y = make_blobs(seed=13, sizes=(60,) * 4, d=128, spread=0.25, n_junk=40)
+    res = run(np.arange(len(x)), x, y, params=ClusterParams(pca_dims=10))
+    assert len(res.clusters) == 4
+    assert np.all(res.labels[y == -1] == -1)
+    assert min(c.cohesion for c in res.clusters) > 0.9
+
+
+def test_cluster_embeddings__bad_input():
+    x, y = make_blobs(seed=14, sizes=(20,), n_junk=0)
+    with pytest.raises(ValueError, match=r"must be L2-normalised: row 3 \(id 3\) has norm 2"):
+        run(np.arange(20), np.where(np.arange(20)[:, None] == 3, 2 * x, x), y)
+    with pytest.raises(ValueError, match="ids must be unique"):
+        run(np.zeros(20, np.int64), x, y)
+    with pytest.raises(ValueError, match="ids must be 20 integers, one per embedding"):
+        run(np.arange(19), x, y)
+    with pytest.raises(ValueError, match="20 embeddings, 19 top1, 20 top2"):
+        cluster_embeddings(np.arange(20), x, names(y, "a")[:19], names(y, "b"))
+    prev = PreviousCluster(0, np.array([999]), np.ones(8, np.float32) / np.sqrt(8), 0.1)
+    with pytest.raises(
+        ValueError, match=r"previous clusters have centroids of shape \(8,\) \(cluster 0\)"
+    ):
+        run(np.arange(20), x, y, previous=[prev])
+
+
+def test_cluster_params__rejects_bad_values():
+    with pytest.raises(ValueError, match="min_cluster_size must be at least 2, got 1"):
+        ClusterParams(min_cluster_size=1)
+    with pytest.raises(ValueError, match="min_samples must be at least 1 or None"):
+        ClusterParams(min_samples=0)
+    with pytest.raises(ValueError, match="pca_dims must be at least 1, got 0"):
+        ClusterParams(pca_dims=0)
+    with pytest.raises(ValueError, match="umap_dims must be at least 1 or None"):
+        ClusterParams(umap_dims=0)
+
+
+def test_cluster_embeddings__umap_without_umap_learn(monkeypatch):
+    monkeypatch.setitem(sys.modules, "umap", None)  # as if not installed
+    x, y = make_blobs(seed=15, sizes=(20,), n_junk=0)
+    with pytest.raises(ImportError, match=r"umap_dims=5 needs the umap-learn package: pip install"):
+        run(np.arange(20), x, y, params=ClusterParams(umap_dims=5))
+
+
+def _previous(cluster_id, member_ids, x) -> PreviousCluster:
+    """What a store would remember of a cluster of these members."""
+    mean = x.astype(np.float64).mean(axis=0)
+    centroid = (mean / np.linalg.norm(mean)).astype(np.float32)
+    radius = float(np.quantile(1 - x @ centroid, 0.95, method="inverted_cdf"))
+    return PreviousCluster(cluster_id, np.asarray(member_ids, np.int64), centroid, radius)
+
+
+@pytest.mark.slow
+def test_cluster_embeddings__elpv_poly_cells_form_one_cluster(elpv, tmp_path):
+    from imagesieve._workspace import Workspace
+    from imagesieve.classifier._features import backbone_onnx, extract_features
+    from imagesieve.models import get_backbone_spec
+
+    poly = [im for im in elpv if im.cell_type == "poly"][:200]
+    mono = [im for im in elpv if im.cell_type == "mono"][:60]
+    onnx = backbone_onnx(Workspace(tmp_path), "efficientnet_lite0")
+    arrays, errors = extract_features(
+        onnx,
+        get_backbone_spec("efficientnet_lite0").config,
+        [im.path for im in poly + mono],
+        ("embedding",),
+    )
+    assert not any(errors)
+    x = arrays["embedding"]
+    kind = np.array(["poly"] * 200 + ["mono"] * 60)
+    res = cluster_embeddings(np.arange(260), x, list(kind), list(kind))
+    assert res.clusters and isinstance(res.clusters[0], Cluster)
+    # Measured: one cluster of 199 poly cells (no mono), 1 poly cell noise; 44 mono cells in a
+    # cluster of their own, 16 noise.
+    largest = res.clusters[0]
+    assert largest.top1 == {"poly": largest.size} and largest.size >= 170
+    poly_labels = res.labels[:200]
+    assert (poly_labels == -1).mean() <= 0.1
+    assert len(set(poly_labels[poly_labels >= 0].tolist())) <= 2
+    for c in res.clusters:
+        assert len(c.top1) == 1  # no cluster mixes the two cell types

@@ -1,0 +1,173 @@
+"""The whole loop on real images: train on mono cells -> score a mix -> poly cells UNKNOWN ->
+cluster -> promote -> retrain -> the same poly cells now known as the new class."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from imagesieve._workspace import Workspace
+from imagesieve.classifier._train import TrainOptions, train_model
+from imagesieve.cli import main
+from imagesieve.data._elpv import export_elpv
+from imagesieve.indexer import ScoreOptions, Store, score_inputs
+from imagesieve.search._cluster import ClusterParams
+from imagesieve.search._review import (
+    ReviewError,
+    list_clusters,
+    promote_cluster,
+    run_clustering,
+    update_cluster,
+)
+
+
+def label(im) -> str:
+    return "defective" if im.defective else "functional"
+
+
+@pytest.fixture(scope="module")
+def loop(elpv, tmp_path_factory):
+    """Trained on 300 mono cells; scored 60 unseen mono + 400 poly cells into the store."""
+    rng = random.Random(0)
+    mono = rng.sample([im for im in elpv if im.cell_type == "mono"], 360)
+    poly = rng.sample([im for im in elpv if im.cell_type == "poly"], 400)
+    root = tmp_path_factory.mktemp("loop")
+    data = export_elpv(root / "data", mono[:300], label)
+    ws = Workspace(root / "ws")
+    train_model(data, ws, TrainOptions())
+    kind = {str(im.path): "mono" for im in mono[300:]} | {str(im.path): "poly" for im in poly}
+    summary = score_inputs(ws, list(kind))
+    assert summary.scored == 460
+    return ws, data, kind
+
+
+def rows(ws: Workspace, sql: str, params=()) -> list[tuple]:
+    with Store(ws, check=False) as store:
+        return store.con.execute(sql, list(params)).fetchall()
+
+
+@pytest.mark.slow
+def test_review_loop__poly_cells_become_a_class(loop, tmp_path):
+    ws, data, kind = loop
+    unknown = dict(rows(ws, "SELECT source, reason FROM predictions WHERE label = 'UNKNOWN'"))
+    poly_unknown = [s for s in unknown if kind[s] == "poly"]
+    assert len(poly_unknown) >= 0.95 * 400
+
+    run = run_clustering(ws, ClusterParams(min_cluster_size=10))
+    assert run.clusters, "no cluster found"
+    members = dict(
+        rows(ws, "SELECT source, cluster_id FROM predictions WHERE cluster_id IS NOT NULL")
+    )
+    biggest = run.clusters[0]["cluster_id"]
+    in_biggest = [s for s, c in members.items() if c == biggest]
+    assert sum(kind[s] == "poly" for s in in_biggest) >= 0.9 * len(in_biggest)
+    noise = sum(c == -1 for c in members.values())
+    assert noise <= 0.5 * len(members)
+
+    # re-running keeps the ids; a name sticks to its cluster
+    update_cluster(ws, biggest, name="poly")
+    again = run_clustering(ws, ClusterParams(min_cluster_size=10))
+    named = [c for c in again.clusters if c["name"] == "poly"]
+    assert [c["cluster_id"] for c in named] == [biggest] and named[0]["status"] == "named"
+
+    # promote every poly cluster (the operator's review) into the training data, then retrain
+    poly_clusters = [
+        c["cluster_id"]
+        for c in again.clusters
+        if sum(kind[s] == "poly" for s, m in members.items() if m == c["cluster_id"])
+        > c["size"] / 2
+    ]
+    copied = 0
+    for cid in poly_clusters:
+        stray = [
+            i
+            for (i, s) in rows(ws, "SELECT id, source FROM predictions WHERE cluster_id = ?", [cid])
+            if kind[s] == "mono"
+        ]
+        result = promote_cluster(ws, cid, "poly", data, exclude=tuple(stray))
+        assert result.excluded == len(stray) and not result.missing
+        copied += result.copied
+    assert copied == len(list((data / "poly").glob("*.png"))) >= 40
+    statuses = {c["cluster_id"]: c["status"] for c in list_clusters(ws)}
+    assert all(statuses[c] == "promoted" for c in poly_clusters)
+
+    v2 = train_model(data, ws, TrainOptions()).version
+    assert v2.classes == ["defective", "functional", "poly"]
+    rescored = score_inputs(ws, [s for s in kind if kind[s] == "poly"])
+    assert rescored.model_version == "v2" and rescored.scored == 400
+    assert rescored.labels["poly"] >= 0.8 * 400, rescored.labels
+
+
+def test_review__errors_are_clear(loop, tmp_path):
+    ws, data, _ = loop
+    run_clustering(ws, ClusterParams(min_cluster_size=10), model="v1")
+    with pytest.raises(ReviewError, match="no cluster 999 for model v1"):
+        update_cluster(ws, 999, name="x", model="v1")
+    some = list_clusters(ws, model="v1")[0]["cluster_id"]
+    with pytest.raises(ReviewError, match="cannot be a class name"):
+        promote_cluster(ws, some, "../evil", data, model="v1")
+    with pytest.raises(ReviewError, match="training data folder not found"):
+        promote_cluster(ws, some, "ok", tmp_path / "nope", model="v1")
+    with pytest.raises(ReviewError, match="ids not in cluster"):
+        update_cluster(ws, some, exclude=(10**9,), model="v1")
+
+
+def test_cli__cluster_list_name_reject(loop, capsys):
+    ws, _, _ = loop
+    root = str(ws.root)
+    assert (
+        main(
+            ["cluster", "--model", "v1", "--workspace", root, "--json", "--min-cluster-size", "10"]
+        )
+        == 0
+    )
+    run = json.loads(capsys.readouterr().out)
+    cid = run["clusters"][-1]["cluster_id"]
+    assert (ws.root / "clusters" / "summary.csv").is_file()
+    assert (ws.root / "clusters" / f"cluster_{cid}").is_dir()
+    assert (
+        main(["cluster", "--model", "v1", "--workspace", root, "--reject", str(cid), "--json"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["status"] == "rejected"
+    assert main(["cluster", "--model", "v1", "--workspace", root, "--list", "--json"]) == 0
+    listed = {c["cluster_id"]: c for c in json.loads(capsys.readouterr().out)["clusters"]}
+    assert listed[cid]["status"] == "rejected"
+    assert (
+        main(
+            [
+                "promote",
+                str(cid),
+                "--model",
+                "v1",
+                "--name",
+                "x",
+                "--into",
+                root,
+                "--workspace",
+                root,
+            ]
+        )
+        == 2
+    )
+    assert "was rejected" in capsys.readouterr().err
+
+
+def test_score__new_unknowns_join_the_clusters_that_cover_them(loop, elpv):
+    ws, _, kind = loop
+    run = run_clustering(ws, ClusterParams(min_cluster_size=10), model="v1")
+    live = {c["cluster_id"] for c in run.clusters}
+    fresh = [str(im.path) for im in elpv if im.cell_type == "poly" and str(im.path) not in kind][
+        :80
+    ]
+    score_inputs(ws, fresh, ScoreOptions(model="v1"))
+    got = rows(
+        ws,
+        "SELECT cluster_id FROM predictions WHERE model_version = 'v1' AND source IN "
+        f"({', '.join('?' * len(fresh))})",
+        fresh,
+    )
+    assert len(got) == 80
+    assert all(c is None or c in live for (c,) in got)  # never noise (-1) before a run
+    assert sum(c in live for (c,) in got) >= 0.3 * 80

@@ -33,7 +33,9 @@ def test_vector_index__flat_grows_into_tuned_hnsw(tmp_path, monkeypatch):
     index = VectorIndex(tmp_path / "v1.faiss", 64)
     index.add(ids[:400], x[:400])
     assert index.kind == "flat"
-    index.add(ids[400:], x[400:])  # crosses FLAT_MAX: rebuilt as HNSW, efSearch tuned
+    index.add(ids[400:], x[400:])  # crosses FLAT_MAX: still exact while a run scores ...
+    assert index.kind == "flat" and index.ntotal == 1200
+    index.save()  # ... rebuilt as HNSW with efSearch tuned when it is saved
     assert index.kind == "hnsw" and index.ntotal == 1200
     assert (
         index.info["recall_at_10"] >= 0.97
@@ -48,7 +50,6 @@ def test_vector_index__flat_grows_into_tuned_hnsw(tmp_path, monkeypatch):
     assert recall >= 0.95
     assert np.all(np.diff(dist, axis=1) >= -1e-6) and np.all((dist >= 0) & (dist <= 2))
 
-    index.save()
     side = json.loads(index.sidecar_path.read_text())
     assert side["kind"] == "hnsw" and side["info"]["recall_at_10"] == index.info["recall_at_10"]
     again = VectorIndex.load(index.path)

@@ -217,6 +217,7 @@ class _Run:
         self.rescored: list[Prediction] = []
         self.failures: list[Failure] = []
         self.sources: list[str] = []
+        self.lookup: list[tuple[InputItem, Prediction]] = []
         self.last_commit = time.monotonic()
         self.csv = None
         if opts.csv:
@@ -233,18 +234,16 @@ class _Run:
 
     def handle(self, batch: list[tuple[InputItem, Prediction]]) -> None:
         """Route one engine batch into pending rows and outputs."""
-        lookup = [p.sha256 for _, p in batch if p.skipped and p.sha256 not in self.this_run]
-        rows = self.store.rows_by_content(self.version, lookup) if lookup else {}
         for item, pred in batch:
             self.summary.items += 1
             self.sources.append(item.name)
             if pred.skipped:
                 earlier = self.this_run.get(pred.sha256)
-                if earlier is not None:
-                    pred = _copy_for(item.name, earlier)
-                else:
-                    pred = _stored_prediction(item.name, rows[pred.sha256])
                 self.summary.already_scored += 1
+                if earlier is None:  # stored by an earlier run: its row is read at commit
+                    self.lookup.append((item, pred))
+                    continue
+                pred = _copy_for(item.name, earlier)
             elif not pred.ok:
                 self.failures.append(
                     Failure(item.name, pred.error_kind or "error", pred.error or "")
@@ -262,8 +261,9 @@ class _Run:
                     self.new.append(pred)
                     self.summary.scored += 1
             self._output(item, pred)
+        pending = len(self.new) + len(self.rescored) + len(self.failures) + len(self.lookup)
         if (
-            len(self.new) + len(self.rescored) + len(self.failures) >= self.opts.commit_rows
+            pending >= self.opts.commit_rows
             or time.monotonic() - self.last_commit >= self.opts.commit_seconds
         ):
             self.commit()
@@ -295,7 +295,15 @@ class _Run:
                 keep_image(self.store.ws, pred.sha256, item.source)
 
     def commit(self) -> None:
-        """Write pending rows in one transaction; new UNKNOWNs join a cluster that covers them."""
+        """Write pending rows in one transaction; new UNKNOWNs join a cluster that covers them.
+
+        Items already stored by earlier runs get their outputs here, from one lookup.
+        """
+        if self.lookup:
+            rows = self.store.rows_by_content(self.version, [p.sha256 for _, p in self.lookup])
+            for item, pred in self.lookup:
+                self._output(item, _stored_prediction(item.name, rows[pred.sha256]))
+            self.lookup = []
         unknown = [p for p in self.new if p.label == UNKNOWN]
         if self.clusters and unknown:
             from imagesieve.search._cluster import assign_to_clusters
@@ -331,8 +339,7 @@ def _live_clusters(store: Store, model_version: str) -> list:
     from imagesieve.search._cluster import PreviousCluster
 
     rows = store.con.execute(
-        "SELECT cluster_id, centroid, radius FROM clusters "
-        "WHERE model_version = ? AND size > 0",
+        "SELECT cluster_id, centroid, radius FROM clusters WHERE model_version = ? AND size > 0",
         [model_version],
     ).fetchall()
     return [

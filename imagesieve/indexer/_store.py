@@ -569,10 +569,10 @@ class Store:
         vectors = np.zeros((n, dim), np.float32)
         query = (
             "SELECT e.id, e.embedding FROM embeddings e JOIN predictions p USING (id) "
-            f"WHERE p.model_version = '{_quote(model_version)}' ORDER BY e.id"
+            "WHERE p.model_version = ?"
         )
         i = 0
-        for batch in self.con.sql(query).to_arrow_reader(READ_CHUNK):
+        for batch in self.con.sql(query, params=[model_version]).to_arrow_reader(READ_CHUNK):
             got_ids, got = _embedding_matrix(pa.Table.from_batches([batch]), dim)
             ids[i : i + len(got_ids)], vectors[i : i + len(got_ids)] = got_ids, got
             i += len(got_ids)
@@ -622,7 +622,3 @@ class Store:
         for index in self._indexes.values():
             if index.dirty:
                 index.save()
-
-
-def _quote(text: str) -> str:
-    return text.replace("'", "''")

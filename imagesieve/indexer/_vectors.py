@@ -137,14 +137,12 @@ class VectorIndex:
         return len(ids), int(ids.max(initial=-1)), int(ids.sum())
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add vectors under their DuckDB ids; a flat index that outgrows FLAT_MAX becomes HNSW."""
+        """Add vectors under their DuckDB ids (a flat index outgrowing FLAT_MAX turns HNSW on save)."""
         if len(ids) == 0:
             return
         x = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
         self.index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
         self.dirty = True
-        if self.kind == "flat" and self.ntotal > FLAT_MAX:
-            self._make_hnsw(*self.vectors())
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove vectors by DuckDB id (missing ids are ignored); HNSW is rebuilt without them."""
@@ -204,11 +202,13 @@ class VectorIndex:
                 "tuned_at": len(vectors),
             }
         )
-        log.info(
-            "HNSW over %d vectors: efSearch %d, recall@10 %.4f",
+        log.log(
+            logging.INFO if recall >= TARGET_RECALL else logging.WARNING,
+            "HNSW over %d vectors: efSearch %d, recall@10 %.4f (target %.2f)",
             len(vectors),
             inner.hnsw.efSearch,
             recall,
+            TARGET_RECALL,
         )
 
     def search(
@@ -239,7 +239,9 @@ class VectorIndex:
         """Write the index atomically (temp file + rename), then its sidecar."""
         import faiss
 
-        if self.kind == "hnsw" and self.ntotal >= 2 * self.info.get("tuned_at", self.ntotal):
+        if self.kind == "flat" and self.ntotal > FLAT_MAX:
+            self._make_hnsw(*self.vectors())  # once, when a run ends, not while it scores
+        elif self.kind == "hnsw" and self.ntotal >= 2 * self.info.get("tuned_at", self.ntotal):
             self.tune()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")

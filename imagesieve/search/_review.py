@@ -127,10 +127,10 @@ def _unknown_rows(
     query = (
         "SELECT p.id, coalesce(p.top1_class, '') AS top1, coalesce(p.top2_class, '') AS top2, "
         "e.embedding FROM predictions p JOIN embeddings e USING (id) "
-        f"WHERE p.model_version = '{model_version.replace(chr(39), chr(39) * 2)}' "
-        f"AND p.label = '{UNKNOWN}' ORDER BY p.id"
+        "WHERE p.model_version = ? AND p.label = ? ORDER BY p.id"
     )
-    table = pa.Table.from_batches(list(store.con.sql(query).to_arrow_reader(8192)))
+    reader = store.con.sql(query, params=[model_version, UNKNOWN]).to_arrow_reader(8192)
+    table = pa.Table.from_batches(list(reader))
     if table.num_rows == 0:
         return np.zeros(0, np.int64), np.zeros((0, 1), np.float32), [], []
     ids = table.column("id").to_numpy().astype(np.int64)

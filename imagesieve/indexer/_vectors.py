@@ -28,6 +28,8 @@ HNSW_EF_CONSTRUCTION = 40
 #: recall@10 against exact search the HNSW's efSearch is tuned to reach.
 TARGET_RECALL = 0.97
 EF_SEARCH_CANDIDATES = (16, 32, 64, 128, 256, 512)
+#: Query batches up to this size search on one thread (measured: 0.3 ms vs 3.5 ms p50 with two).
+SINGLE_QUERY_BATCH = 4
 #: Queries (sampled stored vectors) recall is measured on.
 RECALL_QUERIES = 200
 
@@ -160,6 +162,7 @@ class VectorIndex:
         import faiss
 
         t0 = time.perf_counter()
+        faiss.omp_set_num_threads(os.cpu_count() or 1)  # building uses every core
         inner = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         index = faiss.IndexIDMap2(inner)
@@ -184,17 +187,26 @@ class VectorIndex:
         ids = self.ids()
         truth = ids[exact_top_k(queries, vectors, 11)]
         inner = faiss.downcast_index(self.index.index)
-        recall = 0.0
-        for ef in EF_SEARCH_CANDIDATES:
+
+        def recall_at(ef: int) -> float:
             inner.hnsw.efSearch = ef
             _, got = self.index.search(queries, 11)
             hits = [
                 len(set(a[a != own][:10]) & set(b[b != own][:10])) / 10
                 for a, b, own in zip(got, truth, ids[sample], strict=True)
             ]
-            recall = float(np.mean(hits))
-            if recall >= TARGET_RECALL:
+            return float(np.mean(hits))
+
+        ef = EF_SEARCH_CANDIDATES[-1]
+        for candidate in EF_SEARCH_CANDIDATES:
+            if recall_at(candidate) >= TARGET_RECALL:
+                ef = candidate
                 break
+        # Stored vectors are easier queries than new images (measured: at 1M vectors the
+        # first passing efSearch gave 0.985 on stored but 0.951 on held-out queries), so keep
+        # a margin of one step: twice the efSearch, at a fraction of a millisecond more.
+        ef = min(2 * ef, EF_SEARCH_CANDIDATES[-1])
+        recall = recall_at(ef)
         self.info.update(
             {
                 "ef_search": int(inner.hnsw.efSearch),
@@ -232,6 +244,11 @@ class VectorIndex:
                 out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)
                 out_sims = np.pad(out_sims, ((0, 0), (0, pad)), constant_values=-np.inf)
         else:
+            import faiss
+
+            # one query: threads cost more than they save; batches use every core
+            single = len(x) <= SINGLE_QUERY_BATCH
+            faiss.omp_set_num_threads(1 if single else (os.cpu_count() or 1))
             out_sims, out_ids = self.index.search(x, k)
         return out_ids, np.where(out_ids >= 0, np.clip(1.0 - out_sims, 0.0, 2.0), np.inf)
 

@@ -121,7 +121,7 @@ def find_similar(
             query, kind, value = pred.embedding, "image", str(pred.source)
             prediction = pred.to_dict()
         elif id is not None:
-            if index is None or id not in set(index.ids().tolist()):
+            if index is None or not np.any(index.ids() == id):
                 raise SimilarError(f"no stored image with id {id} for model {version.name}")
             query, kind, value = index.index.reconstruct(int(id)), "id", str(id)
         else:
@@ -177,17 +177,12 @@ def _widened(index, query: np.ndarray, k: int, allowed: set[int]) -> tuple[np.nd
 def _results(store: Store, pairs: list[tuple[int, float]]) -> list[SimilarResult]:
     if not pairs:
         return []
-    import pyarrow as pa
-
-    store.con.register("_hits", pa.table({"id": pa.array([i for i, _ in pairs], pa.int64())}))
-    try:
-        rows = store.con.execute(
-            f"SELECT {', '.join('p.' + c for c in RESULT_COLUMNS[:-2])}, "
-            "strftime(p.scored_at, '%Y-%m-%dT%H:%M:%S%z'), p.sha256 "
-            "FROM predictions p JOIN _hits USING (id)"
-        ).fetchall()
-    finally:
-        store.con.unregister("_hits")
+    rows = store.con.execute(
+        f"SELECT {', '.join('p.' + c for c in RESULT_COLUMNS[:-2])}, "
+        "strftime(p.scored_at, '%Y-%m-%dT%H:%M:%S%z'), p.sha256 "
+        "FROM predictions p WHERE p.id IN (SELECT unnest(?::BIGINT[]))",
+        [[i for i, _ in pairs]],
+    ).fetchall()
     by_id = {r[0]: r for r in rows}
     out = []
     for i, d in pairs:

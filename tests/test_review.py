@@ -154,7 +154,7 @@ def test_cli__cluster_list_name_reject(loop, capsys):
     assert "was rejected" in capsys.readouterr().err
 
 
-def test_score__new_unknowns_join_the_clusters_that_cover_them(loop, elpv):
+def test_score__new_unknowns_join_clusters_and_ids_stay_stable(loop, elpv):
     ws, _, kind = loop
     run = run_clustering(ws, ClusterParams(min_cluster_size=10), model="v1")
     live = {c["cluster_id"] for c in run.clusters}
@@ -171,3 +171,16 @@ def test_score__new_unknowns_join_the_clusters_that_cover_them(loop, elpv):
     assert len(got) == 80
     assert all(c is None or c in live for (c,) in got)  # never noise (-1) before a run
     assert sum(c in live for (c,) in got) >= 0.3 * 80
+    # and a second run with those images added keeps every cluster's id
+    rerun = run_clustering(ws, ClusterParams(min_cluster_size=10), model="v1")
+    before = {c["cluster_id"]: c["size"] for c in run.clusters}
+    after = {c["cluster_id"]: c["size"] for c in rerun.clusters}
+    assert set(before) <= set(after)
+    assert sum(after.values()) >= sum(before.values())
+    moved = rows(
+        ws,
+        "SELECT count(*) FILTER (cluster_id IS NOT NULL AND cluster_id >= 0) FROM predictions "
+        f"WHERE model_version = 'v1' AND source IN ({', '.join('?' * len(fresh))})",
+        fresh,
+    )
+    assert moved[0][0] >= sum(c in live for (c,) in got)

@@ -1,4 +1,4 @@
-"""The built-in demo: ELPV solar cells, trained on mono cells, scored on a mix with poly cells."""
+"""The built-in demo: ELPV cells, trained on mono, a mix with poly scored, UNKNOWNs clustered."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from imagesieve.models import active_version
 __all__ = ["demo_split", "run_demo"]
 
 MIXED_PER_TYPE = 150
+#: Poly cells in the scored batch: enough for the UNKNOWNs to form clusters.
+POLY_SCORED = 600
 
 
 def demo_split() -> tuple[list[ElpvImage], list[ElpvImage], list[ElpvImage]]:
@@ -47,7 +49,7 @@ def run_demo(
             data_dir, ws, TrainOptions(finetune_epochs=finetune_epochs), progress
         ).version
     kind_of = {str(im.path): "mono" for im in held_out} | {
-        str(im.path): "poly" for im in poly[:MIXED_PER_TYPE]
+        str(im.path): "poly" for im in poly[:POLY_SCORED]
     }
     summary = score_inputs(ws, list(kind_of), ScoreOptions(model=version.name), progress)
     per_kind: dict[str, Counter] = {"mono": Counter(), "poly": Counter()}
@@ -59,6 +61,9 @@ def run_demo(
     for source, label, reason in rows:
         if source in kind_of:
             per_kind[kind_of[source]][f"{label} ({reason})" if reason else label] += 1
+    from imagesieve.search._review import run_clustering
+
+    clusters = run_clustering(ws, model=version.name, progress=progress)
     m = version.meta["metrics"]
     lines = [
         f"demo workspace: {ws.root}",
@@ -66,7 +71,7 @@ def run_demo(
         f"({', '.join(f'{c} {n}' for c, n in version.meta['data']['counts'].items())})",
         f"  test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, report in {version.report_dir}",
         f"scored {len(kind_of)} cells ({MIXED_PER_TYPE} unseen mono, "
-        f"{MIXED_PER_TYPE} poly, a cell type never trained on):",
+        f"{POLY_SCORED} poly, a cell type never trained on):",
     ]
     for kind, counts in per_kind.items():
         lines.append(f"  {kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
@@ -80,6 +85,17 @@ def run_demo(
         f"stored in {store.path} (batch {summary.batch_id}: {summary.scored} newly scored, "
         f"{summary.already_scored} already stored)"
     )
+    lines.append(
+        f"clustered {clusters.images} UNKNOWNs: {len(clusters.clusters)} clusters, "
+        f"{clusters.noise} noise; folders in {clusters.export_dir}"
+    )
+    for c in clusters.clusters[:5]:
+        looks = ", ".join(f"{k} {v}" for k, v in list(c["top1"].items())[:2])
+        lines.append(f"  cluster {c['cluster_id']}: {c['size']} images (Top-1: {looks})")
+    lines.append(
+        "next: imagesieve cluster --list | imagesieve similar --id N | "
+        "imagesieve promote CLUSTER --name NAME --into DATA_DIR"
+    )
     return {
         "workspace": str(ws.root),
         "model_version": version.name,
@@ -87,5 +103,6 @@ def run_demo(
         "metrics": m,
         "mixed_batch": {k: dict(v) for k, v in per_kind.items()},
         "batch": summary.to_dict() | {"predictions": None},
+        "clusters": clusters.to_dict(),
         "summary": "\n".join(lines),
     }

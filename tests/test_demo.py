@@ -14,7 +14,7 @@ def test_main__demo_trains_flags_poly_cells_unknown_then_reuses(tmp_path, capsys
     assert first["reused_model"] is False
     assert first["metrics"]["accuracy"] > 0.75
     mono, poly = first["mixed_batch"]["mono"], first["mixed_batch"]["poly"]
-    assert sum(mono.values()) == sum(poly.values()) == 150
+    assert sum(mono.values()) == 150 and sum(poly.values()) == 600
     trained_on = tmp_path / "sieve" / "demo" / "elpv-mono"
     assert sum(1 for _ in trained_on.rglob("*.png")) == 1074 - 150  # scored mono cells held out
 
@@ -23,20 +23,26 @@ def test_main__demo_trains_flags_poly_cells_unknown_then_reuses(tmp_path, capsys
     poly_far = sum(
         n for k, n in poly.items() if k.startswith("UNKNOWN (") and "far_from_training" in k
     )
-    assert poly_far >= 0.95 * 150, poly
+    assert poly_far >= 0.95 * 600, poly
     mono_known = sum(n for k, n in mono.items() if not k.startswith("UNKNOWN"))
+    mono_unknown = 150 - mono_known
     assert mono_known >= 0.8 * 150, mono
     # ... which softmax confidence alone does not: most poly cells get a confident Top-1, and
     # are UNKNOWN only because they are far from the training images.
-    assert poly.get("UNKNOWN (far_from_training)", 0) >= 0.5 * 150, poly
+    assert poly.get("UNKNOWN (far_from_training)", 0) >= 0.5 * 600, poly
+    # ... and the UNKNOWNs are clustered, exported as folders with a summary
+    clusters = first["clusters"]["clusters"]
+    assert first["clusters"]["images"] == mono_unknown + poly_far
+    assert clusters and clusters[0]["size"] >= 50
+    assert (tmp_path / "sieve" / "clusters" / "summary.csv").is_file()
 
     assert main(["demo", "--workspace", ws, "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["reused_model"] is True
     assert again["mixed_batch"] == first["mixed_batch"]
-    assert again["batch"]["already_scored"] == 300 and again["batch"]["scored"] == 0
+    assert again["batch"]["already_scored"] == 750 and again["batch"]["scored"] == 0
     con = duckdb.connect(str(tmp_path / "sieve" / "store.duckdb"), read_only=True)
     assert con.execute("SELECT count(*), count(DISTINCT sha256) FROM predictions").fetchall() == [
-        (300, 300)
+        (750, 750)
     ]
     con.close()

@@ -45,6 +45,19 @@ __all__ = [
 ]
 
 STATUSES = ("new", "named", "promoted", "rejected")
+#: What a cluster listing and ``summary.csv`` show of each cluster.
+CLUSTER_FIELDS = (
+    "cluster_id",
+    "status",
+    "name",
+    "size",
+    "cohesion",
+    "radius",
+    "medoid_id",
+    "medoid_source",
+    "top1",
+    "top2",
+)
 NOISE = -1
 
 
@@ -297,20 +310,7 @@ def _list(store: Store, model_version: str) -> list[dict[str, Any]]:
         "WHERE c.model_version = ? ORDER BY c.size DESC, c.cluster_id",
         [model_version],
     ).fetchall()
-    keys = (
-        "cluster_id",
-        "status",
-        "name",
-        "size",
-        "cohesion",
-        "radius",
-        "medoid_id",
-        "medoid_source",
-        "top1",
-        "top2",
-        "promoted_into",
-        "excluded",
-    )
+    keys = (*CLUSTER_FIELDS, "promoted_into", "excluded")
     out = []
     for r in rows:
         d = dict(zip(keys, r, strict=True))
@@ -359,40 +359,14 @@ def export_clusters(
         sort_into(dest, folder, _filename(source), content, sha)
     with open(dest / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(
-            [
-                "cluster_id",
-                "status",
-                "name",
-                "size",
-                "cohesion",
-                "radius",
-                "medoid_id",
-                "medoid_source",
-                "top1",
-                "top2",
-                "missing_images",
-            ]
-        )
+        w.writerow([*CLUSTER_FIELDS, "missing_images"])
         for c in _list(store, model_version):
             if c["size"] == 0:
                 continue
-            top = lambda h: "; ".join(f"{k} {v}" for k, v in h.items())  # noqa: E731
-            w.writerow(
-                [
-                    c["cluster_id"],
-                    c["status"],
-                    c["name"] or "",
-                    c["size"],
-                    c["cohesion"],
-                    c["radius"],
-                    c["medoid_id"],
-                    c["medoid_source"],
-                    top(c["top1"]),
-                    top(c["top2"]),
-                    missing.get(c["cluster_id"], 0),
-                ]
-            )
+            for hist in ("top1", "top2"):
+                c[hist] = "; ".join(f"{k} {v}" for k, v in c[hist].items())
+            c["name"] = c["name"] or ""
+            w.writerow([*(c[k] for k in CLUSTER_FIELDS), missing.get(c["cluster_id"], 0)])
     return dest
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -179,9 +180,7 @@ def _score_imagenet(args: argparse.Namespace, ws: Workspace) -> None:
             progress("scoring", len(preds), 0)
     if args.csv:
         write_predictions_csv(preds, args.csv)
-    counts: dict[str, int] = {}
-    for p in preds:
-        counts[p.label if p.ok else "failed"] = counts.get(p.label if p.ok else "failed", 0) + 1
+    counts = Counter(p.label if p.ok else "failed" for p in preds)
     doc = {
         "model_version": version.name,
         "threshold": predictor.threshold,

@@ -82,6 +82,18 @@ class Prediction:
         cells = [x for c, q in self.top3 for x in (c, f"{q:.6f}")]
         return cells + [""] * (len(TOP3_COLUMNS) - len(cells))
 
+    def csv_row(self) -> list[str]:
+        """This prediction as a row of the report, in PREDICTION_CSV_COLUMNS order."""
+        distance = "" if self.neighbor_distance is None else f"{self.neighbor_distance:.6f}"
+        return [
+            self.source,
+            self.label or "",
+            self.reason or "",
+            *self.top3_cells(),
+            distance,
+            self.error or "",
+        ]
+
     def to_dict(self) -> dict:
         """JSON-ready form (no embedding)."""
         return {
@@ -228,9 +240,6 @@ def write_predictions_csv(predictions: Iterable[Prediction], path: str | os.Path
         w = csv.writer(f)
         w.writerow(PREDICTION_CSV_COLUMNS)
         for p in predictions:
-            distance = "" if p.neighbor_distance is None else f"{p.neighbor_distance:.6f}"
-            w.writerow(
-                [p.source, p.label or "", p.reason or "", *p.top3_cells(), distance, p.error or ""]
-            )
+            w.writerow(p.csv_row())
             n += 1
     return n

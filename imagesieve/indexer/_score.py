@@ -211,7 +211,9 @@ class _Run:
         self.summary = summary
         self.version = predictor.version.name
         self.stored = store.known_content(self.version)
-        self.clusters = _live_clusters(store, self.version)
+        from imagesieve.search._review import load_clusters  # local: search imports the indexer
+
+        self.clusters = load_clusters(store, self.version)[0]
         self.this_run: dict[str, Prediction] = {}
         self.new: list[Prediction] = []
         self.rescored: list[Prediction] = []
@@ -276,17 +278,7 @@ class _Run:
         if len(self.summary.shown) < SHOW:
             self.summary.shown.append(pred)
         if self.csv is not None:
-            distance = "" if pred.neighbor_distance is None else f"{pred.neighbor_distance:.6f}"
-            self.csv.writerow(
-                [
-                    pred.source,
-                    pred.label or "",
-                    pred.reason or "",
-                    *pred.top3_cells(),
-                    distance,
-                    pred.error or "",
-                ]
-            )
+            self.csv.writerow(pred.csv_row())
         if pred.ok and item.source is not None:
             if self.opts.sort_into:
                 sort_into(self.opts.sort_into, pred.label, item.filename, item.source, pred.sha256)
@@ -332,20 +324,6 @@ class _Run:
         """Close the CSV report."""
         if self.csv is not None:
             self.csv_file.close()
-
-
-def _live_clusters(store: Store, model_version: str) -> list:
-    """The version's current clusters (id, centroid, radius) for assigning new UNKNOWNs."""
-    from imagesieve.search._cluster import PreviousCluster
-
-    rows = store.con.execute(
-        "SELECT cluster_id, centroid, radius FROM clusters WHERE model_version = ? AND size > 0",
-        [model_version],
-    ).fetchall()
-    return [
-        PreviousCluster(int(c), np.zeros(0, np.int64), np.array(v, np.float32), float(r))
-        for c, v, r in rows
-    ]
 
 
 def _copy_for(name: str, pred: Prediction) -> Prediction:

@@ -22,7 +22,7 @@ from imagesieve._workspace import Workspace
 from imagesieve.classifier import Prediction
 from imagesieve.indexer._vectors import VectorIndex
 
-__all__ = ["STORE_FILE", "Failure", "IndexCheck", "Store", "StoreBusyError"]
+__all__ = ["STORE_FILE", "Failure", "IndexCheck", "Store", "StoreBusyError", "embedding_matrix"]
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _embedding_matrix(table, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def embedding_matrix(table, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """An Arrow table (id, embedding list) -> (ids, (n, d) float32)."""
     import pyarrow.compute as pc
 
@@ -573,7 +573,7 @@ class Store:
         )
         i = 0
         for batch in self.con.sql(query, params=[model_version]).to_arrow_reader(READ_CHUNK):
-            got_ids, got = _embedding_matrix(pa.Table.from_batches([batch]), dim)
+            got_ids, got = embedding_matrix(pa.Table.from_batches([batch]), dim)
             ids[i : i + len(got_ids)], vectors[i : i + len(got_ids)] = got_ids, got
             i += len(got_ids)
         return ids[:i], vectors[:i]
@@ -596,7 +596,7 @@ class Store:
                 "SELECT e.id, e.embedding FROM embeddings e JOIN _want_ids USING (id) ORDER BY e.id"
             )
             for batch in self.con.sql(query).to_arrow_reader(READ_CHUNK):
-                got_ids, vectors = _embedding_matrix(pa.Table.from_batches([batch]), index.dim)
+                got_ids, vectors = embedding_matrix(pa.Table.from_batches([batch]), index.dim)
                 index.add(got_ids, vectors)
         finally:
             self.con.unregister("_want_ids")

@@ -23,6 +23,7 @@ from imagesieve.classifier import UNKNOWN, Progress
 from imagesieve.indexer import Store
 from imagesieve.indexer._images import image_source
 from imagesieve.indexer._score import sort_into
+from imagesieve.indexer._store import embedding_matrix
 from imagesieve.models import get_version
 from imagesieve.search._cluster import (
     Clustering,
@@ -135,7 +136,6 @@ def _unknown_rows(
 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Ids, embeddings, Top-1 and Top-2 classes of the version's UNKNOWN images."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     query = (
         "SELECT p.id, coalesce(p.top1_class, '') AS top1, coalesce(p.top2_class, '') AS top2, "
@@ -144,15 +144,7 @@ def _unknown_rows(
     )
     reader = store.con.sql(query, params=[model_version, UNKNOWN]).to_arrow_reader(8192)
     table = pa.Table.from_batches(list(reader))
-    if table.num_rows == 0:
-        return np.zeros(0, np.int64), np.zeros((0, 1), np.float32), [], []
-    ids = table.column("id").to_numpy().astype(np.int64)
-    x = (
-        pc.list_flatten(table.column("embedding"))
-        .to_numpy()
-        .astype(np.float32)
-        .reshape(len(ids), -1)
-    )
+    ids, x = embedding_matrix(table, 1)
     return ids, x, table.column("top1").to_pylist(), table.column("top2").to_pylist()
 
 
@@ -422,11 +414,16 @@ def update_cluster(
                 raise ReviewError(
                     f"ids not in cluster {cluster_id}: {', '.join(map(str, strangers))}"
                 )
-            store.con.executemany(
-                "INSERT OR IGNORE INTO cluster_exclusions VALUES (?, ?, ?)",
-                [[version, cluster_id, int(i)] for i in exclude],
-            )
+            _exclude(store, version, cluster_id, exclude)
         return next(c for c in _list(store, version) if c["cluster_id"] == cluster_id)
+
+
+def _exclude(store: Store, model_version: str, cluster_id: int, ids: tuple[int, ...]) -> None:
+    """Record ids to leave out of a cluster's promotion (idempotent)."""
+    store.con.executemany(
+        "INSERT OR IGNORE INTO cluster_exclusions VALUES (?, ?, ?)",
+        [[model_version, cluster_id, int(i)] for i in ids],
+    )
 
 
 def _class_name(name: str) -> str:
@@ -469,10 +466,7 @@ def promote_cluster(
         if status == "rejected":
             raise ReviewError(f"cluster {cluster_id} was rejected; name it again to promote it")
         if exclude:
-            update_ids = [[version, cluster_id, int(i)] for i in exclude]
-            store.con.executemany(
-                "INSERT OR IGNORE INTO cluster_exclusions VALUES (?, ?, ?)", update_ids
-            )
+            _exclude(store, version, cluster_id, exclude)
         excluded = {
             r[0]
             for r in store.con.execute(

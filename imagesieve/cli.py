@@ -373,12 +373,51 @@ def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace, ws: Workspace) -> None:
-    """The `demo` verb: ELPV mono cells -> train -> evaluate -> score a mixed batch."""
+    """The `demo` verb: ELPV mono cells -> train -> evaluate -> score a mixed batch -> serve."""
     from imagesieve._demo import run_demo
 
     with _progress(not args.json) as progress:
         doc = run_demo(ws, progress=progress, finetune_epochs=args.finetune_epochs)
     _emit(args, doc, lambda: print(doc["summary"]))
+    if args.serve:
+        cmd_serve(args, ws)
+
+
+def cmd_serve(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `serve` verb: the Gradio app and the REST API until Ctrl-C."""
+    from imagesieve.app import Limits, Service
+    from imagesieve.app._server import serve
+
+    limits = Limits(max_file_bytes=args.max_upload_mb * 2**20)
+    out = sys.stderr if args.json else sys.stdout
+
+    def ready(url: str) -> None:
+        print(f"serving {ws.root} on {url}  (API: {url}/api/v1/docs; Ctrl-C to stop)", file=out)
+        out.flush()
+
+    with Service(ws, limits=limits) as service:
+        serve(service, args.host, args.port, auth=args.auth, token=args.token, on_ready=ready)
+
+
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1, this machine only)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=7860, help="port (default 7860; 0: any free one)"
+    )
+    parser.add_argument(
+        "--auth", metavar="USER:PASSWORD", help="login for the app (required beyond loopback)"
+    )
+    parser.add_argument(
+        "--token",
+        help="bearer token for the API (default $IMAGESIEVE_API_TOKEN; required beyond loopback)",
+    )
+    parser.add_argument(
+        "--max-upload-mb", type=int, default=50, help="largest file accepted per upload (MB)"
+    )
 
 
 def cmd_similar(args: argparse.Namespace, ws: Workspace) -> None:
@@ -717,7 +756,17 @@ def _parser() -> argparse.ArgumentParser:
         "demo", parents=[common], help="the built-in end-to-end demo on ELPV solar cells"
     )
     d.add_argument("--finetune-epochs", type=int, default=0)
+    d.add_argument(
+        "--no-serve", dest="serve", action="store_false", help="stop after populating the workspace"
+    )
+    _add_serve_args(d)
     d.set_defaults(func=cmd_demo)
+
+    sv = sub.add_parser(
+        "serve", parents=[common], help="the Gradio app and the REST API over the workspace"
+    )
+    _add_serve_args(sv)
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -1,7 +1,12 @@
 import json
+import re
+import signal
+import subprocess
+import sys
 
 import duckdb
 import pytest
+import requests
 
 from imagesieve.cli import main
 
@@ -9,7 +14,7 @@ from imagesieve.cli import main
 @pytest.mark.slow
 def test_main__demo_trains_flags_poly_cells_unknown_then_reuses(tmp_path, capsys):
     ws = str(tmp_path / "sieve")
-    assert main(["demo", "--workspace", ws, "--json"]) == 0
+    assert main(["demo", "--workspace", ws, "--json", "--no-serve"]) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["reused_model"] is False
     assert first["metrics"]["accuracy"] > 0.75
@@ -36,7 +41,7 @@ def test_main__demo_trains_flags_poly_cells_unknown_then_reuses(tmp_path, capsys
     assert clusters and clusters[0]["size"] >= 50
     assert (tmp_path / "sieve" / "clusters" / "summary.csv").is_file()
 
-    assert main(["demo", "--workspace", ws, "--json"]) == 0
+    assert main(["demo", "--workspace", ws, "--json", "--no-serve"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["reused_model"] is True
     assert again["mixed_batch"] == first["mixed_batch"]
@@ -46,3 +51,27 @@ def test_main__demo_trains_flags_poly_cells_unknown_then_reuses(tmp_path, capsys
         (750, 750)
     ]
     con.close()
+
+    # The README's command ends serving the populated app: health, stored rows and clusters.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagesieve.cli", "demo", "--workspace", ws, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = None
+        for line in proc.stdout:
+            if line.startswith("serving "):
+                url = re.search(r"on (http://\S+)", line)[1]
+                break
+        assert url, proc.stderr.read()
+        health = requests.get(f"{url}/api/v1/health", timeout=30).json()
+        assert health["model_version"] == "v1" and health["stored_images"] == 750
+        clusters = requests.get(f"{url}/api/v1/clusters", timeout=30).json()["clusters"]
+        assert [c["size"] for c in clusters] == [c["size"] for c in first["clusters"]["clusters"]]
+        page = requests.get(url + "/", timeout=30)
+        assert page.status_code == 200 and "gradio" in page.text.lower()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) in (0, 130)

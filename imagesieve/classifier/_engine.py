@@ -101,9 +101,10 @@ class ScoringEngine:
             )
         )
 
-    def _prepare(
-        self, item: EngineItem, skip: SkipContent | None
+    def prepare(
+        self, item: EngineItem, skip: SkipContent | None = None
     ) -> tuple[EngineResult, np.ndarray | None]:
+        """Hash, decode and preprocess one input: its result so far and its pixels (None if not to run)."""
         name, source = _split_item(item)
         if isinstance(source, ImageLoadError):
             return EngineResult(source=name, error=source), None
@@ -146,7 +147,7 @@ class ScoringEngine:
                     item = next(it, _END)
                     if item is _END:
                         return
-                    pending.append(decode.submit(self._prepare, item, skip))
+                    pending.append(decode.submit(self.prepare, item, skip))
 
             fill()
             while pending:
@@ -154,15 +155,16 @@ class ScoringEngine:
                     pending.popleft().result() for _ in range(min(self.batch_size, len(pending)))
                 ]
                 fill()  # queue the next images before the forward pass so decoding overlaps it
-                running.append(infer.submit(self._forward_batch, batch))
+                running.append(infer.submit(self.forward_prepared, batch))
                 if len(running) >= self.streams:
                     yield running.popleft().result()
             while running:
                 yield running.popleft().result()
 
-    def _forward_batch(
+    def forward_prepared(
         self, batch: list[tuple[EngineResult, np.ndarray | None]]
     ) -> list[EngineResult]:
+        """One forward pass over prepared inputs; fills each runnable result's ``outputs``."""
         ok = [(r, x) for r, x in batch if x is not None]
         if ok:
             out = self.forward(np.stack([x for _, x in ok]))

@@ -66,6 +66,7 @@ class Prediction:
     neighbor_distance: float | None = None
     skipped: bool = False
     cluster_id: int | None = None
+    id: int | None = None  # the store's row id, once stored
 
     @property
     def ok(self) -> bool:
@@ -97,6 +98,7 @@ class Prediction:
     def to_dict(self) -> dict:
         """JSON-ready form (no embedding)."""
         return {
+            "id": self.id,
             "source": self.source,
             "label": self.label,
             "reason": self.reason,
@@ -172,7 +174,8 @@ class Predictor:
                 out.append((top3[0][0], None, top3))
         return out
 
-    def _predictions(self, batch: list[EngineResult]) -> list[Prediction]:
+    def predictions(self, batch: list[EngineResult]) -> list[Prediction]:
+        """Engine results -> predictions (Top-3, nearest training image, decision), in order."""
         ok = [r for r in batch if r.outputs is not None]
         probs = (
             softmax(np.stack([r.outputs["logits"] for r in ok]))
@@ -222,7 +225,7 @@ class Predictor:
         Content accepted by ``skip(sha256)`` comes back as ``skipped`` predictions, undecoded.
         """
         for batch in self.engine.run(items, skip):
-            yield self._predictions(batch)
+            yield self.predictions(batch)
 
     def score(self, items: Iterable[EngineItem]) -> Iterator[Prediction]:
         """Score a stream of images one prediction at a time, in input order."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def keep_image(ws: Workspace, sha256: str, source: str | bytes) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     if isinstance(source, bytes):
         tmp.write_bytes(source)
     else:

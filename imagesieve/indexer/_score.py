@@ -30,10 +30,17 @@ from imagesieve.data import ImageLoadError
 from imagesieve.indexer._fetch import FetchOptions, fetch_items
 from imagesieve.indexer._images import KEEP_POLICIES, ZIP_MEMBER, keep_image
 from imagesieve.indexer._inputs import InputItem, _read_member, expand_inputs
-from imagesieve.indexer._store import Failure, IndexCheck, Store
+from imagesieve.indexer._store import Failure, IndexCheck, Store, using_store
 from imagesieve.models import get_version
 
-__all__ = ["ScoreOptions", "ScoreSummary", "score_inputs", "sort_into"]
+__all__ = [
+    "ScoreOptions",
+    "ScoreSummary",
+    "assign_unknowns",
+    "score_inputs",
+    "sort_into",
+    "stored_prediction",
+]
 
 #: Failure kind of files left out on purpose (non-image extensions inside folders and zips).
 IGNORED = "ignored"
@@ -156,7 +163,7 @@ def sort_into(
     raise AssertionError("unreachable")
 
 
-def _stored_prediction(name: str, row: dict[str, Any]) -> Prediction:
+def stored_prediction(name: str, row: dict[str, Any]) -> Prediction:
     """A stored row as a Prediction for reports (no embedding)."""
     top3 = [
         (row[f"top{i}_class"], float(row[f"top{i}_prob"]))
@@ -174,6 +181,8 @@ def _stored_prediction(name: str, row: dict[str, Any]) -> Prediction:
         neighbor_id=row["neighbor_id"],
         neighbor_distance=row["neighbor_distance"],
         skipped=True,
+        cluster_id=row["cluster_id"],
+        id=row["id"],
     )
 
 
@@ -197,6 +206,17 @@ def _retry_items(failures: Sequence[Failure]) -> Iterator[InputItem]:
                 yield InputItem(i, f.source, None, error=error, member=m["member"])
         else:
             yield InputItem(i, f.source, f.source)
+
+
+def assign_unknowns(preds: Sequence[Prediction], clusters: Sequence[Any]) -> None:
+    """New UNKNOWNs join the existing cluster that covers them (``cluster_id``), if any."""
+    unknown = [p for p in preds if p.label == UNKNOWN and p.embedding is not None]
+    if clusters and unknown:
+        from imagesieve.search._cluster import assign_to_clusters  # search imports the indexer
+
+        found = assign_to_clusters(np.stack([p.embedding for p in unknown]), clusters)
+        for p, c in zip(unknown, found, strict=True):
+            p.cluster_id = int(c) if c >= 0 else None
 
 
 class _Run:
@@ -294,15 +314,9 @@ class _Run:
         if self.lookup:
             rows = self.store.rows_by_content(self.version, [p.sha256 for _, p in self.lookup])
             for item, pred in self.lookup:
-                self._output(item, _stored_prediction(item.name, rows[pred.sha256]))
+                self._output(item, stored_prediction(item.name, rows[pred.sha256]))
             self.lookup = []
-        unknown = [p for p in self.new if p.label == UNKNOWN]
-        if self.clusters and unknown:
-            from imagesieve.search._cluster import assign_to_clusters
-
-            found = assign_to_clusters(np.stack([p.embedding for p in unknown]), self.clusters)
-            for p, c in zip(unknown, found, strict=True):
-                p.cluster_id = int(c) if c >= 0 else None
+        assign_unknowns(self.new, self.clusters)
         if self.new or self.rescored or self.failures or self.sources:
             self.store.commit(
                 self.summary.batch_id,
@@ -338,10 +352,14 @@ def score_inputs(
     inputs: Sequence[str],
     opts: ScoreOptions | None = None,
     progress: Progress | None = None,
+    *,
+    store: Store | None = None,
+    predictor: Predictor | None = None,
 ) -> ScoreSummary:
     """Score files, folders, zips, CSV/XLSX lists and URLs into the store; returns the summary.
 
-    Raises InputError before anything is stored when an input is unusable as a whole.
+    Raises InputError before anything is stored when an input is unusable as a whole. A server
+    passes its long-lived ``store`` and ``predictor``; otherwise both are opened for the run.
     """
     opts = opts or ScoreOptions()
     if opts.keep_images not in KEEP_POLICIES:
@@ -350,19 +368,20 @@ def score_inputs(
         )
     progress = progress or (lambda stage, done, total: None)
     t0 = time.perf_counter()
-    version = get_version(ws, opts.model)
+    version = predictor.version if predictor is not None else get_version(ws, opts.model)
     if version.meta.get("kind") != "trained":
         raise ValueError(
             f"{version.name} is not a trained version; only trained versions are stored"
         )
-    predictor = Predictor(
-        version,
-        threshold=opts.threshold,
-        distance_threshold=opts.distance_threshold,
-        batch_size=opts.batch_size,
-    )
+    if predictor is None:
+        predictor = Predictor(
+            version,
+            threshold=opts.threshold,
+            distance_threshold=opts.distance_threshold,
+            batch_size=opts.batch_size,
+        )
     expander = None if opts.retry_failed else expand_inputs(inputs, column=opts.column)
-    with Store(ws) as store:
+    with using_store(ws, store) as store:
         if predictor.reference is not None:
             store.register_version(
                 version.name, predictor.reference.sources, predictor.reference.labels

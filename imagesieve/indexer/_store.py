@@ -9,9 +9,12 @@ embeddings (or rebuilds it), so the two never disagree for long and nothing comm
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import logging
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,15 @@ from imagesieve._workspace import Workspace
 from imagesieve.classifier import Prediction
 from imagesieve.indexer._vectors import VectorIndex
 
-__all__ = ["STORE_FILE", "Failure", "IndexCheck", "Store", "StoreBusyError", "embedding_matrix"]
+__all__ = [
+    "STORE_FILE",
+    "Failure",
+    "IndexCheck",
+    "Store",
+    "StoreBusyError",
+    "embedding_matrix",
+    "using_store",
+]
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +207,29 @@ def embedding_matrix(table, dim: int | None = None) -> tuple[np.ndarray, np.ndar
     return ids, flat.reshape(len(ids), -1)
 
 
+def _locked(method: Callable) -> Callable:
+    """Run a Store method holding the store's lock: one thread at a time on its connection."""
+
+    @functools.wraps(method)
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def using_store(
+    ws: Workspace, store: Store | None = None, *, check: bool = True
+) -> Iterator[Store]:
+    """The given long-lived store (left open), or the workspace's store opened for this block."""
+    if store is not None:
+        yield store
+        return
+    with Store(ws, check=check) as opened:
+        yield opened
+
+
 class Store:
     """The workspace's store: open it, write scored batches, read back rows and the vector index.
 
@@ -203,12 +237,16 @@ class Store:
     a dead process as interrupted, and checks every version's FAISS index against DuckDB,
     catching it up or rebuilding it. ``read_only=True`` opens for reading alongside nothing else
     writing (DuckDB's rule) and checks nothing.
+
+    A long-lived store is shared by threads (the server): every method holds ``lock``, and
+    code reading ``con`` directly takes it too.
     """
 
     def __init__(self, ws: Workspace, *, read_only: bool = False, check: bool = True):
         import duckdb
 
         self.ws = ws
+        self.lock = threading.RLock()
         self.path = ws.root / STORE_FILE
         self.read_only = read_only
         if read_only and not self.path.is_file():
@@ -225,6 +263,7 @@ class Store:
                 ) from None
             raise
         self._indexes: dict[str, VectorIndex] = {}
+        self._content: dict[str, set[str]] = {}
         self.checks: list[IndexCheck] = []
         if not read_only:
             self.con.execute(SCHEMA)
@@ -240,6 +279,7 @@ class Store:
             self.checks = [self.check_index(v) for v in self.versions()]
 
     # -- lifecycle ------------------------------------------------------------------------
+    @_locked
     def close(self) -> None:
         """Save changed indexes and close DuckDB."""
         try:
@@ -254,6 +294,7 @@ class Store:
         self.close()
 
     # -- batches --------------------------------------------------------------------------
+    @_locked
     def begin_batch(
         self, model_version: str, inputs: Sequence[str], options: dict[str, Any]
     ) -> int:
@@ -276,6 +317,7 @@ class Store:
         )
         return batch_id
 
+    @_locked
     def finish_batch(self, batch_id: int, status: str, counts: dict[str, int]) -> None:
         """Mark a batch done (or interrupted) with its final counts."""
         cols = ("n_items", "n_scored", "n_skipped", "n_unknown", "n_failed")
@@ -287,6 +329,7 @@ class Store:
         )
 
     # -- rows -----------------------------------------------------------------------------
+    @_locked
     def versions(self) -> list[str]:
         """Model versions with stored rows."""
         rows = self.con.execute(
@@ -294,17 +337,31 @@ class Store:
         ).fetchall()
         return [r[0] for r in rows]
 
+    @_locked
     def row_count(self, model_version: str) -> int:
         """Stored images of a model version."""
         return self._db_stats(model_version)[0]
 
+    @_locked
     def known_content(self, model_version: str) -> set[str]:
-        """SHA-256 of every image already scored with ``model_version``."""
-        rows = self.con.execute(
-            "SELECT sha256 FROM predictions WHERE model_version = ?", [model_version]
-        ).fetchall()
-        return {r[0] for r in rows}
+        """SHA-256 of every image already scored with ``model_version`` (a copy)."""
+        return set(self._stored_content(model_version))
 
+    @_locked
+    def has_content(self, model_version: str, sha256: str) -> bool:
+        """True when this content is already stored with ``model_version``."""
+        return sha256 in self._stored_content(model_version)
+
+    def _stored_content(self, model_version: str) -> set[str]:
+        """The live set behind ``known_content``, read once and kept up to date by ``commit``."""
+        if model_version not in self._content:
+            rows = self.con.execute(
+                "SELECT sha256 FROM predictions WHERE model_version = ?", [model_version]
+            ).fetchall()
+            self._content[model_version] = {r[0] for r in rows}
+        return self._content[model_version]
+
+    @_locked
     def rows_by_content(
         self, model_version: str, sha256s: Iterable[str]
     ) -> dict[str, dict[str, Any]]:
@@ -327,6 +384,7 @@ class Store:
             self.con.unregister("_wanted")
         return {r["sha256"]: r for r in rows}
 
+    @_locked
     def register_version(
         self, model_version: str, sources: Sequence[str], labels: Sequence[str]
     ) -> None:
@@ -352,6 +410,7 @@ class Store:
         finally:
             self.con.unregister("_ref")
 
+    @_locked
     def commit(
         self,
         batch_id: int,
@@ -366,10 +425,19 @@ class Store:
         ``new`` rows are inserted with their embeddings; ``rescored`` rows (content already
         stored with this version) have their prediction replaced in place; ``failures`` are
         recorded; earlier failures of every processed source are marked resolved. The FAISS
-        index follows in memory once DuckDB has committed.
+        index follows in memory once DuckDB has committed. Each new prediction gets its ``id``;
+        content another writer of this process stored meanwhile is not inserted twice.
         """
         import pyarrow as pa
 
+        stored = self._stored_content(model_version)
+        dup = [p for p in new if p.sha256 in stored]
+        if dup:
+            log.info("%d images were stored meanwhile by another request; kept once", len(dup))
+            new = [p for p in new if p.sha256 not in stored]
+            rows = self.rows_by_content(model_version, [p.sha256 for p in dup])
+            for p in dup:
+                p.id = int(rows[p.sha256]["id"])
         now = _now()
         ids = np.arange(self._next_id, self._next_id + len(new), dtype=np.int64)
         emb = np.stack([p.embedding for p in new]).astype(np.float32) if new else None
@@ -440,6 +508,9 @@ class Store:
             for name in tables:
                 self.con.unregister(name)
         self._next_id += len(new)
+        stored.update(p.sha256 for p in new)
+        for i, p in zip(ids, new, strict=True):
+            p.id = int(i)
         if index is not None:
             index.add(ids, emb)
         return ids
@@ -476,6 +547,7 @@ class Store:
             }
         )
 
+    @_locked
     def unresolved_failures(self) -> list[Failure]:
         """The latest failure of every source not processed since (ignored files excluded)."""
         rows = self.con.execute(
@@ -505,6 +577,7 @@ class Store:
         ).fetchall()
         return int(row[0][0]) if row else None
 
+    @_locked
     def check_index(self, model_version: str) -> IndexCheck:
         """Compare a version's FAISS index with DuckDB; catch it up, repair or rebuild it."""
         import time
@@ -539,6 +612,7 @@ class Store:
             model_version, db[0], action, len(missing), len(extra), time.perf_counter() - t0
         )
 
+    @_locked
     def rebuild_index(self, model_version: str) -> IndexCheck:
         """Build a version's FAISS index afresh from the embeddings in DuckDB, and save it."""
         import time
@@ -601,6 +675,7 @@ class Store:
         finally:
             self.con.unregister("_want_ids")
 
+    @_locked
     def index(self, model_version: str, dim: int | None = None) -> VectorIndex:
         """The version's FAISS index, loaded (and checked) on first use; empty when new."""
         if model_version not in self._indexes:
@@ -615,6 +690,7 @@ class Store:
                 self._indexes[model_version] = index
         return self._indexes[model_version]
 
+    @_locked
     def save_indexes(self) -> None:
         """Save every index changed since it was loaded."""
         if self.read_only:

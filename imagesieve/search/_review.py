@@ -23,7 +23,7 @@ from imagesieve.classifier import UNKNOWN, Progress
 from imagesieve.indexer import Store
 from imagesieve.indexer._images import image_source
 from imagesieve.indexer._score import sort_into
-from imagesieve.indexer._store import embedding_matrix
+from imagesieve.indexer._store import embedding_matrix, using_store
 from imagesieve.models import get_version
 from imagesieve.search._cluster import (
     Clustering,
@@ -153,6 +153,7 @@ def run_clustering(
     params: ClusterParams | None = None,
     *,
     model: str | None = None,
+    store: Store | None = None,
     export: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> ClusterRun:
@@ -166,7 +167,7 @@ def run_clustering(
     params = params or ClusterParams()
     progress = progress or (lambda stage, done, total: None)
     version = get_version(ws, model).name
-    with Store(ws) as store:
+    with using_store(ws, store) as store, store.lock:
         progress("clustering", 0, 1)
         ids, x, top1, top2 = _unknown_rows(store, version)
         previous, next_id = load_clusters(store, version)
@@ -313,10 +314,12 @@ def _list(store: Store, model_version: str) -> list[dict[str, Any]]:
     return out
 
 
-def list_clusters(ws: Workspace, *, model: str | None = None) -> list[dict[str, Any]]:
+def list_clusters(
+    ws: Workspace, *, model: str | None = None, store: Store | None = None
+) -> list[dict[str, Any]]:
     """The version's clusters, largest first, with status, name, size, medoid and histograms."""
     version = get_version(ws, model).name
-    with Store(ws, check=False) as store:
+    with using_store(ws, store, check=False) as store, store.lock:
         return _list(store, version)
 
 
@@ -390,10 +393,11 @@ def update_cluster(
     reject: bool = False,
     exclude: tuple[int, ...] = (),
     model: str | None = None,
+    store: Store | None = None,
 ) -> dict[str, Any]:
     """Name a cluster, reject it, or exclude member ids from its promotion; returns its row."""
     version = get_version(ws, model).name
-    with Store(ws, check=False) as store:
+    with using_store(ws, store, check=False) as store, store.lock:
         _check_cluster(store, version, cluster_id)
         if name is not None:
             name = _class_name(name)
@@ -449,6 +453,7 @@ def promote_cluster(
     *,
     exclude: tuple[int, ...] = (),
     model: str | None = None,
+    store: Store | None = None,
 ) -> PromoteResult:
     """Copy a cluster's images (minus excluded ids) into the training data; mark it promoted.
 
@@ -461,7 +466,7 @@ def promote_cluster(
     if not into.is_dir():
         raise ReviewError(f"training data folder not found: {into}")
     dest = into / "train" / name if (into / "train").is_dir() else into / name
-    with Store(ws, check=False) as store:
+    with using_store(ws, store, check=False) as store, store.lock:
         status, _ = _check_cluster(store, version, cluster_id)
         if status == "rejected":
             raise ReviewError(f"cluster {cluster_id} was rejected; name it again to promote it")

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from imagesieve._workspace import Workspace
+from imagesieve.classifier import Predictor
 from imagesieve.indexer import Store
+from imagesieve.indexer._store import using_store
 from imagesieve.models import get_version
 
 __all__ = ["SimilarQuery", "SimilarResult", "find_similar"]
@@ -60,7 +62,7 @@ class SimilarResult:
 class SimilarQuery:
     """What was searched for, and how."""
 
-    kind: str  # image, id, class
+    kind: str  # image, id, class, embedding
     value: str
     model_version: str
     k: int
@@ -96,24 +98,30 @@ def find_similar(
     image: str | os.PathLike | bytes | None = None,
     id: int | None = None,  # noqa: A002 - the store's column name
     class_name: str | None = None,
+    embedding: np.ndarray | None = None,
     k: int = 10,
     max_distance: float | None = None,
     where: str | None = None,
     model: str | None = None,
+    store: Store | None = None,
+    predictor: Predictor | None = None,
 ) -> tuple[SimilarQuery, list[SimilarResult]]:
-    """The k stored images nearest to an image, a stored id or a class centroid."""
-    if sum(x is not None for x in (image, id, class_name)) != 1:
+    """The k stored images nearest to an image, a stored id or a class centroid.
+
+    A server passes its long-lived ``store`` and ``predictor`` (the version searched).
+    """
+    if sum(x is not None for x in (image, id, class_name, embedding)) != 1:
         raise SimilarError("give exactly one of an image, --id or --class")
     if k < 1:
         raise SimilarError(f"k must be at least 1, got {k}")
-    version = get_version(ws, model)
+    version = predictor.version if predictor is not None else get_version(ws, model)
     prediction = None
-    with Store(ws) as store:
+    with using_store(ws, store) as store, store.lock:
         index = store.index(version.name) if store.row_count(version.name) else None
-        if image is not None:
-            from imagesieve.classifier import Predictor
-
-            (pred,) = Predictor(version).score(
+        if embedding is not None:
+            query, kind, value = np.asarray(embedding, np.float32), "embedding", "vector"
+        elif image is not None:
+            (pred,) = (predictor or Predictor(version)).score(
                 [image if not isinstance(image, bytes) else ("<upload>", image)]
             )
             if not pred.ok:

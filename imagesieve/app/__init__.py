@@ -1,0 +1,5 @@
+"""The Gradio app and REST API over one workspace (``imagesieve serve``)."""
+
+from imagesieve.app._service import Limits, PredictResult, Service, ServiceError
+
+__all__ = ["Limits", "PredictResult", "Service", "ServiceError"]

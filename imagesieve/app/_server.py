@@ -1,0 +1,239 @@
+"""``imagesieve serve``: the REST API and the Gradio app on one uvicorn server.
+
+Loopback only by default. Listening on any other address needs both a UI login
+(``--auth user:pass``) and an API token, or the server refuses to start. Request bodies are
+capped before they are read, uploads by the Gradio app too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from imagesieve.app._service import Service
+
+__all__ = ["RunningServer", "build_server", "check_exposure", "start_server"]
+
+log = logging.getLogger(__name__)
+
+#: Where the API token comes from when ``--token`` is not given.
+TOKEN_ENV = "IMAGESIEVE_API_TOKEN"
+#: Multipart framing allowed on top of a file's own size limit.
+FORM_OVERHEAD = 1 * 2**20
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_auth(auth: str | None) -> tuple[str, str] | None:
+    """'user:pass' -> (user, pass); ValueError naming the expected form."""
+    if auth is None:
+        return None
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth must be USER:PASSWORD (both non-empty)")
+    return user, password
+
+
+def check_exposure(host: str, auth: tuple[str, str] | None, token: str | None) -> None:
+    """Refuse to listen beyond loopback without a UI login and an API token."""
+    if is_loopback(host):
+        return
+    missing = [
+        what
+        for what, given in (
+            ("--auth USER:PASSWORD (UI)", auth),
+            (f"--token or ${TOKEN_ENV} (API)", token),
+        )
+        if not given
+    ]
+    if missing:
+        raise ValueError(
+            f"refusing to listen on {host} (not loopback) without {' and '.join(missing)}"
+        )
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 JSON for request bodies over the limit, before they are read."""
+
+    def __init__(self, app: Any, limit_for: Any):
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._reject(send, limit)
+            return
+        seen = 0
+        rejected = False
+
+        async def counted() -> dict:
+            nonlocal seen, rejected
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    rejected = True
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            if rejected:
+                await self._reject(send, limit)
+
+    @staticmethod
+    async def _reject(send: Any, limit: int) -> None:
+        body = json.dumps(
+            {"error": {"status": 413, "message": f"request body over the {limit:,}-byte limit"}}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def build_server(
+    service: Service,
+    *,
+    auth: tuple[str, str] | None = None,
+    token: str | None = None,
+    ui: bool = True,
+) -> Any:
+    """The FastAPI app: ``/api/v1`` (OpenAPI at ``/api/v1/openapi.json``) and the Gradio UI at ``/``."""
+    from fastapi import FastAPI
+
+    import imagesieve
+    from imagesieve.app._api import API_PREFIX, add_api
+
+    app = FastAPI(
+        title="imagesieve",
+        version=getattr(imagesieve, "__version__", "0"),
+        description="Score images, search look-alikes, query the history, review UNKNOWN clusters.",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+    )
+    add_api(app, service, token=token)
+    limits = service.limits
+
+    def limit_for(path: str) -> int:
+        if path == f"{API_PREFIX}/predict":
+            return limits.max_file_bytes + FORM_OVERHEAD
+        return limits.max_request_bytes + FORM_OVERHEAD
+
+    app.add_middleware(_BodyLimit, limit_for=limit_for)
+    if ui:
+        import gradio as gr
+
+        from imagesieve.app._ui import build_app
+
+        app = gr.mount_gradio_app(
+            app,
+            build_app(service),
+            path="",
+            auth=auth,
+            max_file_size=limits.max_file_bytes,
+            ssr_mode=False,
+            footer_links=["api"],
+        )
+    return app
+
+
+@dataclass
+class RunningServer:
+    """A server running on a background thread."""
+
+    url: str
+    server: Any
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        """Ask uvicorn to finish and wait for it."""
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_server(
+    service: Service,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    auth: tuple[str, str] | None = None,
+    token: str | None = None,
+    ui: bool = True,
+) -> RunningServer:
+    """Start the server on a thread (port 0: a free one); returns once it accepts connections."""
+    import uvicorn
+
+    check_exposure(host, auth, token)
+    app = build_server(service, auth=auth, token=token, ui=ui)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_keep_alive=30, access_log=False
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="imagesieve-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    return RunningServer(f"http://{shown}:{bound}", server, thread)
+
+
+def serve(
+    service: Service,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    *,
+    auth: str | None = None,
+    token: str | None = None,
+    on_ready: Any = None,
+) -> None:
+    """Serve until interrupted (Ctrl-C); ``on_ready(url)`` is called once it listens."""
+    token = token or os.environ.get(TOKEN_ENV) or None
+    running = start_server(service, host, port, auth=parse_auth(auth), token=token)
+    if on_ready is not None:
+        on_ready(running.url)
+    try:
+        while running.thread.is_alive():
+            running.thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        running.stop()

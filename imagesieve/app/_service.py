@@ -1,0 +1,592 @@
+"""The served workspace: one long-lived store and model behind the Gradio app and the REST API.
+
+DuckDB allows one writing process, so the server owns the store and every request goes
+through it. Single predictions (the API's ``/predict``, the app's Predict tab) are decoded on
+the request's own thread, then micro-batched: inference streams take whatever requests are
+waiting, run them as one ONNX batch, and commit them to the store as one transaction, so 16
+clients cost little more than one batch job (measured in ``bench/bench_api.py``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imagesieve._workspace import Workspace
+from imagesieve.classifier import UNKNOWN, EngineResult, Prediction, Predictor, Progress
+from imagesieve.indexer import Failure, ScoreOptions, ScoreSummary, Store, score_inputs
+from imagesieve.indexer._images import image_source, keep_image
+from imagesieve.indexer._score import assign_unknowns, stored_prediction
+from imagesieve.models import ModelVersion, activate_version, active_version, list_versions
+
+__all__ = ["Limits", "PredictResult", "Service", "ServiceError"]
+
+log = logging.getLogger(__name__)
+
+#: Images a single prediction's response lists as its nearest stored neighbours.
+NEIGHBOURS = 5
+#: Where uploads land inside the workspace, one folder per upload.
+UPLOADS = "uploads"
+#: Predictions per micro-batch at most (the engine's batch size).
+MAX_BATCH = 32
+
+
+class ServiceError(ValueError):
+    """A request the service cannot do (no model yet, bad input); its message is one line."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upload limits: bytes per file, files per request, bytes per request."""
+
+    max_file_bytes: int = 50 * 2**20
+    max_files: int = 1000
+    max_request_bytes: int = 1024 * 2**20
+
+
+@dataclass
+class PredictResult:
+    """One image scored and stored, with its nearest stored neighbours."""
+
+    prediction: Prediction
+    neighbours: list[dict[str, Any]] = field(default_factory=list)
+    model_version: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "model_version": self.model_version,
+            **self.prediction.to_dict(),
+            "already_stored": self.prediction.skipped,
+            "neighbours": self.neighbours,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def safe_filename(name: str) -> str:
+    """A display/file name without directories or odd characters ('upload' if nothing is left)."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    base = re.sub(r"[^\w.\- ]+", "_", base).strip(" .")
+    return base[:120] or "upload"
+
+
+@dataclass
+class _Pending:
+    predictor: Predictor
+    result: EngineResult
+    x: np.ndarray
+    data: bytes
+    store: bool = True
+    future: Future = field(default_factory=Future)
+
+
+class _MicroBatcher:
+    """Inference streams that each take every waiting request (up to MAX_BATCH) as one batch."""
+
+    def __init__(self, service: Service, streams: int):
+        self.service = service
+        self.queue: queue.Queue[_Pending | None] = queue.Queue()
+        self.threads = [
+            threading.Thread(target=self._loop, name=f"imagesieve-batch-{i}", daemon=True)
+            for i in range(streams)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, pending: _Pending) -> Future:
+        self.queue.put(pending)
+        return pending.future
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:  # closing: finish this batch, then let another thread stop
+                    self.queue.put(None)
+                    break
+                batch.append(nxt)
+            for predictor in {id(p.predictor): p.predictor for p in batch}.values():
+                group = [p for p in batch if p.predictor is predictor]
+                try:
+                    results = predictor.engine.forward_prepared([(p.result, p.x) for p in group])
+                    preds = predictor.predictions(results)
+                    self.service._store_new(
+                        predictor, [(p.data, pr) for p, pr in zip(group, preds, strict=True)]
+                    )
+                except BaseException as e:  # every waiting request gets the error
+                    log.exception("prediction batch failed")
+                    for p in group:
+                        if not p.future.done():
+                            p.future.set_exception(e)
+                    continue
+                for p, pr in zip(group, preds, strict=True):
+                    p.future.set_result(pr)
+
+
+class Service:
+    """A workspace served: store, active model, predictions, search, SQL, clusters, training.
+
+    One instance per server process; every method is safe to call from request threads.
+    """
+
+    def __init__(self, ws: Workspace, *, limits: Limits | None = None, streams: int | None = None):
+        self.ws = ws
+        self.limits = limits or Limits()
+        self.store = Store(ws)
+        self._state = threading.RLock()  # guards the model, its live batch and counters
+        self.predictor: Predictor | None = None
+        self._batch: tuple[str, int] | None = None  # (version, batch id) of single predictions
+        self._counts: Counter = Counter()
+        self._clusters: list = []
+        self.started = time.time()
+        self._training = threading.Lock()
+        self.training_status: dict[str, Any] = {"running": False}
+        version = active_version(ws)
+        if version is not None and version.meta.get("kind") == "trained":
+            self._use(version)
+        self._batcher = _MicroBatcher(self, streams or os.cpu_count() or 1)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Finish the live batch, save the vector indexes, close the store."""
+        self._batcher.close()
+        with self._state:
+            self._finish_batch()
+        self.store.close()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _finish_batch(self) -> None:
+        if self._batch is not None:
+            self.store.finish_batch(self._batch[1], "done", dict(self._counts))
+            self.store.save_indexes()
+            self._batch, self._counts = None, Counter()
+
+    def _use(self, version: ModelVersion) -> None:
+        """Serve ``version``: load its predictor and clusters (called holding ``_state``)."""
+        from imagesieve.search._review import load_clusters
+
+        predictor = Predictor(version)
+        if predictor.reference is not None:
+            self.store.register_version(
+                version.name, predictor.reference.sources, predictor.reference.labels
+            )
+        with self._state:
+            self._finish_batch()
+            self.predictor = predictor
+            self._clusters = load_clusters(self.store, version.name)[0]
+
+    def reload_clusters(self) -> None:
+        """Re-read the active version's clusters (after a clustering run or a review action)."""
+        from imagesieve.search._review import load_clusters
+
+        with self._state:
+            if self.predictor is not None:
+                self._clusters = load_clusters(self.store, self.predictor.version.name)[0]
+
+    @property
+    def version(self) -> ModelVersion:
+        """The active, trained model version, or ServiceError saying how to get one."""
+        if self.predictor is None:
+            raise ServiceError(
+                f"no trained model in {self.ws.root}: run 'imagesieve train DATA_DIR' or 'imagesieve demo'"
+            )
+        return self.predictor.version
+
+    def _live_batch(self, version: str) -> int:
+        with self._state:
+            if self._batch is None or self._batch[0] != version:
+                self._finish_batch()
+                bid = self.store.begin_batch(version, ["serve"], {"via": "app/api"})
+                self._batch = (version, bid)
+            return self._batch[1]
+
+    # -- single predictions ----------------------------------------------------------------
+    def predict(
+        self,
+        data: bytes,
+        name: str = "upload",
+        *,
+        neighbours: int = NEIGHBOURS,
+        store: bool = True,
+    ) -> PredictResult:
+        """Score one uploaded image, store it (and keep its bytes), return it with neighbours.
+
+        Content already stored with the active model comes back from the store, not re-scored.
+        A file that is not a usable image raises ``ImageLoadError`` after its failure is stored.
+        ``store=False`` (live camera frames) scores without storing anything.
+        """
+        t0 = time.perf_counter()
+        predictor = self.predictor
+        if predictor is None:
+            self.version  # noqa: B018 - raises the one-line "no model" error
+        if len(data) > self.limits.max_file_bytes:
+            raise ServiceError(
+                f"{name}: {len(data):,} bytes is over the {self.limits.max_file_bytes:,}-byte upload limit"
+            )
+        source = f"upload:{safe_filename(name)}"
+        version = predictor.version.name
+        result, x = predictor.engine.prepare(
+            (source, data),
+            skip=(lambda sha: self.store.has_content(version, sha)) if store else None,
+        )
+        if result.skipped:
+            row = self.store.rows_by_content(version, [result.sha256])[result.sha256]
+            pred = stored_prediction(source, row)
+        elif result.error is not None:
+            if store:
+                self._store_failures(
+                    version, [Failure(source, result.error.kind, result.error.reason)]
+                )
+            raise result.error
+        else:
+            pred = self._batcher.submit(_Pending(predictor, result, x, data, store)).result()
+        out = PredictResult(pred, model_version=version)
+        if neighbours:
+            out.neighbours = self.neighbours(pred, neighbours)
+        out.seconds = time.perf_counter() - t0
+        return out
+
+    def _store_new(self, predictor: Predictor, items: Sequence[tuple[bytes, Prediction]]) -> None:
+        """Commit one micro-batch of fresh predictions (inference thread); keep their bytes."""
+        version = predictor.version.name
+        preds = [p for _, p in items]
+        with self._state:
+            clusters = self._clusters if self.predictor is predictor else []
+        assign_unknowns(preds, clusters)
+        for data, p in items:
+            keep_image(self.ws, p.sha256, data)
+        batch_id = self._live_batch(version)
+        self.store.commit(batch_id, version, preds, processed_sources=[p.source for p in preds])
+        with self._state:
+            self._counts["n_items"] += len(preds)
+            self._counts["n_scored"] += len(preds)
+            self._counts["n_unknown"] += sum(p.label == UNKNOWN for p in preds)
+
+    def _store_failures(self, version: str, failures: list[Failure]) -> None:
+        batch_id = self._live_batch(version)
+        self.store.commit(batch_id, version, failures=failures)
+        with self._state:
+            self._counts["n_items"] += len(failures)
+            self._counts["n_failed"] += len(failures)
+
+    def neighbours(self, pred: Prediction, k: int = NEIGHBOURS) -> list[dict[str, Any]]:
+        """The k nearest stored images of a prediction (itself excluded when stored)."""
+        if pred.id is not None:
+            return [r.to_dict() for r in self.similar(id=pred.id, k=k)[1]]
+        if pred.embedding is not None:
+            return [r.to_dict() for r in self.similar(embedding=pred.embedding, k=k)[1]]
+        return []
+
+    def gradcam(self, data: bytes | Any, class_name: str | None = None) -> Any:
+        """Grad-CAM of the active model on an image: a ``GradCam`` (heatmap, ``overlay()``)."""
+        from imagesieve.classifier._gradcam import grad_cam
+
+        return grad_cam(self.version, data, class_name)
+
+    # -- batches ---------------------------------------------------------------------------
+    def save_uploads(self, files: Sequence[tuple[str, bytes | str | os.PathLike]]) -> Path:
+        """Copy uploaded files (name, bytes or temp path) into a new folder of the workspace.
+
+        Names are reduced to a safe file name, so nothing lands outside the folder; limits apply.
+        """
+        if len(files) > self.limits.max_files:
+            raise ServiceError(
+                f"{len(files)} files is over the limit of {self.limits.max_files} per upload"
+            )
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        folder = self.ws.root / UPLOADS / f"{stamp}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True)
+        total, used = 0, set()
+        for name, content in files:
+            size = len(content) if isinstance(content, bytes) else os.path.getsize(content)
+            total += size
+            if size > self.limits.max_file_bytes:
+                raise ServiceError(
+                    f"{name}: {size:,} bytes is over the {self.limits.max_file_bytes:,}-byte upload limit"
+                )
+            if total > self.limits.max_request_bytes:
+                raise ServiceError(
+                    f"upload over the {self.limits.max_request_bytes:,}-byte total limit"
+                )
+            safe = safe_filename(name)
+            stem, ext = os.path.splitext(safe)
+            n = 1
+            while safe.lower() in used:
+                n += 1
+                safe = f"{stem}_{n}{ext}"
+            used.add(safe.lower())
+            dest = folder / safe
+            if isinstance(content, bytes):
+                dest.write_bytes(content)
+            else:
+                shutil.copyfile(content, dest)
+        return folder
+
+    def score(
+        self,
+        inputs: Sequence[str | os.PathLike],
+        *,
+        column: str | None = None,
+        report_dir: str | os.PathLike | None = None,
+        progress: Progress | None = None,
+    ) -> ScoreSummary:
+        """Score files, folders, zips or URL lists into the store, like ``imagesieve score``.
+
+        With ``report_dir``, the CSV report (``report.csv``) and label folders (``sorted/``)
+        are written there.
+        """
+        predictor = self.predictor or self.version  # the second raises "no model"
+        opts = ScoreOptions(column=column, keep_images="all")
+        if report_dir is not None:
+            opts.csv = str(Path(report_dir) / "report.csv")
+            opts.sort_into = str(Path(report_dir) / "sorted")
+        summary = score_inputs(
+            self.ws,
+            [str(i) for i in inputs],
+            opts,
+            progress,
+            store=self.store,
+            predictor=predictor,
+        )
+        self.store.save_indexes()
+        return summary
+
+    # -- search, SQL -----------------------------------------------------------------------
+    def similar(self, **query: Any) -> tuple[Any, list[Any]]:
+        """``find_similar`` over the served store (image, id or class_name; k, max_distance, where)."""
+        from imagesieve.search._similar import find_similar
+
+        self.version  # noqa: B018 - raises the one-line "no model" error
+        return find_similar(self.ws, store=self.store, predictor=self.predictor, **query)
+
+    def sql(self, sql: str, *, limit: int = 1000, timeout: float = 10.0) -> Any:
+        """Read-only SQL over the store (same rules as ``imagesieve sql``) on its own cursor."""
+        from imagesieve.search._sql import run_sql
+
+        cursor = self.store.con.cursor()
+        try:
+            return run_sql(cursor, sql, limit=limit, timeout=timeout)
+        finally:
+            cursor.close()
+
+    # -- clusters and review ---------------------------------------------------------------
+    def clusters(self) -> list[dict[str, Any]]:
+        """The active version's clusters, largest first."""
+        from imagesieve.search._review import list_clusters
+
+        return list_clusters(self.ws, model=self.version.name, store=self.store)
+
+    def cluster_members(self, cluster_id: int, limit: int = 48) -> list[dict[str, Any]]:
+        """Up to ``limit`` member rows of a cluster (id, source, sha256, top-1), by id."""
+        with self.store.lock:
+            rows = self.store.con.execute(
+                "SELECT id, source, sha256, top1_class, top1_prob, "
+                "id IN (SELECT id FROM cluster_exclusions e WHERE e.model_version = p.model_version "
+                "AND e.cluster_id = p.cluster_id) AS excluded "
+                "FROM predictions p WHERE model_version = ? AND cluster_id = ? ORDER BY id LIMIT ?",
+                [self.version.name, int(cluster_id), int(limit)],
+            ).fetchall()
+        keys = ("id", "source", "sha256", "top1_class", "top1_prob", "excluded")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def run_clustering(self, progress: Progress | None = None, **params: Any) -> Any:
+        """Cluster the UNKNOWNs of the active version (ClusterParams fields as keywords)."""
+        from imagesieve.search._cluster import ClusterParams
+        from imagesieve.search._review import run_clustering
+
+        run = run_clustering(
+            self.ws,
+            ClusterParams(**params),
+            model=self.version.name,
+            store=self.store,
+            progress=progress,
+        )
+        self.reload_clusters()
+        return run
+
+    def update_cluster(self, cluster_id: int, **change: Any) -> dict[str, Any]:
+        """Name, reject or exclude members of a cluster."""
+        from imagesieve.search._review import update_cluster
+
+        row = update_cluster(
+            self.ws, cluster_id, model=self.version.name, store=self.store, **change
+        )
+        self.reload_clusters()
+        return row
+
+    def training_dir(self) -> Path | None:
+        """The active version's training folder (where promoted clusters go), if it still exists."""
+        root = self.version.meta.get("data", {}).get("root")
+        return Path(root) if root and Path(root).is_dir() else None
+
+    def promote_cluster(
+        self,
+        cluster_id: int,
+        name: str,
+        into: str | os.PathLike | None = None,
+        exclude: tuple[int, ...] = (),
+    ) -> Any:
+        """Copy a cluster into the training data (default: the active version's folder)."""
+        from imagesieve.search._review import promote_cluster
+
+        into = into or self.training_dir()
+        if into is None:
+            raise ServiceError(
+                "the active model's training folder is gone; give a folder to promote into"
+            )
+        result = promote_cluster(
+            self.ws,
+            cluster_id,
+            name,
+            into,
+            exclude=exclude,
+            model=self.version.name,
+            store=self.store,
+        )
+        self.reload_clusters()
+        return result
+
+    # -- models ----------------------------------------------------------------------------
+    def versions(self) -> list[dict[str, Any]]:
+        """Every model version with its metrics; the active one marked."""
+        active = self.predictor.version.name if self.predictor else None
+        out = []
+        for v in list_versions(self.ws):
+            m = v.meta.get("metrics", {})
+            out.append(
+                {
+                    "version": v.name,
+                    "active": v.name == active,
+                    "kind": v.meta.get("kind"),
+                    "backbone": v.meta.get("backbone"),
+                    "classes": ", ".join(v.classes),
+                    "accuracy": m.get("accuracy"),
+                    "macro_f1": m.get("macro_f1"),
+                    "created_at": v.meta.get("created_at"),
+                }
+            )
+        return out
+
+    def activate(self, name: str) -> ModelVersion:
+        """Make a version the active one and serve it."""
+        version = activate_version(self.ws, name)
+        if version.meta.get("kind") != "trained":
+            raise ServiceError(f"{name} is not a trained version")
+        self._use(version)
+        return version
+
+    def retrain(
+        self,
+        data_dir: str | os.PathLike | None = None,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> ModelVersion:
+        """Train a new version on the training folder (default: the active one's) and serve it."""
+        from imagesieve.classifier._train import TrainOptions, train_model
+
+        data_dir = data_dir or self.training_dir()
+        if data_dir is None:
+            raise ServiceError("no training folder: give one")
+        if not self._training.acquire(blocking=False):
+            raise ServiceError("a training run is already going")
+        try:
+            self.training_status = {"running": True, "data_dir": str(data_dir)}
+            result = train_model(data_dir, self.ws, TrainOptions(**options), progress)
+            self._use(result.version)
+            self.training_status = {"running": False, "version": result.version.name}
+            return result.version
+        except BaseException as e:
+            self.training_status = {"running": False, "error": str(e)}
+            raise
+        finally:
+            self._training.release()
+
+    def threshold_preview(self, confidence: float, distance: float | None) -> dict[str, Any]:
+        """How many stored images of the active version each rule would mark UNKNOWN."""
+        sql = (
+            "SELECT count(*), count(*) FILTER (WHERE top1_prob < ?), "
+            "count(*) FILTER (WHERE ? IS NOT NULL AND neighbor_distance > ?), "
+            "count(*) FILTER (WHERE top1_prob < ? OR (? IS NOT NULL AND neighbor_distance > ?)), "
+            "count(*) FILTER (WHERE label = 'UNKNOWN') "
+            "FROM predictions WHERE model_version = ?"
+        )
+        with self.store.lock:
+            total, low, far, either, now = self.store.con.execute(
+                sql,
+                [confidence, distance, distance, confidence, distance, distance, self.version.name],
+            ).fetchall()[0]
+        return {
+            "stored": total,
+            "low_confidence": low,
+            "far_from_training": far,
+            "unknown": either,
+            "unknown_now": now,
+        }
+
+    # -- images ----------------------------------------------------------------------------
+    def image(self, id: int, max_side: int = 256) -> Any:  # noqa: A002 - the store's column
+        """A stored image as a PIL thumbnail (None when its content is no longer available)."""
+        from PIL import Image
+
+        from imagesieve.data import load_image
+
+        with self.store.lock:
+            row = self.store.con.execute(
+                "SELECT sha256, source FROM predictions WHERE id = ?", [int(id)]
+            ).fetchall()
+        if not row:
+            return None
+        src = image_source(self.ws, row[0][0], row[0][1])
+        if src is None:
+            return None
+        try:
+            im = load_image(src, name=str(id)).image
+        except Exception:  # a vanished or damaged file shows as missing, not as an error
+            return None
+        im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+        return im
+
+    def health(self) -> dict[str, Any]:
+        """Liveness and what is loaded."""
+        out: dict[str, Any] = {"status": "ok", "workspace": str(self.ws.root)}
+        out["model_version"] = self.predictor.version.name if self.predictor else None
+        if self.predictor is not None:
+            out["stored_images"] = self.store.row_count(self.predictor.version.name)
+            out["classes"] = self.predictor.classes
+        out["uptime_seconds"] = round(time.time() - self.started, 1)
+        out["training"] = self.training_status
+        return out

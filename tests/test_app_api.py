@@ -1,0 +1,287 @@
+"""The REST API over real HTTP: a server on 127.0.0.1 serving a real store and model."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from imagesieve._workspace import Workspace
+from imagesieve.app import Limits, Service
+from imagesieve.app._server import check_exposure, start_server
+
+MAX_FILE = 2 * 2**20
+
+
+@pytest.fixture(scope="module")
+def api(trained, tmp_path_factory):
+    """(base URL, workspace, service) of a server with a copy of the trained model, no rows yet."""
+    ws_trained, _ = trained
+    ws = Workspace(tmp_path_factory.mktemp("api") / "ws")
+    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+    service = Service(ws, limits=Limits(max_file_bytes=MAX_FILE, max_files=20))
+    server = start_server(service, ui=False)
+    yield server.url + "/api/v1", ws, service
+    server.stop()
+    service.close()
+
+
+def png_bytes(path) -> bytes:
+    return path.read_bytes()
+
+
+def post_image(base, data, name="cell.png", field="file", **params):
+    return requests.post(f"{base}/predict", files={field: (name, data)}, params=params, timeout=60)
+
+
+def assert_error(r, status, text):
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert err["status"] == status and text in err["message"], err
+    assert "Traceback" not in r.text
+
+
+def test_health__reports_model_and_store(api):
+    base, ws, _ = api
+    doc = requests.get(f"{base}/health", timeout=30).json()
+    assert doc["status"] == "ok" and doc["model_version"] == "v1"
+    assert doc["classes"] == ["defective", "functional", "lonely"]
+    assert doc["workspace"] == str(ws.root)
+
+
+def test_predict__stores_once_and_returns_neighbours(api, elpv):
+    base, _, _ = api
+    mono = [im for im in elpv if im.cell_type == "mono"][200:203]
+    first = post_image(base, png_bytes(mono[0].path), "a.png")
+    assert first.status_code == 200, first.text
+    doc = first.json()
+    assert doc["label"] in ("defective", "functional", "lonely", "UNKNOWN")
+    assert len(doc["top3"]) == 3 and sum(t["probability"] for t in doc["top3"]) == pytest.approx(
+        1, abs=1e-4
+    )
+    assert doc["id"] >= 1 and doc["already_stored"] is False
+    assert doc["source"] == "upload:a.png" and doc["width"] == 300
+    second = post_image(base, png_bytes(mono[1].path), "b.png").json()
+    assert second["neighbours"][0]["id"] == doc["id"]  # the only other stored image
+    again = post_image(base, png_bytes(mono[0].path), "renamed.png").json()
+    assert again["already_stored"] is True and again["id"] == doc["id"]
+    assert again["top3"] == doc["top3"]
+    rows = requests.post(
+        f"{base}/sql",
+        json={"sql": f"SELECT count(*) AS n FROM predictions WHERE id = {doc['id']}"},
+        timeout=30,
+    ).json()
+    assert rows["rows"] == [[1]]
+
+
+def test_predict__bad_uploads_get_4xx_json_and_the_server_keeps_serving(api, elpv, tmp_path):
+    base, _, _ = api
+    good = png_bytes(elpv[5].path)
+    assert_error(
+        post_image(base, b"this is not an image", "notes.txt"), 422, "not a recognised image format"
+    )
+    assert_error(post_image(base, b"", "empty.png"), 422, "empty file")
+    assert_error(post_image(base, good[: len(good) // 3], "cut.png"), 422, "cut.png")
+    big = np.random.default_rng(0).integers(0, 255, (900, 900, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, "PNG", compress_level=0)
+    assert (
+        MAX_FILE < len(buf.getvalue()) < MAX_FILE + 2**20
+    )  # passes the body cap, not the file cap
+    assert_error(post_image(base, buf.getvalue(), "big.png"), 413, "upload limit")
+    assert_error(post_image(base, b"x" * (MAX_FILE + 3 * 2**20), "huge.png"), 413, "byte limit")
+    assert_error(post_image(base, good, field="image"), 422, "file")
+    r = requests.post(f"{base}/predict", json={"file": "cell.png"}, timeout=30)
+    assert_error(r, 422, "file")
+    assert_error(requests.get(f"{base}/nothing-here", timeout=30), 404, "Not Found")
+    # every failure that reached the decoder is stored with its one-line reason
+    failures = requests.post(
+        f"{base}/sql",
+        json={"sql": "SELECT source, kind FROM failures ORDER BY source"},
+        timeout=30,
+    ).json()["rows"]
+    assert ["upload:notes.txt", "not_image"] in failures
+    assert any(s == "upload:cut.png" for s, _ in failures)
+    assert post_image(base, good, "still-fine.png").status_code == 200
+    assert requests.get(f"{base}/health", timeout=30).status_code == 200
+
+
+def test_predict__concurrent_clients_each_get_their_own_row(api, elpv):
+    base, _, _ = api
+    cells = [im for im in elpv if im.cell_type == "mono"][300:332]
+    results: dict[int, dict] = {}
+
+    def client(i: int) -> None:
+        results[i] = post_image(base, png_bytes(cells[i].path), f"c{i}.png", neighbours=0).json()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(cells))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [results[i]["id"] for i in range(len(cells))]
+    assert len(set(ids)) == len(cells)
+    assert all(results[i]["source"] == f"upload:c{i}.png" for i in range(len(cells)))
+    # each answer is the one a direct, unbatched prediction gives for that image
+    from imagesieve.classifier import Predictor
+    from imagesieve.models import get_version
+
+    _, ws, _ = api
+    direct = list(Predictor(get_version(ws)).score([str(c.path) for c in cells]))
+    for i, p in enumerate(direct):
+        assert results[i]["label"] == p.label
+        assert results[i]["top3"][0]["probability"] == pytest.approx(p.top3[0][1], abs=1e-5)
+
+
+def test_score__many_files_with_a_bad_one_and_hostile_names(api, elpv, tmp_path):
+    base, ws, _ = api
+    poly = [im for im in elpv if im.cell_type == "poly"][:4]
+    files = [("files", (f"../../escape{i}.png", png_bytes(im.path))) for i, im in enumerate(poly)]
+    files.append(("files", ("/etc/passwd", b"root:x:0:0")))
+    r = requests.post(f"{base}/score", files=files, timeout=120)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["scored"] == 4 and len(doc["failures"]) == 1
+    upload_dir = doc["upload_dir"]
+    assert upload_dir.startswith(str(ws.root / "uploads"))
+    assert sorted(p.name for p in (ws.root / "uploads").rglob("*") if p.is_file()) == [
+        "escape0.png",
+        "escape1.png",
+        "escape2.png",
+        "escape3.png",
+        "passwd",
+    ]
+    assert not any((ws.root.parent / f"escape{i}.png").exists() for i in range(4))
+    assert_error(requests.post(f"{base}/score", timeout=30), 422, "")
+    too_many = [("files", (f"f{i}.png", b"x")) for i in range(25)]
+    r = requests.post(f"{base}/score", files=too_many, timeout=30)
+    assert r.status_code in (400, 413, 422) and "error" in r.json()
+
+
+def test_similar__by_id_class_and_filter(api, elpv):
+    base, _, _ = api
+    stored = requests.post(
+        f"{base}/sql", json={"sql": "SELECT min(id), count(*) FROM predictions"}, timeout=30
+    ).json()["rows"][0]
+    first_id, n = stored
+    doc = requests.get(f"{base}/similar", params={"id": first_id, "k": 3}, timeout=30).json()
+    assert len(doc["results"]) == 3 and all(r["id"] != first_id for r in doc["results"])
+    assert [r["distance"] for r in doc["results"]] == sorted(r["distance"] for r in doc["results"])
+    by_class = requests.get(f"{base}/similar", params={"class": "defective", "k": 2}, timeout=30)
+    assert by_class.status_code == 200 and by_class.json()["query"]["kind"] == "class"
+    filtered = requests.get(
+        f"{base}/similar",
+        params={"id": first_id, "k": 50, "where": "source LIKE '%escape%'"},
+        timeout=30,
+    ).json()
+    assert {r["source"].split("/")[-1] for r in filtered["results"]} <= {
+        f"escape{i}.png" for i in range(4)
+    }
+    assert len(filtered["results"]) == 4
+    assert_error(
+        requests.get(f"{base}/similar", params={"id": 10**9}, timeout=30), 400, "no stored image"
+    )
+    assert_error(
+        requests.get(f"{base}/similar", params={"class": "nope"}, timeout=30),
+        400,
+        "no class 'nope'",
+    )
+    assert_error(
+        requests.get(
+            f"{base}/similar", params={"id": first_id, "where": "nonsense ==="}, timeout=30
+        ),
+        400,
+        "bad --where filter",
+    )
+
+
+@pytest.mark.parametrize(
+    ("sql", "text"),
+    [
+        ("SELECT * FROM read_csv('/etc/passwd')", ""),
+        ("COPY predictions TO '/tmp/out.csv'", ""),
+        ("DELETE FROM predictions", ""),
+        ("ATTACH '/tmp/x.duckdb' AS x", ""),
+    ],
+)
+def test_sql__escapes_are_refused_with_json_400(api, sql, text):
+    base, _, _ = api
+    r = requests.post(f"{base}/sql", json={"sql": sql}, timeout=30)
+    assert_error(r, 400, text)
+
+
+def test_sql__views_and_limits(api):
+    base, _, _ = api
+    doc = requests.post(
+        f"{base}/sql", json={"sql": "SELECT * FROM predictions_per_day", "limit": 5}, timeout=30
+    ).json()
+    assert "label" in doc["columns"] and doc["rows"]
+    assert_error(requests.post(f"{base}/sql", json={"limit": 5}, timeout=30), 422, "sql")
+
+
+def test_clusters__listed_after_clustering(api):
+    base, _, service = api
+    assert requests.get(f"{base}/clusters", timeout=30).json() == {"clusters": []}
+    run = service.run_clustering(min_cluster_size=2)
+    doc = requests.get(f"{base}/clusters", timeout=30).json()
+    assert len(doc["clusters"]) == len(run.clusters)
+    assert [c["cluster_id"] for c in doc["clusters"]] == [c["cluster_id"] for c in run.clusters]
+    assert sum(c["size"] for c in doc["clusters"]) + run.noise == run.images
+
+
+def test_openapi__schema_lists_every_endpoint(api):
+    base, _, _ = api
+    schema = requests.get(f"{base}/openapi.json", timeout=30).json()
+    paths = set(schema["paths"])
+    assert {
+        "/api/v1/predict",
+        "/api/v1/score",
+        "/api/v1/similar",
+        "/api/v1/sql",
+        "/api/v1/clusters",
+        "/api/v1/health",
+    } <= paths
+    json.dumps(schema)
+
+
+def test_start_server__token_required_when_set(trained, tmp_path):
+    ws_trained, _ = trained
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+    with Service(ws) as service:
+        server = start_server(service, token="s3cret", ui=False)
+        try:
+            base = server.url + "/api/v1"
+            assert_error(requests.get(f"{base}/health", timeout=30), 401, "API token")
+            bad = {"Authorization": "Bearer nope"}
+            assert_error(requests.get(f"{base}/health", headers=bad, timeout=30), 401, "API token")
+            ok = {"Authorization": "Bearer s3cret"}
+            assert requests.get(f"{base}/health", headers=ok, timeout=30).status_code == 200
+        finally:
+            server.stop()
+
+
+@pytest.mark.parametrize(
+    ("host", "auth", "token", "message"),
+    [
+        ("0.0.0.0", None, None, "refusing to listen on 0.0.0.0 (not loopback) without --auth"),
+        ("0.0.0.0", ("u", "p"), None, "without --token or $IMAGESIEVE_API_TOKEN (API)"),
+        ("192.168.1.5", None, "t", "without --auth USER:PASSWORD (UI)"),
+    ],
+)
+def test_check_exposure__beyond_loopback_needs_login_and_token(host, auth, token, message):
+    with pytest.raises(ValueError) as e:
+        check_exposure(host, auth, token)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_check_exposure__loopback_needs_nothing(host):
+    check_exposure(host, None, None)

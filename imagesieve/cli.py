@@ -396,7 +396,15 @@ def cmd_serve(args: argparse.Namespace, ws: Workspace) -> None:
         out.flush()
 
     with Service(ws, limits=limits) as service:
-        serve(service, args.host, args.port, auth=args.auth, token=args.token, on_ready=ready)
+        serve(
+            service,
+            args.host,
+            args.port,
+            auth=args.auth,
+            token=args.token,
+            ui=args.ui,
+            on_ready=ready,
+        )
 
 
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -417,6 +425,9 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-upload-mb", type=int, default=50, help="largest file accepted per upload (MB)"
+    )
+    parser.add_argument(
+        "--no-ui", dest="ui", action="store_false", help="the REST API alone, without the app"
     )
 
 

@@ -285,3 +285,21 @@ def test_check_exposure__beyond_loopback_needs_login_and_token(host, auth, token
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
 def test_check_exposure__loopback_needs_nothing(host):
     check_exposure(host, None, None)
+
+
+def test_service_predict__live_frames_are_not_stored(api, elpv):
+    _, _, service = api
+    mono = [im for im in elpv if im.cell_type == "mono"]
+    for im in mono[401:406]:  # at least five stored neighbours, whatever ran before
+        service.predict(png_bytes(im.path), im.path.name, neighbours=0)
+    frame = png_bytes(mono[400].path)
+    before = service.health()["stored_images"]
+    live = service.predict(frame, "webcam.png", store=False)
+    assert live.prediction.id is None and live.prediction.label is not None
+    assert len(live.neighbours) == 5 and all(n["id"] is not None for n in live.neighbours)
+    assert service.health()["stored_images"] == before
+    stored = service.predict(frame, "webcam.png")
+    assert stored.prediction.id is not None
+    assert stored.prediction.top3 == live.prediction.top3
+    assert [n["id"] for n in stored.neighbours] == [n["id"] for n in live.neighbours]
+    assert service.health()["stored_images"] == before + 1

@@ -223,11 +223,12 @@ def serve(
     *,
     auth: str | None = None,
     token: str | None = None,
+    ui: bool = True,
     on_ready: Any = None,
 ) -> None:
     """Serve until interrupted (Ctrl-C); ``on_ready(url)`` is called once it listens."""
     token = token or os.environ.get(TOKEN_ENV) or None
-    running = start_server(service, host, port, auth=parse_auth(auth), token=token)
+    running = start_server(service, host, port, auth=parse_auth(auth), token=token, ui=ui)
     if on_ready is not None:
         on_ready(running.url)
     try:

@@ -93,20 +93,28 @@ class _Pending:
     x: np.ndarray
     data: bytes
     store: bool = True
+    neighbours: int = NEIGHBOURS
     future: Future = field(default_factory=Future)
 
 
 class _MicroBatcher:
-    """Inference streams that each take every waiting request (up to MAX_BATCH) as one batch."""
+    """Inference streams batching whatever requests wait, and one writer committing them.
+
+    Each stream takes every waiting request (up to MAX_BATCH) as one ONNX batch and moves on;
+    the writer takes every scored request waiting (group commit) and stores them in one
+    transaction, finds their neighbours in one search, and answers them.
+    """
 
     def __init__(self, service: Service, streams: int):
         self.service = service
         self.queue: queue.Queue[_Pending | None] = queue.Queue()
-        self.threads = [
-            threading.Thread(target=self._loop, name=f"imagesieve-batch-{i}", daemon=True)
+        self.scored: queue.Queue[tuple[_Pending, Prediction] | None] = queue.Queue()
+        self.streams = [
+            threading.Thread(target=self._infer, name=f"imagesieve-infer-{i}", daemon=True)
             for i in range(streams)
         ]
-        for t in self.threads:
+        self.writer = threading.Thread(target=self._write, name="imagesieve-writer", daemon=True)
+        for t in [*self.streams, self.writer]:
             t.start()
 
     def submit(self, pending: _Pending) -> Future:
@@ -114,42 +122,79 @@ class _MicroBatcher:
         return pending.future
 
     def close(self) -> None:
-        for _ in self.threads:
+        for _ in self.streams:
             self.queue.put(None)
-        for t in self.threads:
+        for t in self.streams:
             t.join(timeout=30)
+        self.scored.put(None)
+        self.writer.join(timeout=30)
 
-    def _loop(self) -> None:
-        while True:
-            first = self.queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:  # closing: finish this batch, then let another thread stop
-                    self.queue.put(None)
-                    break
-                batch.append(nxt)
-            for predictor in {id(p.predictor): p.predictor for p in batch}.values():
-                group = [p for p in batch if p.predictor is predictor]
+    @staticmethod
+    def _drain(q: queue.Queue, first: Any, limit: int) -> tuple[list, bool]:
+        """``first`` plus whatever else waits in ``q`` (up to ``limit``); True when closing."""
+        items = [first]
+        while len(items) < limit:
+            try:
+                nxt = q.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                return items, True
+            items.append(nxt)
+        return items, False
+
+    def _infer(self) -> None:
+        while (first := self.queue.get()) is not None:
+            batch, closing = self._drain(self.queue, first, MAX_BATCH)
+            for predictor, group in _by_predictor(batch, lambda p: p.predictor):
                 try:
                     results = predictor.engine.forward_prepared([(p.result, p.x) for p in group])
                     preds = predictor.predictions(results)
-                    self.service._store_new(
-                        predictor, [(p.data, pr) for p, pr in zip(group, preds, strict=True)]
-                    )
                 except BaseException as e:  # every waiting request gets the error
                     log.exception("prediction batch failed")
-                    for p in group:
-                        if not p.future.done():
-                            p.future.set_exception(e)
+                    _fail(group, e)
                     continue
-                for p, pr in zip(group, preds, strict=True):
-                    p.future.set_result(pr)
+                for p, pred in zip(group, preds, strict=True):
+                    self.scored.put((p, pred))
+            if closing:
+                return
+
+    def _write(self) -> None:
+        while (first := self.scored.get()) is not None:
+            done, closing = self._drain(self.scored, first, 8 * MAX_BATCH)
+            for predictor, group in _by_predictor(done, lambda d: d[0].predictor):
+                pending = [p for p, _ in group]
+                preds = [pred for _, pred in group]
+                try:
+                    self.service._store_new(
+                        predictor, [(p.data, pred) for p, pred in group if p.store]
+                    )
+                    near = self.service._neighbours_of(
+                        predictor.version.name, preds, [p.neighbours for p in pending]
+                    )
+                except BaseException as e:
+                    log.exception("storing predictions failed")
+                    _fail(pending, e)
+                    continue
+                for p, pred, nb in zip(pending, preds, near, strict=True):
+                    p.future.set_result((pred, nb))
+            if closing:
+                return
+
+
+def _by_predictor(items: list, predictor_of: Any) -> list[tuple[Predictor, list]]:
+    """Items grouped by the predictor (model version) they were prepared for, in order."""
+    groups: dict[int, tuple[Predictor, list]] = {}
+    for item in items:
+        predictor = predictor_of(item)
+        groups.setdefault(id(predictor), (predictor, []))[1].append(item)
+    return list(groups.values())
+
+
+def _fail(pending: list[_Pending], e: BaseException) -> None:
+    for p in pending:
+        if not p.future.done():
+            p.future.set_exception(e)
 
 
 class Service:
@@ -273,10 +318,11 @@ class Service:
                 )
             raise result.error
         else:
-            pred = self._batcher.submit(_Pending(predictor, result, x, data, store)).result()
+            pred, near = self._batcher.submit(
+                _Pending(predictor, result, x, data, store, neighbours)
+            ).result()
         out = PredictResult(pred, model_version=version)
-        if neighbours:
-            out.neighbours = self.neighbours(pred, neighbours)
+        out.neighbours = self.neighbours(pred, neighbours) if pred.skipped else near
         out.seconds = time.perf_counter() - t0
         return out
 
@@ -290,11 +336,31 @@ class Service:
         for data, p in items:
             keep_image(self.ws, p.sha256, data)
         batch_id = self._live_batch(version)
-        self.store.commit(batch_id, version, preds, processed_sources=[p.source for p in preds])
+        self.store.commit(batch_id, version, preds)  # uploads are not re-run: no failure to resolve
         with self._state:
             self._counts["n_items"] += len(preds)
             self._counts["n_scored"] += len(preds)
             self._counts["n_unknown"] += sum(p.label == UNKNOWN for p in preds)
+
+    def _neighbours_of(
+        self, version: str, preds: Sequence[Prediction], ks: Sequence[int]
+    ) -> list[list[dict[str, Any]]]:
+        """The nearest stored images of a micro-batch, in one search (inference thread)."""
+        from imagesieve.search._similar import nearest_stored
+
+        k = max(ks, default=0)
+        want = [i for i, (p, n) in enumerate(zip(preds, ks, strict=True)) if n and p.ok]
+        out: list[list[dict[str, Any]]] = [[] for _ in preds]
+        if k and want:
+            xq = np.stack([preds[i].embedding for i in want])
+            found = nearest_stored(self.store, version, xq, k, [preds[i].id for i in want])
+            for i, rows in zip(want, found, strict=True):
+                out[i] = [r.to_dict() for r in rows[: ks[i]]]
+        for p in preds:
+            p.probs = None
+            if p.id is not None:
+                p.embedding = None  # stored now: keep only what the response needs
+        return out
 
     def _store_failures(self, version: str, failures: list[Failure]) -> None:
         batch_id = self._live_batch(version)

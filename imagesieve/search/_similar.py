@@ -9,7 +9,8 @@ otherwise the approximate search is widened until k rows pass the filter.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from imagesieve.indexer import Store
 from imagesieve.indexer._store import using_store
 from imagesieve.models import get_version
 
-__all__ = ["SimilarQuery", "SimilarResult", "find_similar"]
+__all__ = ["SimilarQuery", "SimilarResult", "find_similar", "nearest_stored"]
 
 #: Filters matching at most this many rows are searched exactly within them.
 EXACT_FILTER_MAX = 50_000
@@ -180,6 +181,30 @@ def _widened(index, query: np.ndarray, k: int, allowed: set[int]) -> tuple[np.nd
         if keep.sum() >= k or ask >= index.ntotal:
             return ids[:, keep][:, :k], dist[:, keep][:, :k]
         ask *= 4
+
+
+def nearest_stored(
+    store: Store, model_version: str, xq: np.ndarray, k: int, exclude: Sequence[int | None]
+) -> list[list[SimilarResult]]:
+    """For each (n, d) query, its k nearest stored images, leaving out ``exclude[i]`` (its own id).
+
+    One index search and one row lookup for the whole batch (the server's micro-batches).
+    """
+    with store.lock:
+        if not store.row_count(model_version):
+            return [[] for _ in range(len(xq))]
+        index = store.index(model_version)
+        ids, dist = index.search(xq, k + 1)
+        wanted = [
+            [
+                (int(i), float(d))
+                for i, d in zip(row_i, row_d, strict=True)
+                if i >= 0 and int(i) != own
+            ][:k]
+            for row_i, row_d, own in zip(ids, dist, exclude, strict=True)
+        ]
+        rows = {r.id: r for r in _results(store, sorted({p for w in wanted for p in w}))}
+    return [[replace(rows[i], distance=d) for i, d in w] for w in wanted]
 
 
 def _results(store: Store, pairs: list[tuple[int, float]]) -> list[SimilarResult]:

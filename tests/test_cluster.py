@@ -39,6 +39,22 @@ def make_blobs(seed=0, sizes=(80, 70, 60, 50, 40), d=64, spread=0.2, n_junk=40):
     return unit(np.concatenate(x)), y
 
 
+def make_broad_group(seed=0, n=500, d=64, lumps=64, reach=0.3, spread=0.2, n_other=8):
+    """One broad group of look-alikes, plus a few images of another kind.
+
+    The group, like the embeddings of one unseen kind: ``n`` points around ``lumps`` centres so
+    close together that they make one mass with shallow dense spots. The other kind: ``n_other``
+    (fewer than a cluster) tight points well away from it. Labels: 0 the group, 1 the other.
+    """
+    rng = np.random.default_rng(seed)
+    common = unit(rng.normal(size=d))
+    centres = common + reach * unit(rng.normal(size=(lumps, d)))
+    group = centres[rng.integers(0, lumps, n)] + spread * rng.normal(size=(n, d)) / np.sqrt(d)
+    other = unit(common + 0.8 * unit(rng.normal(size=d)))
+    other = other + 0.1 * rng.normal(size=(n_other, d)) / np.sqrt(d)
+    return unit(np.concatenate([group, other])), np.repeat([0, 1], [n, n_other])
+
+
 def names(y: np.ndarray, prefix: str) -> list[str]:
     """Class names per row: mostly the blob's own, every 7th row another one."""
     return [f"{prefix}{(v if i % 7 else v + 1) % 3}" for i, v in enumerate(y)]
@@ -248,6 +264,55 @@ def test_cluster_embeddings__junk_projected_together_is_noise():
     assert len(res.clusters) == 4
     assert np.all(res.labels[y == -1] == -1)
     assert min(c.cohesion for c in res.clusters) > 0.9
+
+
+def test_cluster_embeddings__one_broad_group_is_one_cluster():
+    x, y = make_broad_group()
+    ids = np.arange(len(x)) + 50
+    # Plain HDBSCAN never returns the whole input: it keeps the group's dense spots, and most of
+    # the group is noise.
+    plain = run(ids, x, y, params=ClusterParams(allow_single_cluster=False))
+    assert len(plain.clusters) >= 3
+    assert (plain.labels[y == 0] == -1).mean() > 0.5
+    res = run(ids, x, y)
+    assert len(res.clusters) == 1
+    (group,) = res.clusters
+    assert (res.labels[y == 0] == group.cluster_id).mean() >= 0.75  # at most 25% noise
+    assert np.all(res.labels[y == 1] == -1)  # the few of another kind stay out
+    assert group.top1 == dict(Counter(names(y[y == 0], "a")).most_common())
+    assert adjusted_rand_score(y, res.labels) >= 0.7  # noise counted as a label of its own
+
+
+def test_cluster_embeddings__broad_group_alone_as_beside_another():
+    # Next to another group, plain HDBSCAN already makes each broad group one cluster (the
+    # groups are children of the root, born where they split); alone, the group is the root,
+    # born at its first merge, later than at a split, so it is held to a stricter test (one of
+    # ten seeds tried stays in pieces alone); this one is one cluster both ways.
+    x_a, y_a = make_broad_group(seed=1, n_other=0)
+    x_b, y_b = make_broad_group(seed=2, n=300, n_other=0)
+    x = np.concatenate([x_a, x_b])
+    y = np.repeat([0, 1], [len(x_a), len(x_b)])
+    plain = run(np.arange(len(x)), x, y, params=ClusterParams(allow_single_cluster=False))
+    both = run(np.arange(len(x)), x, y)
+    np.testing.assert_array_equal(both.labels, plain.labels)  # two groups: nothing changes
+    assert len(both.clusters) == 2 and adjusted_rand_score(y, both.labels) >= 0.95
+    alone = run(np.arange(len(x_a)), x_a, y_a)
+    assert len(alone.clusters) == 1
+    beside = both.labels[: len(x_a)]
+    same = (alone.labels >= 0) == (beside == id_of_blob(both, np.arange(len(x)), y)[0])
+    assert same.mean() >= 0.95
+
+
+@pytest.mark.filterwarnings("ignore:no clusters found")
+def test_cluster_embeddings__scattered_images_are_all_noise():
+    # Images unlike each other (uniform on the sphere of the embeddings' 1280 dimensions) never
+    # split: no part of them is denser than the rest, so no cluster, whole or not.
+    x = unit(np.random.default_rng(16).normal(size=(300, 1280)))
+    y = np.zeros(300, int)
+    for single in (True, False):
+        with pytest.warns(UserWarning, match="no clusters found among 300 images"):
+            res = run(np.arange(300), x, y, params=ClusterParams(allow_single_cluster=single))
+        assert res.clusters == [] and np.all(res.labels == -1)
 
 
 def test_cluster_embeddings__bad_input():

@@ -11,10 +11,26 @@ cosine distance), optionally UMAP, then HDBSCAN (label -1 = noise). Per-cluster 
 (centroid, radius, cohesion, ...) are computed in the original embedding space with cosine
 distance ``1 - x . y``.
 
+The whole input may be one cluster (``allow_single_cluster``, on by default). HDBSCAN picks, in
+its tree of density levels, the clusters of most excess of mass (stability), but never the
+root, the whole input. scikit-learn's ``allow_single_cluster`` lets it, yet counts the root's
+mass from density zero, so that it wins against real splits (two kinds become one cluster), and
+then keeps in it only the images still there at its last split. So UNKNOWNs all of one new
+kind (a broad group with a few denser spots) came back as those spots, most images noise,
+although next to any other group the same images are one cluster: there the group is a child
+of the root, born where it splits off, and HDBSCAN weighs it against its spots as usual. Here
+the root is weighed the same way, born at its first (largest) merge distance: it is the one
+cluster if its stability beats that of the clusters HDBSCAN picked below it. Its outliers (the
+noise) are the images that leave it at a distance beyond the upper Tukey fence (third quartile
+plus 1.5 interquartile ranges) of all the images' leaving distances, the distance HDBSCAN's
+outlier score (GLOSH) ranks by. An input with no split at all (junk, or too few images to
+tell) stays all noise.
+
 A cluster no tighter in the embedding space than all the input together (its cohesion at most
 the whole input's) is returned as noise. This is an artefact of the PCA step: images unlike
 the rest, e.g. junk, differ from each other mostly in directions the principal axes leave out,
-so they project onto one spot and HDBSCAN would see them as a dense group.
+so they project onto one spot and HDBSCAN would see them as a dense group. (A cluster of all
+the input, which only the rule above makes, is the input itself and is kept.)
 
 Stable ids (:func:`match_clusters`): a new cluster keeps the id of the previous cluster it
 continues, decided first by shared members, then by position:
@@ -77,6 +93,9 @@ class ClusterParams:
         umap_dims: If set, reduce further with UMAP to this many dimensions (needs the
             ``umap-learn`` package).
         seed: Seed of the randomized PCA (and UMAP); the same seed gives the same clusters.
+        allow_single_cluster: Let the whole input be one cluster when that is more stable than
+            the clusters HDBSCAN finds inside it (see the module docstring); False is plain
+            HDBSCAN, which never returns the whole input as one cluster.
     """
 
     min_cluster_size: int = 10
@@ -84,6 +103,7 @@ class ClusterParams:
     pca_dims: int = 50
     umap_dims: int | None = None
     seed: int = 0
+    allow_single_cluster: bool = True
 
     def __post_init__(self):
         if int(self.min_cluster_size) < 2:
@@ -228,10 +248,11 @@ def cluster_embeddings(
         rows = np.flatnonzero(labels == label)
         rows = rows[np.argsort(ids[rows], kind="stable")]
         found.append((_describe(ids[rows], xb[rows], top1[rows], top2[rows]), rows))
-    loose = [c for c, _ in found if c.cohesion <= floor]  # not look-alikes: see module docstring
+    # Not look-alikes (see module docstring); a cluster of every image is the input itself.
+    loose = [c for c, _ in found if c.cohesion <= floor and c.size < n]
     if loose:
         log.info("%d clusters no tighter than all images together (%.3f): noise", len(loose), floor)
-    found = [(c, rows) for c, rows in found if c.cohesion > floor]
+    found = [(c, rows) for c, rows in found if c.cohesion > floor or c.size == n]
     # A canonical order that does not depend on the input order: largest first, then lowest id.
     found.sort(key=lambda cr: (-cr[0].size, int(cr[0].member_ids[0])))
     clusters = [c for c, _ in found]
@@ -431,7 +452,11 @@ def _umap(z: np.ndarray, params: ClusterParams) -> np.ndarray:
 
 
 def _hdbscan(z: np.ndarray, params: ClusterParams) -> np.ndarray:
-    """HDBSCAN labels (-1 = noise) of the rows of ``z``, Euclidean distance."""
+    """HDBSCAN labels (-1 = noise) of the rows of ``z``, Euclidean distance.
+
+    With ``params.allow_single_cluster``, all rows but the outliers are cluster 0 when the whole
+    input is the most stable cluster (:func:`_single_cluster_outliers`).
+    """
     from sklearn.cluster import HDBSCAN
 
     n = len(z)
@@ -442,7 +467,107 @@ def _hdbscan(z: np.ndarray, params: ClusterParams) -> np.ndarray:
         metric="euclidean",
         copy=True,
     )
-    return model.fit_predict(np.ascontiguousarray(z, np.float64)).astype(np.int64)
+    labels = model.fit_predict(np.ascontiguousarray(z, np.float64)).astype(np.int64)
+    if not params.allow_single_cluster or labels.max(initial=-1) < 0:
+        return labels  # no split anywhere: nothing tells a group from scattered images
+    tree = getattr(model, "_single_linkage_tree_", None)  # scikit-learn >= 1.3 keeps it
+    if tree is None or not {"left_node", "right_node", "value", "cluster_size"} <= set(
+        tree.dtype.names or ()
+    ):
+        log.warning("this scikit-learn HDBSCAN keeps no single-linkage tree: plain HDBSCAN")
+        return labels
+    outliers = _single_cluster_outliers(tree, params.min_cluster_size)
+    if outliers is None:
+        return labels
+    log.info(
+        "the whole input is one cluster, more stable than the %d HDBSCAN found inside it; "
+        "%d of %d images are its outliers",
+        labels.max() + 1,
+        int(outliers.sum()),
+        n,
+    )
+    return np.where(outliers, -1, 0).astype(np.int64)
+
+
+def _single_cluster_outliers(tree: np.ndarray, min_cluster_size: int) -> np.ndarray | None:
+    """The outliers of the whole input if it is HDBSCAN's most stable cluster, else None.
+
+    Condenses the single-linkage tree as HDBSCAN does: going down in distance, a merge of two
+    parts of at least ``min_cluster_size`` points each is a split into two new clusters, born
+    at that level; smaller parts leave their cluster as points. A cluster's stability is the
+    sum over its points of ``lambda - birth`` (lambda = 1 / distance) at which they leave it.
+    The root is born at its first (largest) merge distance, as a child is at its split.
+
+    Args:
+        tree: (n - 1,) single-linkage tree of the mutual reachability distances, scipy order
+            (merge ``i`` makes node ``n + i``; fields ``left_node``, ``right_node``, ``value``,
+            ``cluster_size``), as HDBSCAN builds it.
+        min_cluster_size: HDBSCAN's ``min_cluster_size``.
+
+    Returns:
+        (n,) bool mask of the points leaving the root at a distance beyond the upper Tukey fence
+        of all points' leaving distances, or None if the clusters below the root (their best
+        selection by excess of mass, which is what HDBSCAN returned) are more stable.
+    """
+    n = len(tree) + 1
+    left = np.asarray(tree["left_node"], np.int64)
+    right = np.asarray(tree["right_node"], np.int64)
+    size = np.asarray(tree["cluster_size"], np.int64)
+    with np.errstate(divide="ignore"):
+        lam = 1.0 / np.asarray(tree["value"], np.float64)  # inf where points coincide
+
+    def size_of(node: int) -> int:
+        return 1 if node < n else int(size[node - n])
+
+    leave = np.empty(n)  # lambda at which each point leaves the cluster it is last in
+    parent, birth, stability = [-1], [lam[-1]], [0.0]  # the condensed clusters; 0 = root
+    stack = [(2 * n - 2, 0)]  # (tree node, condensed cluster it belongs to)
+    while stack:
+        node, c = stack.pop()
+        i = node - n
+        kids = (int(left[i]), int(right[i]))
+        sizes = [size_of(k) for k in kids]
+        if min(sizes) >= min_cluster_size:  # a split: two clusters are born
+            stability[c] += (lam[i] - birth[c]) * sum(sizes)
+            for k in kids:
+                parent.append(c)
+                birth.append(lam[i])
+                stability.append(0.0)
+                stack.append((k, len(parent) - 1))
+            continue
+        for k, m in zip(kids, sizes, strict=True):
+            if m >= min_cluster_size:
+                stack.append((k, c))  # the cluster goes on without the small part
+            else:
+                leave[_leaves(left, right, k, n)] = lam[i]
+                stability[c] += (lam[i] - birth[c]) * m
+    stability_ = np.array(stability)
+    if len(parent) == 1 or not np.all(np.isfinite(stability_)):
+        return None  # no split (HDBSCAN found nothing), or coinciding points: keep HDBSCAN's
+    # Excess of mass, bottom-up (children come after their parent): a cluster's best is itself
+    # or its children's best, whichever is more stable.
+    below = np.zeros(len(parent))
+    for c in range(len(parent) - 1, 0, -1):
+        best = stability_[c] if stability_[c] >= below[c] else below[c]
+        below[parent[c]] += best
+    if not stability_[0] > below[0]:
+        return None
+    with np.errstate(divide="ignore"):
+        distance = 1.0 / leave
+    q1, q3 = np.percentile(distance, [25, 75])
+    return distance > q3 + 1.5 * (q3 - q1)
+
+
+def _leaves(left: np.ndarray, right: np.ndarray, node: int, n: int) -> list[int]:
+    """The points (ids < n) under ``node`` of a single-linkage tree."""
+    out, stack = [], [node]
+    while stack:
+        v = stack.pop()
+        if v < n:
+            out.append(v)
+        else:
+            stack += (int(left[v - n]), int(right[v - n]))
+    return out
 
 
 def _cohesion(x: np.ndarray) -> float:

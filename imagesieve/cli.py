@@ -510,6 +510,7 @@ def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
         min_samples=args.min_samples,
         pca_dims=args.pca_dims,
         umap_dims=args.umap_dims,
+        allow_single_cluster=args.single_cluster,
     )
     with _progress(not args.json) as progress:
         run = run_clustering(ws, params, model=args.model, export=args.export, progress=progress)
@@ -701,6 +702,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--min-samples", type=int, help="HDBSCAN (default: the min cluster size)")
     c.add_argument("--pca-dims", type=int, default=50, help="PCA before HDBSCAN (default 50)")
     c.add_argument("--umap-dims", type=int, help="UMAP after PCA (needs umap-learn)")
+    c.add_argument(
+        "--single-cluster",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the whole UNKNOWN set may come back as one cluster (default; --no-single-cluster: plain HDBSCAN)",
+    )
     c.add_argument("--export", metavar="DIR", help="cluster folders here (default sieve/clusters)")
     c.add_argument("--list", action="store_true", help="list the clusters without re-running")
     c.add_argument("--name", nargs=2, metavar=("CLUSTER", "NAME"), help="name a cluster")

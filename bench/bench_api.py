@@ -91,9 +91,12 @@ def engine_run(pngs: list[bytes]) -> dict:
     predictor = Predictor(get_version(Workspace(API_WS)))
     items = [(f"e{i}.png", with_counter(p, i)) for i, p in enumerate(pngs)]
     list(predictor.score_batches(items[:64]))  # warm-up
+    c0 = os.times()
     t = time.perf_counter()
     n = sum(p.ok for batch in predictor.score_batches(items) for p in batch)
     seconds = time.perf_counter() - t
+    c1 = os.times()
+    cpu = (c1.user - c0.user) + (c1.system - c0.system)
     x = predictor.engine.prepare(items[0])[1][None]
     single = []
     for _ in range(100):
@@ -103,6 +106,7 @@ def engine_run(pngs: list[bytes]) -> dict:
     return {
         "n": n,
         "img_per_s": n / seconds,
+        "cpu_ms": 1000 * cpu / n,
         "forward1_p50_ms": 1000 * statistics.median(single),
         "forward1_p99_ms": 1000 * float(np.percentile(single, 99)),
     }
@@ -121,12 +125,19 @@ def start_server() -> tuple[subprocess.Popen, str, int]:
     ]
     if not UI:
         cmd.append("--no-ui")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = open(OUT.parent / "api" / "server.log", "w")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     for line in proc.stdout:
         m = re.search(r"on http://([\d.]+):(\d+)", line)
         if m:
             return proc, m[1], int(m[2])
-    sys.exit(f"server did not start:\n{proc.stderr.read()[-3000:]}")
+    sys.exit(f"server did not start; see {log.name}")
+
+
+def process_cpu(proc: subprocess.Popen) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def server_peak_mb(proc: subprocess.Popen) -> float:
@@ -162,7 +173,8 @@ def main() -> None:
 
     eng = engine_run(pngs[: args.engine])
     print(
-        f"(a) engine alone, batch 32: {eng['img_per_s']:.1f} img/s ({eng['n']} images); "
+        f"(a) engine alone, batch 32: {eng['img_per_s']:.1f} img/s ({eng['n']} images), "
+        f"{eng['cpu_ms']:.1f} ms CPU per image; "
         f"single-image forward pass p50 {eng['forward1_p50_ms']:.1f} ms, "
         f"p99 {eng['forward1_p99_ms']:.1f} ms",
         flush=True,
@@ -219,6 +231,7 @@ def main() -> None:
             rounds[0] += 1
 
         cpu0 = os.times()
+        server0 = process_cpu(proc)
         t0 = time.perf_counter()
         threads = [threading.Thread(target=run_client, args=(k,)) for k in range(args.clients)]
         for t in threads:
@@ -227,6 +240,7 @@ def main() -> None:
             t.join()
         wall = time.perf_counter() - t0
         cpu1 = os.times()
+        server_cpu = process_cpu(proc) - server0
         allres = [r for rs in results for r in rs]
         ok = [s for st, s in allres if st == 200]
         errs = len(allres) - len(ok)
@@ -238,6 +252,12 @@ def main() -> None:
             f"[target >= 0.8x]; latency p50 {1000 * pct(ok, 50):.0f} ms, "
             f"p99 {1000 * pct(ok, 99):.0f} ms; the clients themselves used "
             f"{client_cpu / wall:.2f} cores",
+            flush=True,
+        )
+        per = 1000 * server_cpu / max(1, len(allres))
+        print(
+            f"    server CPU per request {per:.1f} ms vs the engine's {eng['cpu_ms']:.1f} ms per "
+            f"image: {eng['cpu_ms'] / per:.2f}x (the throughput ratio an idle machine allows)",
             flush=True,
         )
         import urllib.request

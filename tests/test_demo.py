@@ -56,7 +56,7 @@ def test_main__demo_trains_flags_poly_cells_unknown_then_reuses(tmp_path, capsys
     proc = subprocess.Popen(
         [sys.executable, "-m", "imagesieve.cli", "demo", "--workspace", ws, "--port", "0"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=(tmp_path / "serve.log").open("w"),  # a pipe nobody reads could fill and block it
         text=True,
     )
     try:
@@ -65,7 +65,7 @@ def test_main__demo_trains_flags_poly_cells_unknown_then_reuses(tmp_path, capsys
             if line.startswith("serving "):
                 url = re.search(r"on (http://\S+)", line)[1]
                 break
-        assert url, proc.stderr.read()
+        assert url, (tmp_path / "serve.log").read_text()
         health = requests.get(f"{url}/api/v1/health", timeout=30).json()
         assert health["model_version"] == "v1" and health["stored_images"] == 750
         clusters = requests.get(f"{url}/api/v1/clusters", timeout=30).json()["clusters"]

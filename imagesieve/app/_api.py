@@ -120,11 +120,11 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
     async def predict(
         file: UploadFile = File(..., description="the image"),  # noqa: B008 - FastAPI's idiom
         neighbours: int = Query(5, ge=0, le=100, description="nearest stored images returned"),
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Score one image: Top-3, label (or UNKNOWN and why), nearest stored images; stored."""
         name, data = await _read_upload(file, service, "file")
         result = await _call(service.predict, data, name, neighbours=neighbours)
-        return result.to_dict()
+        return JSONResponse(result.to_dict())  # already JSON-ready: skip the generic encoder
 
     @router.post("/score")
     async def score(

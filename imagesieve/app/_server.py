@@ -157,9 +157,10 @@ def build_server(
     app.add_middleware(_BodyLimit, limit_for=limit_for)
     if ui:
         # Offline and contained: no usage analytics calls home, and Gradio's upload cache is
-        # the workspace's (uploads land in the workspace, never outside it).
+        # the workspace's (uploads land in the workspace, never outside it). Gradio reads it
+        # from the environment, once per process: a process serves one workspace.
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-        os.environ["GRADIO_TEMP_DIR"] = str(service.ws.cache_dir / "gradio")
+        os.environ.setdefault("GRADIO_TEMP_DIR", str(service.ws.cache_dir / "gradio"))
         import gradio as gr
 
         from imagesieve.app._ui import build_app

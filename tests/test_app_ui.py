@@ -1,0 +1,539 @@
+"""The Gradio app in a real browser: Debian's chromium driven by Playwright, a real server.
+
+One server per module, on a workspace of its own: a model trained on a private copy of some
+mono cells (promoting writes into its training folder), mono and poly cells scored through
+the service (the poly ones come out UNKNOWN) and clustered. Every test fails on any error in
+the browser console or an uncaught page error.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from imagesieve._workspace import Workspace
+from imagesieve.data._elpv import export_elpv
+
+pytestmark = [
+    pytest.mark.slow,  # trains a model and starts a browser
+    # Gradio's own queue calls pandas 3 APIs it deprecates (gradio/queueing.py); not ours.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing"),
+]
+
+CHROMIUM = os.environ.get("IMAGESIEVE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    # A fake camera (a generated test pattern) that needs no permission prompt: the live
+    # camera test scores real frames from it.
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+]
+TIMEOUT = 60_000  # ms: the slowest step (a batch, Grad-CAM's first torch load) on 2 cores
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, elpv):
+    """(url, service, cells) of a served workspace with stored, clustered UNKNOWNs."""
+    from imagesieve.app import Service
+    from imagesieve.app._server import start_server
+    from imagesieve.classifier._train import TrainOptions, train_model
+
+    root = tmp_path_factory.mktemp("app")
+    mono = [im for im in elpv if im.cell_type == "mono"]
+    poly = [im for im in elpv if im.cell_type == "poly"]
+    good = [im for im in mono if im.defect_probability == 0.0]
+    bad = [im for im in mono if im.defect_probability == 1.0]
+    training = export_elpv(root / "training", good[:30] + bad[:30])
+    ws = Workspace(root / "ws")
+    train_model(training, ws, TrainOptions(test_size=0.25, val_size=0.15))
+    service = Service(ws)
+    scored_poly, fresh_poly = poly[:80], poly[80:120]
+    service.score([str(im.path) for im in good[30:40] + bad[30:40] + scored_poly])
+    run = service.run_clustering(min_cluster_size=5)
+    assert run.clusters, "the fixture needs at least one cluster of poly cells"
+    server = start_server(service)
+    cells = {
+        "training": [im.path for im in good[:30]],
+        "fresh_mono": [im.path for im in good[40:60]],
+        "fresh_poly": [im.path for im in fresh_poly],
+        "training_dir": training,
+    }
+    yield server.url, service, cells
+    server.stop()
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(
+            f"no chromium at {CHROMIUM}: run 'sh tests/install-chromium.sh' "
+            "(or set IMAGESIEVE_CHROMIUM)"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A fresh browser page on the app, with every console error and page error collected."""
+
+    def __init__(self, browser, url: str, ready: str = "stored images"):
+        self.context = browser.new_context(
+            viewport={"width": 1400, "height": 1000}, accept_downloads=True
+        )
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(TIMEOUT)
+        self.errors: list[str] = []
+        self.page.on(
+            "console",
+            lambda m: (
+                self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None
+            ),
+        )
+        self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        self.page.goto(url)
+        self.page.wait_for_function(
+            "text => document.querySelector('#app-header')?.innerText.includes(text)", arg=ready
+        )
+
+    def tab(self, name: str) -> None:
+        self.page.get_by_role("tab", name=name, exact=True).click()
+
+    def text(self, selector: str) -> str:
+        return self.page.inner_text(selector)
+
+    def wait_text(self, selector: str, text: str) -> str:
+        """Wait until the element's text contains ``text``; returns the whole text."""
+        self.page.wait_for_function(
+            "([sel, text]) => document.querySelector(sel)?.innerText.includes(text)",
+            arg=[selector, text],
+        )
+        return self.text(selector)
+
+    def table(self, selector: str) -> tuple[list[str], list[list[str]]]:
+        """(headers, rows) of a Gradio Dataframe (the rows it has drawn)."""
+        headers = self.page.eval_on_selector_all(
+            f"{selector} th[role=columnheader]", "ths => ths.map(th => th.title)"
+        )
+        rows = self.page.eval_on_selector_all(
+            f"{selector} [role=row].virtual-row",
+            "rows => rows.map(r => Array.from(r.querySelectorAll('[role=gridcell]'))"
+            ".map(c => c.innerText.trim()))",
+        )
+        return headers, rows
+
+    def table_size(self, selector: str) -> int:
+        """Rows of a Dataframe, drawn or not (its grid's aria-rowcount less the header)."""
+        return int(self.page.get_attribute(f"{selector} [role=grid]", "aria-rowcount")) - 1
+
+    def captions(self, selector: str) -> list[str]:
+        return [
+            c.strip() for c in self.page.locator(f"{selector} .caption-label").all_inner_texts()
+        ]
+
+    def toasts(self) -> list[str]:
+        return self.page.locator(".toast-body").all_inner_texts()
+
+    def watch_progress(self) -> None:
+        """Record every progress text shown from now on (they can come and go in a moment)."""
+        self.page.evaluate(
+            """() => {
+                window.progressSeen = [];
+                const seen = window.progressSeen;
+                new MutationObserver(() => {
+                    for (const el of document.querySelectorAll('.progress-text, .progress-level')) {
+                        const t = el.innerText.trim();
+                        if (t && seen[seen.length - 1] !== t) seen.push(t);
+                    }
+                }).observe(document.body, {subtree: true, childList: true, characterData: true});
+            }"""
+        )
+
+    def progress_seen(self) -> list[str]:
+        return self.page.evaluate("window.progressSeen")
+
+    def download(self, selector: str) -> Path:
+        with self.page.expect_download() as info:
+            self.page.click(selector)
+        return Path(info.value.path())
+
+    def assert_no_errors(self) -> None:
+        assert self.errors == [], "\n".join(self.errors)
+
+
+@pytest.fixture
+def page(browser, app):
+    p = Page(browser, app[0])
+    yield p
+    p.context.close()
+
+
+def stored(service, id_: int) -> tuple:
+    """The store's (source, label, reason) of one row, read through the service."""
+    rows = service.sql(f"SELECT source, label, reason FROM predictions WHERE id = {int(id_)}").rows
+    assert len(rows) == 1, f"no stored row {id_}"
+    return rows[0]
+
+
+def count(service, table: str) -> int:
+    return service.sql(f"SELECT count(*) FROM {table}").rows[0][0]
+
+
+# -- every tab --------------------------------------------------------------------------------
+
+
+def test_build_app__every_tab_renders_without_browser_errors(page, app):
+    _, service, _ = app
+    version = service.version
+    assert "model **v1**" not in page.text("#app-header")  # Markdown is rendered, not shown raw
+    assert f"model {version.name}" in page.text("#app-header")
+
+    page.tab("Predict")
+    assert "Upload an image" in page.text("#predict-verdict")
+    page.page.get_by_role("tab", name="Camera", exact=True).click()
+    page.page.wait_for_selector("#predict-camera", state="visible")
+
+    page.tab("Batch")
+    page.page.wait_for_selector("#batch-files", state="visible")
+    headers, _ = page.table("#batch-table")
+    assert headers[:3] == ["source", "label", "reason"]
+
+    page.tab("Similar")
+    page.page.wait_for_selector("#similar-gallery", state="visible")
+    page.page.get_by_role("tab", name="By class", exact=True).click()
+    page.page.wait_for_function(
+        "document.querySelector('#similar-class input')?.value === 'defective'"
+    )
+
+    page.tab("History")
+    for name in ("predictions_per_day", "unknown_rate_per_batch", "class_confusion"):
+        page.page.wait_for_selector(f"#view-{name}", state="visible")
+    page.page.wait_for_selector("#history-chart canvas, #history-chart svg")
+
+    page.tab("Unknowns")
+    page.wait_text("#unknowns-status", "UNKNOWN images")
+    biggest = service.clusters()[0]
+    page.page.wait_for_selector(f"#cluster-{biggest['cluster_id']}-gallery img")
+
+    page.tab("Model")
+    metrics = page.wait_text("#model-metrics", "accuracy")
+    assert version.name in metrics
+    page.page.wait_for_selector("#model-confusion img")
+    page.page.wait_for_selector("#model-curves img")
+    _, rows = page.table("#model-versions")
+    assert rows[0][:3] == [version.name, "true", "trained"]
+    page.assert_no_errors()
+
+
+# -- Predict ----------------------------------------------------------------------------------
+
+
+def test_predict__upload_shows_label_top3_gradcam_and_neighbours(page, app):
+    _, service, cells = app
+    known, unseen = cells["training"][0], cells["fresh_poly"][0]
+    page.tab("Predict")
+
+    page.page.set_input_files("#predict-image input[type=file]", str(known))
+    page.page.wait_for_selector("#predict-verdict [data-label]")
+    label = page.page.get_attribute("#predict-verdict [data-label]", "data-label")
+    assert label in ("defective", "functional")
+    assert "Top-1 confidence" in page.text("#predict-verdict")
+
+    page.page.set_input_files("#predict-image input[type=file]", str(unseen))
+    page.page.wait_for_selector("#predict-verdict [data-label=UNKNOWN]")
+    verdict = page.text("#predict-verdict")
+    assert verdict.startswith("UNKNOWN")
+    assert "far from the training data" in verdict  # the reason in words, not a code
+
+    top3 = page.text("#predict-top3")
+    assert "defective" in top3 and "functional" in top3 and "%" in top3
+    details = page.wait_text("#predict-details", "stored as")
+    stored_id = int(re.search(r"stored as #(\d+)", details).group(1))
+    source, label, reason = stored(service, stored_id)
+    assert (source, label) == (f"upload:{unseen.name}", "UNKNOWN")
+    assert "far_from_training" in reason
+
+    neighbours = service.similar(id=stored_id, k=5)[1]
+    page.page.wait_for_function(
+        "n => document.querySelectorAll('#predict-neighbours .caption-label').length === n",
+        arg=len(neighbours),
+    )
+    captions = page.captions("#predict-neighbours")
+    assert [c.split(" · ")[0] for c in captions] == [f"#{r.id}" for r in neighbours]
+    page.page.wait_for_selector("#predict-gradcam img")
+    assert "Grad-CAM" in page.text("#predict-gradcam")
+    page.assert_no_errors()
+
+
+def test_predict__broken_image_is_one_line_error_and_stored_as_failure(page, app, tmp_path):
+    _, service, cells = app
+    data = cells["fresh_mono"][0].read_bytes()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(data[: len(data) // 3])
+    page.tab("Predict")
+    page.page.set_input_files("#predict-image input[type=file]", str(broken))
+    page.page.wait_for_selector(".toast-body")
+    (toast,) = page.toasts()
+    assert "upload:broken.png: truncated image data" in toast
+    assert "Traceback" not in toast
+    rows = service.sql("SELECT kind FROM failures WHERE source = 'upload:broken.png'").rows
+    assert rows and rows[-1][0] == "truncated"
+    page.assert_no_errors()
+
+
+def test_predict__live_camera_scores_frames_and_stores_one_on_request(page, app):
+    _, service, _ = app
+    page.context.grant_permissions(["camera"])
+    page.tab("Predict")
+    page.page.get_by_role("tab", name="Camera", exact=True).click()
+    before = count(service, "predictions")
+    # Gradio's webcam: allow the (fake) camera, then start streaming.
+    page.page.click("#predict-camera [title='grant webcam access'] button")
+    page.page.click("#predict-camera button[aria-label='capture photo']")
+    page.page.wait_for_selector("#live-verdict [data-label]")
+    assert count(service, "predictions") == before  # live frames are not stored
+    page.page.click("#predict-store-frame")
+    details = page.wait_text("#predict-details", "stored as")
+    stored_id = int(re.search(r"stored as #(\d+)", details).group(1))
+    source, _, _ = stored(service, stored_id)
+    assert re.fullmatch(r"upload:webcam-\d{8}T\d{6}\.jpg", source)
+    page.assert_no_errors()
+
+
+# -- Batch ------------------------------------------------------------------------------------
+
+
+def test_batch__scores_with_progress_and_downloads_the_csv_and_label_folders(page, app, tmp_path):
+    _, service, cells = app
+    loose = cells["fresh_mono"][1:9] + cells["fresh_poly"][1:5]
+    zipped = cells["fresh_poly"][5:13]
+    archive = tmp_path / "more cells.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in zipped:
+            zf.write(p, f"cells/{p.name}")
+    page.tab("Batch")
+    page.page.set_input_files("#batch-files input[type=file]", [*map(str, loose), str(archive)])
+    page.wait_text("#batch-files", "more cells")  # uploaded and listed
+    page.watch_progress()
+    page.page.click("#batch-run")
+
+    summary = page.wait_text("#batch-summary", "Batch")
+    n = len(loose) + len(zipped)
+    assert f"{n} items" in summary and "0 failed" in summary
+    seen = page.progress_seen()
+    assert any(f"/{n} images" in t for t in seen), seen  # a bar with the known total
+    assert any(t.startswith("scoring") for t in seen), seen
+    assert page.table_size("#batch-table") == n
+
+    report = list(csv.DictReader(io.StringIO(page.download("#batch-csv").read_text())))
+    assert len(report) == n
+    names = {r["source"].replace("\\", "/").rsplit("/", 1)[-1].rsplit(":", 1)[-1] for r in report}
+    assert names == {p.name for p in loose + zipped}
+    in_store = dict(service.sql("SELECT source, label FROM predictions", limit=100_000).rows)
+    assert {r["source"]: in_store.get(r["source"]) for r in report} == {
+        r["source"]: r["label"] for r in report
+    }  # the CSV is what was stored
+    labels = {r["label"] for r in report}
+    assert "UNKNOWN" in labels  # the poly cells
+
+    # The label filter shows one label's rows only.
+    page.page.click("#batch-label input")
+    page.page.get_by_role("option", name="UNKNOWN", exact=True).click()
+    unknown = sum(r["label"] == "UNKNOWN" for r in report)
+    page.page.wait_for_function(
+        "n => +document.querySelector('#batch-table [role=grid]').getAttribute('aria-rowcount')"
+        " === n + 1",
+        arg=unknown,
+    )
+    _, rows = page.table("#batch-table")
+    assert rows and {r[1] for r in rows} == {"UNKNOWN"}
+
+    # The zip holds one folder per label with the images under their own names.
+    with zipfile.ZipFile(page.download("#batch-zip")) as zf:
+        members = [m for m in zf.namelist() if not m.endswith("/")]
+    in_zip: dict[str, set[str]] = {}
+    for m in members:
+        label, name = m.split("/", 1)
+        in_zip.setdefault(label, set()).add(name)
+    in_report: dict[str, set[str]] = {}
+    for r in report:
+        in_report.setdefault(r["label"], set()).add(Path(r["source"].rsplit(":", 1)[-1]).name)
+    assert in_zip == in_report
+    page.assert_no_errors()
+
+
+# -- Similar ----------------------------------------------------------------------------------
+
+
+def test_similar__by_id_and_by_class_show_the_gallery(page, app):
+    _, service, _ = app
+    query_id = service.sql("SELECT min(id) FROM predictions WHERE label = 'UNKNOWN'").rows[0][0]
+    page.tab("Similar")
+    page.page.get_by_role("tab", name="By id", exact=True).click()
+    page.page.fill("#similar-id input", str(query_id))
+    page.page.click("#similar-by-id")
+    page.wait_text("#similar-info", f"image #{query_id}")
+    expected = service.similar(id=query_id, k=12)[1]
+    page.page.wait_for_function(
+        "n => document.querySelectorAll('#similar-gallery .caption-label').length === n",
+        arg=len(expected),
+    )
+    captions = page.captions("#similar-gallery")
+    assert [c.split(" · ")[0] for c in captions] == [f"#{r.id}" for r in expected]
+    assert all(re.search(r"d=\d\.\d{3}$", c) for c in captions)
+
+    page.page.get_by_role("tab", name="By class", exact=True).click()
+    page.page.fill("#similar-where textarea, #similar-where input", "label <> 'UNKNOWN'")
+    page.page.click("#similar-by-class")
+    info = page.wait_text("#similar-info", "the centre of class defective")
+    assert "pass the filter" in info
+    _, rows = page.table("#similar-table")
+    assert rows and {r[2] for r in rows} <= {"defective", "functional"}
+    page.assert_no_errors()
+
+
+# -- History ----------------------------------------------------------------------------------
+
+
+def test_history__sql_query_view_buttons_and_csv(page, app):
+    _, service, _ = app
+    page.tab("History")
+    sql = "SELECT label, count(*) AS n FROM predictions GROUP BY label ORDER BY label"
+    page.page.fill("#history-sql textarea", sql)
+    page.page.click("#history-run")
+    page.wait_text("#history-status", "rows in")
+    headers, rows = page.table("#history-table")
+    assert headers == ["label", "n"]
+    assert [(r[0], int(r[1])) for r in rows] == service.sql(sql).rows
+
+    csv_text = page.download("#history-csv").read_text()
+    assert list(csv.reader(io.StringIO(csv_text)))[1:] == [
+        [a, str(b)] for a, b in service.sql(sql).rows
+    ]
+
+    page.page.click("#view-unknown_rate_per_batch")
+    page.page.wait_for_function(
+        "document.querySelector('#history-sql textarea').value === "
+        "'SELECT * FROM unknown_rate_per_batch'"
+    )
+    page.page.wait_for_function(
+        "document.querySelector('#history-table th[title=unknown_rate]') !== null"
+    )
+    assert page.table_size("#history-table") == len(service.sql("SELECT * FROM batches").rows)
+
+    page.page.fill("#history-sql textarea", "DELETE FROM predictions")
+    page.page.click("#history-run")
+    page.page.wait_for_selector(".toast-body")
+    (toast,) = page.toasts()
+    assert "only read-only queries (SELECT) are allowed, got DELETE" in toast
+    assert "Traceback" not in toast
+    page.assert_no_errors()
+
+
+# -- Unknowns ---------------------------------------------------------------------------------
+
+
+def test_unknowns__promote_a_cluster_into_the_training_folder(page, app):
+    _, service, cells = app
+    training = cells["training_dir"]
+    cluster = max(
+        (c for c in service.clusters() if c["status"] == "new" and c["size"] > 0),
+        key=lambda c: c["size"],
+    )
+    cid = cluster["cluster_id"]
+    members = service.cluster_members(cid, limit=1000)
+    left_out = members[0]["id"]
+    page.tab("Unknowns")
+    page.page.wait_for_selector(f"#cluster-{cid}-gallery img")
+    assert f"Cluster {cid} · {cluster['size']} images" in page.text(f"#cluster-{cid}")
+
+    page.page.fill(f"#cluster-{cid}-exclude textarea, #cluster-{cid}-exclude input", str(left_out))
+    page.page.click(f"#cluster-{cid}-exclude-button")
+    page.wait_text(f"#cluster-{cid}", "1 left out of promotion")
+
+    page.page.fill(f"#cluster-{cid}-name textarea, #cluster-{cid}-name input", "poly")
+    page.page.click(f"#cluster-{cid}-promote")
+    page.page.wait_for_function(
+        "() => [...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes('copied'))"
+    )
+    toast = next(t for t in page.toasts() if "copied" in t)
+    assert f"{len(members) - 1} images copied into {training / 'poly'}" in toast
+
+    copied = sorted(p.name for p in (training / "poly").iterdir())
+    # Files keep their names: the last part of a path, an upload's or a zip member's name.
+    names = {m["id"]: Path(m["source"].rsplit(":", 1)[-1]).name for m in members}
+    assert copied == sorted(name for id_, name in names.items() if id_ != left_out)
+    row = next(c for c in service.clusters() if c["cluster_id"] == cid)
+    assert (row["status"], row["name"]) == ("promoted", "poly")
+    # Promoted clusters leave the default ("open") list.
+    page.page.wait_for_selector(f"#cluster-{cid}", state="detached")
+    page.assert_no_errors()
+
+
+# -- Model ------------------------------------------------------------------------------------
+
+
+def test_model__threshold_sliders_preview_what_would_be_unknown(page, app):
+    _, service, _ = app
+    page.tab("Model")
+    preview = page.wait_text("#model-threshold-preview", "stored images would be UNKNOWN")
+    version = service.version
+    now = service.threshold_preview(version.confidence_threshold, version.distance_threshold)
+    assert f"**{now['unknown']:,} of {now['stored']:,}**" not in preview  # rendered Markdown
+    assert f"{now['unknown']:,} of {now['stored']:,} stored images" in preview
+
+    page.page.fill("#model-confidence input[type=number]", "0.99")
+    page.page.press("#model-confidence input[type=number]", "Enter")
+    page.page.click("#model-use-distance input[type=checkbox]")
+    strict = service.threshold_preview(0.99, None)
+    page.wait_text("#model-threshold-preview", "With Top-1 below 99%, ")  # no distance rule
+    text = page.wait_text(
+        "#model-threshold-preview", f"{strict['unknown']:,} of {strict['stored']:,}"
+    )
+    assert f"low confidence: {strict['low_confidence']:,}" in text
+    page.assert_no_errors()
+
+
+# -- no model yet -----------------------------------------------------------------------------
+
+
+def test_build_app__without_a_model_every_tab_says_how_to_get_one(browser, elpv, tmp_path):
+    from imagesieve.app import Service
+    from imagesieve.app._server import start_server
+
+    with Service(Workspace(tmp_path / "empty")) as service:
+        server = start_server(service)
+        page = None
+        try:
+            page = Page(browser, server.url, ready="no trained model yet")
+            for name in ("Predict", "Batch", "Similar", "History", "Unknowns", "Model"):
+                page.tab(name)
+            page.wait_text("#model-metrics", "No trained model yet: run imagesieve train DATA_DIR")
+            page.wait_text("#unknowns-status", "No trained model yet")
+            page.tab("History")
+            page.page.fill("#history-sql textarea", "SELECT count(*) AS n FROM predictions")
+            page.page.click("#history-run")
+            page.wait_text("#history-status", "1 row in")  # SQL works on an empty store
+            page.tab("Predict")
+            page.page.set_input_files("#predict-image input[type=file]", str(elpv[0].path))
+            page.page.wait_for_selector(".toast-body")
+            (toast,) = page.toasts()
+            assert "no trained model in" in toast and "imagesieve train DATA_DIR" in toast
+            page.assert_no_errors()
+        finally:
+            if page is not None:
+                page.context.close()
+            server.stop()

@@ -303,3 +303,26 @@ def test_service_predict__live_frames_are_not_stored(api, elpv):
     assert stored.prediction.top3 == live.prediction.top3
     assert [n["id"] for n in stored.neighbours] == [n["id"] for n in live.neighbours]
     assert service.health()["stored_images"] == before + 1
+
+
+@pytest.mark.slow
+def test_service_retrain__serves_the_new_version_then_activate_goes_back(
+    trained, small_folder, tmp_path, elpv
+):
+    ws_trained, _ = trained
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+    cell = png_bytes([im for im in elpv if im.cell_type == "mono"][500].path)
+    with Service(ws) as service:
+        first = service.predict(cell, "cell.png")
+        stages = []
+        version = service.retrain(small_folder, progress=lambda s, d, t: stages.append(s))
+        assert version.name == "v2" and service.health()["model_version"] == "v2"
+        assert stages and service.training_status == {"running": False, "version": "v2"}
+        again = service.predict(cell, "cell.png")
+        assert again.prediction.skipped is False  # new version: scored afresh, stored anew
+        assert again.prediction.id != first.prediction.id
+        assert [v["version"] for v in service.versions() if v["active"]] == ["v2"]
+        service.activate("v1")
+        assert service.health()["model_version"] == "v1"
+        assert service.predict(cell, "cell.png").prediction.id == first.prediction.id

@@ -326,3 +326,48 @@ def test_service_retrain__serves_the_new_version_then_activate_goes_back(
         service.activate("v1")
         assert service.health()["model_version"] == "v1"
         assert service.predict(cell, "cell.png").prediction.id == first.prediction.id
+
+
+def test_service_set_thresholds__redecides_stored_rows_and_new_ones(scoring_ws, elpv):
+    cells = [im for im in elpv if im.cell_type == "mono"][600:612]
+    with Service(scoring_ws) as service:
+        for im in cells[:10]:
+            service.predict(png_bytes(im.path), im.path.name, neighbours=0)
+        rows = service.sql("SELECT top1_prob, neighbor_distance FROM predictions").rows
+        confidence = sorted(r[0] for r in rows)[5]  # half of them fall below
+        distance = sorted(r[1] for r in rows)[7]  # the 2 furthest are beyond
+        counts = service.set_thresholds(confidence, distance)
+        stored = service.sql(
+            "SELECT top1_class, top1_prob, neighbor_distance, label, reason FROM predictions"
+        ).rows
+        for top1, prob, dist, label, reason in stored:
+            want = [
+                r
+                for r, hit in (
+                    ("low_confidence", prob < confidence),
+                    ("far_from_training", dist > distance),
+                )
+                if hit
+            ]
+            assert reason == ("+".join(want) or None)
+            assert label == ("UNKNOWN" if want else top1)
+        assert counts["unknown"] == counts["unknown_now"] == sum(r[3] == "UNKNOWN" for r in stored)
+        assert service.version.confidence_threshold == confidence
+        assert service.version.distance_threshold == distance
+        new = service.predict(png_bytes(cells[10].path), "new.png").prediction
+        assert service.predictor.threshold == confidence
+        assert (new.label == "UNKNOWN") == (
+            new.confidence < confidence or new.neighbor_distance > distance
+        )
+        service.set_thresholds(0.0, None)
+        assert service.sql("SELECT count(*) FROM predictions WHERE label = 'UNKNOWN'").rows == [
+            (0,)
+        ]
+    with Service(scoring_ws) as again:  # kept in the version's meta.json
+        assert (
+            again.version.confidence_threshold == 0.0 and again.version.distance_threshold is None
+        )
+        assert_error_text = "confidence threshold must be within [0, 1], got 2"
+        with pytest.raises(ValueError) as e:
+            again.set_thresholds(2, None)
+        assert assert_error_text in str(e.value)

@@ -504,6 +504,22 @@ def test_model__threshold_sliders_preview_what_would_be_unknown(page, app):
         "#model-threshold-preview", f"{strict['unknown']:,} of {strict['stored']:,}"
     )
     assert f"low confidence: {strict['low_confidence']:,}" in text
+
+    before = (version.confidence_threshold, version.distance_threshold)
+    page.page.click("#model-apply-thresholds")
+    page.page.wait_for_selector(".toast-body")
+    assert f"thresholds applied: {strict['unknown']:,} of {strict['stored']:,}" in " ".join(
+        page.toasts()
+    )
+    try:
+        assert (service.version.confidence_threshold, service.version.distance_threshold) == (
+            0.99,
+            None,
+        )
+        unknown = service.sql("SELECT count(*) FROM predictions WHERE label = 'UNKNOWN'").rows
+        assert unknown == [(strict["unknown"],)]
+    finally:
+        service.set_thresholds(*before)
     page.assert_no_errors()
 
 

@@ -629,6 +629,39 @@ class Service:
         finally:
             self._training.release()
 
+    def set_thresholds(self, confidence: float, distance: float | None) -> dict[str, Any]:
+        """Make these the active version's UNKNOWN thresholds and re-decide its stored images.
+
+        The version's ``meta.json`` keeps them (the CLI and later servers use them too); each
+        stored row's label and reason are recomputed from its stored Top-1 probability and
+        training distance. Returns the counts of ``threshold_preview`` after the change.
+        """
+        import json
+
+        version = self.version
+        if not 0.0 <= confidence <= 1.0:
+            raise ServiceError(f"confidence threshold must be within [0, 1], got {confidence}")
+        if distance is not None and not 0.0 <= distance <= 2.0:
+            raise ServiceError(f"distance threshold must be within [0, 2], got {distance}")
+        meta = dict(version.meta)
+        meta["thresholds"] = {**meta.get("thresholds", {}), "confidence": confidence}
+        meta["thresholds"]["distance"] = distance
+        tmp = version.path / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, version.path / "meta.json")
+        reason = (
+            "nullif(concat_ws('+', CASE WHEN top1_prob < ? THEN 'low_confidence' END, "
+            "CASE WHEN ? IS NOT NULL AND neighbor_distance > ? THEN 'far_from_training' END), '')"
+        )
+        with self.store.lock:
+            self.store.con.execute(
+                f"UPDATE predictions SET reason = {reason}, label = CASE WHEN {reason} IS NULL "
+                "THEN top1_class ELSE 'UNKNOWN' END WHERE model_version = ?",
+                [confidence, distance, distance] * 2 + [version.name],
+            )
+        self._use(ModelVersion.load(version.path))
+        return self.threshold_preview(confidence, distance)
+
     def threshold_preview(self, confidence: float, distance: float | None) -> dict[str, Any]:
         """How many stored images of the active version each rule would mark UNKNOWN."""
         sql = (

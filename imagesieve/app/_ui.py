@@ -1127,8 +1127,8 @@ def _model_tab(service: Service) -> _Panel:
             f"With **{rule}**, **{counts['unknown']:,} of {stored:,}** stored images would be "
             f"UNKNOWN (low confidence: {counts['low_confidence']:,}; far from the training "
             f"data: {counts['far_from_training']:,}). Marked UNKNOWN now: "
-            f"{counts['unknown_now']:,}. Preview only: the model keeps the thresholds it was "
-            "trained with."
+            f"{counts['unknown_now']:,}. **Apply** makes these the model's thresholds and "
+            "re-decides the stored images."
         )
 
     def refresh() -> tuple:
@@ -1212,9 +1212,21 @@ def _model_tab(service: Service) -> _Panel:
             elem_id="model-distance",
         )
     counts = gr.Markdown(elem_id="model-threshold-preview")
+    apply_button = gr.Button("Apply these thresholds", elem_id="model-apply-thresholds")
     outputs = [versions, pick, metrics, confusion, curves, misclassified]
     outputs += [confidence, use_distance, distance, counts]
     activated = activate_button.click(activate, pick, None)
+
+    @_user_errors
+    def apply(confidence: float, use_distance: bool, distance: float) -> None:
+        counts = service.set_thresholds(
+            float(confidence), float(distance) if use_distance else None
+        )
+        gr.Info(
+            f"thresholds applied: {counts['unknown']:,} of {counts['stored']:,} stored images UNKNOWN"
+        )
+
+    applied = apply_button.click(apply, [confidence, use_distance, distance], None)
     # One queue for everything that writes the preview, so results land in the order asked.
     thresholds = {"concurrency_id": "model-thresholds", "concurrency_limit": 1}
     sliders = [confidence, use_distance, distance]
@@ -1231,7 +1243,9 @@ def _model_tab(service: Service) -> _Panel:
     def on_open(tab: Any) -> None:  # the counts change as images are scored; the sliders stay
         tab.select(_user_errors(preview), sliders, counts, show_progress="hidden", **thresholds)
 
-    return _Panel(_user_errors(refresh), outputs, on_open=on_open, model_changes=[activated])
+    return _Panel(
+        _user_errors(refresh), outputs, on_open=on_open, model_changes=[activated, applied]
+    )
 
 
 # -- the app ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ one-line message; no stack trace ever reaches a client.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from typing import Any
@@ -109,7 +110,7 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer TOKEN'")
 
-    router = APIRouter(prefix=API_PREFIX, dependencies=[Depends(check_token)])
+    router = APIRouter(prefix=API_PREFIX, dependencies=[Depends(check_token)] if token else [])
 
     @router.get("/health")
     async def health() -> dict[str, Any]:
@@ -123,7 +124,12 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
     ) -> JSONResponse:
         """Score one image: Top-3, label (or UNKNOWN and why), nearest stored images; stored."""
         name, data = await _read_upload(file, service, "file")
-        result = await _call(service.predict, data, name, neighbours=neighbours)
+        try:
+            result = await asyncio.wrap_future(
+                service.predict_async(data, name, neighbours=neighbours)
+            )
+        except Exception as e:
+            raise _user_error(e) from None
         return JSONResponse(result.to_dict())  # already JSON-ready: skip the generic encoder
 
     @router.post("/score")

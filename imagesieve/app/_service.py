@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,11 +246,15 @@ class Service:
         version = active_version(ws)
         if version is not None and version.meta.get("kind") == "trained":
             self._use(version)
+        self._decode = ThreadPoolExecutor(
+            os.cpu_count() or 1, thread_name_prefix="imagesieve-decode"
+        )
         self._batcher = _MicroBatcher(self, streams or os.cpu_count() or 1)
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
         """Finish the live batch, save the vector indexes, close the store."""
+        self._decode.shutdown(wait=True)
         self._batcher.close()
         with self._state:
             self._finish_batch()
@@ -322,6 +326,21 @@ class Service:
         A file that is not a usable image raises ``ImageLoadError`` after its failure is stored.
         ``store=False`` (live camera frames) scores without storing anything.
         """
+        return self.predict_async(data, name, neighbours=neighbours, store=store).result()
+
+    def predict_async(
+        self,
+        data: bytes,
+        name: str = "upload",
+        *,
+        neighbours: int = NEIGHBOURS,
+        store: bool = True,
+    ) -> Future:
+        """``predict`` without blocking the caller: a Future of its PredictResult (or error).
+
+        The image is decoded on the service's own decode threads (one per core), so an event
+        loop can await many requests without a thread parked on each.
+        """
         t0 = time.perf_counter()
         predictor = self.predictor
         if predictor is None:
@@ -330,29 +349,54 @@ class Service:
             raise ServiceError(
                 f"{name}: {len(data):,} bytes is over the {self.limits.max_file_bytes:,}-byte upload limit"
             )
-        source = f"upload:{safe_filename(name)}"
-        version = predictor.version.name
-        result, x = predictor.engine.prepare(
-            (source, data),
-            skip=(lambda sha: self.store.has_content(version, sha)) if store else None,
-        )
-        if result.skipped:
-            row = self.store.rows_by_content(version, [result.sha256])[result.sha256]
-            pred = stored_prediction(source, row)
-        elif result.error is not None:
-            if store:
-                self._store_failures(
-                    version, [Failure(source, result.error.kind, result.error.reason)]
-                )
-            raise result.error
-        else:
-            pred, near = self._batcher.submit(
-                _Pending(predictor, result, x, data, store, neighbours)
-            ).result()
-        out = PredictResult(pred, model_version=version)
-        out.neighbours = self.neighbours(pred, neighbours) if pred.skipped else near
-        out.seconds = time.perf_counter() - t0
+        out: Future = Future()
+        job = (out, predictor, data, f"upload:{safe_filename(name)}", neighbours, store, t0)
+        self._decode.submit(self._predict_prepared, *job)
         return out
+
+    def _predict_prepared(
+        self,
+        out: Future,
+        predictor: Predictor,
+        data: bytes,
+        source: str,
+        neighbours: int,
+        store: bool,
+        t0: float,
+    ) -> None:
+        """Decode one image (decode thread), then answer from the store or queue it to score."""
+        version = predictor.version.name
+
+        def answer(pred: Prediction, near: list[dict[str, Any]]) -> None:
+            out.set_result(PredictResult(pred, near, version, time.perf_counter() - t0))
+
+        try:
+            result, x = predictor.engine.prepare(
+                (source, data),
+                skip=(lambda sha: self.store.has_content(version, sha)) if store else None,
+            )
+            if result.skipped:
+                row = self.store.rows_by_content(version, [result.sha256])[result.sha256]
+                pred = stored_prediction(source, row)
+                answer(pred, self.neighbours(pred, neighbours))
+                return
+            if result.error is not None:
+                if store:
+                    self._store_failures(
+                        version, [Failure(source, result.error.kind, result.error.reason)]
+                    )
+                raise result.error
+            scored = self._batcher.submit(_Pending(predictor, result, x, data, store, neighbours))
+
+            def done(f: Future) -> None:
+                if f.exception() is not None:
+                    out.set_exception(f.exception())
+                else:
+                    answer(*f.result())
+
+            scored.add_done_callback(done)
+        except BaseException as e:  # the caller gets the error; the service carries on
+            out.set_exception(e)
 
     def _store_new(self, predictor: Predictor, items: Sequence[tuple[bytes, Prediction]]) -> None:
         """Commit one micro-batch of fresh predictions (inference thread); keep their bytes."""

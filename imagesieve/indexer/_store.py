@@ -347,10 +347,17 @@ class Store:
         """SHA-256 of every image already scored with ``model_version`` (a copy)."""
         return set(self._stored_content(model_version))
 
-    @_locked
     def has_content(self, model_version: str, sha256: str) -> bool:
-        """True when this content is already stored with ``model_version``."""
-        return sha256 in self._stored_content(model_version)
+        """True when this content is already stored with ``model_version``.
+
+        Lock-free once the version's content set is loaded (a set lookup is atomic in CPython),
+        so request threads do not queue behind a commit to ask.
+        """
+        content = self._content.get(model_version)
+        if content is None:
+            with self.lock:
+                content = self._stored_content(model_version)
+        return sha256 in content
 
     def _stored_content(self, model_version: str) -> set[str]:
         """The live set behind ``known_content``, read once and kept up to date by ``commit``."""

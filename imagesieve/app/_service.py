@@ -97,7 +97,6 @@ class _Pending:
     predictor: Predictor
     result: EngineResult
     x: np.ndarray
-    data: bytes
     store: bool = True
     neighbours: int = NEIGHBOURS
     future: Future = field(default_factory=Future)
@@ -196,9 +195,7 @@ class _MicroBatcher:
                 pending = [p for p, _ in group]
                 preds = [pred for _, pred in group]
                 try:
-                    self.service._store_new(
-                        predictor, [(p.data, pred) for p, pred in group if p.store]
-                    )
+                    self.service._store_new(predictor, [pred for p, pred in group if p.store])
                     near = self.service._neighbours_of(
                         predictor.version.name, preds, [p.neighbours for p in pending]
                     )
@@ -390,7 +387,9 @@ class Service:
                         version, [Failure(source, result.error.kind, result.error.reason)]
                     )
                 raise result.error
-            scored = self._batcher.submit(_Pending(predictor, result, x, data, store, neighbours))
+            if store:  # kept by content before it is stored: every stored upload can be shown
+                keep_image(self.ws, result.sha256, data)
+            scored = self._batcher.submit(_Pending(predictor, result, x, store, neighbours))
 
             def done(f: Future) -> None:
                 if f.exception() is not None:
@@ -402,15 +401,12 @@ class Service:
         except BaseException as e:  # the caller gets the error; the service carries on
             out.set_exception(e)
 
-    def _store_new(self, predictor: Predictor, items: Sequence[tuple[bytes, Prediction]]) -> None:
-        """Commit one micro-batch of fresh predictions (inference thread); keep their bytes."""
+    def _store_new(self, predictor: Predictor, preds: Sequence[Prediction]) -> None:
+        """Commit one group of fresh predictions in one transaction (the writer thread)."""
         version = predictor.version.name
-        preds = [p for _, p in items]
         with self._state:
             clusters = self._clusters if self.predictor is predictor else []
         assign_unknowns(preds, clusters)
-        for data, p in items:
-            keep_image(self.ws, p.sha256, data)
         batch_id = self._live_batch(version)
         self.store.commit(batch_id, version, preds)  # uploads are not re-run: no failure to resolve
         with self._state:

@@ -274,7 +274,7 @@ class Service:
             self._batch, self._counts = None, Counter()
 
     def _use(self, version: ModelVersion) -> None:
-        """Serve ``version``: load its predictor and clusters (called holding ``_state``)."""
+        """Serve ``version``: load its predictor and clusters; the live batch of the old one ends."""
         from imagesieve.search._review import load_clusters
 
         predictor = Predictor(version)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import (
@@ -77,14 +78,19 @@ def _user_error(e: BaseException) -> ApiError:
     raise e
 
 
-async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a blocking service call on the thread pool; user errors become ApiError."""
+async def _answered(start: Callable[[], Awaitable[Any]]) -> Any:
+    """Await what ``start()`` begins; library user errors become ApiError (mapped here only)."""
     try:
-        return await run_in_threadpool(fn, *args, **kwargs)
+        return await start()
     except (ApiError, HTTPException):
         raise
     except Exception as e:
         raise _user_error(e) from None
+
+
+async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking service call on the thread pool; user errors become ApiError."""
+    return await _answered(lambda: run_in_threadpool(fn, *args, **kwargs))
 
 
 async def _read_upload(upload: Any, service: Service, field: str) -> tuple[str, bytes]:
@@ -124,12 +130,9 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
     ) -> JSONResponse:
         """Score one image: Top-3, label (or UNKNOWN and why), nearest stored images; stored."""
         name, data = await _read_upload(file, service, "file")
-        try:
-            result = await asyncio.wrap_future(
-                service.predict_async(data, name, neighbours=neighbours)
-            )
-        except Exception as e:
-            raise _user_error(e) from None
+        result = await _answered(
+            lambda: asyncio.wrap_future(service.predict_async(data, name, neighbours=neighbours))
+        )
         return JSONResponse(result.to_dict())  # already JSON-ready: skip the generic encoder
 
     @router.post("/score")

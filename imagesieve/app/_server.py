@@ -84,23 +84,20 @@ class _BodyLimit:
             await self._reject(send, limit)
             return
         seen = 0
-        rejected = False
 
         async def counted() -> dict:
-            nonlocal seen, rejected
+            nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    rejected = True
                     raise _TooLarge()
             return message
 
         try:
             await self.app(scope, counted, send)
         except _TooLarge:
-            if rejected:
-                await self._reject(send, limit)
+            await self._reject(send, limit)
 
     @staticmethod
     async def _reject(send: Any, limit: int) -> None:

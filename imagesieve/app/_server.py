@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "IMAGESIEVE_API_TOKEN"
 #: Multipart framing allowed on top of a file's own size limit.
 FORM_OVERHEAD = 1 * 2**20
+#: How often the app's idle event queue looks for work, and sends progress (s). Gradio's
+#: defaults, 1 ms and 10 ms, are far beyond what a person sees.
+UI_QUEUE_POLL = 0.02
+UI_PROGRESS_POLL = 0.1
 
 
 def is_loopback(host: str) -> bool:
@@ -162,15 +166,20 @@ def build_server(
 
         from imagesieve.app._ui import build_app
 
+        blocks = build_app(service)
         app = gr.mount_gradio_app(
             app,
-            build_app(service),
+            blocks,
             path="",
             auth=auth,
             max_file_size=limits.max_file_bytes,
             ssr_mode=False,
             footer_links=["api"],
         )
+        # Gradio's event queue polls every 1 ms while idle: 1,000 wake-ups a second on the
+        # event loop the API shares, each taking the GIL from the scoring threads.
+        blocks._queue.sleep_when_free = UI_QUEUE_POLL
+        blocks._queue.progress_update_sleep_when_free = UI_PROGRESS_POLL
     return app
 
 

@@ -339,8 +339,9 @@ class Store:
 
     @_locked
     def row_count(self, model_version: str) -> int:
-        """Stored images of a model version."""
-        return self._db_stats(model_version)[0]
+        """Stored images of a model version (from the content set when loaded: no query)."""
+        content = self._content.get(model_version)
+        return len(content) if content is not None else self._db_stats(model_version)[0]
 
     @_locked
     def known_content(self, model_version: str) -> set[str]:

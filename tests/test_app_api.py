@@ -36,8 +36,10 @@ def png_bytes(path) -> bytes:
     return path.read_bytes()
 
 
-def post_image(base, data, name="cell.png", field="file", **params):
-    return requests.post(f"{base}/predict", files={field: (name, data)}, params=params, timeout=60)
+def post_image(base, data, name="cell.png", field="file", timeout=60, **params):
+    return requests.post(
+        f"{base}/predict", files={field: (name, data)}, params=params, timeout=timeout
+    )
 
 
 def assert_error(r, status, text):
@@ -234,6 +236,23 @@ def test_clusters__listed_after_clustering(api):
     assert len(doc["clusters"]) == len(run.clusters)
     assert [c["cluster_id"] for c in doc["clusters"]] == [c["cluster_id"] for c in run.clusters]
     assert sum(c["size"] for c in doc["clusters"]) + run.noise == run.images
+
+
+def test_run_clustering__predictions_are_stored_and_answered_meanwhile(api, elpv):
+    base, _, service = api
+    cell = png_bytes([im for im in elpv if im.cell_type == "mono"][700].path)
+    during = []
+
+    def progress(stage, done, total):
+        if stage == "clustering" and done == 0:  # the run is under way
+            r = post_image(base, cell, "during-clustering.png", neighbours=0, timeout=20)
+            during.append(r)
+
+    run = service.run_clustering(min_cluster_size=2, progress=progress)
+    assert run.run_id and len(during) == 1 and during[0].status_code == 200, during
+    stored = during[0].json()["id"]
+    rows = service.sql(f"SELECT source FROM predictions WHERE id = {stored}").rows
+    assert rows == [("upload:during-clustering.png",)]
 
 
 def test_openapi__schema_lists_every_endpoint(api):

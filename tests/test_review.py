@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 
@@ -184,3 +185,12 @@ def test_score__new_unknowns_join_clusters_and_ids_stay_stable(loop, elpv):
         fresh,
     )
     assert moved[0][0] >= sum(c in live for (c,) in got)
+
+
+def test_run_clustering__no_unknowns_yet_is_an_empty_run(trained, tmp_path):
+    ws_trained, _ = trained
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+    run = run_clustering(ws, model="v1")
+    assert (run.images, run.noise, run.clusters) == (0, 0, [])
+    assert list_clusters(ws, model="v1") == []

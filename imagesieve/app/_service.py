@@ -246,6 +246,7 @@ class Service:
         self._clusters: list = []
         self.started = time.time()
         self._training = threading.Lock()
+        self._clustering = threading.Lock()
         self.training_status: dict[str, Any] = {"running": False}
         version = active_version(ws)
         if version is not None and version.meta.get("kind") == "trained":
@@ -573,14 +574,15 @@ class Service:
         from imagesieve.search._cluster import ClusterParams
         from imagesieve.search._review import run_clustering
 
-        run = run_clustering(
-            self.ws,
-            ClusterParams(**params),
-            model=self.version.name,
-            store=self.store,
-            progress=progress,
-        )
-        self.reload_clusters()
+        with self._clustering:  # one run at a time; predictions go on meanwhile
+            run = run_clustering(
+                self.ws,
+                ClusterParams(**params),
+                model=self.version.name,
+                store=self.store,
+                progress=progress,
+            )
+            self.reload_clusters()
         return run
 
     def update_cluster(self, cluster_id: int, **change: Any) -> dict[str, Any]:

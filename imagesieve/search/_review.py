@@ -143,7 +143,7 @@ def _unknown_rows(
         "WHERE p.model_version = ? AND p.label = ? ORDER BY p.id"
     )
     reader = store.con.sql(query, params=[model_version, UNKNOWN]).to_arrow_reader(8192)
-    table = pa.Table.from_batches(list(reader))
+    table = pa.Table.from_batches(list(reader), schema=reader.schema)  # none: empty, typed
     ids, x = embedding_matrix(table, 1)
     return ids, x, table.column("top1").to_pylist(), table.column("top2").to_pylist()
 
@@ -167,96 +167,103 @@ def run_clustering(
     params = params or ClusterParams()
     progress = progress or (lambda stage, done, total: None)
     version = get_version(ws, model).name
-    with using_store(ws, store) as store, store.lock:
+    with using_store(ws, store) as store:
         progress("clustering", 0, 1)
-        ids, x, top1, top2 = _unknown_rows(store, version)
-        previous, next_id = load_clusters(store, version)
+        with store.lock:
+            ids, x, top1, top2 = _unknown_rows(store, version)
+            previous, next_id = load_clusters(store, version)
+        # Seconds at scale, so without the store's lock: a server keeps storing predictions,
+        # and the UNKNOWNs it stores meanwhile stay unclustered until the next run.
         result: Clustering = cluster_embeddings(ids, x, top1, top2, params, previous, next_id)
         progress("clustering", 1, 1)
-        now = _now()
-        run_id = int(
-            store.con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM cluster_runs").fetchall()[
-                0
-            ][0]
-        )
-        old = {
-            r[0]: r[1:]
-            for r in store.con.execute(
-                "SELECT cluster_id, status, name, created_at, promoted_into FROM clusters WHERE model_version = ?",
-                [version],
-            ).fetchall()
-        }
-        labels = pa.table(
-            {"id": pa.array(ids, pa.int64()), "cluster_id": pa.array(result.labels, pa.int32())}
-        )
-        rows = []
-        for c in result.clusters:
-            status, name, created, promoted_into = old.get(c.cluster_id, ("new", None, now, None))
-            rows.append(
-                {
-                    "model_version": version,
-                    "cluster_id": c.cluster_id,
-                    "status": status,
-                    "name": name,
-                    "size": c.size,
-                    "medoid_id": c.medoid_id,
-                    "cohesion": float(c.cohesion),
-                    "radius": float(c.radius),
-                    "centroid": c.centroid.astype(np.float32).tolist(),
-                    "top1": json.dumps(c.top1),
-                    "top2": json.dumps(c.top2),
-                    "run_id": run_id,
-                    "created_at": created,
-                    "updated_at": now,
-                    "promoted_into": promoted_into,
-                }
+        with store.lock:
+            now = _now()
+            run_id = int(
+                store.con.execute(
+                    "SELECT coalesce(max(run_id), 0) + 1 FROM cluster_runs"
+                ).fetchall()[0][0]
             )
-        fresh = pa.Table.from_pylist(rows, schema=_CLUSTER_SCHEMA())
-        store.con.register("_labels", labels)
-        store.con.register("_fresh", fresh)
-        try:
-            store.con.execute("BEGIN TRANSACTION")
-            store.con.execute(
-                "UPDATE predictions SET cluster_id = NULL WHERE model_version = ? AND cluster_id IS NOT NULL",
-                [version],
+            old = {
+                r[0]: r[1:]
+                for r in store.con.execute(
+                    "SELECT cluster_id, status, name, created_at, promoted_into FROM clusters WHERE model_version = ?",
+                    [version],
+                ).fetchall()
+            }
+            labels = pa.table(
+                {"id": pa.array(ids, pa.int64()), "cluster_id": pa.array(result.labels, pa.int32())}
             )
-            store.con.execute(
-                "UPDATE predictions SET cluster_id = _labels.cluster_id FROM _labels WHERE predictions.id = _labels.id"
-            )
-            store.con.execute(
-                "DELETE FROM clusters WHERE model_version = ? AND cluster_id IN (SELECT cluster_id FROM _fresh)",
-                [version],
-            )
-            store.con.execute("INSERT INTO clusters SELECT * FROM _fresh")
-            store.con.execute(
-                "UPDATE clusters SET size = 0, run_id = ?, updated_at = ? WHERE model_version = ? AND run_id <> ?",
-                [run_id, now, version, run_id],
-            )
-            store.con.execute(
-                "INSERT INTO cluster_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    run_id,
-                    version,
-                    now,
-                    len(ids),
-                    len(result.clusters),
-                    len(result.noise_ids),
-                    json.dumps(asdict(result.params)),
-                    json.dumps({k: round(v, 3) for k, v in result.seconds.items()}),
-                ],
-            )
-            store.con.execute("COMMIT")
-        except BaseException:
-            store.con.execute("ROLLBACK")
-            raise
-        finally:
-            store.con.unregister("_labels")
-            store.con.unregister("_fresh")
-        export_dir = Path(export) if export is not None else ws.root / "clusters"
-        if export is None and export_dir.exists():
-            shutil.rmtree(export_dir)  # the default export is derived: rewritten each run
-        export_clusters(store, ws, version, export_dir)
-        listed = _list(store, version)
+            rows = []
+            for c in result.clusters:
+                status, name, created, promoted_into = old.get(
+                    c.cluster_id, ("new", None, now, None)
+                )
+                rows.append(
+                    {
+                        "model_version": version,
+                        "cluster_id": c.cluster_id,
+                        "status": status,
+                        "name": name,
+                        "size": c.size,
+                        "medoid_id": c.medoid_id,
+                        "cohesion": float(c.cohesion),
+                        "radius": float(c.radius),
+                        "centroid": c.centroid.astype(np.float32).tolist(),
+                        "top1": json.dumps(c.top1),
+                        "top2": json.dumps(c.top2),
+                        "run_id": run_id,
+                        "created_at": created,
+                        "updated_at": now,
+                        "promoted_into": promoted_into,
+                    }
+                )
+            fresh = pa.Table.from_pylist(rows, schema=_CLUSTER_SCHEMA())
+            store.con.register("_labels", labels)
+            store.con.register("_fresh", fresh)
+            try:
+                store.con.execute("BEGIN TRANSACTION")
+                store.con.execute(
+                    "UPDATE predictions SET cluster_id = NULL WHERE model_version = ? AND cluster_id IS NOT NULL",
+                    [version],
+                )
+                store.con.execute(
+                    "UPDATE predictions SET cluster_id = _labels.cluster_id FROM _labels "
+                    "WHERE predictions.id = _labels.id"
+                )
+                store.con.execute(
+                    "DELETE FROM clusters WHERE model_version = ? AND cluster_id IN (SELECT cluster_id FROM _fresh)",
+                    [version],
+                )
+                store.con.execute("INSERT INTO clusters SELECT * FROM _fresh")
+                store.con.execute(
+                    "UPDATE clusters SET size = 0, run_id = ?, updated_at = ? WHERE model_version = ? AND run_id <> ?",
+                    [run_id, now, version, run_id],
+                )
+                store.con.execute(
+                    "INSERT INTO cluster_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        run_id,
+                        version,
+                        now,
+                        len(ids),
+                        len(result.clusters),
+                        len(result.noise_ids),
+                        json.dumps(asdict(result.params)),
+                        json.dumps({k: round(v, 3) for k, v in result.seconds.items()}),
+                    ],
+                )
+                store.con.execute("COMMIT")
+            except BaseException:
+                store.con.execute("ROLLBACK")
+                raise
+            finally:
+                store.con.unregister("_labels")
+                store.con.unregister("_fresh")
+            export_dir = Path(export) if export is not None else ws.root / "clusters"
+            if export is None and export_dir.exists():
+                shutil.rmtree(export_dir)  # the default export is derived: rewritten each run
+            export_clusters(store, ws, version, export_dir)
+            listed = _list(store, version)
     return ClusterRun(
         run_id,
         version,

@@ -164,12 +164,18 @@ def find_similar(
                 info.method = "ann-widened"
         else:
             ids, dist = index.search(query, want)
-        pairs = [
-            (int(i), float(d))
-            for i, d in zip(ids[0], dist[0], strict=True)
-            if i >= 0 and int(i) not in exclude and (max_distance is None or d <= max_distance)
-        ][:k]
-        return info, _results(store, pairs)
+        return info, _results(store, _pairs(ids[0], dist[0], k, exclude, max_distance))
+
+
+def _pairs(
+    ids: np.ndarray, dist: np.ndarray, k: int, exclude: set[int], max_distance: float | None = None
+) -> list[tuple[int, float]]:
+    """One query's (id, distance) hits: padding and excluded ids dropped, within reach, k at most."""
+    return [
+        (int(i), float(d))
+        for i, d in zip(ids, dist, strict=True)
+        if i >= 0 and int(i) not in exclude and (max_distance is None or d <= max_distance)
+    ][:k]
 
 
 def _widened(index, query: np.ndarray, k: int, allowed: set[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -196,11 +202,7 @@ def nearest_stored(
         index = store.index(model_version)
         ids, dist = index.search(xq, k + 1)
         wanted = [
-            [
-                (int(i), float(d))
-                for i, d in zip(row_i, row_d, strict=True)
-                if i >= 0 and int(i) != own
-            ][:k]
+            _pairs(row_i, row_d, k, {own} if own is not None else set())
             for row_i, row_d, own in zip(ids, dist, exclude, strict=True)
         ]
         rows = {r.id: r for r in _results(store, sorted({p for w in wanted for p in w}))}

@@ -76,6 +76,7 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         weights=args.weights,
         finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr,
+        flips=args.flips,
         test_size=args.test_size,
         val_size=args.val_size,
         class_weight=args.class_weight,
@@ -578,13 +579,20 @@ def _parser() -> argparse.ArgumentParser:
         "--finetune-epochs",
         type=int,
         default=0,
-        help="phase-2 epochs fine-tuning the last block (default 0)",
+        help="phase-2 epochs fine-tuning the backbone's last stages (default 0)",
     )
     t.add_argument(
         "--finetune-lr",
         type=float,
         default=1e-4,
         help="phase-2 learning rate of the last stage (head: 10x)",
+    )
+    t.add_argument(
+        "--flips",
+        choices=("horizontal", "all"),
+        default="horizontal",
+        help="phase-2 flips: horizontal (default), or all flips and quarter turns for images "
+        "with no up or down (cells, tiles, micrographs)",
     )
     t.add_argument(
         "--test-size", type=float, default=0.2, help="share of each class held out for test"

@@ -195,14 +195,39 @@ def test_train_model__finetune_phase_records_curves(tmp_path, small_folder):
     result = train_model(
         small_folder,
         ws,
-        TrainOptions(finetune_epochs=1, test_size=0.25, val_size=0.15, activate=False),
+        TrainOptions(finetune_epochs=1, flips="all", test_size=0.25, val_size=0.15, activate=False),
     )
     meta = result.version.meta
+    assert meta["training"]["options"]["flips"] == "all"
     assert meta["training"]["phase2"]["epochs_run"] == 1
     assert meta["training"]["phase2"]["best_epoch"] == 1
     assert active_version(ws) is None
     assert (result.version.report_dir / "training_curves.png").stat().st_size > 1000
     assert get_version(ws, "v1").meta["training"]["phase1"]["selected_on"] == "val split"
+
+
+@pytest.mark.parametrize(
+    ("flips", "corners"), [("horizontal", {"top-left", "top-right"}), ("all", None)]
+)
+def test_augment__flips_all_turns_and_flips_images_horizontal_only_mirrors(flips, corners):
+    from PIL import Image
+
+    from imagesieve.classifier._train import _augment_transform
+
+    torch.manual_seed(0)
+    a = np.zeros((64, 64, 3), np.uint8)
+    a[:24, :24] = 255  # a bright top-left corner
+    image = Image.fromarray(a)
+    aug = _augment_transform(64, flips)
+    names = {(0, 0): "top-left", (0, 1): "top-right", (1, 0): "bottom-left", (1, 1): "bottom-right"}
+    seen = set()
+    for _ in range(80):
+        out = np.asarray(aug(image), np.float32).mean(axis=2)
+        quads = out.reshape(2, 32, 2, 32).mean(axis=(1, 3))
+        seen.add(names[np.unravel_index(quads.argmax(), quads.shape)])
+    assert seen == (corners or set(names.values()))
+    with pytest.raises(ValueError, match="flips must be one of horizontal, all"):
+        TrainOptions(flips="vertical")
 
 
 def test_train_model__unknown_backbone_and_one_class(tmp_path, small_folder):

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 
 CLASS_WEIGHTS = ("sqrt", "balanced", "none")
+FLIPS = ("horizontal", "all")
+#: Per-step decay of the fine-tuned weights' moving average (a horizon of ~50 steps).
+EMA_DECAY = 0.98
 WEIGHT_DECAYS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")
 
@@ -48,6 +51,7 @@ class TrainOptions:
     finetune_epochs: int = 0
     finetune_lr: float = 1e-4
     patience: int = 3
+    flips: str = "horizontal"  # phase-2 augmentation: "horizontal", or "all" (no up or down)
     test_size: float = 0.2
     val_size: float = 0.1
     class_weight: str = "sqrt"
@@ -63,6 +67,8 @@ class TrainOptions:
             raise ValueError(
                 f"class weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}"
             )
+        if self.flips not in FLIPS:
+            raise ValueError(f"flips must be one of {', '.join(FLIPS)}, got {self.flips!r}")
         if self.finetune_epochs < 0:
             raise ValueError(f"finetune epochs must be >= 0, got {self.finetune_epochs}")
         if not 0.0 <= self.confidence_threshold <= 1.0:
@@ -190,17 +196,28 @@ def _fit_head(feats, y, train, val, n_classes, opts: TrainOptions):
     return head, info, hist
 
 
-def _augment_transform(size: int):
-    """Mild augmentation for zoom, angle, lighting and blur.
+def _augment_transform(size: int, flips: str = "horizontal"):
+    """Mild augmentation for zoom, angle, lighting and blur, plus the flips the images allow.
 
     Strong crops would cut defects out of "defective" images and teach label noise.
+    ``flips="all"`` adds vertical flips and quarter turns (the 8 symmetries of a square), for
+    images with no up or down: cells, tiles, micrographs, aerial views.
     """
+    import torch
     from torchvision.transforms import v2
 
+    class QuarterTurn(torch.nn.Module):
+        def forward(self, x):
+            k = int(torch.randint(4, ()))
+            return v2.functional.rotate(x, 90 * k) if k else x
+
+    symmetries = [v2.RandomHorizontalFlip()]
+    if flips == "all":
+        symmetries += [v2.RandomVerticalFlip(), QuarterTurn()]
     return v2.Compose(
         [
             v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),  # zoom
-            v2.RandomHorizontalFlip(),
+            *symmetries,
             v2.RandomApply([v2.RandomRotation(10)], p=0.3),  # camera angle
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1),  # lighting
             v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.0))], p=0.2),  # blur / focus
@@ -216,11 +233,12 @@ def _finetune(model, images, y, train, val, n_classes, opts: TrainOptions, progr
     """
     import torch
     from torch.nn import functional as F
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     config = get_backbone_spec(opts.backbone).config
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
-    aug = _augment_transform(config.input_size)
+    aug = _augment_transform(config.input_size, opts.flips)
     for p in model.parameters():
         p.requires_grad_(False)
     tail = model.backbone.tail_modules()
@@ -244,6 +262,9 @@ def _finetune(model, images, y, train, val, n_classes, opts: TrainOptions, progr
         if len(val)
         else None
     )
+    # Validation and the kept checkpoint use an exponential moving average of the weights:
+    # smoother than the last step's weights on a few thousand noisy, augmented images.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY))
     hist = _new_history()
     best = (-1.0, copy.deepcopy(model.state_dict()), 0)
     stale = 0
@@ -264,23 +285,25 @@ def _finetune(model, images, y, train, val, n_classes, opts: TrainOptions, progr
             loss.backward()
             optim.step()
             sched.step()
+            ema.update_parameters(model)
             losses.append(loss.item() * len(idx))
             correct += int((logits.argmax(1) == target).sum())
             progress("fine-tuning", epoch * len(train) + start + len(idx), total)
         hist["train_loss"].append(sum(losses) / len(train))
         hist["train_acc"].append(correct / len(train))
+        averaged = ema.module.eval()
         if val_x is None:
-            best = (0.0, copy.deepcopy(model.state_dict()), epoch + 1)
+            best = (0.0, copy.deepcopy(averaged.state_dict()), epoch + 1)
             continue
         with torch.no_grad():
-            logits = torch.cat([model(val_x[i : i + 64])[1] for i in range(0, len(val_x), 64)])
+            logits = torch.cat([averaged(val_x[i : i + 64])[1] for i in range(0, len(val_x), 64)])
         vt = torch.from_numpy(y[val])
         val_acc = float((logits.argmax(1) == vt).float().mean())
         hist["val_loss"].append(float(F.cross_entropy(logits, vt)))
         hist["val_acc"].append(val_acc)
         log.info("fine-tune epoch %d: val acc %.4f", epoch + 1, val_acc)
         if val_acc > best[0]:
-            best, stale = (val_acc, copy.deepcopy(model.state_dict()), epoch + 1), 0
+            best, stale = (val_acc, copy.deepcopy(averaged.state_dict()), epoch + 1), 0
         else:
             stale += 1
             if stale >= opts.patience:
@@ -292,6 +315,7 @@ def _finetune(model, images, y, train, val, n_classes, opts: TrainOptions, progr
         "best_epoch": best[2],
         "best_val_acc": best[0],
         "lr": opts.finetune_lr,
+        "weights": f"exponential moving average, decay {EMA_DECAY}",
     }
     return model, info, hist
 

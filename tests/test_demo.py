@@ -1,3 +1,4 @@
+import io
 import json
 import re
 import signal
@@ -5,10 +6,14 @@ import subprocess
 import sys
 
 import duckdb
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
+from imagesieve._workspace import Workspace
 from imagesieve.cli import main
+from imagesieve.indexer import Store
 
 
 @pytest.mark.slow
@@ -72,6 +77,18 @@ def test_main__demo_trains_flags_poly_cells_unknown_then_reuses(tmp_path, capsys
         assert [c["size"] for c in clusters] == [c["size"] for c in first["clusters"]["clusters"]]
         page = requests.get(url + "/", timeout=30)
         assert page.status_code == 200 and "gradio" in page.text.lower()
+        png = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)).save(
+            png, "PNG"
+        )
+        r = requests.post(
+            f"{url}/api/v1/predict", files={"file": ("new.png", png.getvalue())}, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["id"] is not None  # stored in the live batch
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) in (0, 130)
+        proc.send_signal(signal.SIGTERM)  # what `kill`, systemd and docker send
+        assert proc.wait(timeout=60) == 0  # a clean stop: the live batch finished, store closed
+    with Store(Workspace(ws)) as store:  # the live batch was finished, not left interrupted
+        assert store.con.execute(
+            "SELECT count(*) FROM batches WHERE status <> 'done'"
+        ).fetchall() == [(0,)]

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -237,15 +238,24 @@ def serve(
     ui: bool = True,
     on_ready: Any = None,
 ) -> None:
-    """Serve until interrupted (Ctrl-C); ``on_ready(url)`` is called once it listens."""
+    """Serve until Ctrl-C or SIGTERM, then stop cleanly; ``on_ready(url)`` is called once it listens.
+
+    Both signals are handled even when the parent started us with SIGINT ignored (a shell's
+    background job, nohup), so ``kill`` and Ctrl-C always close the store properly.
+    """
     token = token or os.environ.get(TOKEN_ENV) or None
     running = start_server(service, host, port, auth=parse_auth(auth), token=token, ui=ui)
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
     if on_ready is not None:
         on_ready(running.url)
     try:
-        while running.thread.is_alive():
-            running.thread.join(timeout=0.5)
-    except KeyboardInterrupt:
-        pass
+        while running.thread.is_alive() and not stop.wait(0.5):
+            pass
     finally:
         running.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -76,6 +76,7 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         weights=args.weights,
         finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr,
+        patience=args.patience,
         flips=args.flips,
         test_size=args.test_size,
         val_size=args.val_size,
@@ -586,6 +587,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=1e-4,
         help="phase-2 learning rate of the last stage (head: 10x)",
+    )
+    t.add_argument(
+        "--patience",
+        type=int,
+        default=3,
+        help="phase-2 epochs without a better validation accuracy before stopping (default 3)",
     )
     t.add_argument(
         "--flips",

@@ -2,6 +2,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,12 +99,24 @@ def test_cli__unknown_backbone_lists_known(tmp_path, small_folder):
 @pytest.mark.slow
 def test_cli__train_json_end_to_end(tmp_path, small_folder):
     r = run_cli(
-        "train", str(small_folder), "--workspace", str(tmp_path), "--json", "--test-size", "0.25"
+        "train",
+        str(small_folder),
+        "--workspace",
+        str(tmp_path),
+        "--json",
+        "--test-size",
+        "0.25",
+        "--patience",
+        "5",
+        "--flips",
+        "all",
     )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["version"] == "v1" and doc["activated"] is True
     assert set(doc["metrics"]) >= {"accuracy", "macro_f1", "ece", "n"}
+    options = json.loads((Path(doc["path"]) / "meta.json").read_text())["training"]["options"]
+    assert (options["patience"], options["flips"]) == (5, "all")
 
 
 def test_main__score_human_summary_always_lists_failures(

@@ -69,6 +69,8 @@ class TrainOptions:
             )
         if self.flips not in FLIPS:
             raise ValueError(f"flips must be one of {', '.join(FLIPS)}, got {self.flips!r}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.finetune_epochs < 0:
             raise ValueError(f"finetune epochs must be >= 0, got {self.finetune_epochs}")
         if not 0.0 <= self.confidence_threshold <= 1.0:

@@ -15,6 +15,7 @@ from PIL import Image
 from imagesieve._workspace import Workspace
 from imagesieve.app import Limits, Service
 from imagesieve.app._server import check_exposure, start_server
+from imagesieve.indexer._images import kept_path
 
 MAX_FILE = 2 * 2**20
 
@@ -390,3 +391,24 @@ def test_service_set_thresholds__redecides_stored_rows_and_new_ones(scoring_ws, 
         with pytest.raises(ValueError) as e:
             again.set_thresholds(2, None)
         assert assert_error_text in str(e.value)
+
+
+def test_predict__upload_that_cannot_be_kept_is_not_stored(api, elpv):
+    base, ws, service = api
+    im = [im for im in elpv if im.cell_type == "poly"][300]
+    data = png_bytes(im.path)
+    before = service.health()["stored_images"]
+    images = ws.images_dir
+    images.mkdir(parents=True, exist_ok=True)
+    aside = images.with_name("images-aside")
+    images.rename(aside)
+    images.write_bytes(b"")  # a file where the folder should be: every write fails
+    try:
+        assert_error(post_image(base, data, "kept.png"), 500, "cannot keep the upload")
+        assert service.health()["stored_images"] == before
+    finally:
+        images.unlink()
+        aside.rename(images)
+    ok = post_image(base, data, "kept.png").json()
+    assert ok["already_stored"] is False and ok["id"] is not None
+    assert kept_path(ws, ok["sha256"]).read_bytes() == data

@@ -69,6 +69,8 @@ def _user_error(e: BaseException) -> ApiError:
 
     if isinstance(e, ImageLoadError):
         return ApiError(413 if e.kind in ("too_large", "bomb") else 422, str(e))
+    if isinstance(e, ServiceError) and isinstance(e.__cause__, OSError):
+        return ApiError(500, str(e))  # the server's disk, not the request
     if isinstance(e, ServiceError) and "no trained model" in str(e):
         return ApiError(503, str(e))
     if isinstance(e, ServiceError) and "limit" in str(e):

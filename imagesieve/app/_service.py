@@ -396,7 +396,13 @@ class Service:
                     )
                 raise result.error
             if store:  # kept by content before it is stored: every stored upload can be shown
-                keep_image(self.ws, result.sha256, data)
+                try:
+                    keep_image(self.ws, result.sha256, data)
+                except OSError as e:
+                    log.exception("keeping %s failed", source)
+                    raise ServiceError(
+                        f"{source}: cannot keep the upload in the workspace ({e.strerror or e})"
+                    ) from e
             scored = self._batcher.submit(_Pending(predictor, result, x, store, neighbours))
 
             def done(f: Future) -> None:

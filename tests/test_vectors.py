@@ -26,6 +26,18 @@ def test_exact_top_k__matches_full_sort():
     assert exact_top_k(q, x[:3], 10).shape == (7, 3)
 
 
+@pytest.mark.parametrize("nq", [1, 2, 3, 8, 40])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_vector_index__flat_search_is_exact_on_either_kernel(tmp_path, nq, threads):
+    x, q = blobs(3000), blobs(nq, seed=3)
+    ids = np.arange(7, 3007)
+    index = VectorIndex(tmp_path / "v1.faiss", 64)
+    index.add(ids, x)
+    got, dist = index.search(q, 10, threads=threads)
+    assert np.array_equal(got, ids[exact_top_k(q, x, 10)])
+    assert np.allclose(dist, 1 - np.sort(q @ x.T, axis=1)[:, ::-1][:, :10], atol=1e-5)
+
+
 def test_vector_index__flat_grows_into_tuned_hnsw(tmp_path, monkeypatch):
     monkeypatch.setattr(_vectors, "FLAT_MAX", 500)
     x = blobs(1200)

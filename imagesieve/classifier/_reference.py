@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imagesieve._faiss import search as faiss_search
+
 __all__ = [
     "DEFAULT_FALSE_UNKNOWN_RATE",
     "REFERENCE_EMBEDDINGS",
@@ -53,7 +55,8 @@ class ReferenceSet:
         x = np.ascontiguousarray(np.atleast_2d(embeddings), dtype=np.float32)
         if len(x) == 0 or len(self) == 0:
             return np.zeros((len(x), k), np.int64), np.full((len(x), k), np.inf, np.float32)
-        sims, ids = self._index.search(x, min(k, len(self)))
+        # One thread: scoring runs one inference stream per core, and calls this from each.
+        sims, ids = faiss_search(self._index, x, min(k, len(self)))
         return ids, np.clip(1.0 - sims, 0.0, 2.0)
 
     def leave_one_out(self) -> np.ndarray:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from imagesieve._faiss import search as faiss_search
+
 __all__ = ["FLAT_MAX", "VectorIndex"]
 
 log = logging.getLogger(__name__)
@@ -225,11 +227,16 @@ class VectorIndex:
         )
 
     def search(
-        self, queries: np.ndarray, k: int, ids: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        ids: np.ndarray | None = None,
+        threads: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(m, d) normalised queries -> (m, k) ids (-1 where fewer) and cosine distances.
 
-        ``ids`` restricts the search to those DuckDB ids (exact over the subset).
+        ``ids`` restricts the search to those DuckDB ids (exact over the subset). ``threads``
+        defaults to one for a few queries and every core for more.
         """
         x = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if ids is not None:
@@ -245,12 +252,9 @@ class VectorIndex:
                 out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)
                 out_sims = np.pad(out_sims, ((0, 0), (0, pad)), constant_values=-np.inf)
         else:
-            import faiss
-
-            # one query: threads cost more than they save; batches use every core
-            single = len(x) <= SINGLE_QUERY_BATCH
-            faiss.omp_set_num_threads(1 if single else (os.cpu_count() or 1))
-            out_sims, out_ids = self.index.search(x, k)
+            if threads is None:  # one query: threads cost more than they save
+                threads = 1 if len(x) <= SINGLE_QUERY_BATCH else (os.cpu_count() or 1)
+            out_sims, out_ids = faiss_search(self.index, x, k, threads)
         return out_ids, np.where(out_ids >= 0, np.clip(1.0 - out_sims, 0.0, 2.0), np.inf)
 
     def save(self) -> None:

@@ -200,7 +200,9 @@ def nearest_stored(
         if not store.row_count(model_version):
             return [[] for _ in range(len(xq))]
         index = store.index(model_version)
-        ids, dist = index.search(xq, k + 1)
+        # One thread: the server's micro-batches run beside its inference streams, where a
+        # second thread costs more CPU than it saves (8 queries: 11.5 vs 7.0 ms).
+        ids, dist = index.search(xq, k + 1, threads=1)
         wanted = [
             _pairs(row_i, row_d, k, {own} if own is not None else set())
             for row_i, row_d, own in zip(ids, dist, exclude, strict=True)

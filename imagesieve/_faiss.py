@@ -1,0 +1,30 @@
+"""FAISS searches on the cheaper of its two exact kernels, with the caller's thread budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BLAS_MIN_QUERIES", "search"]
+
+#: Queries from which one matrix product (BLAS) beats FAISS's query-by-query kernel on a flat
+#: index. Measured on 5,000 x 1280-d vectors, one thread: 1 query 2.6 ms vs 6.0 ms with BLAS,
+#: 3 queries 7.8 vs 6.8, 8 queries 20.9 vs 9.0, 16 queries 43.5 vs 9.8.
+BLAS_MIN_QUERIES = 3
+_NEVER = 2**31 - 1
+
+
+def search(index: Any, x: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(x, k)`` on ``threads`` OpenMP threads, choosing the exact kernel by batch size.
+
+    FAISS picks its kernel from a process-wide threshold whose default changed between versions
+    (1.15: never BLAS below 128,000 query x vector pairs, so 8 queries over 5,000 vectors take
+    the slow path). It is set on every call; a concurrent search may run on the other's kernel,
+    which changes its speed, never its result. The thread count is the calling thread's own.
+    """
+    import faiss
+
+    faiss.cvar.distance_compute_blas_threshold = 1 if len(x) >= BLAS_MIN_QUERIES else _NEVER
+    faiss.omp_set_num_threads(threads)
+    return index.search(x, k)

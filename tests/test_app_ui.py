@@ -523,6 +523,38 @@ def test_model__threshold_sliders_preview_what_would_be_unknown(page, app):
     page.assert_no_errors()
 
 
+def test_retrain_then_activate__the_new_version_serves_then_the_old_one_again(page, app):
+    """Last on the shared app: it leaves another version active (v1 again, by the test's end)."""
+    _, service, cells = app
+    first = service.version.name
+    classes = sorted(p.name for p in cells["training_dir"].iterdir() if p.is_dir())
+    page.tab("Unknowns")
+    page.watch_progress()
+    page.page.click("#unknowns-retrain")
+    page.page.wait_for_function(
+        "() => [...document.querySelectorAll('.toast-body')]"
+        ".some(t => t.innerText.includes('trained and activated'))"
+    )
+    second = service.version.name
+    assert second != first and service.version.classes == classes
+    assert any("training" in t for t in page.progress_seen()), page.progress_seen()
+    page.wait_text("#app-header", f"model {second}")
+
+    page.tab("Model")
+    page.wait_text("#model-versions", second)
+    page.page.click("#model-pick input")
+    page.page.get_by_role("option", name=first, exact=True).click()
+    page.page.click("#model-activate")
+    page.page.wait_for_function(
+        "v => [...document.querySelectorAll('.toast-body')]"
+        ".some(t => t.innerText.includes('now serving ' + v))",
+        arg=first,
+    )
+    assert service.version.name == first
+    page.wait_text("#app-header", f"model {first}")
+    page.assert_no_errors()
+
+
 # -- no model yet -----------------------------------------------------------------------------
 
 

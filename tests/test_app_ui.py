@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from httpserver import ImageServer  # tests/ is on sys.path under pytest
 
 from imagesieve._workspace import Workspace
 from imagesieve.data._elpv import export_elpv
@@ -372,6 +373,40 @@ def test_batch__scores_with_progress_and_downloads_the_csv_and_label_folders(pag
     for r in report:
         in_report.setdefault(r["label"], set()).add(Path(r["source"].rsplit(":", 1)[-1]).name)
     assert in_zip == in_report
+    page.assert_no_errors()
+
+
+def test_batch__csv_of_urls_scores_the_live_ones_and_stores_why_the_others_failed(
+    page, app, tmp_path
+):
+    _, service, cells = app
+    images = cells["fresh_mono"][12:16]
+    with ImageServer({p.name: p.read_bytes() for p in images}) as srv:
+        dead, html = f"{srv.base}/status/404", f"{srv.base}/html"
+        sheet = tmp_path / "meter photos.csv"
+        with sheet.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["meter", "photo"])
+            w.writerows(
+                [i, u] for i, u in enumerate([*map(srv.url, (p.name for p in images)), dead, html])
+            )
+        page.tab("Batch")
+        page.page.set_input_files("#batch-files input[type=file]", str(sheet))
+        page.wait_text("#batch-files", "meter photos")
+        page.page.fill("#batch-column textarea, #batch-column input", "photo")
+        page.page.click("#batch-run")
+        summary = page.wait_text("#batch-summary", "Batch")
+    assert "6 items" in summary and "4 scored" in summary and "2 failed" in summary, summary
+    assert dead in summary and html in summary
+    assert page.table_size("#batch-table") == 6
+    failures = dict(
+        service.sql(
+            "SELECT source, message FROM failures WHERE source IN "
+            f"('{dead}', '{html}') AND NOT resolved"
+        ).rows
+    )
+    assert "404" in failures[dead] and "\n" not in failures[dead]
+    assert failures[html] and "\n" not in failures[html]
     page.assert_no_errors()
 
 

@@ -19,9 +19,9 @@ def search(index: Any, x: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndar
     """``index.search(x, k)`` on ``threads`` OpenMP threads, choosing the exact kernel by batch size.
 
     FAISS picks its kernel from a process-wide threshold whose default changed between versions
-    (1.15: never BLAS below 128,000 query x vector pairs, so 8 queries over 5,000 vectors take
-    the slow path). It is set on every call; a concurrent search may run on the other's kernel,
-    which changes its speed, never its result. The thread count is the calling thread's own.
+    (with 1.15's default of 128,000, 8 queries over 5,000 vectors took the slow kernel). It is
+    set on every call; a concurrent search may run on the other's kernel, which changes its
+    speed, never its result. The thread count is the calling thread's own.
     """
     import faiss
 

@@ -35,8 +35,8 @@ def keep_image(ws: Workspace, sha256: str, source: str | bytes) -> Path:
     server far more than the write (pathlib's version: 1.25 ms of CPU per upload next to a
     Python thread, this one 0.56 ms).
     """
-    folder = os.path.join(ws.images_dir, sha256[:2])
-    path = os.path.join(folder, sha256)
+    path = os.fspath(kept_path(ws, sha256))
+    folder = os.path.dirname(path)
     if not os.path.exists(path):
         tmp = os.path.join(folder, f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp")
         if isinstance(source, bytes):

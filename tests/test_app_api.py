@@ -15,6 +15,7 @@ from PIL import Image
 from imagesieve._workspace import Workspace
 from imagesieve.app import Limits, Service
 from imagesieve.app._server import check_exposure, start_server
+from imagesieve.indexer import _vectors
 from imagesieve.indexer._images import kept_path
 
 MAX_FILE = 2 * 2**20
@@ -323,6 +324,28 @@ def test_service_predict__live_frames_are_not_stored(api, elpv):
     assert stored.prediction.top3 == live.prediction.top3
     assert [n["id"] for n in stored.neighbours] == [n["id"] for n in live.neighbours]
     assert service.health()["stored_images"] == before + 1
+
+
+def test_service_predict__outgrown_flat_index_turns_hnsw_while_serving(
+    trained, tmp_path, elpv, monkeypatch
+):
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 10)
+    ws_trained, _ = trained
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+    cells = [im for im in elpv if im.cell_type == "mono"][700:716]
+    with Service(ws) as service:
+        for im in cells[:12]:
+            service.predict(png_bytes(im.path), im.path.name, neighbours=0)
+        service._upgrade.join(timeout=60)  # started by the commit that crossed FLAT_MAX
+        index = service.store.index("v1")
+        assert index.kind == "hnsw" and index.ntotal == 12
+        later = [service.predict(png_bytes(im.path), im.path.name) for im in cells[12:]]
+        assert index.ntotal == 16 and service.store.index("v1") is index
+        ids = {n["id"] for r in later for n in r.neighbours}
+        assert all(len(r.neighbours) == 5 for r in later) and ids <= set(range(1, 17))
+    with Service(ws) as again:  # saved as HNSW: no conversion at the next start
+        assert again.store.index("v1").kind == "hnsw"
 
 
 @pytest.mark.slow

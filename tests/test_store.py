@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import zipfile
 from pathlib import Path
 
@@ -20,9 +21,11 @@ import pytest
 from httpserver import ImageServer
 from PIL import Image
 
+from imagesieve._workspace import Workspace
+from imagesieve.classifier import Prediction
 from imagesieve.classifier._reference import ReferenceSet, calibrate_distance
 from imagesieve.cli import main
-from imagesieve.indexer import ScoreOptions, Store, VectorIndex, score_inputs, sort_into
+from imagesieve.indexer import ScoreOptions, Store, VectorIndex, _vectors, score_inputs, sort_into
 from imagesieve.indexer._images import image_source
 
 
@@ -398,3 +401,50 @@ def test_calibrate_distance__hits_the_target_false_unknown_rate():
     loo_threshold, loo = calibrate_distance(ref, sample(5), 0.05)  # too few held out
     assert loo["on"] == "train leave-one-out" and loo["n"] == 2000
     assert abs(loo_threshold - threshold) < 0.05
+
+
+def embedded(rng, start: int, n: int) -> list[Prediction]:
+    """n stored-looking predictions with distinct content and unit embeddings."""
+    x = rng.random((n, 1280), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return [
+        Prediction(
+            f"img{start + i}.png",
+            "a",
+            None,
+            [("a", 0.9), ("b", 0.1)],
+            x[i],
+            8,
+            8,
+            hashlib.sha256(str(start + i).encode()).hexdigest(),
+        )
+        for i in range(n)
+    ]
+
+
+def test_upgrade_index__flat_turns_hnsw_while_commits_go_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 1500)
+    ws = Workspace(tmp_path / "ws")
+    rng = np.random.default_rng(0)
+    with Store(ws) as store:
+        batch = store.begin_batch("v1", ["test"], {})
+        store.commit(batch, "v1", embedded(rng, 0, 1500))
+        assert not store.index_outgrown("v1") and not store.upgrade_index("v1")
+        store.commit(batch, "v1", embedded(rng, 1500, 500))
+        assert store.index_outgrown("v1") and store.index("v1").kind == "flat"
+        done: list[bool] = []
+        upgrade = threading.Thread(target=lambda: done.append(store.upgrade_index("v1")))
+        upgrade.start()
+        n = 2000
+        while upgrade.is_alive():  # commits and searches go on while the graph is built
+            store.commit(batch, "v1", embedded(rng, n, 8))
+            n += 8
+            store.index("v1").search(rng.random((1, 1280), dtype=np.float32), 5)
+        upgrade.join()
+        index = store.index("v1")
+        assert done == [True] and index.kind == "hnsw" and not store.index_outgrown("v1")
+        assert index.info["built_at"] < index.ntotal == n  # committed during the build: kept
+        store.commit(batch, "v1", embedded(rng, n, 8))  # later commits go to the graph
+        assert store.index("v1") is index and index.ntotal == n + 8
+        store.finish_batch(batch, "done", {})
+    assert_index_matches_db(ws)

@@ -255,12 +255,15 @@ class Service:
             os.cpu_count() or 1, thread_name_prefix="imagesieve-decode"
         )
         self._batcher = _MicroBatcher(self, streams or os.cpu_count() or 1)
+        self._upgrade: threading.Thread | None = None  # builds an outgrown index's HNSW
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
         """Finish the live batch, save the vector indexes, close the store."""
         self._decode.shutdown(wait=True)
         self._batcher.close()
+        if self._upgrade is not None:
+            self._upgrade.join()
         with self._state:
             self._finish_batch()
         self.store.close()
@@ -427,6 +430,18 @@ class Service:
             self._counts["n_items"] += len(preds)
             self._counts["n_scored"] += len(preds)
             self._counts["n_unknown"] += sum(p.label == UNKNOWN for p in preds)
+        if self.store.index_outgrown(version) and not (self._upgrade and self._upgrade.is_alive()):
+            self._upgrade = threading.Thread(
+                target=self._upgrade_index, args=(version,), name="imagesieve-index", daemon=True
+            )
+            self._upgrade.start()
+
+    def _upgrade_index(self, version: str) -> None:
+        """Turn the served flat index into HNSW once it outgrows FLAT_MAX (its own thread)."""
+        try:
+            self.store.upgrade_index(version)
+        except Exception:  # the flat index keeps serving; the next save converts it
+            log.exception("building the HNSW index of %s failed", version)
 
     def _neighbours_of(
         self, version: str, preds: Sequence[Prediction], ks: Sequence[int]

@@ -453,15 +453,15 @@ class Store:
         index = self.index(model_version, dim=emb.shape[1]) if new else None
         tables: dict[str, pa.Table] = {}
         if new:
-            tables["_new"] = self._prediction_table(ids, new, model_version, batch_id, now)
-            tables["_emb"] = pa.table(
-                {
-                    "id": pa.array(ids, pa.int64()),
-                    "embedding": pa.ListArray.from_arrays(
-                        pa.array(np.arange(0, emb.size + 1, emb.shape[1], dtype=np.int32)),
-                        pa.array(emb.ravel(), pa.float32()),
-                    ),
-                }
+            # One registered table feeds both inserts: each registration costs a catalog change.
+            tables["_new"] = self._prediction_table(
+                ids, new, model_version, batch_id, now
+            ).append_column(
+                "embedding",
+                pa.ListArray.from_arrays(
+                    pa.array(np.arange(0, emb.size + 1, emb.shape[1], dtype=np.int32)),
+                    pa.array(emb.ravel(), pa.float32()),
+                ),
             )
         if rescored:
             tables["_re"] = self._prediction_table(
@@ -494,10 +494,9 @@ class Store:
                     [batch_id],
                 )
             if "_new" in tables:
-                self.con.execute(
-                    f"INSERT INTO predictions ({', '.join(PREDICTION_COLUMNS)}) SELECT * FROM _new"
-                )
-                self.con.execute("INSERT INTO embeddings SELECT * FROM _emb")
+                cols = ", ".join(PREDICTION_COLUMNS)
+                self.con.execute(f"INSERT INTO predictions ({cols}) SELECT {cols} FROM _new")
+                self.con.execute("INSERT INTO embeddings SELECT id, embedding FROM _new")
             if "_re" in tables:
                 keep = ("id", "sha256", "model_version", "cluster_id")
                 sets = ", ".join(f"{c} = _re.{c}" for c in PREDICTION_COLUMNS if c not in keep)
@@ -697,6 +696,37 @@ class Store:
                     index = VectorIndex(self.index_path(model_version), dim)
                 self._indexes[model_version] = index
         return self._indexes[model_version]
+
+    def upgrade_index(self, model_version: str) -> bool:
+        """Turn a loaded flat index that outgrew FLAT_MAX into HNSW while the store stays in use.
+
+        A server's flat index would otherwise grow until it stops, each search dearer than the
+        last (8 queries: 9.5 ms at 5,000 vectors, 38 ms at 20,000). The graph is built from a
+        snapshot without the lock (seconds), so commits and searches go on meanwhile; vectors
+        committed during the build are added before the swap. False when there was nothing to
+        do, or vectors were removed meanwhile (a later call starts again).
+        """
+        with self.lock:
+            index = self._indexes.get(model_version)
+            if index is None or not index.outgrown:
+                return False
+            ids, vectors = index.vectors()
+        hnsw = VectorIndex.build(index.path, index.dim, ids, vectors)
+        del vectors
+        with self.lock:
+            if self._indexes.get(model_version) is not index:
+                return False
+            if not np.array_equal(index.ids()[: len(ids)], ids):
+                return False
+            hnsw.add(*index.vectors(len(ids)))
+            self._indexes[model_version] = hnsw
+        log.info("index %s: %d vectors, now HNSW", model_version, hnsw.ntotal)
+        return True
+
+    def index_outgrown(self, model_version: str) -> bool:
+        """True when the loaded index of this version is flat and past FLAT_MAX (lock-free)."""
+        index = self._indexes.get(model_version)
+        return index is not None and index.outgrown
 
     @_locked
     def save_indexes(self) -> None:

@@ -127,14 +127,20 @@ class VectorIndex:
 
         return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
-    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """All (ids, vectors) held, in insertion order."""
+    def vectors(self, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The (ids, vectors) held from position ``start`` on, in insertion order."""
         import faiss
 
         inner = faiss.downcast_index(self.index.index)
-        return self.ids(), inner.reconstruct_n(0, self.ntotal) if self.ntotal else np.zeros(
+        n = max(0, self.ntotal - start)
+        return self.ids()[start:], inner.reconstruct_n(start, n) if n else np.zeros(
             (0, self.dim), np.float32
         )
+
+    @property
+    def outgrown(self) -> bool:
+        """True for a flat index holding more than FLAT_MAX vectors: due to become HNSW."""
+        return self.kind == "flat" and self.ntotal > FLAT_MAX
 
     def stats(self) -> tuple[int, int, int]:
         """(count, max id, sum of ids): compared with the same figures from DuckDB."""
@@ -261,7 +267,7 @@ class VectorIndex:
         """Write the index atomically (temp file + rename), then its sidecar."""
         import faiss
 
-        if self.kind == "flat" and self.ntotal > FLAT_MAX:
+        if self.outgrown:
             self._make_hnsw(*self.vectors())  # once, when a run ends, not while it scores
         elif self.kind == "hnsw" and self.ntotal >= 2 * self.info.get("tuned_at", self.ntotal):
             self.tune()

@@ -13,9 +13,10 @@ import requests
 from PIL import Image
 
 from imagesieve._workspace import Workspace
-from imagesieve.app import Limits, Service
+from imagesieve.app import Limits, Service, _service
 from imagesieve.app._server import check_exposure, start_server
-from imagesieve.indexer import _vectors
+from imagesieve.data import ImageLoadError
+from imagesieve.indexer import Store, _vectors
 from imagesieve.indexer._images import kept_path
 
 MAX_FILE = 2 * 2**20
@@ -324,6 +325,24 @@ def test_service_predict__live_frames_are_not_stored(api, elpv):
     assert stored.prediction.top3 == live.prediction.top3
     assert [n["id"] for n in stored.neighbours] == [n["id"] for n in live.neighbours]
     assert service.health()["stored_images"] == before + 1
+
+
+def test_service_predict__live_batch_counters_are_stored_while_serving(
+    trained, tmp_path, elpv, monkeypatch
+):
+    monkeypatch.setattr(_service, "COUNTS_EVERY", 0.0)
+    ws_trained, _ = trained
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+    with Service(ws) as service:
+        for im in [im for im in elpv if im.cell_type == "mono"][720:723]:
+            service.predict(png_bytes(im.path), im.path.name, neighbours=0)
+        with pytest.raises(ImageLoadError):
+            service.predict(b"not an image", "notes.png")
+        batches = "SELECT status, n_items, n_scored, n_failed FROM batches"
+        assert service.sql(batches).rows == [("running", 4, 3, 1)]
+    with Store(ws) as store:
+        assert store.con.execute(batches).fetchall() == [("done", 4, 3, 1)]
 
 
 def test_service_predict__outgrown_flat_index_turns_hnsw_while_serving(

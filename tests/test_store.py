@@ -283,7 +283,10 @@ def test_score__kill_9_mid_batch_then_rerun_completes_exactly_once(scoring_ws, e
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     committed = query(ws, "SELECT count(*) FROM predictions")[0][0]
     assert 0 < committed < 160  # some chunks landed, the rest did not
-    assert query(ws, "SELECT status FROM batches") == [("running",)]
+    # the counters landed with each chunk: a dead batch still says what it stored
+    assert query(ws, "SELECT status, n_items, n_scored FROM batches") == [
+        ("running", committed, committed)
+    ]
 
     r = subprocess.run(
         [

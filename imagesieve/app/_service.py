@@ -48,6 +48,8 @@ UPLOADS = "uploads"
 MAX_BATCH = 8
 #: Scored requests the writer stores in one transaction at most.
 MAX_GROUP = 256
+#: How often the live serve batch's counters are stored with a commit (s).
+COUNTS_EVERY = 2.0
 #: How long the writer lets a group of scored requests grow while more are in flight (s).
 GROUP_WAIT = 0.15
 
@@ -243,6 +245,7 @@ class Service:
         self.predictor: Predictor | None = None
         self._batch: tuple[str, int] | None = None  # (version, batch id) of single predictions
         self._counts: Counter = Counter()
+        self._counts_at = 0.0  # when the live batch's counters were last stored
         self._clusters: list = []
         self.started = time.time()
         self._training = threading.Lock()
@@ -278,7 +281,7 @@ class Service:
         if self._batch is not None:
             self.store.finish_batch(self._batch[1], "done", dict(self._counts))
             self.store.save_indexes()
-            self._batch, self._counts = None, Counter()
+            self._batch, self._counts, self._counts_at = None, Counter(), 0.0
 
     def _use(self, version: ModelVersion) -> None:
         """Serve ``version``: load its predictor and clusters; the live batch of the old one ends."""
@@ -424,12 +427,11 @@ class Service:
         with self._state:
             clusters = self._clusters if self.predictor is predictor else []
         assign_unknowns(preds, clusters)
-        batch_id = self._live_batch(version)
-        self.store.commit(batch_id, version, preds)  # uploads are not re-run: no failure to resolve
-        with self._state:
-            self._counts["n_items"] += len(preds)
-            self._counts["n_scored"] += len(preds)
-            self._counts["n_unknown"] += sum(p.label == UNKNOWN for p in preds)
+        unknown = sum(p.label == UNKNOWN for p in preds)
+        # uploads are not re-run: no earlier failure to resolve
+        self._commit(
+            version, Counter(n_items=len(preds), n_scored=len(preds), n_unknown=unknown), new=preds
+        )
         if self.store.index_outgrown(version) and not (self._upgrade and self._upgrade.is_alive()):
             self._upgrade = threading.Thread(
                 target=self._upgrade_index, args=(version,), name="imagesieve-index", daemon=True
@@ -464,11 +466,25 @@ class Service:
         return out
 
     def _store_failures(self, version: str, failures: list[Failure]) -> None:
+        self._commit(
+            version, Counter(n_items=len(failures), n_failed=len(failures)), failures=failures
+        )
+
+    def _commit(self, version: str, delta: Counter, **rows: Any) -> None:
+        """Commit rows to the live batch and add ``delta`` to its counters.
+
+        The counters are stored with the rows every COUNTS_EVERY seconds, so a query (or a
+        crash) sees them current, not only when the batch ends.
+        """
         batch_id = self._live_batch(version)
-        self.store.commit(batch_id, version, failures=failures)
         with self._state:
-            self._counts["n_items"] += len(failures)
-            self._counts["n_failed"] += len(failures)
+            due = time.monotonic() - self._counts_at >= COUNTS_EVERY
+            counts = dict(self._counts + delta) if due else None
+        self.store.commit(batch_id, version, counts=counts, **rows)
+        with self._state:
+            self._counts.update(delta)
+            if due:
+                self._counts_at = time.monotonic()
 
     def neighbours(self, pred: Prediction, k: int = NEIGHBOURS) -> list[dict[str, Any]]:
         """The k nearest stored images of a prediction (itself excluded when stored)."""

@@ -325,6 +325,7 @@ class _Run:
                 self.rescored,
                 self.failures,
                 self.sources,
+                counts=self.summary.counts(),
             )
             self.stored.update(p.sha256 for p in self.new)
             for p in self.new + self.rescored:  # stored now: keep only what reports need

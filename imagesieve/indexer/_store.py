@@ -46,6 +46,8 @@ CONNECTION_CONFIG = {
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
 }
+#: A batch row's counters, kept up to date by each commit that passes them.
+BATCH_COUNTS = ("n_items", "n_scored", "n_skipped", "n_unknown", "n_failed")
 #: Rows read per chunk when rebuilding or catching up an index from DuckDB.
 READ_CHUNK = 8192
 
@@ -320,12 +322,11 @@ class Store:
     @_locked
     def finish_batch(self, batch_id: int, status: str, counts: dict[str, int]) -> None:
         """Mark a batch done (or interrupted) with its final counts."""
-        cols = ("n_items", "n_scored", "n_skipped", "n_unknown", "n_failed")
         self.con.execute(
             "UPDATE batches SET status = ?, finished_at = ?, "
-            + ", ".join(f"{c} = ?" for c in cols)
+            + ", ".join(f"{c} = ?" for c in BATCH_COUNTS)
             + " WHERE batch_id = ?",
-            [status, _now(), *(int(counts.get(c, 0)) for c in cols), batch_id],
+            [status, _now(), *(int(counts.get(c, 0)) for c in BATCH_COUNTS), batch_id],
         )
 
     # -- rows -----------------------------------------------------------------------------
@@ -427,12 +428,14 @@ class Store:
         rescored: Sequence[Prediction] = (),
         failures: Sequence[Failure] = (),
         processed_sources: Iterable[str] = (),
+        counts: dict[str, int] | None = None,
     ) -> np.ndarray:
         """Write one chunk of a batch in one transaction; returns the ids given to ``new``.
 
         ``new`` rows are inserted with their embeddings; ``rescored`` rows (content already
         stored with this version) have their prediction replaced in place; ``failures`` are
-        recorded; earlier failures of every processed source are marked resolved. The FAISS
+        recorded; earlier failures of every processed source are marked resolved; ``counts``
+        (the batch's counters so far) land with the rows, so a batch that dies keeps them. The FAISS
         index follows in memory once DuckDB has committed. Each new prediction gets its ``id``;
         content another writer of this process stored meanwhile is not inserted twice.
         """
@@ -507,6 +510,12 @@ class Store:
                 )
             if "_fail" in tables:
                 self.con.execute("INSERT INTO failures SELECT * FROM _fail")
+            if counts is not None:
+                self.con.execute(
+                    f"UPDATE batches SET {', '.join(f'{c} = ?' for c in BATCH_COUNTS)} "
+                    "WHERE batch_id = ?",
+                    [*(int(counts.get(c, 0)) for c in BATCH_COUNTS), batch_id],
+                )
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")

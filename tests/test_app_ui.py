@@ -518,6 +518,41 @@ def test_unknowns__promote_a_cluster_into_the_training_folder(page, app):
     page.assert_no_errors()
 
 
+def test_unknowns__reject_a_cluster_copies_nothing_and_files_it_as_rejected(
+    page, app, elpv, tmp_path
+):
+    """A second unfamiliar kind (colour-negative cells) clusters apart, and is rejected."""
+    from PIL import Image, ImageOps
+
+    _, service, cells = app
+    good = [im for im in elpv if im.cell_type == "mono" and im.defect_probability == 0.0]
+    for im in good[100:160]:
+        ImageOps.invert(Image.open(im.path).convert("L")).save(tmp_path / f"neg_{im.path.name}")
+    service.score(sorted(str(p) for p in tmp_path.glob("neg_*.png")))
+    before = {c["cluster_id"] for c in service.clusters()}
+    service.run_clustering(min_cluster_size=5)
+    new = [c for c in service.clusters() if c["cluster_id"] not in before and c["size"] > 0]
+    assert new, "colour-negative cells should form a cluster of their own"
+    cid = max(new, key=lambda c: c["size"])["cluster_id"]
+    training = cells["training_dir"]
+    files_before = sorted(training.rglob("*"))
+
+    page.tab("Unknowns")
+    page.page.wait_for_selector(f"#cluster-{cid}-gallery img")
+    page.page.click(f"#cluster-{cid}-reject")
+    page.page.wait_for_function(
+        "m => [...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes(m))",
+        arg=f"cluster {cid} rejected",
+    )
+    row = next(c for c in service.clusters() if c["cluster_id"] == cid)
+    assert row["status"] == "rejected"
+    assert sorted(training.rglob("*")) == files_before  # nothing copied
+    page.page.wait_for_selector(f"#cluster-{cid}", state="detached")  # off the open list
+    page.page.locator("#unknowns-show label", has_text="rejected").click()
+    page.page.wait_for_selector(f"#cluster-{cid}-gallery img")
+    page.assert_no_errors()
+
+
 # -- Model ------------------------------------------------------------------------------------
 
 

@@ -720,7 +720,8 @@ class Store:
             if index is None or not index.outgrown:
                 return False
             ids, vectors = index.vectors()
-        hnsw = VectorIndex.build(index.path, index.dim, ids, vectors)
+        # One thread: a server keeps its other cores for the requests meanwhile.
+        hnsw = VectorIndex.build(index.path, index.dim, ids, vectors, threads=1)
         del vectors
         with self.lock:
             if self._indexes.get(model_version) is not index:

@@ -111,11 +111,18 @@ class VectorIndex:
         return cls(path, index.d, index, info)
 
     @classmethod
-    def build(cls, path: Path, dim: int, ids: np.ndarray, vectors: np.ndarray) -> VectorIndex:
-        """A new index over these vectors, of the kind their number calls for."""
+    def build(
+        cls, path: Path, dim: int, ids: np.ndarray, vectors: np.ndarray, threads: int | None = None
+    ) -> VectorIndex:
+        """A new index over these vectors, of the kind their number calls for.
+
+        An HNSW graph is built on ``threads`` threads (default: every core).
+        """
         index = cls(path, dim)
         if len(ids) > FLAT_MAX:
-            index._make_hnsw(np.asarray(ids, np.int64), np.ascontiguousarray(vectors, np.float32))
+            index._make_hnsw(
+                np.asarray(ids, np.int64), np.ascontiguousarray(vectors, np.float32), threads
+            )
         else:
             index.add(ids, vectors)
         index.dirty = True
@@ -167,11 +174,11 @@ class VectorIndex:
             self._make_hnsw(have[keep], vectors[keep])
         self.dirty = True
 
-    def _make_hnsw(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def _make_hnsw(self, ids: np.ndarray, vectors: np.ndarray, threads: int | None = None) -> None:
         import faiss
 
         t0 = time.perf_counter()
-        faiss.omp_set_num_threads(os.cpu_count() or 1)  # building uses every core
+        faiss.omp_set_num_threads(threads or os.cpu_count() or 1)  # this thread's OpenMP team
         inner = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         index = faiss.IndexIDMap2(inner)

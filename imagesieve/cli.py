@@ -14,6 +14,7 @@ from typing import Any
 from imagesieve import __version__
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import Progress
+from imagesieve.classifier._train import CLASS_WEIGHTS, FLIPS
 from imagesieve.data import ImageLoadError
 
 __all__ = ["main"]
@@ -596,7 +597,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--flips",
-        choices=("horizontal", "all"),
+        choices=FLIPS,
         default="horizontal",
         help="phase-2 flips: horizontal (default), or all flips and quarter turns for images "
         "with no up or down (cells, tiles, micrographs)",
@@ -613,7 +614,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--class-weight",
         default="sqrt",
-        choices=["sqrt", "balanced", "none"],
+        choices=CLASS_WEIGHTS,
         help="loss weighting against class imbalance (default sqrt inverse frequency)",
     )
     t.add_argument(

@@ -1,7 +1,10 @@
 """Scoring throughput, side by side in one run: our engine vs a plain per-image PyTorch loop vs
 the ONNX forward pass alone on pre-made tensors; also 12-megapixel JPEGs and peak memory.
 
-Usage: python bench/bench_scoring.py [--plain-n 300] [--big-n 48] [--memory-n 10000]
+The engine and the forward pass run in back-to-back pairs on the same images (this VM's speed
+drifts by up to 25% within minutes); the ratio is the median of the pairs'.
+
+Usage: python bench/bench_scoring.py [--plain-n 300] [--big-n 48] [--memory-n 10000] [--repeats 5]
 """
 
 from __future__ import annotations

@@ -407,8 +407,9 @@ def test_open_readonly__busy_store(ws, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "ready"
         expected = (
-            f"the store {busy.root / 'store.duckdb'} is in use by another imagesieve process; "
-            "wait for it to finish"
+            f"the store {busy.root / 'store.duckdb'} is in use by another imagesieve process "
+            f"(PID {holder.pid}); wait for it to finish, or, if it is `imagesieve serve`, use "
+            "its app or REST API (/api/v1/sql, /api/v1/score)"
         )
         with pytest.raises(StoreBusyError) as err:
             open_readonly(busy)

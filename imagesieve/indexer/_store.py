@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import functools
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -167,6 +168,16 @@ PREDICTION_COLUMNS = [
 class StoreBusyError(RuntimeError):
     """Another process holds the workspace's store open for writing."""
 
+    @classmethod
+    def held(cls, path: Path, error: Exception) -> StoreBusyError:
+        """The one-line error for DuckDB's lock ``error`` on ``path``: who holds it, what to do."""
+        pid = re.search(r"\(PID (\d+)\)", str(error))
+        return cls(
+            f"the store {path} is in use by another imagesieve process"
+            f"{f' (PID {pid[1]})' if pid else ''}; wait for it to finish, or, if it is "
+            "`imagesieve serve`, use its app or REST API (/api/v1/sql, /api/v1/score)"
+        )
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -259,10 +270,7 @@ class Store:
             self.con = duckdb.connect(str(self.path), read_only=read_only, config=CONNECTION_CONFIG)
         except duckdb.IOException as e:
             if "lock" in str(e).lower():
-                raise StoreBusyError(
-                    f"the store {self.path} is in use by another imagesieve process; "
-                    "wait for it to finish"
-                ) from None
+                raise StoreBusyError.held(self.path, e) from None
             raise
         self._indexes: dict[str, VectorIndex] = {}
         self._content: dict[str, set[str]] = {}

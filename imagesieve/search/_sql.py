@@ -354,9 +354,7 @@ def open_readonly(ws: Workspace) -> duckdb.DuckDBPyConnection:
         con = duckdb.connect(str(path), read_only=True, config=dict(SAFE_CONFIG))
     except duckdb.IOException as e:
         if "lock" in str(e).lower():
-            raise StoreBusyError(
-                f"the store {path} is in use by another imagesieve process; wait for it to finish"
-            ) from None
+            raise StoreBusyError.held(path, e) from None
         raise RuntimeError(f"cannot open the store {path}: {_message(e)}") from None
     except duckdb.ConnectionException as e:  # open in this process with another configuration
         raise StoreBusyError(

@@ -367,6 +367,28 @@ def test_service_predict__outgrown_flat_index_turns_hnsw_while_serving(
         assert again.store.index("v1").kind == "hnsw"
 
 
+def test_service_score__batch_past_flat_max_builds_hnsw_beside_the_requests(
+    trained, tmp_path, elpv, monkeypatch
+):
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 10)
+    ws_trained, _ = trained
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+    cells = [im for im in elpv if im.cell_type == "mono"][740:756]
+    with Service(ws) as service:
+        summary = service.score([str(im.path) for im in cells[:15]])
+        assert summary.scored == 15 and service._upgrade is not None
+        # not saved as flat (saving would have built the graph holding the store)
+        assert not (ws.root / "index" / "v1.faiss").exists()
+        answer = service.predict(png_bytes(cells[15].path), "cell.png")  # during or after it
+        assert len(answer.neighbours) == 5
+        service._upgrade.join(timeout=60)
+        assert service.store.index("v1").kind == "hnsw" and service.store.index("v1").ntotal == 16
+    with Service(ws) as again:
+        index = again.store.index("v1")
+        assert index.kind == "hnsw" and index.ntotal == 16
+
+
 @pytest.mark.slow
 def test_service_retrain__serves_the_new_version_then_activate_goes_back(
     trained, small_folder, tmp_path, elpv

@@ -432,14 +432,24 @@ class Service:
         self._commit(
             version, Counter(n_items=len(preds), n_scored=len(preds), n_unknown=unknown), new=preds
         )
-        if self.store.index_outgrown(version) and not (self._upgrade and self._upgrade.is_alive()):
-            self._upgrade = threading.Thread(
-                target=self._upgrade_index, args=(version,), name="imagesieve-index", daemon=True
-            )
-            self._upgrade.start()
+        self._upgrade_soon(version)
+
+    def _upgrade_soon(self, version: str) -> bool:
+        """Once the version's flat index outgrows FLAT_MAX, make it HNSW on a thread.
+
+        Requests go on meanwhile. True while that is under way.
+        """
+        if self._upgrade is not None and self._upgrade.is_alive():
+            return True
+        if not self.store.index_outgrown(version):
+            return False
+        self._upgrade = threading.Thread(
+            target=self._upgrade_index, args=(version,), name="imagesieve-index", daemon=True
+        )
+        self._upgrade.start()
+        return True
 
     def _upgrade_index(self, version: str) -> None:
-        """Turn the served flat index into HNSW once it outgrows FLAT_MAX (its own thread)."""
         try:
             self.store.upgrade_index(version)
         except Exception:  # the flat index keeps serving; the next save converts it
@@ -565,7 +575,10 @@ class Service:
             store=self.store,
             predictor=predictor,
         )
-        self.store.save_indexes()
+        # Saved now, unless it has to become HNSW first: that is built beside the requests
+        # (saving would build it holding the store), and saved when the server stops.
+        if not self._upgrade_soon(predictor.version.name):
+            self.store.save_indexes()
         return summary
 
     # -- search, SQL -----------------------------------------------------------------------

@@ -25,14 +25,26 @@ MAX_FILE = 2 * 2**20
 @pytest.fixture(scope="module")
 def api(trained, tmp_path_factory):
     """(base URL, workspace, service) of a server with a copy of the trained model, no rows yet."""
-    ws_trained, _ = trained
-    ws = Workspace(tmp_path_factory.mktemp("api") / "ws")
-    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+    ws = model_copy(trained, tmp_path_factory.mktemp("api") / "ws")
     service = Service(ws, limits=Limits(max_file_bytes=MAX_FILE, max_files=20))
     server = start_server(service, ui=False)
     yield server.url + "/api/v1", ws, service
     server.stop()
     service.close()
+
+
+def model_copy(trained, root) -> Workspace:
+    """A workspace at ``root`` with a copy of the trained model, nothing stored yet."""
+    ws_trained, _ = trained
+    ws = Workspace(root)
+    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+    return ws
+
+
+@pytest.fixture
+def ws(trained, tmp_path) -> Workspace:
+    """A workspace of its own with a copy of the trained model."""
+    return model_copy(trained, tmp_path / "ws")
 
 
 def png_bytes(path) -> bytes:
@@ -273,10 +285,7 @@ def test_openapi__schema_lists_every_endpoint(api):
     json.dumps(schema)
 
 
-def test_start_server__token_required_when_set(trained, tmp_path):
-    ws_trained, _ = trained
-    ws = Workspace(tmp_path / "ws")
-    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+def test_start_server__token_required_when_set(ws):
     with Service(ws) as service:
         server = start_server(service, token="s3cret", ui=False)
         try:
@@ -327,13 +336,8 @@ def test_service_predict__live_frames_are_not_stored(api, elpv):
     assert service.health()["stored_images"] == before + 1
 
 
-def test_service_predict__live_batch_counters_are_stored_while_serving(
-    trained, tmp_path, elpv, monkeypatch
-):
+def test_service_predict__live_batch_counters_are_stored_while_serving(ws, elpv, monkeypatch):
     monkeypatch.setattr(_service, "COUNTS_EVERY", 0.0)
-    ws_trained, _ = trained
-    ws = Workspace(tmp_path / "ws")
-    shutil.copytree(ws_trained.models_dir, ws.models_dir)
     with Service(ws) as service:
         for im in [im for im in elpv if im.cell_type == "mono"][720:723]:
             service.predict(png_bytes(im.path), im.path.name, neighbours=0)
@@ -345,13 +349,8 @@ def test_service_predict__live_batch_counters_are_stored_while_serving(
         assert store.con.execute(batches).fetchall() == [("done", 4, 3, 1)]
 
 
-def test_service_predict__outgrown_flat_index_turns_hnsw_while_serving(
-    trained, tmp_path, elpv, monkeypatch
-):
+def test_service_predict__outgrown_flat_index_turns_hnsw_while_serving(ws, elpv, monkeypatch):
     monkeypatch.setattr(_vectors, "FLAT_MAX", 10)
-    ws_trained, _ = trained
-    ws = Workspace(tmp_path / "ws")
-    shutil.copytree(ws_trained.models_dir, ws.models_dir)
     cells = [im for im in elpv if im.cell_type == "mono"][700:716]
     with Service(ws) as service:
         for im in cells[:12]:
@@ -367,13 +366,8 @@ def test_service_predict__outgrown_flat_index_turns_hnsw_while_serving(
         assert again.store.index("v1").kind == "hnsw"
 
 
-def test_service_score__batch_past_flat_max_builds_hnsw_beside_the_requests(
-    trained, tmp_path, elpv, monkeypatch
-):
+def test_service_score__batch_past_flat_max_builds_hnsw_beside_the_requests(ws, elpv, monkeypatch):
     monkeypatch.setattr(_vectors, "FLAT_MAX", 10)
-    ws_trained, _ = trained
-    ws = Workspace(tmp_path / "ws")
-    shutil.copytree(ws_trained.models_dir, ws.models_dir)
     cells = [im for im in elpv if im.cell_type == "mono"][740:756]
     with Service(ws) as service:
         summary = service.score([str(im.path) for im in cells[:15]])
@@ -390,12 +384,7 @@ def test_service_score__batch_past_flat_max_builds_hnsw_beside_the_requests(
 
 
 @pytest.mark.slow
-def test_service_retrain__serves_the_new_version_then_activate_goes_back(
-    trained, small_folder, tmp_path, elpv
-):
-    ws_trained, _ = trained
-    ws = Workspace(tmp_path / "ws")
-    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+def test_service_retrain__serves_the_new_version_then_activate_goes_back(ws, small_folder, elpv):
     cell = png_bytes([im for im in elpv if im.cell_type == "mono"][500].path)
     with Service(ws) as service:
         first = service.predict(cell, "cell.png")

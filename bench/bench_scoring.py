@@ -148,10 +148,12 @@ def engine_vs_forward(version, paths: list[str], batch_size: int, repeats: int) 
     list(predictor.score(paths[:batch_size]))  # warm-up
     pairs = []
     for i in range(repeats):
-        fw_first = i % 2 == 0
-        fw = forward_rate(sess, batches, best[1]) if fw_first else None
-        eng = engine_rate(version, paths, batch_size, predictor)
-        fw = fw if fw_first else forward_rate(sess, batches, best[1])
+        if i % 2 == 0:
+            fw = forward_rate(sess, batches, best[1])
+            eng = engine_rate(version, paths, batch_size, predictor)
+        else:
+            eng = engine_rate(version, paths, batch_size, predictor)
+            fw = forward_rate(sess, batches, best[1])
         pairs.append((fw, eng))
     return {
         "trial": rates,

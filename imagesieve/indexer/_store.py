@@ -220,6 +220,13 @@ def embedding_matrix(table, dim: int | None = None) -> tuple[np.ndarray, np.ndar
     return ids, flat.reshape(len(ids), -1)
 
 
+def _batch_counts(counts: dict[str, int]) -> tuple[str, list[int]]:
+    """The SET clause and parameters that write a batch row's counters (missing ones: 0)."""
+    return ", ".join(f"{c} = ?" for c in BATCH_COUNTS), [
+        int(counts.get(c, 0)) for c in BATCH_COUNTS
+    ]
+
+
 def _locked(method: Callable) -> Callable:
     """Run a Store method holding the store's lock: one thread at a time on its connection."""
 
@@ -330,11 +337,10 @@ class Store:
     @_locked
     def finish_batch(self, batch_id: int, status: str, counts: dict[str, int]) -> None:
         """Mark a batch done (or interrupted) with its final counts."""
+        sets, values = _batch_counts(counts)
         self.con.execute(
-            "UPDATE batches SET status = ?, finished_at = ?, "
-            + ", ".join(f"{c} = ?" for c in BATCH_COUNTS)
-            + " WHERE batch_id = ?",
-            [status, _now(), *(int(counts.get(c, 0)) for c in BATCH_COUNTS), batch_id],
+            f"UPDATE batches SET status = ?, finished_at = ?, {sets} WHERE batch_id = ?",
+            [status, _now(), *values, batch_id],
         )
 
     # -- rows -----------------------------------------------------------------------------
@@ -519,10 +525,9 @@ class Store:
             if "_fail" in tables:
                 self.con.execute("INSERT INTO failures SELECT * FROM _fail")
             if counts is not None:
+                sets, values = _batch_counts(counts)
                 self.con.execute(
-                    f"UPDATE batches SET {', '.join(f'{c} = ?' for c in BATCH_COUNTS)} "
-                    "WHERE batch_id = ?",
-                    [*(int(counts.get(c, 0)) for c in BATCH_COUNTS), batch_id],
+                    f"UPDATE batches SET {sets} WHERE batch_id = ?", [*values, batch_id]
                 )
             self.con.execute("COMMIT")
         except BaseException:

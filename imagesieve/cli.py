@@ -755,7 +755,8 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="one read-only SQL query over the store (tables and ready-made views)",
         description="Run one read-only SQL query (SELECT, DESCRIBE, SHOW, EXPLAIN) over the "
-        "store: tables batches, predictions, embeddings, failures, reference_images, and "
+        "store: tables batches, predictions, embeddings (a view over one embeddings_<size> table "
+        "per embedding size), failures, reference_images, and "
         "ready-made views (--views lists them). No files, network or writes.",
     )
     sq.add_argument(

@@ -406,9 +406,9 @@ def test_calibrate_distance__hits_the_target_false_unknown_rate():
     assert abs(loo_threshold - threshold) < 0.05
 
 
-def embedded(rng, start: int, n: int) -> list[Prediction]:
+def embedded(rng, start: int, n: int, dim: int = 1280) -> list[Prediction]:
     """n stored-looking predictions with distinct content and unit embeddings."""
-    x = rng.random((n, 1280), dtype=np.float32)
+    x = rng.random((n, dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return [
         Prediction(
@@ -450,4 +450,74 @@ def test_upgrade_index__flat_turns_hnsw_while_commits_go_on(tmp_path, monkeypatc
         store.commit(batch, "v1", embedded(rng, n, 8))  # later commits go to the graph
         assert store.index("v1") is index and index.ntotal == n + 8
         store.finish_batch(batch, "done", {})
+    assert_index_matches_db(ws)
+
+
+def test_store__embeddings_of_each_size_in_their_own_table_behind_one_view(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    rng = np.random.default_rng(1)
+    with Store(ws) as store:  # two model versions with different embedding sizes
+        for version, dim, start in (("v1", 16, 0), ("v2", 8, 100)):
+            batch = store.begin_batch(version, ["test"], {})
+            store.commit(batch, version, embedded(rng, start, 20, dim))
+            store.finish_batch(batch, "done", {})
+    types = dict(
+        query(
+            ws,
+            "SELECT table_name, data_type FROM information_schema.columns "
+            "WHERE column_name = 'embedding' AND table_name LIKE 'embeddings%' ",
+        )
+    )
+    assert types == {
+        "embeddings_16": "FLOAT[16]",
+        "embeddings_8": "FLOAT[8]",
+        "embeddings": "FLOAT[]",
+    }
+    assert query(ws, "SELECT len(embedding), count(*) FROM embeddings GROUP BY 1 ORDER BY 1") == [
+        (8, 20),
+        (16, 20),
+    ]
+    for version in ("v1", "v2"):
+        (ws.root / "index" / f"{version}.faiss").unlink()  # rebuilt from each size's table
+    with Store(ws) as store:
+        assert {c.model_version: c.action for c in store.checks} == {
+            "v1": "rebuilt",
+            "v2": "rebuilt",
+        }
+        assert (store.index("v1").dim, store.index("v2").dim) == (16, 8)
+    assert_index_matches_db(ws, "v1")
+    assert_index_matches_db(ws, "v2")
+
+
+def test_store__list_embeddings_of_an_older_store_move_to_their_table_on_open(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    rng = np.random.default_rng(2)
+    with Store(ws) as store:
+        batch = store.begin_batch("v1", ["test"], {})
+        store.commit(batch, "v1", embedded(rng, 0, 30, 16))
+        store.finish_batch(batch, "done", {})
+    before = query(ws, "SELECT id, embedding FROM embeddings ORDER BY id")
+    con = duckdb.connect(str(ws.root / "store.duckdb"))  # as the store was written before
+    con.execute("CREATE TABLE old AS SELECT * FROM embeddings")
+    con.execute("DROP VIEW embeddings")
+    con.execute("DROP TABLE embeddings_16")
+    con.execute("CREATE TABLE embeddings (id BIGINT PRIMARY KEY, embedding FLOAT[] NOT NULL)")
+    con.execute("INSERT INTO embeddings SELECT * FROM old")
+    con.execute("DROP TABLE old")
+    con.close()
+    (ws.root / "index" / "v1.faiss").unlink()
+    assert query(
+        ws, "SELECT table_type FROM information_schema.tables WHERE table_name = 'embeddings'"
+    ) == [("BASE TABLE",)]
+    with Store(ws) as store:
+        assert store.checks[0].action == "rebuilt"
+        batch = store.begin_batch("v1", ["test"], {})
+        store.commit(batch, "v1", embedded(rng, 30, 5, 16))
+        store.finish_batch(batch, "done", {})
+    assert query(
+        ws, "SELECT table_type FROM information_schema.tables WHERE table_name = 'embeddings'"
+    ) == [("VIEW",)]
+    after = query(ws, "SELECT id, embedding FROM embeddings ORDER BY id")
+    assert after[:30] == before and len(after) == 35
+    assert query(ws, "SELECT count(*) FROM embeddings_16") == [(35,)]
     assert_index_matches_db(ws)

@@ -47,6 +47,10 @@ CONNECTION_CONFIG = {
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
 }
+#: Embeddings live in one table per dimension, a fixed-size ``FLOAT[d]`` column: committing a
+#: group of rows costs about half what a ``FLOAT[]`` list column costs (bench/RESULTS.md). The
+#: view ``embeddings`` (id, FLOAT[]) unites them for queries, whatever the model versions' sizes.
+EMBEDDINGS_TABLE = "embeddings_{dim}"
 #: A batch row's counters, kept up to date by each commit that passes them.
 BATCH_COUNTS = ("n_items", "n_scored", "n_skipped", "n_unknown", "n_failed")
 #: Rows read per chunk when rebuilding or catching up an index from DuckDB.
@@ -86,10 +90,6 @@ CREATE TABLE IF NOT EXISTS predictions (
     cluster_id INTEGER                  -- clusters.cluster_id; -1 noise; NULL not clustered
 );
 CREATE UNIQUE INDEX IF NOT EXISTS predictions_content ON predictions (model_version, sha256);
-CREATE TABLE IF NOT EXISTS embeddings (
-    id BIGINT PRIMARY KEY,              -- predictions.id
-    embedding FLOAT[] NOT NULL          -- L2-normalised, the model version's embedding
-);
 CREATE TABLE IF NOT EXISTS failures (
     batch_id INTEGER NOT NULL,
     source VARCHAR NOT NULL,
@@ -282,8 +282,11 @@ class Store:
         self._indexes: dict[str, VectorIndex] = {}
         self._content: dict[str, set[str]] = {}
         self.checks: list[IndexCheck] = []
+        self._dims = self._embedding_dims()
         if not read_only:
             self.con.execute(SCHEMA)
+            self._migrate_embeddings()
+            self._create_embeddings_view()
             from imagesieve.search._sql import VIEWS_SQL  # local: search imports the indexer
 
             self.con.execute(VIEWS_SQL)
@@ -294,6 +297,67 @@ class Store:
         )
         if check and not read_only:
             self.checks = [self.check_index(v) for v in self.versions()]
+
+    # -- embedding tables -----------------------------------------------------------------
+    def _embedding_dims(self) -> set[int]:
+        """The dimensions that have an ``embeddings_<d>`` table."""
+        names = self.con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE table_name LIKE 'embeddings\\_%' ESCAPE '\\'"
+        ).fetchall()
+        return {int(n[11:]) for (n,) in names if n[11:].isdigit()}
+
+    def _embeddings_of(self, dim: int) -> str:
+        """The table holding ``dim``-sized embeddings (a store not yet migrated: the old one)."""
+        return EMBEDDINGS_TABLE.format(dim=dim) if dim in self._dims else "embeddings"
+
+    def _add_embedding_table(self, dim: int) -> None:
+        """Create ``embeddings_<dim>`` and widen the ``embeddings`` view over it."""
+        self.con.execute(
+            f"CREATE TABLE IF NOT EXISTS {EMBEDDINGS_TABLE.format(dim=dim)} "
+            f"(id BIGINT PRIMARY KEY, embedding FLOAT[{int(dim)}] NOT NULL)"
+        )
+        self._dims.add(int(dim))
+        self._create_embeddings_view()
+
+    def _create_embeddings_view(self) -> None:
+        """``embeddings`` (id, FLOAT[]): every dimension's table as one, for SQL and clustering."""
+        parts = [
+            f"SELECT id, embedding::FLOAT[] AS embedding FROM {EMBEDDINGS_TABLE.format(dim=d)}"
+            for d in sorted(self._dims)
+        ] or ["SELECT NULL::BIGINT AS id, NULL::FLOAT[] AS embedding WHERE false"]
+        self.con.execute(f"CREATE OR REPLACE VIEW embeddings AS {' UNION ALL '.join(parts)}")
+
+    def _migrate_embeddings(self) -> None:
+        """A store written before the per-dimension tables: move its ``FLOAT[]`` rows into them."""
+        kind = self.con.execute(
+            "SELECT table_type FROM information_schema.tables WHERE table_name = 'embeddings'"
+        ).fetchall()
+        if not kind or kind[0][0] != "BASE TABLE":
+            return
+        dims = [
+            int(d)
+            for (d,) in self.con.execute(
+                "SELECT DISTINCT len(embedding) FROM embeddings ORDER BY 1"
+            ).fetchall()
+        ]
+        log.info("moving the stored embeddings into per-dimension tables: %s", dims)
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            for d in dims:
+                table = EMBEDDINGS_TABLE.format(dim=d)
+                self.con.execute(
+                    f"CREATE TABLE {table} (id BIGINT PRIMARY KEY, embedding FLOAT[{d}] NOT NULL)"
+                )
+                self.con.execute(
+                    f"INSERT INTO {table} SELECT id, embedding::FLOAT[{d}] FROM embeddings "
+                    f"WHERE len(embedding) = {d}"
+                )
+            self.con.execute("DROP TABLE embeddings")
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self._dims = self._embedding_dims()
 
     # -- lifecycle ------------------------------------------------------------------------
     @_locked
@@ -470,14 +534,15 @@ class Store:
         index = self.index(model_version, dim=emb.shape[1]) if new else None
         tables: dict[str, pa.Table] = {}
         if new:
+            if emb.shape[1] not in self._dims:
+                self._add_embedding_table(emb.shape[1])
             # One registered table feeds both inserts: each registration costs a catalog change.
             tables["_new"] = self._prediction_table(
                 ids, new, model_version, batch_id, now
             ).append_column(
                 "embedding",
-                pa.ListArray.from_arrays(
-                    pa.array(np.arange(0, emb.size + 1, emb.shape[1], dtype=np.int32)),
-                    pa.array(emb.ravel(), pa.float32()),
+                pa.FixedSizeListArray.from_arrays(
+                    pa.array(emb.ravel(), pa.float32()), emb.shape[1]
                 ),
             )
         if rescored:
@@ -513,7 +578,9 @@ class Store:
             if "_new" in tables:
                 cols = ", ".join(PREDICTION_COLUMNS)
                 self.con.execute(f"INSERT INTO predictions ({cols}) SELECT {cols} FROM _new")
-                self.con.execute("INSERT INTO embeddings SELECT id, embedding FROM _new")
+                self.con.execute(
+                    f"INSERT INTO {self._embeddings_of(emb.shape[1])} SELECT id, embedding FROM _new"
+                )
             if "_re" in tables:
                 keep = ("id", "sha256", "model_version", "cluster_id")
                 sets = ", ".join(f"{c} = _re.{c}" for c in PREDICTION_COLUMNS if c not in keep)
@@ -600,8 +667,8 @@ class Store:
 
     def _embedding_dim(self, model_version: str) -> int | None:
         row = self.con.execute(
-            "SELECT len(e.embedding) FROM embeddings e JOIN predictions p USING (id) "
-            "WHERE p.model_version = ? LIMIT 1",
+            "SELECT len(embedding) FROM embeddings "
+            "WHERE id = (SELECT min(id) FROM predictions WHERE model_version = ?)",
             [model_version],
         ).fetchall()
         return int(row[0][0]) if row else None
@@ -671,8 +738,8 @@ class Store:
         ids = np.zeros(n, np.int64)
         vectors = np.zeros((n, dim), np.float32)
         query = (
-            "SELECT e.id, e.embedding FROM embeddings e JOIN predictions p USING (id) "
-            "WHERE p.model_version = ?"
+            f"SELECT e.id, e.embedding FROM {self._embeddings_of(dim)} e "
+            "JOIN predictions p USING (id) WHERE p.model_version = ?"
         )
         i = 0
         for batch in self.con.sql(query, params=[model_version]).to_arrow_reader(READ_CHUNK):
@@ -696,7 +763,8 @@ class Store:
         self.con.register("_want_ids", pa.table({"id": pa.array(ids, pa.int64())}))
         try:
             query = (
-                "SELECT e.id, e.embedding FROM embeddings e JOIN _want_ids USING (id) ORDER BY e.id"
+                f"SELECT e.id, e.embedding FROM {self._embeddings_of(index.dim)} e "
+                "JOIN _want_ids USING (id) ORDER BY e.id"
             )
             for batch in self.con.sql(query).to_arrow_reader(READ_CHUNK):
                 got_ids, vectors = embedding_matrix(pa.Table.from_batches([batch]), index.dim)

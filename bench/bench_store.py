@@ -270,7 +270,7 @@ def child_build_rows(
 
     from imagesieve._workspace import Workspace
     from imagesieve.indexer import Store
-    from imagesieve.indexer._store import PREDICTION_COLUMNS
+    from imagesieve.indexer._store import EMBEDDINGS_TABLE, PREDICTION_COLUMNS
 
     rng = np.random.default_rng(0)
     seeds = np.load(SEEDS) if seeded else None
@@ -278,6 +278,7 @@ def child_build_rows(
     t = time.perf_counter()
     with Store(Workspace(ws)) as store:
         batch = store.begin_batch(VERSION, ["synthetic"], {})
+        store._add_embedding_table(DIM)  # what the first commit would do
         for start in range(0, rows - tail, chunk):
             n = min(chunk, rows - tail - start)
             preds, xb = synthetic_rows(start, n, rng, seeds)
@@ -287,9 +288,8 @@ def child_build_rows(
             emb = pa.table(
                 {
                     "id": pa.array(ids, pa.int64()),
-                    "embedding": pa.ListArray.from_arrays(
-                        pa.array(np.arange(0, xb.size + 1, DIM, dtype=np.int32)),
-                        pa.array(xb.ravel(), pa.float32()),
+                    "embedding": pa.FixedSizeListArray.from_arrays(
+                        pa.array(xb.ravel(), pa.float32()), DIM
                     ),
                 }
             )
@@ -299,7 +299,7 @@ def child_build_rows(
             store.con.execute(
                 f"INSERT INTO predictions ({', '.join(PREDICTION_COLUMNS)}) SELECT * FROM _new"
             )
-            store.con.execute("INSERT INTO embeddings SELECT * FROM _emb")
+            store.con.execute(f"INSERT INTO {EMBEDDINGS_TABLE.format(dim=DIM)} SELECT * FROM _emb")
             store.con.execute("COMMIT")
             store.con.unregister("_new")
             store.con.unregister("_emb")

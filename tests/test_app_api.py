@@ -234,8 +234,10 @@ def test_sql__escapes_are_refused_with_json_400(api, sql, text):
     assert_error(r, 400, text)
 
 
-def test_sql__views_and_limits(api):
+def test_sql__views_and_limits(api, elpv):
     base, _, _ = api
+    cell = png_bytes([im for im in elpv if im.cell_type == "mono"][760].path)
+    assert post_image(base, cell, "for-sql.png", neighbours=0).status_code == 200  # a row today
     doc = requests.post(
         f"{base}/sql", json={"sql": "SELECT * FROM predictions_per_day", "limit": 5}, timeout=30
     ).json()

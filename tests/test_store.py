@@ -504,6 +504,9 @@ def test_store__list_embeddings_of_an_older_store_move_to_their_table_on_open(tm
     con.execute("CREATE TABLE embeddings (id BIGINT PRIMARY KEY, embedding FLOAT[] NOT NULL)")
     con.execute("INSERT INTO embeddings SELECT * FROM old")
     con.execute("DROP TABLE old")
+    # ... and a move that was interrupted after its first rows: it resumes, nothing twice
+    con.execute("CREATE TABLE embeddings_16 (id BIGINT PRIMARY KEY, embedding FLOAT[16] NOT NULL)")
+    con.execute("INSERT INTO embeddings_16 SELECT id, embedding FROM embeddings WHERE id <= 10")
     con.close()
     (ws.root / "index" / "v1.faiss").unlink()
     assert query(

@@ -51,6 +51,8 @@ CONNECTION_CONFIG = {
 #: group of rows costs about half what a ``FLOAT[]`` list column costs (bench/RESULTS.md). The
 #: view ``embeddings`` (id, FLOAT[]) unites them for queries, whatever the model versions' sizes.
 EMBEDDINGS_TABLE = "embeddings_{dim}"
+#: Rows moved per transaction when an older store's list embeddings move to those tables.
+MIGRATE_CHUNK = 50_000
 #: A batch row's counters, kept up to date by each commit that passes them.
 BATCH_COUNTS = ("n_items", "n_scored", "n_skipped", "n_unknown", "n_failed")
 #: Rows read per chunk when rebuilding or catching up an index from DuckDB.
@@ -328,35 +330,44 @@ class Store:
         self.con.execute(f"CREATE OR REPLACE VIEW embeddings AS {' UNION ALL '.join(parts)}")
 
     def _migrate_embeddings(self) -> None:
-        """A store written before the per-dimension tables: move its ``FLOAT[]`` rows into them."""
+        """A store written before the per-size tables: move its ``FLOAT[]`` rows into them, once.
+
+        In id windows of MIGRATE_CHUNK rows, each its own transaction (memory stays bounded); an
+        interrupted move resumes where it stopped, and the old table goes only once all is moved.
+        """
         kind = self.con.execute(
             "SELECT table_type FROM information_schema.tables WHERE table_name = 'embeddings'"
         ).fetchall()
         if not kind or kind[0][0] != "BASE TABLE":
             return
+        n, lo, hi = self.con.execute(
+            "SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0) FROM embeddings"
+        ).fetchall()[0]
         dims = [
             int(d)
             for (d,) in self.con.execute(
                 "SELECT DISTINCT len(embedding) FROM embeddings ORDER BY 1"
             ).fetchall()
         ]
-        log.info("moving the stored embeddings into per-dimension tables: %s", dims)
-        self.con.execute("BEGIN TRANSACTION")
-        try:
-            for d in dims:
-                table = EMBEDDINGS_TABLE.format(dim=d)
-                self.con.execute(
-                    f"CREATE TABLE {table} (id BIGINT PRIMARY KEY, embedding FLOAT[{d}] NOT NULL)"
-                )
+        log.warning(
+            "this store keeps its %d embeddings in the older list form: moving them into "
+            "per-size tables (once; about 16 s per 100,000)",
+            n,
+        )
+        for d in dims:
+            table = EMBEDDINGS_TABLE.format(dim=d)
+            self.con.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} "
+                f"(id BIGINT PRIMARY KEY, embedding FLOAT[{d}] NOT NULL)"
+            )
+            done = self.con.execute(f"SELECT coalesce(max(id), ?) FROM {table}", [lo - 1])
+            for a in range(int(done.fetchall()[0][0]), int(hi), MIGRATE_CHUNK):
                 self.con.execute(
                     f"INSERT INTO {table} SELECT id, embedding::FLOAT[{d}] FROM embeddings "
-                    f"WHERE len(embedding) = {d}"
+                    "WHERE id > ? AND id <= ? AND len(embedding) = ? ORDER BY id",
+                    [a, a + MIGRATE_CHUNK, d],
                 )
-            self.con.execute("DROP TABLE embeddings")
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
+        self.con.execute("DROP TABLE embeddings")
         self._dims = self._embedding_dims()
 
     # -- lifecycle ------------------------------------------------------------------------

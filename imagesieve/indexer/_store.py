@@ -47,9 +47,10 @@ CONNECTION_CONFIG = {
     "autoinstall_known_extensions": False,
     "autoload_known_extensions": False,
 }
-#: Embeddings live in one table per dimension, a fixed-size ``FLOAT[d]`` column: committing a
-#: group of rows costs about half what a ``FLOAT[]`` list column costs (bench/RESULTS.md). The
-#: view ``embeddings`` (id, FLOAT[]) unites them for queries, whatever the model versions' sizes.
+#: Embeddings live in one table per dimension, a fixed-size ``FLOAT[d]`` column: inserting and
+#: committing 8 rows of 1280 costs ~4 ms of CPU there against 9-12 ms in a ``FLOAT[]`` list
+#: column, which matters to a server committing small groups. The view ``embeddings`` (id,
+#: FLOAT[]) unites the tables for queries, whatever the model versions' sizes.
 EMBEDDINGS_TABLE = "embeddings_{dim}"
 #: Rows moved per transaction when an older store's list embeddings move to those tables.
 MIGRATE_CHUNK = 50_000

@@ -353,17 +353,22 @@ def test_service_predict__live_batch_counters_are_stored_while_serving(ws, elpv,
 
 def test_service_predict__outgrown_flat_index_turns_hnsw_while_serving(ws, elpv, monkeypatch):
     monkeypatch.setattr(_vectors, "FLAT_MAX", 10)
-    cells = [im for im in elpv if im.cell_type == "mono"][700:716]
+    cells = [im for im in elpv if im.cell_type == "mono"][700:724]
     with Service(ws) as service:
         for im in cells[:12]:
             service.predict(png_bytes(im.path), im.path.name, neighbours=0)
         service._upgrade.join(timeout=60)  # started by the commit that crossed FLAT_MAX
         index = service.store.index("v1")
         assert index.kind == "hnsw" and index.ntotal == 12
-        later = [service.predict(png_bytes(im.path), im.path.name) for im in cells[12:]]
+        first = index.info["tuned_at"]  # the snapshot the graph was built from: 11 or 12
+        later = [service.predict(png_bytes(im.path), im.path.name) for im in cells[12:16]]
         assert index.ntotal == 16 and service.store.index("v1") is index
         ids = {n["id"] for r in later for n in r.neighbours}
         assert all(len(r.neighbours) == 5 for r in later) and ids <= set(range(1, 17))
+        for im in cells[16:24]:  # doubled since it was tuned: re-tuned beside the requests
+            service.predict(png_bytes(im.path), im.path.name, neighbours=0)
+        service._upgrade.join(timeout=60)
+        assert index.ntotal == 24 and 24 >= index.info["tuned_at"] >= 2 * first
     with Service(ws) as again:  # saved as HNSW: no conversion at the next start
         assert again.store.index("v1").kind == "hnsw"
 

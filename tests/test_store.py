@@ -453,6 +453,39 @@ def test_upgrade_index__flat_turns_hnsw_while_commits_go_on(tmp_path, monkeypatc
     assert_index_matches_db(ws)
 
 
+def test_retune_index__doubled_hnsw_retuned_while_commits_go_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 300)
+    ws = Workspace(tmp_path / "ws")
+    rng = np.random.default_rng(3)
+    with Store(ws) as store:
+        batch = store.begin_batch("v1", ["test"], {})
+        store.commit(batch, "v1", embedded(rng, 0, 400, 32))
+        store.save_indexes()  # HNSW, tuned over 400
+        index = store.index("v1")
+        assert index.kind == "hnsw" and index.info["tuned_at"] == 400
+        store.commit(batch, "v1", embedded(rng, 400, 399, 32))
+        assert not store.index_retune_due("v1") and not store.retune_index("v1")
+        store.commit(batch, "v1", embedded(rng, 799, 1, 32))
+        assert store.index_retune_due("v1")
+        done: list[bool] = []
+        retune = threading.Thread(target=lambda: done.append(store.retune_index("v1")))
+        retune.start()
+        n = 800
+        while retune.is_alive():  # commits and searches go on meanwhile
+            store.commit(batch, "v1", embedded(rng, n, 8, 32))
+            n += 8
+            store.index("v1").search(rng.random((1, 32), dtype=np.float32), 5)
+        retune.join()
+        assert done == [True] and store.index("v1") is index
+        assert index.info["tuned_at"] >= 800 and not store.index_retune_due("v1")
+        assert index.info["ef_search"] in _vectors.EF_SEARCH_CANDIDATES
+        assert index.info["recall_at_10"] >= _vectors.TARGET_RECALL
+        assert index.ntotal == n
+        store.finish_batch(batch, "done", {})
+    assert_index_matches_db(ws)
+    assert VectorIndex.load(ws.root / "index" / "v1.faiss").info == index.info
+
+
 def test_store__embeddings_of_each_size_in_their_own_table_behind_one_view(tmp_path):
     ws = Workspace(tmp_path / "ws")
     rng = np.random.default_rng(1)

@@ -435,13 +435,13 @@ class Service:
         self._upgrade_soon(version)
 
     def _upgrade_soon(self, version: str) -> bool:
-        """Once the version's flat index outgrows FLAT_MAX, make it HNSW on a thread.
+        """Upkeep of the version's index on a thread: HNSW past FLAT_MAX, re-tuned when doubled.
 
         Requests go on meanwhile. True while that is under way.
         """
         if self._upgrade is not None and self._upgrade.is_alive():
             return True
-        if not self.store.index_outgrown(version):
+        if not (self.store.index_outgrown(version) or self.store.index_retune_due(version)):
             return False
         self._upgrade = threading.Thread(
             target=self._upgrade_index, args=(version,), name="imagesieve-index", daemon=True
@@ -451,9 +451,9 @@ class Service:
 
     def _upgrade_index(self, version: str) -> None:
         try:
-            self.store.upgrade_index(version)
-        except Exception:  # the flat index keeps serving; the next save converts it
-            log.exception("building the HNSW index of %s failed", version)
+            self.store.upgrade_index(version) or self.store.retune_index(version)
+        except Exception:  # the index keeps serving as it is; the next save tries again
+            log.exception("building or tuning the HNSW index of %s failed", version)
 
     def _neighbours_of(
         self, version: str, preds: Sequence[Prediction], ks: Sequence[int]
@@ -575,8 +575,8 @@ class Service:
             store=self.store,
             predictor=predictor,
         )
-        # Saved now, unless it has to become HNSW first: that is built beside the requests
-        # (saving would build it holding the store), and saved when the server stops.
+        # Saved now, unless the index has to become HNSW or be re-tuned first: that runs
+        # beside the requests (saving would do it holding the store), saved when the server stops.
         if not self._upgrade_soon(predictor.version.name):
             self.store.save_indexes()
         return summary

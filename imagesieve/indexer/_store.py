@@ -832,6 +832,26 @@ class Store:
         index = self._indexes.get(model_version)
         return index is not None and index.outgrown
 
+    def retune_index(self, model_version: str) -> bool:
+        """Re-tune a loaded HNSW index's efSearch once it has doubled, while the store stays in use.
+
+        Saving does this too, but a server saves when it stops: a store that grows tenfold
+        meanwhile would search all day with the efSearch of its first tenth. The lock is held
+        only to read a chunk of vectors or run one recall search (ms each). False when there was
+        nothing to do.
+        """
+        with self.lock:
+            index = self._indexes.get(model_version)
+            if index is None or not index.retune_due:
+                return False
+        index.tune(guard=self.lock)
+        return True
+
+    def index_retune_due(self, model_version: str) -> bool:
+        """True when the loaded HNSW index of this version has doubled since tuned (lock-free)."""
+        index = self._indexes.get(model_version)
+        return index is not None and index.retune_due
+
     @_locked
     def save_indexes(self) -> None:
         """Save every index changed since it was loaded."""

@@ -9,10 +9,12 @@ vectors are added to either kind incrementally; the HNSW is re-tuned when it has
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,8 @@ EF_SEARCH_CANDIDATES = (16, 32, 64, 128, 256, 512)
 SINGLE_QUERY_BATCH = 4
 #: Queries (sampled stored vectors) recall is measured on.
 RECALL_QUERIES = 200
+#: Vectors read from the index at a time to find the queries' exact neighbours.
+TUNE_CHUNK = 16_384
 #: A returned neighbour counts as found when it is as similar as the true 10th, to within this:
 #: images whose embeddings are the same (a re-encoded or re-uploaded photo) tie, and which of
 #: them comes back is a coin toss that would otherwise cap recall (ann-benchmarks counts ties
@@ -45,11 +49,23 @@ TIE_TOLERANCE = 1e-5
 
 def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:
     """Row indices of the ``k`` largest inner products of each query, by chunked brute force."""
+    chunks = ((a, vectors[a : a + chunk]) for a in range(0, len(vectors), chunk))
+    return top_k_of_chunks(queries, chunks, k)[0]
+
+
+def top_k_of_chunks(
+    queries: np.ndarray, chunks: Iterable[tuple[int, np.ndarray]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, inner products) of each query's ``k`` best over ``(first row, vectors)`` chunks.
+
+    Best first. Only one chunk is in memory at a time, so the chunks can be read from an index
+    as they are needed.
+    """
     m = len(queries)
     best_s = np.zeros((m, 0), np.float32)
     best_i = np.zeros((m, 0), np.int64)
-    for start in range(0, len(vectors), chunk):
-        s = queries @ vectors[start : start + chunk].T
+    for start, x in chunks:
+        s = queries @ x.T
         cand_s = np.concatenate([best_s, s], axis=1)
         rows = np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)
         cand_i = np.concatenate([best_i, rows], axis=1)
@@ -57,7 +73,7 @@ def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 6
         top = np.argpartition(-cand_s, kk - 1, axis=1)[:, :kk]
         best_s, best_i = np.take_along_axis(cand_s, top, 1), np.take_along_axis(cand_i, top, 1)
     order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_i, order, 1)
+    return np.take_along_axis(best_i, order, 1), np.take_along_axis(best_s, order, 1)
 
 
 class VectorIndex:
@@ -155,6 +171,11 @@ class VectorIndex:
         """True for a flat index holding more than FLAT_MAX vectors: due to become HNSW."""
         return self.kind == "flat" and self.ntotal > FLAT_MAX
 
+    @property
+    def retune_due(self) -> bool:
+        """True for an HNSW index that has doubled since its efSearch was tuned."""
+        return self.kind == "hnsw" and self.ntotal >= 2 * self.info.get("tuned_at", self.ntotal)
+
     def stats(self) -> tuple[int, int, int]:
         """(count, max id, sum of ids): compared with the same figures from DuckDB."""
         ids = self.ids()
@@ -191,32 +212,46 @@ class VectorIndex:
         index.add_with_ids(vectors, ids)
         self.index = index
         self.info = {"built_at": len(ids), "build_seconds": round(time.perf_counter() - t0, 2)}
-        self.tune(vectors)
+        self.tune()
 
-    def tune(self, vectors: np.ndarray | None = None) -> None:
-        """HNSW: the smallest efSearch whose recall@10 against exact search reaches the target."""
+    def tune(self, guard: contextlib.AbstractContextManager | None = None) -> None:
+        """HNSW: the smallest efSearch whose recall@10 against exact search reaches the target.
+
+        The exact answers come from the index's own vectors, read TUNE_CHUNK at a time (memory
+        stays bounded). A server passes its store's lock as ``guard``: held only while a chunk
+        is read, around each search of the live index and for the final setting, so requests
+        and adds go on meanwhile.
+        """
         import faiss
 
         if self.kind != "hnsw":
             return
-        if vectors is None:
-            vectors = self.vectors()[1]
+        guard = guard or contextlib.nullcontext()
+        inner = faiss.downcast_index(self.index.index)
         # Queries are stored vectors; each one's own match is left out of both lists, so the
         # figure is the recall of its 10 true neighbours, as for a new image near the data.
-        rng = np.random.default_rng(0)
-        sample = rng.choice(len(vectors), min(RECALL_QUERIES, len(vectors)), replace=False)
-        queries = vectors[sample]
-        ids = self.ids()
-        rows = exact_top_k(queries, vectors, 11)
-        sims = np.einsum("qd,qkd->qk", queries, vectors[rows])
+        with guard:
+            n = self.ntotal
+            ids = self.ids()[:n]
+            sample = np.random.default_rng(0).choice(n, min(RECALL_QUERIES, n), replace=False)
+            queries = np.stack([inner.reconstruct(int(i)) for i in sample])
+
+        def chunks() -> Iterator[tuple[int, np.ndarray]]:
+            for a in range(0, n, TUNE_CHUNK):
+                with guard:
+                    x = inner.reconstruct_n(a, min(TUNE_CHUNK, n - a))
+                yield a, x
+
+        rows, sims = top_k_of_chunks(queries, chunks(), 11)
         tenth = np.array(
             [s[r != own][:10].min() for s, r, own in zip(sims, ids[rows], ids[sample], strict=True)]
         )
-        inner = faiss.downcast_index(self.index.index)
 
         def recall_at(ef: int) -> float:
-            inner.hnsw.efSearch = ef
-            found, got = self.index.search(queries, 11)
+            with guard:
+                found, got = self.index.search(
+                    queries, 11, params=faiss.SearchParametersHNSW(efSearch=ef)
+                )
             hits = [
                 np.count_nonzero(s[g != own][:10] >= t - TIE_TOLERANCE) / 10
                 for s, g, own, t in zip(found, got, ids[sample], tenth, strict=True)
@@ -233,18 +268,17 @@ class VectorIndex:
         # a margin of one step: twice the efSearch, at a fraction of a millisecond more.
         ef = min(2 * ef, EF_SEARCH_CANDIDATES[-1])
         recall = recall_at(ef)
-        self.info.update(
-            {
-                "ef_search": int(inner.hnsw.efSearch),
-                "recall_at_10": round(recall, 4),
-                "tuned_at": len(vectors),
-            }
-        )
+        with guard:
+            inner.hnsw.efSearch = ef
+            self.info.update(
+                {"ef_search": int(ef), "recall_at_10": round(recall, 4), "tuned_at": n}
+            )
+            self.dirty = True
         log.log(
             logging.INFO if recall >= TARGET_RECALL else logging.WARNING,
             "HNSW over %d vectors: efSearch %d, recall@10 %.4f (target %.2f)",
-            len(vectors),
-            inner.hnsw.efSearch,
+            n,
+            ef,
             recall,
             TARGET_RECALL,
         )
@@ -286,7 +320,7 @@ class VectorIndex:
 
         if self.outgrown:
             self._make_hnsw(*self.vectors())  # once, when a run ends, not while it scores
-        elif self.kind == "hnsw" and self.ntotal >= 2 * self.info.get("tuned_at", self.ntotal):
+        elif self.retune_due:
             self.tune()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")

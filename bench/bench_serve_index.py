@@ -113,16 +113,20 @@ def part2(rows: int, seeds, rng) -> None:
             start += GROUP
             return time.perf_counter() - t
 
+        def stepping_while(job) -> tuple[list, float, list[float]]:
+            """``job`` on its thread while the writer steps: its result, seconds, the steps."""
+            result: list = []
+            t0 = time.perf_counter()
+            worker = threading.Thread(target=lambda: result.append(job()))
+            worker.start()
+            during = []
+            while worker.is_alive():
+                during.append(step())
+            return result, time.perf_counter() - t0, during
+
         before = [step() for _ in range(40)]
         assert store.index_outgrown("v1")
-        result: list[bool] = []
-        t0 = time.perf_counter()
-        builder = threading.Thread(target=lambda: result.append(store.upgrade_index("v1")))
-        builder.start()
-        during = []
-        while builder.is_alive():
-            during.append(step())
-        build = time.perf_counter() - t0
+        result, build, during = stepping_while(lambda: store.upgrade_index("v1"))
         index = store.index("v1")
         after = [step() for _ in range(40)]
         print(
@@ -149,14 +153,7 @@ def part2(rows: int, seeds, rng) -> None:
             store.commit(batch, "v1", preds)
             start += len(preds)
         before = [step() for _ in range(40)]
-        result = []
-        t0 = time.perf_counter()
-        tuner = threading.Thread(target=lambda: result.append(store.retune_index("v1")))
-        tuner.start()
-        during = []
-        while tuner.is_alive():
-            during.append(step())
-        took = time.perf_counter() - t0
+        result, took, during = stepping_while(lambda: store.retune_index("v1"))
         after = [step() for _ in range(40)]
         print(
             f"retune: {took:.1f} s wall on its thread, result {result}: efSearch "

@@ -425,6 +425,20 @@ def embedded(rng, start: int, n: int, dim: int = 1280) -> list[Prediction]:
     ]
 
 
+def committing_while(store, batch, rng, n: int, dim: int, job) -> tuple[list, int]:
+    """Run ``job`` on a thread while this one commits 8 rows and searches, as a server's writer
+    does; returns [job's result] and the rows stored by then (``n`` at the start)."""
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(job()))
+    worker.start()
+    while worker.is_alive():
+        store.commit(batch, "v1", embedded(rng, n, 8, dim))
+        n += 8
+        store.index("v1").search(rng.random((1, dim), dtype=np.float32), 5)
+    worker.join()
+    return done, n
+
+
 def test_upgrade_index__flat_turns_hnsw_while_commits_go_on(tmp_path, monkeypatch):
     monkeypatch.setattr(_vectors, "FLAT_MAX", 1500)
     ws = Workspace(tmp_path / "ws")
@@ -435,15 +449,8 @@ def test_upgrade_index__flat_turns_hnsw_while_commits_go_on(tmp_path, monkeypatc
         assert not store.index_outgrown("v1") and not store.upgrade_index("v1")
         store.commit(batch, "v1", embedded(rng, 1500, 500))
         assert store.index_outgrown("v1") and store.index("v1").kind == "flat"
-        done: list[bool] = []
-        upgrade = threading.Thread(target=lambda: done.append(store.upgrade_index("v1")))
-        upgrade.start()
-        n = 2000
-        while upgrade.is_alive():  # commits and searches go on while the graph is built
-            store.commit(batch, "v1", embedded(rng, n, 8))
-            n += 8
-            store.index("v1").search(rng.random((1, 1280), dtype=np.float32), 5)
-        upgrade.join()
+        # commits and searches go on while the graph is built
+        done, n = committing_while(store, batch, rng, 2000, 1280, lambda: store.upgrade_index("v1"))
         index = store.index("v1")
         assert done == [True] and index.kind == "hnsw" and not store.index_outgrown("v1")
         assert index.info["built_at"] < index.ntotal == n  # committed during the build: kept
@@ -467,15 +474,8 @@ def test_retune_index__doubled_hnsw_retuned_while_commits_go_on(tmp_path, monkey
         assert not store.index_retune_due("v1") and not store.retune_index("v1")
         store.commit(batch, "v1", embedded(rng, 799, 1, 32))
         assert store.index_retune_due("v1")
-        done: list[bool] = []
-        retune = threading.Thread(target=lambda: done.append(store.retune_index("v1")))
-        retune.start()
-        n = 800
-        while retune.is_alive():  # commits and searches go on meanwhile
-            store.commit(batch, "v1", embedded(rng, n, 8, 32))
-            n += 8
-            store.index("v1").search(rng.random((1, 32), dtype=np.float32), 5)
-        retune.join()
+        # commits and searches go on meanwhile
+        done, n = committing_while(store, batch, rng, 800, 32, lambda: store.retune_index("v1"))
         assert done == [True] and store.index("v1") is index
         assert index.info["tuned_at"] >= 800 and not store.index_retune_due("v1")
         assert index.info["ef_search"] in _vectors.EF_SEARCH_CANDIDATES

@@ -557,3 +557,94 @@ def test_store__list_embeddings_of_an_older_store_move_to_their_table_on_open(tm
     assert after[:30] == before and len(after) == 35
     assert query(ws, "SELECT count(*) FROM embeddings_16") == [(35,)]
     assert_index_matches_db(ws)
+
+
+def test_append__journaled_rows_found_at_once_and_folded_before_any_read(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    rng = np.random.default_rng(0)
+    store = Store(ws)
+    batch = store.begin_batch("v1", ["serve"], {})
+    store.commit(batch, "v1", embedded(rng, 0, 20))
+    group = embedded(rng, 20, 8)
+    ids = store.append(batch, "v1", group, counts={"n_items": 28, "n_scored": 28})
+    assert ids.tolist() == list(range(21, 29)) and [p.id for p in group] == ids.tolist()
+    journal = ws.root / "store.journal"
+    assert journal.stat().st_size > 8 * 1280 * 4  # synced to disk, not yet in DuckDB
+    assert store._con.execute("SELECT count(*) FROM predictions").fetchall() == [(20,)]
+    # found at once: by the index, by content, and their rows from memory beside DuckDB's
+    found, _ = store.index("v1").search(group[3].embedding[None], 1)
+    assert found[0][0] == 24 and store.has_content("v1", group[3].sha256)
+    assert store.row_count("v1") == 28
+    rows = store.result_rows([24, 5])
+    assert rows[24][:3] == (24, "img23.png", "a") and rows[24][7].endswith("Z")
+    assert rows[5][:3] == (5, "img4.png", "a") and rows[5][7].endswith("Z")
+    # any other use of the connection folds first: one transaction, the journal emptied
+    assert store.con.execute("SELECT count(*), max(id) FROM predictions").fetchall() == [(28, 28)]
+    assert journal.stat().st_size == 0
+    assert store.con.execute("SELECT n_items FROM batches").fetchall() == [(28,)]
+    assert store.result_rows([24])[24] == rows[24]  # the same fields once in DuckDB
+    # the fold is due after its time, and moves what waits
+    store.append(batch, "v1", embedded(rng, 28, 8))
+    assert not store.fold_due(60) and store.fold_due(0)
+    assert store.fold() == 8 and store.fold() == 0
+    # content appended twice (a race between requests) is kept once
+    again = embedded(rng, 28, 2)
+    assert store.append(batch, "v1", again).tolist() == [] and [p.id for p in again] == [29, 30]
+    store.close()
+    assert query(ws, "SELECT count(*), count(DISTINCT sha256) FROM predictions") == [(36, 36)]
+    assert_index_matches_db(ws)
+
+
+JOURNAL_KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, shutil, signal, sys
+    import numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from test_store import embedded
+    from imagesieve._workspace import Workspace
+    from imagesieve.indexer import Store
+
+    ws, rng = Workspace(sys.argv[1]), np.random.default_rng(0)
+    store = Store(ws)
+    batch = store.begin_batch("v1", ["serve"], {})
+    store.commit(batch, "v1", embedded(rng, 0, 10))
+    store.append(batch, "v1", embedded(rng, 10, 8), counts={"n_items": 18})
+    folded = ws.root / "folded.journal"
+    shutil.copy(ws.root / "store.journal", folded)  # as if the fold died before emptying it
+    store.fold()
+    for start in (18, 26):
+        store.append(batch, "v1", embedded(rng, start, 8), counts={"n_items": start + 8})
+    os.kill(os.getpid(), signal.SIGKILL)  # kill -9: answered, journaled, not folded
+    """
+)
+
+
+def test_append__kill_9_before_the_fold_then_open_replays_exactly_once(tmp_path, caplog):
+    ws = Workspace(tmp_path / "ws")
+    killed = subprocess.run(
+        [sys.executable, "-c", JOURNAL_KILL_SCRIPT, str(ws.root), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert query(ws, "SELECT count(*) FROM predictions") == [(18,)]
+    journal = ws.root / "store.journal"
+    # the first frame was folded already; the last write was torn by the kill
+    whole = (ws.root / "folded.journal").read_bytes() + journal.read_bytes()
+    journal.write_bytes(whole + b"ISJ1\x00\x10")
+
+    with Store(ws, read_only=True) as reader:  # cannot replay: says so, shows what is folded
+        assert reader.con.execute("SELECT count(*) FROM predictions").fetchall() == [(18,)]
+    assert "once the store is next opened for writing" in caplog.text
+
+    with Store(ws) as store:
+        assert store.row_count("v1") == 34
+    assert "cut short" in caplog.text
+    assert "16 rows a stopped process had answered" in caplog.text
+    assert query(
+        ws, "SELECT count(*), count(DISTINCT id), count(DISTINCT sha256), max(id) FROM predictions"
+    ) == [(34, 34, 34, 34)]
+    assert query(ws, "SELECT count(*) FROM embeddings") == [(34,)]
+    assert query(ws, "SELECT status, n_items FROM batches") == [("interrupted", 34)]
+    assert journal.stat().st_size == 0
+    assert_index_matches_db(ws)

@@ -2,9 +2,10 @@
 
 DuckDB allows one writing process, so the server owns the store and every request goes
 through it. Single predictions (the API's ``/predict``, the app's Predict tab) are decoded on
-the request's own thread, then micro-batched: inference streams take whatever requests are
-waiting, run them as one ONNX batch, and commit them to the store as one transaction, so 16
-clients cost little more than one batch job (measured in ``bench/bench_api.py``).
+the service's decode threads, then micro-batched: inference streams take whatever requests are
+waiting and run them as one ONNX batch; the writer stores each group with one synced append to
+the store's journal, answers it, and folds the journal into DuckDB every second, so 16 clients
+cost little more than one batch job (measured in ``bench/bench_api.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ MAX_GROUP = 256
 COUNTS_EVERY = 2.0
 #: How long the writer lets a group of scored requests grow while more are in flight (s).
 GROUP_WAIT = 0.15
+#: How often the writer folds the journaled groups into DuckDB (s): one transaction then costs
+#: about what one group's did, for all of them.
+FOLD_EVERY = 1.0
 
 
 class ServiceError(ValueError):
@@ -108,12 +112,12 @@ class _MicroBatcher:
     """Inference streams batching whatever requests wait, and one writer committing them.
 
     Each stream takes the waiting requests (up to MAX_BATCH) as one ONNX batch and moves on;
-    the writer takes every scored request waiting (group commit) and stores them in one
-    transaction, finds their neighbours in one search, and answers them. While more requests
-    are in flight it lets a group grow until it holds half of them (for up to GROUP_WAIT
-    seconds): a commit and a neighbour lookup cost about as much CPU for one request as for
-    32, so a busy server stores in fewer, larger groups, while the other half keeps the
-    inference streams busy. A lone request is never held.
+    the writer takes every scored request waiting (group commit), stores them with one journal
+    append, finds their neighbours in one search, and answers them. While more requests are in
+    flight it lets a group grow until it holds half of them (for up to GROUP_WAIT seconds): a
+    neighbour search costs about as much for one request as for 32, so a busy server stores in
+    fewer, larger groups, while the other half keeps the inference streams busy. A lone request
+    is never held. Every FOLD_EVERY seconds the writer folds the journal into DuckDB.
     """
 
     def __init__(self, service: Service, streams: int):
@@ -182,8 +186,16 @@ class _MicroBatcher:
             if closing:
                 return
 
+    def _next_scored(self) -> tuple[_Pending, Prediction] | None:
+        """The next scored request; while none comes, journaled groups are folded when due."""
+        while True:
+            try:
+                return self.scored.get(timeout=FOLD_EVERY)
+            except queue.Empty:
+                self.service._fold()
+
     def _write(self) -> None:
-        while (first := self.scored.get()) is not None:
+        while (first := self._next_scored()) is not None:
             done, closing = self._drain(self.scored, first, MAX_GROUP)
             deadline = time.monotonic() + GROUP_WAIT
             while not closing and len(done) < min(MAX_GROUP, (self.in_flight + 1) // 2):
@@ -212,6 +224,8 @@ class _MicroBatcher:
                     continue
                 for p, pred, nb in zip(pending, preds, near, strict=True):
                     p.future.set_result((pred, nb))
+            if self.service.store.fold_due(FOLD_EVERY):
+                self.service._fold()
             if closing:
                 return
 
@@ -430,9 +444,19 @@ class Service:
         unknown = sum(p.label == UNKNOWN for p in preds)
         # uploads are not re-run: no earlier failure to resolve
         self._commit(
-            version, Counter(n_items=len(preds), n_scored=len(preds), n_unknown=unknown), new=preds
+            version,
+            Counter(n_items=len(preds), n_scored=len(preds), n_unknown=unknown),
+            new=preds,
+            journal=True,
         )
         self._upgrade_soon(version)
+
+    def _fold(self) -> None:
+        """Fold the journaled groups into DuckDB (the writer thread); a failure waits for the next."""
+        try:
+            self.store.fold()
+        except Exception:  # the rows stay in the journal and in memory; the next fold retries
+            log.exception("moving journaled rows into the store failed")
 
     def _upgrade_soon(self, version: str) -> bool:
         """Upkeep of the version's index on a thread: HNSW past FLAT_MAX, re-tuned when doubled.
@@ -480,17 +504,21 @@ class Service:
             version, Counter(n_items=len(failures), n_failed=len(failures)), failures=failures
         )
 
-    def _commit(self, version: str, delta: Counter, **rows: Any) -> None:
+    def _commit(self, version: str, delta: Counter, *, journal: bool = False, **rows: Any) -> None:
         """Commit rows to the live batch and add ``delta`` to its counters.
 
-        The counters are stored with the rows every COUNTS_EVERY seconds, so a query (or a
-        crash) sees them current, not only when the batch ends.
+        ``journal``: new rows go through the store's journal (``Store.append``), not a DuckDB
+        transaction of their own. The counters are stored with the rows every COUNTS_EVERY
+        seconds, so a query (or a crash) sees them current, not only when the batch ends.
         """
         batch_id = self._live_batch(version)
         with self._state:
             due = time.monotonic() - self._counts_at >= COUNTS_EVERY
             counts = dict(self._counts + delta) if due else None
-        self.store.commit(batch_id, version, counts=counts, **rows)
+        if journal:
+            self.store.append(batch_id, version, rows["new"], counts=counts)
+        else:
+            self.store.commit(batch_id, version, counts=counts, **rows)
         with self._state:
             self._counts.update(delta)
             if due:

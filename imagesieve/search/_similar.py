@@ -26,18 +26,6 @@ __all__ = ["SimilarQuery", "SimilarResult", "find_similar", "nearest_stored"]
 #: Filters matching at most this many rows are searched exactly within them.
 EXACT_FILTER_MAX = 50_000
 
-RESULT_COLUMNS = (
-    "id",
-    "source",
-    "label",
-    "reason",
-    "top1_class",
-    "top1_prob",
-    "cluster_id",
-    "scored_at",
-    "sha256",
-)
-
 
 @dataclass
 class SimilarResult:
@@ -212,30 +200,20 @@ def nearest_stored(
 
 
 def _results(store: Store, pairs: list[tuple[int, float]]) -> list[SimilarResult]:
-    if not pairs:
-        return []
-    rows = store.con.execute(
-        f"SELECT {', '.join('p.' + c for c in RESULT_COLUMNS[:-2])}, "
-        "strftime(p.scored_at, '%Y-%m-%dT%H:%M:%S%z'), p.sha256 "
-        "FROM predictions p WHERE p.id IN (SELECT unnest(?::BIGINT[]))",
-        [[i for i, _ in pairs]],
-    ).fetchall()
-    by_id = {r[0]: r for r in rows}
-    out = []
-    for i, d in pairs:
-        r = by_id[i]
-        out.append(
-            SimilarResult(
-                id=i,
-                distance=d,
-                source=r[1],
-                label=r[2],
-                reason=r[3],
-                top1_class=r[4],
-                top1_prob=None if r[5] is None else float(r[5]),
-                cluster_id=r[6],
-                scored_at=r[7],
-                sha256=r[8],
-            )
+    rows = store.result_rows([i for i, _ in pairs]) if pairs else {}
+    return [
+        SimilarResult(
+            id=i,
+            distance=d,
+            source=r[1],
+            label=r[2],
+            reason=r[3],
+            top1_class=r[4],
+            top1_prob=None if r[5] is None else float(r[5]),
+            cluster_id=r[6],
+            scored_at=r[7],
+            sha256=r[8],
         )
-    return out
+        for i, d in pairs
+        for r in (rows[i],)
+    ]

@@ -583,6 +583,10 @@ def test_append__journaled_rows_found_at_once_and_folded_before_any_read(tmp_pat
     assert journal.stat().st_size == 0
     assert store.con.execute("SELECT n_items FROM batches").fetchall() == [(28,)]
     assert store.result_rows([24])[24] == rows[24]  # the same fields once in DuckDB
+    # rows kept in memory are forgotten by whoever takes the connection, who may change them
+    with store.lock:
+        store.con.execute("UPDATE predictions SET label = 'b' WHERE id IN (5, 24)")
+    assert [r[2] for r in store.result_rows([5, 24]).values()] == ["b", "b"]
     # the fold is due after its time, and moves what waits
     store.append(batch, "v1", embedded(rng, 28, 8))
     assert not store.fold_due(60) and store.fold_due(0)

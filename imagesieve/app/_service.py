@@ -53,6 +53,8 @@ MAX_GROUP = 256
 COUNTS_EVERY = 2.0
 #: How long the writer lets a group of scored requests grow while more are in flight (s).
 GROUP_WAIT = 0.15
+#: The share of the requests in flight a group grows to (within GROUP_WAIT).
+GROUP_SHARE = 0.5
 #: How often the writer folds the journaled groups into DuckDB (s): one transaction then costs
 #: about what one group's did, for all of them.
 FOLD_EVERY = 1.0
@@ -198,7 +200,9 @@ class _MicroBatcher:
         while (first := self._next_scored()) is not None:
             done, closing = self._drain(self.scored, first, MAX_GROUP)
             deadline = time.monotonic() + GROUP_WAIT
-            while not closing and len(done) < min(MAX_GROUP, (self.in_flight + 1) // 2):
+            while not closing and len(done) < min(
+                MAX_GROUP, int((self.in_flight + 1) * GROUP_SHARE)
+            ):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break

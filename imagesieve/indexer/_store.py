@@ -65,6 +65,8 @@ MIGRATE_CHUNK = 50_000
 BATCH_COUNTS = ("n_items", "n_scored", "n_skipped", "n_unknown", "n_failed")
 #: Rows read per chunk when rebuilding or catching up an index from DuckDB.
 READ_CHUNK = 8192
+#: Neighbour rows kept in memory at most (~0.3 KB each); past it, the newest are kept.
+ROWS_KEPT = 200_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -298,10 +300,11 @@ class Store:
                 raise StoreBusyError.held(self.path, e) from None
             raise
         self._journal = Journal(ws.root / JOURNAL_FILE)
-        # Appended, not yet folded: (table, batch id, counters) per group, and each row's
-        # neighbour-result fields by id (``result_rows`` answers those from memory).
+        # Appended, not yet folded: (table, batch id, counters) per group.
         self._pending: list[tuple[Any, int, dict[str, int] | None]] = []
-        self._pending_rows: dict[int, tuple] = {}
+        # Neighbour-result fields by id (``result_rows``): every appended row, and rows read
+        # since the connection was last handed out (any use of it may change rows: it clears).
+        self._rows: dict[int, tuple] = {}
         self._pending_since = 0.0
         self._indexes: dict[str, VectorIndex] = {}
         self._content: dict[str, set[str]] = {}
@@ -402,9 +405,14 @@ class Store:
     # -- lifecycle ------------------------------------------------------------------------
     @property
     def con(self) -> Any:
-        """The DuckDB connection, with every journaled row folded in first."""
+        """The DuckDB connection, with every journaled row folded in first.
+
+        It also forgets the neighbour rows kept in memory: whoever takes the connection may
+        relabel or re-cluster rows.
+        """
         if self._pending:
             self.fold()
+        self._rows = {}
         return self._con
 
     @_locked
@@ -722,7 +730,7 @@ class Store:
             p.id = int(i)
             top1 = p.top3[0] if p.top3 else (None, None)
             prob = None if top1[1] is None else float(np.float32(top1[1]))  # as stored
-            self._pending_rows[p.id] = (
+            self._rows[p.id] = (
                 p.id,
                 p.source,
                 p.label,
@@ -754,7 +762,6 @@ class Store:
             [(t, {"batch_id": b, "counts": c}) for t, b, c in self._pending]
         )
         self._pending.clear()
-        self._pending_rows.clear()
         return moved
 
     def _commit_journaled(
@@ -817,10 +824,14 @@ class Store:
         """Neighbour-result fields of stored rows by id, without folding the journal.
 
         (id, source, label, reason, top1_class, top1_prob, cluster_id, scored_at, sha256),
-        scored_at as UTC text: journaled rows come from memory, the rest from DuckDB.
+        scored_at as UTC text. Rows appended or read since the connection was last handed out
+        come from memory (journaled ones must), the rest from DuckDB (a server's group of 8
+        requests: ~3 ms of CPU for its 40 neighbours).
         """
-        out = {i: self._pending_rows[i] for i in ids if i in self._pending_rows}
+        out = {i: self._rows[i] for i in ids if i in self._rows}
         rest = [int(i) for i in ids if i not in out]
+        if len(self._rows) > ROWS_KEPT and not self._pending:
+            self._rows = {i: r for i, r in self._rows.items() if i >= self._next_id - ROWS_KEPT}
         if rest:
             rows = self._con.execute(
                 "SELECT id, source, label, reason, top1_class, top1_prob, cluster_id, "
@@ -829,7 +840,7 @@ class Store:
             ).fetchall()
             for r in rows:
                 stamp = dt.datetime.fromtimestamp(r[7] / 1e6, dt.UTC)
-                out[r[0]] = (*r[:7], _utc_text(stamp), r[8])
+                out[r[0]] = self._rows[r[0]] = (*r[:7], _utc_text(stamp), r[8])
         return out
 
     @staticmethod

@@ -652,3 +652,31 @@ def test_append__kill_9_before_the_fold_then_open_replays_exactly_once(tmp_path,
     assert query(ws, "SELECT status, n_items FROM batches") == [("interrupted", 34)]
     assert journal.stat().st_size == 0
     assert_index_matches_db(ws)
+
+
+def test_append__a_failed_sync_stores_nothing_and_the_next_append_goes_on(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "ws")
+    rng = np.random.default_rng(0)
+    store = Store(ws)
+    batch = store.begin_batch("v1", ["serve"], {})
+    store.append(batch, "v1", embedded(rng, 0, 8))
+    journal = ws.root / "store.journal"
+    size = journal.stat().st_size
+
+    def disk_error(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("imagesieve.indexer._journal.os.fdatasync", disk_error)
+    lost = embedded(rng, 8, 8)
+    with pytest.raises(OSError, match="Input/output"):
+        store.append(batch, "v1", lost)
+    monkeypatch.undo()
+    assert journal.stat().st_size == size  # the frame was taken back
+    assert [p.id for p in lost] == [None] * 8 and not store.has_content("v1", lost[0].sha256)
+    kept = store.append(batch, "v1", embedded(rng, 16, 8))
+    assert kept.tolist() == list(range(9, 17))  # the failed group's ids were never handed out
+    store._journal.close()  # as if killed: the next open replays
+    store._con.close()
+    with Store(ws) as reopened:
+        assert reopened.row_count("v1") == 16
+    assert query(ws, "SELECT min(id), max(id), count(*) FROM predictions") == [(1, 16, 16)]

@@ -41,7 +41,10 @@ class Journal:
         return self._fd
 
     def append(self, table: Any, meta: dict[str, Any] | None = None) -> None:
-        """Write ``table`` (with ``meta`` in its schema metadata) as one frame and sync it."""
+        """Write ``table`` (with ``meta`` in its schema metadata) as one frame and sync it.
+
+        A write or sync that fails leaves the journal as it was, and raises.
+        """
         import pyarrow as pa
 
         if meta:
@@ -50,9 +53,18 @@ class Journal:
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
         payload = sink.getvalue()
+        frame = _HEADER.pack(MAGIC, payload.size, zlib.crc32(payload)) + payload.to_pybytes()
         fd = self._open()
-        os.write(fd, _HEADER.pack(MAGIC, payload.size, zlib.crc32(payload)) + payload.to_pybytes())
-        os.fdatasync(fd)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, frame) != len(frame):
+                raise OSError(f"{self.path}: short write (disk full?)")
+            os.fdatasync(fd)
+        except BaseException:
+            # Not stored, so not answered: take the frame back, or a later one would follow a
+            # torn entry (unreadable) or repeat its ids.
+            os.ftruncate(fd, end)
+            raise
 
     def read(self) -> list[tuple[Any, dict[str, Any]]]:
         """Every whole frame, in order, as (table, meta); stops at a torn or corrupt one."""

@@ -255,6 +255,26 @@ def _locked(method: Callable) -> Callable:
     return wrapper
 
 
+def fold_stopped_journal(ws: Workspace) -> None:
+    """Before a read-only open: rows a stopped server left in the journal, added by a brief write open.
+
+    A read-only open means no process writes (DuckDB's rule), so they are safe to add; if that
+    open fails, the reader goes on without them and says so.
+    """
+    journal = ws.root / JOURNAL_FILE
+    if not journal.is_file() or not journal.stat().st_size:
+        return
+    try:
+        Store(ws, check=False).close()
+    except Exception as e:
+        log.warning(
+            "%s holds rows a stopped server answered but had not yet moved into the store; "
+            "they appear once the store can be opened for writing (%s)",
+            journal,
+            str(e).splitlines()[0],
+        )
+
+
 @contextlib.contextmanager
 def using_store(
     ws: Workspace, store: Store | None = None, *, check: bool = True
@@ -291,6 +311,8 @@ class Store:
             raise FileNotFoundError(f"no store in {ws.root} yet: score some images first")
         if not read_only:
             ws.root.mkdir(parents=True, exist_ok=True)
+        else:
+            fold_stopped_journal(ws)
         try:
             self._con = duckdb.connect(
                 str(self.path), read_only=read_only, config=CONNECTION_CONFIG
@@ -319,12 +341,6 @@ class Store:
             self.con.execute(VIEWS_SQL)
             self.con.execute("UPDATE batches SET status = 'interrupted' WHERE status = 'running'")
             self._replay()
-        elif self._journal.size():
-            log.warning(
-                "%s holds rows a stopped server had not yet moved into the store; they appear "
-                "once the store is next opened for writing (any imagesieve command but sql)",
-                self._journal.path,
-            )
         self._next_id = (
             int(self.con.execute("SELECT coalesce(max(id), 0) FROM predictions").fetchall()[0][0])
             + 1

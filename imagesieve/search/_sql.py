@@ -345,11 +345,12 @@ def open_readonly(ws: Workspace) -> duckdb.DuckDBPyConnection:
         FileNotFoundError: nothing was stored in the workspace yet.
         StoreBusyError: another process has the store open for writing.
     """
-    from imagesieve.indexer._store import STORE_FILE, StoreBusyError
+    from imagesieve.indexer._store import STORE_FILE, StoreBusyError, fold_stopped_journal
 
     path = ws.root / STORE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no store in {ws.root} yet: score some images first")
+    fold_stopped_journal(ws)
     try:
         con = duckdb.connect(str(path), read_only=True, config=dict(SAFE_CONFIG))
     except duckdb.IOException as e:

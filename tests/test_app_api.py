@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -472,3 +477,53 @@ def test_predict__upload_that_cannot_be_kept_is_not_stored(api, elpv):
     ok = post_image(base, data, "kept.png").json()
     assert ok["already_stored"] is False and ok["id"] is not None
     assert kept_path(ws, ok["sha256"]).read_bytes() == data
+
+
+def test_serve__kill_9_after_answering_keeps_every_answered_image_once(ws, elpv, tmp_path):
+    """Answers are synced to the journal before they go out: a server killed right after
+    answering loses none of them, and the next open stores each once."""
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagesieve.cli", "serve", "--workspace", str(ws.root)]
+        + ["--port", "0", "--no-ui"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+        url = None
+        for line in proc.stdout:
+            if line.startswith("serving "):
+                url = re.search(r"on (http://\S+)", line)[1]
+                break
+        assert url, (tmp_path / "serve.log").read_text()
+        cells = [im for im in elpv if im.cell_type == "mono"][800:824]
+        answered: dict[int, int] = {}
+
+        def client(k: int, step: int = 8) -> None:
+            for i in range(k, 23, step):
+                answered[i] = post(i)
+
+        def post(i: int) -> int:
+            return post_image(f"{url}/api/v1", png_bytes(cells[i].path), f"k{i}.png").json()["id"]
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        time.sleep(1.5)  # folded by now (the writer folds within a second); then one more
+        answered[23] = post(23)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # right after the last answer: no fold, no clean stop
+        proc.wait(timeout=60)
+    assert len(answered) == 24 and len(set(answered.values())) == 24
+    journal = ws.root / "store.journal"
+    assert journal.stat().st_size > 0  # the last one was answered from the journal alone
+    with Store(ws) as store:
+        rows = store.con.execute(
+            "SELECT id, source FROM predictions WHERE starts_with(source, 'upload:k')"
+        ).fetchall()
+        assert store.check_index("v1").action == "in_sync"
+    assert sorted(rows) == sorted((answered[i], f"upload:k{i}.png") for i in range(24))
+    assert journal.stat().st_size == 0

@@ -426,9 +426,10 @@ class Store:
         It also forgets the neighbour rows kept in memory: whoever takes the connection may
         relabel or re-cluster rows.
         """
-        if self._pending:
-            self.fold()
-        self._rows = {}
+        with self.lock:  # a concurrent append must not lose its rows to the clearing
+            if self._pending:
+                self.fold()
+            self._rows = {}
         return self._con
 
     @_locked
@@ -796,11 +797,11 @@ class Store:
                 by_dim.setdefault(table.schema.field("embedding").type.list_size, []).append(table)
             if meta.get("counts") is not None:
                 counts[int(meta["batch_id"])] = meta["counts"]
+        for dim in by_dim:
+            if dim not in self._dims:
+                self._add_embedding_table(dim)
         names, inserted = [], 0
         try:
-            for dim in by_dim:
-                if dim not in self._dims:
-                    self._add_embedding_table(dim)
             self._con.execute("BEGIN TRANSACTION")
             for dim, tables in by_dim.items():
                 names.append(f"_journal_{dim}")

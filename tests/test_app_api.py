@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 import requests
+from cliserver import start_cli_server
 from PIL import Image
 
 from imagesieve._workspace import Workspace
@@ -482,21 +480,10 @@ def test_predict__upload_that_cannot_be_kept_is_not_stored(api, elpv):
 def test_serve__kill_9_after_answering_keeps_every_answered_image_once(ws, elpv, tmp_path):
     """Answers are synced to the journal before they go out: a server killed right after
     answering loses none of them, and the next open stores each once."""
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagesieve.cli", "serve", "--workspace", str(ws.root)]
-        + ["--port", "0", "--no-ui"],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
+    proc, url = start_cli_server(
+        ["serve", "--workspace", str(ws.root), "--port", "0", "--no-ui"], tmp_path / "serve.log"
     )
     try:
-        url = None
-        for line in proc.stdout:
-            if line.startswith("serving "):
-                url = re.search(r"on (http://\S+)", line)[1]
-                break
-        assert url, (tmp_path / "serve.log").read_text()
         cells = [im for im in elpv if im.cell_type == "mono"][800:824]
         answered: dict[int, int] = {}
 

@@ -1,14 +1,12 @@
 import io
 import json
-import re
 import signal
-import subprocess
-import sys
 
 import duckdb
 import numpy as np
 import pytest
 import requests
+from cliserver import start_cli_server
 from PIL import Image
 
 from imagesieve._workspace import Workspace
@@ -58,19 +56,8 @@ def test_main__demo_trains_flags_poly_cells_unknown_then_reuses(tmp_path, capsys
     con.close()
 
     # The README's command ends serving the populated app: health, stored rows and clusters.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagesieve.cli", "demo", "--workspace", ws, "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=(tmp_path / "serve.log").open("w"),  # a pipe nobody reads could fill and block it
-        text=True,
-    )
+    proc, url = start_cli_server(["demo", "--workspace", ws, "--port", "0"], tmp_path / "serve.log")
     try:
-        url = None
-        for line in proc.stdout:
-            if line.startswith("serving "):
-                url = re.search(r"on (http://\S+)", line)[1]
-                break
-        assert url, (tmp_path / "serve.log").read_text()
         health = requests.get(f"{url}/api/v1/health", timeout=30).json()
         assert health["model_version"] == "v1" and health["stored_images"] == 750
         clusters = requests.get(f"{url}/api/v1/clusters", timeout=30).json()["clusters"]

@@ -630,12 +630,10 @@ class Store:
         sources = sorted(set(processed_sources))
         if sources:
             tables["_seen"] = pa.table({"source": pa.array(sources, pa.string())})
-        for name, table in tables.items():
-            self.con.register(name, table)
-        try:
-            self.con.execute("BEGIN TRANSACTION")
+        con = self.con  # folds the journal first, and forgets kept rows (rescored ones change)
+        with self._transaction(tables):
             if "_seen" in tables:
-                self.con.execute(
+                con.execute(
                     "UPDATE failures SET resolved = true FROM _seen "
                     "WHERE NOT failures.resolved AND failures.source = _seen.source "
                     "AND failures.batch_id <> ?",
@@ -646,25 +644,15 @@ class Store:
             if "_re" in tables:
                 keep = ("id", "sha256", "model_version", "cluster_id")
                 sets = ", ".join(f"{c} = _re.{c}" for c in PREDICTION_COLUMNS if c not in keep)
-                self.con.execute(
+                con.execute(
                     f"UPDATE predictions SET {sets} FROM _re "
                     "WHERE predictions.model_version = _re.model_version "
                     "AND predictions.sha256 = _re.sha256"
                 )
             if "_fail" in tables:
-                self.con.execute("INSERT INTO failures SELECT * FROM _fail")
+                con.execute("INSERT INTO failures SELECT * FROM _fail")
             if counts is not None:
-                sets, values = _batch_counts(counts)
-                self.con.execute(
-                    f"UPDATE batches SET {sets} WHERE batch_id = ?", [*values, batch_id]
-                )
-            self.con.execute("COMMIT")
-        except BaseException:
-            self.con.execute("ROLLBACK")
-            raise
-        finally:
-            for name in tables:
-                self.con.unregister(name)
+                self._update_counts(batch_id, counts)
         self._next_id += len(new)
         stored.update(p.sha256 for p in new)
         for i, p in zip(ids, new, strict=True):
@@ -672,6 +660,31 @@ class Store:
         if index is not None:
             index.add(ids, emb)
         return ids
+
+    @contextlib.contextmanager
+    def _transaction(self, tables: dict[str, Any]) -> Iterator[None]:
+        """One DuckDB transaction with ``tables`` (Arrow) registered by name.
+
+        Committed, or rolled back on any error; the names are unregistered either way.
+        """
+        for name, table in tables.items():
+            self._con.register(name, table)
+        try:
+            self._con.execute("BEGIN TRANSACTION")
+            try:
+                yield
+                self._con.execute("COMMIT")
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+        finally:
+            for name in tables:
+                self._con.unregister(name)
+
+    def _update_counts(self, batch_id: int, counts: dict[str, int]) -> None:
+        """Write a batch row's counters (inside the caller's transaction)."""
+        sets, values = _batch_counts(counts)
+        self._con.execute(f"UPDATE batches SET {sets} WHERE batch_id = ?", [*values, batch_id])
 
     def _insert_new(self, name: str, dim: int, only_missing: bool = False) -> int:
         """Insert the registered new-rows table ``name`` (``_new_table``) into both tables.
@@ -800,25 +813,13 @@ class Store:
         for dim in by_dim:
             if dim not in self._dims:
                 self._add_embedding_table(dim)
-        names, inserted = [], 0
-        try:
-            self._con.execute("BEGIN TRANSACTION")
-            for dim, tables in by_dim.items():
-                names.append(f"_journal_{dim}")
-                self._con.register(names[-1], pa.concat_tables(tables))
-                inserted += self._insert_new(names[-1], dim, only_missing)
+        tables = {f"_journal_{dim}": pa.concat_tables(t) for dim, t in by_dim.items()}
+        inserted = 0
+        with self._transaction(tables):
+            for dim in by_dim:
+                inserted += self._insert_new(f"_journal_{dim}", dim, only_missing)
             for batch_id, c in counts.items():
-                sets, values = _batch_counts(c)
-                self._con.execute(
-                    f"UPDATE batches SET {sets} WHERE batch_id = ?", [*values, batch_id]
-                )
-            self._con.execute("COMMIT")
-        except BaseException:
-            self._con.execute("ROLLBACK")
-            raise
-        finally:
-            for name in names:
-                self._con.unregister(name)
+                self._update_counts(batch_id, c)
         self._journal.clear()
         return inserted
 

@@ -322,8 +322,8 @@ class Store:
                 raise StoreBusyError.held(self.path, e) from None
             raise
         self._journal = Journal(ws.root / JOURNAL_FILE)
-        # Appended, not yet folded: (table, batch id, counters) per group.
-        self._pending: list[tuple[Any, int, dict[str, int] | None]] = []
+        # Appended, not yet folded: (table, {batch_id, counts}) per group, as the journal has it.
+        self._pending: list[tuple[Any, dict[str, Any]]] = []
         # Neighbour-result fields by id (``result_rows``): every appended row, and rows read
         # since the connection was last handed out (any use of it may change rows: it clears).
         self._rows: dict[int, tuple] = {}
@@ -593,14 +593,7 @@ class Store:
         """
         import pyarrow as pa
 
-        stored = self._stored_content(model_version)
-        dup = [p for p in new if p.sha256 in stored]
-        if dup:
-            log.info("%d images were stored meanwhile by another request; kept once", len(dup))
-            new = [p for p in new if p.sha256 not in stored]
-            rows = self.rows_by_content(model_version, [p.sha256 for p in dup])
-            for p in dup:
-                p.id = int(rows[p.sha256]["id"])
+        new = self._not_stored(model_version, new)
         now = _now()
         ids = np.arange(self._next_id, self._next_id + len(new), dtype=np.int64)
         emb = np.stack([p.embedding for p in new]).astype(np.float32) if new else None
@@ -654,7 +647,7 @@ class Store:
             if counts is not None:
                 self._update_counts(batch_id, counts)
         self._next_id += len(new)
-        stored.update(p.sha256 for p in new)
+        self._stored_content(model_version).update(p.sha256 for p in new)
         for i, p in zip(ids, new, strict=True):
             p.id = int(i)
         if index is not None:
@@ -685,6 +678,21 @@ class Store:
         """Write a batch row's counters (inside the caller's transaction)."""
         sets, values = _batch_counts(counts)
         self._con.execute(f"UPDATE batches SET {sets} WHERE batch_id = ?", [*values, batch_id])
+
+    def _not_stored(self, model_version: str, new: Sequence[Prediction]) -> list[Prediction]:
+        """``new`` without content another writer of this process stored meanwhile.
+
+        Those left out get the stored row's ``id``.
+        """
+        stored = self._stored_content(model_version)
+        dup = [p for p in new if p.sha256 in stored]
+        if not dup:
+            return list(new)
+        log.info("%d images were stored meanwhile by another request; kept once", len(dup))
+        rows = self.rows_by_content(model_version, [p.sha256 for p in dup])
+        for p in dup:
+            p.id = int(rows[p.sha256]["id"])
+        return [p for p in new if p.sha256 not in stored]
 
     def _insert_new(self, name: str, dim: int, only_missing: bool = False) -> int:
         """Insert the registered new-rows table ``name`` (``_new_table``) into both tables.
@@ -732,17 +740,11 @@ class Store:
         however small), join the FAISS index at once, and reach DuckDB with the next ``fold``.
         ``counts`` (the batch's counters so far) land with them.
         """
-        stored = self._stored_content(model_version)
-        dup = [p for p in new if p.sha256 in stored]
-        if dup:
-            log.info("%d images were stored meanwhile by another request; kept once", len(dup))
-            new = [p for p in new if p.sha256 not in stored]
-            rows = self.rows_by_content(model_version, [p.sha256 for p in dup])
-            for p in dup:
-                p.id = int(rows[p.sha256]["id"])
+        new = self._not_stored(model_version, new)
+        meta = {"batch_id": batch_id, "counts": counts}
         if not new:
             if counts is not None:
-                self._pending.append((None, batch_id, counts))
+                self._pend(None, meta)
             return np.zeros(0, np.int64)
         now = _now()
         ids = np.arange(self._next_id, self._next_id + len(new), dtype=np.int64)
@@ -751,10 +753,8 @@ class Store:
         if emb.shape[1] not in self._dims:
             self._add_embedding_table(emb.shape[1])
         table = self._new_table(ids, new, emb, model_version, batch_id, now)
-        self._journal.append(table, {"batch_id": batch_id, "counts": counts})
-        if not self._pending:
-            self._pending_since = time.monotonic()
-        self._pending.append((table, batch_id, counts))
+        self._journal.append(table, meta)
+        self._pend(table, meta)
         stamp = _utc_text(now)
         for i, p in zip(ids, new, strict=True):
             p.id = int(i)
@@ -772,9 +772,14 @@ class Store:
                 p.sha256,
             )
         self._next_id += len(new)
-        stored.update(p.sha256 for p in new)
+        self._stored_content(model_version).update(p.sha256 for p in new)
         index.add(ids, emb)
         return ids
+
+    def _pend(self, table: Any, meta: dict[str, Any]) -> None:
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append((table, meta))
 
     def fold_due(self, seconds: float) -> bool:
         """True when the oldest journaled group has waited ``seconds`` (lock-free)."""
@@ -788,9 +793,7 @@ class Store:
         """
         if not self._pending:
             return 0
-        moved = self._commit_journaled(
-            [(t, {"batch_id": b, "counts": c}) for t, b, c in self._pending]
-        )
+        moved = self._commit_journaled(self._pending)
         self._pending.clear()
         return moved
 

@@ -85,8 +85,9 @@ def run_demo(
         f"stored in {store.path} (batch {summary.batch_id}: {summary.scored} newly scored, "
         f"{summary.already_scored} already stored)"
     )
+    found = len(clusters.clusters)
     lines.append(
-        f"clustered {clusters.images} UNKNOWNs: {len(clusters.clusters)} clusters, "
+        f"clustered {clusters.images} UNKNOWNs: {found} cluster{'s' * (found != 1)}, "
         f"{clusters.noise} noise; folders in {clusters.export_dir}"
     )
     for c in clusters.clusters[:5]:

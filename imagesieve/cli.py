@@ -522,7 +522,7 @@ def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
     def human() -> None:
         print(
             f"clustered {run.images} UNKNOWN images of {run.model_version}: "
-            f"{len(run.clusters)} clusters, {run.noise} noise "
+            f"{len(run.clusters)} cluster{'s' * (len(run.clusters) != 1)}, {run.noise} noise "
             f"({sum(run.seconds.values()):.1f} s); folders and summary.csv in {run.export_dir}"
         )
         _print_clusters(run.clusters)

@@ -254,26 +254,33 @@ def paired_rounds(
     return engine, windows, errors, aside[0] / aside[1]
 
 
-def start_server() -> tuple[subprocess.Popen, str, int]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "imagesieve.cli",
-        "serve",
-        "--workspace",
-        str(API_WS),
-        "--port",
-        "0",
-    ]
-    if not UI:
-        cmd.append("--no-ui")
-    log = open(OUT.parent / "api" / "server.log", "w")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+def start_cli(args: list[str], log: Path) -> tuple[subprocess.Popen, str, list[str]]:
+    """Run ``python -m imagesieve.cli ARGS`` until it prints where it serves.
+
+    Returns the process, its URL and the lines it printed before; stderr goes to ``log``.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "imagesieve.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+    )
+    lines: list[str] = []
     for line in proc.stdout:
-        m = re.search(r"on http://([\d.]+):(\d+)", line)
-        if m:
-            return proc, m[1], int(m[2])
-    sys.exit(f"server did not start; see {log.name}")
+        if m := re.match(r"serving .*? on (http://\S+)", line):
+            return proc, m[1], lines
+        lines.append(line.rstrip())
+    proc.wait(timeout=60)
+    sys.exit(f"imagesieve {args[0]} did not start serving; see {log}")
+
+
+def start_server() -> tuple[subprocess.Popen, str, int]:
+    """``imagesieve serve`` on the benchmark workspace: (process, host, port)."""
+    args = ["serve", "--workspace", str(API_WS), "--port", "0"] + ([] if UI else ["--no-ui"])
+    proc, url, _ = start_cli(args, OUT.parent / "api" / "server.log")
+    host, port = re.match(r"http://([\d.]+):(\d+)", url).groups()
+    return proc, host, int(port)
 
 
 def process_cpu(proc: subprocess.Popen) -> float:

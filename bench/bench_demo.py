@@ -1,6 +1,6 @@
 """``imagesieve demo`` from the installed package to a served, populated app, timed twice.
 
-Starts ``imagesieve demo --port 0`` in an empty directory, waits for the URL it prints, checks
+Starts ``imagesieve demo --port 0`` on an empty workspace, waits for the URL it prints, checks
 ``/api/v1/health`` (images stored) and ``/`` (the app), stops it, then does the same again: the
 second run must reuse the model, the store and the clusters. Target: the first run <= 3 minutes.
 
@@ -10,40 +10,24 @@ Usage: python bench/bench_demo.py
 from __future__ import annotations
 
 import json
-import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+from bench_api import start_cli
+
 TARGET_S = 180
 
 
 def one_run(where: Path) -> tuple[float, dict, int, list[str]]:
     """Seconds to the printed URL, the health answer, the app's status, the demo's output."""
-    exe = shutil.which("imagesieve") or sys.exit("imagesieve is not installed (pip install -e .)")
     t = time.perf_counter()
-    proc = subprocess.Popen(
-        [exe, "demo", "--port", "0"],
-        cwd=where,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    url = None
+    ws = str(where / "sieve")
+    proc, url, lines = start_cli(["demo", "--workspace", ws, "--port", "0"], where / "demo.log")
+    seconds = time.perf_counter() - t
     try:
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if m := re.search(r"serving .* on (http://127\.0\.0\.1:\d+)", line):
-                url = m[1]
-                break
-        seconds = time.perf_counter() - t
-        if url is None:
-            sys.exit("the demo stopped before serving:\n" + "\n".join(lines[-20:]))
         health = json.loads(urllib.request.urlopen(f"{url}/api/v1/health", timeout=30).read())
         status = urllib.request.urlopen(f"{url}/", timeout=30).status
     finally:

@@ -347,6 +347,10 @@ class Store:
         )
         if check and not read_only:
             self.checks = [self.check_index(v) for v in self.versions()]
+        if not read_only:
+            from imagesieve.indexer._images import remove_partial_images
+
+            remove_partial_images(ws)
 
     # -- embedding tables -----------------------------------------------------------------
     def _embedding_dims(self) -> set[int]:
@@ -658,7 +662,8 @@ class Store:
     def _transaction(self, tables: dict[str, Any]) -> Iterator[None]:
         """One DuckDB transaction with ``tables`` (Arrow) registered by name.
 
-        Committed, or rolled back on any error; the names are unregistered either way.
+        Committed, or rolled back on any error (which is what raises, even when the ROLLBACK
+        fails too); the names are unregistered either way.
         """
         for name, table in tables.items():
             self._con.register(name, table)
@@ -668,7 +673,10 @@ class Store:
                 yield
                 self._con.execute("COMMIT")
             except BaseException:
-                self._con.execute("ROLLBACK")
+                try:  # best effort: after a failed COMMIT there may be no transaction left
+                    self._con.execute("ROLLBACK")
+                except Exception as e:
+                    log.debug("ROLLBACK after a failed transaction: %s", e)
                 raise
         finally:
             for name in tables:
@@ -827,12 +835,23 @@ class Store:
         return inserted
 
     def _replay(self) -> None:
-        """Fold in what a process that died left in the journal (rows already in DuckDB skipped)."""
-        frames = self._journal.read()
-        if not frames:
-            self._journal.clear()  # a torn first entry, or nothing
+        """Fold in what a process that died left in the journal (rows already in DuckDB skipped).
+
+        Damaged entries are skipped; the journal as found is kept aside before it is emptied.
+        """
+        found = self._journal.scan()
+        if found.damage:
+            kept = self._journal.keep_damaged(found)
+            log.warning(
+                "%s: %s; the journal as found is kept in %s",
+                self._journal.path,
+                found.describe(),
+                kept,
+            )
+        if not found.frames:
+            self._journal.clear()  # nothing whole in it
             return
-        rows = self._commit_journaled(frames, only_missing=True)
+        rows = self._commit_journaled(found.frames, only_missing=True)
         log.warning(
             "%s: %d rows a stopped process had answered but not yet moved into the store were "
             "added now",
@@ -927,23 +946,43 @@ class Store:
         return int(row[0][0]) if row else None
 
     @_locked
-    def check_index(self, model_version: str) -> IndexCheck:
-        """Compare a version's FAISS index with DuckDB; catch it up, repair or rebuild it."""
+    def check_index(self, model_version: str, *, verify: bool = False) -> IndexCheck:
+        """Compare a version's FAISS index with DuckDB; catch it up, repair or rebuild it.
+
+        A saved index whose sidecar agrees with DuckDB counts as in sync unless ``verify``: then
+        it is loaded (kept in memory) and its file checked, and rebuilt if the check fails.
+        """
+        from imagesieve.indexer._vectors import IndexFileError
+
         t0 = time.perf_counter()
         db = self._db_stats(model_version)
+        path = self.index_path(model_version)
         loaded = self._indexes.get(model_version)
-        if loaded is None and VectorIndex.saved_stats(self.index_path(model_version)) == db:
+        if loaded is None and not verify and VectorIndex.saved_stats(path) == db:
             return IndexCheck(model_version, db[0], "in_sync", seconds=time.perf_counter() - t0)
-        index = loaded or VectorIndex.load(self.index_path(model_version))
+        index, damage = loaded, None
+        if index is None:
+            try:
+                index = VectorIndex.open(path)
+            except IndexFileError as e:
+                damage = str(e)
         dim = self._embedding_dim(model_version)
         if index is not None and index.stats() == db:
             self._indexes[model_version] = index
-            if loaded is None:
-                index.save()  # refresh a missing or stale sidecar
+            if loaded is None and not (index.verified and VectorIndex.saved_stats(path) == db):
+                index.save()  # refresh a missing, stale or older (checksum-less) sidecar
             return IndexCheck(model_version, db[0], "in_sync", seconds=time.perf_counter() - t0)
         if index is None or (dim is not None and index.dim != dim):
             check = self.rebuild_index(model_version)
             check.seconds = time.perf_counter() - t0
+            if damage:
+                check.details["damaged"] = damage
+                log.warning(
+                    "%s; not used: rebuilt from the %d rows of %s in the store",
+                    damage,
+                    check.rows,
+                    model_version,
+                )
             return check
         have = index.ids()
         want = self._ids(model_version)
@@ -1023,18 +1062,29 @@ class Store:
 
     @_locked
     def index(self, model_version: str, dim: int | None = None) -> VectorIndex:
-        """The version's FAISS index, loaded (and checked) on first use; empty when new."""
+        """The version's FAISS index, loaded on first use; empty when new.
+
+        The first use checks the saved file against its checksum and DuckDB, and searches a
+        rebuilt index if it fails (``checks`` then says so).
+        """
+        path = self.index_path(model_version)
         if model_version not in self._indexes:
-            if self._db_stats(model_version)[0] or self.index_path(model_version).is_file():
-                self.check_index(model_version)
-            if model_version not in self._indexes:  # in sync without a load, or new
-                index = VectorIndex.load(self.index_path(model_version))
-                if index is None:
-                    if dim is None:
-                        raise ValueError(f"no stored embeddings for {model_version} yet")
-                    index = VectorIndex(self.index_path(model_version), dim)
-                self._indexes[model_version] = index
-        return self._indexes[model_version]
+            if self._db_stats(model_version)[0] or path.is_file():
+                check = self.check_index(model_version, verify=True)
+                if check.action != "in_sync":  # replaces what opening reported
+                    at = next(
+                        (i for i, c in enumerate(self.checks) if c.model_version == model_version),
+                        len(self.checks),
+                    )
+                    self.checks[at : at + 1] = [check]
+            if model_version not in self._indexes:  # new
+                if dim is None:
+                    raise ValueError(f"no stored embeddings for {model_version} yet")
+                self._indexes[model_version] = VectorIndex(path, dim)
+        index = self._indexes[model_version]
+        if dim is not None and index.dim != dim and index.ntotal == 0:
+            index = self._indexes[model_version] = VectorIndex(path, dim)  # rebuilt without rows
+        return index
 
     def upgrade_index(self, model_version: str) -> bool:
         """Turn a loaded flat index that outgrew FLAT_MAX into HNSW while the store stays in use.

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 
 from imagesieve._faiss import search as faiss_search
 
-__all__ = ["FLAT_MAX", "VectorIndex"]
+__all__ = ["FLAT_MAX", "IndexFileError", "VectorIndex"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ TUNE_CHUNK = 16_384
 #: them comes back is a coin toss that would otherwise cap recall (ann-benchmarks counts ties
 #: the same way, with a looser 1e-3).
 TIE_TOLERANCE = 1e-5
+#: Bytes read at a time to checksum a saved index.
+CHECKSUM_CHUNK = 1 << 24
+
+
+class IndexFileError(Exception):
+    """A saved index file that fails its checksum or cannot be read: it is rebuilt, never used."""
 
 
 def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 65536) -> np.ndarray:
@@ -80,8 +87,9 @@ class VectorIndex:
     """Stored embeddings of one model version, searchable by inner product (cosine similarity).
 
     DuckDB is the source of truth; this index is derived from it and can always be rebuilt.
-    ``save`` writes the index and a small sidecar (count, max id, id sum, file size, kind and
-    tuning) so that a check against DuckDB needs no load when nothing changed.
+    ``save`` writes the index and a small sidecar (count, max id, id sum, file size, CRC-32 of
+    the file, kind and tuning) so that a check against DuckDB needs no load when nothing
+    changed, and a load can tell a damaged file from a good one.
     """
 
     def __init__(self, path: Path, dim: int, index=None, info: dict[str, Any] | None = None):
@@ -92,6 +100,8 @@ class VectorIndex:
         self.index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self.info: dict[str, Any] = dict(info or {})
         self.dirty = index is None
+        #: Loaded from a file whose checksum matched its sidecar's (older sidecars have none).
+        self.verified = False
 
     @property
     def sidecar_path(self) -> Path:
@@ -116,21 +126,54 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: Path) -> VectorIndex | None:
-        """The saved index at ``path``; None when absent or unreadable (it is then rebuilt)."""
+        """The saved index at ``path``; None when absent or damaged (a warning says why)."""
+        try:
+            return cls.open(path)
+        except IndexFileError as e:
+            log.warning("%s; it is not used", e)
+            return None
+
+    @classmethod
+    def open(cls, path: Path) -> VectorIndex | None:
+        """The saved index at ``path``, checked against its sidecar's checksum; None when absent.
+
+        Raises IndexFileError when the file fails the checksum or FAISS cannot read it. A file
+        whose sidecar has no checksum (saved by an older version) is read unchecked: compare
+        its ``stats()`` with DuckDB's.
+        """
         import faiss
 
         path = Path(path)
         if not path.is_file():
             return None
         try:
-            index = faiss.read_index(str(path))
-        except RuntimeError:
-            return None
-        try:
-            info = json.loads(path.with_suffix(".json").read_text()).get("info", {})
+            side = json.loads(path.with_suffix(".json").read_text())
         except (OSError, ValueError):
-            info = {}
-        return cls(path, index.d, index, info)
+            side = {}
+        if not isinstance(side, dict):
+            side = {}
+        want = side.get("crc32")
+        if want is not None:
+            crc, size = _file_crc32(path)
+            if size != side.get("bytes"):
+                raise IndexFileError(
+                    f"{path}: {size} bytes where its sidecar says {side.get('bytes')} "
+                    "(damaged, or changed since it was saved)"
+                )
+            if crc != want:
+                raise IndexFileError(
+                    f"{path}: checksum {crc:08x} where its sidecar says {want:08x} (damaged)"
+                )
+        try:
+            index = faiss.read_index(str(path))
+        except Exception as e:  # a damaged file of an older version, unchecked: any failure
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            raise IndexFileError(f"{path}: FAISS cannot read it ({reason})") from None
+        if not isinstance(index, faiss.IndexIDMap2):
+            raise IndexFileError(f"{path}: not an ID-mapped index ({type(index).__name__})")
+        loaded = cls(path, index.d, index, side.get("info", {}))
+        loaded.verified = want is not None
+        return loaded
 
     @classmethod
     def build(
@@ -325,13 +368,15 @@ class VectorIndex:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         faiss.write_index(self.index, str(tmp))
+        crc, size = _file_crc32(tmp)  # of the bytes on disk, read back (from the page cache)
         os.replace(tmp, self.path)
         count, max_id, id_sum = self.stats()
         side = {
             "count": count,
             "max_id": max_id,
             "id_sum": id_sum,
-            "bytes": self.path.stat().st_size,
+            "bytes": size,
+            "crc32": crc,
             "dim": self.dim,
             "kind": self.kind,
             "info": self.info,
@@ -340,6 +385,7 @@ class VectorIndex:
         tmp.write_text(json.dumps(side))
         os.replace(tmp, self.sidecar_path)
         self.dirty = False
+        self.verified = True
 
     @staticmethod
     def saved_stats(path: Path) -> tuple[int, int, int] | None:
@@ -350,5 +396,17 @@ class VectorIndex:
             if path.stat().st_size != side["bytes"]:
                 return None
             return int(side["count"]), int(side["max_id"]), int(side["id_sum"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             return None
+
+
+def _file_crc32(path: Path) -> tuple[int, int]:
+    """(CRC-32, size) of a file, read CHECKSUM_CHUNK bytes at a time."""
+    crc, size = 0, 0
+    buf = bytearray(CHECKSUM_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while got := f.readinto(buf):
+            crc = zlib.crc32(view[:got], crc)
+            size += got
+    return crc, size

@@ -281,6 +281,93 @@ def test_run_sql__time_limit(con):
     assert run_sql(con, "SELECT count(*) FROM range(1000)").rows == [(1000,)]
 
 
+#: Data-modifying statements a SELECT can hide (DuckDB reports each as a SELECT).
+HIDDEN_WRITES = [
+    "WITH x AS (DELETE FROM predictions WHERE id = 1 RETURNING id) SELECT count(*) FROM x",
+    "WITH x AS (UPDATE predictions SET label = 'x' RETURNING id) SELECT count(*) FROM x",
+    "WITH x AS (INSERT INTO failures SELECT * FROM failures RETURNING 1) SELECT count(*) FROM x",
+    "WITH x AS (DELETE FROM batches RETURNING 1) SELECT * FROM predictions, x",
+    "SELECT * FROM (WITH y AS (DELETE FROM reference_images RETURNING 1) SELECT * FROM y)",
+]
+
+
+@pytest.mark.parametrize("sql", HIDDEN_WRITES, ids=[s[10:40] for s in HIDDEN_WRITES])
+def test_run_sql__writes_hidden_in_a_select_refused_on_the_writers_connection(ws, tmp_path, sql):
+    path = tmp_path / "store.duckdb"
+    shutil.copyfile(ws.root / "store.duckdb", path)
+    con = duckdb.connect(str(path))
+    try:
+        before = counts(con)
+        with pytest.raises(SqlError, match="^only read-only queries .*inside the query$"):
+            run_sql(con.cursor(), sql)
+        assert counts(con) == before
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("sql", HIDDEN_WRITES, ids=[s[10:40] for s in HIDDEN_WRITES])
+def test_run_sql__transaction_refuses_writes_the_check_would_miss(ws, tmp_path, sql, monkeypatch):
+    """The second lock alone: with the statement check switched off, DuckDB still refuses."""
+    from imagesieve.search import _sql
+
+    monkeypatch.setattr(_sql, "_parse_facts", lambda con, q: (set(), set(), set()))
+    path = tmp_path / "store.duckdb"
+    shutil.copyfile(ws.root / "store.duckdb", path)
+    con = duckdb.connect(str(path))
+    try:
+        before = counts(con)
+        with pytest.raises(SqlError, match="read-only mode|data-modifying statement must be at the top"):
+            run_sql(con.cursor(), sql)
+        assert counts(con) == before
+        assert run_sql(con.cursor(), "SELECT count(*) FROM predictions").rows == [(8,)]
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize(
+    "sql,name",
+    [
+        ("SELECT repeat('x', 300000000)", "repeat"),
+        ("SELECT len(range(100000000))", "range"),
+        ("SELECT generate_series(1, 100000000)", "generate_series"),
+        ("SELECT lpad('a', 500000000, 'b')", "lpad"),
+        ("SELECT printf('%0500000000d', 1)", "printf"),
+        ("SELECT list_resize([1], 100000000)", "list_resize"),
+        ("SELECT count(*) FROM predictions WHERE length(RPAD(source, 1e9, 'x')) > 0", "rpad"),
+    ],
+)
+def test_run_sql__size_amplifying_functions_refused(con, sql, name):
+    with pytest.raises(SqlError, match=f"^function {name}\\(\\) is not allowed here"):
+        run_sql(con, sql)
+    assert run_sql(con, "SELECT count(*) FROM range(10)").rows == [(10,)]  # the table function
+
+
+def test_run_sql__nesting_and_length_bounded(con):
+    deep = "SELECT " + "abs(" * 400 + "1" + ")" * 400
+    with pytest.raises(SqlError, match=r"^query nested too deeply \(over 200 levels\)$"):
+        run_sql(con, deep)
+    with pytest.raises(SqlError, match="characters, over the 100,000 limit"):
+        run_sql(con, "SELECT 1 -- " + "x" * 100_000)
+    ok = "SELECT " + "abs(" * 50 + "-1" + ")" * 50
+    assert run_sql(con, ok).rows == [(1,)]
+
+
+def test_run_sql__result_bytes_bounded(con):
+    r = run_sql(con, "SELECT 'x' || i AS s FROM range(100000) t(i)", limit=None, max_bytes=100_000)
+    assert r.truncated and 500 < len(r.rows) < 2000
+
+
+def test_run_sql__memory_watchdog_stops_a_growing_query(con):
+    # a recursive CTE doubling a string: 2^28 bytes at the end, ~512 MB in all
+    sql = (
+        "WITH RECURSIVE r(s, n) AS (SELECT 'x', 0 UNION ALL SELECT s || s, n + 1 FROM r "
+        "WHERE n < 28) SELECT max(length(s)) FROM r"
+    )
+    with pytest.raises(SqlError, match=r"^query stopped: it needed over 64 MB \(memory limit\)$"):
+        run_sql(con, sql, max_memory=64 * 2**20)
+    assert run_sql(con, "SELECT 1").rows == [(1,)]
+
+
 # -- views ------------------------------------------------------------------------------------
 
 

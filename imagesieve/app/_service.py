@@ -58,6 +58,15 @@ GROUP_SHARE = 0.5
 #: How often the writer folds the journaled groups into DuckDB (s): one transaction then costs
 #: about what one group's did, for all of them.
 FOLD_EVERY = 1.0
+#: Untrusted SQL (``/sql``, ``similar`` filters) on the served store: DuckDB's buffer memory
+#: and threads (one thread: a query runs on its caller, a low-priority thread, so predictions
+#: keep the cores), the result size, and the growth of the process at which a query is stopped.
+SQL_SETTINGS = {"memory_limit": "256MB", "threads": 1}
+SQL_MAX_RESULT_BYTES = 64 * 2**20
+SQL_MAX_MEMORY = 384 * 2**20
+SQL_TIMEOUT = 10.0
+#: Niceness of the threads that run untrusted SQL (Linux schedules threads by their own nice).
+SQL_NICE = 19
 
 
 class ServiceError(ValueError):
@@ -234,6 +243,14 @@ class _MicroBatcher:
                 return
 
 
+def _lower_priority() -> None:
+    """Run this thread at SQL_NICE (per thread on Linux); elsewhere a no-op."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SQL_NICE)
+    except (AttributeError, OSError):
+        log.debug("cannot lower the priority of the SQL threads")
+
+
 def _by_predictor(items: list, predictor_of: Any) -> list[tuple[Predictor, list]]:
     """Items grouped by the predictor (model version) they were prepared for, in order."""
     groups: dict[int, tuple[Predictor, list]] = {}
@@ -259,6 +276,12 @@ class Service:
         self.ws = ws
         self.limits = limits or Limits()
         self.store = Store(ws)
+        for name, value in SQL_SETTINGS.items():
+            self.store.con.execute(f"SET {name} = '{value}'")
+        # Untrusted SQL runs here, niced: a slow query waits for the CPU instead of predictions.
+        self._sql = ThreadPoolExecutor(
+            2, thread_name_prefix="imagesieve-sql", initializer=_lower_priority
+        )
         self._state = threading.RLock()  # guards the model, its live batch and counters
         self.predictor: Predictor | None = None
         self._batch: tuple[str, int] | None = None  # (version, batch id) of single predictions
@@ -282,6 +305,7 @@ class Service:
     def close(self) -> None:
         """Finish the live batch, save the vector indexes, close the store."""
         self._decode.shutdown(wait=True)
+        self._sql.shutdown(wait=True, cancel_futures=True)
         self._batcher.close()
         if self._upgrade is not None:
             self._upgrade.join()
@@ -619,15 +643,34 @@ class Service:
         from imagesieve.search._similar import find_similar
 
         self.version  # noqa: B018 - raises the one-line "no model" error
-        return find_similar(self.ws, store=self.store, predictor=self.predictor, **query)
+        return find_similar(
+            self.ws,
+            store=self.store,
+            predictor=self.predictor,
+            filter_timeout=SQL_TIMEOUT,
+            filter_memory=SQL_MAX_MEMORY,
+            filter_executor=self._sql,
+            **query,
+        )
 
-    def sql(self, sql: str, *, limit: int = 1000, timeout: float = 10.0) -> Any:
-        """Read-only SQL over the store (same rules as ``imagesieve sql``) on its own cursor."""
+    def sql(self, sql: str, *, limit: int = 1000, timeout: float = SQL_TIMEOUT) -> Any:
+        """Read-only SQL over the store (the CLI's rules, plus memory and result-size limits).
+
+        Runs on a cursor of its own, on the low-priority SQL threads, outside the store's lock.
+        """
         from imagesieve.search._sql import run_sql
 
-        cursor = self.store.con.cursor()
+        cursor = self.store.con.cursor()  # folds the journal here, not on a niced thread
         try:
-            return run_sql(cursor, sql, limit=limit, timeout=timeout)
+            return self._sql.submit(
+                run_sql,
+                cursor,
+                sql,
+                limit=limit,
+                timeout=timeout,
+                max_bytes=SQL_MAX_RESULT_BYTES,
+                max_memory=SQL_MAX_MEMORY,
+            ).result()
         finally:
             cursor.close()
 

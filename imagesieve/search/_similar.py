@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -66,18 +67,38 @@ class SimilarError(ValueError):
     """A similar-image query that cannot run (unknown id or class, bad filter); one line."""
 
 
-def _filter_ids(store: Store, model_version: str, where: str) -> np.ndarray:
-    """Ids of the version's rows passing a SQL boolean expression over ``predictions``."""
+def _filter_ids(
+    store: Store,
+    model_version: str,
+    where: str,
+    *,
+    timeout: float | None = 30.0,
+    max_memory: int | None = None,
+    executor: Executor | None = None,
+) -> np.ndarray:
+    """Ids of the version's rows passing a SQL boolean expression over ``predictions``.
+
+    Runs as user SQL (read-only transaction, statement check, limits) on a cursor of its own,
+    without the store's lock: a slow filter holds up nothing else. ``executor`` runs it (a
+    server's low-priority threads); the store's journal is folded on the calling thread first.
+    """
     from imagesieve.search._sql import SqlError, run_sql
 
     sql = (
         "SELECT id FROM predictions WHERE model_version = "
         f"'{model_version.replace(chr(39), chr(39) * 2)}' AND ({where})"
     )
+    cursor = store.con.cursor()
+
+    def run() -> Any:
+        return run_sql(cursor, sql, limit=10_000_000, timeout=timeout, max_memory=max_memory)
+
     try:
-        result = run_sql(store.con, sql, limit=10_000_000)
+        result = executor.submit(run).result() if executor is not None else run()
     except SqlError as e:
         raise SimilarError(f"bad --where filter: {e}") from None
+    finally:
+        cursor.close()
     return np.array([r[0] for r in result.rows], np.int64)
 
 
@@ -94,65 +115,110 @@ def find_similar(
     model: str | None = None,
     store: Store | None = None,
     predictor: Predictor | None = None,
+    filter_timeout: float | None = 30.0,
+    filter_memory: int | None = None,
+    filter_executor: Executor | None = None,
 ) -> tuple[SimilarQuery, list[SimilarResult]]:
     """The k stored images nearest to an image, a stored id or a class centroid.
 
-    A server passes its long-lived ``store`` and ``predictor`` (the version searched).
+    A server passes its long-lived ``store`` and ``predictor`` (the version searched), and the
+    limits and threads its ``where`` filters run with (``_filter_ids``).
     """
     if sum(x is not None for x in (image, id, class_name, embedding)) != 1:
         raise SimilarError("give exactly one of an image, --id or --class")
     if k < 1:
         raise SimilarError(f"k must be at least 1, got {k}")
     version = predictor.version if predictor is not None else get_version(ws, model)
-    prediction = None
-    with using_store(ws, store) as store, store.lock:
-        index = store.index(version.name) if store.row_count(version.name) else None
-        if embedding is not None:
-            query, kind, value = np.asarray(embedding, np.float32), "embedding", "vector"
-        elif image is not None:
-            (pred,) = (predictor or Predictor(version)).score(
-                [image if not isinstance(image, bytes) else ("<upload>", image)]
+    with using_store(ws, store) as store:
+        allowed = (
+            _filter_ids(
+                store,
+                version.name,
+                where,
+                timeout=filter_timeout,
+                max_memory=filter_memory,
+                executor=filter_executor,
             )
-            if not pred.ok:
-                raise SimilarError(f"{pred.source}: {pred.error}")
-            query, kind, value = pred.embedding, "image", str(pred.source)
-            prediction = pred.to_dict()
-        elif id is not None:
-            if index is None or not np.any(index.ids() == id):
-                raise SimilarError(f"no stored image with id {id} for model {version.name}")
-            query, kind, value = index.index.reconstruct(int(id)), "id", str(id)
-        else:
-            from imagesieve.classifier._reference import ReferenceSet
-
-            ref = ReferenceSet.load(version.path)
-            if ref is None or class_name not in ref.labels:
-                known = sorted(set(ref.labels)) if ref is not None else version.classes
-                raise SimilarError(
-                    f"no class {class_name!r} in {version.name}; classes: {', '.join(known)}"
-                )
-            rows = np.array([lab == class_name for lab in ref.labels])
-            centroid = ref.embeddings[rows].mean(axis=0)
-            query, kind, value = centroid / np.linalg.norm(centroid), "class", class_name
-        info = SimilarQuery(
-            kind, value, version.name, k, max_distance, where, None, "exact", prediction
+            if where
+            else None
         )
-        if index is None or index.ntotal == 0:
-            return info, []
-        info.method = "exact" if index.kind == "flat" else "ann"
-        exclude = {int(id)} if id is not None else set()
-        want = k + len(exclude)
-        if where:
-            allowed = _filter_ids(store, version.name, where)
-            info.matching_rows = len(allowed)
-            if len(allowed) <= EXACT_FILTER_MAX or index.kind == "flat":
-                ids, dist = index.search(query, want, ids=allowed)
-                info.method = "exact-within-filter"
-            else:
-                ids, dist = _widened(index, query, want, set(allowed.tolist()))
-                info.method = "ann-widened"
+        with store.lock:
+            return _search(
+                store,
+                version,
+                predictor,
+                image,
+                id,
+                class_name,
+                embedding,
+                k,
+                max_distance,
+                where,
+                allowed,
+            )
+
+
+def _search(
+    store: Store,
+    version: Any,
+    predictor: Predictor | None,
+    image: str | os.PathLike | bytes | None,
+    id: int | None,  # noqa: A002
+    class_name: str | None,
+    embedding: np.ndarray | None,
+    k: int,
+    max_distance: float | None,
+    where: str | None,
+    allowed: np.ndarray | None,
+) -> tuple[SimilarQuery, list[SimilarResult]]:
+    """``find_similar`` once the filter's ids are known, holding the store's lock."""
+    prediction = None
+    index = store.index(version.name) if store.row_count(version.name) else None
+    if embedding is not None:
+        query, kind, value = np.asarray(embedding, np.float32), "embedding", "vector"
+    elif image is not None:
+        (pred,) = (predictor or Predictor(version)).score(
+            [image if not isinstance(image, bytes) else ("<upload>", image)]
+        )
+        if not pred.ok:
+            raise SimilarError(f"{pred.source}: {pred.error}")
+        query, kind, value = pred.embedding, "image", str(pred.source)
+        prediction = pred.to_dict()
+    elif id is not None:
+        if index is None or not np.any(index.ids() == id):
+            raise SimilarError(f"no stored image with id {id} for model {version.name}")
+        query, kind, value = index.index.reconstruct(int(id)), "id", str(id)
+    else:
+        from imagesieve.classifier._reference import ReferenceSet
+
+        ref = ReferenceSet.load(version.path)
+        if ref is None or class_name not in ref.labels:
+            known = sorted(set(ref.labels)) if ref is not None else version.classes
+            raise SimilarError(
+                f"no class {class_name!r} in {version.name}; classes: {', '.join(known)}"
+            )
+        rows = np.array([lab == class_name for lab in ref.labels])
+        centroid = ref.embeddings[rows].mean(axis=0)
+        query, kind, value = centroid / np.linalg.norm(centroid), "class", class_name
+    info = SimilarQuery(
+        kind, value, version.name, k, max_distance, where, None, "exact", prediction
+    )
+    if index is None or index.ntotal == 0:
+        return info, []
+    info.method = "exact" if index.kind == "flat" else "ann"
+    exclude = {int(id)} if id is not None else set()
+    want = k + len(exclude)
+    if allowed is not None:
+        info.matching_rows = len(allowed)
+        if len(allowed) <= EXACT_FILTER_MAX or index.kind == "flat":
+            ids, dist = index.search(query, want, ids=allowed)
+            info.method = "exact-within-filter"
         else:
-            ids, dist = index.search(query, want)
-        return info, _results(store, _pairs(ids[0], dist[0], k, exclude, max_distance))
+            ids, dist = _widened(index, query, want, set(allowed.tolist()))
+            info.method = "ann-widened"
+    else:
+        ids, dist = index.search(query, want)
+    return info, _results(store, _pairs(ids[0], dist[0], k, exclude, max_distance))
 
 
 def _pairs(

@@ -1,9 +1,18 @@
-"""Read-only SQL over the store: one SELECT at a time, no file or network access, a time limit.
+"""Read-only SQL over the store: one SELECT at a time, no file or network access, bounded.
 
-Two locks keep untrusted SQL in: the connection (``SAFE_CONFIG``: no external access, no
-extensions, configuration locked; ``read_only=True`` for the console) and ``run_sql``'s
-statement check (one statement, SELECT or EXPLAIN of a SELECT, no housekeeping functions), which
-is what keeps writes out when SQL runs through a cursor of the writer's connection.
+Untrusted SQL is kept in by layers, each enough on its own for what it guards:
+
+* the transaction: every query runs in ``BEGIN TRANSACTION READ ONLY`` and is rolled back, so
+  DuckDB refuses any write whatever the statement text (a data-modifying CTE included), on the
+  writer's own connection too;
+* the connection (``SAFE_CONFIG``: no external access, no extensions; ``read_only=True`` for
+  the console);
+* the statement check: one statement, SELECT or EXPLAIN of a SELECT, no housekeeping functions,
+  no function whose output size is set by an argument (``repeat('x', 1e9)``), bounded length
+  and nesting;
+* the run: a time limit, a row limit, a result-size limit, and optionally a memory watchdog
+  that stops the query when the process grows past a budget (DuckDB's own ``memory_limit``
+  bounds only its buffer-managed operators).
 """
 
 from __future__ import annotations
@@ -73,6 +82,32 @@ DENIED_FUNCTIONS = frozenset(
         "json_execute_serialized_sql",
     }
 )
+
+#: Scalar functions whose result size is set by an argument, not by the data read: one call
+#: can allocate gigabytes where no time or memory limit reaches (DuckDB builds the value in one
+#: piece: ``len(range(100000000))`` took 7 GB and 26 s, uninterruptible). The table functions
+#: of the same names stream and stay allowed (``FROM range(10)``).
+AMPLIFYING_FUNCTIONS = frozenset(
+    {
+        "range",
+        "generate_series",
+        "repeat",
+        "lpad",
+        "rpad",
+        "printf",
+        "format",
+        "list_resize",
+        "array_resize",
+        "bar",
+    }
+)
+#: Longest statement accepted, in characters.
+MAX_SQL_CHARS = 100_000
+#: Deepest nesting of parentheses accepted (DuckDB's own limit is 1,000 expression levels;
+#: the statement check walks the parse tree, so a bound well below Python's recursion limit).
+MAX_NESTING = 200
+#: How often the memory watchdog looks at the process's size (s).
+WATCH_EVERY = 0.01
 
 # -- ready-made views -----------------------------------------------------------------------
 
@@ -382,33 +417,67 @@ def _kind(statement: Any) -> str:
     return word if word and word not in ("WITH", "FROM") else statement.type.name
 
 
-def _called_functions(con: duckdb.DuckDBPyConnection, select_sql: str) -> set[str]:
-    """Names of the functions a SELECT calls, from DuckDB's own parse tree."""
+def _parse_facts(
+    con: duckdb.DuckDBPyConnection, select_sql: str
+) -> tuple[set[str], set[str], set[str]]:
+    """What a SELECT does, from DuckDB's parse tree: the functions it calls and the writes in it.
+
+    (scalar or aggregate function names, table function names, data-modifying query kinds such
+    as DELETE inside a WITH). Without a parse tree, every name followed by "(" counts as both
+    kinds of function.
+    """
     try:
         tree = json.loads(
             con.execute("SELECT json_serialize_sql(?)", [select_sql]).fetchall()[0][0]
         )
+    except RecursionError:
+        raise SqlError(f"query nested too deeply (over {MAX_NESTING} levels)") from None
     except (duckdb.Error, ValueError, TypeError):
         tree = {"error": True}
-    if tree.get("error"):  # no parse tree: every name followed by "(" counts
-        return set(re.findall(r"([a-z_][a-z0-9_]*)\s*\(", select_sql.lower().replace('"', "")))
-    names: set[str] = set()
-    stack: list[Any] = [tree]
+    if tree.get("error"):
+        names = set(re.findall(r"([a-z_][a-z0-9_]*)\s*\(", select_sql.lower().replace('"', "")))
+        return names, names, set()
+    scalar: set[str] = set()
+    table: set[str] = set()
+    writes: set[str] = set()
+    stack: list[tuple[Any, bool]] = [(tree, False)]
     while stack:
-        node = stack.pop()
+        node, is_table = stack.pop()
         if isinstance(node, dict):
             if isinstance(node.get("function_name"), str):
-                names.add(node["function_name"].lower())
-            stack.extend(node.values())
+                (table if is_table else scalar).add(node["function_name"].lower())
+            kind = node.get("type")
+            if isinstance(kind, str) and kind.endswith("_QUERY_NODE"):
+                writes.add(kind.removesuffix("_QUERY_NODE").replace("_", " "))
+            table_ref = node.get("type") == "TABLE_FUNCTION"
+            stack.extend((v, table_ref and k == "function") for k, v in node.items())
         elif isinstance(node, list):
-            stack.extend(node)
-    return names
+            stack.extend((v, False) for v in node)
+    return scalar, table, writes
+
+
+def _nesting(sql: str) -> int:
+    """The deepest nesting of parentheses and brackets in ``sql`` (quotes not parsed: an upper bound)."""
+    depth = deepest = 0
+    for ch in sql:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}":
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 def _checked_statement(con: duckdb.DuckDBPyConnection, sql: str) -> Any:
     """The one read-only statement in ``sql``, or SqlError saying why not."""
+    if len(sql) > MAX_SQL_CHARS:
+        raise SqlError(f"query is {len(sql):,} characters, over the {MAX_SQL_CHARS:,} limit")
+    if _nesting(sql) > MAX_NESTING:
+        raise SqlError(f"query nested too deeply (over {MAX_NESTING} levels)")
     try:
         statements = con.extract_statements(sql)
+    except RecursionError:
+        raise SqlError(f"query nested too deeply (over {MAX_NESTING} levels)") from None
     except duckdb.Error as e:
         raise SqlError(_message(e)) from None
     if not statements:
@@ -433,10 +502,41 @@ def _checked_statement(con: duckdb.DuckDBPyConnection, sql: str) -> Any:
         refused = _kind(statement)
     if refused:
         raise SqlError(f"only read-only queries (SELECT) are allowed, got {refused}")
-    denied = sorted(_called_functions(con, select_sql) & DENIED_FUNCTIONS)
+    scalar, table, writes = _parse_facts(con, select_sql)
+    if writes:
+        raise SqlError(
+            f"only read-only queries (SELECT) are allowed, got {sorted(writes)[0]} inside the query"
+        )
+    denied = sorted((scalar | table) & DENIED_FUNCTIONS)
     if denied:
         raise SqlError(f"function {denied[0]}() is not allowed in read-only queries")
+    amplifying = sorted(scalar & AMPLIFYING_FUNCTIONS)
+    if amplifying:
+        raise SqlError(
+            f"function {amplifying[0]}() is not allowed here: its result size is set by an "
+            "argument (the table function, FROM range(n), is allowed)"
+        )
     return statement
+
+
+def _value_bytes(v: Any) -> int:
+    """About how many bytes a fetched value holds (strings and blobs by length)."""
+    if isinstance(v, str | bytes | bytearray):
+        return len(v) + 50
+    if isinstance(v, list | tuple):
+        return 56 + sum(_value_bytes(x) for x in v)
+    if isinstance(v, dict):
+        return 64 + sum(_value_bytes(k) + _value_bytes(x) for k, x in v.items())
+    return 32
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def run_sql(
@@ -445,14 +545,19 @@ def run_sql(
     *,
     limit: int | None = 10_000,
     timeout: float | None = 30.0,
+    max_bytes: int | None = None,
+    max_memory: int | None = None,
 ) -> SqlResult:
     """Run one read-only statement; at most ``limit`` rows, stopped after ``timeout`` seconds.
 
-    Safe on a writable connection too: only SELECT (and EXPLAIN of a SELECT) runs. ``limit``
-    or ``timeout`` None means no limit.
+    The statement runs in a read-only transaction that is always rolled back, so it cannot
+    write even on the writer's connection (pass a cursor there: the transaction is the
+    cursor's). Rows past ``max_bytes`` of result are not fetched (``truncated``); with
+    ``max_memory``, the query is stopped once the process has grown by that many bytes since
+    it started. None means no limit.
 
     Raises:
-        SqlError: the statement was refused, failed, or ran out of time (one-line message).
+        SqlError: the statement was refused, failed, or ran out of time or memory (one line).
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be 0 or more, got {limit}")
@@ -460,42 +565,82 @@ def run_sql(
         raise ValueError(f"timeout must be positive, got {timeout}")
     statement = _checked_statement(con, sql)
     lock = threading.Lock()
-    state = {"running": True, "stopped": False}
+    state = {"running": True, "stopped": None}
+    done = threading.Event()
 
-    def stop() -> None:
+    def stop(why: str) -> None:
         with lock:
-            if state["running"]:
-                state["stopped"] = True
+            if state["running"] and state["stopped"] is None:
+                state["stopped"] = why
                 con.interrupt()
 
-    timer = threading.Timer(timeout, stop) if timeout is not None else None
+    def watch(budget: int) -> None:
+        ceiling = _rss_bytes() + budget
+        while not done.wait(WATCH_EVERY):
+            if _rss_bytes() > ceiling:
+                stop(f"query stopped: it needed over {budget / 2**20:,.0f} MB (memory limit)")
+                return
+
+    timer = threading.Timer(timeout, stop, [f"query stopped after {timeout:g} s (time limit)"])
+    watcher = (
+        threading.Thread(target=watch, args=(max_memory,), name="sql-watch", daemon=True)
+        if max_memory is not None
+        else None
+    )
     t0 = time.perf_counter()
+    truncated = False
     try:
-        if timer is not None:
+        if timeout is not None:
             timer.daemon = True
             timer.start()
-        con.execute(statement)
-        description = con.description or []
-        rows = con.fetchall() if limit is None else con.fetchmany(limit + 1)
+        if watcher is not None:
+            watcher.start()
+        con.execute("BEGIN TRANSACTION READ ONLY")
+        try:
+            con.execute(statement)
+            description = con.description or []
+            rows: list[tuple] = []
+            size = 0
+            want = limit + 1 if limit is not None else None
+            while want is None or len(rows) < want:
+                chunk = con.fetchmany(min(1024, want - len(rows)) if want else 1024)
+                if not chunk:
+                    break
+                for row in chunk:
+                    size += 16 + sum(_value_bytes(v) for v in row)
+                    if max_bytes is not None and size > max_bytes:
+                        truncated = True
+                        break
+                    rows.append(row)
+                if truncated:
+                    break
+        finally:
+            try:  # DuckDB streams results: drop the unread rest, then end the transaction
+                con.abort()
+            except duckdb.Error:
+                pass
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
     except duckdb.Error as e:
         if state["stopped"]:
-            raise SqlError(f"query stopped after {timeout:g} s (time limit)") from None
+            raise SqlError(state["stopped"]) from None
         if isinstance(e, duckdb.InterruptException):
             raise SqlError("query interrupted") from None
         raise SqlError(_message(e)) from None
+    except MemoryError:
+        raise SqlError("query stopped: out of memory") from None
     finally:
         with lock:
             state["running"] = False
-        if timer is not None:
-            timer.cancel()
-        try:  # DuckDB streams results: drop the unread rest so the connection is free again
-            con.abort()
-        except duckdb.Error:
-            pass
+        done.set()
+        timer.cancel()
+    if state["stopped"]:
+        raise SqlError(state["stopped"])
     seconds = time.perf_counter() - t0
-    truncated = limit is not None and len(rows) > limit
-    if truncated:
-        rows = rows[:limit]
+    if limit is not None and len(rows) > limit:
+        rows, truncated = rows[:limit], True
     log.debug("sql: %d rows in %.3f s%s", len(rows), seconds, " (truncated)" if truncated else "")
     return SqlResult(
         columns=[d[0] for d in description],

@@ -7,9 +7,11 @@ one-line message; no stack trace ever reaches a client.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import (
@@ -17,7 +19,6 @@ from fastapi import (
     Depends,
     FastAPI,
     File,
-    Form,
     HTTPException,
     Query,
     Request,
@@ -25,18 +26,39 @@ from fastapi import (
 )
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
-from imagesieve.app._service import Service, ServiceError
+from imagesieve.app._service import Limits, Service, ServiceError
 
 __all__ = ["API_PREFIX", "add_api"]
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+
+#: The HTTP status of each kind of error the API answers; ``_error_kind`` names the kind.
+STATUS = {
+    "bad_request": 400,
+    "too_large": 413,
+    "bad_image": 422,
+    "disk": 500,
+    "no_model": 503,
+    "read_only": 503,
+    "disk_full": 507,
+}
+DISK_FULL = "the server's disk is full: nothing was stored; retry once space is freed on it"
+READ_ONLY = (
+    "the server cannot write to its workspace (read-only file system or no permission); "
+    "retry once it is writable"
+)
 
 
 class ApiError(Exception):
@@ -48,6 +70,19 @@ class ApiError(Exception):
         self.message = message
 
 
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    status: int = Field(description="the HTTP status code, repeated")
+    message: str = Field(description="one line saying what went wrong and how to fix it")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorDetail
+
+
 class SqlRequest(BaseModel):
     """A read-only query."""
 
@@ -55,12 +90,60 @@ class SqlRequest(BaseModel):
     limit: int = Field(1000, ge=1, le=100_000, description="rows returned at most")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "message": message}}, status_code=status)
+#: When each documented error status is answered.
+ERROR_WHEN = {
+    400: "The request cannot be done: a bad query, filter, id or column, or a malformed body.",
+    401: "The API token is missing or wrong: send 'Authorization: Bearer TOKEN'.",
+    413: "An upload over a limit: bytes per file, files per request or bytes per request.",
+    422: "A missing or invalid parameter, or a file that is not a readable image.",
+    500: "An unexpected error; its details are in the server log.",
+    503: "No trained model yet, or the server cannot write to its workspace.",
+    507: "The server's disk is full.",
+}
+
+#: The multipart body of ``POST /score``, read by the handler itself (within the limits).
+SCORE_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["files"],
+                "properties": {
+                    "files": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "images, zips, or CSV/XLSX/TXT lists of URLs or paths",
+                    },
+                    "column": {
+                        "type": "string",
+                        "description": "URL/path column of an uploaded CSV/XLSX",
+                    },
+                },
+            },
+            "encoding": {"files": {"contentType": "application/octet-stream"}},
+        }
+    },
+}
 
 
-def _user_error(e: BaseException) -> ApiError:
-    """Map library errors (bad image, bad query, no model...) to a 4xx with their one line."""
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"status": status, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e``: ``e`` itself, or the cause of a ServiceError."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, ServiceError) and isinstance(e.__cause__, OSError):
+        return e.__cause__
+    return None
+
+
+def _error_kind(e: BaseException) -> str | None:
+    """The kind of a library error (a key of STATUS), or None for an unexpected one."""
     from imagesieve.data import ImageLoadError
     from imagesieve.indexer import InputError
     from imagesieve.search._review import ReviewError
@@ -68,16 +151,34 @@ def _user_error(e: BaseException) -> ApiError:
     from imagesieve.search._sql import SqlError
 
     if isinstance(e, ImageLoadError):
-        return ApiError(413 if e.kind in ("too_large", "bomb") else 422, str(e))
-    if isinstance(e, ServiceError) and isinstance(e.__cause__, OSError):
-        return ApiError(500, str(e))  # the server's disk, not the request
-    if isinstance(e, ServiceError) and "no trained model" in str(e):
-        return ApiError(503, str(e))
-    if isinstance(e, ServiceError) and "limit" in str(e):
-        return ApiError(413, str(e))
+        return "too_large" if e.kind in ("too_large", "bomb") else "bad_image"
+    disk = _os_error(e)
+    if disk is not None and disk.errno == errno.ENOSPC:
+        return "disk_full"
+    if disk is not None and disk.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "read_only"
+    if isinstance(e, ServiceError) and disk is not None:
+        return "disk"  # the server's disk, not the request
+    if isinstance(e, ServiceError):
+        # ServiceError carries no kind: its one-line message is the only sign of one
+        if "no trained model" in str(e):
+            return "no_model"
+        if "limit" in str(e):
+            return "too_large"
     if isinstance(e, SqlError | SimilarError | ReviewError | InputError | ServiceError):
-        return ApiError(400, str(e))
-    raise e
+        return "bad_request"
+    return None
+
+
+def _user_error(e: BaseException) -> ApiError:
+    """Map library errors (bad image, bad query, no model, full disk...) to ApiError."""
+    kind = _error_kind(e)
+    if kind is None:
+        raise e
+    if kind in ("disk_full", "read_only"):
+        log.error("cannot write to the workspace: %s", _os_error(e))
+        return ApiError(STATUS[kind], DISK_FULL if kind == "disk_full" else READ_ONLY)
+    return ApiError(STATUS[kind], str(e))
 
 
 async def _answered(start: Callable[[], Awaitable[Any]]) -> Any:
@@ -108,24 +209,79 @@ async def _read_upload(upload: Any, service: Service, field: str) -> tuple[str, 
     return upload.filename or "upload", data
 
 
-def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None:
-    """Mount ``/api/v1`` on ``app``: predict, score, similar, sql, clusters, health."""
+class _TooManyFiles(Exception):
+    pass
 
-    def check_token(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+
+class _UploadParser(MultiPartParser):
+    """Starlette's multipart parser; one file over ``max_files`` is a 413, not a bad body."""
+
+    def on_headers_finished(self) -> None:
+        try:
+            super().on_headers_finished()
+        except MultiPartException:
+            if self._current_files > self.max_files:
+                raise _TooManyFiles from None
+            raise
+
+
+async def _read_form(request: Request, limits: Limits) -> FormData:
+    """The multipart form of an upload request, within the files-per-request limit."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "multipart/form-data":
+        raise ApiError(422, "no files: send them as multipart/form-data field 'files' (repeated)")
+    try:
+        async with aclosing(request.stream()) as stream:
+            parser = _UploadParser(
+                request.headers,
+                stream,
+                max_files=limits.max_files,
+                max_part_size=limits.max_file_bytes,
+            )
+            return await parser.parse()
+    except _TooManyFiles:
+        raise ApiError(
+            413, f"over the limit of {limits.max_files:,} files per upload: send fewer per request"
+        ) from None
+    except MultiPartException as e:
+        raise ApiError(400, f"malformed multipart/form-data body: {e.message}") from None
+
+
+class _AnyMethod:
+    """An ASGI endpoint answering every HTTP method (a function endpoint answers GET only)."""
+
+    def __init__(self, answer: Callable[[Request], Awaitable[Response]]):
+        self.answer = answer
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        response = await self.answer(Request(scope, receive))
+        await response(scope, receive, send)
+
+
+def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None:
+    """Mount ``/api/v1`` on ``app``: predict, score, similar, sql, clusters, health, docs."""
+    bearer = HTTPBearer(auto_error=False, description="the server's API token (--token)")
+
+    def check_token(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+    ) -> None:
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), (token or "").encode()):
             raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer TOKEN'")
+
+    def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+        """The documented error answers of a route: ``statuses``, 500, and 401 with a token."""
+        codes = sorted({*statuses, 500, *([401] if token else [])})
+        return {s: {"model": ErrorBody, "description": ERROR_WHEN[s]} for s in codes}
 
     router = APIRouter(prefix=API_PREFIX, dependencies=[Depends(check_token)] if token else [])
 
-    @router.get("/health")
+    @router.get("/health", responses=errors())
     async def health() -> dict[str, Any]:
         """Liveness, the model served and how many images are stored."""
         return await _call(service.health)
 
-    @router.post("/predict")
+    @router.post("/predict", responses=errors(400, 413, 422, 503, 507))
     async def predict(
         file: UploadFile = File(..., description="the image"),  # noqa: B008 - FastAPI's idiom
         neighbours: int = Query(5, ge=0, le=100, description="nearest stored images returned"),
@@ -137,19 +293,24 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
         )
         return JSONResponse(result.to_dict())  # already JSON-ready: skip the generic encoder
 
-    @router.post("/score")
-    async def score(
-        request: Request,
-        column: str | None = Form(None, description="URL/path column of an uploaded CSV/XLSX"),
-    ) -> dict[str, Any]:
+    @router.post(
+        "/score",
+        responses=errors(400, 413, 422, 503, 507),
+        openapi_extra={"requestBody": SCORE_BODY},
+    )
+    async def score(request: Request) -> dict[str, Any]:
         """Score many images (multipart field ``files``, repeated; zips and URL lists too)."""
-        form = await request.form(
-            max_files=service.limits.max_files, max_part_size=service.limits.max_file_bytes
-        )
-        uploads = form.getlist("files")
-        if not uploads:
-            raise ApiError(422, "no files: send them as multipart field 'files' (repeated)")
-        files = [await _read_upload(u, service, "files") for u in uploads]
+        form = await _read_form(request, service.limits)
+        try:
+            column = form.get("column") or None
+            if column is not None and not isinstance(column, str):
+                raise ApiError(422, "field 'column' must be text (a column name), not a file")
+            uploads = form.getlist("files")
+            if not uploads:
+                raise ApiError(422, "no files: send them as multipart field 'files' (repeated)")
+            files = [await _read_upload(u, service, "files") for u in uploads]
+        finally:
+            await form.close()
         folder = await _call(service.save_uploads, files)
         summary = await _call(
             service.score, [folder / p.name for p in sorted(folder.iterdir())], column=column
@@ -158,7 +319,7 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
         out["upload_dir"] = str(folder)
         return out
 
-    @router.get("/similar")
+    @router.get("/similar", responses=errors(400, 422, 503))
     async def similar(
         id: int | None = Query(None, description="a stored image id"),  # noqa: A002
         class_name: str | None = Query(None, alias="class", description="a class (its centroid)"),
@@ -177,18 +338,60 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
         )
         return {"query": info.__dict__, "results": [r.to_dict() for r in results]}
 
-    @router.post("/sql")
+    @router.post("/sql", responses=errors(400, 422))
     async def sql(body: SqlRequest) -> dict[str, Any]:
         """A read-only query over the store (external access off, row and time limits)."""
         result = await _call(service.sql, body.sql, limit=body.limit)
         return result.to_dict()
 
-    @router.get("/clusters")
+    @router.get("/clusters", responses=errors(503))
     async def clusters() -> dict[str, Any]:
         """The UNKNOWN clusters of the active model, largest first."""
         return {"clusters": await _call(service.clusters)}
 
+    schema_url = f"{API_PREFIX}/openapi.json"
+
+    @router.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        # the schema is inlined: the page needs the token once, not again for the schema
+        return get_swagger_ui_html(
+            openapi_url=schema_url,
+            title=f"{app.title} API",
+            swagger_ui_parameters={"spec": app.openapi()},
+        )
+
     app.include_router(router)
+
+    async def no_route(request: Request) -> JSONResponse:
+        # Anything else under /api/v1: the error shape, not the UI's (mounted at "/") 404
+        if token:
+            try:
+                check_token(await bearer(request))
+            except ApiError as e:
+                return _error(e.status, e.message)
+        path, method = request.url.path, request.method
+        allowed = sorted(
+            {
+                m
+                for r in router.routes
+                if isinstance(r, APIRoute) and r.path_regex.match(path)
+                for m in r.methods
+            }
+        )
+        if allowed:
+            return _error(
+                405,
+                f"Method Not Allowed: {method} {path}; use {', '.join(allowed)}",
+                headers={"Allow": ", ".join(allowed)},
+            )
+        return _error(404, f"Not Found: no API route {path}; the routes are at {API_PREFIX}/docs")
+
+    app.add_route(API_PREFIX, _AnyMethod(no_route), include_in_schema=False)
+    app.add_route(f"{API_PREFIX}/{{rest:path}}", _AnyMethod(no_route), include_in_schema=False)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -197,8 +400,8 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         if not request.url.path.startswith(API_PREFIX):
-            return JSONResponse({"detail": e.detail}, status_code=e.status_code)
-        return _error(e.status_code, str(e.detail))
+            return JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=e.headers)
+        return _error(e.status_code, str(e.detail), headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:

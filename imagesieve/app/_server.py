@@ -2,7 +2,7 @@
 
 Loopback only by default. Listening on any other address needs both a UI login
 (``--auth user:pass``) and an API token, or the server refuses to start. Request bodies are
-capped before they are read, uploads by the Gradio app too.
+capped, declared (Content-Length) or streamed (chunked), uploads by the Gradio app too.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from starlette.exceptions import HTTPException
 
 from imagesieve.app._service import Service
 
@@ -71,8 +73,23 @@ def check_exposure(host: str, auth: tuple[str, str] | None, token: str | None) -
         )
 
 
+class _TooLarge(HTTPException):
+    """A request body over its cap: a 413 to whichever layer is reading the body.
+
+    Raised from ``receive``; being an HTTPException, body parsers (FastAPI's, Starlette's)
+    pass it on rather than answering 400 for a "malformed" body.
+    """
+
+    def __init__(self, limit: int):
+        super().__init__(
+            413,
+            f"request body over the {limit:,}-byte limit",
+            headers={"connection": "close"},  # the rest of the body is never read
+        )
+
+
 class _BodyLimit:
-    """ASGI middleware: 413 JSON for request bodies over the limit, before they are read."""
+    """ASGI middleware: 413 JSON for request bodies over the limit, declared or streamed."""
 
     def __init__(self, app: Any, limit_for: Any):
         self.app = app
@@ -86,9 +103,10 @@ class _BodyLimit:
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(send, limit)
+            await self._reject(send, _TooLarge(limit))
             return
         seen = 0
+        started = False
 
         async def counted() -> dict:
             nonlocal seen
@@ -96,23 +114,28 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge()
+                    raise _TooLarge(limit)
             return message
 
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._reject(send, limit)
+            await self.app(scope, counted, watched)
+        except _TooLarge as e:  # not answered on the way out (a bare ASGI app read the body)
+            if started:
+                raise
+            await self._reject(send, e)
 
     @staticmethod
-    async def _reject(send: Any, limit: int) -> None:
-        body = json.dumps(
-            {"error": {"status": 413, "message": f"request body over the {limit:,}-byte limit"}}
-        ).encode()
+    async def _reject(send: Any, e: _TooLarge) -> None:
+        body = json.dumps({"error": {"status": e.status_code, "message": e.detail}}).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": e.status_code,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
@@ -121,10 +144,6 @@ class _BodyLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def build_server(
@@ -144,8 +163,8 @@ def build_server(
         title="imagesieve",
         version=getattr(imagesieve, "__version__", "0"),
         description="Score images, search look-alikes, query the history, review UNKNOWN clusters.",
-        openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        openapi_url=None,  # served by add_api, behind the API token when one is set
+        docs_url=None,
         redoc_url=None,
     )
     add_api(app, service, token=token)

@@ -1,0 +1,432 @@
+"""The REST API against hostile and schema-driven clients, over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import subprocess
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from imagesieve._workspace import Workspace
+from imagesieve.app import Limits, Service, ServiceError
+from imagesieve.app._api import _user_error
+from imagesieve.app._server import start_server
+
+TOKEN = "hostile-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+#: Small byte caps: /predict's body cap is 1.5 MiB, /score's 2 MiB; files per upload stay 1,000.
+LIMITS = Limits(max_file_bytes=512 * 2**10, max_request_bytes=2**20)
+
+
+def model_copy(trained, root: Path) -> Workspace:
+    """A workspace at ``root`` with a copy of the trained model, nothing stored yet."""
+    ws_trained, _ = trained
+    ws = Workspace(root)
+    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+    return ws
+
+
+def assert_error(r, status: int, text: str) -> None:
+    """A JSON error of ``status`` in the documented shape, one line holding ``text``."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert err["status"] == status and text in err["message"], err
+    assert "\n" not in err["message"] and "Traceback" not in r.text
+
+
+@pytest.fixture(scope="module")
+def guarded(trained, tmp_path_factory):
+    """(server URL, workspace) of the API with a token and small limits, the UI mounted at /."""
+    ws = model_copy(trained, tmp_path_factory.mktemp("hostile") / "ws")
+    with Service(ws, limits=LIMITS) as service:
+        server = start_server(service, token=TOKEN, ui=True)
+        try:
+            yield server.url, ws
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def open_api(trained, tmp_path_factory):
+    """(API base URL, workspace) of a server without a token and without the UI."""
+    ws = model_copy(trained, tmp_path_factory.mktemp("open") / "ws")
+    with Service(ws, limits=LIMITS) as service:
+        server = start_server(service, ui=False)
+        try:
+            yield server.url + "/api/v1", ws
+        finally:
+            server.stop()
+
+
+def post_chunked(url: str, chunks, content_type: str, headers: dict[str, str]):
+    """POST ``chunks`` with Transfer-Encoding: chunked (no Content-Length): (status, body).
+
+    The server may answer and close before the body is all sent; what it answered is read.
+    """
+    parts = urlsplit(url)
+    assert parts.hostname == "127.0.0.1"
+    head = [f"POST {parts.path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
+    head += ["Transfer-Encoding: chunked"]
+    head += [f"Content-Type: {content_type}", *(f"{k}: {v}" for k, v in headers.items())]
+    answer = b""
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        try:
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+            for chunk in chunks:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered early: the answer is read below
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except ConnectionResetError:
+            pass  # closed after answering: the rest of our body was never read
+    status_line, _, rest = answer.partition(b"\r\n")
+    body = rest.partition(b"\r\n\r\n")[2]
+    return int(status_line.split()[1]), body
+
+
+def file_part_stream(field: str, name: str, data_chunks):
+    """A multipart/form-data body (boundary 'bnd') of one file part, yielded in pieces."""
+    yield f'--bnd\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'.encode()
+    yield b"Content-Type: application/octet-stream\r\n\r\n"
+    yield from data_chunks
+    yield b"\r\n--bnd--\r\n"
+
+
+@pytest.mark.parametrize(("route", "field"), [("predict", "file"), ("score", "files")])
+def test_body_limit__chunked_body_over_the_cap_is_413(guarded, route, field):
+    url, _ = guarded
+    cap = (LIMITS.max_file_bytes if route == "predict" else LIMITS.max_request_bytes) + 2**20
+    data = (b"x" * 2**16 for _ in range(cap // 2**16 + 8))  # half a MiB over the cap
+    status, body = post_chunked(
+        f"{url}/api/v1/{route}",
+        file_part_stream(field, "big.png", data),
+        "multipart/form-data; boundary=bnd",
+        AUTH,
+    )
+    assert status == 413, body
+    assert body.startswith(b'{"error":{"status":413,')
+    assert f"request body over the {cap:,}-byte limit".encode() in body
+
+
+def test_body_limit__declared_length_over_the_cap_is_413_for_score(guarded):
+    url, _ = guarded
+    cap = LIMITS.max_request_bytes + 2**20
+    files = [("files", ("big.png", b"x" * (cap + 1)))]
+    r = requests.post(f"{url}/api/v1/score", files=files, headers=AUTH, timeout=60)
+    assert_error(r, 413, f"request body over the {cap:,}-byte limit")
+
+
+def test_body_limit__chunked_body_under_the_cap_is_scored(guarded, elpv):
+    url, _ = guarded
+    data = elpv[11].path.read_bytes()
+    pieces = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+    status, body = post_chunked(
+        f"{url}/api/v1/predict",
+        file_part_stream("file", "cell.png", pieces),
+        "multipart/form-data; boundary=bnd",
+        AUTH,
+    )
+    assert status == 200, body
+    assert b'"source":"upload:cell.png"' in body
+
+
+def test_score__over_max_files_is_413_naming_the_limit(guarded):
+    url, ws = guarded
+    uploads = ws.root / "uploads"
+    before = sorted(uploads.iterdir()) if uploads.exists() else []
+    files = [("files", (f"f{i}.png", b"x")) for i in range(LIMITS.max_files + 1)]
+    r = requests.post(f"{url}/api/v1/score", files=files, headers=AUTH, timeout=60)
+    assert_error(r, 413, "over the limit of 1,000 files per upload")
+    assert (sorted(uploads.iterdir()) if uploads.exists() else []) == before  # nothing saved
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "text"),
+    [
+        ("multipart/form-data", b"--x\r\n", "malformed multipart/form-data body: Missing boundary"),
+        ("multipart/form-data; boundary=zz", b"junk", "malformed multipart/form-data body"),
+        (
+            "multipart/form-data; boundary=zz",
+            b"--zz\r\nContent-Disposition: form-data\r\n\r\nabc\r\n--zz--\r\n",
+            '"name" must be provided',
+        ),
+    ],
+)
+def test_score__malformed_multipart_is_one_line_400(guarded, content_type, body, text):
+    url, _ = guarded
+    headers = {**AUTH, "Content-Type": content_type}
+    r = requests.post(f"{url}/api/v1/score", data=body, headers=headers, timeout=30)
+    assert_error(r, 400, text)
+
+
+def test_score__non_multipart_body_is_422(guarded):
+    url, _ = guarded
+    r = requests.post(f"{url}/api/v1/score", json={"files": ["a.png"]}, headers=AUTH, timeout=30)
+    assert_error(r, 422, "send them as multipart/form-data field 'files'")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("GET", "/api/v1/nope", 404, None),
+        ("GET", "/api/v1", 404, None),
+        ("PUT", "/api/v1/deep/nested/path", 404, None),
+        ("POST", "/api/v1/health", 405, "GET"),
+        ("DELETE", "/api/v1/sql", 405, "POST"),
+        ("GET", "/api/v1/predict", 405, "POST"),
+        ("PROPFIND", "/api/v1/health", 405, "GET"),
+    ],
+)
+def test_no_route__unknown_api_routes_answer_the_error_shape(guarded, method, path, status, allow):
+    url, _ = guarded
+    r = requests.request(method, url + path, headers=AUTH, timeout=30)
+    assert_error(r, status, "Not Found" if status == 404 else f"use {allow}")
+    assert r.headers.get("allow") == allow
+    # without the token nothing says which routes exist
+    assert_error(requests.request(method, url + path, timeout=30), 401, "API token")
+
+
+def test_no_route__the_ui_keeps_its_own_routes(guarded):
+    url, _ = guarded
+    page = requests.get(url + "/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert requests.get(f"{url}/api/v1/health", headers=AUTH, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/api/v1/openapi.json", "/api/v1/docs"])
+def test_docs__need_the_token_when_one_is_set(guarded, open_api, path):
+    url, _ = guarded
+    assert_error(requests.get(url + path, timeout=30), 401, "API token")
+    wrong = {"Authorization": "Bearer not-it"}
+    assert_error(requests.get(url + path, headers=wrong, timeout=30), 401, "API token")
+    assert requests.get(url + path, headers=AUTH, timeout=30).status_code == 200
+    open_base, _ = open_api
+    assert requests.get(open_base.removesuffix("/api/v1") + path, timeout=30).status_code == 200
+
+
+def test_docs__page_works_with_the_header_alone(guarded):
+    url, _ = guarded
+    page = requests.get(f"{url}/api/v1/docs", headers=AUTH, timeout=30)
+    assert page.headers["content-type"].startswith("text/html")
+    assert "SwaggerUIBundle" in page.text
+    assert '"spec":' in page.text and "/api/v1/score" in page.text  # schema inlined
+
+
+def test_openapi__score_body_and_error_answers_are_described(guarded):
+    url, _ = guarded
+    schema = requests.get(f"{url}/api/v1/openapi.json", headers=AUTH, timeout=30).json()
+    body = schema["paths"]["/api/v1/score"]["post"]["requestBody"]
+    form = body["content"]["multipart/form-data"]["schema"]
+    assert body["required"] is True and form["required"] == ["files"]
+    assert form["properties"]["files"] == {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "description": form["properties"]["files"]["description"],
+    }
+    assert form["properties"]["column"]["type"] == "string"
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    want = {
+        ("get", "/api/v1/health"): {401, 500},
+        ("post", "/api/v1/predict"): {400, 401, 413, 422, 500, 503, 507},
+        ("post", "/api/v1/score"): {400, 401, 413, 422, 500, 503, 507},
+        ("get", "/api/v1/similar"): {400, 401, 422, 500, 503},
+        ("post", "/api/v1/sql"): {400, 401, 422, 500},
+        ("get", "/api/v1/clusters"): {401, 500, 503},
+    }
+    for (method, path), statuses in want.items():
+        answers = schema["paths"][path][method]["responses"]
+        assert {int(s) for s in answers if s != "200"} == statuses, path
+        for s in statuses:
+            assert answers[str(s)]["content"]["application/json"]["schema"] == error_ref
+        assert schema["paths"][path][method]["security"] == [{"HTTPBearer": []}]
+    detail = schema["components"]["schemas"]["ErrorDetail"]
+    assert set(detail["required"]) == {"status", "message"}
+
+
+def test_openapi__no_401_documented_without_a_token(open_api):
+    base, _ = open_api
+    schema = requests.get(f"{base}/openapi.json", timeout=30).json()
+    answers = schema["paths"]["/api/v1/health"]["get"]["responses"]
+    assert "401" not in answers and "security" not in schema["paths"]["/api/v1/health"]["get"]
+
+
+class LoopbackOnly(requests.Session):
+    """A session that sends to 127.0.0.1 only, ignoring proxy settings from the environment."""
+
+    def __init__(self):
+        super().__init__()
+        self.trust_env = False
+
+    def send(self, request, **kwargs):
+        host = urlsplit(request.url).hostname
+        assert host == "127.0.0.1", f"refused to send to {request.url}"
+        return super().send(request, **kwargs)
+
+
+def test_openapi__schema_driven_client_gets_no_server_error(guarded):
+    url, _ = guarded
+    schema = schemathesis.openapi.from_url(
+        f"{url}/api/v1/openapi.json", config=schemathesis.Config(), headers=AUTH, timeout=30
+    )
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+    session = LoopbackOnly()
+    seen: dict[str, set[int]] = {}
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/api/v1/predict", "/api/v1/score"}
+    for op in operations:
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
+            @settings(
+                max_examples=15,
+                deadline=timedelta(seconds=15),
+                derandomize=True,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=op.as_strategy(mode))
+            def client(case):
+                r = case.call_and_validate(
+                    base_url=url, session=session, headers=AUTH, checks=checks, timeout=30
+                )
+                assert r.status_code < 500, (case.method, case.path, r.status_code, r.text)
+                seen.setdefault(f"{case.method.upper()} {case.path}", set()).add(r.status_code)
+
+            client()
+    # random bytes as images are refused as a client's mistake, not a server error
+    assert seen["POST /api/v1/predict"] and max(seen["POST /api/v1/predict"]) < 500
+    assert seen["POST /api/v1/score"] and max(seen["POST /api/v1/score"]) < 500
+
+
+@contextmanager
+def tmpfs(path: Path, *options: str):
+    """A tiny tmpfs mounted over ``path`` (created); skips the test where mounting is denied."""
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("a full or read-only disk needs 'mount' as root; not available here")
+    opts = ",".join(["size=64k", *options])
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def fill(folder: Path) -> None:
+    """Write to ``folder`` until its file system is full."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+
+
+def stored(base: str) -> int:
+    return requests.get(f"{base}/health", timeout=30).json()["stored_images"]
+
+
+def test_user_error__full_disk_on_predict_is_507_then_stored_once_freed(open_api, elpv):
+    base, ws = open_api
+    data = elpv[21].path.read_bytes()
+    before = stored(base)
+    with tmpfs(ws.images_dir) as images:
+        fill(images)
+        r = requests.post(f"{base}/predict", files={"file": ("a.png", data)}, timeout=60)
+        assert_error(r, 507, "the server's disk is full")
+        assert stored(base) == before
+    r = requests.post(f"{base}/predict", files={"file": ("a.png", data)}, timeout=60)
+    assert r.status_code == 200 and r.json()["already_stored"] is False
+    assert stored(base) == before + 1
+
+
+def test_user_error__full_disk_on_score_is_507(open_api, elpv):
+    base, ws = open_api
+    files = [("files", ("b.png", elpv[22].path.read_bytes()))]
+    with tmpfs(ws.root / "uploads") as uploads:
+        fill(uploads)
+        r = requests.post(f"{base}/score", files=files, timeout=60)
+        assert_error(r, 507, "the server's disk is full")
+
+
+def test_user_error__read_only_workspace_is_503(open_api, elpv):
+    base, ws = open_api
+    data = elpv[23].path.read_bytes()
+    with tmpfs(ws.images_dir, "ro"):
+        r = requests.post(f"{base}/predict", files={"file": ("c.png", data)}, timeout=60)
+        assert_error(r, 503, "cannot write to its workspace")
+
+
+def caused(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "text"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 507, "the server's disk is full"),
+        (
+            caused(ServiceError("upload:a.png: cannot keep it"), OSError(errno.ENOSPC, "full")),
+            507,
+            "the server's disk is full",
+        ),
+        (OSError(errno.EROFS, "Read-only file system"), 503, "cannot write to its workspace"),
+        (
+            caused(
+                ServiceError("upload:a.png: cannot keep it"), PermissionError(errno.EACCES, "no")
+            ),
+            503,
+            "cannot write to its workspace",
+        ),
+        (
+            caused(ServiceError("upload:a.png: cannot keep it"), NotADirectoryError(20, "no")),
+            500,
+            "upload:a.png: cannot keep it",
+        ),
+        (ServiceError("no trained model in /ws: run 'imagesieve train'"), 503, "no trained model"),
+        (ServiceError("3 files is over the limit of 2 per upload"), 413, "limit of 2"),
+        (ServiceError("a training run is already going"), 400, "a training run"),
+    ],
+)
+def test_user_error__maps_each_kind_to_its_status(error, status, text):
+    mapped = _user_error(error)
+    assert mapped.status == status and text in mapped.message
+    assert "\n" not in mapped.message
+
+
+def test_user_error__unexpected_errors_are_raised_again():
+    with pytest.raises(RuntimeError, match="boom"):
+        _user_error(RuntimeError("boom"))
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        _user_error(OSError(errno.EBADF, "Bad file descriptor"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -202,7 +203,7 @@ def _score_imagenet(args: argparse.Namespace, ws: Workspace) -> None:
     _emit(args, doc, human)
 
 
-def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
+def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
     """The `score` verb: images, folders, zips, lists and URLs into the store, with a report."""
     if not args.inputs and not args.retry_failed:
         raise UserError("nothing to score: give image files, folders, zips, CSV/XLSX lists or URLs")
@@ -226,6 +227,8 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
     with _progress(not args.json) as progress:
         summary = score_inputs(ws, args.inputs, opts, progress)
     doc = summary.to_dict()
+    code = score_exit_code(summary)
+    doc["exit_code"] = code
 
     def human() -> None:
         for p in [p for p in summary.shown if p.ok][: args.show]:
@@ -259,8 +262,26 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> None:
             print(f"  report: {summary.csv}")
         if summary.sort_into:
             print(f"  sorted into: {summary.sort_into}/<label>/")
+        if code == EXIT_SOME_FAILED:
+            print(f"  exit code {code}: some items failed (see above)")
+        elif code == EXIT_NONE_SCORED:
+            print(f"  exit code {code}: nothing was scored or already stored")
 
     _emit(args, doc, human)
+    return code
+
+
+#: ``score``'s exit codes beyond 0 (every item scored or already stored) and 2 (a user error).
+EXIT_SOME_FAILED = 3
+EXIT_NONE_SCORED = 4
+
+
+def score_exit_code(summary: Any) -> int:
+    """0 when every item was scored or already stored; 3 when some failed; 4 when none was."""
+    done = summary.items - len(summary.failures)
+    if done <= 0:
+        return EXIT_NONE_SCORED
+    return EXIT_SOME_FAILED if summary.failures else 0
 
 
 def cmd_reindex(args: argparse.Namespace, ws: Workspace) -> None:
@@ -391,7 +412,11 @@ def cmd_serve(args: argparse.Namespace, ws: Workspace) -> None:
     from imagesieve.app import Limits, Service
     from imagesieve.app._server import serve
 
-    limits = Limits(max_file_bytes=args.max_upload_mb * 2**20)
+    limits = Limits(
+        max_file_bytes=args.max_upload_mb * 2**20,
+        allow_fetch=tuple(args.allow_fetch or ()),
+        allow_paths=tuple(os.path.abspath(p) for p in args.allow_paths or ()),
+    )
     out = sys.stderr if args.json else sys.stdout
 
     def ready(url: str) -> None:
@@ -431,6 +456,19 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-ui", dest="ui", action="store_false", help="the REST API alone, without the app"
+    )
+    parser.add_argument(
+        "--allow-fetch",
+        nargs="+",
+        metavar="CIDR",
+        help="networks that URL lists sent to the server may reach besides the public internet "
+        "(default none: loopback, private and link-local addresses are refused)",
+    )
+    parser.add_argument(
+        "--allow-paths",
+        nargs="+",
+        metavar="DIR",
+        help="folders whose files URL lists sent to the server may name (default none)",
     )
 
 
@@ -816,24 +854,46 @@ def main(argv: list[str] | None = None) -> int:
     from imagesieve.models import MissingWeightsError
 
     try:
-        args.func(args, ws)
-    except (
-        UserError,
-        ValueError,
-        FileNotFoundError,
-        MissingWeightsError,
-        ImageLoadError,
-        RuntimeError,
-    ) as e:
-        print(f"imagesieve {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+        return args.func(args, ws) or 0
     except KeyboardInterrupt:
         print(f"imagesieve {args.verb}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
-    return 0
+    except (
+        UserError,
+        ValueError,
+        OSError,
+        MissingWeightsError,
+        ImageLoadError,
+        RuntimeError,
+    ) as e:
+        print(f"imagesieve {args.verb}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if type(e).__module__.split(".")[0].lstrip("_") != "duckdb":  # a bug: keep its traceback
+            raise
+        print(f"imagesieve {args.verb}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as one line in the user's words (an OS error names the file and the cause)."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror.lower()}{_disk_hint(e)}"
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return text + _disk_hint(e)
+
+
+def _disk_hint(e: BaseException) -> str:
+    text = str(e)
+    if getattr(e, "errno", None) == 28 or "No space left" in text:
+        return " (the disk is full: free some space and run the command again)"
+    if getattr(e, "errno", None) == 30 or "Read-only file" in text:
+        return " (the workspace is read-only: only similar, cluster --list, sql and models work)"
+    return ""
 
 
 if __name__ == "__main__":

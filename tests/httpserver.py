@@ -11,6 +11,7 @@ Routes:
   /redirect/<name>     302 -> /img/<name>
   /redirect-loop       302 -> /redirect-loop
   /redirect-ftp        302 -> ftp://127.0.0.1/x.png
+  /redirect-to?url=U   302 -> U (anywhere)
   /flaky/<name>        503 on the first request for that name, then the image
   /empty               200 image/png with an empty body
 """
@@ -69,6 +70,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._redirect("/redirect-loop")
             elif head == "redirect-ftp":
                 self._redirect("ftp://127.0.0.1/x.png")
+            elif head == "redirect-to":
+                self._redirect(query["url"][0])
             elif head == "flaky":
                 if self.server.hits[path] == 1:
                     self._send(503, b"try again\n", "text/plain")
@@ -125,8 +128,8 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, files: dict[str, bytes], latency: float):
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, files: dict[str, bytes], latency: float, host: str = "127.0.0.1"):
+        super().__init__((host, 0), _Handler)
         self.files = files
         self.latency = latency
         self.stop = threading.Event()
@@ -151,8 +154,10 @@ class ImageServer:
     ``srv.hits`` counts requests per path (e.g. ``srv.hits["/flaky/a.png"]``).
     """
 
-    def __init__(self, files: dict[str, bytes] | None = None, latency: float = 0.0):
-        self._server = _Server(dict(files or {}), latency)
+    def __init__(
+        self, files: dict[str, bytes] | None = None, latency: float = 0.0, host: str = "127.0.0.1"
+    ):
+        self._server = _Server(dict(files or {}), latency, host)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )

@@ -1,5 +1,8 @@
+import contextlib
 import csv
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +44,9 @@ def test_main__score_json_and_csv(scoring_ws, small_folder, tmp_path, capsys):
             str(out_csv),
         ]
     )
-    assert code == 0
+    assert code == 3  # one item failed
     doc = json.loads(capsys.readouterr().out)
+    assert doc["exit_code"] == 3
     n_images = len(list((small_folder / "functional").glob("*.png")))
     assert doc["items"] == len(doc["predictions"]) == n_images + 1
     assert doc["failed"] == 1 and doc["scored"] == n_images
@@ -136,10 +140,88 @@ def test_main__score_human_summary_always_lists_failures(
             "1",
         ]
     )
-    assert code == 0
+    assert code == 3
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "... 2 more (use --csv OUT for all)"
     assert out[2] == f"{tmp_path / 'bad.jpg'}: FAILED (not_image): not a recognised image format"
     assert out[3].startswith("batch 1 with v1: 4 items, 3 newly scored, 0 rescored, ")
     assert "1 failed" in out[3]
     assert out[4].startswith("  labels: ")
+
+
+def test_main__score_exit_codes_tell_scripts_what_happened(scoring_ws, small_folder, tmp_path):
+    ws = ["--workspace", str(scoring_ws.root)]
+    good = sorted((small_folder / "functional").glob("*.png"))[:3]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not an image")
+    (bad / "b.jpg").write_bytes(b"")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    assert main(["score", *map(str, good), *ws]) == 0  # all scored
+    assert main(["score", *map(str, good), *ws]) == 0  # all already stored
+    assert main(["score", str(good[0]), str(bad), *ws]) == 3  # some failed
+    assert main(["score", str(bad), *ws]) == 4  # every item failed
+    assert main(["score", str(empty), *ws]) == 4  # nothing to score
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A tmpfs mounted at ``path`` (root only: the test is skipped, saying so, otherwise)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs (a read-only or full disk)")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_cli__read_only_workspace_reads_and_refuses_writes_in_one_line(
+    scoring_ws, small_folder, tmp_path
+):
+    images = sorted((small_folder / "functional").glob("*.png"))[:4]
+    assert main(["score", *map(str, images), "--workspace", str(scoring_ws.root)]) == 0
+    with tmpfs(tmp_path / "ro", "256m") as mount:
+        shutil.copytree(scoring_ws.root, mount / "ws")
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        ws = ["--workspace", str(mount / "ws")]
+        for verb in (
+            ["similar", "--id", "1"],
+            ["cluster", "--list"],
+            ["sql", "SELECT 1"],
+            ["models"],
+        ):
+            done = run_cli(*verb, *ws)
+            assert done.returncode == 0, (verb, done.stderr)
+        for verb in (
+            ["score", str(images[0])],
+            ["reindex"],
+            ["cluster"],
+            ["score", str(small_folder)],
+        ):
+            done = run_cli(*verb, *ws)
+            assert done.returncode == 2, (verb, done.stdout, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+            assert "Traceback" not in done.stderr
+            assert "read-only" in done.stderr.lower(), done.stderr
+
+
+def test_cli__full_disk_is_one_line_exit_2(scoring_ws, small_folder, tmp_path):
+    models = sum(f.stat().st_size for f in scoring_ws.models_dir.rglob("*") if f.is_file())
+    with tmpfs(tmp_path / "full", str(models + 400 * 1024)) as mount:
+        shutil.copytree(scoring_ws.root, mount / "ws")
+        done = run_cli(
+            "score", str(small_folder), "--keep-images", "all", "--workspace", str(mount / "ws")
+        )
+        assert done.returncode == 2, (done.stdout[-500:], done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+        assert "disk is full" in done.stderr, done.stderr

@@ -4,6 +4,8 @@ import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from imagesieve.data import (
     SkippedFile,
     fit_shorter_side,
     load_image,
+    read_image_bytes,
     scan_image_folder,
 )
 
@@ -609,3 +612,103 @@ def test_scan_image_folder__elpv_cells(tmp_path):
         assert decoded.image.size == (224, 224)
         original = (ELPV_IMAGES / sample.path.name).read_bytes()
         assert decoded.sha256 == hashlib.sha256(original).hexdigest()
+
+
+# -- hostile files ------------------------------------------------------------------------------
+
+
+def _bmp_claiming_size(path: Path, width: int, height: int) -> Path:
+    """A 54-byte 24-bit BMP header that declares ``width`` x ``height`` pixels and holds none."""
+    header = struct.pack("<2sIHHI", b"BM", 54, 0, 0, 54)
+    header += struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    path.write_bytes(header)
+    return path
+
+
+def layered_psd(w: int = 8, h: int = 6, layers: int = 2) -> bytes:
+    """A minimal valid RGB PSD with ``layers`` raw layers and a raw composite image."""
+    out = io.BytesIO()
+    out.write(b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, h, w, 8, 3))
+    out.write(struct.pack(">II", 0, 0))  # colour mode data, image resources
+    records, channel_data = b"", b""
+    for n in range(layers):
+        rec = struct.pack(">iiiiH", 0, 0, h, w, 3)
+        for c in range(3):
+            rec += struct.pack(">hI", c, 2 + w * h)
+            channel_data += struct.pack(">H", 0) + bytes([(40 * n + 80 * c) % 256]) * (w * h)
+        name = f"layer{n}".encode()
+        pascal = bytes([len(name)]) + name
+        pascal += b"\0" * (-len(pascal) % 4)
+        extra = struct.pack(">II", 0, 0) + pascal
+        rec += b"8BIMnorm" + bytes([255, 0, 0, 0]) + struct.pack(">I", len(extra)) + extra
+        records += rec
+    info = struct.pack(">h", layers) + records + channel_data
+    info += b"\0" * (len(info) % 2)
+    block = struct.pack(">I", len(info)) + info + struct.pack(">I", 0)
+    out.write(struct.pack(">I", len(block)) + block)
+    composite = bytes([10]) * (w * h) + bytes([20]) * (w * h) + bytes([30]) * (w * h)
+    out.write(struct.pack(">H", 0) + composite)  # raw, planar
+    return out.getvalue()
+
+
+def test_load_image__layered_psd_gives_its_composite():
+    data = layered_psd()
+    assert Image.open(io.BytesIO(data)).n_frames == 2  # layered: its first frame is 1
+    decoded = load_image(data, name="art.psd")
+    assert decoded.image.size == (8, 6) and decoded.image.getpixel((3, 2)) == (10, 20, 30)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_load_image__device_refused_without_reading_it():
+    err = _load_error("/dev/zero")
+    assert err.kind == "unreadable"
+    assert str(err) == "/dev/zero: not a regular file (device, pipe or socket)"
+
+
+def test_load_image__fifo_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    err = _load_error(fifo)
+    assert str(err) == f"{fifo}: not a regular file (device, pipe or socket)"
+
+
+def test_read_image_bytes__reads_at_most_the_cap_whatever_stat_says(tmp_path, monkeypatch):
+    path = tmp_path / "grows.png"
+    path.write_bytes(b"x" * 5000)
+    real = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*real(fd)[:6], 10, *real(fd)[7:])))
+    with pytest.raises(ImageLoadError, match="over the 1,000-byte limit"):
+        read_image_bytes(path, "grows.png", max_bytes=1000)
+
+
+def test_load_image__declared_pixels_over_the_decode_budget_refused_before_allocating(tmp_path):
+    path = _bmp_claiming_size(tmp_path / "huge.bmp", 10_000, 8_000)  # 80 MP < max_pixels
+    err = _load_error(path)
+    assert err.kind == "too_large"
+    assert str(err) == (
+        f"{path}: image is 10000x8000 RGB: decoding needs 305 MB, over the 256 MB limit"
+    )
+    # nothing was allocated for it: a fresh process stays far below the 305 MB it declares
+    code = (
+        "import resource; from imagesieve.data import load_image, ImageLoadError\n"
+        f"try: load_image({str(path)!r})\n"
+        "except ImageLoadError: pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) < 200 * 1024, out.stdout  # KiB
+
+
+def test_engine_prepare__a_failed_item_keeps_no_frames_alive(trained, tmp_path):
+    """A failed item waits in the pipeline with its error: the error must not hold the
+    failed decode's frames (and so its buffers) through a traceback or a chained exception."""
+    from imagesieve.classifier import Predictor
+
+    _, result = trained
+    engine = Predictor(result.version).engine
+    path = _bmp_claiming_size(tmp_path / "lying.bmp", 300, 200)  # declares pixels it lacks
+    for skip in (None, lambda sha: False):
+        res, x = engine.prepare(str(path), skip)
+        err = res.error
+        assert x is None and err.kind == "truncated"
+        assert err.__traceback__ is None and err.__context__ is None and err.__cause__ is None

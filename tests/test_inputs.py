@@ -14,7 +14,13 @@ from PIL import Image
 from imagesieve.data import ImageLoadError, load_image
 from imagesieve.indexer import _inputs
 from imagesieve.indexer._fetch import USER_AGENT, FetchOptions, fetch_items
-from imagesieve.indexer._inputs import InputError, InputItem, expand_inputs
+from imagesieve.indexer._inputs import (
+    ArchiveLimits,
+    InputError,
+    InputItem,
+    ZipMember,
+    expand_inputs,
+)
 
 FAST = FetchOptions(
     workers=4, connect_timeout=1.0, read_timeout=1.0, total_timeout=5.0, backoff=0.01
@@ -154,7 +160,8 @@ def test_expand_inputs__zip_members_sorted_with_nested_folders(tmp_path):
     items = list(expansion)
     prefix = f"{archive}:"
     assert _names(items) == [prefix + "a.jpg", prefix + "top/b.png", prefix + "top/inner/c.png"]
-    assert [i.source for i in items] == [JPEG, PNG, PNG]
+    assert [i.content() for i in items] == [JPEG, PNG, PNG]  # read when needed, not before
+    assert all(isinstance(i.source, ZipMember) for i in items)
     assert [i.filename for i in items] == ["a.jpg", "b.png", "c.png"]
     assert [i.member for i in items] == ["a.jpg", "top/b.png", "top/inner/c.png"]
     assert load_image(items[0].source, name=items[0].name).width == 8
@@ -198,14 +205,15 @@ def test_expand_inputs__zip_bombs_and_bad_members_become_error_items(tmp_path, m
     declared = items["declared.png"].error
     assert (declared.kind, declared.source) == ("too_large", f"{archive}:declared.png")
     assert declared.reason == "zip member is 5,000 bytes, over the 1,000-byte limit"
-    liar = items["liar.png"]
-    assert liar.source is None and liar.error.kind == "corrupt"
-    assert liar.error.reason.startswith("corrupt zip member (")
+    liar = items["liar.png"]  # found out when it is read
+    with pytest.raises(ImageLoadError) as err:
+        liar.content()
+    assert err.value.kind == "corrupt" and err.value.reason.startswith("corrupt zip member (")
     assert (items["locked.png"].error.kind, items["locked.png"].error.reason) == (
         "unreadable",
         "zip member is encrypted (password protected)",
     )
-    assert items["ok.png"].source == PNG[:900] and items["ok.png"].error is None
+    assert items["ok.png"].content() == PNG[:900] and items["ok.png"].error is None
 
 
 def test_expand_inputs__zip_member_with_corrupt_data(tmp_path):
@@ -216,8 +224,45 @@ def test_expand_inputs__zip_member_with_corrupt_data(tmp_path):
     data[offset : offset + 16] = b"\xff" * 16
     archive.write_bytes(bytes(data))
     [item] = expand_inputs([str(archive)])
-    assert item.error.kind == "corrupt" and item.source is None
-    assert str(item.error).startswith(f"{archive}:x.png: corrupt zip member (")
+    with pytest.raises(ImageLoadError) as err:
+        load_image(item.source, name=item.name)
+    assert err.value.kind == "corrupt"
+    assert str(err.value).startswith(f"{archive}:x.png: corrupt zip member (")
+
+
+def test_expand_inputs__unsafe_member_names_are_failures_not_dropped(tmp_path):
+    archive = _zip(tmp_path / "evil.zip", {"../../x.png": PNG, "/abs.png": PNG, "ok/../y.png": PNG})
+    items = {i.member: i for i in expand_inputs([str(archive)])}
+    assert set(items) == {"../../x.png", "/abs.png", "ok/../y.png"}
+    for item in items.values():
+        assert item.source is None and item.error.kind == "unreadable"
+        assert item.error.reason == "unsafe member name (absolute or with ..)"
+
+
+def test_expand_inputs__zip_members_are_streamed_one_at_a_time_within_budgets(tmp_path):
+    big = b"\x00" * 2_000_000  # deflates to ~2 KB
+    archive = _zip(tmp_path / "bomb.zip", {f"m{i:02}.png": big for i in range(12)})
+    assert archive.stat().st_size < 100_000
+    limits = ArchiveLimits(max_bytes=5_000_000, max_total_members=10)
+    items = list(expand_inputs([str(archive)], archives=limits))
+    assert len(items) == 11  # ten members, then one failure for the rest
+    assert all(isinstance(i.source, ZipMember) for i in items[:10])  # nothing read yet
+    assert items[10].error.kind == "too_large" and items[10].name == str(archive)
+    assert items[10].error.reason == (
+        f"over the limit of 10 image members per run; 2 image members of {archive} were not read"
+    )
+    read = [i.content() for i in items[:2]]  # 4,000,000 bytes inflated
+    assert read == [big, big]
+    with pytest.raises(ImageLoadError, match="over the limit of 5,000,000 inflated bytes per "):
+        items[2].content()  # would pass 5,000,000 for this archive
+
+
+def test_expand_inputs__member_count_per_archive(tmp_path):
+    archive = _zip(tmp_path / "many.zip", {f"{i}.png": PNG for i in range(30)})
+    items = list(expand_inputs([str(archive)], archives=ArchiveLimits(max_members=25)))
+    assert len(items) == 26 and items[-1].error.reason.startswith(
+        f"over the limit of 25 image members per archive; 5 image members of {archive}"
+    )
 
 
 def test_expand_inputs__corrupt_zip_is_an_input_error(tmp_path):
@@ -274,6 +319,34 @@ def test_expand_inputs__csv_rows_become_items(tmp_path):
         "ftp://example.com/b.png: only http and https URLs are fetched (photos.csv row 6)"
     )
     assert str(items[5].error) == f"{listing}: row 7: empty cell in column 'URL'"
+
+
+def test_expand_inputs__served_list_names_no_local_paths(tmp_path):
+    upload = tmp_path / "upload"
+    _write(upload / "own.png")
+    secret = _write(tmp_path / "secret" / "key.png")
+    (upload / "link.png").symlink_to(secret)
+    cells = [
+        str(secret),
+        "../secret/key.png",
+        "/etc/passwd",
+        "link.png",
+        "/nope/x.png",
+        "/dev/zero",
+    ]
+    listing = _csv(
+        upload / "list.csv", [["path"], ["own.png"], ["~/.bashrc"], *[[c] for c in cells]]
+    )
+    items = list(expand_inputs([str(listing)], local_paths=[upload]))
+    assert items[0].source == str(upload / "own.png") and items[0].error is None
+    # "~" is not expanded: it names a file inside the upload, which is not there
+    assert items[1].error.kind == "missing" and items[1].source is None
+    refused = "local paths are not read from this list, only http(s) URLs (list.csv row {})"
+    for n, item in enumerate(items[2:], start=4):
+        assert item.source is None and item.error.kind == "not_allowed", item
+        assert item.error.reason == refused.format(n)  # the same whether the file exists or not
+    nothing = list(expand_inputs([str(listing)], local_paths=[]))
+    assert {i.error.kind for i in nothing} == {"not_allowed"}
 
 
 @pytest.mark.parametrize(
@@ -596,3 +669,93 @@ def test_fetch_options__rejects_bad_values():
         FetchOptions(total_timeout=0)
     with pytest.raises(ValueError, match="retries must not be negative, got -1"):
         FetchOptions(retries=-1)
+
+
+# --- what a server's lists may reach ----------------------------------------------------------
+
+SERVED = FetchOptions(private_networks=False, retries=0)
+
+
+def _fetched(urls, opts):
+    return {
+        i.url: i
+        for i in fetch_items([InputItem(n, u, None, url=u) for n, u in enumerate(urls)], opts)
+    }
+
+
+def test_fetch_items__served_lists_reach_no_internal_address():
+    with ImageServer({"a.png": PNG}) as server:
+        _no_internal_address(server)
+
+
+def _no_internal_address(server):
+    port = server.base.rsplit(":", 1)[1]
+    urls = [
+        server.url("a.png"),
+        f"http://localhost:{port}/img/a.png",
+        f"http://2130706433:{port}/img/a.png",  # 127.0.0.1 as one number
+        f"http://0x7f.1:{port}/img/a.png",
+        f"http://[::1]:{port}/img/a.png",
+        f"http://[::ffff:127.0.0.1]:{port}/img/a.png",
+        f"http://0.0.0.0:{port}/img/a.png",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/x.png",
+        "http://192.168.1.1/x.png",
+        "http://[fe80::1]/x.png",
+        "http://224.0.0.1/x.png",
+    ]
+    got = _fetched(urls, SERVED)
+    for url in urls:
+        err = got[url].error
+        assert err is not None and err.kind == "not_allowed", (url, got[url])
+        assert err.reason.endswith(
+            "is not a public address: only public http(s) URLs are fetched here"
+        )
+    assert sum(server.hits.values()) == 0  # no request reached it
+
+
+def test_fetch_items__redirects_are_checked_on_every_hop(tmp_path):
+    with (
+        ImageServer({"a.png": PNG}) as inside,
+        ImageServer({"a.png": PNG}, host="127.0.0.2") as edge,
+    ):
+        opts = FetchOptions(private_networks=False, allow_networks=("127.0.0.2/32",), retries=0)
+        allowed = edge.url("a.png")
+        hop = f"{edge.base}/redirect-to?url={inside.url('a.png')}"
+        got = _fetched([allowed, hop], opts)
+        assert got[allowed].source == PNG  # the operator allowed this one network
+        err = got[hop].error
+        assert err.kind == "not_allowed"
+        assert err.reason.startswith(
+            f"redirected to {inside.url('a.png')}: 127.0.0.1 is not a public"
+        )
+        assert sum(inside.hits.values()) == 0
+
+
+def test_fetch_items__connects_to_the_address_it_checked(monkeypatch):
+    """DNS rebinding: a name that resolves to an allowed address, then to loopback."""
+    import socket
+
+    with (
+        ImageServer({"a.png": PNG}, host="127.0.0.2") as allowed,
+        ImageServer({"a.png": PNG}) as inside,
+    ):
+        port = int(allowed.base.rsplit(":", 1)[1])
+        real = socket.getaddrinfo
+        answers = iter(["127.0.0.2", "127.0.0.1", "127.0.0.1"])
+
+        def rebinding(host, *args, **kwargs):
+            if host == "rebind.test":
+                return real(next(answers), *args, **kwargs)
+            return real(host, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+        opts = FetchOptions(private_networks=False, allow_networks=("127.0.0.2/32",), retries=0)
+        url = f"http://rebind.test:{port}/img/a.png"
+        assert _fetched([url], opts)[url].source == PNG
+        assert allowed.hits["/img/a.png"] == 1 and sum(inside.hits.values()) == 0
+
+
+def test_fetch_options__allow_networks_must_be_cidrs():
+    with pytest.raises(ValueError, match="not a network \\(CIDR like 10.0.0.0/8\\): 'intranet'"):
+        FetchOptions(allow_networks=("intranet",))

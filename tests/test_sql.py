@@ -316,7 +316,9 @@ def test_run_sql__transaction_refuses_writes_the_check_would_miss(ws, tmp_path, 
     con = duckdb.connect(str(path))
     try:
         before = counts(con)
-        with pytest.raises(SqlError, match="read-only mode|data-modifying statement must be at the top"):
+        with pytest.raises(
+            SqlError, match="read-only mode|data-modifying statement must be at the top"
+        ):
             run_sql(con.cursor(), sql)
         assert counts(con) == before
         assert run_sql(con.cursor(), "SELECT count(*) FROM predictions").rows == [(8,)]

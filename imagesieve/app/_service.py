@@ -31,7 +31,9 @@ import numpy as np
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import UNKNOWN, EngineResult, Prediction, Predictor, Progress
 from imagesieve.indexer import Failure, ScoreOptions, ScoreSummary, Store, score_inputs
+from imagesieve.indexer._fetch import FetchOptions
 from imagesieve.indexer._images import image_source, keep_image
+from imagesieve.indexer._inputs import ArchiveLimits
 from imagesieve.indexer._score import assign_unknowns, stored_prediction
 from imagesieve.models import ModelVersion, activate_version, active_version, list_versions
 
@@ -75,11 +77,26 @@ class ServiceError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Upload limits: bytes per file, files per request, bytes per request."""
+    """What one request may ask of the server: upload sizes, what its lists and zips may reach.
+
+    Bytes per file, files and bytes per request; image members and inflated bytes its zip
+    archives may hold (per archive and per request); the networks (CIDRs) beyond the public
+    internet and the local folders that its URL lists may name (none by default).
+    """
 
     max_file_bytes: int = 50 * 2**20
     max_files: int = 1000
     max_request_bytes: int = 1024 * 2**20
+    max_members: int = 10_000
+    max_inflated_bytes: int = 2 * 2**30
+    allow_fetch: tuple[str, ...] = ()
+    allow_paths: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        FetchOptions(allow_networks=self.allow_fetch)  # raises for a bad CIDR
+        for folder in self.allow_paths:
+            if not os.path.isdir(folder):
+                raise ValueError(f"--allow-paths {folder}: no such folder")
 
 
 @dataclass
@@ -619,7 +636,22 @@ class Service:
         are written there.
         """
         predictor = self.predictor or self.version  # the second raises "no model"
-        opts = ScoreOptions(column=column, keep_images="all")
+        limits = self.limits
+        # What arrives over HTTP reaches only public URLs, the request's own upload folder and
+        # the operator's --allow-paths; zips within the request's budget.
+        own = sorted({os.path.dirname(os.path.abspath(i)) for i in inputs})
+        opts = ScoreOptions(
+            column=column,
+            keep_images="all",
+            fetch=FetchOptions(private_networks=False, allow_networks=limits.allow_fetch),
+            local_paths=[*own, *limits.allow_paths],
+            archives=ArchiveLimits(
+                max_members=limits.max_members,
+                max_bytes=limits.max_inflated_bytes,
+                max_total_members=limits.max_members,
+                max_total_bytes=limits.max_inflated_bytes,
+            ),
+        )
         if report_dir is not None:
             opts.csv = str(Path(report_dir) / "report.csv")
             opts.sort_into = str(Path(report_dir) / "sorted")

@@ -84,6 +84,7 @@ class ScoringEngine:
         opts.intra_op_num_threads = 1  # parallelism comes from concurrent streams
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        ort.disable_telemetry_events()  # on by default: it queues events with a device id
         self.session = ort.InferenceSession(
             str(Path(onnx_path)), sess_options=opts, providers=["CPUExecutionProvider"]
         )
@@ -117,13 +118,14 @@ class ScoringEngine:
                     return EngineResult(source=name, sha256=digest, skipped=True), None
             decoded = load_image(source, min_side=self.config.resize_side, name=name, sha256=digest)
             x = self.config.preprocess(decoded.image)
-        except ImageLoadError as e:
-            return EngineResult(source=name, error=e), None
+        except (
+            ImageLoadError
+        ) as e:  # kept while the batch waits: without the failed decode's frames
+            return EngineResult(source=name, error=e.detached()), None
         except Exception as e:  # a decoder bug must not kill the batch: record it per item
             log.exception("unexpected error preparing %s", name)
-            return EngineResult(
-                source=name, error=ImageLoadError(name, "error", f"{type(e).__name__}: {e}")
-            ), None
+            error = ImageLoadError(name, "error", f"{type(e).__name__}: {e}")
+            return EngineResult(source=name, error=error), None
         return EngineResult(name, decoded.width, decoded.height, decoded.sha256), x
 
     def run(

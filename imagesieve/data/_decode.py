@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
+import struct
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image, ImageOps
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_DECODE_BYTES",
     "DEFAULT_MAX_PIXELS",
     "DecodedImage",
     "ImageLoadError",
@@ -29,6 +31,15 @@ __all__ = [
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 #: Largest accepted image, in pixels (before any draft reduction); guards decompression bombs.
 DEFAULT_MAX_PIXELS = 150_000_000
+#: Most memory one decode may need for its pixels, checked from the header before anything is
+#: allocated (after a JPEG's draft reduction): 64 MP at 4 bytes a pixel. A 288-byte BLP that
+#: declares 83,886,338 pixels allocated ~640 MB before failing without it.
+DEFAULT_MAX_DECODE_BYTES = 256 * 2**20
+#: Bytes per pixel Pillow's decoded image takes, by mode (multi-band 8-bit modes are stored as
+#: 4 bytes a pixel); modes not listed count 4.
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+#: Bytes read at a time from a file.
+_READ_CHUNK = 1 << 20
 
 ImageSource = str | os.PathLike | bytes | BinaryIO
 
@@ -41,6 +52,17 @@ class ImageLoadError(ValueError):
         self.source = source
         self.kind = kind
         self.reason = reason
+
+    def detached(self) -> ImageLoadError:
+        """This error without its traceback, cause and context.
+
+        They would keep the failed decode's frames, and so its buffers, alive for as long as the
+        error is kept.
+        """
+        self.__traceback__ = None
+        self.__context__ = None
+        self.__cause__ = None
+        return self
 
 
 @dataclass(frozen=True)
@@ -62,28 +84,53 @@ def source_name(source: ImageSource) -> str:
     return str(name) if name else "<bytes>"
 
 
+def _read_file(path: str | os.PathLike, name: str, max_bytes: int) -> bytes:
+    """A regular file's bytes, at most ``max_bytes`` + 1 of them whatever its size says."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageLoadError(name, "missing", "file not found") from None
+    except IsADirectoryError:
+        raise ImageLoadError(name, "unreadable", "is a directory, not an image file") from None
+    except OSError as e:
+        raise ImageLoadError(name, "unreadable", f"cannot read file ({e.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageLoadError(name, "unreadable", "is a directory, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageLoadError(name, "unreadable", "not a regular file (device, pipe or socket)")
+        if info.st_size > max_bytes:
+            raise ImageLoadError(
+                name,
+                "too_large",
+                f"file is {info.st_size:,} bytes, over the {max_bytes:,}-byte limit",
+            )
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(_READ_CHUNK, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise ImageLoadError(name, "unreadable", f"cannot read file ({e.strerror})") from None
+    finally:
+        os.close(fd)
+
+
 def read_image_bytes(source: ImageSource, name: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The raw bytes of a source, refusing missing, unreadable, empty and oversized inputs."""
+    """The raw bytes of a source, refusing missing, unreadable, empty and oversized inputs.
+
+    Every source is read through one bounded reader: at most ``max_bytes`` + 1 bytes, whatever
+    a file's size says; only regular files are read (not devices, pipes or sockets).
+    """
     if isinstance(source, bytes):
         data = source
     elif isinstance(source, str | os.PathLike):
-        path = Path(source)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise ImageLoadError(name, "missing", "file not found") from None
-        except OSError as e:
-            raise ImageLoadError(name, "unreadable", f"cannot read file ({e.strerror})") from None
-        if path.is_dir():
-            raise ImageLoadError(name, "unreadable", "is a directory, not an image file")
-        if size > max_bytes:
-            raise ImageLoadError(
-                name, "too_large", f"file is {size:,} bytes, over the {max_bytes:,}-byte limit"
-            )
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImageLoadError(name, "unreadable", f"cannot read file ({e.strerror})") from None
+        data = _read_file(source, name, max_bytes)
     else:
         data = source.read(max_bytes + 1)
     if len(data) > max_bytes:
@@ -135,6 +182,7 @@ def load_image(
     min_side: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     name: str | None = None,
     sha256: str | None = None,
 ) -> DecodedImage:
@@ -144,12 +192,33 @@ def load_image(
     RGB, animated files give their first frame, and JPEGs are decoded with ``draft`` to the
     smallest scale whose shorter side still covers ``min_side``, then (any format) resized so
     the shorter side is ``min_side``, before colour conversion to save work. Oversized, truncated, empty
-    and non-image inputs raise :class:`ImageLoadError` naming the source and the reason.
+    and non-image inputs raise :class:`ImageLoadError` naming the source and the reason; so do
+    images whose pixels would need more than ``max_decode_bytes``, before they are allocated.
     ``sha256`` is the bytes' digest when the caller already computed it.
     """
     name = name or source_name(source)
     data = read_image_bytes(source, name, max_bytes)
     digest = sha256 or hashlib.sha256(data).hexdigest()
+    image, width, height = _decode(data, name, min_side, max_pixels, max_decode_bytes)
+    return DecodedImage(source=name, image=image, width=width, height=height, sha256=digest)
+
+
+def _decode_bytes(im: Image.Image) -> int:
+    """Bytes the decoded pixels of ``im`` (at its current size and mode) will take."""
+    w, h = im.size
+    return w * h * _PIXEL_BYTES.get(im.mode, 4)
+
+
+def _decode(
+    data: bytes, name: str, min_side: int | None, max_pixels: int, max_decode_bytes: int
+) -> tuple[Image.Image, int, int]:
+    """``load_image``'s decoding: (RGB image, original width, height), or ImageLoadError.
+
+    The error is built after the failed decode's frame is gone, so nothing it allocated
+    survives in a traceback.
+    """
+    failure: ImageLoadError | None = None
+    im = None
     try:
         with warnings.catch_warnings():
             # max_pixels below is the limit; PIL's warning (at ~89 MP) would undercut it.
@@ -163,13 +232,21 @@ def load_image(
                     f"image is {width}x{height} = {width * height:,} pixels, "
                     f"over the {max_pixels:,}-pixel limit",
                 )
-            if getattr(im, "is_animated", False):
-                im.seek(0)
+            # Image.open leaves an animated or layered file at its first frame (a PSD's is 1,
+            # so seek(0) would refuse a valid layered file).
             if im.format == "JPEG" and min_side:
                 # draft keeps both sides >= the request, so the shorter side covers min_side.
                 scale = min_side / min(width, height)
                 if scale < 1:
                     im.draft(im.mode, (max(1, round(width * scale)), max(1, round(height * scale))))
+            need = _decode_bytes(im)
+            if need > max_decode_bytes:
+                raise ImageLoadError(
+                    name,
+                    "too_large",
+                    f"image is {width}x{height} {im.mode}: decoding needs {need / 2**20:,.0f} MB, "
+                    f"over the {max_decode_bytes / 2**20:,.0f} MB limit",
+                )
             im.load()
             orientation = im.getexif().get(0x0112, 1)
             if orientation in (2, 3, 4, 5, 6, 7, 8):  # exif_transpose copies even when upright
@@ -181,14 +258,20 @@ def load_image(
             im = _to_rgb(im)
             if min_side:
                 im = fit_shorter_side(im, min_side)  # modes not resized above; no-op otherwise
-    except ImageLoadError:
-        raise
+    except ImageLoadError as e:
+        failure = e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(name, "too_large", f"decompression bomb refused ({e})") from None
+        failure = ImageLoadError(name, "too_large", f"decompression bomb refused ({e})")
     except Image.UnidentifiedImageError:
-        raise ImageLoadError(name, "not_image", "not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+        failure = ImageLoadError(name, "not_image", "not a recognised image format")
+    except MemoryError:
+        failure = ImageLoadError(name, "too_large", "not enough memory to decode the image")
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
         text = str(e) or type(e).__name__
         kind = "truncated" if "truncated" in text or isinstance(e, EOFError) else "corrupt"
-        raise ImageLoadError(name, kind, f"{kind} image data ({text})") from None
-    return DecodedImage(source=name, image=im, width=width, height=height, sha256=digest)
+        failure = ImageLoadError(name, kind, f"{kind} image data ({text})")
+    if failure is not None:
+        if im is not None:
+            im.close()  # frees the decoder's buffers now, not when the error is collected
+        raise failure.detached()
+    return im, width, height

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -15,6 +17,8 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ReadTimeoutError
 
 from imagesieve import __version__
@@ -53,8 +57,18 @@ class FetchOptions:
     retries: int = 2
     backoff: float = 0.5
     max_redirects: int = 5
+    #: False (a server's lists): only public addresses are fetched, checked after DNS and on
+    #: every redirect, and the connection goes to the address checked; no proxy from the
+    #: environment. ``allow_networks`` (CIDRs) widens that on purpose.
+    private_networks: bool = True
+    allow_networks: tuple[str, ...] = ()
 
     def __post_init__(self):
+        for cidr in self.allow_networks:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"not a network (CIDR like 10.0.0.0/8): {cidr!r}") from None
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         for name in ("connect_timeout", "read_timeout", "total_timeout", "max_bytes"):
@@ -73,6 +87,68 @@ class _Retryable(Exception):
         self.kind = kind
         self.reason = reason
         self.delay = delay
+
+
+class _Refused(Exception):
+    """A connection to an address the fetch options do not allow; never attempted."""
+
+
+class _AddressGuard:
+    """Resolves a host and picks an address it may connect to: public, or in the allowed networks."""
+
+    def __init__(self, allow_networks: tuple[str, ...]):
+        self.networks = [ipaddress.ip_network(c, strict=False) for c in allow_networks]
+
+    def allowed(self, ip: str) -> bool:
+        """True when ``ip`` is a public unicast address, or inside an allowed network."""
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if any(addr in net for net in self.networks):
+            return True
+        return addr.is_global and not addr.is_multicast
+
+    def address(self, host: str, port: int) -> str:
+        """An allowed address of ``host``; _Refused when it has none (every address is checked)."""
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            raise _Refused(f"cannot resolve host {host}") from None
+        ips = [info[4][0] for info in found]
+        if not ips or not all(self.allowed(ip) for ip in ips):
+            raise _Refused(
+                f"{host} is not a public address: only public http(s) URLs are fetched here"
+            )
+        return ips[0]
+
+
+def _guarded_pools(guard: _AddressGuard) -> dict[str, type]:
+    """urllib3 pool classes whose connections go only to addresses ``guard`` allows.
+
+    The host is resolved and checked when a connection is made, and the socket connects to the
+    very address checked, so DNS that answers differently the second time (rebinding) gains
+    nothing; TLS still verifies the host name.
+    """
+
+    def new_conn(base: type) -> type:
+        class Guarded(base):
+            def _new_conn(self) -> socket.socket:
+                host = self._dns_host
+                self._dns_host = guard.address(host.rstrip("."), self.port)
+                try:
+                    return super()._new_conn()
+                finally:
+                    self._dns_host = host
+
+        return Guarded
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = new_conn(HTTPConnection)
+
+    class SecurePool(HTTPSConnectionPool):
+        ConnectionCls = new_conn(HTTPSConnection)
+
+    return {"http": Pool, "https": SecurePool}
 
 
 def _check_url(url: str, original: str, redirected: bool = False) -> None:
@@ -135,6 +211,11 @@ class _Fetcher:
         adapter = HTTPAdapter(
             pool_connections=max(10, opts.workers), pool_maxsize=opts.workers, max_retries=0
         )
+        if not opts.private_networks:
+            adapter.poolmanager.pool_classes_by_scheme = _guarded_pools(
+                _AddressGuard(opts.allow_networks)
+            )
+            self.session.trust_env = False  # a proxy from the environment would fetch anything
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update(
@@ -145,8 +226,8 @@ class _Fetcher:
         """The item with its bytes as ``source``, or with ``error`` set; never raises."""
         try:
             return replace(item, source=self._fetch_url(item.url))
-        except ImageLoadError as e:
-            return replace(item, error=e)
+        except ImageLoadError as e:  # without its frames, which hold the download's buffer
+            return replace(item, error=e.detached())
         except Exception as e:
             log.debug("unexpected error fetching %s", item.url, exc_info=True)
             reason = f"unexpected error ({type(e).__name__}: {e})"
@@ -188,6 +269,9 @@ class _Fetcher:
             resp = self.session.get(current, stream=True, allow_redirects=False, timeout=timeout)
         except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as e:
             raise ImageLoadError(url, "bad_url", f"malformed URL ({e})") from None
+        except _Refused as e:
+            prefix = f"redirected to {current}: " if current != url else ""
+            raise ImageLoadError(url, "not_allowed", prefix + str(e)) from None
         except requests.RequestException as e:
             raise self._failure(e, url) from None
         with resp:

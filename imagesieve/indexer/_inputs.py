@@ -7,16 +7,25 @@ import csv
 import logging
 import os
 import re
+import threading
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from imagesieve.data import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageLoadError
 
-__all__ = ["LIST_COLUMNS", "InputError", "InputExpander", "InputItem", "expand_inputs"]
+__all__ = [
+    "LIST_COLUMNS",
+    "ArchiveLimits",
+    "InputError",
+    "InputExpander",
+    "InputItem",
+    "ZipMember",
+    "expand_inputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,47 @@ class InputError(ValueError):
     """A whole input is unusable (missing path, list without the column, unreadable sheet)."""
 
 
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """How much zip archives may hold: members read and bytes inflated, per archive and per run.
+
+    Members are read one at a time as they are decoded, never held together; these limits bound
+    the work (and the workspace a server keeps) that a few kilobytes of archive can ask for.
+    """
+
+    max_members: int = 1_000_000
+    max_bytes: int | None = None  # inflated bytes per archive
+    max_total_members: int | None = None  # over every archive of one run (a request)
+    max_total_bytes: int | None = None
+
+
+class _Budget:
+    """Members and inflated bytes counted against a limit, shared by the threads reading them."""
+
+    def __init__(self, what: str, max_members: int | None, max_bytes: int | None):
+        self.what = what
+        self.max_members = max_members
+        self.max_bytes = max_bytes
+        self.members = 0
+        self.bytes = 0
+        self._lock = threading.Lock()
+
+    def take_member(self) -> bool:
+        """Count one more member; False once over the limit."""
+        with self._lock:
+            self.members += 1
+            return self.max_members is None or self.members <= self.max_members
+
+    def bytes_left(self) -> int | None:
+        """Inflated bytes still allowed (None: no limit)."""
+        with self._lock:
+            return None if self.max_bytes is None else max(self.max_bytes - self.bytes, 0)
+
+    def spend(self, n: int) -> None:
+        with self._lock:
+            self.bytes += n
+
+
 @dataclass
 class InputItem:
     """One thing to score.
@@ -48,10 +98,16 @@ class InputItem:
 
     index: int
     name: str
-    source: str | bytes | None
+    source: str | bytes | ZipMember | None
     url: str | None = None
     error: ImageLoadError | None = None
     member: str | None = None  # path inside the archive, for zip members
+
+    def content(self) -> str | bytes:
+        """The item's file path or bytes (a zip member is read again, within its limits)."""
+        if isinstance(self.source, ZipMember):
+            return self.source.read(MAX_MEMBER_BYTES + 1)
+        return self.source
 
     @property
     def filename(self) -> str:
@@ -76,7 +132,8 @@ def _ignored_reason(suffix: str) -> str:
 
 
 def _hidden(parts: Sequence[str]) -> bool:
-    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+    """Hidden files and folders (``.name``) and macOS resource forks; ``.`` and ``..`` are not."""
+    return any((p.startswith(".") and p not in (".", "..")) or p == "__MACOSX" for p in parts)
 
 
 @dataclass(frozen=True)
@@ -175,8 +232,24 @@ def _open_sheet(arg: str, path: Path, column: str | None) -> _Sheet:
     raise InputError(f"{arg} has no {missing}; columns: {columns} (choose one with --column)")
 
 
-def _cell_item(cell: str, sheet: _Sheet, row: int) -> InputItem:
-    """The item for one list cell: a URL, a file path (relative to the list) or an error."""
+def _under(path: str, folders: Sequence[str]) -> bool:
+    """True when ``path`` (symlinks resolved) lies inside one of ``folders`` (resolved too)."""
+    real = os.path.realpath(path)
+    for folder in folders:
+        root = os.path.realpath(folder)
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _cell_item(
+    cell: str, sheet: _Sheet, row: int, local_paths: Sequence[str] | None = None
+) -> InputItem:
+    """The item for one list cell: a URL, a file path (relative to the list) or an error.
+
+    ``local_paths`` None lets a cell name any file (the operator's own list); otherwise only
+    files inside those folders, and a refusal says nothing about whether the file exists.
+    """
     where = f"{sheet.path.name} row {row}"
     if not cell:
         name, reason = str(sheet.path), f"row {row}: empty cell in column '{sheet.column}'"
@@ -186,6 +259,15 @@ def _cell_item(cell: str, sheet: _Sheet, row: int) -> InputItem:
     if _SCHEME.match(cell):
         reason = f"only http and https URLs are fetched ({where})"
         return InputItem(-1, cell, None, error=ImageLoadError(cell, "bad_url", reason))
+    if local_paths is not None:
+        name = os.path.normpath(os.path.join(sheet.path.parent, cell))
+        if not _under(name, local_paths):
+            reason = f"local paths are not read from this list, only http(s) URLs ({where})"
+            return InputItem(-1, cell, None, error=ImageLoadError(cell, "not_allowed", reason))
+        if not os.path.exists(name):
+            reason = f"file not found ({where})"
+            return InputItem(-1, cell, None, error=ImageLoadError(cell, "missing", reason))
+        return InputItem(-1, name, name)
     name = str(sheet.path.parent / Path(cell).expanduser())
     if not os.path.exists(name):
         reason = f"file not found ({where})"
@@ -202,10 +284,21 @@ class InputExpander:
     files and folders (and ``__MACOSX``) inside folders and zips are skipped silently; symlinked
     folders are not followed. Iterating raises :class:`InputError` only if a list that passed the
     up-front check turns out unreadable part-way (e.g. a CSV field over the csv module's limit).
+    Zip members come as :class:`ZipMember` sources, read when they are decoded, within
+    ``archives``; ``local_paths`` restricts the files a list may name (see ``expand_inputs``).
     """
 
-    def __init__(self, inputs: Sequence[str], *, column: str | None = None):
+    def __init__(
+        self,
+        inputs: Sequence[str],
+        *,
+        column: str | None = None,
+        local_paths: Sequence[str | os.PathLike] | None = None,
+        archives: ArchiveLimits | None = None,
+    ):
         self.ignored: list[tuple[str, str]] = []
+        self.local_paths = None if local_paths is None else [os.fspath(p) for p in local_paths]
+        self.archives = archives or ArchiveLimits()
         self._inputs = [self._check(str(arg), column) for arg in inputs]
 
     @staticmethod
@@ -240,6 +333,8 @@ class InputExpander:
     def items(self) -> Iterator[InputItem]:
         """Every item of every input, numbered 0, 1, 2, ... in input order."""
         self.ignored = []
+        limits = self.archives
+        run = _Budget("run", limits.max_total_members, limits.max_total_bytes)
         index = 0
         for kind, arg, details in self._inputs:
             if kind == "url":
@@ -249,7 +344,7 @@ class InputExpander:
             elif kind == "folder":
                 found = self._folder_items(details)
             elif kind == "zip":
-                found = self._zip_items(arg, details)
+                found = self._zip_items(arg, details, run)
             else:
                 found = self._list_items(details)
             for item in found:
@@ -275,25 +370,34 @@ class InputExpander:
             else:
                 self.ignored.append((name, _ignored_reason(suffix)))
 
-    def _zip_items(self, arg: str, path: Path) -> Iterator[InputItem]:
-        with zipfile.ZipFile(path) as zf:
-            members = [
-                info
-                for info in zf.infolist()
-                if not info.is_dir() and not _hidden(PurePosixPath(info.filename).parts)
-            ]
-            for info in sorted(members, key=lambda i: PurePosixPath(i.filename).parts):
-                name = f"{arg}:{info.filename}"
-                suffix = PurePosixPath(info.filename).suffix.lower()
-                if suffix not in IMAGE_EXTENSIONS:
-                    self.ignored.append((name, _ignored_reason(suffix)))
-                    continue
-                try:
-                    data = _read_member(zf, info, name)
-                except ImageLoadError as e:
-                    yield InputItem(-1, name, None, error=e, member=info.filename)
-                else:
-                    yield InputItem(-1, name, data, member=info.filename)
+    def _zip_items(self, arg: str, path: Path, run: _Budget) -> Iterator[InputItem]:
+        limits = self.archives
+        archive = _Archive(path, _Budget("archive", limits.max_members, limits.max_bytes), run)
+        infos = archive.zf.infolist()
+        members = [
+            i for i in infos if not i.is_dir() and not _hidden(PurePosixPath(i.filename).parts)
+        ]
+        members.sort(key=lambda i: PurePosixPath(i.filename).parts)
+        for n, info in enumerate(members):
+            name = f"{arg}:{info.filename}"
+            suffix = PurePosixPath(info.filename).suffix.lower()
+            if suffix not in IMAGE_EXTENSIONS:
+                self.ignored.append((name, _ignored_reason(suffix)))
+                continue
+            over = archive.take_member()
+            if over:
+                left = sum(
+                    PurePosixPath(i.filename).suffix.lower() in IMAGE_EXTENSIONS
+                    for i in members[n:]
+                )
+                reason = f"{over}; {left:,} image members of {arg} were not read"
+                yield InputItem(-1, arg, None, error=ImageLoadError(arg, "too_large", reason))
+                return
+            error = _member_error(info, name)
+            if error is not None:
+                yield InputItem(-1, name, None, error=error, member=info.filename)
+            else:
+                yield InputItem(-1, name, ZipMember(archive, info, name), member=info.filename)
 
     def _list_items(self, sheet: _Sheet) -> Iterator[InputItem]:
         rows = _sheet_rows(sheet)
@@ -302,34 +406,112 @@ class InputExpander:
                 if number <= sheet.header_row or not any(cell.strip() for cell in row):
                     continue
                 cell = row[sheet.col].strip() if sheet.col < len(row) else ""
-                yield _cell_item(cell, sheet, number)
+                yield _cell_item(cell, sheet, number, self.local_paths)
         finally:
             rows.close()
 
 
-def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> bytes:
-    """A zip member's bytes, refusing members that declare or inflate past MAX_MEMBER_BYTES."""
-    cap = MAX_MEMBER_BYTES
-    if info.file_size > cap:
-        reason = f"zip member is {info.file_size:,} bytes, over the {cap:,}-byte limit"
-        raise ImageLoadError(name, "too_large", reason)
+class _Archive:
+    """An open zip archive whose members are read one at a time, by any thread, within budgets."""
+
+    def __init__(self, path: Path, budget: _Budget, run: _Budget):
+        self.path = path
+        self.zf = zipfile.ZipFile(path)
+        self.budget = budget
+        self.run = run
+        self._lock = threading.Lock()
+
+    def take_member(self) -> str | None:
+        """Count a member against both budgets: None, or why it is over a limit."""
+        for budget in (self.budget, self.run):
+            if not budget.take_member():
+                return f"over the limit of {budget.max_members:,} image members per {budget.what}"
+        return None
+
+    def read(self, info: zipfile.ZipInfo, name: str, cap: int) -> bytes:
+        """A member's bytes: at most ``cap``, and no more than the budgets have left."""
+        lefts = [(b, b.bytes_left()) for b in (self.budget, self.run)]
+        limit = min([cap] + [left + 1 for _, left in lefts if left is not None])
+        with self._lock:  # one ZipFile, one file position
+            data = _read_member(self.zf, info, name, limit)
+        for budget, _ in lefts:
+            budget.spend(len(data))
+        for budget, left in lefts:
+            if left is not None and len(data) > left:
+                raise ImageLoadError(
+                    name,
+                    "too_large",
+                    f"over the limit of {budget.max_bytes:,} inflated bytes per {budget.what}",
+                )
+        return data
+
+
+@dataclass
+class ZipMember:
+    """A zip member as an image source: read (``read(n)``) when it is decoded, not before.
+
+    Items stream through a pipeline that holds ~100 of them at once; holding members as bytes
+    let 16 members that inflate to 200 MB each take 3.4 GB.
+    """
+
+    archive: _Archive = field(repr=False)
+    info: zipfile.ZipInfo = field(repr=False)
+    name: str
+
+    def read(self, n: int = -1) -> bytes:
+        """The member's bytes, at most ``n`` (or MAX_MEMBER_BYTES + 1); raises ImageLoadError."""
+        cap = MAX_MEMBER_BYTES + 1 if n is None or n < 0 else n
+        return self.archive.read(self.info, self.name, cap)
+
+
+def _member_error(info: zipfile.ZipInfo, name: str) -> ImageLoadError | None:
+    """Why a member cannot be read, from the archive's directory alone (None: try it)."""
+    parts = PurePosixPath(info.filename.replace("\\", "/")).parts
+    if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+        return ImageLoadError(name, "unreadable", "unsafe member name (absolute or with ..)")
+    if info.file_size > MAX_MEMBER_BYTES:
+        reason = f"zip member is {info.file_size:,} bytes, over the {MAX_MEMBER_BYTES:,}-byte limit"
+        return ImageLoadError(name, "too_large", reason)
     if info.flag_bits & 0x1:
-        raise ImageLoadError(name, "unreadable", "zip member is encrypted (password protected)")
+        return ImageLoadError(name, "unreadable", "zip member is encrypted (password protected)")
+    return None
+
+
+def _read_member(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, cap: int | None = None
+) -> bytes:
+    """A zip member's bytes, refusing members that declare or inflate past MAX_MEMBER_BYTES.
+
+    At most ``cap`` bytes are inflated (default MAX_MEMBER_BYTES + 1): a longer result means
+    the member went past the caller's limit.
+    """
+    error = _member_error(info, name)
+    if error is not None:
+        raise error
+    limit = MAX_MEMBER_BYTES
     try:
         with zf.open(info) as f:
-            data = f.read(cap + 1)
+            data = f.read(min(cap if cap is not None else limit + 1, limit + 1))
     except NotImplementedError as e:
         raise ImageLoadError(name, "unreadable", f"unsupported zip member ({e})") from None
     except RuntimeError as e:  # encryption zipfile noticed on its own
         raise ImageLoadError(name, "unreadable", f"unreadable zip member ({e})") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
         raise ImageLoadError(name, "corrupt", f"corrupt zip member ({e})") from None
-    if len(data) > cap:
-        raise ImageLoadError(name, "too_large", f"zip member inflates past the {cap:,}-byte limit")
+    if len(data) > limit:
+        raise ImageLoadError(
+            name, "too_large", f"zip member inflates past the {limit:,}-byte limit"
+        )
     return data
 
 
-def expand_inputs(inputs: Sequence[str], *, column: str | None = None) -> InputExpander:
+def expand_inputs(
+    inputs: Sequence[str],
+    *,
+    column: str | None = None,
+    local_paths: Sequence[str | os.PathLike] | None = None,
+    archives: ArchiveLimits | None = None,
+) -> InputExpander:
     """Check every input now (raising :class:`InputError`), then stream their items lazily.
 
     An input is an ``http(s)://`` URL; a file (passed through whatever its extension); a folder
@@ -337,6 +519,8 @@ def expand_inputs(inputs: Sequence[str], *, column: str | None = None) -> InputE
     sorted, read into memory one at a time); or a ``.csv``/``.tsv``/``.xlsx`` list whose
     ``column`` (or the first of :data:`LIST_COLUMNS`, any case) holds URLs or file paths, paths
     relative to the list's folder. Per-row problems (empty cell, missing file, non-http URL) and
-    per-member problems (too large, encrypted, corrupt) become items with ``error`` set.
+    per-member problems (too large, encrypted, unsafe name, corrupt) become items with ``error``
+    set. ``local_paths`` (a server's lists) lets list cells name only files inside those
+    folders; None (the operator's own) any file. ``archives`` bounds what zips may hold.
     """
-    return InputExpander(inputs, column=column)
+    return InputExpander(inputs, column=column, local_paths=local_paths, archives=archives)

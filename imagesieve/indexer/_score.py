@@ -29,7 +29,7 @@ from imagesieve.classifier._predict import PREDICTION_CSV_COLUMNS
 from imagesieve.data import ImageLoadError
 from imagesieve.indexer._fetch import FetchOptions, fetch_items
 from imagesieve.indexer._images import KEEP_POLICIES, ZIP_MEMBER, keep_image
-from imagesieve.indexer._inputs import InputItem, _read_member, expand_inputs
+from imagesieve.indexer._inputs import ArchiveLimits, InputItem, _read_member, expand_inputs
 from imagesieve.indexer._store import Failure, IndexCheck, Store, using_store
 from imagesieve.models import get_version
 
@@ -65,6 +65,10 @@ class ScoreOptions:
     commit_rows: int = 256
     commit_seconds: float = 2.0
     fetch: FetchOptions = field(default_factory=FetchOptions)
+    #: Folders a list's cells may name files in (None: anywhere; a server's lists: its uploads
+    #: and the operator's --allow-paths), and what zip archives may hold.
+    local_paths: list[str] | None = None
+    archives: ArchiveLimits = field(default_factory=ArchiveLimits)
 
 
 @dataclass
@@ -300,11 +304,15 @@ class _Run:
         if self.csv is not None:
             self.csv.writerow(pred.csv_row())
         if pred.ok and item.source is not None:
-            if self.opts.sort_into:
-                sort_into(self.opts.sort_into, pred.label, item.filename, item.source, pred.sha256)
             keep = self.opts.keep_images
-            if keep == "all" or (keep == "unknown" and pred.label == UNKNOWN):
-                keep_image(self.store.ws, pred.sha256, item.source)
+            keeping = keep == "all" or (keep == "unknown" and pred.label == UNKNOWN)
+            if not (self.opts.sort_into or keeping):
+                return
+            content = item.content()  # a zip member is read again: only now is it needed
+            if self.opts.sort_into:
+                sort_into(self.opts.sort_into, pred.label, item.filename, content, pred.sha256)
+            if keeping:
+                keep_image(self.store.ws, pred.sha256, content)
 
     def commit(self) -> None:
         """Write pending rows in one transaction; new UNKNOWNs join a cluster that covers them.
@@ -381,7 +389,13 @@ def score_inputs(
             distance_threshold=opts.distance_threshold,
             batch_size=opts.batch_size,
         )
-    expander = None if opts.retry_failed else expand_inputs(inputs, column=opts.column)
+    expander = (
+        None
+        if opts.retry_failed
+        else expand_inputs(
+            inputs, column=opts.column, local_paths=opts.local_paths, archives=opts.archives
+        )
+    )
     with using_store(ws, store) as store:
         if predictor.reference is not None:
             store.register_version(

@@ -277,13 +277,17 @@ def fold_stopped_journal(ws: Workspace) -> None:
 
 @contextlib.contextmanager
 def using_store(
-    ws: Workspace, store: Store | None = None, *, check: bool = True
+    ws: Workspace, store: Store | None = None, *, check: bool = True, read_only: bool = False
 ) -> Iterator[Store]:
-    """The given long-lived store (left open), or the workspace's store opened for this block."""
+    """The given long-lived store (left open), or the workspace's store opened for this block.
+
+    ``read_only`` opens it for reading (a read-only workspace, or a reader beside nothing
+    writing); indexes are then checked and repaired in memory only.
+    """
     if store is not None:
         yield store
         return
-    with Store(ws, check=check) as opened:
+    with Store(ws, check=check and not read_only, read_only=read_only) as opened:
         yield opened
 
 
@@ -970,7 +974,8 @@ class Store:
         if index is not None and index.stats() == db:
             self._indexes[model_version] = index
             if loaded is None and not (index.verified and VectorIndex.saved_stats(path) == db):
-                index.save()  # refresh a missing, stale or older (checksum-less) sidecar
+                if not self.read_only:
+                    index.save()  # refresh a missing, stale or older (checksum-less) sidecar
             return IndexCheck(model_version, db[0], "in_sync", seconds=time.perf_counter() - t0)
         if index is None or (dim is not None and index.dim != dim):
             check = self.rebuild_index(model_version)
@@ -990,7 +995,8 @@ class Store:
         missing = np.setdiff1d(want, have, assume_unique=True)
         index.remove(extra)
         self._add_from_db(index, model_version, missing)
-        index.save()
+        if not self.read_only:
+            index.save()
         self._indexes[model_version] = index
         action = "repaired" if len(extra) else "caught_up"
         log.info("index %s %s: +%d -%d", model_version, action, len(missing), len(extra))
@@ -1006,7 +1012,8 @@ class Store:
         ids, vectors = self._read_embeddings(model_version, dim or 1)
         index = VectorIndex.build(self.index_path(model_version), dim or 1, ids, vectors)
         del vectors
-        index.save()
+        if not self.read_only:
+            index.save()
         self._indexes[model_version] = index
         return IndexCheck(
             model_version,

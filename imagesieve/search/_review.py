@@ -326,7 +326,7 @@ def list_clusters(
 ) -> list[dict[str, Any]]:
     """The version's clusters, largest first, with status, name, size, medoid and histograms."""
     version = get_version(ws, model).name
-    with using_store(ws, store, check=False) as store, store.lock:
+    with using_store(ws, store, read_only=True) as store, store.lock:
         return _list(store, version)
 
 

@@ -129,7 +129,7 @@ def find_similar(
     if k < 1:
         raise SimilarError(f"k must be at least 1, got {k}")
     version = predictor.version if predictor is not None else get_version(ws, model)
-    with using_store(ws, store) as store:
+    with using_store(ws, store, read_only=True) as store:  # a reader: no writes
         allowed = (
             _filter_ids(
                 store,

@@ -288,9 +288,12 @@ def cmd_reindex(args: argparse.Namespace, ws: Workspace) -> None:
     """The `reindex` verb: check every version's FAISS index against DuckDB, or rebuild it."""
     from imagesieve.indexer import Store
 
-    with Store(ws, check=not args.rebuild) as store:
+    with Store(ws, check=False) as store:
+        versions = store.versions()
         checks = (
-            [store.rebuild_index(v) for v in store.versions()] if args.rebuild else store.checks
+            [store.rebuild_index(v) for v in versions]
+            if args.rebuild
+            else [store.check_index(v, verify=True) for v in versions]  # the file itself too
         )
     doc = {"workspace": str(ws.root), "indexes": [c.__dict__ for c in checks]}
 

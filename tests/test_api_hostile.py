@@ -430,3 +430,250 @@ def test_user_error__unexpected_errors_are_raised_again():
         _user_error(RuntimeError("boom"))
     with pytest.raises(OSError, match="Bad file descriptor"):
         _user_error(OSError(errno.EBADF, "Bad file descriptor"))
+
+
+# -- what a request may reach, write and allocate ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(trained, tmp_path_factory):
+    """(API base URL, service) of a server whose lists may also reach 127.0.0.2 (--allow-fetch)."""
+    ws = model_copy(trained, tmp_path_factory.mktemp("served") / "ws")
+    limits = Limits(max_request_bytes=8 * 2**20, allow_fetch=("127.0.0.2/32",))
+    with Service(ws, limits=limits) as service:
+        server = start_server(service, ui=False)
+        try:
+            yield server.url + "/api/v1", service
+        finally:
+            server.stop()
+
+
+def score_files(base: str, files: dict[str, bytes], timeout: float = 120) -> dict:
+    parts = [("files", (name, data)) for name, data in files.items()]
+    r = requests.post(f"{base}/score", files=parts, timeout=timeout)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def failures_of(service: Service, batch_id: int) -> dict[str, tuple[str, str]]:
+    rows = service.sql(f"SELECT source, kind, message FROM failures WHERE batch_id = {batch_id}")
+    return {source: (kind, message) for source, kind, message in rows.rows}
+
+
+def test_score__a_served_list_reaches_no_internal_address_and_no_local_file(served, elpv):
+    from httpserver import ImageServer
+
+    base, service = served
+    data = elpv[20].path.read_bytes()
+    with (
+        ImageServer({"a.png": data}) as inside,
+        ImageServer({"b.png": data}, host="127.0.0.2") as edge,
+    ):
+        port = inside.base.rsplit(":", 1)[1]
+        urls = [
+            inside.url("a.png"),
+            f"http://localhost:{port}/img/a.png",
+            f"http://2130706433:{port}/img/a.png",
+            f"http://[::1]:{port}/img/a.png",
+            f"{edge.base}/redirect-to?url={inside.url('a.png')}",  # allowed host, then loopback
+        ]
+        paths = ["/etc/passwd", "~/.bashrc", "../../x.png", "/dev/zero", "/nonexistent.png"]
+        listing = "url\n" + "\n".join(urls + paths) + "\n"
+        doc = score_files(base, {"list.csv": listing.encode()})
+        assert sum(inside.hits.values()) == 0  # no request reached the loopback server
+        assert doc["scored"] == 0 and doc["failed"] == len(urls) + len(paths)
+    failed = failures_of(service, doc["batch_id"])
+    for url in urls:
+        assert failed[url][0] == "not_allowed", failed[url]
+        assert "is not a public address" in failed[url][1]
+    local = [failed[p] for p in ["/etc/passwd", "../../x.png", "/dev/zero", "/nonexistent.png"]]
+    assert {kind for kind, _ in local} == {"not_allowed"}
+    # one reason for all: nothing tells whether the file exists
+    assert len({message.rsplit("(", 1)[0] for _, message in local}) == 1
+    assert failed["~/.bashrc"][0] in ("not_allowed", "missing")  # "~" is not expanded
+
+
+def test_score__a_served_list_may_name_the_allowed_network(served, elpv):
+    from httpserver import ImageServer
+
+    base, service = served
+    data = elpv[21].path.read_bytes()
+    with ImageServer({"b.png": data}, host="127.0.0.2") as edge:
+        doc = score_files(base, {"list.csv": f"url\n{edge.url('b.png')}\n".encode()})
+    assert doc["scored"] == 1 and doc["failed"] == 0
+
+
+def _peak_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_score__a_zip_bomb_under_the_cap_is_read_one_member_at_a_time(served):
+    base, service = served
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(16):  # each inflates to 100 MB of zeros: 1.6 GB in all
+            zf.writestr(f"m{i:02}.png", bytes(100 * 2**20))
+    assert len(buf.getvalue()) < 2 * 2**20
+    if not _peak_reset():
+        pytest.skip("needs /proc/self/clear_refs to measure the peak")
+    before = _rss_bytes()
+    doc = score_files(base, {"bomb.zip": buf.getvalue()})
+    grew = _peak_bytes() - before
+    assert doc["failed"] == 16 and doc["scored"] == 0
+    assert grew < 700 * 2**20, f"peak grew by {grew / 2**20:.0f} MB"  # held at once: 1.6 GB
+
+
+def test_similar__a_slow_filter_does_not_hold_up_predictions(served, elpv):
+    import threading
+    import time
+
+    base, _ = served
+    slow = "(SELECT count(*) FROM range(3000000000) WHERE hash(range) % 7 = 0) > 0"  # > 10 s
+    answers: dict = {}
+
+    def run_filter():
+        answers["similar"] = requests.get(
+            f"{base}/similar", params={"class": "functional", "where": slow}, timeout=60
+        )
+
+    t = threading.Thread(target=run_filter)
+    t.start()
+    time.sleep(1.0)  # the filter is running
+    waits = []
+    for im in elpv[30:36]:
+        t0 = time.perf_counter()
+        r = requests.post(
+            f"{base}/predict", files={"file": ("c.png", im.path.read_bytes())}, timeout=60
+        )
+        waits.append(time.perf_counter() - t0)
+        assert r.status_code == 200, r.text
+    t.join()
+    assert max(waits) < 3.0, waits  # before: each waited for the filter (30 s)
+    assert_error(answers["similar"], 400, "query stopped after 10 s (time limit)")
+
+
+WRITE_ATTEMPTS = [
+    *(
+        f"WITH x AS (DELETE FROM {t} RETURNING 1) SELECT count(*) FROM x"
+        for t in (
+            "predictions",
+            "failures",
+            "batches",
+            "clusters",
+            "cluster_runs",
+            "cluster_exclusions",
+            "reference_images",
+            "embeddings_1280",
+        )
+    ),
+    *(
+        f"WITH x AS (UPDATE {t} SET {c} = {v} RETURNING 1) SELECT count(*) FROM x"
+        for t, c, v in (
+            ("predictions", "label", "'x'"),
+            ("failures", "resolved", "true"),
+            ("batches", "status", "'x'"),
+            ("reference_images", "label", "'x'"),
+        )
+    ),
+    "WITH x AS (INSERT INTO failures SELECT * FROM failures RETURNING 1) SELECT count(*) FROM x",
+    "WITH x AS (INSERT INTO batches (batch_id, started_at, status, model_version) "
+    "VALUES (999, now(), 'x', 'v1') RETURNING 1) SELECT * FROM x",
+    "DELETE FROM predictions",
+    "UPDATE predictions SET label = 'x'",
+    "INSERT INTO failures SELECT * FROM failures",
+    "DROP TABLE predictions",
+    "CREATE TABLE t AS SELECT 1",
+    "ALTER TABLE predictions ADD COLUMN x INT",
+    "TRUNCATE predictions",
+    "SELECT 1; DELETE FROM predictions",
+    "COPY predictions TO '/tmp/leak.csv'",
+    "ATTACH '/tmp/other.duckdb' AS other",
+    "INSTALL httpfs",
+    "PRAGMA threads=8",
+    "SET memory_limit='100GB'",
+    "CHECKPOINT",
+    "SELECT * FROM query('DELETE FROM predictions')",
+    "EXPLAIN ANALYZE DELETE FROM predictions",
+    "VACUUM",
+]
+WHERE_ATTEMPTS = [
+    "id IN (WITH x AS (DELETE FROM predictions RETURNING id) SELECT id FROM x)",
+    "1 = 1) OR (SELECT count(*) FROM query('DELETE FROM predictions')) > 0 OR (1 = 1",
+    "1 = 1); DELETE FROM predictions; SELECT (1",
+]
+
+
+def fingerprint(service: Service) -> dict:
+    tables = [
+        "predictions",
+        "failures",
+        "batches",
+        "clusters",
+        "cluster_runs",
+        "cluster_exclusions",
+        "reference_images",
+        "embeddings_1280",
+    ]
+    return {t: service.sql(f"SELECT count(*), sum(hash(t)) FROM {t} AS t").rows[0] for t in tables}
+
+
+def test_sql__thirty_write_attempts_leave_the_store_unchanged(served, elpv):
+    base, service = served
+    for im in elpv[40:44]:
+        requests.post(
+            f"{base}/predict", files={"file": ("c.png", im.path.read_bytes())}, timeout=60
+        )
+    before = fingerprint(service)
+    assert before["predictions"][0] >= 4
+    assert len(WRITE_ATTEMPTS) + len(WHERE_ATTEMPTS) >= 30
+    for sql in WRITE_ATTEMPTS:
+        r = requests.post(f"{base}/sql", json={"sql": sql}, timeout=60)
+        assert r.status_code == 400, (sql, r.text)
+    stored = service.sql("SELECT min(id) FROM predictions").rows[0][0]
+    for where in WHERE_ATTEMPTS:
+        r = requests.get(f"{base}/similar", params={"id": stored, "where": where}, timeout=60)
+        assert r.status_code == 400, (where, r.text)
+    assert fingerprint(service) == before
+    assert not Path("/tmp/leak.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT repeat('x', 300000000)",
+        "SELECT len(range(100000000))",
+        "SELECT " + "abs(" * 400 + "1" + ")" * 400,
+        "SELECT list(range) FROM range(200000000)",
+        "SELECT string_agg(range::VARCHAR, ',') FROM range(100000000)",
+    ],
+    ids=["repeat", "range", "nested", "list", "string_agg"],
+)
+def test_sql__memory_bombs_are_one_line_400s(served, sql):
+    base, _ = served
+    if not _peak_reset():
+        pytest.skip("needs /proc/self/clear_refs to measure the peak")
+    before = _rss_bytes()
+    r = requests.post(f"{base}/sql", json={"sql": sql}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "\n" not in r.json()["error"]["message"]
+    assert _peak_bytes() - before < 600 * 2**20

@@ -259,6 +259,23 @@ def test_store_index__damaged_vectors_of_unchanged_size_are_rebuilt_before_a_sea
     assert_index_matches_db(ws)
 
 
+def test_cli_reindex__checks_the_file_itself(tmp_path, capsys):
+    from imagesieve.cli import main
+
+    ws, ids, xb = stored(tmp_path)
+    path = ws.root / "index" / "v1.faiss"
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # same size, so the sidecar still agrees
+        f.seek(size // 2 - 128)
+        f.write(np.full(64, 1e6, np.float32).tobytes())
+    assert main(["reindex", "--workspace", str(ws.root), "--json"]) == 0
+    (check,) = json.loads(capsys.readouterr().out)["indexes"]
+    assert (check["action"], check["rows"]) == ("rebuilt", 300)
+    assert main(["reindex", "--workspace", str(ws.root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["indexes"][0]["action"] == "in_sync"
+    assert_index_matches_db(ws)
+
+
 def test_store_index__garbled_header_rebuilt_with_every_row_and_saved_whole(tmp_path):
     ws, ids, xb = stored(tmp_path)
     path = ws.root / "index" / "v1.faiss"

@@ -241,3 +241,28 @@ def test_train_model__unknown_backbone_and_one_class(tmp_path, small_folder):
         (one / "only" / p.name).write_bytes(p.read_bytes())
     with pytest.raises(ValueError, match="need at least 2 classes with readable images"):
         train_model(one, Workspace(tmp_path / "ws"))
+
+
+def test_scoring_engine__bytes_waiting_to_be_decoded_are_bounded(
+    trained, small_folder, monkeypatch
+):
+    """Uploads and downloads sit in memory: the engine reads the stream no further than its
+    byte budget ahead of decoding, however many items its count-based prefetch would take."""
+    from imagesieve.classifier import _engine
+
+    _, result = trained
+    data = sorted((small_folder / "functional").glob("*.png"))[0].read_bytes()
+    monkeypatch.setattr(_engine, "PREFETCH_BYTES", 2 * len(data))
+    pulled = 0
+
+    def items():
+        nonlocal pulled
+        for i in range(60):
+            pulled += 1
+            yield (f"img{i}.png", data)
+
+    engine = Predictor(result.version, batch_size=4).engine
+    batches = engine.run(items())
+    first = next(batches)
+    assert len(first) >= 1 and pulled <= 2 * engine.streams + 4, pulled  # count alone: 14+
+    assert sum(len(b) for b in batches) + len(first) == 60

@@ -643,7 +643,14 @@ class Service:
         opts = ScoreOptions(
             column=column,
             keep_images="all",
-            fetch=FetchOptions(private_networks=False, allow_networks=limits.allow_fetch),
+            # 4 downloads of at most one upload's size at a time: a request's lists hold
+            # little memory whatever the servers they name send.
+            fetch=FetchOptions(
+                workers=4,
+                max_bytes=limits.max_file_bytes,
+                private_networks=False,
+                allow_networks=limits.allow_fetch,
+            ),
             local_paths=[*own, *limits.allow_paths],
             archives=ArchiveLimits(
                 max_members=limits.max_members,

@@ -29,6 +29,9 @@ _END = object()
 
 #: progress(stage, done, total): called as work advances; total is 0 when unknown.
 Progress = Callable[[str, int, int], None]
+#: Bytes of inputs already in memory (uploads, downloads) that may wait to be decoded at once;
+#: past it the stream is not read further until some are decoded (one item always goes).
+PREFETCH_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -141,21 +144,30 @@ class ScoringEngine:
             ThreadPoolExecutor(self.workers, thread_name_prefix="imagesieve-decode") as decode,
             ThreadPoolExecutor(self.streams, thread_name_prefix="imagesieve-infer") as infer,
         ):
-            pending: deque[Future] = deque()
+            pending: deque[tuple[Future, int]] = deque()
             running: deque[Future] = deque()
+            held = 0  # bytes of in-memory inputs waiting in ``pending``
 
             def fill() -> None:
-                while len(pending) < prefetch:
+                nonlocal held
+                while len(pending) < prefetch and (not pending or held < PREFETCH_BYTES):
                     item = next(it, _END)
                     if item is _END:
                         return
-                    pending.append(decode.submit(self.prepare, item, skip))
+                    source = _split_item(item)[1]
+                    size = len(source) if isinstance(source, bytes) else 0
+                    held += size
+                    pending.append((decode.submit(self.prepare, item, skip), size))
+
+            def take() -> EngineResult:
+                nonlocal held
+                future, size = pending.popleft()
+                held -= size
+                return future.result()
 
             fill()
             while pending:
-                batch = [
-                    pending.popleft().result() for _ in range(min(self.batch_size, len(pending)))
-                ]
+                batch = [take() for _ in range(min(self.batch_size, len(pending)))]
                 fill()  # queue the next images before the forward pass so decoding overlaps it
                 running.append(infer.submit(self.forward_prepared, batch))
                 if len(running) >= self.streams:

@@ -44,7 +44,7 @@ TIMEOUT = 60_000  # ms: the slowest step (a batch, Grad-CAM's first torch load) 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, elpv):
     """(url, service, cells) of a served workspace with stored, clustered UNKNOWNs."""
-    from imagesieve.app import Service
+    from imagesieve.app import Limits, Service
     from imagesieve.app._server import start_server
     from imagesieve.classifier._train import TrainOptions, train_model
 
@@ -56,7 +56,8 @@ def app(tmp_path_factory, elpv):
     training = export_elpv(root / "training", good[:30] + bad[:30])
     ws = Workspace(root / "ws")
     train_model(training, ws, TrainOptions(test_size=0.25, val_size=0.15))
-    service = Service(ws)
+    # URL lists may reach 127.0.0.2 (the tests' image server), as --allow-fetch would allow
+    service = Service(ws, limits=Limits(allow_fetch=("127.0.0.2/32",)))
     scored_poly, fresh_poly = poly[:80], poly[80:120]
     service.score([str(im.path) for im in good[30:40] + bad[30:40] + scored_poly])
     run = service.run_clustering(min_cluster_size=5)
@@ -381,32 +382,35 @@ def test_batch__csv_of_urls_scores_the_live_ones_and_stores_why_the_others_faile
 ):
     _, service, cells = app
     images = cells["fresh_mono"][12:16]
-    with ImageServer({p.name: p.read_bytes() for p in images}) as srv:
+    files = {p.name: p.read_bytes() for p in images}
+    with ImageServer(files, host="127.0.0.2") as srv, ImageServer(files) as inside:
         dead, html = f"{srv.base}/status/404", f"{srv.base}/html"
+        loopback = inside.url(images[0].name)  # not allowed: refused, never fetched
         sheet = tmp_path / "meter photos.csv"
         with sheet.open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["meter", "photo"])
-            w.writerows(
-                [i, u] for i, u in enumerate([*map(srv.url, (p.name for p in images)), dead, html])
-            )
+            urls = [*map(srv.url, (p.name for p in images)), dead, html, loopback]
+            w.writerows([i, u] for i, u in enumerate(urls))
         page.tab("Batch")
         page.page.set_input_files("#batch-files input[type=file]", str(sheet))
         page.wait_text("#batch-files", "meter photos")
         page.page.fill("#batch-column textarea, #batch-column input", "photo")
         page.page.click("#batch-run")
         summary = page.wait_text("#batch-summary", "Batch")
-    assert "6 items" in summary and "4 scored" in summary and "2 failed" in summary, summary
-    assert dead in summary and html in summary
-    assert page.table_size("#batch-table") == 6
+        assert sum(inside.hits.values()) == 0
+    assert "7 items" in summary and "4 scored" in summary and "3 failed" in summary, summary
+    assert dead in summary and html in summary and loopback in summary
+    assert page.table_size("#batch-table") == 7
     failures = dict(
         service.sql(
             "SELECT source, message FROM failures WHERE source IN "
-            f"('{dead}', '{html}') AND NOT resolved"
+            f"('{dead}', '{html}', '{loopback}') AND NOT resolved"
         ).rows
     )
     assert "404" in failures[dead] and "\n" not in failures[dead]
     assert failures[html] and "\n" not in failures[html]
+    assert "is not a public address" in failures[loopback]
     page.assert_no_errors()
 
 

@@ -689,11 +689,11 @@ def test_load_image__declared_pixels_over_the_decode_budget_refused_before_alloc
         f"{path}: image is 10000x8000 RGB: decoding needs 305 MB, over the 256 MB limit"
     )
     # nothing was allocated for it: a fresh process stays far below the 305 MB it declares
-    code = (
-        "import resource; from imagesieve.data import load_image, ImageLoadError\n"
+    code = (  # VmHWM, not ru_maxrss: that one is carried over from the parent across exec
+        "from imagesieve.data import load_image, ImageLoadError\n"
         f"try: load_image({str(path)!r})\n"
         "except ImageLoadError: pass\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout) < 200 * 1024, out.stdout  # KiB
@@ -712,3 +712,27 @@ def test_engine_prepare__a_failed_item_keeps_no_frames_alive(trained, tmp_path):
         err = res.error
         assert x is None and err.kind == "truncated"
         assert err.__traceback__ is None and err.__context__ is None and err.__cause__ is None
+
+
+def test_load_image__tall_image_counts_pillows_row_pointers(tmp_path):
+    path = tmp_path / "tall.pgm"
+    path.write_bytes(b"P5\n1 80000000\n255\n" + bytes(16))  # 80 MB of pixels, 640 MB of rows
+    err = _load_error(path)
+    assert err.kind == "too_large" and "decoding needs 687 MB" in err.reason
+
+
+def test_load_image__icon_declaring_a_huge_png_refused_before_pillow_decodes_it(tmp_path):
+    png = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(png, "PNG")
+    inner = bytearray(png.getvalue())
+    struct.pack_into(">II", inner, 16, 1, 80_000_000)  # the IHDR now declares 1 x 80,000,000
+    struct.pack_into(">I", inner, 29, zlib.crc32(bytes(inner[12:29])))
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(inner), 22)
+    path = tmp_path / "bomb.ico"
+    path.write_bytes(ico + bytes(inner))
+    err = _load_error(path)
+    assert err.kind == "too_large"
+    assert err.reason == "icon declares an image that needs 916 MB to decode, over the 256 MB limit"
+    good = tmp_path / "good.ico"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(good, sizes=[(32, 32)])
+    assert load_image(good).image.getpixel((5, 5)) == (200, 10, 10)

@@ -16,7 +16,7 @@ import numpy as np
 from imagesieve.data import ImageLoadError, ImageSource, load_image, read_image_bytes, source_name
 from imagesieve.models import BackboneConfig
 
-__all__ = ["EngineItem", "EngineResult", "Progress", "ScoringEngine", "SkipContent"]
+__all__ = ["INFER_BATCH", "EngineItem", "EngineResult", "Progress", "ScoringEngine", "SkipContent"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ _END = object()
 
 #: progress(stage, done, total): called as work advances; total is 0 when unknown.
 Progress = Callable[[str, int, int], None]
+#: Images per ONNX call by default. On one thread an image costs the same at batch 8 as at 32
+#: (measured: 150 vs 156 img/s over 600 ELPV cells), while ONNX Runtime's memory arena keeps the
+#: largest batch's activations for good: ~700 MB more for two streams at 32 than at 8.
+INFER_BATCH = 8
 #: Bytes of inputs already in memory (uploads, downloads) that may wait to be decoded at once;
 #: past it the stream is not read further until some are decoded (one item always goes).
 PREFETCH_BYTES = 256 * 2**20
@@ -71,7 +75,7 @@ class ScoringEngine:
         onnx_path: str | os.PathLike,
         config: BackboneConfig,
         *,
-        batch_size: int = 32,
+        batch_size: int = INFER_BATCH,
         workers: int | None = None,
         streams: int | None = None,
     ):

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from imagesieve.classifier._engine import EngineItem, EngineResult, ScoringEngine, SkipContent
+from imagesieve.classifier._engine import (
+    INFER_BATCH,
+    EngineItem,
+    EngineResult,
+    ScoringEngine,
+    SkipContent,
+)
 from imagesieve.models import ModelVersion
 
 __all__ = [
@@ -129,7 +135,7 @@ class Predictor:
         *,
         threshold: float | None = None,
         distance_threshold: float | None = None,
-        batch_size: int = 32,
+        batch_size: int = INFER_BATCH,
         workers: int | None = None,
     ):
         from imagesieve.classifier._reference import ReferenceSet

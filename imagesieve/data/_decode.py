@@ -204,9 +204,38 @@ def load_image(
 
 
 def _decode_bytes(im: Image.Image) -> int:
-    """Bytes the decoded pixels of ``im`` (at its current size and mode) will take."""
+    """Bytes the decoded pixels of ``im`` (at its current size and mode) will take.
+
+    Pillow keeps a pointer per row besides the pixels: a 1 x 80,000,000 greyscale image takes
+    640 MB of pointers for 80 MB of pixels.
+    """
     w, h = im.size
-    return w * h * _PIXEL_BYTES.get(im.mode, 4)
+    return h * (w * _PIXEL_BYTES.get(im.mode, 4) + 8)
+
+
+def _icon_bytes(data: bytes) -> int:
+    """The most bytes any image inside an ICO/CUR file declares it needs, from its directory.
+
+    Pillow's ICO reader decodes the first image while opening the file, before its size can be
+    checked, so the sizes are read here first: each entry is a PNG (IHDR) or a BMP (DIB header).
+    """
+    count = struct.unpack_from("<H", data, 4)[0] if len(data) >= 6 else 0
+    most = 0
+    for i in range(count):
+        entry = 6 + 16 * i
+        if entry + 16 > len(data):
+            break
+        offset = struct.unpack_from("<I", data, entry + 12)[0]
+        head = data[offset : offset + 24]
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
+            w, h = struct.unpack(">II", head[16:24])
+        elif len(head) >= 12:
+            w, h = struct.unpack("<ii", head[4:12])
+            w, h = abs(w), abs(h) // 2  # a BMP icon's height counts its mask too
+        else:
+            continue
+        most = max(most, h * (w * 4 + 8))
+    return most
 
 
 def _decode(
@@ -221,8 +250,19 @@ def _decode(
     im = None
     try:
         with warnings.catch_warnings():
-            # max_pixels below is the limit; PIL's warning (at ~89 MP) would undercut it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # max_pixels below is the limit; PIL's warning (at ~89 MP) would undercut it. Its
+            # other warnings are about malformed files ("not the expected size"), which are
+            # refused or decoded as they are: noise on a user's terminal either way.
+            warnings.simplefilter("ignore")
+            if data[:4] in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00"):  # ICO, CUR
+                need = _icon_bytes(data)
+                if need > max_decode_bytes:
+                    raise ImageLoadError(
+                        name,
+                        "too_large",
+                        f"icon declares an image that needs {need / 2**20:,.0f} MB to decode, "
+                        f"over the {max_decode_bytes / 2**20:,.0f} MB limit",
+                    )
             im = Image.open(io.BytesIO(data))
             width, height = im.size
             if width * height > max_pixels:

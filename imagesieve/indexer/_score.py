@@ -25,6 +25,7 @@ import numpy as np
 
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import UNKNOWN, Prediction, Predictor, Progress
+from imagesieve.classifier._engine import INFER_BATCH
 from imagesieve.classifier._predict import PREDICTION_CSV_COLUMNS
 from imagesieve.data import ImageLoadError
 from imagesieve.indexer._fetch import FetchOptions, fetch_items
@@ -61,7 +62,7 @@ class ScoreOptions:
     csv: str | None = None
     sort_into: str | None = None
     keep_images: str = "unknown"  # which scored images keep a copy in the workspace
-    batch_size: int = 32
+    batch_size: int = INFER_BATCH
     commit_rows: int = 256
     commit_seconds: float = 2.0
     fetch: FetchOptions = field(default_factory=FetchOptions)

@@ -653,6 +653,7 @@ class Service:
             ),
             local_paths=[*own, *limits.allow_paths],
             archives=ArchiveLimits(
+                max_member_bytes=limits.max_file_bytes,  # a member is no bigger than an upload
                 max_members=limits.max_members,
                 max_bytes=limits.max_inflated_bytes,
                 max_total_members=limits.max_members,

@@ -55,6 +55,7 @@ class ArchiveLimits:
 
     max_members: int = 1_000_000
     max_bytes: int | None = None  # inflated bytes per archive
+    max_member_bytes: int | None = None  # one member (None: MAX_MEMBER_BYTES)
     max_total_members: int | None = None  # over every archive of one run (a request)
     max_total_bytes: int | None = None
 
@@ -106,7 +107,7 @@ class InputItem:
     def content(self) -> str | bytes:
         """The item's file path or bytes (a zip member is read again, within its limits)."""
         if isinstance(self.source, ZipMember):
-            return self.source.read(MAX_MEMBER_BYTES + 1)
+            return self.source.read()
         return self.source
 
     @property
@@ -372,7 +373,12 @@ class InputExpander:
 
     def _zip_items(self, arg: str, path: Path, run: _Budget) -> Iterator[InputItem]:
         limits = self.archives
-        archive = _Archive(path, _Budget("archive", limits.max_members, limits.max_bytes), run)
+        archive = _Archive(
+            path,
+            _Budget("archive", limits.max_members, limits.max_bytes),
+            run,
+            limits.max_member_bytes,
+        )
         infos = archive.zf.infolist()
         members = [
             i for i in infos if not i.is_dir() and not _hidden(PurePosixPath(i.filename).parts)
@@ -393,7 +399,7 @@ class InputExpander:
                 reason = f"{over}; {left:,} image members of {arg} were not read"
                 yield InputItem(-1, arg, None, error=ImageLoadError(arg, "too_large", reason))
                 return
-            error = _member_error(info, name)
+            error = _member_error(info, name, archive.member_limit)
             if error is not None:
                 yield InputItem(-1, name, None, error=error, member=info.filename)
             else:
@@ -414,11 +420,12 @@ class InputExpander:
 class _Archive:
     """An open zip archive whose members are read one at a time, by any thread, within budgets."""
 
-    def __init__(self, path: Path, budget: _Budget, run: _Budget):
+    def __init__(self, path: Path, budget: _Budget, run: _Budget, member_limit: int | None = None):
         self.path = path
         self.zf = zipfile.ZipFile(path)
         self.budget = budget
         self.run = run
+        self.member_limit = MAX_MEMBER_BYTES if member_limit is None else member_limit
         self._lock = threading.Lock()
 
     def take_member(self) -> str | None:
@@ -433,7 +440,7 @@ class _Archive:
         lefts = [(b, b.bytes_left()) for b in (self.budget, self.run)]
         limit = min([cap] + [left + 1 for _, left in lefts if left is not None])
         with self._lock:  # one ZipFile, one file position
-            data = _read_member(self.zf, info, name, limit)
+            data = _read_member(self.zf, info, name, limit, self.member_limit)
         for budget, _ in lefts:
             budget.spend(len(data))
         for budget, left in lefts:
@@ -459,18 +466,21 @@ class ZipMember:
     name: str
 
     def read(self, n: int = -1) -> bytes:
-        """The member's bytes, at most ``n`` (or MAX_MEMBER_BYTES + 1); raises ImageLoadError."""
-        cap = MAX_MEMBER_BYTES + 1 if n is None or n < 0 else n
+        """The member's bytes, at most ``n`` (default: its limit + 1); raises ImageLoadError."""
+        cap = self.archive.member_limit + 1 if n is None or n < 0 else n
         return self.archive.read(self.info, self.name, cap)
 
 
-def _member_error(info: zipfile.ZipInfo, name: str) -> ImageLoadError | None:
+def _member_error(
+    info: zipfile.ZipInfo, name: str, limit: int | None = None
+) -> ImageLoadError | None:
     """Why a member cannot be read, from the archive's directory alone (None: try it)."""
     parts = PurePosixPath(info.filename.replace("\\", "/")).parts
     if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
         return ImageLoadError(name, "unreadable", "unsafe member name (absolute or with ..)")
-    if info.file_size > MAX_MEMBER_BYTES:
-        reason = f"zip member is {info.file_size:,} bytes, over the {MAX_MEMBER_BYTES:,}-byte limit"
+    limit = MAX_MEMBER_BYTES if limit is None else limit
+    if info.file_size > limit:
+        reason = f"zip member is {info.file_size:,} bytes, over the {limit:,}-byte limit"
         return ImageLoadError(name, "too_large", reason)
     if info.flag_bits & 0x1:
         return ImageLoadError(name, "unreadable", "zip member is encrypted (password protected)")
@@ -478,17 +488,22 @@ def _member_error(info: zipfile.ZipInfo, name: str) -> ImageLoadError | None:
 
 
 def _read_member(
-    zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, cap: int | None = None
+    zf: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    name: str,
+    cap: int | None = None,
+    limit: int | None = None,
 ) -> bytes:
-    """A zip member's bytes, refusing members that declare or inflate past MAX_MEMBER_BYTES.
+    """A zip member's bytes, refusing members that declare or inflate past ``limit`` bytes.
 
-    At most ``cap`` bytes are inflated (default MAX_MEMBER_BYTES + 1): a longer result means
+    At most ``cap`` bytes are inflated (default ``limit`` + 1; ``limit`` defaults to
+    MAX_MEMBER_BYTES): a longer result means
     the member went past the caller's limit.
     """
-    error = _member_error(info, name)
+    limit = MAX_MEMBER_BYTES if limit is None else limit
+    error = _member_error(info, name, limit)
     if error is not None:
         raise error
-    limit = MAX_MEMBER_BYTES
     try:
         with zf.open(info) as f:
             data = f.read(min(cap if cap is not None else limit + 1, limit + 1))

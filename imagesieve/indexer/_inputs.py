@@ -262,7 +262,7 @@ def _cell_item(
         return InputItem(-1, cell, None, error=ImageLoadError(cell, "bad_url", reason))
     if local_paths is not None:
         name = os.path.normpath(os.path.join(sheet.path.parent, cell))
-        if not _under(name, local_paths):
+        if cell.startswith("~") or not _under(name, local_paths):  # "~": a home folder, meant
             reason = f"local paths are not read from this list, only http(s) URLs ({where})"
             return InputItem(-1, cell, None, error=ImageLoadError(cell, "not_allowed", reason))
         if not os.path.exists(name):
@@ -497,8 +497,7 @@ def _read_member(
     """A zip member's bytes, refusing members that declare or inflate past ``limit`` bytes.
 
     At most ``cap`` bytes are inflated (default ``limit`` + 1; ``limit`` defaults to
-    MAX_MEMBER_BYTES): a longer result means
-    the member went past the caller's limit.
+    MAX_MEMBER_BYTES): a longer result means the member went past the caller's limit.
     """
     limit = MAX_MEMBER_BYTES if limit is None else limit
     error = _member_error(info, name, limit)

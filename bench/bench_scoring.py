@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imagesieve.classifier._engine import INFER_BATCH
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "_data"
 WS = HERE / "_out" / "ws"
@@ -206,7 +208,7 @@ def main() -> None:
     ap.add_argument("--plain-n", type=int, default=300, help="images for the (slow) plain loop")
     ap.add_argument("--big-n", type=int, default=48, help="12 MP JPEGs")
     ap.add_argument("--memory-n", type=int, default=10_000)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=INFER_BATCH, help="the engine's default")
     ap.add_argument("--repeats", type=int, default=5, help="paired engine/forward runs")
     ap.add_argument("--memory-child", nargs=2, metavar=("WS", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -15,7 +15,7 @@ from imagesieve.cli import main
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The real console entry point in a subprocess, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "imagesieve.cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "imagesieve.cli", *args], capture_output=True, text=True, timeout=600
     )
 
 
@@ -207,6 +207,7 @@ def test_cli__read_only_workspace_reads_and_refuses_writes_in_one_line(
             ["reindex"],
             ["cluster"],
             ["score", str(small_folder)],
+            ["serve", "--port", "0", "--no-ui"],
         ):
             done = run_cli(*verb, *ws)
             assert done.returncode == 2, (verb, done.stdout, done.stderr)

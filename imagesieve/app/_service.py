@@ -346,7 +346,7 @@ class Service:
         """Serve ``version``: load its predictor and clusters; the live batch of the old one ends."""
         from imagesieve.search._review import load_clusters
 
-        predictor = Predictor(version)
+        predictor = Predictor(version, batch_size=MAX_BATCH)  # batches of 8 here too: memory
         if predictor.reference is not None:
             self.store.register_version(
                 version.name, predictor.reference.sources, predictor.reference.labels

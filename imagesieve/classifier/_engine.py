@@ -29,10 +29,10 @@ _END = object()
 
 #: progress(stage, done, total): called as work advances; total is 0 when unknown.
 Progress = Callable[[str, int, int], None]
-#: Images per ONNX call by default. On one thread an image costs the same at batch 8 as at 32
-#: (measured: 150 vs 156 img/s over 600 ELPV cells), while ONNX Runtime's memory arena keeps the
-#: largest batch's activations for good: ~700 MB more for two streams at 32 than at 8.
-INFER_BATCH = 8
+#: Images per ONNX call by default (bench/bench_scoring.py: 0.85x the bare forward pass at 32,
+#: 0.76x at 8). A server scores with smaller batches: ONNX Runtime's memory arena keeps the
+#: largest activations of every concurrent call for good (~700 MB more at 32 than at 8 there).
+INFER_BATCH = 32
 #: Bytes of inputs already in memory (uploads, downloads) that may wait to be decoded at once;
 #: past it the stream is not read further until some are decoded (one item always goes).
 PREFETCH_BYTES = 256 * 2**20

@@ -6,8 +6,6 @@ import errno
 import os
 import shutil
 import socket
-import subprocess
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -22,6 +20,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from tmpfs import tmpfs
 
 from imagesieve._workspace import Workspace
 from imagesieve.app import Limits, Service, ServiceError
@@ -322,24 +321,6 @@ def test_openapi__schema_driven_client_gets_no_server_error(guarded):
     assert seen["POST /api/v1/score"] and max(seen["POST /api/v1/score"]) < 500
 
 
-@contextmanager
-def tmpfs(path: Path, *options: str):
-    """A tiny tmpfs mounted over ``path`` (created); skips the test where mounting is denied."""
-    path.mkdir(parents=True, exist_ok=True)
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("a full or read-only disk needs 'mount' as root; not available here")
-    opts = ",".join(["size=64k", *options])
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
-
-
 def fill(folder: Path) -> None:
     """Write to ``folder`` until its file system is full."""
     fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
@@ -382,7 +363,7 @@ def test_user_error__full_disk_on_score_is_507(open_api, elpv):
 def test_user_error__read_only_workspace_is_503(open_api, elpv):
     base, ws = open_api
     data = elpv[23].path.read_bytes()
-    with tmpfs(ws.images_dir, "ro"):
+    with tmpfs(ws.images_dir, read_only=True):
         r = requests.post(f"{base}/predict", files={"file": ("c.png", data)}, timeout=60)
         assert_error(r, 503, "cannot write to its workspace")
 
@@ -571,20 +552,18 @@ def test_similar__a_slow_filter_does_not_hold_up_predictions(served, elpv):
     assert_error(answers["similar"], 400, "query stopped after 10 s (time limit)")
 
 
+STORE_TABLES = (
+    "predictions",
+    "failures",
+    "batches",
+    "clusters",
+    "cluster_runs",
+    "cluster_exclusions",
+    "reference_images",
+    "embeddings_1280",
+)
 WRITE_ATTEMPTS = [
-    *(
-        f"WITH x AS (DELETE FROM {t} RETURNING 1) SELECT count(*) FROM x"
-        for t in (
-            "predictions",
-            "failures",
-            "batches",
-            "clusters",
-            "cluster_runs",
-            "cluster_exclusions",
-            "reference_images",
-            "embeddings_1280",
-        )
-    ),
+    *(f"WITH x AS (DELETE FROM {t} RETURNING 1) SELECT count(*) FROM x" for t in STORE_TABLES),
     *(
         f"WITH x AS (UPDATE {t} SET {c} = {v} RETURNING 1) SELECT count(*) FROM x"
         for t, c, v in (
@@ -623,17 +602,9 @@ WHERE_ATTEMPTS = [
 
 
 def fingerprint(service: Service) -> dict:
-    tables = [
-        "predictions",
-        "failures",
-        "batches",
-        "clusters",
-        "cluster_runs",
-        "cluster_exclusions",
-        "reference_images",
-        "embeddings_1280",
-    ]
-    return {t: service.sql(f"SELECT count(*), sum(hash(t)) FROM {t} AS t").rows[0] for t in tables}
+    return {
+        t: service.sql(f"SELECT count(*), sum(hash(t)) FROM {t} AS t").rows[0] for t in STORE_TABLES
+    }
 
 
 def test_sql__thirty_write_attempts_leave_the_store_unchanged(served, elpv):

@@ -1,13 +1,12 @@
-import contextlib
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tmpfs import remount_read_only, tmpfs
 
 from imagesieve.cli import main
 
@@ -166,25 +165,6 @@ def test_main__score_exit_codes_tell_scripts_what_happened(scoring_ws, small_fol
     assert main(["score", str(empty), *ws]) == 4  # nothing to score
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str):
-    """A tmpfs mounted at ``path`` (root only: the test is skipped, saying so, otherwise)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs (a read-only or full disk)")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def test_cli__read_only_workspace_reads_and_refuses_writes_in_one_line(
     scoring_ws, small_folder, tmp_path
 ):
@@ -192,7 +172,7 @@ def test_cli__read_only_workspace_reads_and_refuses_writes_in_one_line(
     assert main(["score", *map(str, images), "--workspace", str(scoring_ws.root)]) == 0
     with tmpfs(tmp_path / "ro", "256m") as mount:
         shutil.copytree(scoring_ws.root, mount / "ws")
-        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        remount_read_only(mount)
         ws = ["--workspace", str(mount / "ws")]
         for verb in (
             ["similar", "--id", "1"],

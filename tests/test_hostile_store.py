@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 from test_store import assert_index_matches_db, embedded, query
+from tmpfs import tmpfs
 
 from imagesieve._workspace import Workspace
 from imagesieve.indexer import Store, VectorIndex
@@ -22,25 +20,6 @@ from imagesieve.indexer._images import keep_image, kept_path
 from imagesieve.indexer._journal import Journal
 
 DIM = 16
-
-
-@contextlib.contextmanager
-def tmpfs(folder: Path, size: str) -> Iterator[Path]:
-    """A small tmpfs mounted on ``folder`` (a full disk on demand); skips the test without root."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip(f"needs root to mount a tmpfs: running as uid {os.geteuid()}")
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-    )
-    if mount.returncode != 0:
-        pytest.skip(f"needs root to mount a tmpfs: {mount.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 # -- the journal -----------------------------------------------------------------------------

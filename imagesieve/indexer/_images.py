@@ -29,6 +29,7 @@ __all__ = [
     "keep_image",
     "kept_path",
     "remove_partial_images",
+    "sync_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def keep_image(ws: Workspace, sha256: str, source: str | bytes) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _sync_folder(folder)
+    sync_folder(folder)
     return Path(path)
 
 
@@ -157,8 +158,8 @@ def _sync_whole(fd: int, size: int, name: str) -> None:
     os.fsync(fd)
 
 
-def _sync_folder(folder: str) -> None:
-    """Sync a folder, so a rename in it survives a power cut (best effort)."""
+def sync_folder(folder: str | os.PathLike) -> None:
+    """Sync a folder, so a file created or renamed in it survives a power cut (best effort)."""
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagesieve.indexer._images import sync_folder
+
 __all__ = ["Damage", "Journal", "JournalScan"]
 
 log = logging.getLogger(__name__)
@@ -160,7 +162,7 @@ class Journal:
                 side.unlink(missing_ok=True)
                 raise
             os.close(fd)
-            _sync_folder(side.parent)
+            sync_folder(side.parent)
             return side
         raise FileExistsError(f"{self.path}: no free name for its damaged copy ({stamp})")
 
@@ -217,17 +219,3 @@ def _cut_short(data: bytes, at: int) -> bool:
         return MAGIC.startswith(head[: len(MAGIC)])
     magic, size, _ = _HEADER.unpack(head)
     return magic == MAGIC and at + _HEADER.size + size > len(data)
-
-
-def _sync_folder(folder: Path) -> None:
-    """Sync a folder, so a file just created in it survives a power cut (best effort)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        log.debug("syncing %s: %s", folder, e)
-    finally:
-        os.close(fd)

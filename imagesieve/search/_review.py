@@ -23,7 +23,7 @@ from imagesieve.classifier import UNKNOWN, Progress
 from imagesieve.indexer import Store
 from imagesieve.indexer._images import image_source
 from imagesieve.indexer._score import sort_into
-from imagesieve.indexer._store import embedding_matrix, using_store
+from imagesieve.indexer._store import STORE_FILE, embedding_matrix, using_store
 from imagesieve.models import get_version
 from imagesieve.search._cluster import (
     Clustering,
@@ -326,6 +326,8 @@ def list_clusters(
 ) -> list[dict[str, Any]]:
     """The version's clusters, largest first, with status, name, size, medoid and histograms."""
     version = get_version(ws, model).name
+    if store is None and not (ws.root / STORE_FILE).is_file():
+        return []  # nothing scored yet, so nothing clustered
     with using_store(ws, store, read_only=True) as store, store.lock:
         return _list(store, version)
 

@@ -395,9 +395,11 @@ def caused(error: BaseException, cause: BaseException) -> BaseException:
             500,
             "upload:a.png: cannot keep it",
         ),
-        (ServiceError("no trained model in /ws: run 'imagesieve train'"), 503, "no trained model"),
-        (ServiceError("3 files is over the limit of 2 per upload"), 413, "limit of 2"),
+        (ServiceError("no trained model in /ws", "no_model"), 503, "no trained model"),
+        (ServiceError("3 files is over the limit of 2 per upload", "too_large"), 413, "limit of 2"),
+        (ServiceError("the server is stopping", "stopping"), 503, "stopping"),
         (ServiceError("a training run is already going"), 400, "a training run"),
+        (ServiceError("a limit in a bad request's words"), 400, "a limit"),  # kind, not text
     ],
 )
 def test_user_error__maps_each_kind_to_its_status(error, status, text):

@@ -51,6 +51,7 @@ STATUS = {
     "bad_image": 422,
     "disk": 500,
     "no_model": 503,
+    "stopping": 503,
     "read_only": 503,
     "disk_full": 507,
 }
@@ -97,7 +98,7 @@ ERROR_WHEN = {
     413: "An upload over a limit: bytes per file, files per request or bytes per request.",
     422: "A missing or invalid parameter, or a file that is not a readable image.",
     500: "An unexpected error; its details are in the server log.",
-    503: "No trained model yet, or the server cannot write to its workspace.",
+    503: "No trained model yet, the server cannot write to its workspace, or it is stopping.",
     507: "The server's disk is full.",
 }
 
@@ -159,12 +160,8 @@ def _error_kind(e: BaseException) -> str | None:
         return "read_only"
     if isinstance(e, ServiceError) and disk is not None:
         return "disk"  # the server's disk, not the request
-    if isinstance(e, ServiceError):
-        # ServiceError carries no kind: its one-line message is the only sign of one
-        if "no trained model" in str(e):
-            return "no_model"
-        if "limit" in str(e):
-            return "too_large"
+    if isinstance(e, ServiceError) and e.kind in STATUS:
+        return e.kind
     if isinstance(e, SqlError | SimilarError | ReviewError | InputError | ServiceError):
         return "bad_request"
     return None

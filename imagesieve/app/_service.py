@@ -72,7 +72,15 @@ SQL_NICE = 19
 
 
 class ServiceError(ValueError):
-    """A request the service cannot do (no model yet, bad input); its message is one line."""
+    """A request the service cannot do (no model yet, bad input); its message is one line.
+
+    ``kind`` says which, for the doors that answer it: ``bad_request`` (the default),
+    ``no_model``, ``too_large`` (over a limit) or ``stopping`` (the server is shutting down).
+    """
+
+    def __init__(self, message: str, kind: str = "bad_request"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -369,7 +377,8 @@ class Service:
         """The active, trained model version, or ServiceError saying how to get one."""
         if self.predictor is None:
             raise ServiceError(
-                f"no trained model in {self.ws.root}: run 'imagesieve train DATA_DIR' or 'imagesieve demo'"
+                f"no trained model in {self.ws.root}: run 'imagesieve train DATA_DIR' or 'imagesieve demo'",
+                "no_model",
             )
         return self.predictor.version
 
@@ -417,7 +426,8 @@ class Service:
             self.version  # noqa: B018 - raises the one-line "no model" error
         if len(data) > self.limits.max_file_bytes:
             raise ServiceError(
-                f"{name}: {len(data):,} bytes is over the {self.limits.max_file_bytes:,}-byte upload limit"
+                f"{name}: {len(data):,} bytes is over the {self.limits.max_file_bytes:,}-byte upload limit",
+                "too_large",
             )
         out: Future = Future()
         self._batcher.accepted(out)
@@ -425,7 +435,7 @@ class Service:
         try:
             self._decode.submit(self._predict_prepared, *job)
         except RuntimeError as e:  # shutting down
-            out.set_exception(ServiceError(f"the server is stopping: {e}"))
+            out.set_exception(ServiceError(f"the server is stopping: {e}", "stopping"))
         return out
 
     def _predict_prepared(
@@ -591,7 +601,8 @@ class Service:
         """
         if len(files) > self.limits.max_files:
             raise ServiceError(
-                f"{len(files)} files is over the limit of {self.limits.max_files} per upload"
+                f"{len(files)} files is over the limit of {self.limits.max_files} per upload",
+                "too_large",
             )
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         folder = self.ws.root / UPLOADS / f"{stamp}-{uuid.uuid4().hex[:8]}"
@@ -602,11 +613,13 @@ class Service:
             total += size
             if size > self.limits.max_file_bytes:
                 raise ServiceError(
-                    f"{name}: {size:,} bytes is over the {self.limits.max_file_bytes:,}-byte upload limit"
+                    f"{name}: {size:,} bytes is over the {self.limits.max_file_bytes:,}-byte upload limit",
+                    "too_large",
                 )
             if total > self.limits.max_request_bytes:
                 raise ServiceError(
-                    f"upload over the {self.limits.max_request_bytes:,}-byte total limit"
+                    f"upload over the {self.limits.max_request_bytes:,}-byte total limit",
+                    "too_large",
                 )
             safe = safe_filename(name)
             stem, ext = os.path.splitext(safe)

@@ -709,23 +709,19 @@ class Service:
     def sql(self, sql: str, *, limit: int = 1000, timeout: float = SQL_TIMEOUT) -> Any:
         """Read-only SQL over the store (the CLI's rules, plus memory and result-size limits).
 
-        Runs on a cursor of its own, on the low-priority SQL threads, outside the store's lock.
+        Runs on the low-priority SQL threads, outside the store's lock (``run_store_sql``).
         """
-        from imagesieve.search._sql import run_sql
+        from imagesieve.search._sql import run_store_sql
 
-        cursor = self.store.con.cursor()  # folds the journal here, not on a niced thread
-        try:
-            return self._sql.submit(
-                run_sql,
-                cursor,
-                sql,
-                limit=limit,
-                timeout=timeout,
-                max_bytes=SQL_MAX_RESULT_BYTES,
-                max_memory=SQL_MAX_MEMORY,
-            ).result()
-        finally:
-            cursor.close()
+        return run_store_sql(
+            self.store,
+            sql,
+            executor=self._sql,
+            limit=limit,
+            timeout=timeout,
+            max_bytes=SQL_MAX_RESULT_BYTES,
+            max_memory=SQL_MAX_MEMORY,
+        )
 
     # -- clusters and review ---------------------------------------------------------------
     def clusters(self) -> list[dict[str, Any]]:

@@ -78,27 +78,21 @@ def _filter_ids(
 ) -> np.ndarray:
     """Ids of the version's rows passing a SQL boolean expression over ``predictions``.
 
-    Runs as user SQL (read-only transaction, statement check, limits) on a cursor of its own,
-    without the store's lock: a slow filter holds up nothing else. ``executor`` runs it (a
-    server's low-priority threads); the store's journal is folded on the calling thread first.
+    Runs as user SQL (read-only transaction, statement check, limits) through ``run_store_sql``,
+    without the store's lock: a slow filter holds up nothing else.
     """
-    from imagesieve.search._sql import SqlError, run_sql
+    from imagesieve.search._sql import SqlError, run_store_sql
 
     sql = (
         "SELECT id FROM predictions WHERE model_version = "
         f"'{model_version.replace(chr(39), chr(39) * 2)}' AND ({where})"
     )
-    cursor = store.con.cursor()
-
-    def run() -> Any:
-        return run_sql(cursor, sql, limit=10_000_000, timeout=timeout, max_memory=max_memory)
-
     try:
-        result = executor.submit(run).result() if executor is not None else run()
+        result = run_store_sql(
+            store, sql, executor=executor, limit=10_000_000, timeout=timeout, max_memory=max_memory
+        )
     except SqlError as e:
         raise SimilarError(f"bad --where filter: {e}") from None
-    finally:
-        cursor.close()
     return np.array([r[0] for r in result.rows], np.int64)
 
 

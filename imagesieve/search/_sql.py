@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
@@ -48,6 +49,7 @@ __all__ = [
     "SqlResult",
     "open_readonly",
     "run_sql",
+    "run_store_sql",
 ]
 
 log = logging.getLogger(__name__)
@@ -649,3 +651,21 @@ def run_sql(
         seconds=seconds,
         types=[str(d[1]) for d in description],
     )
+
+
+def run_store_sql(
+    store: Any, sql: str, *, executor: Executor | None = None, **limits: Any
+) -> SqlResult:
+    """``run_sql`` over a live store, on a cursor of its own, without holding the store's lock.
+
+    The cursor is taken (and the store's journal folded) on the calling thread; the query then
+    runs on ``executor`` when given (a server's low-priority threads). ``limits`` are
+    ``run_sql``'s keywords.
+    """
+    cursor = store.con.cursor()
+    try:
+        if executor is None:
+            return run_sql(cursor, sql, **limits)
+        return executor.submit(run_sql, cursor, sql, **limits).result()
+    finally:
+        cursor.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -892,9 +893,9 @@ def _one_line(e: BaseException) -> str:
 
 def _disk_hint(e: BaseException) -> str:
     text = str(e)
-    if getattr(e, "errno", None) == 28 or "No space left" in text:
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text:
         return " (the disk is full: free some space and run the command again)"
-    if getattr(e, "errno", None) == 30 or "Read-only file" in text:
+    if getattr(e, "errno", None) == errno.EROFS or "Read-only file" in text:
         return " (the workspace is read-only: only similar, cluster --list, sql and models work)"
     return ""
 

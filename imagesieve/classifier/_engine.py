@@ -125,9 +125,8 @@ class ScoringEngine:
                     return EngineResult(source=name, sha256=digest, skipped=True), None
             decoded = load_image(source, min_side=self.config.resize_side, name=name, sha256=digest)
             x = self.config.preprocess(decoded.image)
-        except (
-            ImageLoadError
-        ) as e:  # kept while the batch waits: without the failed decode's frames
+        except ImageLoadError as e:
+            # kept while the batch waits: without the failed decode's frames
             return EngineResult(source=name, error=e.detached()), None
         except Exception as e:  # a decoder bug must not kill the batch: record it per item
             log.exception("unexpected error preparing %s", name)

@@ -203,14 +203,13 @@ def load_image(
     return DecodedImage(source=name, image=image, width=width, height=height, sha256=digest)
 
 
-def _decode_bytes(im: Image.Image) -> int:
-    """Bytes the decoded pixels of ``im`` (at its current size and mode) will take.
+def _decode_bytes(width: int, height: int, mode: str) -> int:
+    """Bytes Pillow's decoded image of that size and mode will take.
 
     Pillow keeps a pointer per row besides the pixels: a 1 x 80,000,000 greyscale image takes
     640 MB of pointers for 80 MB of pixels.
     """
-    w, h = im.size
-    return h * (w * _PIXEL_BYTES.get(im.mode, 4) + 8)
+    return height * (width * _PIXEL_BYTES.get(mode, 4) + 8)
 
 
 def _icon_bytes(data: bytes) -> int:
@@ -234,7 +233,7 @@ def _icon_bytes(data: bytes) -> int:
             w, h = abs(w), abs(h) // 2  # a BMP icon's height counts its mask too
         else:
             continue
-        most = max(most, h * (w * 4 + 8))
+        most = max(most, _decode_bytes(w, h, "RGBA"))
     return most
 
 
@@ -279,7 +278,7 @@ def _decode(
                 scale = min_side / min(width, height)
                 if scale < 1:
                     im.draft(im.mode, (max(1, round(width * scale)), max(1, round(height * scale))))
-            need = _decode_bytes(im)
+            need = _decode_bytes(*im.size, im.mode)
             if need > max_decode_bytes:
                 raise ImageLoadError(
                     name,

@@ -28,8 +28,9 @@ import numpy as np
 
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import Prediction
+from imagesieve.indexer._images import remove_partial_images
 from imagesieve.indexer._journal import Journal
-from imagesieve.indexer._vectors import VectorIndex
+from imagesieve.indexer._vectors import IndexFileError, VectorIndex
 
 __all__ = [
     "STORE_FILE",
@@ -352,8 +353,6 @@ class Store:
         if check and not read_only:
             self.checks = [self.check_index(v) for v in self.versions()]
         if not read_only:
-            from imagesieve.indexer._images import remove_partial_images
-
             remove_partial_images(ws)
 
     # -- embedding tables -----------------------------------------------------------------
@@ -956,8 +955,6 @@ class Store:
         A saved index whose sidecar agrees with DuckDB counts as in sync unless ``verify``: then
         it is loaded (kept in memory) and its file checked, and rebuilt if the check fails.
         """
-        from imagesieve.indexer._vectors import IndexFileError
-
         t0 = time.perf_counter()
         db = self._db_stats(model_version)
         path = self.index_path(model_version)

@@ -451,7 +451,7 @@ def _parse_facts(
             kind = node.get("type")
             if isinstance(kind, str) and kind.endswith("_QUERY_NODE"):
                 writes.add(kind.removesuffix("_QUERY_NODE").replace("_", " "))
-            table_ref = node.get("type") == "TABLE_FUNCTION"
+            table_ref = kind == "TABLE_FUNCTION"
             stack.extend((v, table_ref and k == "function") for k, v in node.items())
         elif isinstance(node, list):
             stack.extend((v, False) for v in node)

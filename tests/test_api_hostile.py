@@ -6,8 +6,11 @@ import errno
 import os
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -41,6 +44,17 @@ def model_copy(trained, root: Path) -> Workspace:
     return ws
 
 
+@contextmanager
+def serving(ws: Workspace, limits: Limits, **server: Any) -> Iterator[tuple[str, Service]]:
+    """(URL, service) of a real server on 127.0.0.1 over ``ws``; stopped and closed after."""
+    with Service(ws, limits=limits) as service:
+        running = start_server(service, **server)
+        try:
+            yield running.url, service
+        finally:
+            running.stop()
+
+
 def assert_error(r, status: int, text: str) -> None:
     """A JSON error of ``status`` in the documented shape, one line holding ``text``."""
     assert r.status_code == status, r.text
@@ -54,24 +68,16 @@ def assert_error(r, status: int, text: str) -> None:
 def guarded(trained, tmp_path_factory):
     """(server URL, workspace) of the API with a token and small limits, the UI mounted at /."""
     ws = model_copy(trained, tmp_path_factory.mktemp("hostile") / "ws")
-    with Service(ws, limits=LIMITS) as service:
-        server = start_server(service, token=TOKEN, ui=True)
-        try:
-            yield server.url, ws
-        finally:
-            server.stop()
+    with serving(ws, LIMITS, token=TOKEN, ui=True) as (url, _):
+        yield url, ws
 
 
 @pytest.fixture(scope="module")
 def open_api(trained, tmp_path_factory):
     """(API base URL, workspace) of a server without a token and without the UI."""
     ws = model_copy(trained, tmp_path_factory.mktemp("open") / "ws")
-    with Service(ws, limits=LIMITS) as service:
-        server = start_server(service, ui=False)
-        try:
-            yield server.url + "/api/v1", ws
-        finally:
-            server.stop()
+    with serving(ws, LIMITS, ui=False) as (url, _):
+        yield url + "/api/v1", ws
 
 
 def post_chunked(url: str, chunks, content_type: str, headers: dict[str, str]):
@@ -423,12 +429,8 @@ def served(trained, tmp_path_factory):
     """(API base URL, service) of a server whose lists may also reach 127.0.0.2 (--allow-fetch)."""
     ws = model_copy(trained, tmp_path_factory.mktemp("served") / "ws")
     limits = Limits(max_request_bytes=8 * 2**20, allow_fetch=("127.0.0.2/32",))
-    with Service(ws, limits=limits) as service:
-        server = start_server(service, ui=False)
-        try:
-            yield server.url + "/api/v1", service
-        finally:
-            server.stop()
+    with serving(ws, limits, ui=False) as (url, service):
+        yield url + "/api/v1", service
 
 
 def score_files(base: str, files: dict[str, bytes], timeout: float = 120) -> dict:

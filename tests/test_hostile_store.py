@@ -210,15 +210,26 @@ def queries(n: int = 20) -> np.ndarray:
     return (xq / np.linalg.norm(xq, axis=1, keepdims=True)).astype(np.float32)
 
 
+def damage_vectors(path: Path) -> None:
+    """Turn 64 floats in the middle of a saved index's vector data huge; its size stays."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2 - 128)
+        f.write(np.full(64, 1e6, np.float32).tobytes())
+
+
+def garble_header(path: Path) -> None:
+    """Zero the first 64 bytes of a saved index (FAISS's header)."""
+    with open(path, "r+b") as f:
+        f.write(bytes(64))
+
+
 def test_store_index__damaged_vectors_of_unchanged_size_are_rebuilt_before_a_search(
     tmp_path, caplog
 ):
     ws, ids, xb = stored(tmp_path)
     path = ws.root / "index" / "v1.faiss"
     size = path.stat().st_size
-    with open(path, "r+b") as f:  # the middle of the vector data: 64 floats turned huge
-        f.seek(size // 2 - 128)
-        f.write(np.full(64, 1e6, np.float32).tobytes())
+    damage_vectors(path)
     assert path.stat().st_size == size
     xq = queries()
     want = brute_force(xq, ids, xb, 10)
@@ -243,10 +254,7 @@ def test_cli_reindex__checks_the_file_itself(tmp_path, capsys):
 
     ws, ids, xb = stored(tmp_path)
     path = ws.root / "index" / "v1.faiss"
-    size = path.stat().st_size
-    with open(path, "r+b") as f:  # same size, so the sidecar still agrees
-        f.seek(size // 2 - 128)
-        f.write(np.full(64, 1e6, np.float32).tobytes())
+    damage_vectors(path)  # same size, so the sidecar still agrees
     assert main(["reindex", "--workspace", str(ws.root), "--json"]) == 0
     (check,) = json.loads(capsys.readouterr().out)["indexes"]
     assert (check["action"], check["rows"]) == ("rebuilt", 300)
@@ -258,8 +266,7 @@ def test_cli_reindex__checks_the_file_itself(tmp_path, capsys):
 def test_store_index__garbled_header_rebuilt_with_every_row_and_saved_whole(tmp_path):
     ws, ids, xb = stored(tmp_path)
     path = ws.root / "index" / "v1.faiss"
-    with open(path, "r+b") as f:
-        f.write(bytes(64))
+    garble_header(path)
     assert VectorIndex.load(path) is None
     with Store(ws) as store:
         index = store.index("v1")
@@ -276,8 +283,7 @@ def test_store_index__an_index_that_fails_to_load_is_never_saved_over(tmp_path):
     # new rows to it and saved that over the file at close: 8 vectors for 308 rows.
     ws, _, _ = stored(tmp_path)
     path = ws.root / "index" / "v1.faiss"
-    with open(path, "r+b") as f:
-        f.write(bytes(64))
+    garble_header(path)
     with Store(ws) as store:
         batch = store.begin_batch("v1", ["test"], {})
         store.commit(batch, "v1", embedded(np.random.default_rng(6), 300, 8, DIM))
@@ -300,8 +306,7 @@ def test_store_index__older_sidecar_without_checksum_accepted_then_upgraded(tmp_
         assert store.checks[0].action == "in_sync"  # its figures agree with DuckDB: kept
         assert "crc32" in json.loads(sidecar.read_text())  # and its sidecar now has a checksum
     assert "rebuilt" not in caplog.text and "not used" not in caplog.text
-    with open(path, "r+b") as f:  # and without one, an unreadable file is rebuilt
-        f.write(bytes(64))
+    garble_header(path)  # and without one, an unreadable file is rebuilt
     sidecar.write_text(json.dumps(side))
     with Store(ws) as store:
         assert store.index("v1").ntotal == 300 and store.checks[0].action == "rebuilt"

@@ -184,7 +184,7 @@ def build_server(
         os.environ.setdefault("GRADIO_TEMP_DIR", str(service.ws.cache_dir / "gradio"))
         import gradio as gr
 
-        from imagesieve.app._ui import build_app
+        from imagesieve.app.ui import build_app
 
         blocks = build_app(service)
         app = gr.mount_gradio_app(

@@ -1,0 +1,123 @@
+"""The History tab: read-only SQL over everything stored, its views and a chart per day."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from imagesieve.app._service import Service
+from imagesieve.app.ui._widgets import Downloads, Panel, user_errors, version_or_none
+
+
+def _cell(v: Any) -> Any:
+    """A SQL value as a table cell: numbers stay numbers, everything else becomes text."""
+    if v is None or isinstance(v, bool | int | str):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, dt.datetime | dt.date | dt.time):
+        return v.isoformat()
+    if isinstance(v, bytes | bytearray | memoryview):
+        return "\\x" + bytes(v).hex()
+    return str(v)
+
+
+def _unique_headers(columns: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for c in columns:
+        n = seen.get(c, 0)
+        seen[c] = n + 1
+        out.append(c if n == 0 else f"{c}_{n + 1}")
+    return out
+
+
+def _frame(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> pd.DataFrame:
+    return pd.DataFrame([[_cell(v) for v in r] for r in rows], columns=_unique_headers(columns))
+
+
+def history_tab(service: Service, downloads: Downloads) -> Panel:
+    from imagesieve.search._sql import VIEWS
+
+    @user_errors
+    def run(sql: str | None, limit: float | None) -> tuple:
+        if not (sql or "").strip():
+            raise gr.Error("write a query first", print_exception=False)
+        result = service.sql(sql, limit=int(limit or 1000))
+        path = downloads.path("query.csv")
+        result.to_csv(path)
+        n = len(result.rows)
+        more = " (row limit reached: more rows were not fetched)" if result.truncated else ""
+        return (
+            f"{n:,} row{'' if n == 1 else 's'} in {result.seconds:.2f} s{more}",
+            gr.Dataframe(value=_frame(result.columns, result.rows), visible=True),
+            gr.DownloadButton(value=str(path), visible=True),
+        )
+
+    def view(name: str) -> Callable[[float | None], tuple]:
+        sql = f"SELECT * FROM {name}"
+
+        def show(limit: float | None) -> tuple:
+            return (sql, *run(sql, limit))
+
+        return show
+
+    def chart() -> pd.DataFrame:
+        empty = pd.DataFrame({"day": [], "label": [], "n": []})
+        if version_or_none(service) is None:
+            return empty
+        result = service.sql(
+            "SELECT CAST(day AS VARCHAR) AS day, label, CAST(sum(n) AS BIGINT) AS n "
+            "FROM predictions_per_day GROUP BY ALL ORDER BY day, label",
+            limit=100_000,
+        )
+        return pd.DataFrame(result.rows, columns=["day", "label", "n"]) if result.rows else empty
+
+    gr.Markdown(
+        "Read-only SQL over everything stored (tables `predictions`, `batches`, `failures`, "
+        "`clusters`, …; one SELECT at a time). The ready-made views, one click away:"
+    )
+    with gr.Row():
+        buttons = {name: gr.Button(name, size="sm", elem_id=f"view-{name}") for name in VIEWS}
+    gr.Markdown("\n".join(f"- **{n}**: {d}" for n, d in VIEWS.items()))
+    sql = gr.Textbox(
+        label="SQL",
+        lines=4,
+        value="SELECT label, count(*) AS n FROM predictions GROUP BY label ORDER BY n DESC",
+        elem_id="history-sql",
+    )
+    with gr.Row():
+        limit = gr.Number(label="Row limit", value=1000, precision=0, minimum=1)
+        start = gr.Button("Run query", variant="primary", elem_id="history-run")
+        csv_button = gr.DownloadButton("Download CSV", visible=False, elem_id="history-csv")
+    status = gr.Markdown(elem_id="history-status")
+    table = gr.Dataframe(
+        interactive=False,
+        visible=False,  # until there is a result: an empty table shows made-up headers
+        label="Result",
+        max_height=480,
+        elem_id="history-table",
+    )
+    plot = gr.BarPlot(
+        value=pd.DataFrame({"day": [], "label": [], "n": []}),
+        x="day",
+        y="n",
+        color="label",
+        title="Predictions per day by label (UTC day of their latest scoring)",
+        x_title="day",
+        y_title="images",
+        height=300,
+        elem_id="history-chart",
+    )
+    start.click(run, [sql, limit], [status, table, csv_button])
+    for name, button in buttons.items():
+        button.click(user_errors(view(name)), limit, [sql, status, table, csv_button])
+    return Panel(user_errors(chart), [plot])

@@ -1,0 +1,210 @@
+"""The Model tab: versions, metrics, report images and the UNKNOWN thresholds."""
+
+from __future__ import annotations
+
+import csv
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from imagesieve.app._service import Service
+from imagesieve.app.ui._widgets import THUMB, Panel, pct, user_errors, version_or_none
+
+
+def _metrics_md(version: Any) -> str:
+    m = version.meta.get("metrics", {})
+    names = [
+        ("accuracy", "accuracy"),
+        ("macro_f1", "macro-F1"),
+        ("weighted_f1", "weighted-F1"),
+        ("roc_auc", "ROC-AUC"),
+        ("ece", "calibration error (ECE)"),
+        ("unknown_rate", "UNKNOWN rate"),
+    ]
+    head = " · ".join(
+        f"{label} **{m[key]:.3f}**" for key, label in names if isinstance(m.get(key), int | float)
+    )
+    lines = [
+        f"**{version.name}** ({version.meta.get('backbone')}), evaluated on "
+        f"{m.get('n', '?')} {m.get('evaluated_on', '')} images: {head}",
+        "",
+    ]
+    per_class = m.get("per_class") or {}
+    if per_class:
+        lines += ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for name, row in per_class.items():
+            cells = [row.get(k) for k in ("precision", "recall", "f1")]
+            text = " | ".join("" if v is None else f"{v:.3f}" for v in cells)
+            lines.append(f"| {name} | {text} | {row.get('support', '')} |")
+    return "\n".join(lines)
+
+
+def _misclassified(version: Any, limit: int = 48) -> list[tuple[Any, str]]:
+    """The misclassified evaluation images (from the audit CSV), or the report's montage."""
+    from PIL import Image
+
+    from imagesieve.data import load_image
+
+    out: list[tuple[Any, str]] = []
+    audit = version.report_dir / "audit.csv"
+    if audit.is_file():
+        with open(audit, newline="", encoding="utf-8") as f:
+            wrong = [r for r in csv.DictReader(f) if r.get("correct") == "false"]
+        wrong.sort(key=lambda r: -float(r.get("top1_prob") or 0))
+        for r in wrong[:limit]:
+            try:
+                im = load_image(r["path"]).image
+            except (ValueError, OSError):  # training images moved away: the montage stands in
+                continue
+            im.thumbnail((THUMB, THUMB))
+            p = float(r.get("top1_prob") or 0)
+            out.append((im, f"{r['true']} → {r['top1']} {pct(p)}"))
+    montage = version.report_dir / "misclassified.png"
+    if not out and montage.is_file():
+        out.append((Image.open(montage).convert("RGB"), "most confident mistakes (report)"))
+    return out
+
+
+def _report_image(version: Any, name: str) -> Any:
+    from PIL import Image
+
+    path = version.report_dir / name
+    if not path.is_file():
+        return None
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def model_tab(service: Service) -> Panel:
+    def preview(confidence: float, use_distance: bool, distance: float) -> str:
+        if version_or_none(service) is None:
+            return ""
+        counts = service.threshold_preview(
+            float(confidence), float(distance) if use_distance else None
+        )
+        rule = f"Top-1 below {pct(confidence)}"
+        if use_distance:
+            rule += f" or nearest training image beyond {distance:.3f}"
+        stored = counts["stored"]
+        return (
+            f"With **{rule}**, **{counts['unknown']:,} of {stored:,}** stored images would be "
+            f"UNKNOWN (low confidence: {counts['low_confidence']:,}; far from the training "
+            f"data: {counts['far_from_training']:,}). Marked UNKNOWN now: "
+            f"{counts['unknown_now']:,}. **Apply** makes these the model's thresholds and "
+            "re-decides the stored images."
+        )
+
+    def refresh() -> tuple:
+        versions = service.versions()
+        columns = ["version", "active", "kind", "backbone", "classes", "accuracy", "macro_f1"]
+        table = pd.DataFrame(
+            [[v.get(c) for c in columns + ["created_at"]] for v in versions],
+            columns=[*columns, "created_at"],
+        )
+        names = [v["version"] for v in versions if v.get("kind") == "trained"]
+        version = version_or_none(service)
+        if version is None:
+            return (
+                table,
+                gr.Dropdown(choices=names, value=names[-1] if names else None),
+                "No trained model yet: run `imagesieve train DATA_DIR` or `imagesieve demo`.",
+                None,
+                None,
+                [],
+                gr.Slider(),
+                gr.Checkbox(),
+                gr.Slider(),
+                "",
+            )
+        confidence = version.confidence_threshold
+        distance = version.distance_threshold
+        return (
+            table,
+            gr.Dropdown(choices=names, value=version.name),
+            _metrics_md(version),
+            _report_image(version, "confusion_matrix.png"),
+            _report_image(version, "training_curves.png"),
+            _misclassified(version),
+            gr.Slider(value=confidence),
+            gr.Checkbox(value=distance is not None),
+            gr.Slider(value=distance if distance is not None else 0.3),
+            preview(confidence, distance is not None, distance or 0.3),
+        )
+
+    @user_errors
+    def activate(name: str | None) -> None:
+        if not name:
+            raise gr.Error("pick a version", print_exception=False)
+        version = service.activate(name)
+        gr.Info(f"now serving {version.name}")
+
+    gr.Markdown("Model versions in this workspace; the active one scores every image.")
+    versions = gr.Dataframe(interactive=False, label="Versions", elem_id="model-versions")
+    with gr.Row():
+        pick = gr.Dropdown(label="Version", choices=[], elem_id="model-pick", scale=3)
+        activate_button = gr.Button("Activate", elem_id="model-activate", scale=1)
+    metrics = gr.Markdown(elem_id="model-metrics")
+    with gr.Row():
+        confusion = gr.Image(
+            label="Confusion matrix", interactive=False, format="png", elem_id="model-confusion"
+        )
+        curves = gr.Image(
+            label="Training curves", interactive=False, format="png", elem_id="model-curves"
+        )
+    misclassified = gr.Gallery(
+        label="Misclassified evaluation images (true → predicted)",
+        columns=8,
+        height=260,
+        object_fit="contain",
+        elem_id="model-misclassified",
+    )
+    gr.Markdown("### UNKNOWN thresholds")
+    with gr.Row():
+        confidence = gr.Slider(
+            0, 1, value=0.5, step=0.01, label="Top-1 confidence below", elem_id="model-confidence"
+        )
+        use_distance = gr.Checkbox(
+            value=True, label="Use the distance rule", elem_id="model-use-distance"
+        )
+        distance = gr.Slider(
+            0,
+            1,
+            value=0.3,
+            step=0.005,
+            label="Nearest training image further than (cosine distance)",
+            elem_id="model-distance",
+        )
+    counts = gr.Markdown(elem_id="model-threshold-preview")
+    apply_button = gr.Button("Apply these thresholds", elem_id="model-apply-thresholds")
+    outputs = [versions, pick, metrics, confusion, curves, misclassified]
+    outputs += [confidence, use_distance, distance, counts]
+    activated = activate_button.click(activate, pick, None)
+
+    @user_errors
+    def apply(confidence: float, use_distance: bool, distance: float) -> None:
+        counts = service.set_thresholds(
+            float(confidence), float(distance) if use_distance else None
+        )
+        gr.Info(
+            f"thresholds applied: {counts['unknown']:,} of {counts['stored']:,} stored images UNKNOWN"
+        )
+
+    applied = apply_button.click(apply, [confidence, use_distance, distance], None)
+    # One queue for everything that writes the preview, so results land in the order asked.
+    thresholds = {"concurrency_id": "model-thresholds", "concurrency_limit": 1}
+    sliders = [confidence, use_distance, distance]
+    for control in sliders:
+        control.input(
+            user_errors(preview),
+            sliders,
+            counts,
+            trigger_mode="always_last",
+            show_progress="hidden",
+            **thresholds,
+        )
+
+    def on_open(tab: Any) -> None:  # the counts change as images are scored; the sliders stay
+        tab.select(user_errors(preview), sliders, counts, show_progress="hidden", **thresholds)
+
+    return Panel(user_errors(refresh), outputs, on_open=on_open, model_changes=[activated, applied])

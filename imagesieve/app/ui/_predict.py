@@ -1,0 +1,227 @@
+"""The Predict tab: one image (upload or camera), its verdict, Top-3, Grad-CAM and neighbours."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from imagesieve.app._service import Service
+from imagesieve.app.ui._widgets import (
+    Panel,
+    class_names,
+    distance_caption,
+    gallery_value,
+    one_line,
+    pct,
+    user_errors,
+)
+from imagesieve.classifier import UNKNOWN, Prediction
+
+#: The Grad-CAM class choice meaning "the Top-1 class of the image".
+TOP1_CHOICE = "Top-1 class"
+
+_GREEN, _RED, _GREY = "#15803d", "#b91c1c", "#6b7280"
+
+
+def _badge(text: str, detail: str, colour: str, **data: str) -> str:
+    attrs = "".join(f' data-{k}="{html.escape(v)}"' for k, v in data.items())
+    return (
+        f'<div class="imagesieve-verdict"{attrs} style="border:3px solid {colour};'
+        f'border-radius:10px;padding:10px 14px;background:{colour}14">'
+        f'<div class="verdict-label" style="font-size:1.8em;font-weight:800;color:{colour};'
+        f'letter-spacing:.03em">{html.escape(text)}</div>'
+        f'<div class="verdict-detail" style="margin-top:2px">{html.escape(detail)}</div></div>'
+    )
+
+
+def verdict_html(pred: Prediction, threshold: float | None, distance: float | None) -> str:
+    """The label as a badge: green for a class, an unmistakable red UNKNOWN with its reasons."""
+    if pred.label != UNKNOWN:
+        return _badge(
+            pred.label or "",
+            f"Top-1 confidence {pct(pred.confidence)}",
+            _GREEN,
+            label=pred.label or "",
+        )
+    details = []
+    for reason in (pred.reason or "").split("+"):
+        if reason == "low_confidence":
+            limit = f", below {pct(threshold)}" if threshold is not None else ""
+            details.append(f"low confidence (Top-1 {pct(pred.confidence)}{limit})")
+        elif reason == "far_from_training":
+            bits = []
+            if pred.neighbor_distance is not None:
+                bits.append(f"nearest at distance {pred.neighbor_distance:.3f}")
+            if distance is not None:
+                bits.append(f"limit {distance:.3f}")
+            details.append("far from the training data" + (f" ({', '.join(bits)})" if bits else ""))
+        elif reason:
+            details.append(reason.replace("_", " "))
+    return _badge(
+        UNKNOWN,
+        "; ".join(details) or "not like any known class",
+        _RED,
+        label=UNKNOWN,
+        reason=pred.reason or "",
+    )
+
+
+def _empty_badge(text: str = "Upload an image to score it") -> str:
+    return (
+        f'<div class="imagesieve-verdict" style="border:2px dashed {_GREY};border-radius:10px;'
+        f'padding:10px 14px;color:{_GREY}">{html.escape(text)}</div>'
+    )
+
+
+def _top3(pred: Prediction) -> dict[str, float]:
+    return {c: float(p) for c, p in pred.top3}
+
+
+def _jpeg(image: Any) -> bytes:
+    """A camera frame (PIL or array) as JPEG bytes, the form it is scored and stored in."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def predict_tab(service: Service) -> Panel:
+    def thresholds() -> tuple[float | None, float | None]:
+        predictor = service.predictor
+        if predictor is None:
+            return None, None
+        return predictor.threshold, predictor.distance_threshold
+
+    def show(result: Any) -> tuple[str, dict[str, float], str, list]:
+        pred = result.prediction
+        parts = []
+        if pred.id is not None:
+            parts.append(f"stored as **#{pred.id}**")
+        if pred.skipped:
+            parts.append("this content was stored before")
+        parts.append(f"model {result.model_version}")
+        if pred.neighbor_distance is not None:
+            parts.append(f"nearest training image at distance {pred.neighbor_distance:.3f}")
+        if pred.cluster_id is not None and pred.cluster_id >= 0:
+            parts.append(f"in UNKNOWN cluster {pred.cluster_id}")
+        parts.append(f"{pred.width}×{pred.height} px, {result.seconds:.2f} s")
+        gallery = gallery_value(
+            service, ((n["id"], distance_caption(n)) for n in result.neighbours)
+        )
+        return verdict_html(pred, *thresholds()), _top3(pred), " · ".join(parts), gallery
+
+    @user_errors
+    def score_upload(path: str | None) -> tuple:
+        if not path:
+            return _empty_badge(), None, "", [], None, None
+        result = service.predict(Path(path).read_bytes(), Path(path).name)
+        return (*show(result), path, None)
+
+    @user_errors
+    def live_frame(frame: Any) -> tuple:
+        if frame is None:
+            return gr.skip(), gr.skip(), None
+        data = _jpeg(frame)
+        result = service.predict(data, "webcam.jpg", neighbours=0, store=False)
+        return _top3(result.prediction), verdict_html(result.prediction, *thresholds()), data
+
+    @user_errors
+    def store_frame(data: bytes | None) -> tuple:
+        if not data:
+            raise gr.Error("no camera frame yet: start the camera first", print_exception=False)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        return (*show(service.predict(data, f"webcam-{stamp}.jpg")), data, None)
+
+    @user_errors
+    def explain(source: str | bytes | None, class_name: str | None) -> Any:
+        if source is None:
+            return None
+        from imagesieve.data import load_image
+
+        wanted = None if class_name in (None, "", TOP1_CHOICE) else class_name
+        try:
+            cam = service.gradcam(source, wanted)
+        except (ImportError, ValueError) as e:  # no torch, no checkpoint: the score still stands
+            gr.Warning(f"no Grad-CAM: {one_line(e)}")
+            return None
+        image = load_image(source).image
+        image.thumbnail((512, 512))
+        return gr.Image(
+            value=cam.overlay(image),
+            label=f"Grad-CAM: where the model saw “{cam.class_name}” ({pct(cam.probability)})",
+        )
+
+    def refresh(current: str | None) -> Any:
+        choices = [TOP1_CHOICE, *class_names(service)]
+        return gr.Dropdown(choices=choices, value=current if current in choices else TOP1_CHOICE)
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            with gr.Tabs():
+                with gr.Tab("Upload"):
+                    image = gr.Image(
+                        label="Image",
+                        type="filepath",
+                        image_mode=None,  # the file as uploaded: scored and stored as sent
+                        sources=["upload", "clipboard"],
+                        elem_id="predict-image",
+                    )
+                with gr.Tab("Camera"):
+                    camera = gr.Image(
+                        label="Live camera (frames are scored, not stored)",
+                        sources=["webcam"],
+                        streaming=True,
+                        type="pil",
+                        elem_id="predict-camera",
+                    )
+                    live_verdict = gr.HTML(
+                        _empty_badge("Start the camera to score it live"), elem_id="live-verdict"
+                    )
+                    live_top3 = gr.Label(label="Live Top-3", num_top_classes=3, show_heading=False)
+                    store_button = gr.Button("Store this frame", elem_id="predict-store-frame")
+        with gr.Column(scale=1):
+            verdict = gr.HTML(_empty_badge(), elem_id="predict-verdict")
+            top3 = gr.Label(
+                label="Top-3", num_top_classes=3, show_heading=False, elem_id="predict-top3"
+            )
+            details = gr.Markdown(elem_id="predict-details")
+    with gr.Row():
+        with gr.Column(scale=1):
+            cam_class = gr.Dropdown(label="Explain class", choices=[TOP1_CHOICE], value=TOP1_CHOICE)
+            cam_image = gr.Image(
+                label="Grad-CAM", interactive=False, format="png", elem_id="predict-gradcam"
+            )
+        with gr.Column(scale=2):
+            neighbours = gr.Gallery(
+                label="Most similar stored images",
+                columns=5,
+                height=320,
+                object_fit="contain",
+                elem_id="predict-neighbours",
+            )
+    source = gr.State(None)  # the scored image (upload path or frame bytes), for Grad-CAM
+    frame = gr.State(None)  # the latest camera frame (JPEG bytes)
+
+    outputs = [verdict, top3, details, neighbours, source, cam_image]
+    image.upload(score_upload, image, outputs).success(explain, [source, cam_class], cam_image)
+    image.clear(score_upload, image, outputs)
+    camera.stream(
+        live_frame,
+        camera,
+        [live_top3, live_verdict, frame],
+        stream_every=0.5,
+        time_limit=600,
+        concurrency_limit=4,
+        show_progress="hidden",
+    )
+    store_button.click(store_frame, frame, outputs).success(explain, [source, cam_class], cam_image)
+    cam_class.input(explain, [source, cam_class], cam_image)
+    return Panel(refresh, [cam_class], [cam_class])

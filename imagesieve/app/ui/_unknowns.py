@@ -1,0 +1,259 @@
+"""The Unknowns tab: UNKNOWN images clustered, each cluster named, trimmed, promoted or rejected."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import gradio as gr
+
+from imagesieve.app._service import Service
+from imagesieve.app.ui._widgets import (
+    Panel,
+    gallery_value,
+    pct,
+    progress_relay,
+    user_errors,
+    version_or_none,
+)
+
+#: Clusters shown with their galleries (largest first); members shown per cluster.
+MAX_CLUSTERS_SHOWN = 20
+MEMBERS_SHOWN = 24
+
+
+def _parse_ids(text: str) -> tuple[int, ...]:
+    parts = [p for p in re.split(r"[\s,;]+", text or "") if p]
+    bad = [p for p in parts if not p.lstrip("#").isdigit()]
+    if bad:
+        raise ValueError(f"not an image id: {bad[0]!r} (give ids like '12, 15')")
+    return tuple(int(p.lstrip("#")) for p in parts)
+
+
+def _shares(hist: dict[str, int]) -> dict[str, float]:
+    total = sum(hist.values()) or 1
+    return {k or "(none)": v / total for k, v in hist.items()}
+
+
+def _unknowns_status(service: Service) -> str:
+    version = version_or_none(service)
+    if version is None:
+        return "No trained model yet."
+    alive = [c for c in service.clusters() if c["size"] > 0]
+    by_status: dict[str, int] = {}
+    for c in alive:
+        by_status[c["status"]] = by_status.get(c["status"], 0) + 1
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(by_status.items()))
+    unknown, noise = service.sql(
+        "SELECT count(*) FILTER (WHERE label = 'UNKNOWN'), count(*) FILTER (WHERE cluster_id = -1) "
+        f"FROM predictions WHERE model_version = {_quote(version.name)}",
+        limit=1,
+    ).rows[0]
+    into = service.training_dir()
+    where = f"`{into}`" if into else "the folder given below (the model's training folder is gone)"
+    return (
+        f"Model {version.name}: {unknown:,} UNKNOWN images; {len(alive)} clusters "
+        f"({counts or 'none yet'}); {noise:,} left as noise. Promoting copies a cluster's "
+        f"images into {where}."
+    )
+
+
+def _quote(text: str) -> str:
+    """A SQL string literal (for values the app itself holds, like a version name)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def unknowns_tab(service: Service) -> Panel:
+    def refresh() -> tuple:
+        rows = service.clusters() if version_or_none(service) is not None else []
+        return _unknowns_status(service), rows
+
+    @user_errors
+    def cluster(
+        min_size: float,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio hands out its bar
+    ) -> tuple:
+        progress(0, desc="clustering")
+        run = service.run_clustering(
+            progress=progress_relay(progress, unit="steps"), min_cluster_size=int(min_size)
+        )
+        if run.clusters:
+            gr.Info(f"{len(run.clusters)} clusters among {run.images} UNKNOWN images")
+        else:
+            gr.Warning(
+                f"no clusters found among {run.images} UNKNOWN images (all are noise): "
+                "try a smaller cluster size"
+            )
+        return refresh()
+
+    @user_errors
+    def retrain(progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+        progress(0, desc="training")
+        version = service.retrain(progress=progress_relay(progress, unit="steps"))
+        accuracy = version.meta.get("metrics", {}).get("accuracy")
+        gr.Info(
+            f"trained and activated {version.name}"
+            + (f": test accuracy {accuracy:.3f}" if accuracy is not None else "")
+        )
+        return refresh()
+
+    gr.Markdown(
+        "UNKNOWN images grouped into clusters of look-alikes (HDBSCAN), largest first. Name a "
+        "cluster, leave out members that do not belong, then promote it into the training data "
+        "as a new class (or reject it), and retrain."
+    )
+    from imagesieve.search._cluster import ClusterParams
+
+    with gr.Row():
+        min_size = gr.Slider(
+            2,
+            200,
+            value=ClusterParams().min_cluster_size,
+            step=1,
+            label="Smallest cluster (images)",
+            elem_id="unknowns-min-size",
+        )
+        run_button = gr.Button("Run clustering", variant="primary", elem_id="unknowns-run")
+        retrain_button = gr.Button("Retrain on the training folder", elem_id="unknowns-retrain")
+    status = gr.Markdown(elem_id="unknowns-status")
+    with gr.Row():
+        show = gr.Radio(
+            ["open", "all", "promoted", "rejected"],
+            value="open",
+            label="Show clusters",
+            elem_id="unknowns-show",
+        )
+        into = gr.Textbox(
+            label="Promote into (blank: the active model's training folder)",
+            elem_id="unknowns-into",
+        )
+    clusters = gr.State([])
+
+    @gr.render(inputs=[clusters, show], triggers=[clusters.change, show.change])
+    def panels(rows: list[dict[str, Any]] | None, which: str) -> None:
+        wanted = {"open": ("new", "named"), "all": ("new", "named", "promoted", "rejected")}
+        statuses = wanted.get(which, (which,))
+        shown = [c for c in rows or [] if c["size"] > 0 and c["status"] in statuses]
+        if not shown:
+            gr.Markdown("No clusters to show here. Run clustering after scoring some images.")
+            return
+        if len(shown) > MAX_CLUSTERS_SHOWN:
+            gr.Markdown(f"Showing the {MAX_CLUSTERS_SHOWN} largest of {len(shown)} clusters.")
+        for c in shown[:MAX_CLUSTERS_SHOWN]:
+            _cluster_panel(service, c, clusters, into)
+
+    run_button.click(cluster, min_size, [status, clusters], show_progress_on=[status])
+    retrained = retrain_button.click(retrain, None, [status, clusters], show_progress_on=[status])
+    return Panel(user_errors(refresh), [status, clusters], model_changes=[retrained])
+
+
+def _cluster_panel(service: Service, c: dict[str, Any], clusters: gr.State, into: Any) -> None:
+    """One cluster: its members as a gallery, Top-1/Top-2 histograms and the review actions."""
+    cid = c["cluster_id"]
+    members = service.cluster_members(cid, limit=MEMBERS_SHOWN)
+    gallery = gallery_value(
+        service,
+        (
+            (
+                m["id"],
+                f"#{m['id']} · {m['top1_class']} {pct(m['top1_prob'])}"
+                + (" · left out" if m["excluded"] else ""),
+            )
+            for m in members
+        ),
+    )
+    title = f"Cluster {cid} · {c['size']} images · {c['status']}"
+    if c.get("name"):
+        title += f" · “{c['name']}”"
+    notes = [f"medoid #{c['medoid_id']}"]
+    if c.get("cohesion") is not None:
+        notes.append(f"cohesion {c['cohesion']:.3f}")
+    if c.get("excluded"):
+        notes.append(f"{c['excluded']} left out of promotion")
+    if c.get("promoted_into"):
+        notes.append(f"promoted into `{c['promoted_into']}`")
+
+    def done(message: str) -> list[dict[str, Any]]:
+        gr.Info(message)
+        return service.clusters()
+
+    @user_errors
+    def name_it(name: str | None) -> Any:
+        row = service.update_cluster(cid, name=name or "")
+        return done(f"cluster {cid} named “{row['name']}”")
+
+    @user_errors
+    def leave_out(ids: str | None) -> Any:
+        chosen = _parse_ids(ids or "")
+        if not chosen:
+            raise gr.Error("give the ids to leave out, e.g. '12, 15'", print_exception=False)
+        row = service.update_cluster(cid, exclude=chosen)
+        return done(f"cluster {cid}: {row['excluded']} members left out of promotion")
+
+    @user_errors
+    def promote(name: str | None, folder: str | None) -> Any:
+        name = (name or "").strip() or (c.get("name") or "")
+        if not name:
+            raise gr.Error("name the cluster (its new class) first", print_exception=False)
+        result = service.promote_cluster(cid, name, (folder or "").strip() or None)
+        extra = f", {result.already_there} already there" if result.already_there else ""
+        extra += f", {len(result.missing)} no longer available" if result.missing else ""
+        return done(f"cluster {cid}: {result.copied} images copied into {result.dest}{extra}")
+
+    @user_errors
+    def reject() -> Any:
+        service.update_cluster(cid, reject=True)
+        return done(f"cluster {cid} rejected")
+
+    with gr.Group(elem_id=f"cluster-{cid}", elem_classes=["imagesieve-cluster"]):
+        gr.Markdown(f"### {title}\n{' · '.join(notes)}")
+        with gr.Row():
+            gr.Gallery(
+                value=gallery,
+                label=f"Members (first {MEMBERS_SHOWN})",
+                columns=8,
+                height=260,
+                object_fit="contain",
+                elem_id=f"cluster-{cid}-gallery",
+                scale=3,
+            )
+            with gr.Column(scale=1):
+                gr.Label(
+                    value=_shares(c.get("top1") or {}),
+                    label="Top-1 class of members",
+                    show_heading=False,
+                    num_top_classes=5,
+                )
+                gr.Label(
+                    value=_shares(c.get("top2") or {}),
+                    label="Top-2 class of members",
+                    show_heading=False,
+                    num_top_classes=5,
+                )
+        with gr.Row():
+            name_box = gr.Textbox(
+                value=c.get("name") or "",
+                label="Name (the new class)",
+                elem_id=f"cluster-{cid}-name",
+            )
+            ids_box = gr.Textbox(
+                label="Leave out ids", placeholder="12, 15", elem_id=f"cluster-{cid}-exclude"
+            )
+        with gr.Row():
+            name_button = gr.Button("Name", size="sm", elem_id=f"cluster-{cid}-name-button")
+            leave_button = gr.Button(
+                "Leave out", size="sm", elem_id=f"cluster-{cid}-exclude-button"
+            )
+            promote_button = gr.Button(
+                "Promote into the training data",
+                size="sm",
+                variant="primary",
+                elem_id=f"cluster-{cid}-promote",
+            )
+            reject_button = gr.Button(
+                "Reject", size="sm", variant="stop", elem_id=f"cluster-{cid}-reject"
+            )
+    name_button.click(name_it, name_box, clusters)
+    leave_button.click(leave_out, ids_box, clusters)
+    promote_button.click(promote, [name_box, into], clusters)
+    reject_button.click(reject, None, clusters)

@@ -1,0 +1,159 @@
+"""What more than one tab uses: error toasts, progress, galleries and the ``Panel`` a tab returns."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from imagesieve.app._service import Service, ServiceError
+
+log = logging.getLogger(__name__)
+
+#: What the UNKNOWN reasons mean, in the user's words.
+REASON_WORDS = {
+    "low_confidence": "low confidence",
+    "far_from_training": "far from the training data",
+}
+#: Longest side of thumbnails in galleries.
+THUMB = 192
+
+
+def one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 400 else text[:399] + "…"
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show a handler's failure as one line (``gr.Error``), never as a traceback.
+
+    Bad input (every library error is a ``ValueError``: ServiceError, ImageLoadError,
+    SqlError, SimilarError, ReviewError, InputError) and file problems show their own message;
+    anything else is logged and shown as "internal error".
+    """
+
+    @functools.wraps(fn)  # keeps the signature: Gradio still sees ``progress=gr.Progress()``
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (ValueError, OSError) as e:
+            log.info("app: %s", one_line(e))
+            raise gr.Error(one_line(e), print_exception=False) from None
+        except Exception as e:
+            log.exception("app: unexpected error in %s", fn.__name__)
+            raise gr.Error(
+                f"internal error ({type(e).__name__}); see the server log",
+                print_exception=False,
+            ) from None
+
+    return wrapper
+
+
+def progress_relay(
+    progress: gr.Progress, total_hint: int | None = None, unit: str = "images"
+) -> Callable[[str, int, int], None]:
+    """A ``progress(stage, done, total)`` callback for the library that moves Gradio's bar.
+
+    ``total_hint`` stands in when the library does not know the total (a batch's images are
+    counted as they are read).
+    """
+
+    def report(stage: str, done: int, total: int) -> None:
+        total = total or total_hint
+        if total and done > total:  # an estimate that fell short: show a count only
+            total = None
+        progress((done, total or None), desc=stage, unit=unit)
+
+    return report
+
+
+def version_or_none(service: Service) -> Any:
+    try:
+        return service.version
+    except ServiceError:
+        return None
+
+
+def class_names(service: Service) -> list[str]:
+    version = version_or_none(service)
+    return version.classes if version is not None else []
+
+
+def pct(p: float | None) -> str:
+    return "" if p is None else f"{p:.0%}"
+
+
+def reason_words(reason: str | None) -> list[str]:
+    return [REASON_WORDS.get(r, r.replace("_", " ")) for r in (reason or "").split("+") if r]
+
+
+def _thumb(service: Service, id_: int, side: int = THUMB) -> Any:
+    try:
+        return service.image(id_, max_side=side)
+    except Exception:  # a thumbnail that cannot be made is left out, not an error
+        log.debug("no thumbnail for %s", id_, exc_info=True)
+        return None
+
+
+def gallery_value(service: Service, items: Iterable[tuple[int, str]]) -> list[tuple[Any, str]]:
+    """Gallery value from (stored id, caption) pairs; images no longer available are left out."""
+    out = []
+    for id_, caption in items:
+        im = _thumb(service, id_)
+        if im is not None:
+            out.append((im, caption))
+    return out
+
+
+def distance_caption(row: dict[str, Any]) -> str:
+    return f"#{row['id']} · {row.get('label') or ''} · d={row['distance']:.3f}"
+
+
+class Downloads:
+    """Files made only to be downloaded (query results), in one temporary folder per app.
+
+    Gradio copies a returned file into its own cache at once, so folders older than an hour
+    are removed as new ones are made.
+    """
+
+    def __init__(self) -> None:
+        self._dir: Path | None = None
+
+    def path(self, name: str) -> Path:
+        if self._dir is None or not self._dir.is_dir():
+            self._dir = Path(tempfile.mkdtemp(prefix="imagesieve-app-"))
+        old = time.time() - 3600
+        for folder in self._dir.iterdir():
+            if folder.stat().st_mtime < old:
+                shutil.rmtree(folder, ignore_errors=True)
+        folder = self._dir / uuid.uuid4().hex[:12]
+        folder.mkdir()
+        return folder / name
+
+
+@dataclass
+class Panel:
+    """How a tab keeps itself up to date.
+
+    ``refresh(*inputs)`` fills ``outputs`` on page load, when the tab is opened and after the
+    served model changed (``model_changes``: events after which it did). ``on_open(tab)``,
+    when given, wires the tab's opening itself instead.
+    """
+
+    refresh: Callable[..., Any] | None = None
+    outputs: list[Any] = field(default_factory=list)
+    inputs: list[Any] = field(default_factory=list)
+    on_open: Callable[[Any], None] | None = None
+    model_changes: list[Any] = field(default_factory=list)

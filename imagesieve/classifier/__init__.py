@@ -3,6 +3,8 @@
 from imagesieve.classifier._engine import EngineItem, EngineResult, Progress, ScoringEngine
 from imagesieve.classifier._gradcam import GradCam, grad_cam
 from imagesieve.classifier._predict import (
+    FAR_FROM_TRAINING,
+    LOW_CONFIDENCE,
     PREDICTION_CSV_COLUMNS,
     TOP3_COLUMNS,
     UNKNOWN,
@@ -12,8 +14,11 @@ from imagesieve.classifier._predict import (
     top_k,
     write_predictions_csv,
 )
+from imagesieve.classifier._unknown import UnknownRule
 
 __all__ = [
+    "FAR_FROM_TRAINING",
+    "LOW_CONFIDENCE",
     "PREDICTION_CSV_COLUMNS",
     "TOP3_COLUMNS",
     "UNKNOWN",
@@ -24,6 +29,7 @@ __all__ = [
     "Progress",
     "Predictor",
     "ScoringEngine",
+    "UnknownRule",
     "grad_cam",
     "softmax",
     "top_k",

@@ -16,9 +16,12 @@ from imagesieve.classifier._engine import (
     ScoringEngine,
     SkipContent,
 )
+from imagesieve.classifier._unknown import FAR_FROM_TRAINING, LOW_CONFIDENCE, UNKNOWN, UnknownRule
 from imagesieve.models import ModelVersion
 
 __all__ = [
+    "FAR_FROM_TRAINING",
+    "LOW_CONFIDENCE",
     "PREDICTION_CSV_COLUMNS",
     "TOP3_COLUMNS",
     "UNKNOWN",
@@ -29,11 +32,6 @@ __all__ = [
     "write_predictions_csv",
 ]
 
-UNKNOWN = "UNKNOWN"
-#: Why a prediction is UNKNOWN: Top-1 under the confidence threshold, and/or the nearest
-#: training image further than the distance threshold; both fire -> "low_confidence+far_from_training".
-LOW_CONFIDENCE = "low_confidence"
-FAR_FROM_TRAINING = "far_from_training"
 TOP3_COLUMNS = ["top1", "top1_prob", "top2", "top2_prob", "top3", "top3_prob"]
 PREDICTION_CSV_COLUMNS = ["source", "label", "reason", *TOP3_COLUMNS, "distance", "error"]
 
@@ -125,7 +123,7 @@ class Prediction:
 class Predictor:
     """Scores images with one model version: ONNX engine, Top-3, nearest training image, decision.
 
-    UNKNOWN when Top-1 is under the confidence threshold, or the image is further than the
+    UNKNOWN by ``rule``: Top-1 under the confidence threshold, or the image further than the
     distance threshold from every training image (or both).
     """
 
@@ -142,20 +140,20 @@ class Predictor:
 
         self.version = version
         self.classes = version.classes
-        self.threshold = version.confidence_threshold if threshold is None else threshold
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"confidence threshold must be within [0, 1], got {self.threshold}")
-        self.reference = ReferenceSet.load(version.path)
-        self.distance_threshold = (
-            version.distance_threshold if distance_threshold is None else distance_threshold
+        rule = UnknownRule(  # raises ValueError on a threshold out of range
+            version.confidence_threshold if threshold is None else threshold,
+            version.distance_threshold if distance_threshold is None else distance_threshold,
         )
-        if self.distance_threshold is not None and not 0.0 <= self.distance_threshold <= 2.0:
-            raise ValueError(
-                f"distance threshold must be within [0, 2] (cosine distance), got {self.distance_threshold}"
-            )
+        self.threshold, self.distance_threshold = rule.confidence, rule.distance
+        self.reference = ReferenceSet.load(version.path)
         self.engine = ScoringEngine(
             version.onnx_path, version.config, batch_size=batch_size, workers=workers
         )
+
+    @property
+    def rule(self) -> UnknownRule:
+        """The UNKNOWN rule of this predictor's thresholds."""
+        return UnknownRule(self.threshold, self.distance_threshold)
 
     def decide(
         self, probs: np.ndarray, distances: np.ndarray | None = None
@@ -165,19 +163,10 @@ class Predictor:
         Without distances (or a distance threshold) only confidence counts.
         """
         idx, p = top_k(probs, 3)
-        far = np.zeros(len(probs), bool)
-        if distances is not None and self.distance_threshold is not None:
-            far = np.asarray(distances) > self.distance_threshold
         out = []
-        for row_i, row_p, row_far in zip(idx, p, far, strict=True):
+        for row_i, row_p, reason in zip(idx, p, self.rule.reasons(p[:, 0], distances), strict=True):
             top3 = [(self.classes[i], float(q)) for i, q in zip(row_i, row_p, strict=True)]
-            reasons = [LOW_CONFIDENCE] if top3[0][1] < self.threshold else []
-            if row_far:
-                reasons.append(FAR_FROM_TRAINING)
-            if reasons:
-                out.append((UNKNOWN, "+".join(reasons), top3))
-            else:
-                out.append((top3[0][0], None, top3))
+            out.append((top3[0][0] if reason is None else UNKNOWN, reason, top3))
         return out
 
     def predictions(self, batch: list[EngineResult]) -> list[Prediction]:

@@ -14,10 +14,13 @@ from imagesieve.models._registry import (
 )
 from imagesieve.models._version import (
     ModelVersion,
+    Thresholds,
+    VersionMeta,
     activate_version,
     active_version,
     get_version,
     list_versions,
+    set_thresholds,
 )
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -28,6 +31,8 @@ __all__ = [
     "BackboneSpec",
     "MissingWeightsError",
     "ModelVersion",
+    "Thresholds",
+    "VersionMeta",
     "activate_version",
     "active_version",
     "create_backbone",
@@ -36,4 +41,5 @@ __all__ = [
     "list_backbones",
     "list_versions",
     "register_backbone",
+    "set_thresholds",
 ]

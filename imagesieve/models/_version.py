@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,15 +17,96 @@ from imagesieve.models._config import BackboneConfig
 
 __all__ = [
     "ModelVersion",
+    "Thresholds",
+    "VersionMeta",
     "activate_version",
     "active_version",
     "get_version",
     "list_versions",
+    "set_thresholds",
     "write_version",
 ]
 
 _ACTIVE_FILE = "ACTIVE"
 _NAME_RE = re.compile(r"^v(\d+)$")
+
+
+def _to_json(named: dict[str, Any], extra: dict[str, Any], order: tuple[str, ...]) -> dict:
+    """Named fields (None ones only where the source had the key) and extras, in source order."""
+    d = {k: v for k, v in named.items() if v is not None or k in order} | extra
+    return {**{k: d[k] for k in order if k in d}, **d}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """``meta.json`` "thresholds": when a prediction is UNKNOWN (see ``classifier.UnknownRule``)."""
+
+    confidence: float = 0.5  # as ModelVersion.confidence_threshold when the key is missing
+    distance: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. "distance_calibration"
+    order: tuple[str, ...] = field(default=(), repr=False, compare=False)  # source key order
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Thresholds:
+        """Parse the JSON object; keys not named here go to ``extra``."""
+        rest = {k: v for k, v in d.items() if k not in ("confidence", "distance")}
+        return cls(d.get("confidence", 0.5), d.get("distance"), rest, tuple(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object, keys in the order they were read."""
+        named = {"confidence": self.confidence, "distance": self.distance}
+        return _to_json(named, self.extra, self.order)
+
+
+@dataclass(frozen=True)
+class VersionMeta:
+    """A version's ``meta.json``, typed; ``to_dict(from_dict(d)) == d``, key order included.
+
+    A missing optional key reads as None (``thresholds`` too) and is not written back; only a
+    "thresholds" object without "confidence" gains one (0.5, the default it already meant).
+    """
+
+    classes: list[str]
+    preprocessing: dict[str, Any]  # BackboneConfig.to_dict()
+    kind: str | None = None  # "trained", "imagenet"
+    thresholds: Thresholds | None = None
+    version: str | None = None  # the version's name, set by write_version
+    created_at: str | None = None  # ISO 8601, set by write_version
+    extra: dict[str, Any] = field(default_factory=dict)  # backbone, weights, data, metrics...
+    order: tuple[str, ...] = field(default=(), repr=False, compare=False)  # source key order
+
+    _NAMED = ("classes", "preprocessing", "kind", "thresholds", "version", "created_at")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VersionMeta:
+        """Parse ``meta.json``; keys not named here go to ``extra``."""
+        th = d.get("thresholds")
+        return cls(
+            classes=list(d["classes"]),
+            preprocessing=d["preprocessing"],
+            kind=d.get("kind"),
+            thresholds=None if th is None else Thresholds.from_dict(th),
+            version=d.get("version"),
+            created_at=d.get("created_at"),
+            extra={k: v for k, v in d.items() if k not in cls._NAMED},
+            order=tuple(d),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object, keys in the order they were read."""
+        named = {
+            "classes": list(self.classes),
+            "preprocessing": self.preprocessing,
+            "kind": self.kind,
+            "thresholds": None if self.thresholds is None else self.thresholds.to_dict(),
+            "version": self.version,
+            "created_at": self.created_at,
+        }
+        return _to_json(named, self.extra, self.order)
+
+
+def _meta_text(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, indent=2) + "\n"
 
 
 @dataclass(frozen=True)
@@ -75,6 +156,11 @@ class ModelVersion:
         """Nearest-training-image distance above which a prediction is UNKNOWN (None: no rule)."""
         value = self.meta.get("thresholds", {}).get("distance")
         return None if value is None else float(value)
+
+    @property
+    def info(self) -> VersionMeta:
+        """``meta`` as a typed ``VersionMeta``."""
+        return VersionMeta.from_dict(self.meta)
 
     @classmethod
     def load(cls, path: Path) -> ModelVersion:
@@ -157,7 +243,7 @@ def write_version(
             "version": final,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        (build_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (build_dir / "meta.json").write_text(_meta_text(meta))
         try:
             os.rename(build_dir, ws.models_dir / final)
         except OSError:
@@ -166,6 +252,22 @@ def write_version(
             continue
         return ModelVersion.load(ws.models_dir / final)
     raise RuntimeError("could not allocate a model version name")
+
+
+def set_thresholds(
+    version: ModelVersion, confidence: float, distance: float | None
+) -> ModelVersion:
+    """Rewrite the version's UNKNOWN thresholds in ``meta.json`` (atomically); the reloaded version.
+
+    Nothing else in the file changes. The values are not checked here: build a
+    ``classifier.UnknownRule`` from them first, which validates them.
+    """
+    info = version.info
+    th = replace(info.thresholds or Thresholds(), confidence=confidence, distance=distance)
+    tmp = version.path / "meta.json.tmp"
+    tmp.write_text(_meta_text(replace(info, thresholds=th).to_dict()))
+    os.replace(tmp, version.path / "meta.json")
+    return ModelVersion.load(version.path)
 
 
 def new_build_dir(ws: Workspace) -> Path:

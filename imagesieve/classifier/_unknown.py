@@ -1,0 +1,89 @@
+"""The UNKNOWN rule, once: in Python for fresh predictions, as DuckDB SQL for stored ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["FAR_FROM_TRAINING", "LOW_CONFIDENCE", "UNKNOWN", "UnknownRule"]
+
+UNKNOWN = "UNKNOWN"
+#: Why a prediction is UNKNOWN: Top-1 under the confidence threshold, and/or the nearest
+#: training image further than the distance threshold; both fire -> "low_confidence+far_from_training".
+LOW_CONFIDENCE = "low_confidence"
+FAR_FROM_TRAINING = "far_from_training"
+_REASONS = {
+    (True, False): LOW_CONFIDENCE,
+    (False, True): FAR_FROM_TRAINING,
+    (True, True): f"{LOW_CONFIDENCE}+{FAR_FROM_TRAINING}",
+}
+
+
+@dataclass(frozen=True)
+class UnknownRule:
+    """When a prediction is UNKNOWN.
+
+    Low confidence: Top-1 probability ``p < confidence``. Far from training: ``distance`` is set
+    and the nearest-training cosine distance ``d > distance`` (a missing or NaN ``d`` never is).
+    Both forms compare in double precision, so a probability stored as FLOAT gets the same
+    decision from the SQL as from ``reasons`` applied to that float32 value.
+    """
+
+    confidence: float
+    distance: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"confidence threshold must be within [0, 1], got {self.confidence}")
+        if self.distance is not None and not 0.0 <= self.distance <= 2.0:
+            raise ValueError(f"distance threshold must be within [0, 2], got {self.distance}")
+
+    def reasons(self, top1_prob: np.ndarray, distance: np.ndarray | None) -> list[str | None]:
+        """Per row the UNKNOWN reason, or None when the prediction is known.
+
+        ``distance`` may hold NaN (or None) for rows without a nearest training image.
+        """
+        low = np.asarray(top1_prob, np.float64) < self.confidence
+        far = np.zeros(len(low), bool)
+        if distance is not None and self.distance is not None:
+            far = np.asarray(distance, np.float64) > self.distance  # NaN > x is False
+        return [_REASONS.get(k) for k in zip(low.tolist(), far.tolist(), strict=True)]
+
+    def _sql_low(self, prob: str) -> tuple[str, list]:
+        return f"CAST({prob} AS DOUBLE) < ?", [self.confidence]
+
+    def _sql_far(self, dist: str) -> tuple[str, list]:
+        if self.distance is None:
+            return "false", []
+        # DuckDB orders NaN above every number, so NaN must be excluded explicitly.
+        return f"(NOT isnan({dist}) AND CAST({dist} AS DOUBLE) > ?)", [self.distance]
+
+    def sql_reason(
+        self, prob: str = "top1_prob", dist: str = "neighbor_distance"
+    ) -> tuple[str, list]:
+        """A DuckDB expression giving ``reasons``' value (NULL when known), and its parameters."""
+        (low, lp), (far, fp) = self._sql_low(prob), self._sql_far(dist)
+        sql = (
+            f"nullif(concat_ws('+', CASE WHEN {low} THEN '{LOW_CONFIDENCE}' END, "
+            f"CASE WHEN {far} THEN '{FAR_FROM_TRAINING}' END), '')"
+        )
+        return sql, lp + fp
+
+    def sql_label(
+        self, top1: str = "top1_class", prob: str = "top1_prob", dist: str = "neighbor_distance"
+    ) -> tuple[str, list]:
+        """A DuckDB expression giving the label: ``top1`` when known, else 'UNKNOWN'."""
+        (low, lp), (far, fp) = self._sql_low(prob), self._sql_far(dist)
+        return f"CASE WHEN ({low}) OR ({far}) THEN '{UNKNOWN}' ELSE {top1} END", lp + fp
+
+    def sql_counts(
+        self, prob: str = "top1_prob", dist: str = "neighbor_distance"
+    ) -> tuple[str, list]:
+        """Select list counting rows that are low-confidence, far from training, and either."""
+        (low, lp), (far, fp) = self._sql_low(prob), self._sql_far(dist)
+        sql = (
+            f"count(*) FILTER (WHERE {low}), count(*) FILTER (WHERE {far}), "
+            f"count(*) FILTER (WHERE ({low}) OR ({far}))"
+        )
+        return sql, lp + fp + lp + fp

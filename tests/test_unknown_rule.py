@@ -1,0 +1,194 @@
+import json
+
+import duckdb
+import numpy as np
+import pytest
+
+from imagesieve._workspace import Workspace
+from imagesieve.classifier import (
+    FAR_FROM_TRAINING,
+    LOW_CONFIDENCE,
+    UNKNOWN,
+    Predictor,
+    UnknownRule,
+)
+from imagesieve.models import ModelVersion, VersionMeta, set_thresholds
+from imagesieve.models._version import new_build_dir, write_version
+
+PROBS = [0.0, 0.2, 0.49999, 0.5, 0.50001, 0.7, 1.0]
+DISTANCES = [None, 0.0, 0.29, 0.3, 0.31, 1.5, 2.0, float("nan")]
+RULES = [UnknownRule(c, d) for c in (0.0, 0.5, 0.7, 1.0) for d in (None, 0.3, 2.0)]
+
+
+@pytest.fixture(scope="module")
+def stored():
+    """Every (probability, distance) pair in a table with the store's FLOAT columns."""
+    probs = PROBS + np.random.default_rng(0).random(5, np.float32).tolist()
+    rows = [
+        (i, f"class{i}", p, d) for i, (p, d) in enumerate((p, d) for p in probs for d in DISTANCES)
+    ]
+    con = duckdb.connect()
+    con.execute(
+        "CREATE TABLE t (id INTEGER, top1_class VARCHAR, top1_prob FLOAT, neighbor_distance FLOAT)"
+    )
+    con.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", rows)
+    yield con
+    con.close()
+
+
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+def test_unknown_rule__python_and_sql_agree_on_float32_values(stored, rule):
+    # What re-deciding stored rows sees: the float32 values read back from the FLOAT columns.
+    ids, top1, probs, dists = zip(
+        *stored.execute("SELECT * FROM t ORDER BY id").fetchall(), strict=True
+    )
+    assert probs[5 * len(DISTANCES)] == float(np.float32(0.7))
+    assert dists[0] is None and np.isnan(dists[7])
+    expected = rule.reasons(np.array(probs, np.float32), list(dists))
+    labels = [c if r is None else UNKNOWN for c, r in zip(top1, expected, strict=True)]
+
+    reason_sql, reason_params = rule.sql_reason()
+    label_sql, label_params = rule.sql_label()
+    got = stored.execute(
+        f"SELECT {reason_sql}, {label_sql} FROM t ORDER BY id", reason_params + label_params
+    ).fetchall()
+    assert [r for r, _ in got] == expected
+    assert [lab for _, lab in got] == labels
+
+    counts_sql, counts_params = rule.sql_counts()
+    assert stored.execute(f"SELECT {counts_sql} FROM t", counts_params).fetchone() == (
+        sum(r is not None and LOW_CONFIDENCE in r for r in expected),
+        sum(r is not None and FAR_FROM_TRAINING in r for r in expected),
+        sum(r is not None for r in expected),
+    )
+    # thresholds go in as parameters, never into the SQL text
+    assert reason_params == [rule.confidence] + ([] if rule.distance is None else [rule.distance])
+    assert str(rule.confidence) not in reason_sql and str(rule.distance) not in reason_sql
+
+
+def test_unknown_rule__reasons():
+    rule = UnknownRule(0.5, 0.3)
+    probs = np.array([0.4, 0.4, 0.6, 0.6, 0.6, 0.5, 0.6])
+    dists = np.array([0.1, 0.4, 0.4, 0.3, np.nan, 0.1, np.inf])
+    assert rule.reasons(probs, dists) == [
+        LOW_CONFIDENCE,
+        f"{LOW_CONFIDENCE}+{FAR_FROM_TRAINING}",
+        FAR_FROM_TRAINING,
+        None,
+        None,
+        None,
+        FAR_FROM_TRAINING,
+    ]
+    assert rule.reasons(probs, None) == UnknownRule(0.5).reasons(probs, dists)
+    # float32 values compare exactly: float32(0.7) is just under 0.7, float32(0.3) just over 0.3
+    assert UnknownRule(0.7, 0.3).reasons(np.float32([0.7]), np.float32([0.3])) == [
+        f"{LOW_CONFIDENCE}+{FAR_FROM_TRAINING}"
+    ]
+    assert rule.reasons(np.zeros(0), np.zeros(0)) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((1.5,), r"confidence threshold must be within \[0, 1\], got 1.5"),
+        ((-0.1, 0.3), r"confidence threshold must be within \[0, 1\], got -0.1"),
+        ((0.5, 2.5), r"distance threshold must be within \[0, 2\], got 2.5"),
+        ((0.5, -0.1), r"distance threshold must be within \[0, 2\], got -0.1"),
+    ],
+)
+def test_unknown_rule__out_of_range_thresholds_rejected(args, message):
+    with pytest.raises(ValueError, match=message):
+        UnknownRule(*args)
+
+
+def test_unknown_rule__range_ends_accepted():
+    UnknownRule(0.0, 0.0)
+    UnknownRule(1.0, 2.0)
+
+
+def test_predictor_decide__uses_the_rule(trained):
+    _, result = trained
+    classes = result.version.classes
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(len(classes)), 300).astype(np.float32)
+    dists = rng.uniform(0.0, 0.6, 300).astype(np.float32)
+    dists[::17] = np.nan
+    dists[5] = np.float32(0.3)  # the threshold's float32 value, just above 0.3
+    for threshold, distance in [(0.5, 0.3), (0.7, 2.0), (0.0, 0.0)]:
+        predictor = Predictor(result.version, threshold=threshold, distance_threshold=distance)
+        assert predictor.rule == UnknownRule(threshold, distance)
+        decided = predictor.decide(probs, dists)
+        reasons = predictor.rule.reasons(probs.max(axis=1), dists)
+        assert [r for _, r, _ in decided] == reasons
+        assert [lab for lab, _, _ in decided] == [
+            classes[i] if r is None else UNKNOWN
+            for i, r in zip(probs.argmax(axis=1), reasons, strict=True)
+        ]
+        if distance == 0.3:
+            assert FAR_FROM_TRAINING in decided[5][1]  # compared in double, as the SQL does
+            assert {None, LOW_CONFIDENCE, FAR_FROM_TRAINING} <= set(reasons)
+        without = predictor.rule.reasons(probs.max(axis=1), None)  # confidence only
+        assert [r for _, r, _ in predictor.decide(probs)] == without
+    with pytest.raises(ValueError, match=r"distance threshold must be within \[0, 2\], got 3"):
+        Predictor(result.version, distance_threshold=3)
+
+
+def _version_dir(tmp_path, meta_text: str) -> ModelVersion:
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "meta.json").write_text(meta_text)
+    return ModelVersion.load(tmp_path / "v1")
+
+
+def test_version_meta__trained_meta_json_round_trips_and_set_thresholds_changes_only_them(
+    trained, tmp_path
+):
+    _, result = trained
+    text = (result.version.path / "meta.json").read_text()
+    info = result.version.info
+    assert info.kind == "trained" and info.classes == result.version.classes
+    assert info.version == result.version.name and "metrics" in info.extra
+    assert json.dumps(info.to_dict(), indent=2) + "\n" == text
+
+    version = _version_dir(tmp_path, text)
+    new = set_thresholds(version, 0.8, 0.25)
+    assert (new.confidence_threshold, new.distance_threshold) == (0.8, 0.25)
+    before, after = text.splitlines(), (new.path / "meta.json").read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert [b.strip() for _, b in changed] == ['"confidence": 0.8,', '"distance": 0.25,']
+    old = json.loads(text)
+    old["thresholds"].update(confidence=0.8, distance=0.25)
+    assert new.meta == old
+    assert not (new.path / "meta.json.tmp").exists()
+
+    again = set_thresholds(new, 0.8, None)  # an existing distance becomes null
+    assert again.distance_threshold is None and again.meta["thresholds"]["distance"] is None
+
+
+def test_version_meta__imagenet_and_minimal_metas(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    meta = {
+        "kind": "imagenet",
+        "backbone": "efficientnet_lite0",
+        "classes": ["a", "b"],
+        "preprocessing": {"size": 224},
+        "thresholds": {"confidence": 0.5},
+        "weights": "hub",
+    }
+    version = write_version(ws, new_build_dir(ws), meta)
+    text = (version.path / "meta.json").read_text()
+    assert json.dumps(VersionMeta.from_dict(json.loads(text)).to_dict(), indent=2) + "\n" == text
+    assert version.info.thresholds.distance is None
+
+    new = set_thresholds(version, 0.6, None)  # no distance key before, none after
+    assert new.meta["thresholds"] == {"confidence": 0.6}
+    assert {k: v for k, v in new.meta.items() if k != "thresholds"} == {
+        k: v for k, v in version.meta.items() if k != "thresholds"
+    }
+
+    minimal = write_version(ws, new_build_dir(ws), {"classes": ["a"], "preprocessing": {}})
+    info = minimal.info
+    assert (info.kind, info.thresholds, info.extra) == (None, None, {})
+    assert info.to_dict() == minimal.meta
+    new = set_thresholds(minimal, 0.4, 1.0)
+    assert list(new.meta) == [*minimal.meta, "thresholds"]
+    assert new.meta["thresholds"] == {"confidence": 0.4, "distance": 1.0}

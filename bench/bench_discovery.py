@@ -47,9 +47,10 @@ from imagesieve._workspace import Workspace
 from imagesieve.classifier import UNKNOWN
 from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.data._elpv import ElpvImage, elpv_images, export_elpv
-from imagesieve.indexer import ScoreOptions, Store, score_inputs
+from imagesieve.ingest import ScoreOptions, score_inputs
 from imagesieve.search._cluster import ClusterParams
-from imagesieve.search._review import _unknown_rows, run_clustering
+from imagesieve.search._review import run_clustering
+from imagesieve.store import Store
 
 OUT = Path(__file__).resolve().parent / "_out" / "discovery"
 Maker = Callable[[ElpvImage], Image.Image]
@@ -113,10 +114,10 @@ def build(out: Path, train: list[ElpvImage], scored) -> tuple[Workspace, dict[st
 def unknowns(out: Path, ws: Workspace, kinds: dict[str, str]) -> dict[str, np.ndarray]:
     """The UNKNOWNs' ids, embeddings, Top-1/Top-2 and kind, saved to ``unknowns.npz``."""
     with Store(ws, check=False) as store:
-        sources = dict(store.con.execute("SELECT id, source FROM predictions").fetchall())
-        version = store.con.execute("SELECT max(model_version) FROM predictions").fetchall()[0][0]
-        ids, x, top1, top2 = _unknown_rows(store, version)
-        counts = store.con.execute(
+        sources = dict(store._db.execute("SELECT id, source FROM predictions").fetchall())
+        version = store._db.execute("SELECT max(model_version) FROM predictions").fetchall()[0][0]
+        ids, x, top1, top2 = store.clusters.unknowns(version)
+        counts = store._db.execute(
             "SELECT source, label = ? FROM predictions", [UNKNOWN]
         ).fetchall()
     data = {
@@ -140,7 +141,7 @@ def evaluate(ws: Workspace, out: Path, params: ClusterParams, kind_of: dict[int,
     seconds = time.perf_counter() - t
     with Store(ws, check=False) as store:
         got = dict(
-            store.con.execute(
+            store._db.execute(
                 "SELECT id, cluster_id FROM predictions WHERE label = ?", [UNKNOWN]
             ).fetchall()
         )

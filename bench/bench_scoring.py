@@ -217,7 +217,7 @@ def main() -> None:
         return
 
     from imagesieve._workspace import Workspace
-    from imagesieve.models._export import imagenet_version
+    from imagesieve.models.export import imagenet_version
 
     version = imagenet_version(Workspace(WS))
     paths = elpv_paths()

@@ -222,7 +222,7 @@ def child_real(noise: float, queries: int, seed: int) -> dict:
     import faiss
     import numpy as np
 
-    from imagesieve.indexer._vectors import VectorIndex
+    from imagesieve.store._vectors import VectorIndex
 
     phases: dict = {}
     xb = load_real()
@@ -301,7 +301,7 @@ def child_scale(n: int, queries: int, noise: float, seed: int, exact_budget: flo
     import faiss
     import numpy as np
 
-    from imagesieve.indexer._vectors import EF_SEARCH_CANDIDATES, VectorIndex
+    from imagesieve.store._vectors import EF_SEARCH_CANDIDATES, VectorIndex
 
     phases: dict = {}
     seeds = load_real()
@@ -398,8 +398,8 @@ def child_find(ws: str, calls: int, queries: int, seed: int) -> dict:
 
     import imagesieve.search._similar as similar
     from imagesieve._workspace import Workspace
-    from imagesieve.indexer import Store
-    from imagesieve.indexer._vectors import VectorIndex
+    from imagesieve.store import Store
+    from imagesieve.store._vectors import VectorIndex
 
     phases: dict = {}
     wsp = Workspace(ws)
@@ -423,7 +423,7 @@ def child_find(ws: str, calls: int, queries: int, seed: int) -> dict:
     timed(similar, "get_version", "get_version")
     timed(Store, "__init__", "`Store(ws)`: DuckDB open, schema, index check by sidecar")
     timed(Store, "row_count", "`store.row_count` (DuckDB count/max/sum)")
-    timed(Store, "index", "`store.index(v)`: check again, then `VectorIndex.load`")
+    timed(Store, "index", "`store.indexes.get(v)`: check again, then `VectorIndex.load`")
     timed(VectorIndex, "search", "`VectorIndex.search`")
     timed(similar, "_results", "`_results` (DuckDB metadata join)")
     timed(Store, "close", "`Store.close`")
@@ -432,7 +432,7 @@ def child_find(ws: str, calls: int, queries: int, seed: int) -> dict:
     with Store(wsp) as store:
         (version,) = store.versions()
         n = store.row_count(version)
-        checks = [c.__dict__ for c in store.checks]
+        checks = [c.__dict__ for c in store.indexes.checks]
     for v in spent.values():
         v.clear()
     rng = np.random.default_rng(seed)
@@ -457,7 +457,7 @@ def child_find(ws: str, calls: int, queries: int, seed: int) -> dict:
     }
     with Phase(phases, "open store"):
         store = Store(wsp)
-        index = store.index(version)
+        index = store.indexes.get(version)
     ids_q = rng.integers(1, n + 1, queries)
     with Phase(phases, "queries in one open store"):
         for id_ in ids_q:
@@ -820,7 +820,7 @@ def part_find(args, results: list) -> None:
     )
     s = d["steps"]
     print(
-        f"\n(b) The same steps with the store opened once (`Store(ws)` + `store.index(v)`: "
+        f"\n(b) The same steps with the store opened once (`Store(ws)` + `store.indexes.get(v)`: "
         f"{d['open_seconds']:.2f} s), {s['total']['n']} random ids, ms:\n"
     )
     print("| step | p50 | p99 | mean | max | queries |")

@@ -42,8 +42,8 @@ def ms(seconds: list[float]) -> str:
 
 
 def part1(sizes: list[int], seeds, rng) -> None:
-    from imagesieve.indexer import _vectors
-    from imagesieve.indexer._vectors import VectorIndex
+    from imagesieve.store import _vectors
+    from imagesieve.store._vectors import VectorIndex
 
     print("## 1. One micro-batch's neighbour search: flat vs HNSW (one thread)")
     print(
@@ -85,7 +85,7 @@ def part1(sizes: list[int], seeds, rng) -> None:
 
 def part2(rows: int, seeds, rng) -> None:
     from imagesieve._workspace import Workspace
-    from imagesieve.indexer import Store
+    from imagesieve.store import Store
 
     print(f"\n## 2. `Store.upgrade_index` at {rows:,} rows while the writer goes on")
     ws_dir = OUT / "ws-serve-index"
@@ -109,7 +109,7 @@ def part2(rows: int, seeds, rng) -> None:
             t = time.perf_counter()
             store.commit(batch, "v1", preds)
             with store.lock:
-                store.index("v1").search(x, 6, threads=1)
+                store.indexes.get("v1").search(x, 6, threads=1)
             start += GROUP
             return time.perf_counter() - t
 
@@ -125,9 +125,9 @@ def part2(rows: int, seeds, rng) -> None:
             return result, time.perf_counter() - t0, during
 
         before = [step() for _ in range(40)]
-        assert store.index_outgrown("v1")
-        result, build, during = stepping_while(lambda: store.upgrade_index("v1"))
-        index = store.index("v1")
+        assert store.indexes.outgrown("v1")
+        result, build, during = stepping_while(lambda: store.indexes.upgrade("v1"))
+        index = store.indexes.get("v1")
         after = [step() for _ in range(40)]
         print(
             f"upgrade: {build:.1f} s wall on its thread, result {result}, index now {index.kind} "
@@ -146,14 +146,14 @@ def part2(rows: int, seeds, rng) -> None:
 
         tuned = index.info["tuned_at"]
         print(f"\n## 3. `Store.retune_index` once the graph has doubled since tuned over {tuned:,}")
-        while not store.index_retune_due("v1"):  # grow it as a busy day would
+        while not store.indexes.retune_due("v1"):  # grow it as a busy day would
             preds, x = synthetic_rows(start, 1000, rng, seeds)
             for p, e in zip(preds, x, strict=True):
                 p.embedding = e
             store.commit(batch, "v1", preds)
             start += len(preds)
         before = [step() for _ in range(40)]
-        result, took, during = stepping_while(lambda: store.retune_index("v1"))
+        result, took, during = stepping_while(lambda: store.indexes.retune("v1"))
         after = [step() for _ in range(40)]
         print(
             f"retune: {took:.1f} s wall on its thread, result {result}: efSearch "

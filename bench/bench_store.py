@@ -155,7 +155,8 @@ def child_score(ws: str, inputs: list[str], expect: int) -> dict:
     import pyarrow  # noqa: F401
 
     from imagesieve._workspace import Workspace
-    from imagesieve.indexer import ScoreOptions, Store, score_inputs
+    from imagesieve.ingest import ScoreOptions, score_inputs
+    from imagesieve.store import Store
 
     spent = time_calls(Store, ["__init__", "commit", "rows_by_content", "known_content", "close"])
     opts = ScoreOptions()
@@ -269,8 +270,8 @@ def child_build_rows(
     import pyarrow as pa
 
     from imagesieve._workspace import Workspace
-    from imagesieve.indexer import Store
-    from imagesieve.indexer._store import EMBEDDINGS_TABLE, PREDICTION_COLUMNS
+    from imagesieve.store import Store
+    from imagesieve.store._schema import EMBEDDINGS_TABLE, PREDICTION_COLUMNS
 
     rng = np.random.default_rng(0)
     seeds = np.load(SEEDS) if seeded else None
@@ -293,18 +294,18 @@ def child_build_rows(
                     ),
                 }
             )
-            store.con.register("_new", new)
-            store.con.register("_emb", emb)
-            store.con.execute("BEGIN TRANSACTION")
-            store.con.execute(
+            store._db.register("_new", new)
+            store._db.register("_emb", emb)
+            store._db.execute("BEGIN TRANSACTION")
+            store._db.execute(
                 f"INSERT INTO predictions ({', '.join(PREDICTION_COLUMNS)}) SELECT * FROM _new"
             )
-            store.con.execute(f"INSERT INTO {EMBEDDINGS_TABLE.format(dim=DIM)} SELECT * FROM _emb")
-            store.con.execute("COMMIT")
-            store.con.unregister("_new")
-            store.con.unregister("_emb")
+            store._db.execute(f"INSERT INTO {EMBEDDINGS_TABLE.format(dim=DIM)} SELECT * FROM _emb")
+            store._db.execute("COMMIT")
+            store._db.unregister("_new")
+            store._db.unregister("_emb")
         inserted = time.perf_counter() - t
-        rebuild = store.rebuild_index(VERSION)
+        rebuild = store.indexes.rebuild(VERSION)
         store.finish_batch(batch, "done", {"n_items": rows - tail, "n_scored": rows - tail})
     index = Path(ws) / "index"
     for f in (f"{VERSION}.faiss", f"{VERSION}.json"):
@@ -340,7 +341,7 @@ def child_open(ws: str) -> dict:
     import pyarrow  # noqa: F401
 
     from imagesieve._workspace import Workspace
-    from imagesieve.indexer import Store
+    from imagesieve.store import Store
 
     t = time.perf_counter()
     store = Store(Workspace(ws))
@@ -350,7 +351,7 @@ def child_open(ws: str) -> dict:
     return {
         "seconds": seconds,
         "open_seconds": opened,
-        "checks": [c.__dict__ for c in store.checks],
+        "checks": [c.__dict__ for c in store.indexes.checks],
         "peak_mb": peak_rss_mb(),
     }
 

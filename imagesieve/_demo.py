@@ -7,12 +7,12 @@ from collections import Counter
 from typing import Any
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import UNKNOWN, Progress
-from imagesieve.classifier._train import TrainOptions, train_model
-from imagesieve.data import scan_image_folder
-from imagesieve.data._elpv import ElpvImage, elpv_images, export_elpv
-from imagesieve.indexer import ScoreOptions, Store, score_inputs
+from imagesieve.classifier import UNKNOWN, Progress, TrainOptions, train_model
+from imagesieve.data import ElpvImage, elpv_images, export_elpv, scan_image_folder
+from imagesieve.ingest import ScoreOptions, score_inputs
 from imagesieve.models import active_version
+from imagesieve.search import run_clustering
+from imagesieve.store import Store
 
 __all__ = ["demo_split", "run_demo"]
 
@@ -54,15 +54,10 @@ def run_demo(
     summary = score_inputs(ws, list(kind_of), ScoreOptions(model=version.name), progress)
     per_kind: dict[str, Counter] = {"mono": Counter(), "poly": Counter()}
     with Store(ws, check=False) as store:
-        rows = store.con.execute(
-            "SELECT source, label, reason FROM predictions WHERE model_version = ?",
-            [version.name],
-        ).fetchall()
+        rows = [(r.source, r.label, r.reason) for r in store.rows(version.name)]
     for source, label, reason in rows:
         if source in kind_of:
             per_kind[kind_of[source]][f"{label} ({reason})" if reason else label] += 1
-    from imagesieve.search._review import run_clustering
-
     clusters = run_clustering(ws, model=version.name, progress=progress)
     m = version.meta["metrics"]
     lines = [

@@ -15,8 +15,7 @@ from typing import Any
 
 from imagesieve import __version__
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import Progress
-from imagesieve.classifier._train import CLASS_WEIGHTS, FLIPS
+from imagesieve.classifier import CLASS_WEIGHTS, FLIPS, Progress
 from imagesieve.data import ImageLoadError
 
 __all__ = ["main"]
@@ -72,7 +71,7 @@ def _print_metrics(m: dict[str, Any]) -> None:
 
 def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
     """The `train` verb: a new model version from an ImageFolder."""
-    from imagesieve.classifier._train import TrainOptions, train_model
+    from imagesieve.classifier import TrainOptions, train_model
 
     opts = TrainOptions(
         backbone=args.backbone,
@@ -134,7 +133,7 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace, ws: Workspace) -> None:
     """The `evaluate` verb: metrics and report files for a labelled folder."""
-    from imagesieve.classifier._evaluate import evaluate_model
+    from imagesieve.classifier import evaluate_model
 
     with _progress(not args.json) as progress:
         metrics, out_dir = evaluate_model(args.data_dir, ws, args.model, progress=progress)
@@ -169,8 +168,8 @@ def _print_prediction(p: Any) -> None:
 def _score_imagenet(args: argparse.Namespace, ws: Workspace) -> None:
     """`score --imagenet`: the backbone's own ImageNet Top-3, not stored (no trained version)."""
     from imagesieve.classifier import Predictor, write_predictions_csv
-    from imagesieve.indexer import expand_inputs, fetch_items
-    from imagesieve.models._export import imagenet_version
+    from imagesieve.ingest import expand_inputs, fetch_items
+    from imagesieve.models.export import imagenet_version
 
     version = imagenet_version(ws, args.backbone)
     predictor = Predictor(version, threshold=args.threshold)
@@ -211,7 +210,7 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
     if args.imagenet:
         _score_imagenet(args, ws)
         return
-    from imagesieve.indexer import FetchOptions, ScoreOptions, score_inputs
+    from imagesieve.ingest import FetchOptions, ScoreOptions, score_inputs
 
     opts = ScoreOptions(
         model=args.model,
@@ -287,14 +286,14 @@ def score_exit_code(summary: Any) -> int:
 
 def cmd_reindex(args: argparse.Namespace, ws: Workspace) -> None:
     """The `reindex` verb: check every version's FAISS index against DuckDB, or rebuild it."""
-    from imagesieve.indexer import Store
+    from imagesieve.store import Store
 
     with Store(ws, check=False) as store:
         versions = store.versions()
         checks = (
-            [store.rebuild_index(v) for v in versions]
+            [store.indexes.rebuild(v) for v in versions]
             if args.rebuild
-            else [store.check_index(v, verify=True) for v in versions]  # the file itself too
+            else [store.indexes.check(v, verify=True) for v in versions]  # the file itself too
         )
     doc = {"workspace": str(ws.root), "indexes": [c.__dict__ for c in checks]}
 
@@ -312,7 +311,7 @@ def cmd_reindex(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_sql(args: argparse.Namespace, ws: Workspace) -> None:
     """The `sql` verb: one read-only query over the store, as a table, CSV or JSON."""
-    from imagesieve.search._sql import VIEWS, open_readonly, run_sql
+    from imagesieve.store import VIEWS, open_readonly, run_sql
 
     fmt = "json" if args.json else args.format
     if args.views:
@@ -413,8 +412,7 @@ def cmd_demo(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_serve(args: argparse.Namespace, ws: Workspace) -> None:
     """The `serve` verb: the Gradio app and the REST API until Ctrl-C."""
-    from imagesieve.app import Limits, Service
-    from imagesieve.app._server import serve
+    from imagesieve.app import Limits, Service, serve
 
     limits = Limits(
         max_file_bytes=args.max_upload_mb * 2**20,
@@ -478,7 +476,7 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_similar(args: argparse.Namespace, ws: Workspace) -> None:
     """The `similar` verb: nearest stored images to an image, a stored id or a class."""
-    from imagesieve.search._similar import find_similar
+    from imagesieve.search import find_similar
 
     info, results = find_similar(
         ws,
@@ -521,8 +519,7 @@ def _print_clusters(clusters: list[dict[str, Any]]) -> None:
 
 def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
     """The `cluster` verb: cluster the UNKNOWNs, or list / name / reject / trim clusters."""
-    from imagesieve.search._cluster import ClusterParams
-    from imagesieve.search._review import list_clusters, run_clustering, update_cluster
+    from imagesieve.search import ClusterParams, list_clusters, run_clustering, update_cluster
 
     if args.name or args.reject is not None or args.exclude:
         target = (
@@ -574,7 +571,7 @@ def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_promote(args: argparse.Namespace, ws: Workspace) -> None:
     """The `promote` verb: a cluster's images into the training data as a (new) class."""
-    from imagesieve.search._review import promote_cluster
+    from imagesieve.search import promote_cluster
 
     excluded = tuple(int(i) for i in args.exclude.split(",")) if args.exclude else ()
     result = promote_cluster(

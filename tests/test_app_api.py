@@ -19,8 +19,8 @@ from imagesieve._workspace import Workspace
 from imagesieve.app import Limits, Service, _service
 from imagesieve.app._server import check_exposure, start_server
 from imagesieve.data import ImageLoadError
-from imagesieve.indexer import Store, _vectors
-from imagesieve.indexer._images import kept_path
+from imagesieve.store import Store, _vectors
+from imagesieve.store._images import kept_path
 
 MAX_FILE = 2 * 2**20
 
@@ -365,7 +365,7 @@ def test_service_predict__live_batch_counters_are_stored_while_serving(ws, elpv,
         batches = "SELECT status, n_items, n_scored, n_failed FROM batches"
         assert service.sql(batches).rows == [("running", 4, 3, 1)]
     with Store(ws) as store:
-        assert store.con.execute(batches).fetchall() == [("done", 4, 3, 1)]
+        assert store._db.execute(batches).fetchall() == [("done", 4, 3, 1)]
 
 
 def test_service_predict__outgrown_flat_index_turns_hnsw_while_serving(ws, elpv, monkeypatch):
@@ -375,11 +375,11 @@ def test_service_predict__outgrown_flat_index_turns_hnsw_while_serving(ws, elpv,
         for im in cells[:12]:
             service.predict(png_bytes(im.path), im.path.name, neighbours=0)
         service._upgrade.join(timeout=60)  # started by the commit that crossed FLAT_MAX
-        index = service.store.index("v1")
+        index = service.store.indexes.get("v1")
         assert index.kind == "hnsw" and index.ntotal == 12
         first = index.info["tuned_at"]  # the snapshot the graph was built from: 11 or 12
         later = [service.predict(png_bytes(im.path), im.path.name) for im in cells[12:16]]
-        assert index.ntotal == 16 and service.store.index("v1") is index
+        assert index.ntotal == 16 and service.store.indexes.get("v1") is index
         ids = {n["id"] for r in later for n in r.neighbours}
         assert all(len(r.neighbours) == 5 for r in later) and ids <= set(range(1, 17))
         for im in cells[16:24]:  # doubled since it was tuned: re-tuned beside the requests
@@ -387,7 +387,7 @@ def test_service_predict__outgrown_flat_index_turns_hnsw_while_serving(ws, elpv,
         service._upgrade.join(timeout=60)
         assert index.ntotal == 24 and 24 >= index.info["tuned_at"] >= 2 * first
     with Service(ws) as again:  # saved as HNSW: no conversion at the next start
-        assert again.store.index("v1").kind == "hnsw"
+        assert again.store.indexes.get("v1").kind == "hnsw"
 
 
 def test_service_score__batch_past_flat_max_builds_hnsw_beside_the_requests(ws, elpv, monkeypatch):
@@ -401,9 +401,12 @@ def test_service_score__batch_past_flat_max_builds_hnsw_beside_the_requests(ws, 
         answer = service.predict(png_bytes(cells[15].path), "cell.png")  # during or after it
         assert len(answer.neighbours) == 5
         service._upgrade.join(timeout=60)
-        assert service.store.index("v1").kind == "hnsw" and service.store.index("v1").ntotal == 16
+        assert (
+            service.store.indexes.get("v1").kind == "hnsw"
+            and service.store.indexes.get("v1").ntotal == 16
+        )
     with Service(ws) as again:
-        index = again.store.index("v1")
+        index = again.store.indexes.get("v1")
         assert index.kind == "hnsw" and index.ntotal == 16
 
 
@@ -522,9 +525,9 @@ def test_serve__kill_9_after_answering_keeps_every_answered_image_once(ws, elpv,
     journal = ws.root / "store.journal"
     assert journal.stat().st_size > 0  # the last one was answered from the journal alone
     with Store(ws) as store:
-        rows = store.con.execute(
+        rows = store._db.execute(
             "SELECT id, source FROM predictions WHERE starts_with(source, 'upload:k')"
         ).fetchall()
-        assert store.check_index("v1").action == "in_sync"
+        assert store.indexes.check("v1").action == "in_sync"
     assert sorted(rows) == sorted((answered[i], f"upload:k{i}.png") for i in range(24))
     assert journal.stat().st_size == 0

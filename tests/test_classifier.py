@@ -13,7 +13,7 @@ from imagesieve.classifier._split import adaptive_split
 from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.data import load_image
 from imagesieve.models import active_version, get_version
-from imagesieve.models._export import imagenet_version, load_checkpoint
+from imagesieve.models.export import imagenet_version, load_checkpoint
 
 
 def test_softmax_top_k__against_reference():

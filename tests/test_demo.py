@@ -11,7 +11,7 @@ from PIL import Image
 
 from imagesieve._workspace import Workspace
 from imagesieve.cli import main
-from imagesieve.indexer import Store
+from imagesieve.store import Store
 
 
 @pytest.mark.slow
@@ -76,6 +76,6 @@ def test_main__demo_trains_flags_poly_cells_unknown_then_reuses(tmp_path, capsys
         proc.send_signal(signal.SIGTERM)  # what `kill`, systemd and docker send
         assert proc.wait(timeout=60) == 0  # a clean stop: the live batch finished, store closed
     with Store(Workspace(ws)) as store:  # the live batch was finished, not left interrupted
-        assert store.con.execute(
+        assert store._db.execute(
             "SELECT count(*) FROM batches WHERE status <> 'done'"
         ).fetchall() == [(0,)]

@@ -10,8 +10,8 @@ from imagesieve._workspace import Workspace
 from imagesieve.classifier import GradCam, Predictor, grad_cam
 from imagesieve.classifier._features import HEAD_POOLING
 from imagesieve.models import ModelVersion, create_backbone, get_backbone_spec, list_backbones
-from imagesieve.models._export import make_model, save_model_files
 from imagesieve.models._version import new_build_dir, write_version
+from imagesieve.models.export import make_model, save_model_files
 
 CLASSES = ["defective", "functional"]
 

@@ -15,9 +15,10 @@ from test_store import assert_index_matches_db, embedded, query
 from tmpfs import tmpfs
 
 from imagesieve._workspace import Workspace
-from imagesieve.indexer import Store, VectorIndex
-from imagesieve.indexer._images import keep_image, kept_path
-from imagesieve.indexer._journal import Journal
+from imagesieve.store import Store, VectorIndex
+from imagesieve.store._images import keep_image, kept_path
+from imagesieve.store._journal import Journal
+from imagesieve.store._rows import new_table
 
 DIM = 16
 
@@ -112,7 +113,7 @@ def test_journal_scan__resynchronises_on_the_next_whole_frame(tmp_path):
     for g in range(5):
         preds = embedded(rng, 8 * g, 8, DIM)
         emb = np.stack([p.embedding for p in preds])
-        tables.append(Store._new_table(np.arange(8 * g, 8 * g + 8), preds, emb, "v1", 1, None))
+        tables.append(new_table(np.arange(8 * g, 8 * g + 8), preds, emb, "v1", 1, None))
         journal.append(tables[-1], {"batch_id": 1, "g": g})
         ends.append(journal.size())
     journal.close()
@@ -237,10 +238,12 @@ def test_store_index__damaged_vectors_of_unchanged_size_are_rebuilt_before_a_sea
     assert not np.array_equal(raw, want)  # the damage does change answers
 
     with caplog.at_level(logging.WARNING), Store(ws) as store:
-        assert store.checks[0].action == "in_sync"  # opening trusts the sidecar's figures ...
-        got, _ = store.index("v1").search(xq, 10)  # ... the first use checks the file
+        assert (
+            store.indexes.checks[0].action == "in_sync"
+        )  # opening trusts the sidecar's figures ...
+        got, _ = store.indexes.get("v1").search(xq, 10)  # ... the first use checks the file
         assert np.array_equal(got, want)
-        (check,) = store.checks
+        (check,) = store.indexes.checks
         assert (check.action, check.rows) == ("rebuilt", 300)
         assert "(damaged)" in check.details["damaged"]
     assert f"{path}: checksum" in caplog.text
@@ -269,8 +272,8 @@ def test_store_index__garbled_header_rebuilt_with_every_row_and_saved_whole(tmp_
     garble_header(path)
     assert VectorIndex.load(path) is None
     with Store(ws) as store:
-        index = store.index("v1")
-        assert index.ntotal == 300 and store.checks[0].action == "rebuilt"
+        index = store.indexes.get("v1")
+        assert index.ntotal == 300 and store.indexes.checks[0].action == "rebuilt"
         xq = queries()
         assert np.array_equal(index.search(xq, 10)[0], brute_force(xq, ids, xb, 10))
     saved = VectorIndex.open(path)
@@ -288,7 +291,7 @@ def test_store_index__an_index_that_fails_to_load_is_never_saved_over(tmp_path):
         batch = store.begin_batch("v1", ["test"], {})
         store.commit(batch, "v1", embedded(np.random.default_rng(6), 300, 8, DIM))
         store.finish_batch(batch, "done", {})
-        assert store.index("v1").ntotal == 308
+        assert store.indexes.get("v1").ntotal == 308
     saved = VectorIndex.open(path)
     assert saved.verified and saved.ntotal == 308
     assert_index_matches_db(ws)
@@ -302,15 +305,15 @@ def test_store_index__older_sidecar_without_checksum_accepted_then_upgraded(tmp_
     del side["crc32"]
     sidecar.write_text(json.dumps(side))
     with caplog.at_level(logging.WARNING), Store(ws) as store:
-        assert store.index("v1").ntotal == 300
-        assert store.checks[0].action == "in_sync"  # its figures agree with DuckDB: kept
+        assert store.indexes.get("v1").ntotal == 300
+        assert store.indexes.checks[0].action == "in_sync"  # its figures agree with DuckDB: kept
         assert "crc32" in json.loads(sidecar.read_text())  # and its sidecar now has a checksum
     assert "rebuilt" not in caplog.text and "not used" not in caplog.text
     garble_header(path)  # and without one, an unreadable file is rebuilt
     sidecar.write_text(json.dumps(side))
     with Store(ws) as store:
-        assert store.index("v1").ntotal == 300 and store.checks[0].action == "rebuilt"
-        assert "FAISS cannot read it" in store.checks[0].details["damaged"]
+        assert store.indexes.get("v1").ntotal == 300 and store.indexes.checks[0].action == "rebuilt"
+        assert "FAISS cannot read it" in store.indexes.checks[0].details["damaged"]
     assert_index_matches_db(ws)
 
 

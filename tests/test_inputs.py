@@ -12,9 +12,9 @@ from httpserver import ImageServer  # tests/ is on sys.path under pytest
 from PIL import Image
 
 from imagesieve.data import ImageLoadError, load_image
-from imagesieve.indexer import _inputs
-from imagesieve.indexer._fetch import USER_AGENT, FetchOptions, fetch_items
-from imagesieve.indexer._inputs import (
+from imagesieve.ingest import _inputs
+from imagesieve.ingest._fetch import USER_AGENT, FetchOptions, fetch_items
+from imagesieve.ingest._inputs import (
     ArchiveLimits,
     InputError,
     InputItem,

@@ -19,8 +19,8 @@ from imagesieve.models import (
     list_backbones,
     list_versions,
 )
-from imagesieve.models._export import export_onnx, make_model
 from imagesieve.models._version import new_build_dir, write_version
+from imagesieve.models.export import export_onnx, make_model
 
 
 def test_list_backbones__default_first_and_all_registered():

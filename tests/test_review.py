@@ -13,7 +13,7 @@ from imagesieve._workspace import Workspace
 from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.cli import main
 from imagesieve.data._elpv import export_elpv
-from imagesieve.indexer import ScoreOptions, Store, score_inputs
+from imagesieve.ingest import ScoreOptions, score_inputs
 from imagesieve.search._cluster import ClusterParams
 from imagesieve.search._review import (
     ReviewError,
@@ -22,6 +22,7 @@ from imagesieve.search._review import (
     run_clustering,
     update_cluster,
 )
+from imagesieve.store import Store
 
 
 def label(im) -> str:
@@ -46,7 +47,7 @@ def loop(elpv, tmp_path_factory):
 
 def rows(ws: Workspace, sql: str, params=()) -> list[tuple]:
     with Store(ws, check=False) as store:
-        return store.con.execute(sql, list(params)).fetchall()
+        return store._db.execute(sql, list(params)).fetchall()
 
 
 @pytest.mark.slow

@@ -9,9 +9,10 @@ import pytest
 
 from imagesieve._workspace import Workspace
 from imagesieve.cli import main
-from imagesieve.indexer import Store, _vectors, score_inputs
+from imagesieve.ingest import score_inputs
 from imagesieve.search import _similar
 from imagesieve.search._similar import SimilarError, find_similar
+from imagesieve.store import Store, _vectors
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def stored(trained, small_folder, tmp_path_factory) -> Workspace:
 
 def all_embeddings(ws: Workspace) -> tuple[np.ndarray, np.ndarray]:
     with Store(ws) as store:
-        return store.index("v1").vectors()
+        return store.indexes.get("v1").vectors()
 
 
 def test_find_similar__by_id_is_exact_and_excludes_the_query(stored):

@@ -22,16 +22,16 @@ import pytest
 
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import Prediction
-from imagesieve.indexer import Failure, Store, StoreBusyError
-from imagesieve.search._sql import (
+from imagesieve.store import Failure, Store, StoreBusyError
+from imagesieve.store import (
     SAFE_CONFIG,
     VIEWS,
-    VIEWS_SQL,
     SqlError,
     SqlResult,
     open_readonly,
     run_sql,
 )
+from imagesieve.store._schema import views_sql
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = ("batches", "predictions", "embeddings", "failures", "reference_images")
@@ -308,7 +308,7 @@ def test_run_sql__writes_hidden_in_a_select_refused_on_the_writers_connection(ws
 @pytest.mark.parametrize("sql", HIDDEN_WRITES, ids=[s[10:40] for s in HIDDEN_WRITES])
 def test_run_sql__transaction_refuses_writes_the_check_would_miss(ws, tmp_path, sql, monkeypatch):
     """The second lock alone: with the statement check switched off, DuckDB still refuses."""
-    from imagesieve.search import _sql
+    from imagesieve.store import _sql
 
     monkeypatch.setattr(_sql, "_parse_facts", lambda con, q: (set(), set(), set()))
     path = tmp_path / "store.duckdb"
@@ -450,8 +450,8 @@ def test_views__no_embedding_column(con):
 def test_views_sql__persistent_and_idempotent(ws, tmp_path):
     ws2 = copy_ws(ws, tmp_path / "ws")
     w = duckdb.connect(str(ws2.root / "store.duckdb"))
-    w.execute(VIEWS_SQL)
-    w.execute(VIEWS_SQL)  # as Store.__init__ does on every writable open
+    w.execute(views_sql())
+    w.execute(views_sql())  # as Store.__init__ does on every writable open
     w.close()
     with open_readonly(ws2) as con, open_readonly(ws) as con_temp:
         views = con.execute(
@@ -477,7 +477,7 @@ HOLD = textwrap.dedent(
     """
     import sys
     from imagesieve._workspace import Workspace
-    from imagesieve.indexer import Store
+    from imagesieve.store import Store
     store = Store(Workspace(sys.argv[1]), check=False)
     print("ready", flush=True)
     sys.stdin.read()

@@ -25,9 +25,11 @@ from imagesieve._workspace import Workspace
 from imagesieve.classifier import Prediction
 from imagesieve.classifier._reference import ReferenceSet, calibrate_distance
 from imagesieve.cli import main
-from imagesieve.indexer import ScoreOptions, Store, VectorIndex, _vectors, score_inputs, sort_into
-from imagesieve.indexer._images import image_source
-from imagesieve.search._sql import open_readonly
+from imagesieve.data import sort_into
+from imagesieve.ingest import ScoreOptions, score_inputs
+from imagesieve.store import Store, VectorIndex, _vectors
+from imagesieve.store._images import image_source
+from imagesieve.store._sql import open_readonly
 
 
 def query(ws, sql: str, params=()) -> list[tuple]:
@@ -265,7 +267,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from imagesieve._workspace import Workspace
-    from imagesieve.indexer import ScoreOptions, score_inputs
+    from imagesieve.ingest import ScoreOptions, score_inputs
 
     def progress(stage, done, total):
         if done >= int(sys.argv[2]):
@@ -327,13 +329,13 @@ def test_store__index_checked_on_open_caught_up_repaired_or_rebuilt(scoring_ws, 
     score_inputs(ws, [str(p) for p in cells])
     path = ws.root / "index" / "v1.faiss"
     with Store(ws) as store:
-        assert [(c.action, c.rows) for c in store.checks] == [("in_sync", 10)]
+        assert [(c.action, c.rows) for c in store.indexes.checks] == [("in_sync", 10)]
 
     index = VectorIndex.load(path)
     index.remove(np.array([9, 10]))  # the index is behind DuckDB, as after a crash
     index.save()
     with Store(ws) as store:
-        (check,) = store.checks
+        (check,) = store.indexes.checks
         assert (check.action, check.added, check.removed) == ("caught_up", 2, 0)
     assert_index_matches_db(ws)
 
@@ -341,7 +343,7 @@ def test_store__index_checked_on_open_caught_up_repaired_or_rebuilt(scoring_ws, 
     index.add(np.array([999]), np.ones((1, index.dim), np.float32) / np.sqrt(index.dim))
     index.save()
     with Store(ws) as store:
-        assert (store.checks[0].action, store.checks[0].removed) == ("repaired", 1)
+        assert (store.indexes.checks[0].action, store.indexes.checks[0].removed) == ("repaired", 1)
     assert_index_matches_db(ws)
 
     path.unlink()
@@ -349,7 +351,7 @@ def test_store__index_checked_on_open_caught_up_repaired_or_rebuilt(scoring_ws, 
     assert_index_matches_db(ws)
     path.write_bytes(b"garbage")
     with Store(ws) as store:
-        assert store.checks[0].action == "rebuilt"
+        assert store.indexes.checks[0].action == "rebuilt"
     assert_index_matches_db(ws)
 
 
@@ -360,7 +362,7 @@ def test_store__busy_workspace_is_a_one_line_error(scoring_ws, cells):
         [
             sys.executable,
             "-c",
-            "import sys, time; from imagesieve._workspace import Workspace; from imagesieve.indexer import Store; "
+            "import sys, time; from imagesieve._workspace import Workspace; from imagesieve.store import Store; "
             "s = Store(Workspace(sys.argv[1])); print('open', flush=True); time.sleep(60)",
             str(ws.root),
         ],
@@ -438,7 +440,7 @@ def committing_while(store, batch, rng, n: int, dim: int, job) -> tuple[list, in
     while worker.is_alive():
         store.commit(batch, "v1", embedded(rng, n, 8, dim))
         n += 8
-        store.index("v1").search(rng.random((1, dim), dtype=np.float32), 5)
+        store.indexes.get("v1").search(rng.random((1, dim), dtype=np.float32), 5)
     worker.join()
     return done, n
 
@@ -450,16 +452,18 @@ def test_upgrade_index__flat_turns_hnsw_while_commits_go_on(tmp_path, monkeypatc
     with Store(ws) as store:
         batch = store.begin_batch("v1", ["test"], {})
         store.commit(batch, "v1", embedded(rng, 0, 1500))
-        assert not store.index_outgrown("v1") and not store.upgrade_index("v1")
+        assert not store.indexes.outgrown("v1") and not store.indexes.upgrade("v1")
         store.commit(batch, "v1", embedded(rng, 1500, 500))
-        assert store.index_outgrown("v1") and store.index("v1").kind == "flat"
+        assert store.indexes.outgrown("v1") and store.indexes.get("v1").kind == "flat"
         # commits and searches go on while the graph is built
-        done, n = committing_while(store, batch, rng, 2000, 1280, lambda: store.upgrade_index("v1"))
-        index = store.index("v1")
-        assert done == [True] and index.kind == "hnsw" and not store.index_outgrown("v1")
+        done, n = committing_while(
+            store, batch, rng, 2000, 1280, lambda: store.indexes.upgrade("v1")
+        )
+        index = store.indexes.get("v1")
+        assert done == [True] and index.kind == "hnsw" and not store.indexes.outgrown("v1")
         assert index.info["built_at"] < index.ntotal == n  # committed during the build: kept
         store.commit(batch, "v1", embedded(rng, n, 8))  # later commits go to the graph
-        assert store.index("v1") is index and index.ntotal == n + 8
+        assert store.indexes.get("v1") is index and index.ntotal == n + 8
         store.finish_batch(batch, "done", {})
     assert_index_matches_db(ws)
 
@@ -471,17 +475,17 @@ def test_retune_index__doubled_hnsw_retuned_while_commits_go_on(tmp_path, monkey
     with Store(ws) as store:
         batch = store.begin_batch("v1", ["test"], {})
         store.commit(batch, "v1", embedded(rng, 0, 400, 32))
-        store.save_indexes()  # HNSW, tuned over 400
-        index = store.index("v1")
+        store.indexes.save()  # HNSW, tuned over 400
+        index = store.indexes.get("v1")
         assert index.kind == "hnsw" and index.info["tuned_at"] == 400
         store.commit(batch, "v1", embedded(rng, 400, 399, 32))
-        assert not store.index_retune_due("v1") and not store.retune_index("v1")
+        assert not store.indexes.retune_due("v1") and not store.indexes.retune("v1")
         store.commit(batch, "v1", embedded(rng, 799, 1, 32))
-        assert store.index_retune_due("v1")
+        assert store.indexes.retune_due("v1")
         # commits and searches go on meanwhile
-        done, n = committing_while(store, batch, rng, 800, 32, lambda: store.retune_index("v1"))
-        assert done == [True] and store.index("v1") is index
-        assert index.info["tuned_at"] >= 800 and not store.index_retune_due("v1")
+        done, n = committing_while(store, batch, rng, 800, 32, lambda: store.indexes.retune("v1"))
+        assert done == [True] and store.indexes.get("v1") is index
+        assert index.info["tuned_at"] >= 800 and not store.indexes.retune_due("v1")
         assert index.info["ef_search"] in _vectors.EF_SEARCH_CANDIDATES
         assert index.info["recall_at_10"] >= _vectors.TARGET_RECALL
         assert index.ntotal == n
@@ -517,11 +521,11 @@ def test_store__embeddings_of_each_size_in_their_own_table_behind_one_view(tmp_p
     for version in ("v1", "v2"):
         (ws.root / "index" / f"{version}.faiss").unlink()  # rebuilt from each size's table
     with Store(ws) as store:
-        assert {c.model_version: c.action for c in store.checks} == {
+        assert {c.model_version: c.action for c in store.indexes.checks} == {
             "v1": "rebuilt",
             "v2": "rebuilt",
         }
-        assert (store.index("v1").dim, store.index("v2").dim) == (16, 8)
+        assert (store.indexes.get("v1").dim, store.indexes.get("v2").dim) == (16, 8)
     assert_index_matches_db(ws, "v1")
     assert_index_matches_db(ws, "v2")
 
@@ -544,13 +548,14 @@ def test_store__list_embeddings_of_an_older_store_move_to_their_table_on_open(tm
     # ... and a move that was interrupted after its first rows: it resumes, nothing twice
     con.execute("CREATE TABLE embeddings_16 (id BIGINT PRIMARY KEY, embedding FLOAT[16] NOT NULL)")
     con.execute("INSERT INTO embeddings_16 SELECT id, embedding FROM embeddings WHERE id <= 10")
+    con.execute("DROP TABLE schema_version")  # that release recorded no migrations
     con.close()
     (ws.root / "index" / "v1.faiss").unlink()
     assert query(
         ws, "SELECT table_type FROM information_schema.tables WHERE table_name = 'embeddings'"
     ) == [("BASE TABLE",)]
     with Store(ws) as store:
-        assert store.checks[0].action == "rebuilt"
+        assert store.indexes.checks[0].action == "rebuilt"
         batch = store.begin_batch("v1", ["test"], {})
         store.commit(batch, "v1", embedded(rng, 30, 5, 16))
         store.finish_batch(batch, "done", {})
@@ -576,21 +581,22 @@ def test_append__journaled_rows_found_at_once_and_folded_before_any_read(tmp_pat
     assert journal.stat().st_size > 8 * 1280 * 4  # synced to disk, not yet in DuckDB
     assert store._con.execute("SELECT count(*) FROM predictions").fetchall() == [(20,)]
     # found at once: by the index, by content, and their rows from memory beside DuckDB's
-    found, _ = store.index("v1").search(group[3].embedding[None], 1)
+    found, _ = store.indexes.get("v1").search(group[3].embedding[None], 1)
     assert found[0][0] == 24 and store.has_content("v1", group[3].sha256)
     assert store.row_count("v1") == 28
     rows = store.result_rows([24, 5])
-    assert rows[24][:3] == (24, "img23.png", "a") and rows[24][7].endswith("Z")
-    assert rows[5][:3] == (5, "img4.png", "a") and rows[5][7].endswith("Z")
+    r24, r5 = rows[24], rows[5]
+    assert (r24.id, r24.source, r24.label) == (24, "img23.png", "a") and r24.scored_at.endswith("Z")
+    assert (r5.id, r5.source, r5.label) == (5, "img4.png", "a") and r5.scored_at.endswith("Z")
     # any other use of the connection folds first: one transaction, the journal emptied
-    assert store.con.execute("SELECT count(*), max(id) FROM predictions").fetchall() == [(28, 28)]
+    assert store._db.execute("SELECT count(*), max(id) FROM predictions").fetchall() == [(28, 28)]
     assert journal.stat().st_size == 0
-    assert store.con.execute("SELECT n_items FROM batches").fetchall() == [(28,)]
+    assert store._db.execute("SELECT n_items FROM batches").fetchall() == [(28,)]
     assert store.result_rows([24])[24] == rows[24]  # the same fields once in DuckDB
     # rows kept in memory are forgotten by whoever takes the connection, who may change them
     with store.lock:
-        store.con.execute("UPDATE predictions SET label = 'b' WHERE id IN (5, 24)")
-    assert [r[2] for r in store.result_rows([5, 24]).values()] == ["b", "b"]
+        store._db.execute("UPDATE predictions SET label = 'b' WHERE id IN (5, 24)")
+    assert [r.label for r in store.result_rows([5, 24]).values()] == ["b", "b"]
     # the fold is due after its time, and moves what waits
     store.append(batch, "v1", embedded(rng, 28, 8))
     assert not store.fold_due(60) and store.fold_due(0)
@@ -610,7 +616,7 @@ JOURNAL_KILL_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[2])
     from test_store import embedded
     from imagesieve._workspace import Workspace
-    from imagesieve.indexer import Store
+    from imagesieve.store import Store
 
     ws, rng = Workspace(sys.argv[1]), np.random.default_rng(0)
     store = Store(ws)
@@ -670,7 +676,7 @@ def test_append__a_failed_sync_stores_nothing_and_the_next_append_goes_on(tmp_pa
     def disk_error(fd):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr("imagesieve.indexer._journal.os.fdatasync", disk_error)
+    monkeypatch.setattr("imagesieve.store._journal.os.fdatasync", disk_error)
     lost = embedded(rng, 8, 8)
     with pytest.raises(OSError, match="Input/output"):
         store.append(batch, "v1", lost)

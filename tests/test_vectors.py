@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from imagesieve.indexer import _vectors
-from imagesieve.indexer._vectors import VectorIndex, exact_top_k
+from imagesieve.store import _vectors
+from imagesieve.store._vectors import VectorIndex, exact_top_k
 
 
 def blobs(n: int, d: int = 64, seed: int = 0) -> np.ndarray:

@@ -146,10 +146,9 @@ def _os_error(e: BaseException) -> OSError | None:
 def _error_kind(e: BaseException) -> str | None:
     """The kind of a library error (a key of STATUS), or None for an unexpected one."""
     from imagesieve.data import ImageLoadError
-    from imagesieve.indexer import InputError
-    from imagesieve.search._review import ReviewError
-    from imagesieve.search._similar import SimilarError
-    from imagesieve.search._sql import SqlError
+    from imagesieve.ingest import InputError
+    from imagesieve.search import ReviewError, SimilarError
+    from imagesieve.store import SqlError
 
     if isinstance(e, ImageLoadError):
         return "too_large" if e.kind in ("too_large", "bomb") else "bad_image"

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 
 from imagesieve.app._service import Service
 
-__all__ = ["RunningServer", "build_server", "check_exposure", "start_server"]
+__all__ = ["RunningServer", "build_server", "check_exposure", "serve", "start_server"]
 
 log = logging.getLogger(__name__)
 

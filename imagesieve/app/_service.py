@@ -29,13 +29,42 @@ from typing import Any
 import numpy as np
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import UNKNOWN, EngineResult, Prediction, Predictor, Progress
-from imagesieve.indexer import Failure, ScoreOptions, ScoreSummary, Store, score_inputs
-from imagesieve.indexer._fetch import FetchOptions
-from imagesieve.indexer._images import image_source, keep_image
-from imagesieve.indexer._inputs import ArchiveLimits
-from imagesieve.indexer._score import assign_unknowns, stored_prediction
-from imagesieve.models import ModelVersion, activate_version, active_version, list_versions
+from imagesieve.classifier import (
+    UNKNOWN,
+    EngineResult,
+    Prediction,
+    Predictor,
+    Progress,
+    TrainOptions,
+    UnknownRule,
+    grad_cam,
+    train_model,
+)
+from imagesieve.ingest import (
+    ArchiveLimits,
+    FetchOptions,
+    ScoreOptions,
+    ScoreSummary,
+    assign_unknowns,
+    score_inputs,
+)
+from imagesieve.models import (
+    ModelVersion,
+    activate_version,
+    active_version,
+    list_versions,
+    set_thresholds,
+)
+from imagesieve.search import (
+    ClusterParams,
+    find_similar,
+    list_clusters,
+    nearest_stored,
+    promote_cluster,
+    run_clustering,
+    update_cluster,
+)
+from imagesieve.store import Failure, Store, image_source, keep_image, run_store_sql
 
 __all__ = ["Limits", "PredictResult", "Service", "ServiceError"]
 
@@ -301,8 +330,7 @@ class Service:
         self.ws = ws
         self.limits = limits or Limits()
         self.store = Store(ws)
-        for name, value in SQL_SETTINGS.items():
-            self.store.con.execute(f"SET {name} = '{value}'")
+        self.store.configure(SQL_SETTINGS)
         # Untrusted SQL runs here, niced: a slow query waits for the CPU instead of predictions.
         self._sql = ThreadPoolExecutor(
             2, thread_name_prefix="imagesieve-sql", initializer=_lower_priority
@@ -347,13 +375,11 @@ class Service:
     def _finish_batch(self) -> None:
         if self._batch is not None:
             self.store.finish_batch(self._batch[1], "done", dict(self._counts))
-            self.store.save_indexes()
+            self.store.indexes.save()
             self._batch, self._counts, self._counts_at = None, Counter(), 0.0
 
     def _use(self, version: ModelVersion) -> None:
         """Serve ``version``: load its predictor and clusters; the live batch of the old one ends."""
-        from imagesieve.search._review import load_clusters
-
         predictor = Predictor(version, batch_size=MAX_BATCH)  # batches of 8 here too: memory
         if predictor.reference is not None:
             self.store.register_version(
@@ -362,15 +388,13 @@ class Service:
         with self._state:
             self._finish_batch()
             self.predictor = predictor
-            self._clusters = load_clusters(self.store, version.name)[0]
+            self._clusters = self.store.clusters.previous(version.name)[0]
 
     def reload_clusters(self) -> None:
         """Re-read the active version's clusters (after a clustering run or a review action)."""
-        from imagesieve.search._review import load_clusters
-
         with self._state:
             if self.predictor is not None:
-                self._clusters = load_clusters(self.store, self.predictor.version.name)[0]
+                self._clusters = self.store.clusters.previous(self.predictor.version.name)[0]
 
     @property
     def version(self) -> ModelVersion:
@@ -461,7 +485,7 @@ class Service:
             )
             if result.skipped:
                 row = self.store.rows_by_content(version, [result.sha256])[result.sha256]
-                pred = stored_prediction(source, row)
+                pred = row.to_prediction(source)
                 answer(pred, self.neighbours(pred, neighbours))
                 return
             if result.error is not None:
@@ -520,7 +544,7 @@ class Service:
         """
         if self._upgrade is not None and self._upgrade.is_alive():
             return True
-        if not (self.store.index_outgrown(version) or self.store.index_retune_due(version)):
+        if not (self.store.indexes.outgrown(version) or self.store.indexes.retune_due(version)):
             return False
         self._upgrade = threading.Thread(
             target=self._upgrade_index, args=(version,), name="imagesieve-index", daemon=True
@@ -530,7 +554,7 @@ class Service:
 
     def _upgrade_index(self, version: str) -> None:
         try:
-            self.store.upgrade_index(version) or self.store.retune_index(version)
+            self.store.indexes.upgrade(version) or self.store.indexes.retune(version)
         except Exception:  # the index keeps serving as it is; the next save tries again
             log.exception("building or tuning the HNSW index of %s failed", version)
 
@@ -538,8 +562,6 @@ class Service:
         self, version: str, preds: Sequence[Prediction], ks: Sequence[int]
     ) -> list[list[dict[str, Any]]]:
         """The nearest stored images of a micro-batch, in one search (inference thread)."""
-        from imagesieve.search._similar import nearest_stored
-
         k = max(ks, default=0)
         want = [i for i, (p, n) in enumerate(zip(preds, ks, strict=True)) if n and p.ok]
         out: list[list[dict[str, Any]]] = [[] for _ in preds]
@@ -589,8 +611,6 @@ class Service:
 
     def gradcam(self, data: bytes | Any, class_name: str | None = None) -> Any:
         """Grad-CAM of the active model on an image: a ``GradCam`` (heatmap, ``overlay()``)."""
-        from imagesieve.classifier._gradcam import grad_cam
-
         return grad_cam(self.version, data, class_name)
 
     # -- batches ---------------------------------------------------------------------------
@@ -687,14 +707,12 @@ class Service:
         # Saved now, unless the index has to become HNSW or be re-tuned first: that runs
         # beside the requests (saving would do it holding the store), saved when the server stops.
         if not self._upgrade_soon(predictor.version.name):
-            self.store.save_indexes()
+            self.store.indexes.save()
         return summary
 
     # -- search, SQL -----------------------------------------------------------------------
     def similar(self, **query: Any) -> tuple[Any, list[Any]]:
         """``find_similar`` over the served store (image, id or class_name; k, max_distance, where)."""
-        from imagesieve.search._similar import find_similar
-
         self.version  # noqa: B018 - raises the one-line "no model" error
         return find_similar(
             self.ws,
@@ -711,8 +729,6 @@ class Service:
 
         Runs on the low-priority SQL threads, outside the store's lock (``run_store_sql``).
         """
-        from imagesieve.search._sql import run_store_sql
-
         return run_store_sql(
             self.store,
             sql,
@@ -726,28 +742,16 @@ class Service:
     # -- clusters and review ---------------------------------------------------------------
     def clusters(self) -> list[dict[str, Any]]:
         """The active version's clusters, largest first."""
-        from imagesieve.search._review import list_clusters
-
         return list_clusters(self.ws, model=self.version.name, store=self.store)
 
     def cluster_members(self, cluster_id: int, limit: int = 48) -> list[dict[str, Any]]:
         """Up to ``limit`` member rows of a cluster (id, source, sha256, top-1), by id."""
-        with self.store.lock:
-            rows = self.store.con.execute(
-                "SELECT id, source, sha256, top1_class, top1_prob, "
-                "id IN (SELECT id FROM cluster_exclusions e WHERE e.model_version = p.model_version "
-                "AND e.cluster_id = p.cluster_id) AS excluded "
-                "FROM predictions p WHERE model_version = ? AND cluster_id = ? ORDER BY id LIMIT ?",
-                [self.version.name, int(cluster_id), int(limit)],
-            ).fetchall()
+        members = self.store.clusters.members(self.version.name, int(cluster_id), int(limit))
         keys = ("id", "source", "sha256", "top1_class", "top1_prob", "excluded")
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+        return [{k: getattr(m, k) for k in keys} for m in members]
 
     def run_clustering(self, progress: Progress | None = None, **params: Any) -> Any:
         """Cluster the UNKNOWNs of the active version (ClusterParams fields as keywords)."""
-        from imagesieve.search._cluster import ClusterParams
-        from imagesieve.search._review import run_clustering
-
         with self._clustering:  # one run at a time; predictions go on meanwhile
             run = run_clustering(
                 self.ws,
@@ -761,8 +765,6 @@ class Service:
 
     def update_cluster(self, cluster_id: int, **change: Any) -> dict[str, Any]:
         """Name, reject or exclude members of a cluster."""
-        from imagesieve.search._review import update_cluster
-
         row = update_cluster(
             self.ws, cluster_id, model=self.version.name, store=self.store, **change
         )
@@ -782,8 +784,6 @@ class Service:
         exclude: tuple[int, ...] = (),
     ) -> Any:
         """Copy a cluster into the training data (default: the active version's folder)."""
-        from imagesieve.search._review import promote_cluster
-
         into = into or self.training_dir()
         if into is None:
             raise ServiceError(
@@ -837,8 +837,6 @@ class Service:
         **options: Any,
     ) -> ModelVersion:
         """Train a new version on the training folder (default: the active one's) and serve it."""
-        from imagesieve.classifier._train import TrainOptions, train_model
-
         data_dir = data_dir or self.training_dir()
         if data_dir is None:
             raise ServiceError("no training folder: give one")
@@ -863,53 +861,22 @@ class Service:
         stored row's label and reason are recomputed from its stored Top-1 probability and
         training distance. Returns the counts of ``threshold_preview`` after the change.
         """
-        import json
-
-        version = self.version
-        if not 0.0 <= confidence <= 1.0:
-            raise ServiceError(f"confidence threshold must be within [0, 1], got {confidence}")
-        if distance is not None and not 0.0 <= distance <= 2.0:
-            raise ServiceError(f"distance threshold must be within [0, 2], got {distance}")
-        meta = dict(version.meta)
-        meta["thresholds"] = {**meta.get("thresholds", {}), "confidence": confidence}
-        meta["thresholds"]["distance"] = distance
-        tmp = version.path / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, version.path / "meta.json")
-        reason = (
-            "nullif(concat_ws('+', CASE WHEN top1_prob < ? THEN 'low_confidence' END, "
-            "CASE WHEN ? IS NOT NULL AND neighbor_distance > ? THEN 'far_from_training' END), '')"
-        )
-        with self.store.lock:
-            self.store.con.execute(
-                f"UPDATE predictions SET reason = {reason}, label = CASE WHEN {reason} IS NULL "
-                "THEN top1_class ELSE 'UNKNOWN' END WHERE model_version = ?",
-                [confidence, distance, distance] * 2 + [version.name],
-            )
-        self._use(ModelVersion.load(version.path))
+        rule = self._rule(confidence, distance)
+        version = set_thresholds(self.version, rule.confidence, rule.distance)
+        self.store.redecide(version.name, rule)
+        self._use(version)
         return self.threshold_preview(confidence, distance)
 
     def threshold_preview(self, confidence: float, distance: float | None) -> dict[str, Any]:
         """How many stored images of the active version each rule would mark UNKNOWN."""
-        sql = (
-            "SELECT count(*), count(*) FILTER (WHERE top1_prob < ?), "
-            "count(*) FILTER (WHERE ? IS NOT NULL AND neighbor_distance > ?), "
-            "count(*) FILTER (WHERE top1_prob < ? OR (? IS NOT NULL AND neighbor_distance > ?)), "
-            "count(*) FILTER (WHERE label = 'UNKNOWN') "
-            "FROM predictions WHERE model_version = ?"
-        )
-        with self.store.lock:
-            total, low, far, either, now = self.store.con.execute(
-                sql,
-                [confidence, distance, distance, confidence, distance, distance, self.version.name],
-            ).fetchall()[0]
-        return {
-            "stored": total,
-            "low_confidence": low,
-            "far_from_training": far,
-            "unknown": either,
-            "unknown_now": now,
-        }
+        return self.store.unknown_counts(self.version.name, self._rule(confidence, distance))
+
+    @staticmethod
+    def _rule(confidence: float, distance: float | None) -> UnknownRule:
+        try:
+            return UnknownRule(confidence, distance)
+        except ValueError as e:
+            raise ServiceError(str(e)) from None
 
     # -- images ----------------------------------------------------------------------------
     def image(self, id: int, max_side: int = 256) -> Any:  # noqa: A002 - the store's column
@@ -918,13 +885,10 @@ class Service:
 
         from imagesieve.data import load_image
 
-        with self.store.lock:
-            row = self.store.con.execute(
-                "SELECT sha256, source FROM predictions WHERE id = ?", [int(id)]
-            ).fetchall()
-        if not row:
+        rows = self.store.rows(ids=[int(id)])
+        if not rows:
             return None
-        src = image_source(self.ws, row[0][0], row[0][1])
+        src = image_source(self.ws, rows[0].sha256, rows[0].source)
         if src is None:
             return None
         try:

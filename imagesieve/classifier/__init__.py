@@ -1,6 +1,13 @@
-"""Scoring (ONNX Runtime, no torch), training and evaluation of the classifier head."""
+"""Scoring (ONNX Runtime, no torch), training and evaluation of the classifier head, the UNKNOWN rule."""
 
-from imagesieve.classifier._engine import EngineItem, EngineResult, Progress, ScoringEngine
+from imagesieve.classifier._engine import (
+    INFER_BATCH,
+    EngineItem,
+    EngineResult,
+    Progress,
+    ScoringEngine,
+)
+from imagesieve.classifier._evaluate import evaluate_model, evaluate_version_on
 from imagesieve.classifier._gradcam import GradCam, grad_cam
 from imagesieve.classifier._predict import (
     FAR_FROM_TRAINING,
@@ -14,9 +21,14 @@ from imagesieve.classifier._predict import (
     top_k,
     write_predictions_csv,
 )
+from imagesieve.classifier._reference import ReferenceSet, calibrate_distance
+from imagesieve.classifier._train import CLASS_WEIGHTS, FLIPS, TrainOptions, train_model
 from imagesieve.classifier._unknown import UnknownRule
 
 __all__ = [
+    "CLASS_WEIGHTS",
+    "FLIPS",
+    "INFER_BATCH",
     "FAR_FROM_TRAINING",
     "LOW_CONFIDENCE",
     "PREDICTION_CSV_COLUMNS",
@@ -28,10 +40,16 @@ __all__ = [
     "Prediction",
     "Progress",
     "Predictor",
+    "ReferenceSet",
     "ScoringEngine",
+    "TrainOptions",
     "UnknownRule",
+    "calibrate_distance",
+    "evaluate_model",
+    "evaluate_version_on",
     "grad_cam",
     "softmax",
     "top_k",
+    "train_model",
     "write_predictions_csv",
 ]

@@ -40,7 +40,7 @@ def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> P
     from torch import nn
 
     from imagesieve.models import create_backbone
-    from imagesieve.models._export import export_onnx, make_model
+    from imagesieve.models.export import export_onnx, make_model
 
     ws.cache_dir.mkdir(parents=True, exist_ok=True)
     model = make_model(

@@ -76,7 +76,7 @@ class _CamModel:
 @functools.lru_cache(maxsize=2)
 def _cam_model(checkpoint: str, mtime_ns: int) -> _CamModel:
     """Load a checkpoint once per file version (``mtime_ns`` is part of the cache key)."""
-    from imagesieve.models._export import load_checkpoint
+    from imagesieve.models.export import load_checkpoint
 
     model, classes = load_checkpoint(checkpoint)
     for p in model.parameters():  # gradients are needed w.r.t. the feature map only

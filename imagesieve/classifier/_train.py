@@ -341,14 +341,14 @@ def train_model(
     import torch
 
     from imagesieve.classifier._evaluate import evaluate_version_on
-    from imagesieve.models import create_backbone
-    from imagesieve.models._export import make_model, save_model_files
-    from imagesieve.models._version import (
+    from imagesieve.models import (
         ModelVersion,
+        create_backbone,
         discard_build_dir,
         new_build_dir,
         write_version,
     )
+    from imagesieve.models.export import make_model, save_model_files
 
     opts = opts or TrainOptions()
     progress = progress or (lambda stage, done, total: None)

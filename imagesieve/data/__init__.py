@@ -11,27 +11,37 @@ from imagesieve.data._decode import (
     read_image_bytes,
     source_name,
 )
+from imagesieve.data._elpv import ElpvImage, elpv_images, export_elpv
 from imagesieve.data._folder import (
     IMAGE_EXTENSIONS,
     ImageFolder,
     Sample,
     SkippedFile,
     scan_image_folder,
+    sort_into,
 )
+from imagesieve.data._zip import MAX_MEMBER_BYTES, member_error, read_zip_member
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
+    "MAX_MEMBER_BYTES",
     "DecodedImage",
+    "ElpvImage",
     "ImageFolder",
     "ImageLoadError",
     "ImageSource",
     "Sample",
     "SkippedFile",
+    "elpv_images",
+    "export_elpv",
     "fit_shorter_side",
     "load_image",
+    "member_error",
     "read_image_bytes",
+    "read_zip_member",
     "scan_image_folder",
+    "sort_into",
     "source_name",
 ]

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "Sample", "SkippedFile", "scan_image_folder"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageFolder",
+    "Sample",
+    "SkippedFile",
+    "scan_image_folder",
+    "sort_into",
+]
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -115,3 +126,39 @@ def scan_image_folder(root: str | Path) -> ImageFolder:
                 "every class needs training images"
             )
     return ImageFolder(root, samples, classes, presplit, skipped)
+
+
+def _safe_part(name: str) -> str:
+    """A label or file name usable as one path component (no separators, no leading dots)."""
+    name = re.sub(r"[\\/\x00-\x1f]", "_", name).strip().lstrip(".")
+    return name or "_"
+
+
+def sort_into(
+    root: str | os.PathLike, label: str, filename: str, source: str | bytes, sha256: str
+) -> Path:
+    """Copy an image into ``root/<label>/<filename>``, never overwriting.
+
+    A name already taken by other content gets a numeric suffix (``name_1.png``); the same
+    content already there is not copied again, so re-running a command adds no duplicates.
+    """
+    folder = Path(root) / _safe_part(label)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem, ext = os.path.splitext(_safe_part(filename))
+    for n in itertools.count():
+        target = folder / (f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
+        try:
+            out = open(target, "xb")  # exclusive create: never overwrite
+        except FileExistsError:
+            with open(target, "rb") as f:
+                if hashlib.file_digest(f, "sha256").hexdigest() == sha256:
+                    return target
+            continue
+        with out:
+            if isinstance(source, bytes):
+                out.write(source)
+            else:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, out)
+        return target
+    raise AssertionError("unreachable")

@@ -1,6 +1,7 @@
 """Backbones (one registry, one factory), their preprocessing, and model versions.
 
-Importing this package does not import torch; only building or exporting a model does.
+Importing this package does not import torch; ``imagesieve.models.export`` (checkpoints and
+the ONNX export) does.
 """
 
 from imagesieve.models._config import BackboneConfig
@@ -18,9 +19,12 @@ from imagesieve.models._version import (
     VersionMeta,
     activate_version,
     active_version,
+    discard_build_dir,
     get_version,
     list_versions,
+    new_build_dir,
     set_thresholds,
+    write_version,
 )
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -35,11 +39,14 @@ __all__ = [
     "VersionMeta",
     "activate_version",
     "active_version",
+    "discard_build_dir",
     "create_backbone",
     "get_backbone_spec",
     "get_version",
     "list_backbones",
     "list_versions",
+    "new_build_dir",
     "register_backbone",
     "set_thresholds",
+    "write_version",
 ]

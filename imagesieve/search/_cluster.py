@@ -60,11 +60,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from imagesieve.store import PreviousCluster
+
 __all__ = [
     "Cluster",
     "ClusterParams",
     "Clustering",
-    "PreviousCluster",
     "assign_to_clusters",
     "cluster_embeddings",
     "match_clusters",
@@ -118,23 +119,6 @@ class ClusterParams:
             raise ValueError(
                 f"umap_dims must be at least 1 or None (no UMAP), got {self.umap_dims}"
             )
-
-
-@dataclass(frozen=True)
-class PreviousCluster:
-    """What the store remembers of a cluster from an earlier run.
-
-    Attributes:
-        cluster_id: Its id.
-        member_ids: (m,) int64 row ids of its members then.
-        centroid: (d,) float32 normalised mean embedding.
-        radius: Cosine distance from the centroid covering ~95% of its members.
-    """
-
-    cluster_id: int
-    member_ids: np.ndarray
-    centroid: np.ndarray
-    radius: float
 
 
 @dataclass

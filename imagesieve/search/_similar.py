@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import Predictor
-from imagesieve.indexer import Store
-from imagesieve.indexer._store import using_store
+from imagesieve.classifier import Predictor, ReferenceSet
 from imagesieve.models import get_version
+from imagesieve.store import SqlError, Store, run_store_sql, using_store
 
 __all__ = ["SimilarQuery", "SimilarResult", "find_similar", "nearest_stored"]
 
@@ -81,8 +80,6 @@ def _filter_ids(
     Runs as user SQL (read-only transaction, statement check, limits) through ``run_store_sql``,
     without the store's lock: a slow filter holds up nothing else.
     """
-    from imagesieve.search._sql import SqlError, run_store_sql
-
     sql = (
         "SELECT id FROM predictions WHERE model_version = "
         f"'{model_version.replace(chr(39), chr(39) * 2)}' AND ({where})"
@@ -167,7 +164,7 @@ def _search(
 ) -> tuple[SimilarQuery, list[SimilarResult]]:
     """``find_similar`` once the filter's ids are known, holding the store's lock."""
     prediction = None
-    index = store.index(version.name) if store.row_count(version.name) else None
+    index = store.indexes.get(version.name) if store.row_count(version.name) else None
     if embedding is not None:
         query, kind, value = np.asarray(embedding, np.float32), "embedding", "vector"
     elif image is not None:
@@ -183,8 +180,6 @@ def _search(
             raise SimilarError(f"no stored image with id {id} for model {version.name}")
         query, kind, value = index.index.reconstruct(int(id)), "id", str(id)
     else:
-        from imagesieve.classifier._reference import ReferenceSet
-
         ref = ReferenceSet.load(version.path)
         if ref is None or class_name not in ref.labels:
             known = sorted(set(ref.labels)) if ref is not None else version.classes
@@ -247,7 +242,7 @@ def nearest_stored(
     with store.lock:
         if not store.row_count(model_version):
             return [[] for _ in range(len(xq))]
-        index = store.index(model_version)
+        index = store.indexes.get(model_version)
         # One thread: the server's micro-batches run beside its inference streams, where a
         # second thread costs more CPU than it saves (8 queries: 11.5 vs 7.0 ms).
         ids, dist = index.search(xq, k + 1, threads=1)
@@ -261,19 +256,4 @@ def nearest_stored(
 
 def _results(store: Store, pairs: list[tuple[int, float]]) -> list[SimilarResult]:
     rows = store.result_rows([i for i, _ in pairs]) if pairs else {}
-    return [
-        SimilarResult(
-            id=i,
-            distance=d,
-            source=r[1],
-            label=r[2],
-            reason=r[3],
-            top1_class=r[4],
-            top1_prob=None if r[5] is None else float(r[5]),
-            cluster_id=r[6],
-            scored_at=r[7],
-            sha256=r[8],
-        )
-        for i, d in pairs
-        for r in (rows[i],)
-    ]
+    return [SimilarResult(distance=d, **vars(rows[i])) for i, d in pairs]

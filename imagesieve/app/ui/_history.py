@@ -13,6 +13,7 @@ import pandas as pd
 
 from imagesieve.app._service import Service
 from imagesieve.app.ui._widgets import Downloads, Panel, user_errors, version_or_none
+from imagesieve.store import VIEWS
 
 
 def _cell(v: Any) -> Any:
@@ -45,8 +46,6 @@ def _frame(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> pd.DataFram
 
 
 def history_tab(service: Service, downloads: Downloads) -> Panel:
-    from imagesieve.search._sql import VIEWS
-
     @user_errors
     def run(sql: str | None, limit: float | None) -> tuple:
         if not (sql or "").strip():

@@ -16,6 +16,7 @@ from imagesieve.app.ui._widgets import (
     user_errors,
     version_or_none,
 )
+from imagesieve.search import ClusterParams
 
 #: Clusters shown with their galleries (largest first); members shown per cluster.
 MAX_CLUSTERS_SHOWN = 20
@@ -102,8 +103,6 @@ def unknowns_tab(service: Service) -> Panel:
         "cluster, leave out members that do not belong, then promote it into the training data "
         "as a new class (or reject it), and retrain."
     )
-    from imagesieve.search._cluster import ClusterParams
-
     with gr.Row():
         min_size = gr.Slider(
             2,

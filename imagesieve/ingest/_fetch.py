@@ -23,7 +23,7 @@ from urllib3.exceptions import ReadTimeoutError
 
 from imagesieve import __version__
 from imagesieve.data import ImageLoadError
-from imagesieve.indexer._inputs import InputItem
+from imagesieve.ingest._inputs import InputItem
 
 __all__ = ["FetchOptions", "fetch_items"]
 

@@ -8,11 +8,6 @@ so a killed run loses nothing committed and re-running the same command complete
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import os
-import re
-import shutil
 import time
 import zipfile
 from collections import Counter, deque
@@ -24,23 +19,34 @@ from typing import Any
 import numpy as np
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import UNKNOWN, Prediction, Predictor, Progress
-from imagesieve.classifier._engine import INFER_BATCH
-from imagesieve.classifier._predict import PREDICTION_CSV_COLUMNS
-from imagesieve.data import ImageLoadError
-from imagesieve.indexer._fetch import FetchOptions, fetch_items
-from imagesieve.indexer._images import KEEP_POLICIES, ZIP_MEMBER, keep_image
-from imagesieve.indexer._inputs import ArchiveLimits, InputItem, _read_member, expand_inputs
-from imagesieve.indexer._store import Failure, IndexCheck, Store, using_store
+from imagesieve.classifier import (
+    INFER_BATCH,
+    PREDICTION_CSV_COLUMNS,
+    UNKNOWN,
+    Prediction,
+    Predictor,
+    Progress,
+)
+from imagesieve.data import ImageLoadError, read_zip_member, sort_into
+from imagesieve.ingest._fetch import FetchOptions, fetch_items
+from imagesieve.ingest._inputs import ArchiveLimits, InputItem, expand_inputs
 from imagesieve.models import get_version
+from imagesieve.search import assign_to_clusters
+from imagesieve.store import (
+    KEEP_POLICIES,
+    ZIP_MEMBER,
+    Failure,
+    IndexCheck,
+    Store,
+    keep_image,
+    using_store,
+)
 
 __all__ = [
     "ScoreOptions",
     "ScoreSummary",
     "assign_unknowns",
     "score_inputs",
-    "sort_into",
-    "stored_prediction",
 ]
 
 #: Failure kind of files left out on purpose (non-image extensions inside folders and zips).
@@ -132,65 +138,6 @@ class ScoreSummary:
         }
 
 
-def _safe_part(name: str) -> str:
-    """A label or file name usable as one path component (no separators, no leading dots)."""
-    name = re.sub(r"[\\/\x00-\x1f]", "_", name).strip().lstrip(".")
-    return name or "_"
-
-
-def sort_into(
-    root: str | os.PathLike, label: str, filename: str, source: str | bytes, sha256: str
-) -> Path:
-    """Copy an image into ``root/<label>/<filename>``, never overwriting.
-
-    A name already taken by other content gets a numeric suffix (``name_1.png``); the same
-    content already there is not copied again, so re-running a command adds no duplicates.
-    """
-    folder = Path(root) / _safe_part(label)
-    folder.mkdir(parents=True, exist_ok=True)
-    stem, ext = os.path.splitext(_safe_part(filename))
-    for n in itertools.count():
-        target = folder / (f"{stem}{ext}" if n == 0 else f"{stem}_{n}{ext}")
-        try:
-            out = open(target, "xb")  # exclusive create: never overwrite
-        except FileExistsError:
-            with open(target, "rb") as f:
-                if hashlib.file_digest(f, "sha256").hexdigest() == sha256:
-                    return target
-            continue
-        with out:
-            if isinstance(source, bytes):
-                out.write(source)
-            else:
-                with open(source, "rb") as src:
-                    shutil.copyfileobj(src, out)
-        return target
-    raise AssertionError("unreachable")
-
-
-def stored_prediction(name: str, row: dict[str, Any]) -> Prediction:
-    """A stored row as a Prediction for reports (no embedding)."""
-    top3 = [
-        (row[f"top{i}_class"], float(row[f"top{i}_prob"]))
-        for i in (1, 2, 3)
-        if row[f"top{i}_class"] is not None
-    ]
-    return Prediction(
-        name,
-        row["label"],
-        row["reason"],
-        top3,
-        width=row["width"] or 0,
-        height=row["height"] or 0,
-        sha256=row["sha256"],
-        neighbor_id=row["neighbor_id"],
-        neighbor_distance=row["neighbor_distance"],
-        skipped=True,
-        cluster_id=row["cluster_id"],
-        id=row["id"],
-    )
-
-
 def _retry_items(failures: Sequence[Failure]) -> Iterator[InputItem]:
     """Items for recorded failures: URLs, files and zip members, as they were named."""
     for i, f in enumerate(failures):
@@ -200,7 +147,7 @@ def _retry_items(failures: Sequence[Failure]) -> Iterator[InputItem]:
         elif m and Path(m["zip"]).is_file():
             try:
                 with zipfile.ZipFile(m["zip"]) as zf:
-                    data = _read_member(zf, zf.getinfo(m["member"]), f.source)
+                    data = read_zip_member(zf, zf.getinfo(m["member"]), f.source)
                 yield InputItem(i, f.source, data, member=m["member"])
             except (ImageLoadError, KeyError, zipfile.BadZipFile, OSError) as e:
                 error = (
@@ -217,8 +164,6 @@ def assign_unknowns(preds: Sequence[Prediction], clusters: Sequence[Any]) -> Non
     """New UNKNOWNs join the existing cluster that covers them (``cluster_id``), if any."""
     unknown = [p for p in preds if p.label == UNKNOWN and p.embedding is not None]
     if clusters and unknown:
-        from imagesieve.search._cluster import assign_to_clusters  # search imports the indexer
-
         found = assign_to_clusters(np.stack([p.embedding for p in unknown]), clusters)
         for p, c in zip(unknown, found, strict=True):
             p.cluster_id = int(c) if c >= 0 else None
@@ -236,9 +181,7 @@ class _Run:
         self.summary = summary
         self.version = predictor.version.name
         self.stored = store.known_content(self.version)
-        from imagesieve.search._review import load_clusters  # local: search imports the indexer
-
-        self.clusters = load_clusters(store, self.version)[0]
+        self.clusters = store.clusters.previous(self.version)[0]
         self.this_run: dict[str, Prediction] = {}
         self.new: list[Prediction] = []
         self.rescored: list[Prediction] = []
@@ -323,7 +266,7 @@ class _Run:
         if self.lookup:
             rows = self.store.rows_by_content(self.version, [p.sha256 for _, p in self.lookup])
             for item, pred in self.lookup:
-                self._output(item, stored_prediction(item.name, rows[pred.sha256]))
+                self._output(item, rows[pred.sha256].to_prediction(item.name))
             self.lookup = []
         assign_unknowns(self.new, self.clusters)
         if self.new or self.rescored or self.failures or self.sources:
@@ -419,7 +362,7 @@ def score_inputs(
             "sort_into": opts.sort_into,
         }
         summary = ScoreSummary(store.begin_batch(version.name, asked, options), version.name)
-        summary.index_checks = store.checks
+        summary.index_checks = store.indexes.checks
         summary.csv, summary.sort_into = opts.csv, opts.sort_into
         run = _Run(store, predictor, opts, summary)
         queue: deque[InputItem] = deque()

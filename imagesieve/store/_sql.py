@@ -36,15 +36,14 @@ from typing import IO, TYPE_CHECKING, Any
 import duckdb
 import numpy as np
 
-from imagesieve.classifier import UNKNOWN
+from imagesieve.store._schema import VIEWS, views_sql
+from imagesieve.store._store import STORE_FILE, Store, StoreBusyError, fold_stopped_journal
 
 if TYPE_CHECKING:
     from imagesieve._workspace import Workspace
 
 __all__ = [
     "SAFE_CONFIG",
-    "VIEWS",
-    "VIEWS_SQL",
     "SqlError",
     "SqlResult",
     "open_readonly",
@@ -110,100 +109,6 @@ MAX_SQL_CHARS = 100_000
 MAX_NESTING = 200
 #: How often the memory watchdog looks at the process's size (s).
 WATCH_EVERY = 0.01
-
-# -- ready-made views -----------------------------------------------------------------------
-
-_VIEWS: list[tuple[str, str, str]] = [
-    (
-        "predictions_per_day",
-        "predictions per UTC day of their latest scoring, model version and label",
-        """
-SELECT CAST(timezone('UTC', scored_at) AS DATE) AS day, model_version, label, count(*) AS n
-FROM predictions
-GROUP BY ALL
-ORDER BY day, model_version, label""",
-    ),
-    (
-        "unknown_rate_per_batch",
-        "per batch: items, scored (new + rescored + already stored), failed, UNKNOWN and its "
-        "rate; batches that never finished count their stored rows",
-        # A finished batch's counters are what it saw, even after later batches rescored its
-        # rows; a batch that never finished has no counters, so its rows still carrying its
-        # batch_id (a lower bound) and its failures stand in.
-        f"""
-WITH stored AS (
-    SELECT batch_id, count(*) AS n, count(*) FILTER (WHERE label = '{UNKNOWN}') AS n_unknown
-    FROM predictions GROUP BY batch_id
-), failed AS (
-    SELECT batch_id, count(DISTINCT source) AS n FROM failures WHERE kind <> 'ignored'
-    GROUP BY batch_id
-), counted AS (
-    SELECT b.batch_id, b.started_at, b.model_version, b.status,
-        CASE WHEN b.finished_at IS NULL THEN coalesce(s.n, 0) + coalesce(f.n, 0)
-            ELSE b.n_items END AS items,
-        CASE WHEN b.finished_at IS NULL THEN coalesce(s.n, 0)
-            ELSE b.n_scored + b.n_skipped END AS scored,
-        CASE WHEN b.finished_at IS NULL THEN coalesce(f.n, 0) ELSE b.n_failed END AS failed,
-        CASE WHEN b.finished_at IS NULL THEN coalesce(s.n_unknown, 0)
-            ELSE b.n_unknown END AS unknown
-    FROM batches b LEFT JOIN stored s USING (batch_id) LEFT JOIN failed f USING (batch_id)
-)
-SELECT batch_id, started_at, model_version, status, items, scored, failed, unknown,
-    unknown / nullif(scored, 0) AS unknown_rate
-FROM counted
-ORDER BY batch_id""",
-    ),
-    (
-        "class_confusion",
-        "pairs of Top-1 and Top-2 classes per model version: count, mean probabilities and "
-        "margin, share marked UNKNOWN",
-        f"""
-SELECT model_version, top1_class, top2_class, count(*) AS n,
-    avg(top1_prob) AS mean_top1_prob, avg(top2_prob) AS mean_top2_prob,
-    avg(top1_prob - top2_prob) AS mean_margin,
-    count(*) FILTER (WHERE label = '{UNKNOWN}') / count(*) AS unknown_share
-FROM predictions
-WHERE top2_class IS NOT NULL
-GROUP BY ALL
-ORDER BY n DESC, model_version, top1_class, top2_class""",
-    ),
-    (
-        "unknowns",
-        "UNKNOWN predictions with reason, Top-3, nearest training image and distance, cluster",
-        f"""
-SELECT p.id, p.source, p.model_version, p.scored_at, p.batch_id, p.reason,
-    p.top1_class, p.top1_prob, p.top2_class, p.top2_prob, p.top3_class, p.top3_prob,
-    p.neighbor_distance, p.neighbor_id, r.label AS neighbor_label,
-    r.source AS neighbor_source, p.cluster_id
-FROM predictions p
-LEFT JOIN reference_images r ON r.model_version = p.model_version AND r.id = p.neighbor_id
-WHERE p.label = '{UNKNOWN}'
-ORDER BY p.id""",
-    ),
-    (
-        "failures_open",
-        "inputs whose latest attempt failed and that were not processed since (one row each)",
-        """
-SELECT source, kind, message, failed_at, batch_id, model_version
-FROM failures
-WHERE NOT resolved AND kind <> 'ignored'
-QUALIFY row_number() OVER (PARTITION BY source ORDER BY failed_at DESC, batch_id DESC) = 1
-ORDER BY failed_at, source""",
-    ),
-]
-
-#: Ready-made views: name -> one-line description.
-VIEWS: dict[str, str] = {name: description for name, description, _ in _VIEWS}
-
-
-def _views_sql(temporary: bool = False) -> str:
-    kind = "TEMP VIEW" if temporary else "VIEW"
-    return "".join(f"CREATE OR REPLACE {kind} {name} AS{body};\n" for name, _, body in _VIEWS)
-
-
-#: Creates (or updates) the ready-made views; run on the store's writable connection.
-VIEWS_SQL = _views_sql()
-
 
 # -- errors and results ----------------------------------------------------------------------
 
@@ -382,8 +287,6 @@ def open_readonly(ws: Workspace) -> duckdb.DuckDBPyConnection:
         FileNotFoundError: nothing was stored in the workspace yet.
         StoreBusyError: another process has the store open for writing.
     """
-    from imagesieve.indexer._store import STORE_FILE, StoreBusyError, fold_stopped_journal
-
     path = ws.root / STORE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no store in {ws.root} yet: score some images first")
@@ -401,7 +304,7 @@ def open_readonly(ws: Workspace) -> duckdb.DuckDBPyConnection:
     try:
         have = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
         if not set(VIEWS) <= have:  # a store written before the views existed
-            con.execute(_views_sql(temporary=True))
+            con.execute(views_sql(temporary=True))
     except duckdb.Error as e:
         con.close()
         raise RuntimeError(f"cannot open the store {path}: {_message(e)}") from None
@@ -654,7 +557,7 @@ def run_sql(
 
 
 def run_store_sql(
-    store: Any, sql: str, *, executor: Executor | None = None, **limits: Any
+    store: Store, sql: str, *, executor: Executor | None = None, **limits: Any
 ) -> SqlResult:
     """``run_sql`` over a live store, on a cursor of its own, without holding the store's lock.
 
@@ -662,10 +565,7 @@ def run_store_sql(
     runs on ``executor`` when given (a server's low-priority threads). ``limits`` are
     ``run_sql``'s keywords.
     """
-    cursor = store.con.cursor()
-    try:
+    with store.cursor() as cursor:
         if executor is None:
             return run_sql(cursor, sql, **limits)
         return executor.submit(run_sql, cursor, sql, **limits).result()
-    finally:
-        cursor.close()

@@ -19,8 +19,7 @@ import zipfile
 from pathlib import Path
 
 from imagesieve._workspace import Workspace
-from imagesieve.data import ImageLoadError
-from imagesieve.indexer._inputs import _read_member
+from imagesieve.data import ImageLoadError, read_zip_member
 
 __all__ = [
     "KEEP_POLICIES",
@@ -183,7 +182,7 @@ def image_source(ws: Workspace, sha256: str, source: str) -> str | bytes | None:
     if m and os.path.isfile(m["zip"]):
         try:
             with zipfile.ZipFile(m["zip"]) as zf:
-                return _read_member(zf, zf.getinfo(m["member"]), source)
+                return read_zip_member(zf, zf.getinfo(m["member"]), source)
         except (KeyError, zipfile.BadZipFile, OSError, ImageLoadError):
             return None
     return None

@@ -9,13 +9,18 @@ import os
 import re
 import threading
 import zipfile
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
-from imagesieve.data import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageLoadError
+from imagesieve.data import (
+    IMAGE_EXTENSIONS,
+    MAX_MEMBER_BYTES,
+    ImageLoadError,
+    member_error,
+    read_zip_member,
+)
 
 __all__ = [
     "LIST_COLUMNS",
@@ -31,8 +36,6 @@ log = logging.getLogger(__name__)
 
 #: Headers tried, in order and case-insensitively, when a list is given without ``--column``.
 LIST_COLUMNS = ("url", "image_url", "image", "path", "file", "filename", "source")
-#: Largest zip member read into memory, in bytes (declared or inflated); guards zip bombs.
-MAX_MEMBER_BYTES = DEFAULT_MAX_BYTES
 
 _CSV_SUFFIXES = (".csv", ".tsv")
 _XLSX_SUFFIXES = (".xlsx", ".xlsm")
@@ -399,7 +402,7 @@ class InputExpander:
                 reason = f"{over}; {left:,} image members of {arg} were not read"
                 yield InputItem(-1, arg, None, error=ImageLoadError(arg, "too_large", reason))
                 return
-            error = _member_error(info, name, archive.member_limit)
+            error = member_error(info, name, archive.member_limit)
             if error is not None:
                 yield InputItem(-1, name, None, error=error, member=info.filename)
             else:
@@ -440,7 +443,7 @@ class _Archive:
         lefts = [(b, b.bytes_left()) for b in (self.budget, self.run)]
         limit = min([cap] + [left + 1 for _, left in lefts if left is not None])
         with self._lock:  # one ZipFile, one file position
-            data = _read_member(self.zf, info, name, limit, self.member_limit)
+            data = read_zip_member(self.zf, info, name, limit, self.member_limit)
         for budget, _ in lefts:
             budget.spend(len(data))
         for budget, left in lefts:
@@ -469,54 +472,6 @@ class ZipMember:
         """The member's bytes, at most ``n`` (default: its limit + 1); raises ImageLoadError."""
         cap = self.archive.member_limit + 1 if n is None or n < 0 else n
         return self.archive.read(self.info, self.name, cap)
-
-
-def _member_error(
-    info: zipfile.ZipInfo, name: str, limit: int | None = None
-) -> ImageLoadError | None:
-    """Why a member cannot be read, from the archive's directory alone (None: try it)."""
-    parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-    if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
-        return ImageLoadError(name, "unreadable", "unsafe member name (absolute or with ..)")
-    limit = MAX_MEMBER_BYTES if limit is None else limit
-    if info.file_size > limit:
-        reason = f"zip member is {info.file_size:,} bytes, over the {limit:,}-byte limit"
-        return ImageLoadError(name, "too_large", reason)
-    if info.flag_bits & 0x1:
-        return ImageLoadError(name, "unreadable", "zip member is encrypted (password protected)")
-    return None
-
-
-def _read_member(
-    zf: zipfile.ZipFile,
-    info: zipfile.ZipInfo,
-    name: str,
-    cap: int | None = None,
-    limit: int | None = None,
-) -> bytes:
-    """A zip member's bytes, refusing members that declare or inflate past ``limit`` bytes.
-
-    At most ``cap`` bytes are inflated (default ``limit`` + 1; ``limit`` defaults to
-    MAX_MEMBER_BYTES): a longer result means the member went past the caller's limit.
-    """
-    limit = MAX_MEMBER_BYTES if limit is None else limit
-    error = _member_error(info, name, limit)
-    if error is not None:
-        raise error
-    try:
-        with zf.open(info) as f:
-            data = f.read(min(cap if cap is not None else limit + 1, limit + 1))
-    except NotImplementedError as e:
-        raise ImageLoadError(name, "unreadable", f"unsupported zip member ({e})") from None
-    except RuntimeError as e:  # encryption zipfile noticed on its own
-        raise ImageLoadError(name, "unreadable", f"unreadable zip member ({e})") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
-        raise ImageLoadError(name, "corrupt", f"corrupt zip member ({e})") from None
-    if len(data) > limit:
-        raise ImageLoadError(
-            name, "too_large", f"zip member inflates past the {limit:,}-byte limit"
-        )
-    return data
 
 
 def expand_inputs(

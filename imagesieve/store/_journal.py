@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagesieve.indexer._images import sync_folder
+from imagesieve.store._images import sync_folder
 
 __all__ = ["Damage", "Journal", "JournalScan"]
 

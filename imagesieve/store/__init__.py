@@ -1,0 +1,67 @@
+"""The workspace's store, the only code that writes to its database.
+
+DuckDB holds every scored image (the source of truth): predictions, batches and failures,
+clusters and their review, the training images of each version; the journal holds a server's
+rows until they are folded in; FAISS holds each version's embeddings (``IndexSet``); kept
+images are files by content. User SQL runs read-only through ``run_sql``.
+"""
+
+from imagesieve.store._clusters import CLUSTER_FIELDS, ClusterMember, Clusters, PreviousCluster
+from imagesieve.store._images import (
+    KEEP_POLICIES,
+    ZIP_MEMBER,
+    image_source,
+    keep_image,
+    kept_path,
+    sync_folder,
+)
+from imagesieve.store._indexes import IndexSet
+from imagesieve.store._journal import Journal
+from imagesieve.store._rows import Failure, IndexCheck, PredictionRow, ResultRow, embedding_matrix
+from imagesieve.store._schema import MIGRATIONS, PREDICTION_COLUMNS, SCHEMA_VERSION, VIEWS
+from imagesieve.store._sql import (
+    SAFE_CONFIG,
+    SqlError,
+    SqlResult,
+    open_readonly,
+    run_sql,
+    run_store_sql,
+)
+from imagesieve.store._store import STORE_FILE, Store, StoreBusyError, using_store
+from imagesieve.store._vectors import IndexFileError, VectorIndex
+
+__all__ = [
+    "CLUSTER_FIELDS",
+    "KEEP_POLICIES",
+    "MIGRATIONS",
+    "PREDICTION_COLUMNS",
+    "SAFE_CONFIG",
+    "SCHEMA_VERSION",
+    "STORE_FILE",
+    "VIEWS",
+    "ZIP_MEMBER",
+    "ClusterMember",
+    "Clusters",
+    "Failure",
+    "IndexCheck",
+    "IndexFileError",
+    "IndexSet",
+    "Journal",
+    "PredictionRow",
+    "PreviousCluster",
+    "ResultRow",
+    "SqlError",
+    "SqlResult",
+    "Store",
+    "StoreBusyError",
+    "VectorIndex",
+    "embedding_matrix",
+    "image_source",
+    "keep_image",
+    "kept_path",
+    "open_readonly",
+    "run_sql",
+    "run_store_sql",
+    "sync_folder",
+    "using_store",
+]

@@ -1,0 +1,329 @@
+"""The clusters repository: the store's ``clusters``, ``cluster_runs`` and ``cluster_exclusions``.
+
+Fitting clusters is ``search``'s work; what a run found, and what review does to it (names,
+rejections, exclusions, promotions), is kept here. Every method holds the store's lock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from imagesieve.classifier import UNKNOWN
+from imagesieve.store._rows import embedding_matrix, now
+
+if TYPE_CHECKING:
+    from imagesieve.store._store import Store
+
+__all__ = ["CLUSTER_FIELDS", "ClusterMember", "Clusters", "PreviousCluster"]
+
+#: What a cluster listing and ``summary.csv`` show of each cluster.
+CLUSTER_FIELDS = (
+    "cluster_id",
+    "status",
+    "name",
+    "size",
+    "cohesion",
+    "radius",
+    "medoid_id",
+    "medoid_source",
+    "top1",
+    "top2",
+)
+
+
+@dataclass(frozen=True)
+class PreviousCluster:
+    """What the store remembers of a cluster from an earlier run.
+
+    Attributes:
+        cluster_id: Its id.
+        member_ids: (m,) int64 row ids of its members then.
+        centroid: (d,) float32 normalised mean embedding.
+        radius: Cosine distance from the centroid covering ~95% of its members.
+    """
+
+    cluster_id: int
+    member_ids: np.ndarray
+    centroid: np.ndarray
+    radius: float
+
+
+@dataclass(frozen=True)
+class ClusterMember:
+    """A clustered image: its row id, source, content and cluster (-1: noise)."""
+
+    id: int
+    source: str
+    sha256: str
+    cluster_id: int
+    top1_class: str | None = None
+    top1_prob: float | None = None
+    excluded: bool = False
+
+
+def _cluster_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("model_version", pa.string()),
+            ("cluster_id", pa.int32()),
+            ("status", pa.string()),
+            ("name", pa.string()),
+            ("size", pa.int32()),
+            ("medoid_id", pa.int64()),
+            ("cohesion", pa.float32()),
+            ("radius", pa.float32()),
+            ("centroid", pa.list_(pa.float32())),
+            ("top1", pa.string()),
+            ("top2", pa.string()),
+            ("run_id", pa.int32()),
+            ("created_at", pa.timestamp("us", tz="UTC")),
+            ("updated_at", pa.timestamp("us", tz="UTC")),
+            ("promoted_into", pa.string()),
+        ]
+    )
+
+
+class Clusters:
+    """One store's clusters of UNKNOWN images, per model version."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def previous(self, model_version: str) -> tuple[list[PreviousCluster], int]:
+        """The version's clusters still alive (size > 0) with their members, and the next free id."""
+        with self.store._connection() as con:
+            rows = con.execute(
+                "SELECT cluster_id, centroid, radius, size FROM clusters WHERE model_version = ?",
+                [model_version],
+            ).fetchall()
+            members = con.execute(
+                "SELECT cluster_id, list(id ORDER BY id) FROM predictions "
+                "WHERE model_version = ? AND cluster_id >= 0 GROUP BY cluster_id",
+                [model_version],
+            ).fetchall()
+        next_id = max((r[0] for r in rows), default=-1) + 1
+        by_cluster = {c: np.array(ids, np.int64) for c, ids in members}
+        previous = [
+            PreviousCluster(
+                int(cid),
+                by_cluster.get(cid, np.zeros(0, np.int64)),
+                np.array(centroid, np.float32),
+                float(radius),
+            )
+            for cid, centroid, radius, size in rows
+            if size > 0 and centroid is not None
+        ]
+        return previous, next_id
+
+    def unknowns(self, model_version: str) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+        """Ids, embeddings, Top-1 and Top-2 classes of the version's UNKNOWN images."""
+        import pyarrow as pa
+
+        query = (
+            "SELECT p.id, coalesce(p.top1_class, '') AS top1, coalesce(p.top2_class, '') AS top2, "
+            "e.embedding FROM predictions p JOIN embeddings e USING (id) "
+            "WHERE p.model_version = ? AND p.label = ? ORDER BY p.id"
+        )
+        with self.store._connection() as con:
+            reader = con.sql(query, params=[model_version, UNKNOWN]).to_arrow_reader(8192)
+            table = pa.Table.from_batches(list(reader), schema=reader.schema)  # none: typed
+        ids, x = embedding_matrix(table, 1)
+        return ids, x, table.column("top1").to_pylist(), table.column("top2").to_pylist()
+
+    def save_run(
+        self,
+        model_version: str,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        clusters: Sequence[Any],
+        noise: int,
+        params: dict[str, Any],
+        seconds: dict[str, float],
+    ) -> int:
+        """Store one clustering run in one transaction; returns its run id.
+
+        ``labels`` give each of ``ids`` its cluster (-1 noise); ``clusters`` (search's
+        ``Cluster``) replace their rows, keeping status, name, creation and promotion; clusters
+        not found again keep their row with size 0.
+        """
+        import pyarrow as pa
+
+        with self.store._connection() as con:
+            stamp = now()
+            run_id = int(
+                con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM cluster_runs").fetchall()[0][
+                    0
+                ]
+            )
+            old = {
+                r[0]: r[1:]
+                for r in con.execute(
+                    "SELECT cluster_id, status, name, created_at, promoted_into FROM clusters "
+                    "WHERE model_version = ?",
+                    [model_version],
+                ).fetchall()
+            }
+            rows = []
+            for c in clusters:
+                status, name, created, promoted_into = old.get(
+                    c.cluster_id, ("new", None, stamp, None)
+                )
+                rows.append(
+                    {
+                        "model_version": model_version,
+                        "cluster_id": c.cluster_id,
+                        "status": status,
+                        "name": name,
+                        "size": c.size,
+                        "medoid_id": c.medoid_id,
+                        "cohesion": float(c.cohesion),
+                        "radius": float(c.radius),
+                        "centroid": c.centroid.astype(np.float32).tolist(),
+                        "top1": json.dumps(c.top1),
+                        "top2": json.dumps(c.top2),
+                        "run_id": run_id,
+                        "created_at": created,
+                        "updated_at": stamp,
+                        "promoted_into": promoted_into,
+                    }
+                )
+            tables = {
+                "_labels": pa.table(
+                    {"id": pa.array(ids, pa.int64()), "cluster_id": pa.array(labels, pa.int32())}
+                ),
+                "_fresh": pa.Table.from_pylist(rows, schema=_cluster_schema()),
+            }
+            with self.store._transaction(tables) as tx:
+                tx.execute(
+                    "UPDATE predictions SET cluster_id = NULL "
+                    "WHERE model_version = ? AND cluster_id IS NOT NULL",
+                    [model_version],
+                )
+                tx.execute(
+                    "UPDATE predictions SET cluster_id = _labels.cluster_id FROM _labels "
+                    "WHERE predictions.id = _labels.id"
+                )
+                tx.execute(
+                    "DELETE FROM clusters WHERE model_version = ? "
+                    "AND cluster_id IN (SELECT cluster_id FROM _fresh)",
+                    [model_version],
+                )
+                tx.execute("INSERT INTO clusters SELECT * FROM _fresh")
+                tx.execute(
+                    "UPDATE clusters SET size = 0, run_id = ?, updated_at = ? "
+                    "WHERE model_version = ? AND run_id <> ?",
+                    [run_id, stamp, model_version, run_id],
+                )
+                tx.execute(
+                    "INSERT INTO cluster_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        run_id,
+                        model_version,
+                        stamp,
+                        len(ids),
+                        len(clusters),
+                        noise,
+                        json.dumps(params),
+                        json.dumps(seconds),
+                    ],
+                )
+        return run_id
+
+    def listing(self, model_version: str) -> list[dict[str, Any]]:
+        """The version's clusters, largest first: CLUSTER_FIELDS, promoted_into, excluded."""
+        with self.store._connection() as con:
+            rows = con.execute(
+                "SELECT c.cluster_id, c.status, c.name, c.size, c.cohesion, c.radius, c.medoid_id, "
+                "m.source, c.top1, c.top2, c.promoted_into, "
+                "(SELECT count(*) FROM cluster_exclusions x WHERE x.model_version = c.model_version "
+                "AND x.cluster_id = c.cluster_id) AS excluded "
+                "FROM clusters c LEFT JOIN predictions m ON m.id = c.medoid_id "
+                "WHERE c.model_version = ? ORDER BY c.size DESC, c.cluster_id",
+                [model_version],
+            ).fetchall()
+        keys = (*CLUSTER_FIELDS, "promoted_into", "excluded")
+        out = []
+        for r in rows:
+            d = dict(zip(keys, r, strict=True))
+            d["top1"], d["top2"] = json.loads(d["top1"] or "{}"), json.loads(d["top2"] or "{}")
+            d["cohesion"] = None if d["cohesion"] is None else round(float(d["cohesion"]), 4)
+            d["radius"] = None if d["radius"] is None else round(float(d["radius"]), 4)
+            out.append(d)
+        return out
+
+    def members(
+        self, model_version: str, cluster_id: int | None = None, limit: int | None = None
+    ) -> list[ClusterMember]:
+        """Members of one cluster (or of every cluster and noise), by id, up to ``limit``."""
+        which = "cluster_id IS NOT NULL" if cluster_id is None else "cluster_id = ?"
+        with self.store._connection() as con:
+            rows = con.execute(
+                "SELECT id, source, sha256, cluster_id, top1_class, top1_prob, "
+                "id IN (SELECT id FROM cluster_exclusions e WHERE e.model_version = p.model_version "
+                f"AND e.cluster_id = p.cluster_id) FROM predictions p WHERE model_version = ? "
+                f"AND {which} ORDER BY id LIMIT ?",
+                [model_version, *([] if cluster_id is None else [int(cluster_id)]), limit],
+            ).fetchall()
+        return [ClusterMember(*r) for r in rows]
+
+    def status(self, model_version: str, cluster_id: int) -> tuple[str, str | None] | None:
+        """A cluster's (status, name), or None when there is no such cluster."""
+        with self.store._connection() as con:
+            row = con.execute(
+                "SELECT status, name FROM clusters WHERE model_version = ? AND cluster_id = ?",
+                [model_version, cluster_id],
+            ).fetchall()
+        return (row[0][0], row[0][1]) if row else None
+
+    def name(self, model_version: str, cluster_id: int, name: str) -> None:
+        """Name a cluster (a new one becomes ``named``)."""
+        self._update(
+            "name = ?, status = CASE WHEN status = 'new' THEN 'named' ELSE status END",
+            [name],
+            model_version,
+            cluster_id,
+        )
+
+    def reject(self, model_version: str, cluster_id: int) -> None:
+        """Mark a cluster rejected."""
+        self._update("status = 'rejected'", [], model_version, cluster_id)
+
+    def promoted(self, model_version: str, cluster_id: int, name: str, into: str) -> None:
+        """Mark a cluster promoted under ``name`` into the folder ``into``."""
+        self._update(
+            "status = 'promoted', name = ?, promoted_into = ?",
+            [name, into],
+            model_version,
+            cluster_id,
+        )
+
+    def _update(self, sets: str, values: list, model_version: str, cluster_id: int) -> None:
+        with self.store._connection() as con:
+            con.execute(
+                f"UPDATE clusters SET {sets}, updated_at = ? WHERE model_version = ? AND cluster_id = ?",
+                [*values, now(), model_version, cluster_id],
+            )
+
+    def exclude(self, model_version: str, cluster_id: int, ids: Sequence[int]) -> None:
+        """Record ids to leave out of a cluster's promotion (idempotent)."""
+        with self.store._connection() as con:
+            con.executemany(
+                "INSERT OR IGNORE INTO cluster_exclusions VALUES (?, ?, ?)",
+                [[model_version, cluster_id, int(i)] for i in ids],
+            )
+
+    def excluded(self, model_version: str, cluster_id: int) -> set[int]:
+        """The ids left out of a cluster's promotion."""
+        with self.store._connection() as con:
+            rows = con.execute(
+                "SELECT id FROM cluster_exclusions WHERE model_version = ? AND cluster_id = ?",
+                [model_version, cluster_id],
+            ).fetchall()
+        return {r[0] for r in rows}

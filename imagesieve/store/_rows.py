@@ -1,0 +1,176 @@
+"""The store's rows as typed values, and as the Arrow tables that carry them into DuckDB."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from imagesieve.classifier import Prediction
+
+__all__ = [
+    "Failure",
+    "IndexCheck",
+    "PredictionRow",
+    "ResultRow",
+    "embedding_matrix",
+    "new_table",
+    "prediction_table",
+]
+
+
+def now() -> dt.datetime:
+    """The current time in UTC, as rows store it."""
+    return dt.datetime.now(dt.UTC)
+
+
+def utc_text(stamp: dt.datetime) -> str:
+    """A timestamp as ISO 8601 UTC text to the second, as results show it."""
+    return stamp.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One input that could not be scored, with its one-line reason."""
+
+    source: str
+    kind: str
+    message: str
+
+
+@dataclass
+class IndexCheck:
+    """What opening (or ``reindex``) did to one version's FAISS index."""
+
+    model_version: str
+    rows: int
+    action: str  # in_sync, caught_up, repaired, rebuilt
+    added: int = 0
+    removed: int = 0
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PredictionRow:
+    """One row of ``predictions``, as stored."""
+
+    id: int
+    source: str
+    sha256: str
+    width: int | None
+    height: int | None
+    model_version: str
+    scored_at: dt.datetime
+    batch_id: int
+    top1_class: str | None
+    top1_prob: float | None
+    top2_class: str | None
+    top2_prob: float | None
+    top3_class: str | None
+    top3_prob: float | None
+    label: str
+    reason: str | None
+    neighbor_id: int | None
+    neighbor_distance: float | None
+    cluster_id: int | None
+
+    def to_prediction(self, name: str) -> Prediction:
+        """This row as a Prediction reported under ``name`` (no embedding): already stored."""
+        top3 = [
+            (c, float(p))
+            for c, p in (
+                (self.top1_class, self.top1_prob),
+                (self.top2_class, self.top2_prob),
+                (self.top3_class, self.top3_prob),
+            )
+            if c is not None
+        ]
+        return Prediction(
+            name,
+            self.label,
+            self.reason,
+            top3,
+            width=self.width or 0,
+            height=self.height or 0,
+            sha256=self.sha256,
+            neighbor_id=self.neighbor_id,
+            neighbor_distance=self.neighbor_distance,
+            skipped=True,
+            cluster_id=self.cluster_id,
+            id=self.id,
+        )
+
+
+@dataclass
+class ResultRow:
+    """The fields of a stored row a neighbour result shows (``Store.result_rows``)."""
+
+    id: int
+    source: str
+    label: str
+    reason: str | None
+    top1_class: str | None
+    top1_prob: float | None
+    cluster_id: int | None
+    scored_at: str  # UTC text
+    sha256: str
+
+
+def embedding_matrix(table: Any, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """An Arrow table (id, embedding list) -> (ids, (n, d) float32)."""
+    import pyarrow.compute as pc
+
+    ids = table.column("id").to_numpy().astype(np.int64)
+    if len(ids) == 0:
+        return ids, np.zeros((0, dim or 0), np.float32)
+    flat = pc.list_flatten(table.column("embedding")).to_numpy().astype(np.float32)
+    return ids, flat.reshape(len(ids), -1)
+
+
+def prediction_table(ids, preds, model_version, batch_id, stamp) -> Any:
+    """Predictions as one Arrow table of ``predictions`` columns, in order."""
+    import pyarrow as pa
+
+    def top(i: int, part: int) -> list:
+        return [p.top3[i][part] if len(p.top3) > i else None for p in preds]
+
+    n = len(preds)
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "source": pa.array([p.source for p in preds], pa.string()),
+            "sha256": pa.array([p.sha256 for p in preds], pa.string()),
+            "width": pa.array([p.width for p in preds], pa.int32()),
+            "height": pa.array([p.height for p in preds], pa.int32()),
+            "model_version": pa.array([model_version] * n, pa.string()),
+            "scored_at": pa.array([stamp] * n, pa.timestamp("us", tz="UTC")),
+            "batch_id": pa.array([batch_id] * n, pa.int32()),
+            "top1_class": pa.array(top(0, 0), pa.string()),
+            "top1_prob": pa.array(top(0, 1), pa.float32()),
+            "top2_class": pa.array(top(1, 0), pa.string()),
+            "top2_prob": pa.array(top(1, 1), pa.float32()),
+            "top3_class": pa.array(top(2, 0), pa.string()),
+            "top3_prob": pa.array(top(2, 1), pa.float32()),
+            "label": pa.array([p.label for p in preds], pa.string()),
+            "reason": pa.array([p.reason for p in preds], pa.string()),
+            "neighbor_id": pa.array([p.neighbor_id for p in preds], pa.int32()),
+            "neighbor_distance": pa.array([p.neighbor_distance for p in preds], pa.float32()),
+            "cluster_id": pa.array([p.cluster_id for p in preds], pa.int32()),
+        }
+    )
+
+
+def new_table(ids, preds, emb, model_version, batch_id, stamp) -> Any:
+    """New rows as one Arrow table: prediction columns, then the embedding (``FLOAT[d]``).
+
+    One registered table feeds both inserts: each registration costs a catalog change.
+    """
+    import pyarrow as pa
+
+    return prediction_table(ids, preds, model_version, batch_id, stamp).append_column(
+        "embedding",
+        pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()), emb.shape[1]),
+    )

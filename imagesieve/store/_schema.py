@@ -1,0 +1,359 @@
+"""The store's schema: tables, ready-made views and the ordered migrations that reach them.
+
+Every store records the migrations it has run in ``schema_version`` (one row each). Opening a
+store for writing runs the ones it lacks, in order, so a workspace written by any earlier
+release opens and is brought up to date; a store written by a newer release is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from imagesieve.classifier import UNKNOWN
+
+__all__ = [
+    "EMBEDDINGS_TABLE",
+    "MIGRATIONS",
+    "PREDICTION_COLUMNS",
+    "SCHEMA_VERSION",
+    "VIEWS",
+    "add_embedding_table",
+    "embedding_dims",
+    "migrate",
+    "views_sql",
+]
+
+log = logging.getLogger(__name__)
+
+#: Embeddings live in one table per dimension, a fixed-size ``FLOAT[d]`` column: inserting and
+#: committing 8 rows of 1280 costs ~4 ms of CPU there against 9-12 ms in a ``FLOAT[]`` list
+#: column, which matters to a server committing small groups. The view ``embeddings`` (id,
+#: FLOAT[]) unites the tables for queries, whatever the model versions' sizes.
+EMBEDDINGS_TABLE = "embeddings_{dim}"
+#: Rows moved per transaction when an older store's list embeddings move to those tables.
+MIGRATE_CHUNK = 50_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id INTEGER PRIMARY KEY,
+    started_at TIMESTAMPTZ NOT NULL,
+    finished_at TIMESTAMPTZ,
+    status VARCHAR NOT NULL,            -- running, done, interrupted
+    model_version VARCHAR NOT NULL,
+    inputs VARCHAR,                     -- JSON list of what was asked for
+    options VARCHAR,                    -- JSON of the run's options
+    n_items INTEGER DEFAULT 0,
+    n_scored INTEGER DEFAULT 0,
+    n_skipped INTEGER DEFAULT 0,        -- content already scored with this version
+    n_unknown INTEGER DEFAULT 0,
+    n_failed INTEGER DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    id BIGINT PRIMARY KEY,
+    source VARCHAR NOT NULL,            -- path, URL or archive.zip:member
+    sha256 VARCHAR NOT NULL,
+    width INTEGER,
+    height INTEGER,
+    model_version VARCHAR NOT NULL,
+    scored_at TIMESTAMPTZ NOT NULL,
+    batch_id INTEGER NOT NULL,
+    top1_class VARCHAR, top1_prob FLOAT,
+    top2_class VARCHAR, top2_prob FLOAT,
+    top3_class VARCHAR, top3_prob FLOAT,
+    label VARCHAR NOT NULL,             -- a class, or UNKNOWN
+    reason VARCHAR,                     -- why UNKNOWN: low_confidence, far_from_training, both
+    neighbor_id INTEGER,                -- nearest training image (reference_images.id)
+    neighbor_distance FLOAT,            -- its cosine distance
+    cluster_id INTEGER                  -- clusters.cluster_id; -1 noise; NULL not clustered
+);
+CREATE UNIQUE INDEX IF NOT EXISTS predictions_content ON predictions (model_version, sha256);
+CREATE TABLE IF NOT EXISTS failures (
+    batch_id INTEGER NOT NULL,
+    source VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,              -- missing, not_image, truncated, http_error, timeout, ...
+    message VARCHAR NOT NULL,
+    failed_at TIMESTAMPTZ NOT NULL,
+    model_version VARCHAR NOT NULL,
+    resolved BOOLEAN NOT NULL DEFAULT false  -- the source was processed again later
+);
+CREATE TABLE IF NOT EXISTS clusters (
+    model_version VARCHAR NOT NULL,
+    cluster_id INTEGER NOT NULL,        -- stable across clustering runs
+    status VARCHAR NOT NULL,            -- new, named, promoted, rejected
+    name VARCHAR,
+    size INTEGER NOT NULL,              -- members at the last run (0: not found again)
+    medoid_id BIGINT,                   -- predictions.id of the member nearest the centroid
+    cohesion FLOAT,                     -- mean cosine similarity of members to the centroid
+    radius FLOAT,                       -- cosine distance covering ~95% of members
+    centroid FLOAT[],
+    top1 VARCHAR,                       -- JSON {class: members with that Top-1}
+    top2 VARCHAR,
+    run_id INTEGER,                     -- the clustering run that last saw it
+    created_at TIMESTAMPTZ NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    promoted_into VARCHAR,              -- the folder its images were copied into
+    PRIMARY KEY (model_version, cluster_id)
+);
+CREATE TABLE IF NOT EXISTS cluster_runs (
+    run_id INTEGER PRIMARY KEY,
+    model_version VARCHAR NOT NULL,
+    finished_at TIMESTAMPTZ NOT NULL,
+    images INTEGER NOT NULL,
+    clusters INTEGER NOT NULL,
+    noise INTEGER NOT NULL,
+    params VARCHAR,
+    seconds VARCHAR
+);
+CREATE TABLE IF NOT EXISTS cluster_exclusions (
+    model_version VARCHAR NOT NULL,
+    cluster_id INTEGER NOT NULL,
+    id BIGINT NOT NULL,                 -- a member left out of promotion
+    PRIMARY KEY (model_version, cluster_id, id)
+);
+CREATE TABLE IF NOT EXISTS reference_images (
+    model_version VARCHAR NOT NULL,
+    id INTEGER NOT NULL,
+    source VARCHAR NOT NULL,
+    label VARCHAR NOT NULL,
+    PRIMARY KEY (model_version, id)
+);
+"""
+
+PREDICTION_COLUMNS = [
+    "id",
+    "source",
+    "sha256",
+    "width",
+    "height",
+    "model_version",
+    "scored_at",
+    "batch_id",
+    "top1_class",
+    "top1_prob",
+    "top2_class",
+    "top2_prob",
+    "top3_class",
+    "top3_prob",
+    "label",
+    "reason",
+    "neighbor_id",
+    "neighbor_distance",
+    "cluster_id",
+]
+
+
+# -- ready-made views --------------------------------------------------------------------
+
+_VIEWS: list[tuple[str, str, str]] = [
+    (
+        "predictions_per_day",
+        "predictions per UTC day of their latest scoring, model version and label",
+        """
+SELECT CAST(timezone('UTC', scored_at) AS DATE) AS day, model_version, label, count(*) AS n
+FROM predictions
+GROUP BY ALL
+ORDER BY day, model_version, label""",
+    ),
+    (
+        "unknown_rate_per_batch",
+        "per batch: items, scored (new + rescored + already stored), failed, UNKNOWN and its "
+        "rate; batches that never finished count their stored rows",
+        # A finished batch's counters are what it saw, even after later batches rescored its
+        # rows; a batch that never finished has no counters, so its rows still carrying its
+        # batch_id (a lower bound) and its failures stand in.
+        f"""
+WITH stored AS (
+    SELECT batch_id, count(*) AS n, count(*) FILTER (WHERE label = '{UNKNOWN}') AS n_unknown
+    FROM predictions GROUP BY batch_id
+), failed AS (
+    SELECT batch_id, count(DISTINCT source) AS n FROM failures WHERE kind <> 'ignored'
+    GROUP BY batch_id
+), counted AS (
+    SELECT b.batch_id, b.started_at, b.model_version, b.status,
+        CASE WHEN b.finished_at IS NULL THEN coalesce(s.n, 0) + coalesce(f.n, 0)
+            ELSE b.n_items END AS items,
+        CASE WHEN b.finished_at IS NULL THEN coalesce(s.n, 0)
+            ELSE b.n_scored + b.n_skipped END AS scored,
+        CASE WHEN b.finished_at IS NULL THEN coalesce(f.n, 0) ELSE b.n_failed END AS failed,
+        CASE WHEN b.finished_at IS NULL THEN coalesce(s.n_unknown, 0)
+            ELSE b.n_unknown END AS unknown
+    FROM batches b LEFT JOIN stored s USING (batch_id) LEFT JOIN failed f USING (batch_id)
+)
+SELECT batch_id, started_at, model_version, status, items, scored, failed, unknown,
+    unknown / nullif(scored, 0) AS unknown_rate
+FROM counted
+ORDER BY batch_id""",
+    ),
+    (
+        "class_confusion",
+        "pairs of Top-1 and Top-2 classes per model version: count, mean probabilities and "
+        "margin, share marked UNKNOWN",
+        f"""
+SELECT model_version, top1_class, top2_class, count(*) AS n,
+    avg(top1_prob) AS mean_top1_prob, avg(top2_prob) AS mean_top2_prob,
+    avg(top1_prob - top2_prob) AS mean_margin,
+    count(*) FILTER (WHERE label = '{UNKNOWN}') / count(*) AS unknown_share
+FROM predictions
+WHERE top2_class IS NOT NULL
+GROUP BY ALL
+ORDER BY n DESC, model_version, top1_class, top2_class""",
+    ),
+    (
+        "unknowns",
+        "UNKNOWN predictions with reason, Top-3, nearest training image and distance, cluster",
+        f"""
+SELECT p.id, p.source, p.model_version, p.scored_at, p.batch_id, p.reason,
+    p.top1_class, p.top1_prob, p.top2_class, p.top2_prob, p.top3_class, p.top3_prob,
+    p.neighbor_distance, p.neighbor_id, r.label AS neighbor_label,
+    r.source AS neighbor_source, p.cluster_id
+FROM predictions p
+LEFT JOIN reference_images r ON r.model_version = p.model_version AND r.id = p.neighbor_id
+WHERE p.label = '{UNKNOWN}'
+ORDER BY p.id""",
+    ),
+    (
+        "failures_open",
+        "inputs whose latest attempt failed and that were not processed since (one row each)",
+        """
+SELECT source, kind, message, failed_at, batch_id, model_version
+FROM failures
+WHERE NOT resolved AND kind <> 'ignored'
+QUALIFY row_number() OVER (PARTITION BY source ORDER BY failed_at DESC, batch_id DESC) = 1
+ORDER BY failed_at, source""",
+    ),
+]
+
+#: Ready-made views: name -> one-line description.
+VIEWS: dict[str, str] = {name: description for name, description, _ in _VIEWS}
+
+
+def views_sql(temporary: bool = False) -> str:
+    """The statements creating (or updating) the ready-made views."""
+    kind = "TEMP VIEW" if temporary else "VIEW"
+    return "".join(f"CREATE OR REPLACE {kind} {name} AS{body};\n" for name, _, body in _VIEWS)
+
+
+# -- embedding tables -----------------------------------------------------------------------
+
+
+def embedding_dims(con: Any) -> set[int]:
+    """The dimensions that have an ``embeddings_<d>`` table."""
+    names = con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE table_name LIKE 'embeddings\\_%' ESCAPE '\\'"
+    ).fetchall()
+    return {int(n[11:]) for (n,) in names if n[11:].isdigit()}
+
+
+def add_embedding_table(con: Any, dim: int) -> None:
+    """Create ``embeddings_<dim>`` and widen the ``embeddings`` view over it."""
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {EMBEDDINGS_TABLE.format(dim=dim)} "
+        f"(id BIGINT PRIMARY KEY, embedding FLOAT[{int(dim)}] NOT NULL)"
+    )
+    _create_embeddings_view(con)
+
+
+def _create_embeddings_view(con: Any) -> None:
+    """``embeddings`` (id, FLOAT[]): every dimension's table as one, for SQL and clustering."""
+    parts = [
+        f"SELECT id, embedding::FLOAT[] AS embedding FROM {EMBEDDINGS_TABLE.format(dim=d)}"
+        for d in sorted(embedding_dims(con))
+    ] or ["SELECT NULL::BIGINT AS id, NULL::FLOAT[] AS embedding WHERE false"]
+    con.execute(f"CREATE OR REPLACE VIEW embeddings AS {' UNION ALL '.join(parts)}")
+
+
+# -- migrations -----------------------------------------------------------------------------
+
+
+def _tables(con: Any) -> None:
+    """Every table (a store of any earlier release has some of them already)."""
+    con.execute(SCHEMA)
+
+
+def _embeddings_per_size(con: Any) -> None:
+    """A store written before the per-size tables: move its ``FLOAT[]`` rows into them.
+
+    In id windows of MIGRATE_CHUNK rows, each its own transaction (memory stays bounded); an
+    interrupted move resumes where it stopped, and the old table goes only once all is moved.
+    """
+    kind = con.execute(
+        "SELECT table_type FROM information_schema.tables WHERE table_name = 'embeddings'"
+    ).fetchall()
+    if not kind or kind[0][0] != "BASE TABLE":
+        return
+    n, lo, hi = con.execute(
+        "SELECT count(*), coalesce(min(id), 0), coalesce(max(id), 0) FROM embeddings"
+    ).fetchall()[0]
+    dims = [
+        int(d)
+        for (d,) in con.execute(
+            "SELECT DISTINCT len(embedding) FROM embeddings ORDER BY 1"
+        ).fetchall()
+    ]
+    log.warning(
+        "this store keeps its %d embeddings in the older list form: moving them into "
+        "per-size tables (once; about 16 s per 100,000)",
+        n,
+    )
+    for d in dims:
+        table = EMBEDDINGS_TABLE.format(dim=d)
+        con.execute(
+            f"CREATE TABLE IF NOT EXISTS {table} (id BIGINT PRIMARY KEY, embedding FLOAT[{d}] NOT NULL)"
+        )
+        done = con.execute(f"SELECT coalesce(max(id), ?) FROM {table}", [lo - 1])
+        for a in range(int(done.fetchall()[0][0]), int(hi), MIGRATE_CHUNK):
+            con.execute(
+                f"INSERT INTO {table} SELECT id, embedding::FLOAT[{d}] FROM embeddings "
+                "WHERE id > ? AND id <= ? AND len(embedding) = ? ORDER BY id",
+                [a, a + MIGRATE_CHUNK, d],
+            )
+    con.execute("DROP TABLE embeddings")
+
+
+#: The schema's history, oldest first: (name, step). Append only; a step must be safe to run
+#: on a store that already has its change (stores older than ``schema_version`` record none).
+MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
+    ("tables", _tables),
+    ("embeddings in one table per size", _embeddings_per_size),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(con: Any) -> int:
+    """The migrations a store has run (0: none recorded, an older store or a new file)."""
+    found = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'schema_version'"
+    ).fetchall()[0][0]
+    if not found:
+        return 0
+    return int(con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()[0][0])
+
+
+def migrate(con: Any) -> list[str]:
+    """Run the migrations the store lacks, in order, then (re)create the views; returns their names.
+
+    Raises RuntimeError for a store written by a newer release (its schema is not known here).
+    """
+    have = schema_version(con)
+    if have > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"this store has schema version {have}, newer than this imagesieve knows "
+            f"({SCHEMA_VERSION}): upgrade imagesieve to open it"
+        )
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+        "name VARCHAR NOT NULL, applied_at TIMESTAMPTZ NOT NULL)"
+    )
+    ran = []
+    for version, (name, step) in enumerate(MIGRATIONS[have:], have + 1):
+        step(con)
+        con.execute(
+            "INSERT INTO schema_version VALUES (?, ?, ?)", [version, name, dt.datetime.now(dt.UTC)]
+        )
+        ran.append(name)
+    _create_embeddings_view(con)
+    con.execute(views_sql())
+    return ran

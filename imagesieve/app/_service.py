@@ -45,7 +45,7 @@ from imagesieve.ingest import (
     FetchOptions,
     ScoreOptions,
     ScoreSummary,
-    assign_unknowns,
+    ScoringSession,
     score_inputs,
 )
 from imagesieve.models import (
@@ -64,7 +64,7 @@ from imagesieve.search import (
     run_clustering,
     update_cluster,
 )
-from imagesieve.store import Failure, Store, image_source, keep_image, run_store_sql
+from imagesieve.store import Failure, Store, image_source, run_store_sql
 
 __all__ = ["Limits", "PredictResult", "Service", "ServiceError"]
 
@@ -335,12 +335,9 @@ class Service:
         self._sql = ThreadPoolExecutor(
             2, thread_name_prefix="imagesieve-sql", initializer=_lower_priority
         )
-        self._state = threading.RLock()  # guards the model, its live batch and counters
+        self._state = threading.RLock()  # guards the model and its live session
         self.predictor: Predictor | None = None
-        self._batch: tuple[str, int] | None = None  # (version, batch id) of single predictions
-        self._counts: Counter = Counter()
-        self._counts_at = 0.0  # when the live batch's counters were last stored
-        self._clusters: list = []
+        self._session: ScoringSession | None = None  # the live batch of single predictions
         self.started = time.time()
         self._training = threading.Lock()
         self._clustering = threading.Lock()
@@ -363,7 +360,7 @@ class Service:
         if self._upgrade is not None:
             self._upgrade.join()
         with self._state:
-            self._finish_batch()
+            self._finish_session()
         self.store.close()
 
     def __enter__(self) -> Service:
@@ -372,29 +369,28 @@ class Service:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _finish_batch(self) -> None:
-        if self._batch is not None:
-            self.store.finish_batch(self._batch[1], "done", dict(self._counts))
+    def _finish_session(self) -> None:
+        if self._session is not None:
+            self._session.finish()
             self.store.indexes.save()
-            self._batch, self._counts, self._counts_at = None, Counter(), 0.0
+            self._session = None
 
     def _use(self, version: ModelVersion) -> None:
-        """Serve ``version``: load its predictor and clusters; the live batch of the old one ends."""
+        """Serve ``version``: load its predictor; the live batch of the old one ends."""
         predictor = Predictor(version, batch_size=MAX_BATCH)  # batches of 8 here too: memory
         if predictor.reference is not None:
             self.store.register_version(
                 version.name, predictor.reference.sources, predictor.reference.labels
             )
         with self._state:
-            self._finish_batch()
+            self._finish_session()
             self.predictor = predictor
-            self._clusters = self.store.clusters.previous(version.name)[0]
 
     def reload_clusters(self) -> None:
-        """Re-read the active version's clusters (after a clustering run or a review action)."""
+        """Re-read the live batch's clusters (after a clustering run or a review action)."""
         with self._state:
-            if self.predictor is not None:
-                self._clusters = self.store.clusters.previous(self.predictor.version.name)[0]
+            if self._session is not None:
+                self._session.reload_clusters()
 
     @property
     def version(self) -> ModelVersion:
@@ -406,13 +402,25 @@ class Service:
             )
         return self.predictor.version
 
-    def _live_batch(self, version: str) -> int:
+    def _live(self, version: str) -> ScoringSession:
+        """The scoring session of the version's uploads (one batch), begun on first use.
+
+        Every upload stored is kept (to be shown); new rows go through the store's journal and
+        the batch's counters are stored with them every COUNTS_EVERY seconds.
+        """
         with self._state:
-            if self._batch is None or self._batch[0] != version:
-                self._finish_batch()
-                bid = self.store.begin_batch(version, ["serve"], {"via": "app/api"})
-                self._batch = (version, bid)
-            return self._batch[1]
+            if self._session is None or self._session.version != version:
+                self._finish_session()
+                self._session = ScoringSession.begin(
+                    self.store,
+                    version,
+                    ["serve"],
+                    {"via": "app/api"},
+                    keep="all",
+                    journal=True,
+                    counts_every=COUNTS_EVERY,
+                )
+            return self._session
 
     # -- single predictions ----------------------------------------------------------------
     def predict(
@@ -490,13 +498,12 @@ class Service:
                 return
             if result.error is not None:
                 if store:
-                    self._store_failures(
-                        version, [Failure(source, result.error.kind, result.error.reason)]
-                    )
+                    failed = Failure(source, result.error.kind, result.error.reason)
+                    self._live(version).write(Counter(n_items=1, n_failed=1), failures=[failed])
                 raise result.error
             if store:  # kept by content before it is stored: every stored upload can be shown
                 try:
-                    keep_image(self.ws, result.sha256, data)
+                    self._live(version).keep(result.sha256, data)
                 except OSError as e:
                     log.exception("keeping %s failed", source)
                     raise ServiceError(
@@ -515,19 +522,12 @@ class Service:
             out.set_exception(e)
 
     def _store_new(self, predictor: Predictor, preds: Sequence[Prediction]) -> None:
-        """Commit one group of fresh predictions in one transaction (the writer thread)."""
+        """Store one group of fresh predictions through the journal (the writer thread)."""
         version = predictor.version.name
-        with self._state:
-            clusters = self._clusters if self.predictor is predictor else []
-        assign_unknowns(preds, clusters)
         unknown = sum(p.label == UNKNOWN for p in preds)
         # uploads are not re-run: no earlier failure to resolve
-        self._commit(
-            version,
-            Counter(n_items=len(preds), n_scored=len(preds), n_unknown=unknown),
-            new=preds,
-            journal=True,
-        )
+        delta = Counter(n_items=len(preds), n_scored=len(preds), n_unknown=unknown)
+        self._live(version).write(delta, new=preds)
         self._upgrade_soon(version)
 
     def _fold(self) -> None:
@@ -575,31 +575,6 @@ class Service:
             if p.id is not None:
                 p.embedding = None  # stored now: keep only what the response needs
         return out
-
-    def _store_failures(self, version: str, failures: list[Failure]) -> None:
-        self._commit(
-            version, Counter(n_items=len(failures), n_failed=len(failures)), failures=failures
-        )
-
-    def _commit(self, version: str, delta: Counter, *, journal: bool = False, **rows: Any) -> None:
-        """Commit rows to the live batch and add ``delta`` to its counters.
-
-        ``journal``: new rows go through the store's journal (``Store.append``), not a DuckDB
-        transaction of their own. The counters are stored with the rows every COUNTS_EVERY
-        seconds, so a query (or a crash) sees them current, not only when the batch ends.
-        """
-        batch_id = self._live_batch(version)
-        with self._state:
-            due = time.monotonic() - self._counts_at >= COUNTS_EVERY
-            counts = dict(self._counts + delta) if due else None
-        if journal:
-            self.store.append(batch_id, version, rows["new"], counts=counts)
-        else:
-            self.store.commit(batch_id, version, counts=counts, **rows)
-        with self._state:
-            self._counts.update(delta)
-            if due:
-                self._counts_at = time.monotonic()
 
     def neighbours(self, pred: Prediction, k: int = NEIGHBOURS) -> list[dict[str, Any]]:
         """The k nearest stored images of a prediction (itself excluded when stored)."""

@@ -2,7 +2,8 @@
 
 from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import ArchiveLimits, InputError, InputItem, expand_inputs
-from imagesieve.ingest._score import ScoreOptions, ScoreSummary, assign_unknowns, score_inputs
+from imagesieve.ingest._score import ScoreOptions, ScoreSummary, score_inputs
+from imagesieve.ingest._session import ScoringSession, assign_unknowns
 
 __all__ = [
     "ArchiveLimits",
@@ -11,6 +12,7 @@ __all__ = [
     "InputItem",
     "ScoreOptions",
     "ScoreSummary",
+    "ScoringSession",
     "assign_unknowns",
     "expand_inputs",
     "fetch_items",

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     INFER_BATCH,
@@ -30,22 +28,20 @@ from imagesieve.classifier import (
 from imagesieve.data import ImageLoadError, read_zip_member, sort_into
 from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import ArchiveLimits, InputItem, expand_inputs
+from imagesieve.ingest._session import ScoringSession
 from imagesieve.models import get_version
-from imagesieve.search import assign_to_clusters
 from imagesieve.store import (
     KEEP_POLICIES,
     ZIP_MEMBER,
     Failure,
     IndexCheck,
     Store,
-    keep_image,
     using_store,
 )
 
 __all__ = [
     "ScoreOptions",
     "ScoreSummary",
-    "assign_unknowns",
     "score_inputs",
 ]
 
@@ -160,28 +156,13 @@ def _retry_items(failures: Sequence[Failure]) -> Iterator[InputItem]:
             yield InputItem(i, f.source, f.source)
 
 
-def assign_unknowns(preds: Sequence[Prediction], clusters: Sequence[Any]) -> None:
-    """New UNKNOWNs join the existing cluster that covers them (``cluster_id``), if any."""
-    unknown = [p for p in preds if p.label == UNKNOWN and p.embedding is not None]
-    if clusters and unknown:
-        found = assign_to_clusters(np.stack([p.embedding for p in unknown]), clusters)
-        for p, c in zip(unknown, found, strict=True):
-            p.cluster_id = int(c) if c >= 0 else None
-
-
 class _Run:
     """The state of one scoring run: pending rows, outputs and counters."""
 
-    def __init__(
-        self, store: Store, predictor: Predictor, opts: ScoreOptions, summary: ScoreSummary
-    ):
-        self.store = store
-        self.predictor = predictor
+    def __init__(self, session: ScoringSession, opts: ScoreOptions, summary: ScoreSummary):
+        self.session = session
         self.opts = opts
         self.summary = summary
-        self.version = predictor.version.name
-        self.stored = store.known_content(self.version)
-        self.clusters = store.clusters.previous(self.version)[0]
         self.this_run: dict[str, Prediction] = {}
         self.new: list[Prediction] = []
         self.rescored: list[Prediction] = []
@@ -200,7 +181,7 @@ class _Run:
 
     def skip(self, sha256: str) -> bool:
         """Engine hook: content already stored (or scored earlier in this run) is not decoded."""
-        return not self.opts.rescore and (sha256 in self.stored or sha256 in self.this_run)
+        return not self.opts.rescore and (self.session.stored(sha256) or sha256 in self.this_run)
 
     def handle(self, batch: list[tuple[InputItem, Prediction]]) -> None:
         """Route one engine batch into pending rows and outputs."""
@@ -224,7 +205,7 @@ class _Run:
                 self.summary.already_scored += 1
             else:
                 self.this_run[pred.sha256] = pred
-                if pred.sha256 in self.stored:
+                if self.session.stored(pred.sha256):
                     self.rescored.append(pred)
                     self.summary.rescored += 1
                 else:
@@ -248,38 +229,37 @@ class _Run:
         if self.csv is not None:
             self.csv.writerow(pred.csv_row())
         if pred.ok and item.source is not None:
-            keep = self.opts.keep_images
-            keeping = keep == "all" or (keep == "unknown" and pred.label == UNKNOWN)
+            keeping = self.session.keeps(pred.label)
             if not (self.opts.sort_into or keeping):
                 return
             content = item.content()  # a zip member is read again: only now is it needed
             if self.opts.sort_into:
                 sort_into(self.opts.sort_into, pred.label, item.filename, content, pred.sha256)
             if keeping:
-                keep_image(self.store.ws, pred.sha256, content)
+                self.session.keep(pred.sha256, content)
 
     def commit(self) -> None:
-        """Write pending rows in one transaction; new UNKNOWNs join a cluster that covers them.
+        """Write pending rows in one transaction (the session's); the batch's counters with them.
 
         Items already stored by earlier runs get their outputs here, from one lookup.
         """
         if self.lookup:
-            rows = self.store.rows_by_content(self.version, [p.sha256 for _, p in self.lookup])
+            rows = self.session.store.rows_by_content(
+                self.session.version, [p.sha256 for _, p in self.lookup]
+            )
             for item, pred in self.lookup:
                 self._output(item, rows[pred.sha256].to_prediction(item.name))
             self.lookup = []
-        assign_unknowns(self.new, self.clusters)
         if self.new or self.rescored or self.failures or self.sources:
-            self.store.commit(
-                self.summary.batch_id,
-                self.version,
-                self.new,
-                self.rescored,
-                self.failures,
-                self.sources,
-                counts=self.summary.counts(),
+            delta = Counter(self.summary.counts())
+            delta.subtract(self.session.counts)
+            self.session.write(
+                delta,
+                new=self.new,
+                rescored=self.rescored,
+                failures=self.failures,
+                sources=self.sources,
             )
-            self.stored.update(p.sha256 for p in self.new)
             for p in self.new + self.rescored:  # stored now: keep only what reports need
                 p.embedding = p.probs = None
         self.new, self.rescored, self.failures, self.sources = [], [], [], []
@@ -361,10 +341,11 @@ def score_inputs(
             "csv": opts.csv,
             "sort_into": opts.sort_into,
         }
-        summary = ScoreSummary(store.begin_batch(version.name, asked, options), version.name)
+        session = ScoringSession.begin(store, version.name, asked, options, keep=opts.keep_images)
+        summary = ScoreSummary(session.batch_id, version.name)
         summary.index_checks = store.indexes.checks
         summary.csv, summary.sort_into = opts.csv, opts.sort_into
-        run = _Run(store, predictor, opts, summary)
+        run = _Run(session, opts, summary)
         queue: deque[InputItem] = deque()
 
         def feed() -> Iterator[tuple[str, Any]]:
@@ -390,5 +371,5 @@ def score_inputs(
                 except Exception:  # the original error matters more than a failed final write
                     pass
             summary.seconds = time.perf_counter() - t0
-            store.finish_batch(summary.batch_id, summary.status, summary.counts())
+            session.finish(summary.status, summary.counts())
     return summary

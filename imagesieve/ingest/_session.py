@@ -1,0 +1,116 @@
+"""One scoring session: how scored images reach the store, for the batch runner and the server.
+
+Whatever scored the images, a session stores them the same way: content already stored with
+the version is recognised, failures keep their one-line reason, images are kept by the keep
+policy, new UNKNOWNs join the existing cluster that covers them, and the batch row's counters
+land with the rows. A batch run commits each chunk in one transaction; a server appends its
+small groups of new rows to the store's journal (``journal=True``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from imagesieve.classifier import UNKNOWN, Prediction
+from imagesieve.search import assign_to_clusters
+from imagesieve.store import Failure, Store, keep_image
+
+__all__ = ["ScoringSession", "assign_unknowns"]
+
+
+def assign_unknowns(preds: Sequence[Prediction], clusters: Sequence[Any]) -> None:
+    """New UNKNOWNs join the existing cluster that covers them (``cluster_id``), if any."""
+    unknown = [p for p in preds if p.label == UNKNOWN and p.embedding is not None]
+    if clusters and unknown:
+        found = assign_to_clusters(np.stack([p.embedding for p in unknown]), clusters)
+        for p, c in zip(unknown, found, strict=True):
+            p.cluster_id = int(c) if c >= 0 else None
+
+
+class ScoringSession:
+    """The writes of one batch of one model version; safe to share between threads.
+
+    ``keep`` is the keep policy (``store.KEEP_POLICIES``); ``journal`` sends new rows through the
+    store's journal; the batch's counters are stored with the rows at most every
+    ``counts_every`` seconds (0: with every write), and always when it finishes.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        version: str,
+        batch_id: int,
+        *,
+        keep: str = "unknown",
+        journal: bool = False,
+        counts_every: float = 0.0,
+    ):
+        self.store, self.version, self.batch_id = store, version, batch_id
+        self.keep_policy, self.journal, self.counts_every = keep, journal, counts_every
+        self.counts: Counter = Counter()  # the batch row's counters (Store BATCH_COUNTS)
+        self.clusters = store.clusters.previous(version)[0]
+        self._lock = threading.Lock()  # guards the counters
+        self._counts_at = float("-inf")  # the first write stores them
+
+    @classmethod
+    def begin(
+        cls, store: Store, version: str, inputs: Sequence[str], options: dict[str, Any], **kw: Any
+    ) -> ScoringSession:
+        """Record a new running batch and open its session (``kw``: the session's options)."""
+        return cls(store, version, store.begin_batch(version, inputs, options), **kw)
+
+    def stored(self, sha256: str) -> bool:
+        """True when this content is already stored with the session's version (lock-free)."""
+        return self.store.has_content(self.version, sha256)
+
+    def keeps(self, label: str | None) -> bool:
+        """Whether an image with this label keeps a copy (None: not scored yet)."""
+        return self.keep_policy == "all" or (self.keep_policy == "unknown" and label == UNKNOWN)
+
+    def keep(self, sha256: str, content: str | bytes) -> None:
+        """Keep a copy of an image in the workspace, by content (see ``keeps``)."""
+        keep_image(self.store.ws, sha256, content)
+
+    def reload_clusters(self) -> None:
+        """Re-read the version's clusters (after a clustering run or a review action)."""
+        self.clusters = self.store.clusters.previous(self.version)[0]
+
+    def write(
+        self,
+        delta: Counter,
+        *,
+        new: Sequence[Prediction] = (),
+        rescored: Sequence[Prediction] = (),
+        failures: Sequence[Failure] = (),
+        sources: Iterable[str] = (),
+    ) -> None:
+        """Store rows and add ``delta`` to the batch's counters; new UNKNOWNs join clusters.
+
+        New rows alone go through the journal when the session journals; anything else is one
+        DuckDB transaction (see ``Store.commit``), which also resolves earlier failures of
+        ``sources``.
+        """
+        assign_unknowns(new, self.clusters)
+        with self._lock:
+            due = time.monotonic() - self._counts_at >= self.counts_every
+            counts = dict(self.counts + delta) if due else None
+        if self.journal and not (rescored or failures or sources):
+            self.store.append(self.batch_id, self.version, new, counts=counts)
+        else:
+            self.store.commit(
+                self.batch_id, self.version, new, rescored, failures, sources, counts=counts
+            )
+        with self._lock:
+            self.counts.update(delta)
+            if due:
+                self._counts_at = time.monotonic()
+
+    def finish(self, status: str = "done", counts: dict[str, int] | None = None) -> None:
+        """Mark the batch finished (``done`` or ``interrupted``) with its counters (or ``counts``)."""
+        self.store.finish_batch(self.batch_id, status, counts or dict(self.counts))

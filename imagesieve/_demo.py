@@ -7,7 +7,14 @@ from collections import Counter
 from typing import Any
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import UNKNOWN, Progress, TrainOptions, train_model
+from imagesieve.classifier import (
+    FAR_FROM_TRAINING,
+    LOW_CONFIDENCE,
+    UNKNOWN,
+    Progress,
+    TrainOptions,
+    train_model,
+)
 from imagesieve.data import ElpvImage, elpv_images, export_elpv, scan_image_folder
 from imagesieve.ingest import ScoreOptions, score_inputs
 from imagesieve.models import active_version
@@ -72,9 +79,9 @@ def run_demo(
         lines.append(f"  {kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     thresholds = version.meta["thresholds"]
     lines.append(
-        f"  {UNKNOWN}: Top-1 below {thresholds['confidence']:.0%} (low_confidence) or nearest "
+        f"  {UNKNOWN}: Top-1 below {thresholds['confidence']:.0%} ({LOW_CONFIDENCE}) or nearest "
         f"training image further than {thresholds.get('distance', float('nan')):.3f} "
-        "(far_from_training)"
+        f"({FAR_FROM_TRAINING})"
     )
     lines.append(
         f"stored in {store.path} (batch {summary.batch_id}: {summary.scored} newly scored, "

@@ -10,6 +10,7 @@ import pandas as pd
 
 from imagesieve.app._service import Service
 from imagesieve.app.ui._widgets import THUMB, Panel, pct, user_errors, version_or_none
+from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE
 
 
 def _metrics_md(version: Any) -> str:
@@ -89,8 +90,8 @@ def model_tab(service: Service) -> Panel:
         stored = counts["stored"]
         return (
             f"With **{rule}**, **{counts['unknown']:,} of {stored:,}** stored images would be "
-            f"UNKNOWN (low confidence: {counts['low_confidence']:,}; far from the training "
-            f"data: {counts['far_from_training']:,}). Marked UNKNOWN now: "
+            f"UNKNOWN (low confidence: {counts[LOW_CONFIDENCE]:,}; far from the training "
+            f"data: {counts[FAR_FROM_TRAINING]:,}). Marked UNKNOWN now: "
             f"{counts['unknown_now']:,}. **Apply** makes these the model's thresholds and "
             "re-decides the stored images."
         )

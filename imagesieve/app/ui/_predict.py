@@ -20,7 +20,7 @@ from imagesieve.app.ui._widgets import (
     pct,
     user_errors,
 )
-from imagesieve.classifier import UNKNOWN, Prediction
+from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE, UNKNOWN, Prediction
 
 #: The Grad-CAM class choice meaning "the Top-1 class of the image".
 TOP1_CHOICE = "Top-1 class"
@@ -50,10 +50,10 @@ def verdict_html(pred: Prediction, threshold: float | None, distance: float | No
         )
     details = []
     for reason in (pred.reason or "").split("+"):
-        if reason == "low_confidence":
+        if reason == LOW_CONFIDENCE:
             limit = f", below {pct(threshold)}" if threshold is not None else ""
             details.append(f"low confidence (Top-1 {pct(pred.confidence)}{limit})")
-        elif reason == "far_from_training":
+        elif reason == FAR_FROM_TRAINING:
             bits = []
             if pred.neighbor_distance is not None:
                 bits.append(f"nearest at distance {pred.neighbor_distance:.3f}")

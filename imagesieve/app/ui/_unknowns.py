@@ -16,6 +16,7 @@ from imagesieve.app.ui._widgets import (
     user_errors,
     version_or_none,
 )
+from imagesieve.classifier import UNKNOWN
 from imagesieve.search import ClusterParams
 
 #: Clusters shown with their galleries (largest first); members shown per cluster.
@@ -46,7 +47,7 @@ def _unknowns_status(service: Service) -> str:
         by_status[c["status"]] = by_status.get(c["status"], 0) + 1
     counts = ", ".join(f"{v} {k}" for k, v in sorted(by_status.items()))
     unknown, noise = service.sql(
-        "SELECT count(*) FILTER (WHERE label = 'UNKNOWN'), count(*) FILTER (WHERE cluster_id = -1) "
+        f"SELECT count(*) FILTER (WHERE label = '{UNKNOWN}'), count(*) FILTER (WHERE cluster_id = -1) "
         f"FROM predictions WHERE model_version = {_quote(version.name)}",
         limit=1,
     ).rows[0]

@@ -122,11 +122,13 @@ def test_migrate__a_newer_release_store_is_refused_and_left_as_it_was(tmp_path):
         store.commit(batch, "v1", embedded(np.random.default_rng(0), 0, 3, DIM))
     sql(ws, "INSERT INTO schema_version VALUES (?, 'later', now())", [SCHEMA_VERSION + 1])
     before = files(ws)
-    with pytest.raises(
-        RuntimeError, match=rf"version {SCHEMA_VERSION + 1}, .*\({SCHEMA_VERSION}\)"
-    ):
-        Store(ws)
+    for read_only in (False, True):
+        with pytest.raises(
+            RuntimeError, match=rf"version {SCHEMA_VERSION + 1}, .*\({SCHEMA_VERSION}\)"
+        ):
+            Store(ws, read_only=read_only)
     assert files(ws) == before
+    assert query(ws, "SELECT count(*) FROM predictions") == [(3,)]  # closed at once, not at GC
 
 
 def test_store__read_only_open_of_a_previous_release_store_reads_and_writes_nothing(old_ws):

@@ -13,11 +13,9 @@ from imagesieve.store._images import (
     image_source,
     keep_image,
     kept_path,
-    sync_folder,
 )
 from imagesieve.store._indexes import IndexSet
-from imagesieve.store._journal import Journal
-from imagesieve.store._rows import Failure, IndexCheck, PredictionRow, ResultRow, embedding_matrix
+from imagesieve.store._rows import Failure, IndexCheck, PredictionRow, ResultRow
 from imagesieve.store._schema import MIGRATIONS, PREDICTION_COLUMNS, SCHEMA_VERSION, VIEWS
 from imagesieve.store._sql import (
     SAFE_CONFIG,
@@ -46,7 +44,6 @@ __all__ = [
     "IndexCheck",
     "IndexFileError",
     "IndexSet",
-    "Journal",
     "PredictionRow",
     "PreviousCluster",
     "ResultRow",
@@ -55,13 +52,11 @@ __all__ = [
     "Store",
     "StoreBusyError",
     "VectorIndex",
-    "embedding_matrix",
     "image_source",
     "keep_image",
     "kept_path",
     "open_readonly",
     "run_sql",
     "run_store_sql",
-    "sync_folder",
     "using_store",
 ]

@@ -66,30 +66,6 @@ class ClusterMember:
     excluded: bool = False
 
 
-def _cluster_schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("model_version", pa.string()),
-            ("cluster_id", pa.int32()),
-            ("status", pa.string()),
-            ("name", pa.string()),
-            ("size", pa.int32()),
-            ("medoid_id", pa.int64()),
-            ("cohesion", pa.float32()),
-            ("radius", pa.float32()),
-            ("centroid", pa.list_(pa.float32())),
-            ("top1", pa.string()),
-            ("top2", pa.string()),
-            ("run_id", pa.int32()),
-            ("created_at", pa.timestamp("us", tz="UTC")),
-            ("updated_at", pa.timestamp("us", tz="UTC")),
-            ("promoted_into", pa.string()),
-        ]
-    )
-
-
 class Clusters:
     """One store's clusters of UNKNOWN images, per model version."""
 
@@ -172,35 +148,18 @@ class Clusters:
             }
             rows = []
             for c in clusters:
-                status, name, created, promoted_into = old.get(
-                    c.cluster_id, ("new", None, stamp, None)
-                )
+                status, name, created, into = old.get(c.cluster_id, ("new", None, stamp, None))
+                centroid = c.centroid.astype(np.float32).tolist()
+                top1, top2 = json.dumps(c.top1), json.dumps(c.top2)
                 rows.append(
-                    {
-                        "model_version": model_version,
-                        "cluster_id": c.cluster_id,
-                        "status": status,
-                        "name": name,
-                        "size": c.size,
-                        "medoid_id": c.medoid_id,
-                        "cohesion": float(c.cohesion),
-                        "radius": float(c.radius),
-                        "centroid": c.centroid.astype(np.float32).tolist(),
-                        "top1": json.dumps(c.top1),
-                        "top2": json.dumps(c.top2),
-                        "run_id": run_id,
-                        "created_at": created,
-                        "updated_at": stamp,
-                        "promoted_into": promoted_into,
-                    }
+                    [model_version, c.cluster_id, status, name, c.size, c.medoid_id]
+                    + [float(c.cohesion), float(c.radius), centroid, top1, top2, run_id]
+                    + [created, stamp, into]
                 )
-            tables = {
-                "_labels": pa.table(
-                    {"id": pa.array(ids, pa.int64()), "cluster_id": pa.array(labels, pa.int32())}
-                ),
-                "_fresh": pa.Table.from_pylist(rows, schema=_cluster_schema()),
-            }
-            with self.store._transaction(tables) as tx:
+            labels = pa.table(
+                {"id": pa.array(ids, pa.int64()), "cluster_id": pa.array(labels, pa.int32())}
+            )
+            with self.store._transaction({"_labels": labels}) as tx:
                 tx.execute(
                     "UPDATE predictions SET cluster_id = NULL "
                     "WHERE model_version = ? AND cluster_id IS NOT NULL",
@@ -212,10 +171,11 @@ class Clusters:
                 )
                 tx.execute(
                     "DELETE FROM clusters WHERE model_version = ? "
-                    "AND cluster_id IN (SELECT cluster_id FROM _fresh)",
-                    [model_version],
+                    "AND cluster_id IN (SELECT unnest(?::INTEGER[]))",
+                    [model_version, [c.cluster_id for c in clusters]],
                 )
-                tx.execute("INSERT INTO clusters SELECT * FROM _fresh")
+                if rows:
+                    tx.executemany(f"INSERT INTO clusters VALUES ({', '.join('?' * 15)})", rows)
                 tx.execute(
                     "UPDATE clusters SET size = 0, run_id = ?, updated_at = ? "
                     "WHERE model_version = ? AND run_id <> ?",

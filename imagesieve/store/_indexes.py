@@ -30,11 +30,11 @@ log = logging.getLogger(__name__)
 INDEX_DIR = "index"
 
 
-def _locked(method: Callable) -> Callable:
-    """Run an IndexSet method holding the store's lock."""
+def locked(method: Callable) -> Callable:
+    """Run a method holding its object's ``lock`` (the store's): one thread at a time on it."""
 
     @functools.wraps(method)
-    def wrapper(self: IndexSet, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         with self.lock:
             return method(self, *args, **kwargs)
 
@@ -61,7 +61,7 @@ class IndexSet:
         """Where a version's FAISS index is saved."""
         return self.dir / f"{model_version}.faiss"
 
-    @_locked
+    @locked
     def check(self, model_version: str, *, verify: bool = False) -> IndexCheck:
         """Compare a version's FAISS index with DuckDB; catch it up, repair or rebuild it.
 
@@ -115,7 +115,7 @@ class IndexSet:
             model_version, db[0], action, len(missing), len(extra), time.perf_counter() - t0
         )
 
-    @_locked
+    @locked
     def rebuild(self, model_version: str) -> IndexCheck:
         """Build a version's FAISS index afresh from the embeddings in DuckDB, and save it."""
         t0 = time.perf_counter()
@@ -136,7 +136,7 @@ class IndexSet:
             {"kind": index.kind, **index.info},
         )
 
-    @_locked
+    @locked
     def get(self, model_version: str, dim: int | None = None) -> VectorIndex:
         """The version's FAISS index, loaded on first use; empty when new.
 
@@ -215,7 +215,7 @@ class IndexSet:
         index = self._loaded.get(model_version)
         return index is not None and index.retune_due
 
-    @_locked
+    @locked
     def save(self) -> None:
         """Save every index changed since it was loaded."""
         if self.read_only:

@@ -21,6 +21,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "VIEWS",
     "add_embedding_table",
+    "check_version",
     "embedding_dims",
     "migrate",
     "views_sql",
@@ -332,17 +333,23 @@ def schema_version(con: Any) -> int:
     return int(con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()[0][0])
 
 
-def migrate(con: Any) -> list[str]:
-    """Run the migrations the store lacks, in order, then (re)create the views; returns their names.
-
-    Raises RuntimeError for a store written by a newer release (its schema is not known here).
-    """
+def check_version(con: Any) -> int:
+    """The store's schema version; RuntimeError for one written by a newer release."""
     have = schema_version(con)
     if have > SCHEMA_VERSION:
         raise RuntimeError(
             f"this store has schema version {have}, newer than this imagesieve knows "
             f"({SCHEMA_VERSION}): upgrade imagesieve to open it"
         )
+    return have
+
+
+def migrate(con: Any) -> list[str]:
+    """Run the migrations the store lacks, in order, then (re)create the views; returns their names.
+
+    Raises RuntimeError for a store written by a newer release (its schema is not known here).
+    """
+    have = check_version(con)
     con.execute(
         "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
         "name VARCHAR NOT NULL, applied_at TIMESTAMPTZ NOT NULL)"

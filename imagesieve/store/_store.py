@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from imagesieve.classifier import (
 )
 from imagesieve.store._clusters import Clusters
 from imagesieve.store._images import remove_partial_images
-from imagesieve.store._indexes import IndexSet
+from imagesieve.store._indexes import IndexSet, locked
 from imagesieve.store._journal import Journal
 from imagesieve.store._rows import (
     Failure,
@@ -51,6 +50,7 @@ from imagesieve.store._schema import (
     EMBEDDINGS_TABLE,
     PREDICTION_COLUMNS,
     add_embedding_table,
+    check_version,
     embedding_dims,
     migrate,
 )
@@ -100,17 +100,6 @@ def _batch_counts(counts: dict[str, int]) -> tuple[str, list[int]]:
     return ", ".join(f"{c} = ?" for c in BATCH_COUNTS), [
         int(counts.get(c, 0)) for c in BATCH_COUNTS
     ]
-
-
-def _locked(method: Callable) -> Callable:
-    """Run a Store method holding the store's lock: one thread at a time on its connection."""
-
-    @functools.wraps(method)
-    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
-        with self.lock:
-            return method(self, *args, **kwargs)
-
-    return wrapper
 
 
 def fold_stopped_journal(ws: Workspace) -> None:
@@ -185,6 +174,16 @@ class Store:
                 raise StoreBusyError.held(self.path, e) from None
             raise
         self._journal = Journal(ws.root / JOURNAL_FILE)
+        try:
+            self._open(check)
+        except BaseException:  # a refused or failed open holds nothing: the next one may try
+            self._journal.close()
+            self._con.close()
+            raise
+
+    def _open(self, check: bool) -> None:
+        """Migrate, replay the journal, check the indexes: the rest of opening."""
+        ws, read_only = self.ws, self.read_only
         # Appended, not yet folded: (table, {batch_id, counts}) per group, as the journal has it.
         self._pending: list[tuple[Any, dict[str, Any]]] = []
         # Neighbour-result fields by id (``result_rows``): every appended row, and rows read
@@ -194,7 +193,9 @@ class Store:
         self._content: dict[str, set[str]] = {}
         self.indexes = IndexSet(self, ws.root, read_only=read_only)
         self.clusters = Clusters(self)
-        if not read_only:
+        if read_only:
+            check_version(self._con)
+        else:
             migrate(self._con)
             self._con.execute("UPDATE batches SET status = 'interrupted' WHERE status = 'running'")
         self._dims = embedding_dims(self._con)
@@ -242,13 +243,13 @@ class Store:
         finally:
             cursor.close()
 
-    @_locked
+    @locked
     def configure(self, settings: dict[str, str]) -> None:
         """Apply DuckDB settings (``SET name = 'value'``) to the connection and its cursors."""
         for name, value in settings.items():
             self._con.execute(f"SET {name} = '{value}'")
 
-    @_locked
+    @locked
     def close(self) -> None:
         """Fold the journal, save changed indexes and close DuckDB."""
         try:
@@ -265,7 +266,7 @@ class Store:
         self.close()
 
     # -- batches --------------------------------------------------------------------------
-    @_locked
+    @locked
     def begin_batch(
         self, model_version: str, inputs: Sequence[str], options: dict[str, Any]
     ) -> int:
@@ -288,7 +289,7 @@ class Store:
         )
         return batch_id
 
-    @_locked
+    @locked
     def finish_batch(self, batch_id: int, status: str, counts: dict[str, int]) -> None:
         """Mark a batch done (or interrupted) with its final counts."""
         sets, values = _batch_counts(counts)
@@ -298,7 +299,7 @@ class Store:
         )
 
     # -- rows -----------------------------------------------------------------------------
-    @_locked
+    @locked
     def versions(self) -> list[str]:
         """Model versions with stored rows."""
         rows = self._db.execute(
@@ -306,13 +307,13 @@ class Store:
         ).fetchall()
         return [r[0] for r in rows]
 
-    @_locked
+    @locked
     def row_count(self, model_version: str) -> int:
         """Stored images of a model version (from the content set when loaded: no query)."""
         content = self._content.get(model_version)
         return len(content) if content is not None else self._vector_stats(model_version)[0]
 
-    @_locked
+    @locked
     def known_content(self, model_version: str) -> set[str]:
         """SHA-256 of every image already scored with ``model_version`` (a copy)."""
         return set(self._stored_content(model_version))
@@ -338,7 +339,7 @@ class Store:
             self._content[model_version] = {r[0] for r in rows}
         return self._content[model_version]
 
-    @_locked
+    @locked
     def rows_by_content(
         self, model_version: str, sha256s: Iterable[str]
     ) -> dict[str, PredictionRow]:
@@ -361,7 +362,7 @@ class Store:
             self._db.unregister("_wanted")
         return {r.sha256: r for r in rows}
 
-    @_locked
+    @locked
     def rows(
         self, model_version: str | None = None, *, ids: Sequence[int] | None = None
     ) -> list[PredictionRow]:
@@ -379,7 +380,7 @@ class Store:
         ).fetchall()
         return [PredictionRow(*r) for r in rows]
 
-    @_locked
+    @locked
     def register_version(
         self, model_version: str, sources: Sequence[str], labels: Sequence[str]
     ) -> None:
@@ -405,7 +406,7 @@ class Store:
         finally:
             self._db.unregister("_ref")
 
-    @_locked
+    @locked
     def commit(
         self,
         batch_id: int,
@@ -550,7 +551,7 @@ class Store:
         return int(inserted)
 
     # -- the journal ----------------------------------------------------------------------
-    @_locked
+    @locked
     def append(
         self,
         batch_id: int,
@@ -602,7 +603,7 @@ class Store:
         """True when the oldest journaled group has waited ``seconds`` (lock-free)."""
         return bool(self._pending) and time.monotonic() - self._pending_since >= seconds
 
-    @_locked
+    @locked
     def fold(self) -> int:
         """Move every journaled row into DuckDB in one transaction, then empty the journal.
 
@@ -668,7 +669,7 @@ class Store:
             rows,
         )
 
-    @_locked
+    @locked
     def result_rows(self, ids: Sequence[int]) -> dict[int, ResultRow]:
         """Neighbour-result fields of stored rows by id, without folding the journal.
 
@@ -691,7 +692,7 @@ class Store:
                 out[r[0]] = self._rows[r[0]] = ResultRow(*r[:7], utc_text(stamp), r[8])
         return out
 
-    @_locked
+    @locked
     def unresolved_failures(self) -> list[Failure]:
         """The latest failure of every source not processed since (ignored files excluded)."""
         rows = self._db.execute(
@@ -700,7 +701,7 @@ class Store:
         ).fetchall()
         return [Failure(*r) for r in rows]
 
-    @_locked
+    @locked
     def redecide(self, model_version: str, rule: UnknownRule) -> None:
         """Re-decide the label and reason of every stored row of a version by ``rule``."""
         reason, params = rule.sql_reason()
@@ -710,7 +711,7 @@ class Store:
             [*params, *label_params, model_version],
         )
 
-    @_locked
+    @locked
     def unknown_counts(self, model_version: str, rule: UnknownRule) -> dict[str, int]:
         """How many stored rows of a version ``rule`` marks UNKNOWN, by reason, and how many are now."""
         counts, params = rule.sql_counts()

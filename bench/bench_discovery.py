@@ -114,12 +114,11 @@ def build(out: Path, train: list[ElpvImage], scored) -> tuple[Workspace, dict[st
 def unknowns(out: Path, ws: Workspace, kinds: dict[str, str]) -> dict[str, np.ndarray]:
     """The UNKNOWNs' ids, embeddings, Top-1/Top-2 and kind, saved to ``unknowns.npz``."""
     with Store(ws, check=False) as store:
-        sources = dict(store._db.execute("SELECT id, source FROM predictions").fetchall())
-        version = store._db.execute("SELECT max(model_version) FROM predictions").fetchall()[0][0]
+        rows = store.rows()
+        sources = {r.id: r.source for r in rows}
+        version = max(r.model_version for r in rows)
         ids, x, top1, top2 = store.clusters.unknowns(version)
-        counts = store._db.execute(
-            "SELECT source, label = ? FROM predictions", [UNKNOWN]
-        ).fetchall()
+        counts = [(r.source, r.label == UNKNOWN) for r in rows]
     data = {
         "ids": ids,
         "embeddings": x,
@@ -140,11 +139,7 @@ def evaluate(ws: Workspace, out: Path, params: ClusterParams, kind_of: dict[int,
     run = run_clustering(ws, params, export=out / name)
     seconds = time.perf_counter() - t
     with Store(ws, check=False) as store:
-        got = dict(
-            store._db.execute(
-                "SELECT id, cluster_id FROM predictions WHERE label = ?", [UNKNOWN]
-            ).fetchall()
-        )
+        got = {r.id: r.cluster_id for r in store.rows() if r.label == UNKNOWN}
     ids = sorted(got)
     truth = [kind_of[i] for i in ids]
     pred = [got[i] for i in ids]

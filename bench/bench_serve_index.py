@@ -5,10 +5,10 @@ built in the background.
 1. Per size (6,000 / 20,000 / 50,000 stored vectors; FLAT_MAX is 5,000): the search a server runs per group of 8
    requests (8 queries, k = 6, one thread) on a flat index and on the HNSW index built from
    the same vectors on one thread, and adding a group's 8 vectors to each.
-2. `Store.upgrade_index` in a real store of 6,000 rows crossing FLAT_MAX: while it builds the
+2. `store.indexes.upgrade` in a real store of 6,000 rows crossing FLAT_MAX: while it builds the
    graph on its thread, the main thread does what the server's writer does (commit 8 rows,
    search their 8 neighbours) without pause; latency of that step before, during and after.
-3. The same store grown until the graph has doubled since it was tuned: `Store.retune_index`
+3. The same store grown until the graph has doubled since it was tuned: `store.indexes.retune`
    on its thread while the main thread goes on as in 2.
 
 Vectors: bench_search.py's recipe (a real ELPV embedding + noise, clipped, normalised), seeded
@@ -87,7 +87,7 @@ def part2(rows: int, seeds, rng) -> None:
     from imagesieve._workspace import Workspace
     from imagesieve.store import Store
 
-    print(f"\n## 2. `Store.upgrade_index` at {rows:,} rows while the writer goes on")
+    print(f"\n## 2. `store.indexes.upgrade` at {rows:,} rows while the writer goes on")
     ws_dir = OUT / "ws-serve-index"
     shutil.rmtree(ws_dir, ignore_errors=True)
     with Store(Workspace(ws_dir)) as store:
@@ -145,7 +145,9 @@ def part2(rows: int, seeds, rng) -> None:
             print(f"| {name} | {len(xs)} | {ms(xs)} |")
 
         tuned = index.info["tuned_at"]
-        print(f"\n## 3. `Store.retune_index` once the graph has doubled since tuned over {tuned:,}")
+        print(
+            f"\n## 3. `store.indexes.retune` once the graph has doubled since tuned over {tuned:,}"
+        )
         while not store.indexes.retune_due("v1"):  # grow it as a busy day would
             preds, x = synthetic_rows(start, 1000, rng, seeds)
             for p, e in zip(preds, x, strict=True):

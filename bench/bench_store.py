@@ -259,7 +259,7 @@ def child_build_rows(
     """A store of ``rows`` synthetic rows whose saved index is ``tail`` rows behind DuckDB.
 
     ``rows - tail`` rows go straight into DuckDB through the store's connection (same tables
-    and columns as Store.commit writes), then ``Store.rebuild_index``; the saved index and
+    and columns as Store.commit writes), then ``store.indexes.rebuild``; the saved index and
     sidecar are copied aside; the last ``tail`` rows go through ``Store.commit`` (DuckDB, then
     the index in memory) and the store is closed (index saved, in sync). Putting the copies
     back later is a crash between DuckDB's commit and the index save.
@@ -271,6 +271,7 @@ def child_build_rows(
 
     from imagesieve._workspace import Workspace
     from imagesieve.store import Store
+    from imagesieve.store._rows import prediction_table
     from imagesieve.store._schema import EMBEDDINGS_TABLE, PREDICTION_COLUMNS
 
     rng = np.random.default_rng(0)
@@ -284,7 +285,7 @@ def child_build_rows(
             n = min(chunk, rows - tail - start)
             preds, xb = synthetic_rows(start, n, rng, seeds)
             ids = np.arange(start + 1, start + 1 + n, dtype=np.int64)
-            new = Store._prediction_table(ids, preds, VERSION, batch, now)
+            new = prediction_table(ids, preds, VERSION, batch, now)
             assert new.column_names == PREDICTION_COLUMNS, new.column_names
             emb = pa.table(
                 {
@@ -294,16 +295,11 @@ def child_build_rows(
                     ),
                 }
             )
-            store._db.register("_new", new)
-            store._db.register("_emb", emb)
-            store._db.execute("BEGIN TRANSACTION")
-            store._db.execute(
-                f"INSERT INTO predictions ({', '.join(PREDICTION_COLUMNS)}) SELECT * FROM _new"
-            )
-            store._db.execute(f"INSERT INTO {EMBEDDINGS_TABLE.format(dim=DIM)} SELECT * FROM _emb")
-            store._db.execute("COMMIT")
-            store._db.unregister("_new")
-            store._db.unregister("_emb")
+            with store._transaction({"_new": new, "_emb": emb}) as con:
+                con.execute(
+                    f"INSERT INTO predictions ({', '.join(PREDICTION_COLUMNS)}) SELECT * FROM _new"
+                )
+                con.execute(f"INSERT INTO {EMBEDDINGS_TABLE.format(dim=DIM)} SELECT * FROM _emb")
         inserted = time.perf_counter() - t
         rebuild = store.indexes.rebuild(VERSION)
         store.finish_batch(batch, "done", {"n_items": rows - tail, "n_scored": rows - tail})
@@ -632,7 +628,7 @@ def part_rows(args, results: list) -> None:
     print(
         f"Built in {b['seconds']:.0f} s (peak RSS {b['peak_mb']:.0f} MB): {n - drop:,} synthetic "
         f"rows ({EMBEDDINGS[args.embeddings]}) inserted straight into DuckDB in "
-        f"{b['insert_seconds']:.1f} s, `Store.rebuild_index` {br['seconds']:.1f} s ({kind} "
+        f"{b['insert_seconds']:.1f} s, `store.indexes.rebuild` {br['seconds']:.1f} s ({kind} "
         f"index{hnsw_note(br['details'])}), index files copied aside, then the last {drop:,} rows "
         f"through `Store.commit` ({b['tail_commit_seconds']:.2f} s, index updated in memory) and "
         f"close ({b['close_seconds']:.2f} s, index saved). store.duckdb {store_mb:.0f} MB, "

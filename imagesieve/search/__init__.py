@@ -1,19 +1,10 @@
 """Finding things in the store: similar images, clusters of UNKNOWNs and their review."""
 
-from imagesieve.search._cluster import (
-    Cluster,
-    Clustering,
-    ClusterParams,
-    assign_to_clusters,
-    cluster_embeddings,
-    match_clusters,
-)
+from imagesieve.search._cluster import Cluster, ClusterParams, assign_to_clusters
 from imagesieve.search._review import (
-    STATUSES,
     ClusterRun,
     PromoteResult,
     ReviewError,
-    export_clusters,
     list_clusters,
     promote_cluster,
     run_clustering,
@@ -28,22 +19,17 @@ from imagesieve.search._similar import (
 )
 
 __all__ = [
-    "STATUSES",
     "Cluster",
     "ClusterParams",
     "ClusterRun",
-    "Clustering",
     "PromoteResult",
     "ReviewError",
     "SimilarError",
     "SimilarQuery",
     "SimilarResult",
     "assign_to_clusters",
-    "cluster_embeddings",
-    "export_clusters",
     "find_similar",
     "list_clusters",
-    "match_clusters",
     "nearest_stored",
     "promote_cluster",
     "run_clustering",

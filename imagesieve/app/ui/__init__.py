@@ -6,6 +6,73 @@ server mounts it (``imagesieve serve``). Errors reach the user as one line in a 
 (``gr.Error``), never as a traceback; long work (batches, clustering, training) shows progress.
 """
 
-from imagesieve.app.ui._assemble import build_app
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from imagesieve.app._service import Service
+from imagesieve.app.ui._batch import batch_tab
+from imagesieve.app.ui._history import history_tab
+from imagesieve.app.ui._model import model_tab
+from imagesieve.app.ui._predict import predict_tab
+from imagesieve.app.ui._similar import similar_tab
+from imagesieve.app.ui._unknowns import unknowns_tab
+from imagesieve.app.ui._widgets import Downloads, Panel
 
 __all__ = ["build_app"]
+
+
+def _header_md(service: Service) -> str:
+    health = service.health()
+    if health.get("model_version") is None:
+        return (
+            f"**imagesieve** · workspace `{health['workspace']}` · no trained model yet: run "
+            "`imagesieve train DATA_DIR` or `imagesieve demo`"
+        )
+    classes = ", ".join(health.get("classes", []))
+    return (
+        f"**imagesieve** · workspace `{health['workspace']}` · model **{health['model_version']}**"
+        f" ({classes}) · {health.get('stored_images', 0):,} stored images"
+    )
+
+
+def build_app(service: Service) -> gr.Blocks:
+    """The Gradio app over ``service``; nothing runs until the server mounts or launches it."""
+    downloads = Downloads()
+    with gr.Blocks(title="imagesieve", delete_cache=(3600, 86400)) as demo:
+        header = gr.Markdown(elem_id="app-header")
+        panels: list[tuple[Any, Panel]] = []
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Predict", id="predict", elem_id="tab-predict") as tab:
+                panels.append((tab, predict_tab(service)))
+            with gr.Tab("Batch", id="batch", elem_id="tab-batch") as tab:
+                panels.append((tab, batch_tab(service)))
+            with gr.Tab("Similar", id="similar", elem_id="tab-similar") as tab:
+                panels.append((tab, similar_tab(service)))
+            with gr.Tab("History", id="history", elem_id="tab-history") as tab:
+                panels.append((tab, history_tab(service, downloads)))
+            with gr.Tab("Unknowns", id="unknowns", elem_id="tab-unknowns") as tab:
+                panels.append((tab, unknowns_tab(service)))
+            with gr.Tab("Model", id="model", elem_id="tab-model") as tab:
+                panels.append((tab, model_tab(service)))
+
+        def header_now() -> str:
+            return _header_md(service)
+
+        demo.load(header_now, None, header)
+        for tab, panel in panels:
+            tab.select(header_now, None, header, show_progress="hidden")
+            if panel.refresh is not None:
+                demo.load(panel.refresh, panel.inputs, panel.outputs)
+            if panel.on_open is not None:
+                panel.on_open(tab)
+            elif panel.refresh is not None:
+                tab.select(panel.refresh, panel.inputs, panel.outputs)
+        for changed in (event for _, panel in panels for event in panel.model_changes):
+            changed.success(header_now, None, header)
+            for _, panel in panels:
+                if panel.refresh is not None:
+                    changed.success(panel.refresh, panel.inputs, panel.outputs)
+    return demo

@@ -50,40 +50,32 @@ class UnknownRule:
             far = np.asarray(distance, np.float64) > self.distance  # NaN > x is False
         return [_REASONS.get(k) for k in zip(low.tolist(), far.tolist(), strict=True)]
 
-    def _sql_low(self, prob: str) -> tuple[str, list]:
-        return f"CAST({prob} AS DOUBLE) < ?", [self.confidence]
-
-    def _sql_far(self, dist: str) -> tuple[str, list]:
+    def _sql(self) -> tuple[str, str, list, list]:
+        """The two tests over ``predictions``' columns in DuckDB, and their parameters."""
+        low = "CAST(top1_prob AS DOUBLE) < ?"
         if self.distance is None:
-            return "false", []
+            return low, "false", [self.confidence], []
         # DuckDB orders NaN above every number, so NaN must be excluded explicitly.
-        return f"(NOT isnan({dist}) AND CAST({dist} AS DOUBLE) > ?)", [self.distance]
+        far = "(NOT isnan(neighbor_distance) AND CAST(neighbor_distance AS DOUBLE) > ?)"
+        return low, far, [self.confidence], [self.distance]
 
-    def sql_reason(
-        self, prob: str = "top1_prob", dist: str = "neighbor_distance"
-    ) -> tuple[str, list]:
+    def sql_reason(self) -> tuple[str, list]:
         """A DuckDB expression giving ``reasons``' value (NULL when known), and its parameters."""
-        (low, lp), (far, fp) = self._sql_low(prob), self._sql_far(dist)
-        sql = (
+        low, far, lp, fp = self._sql()
+        return (
             f"nullif(concat_ws('+', CASE WHEN {low} THEN '{LOW_CONFIDENCE}' END, "
             f"CASE WHEN {far} THEN '{FAR_FROM_TRAINING}' END), '')"
-        )
-        return sql, lp + fp
+        ), lp + fp
 
-    def sql_label(
-        self, top1: str = "top1_class", prob: str = "top1_prob", dist: str = "neighbor_distance"
-    ) -> tuple[str, list]:
-        """A DuckDB expression giving the label: ``top1`` when known, else 'UNKNOWN'."""
-        (low, lp), (far, fp) = self._sql_low(prob), self._sql_far(dist)
-        return f"CASE WHEN ({low}) OR ({far}) THEN '{UNKNOWN}' ELSE {top1} END", lp + fp
+    def sql_label(self) -> tuple[str, list]:
+        """A DuckDB expression giving the label: the Top-1 class when known, else UNKNOWN."""
+        low, far, lp, fp = self._sql()
+        return f"CASE WHEN ({low}) OR ({far}) THEN '{UNKNOWN}' ELSE top1_class END", lp + fp
 
-    def sql_counts(
-        self, prob: str = "top1_prob", dist: str = "neighbor_distance"
-    ) -> tuple[str, list]:
+    def sql_counts(self) -> tuple[str, list]:
         """Select list counting rows that are low-confidence, far from training, and either."""
-        (low, lp), (far, fp) = self._sql_low(prob), self._sql_far(dist)
-        sql = (
-            f"count(*) FILTER (WHERE {low}), count(*) FILTER (WHERE {far}), "
-            f"count(*) FILTER (WHERE ({low}) OR ({far}))"
+        low, far, lp, fp = self._sql()
+        either = f"count(*) FILTER (WHERE ({low}) OR ({far}))"
+        return f"count(*) FILTER (WHERE {low}), count(*) FILTER (WHERE {far}), {either}", (
+            lp + fp + lp + fp
         )
-        return sql, lp + fp + lp + fp

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from imagesieve._errors import SieveError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import Predictor, ReferenceSet
 from imagesieve.models import get_version
-from imagesieve.store import SqlError, Store, run_store_sql, using_store
+from imagesieve.store import ResultRow, SqlError, Store, run_store_sql, using_store
 
 __all__ = ["SimilarQuery", "SimilarResult", "find_similar", "nearest_stored"]
 
@@ -28,19 +29,10 @@ EXACT_FILTER_MAX = 50_000
 
 
 @dataclass
-class SimilarResult:
+class SimilarResult(ResultRow):
     """One neighbour: its store row and its cosine distance to the query."""
 
-    id: int
     distance: float
-    source: str
-    label: str
-    reason: str | None
-    top1_class: str | None
-    top1_prob: float | None
-    cluster_id: int | None
-    scored_at: str
-    sha256: str
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: a shallow copy, as the fields are flat (asdict deep-copies, 13x slower)."""
@@ -62,7 +54,7 @@ class SimilarQuery:
     prediction: dict[str, Any] | None = None  # the query image's own prediction (image queries)
 
 
-class SimilarError(ValueError):
+class SimilarError(SieveError, ValueError):
     """A similar-image query that cannot run (unknown id or class, bad filter); one line."""
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -14,15 +13,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from imagesieve import __version__
+from imagesieve._errors import KINDS, UserError, classify_error
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import CLASS_WEIGHTS, FLIPS, Progress
-from imagesieve.data import ImageLoadError
 
 __all__ = ["main"]
 
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, exit code 2."""
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -852,8 +849,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     ws = Workspace.resolve(args.workspace)
-    from imagesieve.models import MissingWeightsError
-
     try:
         return args.func(args, ws) or 0
     except KeyboardInterrupt:
@@ -862,39 +857,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
-    except (
-        UserError,
-        ValueError,
-        OSError,
-        MissingWeightsError,
-        ImageLoadError,
-        RuntimeError,
-    ) as e:
-        print(f"imagesieve {args.verb}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if type(e).__module__.split(".")[0].lstrip("_") != "duckdb":  # a bug: keep its traceback
-            raise
-        print(f"imagesieve {args.verb}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-
-
-def _one_line(e: BaseException) -> str:
-    """An error as one line in the user's words (an OS error names the file and the cause)."""
-    if isinstance(e, OSError) and e.strerror:
-        where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror.lower()}{_disk_hint(e)}"
-    text = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-    return text + _disk_hint(e)
-
-
-def _disk_hint(e: BaseException) -> str:
-    text = str(e)
-    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text:
-        return " (the disk is full: free some space and run the command again)"
-    if getattr(e, "errno", None) == errno.EROFS or "Read-only file" in text:
-        return " (the workspace is read-only: only similar, cluster --list, sql and models work)"
-    return ""
+    except Exception as e:  # one line by the error table; a bug also logs its traceback
+        kind, message = classify_error(e)
+        if kind == "internal":
+            log.exception("imagesieve %s: unexpected error", args.verb)
+        label = "internal error" if kind == "internal" else "error"
+        print(f"imagesieve {args.verb}: {label}: {message}", file=sys.stderr)
+        return KINDS[kind].exit_code
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ one-line message; no stack trace ever reaches a client.
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -36,30 +35,14 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from imagesieve.app._service import Limits, Service, ServiceError
+from imagesieve._errors import KINDS, classify_error
+from imagesieve.app._service import Limits, Service
 
 __all__ = ["API_PREFIX", "add_api"]
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
-
-#: The HTTP status of each kind of error the API answers; ``_error_kind`` names the kind.
-STATUS = {
-    "bad_request": 400,
-    "too_large": 413,
-    "bad_image": 422,
-    "disk": 500,
-    "no_model": 503,
-    "stopping": 503,
-    "read_only": 503,
-    "disk_full": 507,
-}
-DISK_FULL = "the server's disk is full: nothing was stored; retry once space is freed on it"
-READ_ONLY = (
-    "the server cannot write to its workspace (read-only file system or no permission); "
-    "retry once it is writable"
-)
 
 
 class ApiError(Exception):
@@ -97,8 +80,9 @@ ERROR_WHEN = {
     401: "The API token is missing or wrong: send 'Authorization: Bearer TOKEN'.",
     413: "An upload over a limit: bytes per file, files per request or bytes per request.",
     422: "A missing or invalid parameter, or a file that is not a readable image.",
-    500: "An unexpected error; its details are in the server log.",
-    503: "No trained model yet, the server cannot write to its workspace, or it is stopping.",
+    500: "An unexpected error, or the server could not read or write a file; see its log.",
+    503: "No trained model or backbone weights yet, the store is busy, the server cannot write "
+    "to its workspace, or it is stopping.",
     507: "The server's disk is full.",
 }
 
@@ -134,47 +118,17 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     )
 
 
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind ``e``: ``e`` itself, or the cause of a ServiceError."""
-    if isinstance(e, OSError):
-        return e
-    if isinstance(e, ServiceError) and isinstance(e.__cause__, OSError):
-        return e.__cause__
-    return None
-
-
-def _error_kind(e: BaseException) -> str | None:
-    """The kind of a library error (a key of STATUS), or None for an unexpected one."""
-    from imagesieve.data import ImageLoadError
-    from imagesieve.ingest import InputError
-    from imagesieve.search import ReviewError, SimilarError
-    from imagesieve.store import SqlError
-
-    if isinstance(e, ImageLoadError):
-        return "too_large" if e.kind in ("too_large", "bomb") else "bad_image"
-    disk = _os_error(e)
-    if disk is not None and disk.errno == errno.ENOSPC:
-        return "disk_full"
-    if disk is not None and disk.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return "read_only"
-    if isinstance(e, ServiceError) and disk is not None:
-        return "disk"  # the server's disk, not the request
-    if isinstance(e, ServiceError) and e.kind in STATUS:
-        return e.kind
-    if isinstance(e, SqlError | SimilarError | ReviewError | InputError | ServiceError):
-        return "bad_request"
-    return None
-
-
 def _user_error(e: BaseException) -> ApiError:
-    """Map library errors (bad image, bad query, no model, full disk...) to ApiError."""
-    kind = _error_kind(e)
-    if kind is None:
+    """A library error (bad image or query, no model, full disk...) as an ApiError, by its kind.
+
+    An unexpected error is raised again: ``server_error`` logs its traceback.
+    """
+    kind, message = classify_error(e, server=True)
+    if kind == "internal":
         raise e
     if kind in ("disk_full", "read_only"):
-        log.error("cannot write to the workspace: %s", _os_error(e))
-        return ApiError(STATUS[kind], DISK_FULL if kind == "disk_full" else READ_ONLY)
-    return ApiError(STATUS[kind], str(e))
+        log.error("cannot write to the workspace: %s", e.__cause__ or e)
+    return ApiError(KINDS[kind].status, message)
 
 
 async def _answered(start: Callable[[], Awaitable[Any]]) -> Any:
@@ -408,4 +362,5 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
-        return _error(500, f"internal error ({type(e).__name__}); see the server log")
+        kind, message = classify_error(e, server=True)
+        return _error(KINDS[kind].status, message)

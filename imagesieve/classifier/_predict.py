@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from imagesieve._errors import UserError
 from imagesieve.classifier._engine import (
     INFER_BATCH,
     EngineItem,
@@ -140,10 +141,13 @@ class Predictor:
 
         self.version = version
         self.classes = version.classes
-        rule = UnknownRule(  # raises ValueError on a threshold out of range
-            version.confidence_threshold if threshold is None else threshold,
-            version.distance_threshold if distance_threshold is None else distance_threshold,
-        )
+        try:
+            rule = UnknownRule(
+                version.confidence_threshold if threshold is None else threshold,
+                version.distance_threshold if distance_threshold is None else distance_threshold,
+            )
+        except ValueError as e:  # a threshold out of range, in the user's words
+            raise UserError(str(e)) from None
         self.threshold, self.distance_threshold = rule.confidence, rule.distance
         self.reference = ReferenceSet.load(version.path)
         self.engine = ScoringEngine(

@@ -14,6 +14,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
+from imagesieve._errors import SieveError
+
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_DECODE_BYTES",
@@ -44,8 +46,12 @@ _READ_CHUNK = 1 << 20
 ImageSource = str | os.PathLike | bytes | BinaryIO
 
 
-class ImageLoadError(ValueError):
-    """An input could not be turned into an image; ``kind`` is a short machine-readable tag."""
+class ImageLoadError(SieveError, ValueError):
+    """An input could not be turned into an image; ``kind`` is a short machine-readable tag.
+
+    That tag is the failure's (stored in ``failures``), not the error table's: the doors answer
+    ``too_large`` as too_large and any other as bad_image.
+    """
 
     def __init__(self, source: str, kind: str, reason: str):
         super().__init__(f"{source}: {reason}")

@@ -23,7 +23,7 @@ from urllib3.exceptions import ReadTimeoutError
 
 from imagesieve import __version__
 from imagesieve.data import ImageLoadError
-from imagesieve.ingest._inputs import InputItem
+from imagesieve.ingest._inputs import InputError, InputItem
 
 __all__ = ["FetchOptions", "fetch_items"]
 
@@ -68,15 +68,15 @@ class FetchOptions:
             try:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
-                raise ValueError(f"not a network (CIDR like 10.0.0.0/8): {cidr!r}") from None
+                raise InputError(f"not a network (CIDR like 10.0.0.0/8): {cidr!r}") from None
         if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, got {self.workers}")
+            raise InputError(f"workers must be at least 1, got {self.workers}")
         for name in ("connect_timeout", "read_timeout", "total_timeout", "max_bytes"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("retries", "backoff", "max_redirects"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+                raise InputError(f"{name} must not be negative, got {getattr(self, name)}")
 
 
 class _Retryable(Exception):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
+from imagesieve._errors import SieveError
 from imagesieve.data import (
     IMAGE_EXTENSIONS,
     MAX_MEMBER_BYTES,
@@ -44,7 +45,7 @@ _DELIMITERS = (",", ";", "\t")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: C:\ is a drive
 
 
-class InputError(ValueError):
+class InputError(SieveError, ValueError):
     """A whole input is unusable (missing path, list without the column, unreadable sheet)."""
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from imagesieve._errors import SieveError, UserError
 from imagesieve.models._config import BackboneConfig
 
 __all__ = [
@@ -18,8 +19,10 @@ __all__ = [
 ]
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(SieveError, FileNotFoundError):
     """Pretrained weights are not on this machine; the message says which file to put where."""
+
+    kind = "missing_weights"
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,12 @@ def list_backbones() -> list[str]:
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
-    """The spec of a registered backbone; unknown names raise ``ValueError`` listing the known."""
+    """The spec of a registered backbone; unknown names raise ``UserError`` listing the known."""
     _ensure_registered()
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise UserError(
             f"unknown backbone {name!r}; known backbones: {', '.join(_REGISTRY)}"
         ) from None
 

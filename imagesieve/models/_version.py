@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from imagesieve._errors import SieveError, UserError
 from imagesieve._workspace import Workspace
 from imagesieve.models._config import BackboneConfig
 
@@ -164,14 +165,14 @@ class ModelVersion:
 
     @classmethod
     def load(cls, path: Path) -> ModelVersion:
-        """Read a version directory; a broken one raises ``ValueError`` saying what is wrong."""
+        """Read a version directory; a broken one raises ``UserError`` saying what is wrong."""
         meta_path = path / "meta.json"
         try:
             meta = json.loads(meta_path.read_text())
         except FileNotFoundError:
-            raise ValueError(f"model version {path.name} has no meta.json ({meta_path})") from None
+            raise UserError(f"model version {path.name} has no meta.json ({meta_path})") from None
         except json.JSONDecodeError as e:
-            raise ValueError(
+            raise UserError(
                 f"model version {path.name}: meta.json is not valid JSON ({e})"
             ) from None
         return cls(path, meta)
@@ -193,14 +194,15 @@ def get_version(ws: Workspace, name: str | None = None) -> ModelVersion:
     if name is None:
         version = active_version(ws)
         if version is None:
-            raise ValueError(
-                f"no active model in workspace {ws.root}; run 'imagesieve train DATA_DIR' first"
+            raise UserError(
+                f"no active model in workspace {ws.root}; run 'imagesieve train DATA_DIR' first",
+                "no_model",
             )
         return version
     path = ws.models_dir / name
     if not (path / "meta.json").is_file():
         known = ", ".join(v.name for v in list_versions(ws)) or "none"
-        raise ValueError(f"no model version {name!r} in {ws.root} (versions: {known})")
+        raise UserError(f"no model version {name!r} in {ws.root} (versions: {known})")
     return ModelVersion.load(path)
 
 
@@ -248,10 +250,10 @@ def write_version(
             os.rename(build_dir, ws.models_dir / final)
         except OSError:
             if name is not None:
-                raise ValueError(f"model version {name!r} already exists in {ws.root}") from None
+                raise UserError(f"model version {name!r} already exists in {ws.root}") from None
             continue
         return ModelVersion.load(ws.models_dir / final)
-    raise RuntimeError("could not allocate a model version name")
+    raise SieveError(f"could not allocate a model version name in {ws.models_dir}", "busy")
 
 
 def set_thresholds(

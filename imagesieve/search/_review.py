@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagesieve._errors import SieveError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import Progress
 from imagesieve.data import sort_into
@@ -37,7 +38,7 @@ STATUSES = ("new", "named", "promoted", "rejected")
 NOISE = -1
 
 
-class ReviewError(ValueError):
+class ReviewError(SieveError, ValueError):
     """A review action that cannot be done (unknown cluster, bad name, ...); one line."""
 
 

@@ -36,6 +36,7 @@ from typing import IO, TYPE_CHECKING, Any
 import duckdb
 import numpy as np
 
+from imagesieve._errors import SieveError
 from imagesieve.store._schema import VIEWS, views_sql
 from imagesieve.store._store import STORE_FILE, Store, StoreBusyError, fold_stopped_journal
 
@@ -113,7 +114,7 @@ WATCH_EVERY = 0.01
 # -- errors and results ----------------------------------------------------------------------
 
 
-class SqlError(ValueError):
+class SqlError(SieveError, ValueError):
     """A query that was refused or failed; the message is one line."""
 
 
@@ -284,19 +285,19 @@ def open_readonly(ws: Workspace) -> duckdb.DuckDBPyConnection:
     """Open the workspace's store read-only with ``SAFE_CONFIG``, ready-made views included.
 
     Raises:
-        FileNotFoundError: nothing was stored in the workspace yet.
+        SieveError: nothing was stored in the workspace yet, or DuckDB cannot open the store.
         StoreBusyError: another process has the store open for writing.
     """
     path = ws.root / STORE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no store in {ws.root} yet: score some images first")
+        raise SieveError(f"no store in {ws.root} yet: score some images first")
     fold_stopped_journal(ws)
     try:
         con = duckdb.connect(str(path), read_only=True, config=dict(SAFE_CONFIG))
     except duckdb.IOException as e:
         if "lock" in str(e).lower():
             raise StoreBusyError.held(path, e) from None
-        raise RuntimeError(f"cannot open the store {path}: {_message(e)}") from None
+        raise SieveError(f"cannot open the store {path}: {_message(e)}", "store") from e
     except duckdb.ConnectionException as e:  # open in this process with another configuration
         raise StoreBusyError(
             f"the store {path} is already open in this process: {_message(e)}"
@@ -307,7 +308,7 @@ def open_readonly(ws: Workspace) -> duckdb.DuckDBPyConnection:
             con.execute(views_sql(temporary=True))
     except duckdb.Error as e:
         con.close()
-        raise RuntimeError(f"cannot open the store {path}: {_message(e)}") from None
+        raise SieveError(f"cannot open the store {path}: {_message(e)}", "store") from e
     return con
 
 
@@ -465,9 +466,9 @@ def run_sql(
         SqlError: the statement was refused, failed, or ran out of time or memory (one line).
     """
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be 0 or more, got {limit}")
+        raise SqlError(f"limit must be 0 or more, got {limit}")
     if timeout is not None and timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
+        raise SqlError(f"timeout must be positive, got {timeout}")
     statement = _checked_statement(con, sql)
     lock = threading.Lock()
     state = {"running": True, "stopped": None}

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from imagesieve._errors import SieveError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     FAR_FROM_TRAINING,
@@ -77,8 +78,10 @@ READ_CHUNK = 8192
 ROWS_KEPT = 200_000
 
 
-class StoreBusyError(RuntimeError):
+class StoreBusyError(SieveError):
     """Another process holds the workspace's store open for writing."""
+
+    kind = "busy"
 
     @classmethod
     def held(cls, path: Path, error: Exception) -> StoreBusyError:
@@ -160,7 +163,7 @@ class Store:
         self.path = ws.root / STORE_FILE
         self.read_only = read_only
         if read_only and not self.path.is_file():
-            raise FileNotFoundError(f"no store in {ws.root} yet: score some images first")
+            raise SieveError(f"no store in {ws.root} yet: score some images first")
         if not read_only:
             ws.root.mkdir(parents=True, exist_ok=True)
         else:

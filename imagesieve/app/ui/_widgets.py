@@ -15,6 +15,7 @@ from typing import Any
 
 import gradio as gr
 
+from imagesieve._errors import classify_error
 from imagesieve.app._service import Service, ServiceError
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ REASON_WORDS = {
 THUMB = 192
 
 
-def one_line(e: BaseException) -> str:
+def one_line(e: BaseException | str) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     text = lines[0] if lines else type(e).__name__
     return text if len(text) <= 400 else text[:399] + "…"
@@ -37,9 +38,8 @@ def one_line(e: BaseException) -> str:
 def user_errors(fn: Callable) -> Callable:
     """Show a handler's failure as one line (``gr.Error``), never as a traceback.
 
-    Bad input (every library error is a ``ValueError``: ServiceError, ImageLoadError,
-    SqlError, SimilarError, ReviewError, InputError) and file problems show their own message;
-    anything else is logged and shown as "internal error".
+    A library error (its kind), a full or read-only disk are worded as the API words them;
+    anything else is a bug: logged with its traceback, shown as "internal error".
     """
 
     @functools.wraps(fn)  # keeps the signature: Gradio still sees ``progress=gr.Progress()``
@@ -48,15 +48,13 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except (ValueError, OSError) as e:
-            log.info("app: %s", one_line(e))
-            raise gr.Error(one_line(e), print_exception=False) from None
         except Exception as e:
-            log.exception("app: unexpected error in %s", fn.__name__)
-            raise gr.Error(
-                f"internal error ({type(e).__name__}); see the server log",
-                print_exception=False,
-            ) from None
+            kind, message = classify_error(e, server=True)
+            if kind == "internal":
+                log.exception("app: unexpected error in %s", fn.__name__)
+            else:
+                log.info("app: %s", one_line(e))
+            raise gr.Error(one_line(message), print_exception=False) from None
 
     return wrapper
 

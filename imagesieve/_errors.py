@@ -1,0 +1,133 @@
+"""Errors carry a kind; one table says how the CLI, the REST API and the app answer each kind.
+
+``classify_error`` is the one place where any exception becomes (kind, one line): a library
+error by its kind, a full or read-only disk by its errno (DuckDB says it in words only), and
+anything else, a bug, as ``internal``, whose traceback the door logs.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from dataclasses import dataclass
+
+__all__ = ["KINDS", "ErrorKind", "SieveError", "UserError", "classify_error", "first_line"]
+
+
+class SieveError(Exception):
+    """An error the user can act on; ``kind`` (a key of ``KINDS``) says how it is answered."""
+
+    kind = "bad_request"
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
+
+
+class UserError(SieveError, ValueError):
+    """A value the user gave that cannot be used (still a ValueError to code that catches one)."""
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """How each door answers one kind of error.
+
+    ``message``: the server's fixed words for it (``{name}``: the error's type), shown by the
+    API and the app instead of the error's own line; ``hint``: what the CLI adds to that line.
+    """
+
+    status: int
+    exit_code: int = 2
+    message: str | None = None
+    hint: str = ""
+
+
+KINDS: dict[str, ErrorKind] = {
+    "bad_request": ErrorKind(400),  # a bad query, filter, id, name, value or input
+    "too_large": ErrorKind(413),  # over a limit
+    "bad_image": ErrorKind(422),  # not a usable image
+    "no_model": ErrorKind(503),  # no trained model yet
+    "missing_weights": ErrorKind(503),  # a backbone's weights are not on this machine
+    "busy": ErrorKind(503),  # another process holds the store
+    "stopping": ErrorKind(503),  # the server is shutting down
+    "read_only": ErrorKind(
+        503,
+        message="the server cannot write to its workspace (read-only file system or no "
+        "permission); retry once it is writable",
+        hint=" (the workspace is read-only: only similar, cluster --list, sql and models work)",
+    ),
+    "disk_full": ErrorKind(
+        507,
+        message="the server's disk is full: nothing was stored; retry once space is freed on it",
+        hint=" (the disk is full: free some space and run the command again)",
+    ),
+    "disk": ErrorKind(500),  # a file could not be read or written
+    "store": ErrorKind(500),  # DuckDB could not open or read the store
+    "internal": ErrorKind(
+        500,
+        1,
+        message="internal error ({name}); see the server log",
+        hint=" (a bug: please report it with the traceback above)",
+    ),
+}
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an error's message (its type's name when it has none)."""
+    return next((s.strip() for s in str(e).splitlines() if s.strip()), type(e).__name__)
+
+
+def classify_error(e: BaseException, *, server: bool = False) -> tuple[str, str]:
+    """The kind of any error (a key of ``KINDS``) and the one line to show for it.
+
+    ``server`` (the API and the app): a full or read-only disk is told in the server's words,
+    no permission counts as read-only, and an OSError or DuckDB error of the server's own is a
+    bug; the CLI shows those as one line (kinds ``disk`` and ``store``).
+    """
+    from imagesieve.data import ImageLoadError  # lazily: importing this module imports no package
+
+    kind = _disk_kind(e, server)
+    if kind is not None:
+        pass
+    elif isinstance(e, ImageLoadError):  # its own ``kind`` is the failure's, as stored
+        kind = "too_large" if e.kind == "too_large" else "bad_image"
+    elif _library_error(e):
+        kind = e.kind if e.kind in KINDS else "bad_request"
+        kind = "disk" if server and isinstance(e.__cause__, OSError) else kind
+    elif isinstance(e, OSError) and not server:
+        kind = "disk"
+    elif type(e).__module__.split(".")[0].lstrip("_") == "duckdb" and not server:
+        kind = "store"
+    else:
+        kind = "internal"
+    spec, name = KINDS[kind], type(e).__name__
+    if server and spec.message:
+        return kind, spec.message.format(name=name)
+    line = first_line(e)
+    if kind == "internal":
+        line = name if line == name else f"{name}: {line}"
+    elif isinstance(e, OSError) and e.strerror:  # the file, then the cause
+        line = (f"{e.filename}: " if e.filename else "") + e.strerror.lower()
+    return kind, line + ("" if server else spec.hint)
+
+
+def _library_error(e: BaseException) -> bool:
+    """A SieveError, or the app's ServiceError (a ValueError with a ``kind`` of its own)."""
+    # not imported yet: there is no ServiceError to be
+    service_error = getattr(sys.modules.get("imagesieve.app"), "ServiceError", ())
+    return isinstance(e, (SieveError, service_error))
+
+
+def _disk_kind(e: BaseException, server: bool) -> str | None:
+    """``disk_full`` or ``read_only`` when the system says so, in ``e`` or a library error's cause."""
+    if _library_error(e):
+        e = e.__cause__
+        if e is None:
+            return None
+    code = e.errno if isinstance(e, OSError) else None
+    if code == errno.ENOSPC or "No space left" in str(e):
+        return "disk_full"
+    if code == errno.EROFS or "Read-only file" in str(e):
+        return "read_only"
+    return "read_only" if server and code in (errno.EACCES, errno.EPERM) else None

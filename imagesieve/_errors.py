@@ -1,8 +1,8 @@
 """Errors carry a kind; one table says how the CLI, the REST API and the app answer each kind.
 
-``classify_error`` is the one place where any exception becomes (kind, one line): a library
-error by its kind, a full or read-only disk by its errno (DuckDB says it in words only), and
-anything else, a bug, as ``internal``, whose traceback the door logs.
+``classify_error`` turns any exception into (kind, one line): a library error by its kind, a
+full or read-only disk by its errno (DuckDB says so in words only), anything else (a bug) as
+``internal``, whose traceback the door logs.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ class SieveError(Exception):
 
     def __init__(self, message: str, kind: str | None = None):
         super().__init__(message)
-        if kind is not None:
-            self.kind = kind
+        self.kind = kind or self.kind
 
 
 class UserError(SieveError, ValueError):
@@ -31,10 +30,9 @@ class UserError(SieveError, ValueError):
 
 @dataclass(frozen=True)
 class ErrorKind:
-    """How each door answers one kind of error.
+    """HTTP status, exit code, the server's words for it (``{name}``: the type) and CLI hint.
 
-    ``message``: the server's fixed words for it (``{name}``: the error's type), shown by the
-    API and the app instead of the error's own line; ``hint``: what the CLI adds to that line.
+    The API and the app say ``message`` instead of the error's own line; the CLI adds ``hint``.
     """
 
     status: int
@@ -82,22 +80,31 @@ def classify_error(e: BaseException, *, server: bool = False) -> tuple[str, str]
     """The kind of any error (a key of ``KINDS``) and the one line to show for it.
 
     ``server`` (the API and the app): a full or read-only disk is told in the server's words,
-    no permission counts as read-only, and an OSError or DuckDB error of the server's own is a
-    bug; the CLI shows those as one line (kinds ``disk`` and ``store``).
+    no permission counts as read-only, and an OSError or DuckDB error of its own is a bug; the
+    CLI shows those as one line (kinds ``disk`` and ``store``).
     """
     from imagesieve.data import ImageLoadError  # lazily: importing this module imports no package
 
-    kind = _disk_kind(e, server)
-    if kind is not None:
-        pass
+    service_error = getattr(sys.modules.get("imagesieve.app"), "ServiceError", ())  # has a kind
+    library = isinstance(e, (SieveError, service_error))
+    system = e.__cause__ if library else e  # what the OS or DuckDB said, if anything
+    code, text = (system.errno if isinstance(system, OSError) else None), str(system or "")
+    if code == errno.ENOSPC or "No space left" in text:
+        kind = "disk_full"
+    elif code == errno.EROFS or "Read-only file" in text:
+        kind = "read_only"
+    elif server and code in (errno.EACCES, errno.EPERM):
+        kind = "read_only"
     elif isinstance(e, ImageLoadError):  # its own ``kind`` is the failure's, as stored
         kind = "too_large" if e.kind == "too_large" else "bad_image"
-    elif _library_error(e):
-        kind = e.kind if e.kind in KINDS else "bad_request"
-        kind = "disk" if server and isinstance(e.__cause__, OSError) else kind
-    elif isinstance(e, OSError) and not server:
+    elif library:
+        kind = "disk" if server and isinstance(system, OSError) else e.kind
+        kind = kind if kind in KINDS else "bad_request"
+    elif server:  # the server's own OSError or DuckDB error is a bug too
+        kind = "internal"
+    elif isinstance(e, OSError):
         kind = "disk"
-    elif type(e).__module__.split(".")[0].lstrip("_") == "duckdb" and not server:
+    elif type(e).__module__.split(".")[0].lstrip("_") == "duckdb":
         kind = "store"
     else:
         kind = "internal"
@@ -110,24 +117,3 @@ def classify_error(e: BaseException, *, server: bool = False) -> tuple[str, str]
     elif isinstance(e, OSError) and e.strerror:  # the file, then the cause
         line = (f"{e.filename}: " if e.filename else "") + e.strerror.lower()
     return kind, line + ("" if server else spec.hint)
-
-
-def _library_error(e: BaseException) -> bool:
-    """A SieveError, or the app's ServiceError (a ValueError with a ``kind`` of its own)."""
-    # not imported yet: there is no ServiceError to be
-    service_error = getattr(sys.modules.get("imagesieve.app"), "ServiceError", ())
-    return isinstance(e, (SieveError, service_error))
-
-
-def _disk_kind(e: BaseException, server: bool) -> str | None:
-    """``disk_full`` or ``read_only`` when the system says so, in ``e`` or a library error's cause."""
-    if _library_error(e):
-        e = e.__cause__
-        if e is None:
-            return None
-    code = e.errno if isinstance(e, OSError) else None
-    if code == errno.ENOSPC or "No space left" in str(e):
-        return "disk_full"
-    if code == errno.EROFS or "Read-only file" in str(e):
-        return "read_only"
-    return "read_only" if server and code in (errno.EACCES, errno.EPERM) else None

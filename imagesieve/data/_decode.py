@@ -49,8 +49,7 @@ ImageSource = str | os.PathLike | bytes | BinaryIO
 class ImageLoadError(SieveError, ValueError):
     """An input could not be turned into an image; ``kind`` is a short machine-readable tag.
 
-    That tag is the failure's (stored in ``failures``), not the error table's: the doors answer
-    ``too_large`` as too_large and any other as bad_image.
+    (The failure's tag, as stored; the error table's kind is too_large or bad_image by it.)
     """
 
     def __init__(self, source: str, kind: str, reason: str):

@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from imagesieve._errors import classify_error
+from imagesieve._errors import classify_error, first_line
 from imagesieve.app._service import Service, ServiceError
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,7 @@ THUMB = 192
 
 
 def one_line(e: BaseException | str) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    text = lines[0] if lines else type(e).__name__
+    text = e if isinstance(e, str) else first_line(e)
     return text if len(text) <= 400 else text[:399] + "…"
 
 

@@ -49,7 +49,7 @@ ImageSource = str | os.PathLike | bytes | BinaryIO
 class ImageLoadError(SieveError, ValueError):
     """An input could not be turned into an image; ``kind`` is a short machine-readable tag.
 
-    (The failure's tag, as stored; the error table's kind is too_large or bad_image by it.)
+    (The failure's tag, as stored; the error table reads it as too_large or bad_image.)
     """
 
     def __init__(self, source: str, kind: str, reason: str):

@@ -253,7 +253,7 @@ def write_version(
                 raise UserError(f"model version {name!r} already exists in {ws.root}") from None
             continue
         return ModelVersion.load(ws.models_dir / final)
-    raise SieveError(f"could not allocate a model version name in {ws.models_dir}", "busy")
+    raise SieveError("could not allocate a model version name", "disk")  # renames kept failing
 
 
 def set_thresholds(

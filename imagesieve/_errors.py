@@ -8,10 +8,17 @@ full or read-only disk by its errno (DuckDB says so in words only), anything els
 from __future__ import annotations
 
 import errno
-import sys
 from dataclasses import dataclass
 
-__all__ = ["KINDS", "ErrorKind", "SieveError", "UserError", "classify_error", "first_line"]
+__all__ = [
+    "KINDS",
+    "ErrorKind",
+    "NotFoundError",
+    "SieveError",
+    "UserError",
+    "classify_error",
+    "first_line",
+]
 
 
 class SieveError(Exception):
@@ -26,6 +33,10 @@ class SieveError(Exception):
 
 class UserError(SieveError, ValueError):
     """A value the user gave that cannot be used (still a ValueError to code that catches one)."""
+
+
+class NotFoundError(SieveError, FileNotFoundError):
+    """Something the user named does not exist (still a FileNotFoundError)."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +96,7 @@ def classify_error(e: BaseException, *, server: bool = False) -> tuple[str, str]
     """
     from imagesieve.data import ImageLoadError  # lazily: importing this module imports no package
 
-    service_error = getattr(sys.modules.get("imagesieve.app"), "ServiceError", ())  # has a kind
-    library = isinstance(e, (SieveError, service_error))
+    library = isinstance(e, SieveError)
     system = e.__cause__ if library else e  # what the OS or DuckDB said, if anything
     code, text = (system.errno if isinstance(system, OSError) else None), str(system or "")
     if code == errno.ENOSPC or "No space left" in text:

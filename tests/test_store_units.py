@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from test_store import assert_index_matches_db, embedded, query
 
+from imagesieve._errors import SieveError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE, UNKNOWN, UnknownRule
 from imagesieve.search import Cluster
@@ -124,7 +125,7 @@ def test_migrate__a_newer_release_store_is_refused_and_left_as_it_was(tmp_path):
     before = files(ws)
     for read_only in (False, True):
         with pytest.raises(
-            RuntimeError, match=rf"version {SCHEMA_VERSION + 1}, .*\({SCHEMA_VERSION}\)"
+            SieveError, match=rf"version {SCHEMA_VERSION + 1}, .*\({SCHEMA_VERSION}\)"
         ):
             Store(ws, read_only=read_only)
     assert files(ws) == before

@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from imagesieve._errors import UserError
 from imagesieve.app._service import Service
 
 __all__ = ["RunningServer", "build_server", "check_exposure", "serve", "start_server"]
@@ -51,7 +52,7 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
         return None
     user, sep, password = auth.partition(":")
     if not sep or not user or not password:
-        raise ValueError("--auth must be USER:PASSWORD (both non-empty)")
+        raise UserError("--auth must be USER:PASSWORD (both non-empty)")
     return user, password
 
 
@@ -68,7 +69,7 @@ def check_exposure(host: str, auth: tuple[str, str] | None, token: str | None) -
         if not given
     ]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"refusing to listen on {host} (not loopback) without {' and '.join(missing)}"
         )
 

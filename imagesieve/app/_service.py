@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from imagesieve._errors import SieveError, UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     UNKNOWN,
@@ -100,16 +101,12 @@ SQL_TIMEOUT = 10.0
 SQL_NICE = 19
 
 
-class ServiceError(ValueError):
+class ServiceError(SieveError, ValueError):
     """A request the service cannot do (no model yet, bad input); its message is one line.
 
     ``kind`` says which, for the doors that answer it: ``bad_request`` (the default),
     ``no_model``, ``too_large`` (over a limit) or ``stopping`` (the server is shutting down).
     """
-
-    def __init__(self, message: str, kind: str = "bad_request"):
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -133,7 +130,7 @@ class Limits:
         FetchOptions(allow_networks=self.allow_fetch)  # raises for a bad CIDR
         for folder in self.allow_paths:
             if not os.path.isdir(folder):
-                raise ValueError(f"--allow-paths {folder}: no such folder")
+                raise UserError(f"--allow-paths {folder}: no such folder")
 
 
 @dataclass

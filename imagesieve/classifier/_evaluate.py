@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier._engine import Progress
 from imagesieve.classifier._predict import UNKNOWN, Predictor
@@ -64,7 +65,7 @@ def evaluate_version_on(
         if progress:
             progress("evaluating", done, len(paths))
     if not sources:
-        raise ValueError(
+        raise UserError(
             "no readable images of the model's classes to evaluate: " + ", ".join(classes)
         )
     extra = dict(extra or {})
@@ -104,7 +105,7 @@ def evaluate_model(
         else folder.samples
     )
     if folder.presplit and not any(s.split == "test" for s in samples):
-        raise ValueError(f"{data_dir} is pre-split but has no test/ folder to evaluate on")
+        raise UserError(f"{data_dir} is pre-split but has no test/ folder to evaluate on")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     out_dir = v.path / "evaluations" / f"{Path(data_dir).resolve().name}-{stamp}"
     metrics = evaluate_version_on(

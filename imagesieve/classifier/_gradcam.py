@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imagesieve._errors import UserError
 from imagesieve.data import ImageSource, load_image
 from imagesieve.models import ModelVersion
 
@@ -162,14 +163,14 @@ def grad_cam(
             listed = ", ".join(classes[:_MAX_LISTED_CLASSES])
             if len(classes) > _MAX_LISTED_CLASSES:
                 listed += f", ... ({len(classes)} in all)"
-            raise ValueError(
+            raise UserError(
                 f"unknown class {class_name!r} for model version {version.name}; classes: {listed}"
             )
         class_index = classes.index(class_name)
 
     ckpt = version.checkpoint_path
     if not ckpt.is_file():
-        raise ValueError(f"model version {version.name} has no torch checkpoint ({ckpt})")
+        raise UserError(f"model version {version.name} has no torch checkpoint ({ckpt})")
 
     config = version.config
     decoded = load_image(_as_source(image), min_side=config.resize_side)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imagesieve._errors import UserError
 from imagesieve._faiss import search as faiss_search
 
 __all__ = [
@@ -108,7 +109,7 @@ def calibrate_distance(
     Returns the threshold and a record of how it was set, for ``meta.json``.
     """
     if not 0.0 < false_unknown_rate < 1.0:
-        raise ValueError(f"false-UNKNOWN rate must be within (0, 1), got {false_unknown_rate}")
+        raise UserError(f"false-UNKNOWN rate must be within (0, 1), got {false_unknown_rate}")
     if held_out is not None and len(held_out) >= MIN_CALIBRATION:
         dist, on = reference.nearest(held_out)[1][:, 0], "val"
     else:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imagesieve._errors import UserError
+
 __all__ = ["SplitPlan", "adaptive_split"]
 
 #: Classes with fewer images than this are train-only.
@@ -47,7 +49,7 @@ def adaptive_split(
     receives at least one image, and train always keeps at least one.
     """
     if not 0 <= test_size < 1 or not 0 <= val_size < 1 or test_size + val_size >= 1:
-        raise ValueError(
+        raise UserError(
             f"test size {test_size} and val size {val_size} must be shares in [0, 1) summing below 1"
         )
     rng = np.random.default_rng(seed)

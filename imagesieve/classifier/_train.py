@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier._engine import Progress
 from imagesieve.classifier._features import HEAD_POOLING, backbone_onnx, extract_features
@@ -64,21 +65,21 @@ class TrainOptions:
     def __post_init__(self) -> None:
         get_backbone_spec(self.backbone)  # unknown names fail here with the list of known ones
         if self.class_weight not in CLASS_WEIGHTS:
-            raise ValueError(
+            raise UserError(
                 f"class weight must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weight!r}"
             )
         if self.flips not in FLIPS:
-            raise ValueError(f"flips must be one of {', '.join(FLIPS)}, got {self.flips!r}")
+            raise UserError(f"flips must be one of {', '.join(FLIPS)}, got {self.flips!r}")
         if self.patience < 1:
-            raise ValueError(f"patience must be >= 1, got {self.patience}")
+            raise UserError(f"patience must be >= 1, got {self.patience}")
         if self.finetune_epochs < 0:
-            raise ValueError(f"finetune epochs must be >= 0, got {self.finetune_epochs}")
+            raise UserError(f"finetune epochs must be >= 0, got {self.finetune_epochs}")
         if not 0.0 <= self.confidence_threshold <= 1.0:
-            raise ValueError(
+            raise UserError(
                 f"confidence threshold must be within [0, 1], got {self.confidence_threshold}"
             )
         if not 0.0 < self.false_unknown_rate < 1.0:
-            raise ValueError(
+            raise UserError(
                 f"false-UNKNOWN rate must be within (0, 1), got {self.false_unknown_rate}"
             )
 
@@ -375,7 +376,7 @@ def train_model(
     feats, embeddings = feats[keep], embeddings[keep]
     classes = sorted({s.label for s in samples})
     if len(classes) < 2:
-        raise ValueError(
+        raise UserError(
             f"need at least 2 classes with readable images in {data_dir}, found {len(classes)}: {classes}"
         )
     y = np.array([classes.index(s.label) for s in samples], np.int64)

@@ -7,6 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagesieve._errors import UserError
+
 __all__ = ["ElpvImage", "elpv_images", "export_elpv"]
 
 
@@ -29,7 +31,7 @@ def elpv_images() -> list[ElpvImage]:
     try:
         import elpv_dataset
     except ImportError:
-        raise RuntimeError(
+        raise UserError(
             "the ELPV images come from the elpv-dataset package: pip install 'imagesieve[demo]'"
         ) from None
     root = Path(elpv_dataset.__file__).parent / "data"

@@ -10,6 +10,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imagesieve._errors import NotFoundError, UserError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolder",
@@ -98,7 +100,7 @@ def scan_image_folder(root: str | Path) -> ImageFolder:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
+        raise NotFoundError(f"data folder not found: {root}")
     presplit = (root / "train").is_dir()
     samples, skipped = [], []
     if presplit:
@@ -111,7 +113,7 @@ def scan_image_folder(root: str | Path) -> ImageFolder:
         samples, skipped = _scan_classes(root, None, root)
     classes = sorted({s.label for s in samples})
     if not samples:
-        raise ValueError(
+        raise UserError(
             f"no images found in {root}: expected one sub-folder per class "
             f"(e.g. {root}/cats/*.jpg), or train/ val/ test/ folders holding class sub-folders"
         )
@@ -121,7 +123,7 @@ def scan_image_folder(root: str | Path) -> ImageFolder:
             - {s.label for s in samples if s.split == "train"}
         )
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"classes {', '.join(missing)} have no images under {root / 'train'}; "
                 "every class needs training images"
             )

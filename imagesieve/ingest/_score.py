@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     INFER_BATCH,
@@ -296,14 +297,14 @@ def score_inputs(
     """
     opts = opts or ScoreOptions()
     if opts.keep_images not in KEEP_POLICIES:
-        raise ValueError(
+        raise UserError(
             f"keep-images must be one of {', '.join(KEEP_POLICIES)}, got {opts.keep_images!r}"
         )
     progress = progress or (lambda stage, done, total: None)
     t0 = time.perf_counter()
     version = predictor.version if predictor is not None else get_version(ws, opts.model)
     if version.meta.get("kind") != "trained":
-        raise ValueError(
+        raise UserError(
             f"{version.name} is not a trained version; only trained versions are stored"
         )
     if predictor is None:

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from imagesieve._errors import UserError
 from imagesieve.store import PreviousCluster
 
 __all__ = [
@@ -108,17 +109,15 @@ class ClusterParams:
 
     def __post_init__(self):
         if int(self.min_cluster_size) < 2:
-            raise ValueError(f"min_cluster_size must be at least 2, got {self.min_cluster_size}")
+            raise UserError(f"min_cluster_size must be at least 2, got {self.min_cluster_size}")
         if self.min_samples is not None and int(self.min_samples) < 1:
-            raise ValueError(
+            raise UserError(
                 f"min_samples must be at least 1 or None (= min_cluster_size), got {self.min_samples}"
             )
         if int(self.pca_dims) < 1:
-            raise ValueError(f"pca_dims must be at least 1, got {self.pca_dims}")
+            raise UserError(f"pca_dims must be at least 1, got {self.pca_dims}")
         if self.umap_dims is not None and int(self.umap_dims) < 1:
-            raise ValueError(
-                f"umap_dims must be at least 1 or None (no UMAP), got {self.umap_dims}"
-            )
+            raise UserError(f"umap_dims must be at least 1 or None (no UMAP), got {self.umap_dims}")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imagesieve._errors import UserError
 from imagesieve.store._rows import IndexCheck
 from imagesieve.store._vectors import IndexFileError, VectorIndex
 
@@ -155,7 +156,7 @@ class IndexSet:
                     self.checks[at : at + 1] = [check]
             if model_version not in self._loaded:  # new
                 if dim is None:
-                    raise ValueError(f"no stored embeddings for {model_version} yet")
+                    raise UserError(f"no stored embeddings for {model_version} yet")
                 self._loaded[model_version] = VectorIndex(path, dim)
         index = self._loaded[model_version]
         if dim is not None and index.dim != dim and index.ntotal == 0:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from imagesieve._errors import SieveError
 from imagesieve.classifier import UNKNOWN
 
 __all__ = [
@@ -334,10 +335,10 @@ def schema_version(con: Any) -> int:
 
 
 def check_version(con: Any) -> int:
-    """The store's schema version; RuntimeError for one written by a newer release."""
+    """The store's schema version; SieveError for one written by a newer release."""
     have = schema_version(con)
     if have > SCHEMA_VERSION:
-        raise RuntimeError(
+        raise SieveError(
             f"this store has schema version {have}, newer than this imagesieve knows "
             f"({SCHEMA_VERSION}): upgrade imagesieve to open it"
         )

@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from imagesieve._errors import UserError
 from imagesieve.app._service import Service
 from imagesieve.app.ui._widgets import (
     Panel,
@@ -28,7 +29,7 @@ def _parse_ids(text: str) -> tuple[int, ...]:
     parts = [p for p in re.split(r"[\s,;]+", text or "") if p]
     bad = [p for p in parts if not p.lstrip("#").isdigit()]
     if bad:
-        raise ValueError(f"not an image id: {bad[0]!r} (give ids like '12, 15')")
+        raise UserError(f"not an image id: {bad[0]!r} (give ids like '12, 15')")
     return tuple(int(p.lstrip("#")) for p in parts)
 
 

@@ -146,15 +146,13 @@ def test_version_meta__trained_meta_json_round_trips_and_set_thresholds_changes_
     text = (result.version.path / "meta.json").read_text()
     info = result.version.info
     assert info.kind == "trained" and info.classes == result.version.classes
-    assert info.version == result.version.name and "metrics" in info.extra
-    assert json.dumps(info.to_dict(), indent=2) + "\n" == text
+    assert info.extra["version"] == result.version.name and "metrics" in info.extra
+    assert "distance_calibration" in info.thresholds.extra
+    assert info.to_dict() == json.loads(text)
 
     version = _version_dir(tmp_path, text)
     new = set_thresholds(version, 0.8, 0.25)
     assert (new.confidence_threshold, new.distance_threshold) == (0.8, 0.25)
-    before, after = text.splitlines(), (new.path / "meta.json").read_text().splitlines()
-    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
-    assert [b.strip() for _, b in changed] == ['"confidence": 0.8,', '"distance": 0.25,']
     old = json.loads(text)
     old["thresholds"].update(confidence=0.8, distance=0.25)
     assert new.meta == old
@@ -175,20 +173,25 @@ def test_version_meta__imagenet_and_minimal_metas(tmp_path):
         "weights": "hub",
     }
     version = write_version(ws, new_build_dir(ws), meta)
-    text = (version.path / "meta.json").read_text()
-    assert json.dumps(VersionMeta.from_dict(json.loads(text)).to_dict(), indent=2) + "\n" == text
+    assert version.meta == {**meta, "thresholds": {"confidence": 0.5, "distance": None}} | {
+        "version": version.name,
+        "created_at": version.meta["created_at"],
+    }
+    assert VersionMeta.from_dict(version.meta).to_dict() == version.meta
     assert version.info.thresholds.distance is None
 
-    new = set_thresholds(version, 0.6, None)  # no distance key before, none after
-    assert new.meta["thresholds"] == {"confidence": 0.6}
+    new = set_thresholds(version, 0.6, None)
+    assert new.meta["thresholds"] == {"confidence": 0.6, "distance": None}
     assert {k: v for k, v in new.meta.items() if k != "thresholds"} == {
         k: v for k, v in version.meta.items() if k != "thresholds"
     }
 
     minimal = write_version(ws, new_build_dir(ws), {"classes": ["a"], "preprocessing": {}})
     info = minimal.info
-    assert (info.kind, info.thresholds, info.extra) == (None, None, {})
+    assert (info.kind, info.thresholds, set(info.extra)) == (None, None, {"version", "created_at"})
     assert info.to_dict() == minimal.meta
     new = set_thresholds(minimal, 0.4, 1.0)
-    assert list(new.meta) == [*minimal.meta, "thresholds"]
     assert new.meta["thresholds"] == {"confidence": 0.4, "distance": 1.0}
+    assert {k: v for k, v in new.meta.items() if k != "thresholds"} == minimal.meta
+    with pytest.raises(KeyError):  # classes and preprocessing are required
+        write_version(ws, new_build_dir(ws), {"classes": ["a"]})

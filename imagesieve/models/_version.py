@@ -32,12 +32,6 @@ _ACTIVE_FILE = "ACTIVE"
 _NAME_RE = re.compile(r"^v(\d+)$")
 
 
-def _to_json(named: dict[str, Any], extra: dict[str, Any], order: tuple[str, ...]) -> dict:
-    """Named fields (None ones only where the source had the key) and extras, in source order."""
-    d = {k: v for k, v in named.items() if v is not None or k in order} | extra
-    return {**{k: d[k] for k in order if k in d}, **d}
-
-
 @dataclass(frozen=True)
 class Thresholds:
     """``meta.json`` "thresholds": when a prediction is UNKNOWN (see ``classifier.UnknownRule``)."""
@@ -45,65 +39,38 @@ class Thresholds:
     confidence: float = 0.5  # as ModelVersion.confidence_threshold when the key is missing
     distance: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. "distance_calibration"
-    order: tuple[str, ...] = field(default=(), repr=False, compare=False)  # source key order
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Thresholds:
-        """Parse the JSON object; keys not named here go to ``extra``."""
-        rest = {k: v for k, v in d.items() if k not in ("confidence", "distance")}
-        return cls(d.get("confidence", 0.5), d.get("distance"), rest, tuple(d))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object, keys in the order they were read."""
-        named = {"confidence": self.confidence, "distance": self.distance}
-        return _to_json(named, self.extra, self.order)
 
 
 @dataclass(frozen=True)
 class VersionMeta:
-    """A version's ``meta.json``, typed; ``to_dict(from_dict(d)) == d``, key order included.
+    """A version's ``meta.json``, typed: the keys imagesieve decides by; all others in ``extra``.
 
-    A missing optional key reads as None (``thresholds`` too) and is not written back; only a
-    "thresholds" object without "confidence" gains one (0.5, the default it already meant).
+    ``to_dict(from_dict(d)) == d`` (as dicts); a key written as null reads as missing.
     """
 
     classes: list[str]
     preprocessing: dict[str, Any]  # BackboneConfig.to_dict()
     kind: str | None = None  # "trained", "imagenet"
     thresholds: Thresholds | None = None
-    version: str | None = None  # the version's name, set by write_version
-    created_at: str | None = None  # ISO 8601, set by write_version
-    extra: dict[str, Any] = field(default_factory=dict)  # backbone, weights, data, metrics...
-    order: tuple[str, ...] = field(default=(), repr=False, compare=False)  # source key order
-
-    _NAMED = ("classes", "preprocessing", "kind", "thresholds", "version", "created_at")
+    extra: dict[str, Any] = field(default_factory=dict)  # backbone, metrics, version, created_at...
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VersionMeta:
-        """Parse ``meta.json``; keys not named here go to ``extra``."""
-        th = d.get("thresholds")
-        return cls(
-            classes=list(d["classes"]),
-            preprocessing=d["preprocessing"],
-            kind=d.get("kind"),
-            thresholds=None if th is None else Thresholds.from_dict(th),
-            version=d.get("version"),
-            created_at=d.get("created_at"),
-            extra={k: v for k, v in d.items() if k not in cls._NAMED},
-            order=tuple(d),
-        )
+        """Parse ``meta.json``."""
+        rest = {k: v for k, v in d.items() if k not in ("classes", "preprocessing", "kind")}
+        th = rest.pop("thresholds", None)
+        if th is not None:
+            th = dict(th)
+            th = Thresholds(th.pop("confidence", 0.5), th.pop("distance", None), th)
+        return cls(list(d["classes"]), d["preprocessing"], d.get("kind"), th, rest)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object, keys in the order they were read."""
-        named = {
-            "classes": list(self.classes),
-            "preprocessing": self.preprocessing,
-            "kind": self.kind,
-            "thresholds": None if self.thresholds is None else self.thresholds.to_dict(),
-            "version": self.version,
-            "created_at": self.created_at,
-        }
-        return _to_json(named, self.extra, self.order)
+        """The JSON object."""
+        th = self.thresholds
+        out = {"kind": self.kind, "classes": self.classes, "preprocessing": self.preprocessing}
+        if th is not None:
+            out["thresholds"] = {"confidence": th.confidence, "distance": th.distance, **th.extra}
+        return {k: v for k, v in out.items() if v is not None} | self.extra
 
 
 def _meta_text(meta: dict[str, Any]) -> str:
@@ -235,17 +202,14 @@ def write_version(
 ) -> ModelVersion:
     """Turn a fully written ``build_dir`` into a new version, atomically (rename).
 
-    ``name`` defaults to the next ``vN``; an existing version of that name is never touched.
+    ``meta`` is written as a ``VersionMeta`` (with the version's name and time); ``name`` defaults to the next ``vN``; an existing version of that name is never touched.
     """
     ws.models_dir.mkdir(parents=True, exist_ok=True)
     for _ in range(100):
         final = name or _next_name(ws)
-        meta = {
-            **meta,
-            "version": final,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        (build_dir / "meta.json").write_text(_meta_text(meta))
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        info = VersionMeta.from_dict({**meta, "version": final, "created_at": stamp})
+        (build_dir / "meta.json").write_text(_meta_text(info.to_dict()))
         try:
             os.rename(build_dir, ws.models_dir / final)
         except OSError:
@@ -261,7 +225,7 @@ def set_thresholds(
 ) -> ModelVersion:
     """Rewrite the version's UNKNOWN thresholds in ``meta.json`` (atomically); the reloaded version.
 
-    Nothing else in the file changes. The values are not checked here: build a
+    Nothing else in it changes. The values are not checked here: build a
     ``classifier.UnknownRule`` from them first, which validates them.
     """
     info = version.info

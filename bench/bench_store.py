@@ -158,7 +158,7 @@ def child_score(ws: str, inputs: list[str], expect: int) -> dict:
     from imagesieve.ingest import ScoreOptions, score_inputs
     from imagesieve.store import Store
 
-    spent = time_calls(Store, ["__init__", "commit", "rows_by_content", "known_content", "close"])
+    spent = time_calls(Store, ["__init__", "commit", "rows_by_content", "close"])
     opts = ScoreOptions()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t = time.perf_counter()
@@ -412,7 +412,7 @@ def store_line(docs: list[dict]) -> str:
         f"Store calls, mean per run: open + index check {mean('__init__'):.2f} s, "
         f"{mean('commit', 'store_calls'):.0f} commits {mean('commit'):.2f} s (longest "
         f"{mean('commit', 'store_max'):.2f} s), rows_by_content {mean('rows_by_content'):.2f} s, "
-        f"known_content {mean('known_content'):.2f} s, close (FAISS save, DuckDB checkpoint) {mean('close'):.2f} s: "
+        f"close (FAISS save, DuckDB checkpoint) {mean('close'):.2f} s: "
         f"{total:.2f} s of {secs:.1f} s ({total / secs:.0%}; commits run on the thread that "
         "feeds the pipeline, while decoding and inference continue)"
     )

@@ -7,7 +7,7 @@ from imagesieve.classifier._engine import (
     Progress,
     ScoringEngine,
 )
-from imagesieve.classifier._evaluate import evaluate_model, evaluate_version_on
+from imagesieve.classifier._evaluate import evaluate_model
 from imagesieve.classifier._gradcam import GradCam, grad_cam
 from imagesieve.classifier._predict import (
     FAR_FROM_TRAINING,
@@ -21,7 +21,7 @@ from imagesieve.classifier._predict import (
     top_k,
     write_predictions_csv,
 )
-from imagesieve.classifier._reference import ReferenceSet, calibrate_distance
+from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.classifier._train import CLASS_WEIGHTS, FLIPS, TrainOptions, train_model
 from imagesieve.classifier._unknown import UnknownRule
 
@@ -44,9 +44,7 @@ __all__ = [
     "ScoringEngine",
     "TrainOptions",
     "UnknownRule",
-    "calibrate_distance",
     "evaluate_model",
-    "evaluate_version_on",
     "grad_cam",
     "softmax",
     "top_k",

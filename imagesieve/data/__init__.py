@@ -3,12 +3,15 @@
 from imagesieve.data._decode import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
+    MAX_MEMBER_BYTES,
     DecodedImage,
     ImageLoadError,
     ImageSource,
     fit_shorter_side,
     load_image,
+    member_error,
     read_image_bytes,
+    read_zip_member,
     source_name,
 )
 from imagesieve.data._elpv import ElpvImage, elpv_images, export_elpv
@@ -20,7 +23,6 @@ from imagesieve.data._folder import (
     scan_image_folder,
     sort_into,
 )
-from imagesieve.data._zip import MAX_MEMBER_BYTES, member_error, read_zip_member
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

@@ -15,7 +15,6 @@ from imagesieve.models._registry import (
 )
 from imagesieve.models._version import (
     ModelVersion,
-    Thresholds,
     VersionMeta,
     activate_version,
     active_version,
@@ -35,7 +34,6 @@ __all__ = [
     "BackboneSpec",
     "MissingWeightsError",
     "ModelVersion",
-    "Thresholds",
     "VersionMeta",
     "activate_version",
     "active_version",

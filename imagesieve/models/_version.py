@@ -202,7 +202,8 @@ def write_version(
 ) -> ModelVersion:
     """Turn a fully written ``build_dir`` into a new version, atomically (rename).
 
-    ``meta`` is written as a ``VersionMeta`` (with the version's name and time); ``name`` defaults to the next ``vN``; an existing version of that name is never touched.
+    ``meta`` is written as a ``VersionMeta`` (with the version's name and time); ``name``
+    defaults to the next ``vN``; an existing version of that name is never touched.
     """
     ws.models_dir.mkdir(parents=True, exist_ok=True)
     for _ in range(100):

@@ -6,15 +6,8 @@ rows until they are folded in; FAISS holds each version's embeddings (``IndexSet
 images are files by content. User SQL runs read-only through ``run_sql``.
 """
 
-from imagesieve.store._clusters import CLUSTER_FIELDS, ClusterMember, Clusters, PreviousCluster
-from imagesieve.store._images import (
-    KEEP_POLICIES,
-    ZIP_MEMBER,
-    image_source,
-    keep_image,
-    kept_path,
-)
-from imagesieve.store._indexes import IndexSet
+from imagesieve.store._clusters import CLUSTER_FIELDS, Clusters, PreviousCluster
+from imagesieve.store._images import KEEP_POLICIES, ZIP_MEMBER, image_source, keep_image, kept_path
 from imagesieve.store._rows import Failure, IndexCheck, PredictionRow, ResultRow
 from imagesieve.store._schema import MIGRATIONS, PREDICTION_COLUMNS, SCHEMA_VERSION, VIEWS
 from imagesieve.store._sql import (
@@ -26,7 +19,7 @@ from imagesieve.store._sql import (
     run_store_sql,
 )
 from imagesieve.store._store import STORE_FILE, Store, StoreBusyError, using_store
-from imagesieve.store._vectors import IndexFileError, VectorIndex
+from imagesieve.store._vectors import VectorIndex
 
 __all__ = [
     "CLUSTER_FIELDS",
@@ -38,12 +31,9 @@ __all__ = [
     "STORE_FILE",
     "VIEWS",
     "ZIP_MEMBER",
-    "ClusterMember",
     "Clusters",
     "Failure",
     "IndexCheck",
-    "IndexFileError",
-    "IndexSet",
     "PredictionRow",
     "PreviousCluster",
     "ResultRow",

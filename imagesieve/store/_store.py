@@ -316,11 +316,6 @@ class Store:
         content = self._content.get(model_version)
         return len(content) if content is not None else self._vector_stats(model_version)[0]
 
-    @locked
-    def known_content(self, model_version: str) -> set[str]:
-        """SHA-256 of every image already scored with ``model_version`` (a copy)."""
-        return set(self._stored_content(model_version))
-
     def has_content(self, model_version: str, sha256: str) -> bool:
         """True when this content is already stored with ``model_version``.
 
@@ -334,7 +329,7 @@ class Store:
         return sha256 in content
 
     def _stored_content(self, model_version: str) -> set[str]:
-        """The live set behind ``known_content``, read once and kept up to date by ``commit``."""
+        """The live set behind ``has_content``, read once and kept up to date by ``commit``."""
         if model_version not in self._content:
             rows = self._db.execute(
                 "SELECT sha256 FROM predictions WHERE model_version = ?", [model_version]

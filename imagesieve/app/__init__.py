@@ -3,11 +3,4 @@
 from imagesieve.app._server import serve, start_server
 from imagesieve.app._service import Limits, PredictResult, Service, ServiceError
 
-__all__ = [
-    "Limits",
-    "PredictResult",
-    "Service",
-    "ServiceError",
-    "serve",
-    "start_server",
-]
+__all__ = ["Limits", "PredictResult", "Service", "ServiceError", "serve", "start_server"]

@@ -31,20 +31,9 @@ from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import ArchiveLimits, InputItem, expand_inputs
 from imagesieve.ingest._session import ScoringSession
 from imagesieve.models import get_version
-from imagesieve.store import (
-    KEEP_POLICIES,
-    ZIP_MEMBER,
-    Failure,
-    IndexCheck,
-    Store,
-    using_store,
-)
+from imagesieve.store import KEEP_POLICIES, ZIP_MEMBER, Failure, IndexCheck, Store, using_store
 
-__all__ = [
-    "ScoreOptions",
-    "ScoreSummary",
-    "score_inputs",
-]
+__all__ = ["ScoreOptions", "ScoreSummary", "score_inputs"]
 
 #: Failure kind of files left out on purpose (non-image extensions inside folders and zips).
 IGNORED = "ignored"

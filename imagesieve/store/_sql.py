@@ -43,14 +43,7 @@ from imagesieve.store._store import STORE_FILE, Store, StoreBusyError, fold_stop
 if TYPE_CHECKING:
     from imagesieve._workspace import Workspace
 
-__all__ = [
-    "SAFE_CONFIG",
-    "SqlError",
-    "SqlResult",
-    "open_readonly",
-    "run_sql",
-    "run_store_sql",
-]
+__all__ = ["SAFE_CONFIG", "SqlError", "SqlResult", "open_readonly", "run_sql", "run_store_sql"]
 
 log = logging.getLogger(__name__)
 

@@ -20,15 +20,16 @@ import duckdb
 import numpy as np
 import pytest
 
-from imagesieve._errors import SieveError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import Prediction
-from imagesieve.store import Failure, Store, StoreBusyError
 from imagesieve.store import (
     SAFE_CONFIG,
     VIEWS,
+    Failure,
     SqlError,
     SqlResult,
+    Store,
+    StoreBusyError,
     open_readonly,
     run_sql,
 )
@@ -468,7 +469,9 @@ def test_views_sql__persistent_and_idempotent(ws, tmp_path):
 
 
 def test_open_readonly__no_store(tmp_path):
-    with pytest.raises(SieveError, match=f"^no store in {tmp_path} yet: score some images first$"):
+    with pytest.raises(
+        FileNotFoundError, match=f"^no store in {tmp_path} yet: score some images first$"
+    ):
         open_readonly(Workspace(tmp_path))
 
 

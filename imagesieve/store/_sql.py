@@ -36,7 +36,7 @@ from typing import IO, TYPE_CHECKING, Any
 import duckdb
 import numpy as np
 
-from imagesieve._errors import SieveError
+from imagesieve._errors import NotFoundError, SieveError
 from imagesieve.store._schema import VIEWS, views_sql
 from imagesieve.store._store import STORE_FILE, Store, StoreBusyError, fold_stopped_journal
 
@@ -283,7 +283,7 @@ def open_readonly(ws: Workspace) -> duckdb.DuckDBPyConnection:
     """
     path = ws.root / STORE_FILE
     if not path.is_file():
-        raise SieveError(f"no store in {ws.root} yet: score some images first")
+        raise NotFoundError(f"no store in {ws.root} yet: score some images first")
     fold_stopped_journal(ws)
     try:
         con = duckdb.connect(str(path), read_only=True, config=dict(SAFE_CONFIG))

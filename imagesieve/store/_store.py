@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from imagesieve._errors import SieveError
+from imagesieve._errors import NotFoundError, SieveError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     FAR_FROM_TRAINING,
@@ -163,7 +163,7 @@ class Store:
         self.path = ws.root / STORE_FILE
         self.read_only = read_only
         if read_only and not self.path.is_file():
-            raise SieveError(f"no store in {ws.root} yet: score some images first")
+            raise NotFoundError(f"no store in {ws.root} yet: score some images first")
         if not read_only:
             ws.root.mkdir(parents=True, exist_ok=True)
         else:

@@ -53,9 +53,19 @@ FIGURES: dict[str, dict[str, str]] = {
 }
 
 
+#: Imported at start-up by every Python process of a run (children too): drops the venv's
+#: editable-install finder, which would otherwise import this checkout's package on both sides.
+SITECUSTOMIZE = """import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+"""
+
+
 def run(side: str, root: Path, script: str, args: list[str], n: int) -> tuple[str, float]:
     """One run of ``root``'s copy of the script with its package first on the path."""
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    shim = OUT / "site"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {**os.environ, "PYTHONPATH": f"{shim}{os.pathsep}{root}"}
     t0 = time.perf_counter()
     done = subprocess.run(
         [sys.executable, str(root / "bench" / script), *args],

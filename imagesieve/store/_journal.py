@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagesieve.store._images import sync_folder
+from imagesieve.store._images import _write_all, sync_folder
 
 __all__ = ["Damage", "Journal", "JournalScan"]
 
@@ -110,10 +110,6 @@ class Journal:
             os.ftruncate(fd, end)
             raise
 
-    def read(self) -> list[tuple[Any, dict[str, Any]]]:
-        """Every whole frame, in order, as (table, meta); damaged bytes are skipped."""
-        return self.scan().frames
-
     def scan(self) -> JournalScan:
         """Every whole frame, in order, and the damaged or torn spans between them.
 
@@ -153,9 +149,7 @@ class Journal:
             except FileExistsError:
                 continue
             try:
-                view = memoryview(found.data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, found.data, str(side))
                 os.fsync(fd)
             except BaseException:
                 os.close(fd)

@@ -713,18 +713,13 @@ class Store:
     def unknown_counts(self, model_version: str, rule: UnknownRule) -> dict[str, int]:
         """How many stored rows of a version ``rule`` marks UNKNOWN, by reason, and how many are now."""
         counts, params = rule.sql_counts()
-        total, low, far, either, current = self._db.execute(
+        row = self._db.execute(
             f"SELECT count(*), {counts}, count(*) FILTER (WHERE label = '{UNKNOWN}') "
             "FROM predictions WHERE model_version = ?",
             [*params, model_version],
         ).fetchall()[0]
-        return {
-            "stored": total,
-            LOW_CONFIDENCE: low,
-            FAR_FROM_TRAINING: far,
-            "unknown": either,
-            "unknown_now": current,
-        }
+        keys = ("stored", LOW_CONFIDENCE, FAR_FROM_TRAINING, "unknown", "unknown_now")
+        return dict(zip(keys, row, strict=True))
 
     # -- what the vector indexes are built from --------------------------------------------
     def _embeddings_of(self, dim: int) -> str:

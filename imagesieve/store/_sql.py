@@ -17,6 +17,7 @@ Untrusted SQL is kept in by layers, each enough on its own for what it guards:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import decimal
@@ -481,19 +482,16 @@ def run_sql(
                 return
 
     timer = threading.Timer(timeout, stop, [f"query stopped after {timeout:g} s (time limit)"])
-    watcher = (
-        threading.Thread(target=watch, args=(max_memory,), name="sql-watch", daemon=True)
-        if max_memory is not None
-        else None
-    )
     t0 = time.perf_counter()
     truncated = False
     try:
         if timeout is not None:
             timer.daemon = True
             timer.start()
-        if watcher is not None:
-            watcher.start()
+        if max_memory is not None:
+            threading.Thread(
+                target=watch, args=(max_memory,), name="sql-watch", daemon=True
+            ).start()
         con.execute("BEGIN TRANSACTION READ ONLY")
         try:
             con.execute(statement)
@@ -501,7 +499,7 @@ def run_sql(
             rows: list[tuple] = []
             size = 0
             want = limit + 1 if limit is not None else None
-            while want is None or len(rows) < want:
+            while not truncated and (want is None or len(rows) < want):
                 chunk = con.fetchmany(min(1024, want - len(rows)) if want else 1024)
                 if not chunk:
                     break
@@ -511,17 +509,12 @@ def run_sql(
                         truncated = True
                         break
                     rows.append(row)
-                if truncated:
-                    break
         finally:
-            try:  # DuckDB streams results: drop the unread rest, then end the transaction
+            # DuckDB streams results: drop the unread rest, then end the transaction
+            with contextlib.suppress(duckdb.Error):
                 con.abort()
-            except duckdb.Error:
-                pass
-            try:
+            with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
     except duckdb.Error as e:
         if state["stopped"]:
             raise SqlError(state["stopped"]) from None

@@ -23,7 +23,6 @@ from imagesieve.search._cluster import Clustering, ClusterParams, cluster_embedd
 from imagesieve.store import CLUSTER_FIELDS, STORE_FILE, Store, image_source, using_store
 
 __all__ = [
-    "STATUSES",
     "ClusterRun",
     "PromoteResult",
     "ReviewError",
@@ -34,7 +33,6 @@ __all__ = [
     "update_cluster",
 ]
 
-STATUSES = ("new", "named", "promoted", "rejected")
 NOISE = -1
 
 
@@ -221,12 +219,7 @@ def update_cluster(
 def _class_name(name: str) -> str:
     """A class name usable as one folder name, or ReviewError."""
     clean = name.strip()
-    if (
-        not clean
-        or clean in (".", "..")
-        or any(ch in clean for ch in "/\\\x00")
-        or clean.startswith(".")
-    ):
+    if not clean or clean.startswith(".") or any(ch in clean for ch in "/\\\x00"):
         raise ReviewError(
             f"{name!r} cannot be a class name (one folder name: no '/', '\\\\', leading '.')"
         )
@@ -277,13 +270,7 @@ def promote_cluster(
             if content is None:
                 result.missing.append(m.source)
                 continue
-            target = sort_into(
-                into if dest.parent == into else dest.parent,
-                name,
-                _filename(m.source),
-                content,
-                m.sha256,
-            )
+            target = sort_into(dest.parent, name, _filename(m.source), content, m.sha256)
             if target.name in before:
                 result.already_there += 1
             else:

@@ -125,81 +125,52 @@ def find_similar(
             if where
             else None
         )
-        with store.lock:
-            return _search(
-                store,
-                version,
-                predictor,
-                image,
-                id,
-                class_name,
-                embedding,
-                k,
-                max_distance,
-                where,
-                allowed,
+        with store.lock:  # the filter's ids known: the search holds the store's lock
+            prediction = None
+            index = store.indexes.get(version.name) if store.row_count(version.name) else None
+            if embedding is not None:
+                query, kind, value = np.asarray(embedding, np.float32), "embedding", "vector"
+            elif image is not None:
+                (pred,) = (predictor or Predictor(version)).score(
+                    [image if not isinstance(image, bytes) else ("<upload>", image)]
+                )
+                if not pred.ok:
+                    raise SimilarError(f"{pred.source}: {pred.error}")
+                query, kind, value = pred.embedding, "image", str(pred.source)
+                prediction = pred.to_dict()
+            elif id is not None:
+                if index is None or not np.any(index.ids() == id):
+                    raise SimilarError(f"no stored image with id {id} for model {version.name}")
+                query, kind, value = index.index.reconstruct(int(id)), "id", str(id)
+            else:
+                ref = ReferenceSet.load(version.path)
+                if ref is None or class_name not in ref.labels:
+                    known = sorted(set(ref.labels)) if ref is not None else version.classes
+                    raise SimilarError(
+                        f"no class {class_name!r} in {version.name}; classes: {', '.join(known)}"
+                    )
+                rows = np.array([lab == class_name for lab in ref.labels])
+                centroid = ref.embeddings[rows].mean(axis=0)
+                query, kind, value = centroid / np.linalg.norm(centroid), "class", class_name
+            info = SimilarQuery(
+                kind, value, version.name, k, max_distance, where, None, "exact", prediction
             )
-
-
-def _search(
-    store: Store,
-    version: Any,
-    predictor: Predictor | None,
-    image: str | os.PathLike | bytes | None,
-    id: int | None,  # noqa: A002
-    class_name: str | None,
-    embedding: np.ndarray | None,
-    k: int,
-    max_distance: float | None,
-    where: str | None,
-    allowed: np.ndarray | None,
-) -> tuple[SimilarQuery, list[SimilarResult]]:
-    """``find_similar`` once the filter's ids are known, holding the store's lock."""
-    prediction = None
-    index = store.indexes.get(version.name) if store.row_count(version.name) else None
-    if embedding is not None:
-        query, kind, value = np.asarray(embedding, np.float32), "embedding", "vector"
-    elif image is not None:
-        (pred,) = (predictor or Predictor(version)).score(
-            [image if not isinstance(image, bytes) else ("<upload>", image)]
-        )
-        if not pred.ok:
-            raise SimilarError(f"{pred.source}: {pred.error}")
-        query, kind, value = pred.embedding, "image", str(pred.source)
-        prediction = pred.to_dict()
-    elif id is not None:
-        if index is None or not np.any(index.ids() == id):
-            raise SimilarError(f"no stored image with id {id} for model {version.name}")
-        query, kind, value = index.index.reconstruct(int(id)), "id", str(id)
-    else:
-        ref = ReferenceSet.load(version.path)
-        if ref is None or class_name not in ref.labels:
-            known = sorted(set(ref.labels)) if ref is not None else version.classes
-            raise SimilarError(
-                f"no class {class_name!r} in {version.name}; classes: {', '.join(known)}"
-            )
-        rows = np.array([lab == class_name for lab in ref.labels])
-        centroid = ref.embeddings[rows].mean(axis=0)
-        query, kind, value = centroid / np.linalg.norm(centroid), "class", class_name
-    info = SimilarQuery(
-        kind, value, version.name, k, max_distance, where, None, "exact", prediction
-    )
-    if index is None or index.ntotal == 0:
-        return info, []
-    info.method = "exact" if index.kind == "flat" else "ann"
-    exclude = {int(id)} if id is not None else set()
-    want = k + len(exclude)
-    if allowed is not None:
-        info.matching_rows = len(allowed)
-        if len(allowed) <= EXACT_FILTER_MAX or index.kind == "flat":
-            ids, dist = index.search(query, want, ids=allowed)
-            info.method = "exact-within-filter"
-        else:
-            ids, dist = _widened(index, query, want, set(allowed.tolist()))
-            info.method = "ann-widened"
-    else:
-        ids, dist = index.search(query, want)
-    return info, _results(store, _pairs(ids[0], dist[0], k, exclude, max_distance))
+            if index is None or index.ntotal == 0:
+                return info, []
+            info.method = "exact" if index.kind == "flat" else "ann"
+            exclude = {int(id)} if id is not None else set()
+            want = k + len(exclude)
+            if allowed is not None:
+                info.matching_rows = len(allowed)
+                if len(allowed) <= EXACT_FILTER_MAX or index.kind == "flat":
+                    ids, dist = index.search(query, want, ids=allowed)
+                    info.method = "exact-within-filter"
+                else:
+                    ids, dist = _widened(index, query, want, set(allowed.tolist()))
+                    info.method = "ann-widened"
+            else:
+                ids, dist = index.search(query, want)
+            return info, _results(store, _pairs(ids[0], dist[0], k, exclude, max_distance))
 
 
 def _pairs(

@@ -264,19 +264,16 @@ def _cell_item(
     if _SCHEME.match(cell):
         reason = f"only http and https URLs are fetched ({where})"
         return InputItem(-1, cell, None, error=ImageLoadError(cell, "bad_url", reason))
-    if local_paths is not None:
-        name = os.path.normpath(os.path.join(sheet.path.parent, cell))
+    if local_paths is None:
+        name = shown = str(sheet.path.parent / Path(cell).expanduser())
+    else:  # a refusal or a missing file is shown as the cell, not as a path on the server
+        name, shown = os.path.normpath(os.path.join(sheet.path.parent, cell)), cell
         if cell.startswith("~") or not _under(name, local_paths):  # "~": a home folder, meant
             reason = f"local paths are not read from this list, only http(s) URLs ({where})"
             return InputItem(-1, cell, None, error=ImageLoadError(cell, "not_allowed", reason))
-        if not os.path.exists(name):
-            reason = f"file not found ({where})"
-            return InputItem(-1, cell, None, error=ImageLoadError(cell, "missing", reason))
-        return InputItem(-1, name, name)
-    name = str(sheet.path.parent / Path(cell).expanduser())
     if not os.path.exists(name):
         reason = f"file not found ({where})"
-        return InputItem(-1, name, None, error=ImageLoadError(name, "missing", reason))
+        return InputItem(-1, shown, None, error=ImageLoadError(shown, "missing", reason))
     return InputItem(-1, name, name)
 
 
@@ -394,8 +391,7 @@ class InputExpander:
             if suffix not in IMAGE_EXTENSIONS:
                 self.ignored.append((name, _ignored_reason(suffix)))
                 continue
-            over = archive.take_member()
-            if over:
+            if over := archive.take_member():
                 left = sum(
                     PurePosixPath(i.filename).suffix.lower() in IMAGE_EXTENSIONS
                     for i in members[n:]
@@ -404,10 +400,8 @@ class InputExpander:
                 yield InputItem(-1, arg, None, error=ImageLoadError(arg, "too_large", reason))
                 return
             error = member_error(info, name, archive.member_limit)
-            if error is not None:
-                yield InputItem(-1, name, None, error=error, member=info.filename)
-            else:
-                yield InputItem(-1, name, ZipMember(archive, info, name), member=info.filename)
+            source = ZipMember(archive, info, name) if error is None else None
+            yield InputItem(-1, name, source, error=error, member=info.filename)
 
     def _list_items(self, sheet: _Sheet) -> Iterator[InputItem]:
         rows = _sheet_rows(sheet)

@@ -174,9 +174,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
             a = a / 257.0  # full 16-bit range -> 8 bits
         a = np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8)
         return Image.fromarray(a, "L").convert("RGB")
-    if mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    elif mode == "PA":
+    if (mode == "P" and "transparency" in im.info) or mode == "PA":
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "La", "RGBa"):
         rgba = im.convert("RGBA")

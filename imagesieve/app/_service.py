@@ -491,7 +491,7 @@ class Service:
             if result.skipped:
                 row = self.store.rows_by_content(version, [result.sha256])[result.sha256]
                 pred = row.to_prediction(source)
-                answer(pred, self.neighbours(pred, neighbours))
+                answer(pred, [r.to_dict() for r in self.similar(id=pred.id, k=neighbours)[1]])
                 return
             if result.error is not None:
                 if store:
@@ -572,14 +572,6 @@ class Service:
             if p.id is not None:
                 p.embedding = None  # stored now: keep only what the response needs
         return out
-
-    def neighbours(self, pred: Prediction, k: int = NEIGHBOURS) -> list[dict[str, Any]]:
-        """The k nearest stored images of a prediction (itself excluded when stored)."""
-        if pred.id is not None:
-            return [r.to_dict() for r in self.similar(id=pred.id, k=k)[1]]
-        if pred.embedding is not None:
-            return [r.to_dict() for r in self.similar(embedding=pred.embedding, k=k)[1]]
-        return []
 
     def gradcam(self, data: bytes | Any, class_name: str | None = None) -> Any:
         """Grad-CAM of the active model on an image: a ``GradCam`` (heatmap, ``overlay()``)."""
@@ -777,22 +769,19 @@ class Service:
     def versions(self) -> list[dict[str, Any]]:
         """Every model version with its metrics; the active one marked."""
         active = self.predictor.version.name if self.predictor else None
-        out = []
-        for v in list_versions(self.ws):
-            m = v.meta.get("metrics", {})
-            out.append(
-                {
-                    "version": v.name,
-                    "active": v.name == active,
-                    "kind": v.meta.get("kind"),
-                    "backbone": v.meta.get("backbone"),
-                    "classes": ", ".join(v.classes),
-                    "accuracy": m.get("accuracy"),
-                    "macro_f1": m.get("macro_f1"),
-                    "created_at": v.meta.get("created_at"),
-                }
-            )
-        return out
+        return [
+            {
+                "version": v.name,
+                "active": v.name == active,
+                "kind": v.meta.get("kind"),
+                "backbone": v.meta.get("backbone"),
+                "classes": ", ".join(v.classes),
+                "accuracy": v.meta.get("metrics", {}).get("accuracy"),
+                "macro_f1": v.meta.get("metrics", {}).get("macro_f1"),
+                "created_at": v.meta.get("created_at"),
+            }
+            for v in list_versions(self.ws)
+        ]
 
     def activate(self, name: str) -> ModelVersion:
         """Make a version the active one and serve it."""

@@ -256,9 +256,7 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
         summary = await _call(
             service.score, [folder / p.name for p in sorted(folder.iterdir())], column=column
         )
-        out = summary.to_dict()
-        out["upload_dir"] = str(folder)
-        return out
+        return {**summary.to_dict(), "upload_dir": str(folder)}
 
     @router.get("/similar", responses=errors(400, 422, 503))
     async def similar(
@@ -282,15 +280,12 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
     @router.post("/sql", responses=errors(400, 422))
     async def sql(body: SqlRequest) -> dict[str, Any]:
         """A read-only query over the store (external access off, row and time limits)."""
-        result = await _call(service.sql, body.sql, limit=body.limit)
-        return result.to_dict()
+        return (await _call(service.sql, body.sql, limit=body.limit)).to_dict()
 
     @router.get("/clusters", responses=errors(503))
     async def clusters() -> dict[str, Any]:
         """The UNKNOWN clusters of the active model, largest first."""
         return {"clusters": await _call(service.clusters)}
-
-    schema_url = f"{API_PREFIX}/openapi.json"
 
     @router.get("/openapi.json", include_in_schema=False)
     async def openapi_schema() -> JSONResponse:
@@ -300,7 +295,7 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
     async def docs() -> HTMLResponse:
         # the schema is inlined: the page needs the token once, not again for the schema
         return get_swagger_ui_html(
-            openapi_url=schema_url,
+            openapi_url=f"{API_PREFIX}/openapi.json",
             title=f"{app.title} API",
             swagger_ui_parameters={"spec": app.openapi()},
         )

@@ -1,10 +1,7 @@
 """Image input: safe decoding of any file, bytes or upload, and ImageFolder reading."""
 
 from imagesieve.data._decode import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
     MAX_MEMBER_BYTES,
-    DecodedImage,
     ImageLoadError,
     ImageSource,
     fit_shorter_side,
@@ -18,23 +15,18 @@ from imagesieve.data._elpv import ElpvImage, elpv_images, export_elpv
 from imagesieve.data._folder import (
     IMAGE_EXTENSIONS,
     ImageFolder,
-    Sample,
     SkippedFile,
     scan_image_folder,
     sort_into,
 )
 
 __all__ = [
-    "DEFAULT_MAX_BYTES",
-    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "MAX_MEMBER_BYTES",
-    "DecodedImage",
     "ElpvImage",
     "ImageFolder",
     "ImageLoadError",
     "ImageSource",
-    "Sample",
     "SkippedFile",
     "elpv_images",
     "export_elpv",

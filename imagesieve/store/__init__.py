@@ -6,7 +6,7 @@ rows until they are folded in; FAISS holds each version's embeddings (``IndexSet
 images are files by content. User SQL runs read-only through ``run_sql``.
 """
 
-from imagesieve.store._clusters import CLUSTER_FIELDS, Clusters, PreviousCluster
+from imagesieve.store._clusters import CLUSTER_FIELDS, PreviousCluster
 from imagesieve.store._images import KEEP_POLICIES, ZIP_MEMBER, image_source, keep_image, kept_path
 from imagesieve.store._rows import Failure, IndexCheck, PredictionRow, ResultRow
 from imagesieve.store._schema import MIGRATIONS, PREDICTION_COLUMNS, SCHEMA_VERSION, VIEWS
@@ -31,7 +31,6 @@ __all__ = [
     "STORE_FILE",
     "VIEWS",
     "ZIP_MEMBER",
-    "Clusters",
     "Failure",
     "IndexCheck",
     "PredictionRow",

@@ -133,11 +133,9 @@ class Clusters:
 
         with self.store._connection() as con:
             stamp = now()
-            run_id = int(
-                con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM cluster_runs").fetchall()[0][
-                    0
-                ]
-            )
+            run_id = con.execute(
+                "SELECT coalesce(max(run_id), 0) + 1 FROM cluster_runs"
+            ).fetchall()[0][0]
             old = {
                 r[0]: r[1:]
                 for r in con.execute(

@@ -204,9 +204,8 @@ class Store:
         self._dims = embedding_dims(self._con)
         if not read_only:
             self._replay()
-        self._next_id = (
-            int(self._db.execute("SELECT coalesce(max(id), 0) FROM predictions").fetchall()[0][0])
-            + 1
+        self._next_id = int(
+            self._db.execute("SELECT coalesce(max(id), 0) + 1 FROM predictions").fetchall()[0][0]
         )
         if check and not read_only:
             self.indexes.checks = [self.indexes.check(v) for v in self.versions()]

@@ -345,8 +345,7 @@ class VectorIndex:
                 return np.full((len(x), k), -1, np.int64), np.full((len(x), k), np.inf, np.float32)
             sub = self.index.reconstruct_batch(have)
             top = exact_top_k(x, sub, min(k, len(have)))
-            sims = np.take_along_axis(x @ sub.T, top, 1)
-            out_ids, out_sims = have[top], sims
+            out_ids, out_sims = have[top], np.take_along_axis(x @ sub.T, top, 1)
             pad = k - out_ids.shape[1]
             if pad:
                 out_ids = np.pad(out_ids, ((0, 0), (0, pad)), constant_values=-1)

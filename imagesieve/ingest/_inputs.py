@@ -201,10 +201,10 @@ def _xlsx_rows(path: Path) -> Iterator[list]:
         wb.close()
 
 
-def _sheet_rows(sheet: _Sheet) -> Iterator[list[str]]:
-    if sheet.encoding is None:
-        return _xlsx_rows(sheet.path)
-    return _csv_rows(sheet.path, sheet.encoding, sheet.delimiter)
+def _sheet_rows(path: Path, encoding: str | None, delimiter: str | None) -> Iterator[list[str]]:
+    if encoding is None:
+        return _xlsx_rows(path)
+    return _csv_rows(path, encoding, delimiter)
 
 
 def _open_sheet(arg: str, path: Path, column: str | None) -> _Sheet:
@@ -212,10 +212,9 @@ def _open_sheet(arg: str, path: Path, column: str | None) -> _Sheet:
     if path.suffix.lower() in _CSV_SUFFIXES:
         encoding = _csv_encoding(path)
         delimiter = _csv_delimiter(path, encoding)
-        rows = _csv_rows(path, encoding, delimiter)
     else:
         encoding = delimiter = None
-        rows = _xlsx_rows(path)
+    rows = _sheet_rows(path, encoding, delimiter)
     try:
         numbered = enumerate(rows, start=1)
         found = next(((n, row) for n, row in numbered if any(c.strip() for c in row)), None)
@@ -404,7 +403,7 @@ class InputExpander:
             yield InputItem(-1, name, source, error=error, member=info.filename)
 
     def _list_items(self, sheet: _Sheet) -> Iterator[InputItem]:
-        rows = _sheet_rows(sheet)
+        rows = _sheet_rows(sheet.path, sheet.encoding, sheet.delimiter)
         try:
             for number, row in enumerate(rows, start=1):
                 if number <= sheet.header_row or not any(cell.strip() for cell in row):

@@ -113,8 +113,9 @@ def find_similar(
         raise SimilarError(f"k must be at least 1, got {k}")
     version = predictor.version if predictor is not None else get_version(ws, model)
     with using_store(ws, store, read_only=True) as store:  # a reader: no writes
-        allowed = (
-            _filter_ids(
+        allowed = None
+        if where:
+            allowed = _filter_ids(
                 store,
                 version.name,
                 where,
@@ -122,9 +123,6 @@ def find_similar(
                 max_memory=filter_memory,
                 executor=filter_executor,
             )
-            if where
-            else None
-        )
         with store.lock:  # the filter's ids known: the search holds the store's lock
             prediction = None
             index = store.indexes.get(version.name) if store.row_count(version.name) else None

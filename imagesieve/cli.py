@@ -59,11 +59,7 @@ def _print_metrics(m: dict[str, Any]) -> None:
         parts.append(f"ROC-AUC {m['roc_auc']:.4f}")
     if m.get("ece") is not None:
         parts.append(f"ECE {m['ece']:.4f}")
-    print(
-        f"  {', '.join(parts)} on {m['n']} {m.get('evaluated_on', '')} images".replace(
-            "  on", " on"
-        )
-    )
+    print(f"  {', '.join(parts)} on {m['n']} {m.get('evaluated_on', '')} images")
 
 
 def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
@@ -223,17 +219,15 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
     )
     with _progress(not args.json) as progress:
         summary = score_inputs(ws, args.inputs, opts, progress)
-    doc = summary.to_dict()
     code = score_exit_code(summary)
-    doc["exit_code"] = code
+    doc = {**summary.to_dict(), "exit_code": code}
 
     def human() -> None:
         for p in [p for p in summary.shown if p.ok][: args.show]:
             _print_prediction(p)
-        if summary.items - len(summary.failures) > args.show:
-            print(
-                f"... {summary.items - len(summary.failures) - args.show} more (use --csv OUT for all)"
-            )
+        more = summary.items - len(summary.failures) - args.show
+        if more > 0:
+            print(f"... {more} more (use --csv OUT for all)")
         for f in summary.failures[:50]:
             print(f"{f.source}: FAILED ({f.kind}): {f.message}")
         if len(summary.failures) > 50:
@@ -286,12 +280,10 @@ def cmd_reindex(args: argparse.Namespace, ws: Workspace) -> None:
     from imagesieve.store import Store
 
     with Store(ws, check=False) as store:
-        versions = store.versions()
-        checks = (
-            [store.indexes.rebuild(v) for v in versions]
-            if args.rebuild
-            else [store.indexes.check(v, verify=True) for v in versions]  # the file itself too
-        )
+        checks = [  # verify: the index file itself too
+            store.indexes.rebuild(v) if args.rebuild else store.indexes.check(v, verify=True)
+            for v in store.versions()
+        ]
     doc = {"workspace": str(ws.root), "indexes": [c.__dict__ for c in checks]}
 
     def human() -> None:

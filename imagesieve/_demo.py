@@ -78,20 +78,16 @@ def run_demo(
     for kind, counts in per_kind.items():
         lines.append(f"  {kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     thresholds = version.meta["thresholds"]
-    lines.append(
+    found = len(clusters.clusters)
+    lines += [
         f"  {UNKNOWN}: Top-1 below {thresholds['confidence']:.0%} ({LOW_CONFIDENCE}) or nearest "
         f"training image further than {thresholds.get('distance', float('nan')):.3f} "
-        f"({FAR_FROM_TRAINING})"
-    )
-    lines.append(
+        f"({FAR_FROM_TRAINING})",
         f"stored in {store.path} (batch {summary.batch_id}: {summary.scored} newly scored, "
-        f"{summary.already_scored} already stored)"
-    )
-    found = len(clusters.clusters)
-    lines.append(
+        f"{summary.already_scored} already stored)",
         f"clustered {clusters.images} UNKNOWNs: {found} cluster{'s' * (found != 1)}, "
-        f"{clusters.noise} noise; folders in {clusters.export_dir}"
-    )
+        f"{clusters.noise} noise; folders in {clusters.export_dir}",
+    ]
     for c in clusters.clusters[:5]:
         looks = ", ".join(f"{k} {v}" for k, v in list(c["top1"].items())[:2])
         lines.append(f"  cluster {c['cluster_id']}: {c['size']} images (Top-1: {looks})")

@@ -45,18 +45,16 @@ def build_app(service: Service) -> gr.Blocks:
         header = gr.Markdown(elem_id="app-header")
         panels: list[tuple[Any, Panel]] = []
         with gr.Tabs(elem_id="tabs"):
-            with gr.Tab("Predict", id="predict", elem_id="tab-predict") as tab:
-                panels.append((tab, predict_tab(service)))
-            with gr.Tab("Batch", id="batch", elem_id="tab-batch") as tab:
-                panels.append((tab, batch_tab(service)))
-            with gr.Tab("Similar", id="similar", elem_id="tab-similar") as tab:
-                panels.append((tab, similar_tab(service)))
-            with gr.Tab("History", id="history", elem_id="tab-history") as tab:
-                panels.append((tab, history_tab(service, downloads)))
-            with gr.Tab("Unknowns", id="unknowns", elem_id="tab-unknowns") as tab:
-                panels.append((tab, unknowns_tab(service)))
-            with gr.Tab("Model", id="model", elem_id="tab-model") as tab:
-                panels.append((tab, model_tab(service)))
+            for title, make in (
+                ("Predict", predict_tab),
+                ("Batch", batch_tab),
+                ("Similar", similar_tab),
+                ("History", lambda service: history_tab(service, downloads)),
+                ("Unknowns", unknowns_tab),
+                ("Model", model_tab),
+            ):
+                with gr.Tab(title, id=title.lower(), elem_id=f"tab-{title.lower()}") as tab:
+                    panels.append((tab, make(service)))
 
         def header_now() -> str:
             return _header_md(service)

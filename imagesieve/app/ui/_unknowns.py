@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 
 import gradio as gr
@@ -43,9 +44,7 @@ def _unknowns_status(service: Service) -> str:
     if version is None:
         return "No trained model yet."
     alive = [c for c in service.clusters() if c["size"] > 0]
-    by_status: dict[str, int] = {}
-    for c in alive:
-        by_status[c["status"]] = by_status.get(c["status"], 0) + 1
+    by_status = Counter(c["status"] for c in alive)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(by_status.items()))
     unknown, noise = service.sql(
         f"SELECT count(*) FILTER (WHERE label = '{UNKNOWN}'), count(*) FILTER (WHERE cluster_id = -1) "
@@ -219,18 +218,13 @@ def _cluster_panel(service: Service, c: dict[str, Any], clusters: gr.State, into
                 scale=3,
             )
             with gr.Column(scale=1):
-                gr.Label(
-                    value=_shares(c.get("top1") or {}),
-                    label="Top-1 class of members",
-                    show_heading=False,
-                    num_top_classes=5,
-                )
-                gr.Label(
-                    value=_shares(c.get("top2") or {}),
-                    label="Top-2 class of members",
-                    show_heading=False,
-                    num_top_classes=5,
-                )
+                for n in (1, 2):
+                    gr.Label(
+                        value=_shares(c.get(f"top{n}") or {}),
+                        label=f"Top-{n} class of members",
+                        show_heading=False,
+                        num_top_classes=5,
+                    )
         with gr.Row():
             name_box = gr.Textbox(
                 value=c.get("name") or "",

@@ -106,12 +106,8 @@ def _thumb(service: Service, id_: int, side: int = THUMB) -> Any:
 
 def gallery_value(service: Service, items: Iterable[tuple[int, str]]) -> list[tuple[Any, str]]:
     """Gallery value from (stored id, caption) pairs; images no longer available are left out."""
-    out = []
-    for id_, caption in items:
-        im = _thumb(service, id_)
-        if im is not None:
-            out.append((im, caption))
-    return out
+    thumbs = ((_thumb(service, id_), caption) for id_, caption in items)
+    return [(im, caption) for im, caption in thumbs if im is not None]
 
 
 def distance_caption(row: dict[str, Any]) -> str:

@@ -256,11 +256,8 @@ class SqlResult:
         ]
 
         def line(values: list[str]) -> str:
-            parts = [
-                v.rjust(w) if r else v.ljust(w)
-                for v, w, r in zip(values, widths, right, strict=True)
-            ]
-            return " | ".join(parts).rstrip()
+            cells = zip(values, widths, right, strict=True)
+            return " | ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in cells).rstrip()
 
         out = [line(header), "-+-".join("-" * w for w in widths)]
         out += [line(r) for r in cells]

@@ -303,13 +303,11 @@ def score_inputs(
             distance_threshold=opts.distance_threshold,
             batch_size=opts.batch_size,
         )
-    expander = (
-        None
-        if opts.retry_failed
-        else expand_inputs(
+    expander = None
+    if not opts.retry_failed:
+        expander = expand_inputs(
             inputs, column=opts.column, local_paths=opts.local_paths, archives=opts.archives
         )
-    )
     with using_store(ws, store) as store:
         if predictor.reference is not None:
             store.register_version(

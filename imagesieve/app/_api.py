@@ -173,13 +173,12 @@ async def _read_form(request: Request, limits: Limits) -> FormData:
         raise ApiError(422, "no files: send them as multipart/form-data field 'files' (repeated)")
     try:
         async with aclosing(request.stream()) as stream:
-            parser = _UploadParser(
+            return await _UploadParser(
                 request.headers,
                 stream,
                 max_files=limits.max_files,
                 max_part_size=limits.max_file_bytes,
-            )
-            return await parser.parse()
+            ).parse()
     except _TooManyFiles:
         raise ApiError(
             413, f"over the limit of {limits.max_files:,} files per upload: send fewer per request"

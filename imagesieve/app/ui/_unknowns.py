@@ -151,17 +151,12 @@ def _cluster_panel(service: Service, c: dict[str, Any], clusters: gr.State, into
     """One cluster: its members as a gallery, Top-1/Top-2 histograms and the review actions."""
     cid = c["cluster_id"]
     members = service.cluster_members(cid, limit=MEMBERS_SHOWN)
-    gallery = gallery_value(
-        service,
-        (
-            (
-                m["id"],
-                f"#{m['id']} · {m['top1_class']} {pct(m['top1_prob'])}"
-                + (" · left out" if m["excluded"] else ""),
-            )
-            for m in members
-        ),
+    captions = (
+        f"#{m['id']} · {m['top1_class']} {pct(m['top1_prob'])}"
+        + (" · left out" if m["excluded"] else "")
+        for m in members
     )
+    gallery = gallery_value(service, zip([m["id"] for m in members], captions, strict=True))
     title = f"Cluster {cid} · {c['size']} images · {c['status']}"
     if c.get("name"):
         title += f" · “{c['name']}”"

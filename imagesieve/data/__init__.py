@@ -2,6 +2,7 @@
 
 from imagesieve.data._decode import (
     MAX_MEMBER_BYTES,
+    DecodedImage,
     ImageLoadError,
     ImageSource,
     fit_shorter_side,
@@ -23,6 +24,7 @@ from imagesieve.data._folder import (
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_MEMBER_BYTES",
+    "DecodedImage",
     "ElpvImage",
     "ImageFolder",
     "ImageLoadError",

@@ -2,19 +2,31 @@
 
 from imagesieve.search._cluster import Cluster, ClusterParams, assign_to_clusters
 from imagesieve.search._review import (
+    ClusterRun,
+    PromoteResult,
     ReviewError,
     list_clusters,
     promote_cluster,
     run_clustering,
     update_cluster,
 )
-from imagesieve.search._similar import SimilarError, find_similar, nearest_stored
+from imagesieve.search._similar import (
+    SimilarError,
+    SimilarQuery,
+    SimilarResult,
+    find_similar,
+    nearest_stored,
+)
 
 __all__ = [
     "Cluster",
     "ClusterParams",
+    "ClusterRun",
+    "PromoteResult",
     "ReviewError",
     "SimilarError",
+    "SimilarQuery",
+    "SimilarResult",
     "assign_to_clusters",
     "find_similar",
     "list_clusters",

@@ -67,15 +67,41 @@ def test_train_model__version_files_split_and_skipped(trained):
     assert meta["classes"] == ["defective", "functional", "lonely"]
     assert meta["split"]["per_class"]["lonely"]["rule"] == "train only (fewer than 4 images)"
     assert meta["split"]["per_class"]["defective"]["test"] == 10
-    thresholds = meta["thresholds"]
-    assert thresholds["confidence"] == 0.5
-    assert 0.0 < thresholds["distance"] < 2.0
-    # 8 validation images are too few to calibrate on: leave-one-out over the training images
-    calibration = thresholds["distance_calibration"]
-    assert calibration["on"] == "train leave-one-out"
-    n_train = sum(c["train"] for c in meta["split"]["per_class"].values())
-    assert calibration["n"] == n_train
+    # the whole UNKNOWN decision calibrated on out-of-fold training images + validation images
+    thresholds, split = meta["thresholds"], meta["split"]
+    n_train, n_val = split["train"], split["val"]
+    assert n_train == sum(c["train"] for c in split["per_class"].values())
+    calibration = thresholds["calibration"]
+    assert calibration["on"] == f"{n_train} training images out of fold + {n_val} validation images"
+    assert calibration["n"] == n_train + n_val
     assert calibration["false_unknown_rate"] == 0.05
+    if "confidence_requested" in calibration:  # low confidence alone took over half the rate
+        assert calibration["confidence_requested"] == 0.5 and thresholds["confidence"] < 0.5
+    else:
+        assert thresholds["confidence"] == 0.5
+    assert thresholds["mix"] >= 0.0
+    assert 0.0 < thresholds["distance"] < 2.0 + thresholds["mix"]
+    realised = calibration["realised"]
+    assert set(realised) == {"unknown", "low_confidence", "far_from_training"}
+    assert realised["low_confidence"] <= 0.025
+    assert max(realised["low_confidence"], realised["far_from_training"]) <= realised["unknown"]
+    if calibration["n"] >= 50:
+        assert abs(realised["unknown"] - 0.05) <= 0.02
+    # the open-set report card: every class with other classes to compare against, left out
+    card = meta["open_set"]
+    assert set(card["per_class"]) == {"defective", "functional", "lonely"}
+    recalls = card["per_class"].values()
+    assert all(0.0 <= r <= 1.0 for r in recalls)
+    assert card["mean_recall"] == pytest.approx(np.mean(list(recalls)), abs=1e-3)
+    assert card["worst"]["recall"] == min(recalls)
+    assert card["per_class"][card["worst"]["class"]] == min(recalls)
+    assert f"{thresholds['mix']:.4g}" in card["mix_tried"] and "0" in card["mix_tried"]
+    # the test metrics count the whole decision, and each rule's share
+    metrics = meta["metrics"]
+    by_rule = metrics["unknown_by_rule"]
+    assert set(by_rule) == {"low_confidence", "far_from_training"}
+    rate = metrics["unknown_rate"]
+    assert max(by_rule.values()) - 1e-9 <= rate <= sum(by_rule.values()) + 1e-9
     reference = ReferenceSet.load(v.path)
     assert len(reference) == n_train and reference.embeddings.shape == (n_train, 1280)
     assert np.allclose(np.linalg.norm(reference.embeddings, axis=1), 1.0, atol=1e-4)

@@ -23,7 +23,8 @@ from PIL import Image
 
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import Prediction
-from imagesieve.classifier._reference import ReferenceSet, calibrate_distance
+from imagesieve.classifier._openset import HeldOut, calibrate_rule
+from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.cli import main
 from imagesieve.data import sort_into
 from imagesieve.ingest import ScoreOptions, score_inputs
@@ -391,7 +392,7 @@ def test_store__busy_workspace_is_a_one_line_error(scoring_ws, cells):
     assert "is in use by another imagesieve process" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_calibrate_distance__hits_the_target_false_unknown_rate():
+def test_calibrate_rule__hits_the_target_false_unknown_rate():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(5, 64))
 
@@ -399,17 +400,25 @@ def test_calibrate_distance__hits_the_target_false_unknown_rate():
         x = centres[rng.integers(0, 5, n)] + 0.3 * rng.normal(size=(n, 64))
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
+    def top1(n):  # about 1% of known images under a 0.5 confidence threshold
+        return np.where(rng.random(n) < 0.01, rng.uniform(0.3, 0.5, n), rng.uniform(0.5, 1.0, n))
+
     ref = ReferenceSet(sample(2000), [f"t{i}" for i in range(2000)], ["c"] * 2000)
-    threshold, info = calibrate_distance(ref, sample(400), 0.05)
-    assert info["on"] == "val" and info["n"] == 400
-    fresh = ref.nearest(sample(4000))[1][:, 0]
-    assert 0.03 <= (fresh > threshold).mean() <= 0.08
+    held = HeldOut(top1(400), ref.nearest(sample(400))[1][:, 0], np.zeros(400, int), "val")
+    rule, info = calibrate_rule(held, 0.5, 0.05)
+    assert (info["on"], info["n"], info["false_unknown_rate"]) == ("val", 400, 0.05)
+    assert rule.confidence == 0.5 and rule.mix == 0.0 and "confidence_requested" not in info
+    assert info["realised"]["unknown"] == 0.05  # the whole decision: 20 of 400 held-out images
+    fresh = rule.reasons(top1(4000), ref.nearest(sample(4000))[1][:, 0])
+    assert 0.03 <= np.mean([r is not None for r in fresh]) <= 0.08
     far = rng.normal(size=(200, 64))
     far = (far / np.linalg.norm(far, axis=1, keepdims=True)).astype(np.float32)
-    assert (ref.nearest(far)[1][:, 0] > threshold).mean() > 0.99
-    loo_threshold, loo = calibrate_distance(ref, sample(5), 0.05)  # too few held out
-    assert loo["on"] == "train leave-one-out" and loo["n"] == 2000
-    assert abs(loo_threshold - threshold) < 0.05
+    assert (ref.nearest(far)[1][:, 0] > rule.distance).mean() > 0.99
+    # the training images' leave-one-out distances stand in for held-out images
+    loo = HeldOut(top1(2000), ref.leave_one_out(), np.zeros(2000, int), "train")
+    loo_rule, loo_info = calibrate_rule(loo, 0.5, 0.05)
+    assert loo_info["n"] == 2000 and loo_info["realised"]["unknown"] == 0.05
+    assert abs(loo_rule.distance - rule.distance) < 0.05
 
 
 def embedded(rng, start: int, n: int, dim: int = 1280) -> list[Prediction]:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import duckdb
 import numpy as np
@@ -20,9 +21,11 @@ DISTANCES = [None, 0.0, 0.29, 0.3, 0.31, 1.5, 2.0, float("nan")]
 RULES = [UnknownRule(c, d) for c in (0.0, 0.5, 0.7, 1.0) for d in (None, 0.3, 2.0)]
 
 
-@pytest.fixture(scope="module")
-def stored():
-    """Every (probability, distance) pair in a table with the store's FLOAT columns."""
+def float_table() -> duckdb.DuckDBPyConnection:
+    """Every (probability, distance) pair in a table ``t`` with the store's FLOAT columns.
+
+    Shared with tests/test_openset.py.
+    """
     probs = PROBS + np.random.default_rng(0).random(5, np.float32).tolist()
     rows = [
         (i, f"class{i}", p, d) for i, (p, d) in enumerate((p, d) for p in probs for d in DISTANCES)
@@ -32,38 +35,57 @@ def stored():
         "CREATE TABLE t (id INTEGER, top1_class VARCHAR, top1_prob FLOAT, neighbor_distance FLOAT)"
     )
     con.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", rows)
+    return con
+
+
+@pytest.fixture(scope="module")
+def stored():
+    con = float_table()
     yield con
     con.close()
 
 
-@pytest.mark.parametrize("rule", RULES, ids=repr)
-def test_unknown_rule__python_and_sql_agree_on_float32_values(stored, rule):
-    # What re-deciding stored rows sees: the float32 values read back from the FLOAT columns.
+def assert_python_and_sql_agree(con, rule: UnknownRule) -> None:
+    """``rule``'s reasons, labels and counts are the same from Python and from DuckDB over ``t``.
+
+    Python sees what re-deciding stored rows sees: the float32 values read back from the
+    FLOAT columns. Shared with tests/test_openset.py.
+    """
     ids, top1, probs, dists = zip(
-        *stored.execute("SELECT * FROM t ORDER BY id").fetchall(), strict=True
+        *con.execute("SELECT * FROM t ORDER BY id").fetchall(), strict=True
     )
-    assert probs[5 * len(DISTANCES)] == float(np.float32(0.7))
-    assert dists[0] is None and np.isnan(dists[7])
     expected = rule.reasons(np.array(probs, np.float32), list(dists))
     labels = [c if r is None else UNKNOWN for c, r in zip(top1, expected, strict=True)]
 
     reason_sql, reason_params = rule.sql_reason()
     label_sql, label_params = rule.sql_label()
-    got = stored.execute(
+    got = con.execute(
         f"SELECT {reason_sql}, {label_sql} FROM t ORDER BY id", reason_params + label_params
     ).fetchall()
     assert [r for r, _ in got] == expected
     assert [lab for _, lab in got] == labels
 
     counts_sql, counts_params = rule.sql_counts()
-    assert stored.execute(f"SELECT {counts_sql} FROM t", counts_params).fetchone() == (
+    assert con.execute(f"SELECT {counts_sql} FROM t", counts_params).fetchone() == (
         sum(r is not None and LOW_CONFIDENCE in r for r in expected),
         sum(r is not None and FAR_FROM_TRAINING in r for r in expected),
         sum(r is not None for r in expected),
     )
-    # thresholds go in as parameters, never into the SQL text
-    assert reason_params == [rule.confidence] + ([] if rule.distance is None else [rule.distance])
-    assert str(rule.confidence) not in reason_sql and str(rule.distance) not in reason_sql
+    # thresholds (and the mix) go in as parameters, never into the SQL text
+    far_params = [] if rule.distance is None else [rule.mix] * bool(rule.mix) + [rule.distance]
+    assert reason_params == [rule.confidence] + far_params
+    assert set(re.findall(r"\b\d+(?:\.\d+)?\b", reason_sql)) <= {"1.0"}  # only 1 - Top-1
+
+
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+def test_unknown_rule__python_and_sql_agree_on_float32_values(stored, rule):
+    probs, dists = zip(
+        *stored.execute("SELECT top1_prob, neighbor_distance FROM t ORDER BY id").fetchall(),
+        strict=True,
+    )
+    assert probs[5 * len(DISTANCES)] == float(np.float32(0.7))
+    assert dists[0] is None and np.isnan(dists[7])
+    assert_python_and_sql_agree(stored, rule)
 
 
 def test_unknown_rule__reasons():
@@ -114,9 +136,11 @@ def test_predictor_decide__uses_the_rule(trained):
     dists = rng.uniform(0.0, 0.6, 300).astype(np.float32)
     dists[::17] = np.nan
     dists[5] = np.float32(0.3)  # the threshold's float32 value, just above 0.3
+    probs[5] = np.eye(len(classes), dtype=np.float32)[0]  # Top-1 is 1: the mix adds nothing
+    mix = result.version.mix  # chosen by training's report card; the predictor keeps it
     for threshold, distance in [(0.5, 0.3), (0.7, 2.0), (0.0, 0.0)]:
         predictor = Predictor(result.version, threshold=threshold, distance_threshold=distance)
-        assert predictor.rule == UnknownRule(threshold, distance)
+        assert predictor.rule == UnknownRule(threshold, distance, mix)
         decided = predictor.decide(probs, dists)
         reasons = predictor.rule.reasons(probs.max(axis=1), dists)
         assert [r for _, r, _ in decided] == reasons
@@ -129,7 +153,8 @@ def test_predictor_decide__uses_the_rule(trained):
             assert {None, LOW_CONFIDENCE, FAR_FROM_TRAINING} <= set(reasons)
         without = predictor.rule.reasons(probs.max(axis=1), None)  # confidence only
         assert [r for _, r, _ in predictor.decide(probs)] == without
-    with pytest.raises(ValueError, match=r"distance threshold must be within \[0, 2\], got 3"):
+    top = re.escape(f"[0, {2.0 + mix:g}]")
+    with pytest.raises(ValueError, match=rf"distance threshold must be within {top}, got 3"):
         Predictor(result.version, distance_threshold=3)
 
 
@@ -147,7 +172,8 @@ def test_version_meta__trained_meta_json_round_trips_and_set_thresholds_changes_
     info = result.version.info
     assert info.kind == "trained" and info.classes == result.version.classes
     assert info.extra["version"] == result.version.name and "metrics" in info.extra
-    assert "distance_calibration" in info.thresholds.extra
+    assert "calibration" in info.thresholds.extra
+    assert info.thresholds.mix == result.version.mix
     assert info.to_dict() == json.loads(text)
 
     version = _version_dir(tmp_path, text)

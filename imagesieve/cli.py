@@ -60,6 +60,10 @@ def _print_metrics(m: dict[str, Any]) -> None:
     if m.get("ece") is not None:
         parts.append(f"ECE {m['ece']:.4f}")
     print(f"  {', '.join(parts)} on {m['n']} {m.get('evaluated_on', '')} images")
+    if m.get("unknown_rate") is not None:
+        by = m.get("unknown_by_rule") or {}
+        rules = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" for k, v in by.items())
+        print(f"  UNKNOWN {m['unknown_rate']:.1%} of them" + (f" ({rules})" if rules else ""))
 
 
 def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
@@ -94,6 +98,7 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         "seconds": round(result.seconds, 1),
         "split": v.meta["split"],
         "thresholds": v.meta["thresholds"],
+        "open_set": v.meta["open_set"],
         "training": v.meta["training"],
     }
 
@@ -106,13 +111,22 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         _print_metrics(result.metrics)
         s = v.meta["split"]
         print(f"  split: {s['train']} train, {s['val']} val, {s['test']} test")
-        th = v.meta["thresholds"]
-        cal = th["distance_calibration"]
+        th, card = v.meta["thresholds"], v.meta["open_set"]
+        cal, real = th["calibration"], th["calibration"]["realised"]
+        mix = f" + {th['mix']:.3g} x (1 - Top-1)" if th["mix"] else ""
         print(
-            f"  UNKNOWN when Top-1 < {th['confidence']} or nearest training image > "
-            f"{th['distance']:.4f} (calibrated on {cal['n']} {cal['on']} images for "
-            f"{cal['false_unknown_rate']:.0%} false UNKNOWN)"
+            f"  UNKNOWN when Top-1 < {th['confidence']:.3g} or nearest training distance{mix} > "
+            f"{th['distance']:.4f}: {real['unknown']:.1%} of {cal['n']} held-out known images "
+            f"(target {cal['false_unknown_rate']:.0%}; low confidence {real['low_confidence']:.1%}, "
+            f"far from training {real['far_from_training']:.1%})"
         )
+        if card["mean_recall"] is not None:
+            worst = card["worst"]
+            print(
+                f"  open-set report card: a never-seen type would be {card['mean_recall']:.0%} "
+                f"UNKNOWN on average (each class left out in turn; worst {worst['class']!r} "
+                f"{worst['recall']:.0%})"
+            )
         if result.skipped:
             print(
                 f"  skipped {len(result.skipped)} unreadable files (listed in {v.path / 'meta.json'}):"

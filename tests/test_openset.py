@@ -190,7 +190,7 @@ def _refit(pixels: np.ndarray, y: np.ndarray, calls: list | None = None):
     """The head stand-in: logistic regression on the rows given; every row's Top-1 probability."""
     from sklearn.linear_model import LogisticRegression
 
-    def refit(rows: np.ndarray) -> np.ndarray:
+    def refit(rows: np.ndarray, warm: bool = False) -> np.ndarray:
         if len(np.unique(y[rows])) < 2:
             out = np.ones(len(y))
         else:

@@ -832,10 +832,9 @@ class Service:
         """How many stored images of the active version each rule would mark UNKNOWN."""
         return self.store.unknown_counts(self.version.name, self._rule(confidence, distance))
 
-    @staticmethod
-    def _rule(confidence: float, distance: float | None) -> UnknownRule:
+    def _rule(self, confidence: float, distance: float | None) -> UnknownRule:
         try:
-            return UnknownRule(confidence, distance)
+            return UnknownRule(confidence, distance, self.version.mix)
         except ValueError as e:
             raise ServiceError(str(e)) from None
 

@@ -45,7 +45,7 @@ def evaluate_version_on(
     classes = version.classes
     index = {c: i for i, c in enumerate(classes)}
     predictor = Predictor(version, batch_size=batch_size)
-    y_true, probs, sources, failed = [], [], [], []
+    y_true, probs, sources, reasons, failed = [], [], [], [], []
     unseen: dict[str, dict[str, int]] = {}
     done = 0
     for batch in predictor.score_batches([str(p) for p in paths]):
@@ -62,6 +62,7 @@ def evaluate_version_on(
                 y_true.append(index[label])
                 probs.append(pred.probs)
                 sources.append(pred.source)
+                reasons.append(pred.reason)
         if progress:
             progress("evaluating", done, len(paths))
     if not sources:
@@ -85,6 +86,7 @@ def evaluate_version_on(
         history=history,
         load_thumbnail=_thumbnail,
         extra=extra,
+        reasons=reasons,
     )
 
 

@@ -145,10 +145,11 @@ class Predictor:
             rule = UnknownRule(
                 version.confidence_threshold if threshold is None else threshold,
                 version.distance_threshold if distance_threshold is None else distance_threshold,
+                version.mix,
             )
         except ValueError as e:  # a threshold out of range, in the user's words
             raise UserError(str(e)) from None
-        self.threshold, self.distance_threshold = rule.confidence, rule.distance
+        self.threshold, self.distance_threshold, self.mix = rule.confidence, rule.distance, rule.mix
         self.reference = ReferenceSet.load(version.path)
         self.engine = ScoringEngine(
             version.onnx_path, version.config, batch_size=batch_size, workers=workers
@@ -157,7 +158,7 @@ class Predictor:
     @property
     def rule(self) -> UnknownRule:
         """The UNKNOWN rule of this predictor's thresholds."""
-        return UnknownRule(self.threshold, self.distance_threshold)
+        return UnknownRule(self.threshold, self.distance_threshold, self.mix)
 
     def decide(
         self, probs: np.ndarray, distances: np.ndarray | None = None

@@ -1,9 +1,8 @@
 """The training images' embeddings, for the "unlike anything trained on" half of UNKNOWN.
 
 Every trained version keeps the L2-normalised embeddings of its training images. A scored
-image's distance to its nearest training image (cosine distance, ``1 - cos``, in [0, 2]) is
-compared with a threshold calibrated at training time so that a chosen share of held-out
-images of the known classes (default 5%) would be called UNKNOWN.
+image's distance to its nearest training image (cosine distance, ``1 - cos``, in [0, 2]) goes
+into the far-from-training test, whose threshold training calibrates (``_openset``).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from imagesieve._errors import UserError
 from imagesieve._faiss import search as faiss_search
 
 __all__ = [
@@ -23,14 +21,11 @@ __all__ = [
     "REFERENCE_EMBEDDINGS",
     "REFERENCE_TABLE",
     "ReferenceSet",
-    "calibrate_distance",
 ]
 
 REFERENCE_EMBEDDINGS = "reference.npy"
 REFERENCE_TABLE = "reference.csv"
 DEFAULT_FALSE_UNKNOWN_RATE = 0.05
-#: Fewest held-out images a distance threshold is calibrated on; fewer -> leave-one-out on train.
-MIN_CALIBRATION = 20
 
 
 @dataclass
@@ -95,38 +90,3 @@ class ReferenceSet:
                 f"{REFERENCE_EMBEDDINGS} has {len(emb)}"
             )
         return cls(emb, [r["source"] for r in rows], [r["label"] for r in rows])
-
-
-def calibrate_distance(
-    reference: ReferenceSet,
-    held_out: np.ndarray | None,
-    false_unknown_rate: float = DEFAULT_FALSE_UNKNOWN_RATE,
-) -> tuple[float, dict]:
-    """Distance threshold that marks ``false_unknown_rate`` of known-class images UNKNOWN.
-
-    Calibrated on held-out embeddings (validation images) when there are at least
-    MIN_CALIBRATION of them, else on each training image's leave-one-out distance.
-    Returns the threshold and a record of how it was set, for ``meta.json``.
-    """
-    if not 0.0 < false_unknown_rate < 1.0:
-        raise UserError(f"false-UNKNOWN rate must be within (0, 1), got {false_unknown_rate}")
-    if held_out is not None and len(held_out) >= MIN_CALIBRATION:
-        dist, on = reference.nearest(held_out)[1][:, 0], "val"
-    else:
-        dist, on = reference.leave_one_out(), "train leave-one-out"
-    if len(dist) == 0:
-        return 2.0, {
-            "on": "none (one training image)",
-            "n": 0,
-            "false_unknown_rate": false_unknown_rate,
-        }
-    threshold = float(np.quantile(dist, 1.0 - false_unknown_rate, method="higher"))
-    info = {
-        "on": on,
-        "n": int(len(dist)),
-        "false_unknown_rate": false_unknown_rate,
-        "distance_quantiles": {
-            q: round(float(np.quantile(dist, float(q))), 6) for q in ("0.5", "0.9", "0.95", "0.99")
-        },
-    }
-    return threshold, info

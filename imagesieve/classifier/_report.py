@@ -10,13 +10,14 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from imagesieve.classifier._predict import TOP3_COLUMNS, top_k
+from imagesieve.classifier._unknown import FAR_FROM_TRAINING, LOW_CONFIDENCE
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -37,6 +38,7 @@ RESERVED_KEYS = frozenset(
         "roc_auc",
         "ece",
         "unknown_rate",
+        "unknown_by_rule",
         "accuracy_known",
         "threshold",
         "classes",
@@ -59,20 +61,27 @@ def write_report(
     history: dict[str, list[float]] | None = None,
     load_thumbnail: Callable[[str], Image.Image] | None = None,
     extra: dict[str, Any] | None = None,
+    reasons: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
     """Write metrics.json, plots, audit.csv and the misclassified gallery into ``out_dir``.
 
-    ``y_true`` is (n,) int class indices, ``probs`` (n, c) softmax rows; returns the metrics.
+    ``y_true`` is (n,) int class indices, ``probs`` (n, c) softmax rows; ``reasons`` the
+    model's UNKNOWN reason per row (None: known), so that the UNKNOWN rate is the whole
+    decision's; without them only ``probs[top1] < threshold`` counts. Returns the metrics.
     """
     y_true, probs = _check_inputs(classes, y_true, probs, sources, threshold, extra)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     idx, top_p = top_k(probs, 3)
-    metrics = _metrics(classes, y_true, probs, idx[:, 0], top_p[:, 0], threshold)
+    if reasons is None:
+        reasons = [LOW_CONFIDENCE if p < threshold else None for p in top_p[:, 0]]
+    if len(reasons) != len(y_true):
+        raise ValueError(f"reasons ({len(reasons)}) need one entry per probs row ({len(y_true)})")
+    metrics = _metrics(classes, y_true, probs, idx[:, 0], top_p[:, 0], threshold, reasons)
     metrics.update(_plain(extra or {}))
 
     files = ["metrics.json", "audit.csv", "confusion_matrix.png"]
-    _write_audit(out_dir / "audit.csv", classes, y_true, idx, top_p, sources, threshold)
+    _write_audit(out_dir / "audit.csv", classes, y_true, idx, top_p, sources, reasons)
     cm = np.asarray(metrics["confusion_matrix"])
     _plot_confusion(out_dir / "confusion_matrix.png", classes, cm)
     if _plot_curves(out_dir / "training_curves.png", history or {}):
@@ -134,10 +143,12 @@ def _metrics(
     top1: np.ndarray,
     conf: np.ndarray,
     threshold: float,
+    reasons: Sequence[str | None],
 ) -> dict[str, Any]:
     """Accuracy, F1, per-class scores, ROC-AUC (binary), ECE, UNKNOWN share, confusion matrix.
 
     Macro F1 averages the classes present in ``y_true`` or predicted (scikit-learn's default).
+    The UNKNOWN share is the whole decision's, with the share each rule fires on (both may).
     """
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
@@ -147,7 +158,7 @@ def _metrics(
     )
     present = (support > 0) | np.isin(labels, top1)
     correct = top1 == y_true
-    known = conf >= threshold
+    known = np.array([r is None for r in reasons], bool)
     metrics: dict[str, Any] = {
         "n": len(y_true),
         "accuracy": float(correct.mean()),
@@ -159,6 +170,10 @@ def _metrics(
     metrics |= {
         "ece": _ece(conf, correct),
         "unknown_rate": float(1.0 - known.mean()),
+        "unknown_by_rule": {
+            rule: float(np.mean([r is not None and rule in r for r in reasons]))
+            for rule in (LOW_CONFIDENCE, FAR_FROM_TRAINING)
+        },
         "accuracy_known": float(correct[known].mean()) if known.any() else None,
         "threshold": float(threshold),
         "classes": list(classes),
@@ -197,16 +212,16 @@ def _write_audit(
     idx: np.ndarray,
     top_p: np.ndarray,
     sources: list[str],
-    threshold: float,
+    reasons: Sequence[str | None],
 ) -> None:
     """One CSV row per image: truth, Top-3 with probabilities, confidence, correct, unknown."""
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(AUDIT_COLUMNS)
-        for src, t, row_i, row_p in zip(sources, y_true, idx, top_p, strict=True):
+        for src, t, row_i, row_p, why in zip(sources, y_true, idx, top_p, reasons, strict=True):
             top3 = [(classes[i], f"{p:.6f}") for i, p in zip(row_i, row_p, strict=True)]
             top3 += [("", "")] * (3 - len(top3))
-            flags = [_flag(row_i[0] == t), _flag(row_p[0] < threshold)]
+            flags = [_flag(row_i[0] == t), _flag(why is not None)]
             cells = [v for pair in top3 for v in pair]
             writer.writerow([str(src), classes[t], *cells, top3[0][1], *flags])
 

@@ -16,11 +16,9 @@ from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier._engine import Progress
 from imagesieve.classifier._features import HEAD_POOLING, backbone_onnx, extract_features
-from imagesieve.classifier._reference import (
-    DEFAULT_FALSE_UNKNOWN_RATE,
-    ReferenceSet,
-    calibrate_distance,
-)
+from imagesieve.classifier._openset import Refit, held_out, report_card
+from imagesieve.classifier._predict import softmax
+from imagesieve.classifier._reference import DEFAULT_FALSE_UNKNOWN_RATE, ReferenceSet
 from imagesieve.classifier._split import SplitPlan, adaptive_split
 from imagesieve.data import ImageFolder, load_image, scan_image_folder
 from imagesieve.models import DEFAULT_BACKBONE, ModelVersion, activate_version, get_backbone_spec
@@ -118,11 +116,12 @@ def _holdout(
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(check))
 
 
-def _fit_linear(x, y, xv, yv, n_classes, class_w, weight_decay, steps=30):
+def _fit_linear(x, y, xv, yv, n_classes, class_w, weight_decay, steps=30, init=None):
     """L2-regularised multinomial logistic regression by full-batch L-BFGS (convex: converges).
 
     Records train/val loss and accuracy after each of ``steps`` L-BFGS steps (10 iterations
     each) as the training curve; returns the fitted layer, final val loss and history.
+    ``init`` (weight, bias) starts from a nearby solution instead of zeros.
     """
     import torch
     from torch.nn import functional as F
@@ -131,8 +130,9 @@ def _fit_linear(x, y, xv, yv, n_classes, class_w, weight_decay, steps=30):
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     xvt, yvt = torch.from_numpy(xv), torch.from_numpy(yv)
     lin = torch.nn.Linear(x.shape[1], n_classes)
-    torch.nn.init.zeros_(lin.weight)
-    torch.nn.init.zeros_(lin.bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.zeros_like(lin.weight) if init is None else init[0])
+        lin.bias.copy_(torch.zeros_like(lin.bias) if init is None else init[1])
     opt = torch.optim.LBFGS(
         lin.parameters(), lr=1, max_iter=10, history_size=20, line_search_fn="strong_wolfe"
     )
@@ -160,6 +160,44 @@ def _fit_linear(x, y, xv, yv, n_classes, class_w, weight_decay, steps=30):
                 hist["val_loss"].append(val_loss)
                 hist["val_acc"].append(float((vl.argmax(1) == yvt).float().mean()))
     return lin, val_loss, hist
+
+
+#: L-BFGS steps of a warm refit: it starts from the trained head, a few steps from its optimum.
+REFIT_STEPS = 3
+
+
+def _refit_top1(
+    feats: np.ndarray, y: np.ndarray, train: np.ndarray, head: Any, opts: TrainOptions, wd: float
+) -> Refit:
+    """Phase 1 again on some rows only: every row's Top-1 probability (``_openset.Refit``).
+
+    Features are standardised as for the trained head (its weights brought back to that
+    scale), so a warm refit starts next to its optimum and needs few steps.
+    """
+    import torch
+
+    mu, sd = feats[train].mean(0), feats[train].std(0) + 1e-6
+    z = torch.from_numpy(((feats - mu) / sd).astype(np.float32))
+    with torch.no_grad():
+        weight = head.weight * torch.from_numpy(sd)
+        bias = head.bias + head.weight @ torch.from_numpy(mu)
+
+    def refit(rows: np.ndarray, warm: bool) -> np.ndarray:
+        present = np.unique(y[rows])
+        if len(present) < 2:
+            return np.ones(len(y))
+        remap = np.zeros(int(y.max()) + 1, np.int64)
+        remap[present] = np.arange(len(present))
+        yy = remap[y]
+        cw = _class_weights(yy[rows], len(present), opts.class_weight)
+        keep = torch.from_numpy(present)
+        x = z[rows].numpy()
+        fit = (REFIT_STEPS, (weight[keep], bias[keep])) if warm else (30, None)
+        lin, _, _ = _fit_linear(x, yy[rows], x[:0], yy[:0], len(present), cw, wd, *fit)
+        with torch.no_grad():
+            return softmax(lin(z).numpy()).max(1)
+
+    return refit
 
 
 def _fit_head(feats, y, train, val, n_classes, opts: TrainOptions):
@@ -402,6 +440,7 @@ def train_model(
 
     progress("training head", 0, 1)
     head, phase1, history = _fit_head(feats, y, plan.train, plan.val, len(classes), opts)
+    head1 = copy.deepcopy(head)  # phase 2 trains ``head`` in place; refits start from this one
     progress("training head", 1, 1)
     backbone = create_backbone(opts.backbone, weights=opts.weights)
     model = make_model(backbone, head, pooling=HEAD_POOLING)
@@ -432,20 +471,38 @@ def train_model(
                 build / "model.onnx",
                 config,
                 [samples[i].path for i in need],
-                ("embedding",),
+                ("embedding", "logits"),
                 batch_size=opts.batch_size,
                 progress=progress,
             )
             embeddings[need] = arrays["embedding"]
+            val_logits = arrays["logits"][len(plan.train) :]
+        else:
+            with torch.no_grad():
+                val_logits = head(torch.from_numpy(feats[plan.val])).numpy()
         reference = ReferenceSet(
             embeddings[plan.train],
             [str(samples[i].path) for i in plan.train],
             [samples[i].label for i in plan.train],
         )
         reference.save(build)
-        distance, calibration = calibrate_distance(
-            reference, embeddings[plan.val], opts.false_unknown_rate
+        # The whole UNKNOWN decision calibrated on held-out known images, and the report card.
+        progress("calibrating UNKNOWN", 0, 1)
+        refit = _refit_top1(feats, y, plan.train, head1, opts, phase1["weight_decay"])
+        val_top1 = softmax(val_logits).max(1) if len(plan.val) else np.zeros(0)
+        held = held_out(embeddings, y, plan.train, plan.val, val_top1, refit, opts.seed)
+        rule, calibration, card = report_card(
+            embeddings,
+            y,
+            classes,
+            plan.train,
+            plan.val,
+            held,
+            refit,
+            opts.confidence_threshold,
+            opts.false_unknown_rate,
         )
+        progress("calibrating UNKNOWN", 1, 1)
         meta: dict[str, Any] = {
             "kind": "trained",
             "backbone": opts.backbone,
@@ -453,10 +510,12 @@ def train_model(
             "classes": classes,
             "preprocessing": config.to_dict(),
             "thresholds": {
-                "confidence": opts.confidence_threshold,
-                "distance": round(distance, 6),
-                "distance_calibration": calibration,
+                "confidence": rule.confidence,
+                "distance": rule.distance,
+                "mix": rule.mix,
+                "calibration": calibration,
             },
+            "open_set": card,
             "data": {
                 "root": str(Path(data_dir).resolve()),
                 "fingerprint": folder.fingerprint(),
@@ -482,12 +541,20 @@ def train_model(
             [samples[i].label for i in eval_idx],
             build / "report",
             history=history,
-            extra={"evaluated_on": eval_on, "split": plan.to_dict()},
+            extra={"evaluated_on": eval_on, "split": plan.to_dict(), "open_set": card},
             batch_size=opts.batch_size,
         )
         meta["metrics"] = {
             k: metrics[k]
-            for k in ("n", "accuracy", "macro_f1", "roc_auc", "ece", "unknown_rate")
+            for k in (
+                "n",
+                "accuracy",
+                "macro_f1",
+                "roc_auc",
+                "ece",
+                "unknown_rate",
+                "unknown_by_rule",
+            )
             if k in metrics
         }
         meta["metrics"]["evaluated_on"] = eval_on

@@ -25,29 +25,39 @@ class UnknownRule:
     """When a prediction is UNKNOWN.
 
     Low confidence: Top-1 probability ``p < confidence``. Far from training: ``distance`` is set
-    and the nearest-training cosine distance ``d > distance`` (a missing or NaN ``d`` never is).
+    and the score ``d + mix * (1 - p)`` is above it, ``d`` being the nearest-training cosine
+    distance (a missing or NaN ``d`` never is far). ``mix`` is 0 unless training found that
+    low confidence also marks new types (``classifier._openset``).
     Both forms compare in double precision, so a probability stored as FLOAT gets the same
     decision from the SQL as from ``reasons`` applied to that float32 value.
     """
 
     confidence: float
     distance: float | None = None
+    mix: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.confidence <= 1.0:
             raise ValueError(f"confidence threshold must be within [0, 1], got {self.confidence}")
-        if self.distance is not None and not 0.0 <= self.distance <= 2.0:
-            raise ValueError(f"distance threshold must be within [0, 2], got {self.distance}")
+        if not 0.0 <= self.mix < float("inf"):
+            raise ValueError(f"mix must be a finite number >= 0, got {self.mix}")
+        top = 2.0 + self.mix
+        if self.distance is not None and not 0.0 <= self.distance <= top:
+            raise ValueError(f"distance threshold must be within [0, {top:g}], got {self.distance}")
 
     def reasons(self, top1_prob: np.ndarray, distance: np.ndarray | None) -> list[str | None]:
         """Per row the UNKNOWN reason, or None when the prediction is known.
 
         ``distance`` may hold NaN (or None) for rows without a nearest training image.
         """
-        low = np.asarray(top1_prob, np.float64) < self.confidence
+        p = np.asarray(top1_prob, np.float64)
+        low = p < self.confidence
         far = np.zeros(len(low), bool)
         if distance is not None and self.distance is not None:
-            far = np.asarray(distance, np.float64) > self.distance  # NaN > x is False
+            score = np.asarray(distance, np.float64)
+            if self.mix:
+                score = score + self.mix * (1.0 - p)
+            far = score > self.distance  # NaN > x is False
         return [_REASONS.get(k) for k in zip(low.tolist(), far.tolist(), strict=True)]
 
     def _sql(self) -> tuple[str, str, list, list]:
@@ -56,8 +66,14 @@ class UnknownRule:
         if self.distance is None:
             return low, "false", [self.confidence], []
         # DuckDB orders NaN above every number, so NaN must be excluded explicitly.
-        far = "(NOT isnan(neighbor_distance) AND CAST(neighbor_distance AS DOUBLE) > ?)"
-        return low, far, [self.confidence], [self.distance]
+        if not self.mix:
+            far = "(NOT isnan(neighbor_distance) AND CAST(neighbor_distance AS DOUBLE) > ?)"
+            return low, far, [self.confidence], [self.distance]
+        far = (
+            "(NOT isnan(neighbor_distance) AND CAST(neighbor_distance AS DOUBLE)"
+            " + ? * (1.0 - CAST(top1_prob AS DOUBLE)) > ?)"
+        )
+        return low, far, [self.confidence], [self.mix, self.distance]
 
     def sql_reason(self) -> tuple[str, list]:
         """A DuckDB expression giving ``reasons``' value (NULL when known), and its parameters."""

@@ -38,7 +38,8 @@ class Thresholds:
 
     confidence: float = 0.5  # as ModelVersion.confidence_threshold when the key is missing
     distance: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. "distance_calibration"
+    mix: float | None = None  # weight of (1 - Top-1 probability) in the distance score; None: 0
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. "calibration"
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ class VersionMeta:
         th = rest.pop("thresholds", None)
         if th is not None:
             th = dict(th)
-            th = Thresholds(th.pop("confidence", 0.5), th.pop("distance", None), th)
+            th = Thresholds(
+                th.pop("confidence", 0.5), th.pop("distance", None), th.pop("mix", None), th
+            )
         return cls(list(d["classes"]), d["preprocessing"], d.get("kind"), th, rest)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,7 +72,9 @@ class VersionMeta:
         th = self.thresholds
         out = {"kind": self.kind, "classes": self.classes, "preprocessing": self.preprocessing}
         if th is not None:
-            out["thresholds"] = {"confidence": th.confidence, "distance": th.distance, **th.extra}
+            mix = {} if th.mix is None else {"mix": th.mix}
+            out["thresholds"] = {"confidence": th.confidence, "distance": th.distance} | mix
+            out["thresholds"] |= th.extra
         return {k: v for k, v in out.items() if v is not None} | self.extra
 
 
@@ -124,6 +129,11 @@ class ModelVersion:
         """Nearest-training-image distance above which a prediction is UNKNOWN (None: no rule)."""
         value = self.meta.get("thresholds", {}).get("distance")
         return None if value is None else float(value)
+
+    @property
+    def mix(self) -> float:
+        """Weight of (1 - Top-1 probability) added to the distance before its threshold."""
+        return float(self.meta.get("thresholds", {}).get("mix") or 0.0)
 
     @property
     def info(self) -> VersionMeta:

@@ -31,6 +31,27 @@ def _metrics_md(version: Any) -> str:
         f"{m.get('n', '?')} {m.get('evaluated_on', '')} images: {head}",
         "",
     ]
+    by_rule = m.get("unknown_by_rule") or {}
+    if by_rule:
+        lines += [
+            f"UNKNOWN on these known-class images: **{pct(m['unknown_rate'])}** "
+            f"(low confidence {pct(by_rule.get(LOW_CONFIDENCE, 0))}, far from training "
+            f"{pct(by_rule.get(FAR_FROM_TRAINING, 0))})",
+            "",
+        ]
+    card = version.meta.get("open_set") or {}
+    if card.get("per_class"):
+        worst = card["worst"]
+        lines += [
+            f"**Open-set report card**: a type the model has never seen would be flagged UNKNOWN "
+            f"**{pct(card['mean_recall'])}** of the time on average (each class left out in "
+            f"turn; worst: {worst['class']} {pct(worst['recall'])}).",
+            "",
+            "| left out | flagged UNKNOWN |",
+            "|---|---|",
+            *(f"| {c} | {pct(r)} |" for c, r in card["per_class"].items()),
+            "",
+        ]
     per_class = m.get("per_class") or {}
     if per_class:
         lines += ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
@@ -77,6 +98,12 @@ def _report_image(version: Any, name: str) -> Any:
         return im.convert("RGB")
 
 
+def _score_words(mix: float) -> str:
+    """The far-from-training score in words: the distance, plus the mix of low confidence."""
+    words = "nearest training image's cosine distance"
+    return f"{words} + {mix:.2f} x (1 - Top-1)" if mix else words
+
+
 def model_tab(service: Service) -> Panel:
     def preview(confidence: float, use_distance: bool, distance: float) -> str:
         if version_or_none(service) is None:
@@ -86,7 +113,7 @@ def model_tab(service: Service) -> Panel:
         )
         rule = f"Top-1 below {pct(confidence)}"
         if use_distance:
-            rule += f" or nearest training image beyond {distance:.3f}"
+            rule += f" or {_score_words(service.version.mix)} beyond {distance:.3f}"
         stored = counts["stored"]
         return (
             f"With **{rule}**, **{counts['unknown']:,} of {stored:,}** stored images would be "
@@ -129,7 +156,11 @@ def model_tab(service: Service) -> Panel:
             _misclassified(version),
             gr.Slider(value=confidence),
             gr.Checkbox(value=distance is not None),
-            gr.Slider(value=distance if distance is not None else 0.3),
+            gr.Slider(
+                value=distance if distance is not None else 0.3,
+                maximum=1.0 + version.mix,
+                label=f"{_score_words(version.mix).capitalize()} further than",
+            ),
             preview(confidence, distance is not None, distance or 0.3),
         )
 

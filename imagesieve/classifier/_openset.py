@@ -1,0 +1,206 @@
+"""Open-set calibration: thresholds set for the whole UNKNOWN decision, and the report card.
+
+The decision (``UnknownRule``) is "Top-1 probability below ``confidence``, OR far-from-training
+score above ``distance``", the score being the cosine distance to the nearest training image
+plus ``mix`` times (1 - Top-1 probability). Both thresholds are set on held-out images of the
+known classes so that the whole decision, not each rule alone, calls the target share of them
+UNKNOWN. Held out: each training image predicted by a head refitted without its fold (on the
+cached features: no decoding) and its distance to its nearest *other* training image, plus
+the validation images as the model sees them.
+
+The report card simulates a never-seen type on the operator's own data: each class in turn is
+left out (head refitted without it, its images out of the reference set), and the share of its
+images the calibrated decision flags is that class's recall. The card also chooses ``mix``:
+on some data a new type still gets confident predictions (confidence misleads, mix 0), on
+other data low confidence is the better sign; ``bench/bench_openset.py`` shows each on sets
+from several domains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from imagesieve.classifier._reference import ReferenceSet
+from imagesieve.classifier._unknown import FAR_FROM_TRAINING, LOW_CONFIDENCE, UnknownRule
+
+__all__ = ["FOLDS", "MIX_GRID", "HeldOut", "Refit", "calibrate_rule", "held_out", "report_card"]
+
+#: Folds of the out-of-fold predictions over the training images.
+FOLDS = 5
+#: The mixes the report card tries, in units of the spread of the distance over that of
+#: (1 - Top-1 probability) on the held-out images.
+MIX_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+#: A mix other than 0 is chosen only if it raises the card's mean recall by this much.
+MIN_GAIN = 0.01
+
+#: Fits the head on the given rows alone; returns every row's Top-1 probability under that head.
+#: ``warm``: start from the trained head (for leaving a class out: its logit is dropped);
+#: otherwise from scratch (a fold: the trained head has seen the rows left out).
+Refit = Callable[[np.ndarray, bool], np.ndarray]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out images of the known classes as the model sees them: (n,) arrays and their source."""
+
+    top1_prob: np.ndarray
+    distance: np.ndarray
+    label: np.ndarray
+    on: str
+
+    def without(self, label: int) -> HeldOut:
+        """The held-out images not of class ``label``."""
+        keep = self.label != label
+        return HeldOut(self.top1_prob[keep], self.distance[keep], self.label[keep], self.on)
+
+
+def held_out(
+    embeddings: np.ndarray,
+    y: np.ndarray,
+    train: np.ndarray,
+    val: np.ndarray,
+    val_top1: np.ndarray,
+    refit: Refit,
+    seed: int = 0,
+) -> HeldOut:
+    """Out-of-fold Top-1 probabilities and leave-one-out distances of ``train``, plus ``val``.
+
+    ``embeddings`` and ``y`` cover all rows; ``val_top1`` is the trained model's Top-1
+    probability of each ``val`` row.
+    """
+    top1 = np.empty(len(y))
+    order = np.random.default_rng(seed).permutation(train)
+    fold = np.arange(len(order)) % FOLDS
+    for f in range(min(FOLDS, len(order))):
+        top1[order[fold == f]] = refit(order[fold != f], False)[order[fold == f]]
+    reference = ReferenceSet(embeddings[train], [""] * len(train), [""] * len(train))
+    distance = reference.leave_one_out()
+    if len(distance) != len(train):  # one training image: nothing to measure it against
+        distance = np.full(len(train), np.nan)
+    on = f"{len(train)} training images out of fold"
+    if len(val):
+        distance = np.concatenate([distance, reference.nearest(embeddings[val])[1][:, 0]])
+        on += f" + {len(val)} validation images"
+    return HeldOut(
+        np.concatenate([top1[train], val_top1]).astype(np.float64),
+        distance.astype(np.float64),
+        np.concatenate([y[train], y[val]]),
+        on,
+    )
+
+
+def calibrate_rule(
+    held: HeldOut, confidence: float, false_unknown_rate: float, mix: float = 0.0
+) -> tuple[UnknownRule, dict]:
+    """The rule whose whole decision flags ``false_unknown_rate`` of the held-out images.
+
+    Low confidence takes at most half the rate: when more held-out images than that are under
+    ``confidence``, the confidence threshold is lowered until they are not. The distance
+    threshold takes the rest. Returns the rule and a record of how it was set.
+    """
+    p, d = held.top1_prob, held.distance
+    measured = ~np.isnan(d)
+    n = len(p)
+    low = p < confidence
+    used = confidence
+    if n and low.mean() > false_unknown_rate / 2:
+        used = float(np.quantile(p, false_unknown_rate / 2, method="lower"))
+        low = p < used
+    score = d + mix * (1.0 - p)
+    rest = np.sort(score[~low & measured])
+    allowed = int(np.floor(false_unknown_rate * n)) - int(low.sum())
+    top = 2.0 + mix
+    if len(rest) == 0:
+        threshold = top
+    elif allowed <= 0:
+        threshold = float(rest[-1])
+    else:
+        threshold = float(rest[max(len(rest) - allowed - 1, 0)])
+    # Stored with 6 decimals: rounded up, so the stored rule flags no held-out image more.
+    threshold = math.ceil(min(max(threshold, 0.0), top) * 1e6) / 1e6
+    rule = UnknownRule(used, min(threshold, top), mix)
+    info = {
+        "on": held.on,
+        "n": n,
+        "false_unknown_rate": false_unknown_rate,
+        "realised": _shares(rule.reasons(p, d)),
+    }
+    if used != confidence:
+        info["confidence_requested"] = confidence
+    return rule, info
+
+
+def report_card(
+    embeddings: np.ndarray,
+    y: np.ndarray,
+    classes: list[str],
+    train: np.ndarray,
+    val: np.ndarray,
+    held: HeldOut,
+    refit: Refit,
+    confidence: float,
+    false_unknown_rate: float,
+) -> tuple[UnknownRule, dict, dict]:
+    """Leave each class out in turn; choose the mix; the calibrated rule, its record, the card.
+
+    A class's recall is the share of its training and validation images that the decision,
+    calibrated on all held-out images, calls UNKNOWN once the model has never seen the class.
+    """
+    spread_d = _spread(held.distance[~np.isnan(held.distance)])
+    spread_u = _spread(1.0 - held.top1_prob)
+    scale = spread_d / spread_u if spread_u > 0 else 0.0
+    mixes = [0.0] if scale == 0 else [round(m * scale, 6) for m in MIX_GRID]
+    rules = [calibrate_rule(held, confidence, false_unknown_rate, m) for m in mixes]
+    recall: dict[str, list[float]] = {}
+    for c, name in enumerate(classes):
+        rest = train[y[train] != c]
+        if len(rest) == len(train) or len(np.unique(y[rest])) == 0:
+            continue
+        unseen = np.concatenate([train[y[train] == c], val[y[val] == c]])
+        top1 = refit(rest, True)[unseen] if len(np.unique(y[rest])) > 1 else np.ones(len(unseen))
+        ref = ReferenceSet(embeddings[rest], [""] * len(rest), [""] * len(rest))
+        dist = ref.nearest(embeddings[unseen])[1][:, 0]
+        recall[name] = [_flagged(rule, top1, dist) for rule, _ in rules]
+    means = np.mean(list(recall.values()), axis=0) if recall else np.zeros(len(mixes))
+    best = int(np.argmax(means))
+    if means[best] < means[0] + MIN_GAIN:
+        best = 0
+    rule, info = rules[best]
+    per_class = {k: round(v[best], 4) for k, v in recall.items()}
+    worst = min(per_class, key=per_class.get) if per_class else None
+    card = {
+        "method": "each class left out in turn: head refitted and reference set without it",
+        "per_class": per_class,
+        "mean_recall": round(float(means[best]), 4) if recall else None,
+        "worst": {"class": worst, "recall": per_class[worst]} if worst else None,
+        "mix_tried": {f"{m:.4g}": round(float(r), 4) for m, r in zip(mixes, means, strict=True)},
+    }
+    return rule, info, card
+
+
+def _flagged(rule: UnknownRule, top1_prob: np.ndarray, distance: np.ndarray) -> float:
+    """Share of the rows ``rule`` calls UNKNOWN."""
+    return float(np.mean([r is not None for r in rule.reasons(top1_prob, distance)]))
+
+
+def _spread(a: np.ndarray) -> float:
+    """Median to 95th percentile: how far the tail of held-out scores reaches."""
+    if len(a) == 0:
+        return 0.0
+    q50, q95 = np.quantile(a, [0.5, 0.95])
+    return float(q95 - q50)
+
+
+def _shares(reasons: list[str | None]) -> dict[str, float]:
+    n = max(len(reasons), 1)
+    return {
+        "unknown": round(sum(r is not None for r in reasons) / n, 4),
+        LOW_CONFIDENCE: round(sum(r is not None and LOW_CONFIDENCE in r for r in reasons) / n, 4),
+        FAR_FROM_TRAINING: round(
+            sum(r is not None and FAR_FROM_TRAINING in r for r in reasons) / n, 4
+        ),
+    }

@@ -5,8 +5,10 @@ Split "reference": the stratified 75/25 split of the published baselines, i.e.
 sklearn.model_selection.train_test_split(stratify=y, test_size=0.25, random_state=SEED) over
 the dataset's labels.csv order, written as a pre-split train/ test/ ImageFolder.
 Split "adaptive": imagesieve's own class-wise split (--test-size 0.25 --val-size 0), per seed.
+Split "folder": any ImageFolder given with --data (its own adaptive split, default sizes).
 
-Usage: python bench/bench_train.py [--split reference|adaptive] [--seeds 0 1 2] [--finetune-epochs N]
+Usage: python bench/bench_train.py [--split reference|adaptive|folder] [--data DIR] [--seeds 0 1 2]
+       [--finetune-epochs N]
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def run_train(data: Path, ws: Path, extra: list[str]) -> tuple[dict, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--split", choices=["reference", "adaptive"], default="reference")
+    ap.add_argument("--split", choices=["reference", "adaptive", "folder"], default="reference")
+    ap.add_argument("--data", type=Path, help="the ImageFolder of --split folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--finetune-epochs", type=int, default=0)
     ap.add_argument("extra", nargs="*", help="more arguments for imagesieve train")
@@ -79,6 +82,8 @@ def main() -> None:
         extra = ["--seed", str(seed), "--finetune-epochs", str(args.finetune_epochs), *args.extra]
         if args.split == "reference":
             data = reference_folder(seed)
+        elif args.split == "folder":
+            data = args.data.resolve()
         else:
             data = export_elpv(HERE / "_data" / "elpv-defect", elpv_images(), label)
             extra += ["--test-size", "0.25", "--val-size", "0"]
@@ -91,8 +96,9 @@ def main() -> None:
             f"## split {args.split}, seed {seed}: {doc['split']['train']} train / {doc['split']['test']} test"
         )
         print(f"command: imagesieve train {data.relative_to(HERE.parent)} {' '.join(extra)}")
+        auc = f", ROC-AUC {m['roc_auc']:.4f}" if m.get("roc_auc") is not None else ""
         print(
-            f"accuracy **{m['accuracy']:.4f}**, macro-F1 {m['macro_f1']:.4f}, ROC-AUC {m['roc_auc']:.4f}, "
+            f"accuracy **{m['accuracy']:.4f}**, macro-F1 {m['macro_f1']:.4f}{auc}, "
             f"ECE {m['ece']:.4f}; wall **{wall:.1f} s** (process start to exit)"
         )
         print(

@@ -39,15 +39,16 @@ def main() -> None:
     conf = np.array([p.confidence for p in preds])
     dist = np.array([p.neighbor_distance for p in preds])
     th = version.meta["thresholds"]
-    low, far = conf < th["confidence"], dist > th["distance"]
+    low = conf < th["confidence"]
+    far = dist + th.get("mix", 0.0) * (1 - conf) > th["distance"]
     print(
         f"model {version.name}: trained on {version.meta['data']['images']} mono cells; "
         f"scored {len(held_out)} unseen mono + {len(poly)} poly cells in {seconds:.1f} s"
     )
     print(
-        f"thresholds: confidence {th['confidence']}, distance {th['distance']:.4f} "
-        f"(calibrated on {th['distance_calibration']['n']} {th['distance_calibration']['on']} "
-        f"images for {th['distance_calibration']['false_unknown_rate']:.0%} false UNKNOWN)"
+        f"thresholds: confidence {th['confidence']}, distance {th['distance']:.4f}, mix "
+        f"{th.get('mix', 0.0)} (calibrated on {th['calibration']['n']} {th['calibration']['on']} "
+        f"for {th['calibration']['false_unknown_rate']:.0%} false UNKNOWN)"
     )
     print(
         f"AUROC poly vs unseen mono: distance {roc_auc_score(is_poly, dist):.4f}, "

@@ -389,6 +389,10 @@ def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
     }
 
     def human() -> None:
+        if args.activate:
+            print(
+                f"activated {args.activate}: a server on this workspace serves it from its next request"
+            )
         if not rows:
             print(f"no model versions in {ws.root}; run 'imagesieve train DATA_DIR'")
         for r in rows:

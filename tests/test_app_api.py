@@ -6,6 +6,8 @@ import io
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -426,6 +428,28 @@ def test_service_retrain__serves_the_new_version_then_activate_goes_back(ws, sma
         service.activate("v1")
         assert service.health()["model_version"] == "v1"
         assert service.predict(cell, "cell.png").prediction.id == first.prediction.id
+
+
+def test_serve__models_activate_from_the_cli_takes_effect_on_the_running_server(ws, elpv):
+    shutil.copytree(ws.models_dir / "v1", ws.models_dir / "v2")  # a second version, same model
+    cell = png_bytes([im for im in elpv if im.cell_type == "mono"][501].path)
+    with Service(ws) as service:
+        server = start_server(service, ui=False)
+        base = server.url + "/api/v1"
+        try:
+            assert post_image(base, cell).json()["model_version"] == "v1"
+            r = subprocess.run(
+                [sys.executable, "-m", "imagesieve.cli", "models", "--activate", "v2"]
+                + ["--workspace", str(ws.root)],
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode == 0 and "serves it from its next request" in r.stdout
+            answer = post_image(base, cell).json()
+            assert answer["model_version"] == "v2"
+            assert requests.get(base + "/health", timeout=10).json()["model_version"] == "v2"
+        finally:
+            server.stop()
 
 
 def test_service_set_thresholds__redecides_stored_rows_and_new_ones(scoring_ws, elpv):

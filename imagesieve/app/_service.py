@@ -52,6 +52,7 @@ from imagesieve.ingest import (
 from imagesieve.models import (
     ModelVersion,
     activate_version,
+    active_stamp,
     active_version,
     list_versions,
     set_thresholds,
@@ -339,6 +340,8 @@ class Service:
         self._training = threading.Lock()
         self._clustering = threading.Lock()
         self.training_status: dict[str, Any] = {"running": False}
+        self._active = active_stamp(ws)
+        self._switch = threading.Lock()
         version = active_version(ws)
         if version is not None and version.meta.get("kind") == "trained":
             self._use(version)
@@ -382,6 +385,25 @@ class Service:
         with self._state:
             self._finish_session()
             self.predictor = predictor
+
+    def follow_active(self) -> None:
+        """Serve the version made active meanwhile by another process (``models --activate``).
+
+        Polls the active-version marker (one stat); the request that notices loads it.
+        """
+        stamp = active_stamp(self.ws)
+        if stamp == self._active:
+            return
+        with self._switch:
+            if stamp == self._active:
+                return
+            version = active_version(self.ws)
+            current = self.predictor.version.name if self.predictor else None
+            if version is not None and version.meta.get("kind") == "trained":
+                if version.name != current:
+                    log.info("serving %s: it was made active outside this server", version.name)
+                    self._use(version)
+            self._active = stamp
 
     def reload_clusters(self) -> None:
         """Re-read the live batch's clusters (after a clustering run or a review action)."""
@@ -450,6 +472,7 @@ class Service:
         loop can await many requests without a thread parked on each.
         """
         t0 = time.perf_counter()
+        self.follow_active()
         predictor = self.predictor
         if predictor is None:
             self.version  # noqa: B018 - raises the one-line "no model" error
@@ -632,6 +655,7 @@ class Service:
         With ``report_dir``, the CSV report (``report.csv``) and label folders (``sorted/``)
         are written there.
         """
+        self.follow_active()
         predictor = self.predictor or self.version  # the second raises "no model"
         limits = self.limits
         # What arrives over HTTP reaches only public URLs, the request's own upload folder and
@@ -788,7 +812,9 @@ class Service:
         version = activate_version(self.ws, name)
         if version.meta.get("kind") != "trained":
             raise ServiceError(f"{name} is not a trained version")
-        self._use(version)
+        with self._switch:
+            self._use(version)
+            self._active = active_stamp(self.ws)
         return version
 
     def retrain(
@@ -860,6 +886,7 @@ class Service:
 
     def health(self) -> dict[str, Any]:
         """Liveness and what is loaded."""
+        self.follow_active()
         out: dict[str, Any] = {"status": "ok", "workspace": str(self.ws.root)}
         out["model_version"] = self.predictor.version.name if self.predictor else None
         if self.predictor is not None:

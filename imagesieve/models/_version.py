@@ -21,6 +21,7 @@ __all__ = [
     "Thresholds",
     "VersionMeta",
     "activate_version",
+    "active_stamp",
     "active_version",
     "get_version",
     "list_versions",
@@ -191,6 +192,18 @@ def active_version(ws: Workspace) -> ModelVersion | None:
     name = marker.read_text().strip()
     path = ws.models_dir / name
     return ModelVersion.load(path) if (path / "meta.json").is_file() else None
+
+
+def active_stamp(ws: Workspace) -> tuple[int, int] | None:
+    """Identity of the active-version marker (inode, mtime): it changes with each activation.
+
+    Cheap enough to poll per request; None before the first training.
+    """
+    try:
+        st = (ws.models_dir / _ACTIVE_FILE).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def activate_version(ws: Workspace, name: str) -> ModelVersion:

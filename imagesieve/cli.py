@@ -69,22 +69,24 @@ def _print_metrics(m: dict[str, Any]) -> None:
 def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
     """The `train` verb: a new model version from an ImageFolder."""
     from imagesieve.classifier import TrainOptions, train_model
+    from imagesieve.models import active_version
 
-    opts = TrainOptions(
-        backbone=args.backbone,
-        weights=args.weights,
-        finetune_epochs=args.finetune_epochs,
-        finetune_lr=args.finetune_lr,
-        patience=args.patience,
-        flips=args.flips,
-        test_size=args.test_size,
-        val_size=args.val_size,
-        class_weight=args.class_weight,
-        confidence_threshold=args.threshold,
-        false_unknown_rate=args.false_unknown_rate,
-        seed=args.seed,
-        activate=not args.no_activate,
-    )
+    given = {
+        "backbone": args.backbone,
+        "weights": args.weights,
+        "finetune_epochs": args.finetune_epochs,
+        "finetune_lr": args.finetune_lr,
+        "patience": args.patience,
+        "flips": args.flips,
+        "test_size": args.test_size,
+        "val_size": args.val_size,
+        "class_weight": args.class_weight,
+        "confidence_threshold": args.threshold,
+        "false_unknown_rate": args.false_unknown_rate,
+        "seed": args.seed,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    opts = TrainOptions.from_version(active_version(ws), activate=not args.no_activate, **given)
     with _progress(not args.json) as progress:
         result = train_model(args.data_dir, ws, opts, progress)
     v = result.version
@@ -614,65 +616,56 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     t = sub.add_parser(
-        "train", parents=[common], help="train a new model version on an ImageFolder"
+        "train",
+        parents=[common],
+        help="train a new model version on an ImageFolder",
+        description="Train a new model version. Options not given are the active version's "
+        "(its training options and confidence threshold), else the defaults shown.",
     )
     t.add_argument(
         "data_dir", metavar="DATA_DIR", help="one sub-folder per class, or train/ val/ test/"
     )
-    t.add_argument(
-        "--backbone", default=DEFAULT_BACKBONE, help=f"backbone name (default {DEFAULT_BACKBONE})"
-    )
+    t.add_argument("--backbone", help=f"backbone name (default {DEFAULT_BACKBONE})")
     t.add_argument("--weights", help="local ImageNet weights file for the backbone")
     t.add_argument(
         "--finetune-epochs",
         type=int,
-        default=0,
         help="phase-2 epochs fine-tuning the backbone's last stages (default 0)",
     )
     t.add_argument(
         "--finetune-lr",
         type=float,
-        default=1e-4,
         help="phase-2 learning rate of the last stage (head: 10x)",
     )
     t.add_argument(
         "--patience",
         type=int,
-        default=3,
         help="phase-2 epochs without a better validation accuracy before stopping (default 3)",
     )
     t.add_argument(
         "--flips",
         choices=FLIPS,
-        default="horizontal",
         help="phase-2 flips: horizontal (default), or all flips and quarter turns for images "
         "with no up or down (cells, tiles, micrographs)",
     )
-    t.add_argument(
-        "--test-size", type=float, default=0.2, help="share of each class held out for test"
-    )
+    t.add_argument("--test-size", type=float, help="share of each class held out for test")
     t.add_argument(
         "--val-size",
         type=float,
-        default=0.1,
         help="share of each large class held out for validation",
     )
     t.add_argument(
         "--class-weight",
-        default="sqrt",
         choices=CLASS_WEIGHTS,
         help="loss weighting against class imbalance (default sqrt inverse frequency)",
     )
-    t.add_argument(
-        "--threshold", type=float, default=0.5, help="Top-1 probability below which -> UNKNOWN"
-    )
+    t.add_argument("--threshold", type=float, help="Top-1 probability below which -> UNKNOWN")
     t.add_argument(
         "--false-unknown-rate",
         type=float,
-        default=0.05,
-        help="share of validation images the distance threshold may mark UNKNOWN (default 0.05)",
+        help="share of held-out known images the UNKNOWN decision may flag (default 0.05)",
     )
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int)
     t.add_argument("--no-activate", action="store_true", help="keep the current active version")
     t.set_defaults(func=cmd_train)
 

@@ -1,12 +1,14 @@
 """Open-set calibration on real numbers: the whole UNKNOWN decision, its SQL, the report card."""
 
 import re
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 from test_unknown_rule import assert_python_and_sql_agree, float_table
 
-from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE, UnknownRule
+from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE, TrainOptions, UnknownRule
 from imagesieve.classifier._openset import (
     FOLDS,
     MIN_GAIN,
@@ -15,6 +17,7 @@ from imagesieve.classifier._openset import (
     held_out,
     report_card,
 )
+from imagesieve.models import ModelVersion
 
 RATE = 0.05
 
@@ -294,3 +297,37 @@ def test_report_card__a_class_far_from_the_others_is_found(digits):
     _, _, (rule, _, card) = _card(pixels, moved, y, train, val)
     assert card["per_class"][f"digit{DIGITS[far]}"] >= 0.95
     assert card["worst"]["class"] != f"digit{DIGITS[far]}"
+
+
+def _trained_meta(**thresholds) -> ModelVersion:
+    options = asdict(TrainOptions(finetune_epochs=2, false_unknown_rate=0.1, flips="all"))
+    meta = {
+        "kind": "trained",
+        "classes": ["a", "b"],
+        "preprocessing": {},
+        "training": {"options": options | {"seed": 7}},
+        "thresholds": {"confidence": 0.5, "distance": 0.3} | thresholds,
+    }
+    return ModelVersion(Path("v1"), meta)
+
+
+def test_train_options_from_version__a_retrain_starts_from_the_active_versions_choices():
+    version = _trained_meta(confidence=0.6)
+    opts = TrainOptions.from_version(version)
+    assert (opts.finetune_epochs, opts.false_unknown_rate, opts.flips, opts.seed) == (
+        2,
+        0.1,
+        "all",
+        7,
+    )
+    assert opts.confidence_threshold == 0.6 and opts.activate
+    told = TrainOptions.from_version(version, finetune_epochs=0, activate=False)
+    assert told.finetune_epochs == 0 and not told.activate and told.flips == "all"
+    # A threshold the calibration lowered: the operator's request counts, not the lowered one.
+    lowered = _trained_meta(confidence=0.31, calibration={"confidence_requested": 0.7})
+    assert TrainOptions.from_version(lowered).confidence_threshold == 0.7
+    tuned = _trained_meta(confidence=0.45, tuned=True, calibration={"confidence_requested": 0.7})
+    assert TrainOptions.from_version(tuned).confidence_threshold == 0.45
+    assert TrainOptions.from_version(None) == TrainOptions()
+    imagenet = ModelVersion(Path("v0"), {"kind": "imagenet", "classes": [], "preprocessing": {}})
+    assert TrainOptions.from_version(imagenet, seed=3) == TrainOptions(seed=3)

@@ -180,7 +180,7 @@ def test_version_meta__trained_meta_json_round_trips_and_set_thresholds_changes_
     new = set_thresholds(version, 0.8, 0.25)
     assert (new.confidence_threshold, new.distance_threshold) == (0.8, 0.25)
     old = json.loads(text)
-    old["thresholds"].update(confidence=0.8, distance=0.25)
+    old["thresholds"].update(confidence=0.8, distance=0.25, tuned=True)  # the operator's now
     assert new.meta == old
     assert not (new.path / "meta.json.tmp").exists()
 
@@ -207,7 +207,7 @@ def test_version_meta__imagenet_and_minimal_metas(tmp_path):
     assert version.info.thresholds.distance is None
 
     new = set_thresholds(version, 0.6, None)
-    assert new.meta["thresholds"] == {"confidence": 0.6, "distance": None}
+    assert new.meta["thresholds"] == {"confidence": 0.6, "distance": None, "tuned": True}
     assert {k: v for k, v in new.meta.items() if k != "thresholds"} == {
         k: v for k, v in version.meta.items() if k != "thresholds"
     }
@@ -217,7 +217,7 @@ def test_version_meta__imagenet_and_minimal_metas(tmp_path):
     assert (info.kind, info.thresholds, set(info.extra)) == (None, None, {"version", "created_at"})
     assert info.to_dict() == minimal.meta
     new = set_thresholds(minimal, 0.4, 1.0)
-    assert new.meta["thresholds"] == {"confidence": 0.4, "distance": 1.0}
+    assert new.meta["thresholds"] == {"confidence": 0.4, "distance": 1.0, "tuned": True}
     assert {k: v for k, v in new.meta.items() if k != "thresholds"} == minimal.meta
     with pytest.raises(KeyError):  # classes and preprocessing are required
         write_version(ws, new_build_dir(ws), {"classes": ["a"]})

@@ -831,7 +831,8 @@ class Service:
             raise ServiceError("a training run is already going")
         try:
             self.training_status = {"running": True, "data_dir": str(data_dir)}
-            result = train_model(data_dir, self.ws, TrainOptions(**options), progress)
+            opts = TrainOptions.from_version(self.predictor and self.predictor.version, **options)
+            result = train_model(data_dir, self.ws, opts, progress)
             self._use(result.version)
             self.training_status = {"running": False, "version": result.version.name}
             return result.version

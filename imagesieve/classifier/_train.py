@@ -6,7 +6,7 @@ import copy
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,26 @@ class TrainOptions:
             raise UserError(
                 f"false-UNKNOWN rate must be within (0, 1), got {self.false_unknown_rate}"
             )
+
+    @classmethod
+    def from_version(cls, version: ModelVersion | None, **given: Any) -> TrainOptions:
+        """The options ``version`` was trained with and its confidence threshold, then ``given``.
+
+        So a retrain keeps what the operator chose (backbone, fine-tuning, the UNKNOWN target
+        and a confidence threshold set in the Model tab) unless told otherwise. The threshold
+        asked for counts, not one calibration lowered. Without a trained version: defaults.
+        """
+        base: dict[str, Any] = {}
+        if version is not None and version.meta.get("kind") == "trained":
+            known = {f.name for f in fields(cls)} - {"activate"}
+            stored = version.meta.get("training", {}).get("options", {})
+            base = {k: v for k, v in stored.items() if k in known}
+            th = version.meta.get("thresholds", {})
+            asked = th.get("calibration", {}).get("confidence_requested")
+            if th.get("tuned") or asked is None:
+                asked = th.get("confidence", 0.5)
+            base["confidence_threshold"] = asked
+        return cls(**(base | given))
 
 
 @dataclass

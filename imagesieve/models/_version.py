@@ -249,11 +249,14 @@ def set_thresholds(
 ) -> ModelVersion:
     """Rewrite the version's UNKNOWN thresholds in ``meta.json`` (atomically); the reloaded version.
 
+    ``tuned`` marks them as the operator's, which a retrain starts from.
+
     Nothing else in it changes. The values are not checked here: build a
     ``classifier.UnknownRule`` from them first, which validates them.
     """
     info = version.info
-    th = replace(info.thresholds or Thresholds(), confidence=confidence, distance=distance)
+    th = info.thresholds or Thresholds()
+    th = replace(th, confidence=confidence, distance=distance, extra=th.extra | {"tuned": True})
     tmp = version.path / "meta.json.tmp"
     tmp.write_text(_meta_text(replace(info, thresholds=th).to_dict()))
     os.replace(tmp, version.path / "meta.json")

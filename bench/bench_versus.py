@@ -41,6 +41,11 @@ FIGURES: dict[str, dict[str, str]] = {
         "engine img/s, 12 MP JPEG": r"\| imagesieve engine \(JPEG draft decode\) \| \d+ \| ([\d.]+)",
         "streaming 10,000: peak RSS (MB)": r"peak RSS \*\*(\d+) MB",
     },
+    "bench_train.py": {
+        "wall, process start to exit (s)": r"wall \*\*([\d.]+) s\*\*",
+        "train_model (s)": r"training ([\d.]+) s \(train_model\)",
+        "accuracy": r"accuracy \*\*([\d.]+)\*\*",
+    },
     "bench_store.py": {
         "1. score_inputs into a store / engine alone (x)": r"\| 1\. \(b\) [^|]*\| ([\d.]+)x",
         "1. re-run, all stored (img/s)": r"\| 1\. \(c\) [^|]*\| ([\d.]+) img/s",

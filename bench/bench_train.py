@@ -99,7 +99,7 @@ def main() -> None:
         print(
             f"## split {args.split}, seed {seed}: {doc['split']['train']} train / {doc['split']['test']} test"
         )
-        print(f"command: imagesieve train {data.relative_to(HERE.parent)} {' '.join(extra)}")
+        print(f"command: imagesieve train {data} {' '.join(extra)}")
         auc = f", ROC-AUC {m['roc_auc']:.4f}" if m.get("roc_auc") is not None else ""
         print(
             f"accuracy **{m['accuracy']:.4f}**, macro-F1 {m['macro_f1']:.4f}{auc}, "

@@ -182,8 +182,9 @@ def _fit_linear(x, y, xv, yv, n_classes, class_w, weight_decay, steps=30, init=N
     return lin, val_loss, hist
 
 
-#: L-BFGS steps of a warm refit: it starts from the trained head, a few steps from its optimum.
-REFIT_STEPS = 3
+#: L-BFGS steps (10 iterations each) of a refit: its Top-1 probabilities' quantiles match those
+#: of 30 steps to 3 decimals on digits and shapes (the 30 steps are for the training curve).
+REFIT_STEPS = 5
 
 
 def _refit_top1(
@@ -212,8 +213,8 @@ def _refit_top1(
         cw = _class_weights(yy[rows], len(present), opts.class_weight)
         keep = torch.from_numpy(present)
         x = z[rows].numpy()
-        fit = (REFIT_STEPS, (weight[keep], bias[keep])) if warm else (30, None)
-        lin, _, _ = _fit_linear(x, yy[rows], x[:0], yy[:0], len(present), cw, wd, *fit)
+        init = (weight[keep], bias[keep]) if warm else None
+        lin, _, _ = _fit_linear(x, yy[rows], x[:0], yy[:0], len(present), cw, wd, REFIT_STEPS, init)
         with torch.no_grad():
             return softmax(lin(z).numpy()).max(1)
 

@@ -247,9 +247,6 @@ def test_held_out__out_of_fold_probabilities_and_leave_one_out_distances(digits)
     np.testing.assert_allclose(held.distance[: len(train)], _nearest(emb, train, train), atol=1e-5)
     np.testing.assert_allclose(held.distance[len(train) :], _nearest(emb, val, train), atol=1e-5)
 
-    without = held.without(0)
-    assert 0 not in without.label and len(without.label) == np.sum(held.label != 0)
-
 
 def test_report_card__each_class_left_out(digits):
     pixels, emb, y, train, val = digits

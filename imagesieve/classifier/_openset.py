@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from imagesieve.classifier._reference import ReferenceSet
-from imagesieve.classifier._unknown import FAR_FROM_TRAINING, LOW_CONFIDENCE, UnknownRule
+from imagesieve.classifier._unknown import UnknownRule, reason_shares
 
 __all__ = ["FOLDS", "MIX_GRID", "HeldOut", "Refit", "calibrate_rule", "held_out", "report_card"]
 
@@ -37,9 +37,10 @@ MIX_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 #: A mix other than 0 is chosen only if it raises the card's mean recall by this much.
 MIN_GAIN = 0.01
 
-#: Fits the head on the given rows alone; returns every row's Top-1 probability under that head.
-#: ``warm``: start from the trained head (for leaving a class out: its logit is dropped);
-#: otherwise from scratch (a fold: the trained head has seen the rows left out).
+#: Fits the head on the given rows alone; returns every row's Top-1 probability under that head
+#: (all ones when the rows hold one class only). ``warm``: start from the trained head (for
+#: leaving a class out: its logit is dropped); otherwise from scratch (a fold: the trained head
+#: has seen the rows left out).
 Refit = Callable[[np.ndarray, bool], np.ndarray]
 
 
@@ -51,11 +52,6 @@ class HeldOut:
     distance: np.ndarray
     label: np.ndarray
     on: str
-
-    def without(self, label: int) -> HeldOut:
-        """The held-out images not of class ``label``."""
-        keep = self.label != label
-        return HeldOut(self.top1_prob[keep], self.distance[keep], self.label[keep], self.on)
 
 
 def held_out(
@@ -127,7 +123,7 @@ def calibrate_rule(
         "on": held.on,
         "n": n,
         "false_unknown_rate": false_unknown_rate,
-        "realised": _shares(rule.reasons(p, d)),
+        "realised": {k: round(v, 4) for k, v in reason_shares(rule.reasons(p, d)).items()},
     }
     if used != confidence:
         info["confidence_requested"] = confidence
@@ -158,10 +154,10 @@ def report_card(
     recall: dict[str, list[float]] = {}
     for c, name in enumerate(classes):
         rest = train[y[train] != c]
-        if len(rest) == len(train) or len(np.unique(y[rest])) == 0:
+        if len(rest) in (0, len(train)):  # nothing else to train on, or c not trained on
             continue
         unseen = np.concatenate([train[y[train] == c], val[y[val] == c]])
-        top1 = refit(rest, True)[unseen] if len(np.unique(y[rest])) > 1 else np.ones(len(unseen))
+        top1 = refit(rest, True)[unseen]
         ref = ReferenceSet(embeddings[rest], [""] * len(rest), [""] * len(rest))
         dist = ref.nearest(embeddings[unseen])[1][:, 0]
         recall[name] = [_flagged(rule, top1, dist) for rule, _ in rules]
@@ -184,7 +180,7 @@ def report_card(
 
 def _flagged(rule: UnknownRule, top1_prob: np.ndarray, distance: np.ndarray) -> float:
     """Share of the rows ``rule`` calls UNKNOWN."""
-    return float(np.mean([r is not None for r in rule.reasons(top1_prob, distance)]))
+    return reason_shares(rule.reasons(top1_prob, distance))["unknown"]
 
 
 def _spread(a: np.ndarray) -> float:
@@ -193,14 +189,3 @@ def _spread(a: np.ndarray) -> float:
         return 0.0
     q50, q95 = np.quantile(a, [0.5, 0.95])
     return float(q95 - q50)
-
-
-def _shares(reasons: list[str | None]) -> dict[str, float]:
-    n = max(len(reasons), 1)
-    return {
-        "unknown": round(sum(r is not None for r in reasons) / n, 4),
-        LOW_CONFIDENCE: round(sum(r is not None and LOW_CONFIDENCE in r for r in reasons) / n, 4),
-        FAR_FROM_TRAINING: round(
-            sum(r is not None and FAR_FROM_TRAINING in r for r in reasons) / n, 4
-        ),
-    }

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imagesieve.classifier._predict import TOP3_COLUMNS, top_k
-from imagesieve.classifier._unknown import FAR_FROM_TRAINING, LOW_CONFIDENCE
+from imagesieve.classifier._unknown import LOW_CONFIDENCE, reason_shares
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -170,10 +170,7 @@ def _metrics(
     metrics |= {
         "ece": _ece(conf, correct),
         "unknown_rate": float(1.0 - known.mean()),
-        "unknown_by_rule": {
-            rule: float(np.mean([r is not None and rule in r for r in reasons]))
-            for rule in (LOW_CONFIDENCE, FAR_FROM_TRAINING)
-        },
+        "unknown_by_rule": {k: v for k, v in reason_shares(reasons).items() if k != "unknown"},
         "accuracy_known": float(correct[known].mean()) if known.any() else None,
         "threshold": float(threshold),
         "classes": list(classes),

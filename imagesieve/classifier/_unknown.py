@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FAR_FROM_TRAINING", "LOW_CONFIDENCE", "UNKNOWN", "UnknownRule"]
+__all__ = ["FAR_FROM_TRAINING", "LOW_CONFIDENCE", "UNKNOWN", "UnknownRule", "reason_shares"]
 
 UNKNOWN = "UNKNOWN"
 #: Why a prediction is UNKNOWN: Top-1 under the confidence threshold, and/or the nearest
@@ -18,6 +19,15 @@ _REASONS = {
     (False, True): FAR_FROM_TRAINING,
     (True, True): f"{LOW_CONFIDENCE}+{FAR_FROM_TRAINING}",
 }
+
+
+def reason_shares(reasons: Sequence[str | None]) -> dict[str, float]:
+    """Share of rows UNKNOWN (``unknown``), and of rows each rule fires on (both may)."""
+    n = max(len(reasons), 1)
+    shares = {"unknown": sum(r is not None for r in reasons) / n}
+    for rule in (LOW_CONFIDENCE, FAR_FROM_TRAINING):
+        shares[rule] = sum(r is not None and rule in r for r in reasons) / n
+    return shares
 
 
 @dataclass(frozen=True)

@@ -212,8 +212,12 @@ def ari(truth: list[str], labels: np.ndarray) -> tuple[float, float]:
     return adjusted_rand_score(truth, singletons), adjusted_rand_score(truth, labels)
 
 
-def product(version, items, known_test, unseen) -> tuple[dict, dict]:
-    """Score with the version's Predictor; its decision, and the clustering of its UNKNOWNs."""
+def product(version, items, known_test, unseen, dump: Path) -> tuple[dict, dict]:
+    """Score with the version's Predictor; its decision, and the clustering of its UNKNOWNs.
+
+    The UNKNOWNs' embeddings, true classes and Top-1/Top-2 go to ``dump`` (to study clustering
+    without scoring again).
+    """
     rows = np.concatenate([known_test, unseen])
     preds = list(Predictor(version).score([str(items[i][0]) for i in rows]))
     assert all(p.ok for p in preds)
@@ -234,6 +238,7 @@ def product(version, items, known_test, unseen) -> tuple[dict, dict]:
     truth = [items[rows[i]][1] for i in flagged]
     emb = np.stack([preds[i].embedding for i in flagged])
     top = [(p.top3[0][0], p.top3[min(1, len(p.top3) - 1)][0]) for p in (preds[i] for i in flagged)]
+    np.savez(dump, embedding=emb, truth=np.array(truth), top=np.array(top).reshape(-1, 2))
     t = time.perf_counter()
     clustering = cluster_embeddings(
         np.arange(len(flagged), dtype=np.int64), emb, [a for a, _ in top], [b for _, b in top]
@@ -304,7 +309,9 @@ def run_set(name: str, ws: Workspace) -> tuple[dict, list[dict]]:
             np.array([remap[r] for r in known_test]),
             np.array([remap[r] for r in unseen]),
         )
-        decision, clusters = product(version, items, known_test, unseen)
+        decision, clusters = product(
+            version, items, known_test, unseen, OUT / name / f"unknowns-split{s}.npz"
+        )
         tables.append(table)
         products.append(
             {"left": left, "version": version.name, "train_s": seconds, **decision, **clusters}
@@ -340,6 +347,7 @@ def strays_case(ws: Workspace) -> dict:
     flagged = [i for i, p in enumerate(preds) if p.reason is not None]
     emb = np.stack([preds[i].embedding for i in flagged])
     names = [preds[i].top3[0][0] for i in flagged]
+    np.savez(OUT / "strays" / "unknowns.npz", embedding=emb, truth=np.array(truth)[flagged])
     clustering = cluster_embeddings(np.array(flagged, np.int64), emb, names, names)
     best = max(clustering.clusters, key=lambda c: c.size, default=None)
     members = set(best.member_ids.tolist()) if best else set()

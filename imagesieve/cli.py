@@ -560,7 +560,7 @@ def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
         min_cluster_size=args.min_cluster_size,
         min_samples=args.min_samples,
         pca_dims=args.pca_dims,
-        umap_dims=args.umap_dims,
+        umap_dims=args.umap_dims or None,
         allow_single_cluster=args.single_cluster,
     )
     with _progress(not args.json) as progress:
@@ -753,10 +753,16 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "cluster", parents=[common], help="cluster the UNKNOWN images; list, name, reject clusters"
     )
-    c.add_argument("--min-cluster-size", type=int, default=10, help="HDBSCAN (default 10)")
+    c.add_argument(
+        "--min-cluster-size",
+        type=int,
+        help="HDBSCAN (default: adapts to the number of UNKNOWNs, max(5, sqrt(n)/4))",
+    )
     c.add_argument("--min-samples", type=int, help="HDBSCAN (default: the min cluster size)")
-    c.add_argument("--pca-dims", type=int, default=50, help="PCA before HDBSCAN (default 50)")
-    c.add_argument("--umap-dims", type=int, help="UMAP after PCA (needs umap-learn)")
+    c.add_argument("--pca-dims", type=int, default=50, help="PCA before UMAP (default 50)")
+    c.add_argument(
+        "--umap-dims", type=int, default=10, help="UMAP after PCA (default 10; 0: PCA only)"
+    )
     c.add_argument(
         "--single-cluster",
         action=argparse.BooleanOptionalAction,

@@ -92,7 +92,9 @@ def test_session__new_unknowns_join_the_cluster_that_covers_them(store):
     session.write(Counter(), new=preds[:1])
     centre = preds[0].embedding
     cluster = Cluster(0, np.array([preds[0].id]), centre, preds[0].id, 0.01, 1.0, {"a": 1}, {})
-    store.clusters.save_run("v1", np.array([preds[0].id]), np.array([0]), [cluster], 0, {}, {})
+    store.clusters.save_run(
+        "v1", np.array([preds[0].id]), np.array([0]), np.array([0.5]), [cluster], 0, {}, {}
+    )
     session.reload_clusters()
     near = replace(preds[1], embedding=centre.copy(), sha256="near")
     session.write(Counter(), new=[near, preds[2]])

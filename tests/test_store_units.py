@@ -179,7 +179,7 @@ def test_clusters__unknowns_runs_review_and_a_second_run(store):
 
     first = [cluster(0, [1, 2, 3], x), cluster(1, [4, 5], x)]
     labels = np.array([0, 0, 0, 1, 1, -1])
-    assert store.clusters.save_run("v1", ids, labels, first, 1, {"k": 2}, {"fit": 0.5}) == 1
+    assert store.clusters.save_run("v1", ids, labels, np.zeros(len(ids)), first, 1, {"k": 2}, {"fit": 0.5}) == 1
     assert cluster_ids(store) == [0, 0, 0, 1, 1, -1, None, None, None, None]
     listing = store.clusters.listing("v1")
     assert [(c["cluster_id"], c["status"], c["size"], c["medoid_source"]) for c in listing] == [
@@ -212,7 +212,7 @@ def test_clusters__unknowns_runs_review_and_a_second_run(store):
 
     again = [cluster(0, [1, 2], x)]  # cluster 1 not found again
     labels = np.array([0, 0, -1, -1, -1, -1])
-    assert store.clusters.save_run("v1", ids, labels, again, 4, {}, {}) == 2
+    assert store.clusters.save_run("v1", ids, labels, np.zeros(len(ids)), again, 4, {}, {}) == 2
     listing = store.clusters.listing("v1")
     kept = ("cluster_id", "status", "name", "size", "promoted_into", "excluded")
     assert [tuple(c[k] for k in kept) for c in listing] == [

@@ -18,19 +18,31 @@ from typing import Any
 import numpy as np
 
 from imagesieve.classifier import UNKNOWN, Prediction
-from imagesieve.search import assign_to_clusters
+from imagesieve.search import ClusterModel, assign_to_clusters, cluster_model_path
 from imagesieve.store import Failure, Store, keep_image
 
 __all__ = ["ScoringSession", "assign_unknowns"]
 
 
-def assign_unknowns(preds: Sequence[Prediction], clusters: Sequence[Any]) -> None:
-    """New UNKNOWNs join the existing cluster that covers them (``cluster_id``), if any."""
+def assign_unknowns(
+    preds: Sequence[Prediction], clusters: Sequence[Any], model: ClusterModel | None = None
+) -> None:
+    """New UNKNOWNs join the existing cluster they belong to (``cluster_id``), if any.
+
+    With the last run's ``model``, as HDBSCAN would have placed them in that run
+    (``approximate_predict``); without, the nearest centroid whose radius covers them.
+    """
     unknown = [p for p in preds if p.label == UNKNOWN and p.embedding is not None]
-    if clusters and unknown:
-        found = assign_to_clusters(np.stack([p.embedding for p in unknown]), clusters)
-        for p, c in zip(unknown, found, strict=True):
-            p.cluster_id = int(c) if c >= 0 else None
+    if not clusters or not unknown:
+        return
+    x = np.stack([p.embedding for p in unknown])
+    if model is not None:
+        found = model.predict(x)[0]
+        found[~np.isin(found, [c.cluster_id for c in clusters])] = -1  # reviewed away since
+    else:
+        found = assign_to_clusters(x, clusters)
+    for p, c in zip(unknown, found, strict=True):
+        p.cluster_id = int(c) if c >= 0 else None
 
 
 class ScoringSession:
@@ -54,7 +66,7 @@ class ScoringSession:
         self.store, self.version, self.batch_id = store, version, batch_id
         self.keep_policy, self.journal, self.counts_every = keep, journal, counts_every
         self.counts: Counter = Counter()  # the batch row's counters (Store BATCH_COUNTS)
-        self.clusters = store.clusters.previous(version)[0]
+        self.reload_clusters()
         self._lock = threading.Lock()  # guards the counters
         self._counts_at = float("-inf")  # the first write stores them
 
@@ -80,6 +92,7 @@ class ScoringSession:
     def reload_clusters(self) -> None:
         """Re-read the version's clusters (after a clustering run or a review action)."""
         self.clusters = self.store.clusters.previous(self.version)[0]
+        self.model = ClusterModel.load(cluster_model_path(self.store.ws, self.version))
 
     def write(
         self,
@@ -96,7 +109,7 @@ class ScoringSession:
         DuckDB transaction (see ``Store.commit``), which also resolves earlier failures of
         ``sources``.
         """
-        assign_unknowns(new, self.clusters)
+        assign_unknowns(new, self.clusters, self.model)
         with self._lock:
             due = time.monotonic() - self._counts_at >= self.counts_every
             counts = dict(self.counts + delta) if due else None

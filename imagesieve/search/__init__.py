@@ -1,10 +1,11 @@
 """Finding things in the store: similar images, clusters of UNKNOWNs and their review."""
 
-from imagesieve.search._cluster import Cluster, ClusterParams, assign_to_clusters
+from imagesieve.search._cluster import Cluster, ClusterModel, ClusterParams, assign_to_clusters
 from imagesieve.search._review import (
     ClusterRun,
     PromoteResult,
     ReviewError,
+    cluster_model_path,
     list_clusters,
     promote_cluster,
     run_clustering,
@@ -20,6 +21,7 @@ from imagesieve.search._similar import (
 
 __all__ = [
     "Cluster",
+    "ClusterModel",
     "ClusterParams",
     "ClusterRun",
     "PromoteResult",
@@ -28,6 +30,7 @@ __all__ = [
     "SimilarQuery",
     "SimilarResult",
     "assign_to_clusters",
+    "cluster_model_path",
     "find_similar",
     "list_clusters",
     "nearest_stored",

@@ -2,35 +2,42 @@
 
 Pure: arrays in, dataclasses out; no store, no files. The caller (the ``cluster`` verb) reads
 the UNKNOWN rows and what it remembers of the previous run, calls :func:`cluster_embeddings`,
-and writes the result back. :func:`assign_to_clusters` places new images into known clusters
-without re-clustering.
+and writes the result back. Between runs, :class:`ClusterModel` places new images into the
+clusters found (as HDBSCAN's ``approximate_predict`` does), and :func:`assign_to_clusters` does it
+from the stored centroids and radii when no model is kept.
 
-The pipeline: PCA of the L2-normalised embeddings to at most ``pca_dims`` dimensions (Euclidean
-distance there approximates the embeddings' Euclidean distance, a monotone function of their
-cosine distance), optionally UMAP, then HDBSCAN (label -1 = noise). Per-cluster figures
-(centroid, radius, cohesion, ...) are computed in the original embedding space with cosine
-distance ``1 - x . y``.
+The pipeline, chosen on ``bench/bench_openset.py`` (five image sets, the UNKNOWNs of sixteen
+leave-classes-out splits; RESULTS.md): PCA of the L2-normalised embeddings to at most
+``pca_dims`` dimensions, then UMAP to ``umap_dims`` (seeded), then HDBSCAN from the ``hdbscan``
+package with its prediction data. UMAP keeps each image's neighbourhood and lets go of the
+global geometry, which is what separates kinds that PCA alone leaves in one mass. The smallest
+cluster adapts to the number of UNKNOWNs (:meth:`ClusterParams.cluster_size`). Each image gets
+HDBSCAN's outlier score (GLOSH, 0 typical .. 1 outlier), so review can show the least typical
+members first. Per-cluster figures (centroid, radius, cohesion, ...) are computed in the
+original embedding space with cosine distance ``1 - x . y``.
 
-The whole input may be one cluster (``allow_single_cluster``, on by default). HDBSCAN picks, in
-its tree of density levels, the clusters of most excess of mass (stability), but never the
-root, the whole input. scikit-learn's ``allow_single_cluster`` lets it, yet counts the root's
-mass from density zero, so that it wins against real splits (two kinds become one cluster), and
-then keeps in it only the images still there at its last split. So UNKNOWNs all of one new
-kind (a broad group with a few denser spots) came back as those spots, most images noise,
-although next to any other group the same images are one cluster: there the group is a child
-of the root, born where it splits off, and HDBSCAN weighs it against its spots as usual. Here
-the root is weighed the same way, born at its first (largest) merge distance: it is the one
-cluster if its stability beats that of the clusters HDBSCAN picked below it. Its outliers (the
-noise) are the images that leave it at a distance beyond the upper Tukey fence (third quartile
-plus 1.5 interquartile ranges) of all the images' leaving distances, the distance HDBSCAN's
-outlier score (GLOSH) ranks by. An input with no split at all (junk, or too few images to
-tell) stays all noise.
+The whole input may be one cluster (``allow_single_cluster``, on by default): the most common
+real case, one new kind plus a few strays, has no split at all, so plain HDBSCAN returns
+nothing. HDBSCAN picks, in its tree of density levels, the clusters of most excess of mass
+(stability), never the root (the whole input), and its own ``allow_single_cluster`` counts the
+root's mass from density zero and keeps only the images there at its last split. Here, when
+HDBSCAN finds no split, the root is condensed like any child, born at its first (largest) merge
+distance, in the PCA space (UMAP pulls strays into the clump). Its outliers (noise) are the
+images that leave it at a distance beyond the upper Tukey fence (third quartile plus 1.5
+interquartile ranges) of all the images' leaving distances, the distance GLOSH ranks by; HDBSCAN
+is refitted with that distance as ``cluster_selection_epsilon``, so its core distances describe
+the same cluster. Scattered images (junk) have no split either: the one cluster is kept only if
+it is as tight as the loosest class the model was trained on (``tightness``, its cohesion); the
+whole input is never one cluster when that is not given.
+
+UMAP also joins a stray to the nearest clump; back in the embedding space it is still far, so
+members beyond the Tukey fence of their cluster's distances to its centroid become noise
+(:func:`_trim_strays`). UMAP makes clumps even out of pure noise (points uniform on the sphere);
+real embeddings are not like that, but ``umap_dims=None`` (PCA only) does not do it.
 
 A cluster no tighter in the embedding space than all the input together (its cohesion at most
-the whole input's) is returned as noise. This is an artefact of the PCA step: images unlike
-the rest, e.g. junk, differ from each other mostly in directions the principal axes leave out,
-so they project onto one spot and HDBSCAN would see them as a dense group. (A cluster of all
-the input, which only the rule above makes, is the input itself and is kept.)
+the whole input's) is returned as noise: images unlike the rest, e.g. junk, can land on one spot
+of a projection. (A cluster of all the input, which only the rule above makes, is kept.)
 
 Stable ids (:func:`match_clusters`): a new cluster keeps the id of the previous cluster it
 continues, decided first by shared members, then by position:
@@ -52,11 +59,15 @@ an id is never given to a different group, even if its cluster did not continue 
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,9 +76,11 @@ from imagesieve.store import PreviousCluster
 
 __all__ = [
     "Cluster",
+    "ClusterModel",
     "ClusterParams",
     "Clustering",
     "assign_to_clusters",
+    "class_tightness",
     "cluster_embeddings",
     "match_clusters",
 ]
@@ -78,6 +91,13 @@ log = logging.getLogger(__name__)
 RADIUS_QUANTILE = 0.95
 #: Share of the smaller cluster that a new and a previous cluster must share to be matched.
 MIN_SHARED = 0.5
+#: Smallest adaptive min cluster size (:meth:`ClusterParams.cluster_size`).
+MIN_CLUSTER_SIZE = 5
+#: Nearest clustered images whose UMAP positions place a new image (:class:`ClusterModel`).
+PLACE_NEIGHBOURS = 10
+#: Format of a saved :class:`ClusterModel`; another format is not read (clustering again fixes it).
+MODEL_FORMAT = 1
+_LOADED: dict[tuple[str, int, int], ClusterModel | None] = {}
 _NORM_TOLERANCE = 1e-2
 _ASSIGN_CHUNK = 65536
 
@@ -87,29 +107,32 @@ class ClusterParams:
     """How to cluster: HDBSCAN's density parameters and the dimension reduction before it.
 
     Attributes:
-        min_cluster_size: Fewest images that make a cluster (HDBSCAN ``min_cluster_size``).
-        min_samples: HDBSCAN ``min_samples`` (None: ``min_cluster_size``); larger is more
+        min_cluster_size: Fewest images that make a cluster (HDBSCAN ``min_cluster_size``);
+            None adapts it to the number of images (:meth:`cluster_size`).
+        min_samples: HDBSCAN ``min_samples`` (None: the min cluster size); larger is more
             conservative, declaring more images noise.
         pca_dims: Reduce to at most this many dimensions with PCA first (never more than
             ``n - 1`` or ``d``).
-        umap_dims: If set, reduce further with UMAP to this many dimensions (needs the
-            ``umap-learn`` package).
-        seed: Seed of the randomized PCA (and UMAP); the same seed gives the same clusters.
-        allow_single_cluster: Let the whole input be one cluster when that is more stable than
-            the clusters HDBSCAN finds inside it (see the module docstring); False is plain
-            HDBSCAN, which never returns the whole input as one cluster.
+        umap_dims: Then reduce with UMAP to this many dimensions (None: PCA only).
+        umap_neighbors: UMAP ``n_neighbors``: the size of the neighbourhood each image keeps.
+        seed: Seed of the randomized PCA and of UMAP; the same seed gives the same clusters.
+        allow_single_cluster: Let the whole input be one cluster (see the module docstring);
+            False is plain HDBSCAN, which never returns the whole input as one cluster.
     """
 
-    min_cluster_size: int = 10
+    min_cluster_size: int | None = None
     min_samples: int | None = None
     pca_dims: int = 50
-    umap_dims: int | None = None
+    umap_dims: int | None = 10
+    umap_neighbors: int = 15
     seed: int = 0
     allow_single_cluster: bool = True
 
     def __post_init__(self):
-        if int(self.min_cluster_size) < 2:
-            raise UserError(f"min_cluster_size must be at least 2, got {self.min_cluster_size}")
+        if self.min_cluster_size is not None and int(self.min_cluster_size) < 2:
+            raise UserError(
+                f"min_cluster_size must be at least 2 or None (adapt), got {self.min_cluster_size}"
+            )
         if self.min_samples is not None and int(self.min_samples) < 1:
             raise UserError(
                 f"min_samples must be at least 1 or None (= min_cluster_size), got {self.min_samples}"
@@ -118,6 +141,18 @@ class ClusterParams:
             raise UserError(f"pca_dims must be at least 1, got {self.pca_dims}")
         if self.umap_dims is not None and int(self.umap_dims) < 1:
             raise UserError(f"umap_dims must be at least 1 or None (no UMAP), got {self.umap_dims}")
+        if int(self.umap_neighbors) < 2:
+            raise UserError(f"umap_neighbors must be at least 2, got {self.umap_neighbors}")
+
+    def cluster_size(self, n: int) -> int:
+        """The min cluster size for ``n`` images: as given, else ``max(5, sqrt(n) / 4)``.
+
+        5 for up to ~600 UNKNOWNs (a new kind shows up a handful at a time), 35 for 20,000 (a
+        day's backlog comes back as dozens of clusters to review, not thousands).
+        """
+        if self.min_cluster_size is not None:
+            return int(self.min_cluster_size)
+        return max(MIN_CLUSTER_SIZE, round(np.sqrt(n) / 4))
 
 
 @dataclass
@@ -168,6 +203,10 @@ class Clustering:
         params: The parameters used.
         next_id: The smallest id never used so far; pass it as ``next_id`` to the next run.
         seconds: Wall time of each step: ``pca``, ``umap``, ``hdbscan``, ``stats``, ``match``.
+        outlier: (n,) float64 GLOSH outlier score of each input row (0 typical .. 1 outlier;
+            NaN where too few images to tell).
+        min_cluster_size: The min cluster size used (adapted to n unless given).
+        model: What places new images into these clusters, or None if nothing was clustered.
     """
 
     clusters: list[Cluster]
@@ -176,6 +215,124 @@ class Clustering:
     params: ClusterParams
     next_id: int
     seconds: dict[str, float] = field(default_factory=dict)
+    outlier: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    min_cluster_size: int = MIN_CLUSTER_SIZE
+    model: ClusterModel | None = None
+
+
+@dataclass
+class ClusterModel:
+    """A clustering run kept to place new images into its clusters between runs.
+
+    New images go through the run's PCA; their position in HDBSCAN's space is the
+    distance-weighted mean of their nearest clustered images' positions (UMAP's own
+    ``transform`` starts from the same, but needs its compiled code at scoring time). There, an
+    image joins the cluster HDBSCAN would have put it in, as ``hdbscan.approximate_predict``
+    decides: the cluster of the clustered image at the smallest mutual reachability distance,
+    if that distance is within the cluster's own (its members' largest core distance). (The
+    package's ``approximate_predict`` is not used: releases 0.8.41 to 0.8.44 return noise for
+    whole clusters of their own training points, e.g. 27% of them in the tests' blobs.)
+
+    Attributes:
+        mean, components: The PCA (None: embeddings used as they are).
+        projected: (n, p) float32 PCA coordinates of the clustered images.
+        placed: (n, k) float32 their coordinates in HDBSCAN's space (= ``projected`` without UMAP).
+        core: (n,) float32 core distance of each (to its ``min_samples``-th neighbour there).
+        labels: (n,) int64 stable cluster id of each (-1 noise).
+        min_samples: HDBSCAN's ``min_samples`` of the run.
+    """
+
+    mean: np.ndarray | None
+    components: np.ndarray | None
+    projected: np.ndarray
+    placed: np.ndarray
+    core: np.ndarray
+    labels: np.ndarray
+    min_samples: int
+
+    def save(self, path: Path) -> None:
+        """Write the model (pickle; a workspace file, read back only by :meth:`load`)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump({"format": MODEL_FORMAT, "model": self}, f, protocol=5)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def load(path: Path) -> ClusterModel | None:
+        """The model saved at ``path``; None if there is none or it cannot be read (logged)."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in _LOADED:
+            try:
+                with open(path, "rb") as f:
+                    doc = pickle.load(f)  # noqa: S301 - the workspace's own file
+                model = doc["model"] if doc.get("format") == MODEL_FORMAT else None
+            except Exception as e:  # a partial or foreign file: place by centroids instead
+                log.warning("cannot read the clustering model %s (%s): using centroids", path, e)
+                model = None
+            _LOADED.clear()  # one version's model at a time
+            _LOADED[key] = model
+        return _LOADED[key]
+
+    def project(self, embeddings: np.ndarray) -> np.ndarray:
+        """PCA coordinates of L2-normalised embeddings."""
+        x = np.ascontiguousarray(embeddings, np.float32)
+        if self.components is None:
+            return x
+        return (x - self.mean) @ self.components.T
+
+    def place(self, embeddings: np.ndarray) -> np.ndarray:
+        """Coordinates of new images in HDBSCAN's space."""
+        z = self.project(embeddings)
+        if self.placed is self.projected:
+            return z
+        import faiss
+
+        index = faiss.IndexFlatL2(self.projected.shape[1])
+        index.add(np.ascontiguousarray(self.projected, np.float32))
+        k = min(PLACE_NEIGHBOURS, len(self.projected))
+        dist, nn = index.search(np.ascontiguousarray(z, np.float32), k)
+        weight = 1.0 / (np.sqrt(np.maximum(dist, 0)) + 1e-6)
+        weight /= weight.sum(axis=1, keepdims=True)
+        return np.einsum("nk,nkd->nd", weight, self.placed[nn]).astype(np.float32)
+
+    def predict(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cluster id or -1, strength) of each new image; strength: 1 - reach / the cluster's."""
+        import faiss
+
+        n = len(embeddings)
+        d = self.projected.shape[1] if self.components is None else self.components.shape[1]
+        if n and np.shape(embeddings)[1] != d:
+            raise ValueError(
+                f"the clustering was made from {d}-dimensional embeddings, these have "
+                f"{np.shape(embeddings)[1]}; were they made with another backbone?"
+            )
+        out, strength = np.full(n, -1, np.int64), np.zeros(n)
+        if not n or not (self.labels >= 0).any():
+            return out, strength
+        z = np.ascontiguousarray(self.place(embeddings), np.float32)
+        index = faiss.IndexFlatL2(z.shape[1])
+        index.add(np.ascontiguousarray(self.placed, np.float32))
+        k = min(2 * self.min_samples, len(self.placed))
+        dist, nn = index.search(z, k)
+        dist = np.sqrt(np.maximum(dist, 0))
+        core_new = dist[:, min(self.min_samples, k) - 1]
+        reach = np.maximum(np.maximum(dist, core_new[:, None]), self.core[nn])
+        best = reach.argmin(axis=1)
+        rows = np.arange(n)
+        label = self.labels[nn[rows, best]]
+        reach = reach[rows, best]
+        ids = np.unique(label[label >= 0])
+        own = {int(c): float(self.core[self.labels == c].max()) for c in ids}
+        limit = np.array([own.get(int(c), -1.0) for c in label])
+        inside = (label >= 0) & (reach <= limit)
+        out[inside] = label[inside]
+        strength[inside] = 1.0 - reach[inside] / np.maximum(limit[inside], 1e-12)
+        return out, np.clip(strength, 0.0, 1.0)
 
 
 def cluster_embeddings(
@@ -186,6 +343,7 @@ def cluster_embeddings(
     params: ClusterParams = ClusterParams(),
     previous: Sequence[PreviousCluster] = (),
     next_id: int = 0,
+    tightness: float | None = None,
 ) -> Clustering:
     """Cluster UNKNOWN images with HDBSCAN; clusters continuing a ``previous`` one keep its id.
 
@@ -197,6 +355,8 @@ def cluster_embeddings(
         params: Clustering parameters.
         previous: The clusters of the previous run, to carry their ids over.
         next_id: The smallest id never used yet (the previous run's ``Clustering.next_id``).
+        tightness: Cohesion of the loosest trained class (:func:`class_tightness`): the whole
+            input with no split in it is one cluster only if it is at least this tight.
 
     Returns:
         The clusters (largest first) and the noise; warns if no cluster was found.
@@ -209,35 +369,44 @@ def cluster_embeddings(
         raise ValueError(f"previous cluster ids must be unique and >= 0, got {sorted(prev_ids)}")
     fresh_from = max([int(next_id), *[i + 1 for i in prev_ids]])
     seconds = dict.fromkeys(("pca", "umap", "hdbscan", "stats", "match"), 0.0)
+    mcs = params.cluster_size(n)
 
     labels = np.full(n, -1, np.int64)
-    if n >= params.min_cluster_size:
+    outlier = np.full(n, np.nan)
+    clusterer = pca = None
+    z = zp = xb
+    if n >= mcs:
         t = time.perf_counter()
-        z = _pca(xb, params)
+        pca, zp = _pca(xb, params)
+        z = zp
         seconds["pca"] = time.perf_counter() - t
-        if params.umap_dims is not None:
+        if params.umap_dims is not None and n > params.umap_dims + 2:
             t = time.perf_counter()
-            z = _umap(z, params)
+            z = _umap(zp, params)
             seconds["umap"] = time.perf_counter() - t
         t = time.perf_counter()
-        labels = _hdbscan(z, params)
+        labels, outlier, clusterer, on_pca = _hdbscan(z, zp, xb, mcs, params, tightness)
+        if on_pca:
+            z = zp
         seconds["hdbscan"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if z is not zp:
+        labels = _trim_strays(xb, labels)
     top1, top2 = np.asarray(top1, dtype=object), np.asarray(top2, dtype=object)
     found = []  # (cluster, its rows)
-    floor = _cohesion(xb) if n else 0.0
     for label in range(labels.max(initial=-1) + 1):
         rows = np.flatnonzero(labels == label)
         rows = rows[np.argsort(ids[rows], kind="stable")]
         found.append((_describe(ids[rows], xb[rows], top1[rows], top2[rows]), rows))
     # Not look-alikes (see module docstring); a cluster of every image is the input itself.
+    floor = _cohesion(xb) if n else 0.0
     loose = [c for c, _ in found if c.cohesion <= floor and c.size < n]
     if loose:
         log.info("%d clusters no tighter than all images together (%.3f): noise", len(loose), floor)
-    found = [(c, rows) for c, rows in found if c.cohesion > floor or c.size == n]
+    found = [f for f in found if f[0].cohesion > floor or f[0].size == n]
     # A canonical order that does not depend on the input order: largest first, then lowest id.
-    found.sort(key=lambda cr: (-cr[0].size, int(cr[0].member_ids[0])))
+    found.sort(key=lambda f: (-f[0].size, int(f[0].member_ids[0])))
     clusters = [c for c, _ in found]
     seconds["stats"] = time.perf_counter() - t
 
@@ -253,10 +422,22 @@ def cluster_embeddings(
         out[rows] = c.cluster_id
     seconds["match"] = time.perf_counter() - t
 
+    model = None
+    if clusterer is not None:
+        projected = np.ascontiguousarray(zp, np.float32)
+        model = ClusterModel(
+            None if pca is None else pca.mean_.astype(np.float32),
+            None if pca is None else pca.components_.astype(np.float32),
+            projected,
+            projected if z is zp else np.ascontiguousarray(z, np.float32),
+            clusterer.prediction_data_.core_distances.astype(np.float32),
+            out.copy(),
+            int(clusterer.min_samples or clusterer.min_cluster_size),
+        )
     noise_ids = np.sort(ids[out == -1])
     if n and not clusters:
         warnings.warn(
-            f"no clusters found among {n} images (min_cluster_size={params.min_cluster_size}): "
+            f"no clusters found among {n} images (min_cluster_size={mcs}): "
             "all are noise; a smaller min_cluster_size may find some",
             stacklevel=2,
         )
@@ -268,7 +449,37 @@ def cluster_embeddings(
         len(noise_ids),
         sum(seconds.values()),
     )
-    return Clustering(clusters, noise_ids, out, params, fresh_from, seconds)
+    return Clustering(clusters, noise_ids, out, params, fresh_from, seconds, outlier, mcs, model)
+
+
+def _trim_strays(xb: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Members far out of their cluster in the embedding space become noise.
+
+    UMAP joins every image to its nearest neighbours, so a stray lands inside the nearest clump.
+    Back in the embedding space it is still far: its cosine distance to the cluster's centroid
+    is beyond the upper Tukey fence (third quartile plus 1.5 interquartile ranges) of the
+    members' distances.
+    """
+    labels = labels.copy()
+    for label in range(labels.max(initial=-1) + 1):
+        rows = np.flatnonzero(labels == label)
+        mean = xb[rows].mean(axis=0, dtype=np.float64)
+        dist = 1.0 - xb[rows] @ (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
+        q1, q3 = np.percentile(dist, [25, 75])
+        labels[rows[dist > q3 + 1.5 * (q3 - q1)]] = -1
+    return labels
+
+
+def class_tightness(embeddings: np.ndarray, labels: Sequence[str]) -> float | None:
+    """Cohesion of the loosest class among labelled embeddings (a version's training images).
+
+    A new kind is worth a cluster if it is as tight as a kind the model was trained on; None
+    when no class has two images.
+    """
+    x = np.ascontiguousarray(embeddings, np.float32)
+    y = np.asarray(labels, dtype=object)
+    values = [_cohesion(x[y == c]) for c in sorted(set(y.tolist())) if (y == c).sum() >= 2]
+    return min(values) if values else None
 
 
 def match_clusters(
@@ -405,75 +616,104 @@ def _check_dims(clusters: Sequence[PreviousCluster | Cluster], d: int, what: str
             )
 
 
-def _pca(xb: np.ndarray, params: ClusterParams) -> np.ndarray:
-    """Project onto the top ``pca_dims`` principal axes (as is if that would not reduce)."""
+def _pca(xb: np.ndarray, params: ClusterParams) -> tuple[Any, np.ndarray]:
+    """(fitted PCA or None, the top ``pca_dims`` principal coordinates, or ``xb`` as is)."""
     n, d = xb.shape
     k = min(params.pca_dims, n - 1, d)
     if k >= d:
-        return xb
+        return None, xb
     from sklearn.decomposition import PCA
 
-    return PCA(n_components=k, whiten=False, random_state=params.seed).fit_transform(xb)
+    pca = PCA(n_components=k, whiten=False, random_state=params.seed)
+    return pca, pca.fit_transform(xb).astype(np.float32)
 
 
 def _umap(z: np.ndarray, params: ClusterParams) -> np.ndarray:
+    """UMAP of the PCA coordinates: tight clumps (``min_dist=0``), as clustering wants."""
     try:
         import umap
     except ImportError:
         raise ImportError(
             f"umap_dims={params.umap_dims} needs the umap-learn package: pip install umap-learn "
-            "(or leave umap_dims=None to cluster the PCA projection)"
+            "(or umap_dims=None to cluster the PCA projection)"
         ) from None
     n = len(z)
-    reducer = umap.UMAP(
-        n_components=max(1, min(params.umap_dims, n - 2)),
-        n_neighbors=min(15, n - 1),
-        min_dist=0.0,  # dense clumps, as clustering wants
-        random_state=params.seed,
-    )
-    return reducer.fit_transform(z)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "n_jobs overridden by random_state": seeded is serial
+        reducer = umap.UMAP(
+            n_components=min(params.umap_dims, n - 2),
+            n_neighbors=min(params.umap_neighbors, n - 1),
+            min_dist=0.0,
+            random_state=params.seed,
+        )
+        return reducer.fit_transform(z).astype(np.float32)
 
 
-def _hdbscan(z: np.ndarray, params: ClusterParams) -> np.ndarray:
-    """HDBSCAN labels (-1 = noise) of the rows of ``z``, Euclidean distance.
+def _hdbscan(
+    z: np.ndarray,
+    zp: np.ndarray,
+    xb: np.ndarray,
+    mcs: int,
+    params: ClusterParams,
+    tightness: float | None,
+) -> tuple[np.ndarray, np.ndarray, Any, bool]:
+    """HDBSCAN of the rows of ``z`` (UMAP, or PCA ``zp``): labels (-1 noise), GLOSH, clusterer.
 
-    With ``params.allow_single_cluster``, all rows but the outliers are cluster 0 when the whole
-    input is the most stable cluster (:func:`_single_cluster_outliers`).
+    With ``params.allow_single_cluster`` and no split found, the whole input is weighed as one
+    cluster (module docstring; :func:`_root`) in the PCA space ``zp``, where strays stay apart
+    (UMAP pulls each image towards its neighbours, strays included). The last item says whether
+    the clusterer returned is of ``zp``.
     """
-    from sklearn.cluster import HDBSCAN
+    import hdbscan
 
     n = len(z)
-    min_samples = min(params.min_samples or params.min_cluster_size, n)
-    model = HDBSCAN(
-        min_cluster_size=params.min_cluster_size,
-        min_samples=min_samples,
-        metric="euclidean",
-        copy=True,
-    )
-    labels = model.fit_predict(np.ascontiguousarray(z, np.float64)).astype(np.int64)
-    if not params.allow_single_cluster or labels.max(initial=-1) < 0:
-        return labels  # no split anywhere: nothing tells a group from scattered images
-    tree = getattr(model, "_single_linkage_tree_", None)  # scikit-learn >= 1.3 keeps it
-    if tree is None or not {"left_node", "right_node", "value", "cluster_size"} <= set(
-        tree.dtype.names or ()
-    ):
-        log.warning("this scikit-learn HDBSCAN keeps no single-linkage tree: plain HDBSCAN")
-        return labels
-    outliers = _single_cluster_outliers(tree, params.min_cluster_size)
-    if outliers is None:
-        return labels
+    kw = {
+        "min_cluster_size": mcs,
+        "min_samples": min(params.min_samples or mcs, n - 1),
+        "metric": "euclidean",
+        "prediction_data": True,
+        "core_dist_n_jobs": 1,
+    }
+    model = hdbscan.HDBSCAN(**kw).fit(np.ascontiguousarray(z, np.float64))
+    labels = model.labels_.astype(np.int64)
+    outlier = np.nan_to_num(model.outlier_scores_.astype(np.float64), nan=0.0)
+    if not params.allow_single_cluster or labels.max(initial=-1) >= 0 or n < 2:
+        return labels, outlier, model, z is zp
+    zp = np.ascontiguousarray(zp, np.float64)
+    whole = model if z is zp else hdbscan.HDBSCAN(**kw).fit(zp)
+    root = _root(whole.single_linkage_tree_.to_numpy(), mcs)
+    if root is None:
+        return labels, outlier, model, z is zp
+    q1, q3 = np.percentile(root[1], [25, 75])
+    fence = float(q3 + 1.5 * (q3 - q1))
+    # A group, or scattered images: only as tight as a trained class is a group.
+    cohesion = _cohesion(xb[root[1] <= fence])
+    if tightness is None or cohesion < tightness:
+        log.info(
+            "no split among %d images, and as one they are %.3f tight (loosest trained class: "
+            "%s): all noise",
+            n,
+            cohesion,
+            "not given" if tightness is None else f"{tightness:.3f}",
+        )
+        return labels, outlier, model, z is zp
+    single = hdbscan.HDBSCAN(**kw, allow_single_cluster=True, cluster_selection_epsilon=fence)
+    labels = single.fit(zp).labels_.astype(np.int64)
+    outlier = np.nan_to_num(single.outlier_scores_.astype(np.float64), nan=0.0)
     log.info(
-        "the whole input is one cluster, more stable than the %d HDBSCAN found inside it; "
-        "%d of %d images are its outliers",
-        labels.max() + 1,
-        int(outliers.sum()),
+        "no split among %d images: one cluster as tight as a trained class (%.3f), %d outliers",
         n,
+        cohesion,
+        int((labels < 0).sum()),
     )
-    return np.where(outliers, -1, 0).astype(np.int64)
+    return labels, outlier, single, True
 
 
-def _single_cluster_outliers(tree: np.ndarray, min_cluster_size: int) -> np.ndarray | None:
-    """The outliers of the whole input if it is HDBSCAN's most stable cluster, else None.
+def _root(tree: np.ndarray, min_cluster_size: int) -> tuple[bool, np.ndarray] | None:
+    """Whether the whole input is HDBSCAN's most stable cluster, and each point's leaving distance.
+
+    (The clustering weighs the root only when HDBSCAN found no split, where it wins trivially;
+    the stability is kept to say why, in the log and the tests.)
 
     Condenses the single-linkage tree as HDBSCAN does: going down in distance, a merge of two
     parts of at least ``min_cluster_size`` points each is a split into two new clusters, born
@@ -482,22 +722,22 @@ def _single_cluster_outliers(tree: np.ndarray, min_cluster_size: int) -> np.ndar
     The root is born at its first (largest) merge distance, as a child is at its split.
 
     Args:
-        tree: (n - 1,) single-linkage tree of the mutual reachability distances, scipy order
-            (merge ``i`` makes node ``n + i``; fields ``left_node``, ``right_node``, ``value``,
-            ``cluster_size``), as HDBSCAN builds it.
+        tree: (n - 1, 4) single-linkage tree of the mutual reachability distances, scipy order
+            (merge ``i`` makes node ``n + i`` of ``left, right, distance, size``), as the
+            ``hdbscan`` package's ``single_linkage_tree_.to_numpy()`` gives it.
         min_cluster_size: HDBSCAN's ``min_cluster_size``.
 
     Returns:
-        (n,) bool mask of the points leaving the root at a distance beyond the upper Tukey fence
-        of all points' leaving distances, or None if the clusters below the root (their best
-        selection by excess of mass, which is what HDBSCAN returned) are more stable.
+        (True if the root is more stable than the best selection below it, by excess of mass,
+        or has nothing below it; (n,) distance at which each point leaves its last cluster), or
+        None if points coincide (infinite density: HDBSCAN's own result stands).
     """
     n = len(tree) + 1
-    left = np.asarray(tree["left_node"], np.int64)
-    right = np.asarray(tree["right_node"], np.int64)
-    size = np.asarray(tree["cluster_size"], np.int64)
+    left = tree[:, 0].astype(np.int64)
+    right = tree[:, 1].astype(np.int64)
+    size = tree[:, 3].astype(np.int64)
     with np.errstate(divide="ignore"):
-        lam = 1.0 / np.asarray(tree["value"], np.float64)  # inf where points coincide
+        lam = 1.0 / tree[:, 2].astype(np.float64)  # inf where points coincide
 
     def size_of(node: int) -> int:
         return 1 if node < n else int(size[node - n])
@@ -525,20 +765,16 @@ def _single_cluster_outliers(tree: np.ndarray, min_cluster_size: int) -> np.ndar
                 leave[_leaves(left, right, k, n)] = lam[i]
                 stability[c] += (lam[i] - birth[c]) * m
     stability_ = np.array(stability)
-    if len(parent) == 1 or not np.all(np.isfinite(stability_)):
-        return None  # no split (HDBSCAN found nothing), or coinciding points: keep HDBSCAN's
+    if not np.all(np.isfinite(stability_)) or not np.all(np.isfinite(leave)):
+        return None
     # Excess of mass, bottom-up (children come after their parent): a cluster's best is itself
     # or its children's best, whichever is more stable.
     below = np.zeros(len(parent))
     for c in range(len(parent) - 1, 0, -1):
         best = stability_[c] if stability_[c] >= below[c] else below[c]
         below[parent[c]] += best
-    if not stability_[0] > below[0]:
-        return None
     with np.errstate(divide="ignore"):
-        distance = 1.0 / leave
-    q1, q3 = np.percentile(distance, [25, 75])
-    return distance > q3 + 1.5 * (q3 - q1)
+        return bool(len(parent) == 1 or stability_[0] > below[0]), 1.0 / leave
 
 
 def _leaves(left: np.ndarray, right: np.ndarray, node: int, n: int) -> list[int]:

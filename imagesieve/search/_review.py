@@ -16,10 +16,15 @@ from typing import Any
 
 from imagesieve._errors import SieveError
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import Progress
+from imagesieve.classifier import Progress, ReferenceSet
 from imagesieve.data import sort_into
 from imagesieve.models import get_version
-from imagesieve.search._cluster import Clustering, ClusterParams, cluster_embeddings
+from imagesieve.search._cluster import (
+    Clustering,
+    ClusterParams,
+    class_tightness,
+    cluster_embeddings,
+)
 from imagesieve.store import CLUSTER_FIELDS, STORE_FILE, Store, image_source, using_store
 
 __all__ = [
@@ -91,7 +96,12 @@ def run_clustering(
     """
     params = params or ClusterParams()
     progress = progress or (lambda stage, done, total: None)
-    version = get_version(ws, model).name
+    info = get_version(ws, model)
+    version = info.name
+    reference = ReferenceSet.load(info.path)
+    tightness = (
+        None if reference is None else class_tightness(reference.embeddings, reference.labels)
+    )
     with using_store(ws, store) as store:
         progress("clustering", 0, 1)
         with store.lock:
@@ -99,17 +109,24 @@ def run_clustering(
             previous, next_id = store.clusters.previous(version)
         # Seconds at scale, so without the store's lock: a server keeps storing predictions,
         # and the UNKNOWNs it stores meanwhile stay unclustered until the next run.
-        result: Clustering = cluster_embeddings(ids, x, top1, top2, params, previous, next_id)
+        result: Clustering = cluster_embeddings(
+            ids, x, top1, top2, params, previous, next_id, tightness
+        )
         progress("clustering", 1, 1)
         seconds = {k: round(v, 3) for k, v in result.seconds.items()}
         with store.lock:
+            if result.model is not None:
+                result.model.save(cluster_model_path(ws, version))
+            else:
+                cluster_model_path(ws, version).unlink(missing_ok=True)
             run_id = store.clusters.save_run(
                 version,
                 ids,
                 result.labels,
+                result.outlier,
                 result.clusters,
                 len(result.noise_ids),
-                asdict(result.params),
+                asdict(result.params) | {"min_cluster_size_used": result.min_cluster_size},
                 seconds,
             )
             export_dir = Path(export) if export is not None else ws.root / "clusters"
@@ -127,6 +144,11 @@ def run_clustering(
         asdict(result.params),
         str(export_dir),
     )
+
+
+def cluster_model_path(ws: Workspace, version: str) -> Path:
+    """Where the version's last clustering run keeps its :class:`ClusterModel` (derived data)."""
+    return ws.cache_dir / "clusters" / f"{version}.pkl"
 
 
 def list_clusters(

@@ -118,6 +118,7 @@ class Clusters:
         model_version: str,
         ids: np.ndarray,
         labels: np.ndarray,
+        outlier: np.ndarray,
         clusters: Sequence[Any],
         noise: int,
         params: dict[str, Any],
@@ -125,7 +126,8 @@ class Clusters:
     ) -> int:
         """Store one clustering run in one transaction; returns its run id.
 
-        ``labels`` give each of ``ids`` its cluster (-1 noise); ``clusters`` (search's
+        ``labels`` give each of ``ids`` its cluster (-1 noise) and ``outlier`` its GLOSH score
+        (NaN: none); ``clusters`` (search's
         ``Cluster``) replace their rows, keeping status, name, creation and promotion; clusters
         not found again keep their row with size 0.
         """
@@ -154,17 +156,23 @@ class Clusters:
                     + [float(c.cohesion), float(c.radius), centroid, top1, top2, run_id]
                     + [created, stamp, into]
                 )
+            outlier = np.asarray(outlier, np.float32)
             labels = pa.table(
-                {"id": pa.array(ids, pa.int64()), "cluster_id": pa.array(labels, pa.int32())}
+                {
+                    "id": pa.array(ids, pa.int64()),
+                    "cluster_id": pa.array(labels, pa.int32()),
+                    "outlier": pa.array(outlier, pa.float32(), mask=np.isnan(outlier)),
+                }
             )
             with self.store._transaction({"_labels": labels}) as tx:
                 tx.execute(
-                    "UPDATE predictions SET cluster_id = NULL "
+                    "UPDATE predictions SET cluster_id = NULL, cluster_outlier = NULL "
                     "WHERE model_version = ? AND cluster_id IS NOT NULL",
                     [model_version],
                 )
                 tx.execute(
-                    "UPDATE predictions SET cluster_id = _labels.cluster_id FROM _labels "
+                    "UPDATE predictions SET cluster_id = _labels.cluster_id, "
+                    "cluster_outlier = _labels.outlier FROM _labels "
                     "WHERE predictions.id = _labels.id"
                 )
                 tx.execute(
@@ -219,14 +227,18 @@ class Clusters:
     def members(
         self, model_version: str, cluster_id: int | None = None, limit: int | None = None
     ) -> list[ClusterMember]:
-        """Members of one cluster (or of every cluster and noise), by id, up to ``limit``."""
+        """Members of one cluster (or of every cluster and noise), up to ``limit``.
+
+        Least typical first (highest outlier score), so review meets the doubtful ones first;
+        then by id.
+        """
         which = "cluster_id IS NOT NULL" if cluster_id is None else "cluster_id = ?"
         with self.store._connection() as con:
             rows = con.execute(
                 "SELECT id, source, sha256, cluster_id, top1_class, top1_prob, "
                 "id IN (SELECT id FROM cluster_exclusions e WHERE e.model_version = p.model_version "
                 f"AND e.cluster_id = p.cluster_id) FROM predictions p WHERE model_version = ? "
-                f"AND {which} ORDER BY id LIMIT ?",
+                f"AND {which} ORDER BY cluster_outlier DESC NULLS LAST, id LIMIT ?",
                 [model_version, *([] if cluster_id is None else [int(cluster_id)]), limit],
             ).fetchall()
         return [ClusterMember(*r) for r in rows]

@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS predictions (
     reason VARCHAR,                     -- why UNKNOWN: low_confidence, far_from_training, both
     neighbor_id INTEGER,                -- nearest training image (reference_images.id)
     neighbor_distance FLOAT,            -- its cosine distance
-    cluster_id INTEGER                  -- clusters.cluster_id; -1 noise; NULL not clustered
+    cluster_id INTEGER,                 -- clusters.cluster_id; -1 noise; NULL not clustered
+    cluster_outlier FLOAT               -- GLOSH outlier score in its clustering run (0..1)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS predictions_content ON predictions (model_version, sha256);
 CREATE TABLE IF NOT EXISTS failures (
@@ -317,9 +318,15 @@ def _embeddings_per_size(con: Any) -> None:
 
 #: The schema's history, oldest first: (name, step). Append only; a step must be safe to run
 #: on a store that already has its change (stores older than ``schema_version`` record none).
+def _cluster_outlier(con: Any) -> None:
+    """Each clustered image's outlier score, so review can show the least typical first."""
+    con.execute("ALTER TABLE predictions ADD COLUMN IF NOT EXISTS cluster_outlier FLOAT")
+
+
 MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
     ("tables", _tables),
     ("embeddings in one table per size", _embeddings_per_size),
+    ("cluster outlier scores", _cluster_outlier),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

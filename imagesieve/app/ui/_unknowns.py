@@ -19,7 +19,6 @@ from imagesieve.app.ui._widgets import (
     version_or_none,
 )
 from imagesieve.classifier import UNKNOWN
-from imagesieve.search import ClusterParams
 
 #: Clusters shown with their galleries (largest first); members shown per cluster.
 MAX_CLUSTERS_SHOWN = 20
@@ -77,7 +76,7 @@ def unknowns_tab(service: Service) -> Panel:
     ) -> tuple:
         progress(0, desc="clustering")
         run = service.run_clustering(
-            progress=progress_relay(progress, unit="steps"), min_cluster_size=int(min_size)
+            progress=progress_relay(progress, unit="steps"), min_cluster_size=int(min_size) or None
         )
         if run.clusters:
             gr.Info(f"{len(run.clusters)} clusters among {run.images} UNKNOWN images")
@@ -106,11 +105,11 @@ def unknowns_tab(service: Service) -> Panel:
     )
     with gr.Row():
         min_size = gr.Slider(
-            2,
+            0,
             200,
-            value=ClusterParams().min_cluster_size,
+            value=0,
             step=1,
-            label="Smallest cluster (images)",
+            label="Smallest cluster (images; 0 adapts to the number of UNKNOWNs)",
             elem_id="unknowns-min-size",
         )
         run_button = gr.Button("Run clustering", variant="primary", elem_id="unknowns-run")

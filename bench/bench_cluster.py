@@ -149,19 +149,20 @@ def compare(xb: np.ndarray, kind: np.ndarray, reference: np.ndarray, params: Clu
     )
     print("| PCA dims | implementation | HDBSCAN s | clusters | noise | ARI vs default | quality |")
     print("|---|---|---|---|---|---|---|")
+    mcs = params.cluster_size(len(xb))
     for dims in (50, 30, 20):
-        z = np.ascontiguousarray(_pca(xb, ClusterParams(pca_dims=dims, seed=params.seed)))
+        z = np.ascontiguousarray(_pca(xb, ClusterParams(pca_dims=dims, seed=params.seed))[1])
         runs = {
             "sklearn (kd_tree)": lambda z=z: HDBSCAN(
-                min_cluster_size=params.min_cluster_size, algorithm="kd_tree", copy=True
+                min_cluster_size=mcs, algorithm="kd_tree", copy=True
             ).fit_predict(z),
             "sklearn (ball_tree)": lambda z=z: HDBSCAN(
-                min_cluster_size=params.min_cluster_size, algorithm="ball_tree", copy=True
+                min_cluster_size=mcs, algorithm="ball_tree", copy=True
             ).fit_predict(z),
         }
         if hdbscan is not None:
             runs["hdbscan 0.8 (boruvka_kdtree)"] = lambda z=z: hdbscan.HDBSCAN(
-                min_cluster_size=params.min_cluster_size, core_dist_n_jobs=2
+                min_cluster_size=mcs, core_dist_n_jobs=2
             ).fit_predict(z)
         for name, run in runs.items():
             t = time.perf_counter()
@@ -251,6 +252,14 @@ def main() -> None:
     print(
         f"assign_to_clusters: {len(x_new)} new images to {len(second.clusters)} clusters in "
         f"{dt * 1000:.0f} ms; {(assigned >= 0).mean():.1%} assigned"
+    )
+    t = time.perf_counter()
+    placed = second.model.predict(x_new)[0]
+    dt = time.perf_counter() - t
+    print(
+        f"ClusterModel.predict (as approximate_predict): {len(x_new)} new images in "
+        f"{dt * 1000:.0f} ms; {(placed >= 0).mean():.1%} placed; agrees with the re-run on "
+        f"{np.mean(placed == second.labels[np.argsort(order)][-1000:]):.1%}"
     )
     print(f"peak memory (VmHWM) {during}, both runs: {vm_hwm_mb():.0f} MB")
 

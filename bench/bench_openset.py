@@ -18,7 +18,8 @@ Two tables per set, means over its splits:
   out-of-fold training scores for the target false-UNKNOWN rate, with the realised rate.
 * *Product*: the version's own decision at its calibrated thresholds (what an operator gets):
   realised false-UNKNOWN on held-out known, recall of unseen, the mix and report card the
-  version chose, and clustering of the UNKNOWNs (``cluster_embeddings``, default parameters):
+  version chose, and clustering of the UNKNOWNs (``cluster_embeddings``, default parameters,
+  the loosest trained class's tightness as ``run_clustering`` passes it):
   ARI against the true classes (noise as singletons; noise as one label in brackets), and the
   noise share.
 
@@ -54,7 +55,7 @@ from imagesieve.classifier._reference import ReferenceSet  # noqa: E402
 from imagesieve.classifier._split import adaptive_split  # noqa: E402
 from imagesieve.models import DEFAULT_BACKBONE, get_backbone_spec  # noqa: E402
 from imagesieve.models.export import load_checkpoint  # noqa: E402
-from imagesieve.search._cluster import cluster_embeddings  # noqa: E402
+from imagesieve.search._cluster import class_tightness, cluster_embeddings  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "_data" / "openset"
@@ -212,6 +213,12 @@ def ari(truth: list[str], labels: np.ndarray) -> tuple[float, float]:
     return adjusted_rand_score(truth, singletons), adjusted_rand_score(truth, labels)
 
 
+def tightness(version) -> float | None:
+    """The loosest trained class's cohesion, as ``run_clustering`` passes it."""
+    reference = ReferenceSet.load(version.path)
+    return class_tightness(reference.embeddings, reference.labels)
+
+
 def product(version, items, known_test, unseen, dump: Path) -> tuple[dict, dict]:
     """Score with the version's Predictor; its decision, and the clustering of its UNKNOWNs.
 
@@ -241,7 +248,11 @@ def product(version, items, known_test, unseen, dump: Path) -> tuple[dict, dict]
     np.savez(dump, embedding=emb, truth=np.array(truth), top=np.array(top).reshape(-1, 2))
     t = time.perf_counter()
     clustering = cluster_embeddings(
-        np.arange(len(flagged), dtype=np.int64), emb, [a for a, _ in top], [b for _, b in top]
+        np.arange(len(flagged), dtype=np.int64),
+        emb,
+        [a for a, _ in top],
+        [b for _, b in top],
+        tightness=tightness(version),
     )
     a, a_one = ari(truth, clustering.labels)
     return decision, {
@@ -348,7 +359,9 @@ def strays_case(ws: Workspace) -> dict:
     emb = np.stack([preds[i].embedding for i in flagged])
     names = [preds[i].top3[0][0] for i in flagged]
     np.savez(OUT / "strays" / "unknowns.npz", embedding=emb, truth=np.array(truth)[flagged])
-    clustering = cluster_embeddings(np.array(flagged, np.int64), emb, names, names)
+    clustering = cluster_embeddings(
+        np.array(flagged, np.int64), emb, names, names, tightness=tightness(version)
+    )
     best = max(clustering.clusters, key=lambda c: c.size, default=None)
     members = set(best.member_ids.tolist()) if best else set()
     new_in = sum(1 for i in members if truth[i] == "new")

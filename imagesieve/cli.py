@@ -86,10 +86,14 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         "seed": args.seed,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    opts = TrainOptions.from_version(active_version(ws), activate=not args.no_activate, **given)
+    previous = active_version(ws)
+    opts = TrainOptions.from_version(previous, activate=not args.no_activate, **given)
     with _progress(not args.json) as progress:
         result = train_model(args.data_dir, ws, opts, progress)
     v = result.version
+    history = None
+    if not args.no_history and previous is not None:
+        history = _score_history(ws, v.name, previous.name, not args.json)
     doc = {
         "version": v.name,
         "path": str(v.path),
@@ -102,6 +106,7 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         "thresholds": v.meta["thresholds"],
         "open_set": v.meta["open_set"],
         "training": v.meta["training"],
+        "history": history,
     }
 
     def human() -> None:
@@ -136,8 +141,46 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
             for item in result.skipped[:5]:
                 print(f"    {item['path']}: {item['reason']}")
         print(f"  report: {v.report_dir}")
+        if history is not None:
+            _print_history(history)
 
     _emit(args, doc, human)
+
+
+def _score_history(ws: Workspace, new: str, old: str, show: bool) -> dict[str, Any] | None:
+    """Score ``old``'s stored images with ``new`` (after a retrain); None if nothing is stored.
+
+    A store held by a running server is reported, not waited for: the operator runs
+    ``imagesieve score --history-of OLD`` when it is free.
+    """
+    from imagesieve.ingest import score_history
+    from imagesieve.store import STORE_FILE, Store, StoreBusyError
+
+    if not (ws.root / STORE_FILE).is_file():
+        return None
+    try:
+        with Store(ws) as store:
+            if not store.row_count(old):
+                return None
+            with _progress(show) as progress:
+                return score_history(ws, new, old, progress, store=store)
+    except StoreBusyError as e:
+        print(
+            f"  history not scored: {e}; run `imagesieve score --history-of {old} --model {new}` "
+            "when the store is free",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _print_history(h: dict[str, Any]) -> None:
+    """The before/after diff of a new version's scoring of the stored history."""
+    from imagesieve.ingest import describe_history
+
+    first, *rest = describe_history(h)
+    print(f"  {first}")
+    for line in rest:
+        print(f"    {line}")
 
 
 def cmd_evaluate(args: argparse.Namespace, ws: Workspace) -> None:
@@ -214,6 +257,17 @@ def _score_imagenet(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
     """The `score` verb: images, folders, zips, lists and URLs into the store, with a report."""
+    if args.history_of:
+        if args.inputs or args.retry_failed:
+            raise UserError("--history-of scores stored images: give no inputs with it")
+        from imagesieve.models import get_version
+
+        new = get_version(ws, args.model).name
+        history = _score_history(ws, new, args.history_of, not args.json)
+        if history is None:
+            raise UserError(f"nothing stored with {args.history_of}")
+        _emit(args, history, lambda: _print_history(history))
+        return None
     if not args.inputs and not args.retry_failed:
         raise UserError("nothing to score: give image files, folders, zips, CSV/XLSX lists or URLs")
     if args.imagenet:
@@ -667,6 +721,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--seed", type=int)
     t.add_argument("--no-activate", action="store_true", help="keep the current active version")
+    t.add_argument(
+        "--no-history",
+        action="store_true",
+        help="do not score the previous version's stored images with the new one",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser(
@@ -711,6 +770,11 @@ def _parser() -> argparse.ArgumentParser:
         "--rescore",
         action="store_true",
         help="score content already stored with this version again",
+    )
+    s.add_argument(
+        "--history-of",
+        metavar="VERSION",
+        help="score the images stored with VERSION (e.g. after a retrain) and print what changed",
     )
     s.add_argument(
         "--retry-failed",

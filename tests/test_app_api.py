@@ -421,8 +421,11 @@ def test_service_retrain__serves_the_new_version_then_activate_goes_back(ws, sma
         version = service.retrain(small_folder, progress=lambda s, d, t: stages.append(s))
         assert version.name == "v2" and service.health()["model_version"] == "v2"
         assert stages and service.training_status == {"running": False, "version": "v2"}
+        # v2 scored v1's history when it was trained: the cell is stored with it already
+        history = service.history()
+        assert history["old"] == "v1" and history["compared"] == 1 and history["failed"] == 0
         again = service.predict(cell, "cell.png")
-        assert again.prediction.skipped is False  # new version: scored afresh, stored anew
+        assert again.prediction.skipped is True
         assert again.prediction.id != first.prediction.id
         assert [v["version"] for v in service.versions() if v["active"]] == ["v2"]
         service.activate("v1")

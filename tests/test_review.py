@@ -13,7 +13,14 @@ from imagesieve._workspace import Workspace
 from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.cli import main
 from imagesieve.data._elpv import export_elpv
-from imagesieve.ingest import ScoreOptions, score_inputs
+from imagesieve.ingest import (
+    HISTORY_FILE,
+    ScoreOptions,
+    describe_history,
+    score_history,
+    score_inputs,
+)
+from imagesieve.models import get_version, set_thresholds
 from imagesieve.search._cluster import ClusterParams
 from imagesieve.search._review import (
     ReviewError,
@@ -51,7 +58,7 @@ def rows(ws: Workspace, sql: str, params=()) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_review_loop__poly_cells_become_a_class(loop, tmp_path):
+def test_review_loop__poly_cells_become_a_class(loop, tmp_path, capsys):
     ws, data, kind = loop
     unknown = dict(rows(ws, "SELECT source, reason FROM predictions WHERE label = 'UNKNOWN'"))
     poly_unknown = [s for s in unknown if kind[s] == "poly"]
@@ -95,11 +102,40 @@ def test_review_loop__poly_cells_become_a_class(loop, tmp_path):
     statuses = {c["cluster_id"]: c["status"] for c in list_clusters(ws)}
     assert all(statuses[c] == "promoted" for c in poly_clusters)
 
-    v2 = train_model(data, ws, TrainOptions()).version
-    assert v2.classes == ["defective", "functional", "poly"]
-    rescored = score_inputs(ws, [s for s in kind if kind[s] == "poly"])
-    assert rescored.model_version == "v2" and rescored.scored == 400
-    assert rescored.labels["poly"] >= 0.8 * 400, rescored.labels
+    # The operator tuned v1's confidence threshold; the retrain (the CLI's, as an operator runs
+    # it) asks for a non-default option and keeps the tuned threshold.
+    v1 = get_version(ws, "v1")
+    was = v1.meta["thresholds"]
+    v1 = set_thresholds(v1, 0.61, was["distance"])
+    assert v1.meta["thresholds"]["tuned"]
+    args = ["train", str(data), "--workspace", str(ws.root), "--json", "--val-size", "0.25"]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    v2 = get_version(ws, doc["version"])
+    assert v2.name == "v2" and v2.classes == ["defective", "functional", "poly"]
+    options = v2.meta["training"]["options"]
+    assert options["val_size"] == 0.25  # asked for
+    assert options["confidence_threshold"] == pytest.approx(0.61)  # kept from v1
+    # v2 scored v1's history: every stored image, no decoding of new inputs needed to see it
+    history = doc["history"]
+    assert history == json.loads((v2.path / HISTORY_FILE).read_text())
+    stored = rows(ws, "SELECT count(*) FROM predictions WHERE model_version = 'v1'")[0][0]
+    assert history["compared"] == stored and history["failed"] == 0
+    now = dict(rows(ws, "SELECT source, label FROM predictions WHERE model_version = 'v2'"))
+    assert len(now) == stored
+    promoted = [s for s in members if any(members[s] == c for c in poly_clusters)]
+    assert sum(now[s] == "poly" for s in promoted) >= 0.9 * len(promoted)  # promoted: the new class
+    assert sum(now[s] == "poly" for s in kind if kind[s] == "poly") >= 0.8 * 400
+    # the diff lists them: UNKNOWNs resolved as poly, per cluster of v1
+    assert history["resolved"]["poly"] >= 0.8 * 400
+    assert history["unknown_after"] < history["unknown_before"]
+    for cid in poly_clusters:
+        assert max(history["clusters"][str(cid)], key=history["clusters"][str(cid)].get) == "poly"
+    assert any("UNKNOWNs resolved: poly" in line for line in describe_history(history))
+    # scoring it again adds nothing: the history is stored once per version
+    again = score_history(ws, "v2", "v1")
+    assert again["already_scored"] == stored and again["scored"] == 0
+    set_thresholds(get_version(ws, "v1"), was["confidence"], was["distance"])  # for later tests
 
 
 def test_review__errors_are_clear(loop, tmp_path):

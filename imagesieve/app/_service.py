@@ -11,6 +11,7 @@ cost little more than one batch job (measured in ``bench/bench_api.py``).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import queue
@@ -42,11 +43,13 @@ from imagesieve.classifier import (
     train_model,
 )
 from imagesieve.ingest import (
+    HISTORY_FILE,
     ArchiveLimits,
     FetchOptions,
     ScoreOptions,
     ScoreSummary,
     ScoringSession,
+    score_history,
     score_inputs,
 )
 from imagesieve.models import (
@@ -54,6 +57,7 @@ from imagesieve.models import (
     activate_version,
     active_stamp,
     active_version,
+    get_version,
     list_versions,
     set_thresholds,
 )
@@ -823,7 +827,12 @@ class Service:
         progress: Progress | None = None,
         **options: Any,
     ) -> ModelVersion:
-        """Train a new version on the training folder (default: the active one's) and serve it."""
+        """Train a new version on the training folder (default: the active one's) and serve it.
+
+        It starts from the active version's options and thresholds, and then scores the images
+        stored with the active version, so it serves with the history scored; the before/after
+        diff is kept with it (``history.json``, :meth:`history`).
+        """
         data_dir = data_dir or self.training_dir()
         if data_dir is None:
             raise ServiceError("no training folder: give one")
@@ -831,9 +840,20 @@ class Service:
             raise ServiceError("a training run is already going")
         try:
             self.training_status = {"running": True, "data_dir": str(data_dir)}
-            opts = TrainOptions.from_version(self.predictor and self.predictor.version, **options)
+            previous = self.predictor and self.predictor.version
+            opts = TrainOptions.from_version(previous, **options)
             result = train_model(data_dir, self.ws, opts, progress)
             self._use(result.version)
+            if previous is not None and self.store.row_count(previous.name):
+                self.training_status["stage"] = f"scoring the images stored with {previous.name}"
+                score_history(
+                    self.ws,
+                    result.version.name,
+                    previous.name,
+                    progress,
+                    store=self.store,
+                    predictor=self.predictor,
+                )
             self.training_status = {"running": False, "version": result.version.name}
             return result.version
         except BaseException as e:
@@ -841,6 +861,11 @@ class Service:
             raise
         finally:
             self._training.release()
+
+    def history(self, version: str | None = None) -> dict[str, Any] | None:
+        """What a version said about the history when it was trained (None: not scored)."""
+        path = get_version(self.ws, version or self.version.name).path / HISTORY_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def set_thresholds(self, confidence: float, distance: float | None) -> dict[str, Any]:
         """Make these the active version's UNKNOWN thresholds and re-decide its stored images.

@@ -2,10 +2,18 @@
 
 from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import ArchiveLimits, InputError, expand_inputs
-from imagesieve.ingest._score import ScoreOptions, ScoreSummary, score_inputs
+from imagesieve.ingest._score import (
+    HISTORY_FILE,
+    ScoreOptions,
+    ScoreSummary,
+    describe_history,
+    score_history,
+    score_inputs,
+)
 from imagesieve.ingest._session import ScoringSession
 
 __all__ = [
+    "HISTORY_FILE",
     "ArchiveLimits",
     "FetchOptions",
     "InputError",
@@ -13,6 +21,8 @@ __all__ = [
     "ScoreSummary",
     "ScoringSession",
     "expand_inputs",
+    "describe_history",
     "fetch_items",
+    "score_history",
     "score_inputs",
 ]

@@ -31,9 +31,27 @@ from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import ArchiveLimits, InputItem, expand_inputs
 from imagesieve.ingest._session import ScoringSession
 from imagesieve.models import get_version
-from imagesieve.store import KEEP_POLICIES, ZIP_MEMBER, Failure, IndexCheck, Store, using_store
+from imagesieve.store import (
+    KEEP_POLICIES,
+    ZIP_MEMBER,
+    Failure,
+    IndexCheck,
+    Store,
+    image_source,
+    using_store,
+)
 
-__all__ = ["ScoreOptions", "ScoreSummary", "score_inputs"]
+__all__ = [
+    "HISTORY_FILE",
+    "ScoreOptions",
+    "ScoreSummary",
+    "describe_history",
+    "score_history",
+    "score_inputs",
+]
+
+#: The before/after diff of a version's scoring of the history, in its version directory.
+HISTORY_FILE = "history.json"
 
 #: Failure kind of files left out on purpose (non-image extensions inside folders and zips).
 IGNORED = "ignored"
@@ -62,6 +80,9 @@ class ScoreOptions:
     #: and the operator's --allow-paths), and what zip archives may hold.
     local_paths: list[str] | None = None
     archives: ArchiveLimits = field(default_factory=ArchiveLimits)
+    #: Score the images stored with this version (their kept copy, else the original file or
+    #: zip member) instead of ``inputs``: a new version's view of the history.
+    history_of: str | None = None
 
 
 @dataclass
@@ -144,6 +165,73 @@ def _retry_items(failures: Sequence[Failure]) -> Iterator[InputItem]:
                 yield InputItem(i, f.source, None, error=error, member=m["member"])
         else:
             yield InputItem(i, f.source, f.source)
+
+
+def score_history(
+    ws: Workspace,
+    new: str,
+    old: str,
+    progress: Progress | None = None,
+    *,
+    store: Store | None = None,
+    predictor: Predictor | None = None,
+) -> dict[str, Any]:
+    """Score what ``old`` stored with the version ``new``; store and return the before/after diff.
+
+    Run after a retrain, so History, Similar, Unknowns and the threshold preview of the new
+    version start with yesterday's images, and the operator sees what changed (``Store.
+    history_diff``: labels changed, UNKNOWNs resolved, by class and by cluster). The diff goes
+    to ``HISTORY_FILE`` in the new version's directory, with the scoring run's counts.
+    """
+    import json
+
+    version = predictor.version if predictor is not None else get_version(ws, new)
+    opts = ScoreOptions(model=version.name, history_of=old)
+    with using_store(ws, store) as store:
+        summary = score_inputs(ws, [], opts, progress, store=store, predictor=predictor)
+        diff = store.history_diff(old, version.name)
+    diff |= {
+        "batch_id": summary.batch_id,
+        "scored": summary.scored + summary.rescored,
+        "already_scored": summary.already_scored,
+        "failed": len(summary.failures),
+        "seconds": round(summary.seconds, 1),
+    }
+    path = version.path / HISTORY_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(diff, indent=2))
+    tmp.replace(path)
+    return diff
+
+
+def describe_history(h: dict[str, Any]) -> list[str]:
+    """The diff of :func:`score_history` as lines for people: the summary first, then details."""
+    lines = [
+        f"history: {h['compared']} images stored with {h['old']} scored by {h['new']}: "
+        f"{h['changed']} changed label; UNKNOWN {h['unknown_before']} -> {h['unknown_after']}"
+    ]
+    if h["resolved"]:
+        lines.append(
+            "UNKNOWNs resolved: " + ", ".join(f"{k} {v}" for k, v in h["resolved"].items())
+        )
+    for cluster, labels in h["clusters"].items():
+        if cluster != "-1":
+            now = ", ".join(f"{k} {v}" for k, v in labels.items())
+            lines.append(f"cluster {cluster} of {h['old']} is now: {now}")
+    if h["new_unknown"]:
+        lines.append("newly UNKNOWN: " + ", ".join(f"{k} {v}" for k, v in h["new_unknown"].items()))
+    return lines
+
+
+def _history_items(ws: Workspace, stored: Sequence[tuple[str, str]]) -> Iterator[InputItem]:
+    """Items for stored images, named as first scored, read from their kept copy or origin."""
+    for i, (source, sha256) in enumerate(stored):
+        content = image_source(ws, sha256, source)
+        if content is None:
+            error = ImageLoadError(source, "missing", "no kept copy, and the original file is gone")
+            yield InputItem(i, source, None, error=error)
+        else:
+            yield InputItem(i, source, content)
 
 
 class _Run:
@@ -304,7 +392,9 @@ def score_inputs(
             batch_size=opts.batch_size,
         )
     expander = None
-    if not opts.retry_failed:
+    if opts.history_of is not None and opts.retry_failed:
+        raise UserError("score either the history of a version or the failures, not both")
+    if not opts.retry_failed and opts.history_of is None:
         expander = expand_inputs(
             inputs, column=opts.column, local_paths=opts.local_paths, archives=opts.archives
         )
@@ -313,9 +403,13 @@ def score_inputs(
             store.register_version(
                 version.name, predictor.reference.sources, predictor.reference.labels
             )
-        if opts.retry_failed:
+        if opts.history_of is not None:
+            stored = store.stored_images(opts.history_of)
+            items: Iterator[InputItem] = _history_items(ws, stored)
+            asked = [f"history of {opts.history_of} ({len(stored)} images)"]
+        elif opts.retry_failed:
             retry = store.unresolved_failures()
-            items: Iterator[InputItem] = _retry_items(retry)
+            items = _retry_items(retry)
             asked = [f.source for f in retry]
         else:
             items = expander.items()
@@ -325,6 +419,7 @@ def score_inputs(
             "distance_threshold": predictor.distance_threshold,
             "rescore": opts.rescore,
             "retry_failed": opts.retry_failed,
+            "history_of": opts.history_of,
             "column": opts.column,
             "csv": opts.csv,
             "sort_into": opts.sort_into,

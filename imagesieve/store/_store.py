@@ -18,6 +18,7 @@ import logging
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -719,6 +720,57 @@ class Store:
         ).fetchall()[0]
         keys = ("stored", LOW_CONFIDENCE, FAR_FROM_TRAINING, "unknown", "unknown_now")
         return dict(zip(keys, row, strict=True))
+
+    @locked
+    def stored_images(self, model_version: str) -> list[tuple[str, str]]:
+        """(source, sha256) of each image stored with a version, in the order first stored."""
+        return [
+            (r[0], r[1])
+            for r in self._db.execute(
+                "SELECT source, sha256 FROM predictions WHERE model_version = ? ORDER BY id",
+                [model_version],
+            ).fetchall()
+        ]
+
+    @locked
+    def history_diff(self, old: str, new: str) -> dict[str, Any]:
+        """What ``new`` says about the images ``old`` stored: labels changed, UNKNOWNs resolved.
+
+        Images are matched by content. ``changes`` counts each (old label, new label) pair that
+        differs; ``resolved`` counts old UNKNOWNs by the class ``new`` gives them; ``clusters``
+        the same per old cluster (-1 noise); ``new_unknown`` old classes that are UNKNOWN now.
+        """
+        pairs = self._db.execute(
+            "SELECT o.label, n.label, coalesce(o.cluster_id, -1), count(*) FROM predictions o "
+            "JOIN predictions n ON n.sha256 = o.sha256 AND n.model_version = ? "
+            "WHERE o.model_version = ? GROUP BY ALL ORDER BY ALL",
+            [new, old],
+        ).fetchall()
+        changes: Counter = Counter()
+        resolved: Counter = Counter()
+        clusters: dict[int, Counter] = {}
+        new_unknown: Counter = Counter()
+        for was, now_, cluster, n in pairs:
+            if was != now_:
+                changes[f"{was} -> {now_}"] += n
+            if was == UNKNOWN and now_ != UNKNOWN:
+                resolved[now_] += n
+            if was == UNKNOWN:
+                clusters.setdefault(int(cluster), Counter())[now_] += n
+            if was != UNKNOWN and now_ == UNKNOWN:
+                new_unknown[was] += n
+        return {
+            "old": old,
+            "new": new,
+            "compared": sum(r[3] for r in pairs),
+            "changed": sum(changes.values()),
+            "changes": dict(changes.most_common()),
+            "unknown_before": sum(r[3] for r in pairs if r[0] == UNKNOWN),
+            "unknown_after": sum(r[3] for r in pairs if r[1] == UNKNOWN),
+            "resolved": dict(resolved.most_common()),
+            "clusters": {str(c): dict(v.most_common()) for c, v in sorted(clusters.items())},
+            "new_unknown": dict(new_unknown.most_common()),
+        }
 
     # -- what the vector indexes are built from --------------------------------------------
     def _embeddings_of(self, dim: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from typing import Any
 
 import gradio as gr
@@ -11,6 +12,7 @@ import pandas as pd
 from imagesieve.app._service import Service
 from imagesieve.app.ui._widgets import THUMB, Panel, pct, user_errors, version_or_none
 from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE
+from imagesieve.ingest import HISTORY_FILE, describe_history
 
 
 def _metrics_md(version: Any) -> str:
@@ -52,6 +54,11 @@ def _metrics_md(version: Any) -> str:
             *(f"| {c} | {pct(r)} |" for c, r in card["per_class"].items()),
             "",
         ]
+    history = version.path / HISTORY_FILE
+    if history.is_file():
+        first, *rest = describe_history(json.loads(history.read_text()))
+        lines += [f"**What it says about the stored images** ({first})", ""]
+        lines += [*(f"* {line}" for line in rest), ""]
     per_class = m.get("per_class") or {}
     if per_class:
         lines += ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]

@@ -14,6 +14,7 @@ from imagesieve.search._cluster import (
     ClusterModel,
     ClusterParams,
     PreviousCluster,
+    _neighbours,
     assign_to_clusters,
     cluster_embeddings,
 )
@@ -404,3 +405,23 @@ def test_cluster_embeddings__elpv_poly_cells_form_one_cluster(elpv, tmp_path):
     assert res.clusters[0].top1 == {"poly": res.clusters[0].size} and res.clusters[0].size >= 100
     for c in res.clusters:
         assert len(c.top1) == 1  # no cluster mixes the two cell types
+
+
+def test_neighbours__bit_identical_whatever_the_process_searched_before():
+    # FAISS picks its exact kernel from a process-wide setting that earlier searches leave
+    # behind; UMAP turns last-bit differences into another layout (the demo's first run, after
+    # training, once clustered differently from the server started after it).
+    import faiss
+
+    from imagesieve._faiss import search
+
+    x = unit(np.random.default_rng(23).normal(size=(600, 50)))
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    runs = []
+    for queries in (x[:2], x):  # a small search, then a large one, before each
+        search(index, queries, 3)
+        runs.append(_neighbours(x[:300], 15))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    assert np.all(runs[0][0][:, 0] == np.arange(300))  # each row first, as UMAP expects

@@ -179,7 +179,12 @@ def test_clusters__unknowns_runs_review_and_a_second_run(store):
 
     first = [cluster(0, [1, 2, 3], x), cluster(1, [4, 5], x)]
     labels = np.array([0, 0, 0, 1, 1, -1])
-    assert store.clusters.save_run("v1", ids, labels, np.zeros(len(ids)), first, 1, {"k": 2}, {"fit": 0.5}) == 1
+    assert (
+        store.clusters.save_run(
+            "v1", ids, labels, np.zeros(len(ids)), first, 1, {"k": 2}, {"fit": 0.5}
+        )
+        == 1
+    )
     assert cluster_ids(store) == [0, 0, 0, 1, 1, -1, None, None, None, None]
     listing = store.clusters.listing("v1")
     assert [(c["cluster_id"], c["status"], c["size"], c["medoid_source"]) for c in listing] == [

@@ -20,15 +20,16 @@ The whole input may be one cluster (``allow_single_cluster``, on by default): th
 real case, one new kind plus a few strays, has no split at all, so plain HDBSCAN returns
 nothing. HDBSCAN picks, in its tree of density levels, the clusters of most excess of mass
 (stability), never the root (the whole input), and its own ``allow_single_cluster`` counts the
-root's mass from density zero and keeps only the images there at its last split. Here, when
-HDBSCAN finds no split, the root is condensed like any child, born at its first (largest) merge
-distance, in the PCA space (UMAP pulls strays into the clump). Its outliers (noise) are the
-images that leave it at a distance beyond the upper Tukey fence (third quartile plus 1.5
-interquartile ranges) of all the images' leaving distances, the distance GLOSH ranks by; HDBSCAN
-is refitted with that distance as ``cluster_selection_epsilon``, so its core distances describe
-the same cluster. Scattered images (junk) have no split either: the one cluster is kept only if
-it is as tight as the loosest class the model was trained on (``tightness``, its cohesion); the
-whole input is never one cluster when that is not given.
+root's mass from density zero and keeps only the images there at its last split. So before
+UMAP, the whole input is weighed as one kind (:func:`_one_kind`) in the PCA space, where strays
+stay apart (UMAP pulls strays into the clump, and cuts a small kind into pieces): if HDBSCAN
+finds no split there, its outliers (noise) are the images that leave it at a distance beyond the upper Tukey
+fence (third quartile plus 1.5 interquartile ranges) of all the images' leaving distances, the
+distance GLOSH ranks by; HDBSCAN is refitted with that distance as
+``cluster_selection_epsilon``, so its core distances describe the same cluster. Scattered
+images (junk) have no split either: the input is one kind only if the images inside the fence
+are as tight as the loosest class the model was trained on (``tightness``, its cohesion); never
+when that is not given. Otherwise UMAP and HDBSCAN as above.
 
 UMAP also joins a stray to the nearest clump; back in the embedding space it is still far, so
 members beyond the Tukey fence of their cluster's distances to its centroid become noise
@@ -72,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from imagesieve._errors import UserError
+from imagesieve._faiss import search as faiss_search
 from imagesieve.store import PreviousCluster
 
 __all__ = [
@@ -295,7 +297,7 @@ class ClusterModel:
         index = faiss.IndexFlatL2(self.projected.shape[1])
         index.add(np.ascontiguousarray(self.projected, np.float32))
         k = min(PLACE_NEIGHBOURS, len(self.projected))
-        dist, nn = index.search(np.ascontiguousarray(z, np.float32), k)
+        dist, nn = faiss_search(index, np.ascontiguousarray(z, np.float32), k)
         weight = 1.0 / (np.sqrt(np.maximum(dist, 0)) + 1e-6)
         weight /= weight.sum(axis=1, keepdims=True)
         return np.einsum("nk,nkd->nd", weight, self.placed[nn]).astype(np.float32)
@@ -318,7 +320,7 @@ class ClusterModel:
         index = faiss.IndexFlatL2(z.shape[1])
         index.add(np.ascontiguousarray(self.placed, np.float32))
         k = min(2 * self.min_samples, len(self.placed))
-        dist, nn = index.search(z, k)
+        dist, nn = faiss_search(index, z, k)
         dist = np.sqrt(np.maximum(dist, 0))
         core_new = dist[:, min(self.min_samples, k) - 1]
         reach = np.maximum(np.maximum(dist, core_new[:, None]), self.core[nn])
@@ -380,15 +382,19 @@ def cluster_embeddings(
         pca, zp = _pca(xb, params)
         z = zp
         seconds["pca"] = time.perf_counter() - t
-        if params.umap_dims is not None and n > params.umap_dims + 2:
-            t = time.perf_counter()
-            z = _umap(zp, params)
-            seconds["umap"] = time.perf_counter() - t
         t = time.perf_counter()
-        labels, outlier, clusterer, on_pca = _hdbscan(z, zp, xb, mcs, params, tightness)
-        if on_pca:
-            z = zp
-        seconds["hdbscan"] = time.perf_counter() - t
+        whole = _one_kind(zp, xb, mcs, params, tightness) if params.allow_single_cluster else None
+        seconds["hdbscan"] += time.perf_counter() - t
+        if whole is not None:
+            labels, outlier, clusterer = whole
+        else:
+            if params.umap_dims is not None and n > params.umap_dims + 2:
+                t = time.perf_counter()
+                z = _umap(zp, params)
+                seconds["umap"] = time.perf_counter() - t
+            t = time.perf_counter()
+            labels, outlier, clusterer = _hdbscan(z, mcs, params)
+        seconds["hdbscan"] += time.perf_counter() - t
 
     t = time.perf_counter()
     if z is not zp:
@@ -637,15 +643,9 @@ def _umap(z: np.ndarray, params: ClusterParams) -> np.ndarray:
             f"umap_dims={params.umap_dims} needs the umap-learn package: pip install umap-learn "
             "(or umap_dims=None to cluster the PCA projection)"
         ) from None
-    import faiss
-
     n = len(z)
     k = min(params.umap_neighbors, n - 1)
-    # Exact neighbours (FAISS, under a second for 20,000 images) instead of UMAP's NN-descent,
-    # whose compiled code costs ~45 s in every new process (bench_cluster.py).
-    index = faiss.IndexFlatL2(z.shape[1])
-    index.add(np.ascontiguousarray(z, np.float32))
-    dist, nn = index.search(np.ascontiguousarray(z, np.float32), k)
+    nn, dist = _neighbours(z, k)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "n_jobs overridden by random_state": seeded is serial
         reducer = umap.UMAP(
@@ -653,61 +653,84 @@ def _umap(z: np.ndarray, params: ClusterParams) -> np.ndarray:
             n_neighbors=k,
             min_dist=0.0,
             random_state=params.seed,
-            precomputed_knn=(nn, np.sqrt(np.maximum(dist, 0)), None),
+            precomputed_knn=(nn, dist, None),
         )
         return reducer.fit_transform(z).astype(np.float32)
 
 
-def _hdbscan(
-    z: np.ndarray,
-    zp: np.ndarray,
-    xb: np.ndarray,
-    mcs: int,
-    params: ClusterParams,
-    tightness: float | None,
-) -> tuple[np.ndarray, np.ndarray, Any, bool]:
-    """HDBSCAN of the rows of ``z`` (UMAP, or PCA ``zp``): labels (-1 noise), GLOSH, clusterer.
+def _neighbours(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest rows (itself first) and their Euclidean distances, exactly.
 
-    With ``params.allow_single_cluster`` and no split found, the whole input is weighed as one
-    cluster (module docstring; :func:`_root`) in the PCA space ``zp``, where strays stay apart
-    (UMAP pulls each image towards its neighbours, strays included). The last item says whether
-    the clusterer returned is of ``zp``.
+    FAISS, a second for 20,000 images, instead of UMAP's NN-descent, whose compiled code costs
+    ~45 s in every new process (bench_cluster.py). Through the one search helper: its kernel
+    depends on the batch size only, never on the process's earlier searches, and UMAP turns
+    the last bit of a distance into another layout.
     """
-    import hdbscan
+    import faiss
 
-    n = len(z)
-    kw = {
+    z = np.ascontiguousarray(z, np.float32)
+    index = faiss.IndexFlatL2(z.shape[1])
+    index.add(z)
+    dist, nn = faiss_search(index, z, k)
+    return nn, np.sqrt(np.maximum(dist, 0))
+
+
+def _hdbscan_params(n: int, mcs: int, params: ClusterParams) -> dict[str, Any]:
+    return {
         "min_cluster_size": mcs,
         "min_samples": min(params.min_samples or mcs, n - 1),
         "metric": "euclidean",
         "prediction_data": True,
         "core_dist_n_jobs": 1,
     }
-    model = hdbscan.HDBSCAN(**kw).fit(np.ascontiguousarray(z, np.float64))
-    labels = model.labels_.astype(np.int64)
+
+
+def _hdbscan(z: np.ndarray, mcs: int, params: ClusterParams) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Plain HDBSCAN of the rows of ``z``: labels (-1 noise), GLOSH outlier scores, clusterer."""
+    import hdbscan
+
+    model = hdbscan.HDBSCAN(**_hdbscan_params(len(z), mcs, params))
+    model.fit(np.ascontiguousarray(z, np.float64))
     outlier = np.nan_to_num(model.outlier_scores_.astype(np.float64), nan=0.0)
-    if not params.allow_single_cluster or labels.max(initial=-1) >= 0 or n < 2:
-        return labels, outlier, model, z is zp
-    zp = np.ascontiguousarray(zp, np.float64)
-    whole = model if z is zp else hdbscan.HDBSCAN(**kw).fit(zp)
-    root = _root(whole.single_linkage_tree_.to_numpy(), mcs)
-    if root is None:
-        return labels, outlier, model, z is zp
-    q1, q3 = np.percentile(root[1], [25, 75])
+    return model.labels_.astype(np.int64), outlier, model
+
+
+def _one_kind(
+    zp: np.ndarray, xb: np.ndarray, mcs: int, params: ClusterParams, tightness: float | None
+) -> tuple[np.ndarray, np.ndarray, Any] | None:
+    """The whole input as one cluster and its outliers, if it is one kind; else None.
+
+    One kind: HDBSCAN finds no split in the PCA space ``zp`` (where strays stay apart; UMAP
+    pulls each image towards its neighbours, strays included, and cuts a small kind into
+    pieces), and the images that stay until the root dissolves (module docstring; :func:`_leaving_distances`)
+    are as tight as the loosest trained class.
+    """
+    import hdbscan
+
+    n = len(zp)
+    if tightness is None or n < 2:
+        return None
+    labels, _, plain = _hdbscan(zp, mcs, params)
+    if labels.max(initial=-1) >= 0:
+        return None
+    leave = _leaving_distances(plain.single_linkage_tree_.to_numpy(), mcs)
+    if leave is None:
+        return None
+    q1, q3 = np.percentile(leave, [25, 75])
     fence = float(q3 + 1.5 * (q3 - q1))
-    # A group, or scattered images: only as tight as a trained class is a group.
-    cohesion = _cohesion(xb[root[1] <= fence])
-    if tightness is None or cohesion < tightness:
+    cohesion = _cohesion(xb[leave <= fence])
+    if cohesion < tightness:
         log.info(
-            "no split among %d images, and as one they are %.3f tight (loosest trained class: "
-            "%s): all noise",
+            "no split among %d images, but as one they are %.3f tight, looser than the loosest "
+            "trained class (%.3f): not one kind",
             n,
             cohesion,
-            "not given" if tightness is None else f"{tightness:.3f}",
+            tightness,
         )
-        return labels, outlier, model, z is zp
+        return None
+    kw = _hdbscan_params(n, mcs, params)
     single = hdbscan.HDBSCAN(**kw, allow_single_cluster=True, cluster_selection_epsilon=fence)
-    labels = single.fit(zp).labels_.astype(np.int64)
+    labels = single.fit(np.ascontiguousarray(zp, np.float64)).labels_.astype(np.int64)
     outlier = np.nan_to_num(single.outlier_scores_.astype(np.float64), nan=0.0)
     log.info(
         "no split among %d images: one cluster as tight as a trained class (%.3f), %d outliers",
@@ -715,20 +738,15 @@ def _hdbscan(
         cohesion,
         int((labels < 0).sum()),
     )
-    return labels, outlier, single, True
+    return labels, outlier, single
 
 
-def _root(tree: np.ndarray, min_cluster_size: int) -> tuple[bool, np.ndarray] | None:
-    """Whether the whole input is HDBSCAN's most stable cluster, and each point's leaving distance.
+def _leaving_distances(tree: np.ndarray, min_cluster_size: int) -> np.ndarray | None:
+    """The distance at which each point leaves the whole input, which has no split.
 
-    (The clustering weighs the root only when HDBSCAN found no split, where it wins trivially;
-    the stability is kept to say why, in the log and the tests.)
-
-    Condenses the single-linkage tree as HDBSCAN does: going down in distance, a merge of two
-    parts of at least ``min_cluster_size`` points each is a split into two new clusters, born
-    at that level; smaller parts leave their cluster as points. A cluster's stability is the
-    sum over its points of ``lambda - birth`` (lambda = 1 / distance) at which they leave it.
-    The root is born at its first (largest) merge distance, as a child is at its split.
+    Condenses the single-linkage tree as HDBSCAN does: going down in distance, a part smaller
+    than ``min_cluster_size`` leaves the cluster as points; the cluster goes on with the rest.
+    (With no split, no merge has two parts of at least that size.)
 
     Args:
         tree: (n - 1, 4) single-linkage tree of the mutual reachability distances, scipy order
@@ -737,53 +755,30 @@ def _root(tree: np.ndarray, min_cluster_size: int) -> tuple[bool, np.ndarray] | 
         min_cluster_size: HDBSCAN's ``min_cluster_size``.
 
     Returns:
-        (True if the root is more stable than the best selection below it, by excess of mass,
-        or has nothing below it; (n,) distance at which each point leaves its last cluster), or
-        None if points coincide (infinite density: HDBSCAN's own result stands).
+        (n,) distances, or None if the tree has a split after all or points coincide.
     """
     n = len(tree) + 1
     left = tree[:, 0].astype(np.int64)
     right = tree[:, 1].astype(np.int64)
     size = tree[:, 3].astype(np.int64)
-    with np.errstate(divide="ignore"):
-        lam = 1.0 / tree[:, 2].astype(np.float64)  # inf where points coincide
 
     def size_of(node: int) -> int:
         return 1 if node < n else int(size[node - n])
 
-    leave = np.empty(n)  # lambda at which each point leaves the cluster it is last in
-    parent, birth, stability = [-1], [lam[-1]], [0.0]  # the condensed clusters; 0 = root
-    stack = [(2 * n - 2, 0)]  # (tree node, condensed cluster it belongs to)
+    leave = np.full(n, np.nan)
+    stack = [2 * n - 2]
     while stack:
-        node, c = stack.pop()
-        i = node - n
+        i = stack.pop() - n
         kids = (int(left[i]), int(right[i]))
         sizes = [size_of(k) for k in kids]
-        if min(sizes) >= min_cluster_size:  # a split: two clusters are born
-            stability[c] += (lam[i] - birth[c]) * sum(sizes)
-            for k in kids:
-                parent.append(c)
-                birth.append(lam[i])
-                stability.append(0.0)
-                stack.append((k, len(parent) - 1))
-            continue
+        if min(sizes) >= min_cluster_size:
+            return None
         for k, m in zip(kids, sizes, strict=True):
             if m >= min_cluster_size:
-                stack.append((k, c))  # the cluster goes on without the small part
+                stack.append(k)  # the cluster goes on without the small part
             else:
-                leave[_leaves(left, right, k, n)] = lam[i]
-                stability[c] += (lam[i] - birth[c]) * m
-    stability_ = np.array(stability)
-    if not np.all(np.isfinite(stability_)) or not np.all(np.isfinite(leave)):
-        return None
-    # Excess of mass, bottom-up (children come after their parent): a cluster's best is itself
-    # or its children's best, whichever is more stable.
-    below = np.zeros(len(parent))
-    for c in range(len(parent) - 1, 0, -1):
-        best = stability_[c] if stability_[c] >= below[c] else below[c]
-        below[parent[c]] += best
-    with np.errstate(divide="ignore"):
-        return bool(len(parent) == 1 or stability_[0] > below[0]), 1.0 / leave
+                leave[_leaves(left, right, k, n)] = tree[i, 2]
+    return leave if np.all(leave > 0) else None
 
 
 def _leaves(left: np.ndarray, right: np.ndarray, node: int, n: int) -> list[int]:

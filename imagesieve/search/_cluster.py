@@ -469,10 +469,8 @@ def _trim_strays(xb: np.ndarray, labels: np.ndarray) -> np.ndarray:
     labels = labels.copy()
     for label in range(labels.max(initial=-1) + 1):
         rows = np.flatnonzero(labels == label)
-        mean = xb[rows].mean(axis=0, dtype=np.float64)
-        dist = 1.0 - xb[rows] @ (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
-        q1, q3 = np.percentile(dist, [25, 75])
-        labels[rows[dist > q3 + 1.5 * (q3 - q1)]] = -1
+        dist = 1.0 - xb[rows] @ _centroid(xb[rows])
+        labels[rows[dist > _upper_fence(dist)]] = -1
     return labels
 
 
@@ -716,8 +714,7 @@ def _one_kind(
     leave = _leaving_distances(plain.single_linkage_tree_.to_numpy(), mcs)
     if leave is None:
         return None
-    q1, q3 = np.percentile(leave, [25, 75])
-    fence = float(q3 + 1.5 * (q3 - q1))
+    fence = _upper_fence(leave)
     cohesion = _cohesion(xb[leave <= fence])
     if cohesion < tightness:
         log.info(
@@ -793,16 +790,26 @@ def _leaves(left: np.ndarray, right: np.ndarray, node: int, n: int) -> list[int]
     return out
 
 
+def _centroid(x: np.ndarray) -> np.ndarray:
+    """The normalised mean of the rows of ``x`` (float32)."""
+    mean = x.mean(axis=0, dtype=np.float64)
+    return (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
+
+
 def _cohesion(x: np.ndarray) -> float:
     """Mean cosine similarity of the rows of ``x`` to their normalised mean."""
-    mean = x.mean(axis=0, dtype=np.float64)
-    return float((x @ (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)).mean())
+    return float((x @ _centroid(x)).mean())
+
+
+def _upper_fence(values: np.ndarray) -> float:
+    """Tukey's upper fence: third quartile plus 1.5 interquartile ranges."""
+    q1, q3 = np.percentile(values, [25, 75])
+    return float(q3 + 1.5 * (q3 - q1))
 
 
 def _describe(ids: np.ndarray, x: np.ndarray, top1: np.ndarray, top2: np.ndarray) -> Cluster:
     """A cluster's figures from its members (ids ascending, so ties go to the lowest id)."""
-    mean = x.mean(axis=0, dtype=np.float64)
-    centroid = (mean / max(np.linalg.norm(mean), 1e-12)).astype(np.float32)
+    centroid = _centroid(x)
     sim = x @ centroid
     return Cluster(
         cluster_id=-1,

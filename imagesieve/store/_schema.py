@@ -316,13 +316,13 @@ def _embeddings_per_size(con: Any) -> None:
     con.execute("DROP TABLE embeddings")
 
 
-#: The schema's history, oldest first: (name, step). Append only; a step must be safe to run
-#: on a store that already has its change (stores older than ``schema_version`` record none).
 def _cluster_outlier(con: Any) -> None:
     """Each clustered image's outlier score, so review can show the least typical first."""
     con.execute("ALTER TABLE predictions ADD COLUMN IF NOT EXISTS cluster_outlier FLOAT")
 
 
+#: The schema's history, oldest first: (name, step). Append only; a step must be safe to run
+#: on a store that already has its change (stores older than ``schema_version`` record none).
 MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
     ("tables", _tables),
     ("embeddings in one table per size", _embeddings_per_size),

@@ -159,11 +159,8 @@ def _score_history(ws: Workspace, new: str, old: str, show: bool) -> dict[str, A
     if not (ws.root / STORE_FILE).is_file():
         return None
     try:
-        with Store(ws) as store:
-            if not store.row_count(old):
-                return None
-            with _progress(show) as progress:
-                return score_history(ws, new, old, progress, store=store)
+        with Store(ws) as store, _progress(show) as progress:
+            return score_history(ws, new, old, progress, store=store)
     except StoreBusyError as e:
         print(
             f"  history not scored: {e}; run `imagesieve score --history-of {old} --model {new}` "

@@ -11,7 +11,6 @@ cost little more than one batch job (measured in ``bench/bench_api.py``).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import queue
@@ -43,12 +42,12 @@ from imagesieve.classifier import (
     train_model,
 )
 from imagesieve.ingest import (
-    HISTORY_FILE,
     ArchiveLimits,
     FetchOptions,
     ScoreOptions,
     ScoreSummary,
     ScoringSession,
+    read_history,
     score_history,
     score_inputs,
 )
@@ -844,7 +843,7 @@ class Service:
             opts = TrainOptions.from_version(previous, **options)
             result = train_model(data_dir, self.ws, opts, progress)
             self._use(result.version)
-            if previous is not None and self.store.row_count(previous.name):
+            if previous is not None:
                 self.training_status["stage"] = f"scoring the images stored with {previous.name}"
                 score_history(
                     self.ws,
@@ -864,8 +863,7 @@ class Service:
 
     def history(self, version: str | None = None) -> dict[str, Any] | None:
         """What a version said about the history when it was trained (None: not scored)."""
-        path = get_version(self.ws, version or self.version.name).path / HISTORY_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_history(get_version(self.ws, version or self.version.name))
 
     def set_thresholds(self, confidence: float, distance: float | None) -> dict[str, Any]:
         """Make these the active version's UNKNOWN thresholds and re-decide its stored images.

@@ -7,6 +7,7 @@ from imagesieve.ingest._score import (
     ScoreOptions,
     ScoreSummary,
     describe_history,
+    read_history,
     score_history,
     score_inputs,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "expand_inputs",
     "describe_history",
     "fetch_items",
+    "read_history",
     "score_history",
     "score_inputs",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "ScoreOptions",
     "ScoreSummary",
     "describe_history",
+    "read_history",
     "score_history",
     "score_inputs",
 ]
@@ -175,8 +176,10 @@ def score_history(
     *,
     store: Store | None = None,
     predictor: Predictor | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Score what ``old`` stored with the version ``new``; store and return the before/after diff.
+
+    None (and nothing written) when nothing is stored with ``old``.
 
     Run after a retrain, so History, Similar, Unknowns and the threshold preview of the new
     version start with yesterday's images, and the operator sees what changed (``Store.
@@ -188,6 +191,8 @@ def score_history(
     version = predictor.version if predictor is not None else get_version(ws, new)
     opts = ScoreOptions(model=version.name, history_of=old)
     with using_store(ws, store) as store:
+        if not store.row_count(old):
+            return None
         summary = score_inputs(ws, [], opts, progress, store=store, predictor=predictor)
         diff = store.history_diff(old, version.name)
     diff |= {
@@ -202,6 +207,14 @@ def score_history(
     tmp.write_text(json.dumps(diff, indent=2))
     tmp.replace(path)
     return diff
+
+
+def read_history(version: Any) -> dict[str, Any] | None:
+    """The diff :func:`score_history` stored with a ``ModelVersion``, or None if none was."""
+    import json
+
+    path = version.path / HISTORY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def describe_history(h: dict[str, Any]) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from typing import Any
 
 import gradio as gr
@@ -12,7 +11,7 @@ import pandas as pd
 from imagesieve.app._service import Service
 from imagesieve.app.ui._widgets import THUMB, Panel, pct, user_errors, version_or_none
 from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE
-from imagesieve.ingest import HISTORY_FILE, describe_history
+from imagesieve.ingest import describe_history, read_history
 
 
 def _metrics_md(version: Any) -> str:
@@ -54,9 +53,9 @@ def _metrics_md(version: Any) -> str:
             *(f"| {c} | {pct(r)} |" for c, r in card["per_class"].items()),
             "",
         ]
-    history = version.path / HISTORY_FILE
-    if history.is_file():
-        first, *rest = describe_history(json.loads(history.read_text()))
+    history = read_history(version)
+    if history is not None:
+        first, *rest = describe_history(history)
         lines += [f"**What it says about the stored images** ({first})", ""]
         lines += [*(f"* {line}" for line in rest), ""]
     per_class = m.get("per_class") or {}

@@ -252,6 +252,39 @@ class ClusterModel:
     labels: np.ndarray
     min_samples: int
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}  # FAISS: not picklable
+
+    def _cached(self, key: str, make: Any) -> Any:
+        """What ``make()`` gives, made once per model (the scoring path calls it per write)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+    def _index(self, what: str) -> Any:
+        """An exact FAISS index of ``projected`` or ``placed``."""
+        import faiss
+
+        def make() -> Any:
+            x = np.ascontiguousarray(getattr(self, what), np.float32)
+            index = faiss.IndexFlatL2(x.shape[1])
+            index.add(x)
+            return index
+
+        return self._cached(what, make)
+
+    def _reach(self) -> np.ndarray:
+        """Each cluster id's own reach: its members' largest core distance (by id)."""
+
+        def make() -> np.ndarray:
+            reach = np.full(int(self.labels.max(initial=-1)) + 1, -1.0)
+            members = self.labels >= 0
+            np.maximum.at(reach, self.labels[members], self.core[members].astype(np.float64))
+            return reach
+
+        return self._cached("reach", make)
+
     def save(self, path: Path) -> None:
         """Write the model (pickle; a workspace file, read back only by :meth:`load`)."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,20 +325,14 @@ class ClusterModel:
         z = self.project(embeddings)
         if self.placed is self.projected:
             return z
-        import faiss
-
-        index = faiss.IndexFlatL2(self.projected.shape[1])
-        index.add(np.ascontiguousarray(self.projected, np.float32))
         k = min(PLACE_NEIGHBOURS, len(self.projected))
-        dist, nn = faiss_search(index, np.ascontiguousarray(z, np.float32), k)
+        dist, nn = faiss_search(self._index("projected"), np.ascontiguousarray(z, np.float32), k)
         weight = 1.0 / (np.sqrt(np.maximum(dist, 0)) + 1e-6)
         weight /= weight.sum(axis=1, keepdims=True)
         return np.einsum("nk,nkd->nd", weight, self.placed[nn]).astype(np.float32)
 
     def predict(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(cluster id or -1, strength) of each new image; strength: 1 - reach / the cluster's."""
-        import faiss
-
         n = len(embeddings)
         d = self.projected.shape[1] if self.components is None else self.components.shape[1]
         if n and np.shape(embeddings)[1] != d:
@@ -317,10 +344,8 @@ class ClusterModel:
         if not n or not (self.labels >= 0).any():
             return out, strength
         z = np.ascontiguousarray(self.place(embeddings), np.float32)
-        index = faiss.IndexFlatL2(z.shape[1])
-        index.add(np.ascontiguousarray(self.placed, np.float32))
         k = min(2 * self.min_samples, len(self.placed))
-        dist, nn = faiss_search(index, z, k)
+        dist, nn = faiss_search(self._index("placed"), z, k)
         dist = np.sqrt(np.maximum(dist, 0))
         core_new = dist[:, min(self.min_samples, k) - 1]
         reach = np.maximum(np.maximum(dist, core_new[:, None]), self.core[nn])
@@ -328,9 +353,7 @@ class ClusterModel:
         rows = np.arange(n)
         label = self.labels[nn[rows, best]]
         reach = reach[rows, best]
-        ids = np.unique(label[label >= 0])
-        own = {int(c): float(self.core[self.labels == c].max()) for c in ids}
-        limit = np.array([own.get(int(c), -1.0) for c in label])
+        limit = np.where(label >= 0, self._reach()[np.maximum(label, 0)], -1.0)
         inside = (label >= 0) & (reach <= limit)
         out[inside] = label[inside]
         strength[inside] = 1.0 - reach[inside] / np.maximum(limit[inside], 1e-12)

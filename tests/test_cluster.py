@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -266,12 +267,18 @@ def test_cluster_embeddings__junk_projected_together_is_noise():
 
 
 def test_cluster_embeddings__one_new_kind_plus_strays_is_one_cluster():
-    # The most common real case: no split anywhere, so plain HDBSCAN returns nothing.
+    # The most common real case: no split anywhere, so plain HDBSCAN does not find the kind
+    # (nothing, or UMAP's fragments of it, depending on the numba/UMAP build).
     x, y = make_new_kind_and_strays()
     ids = np.arange(len(x)) + 7
-    with pytest.warns(UserWarning, match="no clusters found among 34 images"):
+
+    def kind_found(res) -> bool:
+        return any((res.labels[y == 0] == c.cluster_id).mean() >= 0.9 for c in res.clusters)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no clusters found", on some builds
         plain = run(ids, x, y, params=ClusterParams(allow_single_cluster=False))
-    assert plain.clusters == []
+    assert not kind_found(plain)
     tightness = 0.9  # e.g. the loosest class the model was trained on
     res = run(ids, x, y, tightness=tightness)
     assert res.min_cluster_size == 5  # adapted to 34 images
@@ -283,8 +290,9 @@ def test_cluster_embeddings__one_new_kind_plus_strays_is_one_cluster():
     # Looser than any trained class: scattered images, not a kind; without a reference, the
     # whole input is never one cluster on its own.
     for looser in (0.999, None):
-        with pytest.warns(UserWarning, match="no clusters found"):
-            assert run(ids, x, y, tightness=looser).clusters == []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            assert not kind_found(run(ids, x, y, tightness=looser))
 
 
 def test_cluster_model__places_new_images_as_a_fresh_run_would():

@@ -67,7 +67,7 @@ def extract_features(
     Phase 1 reads the backbone's ``features`` (the head's input) and ``embedding``.
     """
     engine = ScoringEngine(onnx_path, config, batch_size=batch_size)
-    dims = {o.name: o.shape[1] for o in engine.session.get_outputs()}
+    dims = {o.name: o.shape[1] for o in engine.session.get_outputs() if o.name in outputs}
     arrays = {k: np.zeros((len(paths), dims[k]), np.float32) for k in outputs}
     errors: list[ImageLoadError | None] = []
     i = 0

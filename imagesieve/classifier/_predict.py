@@ -72,6 +72,10 @@ class Prediction:
     skipped: bool = False
     cluster_id: int | None = None
     id: int | None = None  # the store's row id, once stored
+    #: The rest of the head's input (``avgmax`` versions): the average-pooled features' length
+    #: and the max-pooled features (float16), kept so a head-only retrain needs no decoding.
+    avg_norm: float | None = None
+    max_pooled: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -151,6 +155,7 @@ class Predictor:
             raise UserError(str(e)) from None
         self.threshold, self.distance_threshold, self.mix = rule.confidence, rule.distance, rule.mix
         self.reference = ReferenceSet.load(version.path)
+        self._head: tuple[np.ndarray, np.ndarray] | None = None  # head.npz, read on first use
         self.engine = ScoringEngine(
             version.onnx_path, version.config, batch_size=batch_size, workers=workers
         )
@@ -182,10 +187,9 @@ class Predictor:
             if ok
             else np.zeros((0, len(self.classes)))
         )
-        ids = dist = None
-        if self.reference is not None and ok:
-            ids, dist = self.reference.nearest(np.stack([r.outputs["embedding"] for r in ok]))
-            ids, dist = ids[:, 0], dist[:, 0]
+        ids, dist = self.nearest(
+            np.stack([r.outputs["embedding"] for r in ok]) if ok else np.zeros((0, 1), np.float32)
+        )
         decisions = iter(enumerate(zip(self.decide(probs, dist), probs, strict=True)))
         preds = []
         for r in batch:
@@ -213,9 +217,44 @@ class Predictor:
                     probs=p,
                     neighbor_id=None if ids is None else int(ids[j]),
                     neighbor_distance=None if dist is None else float(dist[j]),
+                    avg_norm=float(r.outputs["avg_norm"]) if "avg_norm" in r.outputs else None,
+                    max_pooled=(
+                        r.outputs["max_pooled"].astype(np.float16)
+                        if "max_pooled" in r.outputs
+                        else None
+                    ),
                 )
             )
         return preds
+
+    def nearest(self, embeddings: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(n, d) embeddings -> the nearest training image's id and distance each.
+
+        (None, None) without a reference set or rows.
+        """
+        if self.reference is None or not len(embeddings):
+            return None, None
+        ids, dist = self.reference.nearest(embeddings)
+        return ids[:, 0], dist[:, 0]
+
+    def head_probs(
+        self, embeddings: np.ndarray, avg_norm: np.ndarray, max_pooled: np.ndarray
+    ) -> np.ndarray | None:
+        """Probabilities from stored head inputs, as scoring the images again would give.
+
+        To ~1e-3 (the max-pooled part is kept as float16); None without a ``head.npz``.
+        """
+        if self._head is None:
+            path = self.version.head_path
+            if not path.is_file():
+                return None
+            with np.load(path) as w:
+                self._head = (w["weight"].T.astype(np.float32), w["bias"].astype(np.float32))
+        weight, bias = self._head
+        dim = embeddings.shape[1]
+        logits = (embeddings * avg_norm[:, None]) @ weight[:dim]
+        logits += max_pooled.astype(np.float32) @ weight[dim:]
+        return softmax(logits + bias)
 
     def score_batches(
         self, items: Iterable[EngineItem], skip: SkipContent | None = None

@@ -19,7 +19,7 @@ import numpy as np
 
 from imagesieve.classifier import UNKNOWN, Prediction
 from imagesieve.search import ClusterModel, assign_to_clusters, cluster_model_path
-from imagesieve.store import Failure, Store, keep_image
+from imagesieve.store import Failure, Store, StoredHeadInputs, keep_image
 
 __all__ = ["ScoringSession", "assign_unknowns"]
 
@@ -35,14 +35,25 @@ def assign_unknowns(
     unknown = [p for p in preds if p.label == UNKNOWN and p.embedding is not None]
     if not clusters or not unknown:
         return
-    x = np.stack([p.embedding for p in unknown])
-    if model is not None:
-        found = model.predict(x)[0]
-        found[~np.isin(found, [c.cluster_id for c in clusters])] = -1  # reviewed away since
-    else:
-        found = assign_to_clusters(x, clusters)
+    found = cluster_of(np.stack([p.embedding for p in unknown]), clusters, model)
     for p, c in zip(unknown, found, strict=True):
         p.cluster_id = int(c) if c >= 0 else None
+
+
+def cluster_of(
+    x: np.ndarray, clusters: Sequence[Any], model: ClusterModel | None = None
+) -> np.ndarray:
+    """The existing cluster each of (n, d) UNKNOWN embeddings joins, -1 for none.
+
+    As ``assign_unknowns`` decides it.
+    """
+    if not clusters or not len(x):
+        return np.full(len(x), -1, np.int64)
+    if model is None:
+        return assign_to_clusters(x, clusters)
+    found = model.predict(x)[0]
+    found[~np.isin(found, [c.cluster_id for c in clusters])] = -1  # reviewed away since
+    return found
 
 
 class ScoringSession:
@@ -123,6 +134,30 @@ class ScoringSession:
             self.counts.update(delta)
             if due:
                 self._counts_at = time.monotonic()
+
+    def write_copied(
+        self, delta: Counter, rows: StoredHeadInputs, decided: Any, index: bool = True
+    ) -> np.ndarray:
+        """Store decisions on images stored with another version (``Store.copy_redecided``).
+
+        ``decided`` (Arrow) holds the decided columns; new UNKNOWNs join clusters and ``delta``
+        lands on the counters, as in ``write``. Returns the new rows' ids.
+        """
+        import pyarrow as pa
+
+        found = np.full(len(rows.ids), -1, np.int64)
+        unknown = np.array([x == UNKNOWN for x in decided.column("label").to_pylist()], bool)
+        found[unknown] = cluster_of(rows.embedding[unknown], self.clusters, self.model)
+        decided = decided.append_column(
+            "cluster_id", pa.array([int(c) if c >= 0 else None for c in found], pa.int32())
+        )
+        with self._lock:
+            counts = dict(self.counts + delta)
+        ids = self.store.copy_redecided(self.batch_id, self.version, rows, decided, counts, index)
+        with self._lock:
+            self.counts.update(delta)
+            self._counts_at = time.monotonic()
+        return ids
 
     def finish(self, status: str = "done", counts: dict[str, int] | None = None) -> None:
         """Mark the batch finished (``done`` or ``interrupted``) with its counters (or ``counts``)."""

@@ -106,6 +106,21 @@ class ModelVersion:
         return self.path / "model.pt"
 
     @property
+    def head_path(self) -> Path:
+        """The linear head as arrays ``weight`` (c, d) and ``bias`` (c,), for stored head inputs."""
+        return self.path / "head.npz"
+
+    @property
+    def frozen_backbone(self) -> str | None:
+        """The pretrained backbone this version embeds with, untouched; None when fine-tuned.
+
+        Versions with the same one give an image the same embedding and head input.
+        """
+        if self.meta.get("kind") != "trained" or (self.meta.get("training") or {}).get("phase2"):
+            return None
+        return f"{self.meta['backbone']}:{self.meta.get('weights')}"
+
+    @property
     def report_dir(self) -> Path:
         """Evaluation outputs written at training time."""
         return self.path / "report"

@@ -6,8 +6,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from imagesieve._workspace import Workspace
 from imagesieve.models._registry import create_backbone, get_backbone_spec
@@ -20,10 +22,34 @@ from imagesieve.models._version import (
     write_version,
 )
 
-__all__ = ["export_onnx", "imagenet_version", "load_checkpoint", "make_model", "save_model_files"]
+__all__ = [
+    "HEAD_INPUTS",
+    "export_onnx",
+    "imagenet_version",
+    "load_checkpoint",
+    "make_model",
+    "save_model_files",
+]
 
 ONNX_INPUT = "image"
 ONNX_OUTPUTS = ("embedding", "logits")
+#: What a version whose head reads average- and max-pooled features also outputs: the rest of
+#: the head's input beside the embedding (the average's length, the max-pooled vector). The
+#: store keeps them, so a head-only retrain re-decides stored images without decoding them.
+HEAD_INPUTS = ("avg_norm", "max_pooled")
+
+
+class _WithHeadInputs(nn.Module):
+    """The graph exported for an ``avgmax`` model: its embedding and logits, then HEAD_INPUTS."""
+
+    def __init__(self, model: SieveModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        avg, top = self.model.pooled(x)
+        logits = self.model.head(torch.cat([avg, top], dim=1))
+        return F.normalize(avg, dim=1), logits, avg.norm(dim=1), top
 
 
 def make_model(backbone: Backbone, head: nn.Module, pooling: str = "avg") -> SieveModel:
@@ -41,10 +67,11 @@ def export_onnx(model: SieveModel, path: Path, output_names=ONNX_OUTPUTS) -> Non
     size = get_backbone_spec(model.backbone.name).config.input_size
     dummy = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     axes = {ONNX_INPUT: {0: "n"}, **{o: {0: "n"} for o in output_names}}
+    graph = _WithHeadInputs(model) if HEAD_INPUTS[-1] in output_names else model
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
+            graph,
             (dummy,),
             str(path),
             input_names=[ONNX_INPUT],
@@ -56,7 +83,11 @@ def export_onnx(model: SieveModel, path: Path, output_names=ONNX_OUTPUTS) -> Non
 
 
 def save_model_files(model: SieveModel, classes: list[str], build_dir: Path) -> None:
-    """Write ``model.pt`` and ``model.onnx`` for a version being built."""
+    """Write ``model.pt`` and ``model.onnx`` for a version being built.
+
+    An ``avgmax`` model's graph also outputs HEAD_INPUTS, and its linear head goes to
+    ``head.npz`` (weight, bias): what re-deciding stored images without decoding needs.
+    """
     torch.save(
         {
             "format": 1,
@@ -67,7 +98,15 @@ def save_model_files(model: SieveModel, classes: list[str], build_dir: Path) -> 
         },
         build_dir / "model.pt",
     )
-    export_onnx(model, build_dir / "model.onnx")
+    if model.pooling == "avgmax" and isinstance(model.head, nn.Linear):
+        np.savez(
+            build_dir / "head.npz",
+            weight=model.head.weight.detach().numpy(),
+            bias=model.head.bias.detach().numpy(),
+        )
+        export_onnx(model, build_dir / "model.onnx", ONNX_OUTPUTS + HEAD_INPUTS)
+    else:
+        export_onnx(model, build_dir / "model.onnx")
 
 
 def load_checkpoint(path: Path) -> tuple[SieveModel, list[str]]:

@@ -8,7 +8,7 @@ images are files by content. User SQL runs read-only through ``run_sql``.
 
 from imagesieve.store._clusters import CLUSTER_FIELDS, PreviousCluster
 from imagesieve.store._images import KEEP_POLICIES, ZIP_MEMBER, image_source, keep_image, kept_path
-from imagesieve.store._rows import Failure, IndexCheck, PredictionRow, ResultRow
+from imagesieve.store._rows import Failure, IndexCheck, PredictionRow, ResultRow, StoredHeadInputs
 from imagesieve.store._schema import MIGRATIONS, PREDICTION_COLUMNS, SCHEMA_VERSION, VIEWS
 from imagesieve.store._sql import (
     SAFE_CONFIG,
@@ -36,6 +36,7 @@ __all__ = [
     "PredictionRow",
     "PreviousCluster",
     "ResultRow",
+    "StoredHeadInputs",
     "SqlError",
     "SqlResult",
     "Store",

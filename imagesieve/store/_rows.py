@@ -15,6 +15,7 @@ __all__ = [
     "IndexCheck",
     "PredictionRow",
     "ResultRow",
+    "StoredHeadInputs",
     "embedding_matrix",
     "new_table",
     "prediction_table",
@@ -119,6 +120,41 @@ class ResultRow:
     sha256: str
 
 
+@dataclass
+class StoredHeadInputs:
+    """Stored rows with what their model's head read (``Store.head_input_chunks``)."""
+
+    table: Any  # Arrow: id, source, sha256, width, height, embedding, avg_norm, max_pooled
+    ids: np.ndarray
+    embedding: np.ndarray  # (n, d) float32, unit length: the average-pooled features' direction
+    avg_norm: np.ndarray  # (n,) their length
+    max_pooled: np.ndarray  # (n, d') float16
+
+    @property
+    def sha256(self) -> list[str]:
+        """Each row's content hash."""
+        return self.table.column("sha256").to_pylist()
+
+    @classmethod
+    def from_arrow(cls, table: Any, dim: int) -> StoredHeadInputs:
+        """The rows of a query's Arrow table, arrays viewed without copying where they can be."""
+        import pyarrow as pa
+
+        table = table.combine_chunks()
+        ids, emb = embedding_matrix(table, dim)
+        blobs = table.column("max_pooled").chunk(0) if len(ids) else None
+        if blobs is None:
+            top = np.zeros((0, 0), np.float16)
+        else:
+            wide = pa.types.is_large_binary(blobs.type)
+            ends = np.frombuffer(blobs.buffers()[1], np.int64 if wide else np.int32)
+            ends = ends[blobs.offset : blobs.offset + len(ids) + 1]
+            data = np.frombuffer(blobs.buffers()[2], np.uint8)[ends[0] : ends[-1]]
+            top = data.view(np.float16).reshape(len(ids), -1)
+        norm = table.column("avg_norm").to_numpy().astype(np.float32)
+        return cls(table, ids, emb, norm, top)
+
+
 def embedding_matrix(table: Any, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """An Arrow table (id, embedding list) -> (ids, (n, d) float32)."""
     import pyarrow.compute as pc
@@ -126,7 +162,7 @@ def embedding_matrix(table: Any, dim: int | None = None) -> tuple[np.ndarray, np
     ids = table.column("id").to_numpy().astype(np.int64)
     if len(ids) == 0:
         return ids, np.zeros((0, dim or 0), np.float32)
-    flat = pc.list_flatten(table.column("embedding")).to_numpy().astype(np.float32)
+    flat = pc.list_flatten(table.column("embedding")).to_numpy().astype(np.float32, copy=False)
     return ids, flat.reshape(len(ids), -1)
 
 
@@ -166,11 +202,22 @@ def prediction_table(ids, preds, model_version, batch_id, stamp) -> Any:
 def new_table(ids, preds, emb, model_version, batch_id, stamp) -> Any:
     """New rows as one Arrow table: prediction columns, then the embedding (``FLOAT[d]``).
 
-    One registered table feeds both inserts: each registration costs a catalog change.
+    One registered table feeds the inserts: each registration costs a catalog change.
+    Rows whose model gave them (``Prediction.max_pooled``) add ``avg_norm`` and ``max_pooled``
+    (float16 bytes) for ``head_inputs``.
     """
     import pyarrow as pa
 
-    return prediction_table(ids, preds, model_version, batch_id, stamp).append_column(
+    table = prediction_table(ids, preds, model_version, batch_id, stamp).append_column(
         "embedding",
         pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()), emb.shape[1]),
+    )
+    if all(p.max_pooled is None for p in preds):
+        return table
+    table = table.append_column("avg_norm", pa.array([p.avg_norm for p in preds], pa.float32()))
+    return table.append_column(
+        "max_pooled",
+        pa.array(
+            [None if p.max_pooled is None else p.max_pooled.tobytes() for p in preds], pa.binary()
+        ),
     )

@@ -321,12 +321,24 @@ def _cluster_outlier(con: Any) -> None:
     con.execute("ALTER TABLE predictions ADD COLUMN IF NOT EXISTS cluster_outlier FLOAT")
 
 
+def _head_inputs(con: Any) -> None:
+    """The rest of each row's head input beside its embedding (``Prediction.max_pooled``).
+
+    So a head-only retrain re-decides stored images without decoding them; float16 bytes.
+    """
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS head_inputs "
+        "(id BIGINT PRIMARY KEY, avg_norm FLOAT NOT NULL, max_pooled BLOB NOT NULL)"
+    )
+
+
 #: The schema's history, oldest first: (name, step). Append only; a step must be safe to run
 #: on a store that already has its change (stores older than ``schema_version`` record none).
 MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
     ("tables", _tables),
     ("embeddings in one table per size", _embeddings_per_size),
     ("cluster outlier scores", _cluster_outlier),
+    ("head inputs", _head_inputs),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -42,6 +42,7 @@ from imagesieve.store._rows import (
     Failure,
     PredictionRow,
     ResultRow,
+    StoredHeadInputs,
     embedding_matrix,
     new_table,
     now,
@@ -466,7 +467,9 @@ class Store:
                     [batch_id],
                 )
             if "_new" in tables:
-                self._insert_new("_new", emb.shape[1])
+                self._insert_new(
+                    "_new", emb.shape[1], head="max_pooled" in tables["_new"].schema.names
+                )
             if "_re" in tables:
                 keep = ("id", "sha256", "model_version", "cluster_id")
                 sets = ", ".join(f"{c} = _re.{c}" for c in PREDICTION_COLUMNS if c not in keep)
@@ -531,10 +534,13 @@ class Store:
             p.id = rows[p.sha256].id
         return [p for p in new if p.sha256 not in stored]
 
-    def _insert_new(self, name: str, dim: int, only_missing: bool = False) -> int:
-        """Insert the registered new-rows table ``name`` (``_new_table``) into both tables.
+    def _insert_new(
+        self, name: str, dim: int, only_missing: bool = False, head: bool = False
+    ) -> int:
+        """Insert the registered new-rows table ``name`` (``new_table``) into the row tables.
 
-        Returns the rows inserted; ``only_missing`` leaves out ids already stored.
+        Returns the rows inserted; ``only_missing`` leaves out ids already stored; ``head``:
+        the table has head inputs.
         """
         cols = ", ".join(PREDICTION_COLUMNS)
         table = self._embeddings_of(dim)
@@ -546,6 +552,12 @@ class Store:
         self._con.execute(
             f"INSERT INTO {table} SELECT id, embedding FROM {name}" + skip.format(table)
         ).fetchall()
+        if head:
+            self._con.execute(
+                f"INSERT INTO head_inputs SELECT id, avg_norm, max_pooled FROM {name} "
+                "WHERE max_pooled IS NOT NULL"
+                + skip.format("head_inputs").replace(" WHERE ", " AND ")
+            ).fetchall()
         return int(inserted)
 
     # -- the journal ----------------------------------------------------------------------
@@ -632,11 +644,16 @@ class Store:
         for dim in by_dim:
             if dim not in self._dims:
                 self._add_embedding_table(dim)
-        tables = {f"_journal_{dim}": pa.concat_tables(t) for dim, t in by_dim.items()}
+        tables = {
+            f"_journal_{dim}": pa.concat_tables(t, promote_options="default")
+            for dim, t in by_dim.items()
+        }
         inserted = 0
         with self._transaction(tables):
             for dim in by_dim:
-                inserted += self._insert_new(f"_journal_{dim}", dim, only_missing)
+                name = f"_journal_{dim}"
+                head = "max_pooled" in tables[name].schema.names
+                inserted += self._insert_new(name, dim, only_missing, head)
             for batch_id, c in counts.items():
                 self._update_counts(batch_id, c)
         self._journal.clear()
@@ -722,15 +739,110 @@ class Store:
         return dict(zip(keys, row, strict=True))
 
     @locked
-    def stored_images(self, model_version: str) -> list[tuple[str, str]]:
-        """(source, sha256) of each image stored with a version, in the order first stored."""
+    def stored_images(
+        self, model_version: str, missing_from: str | None = None
+    ) -> list[tuple[str, str]]:
+        """(source, sha256) of each image stored with a version, in the order first stored.
+
+        With ``missing_from``, only content not stored with that version too.
+        """
+        missing = (
+            " AND sha256 NOT IN (SELECT sha256 FROM predictions WHERE model_version = ?)"
+            if missing_from is not None
+            else ""
+        )
         return [
             (r[0], r[1])
             for r in self._db.execute(
-                "SELECT source, sha256 FROM predictions WHERE model_version = ? ORDER BY id",
-                [model_version],
+                f"SELECT source, sha256 FROM predictions WHERE model_version = ?{missing} "
+                "ORDER BY id",
+                [model_version] + ([missing_from] if missing_from is not None else []),
             ).fetchall()
         ]
+
+    def head_input_chunks(self, old: str, new: str, chunk: int) -> Iterator[StoredHeadInputs]:
+        """``old``'s rows whose content ``new`` lacks, ``chunk`` at a time, in id order.
+
+        With what their head read (embedding, average-pooled length, max-pooled features);
+        rows stored without head inputs are left out. The lock is held per chunk, so the
+        caller may write between chunks.
+        """
+        import pyarrow as pa
+
+        with self.lock:
+            dim = self._vector_dim(old)
+            if dim is None or dim not in self._dims:
+                return
+            ids = self._db.execute(
+                "SELECT p.id FROM predictions p JOIN head_inputs h USING (id) "
+                "WHERE p.model_version = ? AND p.sha256 NOT IN "
+                "(SELECT sha256 FROM predictions WHERE model_version = ?) ORDER BY p.id",
+                [old, new],
+            ).fetchnumpy()["id"]
+        embeddings = self._embeddings_of(dim)
+        for a in range(0, len(ids), chunk):
+            want = np.asarray(ids[a : a + chunk], np.int64)
+            with self.lock:
+                self._con.register("_want_ids", pa.table({"id": pa.array(want)}))
+                try:
+                    # the id range lets DuckDB skip row groups by their min/max
+                    table = self._db.sql(
+                        "SELECT p.id, p.source, p.sha256, p.width, p.height, e.embedding, "
+                        f"h.avg_norm, h.max_pooled FROM _want_ids w "
+                        f"JOIN predictions p USING (id) JOIN {embeddings} e USING (id) "
+                        "JOIN head_inputs h USING (id) "
+                        f"WHERE p.id BETWEEN {int(want[0])} AND {int(want[-1])} "
+                        f"AND e.id BETWEEN {int(want[0])} AND {int(want[-1])} "
+                        f"AND h.id BETWEEN {int(want[0])} AND {int(want[-1])} ORDER BY p.id"
+                    ).to_arrow_table()
+                finally:
+                    self._con.unregister("_want_ids")
+            yield StoredHeadInputs.from_arrow(table, dim)
+
+    @locked
+    def copy_redecided(
+        self,
+        batch_id: int,
+        new: str,
+        rows: StoredHeadInputs,
+        decided: Any,
+        counts: dict[str, int],
+        index: bool = True,
+    ) -> np.ndarray:
+        """Store ``new``'s decisions on ``rows`` stored with another version, in one transaction.
+
+        ``decided`` (Arrow) holds the decided prediction columns (Top-3, label, reason,
+        neighbour, cluster); the rest (source, size, embedding, head input) is ``rows``'.
+        Returns the new rows' ids. They join the version's FAISS index as committed rows do;
+        without ``index`` it catches up from DuckDB when next used (or ``IndexSet.adopt``
+        gives it the other version's).
+        """
+        import pyarrow as pa
+
+        n, dim = len(rows.ids), rows.embedding.shape[1]
+        if not n:
+            return np.zeros(0, np.int64)
+        ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        vectors = self.indexes.get(new, dim=dim) if index else None  # before the rows land
+        columns = {
+            "id": pa.array(ids),
+            **rows.table.select(["source", "sha256", "width", "height"]).to_pydict(),
+            "model_version": pa.array([new] * n, pa.string()),
+            "scored_at": pa.array([now()] * n, pa.timestamp("us", tz="UTC")),
+            "batch_id": pa.array([batch_id] * n, pa.int32()),
+        }
+        columns |= {c: decided.column(c) for c in decided.column_names}
+        columns |= {c: rows.table.column(c) for c in ("embedding", "avg_norm", "max_pooled")}
+        if dim not in self._dims:
+            self._add_embedding_table(dim)
+        with self._transaction({"_copied": pa.table(columns)}):
+            self._insert_new("_copied", dim, head=True)
+            self._update_counts(batch_id, counts)
+        self._next_id += n
+        self._stored_content(new).update(rows.sha256)
+        if vectors is not None:
+            vectors.add(ids, rows.embedding)
+        return ids
 
     @locked
     def history_diff(self, old: str, new: str) -> dict[str, Any]:

@@ -1,0 +1,264 @@
+"""A head-only retrain scoring the stored history: re-decided from stored head inputs vs decoded.
+
+Issue 20's target: re-deciding 100,000 stored rows after a head-only retrain in <= 10 s.
+
+Set-up (once, cached under bench/_out/history/): v1 is trained on ELPV's mono cells
+(functional / defective) and scores all 2,624 ELPV images into a store, the real scoring path,
+so every row carries its real embedding and head input. The store then grows to ``--rows``
+rows of v1: each extra row is a real row's embedding and max-pooled features moved by Gaussian
+noise (sigma 0.01 of each vector's scale), renormalised, under a content hash of its own; v1's
+FAISS index is rebuilt over all of them (HNSW past 5,000). v2 is a head-only retrain on the
+same cells plus the poly cells as a third class (what a promote leads to).
+
+Measured, each in a fresh child process on a fresh copy of the store, alternated over
+``--rounds``:
+
+* *re-decide*: ``score_history(ws, "v2", "v1")`` over all ``--rows`` rows (no image decoded);
+* *decode*: the same call on a store holding only the 2,624 real rows whose head inputs were
+  dropped, so each image is read and decoded again (what a new backbone needs), scaled to
+  ``--rows`` by rows per second.
+
+Printed: medians, the ratio, peak RSS (VmHWM) of each child, and how far the re-decided rows
+are from the decoded ones on the 2,624 real images (label agreement, largest Top-1 difference).
+
+Usage: python bench/bench_history.py [--rows 100000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "_out" / "history"
+
+
+def vm_hwm_mb() -> float:
+    """Peak resident memory of this process (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def label(im) -> str:
+    return "defective" if im.defective else "functional"
+
+
+def build(rows: int) -> Path:
+    """The cached set-up: a workspace with v1 (``rows`` stored rows) and v2; returns its root."""
+    import pyarrow as pa
+
+    from imagesieve._workspace import Workspace
+    from imagesieve.classifier import TrainOptions, train_model
+    from imagesieve.data._elpv import elpv_images, export_elpv
+    from imagesieve.ingest import score_inputs
+    from imagesieve.store import Store
+
+    root = OUT / f"ws-{rows}"
+    if (root / "ready").is_file():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    elpv = elpv_images()
+    ws = Workspace(root / "ws")
+    mono = [im for im in elpv if im.cell_type == "mono"]
+    poly = [im for im in elpv if im.cell_type == "poly"]
+    data = export_elpv(root / "data", mono, label)
+    t0 = time.perf_counter()
+    train_model(data, ws, TrainOptions())
+    print(f"# set-up: v1 trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    assert score_inputs(ws, [str(im.path) for im in elpv]).scored == len(elpv)
+    print(f"# set-up: {len(elpv)} ELPV images scored in {time.perf_counter() - t0:.0f} s")
+    # the real rows alone, for the decoding side (its store copy drops the head inputs)
+    with Store(ws) as store:
+        store.indexes.save()
+    shutil.copytree(ws.root, root / "real")
+    rng = np.random.default_rng(0)
+    with Store(ws, check=False) as store:
+        con = store._db
+        base = con.execute(
+            "SELECT p.*, e.embedding, h.avg_norm, h.max_pooled FROM predictions p "
+            "JOIN embeddings_1280 e USING (id) JOIN head_inputs h USING (id) ORDER BY id"
+        ).to_arrow_table()
+        emb = np.asarray(base.column("embedding").combine_chunks().flatten()).reshape(-1, 1280)
+        top = np.stack(
+            [np.frombuffer(b, np.float16) for b in base.column("max_pooled").to_pylist()]
+        ).astype(np.float32)
+        next_id = int(con.execute("SELECT max(id) FROM predictions").fetchall()[0][0]) + 1
+        chunk = 10_000
+        for a in range(len(elpv), rows, chunk):
+            n = min(chunk, rows - a)
+            pick = rng.integers(0, len(elpv), n)
+            e = emb[pick] + rng.normal(0, 0.01 / np.sqrt(1280), (n, 1280)).astype(np.float32)
+            e /= np.linalg.norm(e, axis=1, keepdims=True)
+            m = top[pick] * (1 + rng.normal(0, 0.01, (n, top.shape[1]))).astype(np.float32)
+            ids = np.arange(next_id, next_id + n, dtype=np.int64)
+            next_id += n
+            t = base.take(pa.array(pick))
+            t = t.set_column(t.schema.get_field_index("id"), "id", pa.array(ids))
+            t = t.set_column(
+                t.schema.get_field_index("sha256"),
+                "sha256",
+                pa.array([f"synthetic-{i}" for i in ids], pa.string()),
+            )
+            t = t.set_column(
+                t.schema.get_field_index("embedding"),
+                "embedding",
+                pa.FixedSizeListArray.from_arrays(pa.array(e.ravel()), 1280),
+            )
+            t = t.set_column(
+                t.schema.get_field_index("max_pooled"),
+                "max_pooled",
+                pa.array([r.astype(np.float16).tobytes() for r in m], pa.binary()),
+            )
+            con.register("_syn", t)
+            con.execute("BEGIN")
+            cols = [
+                c for c in base.column_names if c not in ("embedding", "avg_norm", "max_pooled")
+            ]
+            con.execute(
+                f"INSERT INTO predictions ({', '.join(cols)}) SELECT {', '.join(cols)} FROM _syn"
+            )
+            con.execute("INSERT INTO embeddings_1280 SELECT id, embedding FROM _syn")
+            con.execute("INSERT INTO head_inputs SELECT id, avg_norm, max_pooled FROM _syn")
+            con.execute("COMMIT")
+            con.unregister("_syn")
+        t0 = time.perf_counter()
+        check = store.indexes.rebuild("v1")
+        print(
+            f"# set-up: {rows} rows of v1, index {check.details.get('kind')} rebuilt in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+    # v2: head-only retrain with the poly cells as a third class (as after a promote)
+    (data / "poly").mkdir()
+    for im in poly:
+        shutil.copyfile(im.path, data / "poly" / im.path.name)
+    t0 = time.perf_counter()
+    train_model(data, ws, TrainOptions(activate=False))
+    print(f"# set-up: v2 trained in {time.perf_counter() - t0:.0f} s", flush=True)
+    shutil.copytree(ws.models_dir, root / "real" / "models", dirs_exist_ok=True)
+    with Store(Workspace(root / "real"), check=False) as store:
+        store._db.execute("DELETE FROM head_inputs")
+    (root / "ready").write_text("")
+    return root
+
+
+def child(kind: str, src: Path, work: Path) -> dict:
+    """One measured run in this (fresh) process on a fresh copy of ``src``."""
+    from imagesieve._workspace import Workspace
+    from imagesieve.ingest import score_history
+
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(src, work)
+    ws = Workspace(work)
+    t0 = time.perf_counter()
+    diff = score_history(ws, "v2", "v1")
+    seconds = time.perf_counter() - t0
+    out = {"kind": kind, "seconds": seconds, "rows": diff["scored"], "failed": diff["failed"]}
+    out["rss_mb"] = vm_hwm_mb()
+    if kind == "decode":
+        from imagesieve.store import Store
+
+        with Store(ws, check=False) as store:
+            out["decided"] = dict(
+                store._db.execute(
+                    "SELECT sha256, [label, top1_prob::VARCHAR] FROM predictions "
+                    "WHERE model_version = 'v2'"
+                ).fetchall()
+            )
+    elif kind == "redecide":
+        from imagesieve.store import Store
+
+        with Store(ws, check=False) as store:
+            out["decided"] = dict(
+                store._db.execute(
+                    "SELECT sha256, [label, top1_prob::VARCHAR] FROM predictions "
+                    "WHERE model_version = 'v2' AND sha256 NOT LIKE 'synthetic-%'"
+                ).fetchall()
+            )
+            out["index"] = store.indexes.get("v2").kind
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def run_child(kind: str, src: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--src", str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--src", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        out = child(args.child, Path(args.src), OUT / f"work-{args.child}")
+        print(json.dumps(out))
+        return
+    print(
+        f"# bench_history: {platform.machine()}, python {platform.python_version()}; "
+        f"command: python bench/bench_history.py --rows {args.rows} --rounds {args.rounds}"
+    )
+    t0 = time.perf_counter()
+    root = build(args.rows)
+    runs: dict[str, list[dict]] = {"redecide": [], "decode": []}
+    for r in range(args.rounds):
+        order = ("redecide", "decode") if r % 2 == 0 else ("decode", "redecide")
+        for kind in order:
+            src = root / ("ws" if kind == "redecide" else "real")
+            got = run_child(kind, src)
+            runs[kind].append(got)
+            print(
+                f"  round {r + 1} {kind}: {got['rows']} rows in {got['seconds']:.2f} s, "
+                f"failed {got['failed']}, peak RSS {got['rss_mb']:.0f} MB",
+                flush=True,
+            )
+    fast = statistics.median(g["seconds"] for g in runs["redecide"])
+    slow_rows = runs["decode"][0]["rows"]
+    slow = statistics.median(g["seconds"] for g in runs["decode"])
+    slow_at = slow / slow_rows * args.rows
+    print()
+    print("| path | rows | median s | per 100,000 rows | peak RSS MB |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| re-decided from stored head inputs | {args.rows} | {fast:.2f} | "
+        f"{fast / args.rows * 1e5:.1f} s | "
+        f"{statistics.median(g['rss_mb'] for g in runs['redecide']):.0f} |"
+    )
+    print(
+        f"| decoded again | {slow_rows} | {slow:.1f} | {slow / slow_rows * 1e5:.0f} s "
+        f"(projected) | {statistics.median(g['rss_mb'] for g in runs['decode']):.0f} |"
+    )
+    print(
+        f"\nratio decode / re-decide at {args.rows} rows: {slow_at / fast:.0f}x; "
+        f"v2's index: {runs['redecide'][0]['index']} (v1's graph under v2's ids)"
+    )
+    a, b = runs["redecide"][0]["decided"], runs["decode"][0]["decided"]
+    same = [k for k in b if k in a]
+    agree = sum(a[k][0] == b[k][0] for k in same)
+    diff = max(abs(float(a[k][1]) - float(b[k][1])) for k in same)
+    print(
+        f"real images: {agree}/{len(same)} labels agree; largest Top-1 probability "
+        f"difference {diff:.2e} (float16 max-pooled features)"
+    )
+    target = "met" if fast / args.rows * 1e5 <= 10 else "NOT met"
+    print(f"target <= 10 s per 100,000 rows: {target}")
+    print(f"# whole run {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""A head-only retrain scores the stored history from stored head inputs, without decoding.
+
+Real ELPV images, real versions trained with the frozen backbone, a real store and FAISS index.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from imagesieve._workspace import Workspace
+from imagesieve.classifier import Predictor
+from imagesieve.classifier._train import TrainOptions, train_model
+from imagesieve.data._elpv import export_elpv
+from imagesieve.ingest import ScoreOptions, score_history, score_inputs
+from imagesieve.models import ModelVersion, get_version
+from imagesieve.store import Store
+
+
+@pytest.fixture(scope="module")
+def history(elpv, tmp_path_factory):
+    """v1 trained on 120 mono cells; 60 other mono and 20 poly cells scored into the store."""
+    rng = random.Random(1)
+    mono = rng.sample([im for im in elpv if im.cell_type == "mono"], 180)
+    poly = rng.sample([im for im in elpv if im.cell_type == "poly"], 20)
+    root = tmp_path_factory.mktemp("history")
+    data = export_elpv(
+        root / "data", mono[:120], lambda im: "defective" if im.defective else "functional"
+    )
+    ws = Workspace(root / "ws")
+    train_model(data, ws, TrainOptions())
+    pics = root / "pics"
+    pics.mkdir()
+    for im in mono[120:] + poly:
+        shutil.copyfile(im.path, pics / im.path.name)
+    assert score_inputs(ws, [str(pics)]).scored == 80
+    return ws, data, pics
+
+
+def rows(ws: Workspace, sql: str, params=()) -> list[tuple]:
+    with Store(ws, check=False) as store:
+        return store._db.execute(sql, list(params)).fetchall()
+
+
+def test_scoring_stores_what_the_head_read(history):
+    ws, _, _ = history
+    n, size = rows(ws, "SELECT count(*), min(octet_length(max_pooled)) FROM head_inputs")[0]
+    assert n == 80 and size == 1280 * 2  # every row: 1280 float16 max-pooled features
+    v1 = get_version(ws, "v1")
+    assert v1.head_path.is_file() and v1.frozen_backbone == "efficientnet_lite0:" + str(
+        v1.meta["weights"]
+    )
+
+
+def test_head_only_retrain__history_redecided_without_the_images(history, tmp_path):
+    ws, data, pics = history
+    train_model(data, ws, TrainOptions(seed=1, activate=False))
+    v2 = get_version(ws, "v2")
+    expected = {p.source: p for p in Predictor(v2).score(sorted(map(str, pics.iterdir())))}
+    gone = pics.rename(tmp_path / "moved")  # no original and (known images) no kept copy
+    try:
+        diff = score_history(ws, "v2", "v1")
+    finally:
+        gone.rename(pics)
+    assert diff["compared"] == 80 and diff["scored"] == 80 and diff["failed"] == 0
+    got = rows(
+        ws,
+        "SELECT source, label, top1_class, top1_prob, neighbor_id, neighbor_distance "
+        "FROM predictions WHERE model_version = 'v2'",
+    )
+    assert len(got) == 80
+    threshold = Predictor(v2).rule.confidence
+    for source, label, top1, prob, neighbor, distance in got:
+        want = expected[source]
+        assert top1 == want.top3[0][0]
+        assert prob == pytest.approx(want.top3[0][1], abs=2e-3)  # float16 max-pooled features
+        assert neighbor == want.neighbor_id
+        assert distance == pytest.approx(want.neighbor_distance, abs=1e-5)
+        if abs(want.top3[0][1] - threshold) > 2e-3:
+            assert label == want.label
+    # v2's index is v1's graph under v2's ids: in sync, and a search finds v2's rows
+    with Store(ws) as store:
+        assert [c.action for c in store.indexes.checks] == ["in_sync", "in_sync"]
+        index = store.indexes.get("v2")
+        ids = {
+            r[0]
+            for r in store._db.execute(
+                "SELECT id FROM predictions WHERE model_version = 'v2'"
+            ).fetchall()
+        }
+        assert set(index.ids().tolist()) == ids
+        (vector,) = store._db.execute(
+            "SELECT e.embedding FROM embeddings e JOIN predictions p USING (id) "
+            "WHERE p.model_version = 'v2' ORDER BY id LIMIT 1"
+        ).fetchall()[0]
+        found = index.search(np.asarray([vector], np.float32), 1)[0][0]
+        assert int(found[0]) == min(ids)
+    again = score_history(ws, "v2", "v1")  # stored once per version
+    assert again["already_scored"] == 80 and again["scored"] == 0
+
+
+def test_rows_without_head_inputs_are_decoded_and_a_live_index_follows(history):
+    ws, data, pics = history
+    # rows stored by a release that kept no head inputs
+    with Store(ws, check=False) as store:
+        store._db.execute(
+            "DELETE FROM head_inputs WHERE id IN (SELECT id FROM predictions "
+            "WHERE model_version = 'v1' ORDER BY id LIMIT 30)"
+        )
+    name = train_model(data, ws, TrainOptions(seed=2, activate=False)).version.name
+    with Store(ws) as store:  # one store throughout, as a server holds it
+        first = sorted(map(str, pics.iterdir()))[:5]
+        score_inputs(ws, first, ScoreOptions(model=name), store=store)
+        assert store.indexes.get(name).ntotal == 5  # loaded, and not new any more
+        diff = score_history(ws, name, "v1", store=store)
+        assert diff["compared"] == 80 and diff["failed"] == 0
+        assert diff["scored"] == 75 and diff["already_scored"] == 5
+        assert store.indexes.get(name).ntotal == store.row_count(name) == 80
+        # the decoded rows keep head inputs now
+        (n,) = store._db.execute(
+            "SELECT count(*) FROM head_inputs JOIN predictions USING (id) WHERE model_version = ?",
+            [name],
+        ).fetchall()[0]
+        assert n == 80
+
+
+def test_only_an_untouched_backbone_is_shared(history):
+    ws, _, _ = history
+    v1 = get_version(ws, "v1")
+    meta = {**v1.meta, "training": {**v1.meta["training"], "phase2": {"epochs": 3}}}
+    assert ModelVersion(v1.path, meta).frozen_backbone is None  # fine-tuned
+    other = {**v1.meta, "backbone": "resnet18"}
+    assert ModelVersion(v1.path, other).frozen_backbone != v1.frozen_backbone

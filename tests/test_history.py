@@ -61,11 +61,21 @@ def test_head_only_retrain__history_redecided_without_the_images(history, tmp_pa
     v2 = get_version(ws, "v2")
     expected = {p.source: p for p in Predictor(v2).score(sorted(map(str, pics.iterdir())))}
     gone = pics.rename(tmp_path / "moved")  # no original and (known images) no kept copy
+    sizes = "SELECT (SELECT count(*) FROM embeddings_1280), (SELECT count(*) FROM head_inputs)"
+    stored = rows(ws, sizes)
     try:
         diff = score_history(ws, "v2", "v1")
     finally:
         gone.rename(pics)
     assert diff["compared"] == 80 and diff["scored"] == 80 and diff["failed"] == 0
+    # v2's rows share v1's stored features: nothing copied, and SQL sees them as v2's
+    assert rows(ws, sizes) == stored
+    assert rows(ws, "SELECT count(*) FROM shared_features")[0][0] == 80
+    (n,) = rows(
+        ws,
+        "SELECT count(*) FROM embeddings JOIN predictions USING (id) WHERE model_version = 'v2'",
+    )[0]
+    assert n == 80
     got = rows(
         ws,
         "SELECT source, label, top1_class, top1_prob, neighbor_id, neighbor_distance "
@@ -119,12 +129,14 @@ def test_rows_without_head_inputs_are_decoded_and_a_live_index_follows(history):
         assert diff["compared"] == 80 and diff["failed"] == 0
         assert diff["scored"] == 75 and diff["already_scored"] == 5
         assert store.indexes.get(name).ntotal == store.row_count(name) == 80
-        # the decoded rows keep head inputs now
-        (n,) = store._db.execute(
-            "SELECT count(*) FROM head_inputs JOIN predictions USING (id) WHERE model_version = ?",
+        # every row has its features: its own (decoded or scored) or shared with a v1 row
+        (own, shared) = store._db.execute(
+            "SELECT count(h.id), count(s.id) FROM predictions p "
+            "LEFT JOIN head_inputs h USING (id) LEFT JOIN shared_features s USING (id) "
+            "WHERE model_version = ?",
             [name],
         ).fetchall()[0]
-        assert n == 80
+        assert own + shared == 80 and own >= 30
 
 
 def test_only_an_untouched_backbone_is_shared(history):
@@ -134,3 +146,28 @@ def test_only_an_untouched_backbone_is_shared(history):
     assert ModelVersion(v1.path, meta).frozen_backbone is None  # fine-tuned
     other = {**v1.meta, "backbone": "resnet18"}
     assert ModelVersion(v1.path, other).frozen_backbone != v1.frozen_backbone
+
+
+def test_nearest_since__the_nearer_of_the_old_nearest_and_the_added_images():
+    from imagesieve.classifier._reference import ReferenceSet
+
+    rng = np.random.default_rng(3)
+
+    def unit(n: int) -> np.ndarray:
+        x = rng.normal(size=(n, 64)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    old = ReferenceSet(unit(40), [f"o{i}" for i in range(40)], ["a"] * 40)
+    mixed = np.concatenate([unit(30), old.embeddings[::-1]])  # a superset, in another order
+    new = ReferenceSet(mixed, [f"n{i}" for i in range(70)], ["a"] * 70)
+    queries = unit(500)
+    near, dist = old.nearest(queries)
+    here = new.ids_of(old)
+    assert here is not None and (new.embeddings[here] == old.embeddings).all()
+    got_ids, got_dist = new.nearest_since(here, queries, near[:, 0], dist[:, 0])
+    want_ids, want_dist = new.nearest(queries)
+    assert (got_ids == want_ids[:, 0]).all()
+    np.testing.assert_allclose(got_dist, want_dist[:, 0], atol=1e-6)
+    # not a superset: the caller searches everything
+    assert ReferenceSet(unit(40), ["x"] * 40, ["a"] * 40).ids_of(old) is None
+    assert new.nearest_since(here, queries, np.full(500, -1), dist[:, 0]) is None

@@ -156,6 +156,7 @@ class Predictor:
         self.threshold, self.distance_threshold, self.mix = rule.confidence, rule.distance, rule.mix
         self.reference = ReferenceSet.load(version.path)
         self._head: tuple[np.ndarray, np.ndarray] | None = None  # head.npz, read on first use
+        self._subset: dict[str, np.ndarray | None] = {}  # for nearest_since, per older version
         self.engine = ScoringEngine(
             version.onnx_path, version.config, batch_size=batch_size, workers=workers
         )
@@ -172,12 +173,25 @@ class Predictor:
 
         Without distances (or a distance threshold) only confidence counts.
         """
+        idx, p, reasons, labels = self.decide_columns(probs, distances)
+        return [
+            (label, reason, [(self.classes[i], float(q)) for i, q in zip(ri, rp, strict=True)])
+            for label, reason, ri, rp in zip(labels.tolist(), reasons, idx, p, strict=True)
+        ]
+
+    def decide_columns(
+        self, probs: np.ndarray, distances: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[str | None], np.ndarray]:
+        """``decide`` as columns: Top-3 class indices and probabilities (n, <=3), reasons, labels.
+
+        For many rows at once (re-deciding a stored history): no per-row Python tuples.
+        """
         idx, p = top_k(probs, 3)
-        out = []
-        for row_i, row_p, reason in zip(idx, p, self.rule.reasons(p[:, 0], distances), strict=True):
-            top3 = [(self.classes[i], float(q)) for i, q in zip(row_i, row_p, strict=True)]
-            out.append((top3[0][0] if reason is None else UNKNOWN, reason, top3))
-        return out
+        reasons = self.rule.reasons(p[:, 0], distances)
+        unknown = np.array([r is not None for r in reasons], bool)
+        names = np.asarray(self.classes, dtype=object)
+        labels = np.where(unknown, UNKNOWN, names[idx[:, 0]] if len(idx) else names[:0])
+        return idx, p, reasons, labels
 
     def predictions(self, batch: list[EngineResult]) -> list[Prediction]:
         """Engine results -> predictions (Top-3, nearest training image, decision), in order."""
@@ -237,6 +251,27 @@ class Predictor:
         ids, dist = self.reference.nearest(embeddings)
         return ids[:, 0], dist[:, 0]
 
+    def nearest_since(
+        self, old: ModelVersion, embeddings: np.ndarray, near: np.ndarray, dist: np.ndarray
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``nearest``, given each row's nearest training image of ``old`` (id, distance).
+
+        When ``old``'s training images are all among this version's (same backbone), only the
+        ones added since are searched (``ReferenceSet.nearest_since``).
+        """
+        from imagesieve.classifier._reference import ReferenceSet
+
+        if old.name not in self._subset:
+            was = ReferenceSet.load(old.path)
+            self._subset[old.name] = (
+                self.reference.ids_of(was)
+                if self.reference is not None and was is not None
+                else None
+            )
+        here = self._subset[old.name]
+        found = None if here is None else self.reference.nearest_since(here, embeddings, near, dist)
+        return found or self.nearest(embeddings)
+
     def head_probs(
         self, embeddings: np.ndarray, avg_norm: np.ndarray, max_pooled: np.ndarray
     ) -> np.ndarray | None:
@@ -252,8 +287,9 @@ class Predictor:
                 self._head = (w["weight"].T.astype(np.float32), w["bias"].astype(np.float32))
         weight, bias = self._head
         dim = embeddings.shape[1]
-        logits = (embeddings * avg_norm[:, None]) @ weight[:dim]
-        logits += max_pooled.astype(np.float32) @ weight[dim:]
+        logits = (embeddings @ weight[:dim]) * avg_norm[:, None]  # the head is linear
+        for a in range(0, len(logits), 8192):  # converted a block at a time: no 2x-size copy
+            logits[a : a + 8192] += max_pooled[a : a + 8192].astype(np.float32) @ weight[dim:]
         return softmax(logits + bias)
 
     def score_batches(

@@ -55,6 +55,34 @@ class ReferenceSet:
         sims, ids = faiss_search(self._index, x, min(k, len(self)))
         return ids, np.clip(1.0 - sims, 0.0, 2.0)
 
+    def ids_of(self, old: ReferenceSet) -> np.ndarray | None:
+        """Each of ``old``'s images' id in this set (same embedding), or None if one is missing."""
+        at = {v.tobytes(): i for i, v in enumerate(self.embeddings)}
+        mapped = np.array([at.get(v.tobytes(), -1) for v in old.embeddings], np.int64)
+        return None if len(old) == 0 or (mapped < 0).any() else mapped
+
+    def nearest_since(
+        self, old_ids_here: np.ndarray, embeddings: np.ndarray, near: np.ndarray, dist: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The nearest of this set (ids, distances) from the nearest of an older subset.
+
+        ``old_ids_here``: ``ids_of`` the older set; ``near``, ``dist``: each row's nearest
+        there. A retrain whose training images include the last version's (same backbone) only
+        searches the images added: each row's nearest is the nearer of its nearest old image
+        and the nearest added one. None when a row has no stored nearest.
+        """
+        if (near < 0).any():
+            return None
+        added = np.setdiff1d(np.arange(len(self)), old_ids_here)
+        ids, dist = old_ids_here[near], dist.astype(np.float32)
+        if len(added):
+            found, d = ReferenceSet(self.embeddings[added], [""] * len(added), []).nearest(
+                embeddings
+            )
+            closer = d[:, 0] < dist
+            ids[closer], dist[closer] = added[found[closer, 0]], d[closer, 0]
+        return ids, dist
+
     def leave_one_out(self) -> np.ndarray:
         """Each training image's distance to its nearest *other* training image."""
         ids, dist = self.nearest(self.embeddings, k=2)

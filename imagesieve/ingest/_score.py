@@ -253,9 +253,8 @@ def _redecide_stored(
     import pyarrow as pa
 
     version, store = predictor.version, run.session.store
-    if version.frozen_backbone is None or version.frozen_backbone != (
-        get_version(ws, old).frozen_backbone
-    ):
+    old_version = get_version(ws, old)
+    if version.frozen_backbone is None or version.frozen_backbone != old_version.frozen_backbone:
         return
     total, fresh = store.row_count(old), not store.row_count(version.name)
     copied: list[tuple[np.ndarray, np.ndarray]] = []
@@ -264,29 +263,35 @@ def _redecide_stored(
         probs = predictor.head_probs(rows.embedding, rows.avg_norm, rows.max_pooled)
         if probs is None:
             return
-        neighbor, distance = predictor.nearest(rows.embedding)
-        decided = predictor.decide(probs, distance)
-        top = [[d[2][i] if i < len(d[2]) else (None, None) for d in decided] for i in range(3)]
-        table = pa.table(
-            {
-                **{
-                    f"top{i + 1}_{part}": pa.array(
-                        [t[k] for t in top[i]], pa.string() if k == 0 else pa.float32()
-                    )
-                    for i in range(3)
-                    for k, part in enumerate(("class", "prob"))
-                },
-                "label": pa.array([d[0] for d in decided], pa.string()),
-                "reason": pa.array([d[1] for d in decided], pa.string()),
-                "neighbor_id": pa.array(neighbor, pa.int32()),
-                "neighbor_distance": pa.array(distance, pa.float32()),
-            }
+        stored = rows.table.select(["neighbor_id", "neighbor_distance"]).to_pandas()
+        neighbor, distance = predictor.nearest_since(
+            old_version,
+            rows.embedding,
+            stored["neighbor_id"].fillna(-1).to_numpy(np.int64),
+            stored["neighbor_distance"].to_numpy(np.float32),
         )
+        idx, top, reasons, labels = predictor.decide_columns(probs, distance)
+        names = np.asarray(predictor.classes, dtype=object)
+        n = len(labels)
+        columns: dict[str, Any] = {}
+        for i in range(3):  # fewer than 3 classes: the missing places are null
+            have = i < idx.shape[1]
+            columns[f"top{i + 1}_class"] = (
+                pa.array(names[idx[:, i]], pa.string()) if have else pa.nulls(n, pa.string())
+            )
+            columns[f"top{i + 1}_prob"] = (
+                pa.array(top[:, i], pa.float32()) if have else pa.nulls(n, pa.float32())
+            )
+        columns["label"] = pa.array(labels, pa.string())
+        columns["reason"] = pa.array(reasons, pa.string())
+        columns["neighbor_id"] = pa.array(neighbor, pa.int32())
+        columns["neighbor_distance"] = pa.array(distance, pa.float32())
+        table = pa.table(columns)
         before = Counter(summary.counts())
-        summary.items += len(decided)
-        summary.scored += len(decided)
-        summary.labels.update(d[0] for d in decided)
-        summary.unknown_reasons.update(d[1] for d in decided if d[1])
+        summary.items += n
+        summary.scored += n
+        summary.labels.update(labels.tolist())
+        summary.unknown_reasons.update(r for r in reasons if r)
         delta = Counter(summary.counts())
         delta.subtract(before)
         # a version with no rows yet gets the old index's graph at the end (IndexSet.adopt)

@@ -124,7 +124,7 @@ class ResultRow:
 class StoredHeadInputs:
     """Stored rows with what their model's head read (``Store.head_input_chunks``)."""
 
-    table: Any  # Arrow: id, source, sha256, width, height, embedding, avg_norm, max_pooled
+    table: Any  # Arrow: id, source, sha256, width, height, owner (the row holding the features)
     ids: np.ndarray
     embedding: np.ndarray  # (n, d) float32, unit length: the average-pooled features' direction
     avg_norm: np.ndarray  # (n,) their length
@@ -136,23 +136,38 @@ class StoredHeadInputs:
         return self.table.column("sha256").to_pylist()
 
     @classmethod
-    def from_arrow(cls, table: Any, dim: int) -> StoredHeadInputs:
-        """The rows of a query's Arrow table, arrays viewed without copying where they can be."""
+    def from_arrow(cls, rows: Any, embeddings: Any, heads: Any, dim: int) -> StoredHeadInputs:
+        """Rows, sorted by owner, with the features of an id range holding their owners.
+
+        Other rows in that range are left out.
+        """
         import pyarrow as pa
 
-        table = table.combine_chunks()
-        ids, emb = embedding_matrix(table, dim)
-        blobs = table.column("max_pooled").chunk(0) if len(ids) else None
-        if blobs is None:
-            top = np.zeros((0, 0), np.float16)
-        else:
-            wide = pa.types.is_large_binary(blobs.type)
-            ends = np.frombuffer(blobs.buffers()[1], np.int64 if wide else np.int32)
-            ends = ends[blobs.offset : blobs.offset + len(ids) + 1]
-            data = np.frombuffer(blobs.buffers()[2], np.uint8)[ends[0] : ends[-1]]
-            top = data.view(np.float16).reshape(len(ids), -1)
-        norm = table.column("avg_norm").to_numpy().astype(np.float32)
-        return cls(table, ids, emb, norm, top)
+        owners = rows.column("owner").to_numpy()
+        ids, emb = embedding_matrix(embeddings, dim)
+        emb = emb[_positions(ids, owners)]
+        blobs = heads.column("max_pooled").combine_chunks()
+        wide = pa.types.is_large_binary(blobs.type)
+        ends = np.frombuffer(blobs.buffers()[1], np.int64 if wide else np.int32)
+        ends = ends[blobs.offset : blobs.offset + len(blobs) + 1]
+        data = np.frombuffer(blobs.buffers()[2], np.uint8)[ends[0] : ends[-1]]
+        at = _positions(heads.column("id").to_numpy(), owners)
+        top = data.view(np.float16).reshape(len(blobs), -1)[at]
+        if not top.flags.aligned:  # numpy converts unaligned float16 ~8x slower
+            top = top.copy()
+        norm = heads.column("avg_norm").to_numpy().astype(np.float32)[at]
+        return cls(rows, rows.column("id").to_numpy(), emb, norm, top)
+
+
+def _positions(have: np.ndarray, want: np.ndarray) -> np.ndarray | slice:
+    """Where each of ``want`` (sorted) is in ``have``; ValueError if one is not there."""
+    if len(have) == len(want) and np.array_equal(have, want):
+        return slice(None)  # the usual case: the range holds exactly the owners, no copy
+    order = np.argsort(have, kind="stable")
+    at = order[np.searchsorted(have, want, sorter=order).clip(0, len(have) - 1)]
+    if len(want) and (not len(have) or not np.array_equal(have[at], want)):
+        raise ValueError("stored features changed while they were read")
+    return at
 
 
 def embedding_matrix(table: Any, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ __all__ = [
     "check_version",
     "embedding_dims",
     "migrate",
+    "shared_sql",
     "views_sql",
 ]
 
@@ -259,10 +260,34 @@ def add_embedding_table(con: Any, dim: int) -> None:
     _create_embeddings_view(con)
 
 
+def shared_sql(table: str, columns: str, shared: bool = True) -> str:
+    """A subquery of ``table``'s rows (``id`` and ``columns``) plus those of the rows sharing them.
+
+    A row of ``shared_features`` has the embedding and head input of row ``of_id`` (the same
+    content, embedded by the same untouched backbone for another version), stored once.
+    """
+    if not shared:
+        return table
+    picked = ", ".join(f"t.{c.strip()}" for c in columns.split(","))
+    return (
+        f"(SELECT id, {columns} FROM {table} UNION ALL SELECT s.id, {picked} "
+        f"FROM shared_features s JOIN {table} t ON t.id = s.of_id)"
+    )
+
+
 def _create_embeddings_view(con: Any) -> None:
-    """``embeddings`` (id, FLOAT[]): every dimension's table as one, for SQL and clustering."""
+    """``embeddings`` (id, FLOAT[]): every dimension's table as one, for SQL and clustering.
+
+    Rows sharing another row's features (``shared_features``) are in it under their own id.
+    """
+    shared = bool(
+        con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'shared_features'"
+        ).fetchall()[0][0]
+    )
     parts = [
-        f"SELECT id, embedding::FLOAT[] AS embedding FROM {EMBEDDINGS_TABLE.format(dim=d)}"
+        "SELECT id, embedding::FLOAT[] AS embedding FROM "
+        + shared_sql(EMBEDDINGS_TABLE.format(dim=d), "embedding", shared)
         for d in sorted(embedding_dims(con))
     ] or ["SELECT NULL::BIGINT AS id, NULL::FLOAT[] AS embedding WHERE false"]
     con.execute(f"CREATE OR REPLACE VIEW embeddings AS {' UNION ALL '.join(parts)}")
@@ -325,10 +350,15 @@ def _head_inputs(con: Any) -> None:
     """The rest of each row's head input beside its embedding (``Prediction.max_pooled``).
 
     So a head-only retrain re-decides stored images without decoding them; float16 bytes.
+    The rows it stores for the new version share the old rows' features (``shared_features``)
+    instead of copying ~7.5 KB each.
     """
     con.execute(
         "CREATE TABLE IF NOT EXISTS head_inputs "
         "(id BIGINT PRIMARY KEY, avg_norm FLOAT NOT NULL, max_pooled BLOB NOT NULL)"
+    )
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS shared_features (id BIGINT PRIMARY KEY, of_id BIGINT NOT NULL)"
     )
 
 

@@ -56,6 +56,7 @@ from imagesieve.store._schema import (
     check_version,
     embedding_dims,
     migrate,
+    shared_sql,
 )
 
 __all__ = ["STORE_FILE", "Store", "StoreBusyError", "fold_stopped_journal", "using_store"]
@@ -204,6 +205,11 @@ class Store:
             migrate(self._con)
             self._con.execute("UPDATE batches SET status = 'interrupted' WHERE status = 'running'")
         self._dims = embedding_dims(self._con)
+        self._shared = bool(  # a read-only store of an older release may lack it
+            self._con.execute(
+                "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'shared_features'"
+            ).fetchall()[0][0]
+        )
         if not read_only:
             self._replay()
         self._next_id = int(
@@ -543,7 +549,7 @@ class Store:
         the table has head inputs.
         """
         cols = ", ".join(PREDICTION_COLUMNS)
-        table = self._embeddings_of(dim)
+        table = EMBEDDINGS_TABLE.format(dim=dim) if dim in self._dims else "embeddings"
         skip = " WHERE id NOT IN (SELECT id FROM {})" if only_missing else ""
         inserted = self._con.execute(
             f"INSERT INTO predictions ({cols}) SELECT {cols} FROM {name}"
@@ -761,43 +767,40 @@ class Store:
         ]
 
     def head_input_chunks(self, old: str, new: str, chunk: int) -> Iterator[StoredHeadInputs]:
-        """``old``'s rows whose content ``new`` lacks, ``chunk`` at a time, in id order.
+        """``old``'s rows whose content ``new`` lacks, ``chunk`` at a time, by owner.
 
-        With what their head read (embedding, average-pooled length, max-pooled features);
-        rows stored without head inputs are left out. The lock is held per chunk, so the
-        caller may write between chunks.
+        With what their head read (embedding, average-pooled length, max-pooled features) and
+        the row that holds them (``owner``: itself, or the row it shares them with); rows
+        stored without head inputs are left out. The lock is held per chunk, so the caller
+        may write between chunks.
         """
-        import pyarrow as pa
-
         with self.lock:
             dim = self._vector_dim(old)
-            if dim is None or dim not in self._dims:
+            if dim is None or dim not in self._dims or not self._shared:
                 return
-            ids = self._db.execute(
-                "SELECT p.id FROM predictions p JOIN head_inputs h USING (id) "
-                "WHERE p.model_version = ? AND p.sha256 NOT IN "
-                "(SELECT sha256 FROM predictions WHERE model_version = ?) ORDER BY p.id",
-                [old, new],
-            ).fetchnumpy()["id"]
-        embeddings = self._embeddings_of(dim)
-        for a in range(0, len(ids), chunk):
-            want = np.asarray(ids[a : a + chunk], np.int64)
-            with self.lock:
-                self._con.register("_want_ids", pa.table({"id": pa.array(want)}))
-                try:
-                    # the id range lets DuckDB skip row groups by their min/max
-                    table = self._db.sql(
-                        "SELECT p.id, p.source, p.sha256, p.width, p.height, e.embedding, "
-                        f"h.avg_norm, h.max_pooled FROM _want_ids w "
-                        f"JOIN predictions p USING (id) JOIN {embeddings} e USING (id) "
-                        "JOIN head_inputs h USING (id) "
-                        f"WHERE p.id BETWEEN {int(want[0])} AND {int(want[-1])} "
-                        f"AND e.id BETWEEN {int(want[0])} AND {int(want[-1])} "
-                        f"AND h.id BETWEEN {int(want[0])} AND {int(want[-1])} ORDER BY p.id"
-                    ).to_arrow_table()
-                finally:
-                    self._con.unregister("_want_ids")
-            yield StoredHeadInputs.from_arrow(table, dim)
+            rows = self._db.sql(
+                "SELECT p.id, p.source, p.sha256, p.width, p.height, p.neighbor_id, "
+                "p.neighbor_distance, coalesce(s.of_id, p.id) AS owner FROM predictions p "
+                "LEFT JOIN shared_features s USING (id) "
+                "SEMI JOIN head_inputs h ON h.id = coalesce(s.of_id, p.id) "
+                "WHERE p.model_version = $old AND p.sha256 NOT IN "
+                "(SELECT sha256 FROM predictions WHERE model_version = $new) ORDER BY owner",
+                params={"old": old, "new": new},
+            ).to_arrow_table()
+        owners = rows.column("owner").to_numpy()
+        for a in range(0, len(owners), chunk):
+            part = rows.slice(a, chunk)
+            want = owners[a : a + chunk]
+            lo, hi = int(want[0]), int(want[-1])  # sorted: DuckDB skips row groups outside
+            with self.lock:  # plain range scans: a join with the wanted ids costs 6x more
+                emb = self._db.sql(
+                    f"SELECT id, embedding FROM {EMBEDDINGS_TABLE.format(dim=dim)} "
+                    f"WHERE id BETWEEN {lo} AND {hi}"
+                ).to_arrow_table()
+                head = self._con.sql(
+                    f"SELECT id, avg_norm, max_pooled FROM head_inputs WHERE id BETWEEN {lo} AND {hi}"
+                ).to_arrow_table()
+            yield StoredHeadInputs.from_arrow(part, emb, head, dim)
 
     @locked
     def copy_redecided(
@@ -812,7 +815,8 @@ class Store:
         """Store ``new``'s decisions on ``rows`` stored with another version, in one transaction.
 
         ``decided`` (Arrow) holds the decided prediction columns (Top-3, label, reason,
-        neighbour, cluster); the rest (source, size, embedding, head input) is ``rows``'.
+        neighbour, cluster); source and size are ``rows``', and the new rows share the
+        embedding and head input of ``rows.owner`` (``shared_features``: nothing copied).
         Returns the new rows' ids. They join the version's FAISS index as committed rows do;
         without ``index`` it catches up from DuckDB when next used (or ``IndexSet.adopt``
         gives it the other version's).
@@ -826,17 +830,17 @@ class Store:
         vectors = self.indexes.get(new, dim=dim) if index else None  # before the rows land
         columns = {
             "id": pa.array(ids),
-            **rows.table.select(["source", "sha256", "width", "height"]).to_pydict(),
+            **{c: rows.table.column(c) for c in ("source", "sha256", "width", "height")},
             "model_version": pa.array([new] * n, pa.string()),
             "scored_at": pa.array([now()] * n, pa.timestamp("us", tz="UTC")),
             "batch_id": pa.array([batch_id] * n, pa.int32()),
+            **{c: decided.column(c) for c in decided.column_names},
+            "of_id": rows.table.column("owner"),
         }
-        columns |= {c: decided.column(c) for c in decided.column_names}
-        columns |= {c: rows.table.column(c) for c in ("embedding", "avg_norm", "max_pooled")}
-        if dim not in self._dims:
-            self._add_embedding_table(dim)
-        with self._transaction({"_copied": pa.table(columns)}):
-            self._insert_new("_copied", dim, head=True)
+        cols = ", ".join(c for c in PREDICTION_COLUMNS)
+        with self._transaction({"_copied": pa.table(columns)}) as con:
+            con.execute(f"INSERT INTO predictions ({cols}) SELECT {cols} FROM _copied")
+            con.execute("INSERT INTO shared_features SELECT id, of_id FROM _copied")
             self._update_counts(batch_id, counts)
         self._next_id += n
         self._stored_content(new).update(rows.sha256)
@@ -886,8 +890,13 @@ class Store:
 
     # -- what the vector indexes are built from --------------------------------------------
     def _embeddings_of(self, dim: int) -> str:
-        """The table holding ``dim``-sized embeddings (a store not yet migrated: the old one)."""
-        return EMBEDDINGS_TABLE.format(dim=dim) if dim in self._dims else "embeddings"
+        """Where ``dim``-sized embeddings are read from, shared rows' included (``shared_sql``).
+
+        A store not yet migrated: its old table.
+        """
+        if dim not in self._dims:
+            return "embeddings"
+        return shared_sql(EMBEDDINGS_TABLE.format(dim=dim), "embedding", self._shared)
 
     def _add_embedding_table(self, dim: int) -> None:
         add_embedding_table(self._con, dim)

@@ -198,17 +198,28 @@ def model_tab(service: Service) -> Panel:
         elem_id="model-misclassified",
     )
     gr.Markdown("### UNKNOWN thresholds")
+    # Start at the active version's thresholds: a preview asked for before the page's first
+    # refresh lands (a busy server) then speaks of the thresholds the sliders will show.
+    start = version_or_none(service)
+    start_distance = start.distance_threshold if start is not None else 0.3
     with gr.Row():
         confidence = gr.Slider(
-            0, 1, value=0.5, step=0.01, label="Top-1 confidence below", elem_id="model-confidence"
+            0,
+            1,
+            value=start.confidence_threshold if start is not None else 0.5,
+            step=0.01,
+            label="Top-1 confidence below",
+            elem_id="model-confidence",
         )
         use_distance = gr.Checkbox(
-            value=True, label="Use the distance rule", elem_id="model-use-distance"
+            value=start_distance is not None,
+            label="Use the distance rule",
+            elem_id="model-use-distance",
         )
         distance = gr.Slider(
             0,
-            1,
-            value=0.3,
+            1.0 + (start.mix if start is not None else 0.0),
+            value=start_distance if start_distance is not None else 0.3,
             step=0.005,
             label="Nearest training image further than (cosine distance)",
             elem_id="model-distance",

@@ -173,29 +173,17 @@ def child(kind: str, src: Path, work: Path) -> dict:
     seconds = time.perf_counter() - t0
     out = {"kind": kind, "seconds": seconds, "rows": diff["scored"], "failed": diff["failed"]}
     out["rss_mb"] = vm_hwm_mb()
-    if kind == "decode":
-        from imagesieve.store import Store
+    from imagesieve.store import Store
 
-        with Store(ws, check=False) as store:
-            out["decided"] = dict(
-                store._db.execute(
-                    "SELECT sha256, [label, top1_prob::VARCHAR, neighbor_id::VARCHAR, "
-                    "neighbor_distance::VARCHAR] FROM predictions "
-                    "WHERE model_version = 'v2'"
-                ).fetchall()
-            )
-    elif kind == "redecide":
-        from imagesieve.store import Store
-
-        with Store(ws, check=False) as store:
-            out["decided"] = dict(
-                store._db.execute(
-                    "SELECT sha256, [label, top1_prob::VARCHAR, neighbor_id::VARCHAR, "
-                    "neighbor_distance::VARCHAR] FROM predictions "
-                    "WHERE model_version = 'v2' AND sha256 NOT LIKE 'synthetic-%'"
-                ).fetchall()
-            )
-            out["index"] = store.indexes.get("v2").kind
+    with Store(ws, check=False) as store:  # the real images' rows, to compare the two paths
+        out["decided"] = dict(
+            store._db.execute(
+                "SELECT sha256, [label, top1_prob::VARCHAR, neighbor_id::VARCHAR, "
+                "neighbor_distance::VARCHAR] FROM predictions "
+                "WHERE model_version = 'v2' AND sha256 NOT LIKE 'synthetic-%'"
+            ).fetchall()
+        )
+        out["index"] = store.indexes.get("v2").kind
     shutil.rmtree(work, ignore_errors=True)
     return out
 

@@ -301,6 +301,7 @@ def test_openapi__schema_lists_every_endpoint(api):
         "/api/v1/similar",
         "/api/v1/sql",
         "/api/v1/clusters",
+        "/api/v1/versions/{name}/history",
         "/api/v1/health",
     } <= paths
     json.dumps(schema)
@@ -424,6 +425,20 @@ def test_service_retrain__serves_the_new_version_then_activate_goes_back(ws, sma
         # v2 scored v1's history when it was trained: the cell is stored with it already
         history = service.history()
         assert history["old"] == "v1" and history["compared"] == 1 and history["failed"] == 0
+        server = start_server(service, ui=False)  # the same diff over REST
+        try:
+            base = server.url + "/api/v1/versions"
+            assert requests.get(f"{base}/v2/history", timeout=30).json() == {
+                "version": "v2",
+                "history": history,
+            }
+            assert requests.get(f"{base}/v1/history", timeout=30).json()["history"] is None
+            assert_error(requests.get(f"{base}/v9/history", timeout=30), 400, "no model version")
+            for hostile in ("..", "%2e%2e%2fmodels", "v1%00", "x" * 65):
+                r = requests.get(f"{base}/{hostile}/history", timeout=30)
+                assert r.status_code in (400, 404, 422), (hostile, r.status_code)
+        finally:
+            server.stop()
         again = service.predict(cell, "cell.png")
         assert again.prediction.skipped is True
         assert again.prediction.id != first.prediction.id

@@ -13,7 +13,17 @@ from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    File,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    UploadFile,
+)
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -199,7 +209,7 @@ class _AnyMethod:
 
 
 def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None:
-    """Mount ``/api/v1`` on ``app``: predict, score, similar, sql, clusters, health, docs."""
+    """Mount ``/api/v1`` on ``app``: predict, score, similar, sql, clusters, history, health, docs."""
     bearer = HTTPBearer(auto_error=False, description="the server's API token (--token)")
 
     def check_token(
@@ -285,6 +295,20 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
     async def clusters() -> dict[str, Any]:
         """The UNKNOWN clusters of the active model, largest first."""
         return {"clusters": await _call(service.clusters)}
+
+    @router.get("/versions/{name}/history", responses=errors(400))
+    async def history(
+        name: str = Path(  # noqa: B008 - FastAPI's idiom
+            ..., max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="a model version, e.g. v2"
+        ),
+    ) -> dict[str, Any]:
+        """What a version said about the images stored with the version before it.
+
+        Scored when it was trained (or by ``imagesieve score --history-of``): images compared,
+        labels changed, UNKNOWNs resolved by class and by old cluster, images newly UNKNOWN.
+        ``history`` is null when the version scored no history.
+        """
+        return {"version": name, "history": await _call(service.history, name)}
 
     @router.get("/openapi.json", include_in_schema=False)
     async def openapi_schema() -> JSONResponse:

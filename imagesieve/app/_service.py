@@ -862,8 +862,15 @@ class Service:
             self._training.release()
 
     def history(self, version: str | None = None) -> dict[str, Any] | None:
-        """What a version said about the history when it was trained (None: not scored)."""
-        return read_history(get_version(self.ws, version or self.version.name))
+        """What a version said about the history when it was trained (None: not scored).
+
+        ``version`` must name a version of this workspace (a name from a request reaches no
+        other directory).
+        """
+        name = version or self.version.name
+        if name not in {v["version"] for v in self.versions()}:
+            raise ServiceError(f"no model version named {name!r}: see the Model tab's versions")
+        return read_history(get_version(self.ws, name))
 
     def set_thresholds(self, confidence: float, distance: float | None) -> dict[str, Any]:
         """Make these the active version's UNKNOWN thresholds and re-decide its stored images.

@@ -6,9 +6,10 @@ Set-up (once, cached under bench/_out/history/): v1 is trained on ELPV's mono ce
 (functional / defective) and scores all 2,624 ELPV images into a store, the real scoring path,
 so every row carries its real embedding and head input. The store then grows to ``--rows``
 rows of v1: each extra row is a real row's embedding and max-pooled features moved by Gaussian
-noise (sigma 0.01 of each vector's scale), renormalised, under a content hash of its own; v1's
-FAISS index is rebuilt over all of them (HNSW past 5,000). v2 is a head-only retrain on the
-same cells plus the poly cells as a third class (what a promote leads to).
+noise (sigma 0.01 of each vector's scale), renormalised, under a content hash and a source
+of its own that name no file (the keep policy finds nothing to read for them); v1's FAISS
+index is rebuilt over all of them (HNSW past 5,000). v2 is a head-only retrain on the same
+cells plus the poly cells as a third class (what a promote leads to).
 
 Measured, each in a fresh child process on a fresh copy of the store, alternated over
 ``--rounds``:
@@ -115,6 +116,11 @@ def build(rows: int) -> Path:
                 t.schema.get_field_index("sha256"),
                 "sha256",
                 pa.array([f"synthetic-{i}" for i in ids], pa.string()),
+            )
+            t = t.set_column(  # no file: a real row's image would be kept or at its path
+                t.schema.get_field_index("source"),
+                "source",
+                pa.array([f"synthetic/{i}.png" for i in ids], pa.string()),
             )
             t = t.set_column(
                 t.schema.get_field_index("embedding"),

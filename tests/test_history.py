@@ -17,7 +17,7 @@ from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.data._elpv import export_elpv
 from imagesieve.ingest import ScoreOptions, score_history, score_inputs
 from imagesieve.models import ModelVersion, get_version
-from imagesieve.store import Store
+from imagesieve.store import Store, kept_path
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,7 @@ def test_rows_without_head_inputs_are_decoded_and_a_live_index_follows(history):
             "WHERE model_version = 'v1' ORDER BY id LIMIT 30)"
         )
     name = train_model(data, ws, TrainOptions(seed=2, activate=False)).version.name
+    shutil.rmtree(ws.images_dir)  # no kept copies: the UNKNOWNs of the new version need them
     with Store(ws) as store:  # one store throughout, as a server holds it
         first = sorted(map(str, pics.iterdir()))[:5]
         score_inputs(ws, first, ScoreOptions(model=name), store=store)
@@ -137,6 +138,12 @@ def test_rows_without_head_inputs_are_decoded_and_a_live_index_follows(history):
             [name],
         ).fetchall()[0]
         assert own + shared == 80 and own >= 30
+        unknown = store._db.execute(
+            "SELECT sha256 FROM predictions WHERE model_version = ? AND label = 'UNKNOWN'",
+            [name],
+        ).fetchall()
+    # the keep policy holds for re-decided rows too: every UNKNOWN of the new version is kept
+    assert unknown and all(kept_path(ws, sha).is_file() for (sha,) in unknown)
 
 
 def test_only_an_untouched_backbone_is_shared(history):

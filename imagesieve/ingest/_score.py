@@ -297,11 +297,36 @@ def _redecide_stored(
         # a version with no rows yet gets the old index's graph at the end (IndexSet.adopt)
         ids = run.session.write_copied(delta, rows, table, index=not fresh)
         copied.append((rows.ids, ids))
+        _keep_redecided(ws, run.session, rows.sha256, rows.table.column("source"), labels)
         progress("scoring", summary.items, total)
     if fresh and copied:
         store.indexes.adopt(
             old, version.name, *(np.concatenate(part) for part in zip(*copied, strict=True))
         )
+
+
+def _keep_redecided(
+    ws: Workspace, session: ScoringSession, sha256: list[str], sources: Any, labels: Any
+) -> None:
+    """Keep the images the keep policy wants among re-decided rows (their images are not read).
+
+    Only those not kept yet (images newly UNKNOWN, under the default policy) are read: from
+    the original file or zip member, if it is still there with the same content.
+    """
+    import hashlib
+
+    from imagesieve.store import kept_path
+
+    for sha, source, label in zip(sha256, sources.to_pylist(), labels.tolist(), strict=True):
+        if not session.keeps(label) or kept_path(ws, sha).is_file():
+            continue
+        content = image_source(ws, sha, source)
+        try:
+            data = Path(content).read_bytes() if isinstance(content, str) else content
+        except OSError:
+            continue
+        if data is not None and hashlib.sha256(data).hexdigest() == sha:
+            session.keep(sha, data)
 
 
 def _history_items(ws: Workspace, stored: Sequence[tuple[str, str]]) -> Iterator[InputItem]:

@@ -80,13 +80,19 @@ class SieveModel(nn.Module):
         """Size of the head's input vector."""
         return self.backbone.embed_dim * (2 if self.pooling == "avgmax" else 1)
 
-    def pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(n, s, s, 3) pixels -> average-pooled features and, for ``avgmax``, max-pooled ones."""
+    def outputs(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``forward``'s embedding and logits, then the pooled features the head read.
+
+        The average-pooled features, and for ``avgmax`` the max-pooled ones (else None).
+        """
         fmap = self.backbone.body(self.normalize(x))
-        return fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3)) if self.pooling == "avgmax" else None
+        avg = fmap.mean(dim=(2, 3))
+        top = fmap.amax(dim=(2, 3)) if self.pooling == "avgmax" else None
+        feats = avg if top is None else torch.cat([avg, top], dim=1)
+        return F.normalize(avg, dim=1), self.head(feats), avg, top
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, s, s, 3) pixels -> ((n, d) unit-norm embedding, (n, c) logits)."""
-        avg, top = self.pooled(x)
-        feats = avg if top is None else torch.cat([avg, top], dim=1)
-        return F.normalize(avg, dim=1), self.head(feats)
+        return self.outputs(x)[:2]

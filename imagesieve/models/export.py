@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from imagesieve._workspace import Workspace
 from imagesieve.models._registry import create_backbone, get_backbone_spec
@@ -47,9 +46,8 @@ class _WithHeadInputs(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        avg, top = self.model.pooled(x)
-        logits = self.model.head(torch.cat([avg, top], dim=1))
-        return F.normalize(avg, dim=1), logits, avg.norm(dim=1), top
+        embedding, logits, avg, top = self.model.outputs(x)
+        return embedding, logits, avg.norm(dim=1), top
 
 
 def make_model(backbone: Backbone, head: nn.Module, pooling: str = "avg") -> SieveModel:

@@ -24,6 +24,7 @@ __all__ = [
     "add_embedding_table",
     "check_version",
     "embedding_dims",
+    "has_shared_features",
     "migrate",
     "shared_sql",
     "views_sql",
@@ -260,6 +261,15 @@ def add_embedding_table(con: Any, dim: int) -> None:
     _create_embeddings_view(con)
 
 
+def has_shared_features(con: Any) -> bool:
+    """Whether the store has ``shared_features`` (a read-only store of an older release lacks it)."""
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'shared_features'"
+        ).fetchall()[0][0]
+    )
+
+
 def shared_sql(table: str, columns: str, shared: bool = True) -> str:
     """A subquery of ``table``'s rows (``id`` and ``columns``) plus those of the rows sharing them.
 
@@ -280,11 +290,7 @@ def _create_embeddings_view(con: Any) -> None:
 
     Rows sharing another row's features (``shared_features``) are in it under their own id.
     """
-    shared = bool(
-        con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'shared_features'"
-        ).fetchall()[0][0]
-    )
+    shared = has_shared_features(con)
     parts = [
         "SELECT id, embedding::FLOAT[] AS embedding FROM "
         + shared_sql(EMBEDDINGS_TABLE.format(dim=d), "embedding", shared)

@@ -55,6 +55,7 @@ from imagesieve.store._schema import (
     add_embedding_table,
     check_version,
     embedding_dims,
+    has_shared_features,
     migrate,
     shared_sql,
 )
@@ -205,11 +206,7 @@ class Store:
             migrate(self._con)
             self._con.execute("UPDATE batches SET status = 'interrupted' WHERE status = 'running'")
         self._dims = embedding_dims(self._con)
-        self._shared = bool(  # a read-only store of an older release may lack it
-            self._con.execute(
-                "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'shared_features'"
-            ).fetchall()[0][0]
-        )
+        self._shared = has_shared_features(self._con)
         if not read_only:
             self._replay()
         self._next_id = int(
@@ -473,9 +470,7 @@ class Store:
                     [batch_id],
                 )
             if "_new" in tables:
-                self._insert_new(
-                    "_new", emb.shape[1], head="max_pooled" in tables["_new"].schema.names
-                )
+                self._insert_new("_new", tables["_new"])
             if "_re" in tables:
                 keep = ("id", "sha256", "model_version", "cluster_id")
                 sets = ", ".join(f"{c} = _re.{c}" for c in PREDICTION_COLUMNS if c not in keep)
@@ -540,23 +535,23 @@ class Store:
             p.id = rows[p.sha256].id
         return [p for p in new if p.sha256 not in stored]
 
-    def _insert_new(
-        self, name: str, dim: int, only_missing: bool = False, head: bool = False
-    ) -> int:
-        """Insert the registered new-rows table ``name`` (``new_table``) into the row tables.
+    def _insert_new(self, name: str, table: Any, only_missing: bool = False) -> int:
+        """Insert ``table`` (``new_table``), registered as ``name``, into the row tables.
 
-        Returns the rows inserted; ``only_missing`` leaves out ids already stored; ``head``:
-        the table has head inputs.
+        Returns the rows inserted; ``only_missing`` leaves out ids already stored. Its head
+        inputs, if it has them, go to ``head_inputs``.
         """
+        dim = table.schema.field("embedding").type.list_size
+        head = "max_pooled" in table.schema.names
         cols = ", ".join(PREDICTION_COLUMNS)
-        table = EMBEDDINGS_TABLE.format(dim=dim) if dim in self._dims else "embeddings"
+        vectors = EMBEDDINGS_TABLE.format(dim=dim) if dim in self._dims else "embeddings"
         skip = " WHERE id NOT IN (SELECT id FROM {})" if only_missing else ""
         inserted = self._con.execute(
             f"INSERT INTO predictions ({cols}) SELECT {cols} FROM {name}"
             + skip.format("predictions")
         ).fetchall()[0][0]
         self._con.execute(
-            f"INSERT INTO {table} SELECT id, embedding FROM {name}" + skip.format(table)
+            f"INSERT INTO {vectors} SELECT id, embedding FROM {name}" + skip.format(vectors)
         ).fetchall()
         if head:
             self._con.execute(
@@ -658,8 +653,7 @@ class Store:
         with self._transaction(tables):
             for dim in by_dim:
                 name = f"_journal_{dim}"
-                head = "max_pooled" in tables[name].schema.names
-                inserted += self._insert_new(name, dim, only_missing, head)
+                inserted += self._insert_new(name, tables[name], only_missing)
             for batch_id, c in counts.items():
                 self._update_counts(batch_id, c)
         self._journal.clear()

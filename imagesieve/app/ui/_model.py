@@ -110,6 +110,22 @@ def _score_words(mix: float) -> str:
     return f"{words} + {mix:.2f} x (1 - Top-1)" if mix else words
 
 
+def _threshold_controls(version: Any) -> tuple[float, bool, float, float]:
+    """A version's threshold controls (None: defaults): confidence, distance rule on, distance.
+
+    Then the distance slider's maximum: the distance plus ``mix``'s share.
+    """
+    if version is None:
+        return 0.5, True, 0.3, 1.0
+    distance = version.distance_threshold
+    return (
+        version.confidence_threshold,
+        distance is not None,
+        distance if distance is not None else 0.3,
+        1.0 + version.mix,
+    )
+
+
 def model_tab(service: Service) -> Panel:
     def preview(confidence: float, use_distance: bool, distance: float) -> str:
         if version_or_none(service) is None:
@@ -151,8 +167,7 @@ def model_tab(service: Service) -> Panel:
                 gr.Slider(),
                 "",
             )
-        confidence = version.confidence_threshold
-        distance = version.distance_threshold
+        confidence, use_distance, distance, maximum = _threshold_controls(version)
         return (
             table,
             gr.Dropdown(choices=names, value=version.name),
@@ -161,13 +176,13 @@ def model_tab(service: Service) -> Panel:
             _report_image(version, "training_curves.png"),
             _misclassified(version),
             gr.Slider(value=confidence),
-            gr.Checkbox(value=distance is not None),
+            gr.Checkbox(value=use_distance),
             gr.Slider(
-                value=distance if distance is not None else 0.3,
-                maximum=1.0 + version.mix,
+                value=distance,
+                maximum=maximum,
                 label=f"{_score_words(version.mix).capitalize()} further than",
             ),
-            preview(confidence, distance is not None, distance or 0.3),
+            preview(confidence, use_distance, distance),
         )
 
     @user_errors
@@ -200,26 +215,25 @@ def model_tab(service: Service) -> Panel:
     gr.Markdown("### UNKNOWN thresholds")
     # Start at the active version's thresholds: a preview asked for before the page's first
     # refresh lands (a busy server) then speaks of the thresholds the sliders will show.
-    start = version_or_none(service)
-    start_distance = start.distance_threshold if start is not None else 0.3
+    start_confidence, start_use, start_distance, start_maximum = _threshold_controls(
+        version_or_none(service)
+    )
     with gr.Row():
         confidence = gr.Slider(
             0,
             1,
-            value=start.confidence_threshold if start is not None else 0.5,
+            value=start_confidence,
             step=0.01,
             label="Top-1 confidence below",
             elem_id="model-confidence",
         )
         use_distance = gr.Checkbox(
-            value=start_distance is not None,
-            label="Use the distance rule",
-            elem_id="model-use-distance",
+            value=start_use, label="Use the distance rule", elem_id="model-use-distance"
         )
         distance = gr.Slider(
             0,
-            1.0 + (start.mix if start is not None else 0.0),
-            value=start_distance if start_distance is not None else 0.3,
+            start_maximum,
+            value=start_distance,
             step=0.005,
             label="Nearest training image further than (cosine distance)",
             elem_id="model-distance",

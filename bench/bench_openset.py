@@ -245,7 +245,14 @@ def product(version, items, known_test, unseen, dump: Path) -> tuple[dict, dict]
     truth = [items[rows[i]][1] for i in flagged]
     emb = np.stack([preds[i].embedding for i in flagged])
     top = [(p.top3[0][0], p.top3[min(1, len(p.top3) - 1)][0]) for p in (preds[i] for i in flagged)]
-    np.savez(dump, embedding=emb, truth=np.array(truth), top=np.array(top).reshape(-1, 2))
+    pooled = np.stack([preds[i].max_pooled for i in flagged]).astype(np.float32)
+    np.savez(
+        dump,
+        embedding=emb,
+        max_pooled=pooled,
+        truth=np.array(truth),
+        top=np.array(top).reshape(-1, 2),
+    )
     t = time.perf_counter()
     clustering = cluster_embeddings(
         np.arange(len(flagged), dtype=np.int64),
@@ -358,7 +365,12 @@ def strays_case(ws: Workspace) -> dict:
     flagged = [i for i, p in enumerate(preds) if p.reason is not None]
     emb = np.stack([preds[i].embedding for i in flagged])
     names = [preds[i].top3[0][0] for i in flagged]
-    np.savez(OUT / "strays" / "unknowns.npz", embedding=emb, truth=np.array(truth)[flagged])
+    np.savez(
+        OUT / "strays" / "unknowns.npz",
+        embedding=emb,
+        max_pooled=np.stack([preds[i].max_pooled for i in flagged]).astype(np.float32),
+        truth=np.array(truth)[flagged],
+    )
     clustering = cluster_embeddings(
         np.array(flagged, np.int64), emb, names, names, tightness=tightness(version)
     )

@@ -55,6 +55,7 @@ class ErrorKind:
 KINDS: dict[str, ErrorKind] = {
     "bad_request": ErrorKind(400),  # a bad query, filter, id, name, value or input
     "too_large": ErrorKind(413),  # over a limit
+    "conflict": ErrorKind(409),  # clashes with what is going on or was done since
     "bad_image": ErrorKind(422),  # not a usable image
     "no_model": ErrorKind(503),  # no trained model yet
     "missing_weights": ErrorKind(503),  # a backbone's weights are not on this machine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -418,8 +419,16 @@ def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
     """The `models` verb: list versions, optionally activate one."""
     from imagesieve.models import activate_version, active_version, list_backbones, list_versions
 
+    busy = False
     if args.activate:
-        activate_version(ws, args.activate)
+        from imagesieve.search import activate_model
+        from imagesieve.store import StoreBusyError
+
+        try:
+            activate_model(ws, args.activate)
+        except StoreBusyError:  # a server holds the store: it follows and records it
+            activate_version(ws, args.activate)
+            busy = True
     active = active_version(ws)
     versions = list_versions(ws)
     rows = [
@@ -444,7 +453,8 @@ def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
     def human() -> None:
         if args.activate:
             print(
-                f"activated {args.activate}: a server on this workspace serves it from its next request"
+                f"activated {args.activate}"
+                + (": the server on this workspace serves it from its next request" * busy)
             )
         if not rows:
             print(f"no model versions in {ws.root}; run 'imagesieve train DATA_DIR'")
@@ -650,8 +660,147 @@ def cmd_promote(args: argparse.Namespace, ws: Workspace) -> None:
     _emit(args, doc, human)
 
 
+def cmd_images(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `images` verb: page through the stored images by filters and sort."""
+    from imagesieve.search import browse_images
+    from imagesieve.store import ImageQuery
+
+    query = ImageQuery(
+        labels=args.label,
+        reasons=args.reason,
+        top1_classes=args.top1_class,
+        human_labels=args.human_label,
+        min_confidence=args.min_confidence,
+        max_confidence=args.max_confidence,
+        min_distance=args.min_distance,
+        max_distance=args.max_distance,
+        batch_ids=args.batch,
+        cluster_ids=args.cluster,
+        day_from=args.day_from,
+        day_to=args.day_to,
+        sort=args.sort,
+    )
+    page = browse_images(
+        ws, query, limit=args.limit, offset=args.offset, facets=args.json, model=args.model
+    )
+
+    def human() -> None:
+        rows = page["rows"]
+        if not rows:
+            print("no stored images match")
+            return
+        for r in rows:
+            reason = f" ({r['reason']})" if r["reason"] else ""
+            person = f"  labelled {r['human_label']}" if r["human_label"] else ""
+            distance = "" if r["neighbor_distance"] is None else f"{r['neighbor_distance']:.3f}"
+            print(
+                f"{r['id']:>8}  {r['label']}{reason}  {r['top1_class']} {r['top1_prob']:.2f}  "
+                f"distance {distance}  cluster {r['cluster_id']}{person}  {r['source']}"
+            )
+        first = page["offset"] + 1
+        print(f"images {first}-{first + len(rows) - 1} of {page['total']:,}")
+
+    _emit(args, page, human)
+
+
+def cmd_relabel(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `relabel` verb: give stored images a class; they join its training data."""
+    from imagesieve.search import relabel_images
+
+    ids = _id_list(args.ids)
+    result = relabel_images(ws, ids, args.label, into=args.into, model=args.model)
+    doc = result.to_dict()
+
+    def human() -> None:
+        print(
+            f"action {result.action_id}: {result.labelled} images labelled {result.label} "
+            f"({result.unchanged} already were); {result.copied} copied into {result.dest}, "
+            f"{result.already_there} already there, {result.moved} moved from another class, "
+            f"{len(result.missing)} no longer available"
+        )
+        print(f"  undo: imagesieve audit --undo {result.action_id}")
+
+    _emit(args, doc, human)
+
+
+def _id_list(text: str) -> list[int]:
+    try:
+        return [int(i) for i in text.replace(",", " ").split()]
+    except ValueError:
+        raise UserError(f"ids must be whole numbers separated by commas: {text!r}") from None
+
+
+def cmd_audit(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `audit` verb: the recorded review actions; --undo one."""
+    from imagesieve.search import audit_log, undo_action
+
+    if args.undo is not None:
+        entry = undo_action(ws, args.undo or None)
+        _emit(args, entry, lambda: print(f"action {entry['action_id']}: {entry['summary']}"))
+        return
+    doc = audit_log(ws, limit=args.limit)
+
+    def human() -> None:
+        if not doc["actions"]:
+            print("no review actions recorded yet")
+        for a in doc["actions"]:
+            undone = f"  (undone by {a['undone_by']})" if a["undone_by"] else ""
+            print(f"{a['action_id']:>5}  {a['at']}  {a['who']:<20} {a['summary']}{undone}")
+        if doc["total"] > len(doc["actions"]):
+            print(f"... {doc['total'] - len(doc['actions'])} older (--limit)")
+
+    _emit(args, doc, human)
+
+
+def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `thresholds` verb: a version's UNKNOWN thresholds and counts; --preview or --set."""
+    from imagesieve.search import apply_thresholds, threshold_counts
+
+    given = args.set or args.preview
+    if given:
+        confidence = _float_arg(given[0], "confidence")
+        distance = None if given[1].lower() == "off" else _float_arg(given[1], "distance")
+    if args.set:
+        apply_thresholds(ws, confidence, distance, model=args.model)
+        doc = threshold_counts(ws, model=args.model)
+    elif args.preview:
+        doc = threshold_counts(ws, confidence, distance, keep=False, model=args.model)
+    else:
+        doc = threshold_counts(ws, model=args.model)
+
+    def human() -> None:
+        c = doc["counts"]
+        distance_s = "off" if doc["distance"] is None else f"{doc['distance']:.4g}"
+        verb = "would mark" if args.preview else "mark"
+        print(
+            f"{doc['version']}: confidence below {doc['confidence']:.4g} or distance above "
+            f"{distance_s}{' (tuned)' * doc['tuned']}{' (applied)' * bool(args.set)}"
+        )
+        print(
+            f"  {verb} {c['unknown']:,} of {c['stored']:,} stored images UNKNOWN "
+            f"({c['low_confidence']:,} by confidence, {c['far_from_training']:,} by distance)"
+        )
+
+    _emit(args, doc, human)
+
+
+def _float_arg(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"{what} must be a number, got {text!r}") from None
+
+
+def _day(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a day (YYYY-MM-DD): {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     from imagesieve.models import DEFAULT_BACKBONE
+    from imagesieve.store import SORTS
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -849,6 +998,77 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--exclude", metavar="IDS", help="comma-separated ids to leave out")
     pr.add_argument("--model", help="model version (default: the active one)")
     pr.set_defaults(func=cmd_promote)
+
+    im = sub.add_parser(
+        "images", parents=[common], help="page through the stored images by filters and sort"
+    )
+    im.add_argument("--label", action="append", help="predicted label (repeat for any of them)")
+    im.add_argument(
+        "--reason", action="append", help="UNKNOWN reason: low_confidence, far_from_training"
+    )
+    im.add_argument("--class", dest="top1_class", action="append", help="Top-1 class")
+    im.add_argument(
+        "--human-label", action="append", help="label a person gave ('' for none given)"
+    )
+    im.add_argument("--min-confidence", type=float)
+    im.add_argument("--max-confidence", type=float)
+    im.add_argument("--min-distance", type=float)
+    im.add_argument("--max-distance", type=float)
+    im.add_argument("--batch", type=int, action="append", help="batch id")
+    im.add_argument("--cluster", type=int, action="append", help="cluster id (-1: noise)")
+    im.add_argument("--from", dest="day_from", type=_day, help="first UTC day (YYYY-MM-DD)")
+    im.add_argument("--to", dest="day_to", type=_day, help="last UTC day (YYYY-MM-DD)")
+    im.add_argument("--sort", default="id", choices=list(SORTS))
+    im.add_argument("--limit", type=int, default=50, help="images shown (default 50)")
+    im.add_argument("--offset", type=int, default=0, help="images skipped first")
+    im.add_argument("--model", help="model version (default: the active one)")
+    im.set_defaults(func=cmd_images)
+
+    rl = sub.add_parser(
+        "relabel",
+        parents=[common],
+        help="give stored images a class; they join its training data",
+    )
+    rl.add_argument("ids", metavar="IDS", help="stored image ids, comma-separated")
+    rl.add_argument("--label", required=True, help="the class (a new name starts a new class)")
+    rl.add_argument(
+        "--into", metavar="DATA_DIR", help="the training folder (default: the model's own)"
+    )
+    rl.add_argument("--model", help="model version (default: the active one)")
+    rl.set_defaults(func=cmd_relabel)
+
+    au = sub.add_parser("audit", parents=[common], help="the recorded review actions; --undo one")
+    au.add_argument("--limit", type=int, default=50, help="newest actions shown (default 50)")
+    au.add_argument(
+        "--undo",
+        type=int,
+        nargs="?",
+        const=0,
+        metavar="ACTION_ID",
+        help="undo an action (default: the latest not undone): store and files restored",
+    )
+    au.set_defaults(func=cmd_audit)
+
+    th = sub.add_parser(
+        "thresholds",
+        parents=[common],
+        help="UNKNOWN thresholds and what they mark; --preview or --set new ones",
+    )
+    how = th.add_mutually_exclusive_group()
+    how.add_argument(
+        "--preview",
+        nargs=2,
+        metavar=("CONFIDENCE", "DISTANCE"),
+        help="count only (DISTANCE may be off)",
+    )
+    how.add_argument(
+        "--set",
+        nargs=2,
+        metavar=("CONFIDENCE", "DISTANCE"),
+        help="apply: stored images are re-decided (recorded, undoable)",
+    )
+    th.add_argument("--model", help="model version (default: the active one)")
+    th.set_defaults(func=cmd_thresholds)
 
     r = sub.add_parser(
         "reindex", parents=[common], help="check the FAISS indexes against DuckDB; --rebuild them"

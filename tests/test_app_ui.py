@@ -240,6 +240,82 @@ def test_build_app__every_tab_renders_without_browser_errors(page, app):
     page.assert_no_errors()
 
 
+# -- Review -----------------------------------------------------------------------------------
+
+
+def grid_ids(page, selected: bool = False) -> list[int]:
+    sel = "#review-grid .rv-tile" + (".rv-sel" if selected else "")
+    return [int(i) for i in page.page.eval_on_selector_all(sel, "ts => ts.map(t => t.dataset.id)")]
+
+
+def test_review__filter_page_select_relabel_with_keys_and_undo(page, app):
+    _, service, cells = app
+    training = cells["training_dir"]
+    before = sorted(str(p.relative_to(training)) for p in training.rglob("*"))
+    total = count(service, "predictions")
+    unknown = service.sql("SELECT count(*) FROM predictions WHERE label = 'UNKNOWN'").rows[0][0]
+    page.tab("Review")
+    page.wait_text("#review-summary", f"of {total}")
+    assert len(grid_ids(page)) == min(48, total)
+    assert page.page.locator("#review-grid img").count() >= 40  # thumbnails drawn
+    assert "1-9" in page.text("#review-keys") and "2: functional" in page.text("#review-keys")
+
+    # a facet: UNKNOWN only
+    page.page.click("#review-label input")
+    page.page.keyboard.type("UNKNOWN")
+    page.page.keyboard.press("Enter")
+    page.page.keyboard.press("Escape")
+    page.wait_text("#review-summary", f"of {unknown} ")
+    # pages: J / K move, the page box follows
+    page.page.click("#review-summary")  # focus outside any text box
+    page.page.keyboard.press("j")
+    page.wait_text("#review-summary", "page 2 of")
+    page.page.keyboard.press("k")
+    page.wait_text("#review-summary", "page 1 of")
+
+    # select: click, shift-click a range, Esc clears, A selects the page
+    ids = grid_ids(page)
+    tiles = page.page.locator("#review-grid .rv-tile")
+    tiles.nth(0).click()
+    tiles.nth(3).click(modifiers=["Shift"])
+    page.page.wait_for_function("document.querySelectorAll('#review-grid .rv-sel').length === 4")
+    assert grid_ids(page, selected=True) == ids[:4]
+    page.page.keyboard.press("Escape")
+    page.page.wait_for_function("document.querySelectorAll('#review-grid .rv-sel').length === 0")
+    tiles.nth(1).click()
+    tiles.nth(2).click()
+
+    # key 2 relabels the two selected to class 2 (functional), after a confirmation
+    dialogs = []
+    page.page.once("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+    page.page.keyboard.press("2")
+    page.wait_text("#review-audit", "labelled 2 images as functional")
+    assert dialogs == ["Relabel 2 images as functional?"]
+    labelled = service.sql("SELECT id, label FROM labels ORDER BY id").rows
+    assert labelled == [[ids[1], "functional"], [ids[2], "functional"]] or labelled == [
+        (ids[1], "functional"),
+        (ids[2], "functional"),
+    ]
+    assert len(list((training / "functional").iterdir())) >= 2
+    page.wait_text("#review-grid", "✔ functional")
+
+    # the button asks too; dismissing it changes nothing
+    page.page.once("dialog", lambda d: d.dismiss())
+    page.page.click("#review-new-type input, #review-new-type textarea")
+    page.page.keyboard.type("brand_x")
+    page.page.click("#review-relabel")
+    page.page.wait_for_timeout(500)
+    assert not (training / "brand_x").exists()
+
+    # Z undoes the relabel: the training folder is as it was
+    page.page.click("#review-summary")
+    page.page.keyboard.press("z")
+    page.wait_text("#review-audit", "undone")
+    assert service.sql("SELECT count(*) FROM labels").rows[0][0] == 0
+    assert sorted(str(p.relative_to(training)) for p in training.rglob("*")) == before
+    page.assert_no_errors()
+
+
 # -- Predict ----------------------------------------------------------------------------------
 
 

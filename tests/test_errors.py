@@ -26,6 +26,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 EXPECTED = {
     "bad_request": (400, 2),
     "too_large": (413, 2),
+    "conflict": (409, 2),
     "bad_image": (422, 2),
     "no_model": (503, 2),
     "missing_weights": (503, 2),

@@ -11,7 +11,8 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from datetime import date
+from typing import Annotated, Any
 
 from fastapi import (
     APIRouter,
@@ -38,6 +39,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from imagesieve._errors import KINDS, classify_error
 from imagesieve.app._service import Limits, Service
+from imagesieve.search import MAX_RELABEL
+from imagesieve.store import MAX_PAGE, SORTS, ImageQuery
 
 __all__ = ["API_PREFIX", "add_api"]
 
@@ -75,10 +78,64 @@ class SqlRequest(BaseModel):
     limit: int = Field(1000, ge=1, le=100_000, description="rows returned at most")
 
 
+#: A stored id as requests give it: bounded, so no value overflows the store's integers.
+StoredId = Annotated[int, Field(ge=0, le=2**53)]
+_NAME = {"min_length": 1, "max_length": 100, "description": "a class name (one folder name)"}
+_IDS = {"min_length": 1, "max_length": MAX_RELABEL, "description": "stored image ids"}
+
+
+class RelabelRequest(BaseModel):
+    """Stored images and the class they belong to."""
+
+    ids: list[StoredId] = Field(**_IDS)
+    label: str = Field(**_NAME)
+
+
+class NameRequest(BaseModel):
+    """A name for a cluster: its new class, or an existing class to merge it into."""
+
+    name: str = Field(**_NAME)
+
+
+class ExcludeRequest(BaseModel):
+    """Members to leave out of a cluster's promotion."""
+
+    ids: list[StoredId] = Field(**_IDS)
+
+
+class PromoteRequest(BaseModel):
+    """Promote a cluster into the active model's training folder."""
+
+    name: str | None = Field(
+        None, min_length=1, max_length=100, description="its class (default: its name)"
+    )
+    exclude: list[StoredId] = Field(
+        [], max_length=MAX_RELABEL, description="member ids to leave out as well"
+    )
+
+
+class ThresholdsRequest(BaseModel):
+    """UNKNOWN thresholds: below this Top-1 probability, or further than this distance."""
+
+    confidence: float = Field(ge=0, le=1, description="Top-1 probability below which it is UNKNOWN")
+    distance: float | None = Field(
+        None, ge=0, le=10, description="distance score above which it is UNKNOWN (null: off)"
+    )
+
+
+class UndoRequest(BaseModel):
+    """Which action to undo."""
+
+    action_id: int | None = Field(
+        None, ge=1, le=2**31 - 1, description="a recorded action (default: the latest)"
+    )
+
+
 #: When each documented error status is answered.
 ERROR_WHEN = {
     400: "The request cannot be done: a bad query, filter, id or column, or a malformed body.",
     401: "The API token is missing or wrong: send 'Authorization: Bearer TOKEN'.",
+    409: "Clashes with what is going on (a training run) or was done since (undo that first).",
     413: "An upload over a limit: bytes per file, files per request or bytes per request.",
     422: "A missing or invalid parameter, or a file that is not a readable image.",
     500: "An unexpected error, or the server could not read or write a file; see its log.",
@@ -208,12 +265,17 @@ class _AnyMethod:
         await response(scope, receive, send)
 
 
+def _who(request: Request) -> str:
+    """Who acts through the API, for the audit log: ``api:<client address>``."""
+    return f"api:{request.client.host if request.client else 'unknown'}"
+
+
 def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None:
     """Mount ``/api/v1`` on ``app``: predict, score, similar, sql, clusters, history, health, docs."""
     bearer = HTTPBearer(auto_error=False, description="the server's API token (--token)")
 
     def check_token(
-        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     ) -> None:
         given = credentials.credentials if credentials is not None else ""
         if not hmac.compare_digest(given.encode(), (token or "").encode()):
@@ -233,7 +295,7 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
 
     @router.post("/predict", responses=errors(400, 413, 422, 503, 507))
     async def predict(
-        file: UploadFile = File(..., description="the image"),  # noqa: B008 - FastAPI's idiom
+        file: UploadFile = File(..., description="the image"),
         neighbours: int = Query(5, ge=0, le=100, description="nearest stored images returned"),
     ) -> JSONResponse:
         """Score one image: Top-3, label (or UNKNOWN and why), nearest stored images; stored."""
@@ -296,9 +358,183 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
         """The UNKNOWN clusters of the active model, largest first."""
         return {"clusters": await _call(service.clusters)}
 
+    @router.get("/clusters/{cluster_id}/members", responses=errors(400, 503))
+    async def cluster_members(
+        cluster_id: int = Path(..., ge=0, le=2**31 - 1),
+        limit: int = Query(48, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=10_000_000),
+    ) -> dict[str, Any]:
+        """A page of a cluster's members, least typical first (GLOSH outlier score)."""
+        rows = await _call(service.cluster_members, cluster_id, limit, offset)
+        return {"cluster_id": cluster_id, "offset": offset, "members": rows}
+
+    @router.post("/clusters/{cluster_id}/name", responses=errors(400, 503))
+    async def name_cluster(
+        body: NameRequest,
+        request: Request,
+        cluster_id: int = Path(..., ge=0, le=2**31 - 1),
+    ) -> dict[str, Any]:
+        """Name a cluster (recorded in the audit log)."""
+        return await _call(service.update_cluster, cluster_id, name=body.name, who=_who(request))
+
+    @router.post("/clusters/{cluster_id}/exclude", responses=errors(400, 503))
+    async def exclude_members(
+        body: ExcludeRequest,
+        request: Request,
+        cluster_id: int = Path(..., ge=0, le=2**31 - 1),
+    ) -> dict[str, Any]:
+        """Leave members out of a cluster's promotion (recorded)."""
+        return await _call(
+            service.update_cluster, cluster_id, exclude=tuple(body.ids), who=_who(request)
+        )
+
+    @router.post("/clusters/{cluster_id}/reject", responses=errors(400, 503))
+    async def reject_cluster(
+        request: Request,
+        cluster_id: int = Path(..., ge=0, le=2**31 - 1),
+    ) -> dict[str, Any]:
+        """Reject a cluster: not a new kind (recorded)."""
+        return await _call(service.update_cluster, cluster_id, reject=True, who=_who(request))
+
+    @router.post("/clusters/{cluster_id}/promote", responses=errors(400, 503, 507))
+    async def promote(
+        body: PromoteRequest,
+        request: Request,
+        cluster_id: int = Path(..., ge=0, le=2**31 - 1),
+    ) -> dict[str, Any]:
+        """Copy a cluster's images into the active model's training folder as a class.
+
+        An existing class's name merges the cluster into it. Recorded, undoable.
+        """
+
+        def run() -> Any:
+            name = body.name or next(
+                (c["name"] for c in service.clusters() if c["cluster_id"] == cluster_id), None
+            )
+            if not name:
+                raise ApiError(400, f"cluster {cluster_id} has no name: give one")
+            return service.promote_cluster(
+                cluster_id, name, exclude=tuple(body.exclude), who=_who(request)
+            )
+
+        return (await _call(run)).to_dict()
+
+    @router.post("/images/relabel", responses=errors(400, 503, 507))
+    async def relabel(body: RelabelRequest, request: Request) -> dict[str, Any]:
+        """Give stored images a class; they join its training data (recorded, undoable)."""
+        result = await _call(service.relabel, body.ids, body.label, who=_who(request))
+        return result.to_dict()
+
+    @router.get("/images", responses=errors(400, 503))
+    async def images(
+        label: list[str] | None = Query(None, max_length=100, description="predicted labels"),
+        reason: list[str] | None = Query(None, max_length=10, description="UNKNOWN reasons"),
+        top1_class: list[str] | None = Query(None, max_length=100, description="Top-1 classes"),
+        human_label: list[str] | None = Query(
+            None, max_length=100, description="labels people gave ('' : nobody labelled it)"
+        ),
+        min_confidence: float | None = Query(None, ge=0, le=1),
+        max_confidence: float | None = Query(None, ge=0, le=1),
+        min_distance: float | None = Query(None, ge=0, le=10),
+        max_distance: float | None = Query(None, ge=0, le=10),
+        batch_id: list[StoredId] | None = Query(None, max_length=100),
+        cluster_id: list[Annotated[int, Field(ge=-1, le=2**31 - 1)]] | None = Query(
+            None, max_length=100, description="clusters (-1: noise)"
+        ),
+        day_from: date | None = Query(None, description="first UTC day of scoring"),
+        day_to: date | None = Query(None, description="last UTC day of scoring"),
+        sort: str = Query("id", description=f"one of {', '.join(SORTS)}"),
+        limit: int = Query(48, ge=1, le=MAX_PAGE),
+        offset: int = Query(0, ge=0, le=10_000_000),
+        facets: bool = Query(True, description="count the filtered images by facet"),
+    ) -> dict[str, Any]:
+        """A page of the active model's stored images: filters, sort, total and facet counts.
+
+        Every row has its prediction, UNKNOWN reason, cluster, batch and the label a person gave.
+        """
+
+        def run() -> dict[str, Any]:
+            query = ImageQuery(
+                labels=label,
+                reasons=reason,
+                top1_classes=top1_class,
+                human_labels=human_label,
+                min_confidence=min_confidence,
+                max_confidence=max_confidence,
+                min_distance=min_distance,
+                max_distance=max_distance,
+                batch_ids=batch_id,
+                cluster_ids=cluster_id,
+                day_from=day_from,
+                day_to=day_to,
+                sort=sort,
+            )
+            return service.browse(query, limit=limit, offset=offset, facets=facets)
+
+        return await _call(run)
+
+    @router.get("/versions", responses=errors())
+    async def versions() -> dict[str, Any]:
+        """Every model version with its metrics; the active one marked."""
+        return {"versions": await _call(service.versions)}
+
+    @router.post("/versions/{name}/activate", responses=errors(400, 503))
+    async def activate(
+        request: Request,
+        name: str = Path(
+            ..., max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="a model version"
+        ),
+    ) -> dict[str, Any]:
+        """Serve this version from now on (recorded, undoable)."""
+        version = await _call(service.activate, name, who=_who(request))
+        return {"active": version.name}
+
+    @router.get("/thresholds", responses=errors(503))
+    async def thresholds() -> dict[str, Any]:
+        """The active model's UNKNOWN thresholds and how many stored images are UNKNOWN."""
+        return await _call(service.thresholds)
+
+    @router.post("/thresholds/preview", responses=errors(400, 503))
+    async def thresholds_preview(body: ThresholdsRequest) -> dict[str, Any]:
+        """How many stored images these thresholds would mark UNKNOWN, by rule; changes nothing."""
+        return await _call(service.threshold_preview, body.confidence, body.distance)
+
+    @router.put("/thresholds", responses=errors(400, 503))
+    async def set_thresholds(body: ThresholdsRequest, request: Request) -> dict[str, Any]:
+        """Apply thresholds: stored images are re-decided (recorded, undoable)."""
+        return await _call(
+            service.set_thresholds, body.confidence, body.distance, who=_who(request)
+        )
+
+    @router.post("/retrain", status_code=202, responses=errors(409, 503))
+    async def retrain(request: Request) -> dict[str, Any]:
+        """Retrain in the background; poll ``GET /retrain`` for its progress.
+
+        The new version starts from the active one's training folder, options and thresholds;
+        it then scores the stored history and is served.
+        """
+        return await _call(service.start_retrain, who=_who(request))
+
+    @router.get("/retrain", responses=errors())
+    async def retrain_status() -> dict[str, Any]:
+        """The training run's status: running, stage, done, total, eta_s; version or error."""
+        return dict(service.training_status)
+
+    @router.get("/audit", responses=errors())
+    async def audit(
+        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=10_000_000)
+    ) -> dict[str, Any]:
+        """Recorded review actions, newest first: what, how many images, who, when, undone."""
+        return await _call(service.audit, limit, offset)
+
+    @router.post("/audit/undo", responses=errors(400, 409, 503))
+    async def undo(body: UndoRequest, request: Request) -> dict[str, Any]:
+        """Undo a recorded action (default: the latest not undone); store and files restored."""
+        return await _call(service.undo, body.action_id, who=_who(request))
+
     @router.get("/versions/{name}/history", responses=errors(400))
     async def history(
-        name: str = Path(  # noqa: B008 - FastAPI's idiom
+        name: str = Path(
             ..., max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="a model version, e.g. v2"
         ),
     ) -> dict[str, Any]:

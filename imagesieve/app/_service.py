@@ -11,6 +11,7 @@ cost little more than one batch job (measured in ``bench/bench_api.py``).
 from __future__ import annotations
 
 import datetime as dt
+import io
 import logging
 import os
 import queue
@@ -53,20 +54,26 @@ from imagesieve.ingest import (
 )
 from imagesieve.models import (
     ModelVersion,
-    activate_version,
     active_stamp,
     active_version,
     get_version,
     list_versions,
-    set_thresholds,
 )
 from imagesieve.search import (
     ClusterParams,
+    activate_model,
+    apply_thresholds,
+    audit_log,
+    browse_images,
     find_similar,
     list_clusters,
     nearest_stored,
     promote_cluster,
+    relabel_images,
     run_clustering,
+    threshold_counts,
+    training_folder,
+    undo_action,
     update_cluster,
 )
 from imagesieve.store import Failure, Store, image_source, run_store_sql
@@ -103,6 +110,10 @@ SQL_MAX_MEMORY = 384 * 2**20
 SQL_TIMEOUT = 10.0
 #: Niceness of the threads that run untrusted SQL (Linux schedules threads by their own nice).
 SQL_NICE = 19
+
+
+#: Longest side of the Review grid's thumbnails, in pixels.
+THUMB_SIDE = 160
 
 
 class ServiceError(SieveError, ValueError):
@@ -406,6 +417,16 @@ class Service:
                 if version.name != current:
                     log.info("serving %s: it was made active outside this server", version.name)
                     self._use(version)
+                    self.store.audit.record(
+                        "activate",
+                        who="outside the server",
+                        summary=f"activated {version.name} (was {current})",
+                        model_version=version.name,
+                        target=version.name,
+                        before={"version": current},
+                        after={"version": version.name},
+                        touches=["active"],
+                    )
             self._active = stamp
 
     def reload_clusters(self) -> None:
@@ -735,9 +756,15 @@ class Service:
         """The active version's clusters, largest first."""
         return list_clusters(self.ws, model=self.version.name, store=self.store)
 
-    def cluster_members(self, cluster_id: int, limit: int = 48) -> list[dict[str, Any]]:
-        """Up to ``limit`` member rows of a cluster (id, source, sha256, top-1), by id."""
-        members = self.store.clusters.members(self.version.name, int(cluster_id), int(limit))
+    def cluster_members(
+        self, cluster_id: int, limit: int = 48, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """A page of a cluster's members (id, source, sha256, top-1), least typical first."""
+        if self.store.clusters.status(self.version.name, int(cluster_id)) is None:
+            raise ServiceError(f"no cluster {cluster_id} for model {self.version.name}")
+        members = self.store.clusters.members(
+            self.version.name, int(cluster_id), int(limit), int(offset)
+        )
         keys = ("id", "source", "sha256", "top1_class", "top1_prob", "excluded")
         return [{k: getattr(m, k) for k in keys} for m in members]
 
@@ -754,18 +781,19 @@ class Service:
             self.reload_clusters()
         return run
 
-    def update_cluster(self, cluster_id: int, **change: Any) -> dict[str, Any]:
-        """Name, reject or exclude members of a cluster."""
+    def update_cluster(
+        self, cluster_id: int, who: str | None = None, **change: Any
+    ) -> dict[str, Any]:
+        """Name, reject or exclude members of a cluster (recorded as ``who``)."""
         row = update_cluster(
-            self.ws, cluster_id, model=self.version.name, store=self.store, **change
+            self.ws, cluster_id, model=self.version.name, who=who, store=self.store, **change
         )
         self.reload_clusters()
         return row
 
     def training_dir(self) -> Path | None:
         """The active version's training folder (where promoted clusters go), if it still exists."""
-        root = self.version.meta.get("data", {}).get("root")
-        return Path(root) if root and Path(root).is_dir() else None
+        return training_folder(self.version)
 
     def promote_cluster(
         self,
@@ -773,6 +801,7 @@ class Service:
         name: str,
         into: str | os.PathLike | None = None,
         exclude: tuple[int, ...] = (),
+        who: str | None = None,
     ) -> Any:
         """Copy a cluster into the training data (default: the active version's folder)."""
         into = into or self.training_dir()
@@ -787,10 +816,53 @@ class Service:
             into,
             exclude=exclude,
             model=self.version.name,
+            who=who,
             store=self.store,
         )
         self.reload_clusters()
         return result
+
+    def relabel(
+        self,
+        ids: Sequence[int],
+        label: str,
+        into: str | os.PathLike | None = None,
+        who: str | None = None,
+    ) -> Any:
+        """Give stored images of the active version a class; they join its training data."""
+        result = relabel_images(
+            self.ws, list(ids), label, into=into, model=self.version.name, who=who, store=self.store
+        )
+        return result
+
+    def browse(
+        self, query: Any = None, *, limit: int = 48, offset: int = 0, facets: bool = True
+    ) -> dict[str, Any]:
+        """A page of the active version's stored images by filters (an ``ImageQuery``)."""
+        return browse_images(
+            self.ws,
+            query,
+            limit=limit,
+            offset=offset,
+            facets=facets,
+            model=self.version.name,
+            store=self.store,
+        )
+
+    def audit(self, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        """The recorded review actions, newest first."""
+        return audit_log(self.ws, limit=limit, offset=offset, store=self.store)
+
+    def undo(self, action_id: int | None = None, who: str | None = None) -> dict[str, Any]:
+        """Undo a recorded action (default: the latest); the server serves what it restored."""
+        entry = undo_action(self.ws, action_id, who=who, store=self.store)
+        self.follow_active()
+        if self.predictor is not None:
+            fresh = get_version(self.ws, self.version.name)
+            if fresh.meta.get("thresholds") != self.version.meta.get("thresholds"):
+                self._use(fresh)
+        self.reload_clusters()
+        return entry
 
     # -- models ----------------------------------------------------------------------------
     def versions(self) -> list[dict[str, Any]]:
@@ -810,11 +882,11 @@ class Service:
             for v in list_versions(self.ws)
         ]
 
-    def activate(self, name: str) -> ModelVersion:
-        """Make a version the active one and serve it."""
-        version = activate_version(self.ws, name)
-        if version.meta.get("kind") != "trained":
-            raise ServiceError(f"{name} is not a trained version")
+    def activate(self, name: str, who: str | None = None) -> ModelVersion:
+        """Make a version the active one and serve it (recorded as ``who``)."""
+        if name not in {v.name for v in list_versions(self.ws)}:
+            raise ServiceError(f"no model version named {name!r}: see the Model tab's versions")
+        version = get_version(self.ws, activate_model(self.ws, name, who=who, store=self.store))
         with self._switch:
             self._use(version)
             self._active = active_stamp(self.ws)
@@ -832,12 +904,21 @@ class Service:
         stored with the active version, so it serves with the history scored; the before/after
         diff is kept with it (``history.json``, :meth:`history`).
         """
-        data_dir = data_dir or self.training_dir()
-        if data_dir is None:
-            raise ServiceError("no training folder: give one")
         if not self._training.acquire(blocking=False):
-            raise ServiceError("a training run is already going")
+            raise ServiceError("a training run is already going", kind="conflict")
         try:
+            return self._retrain(data_dir, progress, **options)
+        finally:
+            self._training.release()
+
+    def _retrain(
+        self, data_dir: str | os.PathLike | None, progress: Progress | None, **options: Any
+    ) -> ModelVersion:
+        """``retrain``'s work; the caller holds ``_training``."""
+        try:
+            data_dir = data_dir or self.training_dir()
+            if data_dir is None:
+                raise ServiceError("no training folder: give one")
             self.training_status = {"running": True, "data_dir": str(data_dir)}
             previous = self.predictor and self.predictor.version
             opts = TrainOptions.from_version(previous, **options)
@@ -858,8 +939,6 @@ class Service:
         except BaseException as e:
             self.training_status = {"running": False, "error": str(e)}
             raise
-        finally:
-            self._training.release()
 
     def history(self, version: str | None = None) -> dict[str, Any] | None:
         """What a version said about the history when it was trained (None: not scored).
@@ -872,22 +951,66 @@ class Service:
             raise ServiceError(f"no model version named {name!r}: see the Model tab's versions")
         return read_history(get_version(self.ws, name))
 
-    def set_thresholds(self, confidence: float, distance: float | None) -> dict[str, Any]:
+    def set_thresholds(
+        self, confidence: float, distance: float | None, who: str | None = None
+    ) -> dict[str, Any]:
         """Make these the active version's UNKNOWN thresholds and re-decide its stored images.
 
         The version's ``meta.json`` keeps them (the CLI and later servers use them too); each
         stored row's label and reason are recomputed from its stored Top-1 probability and
         training distance. Returns the counts of ``threshold_preview`` after the change.
         """
-        rule = self._rule(confidence, distance)
-        version = set_thresholds(self.version, rule.confidence, rule.distance)
-        self.store.redecide(version.name, rule)
-        self._use(version)
-        return self.threshold_preview(confidence, distance)
+        self._rule(confidence, distance)  # checked here: one message for every door
+        counts = apply_thresholds(
+            self.ws, confidence, distance, model=self.version.name, who=who, store=self.store
+        )
+        self._use(get_version(self.ws, self.version.name))
+        return counts
+
+    def thresholds(self) -> dict[str, Any]:
+        """The active version's UNKNOWN thresholds, whether an operator tuned them, and counts."""
+        return threshold_counts(self.ws, model=self.version.name, store=self.store)
+
+    def start_retrain(self, who: str | None = None) -> dict[str, Any]:
+        """Retrain on the active version's training folder in the background; its status now.
+
+        Progress (stage, done, total, ETA) is in ``training_status`` as it runs.
+        """
+        data_dir = self.training_dir()
+        if data_dir is None:
+            raise ServiceError("the active model's training folder is gone; retrain from the CLI")
+        if not self._training.acquire(blocking=False):
+            raise ServiceError("a training run is already going", kind="conflict")
+        stage_start = {"stage": None, "at": time.monotonic()}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if stage != stage_start["stage"]:
+                stage_start.update(stage=stage, at=now)
+            spent = now - stage_start["at"]
+            eta = spent * (total - done) / done if done and total else None
+            self.training_status.update(
+                stage=stage, done=done, total=total, eta_s=None if eta is None else round(eta, 1)
+            )
+
+        def run() -> None:
+            try:
+                self._retrain(data_dir, progress)
+            except Exception:  # kept in training_status; the log keeps its traceback
+                log.exception("retrain started by %s failed", who)
+            finally:
+                self._training.release()
+
+        self.training_status = {"running": True, "data_dir": str(data_dir)}
+        threading.Thread(target=run, name="retrain", daemon=True).start()
+        return dict(self.training_status)
 
     def threshold_preview(self, confidence: float, distance: float | None) -> dict[str, Any]:
         """How many stored images of the active version each rule would mark UNKNOWN."""
-        return self.store.unknown_counts(self.version.name, self._rule(confidence, distance))
+        self._rule(confidence, distance)  # checked here: one message for every door
+        return threshold_counts(
+            self.ws, confidence, distance, keep=False, model=self.version.name, store=self.store
+        )["counts"]
 
     def _rule(self, confidence: float, distance: float | None) -> UnknownRule:
         try:
@@ -914,6 +1037,41 @@ class Service:
             return None
         im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
         return im
+
+    def thumbnail(self, sha256: str, source: str, side: int = THUMB_SIDE) -> bytes | None:
+        """A stored image's thumbnail as WebP bytes, cached by content (None: no longer available).
+
+        Made once per content and size (decoding a 12-megapixel photo takes ~100 ms, reading
+        the cached file well under one), under ``<workspace>/.cache/thumbs``: derived data.
+        """
+        from PIL import Image
+
+        from imagesieve.data import load_image
+
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):  # not a content the store keeps
+            return None
+        path = self.ws.cache_dir / "thumbs" / str(int(side)) / sha256[:2] / f"{sha256}.webp"
+        if path.is_file():
+            return path.read_bytes()
+        src = image_source(self.ws, sha256, source)
+        if src is None:
+            return None
+        try:
+            im = load_image(src, min_side=side, name=sha256[:12]).image
+        except Exception:  # a vanished or damaged file shows as missing, not as an error
+            return None
+        im.thumbnail((side, side), Image.Resampling.BILINEAR)
+        out = io.BytesIO()
+        im.save(out, "WEBP", quality=80, method=0)
+        data = out.getvalue()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:  # a full or read-only disk: shown, not cached
+            log.debug("thumbnail not cached: %s", e)
+        return data
 
     def health(self) -> dict[str, Any]:
         """Liveness and what is loaded."""

@@ -260,18 +260,20 @@ def write_version(
 
 
 def set_thresholds(
-    version: ModelVersion, confidence: float, distance: float | None
+    version: ModelVersion, confidence: float, distance: float | None, *, tuned: bool = True
 ) -> ModelVersion:
     """Rewrite the version's UNKNOWN thresholds in ``meta.json`` (atomically); the reloaded version.
 
-    ``tuned`` marks them as the operator's, which a retrain starts from.
+    ``tuned`` marks them as the operator's, which a retrain starts from (False: the calibrated
+    ones again, as an undo puts them back).
 
     Nothing else in it changes. The values are not checked here: build a
     ``classifier.UnknownRule`` from them first, which validates them.
     """
     info = version.info
     th = info.thresholds or Thresholds()
-    th = replace(th, confidence=confidence, distance=distance, extra=th.extra | {"tuned": True})
+    extra = {k: v for k, v in th.extra.items() if k != "tuned"} | ({"tuned": True} if tuned else {})
+    th = replace(th, confidence=confidence, distance=distance, extra=extra)
     tmp = version.path / "meta.json.tmp"
     tmp.write_text(_meta_text(replace(info, thresholds=th).to_dict()))
     os.replace(tmp, version.path / "meta.json")

@@ -1,14 +1,28 @@
 """Finding things in the store: similar images, clusters of UNKNOWNs and their review."""
 
+from imagesieve.search._actions import (
+    MAX_RELABEL,
+    RelabelResult,
+    activate_model,
+    apply_thresholds,
+    audit_log,
+    relabel_images,
+    threshold_counts,
+    undo_action,
+)
 from imagesieve.search._cluster import Cluster, ClusterModel, ClusterParams, assign_to_clusters
 from imagesieve.search._review import (
     ClusterRun,
     PromoteResult,
     ReviewError,
+    browse_images,
+    class_folder,
     cluster_model_path,
     list_clusters,
+    local_user,
     promote_cluster,
     run_clustering,
+    training_folder,
     update_cluster,
 )
 from imagesieve.search._similar import (
@@ -20,6 +34,18 @@ from imagesieve.search._similar import (
 )
 
 __all__ = [
+    "MAX_RELABEL",
+    "RelabelResult",
+    "activate_model",
+    "apply_thresholds",
+    "audit_log",
+    "browse_images",
+    "class_folder",
+    "local_user",
+    "relabel_images",
+    "threshold_counts",
+    "training_folder",
+    "undo_action",
     "Cluster",
     "ClusterModel",
     "ClusterParams",

@@ -8,6 +8,7 @@ are assigned to the nearest existing cluster whose radius covers them as they ar
 from __future__ import annotations
 
 import csv
+import getpass
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -25,16 +26,32 @@ from imagesieve.search._cluster import (
     class_tightness,
     cluster_embeddings,
 )
-from imagesieve.store import CLUSTER_FIELDS, STORE_FILE, Store, image_source, using_store
+from imagesieve.store import (
+    CLUSTER_FIELDS,
+    STORE_FILE,
+    AuditFile,
+    HumanLabel,
+    ImageQuery,
+    Store,
+    browse,
+    image_source,
+    using_store,
+)
 
 __all__ = [
     "ClusterRun",
     "PromoteResult",
     "ReviewError",
+    "browse_images",
+    "class_folder",
+    "class_name",
     "export_clusters",
+    "filename_of",
     "list_clusters",
+    "local_user",
     "promote_cluster",
     "run_clustering",
+    "training_folder",
     "update_cluster",
 ]
 
@@ -162,6 +179,29 @@ def list_clusters(
         return store.clusters.listing(version)
 
 
+def browse_images(
+    ws: Workspace,
+    query: ImageQuery | None = None,
+    *,
+    limit: int = 48,
+    offset: int = 0,
+    facets: bool = True,
+    model: str | None = None,
+    store: Store | None = None,
+) -> dict[str, Any]:
+    """A page of the version's stored images by filters and sort, the total, and facet counts.
+
+    Each row carries its prediction, UNKNOWN reason, cluster, batch and the label a person gave.
+    """
+    version = get_version(ws, model).name
+    query = query or ImageQuery()
+    if store is None and not (ws.root / STORE_FILE).is_file():
+        return {"total": 0, "offset": 0, "rows": [], "facets": {}}
+    with using_store(ws, store, read_only=store is None) as store:
+        page = browse(store, version, query, limit, offset, facets)
+    return {"model_version": version, "query": query.to_dict(), **page}
+
+
 def export_clusters(
     store: Store, ws: Workspace, model_version: str, dest: str | os.PathLike
 ) -> Path:
@@ -178,7 +218,7 @@ def export_clusters(
             missing[m.cluster_id] = missing.get(m.cluster_id, 0) + 1
             continue
         folder = "noise" if m.cluster_id == NOISE else f"cluster_{m.cluster_id}"
-        sort_into(dest, folder, _filename(m.source), content, m.sha256)
+        sort_into(dest, folder, filename_of(m.source), content, m.sha256)
     with open(dest / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow([*CLUSTER_FIELDS, "missing_images"])
@@ -192,7 +232,8 @@ def export_clusters(
     return dest
 
 
-def _filename(source: str) -> str:
+def filename_of(source: str) -> str:
+    """The file name a stored image's source gives (a URL's path, a zip member's name)."""
     from urllib.parse import unquote, urlsplit
 
     if source.lower().startswith(("http://", "https://")):
@@ -217,15 +258,27 @@ def update_cluster(
     reject: bool = False,
     exclude: tuple[int, ...] = (),
     model: str | None = None,
+    who: str | None = None,
     store: Store | None = None,
 ) -> dict[str, Any]:
-    """Name a cluster, reject it, or exclude member ids from its promotion; returns its row."""
+    """Name a cluster, reject it, or exclude member ids from its promotion; returns its row.
+
+    Each change is one audit entry (undoable); ``who`` names who made it.
+    """
     version = get_version(ws, model).name
-    with using_store(ws, store, check=False) as store, store.lock:
+    who = who or local_user()
+    with using_store(ws, store, check=False) as store, store.atomic():
         _check_cluster(store, version, cluster_id)
         if name is not None:
-            store.clusters.name(version, cluster_id, _class_name(name))
+            clean = class_name(name)
+            _record_state(
+                store, "name", version, cluster_id, who, f"named cluster {cluster_id} {clean}"
+            )
+            store.clusters.name(version, cluster_id, clean)
         if reject:
+            _record_state(
+                store, "reject", version, cluster_id, who, f"rejected cluster {cluster_id}"
+            )
             store.clusters.reject(version, cluster_id)
         if exclude:
             members = {m.id for m in store.clusters.members(version, cluster_id)}
@@ -234,11 +287,45 @@ def update_cluster(
                 raise ReviewError(
                     f"ids not in cluster {cluster_id}: {', '.join(map(str, strangers))}"
                 )
-            store.clusters.exclude(version, cluster_id, exclude)
+            added = sorted(set(map(int, exclude)) - store.clusters.excluded(version, cluster_id))
+            store.audit.record(
+                "exclude",
+                who=who,
+                summary=f"left {len(added)} image{'s' * (len(added) != 1)} out of cluster {cluster_id}",
+                model_version=version,
+                target=str(cluster_id),
+                images=len(added),
+                before={"excluded": added},
+                touches=[f"cluster:{version}:{cluster_id}"],
+            )
+            store.clusters.exclude(version, cluster_id, added)
         return next(c for c in store.clusters.listing(version) if c["cluster_id"] == cluster_id)
 
 
-def _class_name(name: str) -> str:
+def _record_state(
+    store: Store, action: str, version: str, cluster_id: int, who: str, summary: str
+) -> None:
+    """Record a change of a cluster's review state, keeping the state before for undo."""
+    store.audit.record(
+        action,
+        who=who,
+        summary=summary,
+        model_version=version,
+        target=str(cluster_id),
+        before={"state": store.clusters.review_state(version, cluster_id)},
+        touches=[f"cluster:{version}:{cluster_id}"],
+    )
+
+
+def local_user() -> str:
+    """Who acts from this machine's shell or a script: ``local:<login name>``."""
+    try:
+        return f"local:{getpass.getuser()}"
+    except (KeyError, OSError):  # no login name (a container's numeric user)
+        return f"local:uid{os.getuid()}"
+
+
+def class_name(name: str) -> str:
     """A class name usable as one folder name, or ReviewError."""
     clean = name.strip()
     if not clean or clean.startswith(".") or any(ch in clean for ch in "/\\\x00"):
@@ -246,6 +333,17 @@ def _class_name(name: str) -> str:
             f"{name!r} cannot be a class name (one folder name: no '/', '\\\\', leading '.')"
         )
     return clean
+
+
+def class_folder(into: Path, name: str) -> Path:
+    """Where a class's images go in a training folder: ``into/train/<name>`` if it is pre-split."""
+    return into / "train" / name if (into / "train").is_dir() else into / name
+
+
+def training_folder(version: Any) -> Path | None:
+    """A version's training folder (where promoted and relabelled images go), if it still exists."""
+    root = version.meta.get("data", {}).get("root")
+    return Path(root) if root and Path(root).is_dir() else None
 
 
 def promote_cluster(
@@ -256,25 +354,29 @@ def promote_cluster(
     *,
     exclude: tuple[int, ...] = (),
     model: str | None = None,
+    who: str | None = None,
     store: Store | None = None,
 ) -> PromoteResult:
     """Copy a cluster's images (minus excluded ids) into the training data; mark it promoted.
 
     Images go to ``into/<name>/`` (``into/train/<name>/`` for a pre-split folder); naming an
     existing class merges into its folder. Identical content already there is not copied again.
+    The promoted images carry the label (as a relabel gives it); one audit entry, undoable.
     """
     version = get_version(ws, model).name
-    name = _class_name(name)
+    name = class_name(name)
     into = Path(into)
     if not into.is_dir():
         raise ReviewError(f"training data folder not found: {into}")
-    dest = into / "train" / name if (into / "train").is_dir() else into / name
-    with using_store(ws, store, check=False) as store, store.lock:
+    dest = class_folder(into, name)
+    with using_store(ws, store, check=False) as store, store.atomic():
         status, _ = _check_cluster(store, version, cluster_id)
         if status == "rejected":
             raise ReviewError(f"cluster {cluster_id} was rejected; name it again to promote it")
-        if exclude:
-            store.clusters.exclude(version, cluster_id, exclude)
+        state = store.clusters.review_state(version, cluster_id)
+        added = sorted(set(map(int, exclude)) - store.clusters.excluded(version, cluster_id))
+        if added:
+            store.clusters.exclude(version, cluster_id, added)
         excluded = store.clusters.excluded(version, cluster_id)
         result = PromoteResult(cluster_id, name, str(dest))
         members = store.clusters.members(version, cluster_id)
@@ -282,20 +384,47 @@ def promote_cluster(
             raise ReviewError(
                 f"cluster {cluster_id} has no members now; run 'imagesieve cluster' again"
             )
+        created = not dest.exists()
         dest.mkdir(parents=True, exist_ok=True)
         before = {p.name for p in dest.iterdir()}
-        for m in members:
-            if m.id in excluded:
-                result.excluded += 1
-                continue
+        taken = [m for m in members if m.id not in excluded]
+        result.excluded = len(members) - len(taken)
+        labels_before = store.audit.labels([m.sha256 for m in taken])
+        files, given = [], []
+        for m in taken:
             content = image_source(ws, m.sha256, m.source)
             if content is None:
                 result.missing.append(m.source)
+                given.append(HumanLabel(m.sha256, name, m.id, 0, None))
                 continue
-            target = sort_into(dest.parent, name, _filename(m.source), content, m.sha256)
+            target = sort_into(dest.parent, name, filename_of(m.source), content, m.sha256)
             if target.name in before:
                 result.already_there += 1
             else:
+                before.add(target.name)
+                files.append(AuditFile(str(target), "added", m.sha256))
                 result.copied += 1
+            given.append(HumanLabel(m.sha256, name, m.id, 0, str(target)))
+        store.audit.record(
+            "promote",
+            who=who or local_user(),
+            summary=f"promoted cluster {cluster_id} as {name}: {len(taken)} images",
+            model_version=version,
+            target=str(cluster_id),
+            images=len(taken),
+            before={
+                "state": state,
+                "excluded": added,
+                "labels": {
+                    g.sha256: (None if (h := labels_before.get(g.sha256)) is None else asdict(h))
+                    for g in given
+                },
+                "created_dir": str(dest) if created else None,
+            },
+            after={"name": name, "dest": str(dest)},
+            touches=[f"cluster:{version}:{cluster_id}", *(f"image:{g.sha256}" for g in given)],
+            files=files,
+            labels=given,
+        )
         store.clusters.promoted(version, cluster_id, name, str(dest))
     return result

@@ -6,6 +6,8 @@ rows until they are folded in; FAISS holds each version's embeddings (``IndexSet
 images are files by content. User SQL runs read-only through ``run_sql``.
 """
 
+from imagesieve.store._audit import AuditEntry, AuditFile, HumanLabel
+from imagesieve.store._browse import MAX_PAGE, SORTS, ImageQuery, browse
 from imagesieve.store._clusters import CLUSTER_FIELDS, PreviousCluster
 from imagesieve.store._images import KEEP_POLICIES, ZIP_MEMBER, image_source, keep_image, kept_path
 from imagesieve.store._rows import Failure, IndexCheck, PredictionRow, ResultRow, StoredHeadInputs
@@ -22,16 +24,23 @@ from imagesieve.store._store import STORE_FILE, Store, StoreBusyError, using_sto
 from imagesieve.store._vectors import VectorIndex
 
 __all__ = [
+    "AuditEntry",
+    "AuditFile",
+    "HumanLabel",
+    "browse",
     "CLUSTER_FIELDS",
     "KEEP_POLICIES",
+    "MAX_PAGE",
     "MIGRATIONS",
     "PREDICTION_COLUMNS",
     "SAFE_CONFIG",
     "SCHEMA_VERSION",
+    "SORTS",
     "STORE_FILE",
     "VIEWS",
     "ZIP_MEMBER",
     "Failure",
+    "ImageQuery",
     "IndexCheck",
     "PredictionRow",
     "PreviousCluster",

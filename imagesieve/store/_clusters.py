@@ -225,9 +225,13 @@ class Clusters:
         return out
 
     def members(
-        self, model_version: str, cluster_id: int | None = None, limit: int | None = None
+        self,
+        model_version: str,
+        cluster_id: int | None = None,
+        limit: int | None = None,
+        offset: int = 0,
     ) -> list[ClusterMember]:
-        """Members of one cluster (or of every cluster and noise), up to ``limit``.
+        """Members of one cluster (or of every cluster and noise), up to ``limit`` from ``offset``.
 
         Least typical first (highest outlier score), so review meets the doubtful ones first;
         then by id.
@@ -238,8 +242,13 @@ class Clusters:
                 "SELECT id, source, sha256, cluster_id, top1_class, top1_prob, "
                 "id IN (SELECT id FROM cluster_exclusions e WHERE e.model_version = p.model_version "
                 f"AND e.cluster_id = p.cluster_id) FROM predictions p WHERE model_version = ? "
-                f"AND {which} ORDER BY cluster_outlier DESC NULLS LAST, id LIMIT ?",
-                [model_version, *([] if cluster_id is None else [int(cluster_id)]), limit],
+                f"AND {which} ORDER BY cluster_outlier DESC NULLS LAST, id LIMIT ? OFFSET ?",
+                [
+                    model_version,
+                    *([] if cluster_id is None else [int(cluster_id)]),
+                    limit,
+                    int(offset),
+                ],
             ).fetchall()
         return [ClusterMember(*r) for r in rows]
 
@@ -274,6 +283,25 @@ class Clusters:
             cluster_id,
         )
 
+    def review_state(self, model_version: str, cluster_id: int) -> dict[str, Any]:
+        """What review set on a cluster (status, name, promoted_into): what an undo puts back."""
+        with self.store._connection() as con:
+            row = con.execute(
+                "SELECT status, name, promoted_into FROM clusters "
+                "WHERE model_version = ? AND cluster_id = ?",
+                [model_version, cluster_id],
+            ).fetchall()[0]
+        return dict(zip(("status", "name", "promoted_into"), row, strict=True))
+
+    def restore(self, model_version: str, cluster_id: int, state: dict[str, Any]) -> None:
+        """Put back what :meth:`review_state` read."""
+        self._update(
+            "status = ?, name = ?, promoted_into = ?",
+            [state["status"], state["name"], state["promoted_into"]],
+            model_version,
+            cluster_id,
+        )
+
     def _update(self, sets: str, values: list, model_version: str, cluster_id: int) -> None:
         with self.store._connection() as con:
             con.execute(
@@ -287,6 +315,15 @@ class Clusters:
             con.executemany(
                 "INSERT OR IGNORE INTO cluster_exclusions VALUES (?, ?, ?)",
                 [[model_version, cluster_id, int(i)] for i in ids],
+            )
+
+    def include(self, model_version: str, cluster_id: int, ids: Sequence[int]) -> None:
+        """Take ids off a cluster's exclusions (they are promoted with it again)."""
+        with self.store._connection() as con:
+            con.execute(
+                "DELETE FROM cluster_exclusions WHERE model_version = ? AND cluster_id = ? "
+                "AND id IN (SELECT unnest(?::BIGINT[]))",
+                [model_version, cluster_id, [int(i) for i in ids]],
             )
 
     def excluded(self, model_version: str, cluster_id: int) -> set[int]:

@@ -368,6 +368,45 @@ def _head_inputs(con: Any) -> None:
     )
 
 
+def _review_record(con: Any) -> None:
+    """The review record: actions and what undo restores, the files they moved, people's labels."""
+    con.execute(
+        """
+CREATE TABLE IF NOT EXISTS audit (
+    action_id INTEGER PRIMARY KEY,
+    done_at TIMESTAMPTZ NOT NULL,
+    who VARCHAR NOT NULL,               -- the app's user, the API token's name, cli:<user>
+    action VARCHAR NOT NULL,            -- relabel, name, reject, exclude, promote, thresholds,
+                                        -- activate, undo
+    model_version VARCHAR,
+    target VARCHAR,                     -- what it acted on: a cluster id, a class, a version
+    images INTEGER NOT NULL,            -- how many images it touched
+    summary VARCHAR NOT NULL,           -- one line in the user's words
+    before VARCHAR,                     -- JSON: what undo puts back
+    after VARCHAR,                      -- JSON: what it set
+    touches VARCHAR[],                  -- keys of what it changed (undo refuses if a later
+                                        -- action changed the same)
+    undone_by INTEGER                   -- the undo's action_id
+);
+CREATE TABLE IF NOT EXISTS audit_files (
+    action_id INTEGER NOT NULL,
+    path VARCHAR NOT NULL,              -- a file in the training data
+    change VARCHAR NOT NULL,            -- added, removed
+    sha256 VARCHAR NOT NULL,
+    trash VARCHAR                       -- where a removed file waits for an undo
+);
+CREATE TABLE IF NOT EXISTS labels (
+    sha256 VARCHAR PRIMARY KEY,         -- the image content a person labelled
+    label VARCHAR NOT NULL,
+    id BIGINT NOT NULL,                 -- predictions.id it was labelled from
+    action_id INTEGER NOT NULL,         -- audit.action_id that set it
+    file VARCHAR,                       -- its copy in the training data
+    labelled_at TIMESTAMPTZ NOT NULL
+);
+"""
+    )
+
+
 #: The schema's history, oldest first: (name, step). Append only; a step must be safe to run
 #: on a store that already has its change (stores older than ``schema_version`` record none).
 MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
@@ -375,6 +414,7 @@ MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
     ("embeddings in one table per size", _embeddings_per_size),
     ("cluster outlier scores", _cluster_outlier),
     ("head inputs", _head_inputs),
+    ("review record", _review_record),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -34,6 +34,7 @@ from imagesieve.classifier import (
     Prediction,
     UnknownRule,
 )
+from imagesieve.store._audit import AuditLog
 from imagesieve.store._clusters import Clusters
 from imagesieve.store._images import remove_partial_images
 from imagesieve.store._indexes import IndexSet, locked
@@ -200,6 +201,7 @@ class Store:
         self._content: dict[str, set[str]] = {}
         self.indexes = IndexSet(self, ws.root, read_only=read_only)
         self.clusters = Clusters(self)
+        self.audit = AuditLog(self)
         if read_only:
             check_version(self._con)
         else:
@@ -236,6 +238,14 @@ class Store:
         """The folded connection, for this package's repositories, holding the lock."""
         with self.lock:
             yield self._db
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Hold the lock and make the repositories' writes inside the block one transaction."""
+        with self.lock:
+            self._db  # noqa: B018 - folds the journal now: a fold opens a transaction of its own
+            with self._transaction({}):
+                yield
 
     @contextlib.contextmanager
     def cursor(self) -> Iterator[Any]:

@@ -1,4 +1,4 @@
-"""The Gradio app: Predict, Batch, Similar, History, Unknowns and Model tabs over one ``Service``.
+"""The Gradio app: Predict, Batch, Review, Similar, History, Unknowns, Model over one ``Service``.
 
 Every tab calls the same ``Service`` methods as the REST API and the CLI; this package only
 turns their results into components. ``build_app`` builds the Blocks and starts nothing: the
@@ -17,6 +17,7 @@ from imagesieve.app.ui._batch import batch_tab
 from imagesieve.app.ui._history import history_tab
 from imagesieve.app.ui._model import model_tab
 from imagesieve.app.ui._predict import predict_tab
+from imagesieve.app.ui._review import review_tab
 from imagesieve.app.ui._similar import similar_tab
 from imagesieve.app.ui._unknowns import unknowns_tab
 from imagesieve.app.ui._widgets import Downloads, Panel
@@ -48,6 +49,7 @@ def build_app(service: Service) -> gr.Blocks:
             for title, make in (
                 ("Predict", predict_tab),
                 ("Batch", batch_tab),
+                ("Review", review_tab),
                 ("Similar", similar_tab),
                 ("History", lambda service: history_tab(service, downloads)),
                 ("Unknowns", unknowns_tab),

@@ -9,7 +9,14 @@ import gradio as gr
 import pandas as pd
 
 from imagesieve.app._service import Service
-from imagesieve.app.ui._widgets import THUMB, Panel, pct, user_errors, version_or_none
+from imagesieve.app.ui._widgets import (
+    THUMB,
+    Panel,
+    app_user,
+    pct,
+    user_errors,
+    version_or_none,
+)
 from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE
 from imagesieve.ingest import describe_history, read_history
 
@@ -186,10 +193,10 @@ def model_tab(service: Service) -> Panel:
         )
 
     @user_errors
-    def activate(name: str | None) -> None:
+    def activate(name: str | None, request: gr.Request) -> None:
         if not name:
             raise gr.Error("pick a version", print_exception=False)
-        version = service.activate(name)
+        version = service.activate(name, who=app_user(request))
         gr.Info(f"now serving {version.name}")
 
     gr.Markdown("Model versions in this workspace; the active one scores every image.")
@@ -245,9 +252,9 @@ def model_tab(service: Service) -> Panel:
     activated = activate_button.click(activate, pick, None)
 
     @user_errors
-    def apply(confidence: float, use_distance: bool, distance: float) -> None:
+    def apply(confidence: float, use_distance: bool, distance: float, request: gr.Request) -> None:
         counts = service.set_thresholds(
-            float(confidence), float(distance) if use_distance else None
+            float(confidence), float(distance) if use_distance else None, who=app_user(request)
         )
         gr.Info(
             f"thresholds applied: {counts['unknown']:,} of {counts['stored']:,} stored images UNKNOWN"

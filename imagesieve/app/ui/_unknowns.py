@@ -12,6 +12,7 @@ from imagesieve._errors import UserError
 from imagesieve.app._service import Service
 from imagesieve.app.ui._widgets import (
     Panel,
+    app_user,
     gallery_value,
     pct,
     progress_relay,
@@ -172,31 +173,33 @@ def _cluster_panel(service: Service, c: dict[str, Any], clusters: gr.State, into
         return service.clusters()
 
     @user_errors
-    def name_it(name: str | None) -> Any:
-        row = service.update_cluster(cid, name=name or "")
+    def name_it(name: str | None, request: gr.Request) -> Any:
+        row = service.update_cluster(cid, name=name or "", who=app_user(request))
         return done(f"cluster {cid} named “{row['name']}”")
 
     @user_errors
-    def leave_out(ids: str | None) -> Any:
+    def leave_out(ids: str | None, request: gr.Request) -> Any:
         chosen = _parse_ids(ids or "")
         if not chosen:
             raise gr.Error("give the ids to leave out, e.g. '12, 15'", print_exception=False)
-        row = service.update_cluster(cid, exclude=chosen)
+        row = service.update_cluster(cid, exclude=chosen, who=app_user(request))
         return done(f"cluster {cid}: {row['excluded']} members left out of promotion")
 
     @user_errors
-    def promote(name: str | None, folder: str | None) -> Any:
+    def promote(name: str | None, folder: str | None, request: gr.Request) -> Any:
         name = (name or "").strip() or (c.get("name") or "")
         if not name:
             raise gr.Error("name the cluster (its new class) first", print_exception=False)
-        result = service.promote_cluster(cid, name, (folder or "").strip() or None)
+        result = service.promote_cluster(
+            cid, name, (folder or "").strip() or None, who=app_user(request)
+        )
         extra = f", {result.already_there} already there" if result.already_there else ""
         extra += f", {len(result.missing)} no longer available" if result.missing else ""
         return done(f"cluster {cid}: {result.copied} images copied into {result.dest}{extra}")
 
     @user_errors
-    def reject() -> Any:
-        service.update_cluster(cid, reject=True)
+    def reject(request: gr.Request) -> Any:
+        service.update_cluster(cid, reject=True, who=app_user(request))
         return done(f"cluster {cid} rejected")
 
     with gr.Group(elem_id=f"cluster-{cid}", elem_classes=["imagesieve-cluster"]):

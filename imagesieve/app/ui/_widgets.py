@@ -29,6 +29,11 @@ REASON_WORDS = {
 THUMB = 192
 
 
+def app_user(request: gr.Request | None) -> str:
+    """Who acts in the app, for the audit log: its login user (``--auth``), else anonymous."""
+    return f"app:{getattr(request, 'username', None) or 'anonymous'}"
+
+
 def one_line(e: BaseException | str) -> str:
     text = e if isinstance(e, str) else first_line(e)
     return text if len(text) <= 400 else text[:399] + "…"

@@ -1,0 +1,425 @@
+"""The Review tab: a paged grid over every stored image, filters, multi-select, relabel, undo.
+
+The grid is one ``gr.HTML`` whose value is the page (tiles with cached WebP thumbnails inline)
+and the selection; clicks and keys are handled in the browser, and a key that acts (1-9, J, K,
+Z) reaches Python as the grid's ``submit`` event. Pages come from ``Service.browse``, actions
+from ``Service.relabel`` and ``Service.undo``: the calls the REST API and the CLI make.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from typing import Any
+
+import gradio as gr
+
+from imagesieve.app._service import Service
+from imagesieve.app.ui._widgets import (
+    Panel,
+    app_user,
+    class_names,
+    reason_words,
+    user_errors,
+    version_or_none,
+)
+from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE, UNKNOWN
+from imagesieve.store import ImageQuery
+
+#: Page sizes offered.
+PAGE_SIZES = [24, 48, 96]
+#: Sort keys in the user's words.
+SORT_WORDS = {
+    "id": "oldest first",
+    "-id": "newest first",
+    "confidence": "least confident first",
+    "-confidence": "most confident first",
+    "-distance": "furthest from training first",
+    "distance": "nearest to training first",
+    "outlier": "least typical in its cluster first",
+}
+#: The keys the grid answers, shown on screen.
+KEYS_HELP = (
+    "**Keys** (grid focused or anywhere outside a text box): click selects, shift-click "
+    "selects a range, **A** selects the page, **Esc** clears; **1-9** relabel the selection to "
+    "class 1-9 (listed under *Relabel*); **J** / **K** next / previous page; **Z** undo the "
+    "last action."
+)
+
+GRID_TEMPLATE = """
+<div class="rv-grid" tabindex="0">
+${(value.tiles || []).map(t => `
+  <figure class="rv-tile ${(value.selected || []).includes(t.id) ? 'rv-sel' : ''} ${t.kind}"
+      data-id="${t.id}" title="${t.title}">
+    ${t.src ? `<img src="${t.src}" alt="image ${t.id}">` : `<div class="rv-missing">no longer available</div>`}
+    <figcaption>${t.caption}</figcaption>
+  </figure>`).join('')}
+</div>
+${(value.tiles || []).length ? '' : '<p class="rv-empty">No stored images match these filters.</p>'}
+"""
+
+GRID_CSS = """
+.rv-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr));
+  gap: 8px; outline: none; }
+.rv-tile { margin: 0; padding: 4px; border: 3px solid transparent; border-radius: 6px;
+  cursor: pointer; background: var(--block-background-fill); user-select: none; }
+.rv-tile img { width: 100%; aspect-ratio: 1; object-fit: contain; display: block; }
+.rv-tile figcaption { font-size: 12px; line-height: 1.3; color: var(--body-text-color);
+  overflow-wrap: anywhere; }
+.rv-tile.rv-sel { border-color: var(--color-accent); background: var(--color-accent-soft); }
+.rv-tile.rv-unknown figcaption b { color: var(--error-text-color, #b91c1c); }
+.rv-missing { aspect-ratio: 1; display: flex; align-items: center; justify-content: center;
+  font-size: 12px; color: var(--body-text-color-subdued); }
+.rv-empty { color: var(--body-text-color-subdued); }
+"""
+
+GRID_JS = """
+const selected = () => new Set(props.value.selected || []);
+const ids = () => (props.value.tiles || []).map(t => t.id);
+let anchor = null;
+function setSelection(set) {
+  props.value = {...props.value, selected: ids().filter(i => set.has(i)), key: ''};
+}
+element.addEventListener('click', (ev) => {
+  const tile = ev.target.closest('.rv-tile');
+  if (!tile) return;
+  const id = Number(tile.dataset.id);
+  const set = selected();
+  if (ev.shiftKey && anchor !== null) {
+    const all = ids(), a = all.indexOf(anchor), b = all.indexOf(id);
+    all.slice(Math.min(a, b), Math.max(a, b) + 1).forEach(i => set.add(i));
+  } else if (set.has(id)) {
+    set.delete(id);
+  } else {
+    set.add(id);
+  }
+  anchor = id;
+  setSelection(set);
+});
+// The page-wide key listener is installed once; it calls the grid mounted last.
+window.imagesieveReviewKey = (key) => {
+  key = key.toLowerCase();
+  if (key === 'a') { setSelection(new Set(ids())); return true; }
+  if (key === 'escape') { setSelection(new Set()); return true; }
+  if (!/^[1-9jkz]$/.test(key)) return false;
+  const n = (props.value.selected || []).length;
+  if (/^[1-9]$/.test(key)) {
+    const name = (props.value.classes || [])[Number(key) - 1];
+    if (!name || !n) return true;
+    if (n > 1 && !confirm(`Relabel ${n} images as ${name}?`)) return true;
+  }
+  props.value = {...props.value, key: key, nonce: Date.now()};
+  trigger('submit');
+  return true;
+};
+if (!window.imagesieveReviewKeys) {
+  window.imagesieveReviewKeys = true;
+  document.addEventListener('keydown', (ev) => {
+    const grid = document.querySelector('#review-grid');
+    if (!grid || grid.offsetParent === null) return;  // the Review tab is not showing
+    const t = ev.target;
+    if (t && (t.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(t.tagName))) return;
+    if (ev.ctrlKey || ev.metaKey || ev.altKey || ev.repeat) return;
+    if (window.imagesieveReviewKey(ev.key)) ev.preventDefault();
+  });
+}
+"""
+
+#: Asks before a relabel from the button, saying how many images it touches.
+CONFIRM_RELABEL = """(g, t, n, c, ...rest) => {
+  const k = (g.selected || []).length, name = (n || '').trim() || t;
+  const ok = !!(k && name) && confirm(`Relabel ${k} image${k === 1 ? '' : 's'} as ${name}?`);
+  return [g, t, n, ok, ...rest];
+}"""
+
+
+def _tile(service: Service, r: dict[str, Any]) -> dict[str, Any]:
+    """One grid tile: the thumbnail inline, a caption without truncation, HTML-escaped."""
+    data = service.thumbnail(r["sha256"], r["source"])
+    src = "data:image/webp;base64," + base64.b64encode(data).decode() if data else None
+    label = html.escape(r["label"])
+    why = ", ".join(reason_words(r["reason"]))
+    parts = [f"<b>{label}</b>" + (f" ({html.escape(why)})" if why else "")]
+    if r["top1_prob"] is not None:
+        parts.append(f"{html.escape(r['top1_class'] or '')} {r['top1_prob']:.0%}")
+    if r["neighbor_distance"] is not None:
+        parts.append(f"d {r['neighbor_distance']:.3f}")
+    if r["human_label"]:
+        parts.append(f"✔ {html.escape(r['human_label'])}")
+    name = r["source"].replace("\\", "/").rsplit("/", 1)[-1]
+    return {
+        "id": int(r["id"]),
+        "src": src,
+        "caption": f"#{r['id']} · " + " · ".join(parts),
+        "title": html.escape(name, quote=True),
+        "kind": "rv-unknown" if r["label"] == UNKNOWN else "",
+    }
+
+
+def review_tab(service: Service) -> Panel:
+    def query_of(
+        labels: list[str] | None,
+        reasons: list[str] | None,
+        classes: list[str] | None,
+        person: str | None,
+        max_conf: float | None,
+        distance: float | None,
+        cluster: str | None,
+        batch: str | None,
+        sort: str,
+    ) -> ImageQuery:
+        return ImageQuery(
+            labels=tuple(labels) if labels else None,
+            reasons=tuple(reasons) if reasons else None,
+            top1_classes=tuple(classes) if classes else None,
+            human_labels=None
+            if person in (None, "any")
+            else ("" if person == "nobody" else person,),
+            max_confidence=None if max_conf is None or max_conf >= 1 else float(max_conf),
+            min_distance=float(distance) if distance else None,
+            cluster_ids=(_ints(cluster, "cluster"),) if cluster else None,
+            batch_ids=(_ints(batch, "batch"),) if batch else None,
+            sort=next((k for k, w in SORT_WORDS.items() if w == sort), "id"),
+        )
+
+    def page_of(query: ImageQuery, page: int, size: int, selected: list[int]) -> tuple:
+        size = int(size)
+        found = service.browse(query, limit=size, offset=max(0, int(page) - 1) * size, facets=False)
+        pages = max(1, -(-found["total"] // size))
+        if found["total"] and not found["rows"] and page > 1:  # past the end: the last page
+            return page_of(query, pages, size, selected)
+        tiles = [_tile(service, r) for r in found["rows"]]
+        on_page = {t["id"] for t in tiles}
+        value = {
+            "tiles": tiles,
+            "selected": [i for i in selected if i in on_page],
+            "classes": class_names(service),
+            "key": "",
+        }
+        first = (int(page) - 1) * size + 1
+        summary = (
+            f"Images **{first:,}–{first + len(tiles) - 1:,}** of **{found['total']:,}** "
+            f"(page {int(page)} of {pages})"
+            if tiles
+            else "No stored images match these filters."
+        )
+        return value, summary, gr.Number(value=int(page), maximum=pages), pages
+
+    @user_errors
+    def show(page: float, size: float, *filters: Any) -> tuple:
+        query = query_of(*filters)
+        value, summary, pager, _ = page_of(query, int(page or 1), int(size), [])
+        return value, summary, pager, _audit_md(service)
+
+    @user_errors
+    def act(grid: dict, page: float, size: float, request: gr.Request, *filters: Any) -> tuple:
+        """A key pressed on the grid: relabel to class 1-9, next/previous page, undo."""
+        key = (grid or {}).get("key", "")
+        selected = list((grid or {}).get("selected", []))
+        page = int(page or 1)
+        if key in ("j", "k"):
+            page = max(1, page + (1 if key == "j" else -1))
+            selected = []
+        elif key == "z":
+            entry = service.undo(who=app_user(request))
+            gr.Info(entry["summary"])
+        elif key.isdigit():
+            classes = class_names(service)
+            name = classes[int(key) - 1] if int(key) <= len(classes) else None
+            if name and selected:
+                result = service.relabel(selected, name, who=app_user(request))
+                gr.Info(_relabel_words(result))
+        value, summary, pager, _ = page_of(query_of(*filters), page, int(size), selected)
+        return value, summary, pager, _audit_md(service)
+
+    @user_errors
+    def relabel(
+        grid: dict,
+        target: str | None,
+        new_type: str | None,
+        confirmed: bool,
+        page: float,
+        size: float,
+        request: gr.Request,
+        *filters: Any,
+    ) -> tuple:
+        selected = list((grid or {}).get("selected", []))
+        name = (new_type or "").strip() or target
+        if not selected:
+            raise gr.Error(
+                "select images first (click them, or A for the page)", print_exception=False
+            )
+        if not name:
+            raise gr.Error("pick a class, or type the name of a new type", print_exception=False)
+        if not confirmed:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        result = service.relabel(selected, name, who=app_user(request))
+        gr.Info(_relabel_words(result))
+        value, summary, pager, _ = page_of(query_of(*filters), int(page or 1), int(size), selected)
+        return value, summary, pager, _audit_md(service)
+
+    @user_errors
+    def undo(page: float, size: float, request: gr.Request, *filters: Any) -> tuple:
+        entry = service.undo(who=app_user(request))
+        gr.Info(entry["summary"])
+        value, summary, pager, _ = page_of(query_of(*filters), int(page or 1), int(size), [])
+        return value, summary, pager, _audit_md(service)
+
+    def refresh(current: str | None) -> tuple:
+        classes = class_names(service)
+        keyed = [f"{i + 1}: {c}" for i, c in enumerate(classes[:9])]
+        help_md = KEYS_HELP + ("  \nClasses: " + " · ".join(keyed) if keyed else "")
+        return (
+            gr.Dropdown(choices=[*classes, UNKNOWN], value=None),
+            gr.Dropdown(choices=classes, value=None),
+            gr.Dropdown(choices=classes, value=current if current in classes else None),
+            gr.Dropdown(choices=["any", "nobody", *classes], value="any"),
+            help_md,
+        )
+
+    gr.Markdown(
+        "Every stored image of the active model, page by page. Filter, select, and relabel: "
+        "a relabelled image joins its class's training data; every action can be undone."
+    )
+    with gr.Row():
+        f_label = gr.Dropdown(label="Label", multiselect=True, choices=[], elem_id="review-label")
+        f_reason = gr.Dropdown(
+            label="UNKNOWN reason",
+            multiselect=True,
+            choices=[("low confidence", LOW_CONFIDENCE), ("far from training", FAR_FROM_TRAINING)],
+            elem_id="review-reason",
+        )
+        f_class = gr.Dropdown(
+            label="Top-1 class", multiselect=True, choices=[], elem_id="review-class"
+        )
+        f_person = gr.Dropdown(
+            label="Labelled by a person", choices=["any"], value="any", elem_id="review-person"
+        )
+    with gr.Row():
+        f_conf = gr.Slider(
+            0,
+            1,
+            value=1,
+            step=0.01,
+            label="Top-1 confidence at most",
+            elem_id="review-max-confidence",
+        )
+        f_dist = gr.Number(label="Distance at least", minimum=0, elem_id="review-min-distance")
+        f_cluster = gr.Textbox(
+            label="Cluster id", placeholder="e.g. 3 (-1: noise)", elem_id="review-cluster"
+        )
+        f_batch = gr.Textbox(label="Batch id", placeholder="e.g. 12", elem_id="review-batch")
+        f_sort = gr.Dropdown(
+            label="Order",
+            choices=list(SORT_WORDS.values()),
+            value=SORT_WORDS["id"],
+            elem_id="review-sort",
+        )
+    summary = gr.Markdown(elem_id="review-summary")
+    grid = gr.HTML(
+        value={"tiles": [], "selected": [], "classes": [], "key": ""},
+        html_template=GRID_TEMPLATE,
+        css_template=GRID_CSS,
+        js_on_load=GRID_JS,
+        elem_id="review-grid",
+    )
+    with gr.Row():
+        prev_button = gr.Button("◀ Previous (K)", elem_id="review-prev", scale=1)
+        page = gr.Number(
+            value=1, label="Page", precision=0, minimum=1, elem_id="review-page", scale=1
+        )
+        size = gr.Dropdown(
+            label="Per page", choices=PAGE_SIZES, value=48, elem_id="review-size", scale=1
+        )
+        next_button = gr.Button("Next (J) ▶", elem_id="review-next", scale=1)
+    with gr.Row():
+        target = gr.Dropdown(label="Relabel to", choices=[], elem_id="review-target", scale=2)
+        new_type = gr.Textbox(
+            label="…or a new type",
+            placeholder="name of a new class",
+            elem_id="review-new-type",
+            scale=2,
+        )
+        relabel_button = gr.Button(
+            "Relabel selected", variant="primary", elem_id="review-relabel", scale=1
+        )
+        undo_button = gr.Button("Undo last action (Z)", elem_id="review-undo", scale=1)
+    keys = gr.Markdown(KEYS_HELP, elem_id="review-keys")
+    audit = gr.Markdown(elem_id="review-audit")
+    confirmed = gr.Checkbox(value=False, visible=False)
+
+    filters = [f_label, f_reason, f_class, f_person, f_conf, f_dist, f_cluster, f_batch, f_sort]
+    outputs = [grid, summary, page, audit]
+
+    def to_first(*args: Any) -> tuple:
+        return show(1, *args)
+
+    for control in (f_label, f_reason, f_class, f_person, f_sort):
+        control.change(to_first, [size, *filters], outputs, show_progress="hidden")
+    for control in (f_dist, f_cluster, f_batch):
+        control.submit(to_first, [size, *filters], outputs, show_progress="hidden")
+    f_conf.release(to_first, [size, *filters], outputs, show_progress="hidden")
+    size.change(to_first, [size, *filters], outputs, show_progress="hidden")
+    page.submit(show, [page, size, *filters], outputs, show_progress="hidden")
+    next_button.click(lambda p: int(p or 1) + 1, page, page, show_progress="hidden").then(
+        show, [page, size, *filters], outputs, show_progress="hidden"
+    )
+    prev_button.click(lambda p: max(1, int(p or 1) - 1), page, page, show_progress="hidden").then(
+        show, [page, size, *filters], outputs, show_progress="hidden"
+    )
+    grid.submit(act, [grid, page, size, *filters], outputs, show_progress="hidden")
+    relabel_button.click(
+        relabel,
+        [grid, target, new_type, confirmed, page, size, *filters],
+        outputs,
+        js=CONFIRM_RELABEL,
+        show_progress="hidden",
+    )
+    undo_button.click(undo, [page, size, *filters], outputs, show_progress="hidden")
+
+    def refresh_all(
+        current: str | None, page_now: float, size_now: float, *filter_values: Any
+    ) -> tuple:
+        controls = refresh(current)
+        if version_or_none(service) is None:
+            return (
+                *controls,
+                {"tiles": [], "selected": [], "classes": [], "key": ""},
+                "No trained model yet.",
+                gr.skip(),
+                "",
+            )
+        return (*controls, *show(page_now, size_now, *filter_values))
+
+    return Panel(
+        refresh_all,
+        outputs=[f_label, f_class, target, f_person, keys, *outputs],
+        inputs=[target, page, size, *filters],
+    )
+
+
+def _ints(text: str, what: str) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise gr.Error(f"{what} id must be a whole number, e.g. 3", print_exception=False) from None
+
+
+def _relabel_words(result: Any) -> str:
+    text = f"{result.labelled} image{'s' * (result.labelled != 1)} labelled {result.label}"
+    if result.unchanged:
+        text += f" ({result.unchanged} already were)"
+    if result.missing:
+        text += f"; {len(result.missing)} no longer available to copy"
+    return text + f" · undo: Z or action {result.action_id}"
+
+
+def _audit_md(service: Service) -> str:
+    log = service.audit(limit=5)
+    if not log["actions"]:
+        return "No review actions yet."
+    lines = [f"**Recent actions** ({log['total']:,} recorded)"]
+    for a in log["actions"]:
+        undone = " — *undone*" if a["undone_by"] else ""
+        lines.append(f"- {a['at']} · {html.escape(a['who'])} · {html.escape(a['summary'])}{undone}")
+    return "\n".join(lines)

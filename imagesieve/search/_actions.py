@@ -1,0 +1,404 @@
+"""Review actions that are recorded and undoable: relabel images, set thresholds, activate, undo.
+
+Each action is one ``audit`` row in the store: who did it and when, how many images it touched,
+and what undo puts back; the cluster actions of ``_review`` record theirs the same way. Undo
+reverses one action exactly, store and training-data files, and refuses when a later action
+changed the same thing (undo that one first), as an editor's undo stack would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagesieve._workspace import Workspace
+from imagesieve.classifier import UNKNOWN, UnknownRule
+from imagesieve.data import sort_into
+from imagesieve.models import activate_version, active_version, get_version, set_thresholds
+from imagesieve.search._review import (
+    ReviewError,
+    class_folder,
+    class_name,
+    filename_of,
+    local_user,
+    training_folder,
+)
+from imagesieve.store import (
+    AuditEntry,
+    AuditFile,
+    HumanLabel,
+    Store,
+    image_source,
+    using_store,
+)
+
+__all__ = [
+    "MAX_RELABEL",
+    "RelabelResult",
+    "activate_model",
+    "apply_thresholds",
+    "audit_log",
+    "local_user",
+    "relabel_images",
+    "threshold_counts",
+    "undo_action",
+]
+
+#: Most images one relabel may name (a bulk action over a whole filtered store is paged).
+MAX_RELABEL = 50_000
+
+
+@dataclass
+class RelabelResult:
+    """What a relabel did: labels given, and copies added to or moved within the training data."""
+
+    action_id: int | None
+    label: str
+    dest: str
+    images: int
+    labelled: int = 0
+    unchanged: int = 0
+    copied: int = 0
+    already_there: int = 0
+    moved: int = 0
+    missing: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def relabel_images(
+    ws: Workspace,
+    ids: list[int] | tuple[int, ...],
+    label: str,
+    *,
+    into: str | os.PathLike | None = None,
+    model: str | None = None,
+    who: str | None = None,
+    store: Store | None = None,
+) -> RelabelResult:
+    """Give stored images a class (confirm, correct, or name a new type); they join its data.
+
+    The label is kept per image content (it follows the image into later versions), and the
+    image is copied into ``into/<label>/`` (default: the version's training folder), so the
+    next training run learns it, as promote does. An image a person labelled before moves out
+    of its old class folder. Recorded in the audit log; undone by :func:`undo_action`.
+    """
+    info = get_version(ws, model)
+    version = info.name
+    label = class_name(label)
+    if label.upper() == UNKNOWN:
+        raise ReviewError(f"{UNKNOWN} is not a class: give the class the images belong to")
+    wanted = sorted({int(i) for i in ids})
+    if not wanted:
+        raise ReviewError("no images given to relabel")
+    if wanted[0] < 0 or wanted[-1] >= 2**62:
+        raise ReviewError(f"no stored image has id {wanted[0] if wanted[0] < 0 else wanted[-1]}")
+    if len(wanted) > MAX_RELABEL:
+        raise ReviewError(f"at most {MAX_RELABEL} images per relabel, got {len(wanted)}")
+    root = Path(into) if into is not None else training_folder(info)
+    if root is None or not root.is_dir():
+        raise ReviewError(
+            f"training data folder not found: {root}"
+            if root is not None
+            else f"the training folder of {version} is gone; give the folder to add the images to"
+        )
+    dest = class_folder(root, label)
+    with using_store(ws, store, check=False) as store:
+        with store.atomic():
+            rows = store.rows(version, ids=wanted)
+            strangers = sorted(set(wanted) - {r.id for r in rows})
+            if strangers:
+                shown = ", ".join(map(str, strangers[:10])) + (" ..." * (len(strangers) > 10))
+                raise ReviewError(f"no stored image of {version} has id {shown}")
+            before = store.audit.labels([r.sha256 for r in rows])
+            result = RelabelResult(None, label, str(dest), len(rows))
+            created = not dest.exists()
+            names = {p.name for p in dest.iterdir()} if not created else set()
+            trash = ws.root / "trash" / uuid.uuid4().hex
+            files: list[AuditFile] = []
+            given: list[HumanLabel] = []
+            for r in rows:
+                prev = before.get(r.sha256)
+                kept = prev is not None and prev.file is not None and Path(prev.file).is_file()
+                if prev is not None and prev.label == label and (kept or prev.file is None):
+                    result.unchanged += 1
+                    continue
+                if kept and Path(prev.file).parent != dest:
+                    away = trash / f"{len(files)}-{Path(prev.file).name}"
+                    away.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(prev.file, away)
+                    files.append(AuditFile(prev.file, "removed", r.sha256, str(away)))
+                    result.moved += 1
+                content = image_source(ws, r.sha256, r.source)
+                target = None
+                if content is None:
+                    result.missing.append(r.source)
+                else:
+                    target = sort_into(dest.parent, label, filename_of(r.source), content, r.sha256)
+                    if target.name in names:
+                        result.already_there += 1
+                    else:
+                        names.add(target.name)
+                        files.append(AuditFile(str(target), "added", r.sha256))
+                        result.copied += 1
+                given.append(HumanLabel(r.sha256, label, r.id, 0, str(target) if target else None))
+            result.labelled = len(given)
+            result.action_id = store.audit.record(
+                "relabel",
+                who=who or local_user(),
+                summary=f"labelled {len(rows)} image{'s' * (len(rows) != 1)} as {label}",
+                model_version=version,
+                target=label,
+                images=len(given),
+                before={
+                    "labels": {g.sha256: _label_dict(before.get(g.sha256)) for g in given},
+                    "created_dir": str(dest) if created and dest.exists() else None,
+                },
+                after={"label": label},
+                touches=[f"image:{g.sha256}" for g in given],
+                files=files,
+                labels=given,
+            )
+    return result
+
+
+def apply_thresholds(
+    ws: Workspace,
+    confidence: float,
+    distance: float | None,
+    *,
+    model: str | None = None,
+    who: str | None = None,
+    store: Store | None = None,
+) -> dict[str, Any]:
+    """Make these a version's UNKNOWN thresholds and re-decide its stored images; recorded.
+
+    Returns the rows' counts by rule after the change (``Store.unknown_counts``).
+    """
+    version = get_version(ws, model)
+    try:
+        rule = UnknownRule(confidence, distance, version.mix)
+    except ValueError as e:
+        raise ReviewError(str(e)) from None
+    th = version.info.thresholds
+    before = {
+        "confidence": version.confidence_threshold,
+        "distance": version.distance_threshold,
+        "tuned": bool(th is not None and th.extra.get("tuned")),
+    }
+    with using_store(ws, store, check=False) as store:
+        with store.atomic():
+            store.audit.record(
+                "thresholds",
+                who=who or local_user(),
+                summary=(
+                    f"UNKNOWN thresholds of {version.name}: confidence {rule.confidence:g}, "
+                    f"distance {'off' if rule.distance is None else f'{rule.distance:g}'}"
+                ),
+                model_version=version.name,
+                target=version.name,
+                images=0,
+                before=before,
+                after={"confidence": rule.confidence, "distance": rule.distance, "tuned": True},
+                touches=[f"thresholds:{version.name}"],
+            )
+            set_thresholds(version, rule.confidence, rule.distance)
+            store.redecide(version.name, rule)
+        return store.unknown_counts(version.name, rule)
+
+
+def threshold_counts(
+    ws: Workspace,
+    confidence: float | None = None,
+    distance: float | None = None,
+    *,
+    keep: bool = True,
+    model: str | None = None,
+    store: Store | None = None,
+) -> dict[str, Any]:
+    """A version's thresholds and how many of its stored images they mark UNKNOWN, by rule.
+
+    With ``keep`` (the default) the version's own thresholds are counted; otherwise the given
+    ``confidence`` and ``distance`` (None: off) are previewed. Nothing changes.
+    """
+    version = get_version(ws, model)
+    th = version.info.thresholds
+    if keep:
+        confidence, distance = version.confidence_threshold, version.distance_threshold
+    try:
+        rule = UnknownRule(confidence, distance, version.mix)
+    except ValueError as e:
+        raise ReviewError(str(e)) from None
+    with using_store(ws, store, check=False, read_only=store is None) as store:
+        counts = store.unknown_counts(version.name, rule)
+    return {
+        "version": version.name,
+        "confidence": rule.confidence,
+        "distance": rule.distance,
+        "mix": version.mix,
+        "tuned": bool(keep and th is not None and th.extra.get("tuned")),
+        "counts": counts,
+    }
+
+
+def activate_model(
+    ws: Workspace, name: str, *, who: str | None = None, store: Store | None = None
+) -> str:
+    """Make a trained version the active one (a running server follows); recorded. Its name."""
+    version = get_version(ws, name)
+    if version.meta.get("kind") != "trained":
+        raise ReviewError(f"{name} is not a trained version")
+    previous = active_version(ws)
+    with using_store(ws, store, check=False) as store:
+        with store.atomic():
+            store.audit.record(
+                "activate",
+                who=who or local_user(),
+                summary=f"activated {version.name}"
+                + (f" (was {previous.name})" if previous is not None else ""),
+                model_version=version.name,
+                target=version.name,
+                before={"version": previous.name if previous is not None else None},
+                after={"version": version.name},
+                touches=["active"],
+            )
+            activate_version(ws, version.name)
+    return version.name
+
+
+def audit_log(
+    ws: Workspace, *, limit: int = 100, offset: int = 0, store: Store | None = None
+) -> dict[str, Any]:
+    """The recorded review actions, newest first, and how many there are."""
+    with using_store(ws, store, check=False) as store:
+        entries = store.audit.entries(limit=limit, offset=offset)
+        return {"total": store.audit.count(), "actions": [e.to_dict() for e in entries]}
+
+
+def undo_action(
+    ws: Workspace,
+    action_id: int | None = None,
+    *,
+    who: str | None = None,
+    store: Store | None = None,
+) -> dict[str, Any]:
+    """Reverse one recorded action (default: the latest not undone), store and files exactly.
+
+    Returns the undo's own audit entry. Refused (ReviewError) for an action already undone, an
+    undo, or one whose images or cluster a later action changed again.
+    """
+    with using_store(ws, store, check=False) as store:
+        with store.atomic():
+            entry = _undoable(store, action_id)
+            later = store.audit.later_overlapping(entry)
+            if later:
+                raise ReviewError(
+                    f"action {later[-1].action_id} ({later[-1].summary}) changed the same since; "
+                    f"undo it first",
+                    kind="conflict",
+                )
+            _UNDO[entry.action](ws, store, entry)
+            undo_id = store.audit.record(
+                "undo",
+                who=who or local_user(),
+                summary=f"undid {entry.action_id}: {entry.summary}",
+                model_version=entry.model_version,
+                target=str(entry.action_id),
+                images=entry.images,
+                before={"action_id": entry.action_id},
+            )
+            store.audit.mark_undone(entry.action_id, undo_id)
+            return store.audit.entry(undo_id).to_dict()
+
+
+def _undoable(store: Store, action_id: int | None) -> AuditEntry:
+    if action_id is None:
+        for e in store.audit.entries(limit=1000):
+            if e.action != "undo" and e.undone_by is None:
+                return e
+        raise ReviewError("nothing to undo")
+    entry = store.audit.entry(int(action_id))
+    if entry is None:
+        raise ReviewError(f"no recorded action {action_id}")
+    if entry.action == "undo":
+        raise ReviewError(f"action {action_id} is an undo; it cannot be undone")
+    if entry.undone_by is not None:
+        raise ReviewError(
+            f"action {action_id} was already undone (by {entry.undone_by})", kind="conflict"
+        )
+    return entry
+
+
+def _label_dict(h: HumanLabel | None) -> dict[str, Any] | None:
+    return None if h is None else asdict(h)
+
+
+def _restore_files(store: Store, entry: AuditEntry) -> None:
+    """Take out the files an action added (if unchanged) and put back those it moved away."""
+    for f in reversed(store.audit.files(entry.action_id)):
+        path = Path(f.path)
+        if f.change == "added" and path.is_file():
+            with open(path, "rb") as fh:
+                if hashlib.file_digest(fh, "sha256").hexdigest() == f.sha256:
+                    path.unlink()
+        elif f.change == "removed" and f.trash and Path(f.trash).is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f.trash, path)
+    created = (entry.before or {}).get("created_dir")
+    if created and Path(created).is_dir() and not any(Path(created).iterdir()):
+        Path(created).rmdir()
+
+
+def _restore_labels(store: Store, before: dict[str, dict[str, Any] | None]) -> None:
+    store.audit.drop_labels([sha for sha, h in before.items() if h is None])
+    store.audit.set_labels([HumanLabel(**h) for h in before.values() if h is not None])
+
+
+def _undo_relabel(ws: Workspace, store: Store, entry: AuditEntry) -> None:
+    _restore_files(store, entry)
+    _restore_labels(store, entry.before["labels"])
+
+
+def _undo_cluster(ws: Workspace, store: Store, entry: AuditEntry) -> None:
+    """name, reject, exclude, promote: the cluster's review state, exclusions, labels, files."""
+    version, cluster_id = entry.model_version, int(entry.target)
+    before = entry.before
+    if before.get("excluded"):
+        store.clusters.include(version, cluster_id, before["excluded"])
+    if "state" in before:
+        store.clusters.restore(version, cluster_id, before["state"])
+    if "labels" in before:
+        _restore_files(store, entry)
+        _restore_labels(store, before["labels"])
+
+
+def _undo_thresholds(ws: Workspace, store: Store, entry: AuditEntry) -> None:
+    version = get_version(ws, entry.model_version)
+    b = entry.before
+    rule = UnknownRule(b["confidence"], b["distance"], version.mix)
+    set_thresholds(version, rule.confidence, rule.distance, tuned=b["tuned"])
+    store.redecide(version.name, rule)
+
+
+def _undo_activate(ws: Workspace, store: Store, entry: AuditEntry) -> None:
+    previous = entry.before["version"]
+    if previous is None:
+        raise ReviewError("no version was active before; activate the one to serve instead")
+    activate_version(ws, previous)
+
+
+_UNDO = {
+    "relabel": _undo_relabel,
+    "name": _undo_cluster,
+    "reject": _undo_cluster,
+    "exclude": _undo_cluster,
+    "promote": _undo_cluster,
+    "thresholds": _undo_thresholds,
+    "activate": _undo_activate,
+}

@@ -1,0 +1,407 @@
+"""Review over the store: browse it by filters, and actions recorded and undoable (relabel,
+cluster actions, thresholds, activation) from the library, the CLI and the API.
+
+Real store, real model, real ELPV images; undo must put the store and the training folder back
+exactly (every file's path and content).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+
+from imagesieve._errors import UserError
+from imagesieve._workspace import Workspace
+from imagesieve.app import Service
+from imagesieve.app._server import start_server
+from imagesieve.classifier import UNKNOWN
+from imagesieve.cli import main
+from imagesieve.data import scan_image_folder
+from imagesieve.ingest import score_inputs
+from imagesieve.models import active_version, get_version
+from imagesieve.search import (
+    ClusterParams,
+    ReviewError,
+    activate_model,
+    apply_thresholds,
+    audit_log,
+    browse_images,
+    promote_cluster,
+    relabel_images,
+    run_clustering,
+    threshold_counts,
+    undo_action,
+    update_cluster,
+)
+from imagesieve.store import ImageQuery, Store
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path -> SHA-256), and every folder (-> 'dir')."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def stored(ws: Workspace, sql: str, params=()) -> list[tuple]:
+    with Store(ws, check=False) as store:
+        return store._db.execute(sql, list(params)).fetchall()
+
+
+@pytest.fixture
+def review(trained, small_folder, elpv, tmp_path):
+    """A workspace with the trained model, 40 scored images (mono and poly), a private data copy."""
+    ws_trained, _ = trained
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(ws_trained.models_dir, ws.models_dir)
+    data = tmp_path / "data"
+    shutil.copytree(small_folder, data)
+    mono = [im for im in elpv if im.cell_type == "mono"][200:220]
+    poly = [im for im in elpv if im.cell_type == "poly"][:20]
+    summary = score_inputs(ws, [str(im.path) for im in mono + poly])
+    assert summary.scored == 40
+    ids = dict(stored(ws, "SELECT source, id FROM predictions"))
+    return ws, data, [ids[str(im.path)] for im in mono], [ids[str(im.path)] for im in poly]
+
+
+def test_relabel__copies_into_the_class_and_undo_restores_the_folder_exactly(review):
+    ws, data, mono, poly = review
+    before = tree(data)
+    result = relabel_images(ws, poly[:5], "poly", into=data, who="app:ana")
+    assert (result.labelled, result.copied, result.unchanged, result.moved) == (5, 5, 0, 0)
+    assert len(list((data / "poly").iterdir())) == 5
+    labels = stored(ws, "SELECT id, label FROM labels ORDER BY id")
+    assert labels == [(i, "poly") for i in sorted(poly[:5])]
+    # the next training run's data has them under the new class
+    folder = scan_image_folder(data)
+    assert "poly" in folder.classes and sum(s.label == "poly" for s in folder.samples) == 5
+
+    # again: nothing changes; one of them to another class: moved, not copied twice
+    again = relabel_images(ws, poly[:5], "poly", into=data)
+    assert (again.labelled, again.unchanged, again.copied) == (0, 5, 0)
+    moved = relabel_images(ws, poly[:1], "defective", into=data, who="api:127.0.0.1")
+    assert (moved.moved, moved.copied) == (1, 1)
+    assert len(list((data / "poly").iterdir())) == 4
+
+    log = audit_log(ws)
+    assert log["total"] == 3
+    newest = log["actions"][0]
+    assert newest["action"] == "relabel" and newest["who"] == "api:127.0.0.1"
+    assert newest["images"] == 1 and newest["undoable"]
+
+    # the first relabel cannot be undone before the later one that moved the same image
+    with pytest.raises(ReviewError, match="undo it first"):
+        undo_action(ws, result.action_id)
+    undone = undo_action(ws)  # the latest: the move
+    assert undone["action"] == "undo" and f"undid {moved.action_id}" in undone["summary"]
+    assert len(list((data / "poly").iterdir())) == 5
+    assert stored(ws, "SELECT label FROM labels WHERE id = ?", [poly[0]]) == [("poly",)]
+    undo_action(ws, again.action_id)  # changed nothing: undoing it changes nothing
+    undo_action(ws, result.action_id)
+    assert tree(data) == before  # the folder as it was: files, contents, no empty poly/
+    assert stored(ws, "SELECT count(*) FROM labels") == [(0,)]
+    with pytest.raises(ReviewError, match="already undone"):
+        undo_action(ws, result.action_id)
+    with pytest.raises(ReviewError, match="is an undo"):
+        undo_action(ws, audit_log(ws)["actions"][0]["action_id"])
+    with pytest.raises(ReviewError, match="nothing to undo"):
+        undo_action(ws)
+
+
+def test_relabel__bad_requests_are_refused_and_change_nothing(review):
+    ws, data, mono, poly = review
+    before = tree(data)
+    for ids, label, message in [
+        ([], "poly", "no images"),
+        ([999_999], "poly", "no stored image"),
+        (poly[:1], "../up", "cannot be a class name"),
+        (poly[:1], ".hidden", "cannot be a class name"),
+        (poly[:1], "unknown", "UNKNOWN is not a class"),
+    ]:
+        with pytest.raises(ReviewError, match=message):
+            relabel_images(ws, ids, label, into=data)
+    with pytest.raises(ReviewError, match="not found"):
+        relabel_images(ws, poly[:1], "poly", into=data / "nope")
+    assert tree(data) == before and audit_log(ws)["total"] == 0
+
+
+def test_cluster_actions__promote_name_reject_exclude_are_undone(review):
+    ws, data, mono, poly = review
+    apply_thresholds(ws, 1.0, None)  # every image UNKNOWN, so there are clusters to review
+    run = run_clustering(ws, ClusterParams(min_cluster_size=5))
+    assert run.clusters, "no cluster to review"
+    cid = run.clusters[0]["cluster_id"]
+    members = [i for (i,) in stored(ws, "SELECT id FROM predictions WHERE cluster_id = ?", [cid])]
+    before_tree = tree(data)
+    state = lambda: stored(  # noqa: E731
+        ws,
+        "SELECT status, name, promoted_into FROM clusters WHERE cluster_id = ?",
+        [cid],
+    )
+    fresh = state()
+
+    update_cluster(ws, cid, name="poly", who="app:ana")
+    update_cluster(ws, cid, exclude=(members[0],))
+    result = promote_cluster(ws, cid, "poly", data, who="app:ana")
+    assert result.copied == len(members) - 1 and result.excluded == 1
+    assert state()[0][0] == "promoted"
+    assert stored(ws, "SELECT count(*) FROM labels WHERE label = 'poly'") == [(len(members) - 1,)]
+    actions = [a["action"] for a in audit_log(ws)["actions"]]
+    assert actions == ["promote", "exclude", "name", "thresholds"]
+
+    undo_action(ws)  # promote
+    assert tree(data) == before_tree and state()[0][:2] == ("named", "poly")
+    assert stored(ws, "SELECT count(*) FROM labels") == [(0,)]
+    undo_action(ws)  # exclude
+    assert stored(ws, "SELECT count(*) FROM cluster_exclusions") == [(0,)]
+    undo_action(ws)  # name
+    assert state() == fresh
+
+    update_cluster(ws, cid, reject=True)
+    assert state()[0][0] == "rejected"
+    undo_action(ws)
+    assert state() == fresh
+
+
+def test_thresholds_and_activation__undone_exactly(review):
+    ws, data, mono, poly = review
+    version = get_version(ws, None)
+    meta_before = (version.path / "meta.json").read_text()
+    labels_before = stored(ws, "SELECT id, label, reason FROM predictions ORDER BY id")
+    was_unknown = sum(label == UNKNOWN for _, label, _ in labels_before)
+    counts = apply_thresholds(ws, 1.0, None, who="local:test")
+    n = counts["unknown"]
+    assert n == counts["low_confidence"] and 30 <= n > was_unknown and counts["stored"] == 40
+    assert stored(ws, f"SELECT count(*) FROM predictions WHERE label = '{UNKNOWN}'") == [(n,)]
+    preview = threshold_counts(ws, 0.0, None, keep=False)
+    assert preview["counts"]["unknown"] == 0 and preview["counts"]["unknown_now"] == n
+    assert threshold_counts(ws)["tuned"] is True
+    undo_action(ws)
+    assert (version.path / "meta.json").read_text() == meta_before
+    assert stored(ws, "SELECT id, label, reason FROM predictions ORDER BY id") == labels_before
+
+    # a second version to switch between (a copy of the first, as a retrain would add)
+    shutil.copytree(version.path, ws.models_dir / "v2")
+    meta = json.loads((ws.models_dir / "v2" / "meta.json").read_text())
+    (ws.models_dir / "v2" / "meta.json").write_text(json.dumps(meta | {"version": "v2"}))
+    assert activate_model(ws, "v2") == "v2" and active_version(ws).name == "v2"
+    undo_action(ws)
+    assert active_version(ws).name == version.name
+    with pytest.raises(UserError, match="no model version 'v9'"):
+        activate_model(ws, "v9")
+
+
+def test_cli__relabel_audit_undo_thresholds(review, capsys):
+    ws, data, mono, poly = review
+    args = ["--workspace", str(ws.root)]
+    ids = ",".join(map(str, poly[:3]))
+    assert main(["relabel", ids, "--label", "poly", "--into", str(data), *args]) == 0
+    out = capsys.readouterr().out
+    assert "3 images labelled poly" in out and "imagesieve audit --undo 1" in out
+    assert main(["relabel", "1,x", "--label", "poly", *args]) == 2
+    assert "whole numbers" in capsys.readouterr().err
+
+    assert main(["thresholds", "--preview", "1", "off", *args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    n = doc["counts"]["unknown"]
+    assert n >= 30 and doc["distance"] is None and doc["counts"]["stored"] == 40
+    assert main(["thresholds", "--set", "1", "off", *args]) == 0
+    assert f"mark {n} of 40 stored images UNKNOWN" in capsys.readouterr().out
+    assert main(["thresholds", "--set", "1.5", "off", *args]) == 2
+    assert "confidence" in capsys.readouterr().err
+
+    assert main(["audit", *args, "--json"]) == 0
+    log = json.loads(capsys.readouterr().out)
+    assert [a["action"] for a in log["actions"]] == ["thresholds", "relabel"]
+    assert all(a["who"].startswith("local:") for a in log["actions"])
+    assert main(["audit", "--undo", *args]) == 0
+    assert "undid 2" in capsys.readouterr().out
+    assert main(["audit", "--undo", "1", *args]) == 0
+    assert not (data / "poly").exists()
+    assert main(["audit", "--undo", "1", *args]) == 2
+    assert "already undone" in capsys.readouterr().err
+
+
+def test_api__drives_the_review_loop_with_undo(review, tmp_path):
+    ws, data, mono, poly = review
+    version = get_version(ws, None)
+    meta = json.loads((version.path / "meta.json").read_text())
+    meta["data"]["root"] = str(data)  # this test's own training folder, not the session's
+    (version.path / "meta.json").write_text(json.dumps(meta))
+    with Store(ws, check=False) as store:  # every image UNKNOWN, so there are clusters to review
+        store._db.execute("UPDATE predictions SET label = 'UNKNOWN', reason = 'low_confidence'")
+    run_clustering(ws, ClusterParams(min_cluster_size=5))
+    before = tree(data)
+    with Service(ws) as service:
+        server = start_server(service, ui=False)
+        base = server.url + "/api/v1"
+        try:
+            clusters = requests.get(f"{base}/clusters", timeout=30).json()["clusters"]
+            cid = clusters[0]["cluster_id"]
+            page = requests.get(
+                f"{base}/clusters/{cid}/members", params={"limit": 2, "offset": 1}, timeout=30
+            ).json()
+            everyone = requests.get(f"{base}/clusters/{cid}/members", timeout=30).json()
+            assert [m["id"] for m in page["members"]] == [m["id"] for m in everyone["members"]][1:3]
+            r = requests.post(f"{base}/clusters/{cid}/name", json={"name": "poly"}, timeout=30)
+            assert r.status_code == 200 and r.json()["name"] == "poly"
+            r = requests.post(f"{base}/clusters/{cid}/promote", json={}, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["copied"] == len(everyone["members"])
+            assert (data / "poly").is_dir()
+            r = requests.post(
+                f"{base}/images/relabel", json={"ids": mono[:2], "label": "functional"}, timeout=30
+            )
+            assert r.status_code == 200 and r.json()["labelled"] == 2
+
+            r = requests.get(f"{base}/thresholds", timeout=30).json()
+            assert r["version"] == version.name and r["counts"]["stored"] == 40
+            r = requests.post(f"{base}/thresholds/preview", json={"confidence": 1.0}, timeout=30)
+            n = r.json()["unknown"]
+            assert n >= 30
+            r = requests.put(f"{base}/thresholds", json={"confidence": 1.0}, timeout=30)
+            assert r.status_code == 200 and r.json()["unknown_now"] == n
+            assert requests.get(f"{base}/thresholds", timeout=30).json()["tuned"] is True
+
+            log = requests.get(f"{base}/audit", timeout=30).json()
+            assert [a["action"] for a in log["actions"]] == [
+                "thresholds",
+                "relabel",
+                "promote",
+                "name",
+            ]
+            assert all(a["who"] == "api:127.0.0.1" for a in log["actions"])
+            for _ in range(4):
+                r = requests.post(f"{base}/audit/undo", json={}, timeout=60)
+                assert r.status_code == 200, r.text
+            assert tree(data) == before
+            assert requests.get(f"{base}/thresholds", timeout=30).json()["tuned"] is False
+            assert service.predictor.version.confidence_threshold == version.confidence_threshold
+            r = requests.post(f"{base}/audit/undo", json={"action_id": 1}, timeout=30)
+            assert r.status_code == 409 and "already undone" in r.json()["error"]["message"]
+
+            # hostile or wrong bodies: JSON errors, nothing written
+            for path, body, status in [
+                ("/images/relabel", {"ids": [], "label": "x"}, 422),
+                ("/images/relabel", {"ids": [1], "label": "a/b"}, 400),
+                ("/images/relabel", {"ids": [1], "label": "x" * 101}, 422),
+                ("/images/relabel", {"ids": list(range(50_001)), "label": "x"}, 422),
+                (f"/clusters/{cid}/name", {"name": ".."}, 400),
+                ("/clusters/9999/name", {"name": "x"}, 400),
+                ("/clusters/9999/promote", {"name": "x"}, 400),
+                ("/audit/undo", {"action_id": 0}, 422),
+                ("/audit/undo", {"action_id": 99}, 400),
+            ]:
+                r = requests.post(base + path, json=body, timeout=30)
+                assert r.status_code == status, (path, r.status_code, r.text)
+                assert "error" in r.json() and "Traceback" not in r.text
+            r = requests.put(f"{base}/thresholds", json={"confidence": 2}, timeout=30)
+            assert r.status_code == 422
+            r = requests.post(f"{base}/versions/..%2f/activate", timeout=30)
+            assert r.status_code in (400, 404, 422)
+            assert tree(data) == before
+
+            versions = requests.get(f"{base}/versions", timeout=30).json()["versions"]
+            assert [v["version"] for v in versions if v["active"]] == [version.name]
+            schema = requests.get(f"{base}/openapi.json", timeout=30).json()
+            for path in (
+                "/api/v1/images/relabel",
+                "/api/v1/clusters/{cluster_id}/promote",
+                "/api/v1/audit/undo",
+                "/api/v1/thresholds",
+                "/api/v1/retrain",
+                "/api/v1/versions/{name}/activate",
+            ):
+                assert path in schema["paths"], path
+            body = schema["paths"]["/api/v1/images/relabel"]["post"]["requestBody"]
+            assert body["required"] is True
+        finally:
+            server.stop()
+
+
+def test_browse__filters_sort_pages_and_facets(review):
+    ws, data, mono, poly = review
+    apply_thresholds(ws, 0.9, None)
+    everything = browse_images(ws, limit=500)
+    assert everything["total"] == 40 and len(everything["rows"]) == 40
+    facets = dict(map(tuple, everything["facets"]["label"]))
+    assert sum(facets.values()) == 40
+    unknown = browse_images(ws, ImageQuery(labels=(UNKNOWN,)), limit=500)
+    assert unknown["total"] == facets.get(UNKNOWN, 0) > 0
+    assert all(r["label"] == UNKNOWN and r["reason"] for r in unknown["rows"])
+    low = browse_images(ws, ImageQuery(reasons=("low_confidence",)), limit=500)
+    assert all("low_confidence" in r["reason"] for r in low["rows"]) and low["total"] > 0
+
+    # pages never overlap and cover everything, in the order asked
+    seen = []
+    for offset in range(0, 40, 7):
+        page = browse_images(ws, ImageQuery(sort="-confidence"), limit=7, offset=offset)
+        seen += page["rows"]
+    assert sorted(r["id"] for r in seen) == sorted(mono + poly)
+    probs = [r["top1_prob"] for r in seen]
+    assert probs == sorted(probs, reverse=True)
+    far = browse_images(ws, ImageQuery(sort="-distance", min_distance=0.0), limit=3)["rows"]
+    assert far[0]["neighbor_distance"] >= far[-1]["neighbor_distance"]
+    band = browse_images(ws, ImageQuery(min_confidence=0.5, max_confidence=0.95), limit=500)
+    assert all(0.5 <= r["top1_prob"] <= 0.95 for r in band["rows"])
+
+    # the label a person gave is a facet and a filter
+    relabel_images(ws, poly[:3], "poly", into=data)
+    mine = browse_images(ws, ImageQuery(human_labels=("poly",)), limit=500)
+    assert sorted(r["id"] for r in mine["rows"]) == sorted(poly[:3])
+    nobody = browse_images(ws, ImageQuery(human_labels=("",)), limit=500)
+    assert nobody["total"] == 37
+    assert ["poly", 3] in browse_images(ws)["facets"]["human_label"]
+    assert browse_images(ws, ImageQuery(ids=tuple(mono[:2])))["total"] == 2
+
+    for bad, message in [
+        (lambda: ImageQuery(sort="name; DROP TABLE predictions"), "sort must be one of"),
+        (lambda: ImageQuery(min_confidence=0.9, max_confidence=0.1), "is above"),
+        (lambda: browse_images(ws, limit=501), "1 to 500"),
+        (lambda: browse_images(ws, offset=-1), "0 or more"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            bad()
+
+
+def test_cli_and_api__browse(review, capsys):
+    ws, data, mono, poly = review
+    assert main(["images", "--workspace", str(ws.root), "--sort=-id", "--limit", "5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "images 1-5 of 40" and out[0].split()[0] == str(max(mono + poly))
+    with pytest.raises(SystemExit):  # argparse: not one of the sort keys
+        main(["images", "--workspace", str(ws.root), "--sort", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
+    with Service(ws) as service:
+        server = start_server(service, ui=False)
+        base = server.url + "/api/v1"
+        try:
+            r = requests.get(
+                f"{base}/images",
+                params={"sort": "confidence", "limit": 4, "offset": 2, "label": ["functional"]},
+                timeout=30,
+            ).json()
+            assert (
+                r["offset"] == 2 and len(r["rows"]) <= 4 and r["query"]["labels"] == ["functional"]
+            )
+            assert all(row["label"] == "functional" for row in r["rows"])
+            assert set(r["facets"]) >= {"label", "reason", "cluster_id", "batch_id", "day"}
+            for params, status in [
+                ({"sort": "id; DROP TABLE x"}, 400),
+                ({"limit": 501}, 422),
+                ({"min_confidence": 2}, 422),
+                ({"day_from": "yesterday"}, 422),
+                ({"batch_id": 2**70}, 422),
+                ({"label": ["x"] * 101}, 422),
+            ]:
+                r = requests.get(f"{base}/images", params=params, timeout=30)
+                assert r.status_code == status, (params, r.status_code, r.text)
+        finally:
+            server.stop()

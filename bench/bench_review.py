@@ -80,7 +80,10 @@ def prepare(rows: int) -> Path:
     with Store(Workspace(work), check=False) as store:
         con = store._db
         con.create_function(
-            "fake_digest", lambda i: hashlib.sha256(f"bench-review-{i}".encode()).hexdigest()
+            "fake_digest",
+            lambda i: hashlib.sha256(f"bench-review-{i}".encode()).hexdigest(),
+            ["BIGINT"],
+            "VARCHAR",
         )
         con.execute(
             "UPDATE predictions SET source = list_extract(?::VARCHAR[], (id % ?)::INTEGER + 1), "

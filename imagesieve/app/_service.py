@@ -363,6 +363,10 @@ class Service:
             os.cpu_count() or 1, thread_name_prefix="imagesieve-decode"
         )
         self._batcher = _MicroBatcher(self, streams or os.cpu_count() or 1)
+        # Thumbnails are made two at a time (decoding releases the GIL), niced like SQL.
+        self._thumbs = ThreadPoolExecutor(
+            2, thread_name_prefix="imagesieve-thumbs", initializer=_lower_priority
+        )
         self._upgrade: threading.Thread | None = None  # builds an outgrown index's HNSW
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -370,6 +374,7 @@ class Service:
         """Finish the live batch, save the vector indexes, close the store."""
         self._decode.shutdown(wait=True)
         self._sql.shutdown(wait=True, cancel_futures=True)
+        self._thumbs.shutdown(wait=True, cancel_futures=True)
         self._batcher.close()
         if self._upgrade is not None:
             self._upgrade.join()
@@ -1072,6 +1077,25 @@ class Service:
         except OSError as e:  # a full or read-only disk: shown, not cached
             log.debug("thumbnail not cached: %s", e)
         return data
+
+    def thumbnails(self, rows: Sequence[dict[str, Any]], side: int = THUMB_SIDE) -> list[Any]:
+        """Thumbnails of stored rows (``sha256``, ``source``), in order, made two at a time."""
+        return list(
+            self._thumbs.map(lambda r: self.thumbnail(r["sha256"], r["source"], side), rows)
+        )
+
+    def prefetch_page(self, query: Any, limit: int, offset: int) -> None:
+        """Make the thumbnails of the page after this one in the background (J is then instant)."""
+
+        def make() -> None:
+            try:
+                rows = self.browse(query, limit=limit, offset=offset, facets=False)["rows"]
+                for r in rows:
+                    self.thumbnail(r["sha256"], r["source"])
+            except Exception as e:  # only a head start: the page makes what is missing
+                log.debug("prefetch of a review page: %s", e)
+
+        self._thumbs.submit(make)
 
     def health(self) -> dict[str, Any]:
         """Liveness and what is loaded."""

@@ -133,9 +133,8 @@ CONFIRM_RELABEL = """(g, t, n, c, ...rest) => {
 }"""
 
 
-def _tile(service: Service, r: dict[str, Any]) -> dict[str, Any]:
+def _tile(r: dict[str, Any], data: bytes | None) -> dict[str, Any]:
     """One grid tile: the thumbnail inline, a caption without truncation, HTML-escaped."""
-    data = service.thumbnail(r["sha256"], r["source"])
     src = "data:image/webp;base64," + base64.b64encode(data).decode() if data else None
     label = html.escape(r["label"])
     why = ", ".join(reason_words(r["reason"]))
@@ -188,7 +187,10 @@ def review_tab(service: Service) -> Panel:
         pages = max(1, -(-found["total"] // size))
         if found["total"] and not found["rows"] and page > 1:  # past the end: the last page
             return page_of(query, pages, size, selected)
-        tiles = [_tile(service, r) for r in found["rows"]]
+        thumbs = service.thumbnails(found["rows"])
+        tiles = [_tile(r, data) for r, data in zip(found["rows"], thumbs, strict=True)]
+        if int(page) < pages:
+            service.prefetch_page(query, size, int(page) * size)
         on_page = {t["id"] for t in tiles}
         value = {
             "tiles": tiles,

@@ -703,6 +703,35 @@ def cmd_images(args: argparse.Namespace, ws: Workspace) -> None:
     _emit(args, page, human)
 
 
+def cmd_map(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `map` verb: project the stored embeddings to 2-D (cached), optionally as a CSV."""
+    import csv
+
+    from imagesieve.search import compute_map, map_points
+
+    with _progress(not args.json) as progress:
+        made = compute_map(ws, model=args.model, max_points=args.max_points, progress=progress)
+    doc = map_points(ws, color_by=args.color_by, model=args.model)
+    if args.out:
+        with open(args.out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "x", "y", args.color_by])
+            names = [name for name, _, _ in doc["legend"]]
+            for i, x, y, c in zip(doc["ids"], doc["x"], doc["y"], doc["c"], strict=True):
+                w.writerow([i, x, y, names[c]])
+    summary = {k: v for k, v in doc.items() if k not in ("ids", "x", "y", "c")}
+
+    def human() -> None:
+        print(
+            f"map of {made.version}: {len(made.ids):,} of {made.stored:,} stored images in "
+            f"{made.seconds:.1f} s" + (f"; written to {args.out}" if args.out else "")
+        )
+        for name, _, n in doc["legend"][:10]:
+            print(f"  {n:>7,}  {name}")
+
+    _emit(args, summary, human)
+
+
 def cmd_relabel(args: argparse.Namespace, ws: Workspace) -> None:
     """The `relabel` verb: give stored images a class; they join its training data."""
     from imagesieve.search import relabel_images
@@ -1023,6 +1052,17 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("--offset", type=int, default=0, help="images skipped first")
     im.add_argument("--model", help="model version (default: the active one)")
     im.set_defaults(func=cmd_images)
+
+    mp = sub.add_parser(
+        "map", parents=[common], help="2-D map of the stored embeddings (the app's map)"
+    )
+    mp.add_argument("--color-by", default="label", choices=["label", "reason", "cluster", "class"])
+    mp.add_argument(
+        "--max-points", type=int, default=50_000, help="a sample beyond (default 50,000)"
+    )
+    mp.add_argument("--out", metavar="CSV", help="write id, x, y and the colour's value")
+    mp.add_argument("--model", help="model version (default: the active one)")
+    mp.set_defaults(func=cmd_map)
 
     rl = sub.add_parser(
         "relabel",

@@ -316,6 +316,42 @@ def test_review__filter_page_select_relabel_with_keys_and_undo(page, app):
     page.assert_no_errors()
 
 
+def test_review__embedding_map_made_drawn_and_a_box_opens_in_the_grid(page, app):
+    _, service, _ = app
+    total = count(service, "predictions")
+    page.tab("Review")
+    page.wait_text("#review-summary", f"of {total}")
+    page.page.click("#review-map-panel .label-wrap")
+    page.wait_text("#review-map-status", "No map yet")
+    page.page.click("#review-map-make")
+    page.wait_text("#review-map-status", f"{total} of {total} stored images")
+    page.page.wait_for_function(
+        "n => document.querySelector('#review-map canvas')?.dataset.drawn === String(n)",
+        arg=total,
+    )
+    legend = page.text("#review-map .mp-legend")
+    assert "UNKNOWN" in legend
+    # a box over the whole canvas selects every point: the grid shows them all
+    canvas = page.page.locator("#review-map canvas")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.page.mouse.move(box["x"] + 1, box["y"] + 1)
+    page.page.mouse.down()
+    page.page.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] - 2, steps=5)
+    page.page.mouse.up()
+    page.wait_text("#review-summary", f"within the {total} selected on the map")
+    # colouring by cluster redraws from the store, and clearing the selection restores the grid
+    page.page.get_by_label("cluster", exact=True).check()
+    page.page.wait_for_function(
+        "() => document.querySelector('#review-map .mp-legend')?.innerText.includes('cluster')"
+    )
+    page.page.click("#review-map-clear")
+    page.page.wait_for_function(
+        "() => !document.querySelector('#review-summary').innerText.includes('selected')"
+    )
+    page.assert_no_errors()
+
+
 # -- Predict ----------------------------------------------------------------------------------
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -31,6 +33,8 @@ from imagesieve.search import (
     apply_thresholds,
     audit_log,
     browse_images,
+    compute_map,
+    map_points,
     promote_cluster,
     relabel_images,
     run_clustering,
@@ -393,6 +397,18 @@ def test_cli_and_api__browse(review, capsys):
             )
             assert all(row["label"] == "functional" for row in r["rows"])
             assert set(r["facets"]) >= {"label", "reason", "cluster_id", "batch_id", "day"}
+            # the map: made in the background, polled, then served with its colours
+            assert requests.get(f"{base}/map", timeout=30).json()["points"] == 0
+            r = requests.post(f"{base}/map", timeout=30)
+            assert r.status_code == 202 and r.json()["running"] is True
+            deadline = time.monotonic() + 120
+            while requests.get(f"{base}/map", timeout=30).json()["making"]["running"]:
+                assert time.monotonic() < deadline, "the map was not made in 2 minutes"
+                time.sleep(0.5)
+            doc = requests.get(f"{base}/map", params={"color_by": "reason"}, timeout=30).json()
+            assert doc["points"] == 40 and doc["color_by"] == "reason" and len(doc["ids"]) == 40
+            r = requests.get(f"{base}/map", params={"color_by": "x; DROP"}, timeout=30)
+            assert r.status_code == 400
             for params, status in [
                 ({"sort": "id; DROP TABLE x"}, 400),
                 ({"limit": 501}, 422),
@@ -405,3 +421,35 @@ def test_cli_and_api__browse(review, capsys):
                 assert r.status_code == status, (params, r.status_code, r.text)
         finally:
             server.stop()
+
+
+def test_map__projected_once_coloured_by_the_store_now(review, tmp_path, capsys):
+    ws, data, mono, poly = review
+    assert map_points(ws)["points"] == 0  # none made yet
+    made = compute_map(ws)
+    assert sorted(made.ids.tolist()) == sorted(mono + poly) and made.stored == 40
+    assert made.xy.shape == (40, 2) and made.xy.min() >= 0 and made.xy.max() <= 1
+    # mono and poly cells lie apart: each one's nearest point is mostly of its own kind
+    kind = {i: "mono" for i in mono} | {i: "poly" for i in poly}
+    d = ((made.xy[:, None] - made.xy[None]) ** 2).sum(-1) + np.eye(40) * 9
+    same = [kind[made.ids[i]] == kind[made.ids[d[i].argmin()]] for i in range(40)]
+    assert sum(same) >= 34, sum(same)
+
+    doc = map_points(ws)
+    assert doc["points"] == 40 and len(doc["x"]) == len(doc["c"]) == 40
+    assert sum(n for _, _, n in doc["legend"]) == 40
+    before = {name: n for name, _, n in doc["legend"]}
+    apply_thresholds(ws, 1.0, None)  # the colours follow the store without projecting again
+    after = {name: n for name, _, n in map_points(ws)["legend"]}
+    assert after.get(UNKNOWN, 0) > before.get(UNKNOWN, 0)
+    assert map_points(ws, color_by="reason")["legend"][0][0] == "low confidence"
+    assert {n for n, _, _ in map_points(ws, color_by="cluster")["legend"]} == {"not clustered"}
+    with pytest.raises(ValueError, match="color_by must be one of"):
+        map_points(ws, color_by="size")
+
+    out = tmp_path / "map.csv"
+    args = ["map", "--workspace", str(ws.root), "--out", str(out), "--color-by", "class"]
+    assert main(args) == 0
+    assert "40 of 40 stored images" in capsys.readouterr().out
+    lines = out.read_text().splitlines()
+    assert lines[0] == "id,x,y,class" and len(lines) == 41

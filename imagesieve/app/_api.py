@@ -473,6 +473,23 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
 
         return await _call(run)
 
+    @router.get("/map", responses=errors(400, 503))
+    async def embedding_map(
+        color_by: str = Query("label", description="label, reason, cluster or class"),
+    ) -> dict[str, Any]:
+        """The active model's embedding map: stored ids, 2-D positions in [0, 1], colours.
+
+        ``points`` is 0 until a map is made (``POST /map``); the status of one being made is
+        under ``making``.
+        """
+        doc = await _call(service.embedding_map, color_by)
+        return doc | {"making": dict(service.map_status)}
+
+    @router.post("/map", status_code=202, responses=errors(409, 503))
+    async def make_map() -> dict[str, Any]:
+        """Project the stored embeddings to 2-D in the background (cached per model version)."""
+        return await _call(service.make_map, background=True)
+
     @router.get("/versions", responses=errors())
     async def versions() -> dict[str, Any]:
         """Every model version with its metrics; the active one marked."""

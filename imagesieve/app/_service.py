@@ -65,8 +65,10 @@ from imagesieve.search import (
     apply_thresholds,
     audit_log,
     browse_images,
+    compute_map,
     find_similar,
     list_clusters,
+    map_points,
     nearest_stored,
     promote_cluster,
     relabel_images,
@@ -114,6 +116,18 @@ SQL_NICE = 19
 
 #: Longest side of the Review grid's thumbnails, in pixels.
 THUMB_SIDE = 160
+
+
+def _logged(fn: Any, what: str) -> Any:
+    """``fn`` for a background thread: its failure is logged with the traceback, not lost."""
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("%s failed", what)
+
+    return run
 
 
 class ServiceError(SieveError, ValueError):
@@ -364,6 +378,8 @@ class Service:
         )
         self._batcher = _MicroBatcher(self, streams or os.cpu_count() or 1)
         # Thumbnails are made two at a time (decoding releases the GIL), niced like SQL.
+        self._mapping = threading.Lock()
+        self.map_status: dict[str, Any] = {"running": False}
         self._thumbs = ThreadPoolExecutor(
             2, thread_name_prefix="imagesieve-thumbs", initializer=_lower_priority
         )
@@ -1024,30 +1040,18 @@ class Service:
             raise ServiceError(str(e)) from None
 
     # -- images ----------------------------------------------------------------------------
-    def image(self, id: int, max_side: int = 256) -> Any:  # noqa: A002 - the store's column
-        """A stored image as a PIL thumbnail (None when its content is no longer available)."""
-        from PIL import Image
-
-        from imagesieve.data import load_image
-
-        rows = self.store.rows(ids=[int(id)])
-        if not rows:
-            return None
-        src = image_source(self.ws, rows[0].sha256, rows[0].source)
-        if src is None:
-            return None
-        try:
-            im = load_image(src, name=str(id)).image
-        except Exception:  # a vanished or damaged file shows as missing, not as an error
-            return None
-        im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-        return im
-
     def thumbnail(self, sha256: str, source: str, side: int = THUMB_SIDE) -> bytes | None:
-        """A stored image's thumbnail as WebP bytes, cached by content (None: no longer available).
+        """A stored image's thumbnail as WebP bytes (None: no longer available)."""
+        path = self.thumbnail_file(sha256, source, side)
+        return path.read_bytes() if path is not None else None
 
-        Made once per content and size (decoding a 12-megapixel photo takes ~100 ms, reading
-        the cached file well under one), under ``<workspace>/.cache/thumbs``: derived data.
+    def thumbnail_file(self, sha256: str, source: str, side: int = THUMB_SIDE) -> Path | None:
+        """The cached WebP thumbnail of a stored image, made once per content and size.
+
+        Decoding a 12-megapixel photo takes ~100 ms, reading the cached file well under one;
+        under ``<workspace>/.cache/thumbs`` (derived data), written whole then renamed, so a
+        file handed to a browser never changes (galleries serve these files as they are).
+        None when the image is no longer available.
         """
         from PIL import Image
 
@@ -1057,7 +1061,7 @@ class Service:
             return None
         path = self.ws.cache_dir / "thumbs" / str(int(side)) / sha256[:2] / f"{sha256}.webp"
         if path.is_file():
-            return path.read_bytes()
+            return path
         src = image_source(self.ws, sha256, source)
         if src is None:
             return None
@@ -1068,21 +1072,68 @@ class Service:
         im.thumbnail((side, side), Image.Resampling.BILINEAR)
         out = io.BytesIO()
         im.save(out, "WEBP", quality=80, method=0)
-        data = out.getvalue()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_bytes(data)
+            tmp.write_bytes(out.getvalue())
             os.replace(tmp, path)
-        except OSError as e:  # a full or read-only disk: shown, not cached
-            log.debug("thumbnail not cached: %s", e)
-        return data
+        except OSError as e:  # a full or read-only disk: shown without a thumbnail
+            log.warning("thumbnail not written: %s", e)
+            return None
+        return path
+
+    def thumbnail_of(self, id: int, side: int = THUMB_SIDE) -> Path | None:  # noqa: A002
+        """The cached thumbnail file of a stored row (None: no such row, or no longer available)."""
+        rows = self.store.result_rows([int(id)])
+        row = rows.get(int(id))
+        return self.thumbnail_file(row.sha256, row.source, side) if row is not None else None
 
     def thumbnails(self, rows: Sequence[dict[str, Any]], side: int = THUMB_SIDE) -> list[Any]:
         """Thumbnails of stored rows (``sha256``, ``source``), in order, made two at a time."""
         return list(
             self._thumbs.map(lambda r: self.thumbnail(r["sha256"], r["source"], side), rows)
         )
+
+    def embedding_map(self, color_by: str = "label") -> dict[str, Any]:
+        """The active version's cached embedding map, coloured now; ``points`` 0 if not made."""
+        try:
+            return map_points(self.ws, color_by=color_by, model=self.version.name, store=self.store)
+        except ValueError as e:
+            raise ServiceError(str(e)) from None
+
+    def make_map(
+        self, progress: Progress | None = None, background: bool = False
+    ) -> dict[str, Any]:
+        """Project the active version's stored embeddings (cached); one at a time.
+
+        ``background`` returns at once with ``map_status`` (poll it) instead of waiting.
+        """
+        if not self._mapping.acquire(blocking=False):
+            raise ServiceError("the map is being made already", kind="conflict")
+        version = self.version.name
+
+        def report(stage: str, done: int, total: int) -> None:
+            self.map_status.update(stage=stage, done=done, total=total)
+            if progress is not None:
+                progress(stage, done, total)
+
+        def run() -> dict[str, Any]:
+            try:
+                self.map_status = {"running": True, "version": version}
+                made = compute_map(self.ws, model=version, store=self.store, progress=report)
+                self.map_status = {"running": False, "version": version, "points": len(made.ids)}
+                return self.map_status
+            except Exception as e:
+                self.map_status = {"running": False, "version": version, "error": str(e)}
+                raise
+            finally:
+                self._mapping.release()
+
+        if not background:
+            return run()
+        self.map_status = {"running": True, "version": version}
+        threading.Thread(target=_logged(run, "making the embedding map"), daemon=True).start()
+        return dict(self.map_status)
 
     def prefetch_page(self, query: Any, limit: int, offset: int) -> None:
         """Make the thumbnails of the page after this one in the background (J is then instant)."""

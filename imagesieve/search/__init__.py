@@ -11,6 +11,7 @@ from imagesieve.search._actions import (
     undo_action,
 )
 from imagesieve.search._cluster import Cluster, ClusterModel, ClusterParams, assign_to_clusters
+from imagesieve.search._map import COLOR_BY, MAX_POINTS, EmbeddingMap, compute_map, map_points
 from imagesieve.search._review import (
     ClusterRun,
     PromoteResult,
@@ -34,6 +35,11 @@ from imagesieve.search._similar import (
 )
 
 __all__ = [
+    "COLOR_BY",
+    "MAX_POINTS",
+    "EmbeddingMap",
+    "compute_map",
+    "map_points",
     "MAX_RELABEL",
     "RelabelResult",
     "activate_model",

@@ -947,6 +947,70 @@ class Store:
             i += len(got_ids)
         return ids[:i], vectors[:i]
 
+    def sample_vectors(
+        self, model_version: str, max_rows: int, seed: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``max_rows`` of a version's (ids, embeddings), a seeded sample, ids sorted.
+
+        Read on a cursor of its own in chunks, streamed (no sort: a server's cursors have a
+        memory limit), while a server keeps storing predictions.
+        """
+        import pyarrow as pa
+
+        with self.lock:
+            dim = self._vector_dim(model_version)
+            ids = self._vector_ids(model_version)
+            table = self._embeddings_of(dim) if dim else None
+        if dim is None or not len(ids):
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        if len(ids) > max_rows:
+            ids = np.sort(np.random.default_rng(seed).choice(ids, max_rows, replace=False))
+        out = np.zeros((len(ids), dim), np.float32)
+        got_ids = np.zeros(len(ids), np.int64)
+        with self.cursor() as cur:
+            cur.register("_sample_ids", pa.table({"id": pa.array(ids, pa.int64())}))
+            query = f"SELECT e.id, e.embedding FROM {table} e JOIN _sample_ids USING (id)"
+            i = 0
+            for batch in cur.sql(query).to_arrow_reader(READ_CHUNK):
+                chunk_ids, got = embedding_matrix(pa.Table.from_batches([batch]), dim)
+                out[i : i + len(chunk_ids)] = got
+                got_ids[i : i + len(chunk_ids)] = chunk_ids
+                i += len(chunk_ids)
+        got_ids, out = got_ids[:i], out[:i]
+        if len(got_ids) > 1 and not np.all(got_ids[1:] > got_ids[:-1]):  # rarely: no copy
+            order = np.argsort(got_ids, kind="stable")
+            got_ids, out = got_ids[order], out[order]
+        return got_ids, out
+
+    @locked
+    def release_cache(self) -> None:
+        """Let DuckDB drop the pages it keeps cached (after a one-off read of every embedding).
+
+        Its buffer cache holds what was read up to its memory limit; a map's read of 50,000
+        embeddings would otherwise keep ~230 MB that nothing else reads soon. Lowering the
+        limit for a moment evicts them; the limit is then put back.
+        """
+        limit = self._con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+        self._con.execute("SET memory_limit = '16MB'")
+        self._con.execute(f"SET memory_limit = '{limit}'")
+
+    def point_fields(self, model_version: str, ids: np.ndarray) -> dict[str, list]:
+        """Label, reason, Top-1 class and cluster of stored rows, in the order of ``ids``."""
+        import pyarrow as pa
+
+        with self.cursor() as cur:
+            cur.register(
+                "_point_ids",
+                pa.table({"id": pa.array(ids, pa.int64()), "k": pa.array(np.arange(len(ids)))}),
+            )
+            table = cur.sql(
+                "SELECT p.label, coalesce(p.reason, '') AS reason, p.top1_class, "
+                "coalesce(p.cluster_id, -2) AS cluster_id FROM _point_ids w "
+                "LEFT JOIN predictions p ON p.id = w.id AND p.model_version = ? ORDER BY w.k",
+                params=[model_version],
+            ).to_arrow_table()
+        return {c: table.column(c).to_pylist() for c in table.column_names}
+
     def _vectors_of(self, ids: np.ndarray, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The stored embeddings of ``ids``, in chunks of (ids, vectors)."""
         import pyarrow as pa

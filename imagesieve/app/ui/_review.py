@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import base64
 import html
+import time
+import uuid
+from collections import OrderedDict
 from typing import Any
 
 import gradio as gr
@@ -19,6 +22,7 @@ from imagesieve.app.ui._widgets import (
     Panel,
     app_user,
     class_names,
+    progress_relay,
     reason_words,
     user_errors,
     version_or_none,
@@ -26,6 +30,8 @@ from imagesieve.app.ui._widgets import (
 from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE, UNKNOWN
 from imagesieve.store import ImageQuery
 
+#: Most images a map selection opens in the grid.
+MAX_PICKED = 50_000
 #: Page sizes offered.
 PAGE_SIZES = [24, 48, 96]
 #: Sort keys in the user's words.
@@ -125,6 +131,108 @@ if (!window.imagesieveReviewKeys) {
 }
 """
 
+MAP_TEMPLATE = """
+<div class="mp-wrap">
+  <canvas class="mp-canvas" width="960" height="560" tabindex="0"></canvas>
+  <div class="mp-legend"></div>
+</div>
+"""
+
+MAP_CSS = """
+.mp-wrap { display: flex; gap: 12px; align-items: flex-start; flex-wrap: wrap; }
+.mp-canvas { border: 1px solid var(--border-color-primary); border-radius: 6px;
+  background: #ffffff; cursor: crosshair; max-width: 100%; touch-action: none; }
+.mp-legend { font-size: 13px; line-height: 1.6; color: var(--body-text-color); min-width: 160px; }
+.mp-legend i { display: inline-block; width: 11px; height: 11px; border-radius: 2px;
+  margin-right: 6px; vertical-align: -1px; }
+"""
+
+MAP_JS = """
+const canvas = element.querySelector('canvas');
+const ctx = canvas.getContext('2d', {willReadFrequently: true});
+// The points come from a server function, never through a prop: Gradio clones every
+// component's props on each event, and 50,000 points made each event of the page 1-2 s slower.
+let points = {}, loaded = null, base = null, px = null, py = null, drag = null, chosen = new Set();
+async function reload() {
+  const want = `${props.value.stamp}|${props.value.color}`;
+  if (!props.value.stamp || want === loaded) return;
+  loaded = want;
+  points = await server.map_data([props.value.stamp, props.value.color]);
+  chosen = new Set();
+  draw();
+}
+function layout() {
+  const p = points || {}, n = (p.ids || []).length, W = canvas.width, H = canvas.height;
+  px = new Float32Array(n); py = new Float32Array(n);
+  for (let i = 0; i < n; i++) { px[i] = 6 + p.x[i] * (W - 12); py[i] = 6 + (1 - p.y[i]) * (H - 12); }
+}
+function draw() {
+  const p = points || {}, n = (p.ids || []).length, legend = p.legend || [];
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  if (!n) { base = null; element.querySelector('.mp-legend').innerHTML = ''; canvas.dataset.drawn = '0'; return; }
+  layout();
+  const byColour = legend.map(() => []);
+  for (let i = 0; i < n; i++) byColour[p.c[i]].push(i);
+  // the largest group first, so the small ones (new kinds, noise) stay visible on top
+  byColour.forEach((idx, k) => {
+    ctx.fillStyle = legend[k][1];
+    for (const i of idx) ctx.fillRect(px[i] - 1, py[i] - 1, 2.5, 2.5);
+  });
+  ctx.fillStyle = '#111';
+  for (const i of chosen) ctx.fillRect(px[i] - 2, py[i] - 2, 4, 4);
+  base = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  const esc = s => String(s).replace(/[&<>"']/g, ch => `&#${ch.charCodeAt(0)};`);
+  element.querySelector('.mp-legend').innerHTML = legend.map(
+    ([name, colour, count]) => `<div><i style="background:${colour}"></i>${esc(name)} (${count.toLocaleString()})</div>`
+  ).join('');
+  canvas.dataset.drawn = String(n);
+}
+function at(ev) {
+  const r = canvas.getBoundingClientRect();
+  return [(ev.clientX - r.left) * canvas.width / r.width, (ev.clientY - r.top) * canvas.height / r.height];
+}
+function inside(poly, x, y) {
+  let c = false;
+  for (let i = 0, j = poly.length - 1; i < poly.length; j = i++) {
+    const [xi, yi] = poly[i], [xj, yj] = poly[j];
+    if ((yi > y) !== (yj > y) && x < (xj - xi) * (y - yi) / (yj - yi) + xi) c = !c;
+  }
+  return c;
+}
+canvas.addEventListener('pointerdown', ev => {
+  if (!base) return;
+  drag = {lasso: ev.shiftKey, start: at(ev), path: [at(ev)]};
+  canvas.setPointerCapture(ev.pointerId);
+});
+canvas.addEventListener('pointermove', ev => {
+  if (!drag) return;
+  const [x, y] = at(ev);
+  drag.path.push([x, y]);
+  ctx.putImageData(base, 0, 0);
+  ctx.strokeStyle = '#111'; ctx.lineWidth = 1.5; ctx.setLineDash([5, 3]);
+  ctx.beginPath();
+  if (drag.lasso) { drag.path.forEach(([a, b], k) => k ? ctx.lineTo(a, b) : ctx.moveTo(a, b)); ctx.closePath(); }
+  else { const [x0, y0] = drag.start; ctx.rect(x0, y0, x - x0, y - y0); }
+  ctx.stroke(); ctx.setLineDash([]);
+});
+canvas.addEventListener('pointerup', async ev => {
+  if (!drag) return;
+  const [x1, y1] = at(ev), [x0, y0] = drag.start, p = points || {};
+  const poly = drag.lasso ? drag.path : [[x0, y0], [x1, y0], [x1, y1], [x0, y1]];
+  drag = null;
+  if (poly.length < 3 || (Math.abs(x1 - x0) < 3 && Math.abs(y1 - y0) < 3 && !ev.shiftKey)) { draw(); return; }
+  chosen = new Set();
+  for (let i = 0; i < px.length; i++) if (inside(poly, px[i], py[i])) chosen.add(i);
+  draw();
+  const ids = [...chosen].map(i => p.ids[i]);
+  const token = await server.remember_pick(ids);
+  props.value = {...props.value, picked: token, count: ids.length};
+  trigger('submit');
+});
+watch('value', reload);
+reload();
+"""
+
 #: Asks before a relabel from the button, saying how many images it touches.
 CONFIRM_RELABEL = """(g, t, n, c, ...rest) => {
   const k = (g.selected || []).length, name = (n || '').trim() || t;
@@ -166,6 +274,7 @@ def review_tab(service: Service) -> Panel:
         cluster: str | None,
         batch: str | None,
         sort: str,
+        ids: list[int] | None = None,
     ) -> ImageQuery:
         return ImageQuery(
             labels=tuple(labels) if labels else None,
@@ -179,6 +288,7 @@ def review_tab(service: Service) -> Panel:
             cluster_ids=(_ints(cluster, "cluster"),) if cluster else None,
             batch_ids=(_ints(batch, "batch"),) if batch else None,
             sort=next((k for k, w in SORT_WORDS.items() if w == sort), "id"),
+            ids=tuple(ids) if ids is not None else None,
         )
 
     def page_of(query: ImageQuery, page: int, size: int, selected: list[int]) -> tuple:
@@ -205,6 +315,8 @@ def review_tab(service: Service) -> Panel:
             if tiles
             else "No stored images match these filters."
         )
+        if query.ids is not None:
+            summary += f" · within the {len(query.ids):,} selected on the map"
         return value, summary, gr.Number(value=int(page), maximum=pages), pages
 
     @user_errors
@@ -347,10 +459,60 @@ def review_tab(service: Service) -> Panel:
         )
         undo_button = gr.Button("Undo last action (Z)", elem_id="review-undo", scale=1)
     keys = gr.Markdown(KEYS_HELP, elem_id="review-keys")
+    with gr.Accordion("Embedding map", open=False, elem_id="review-map-panel") as map_panel:
+        gr.Markdown(
+            "Every stored image as a point (a sample beyond 50,000): look-alikes lie close. "
+            "**Drag** a box or **shift-drag** a lasso: the images inside open in the grid above."
+        )
+        with gr.Row():
+            color_by = gr.Radio(
+                [
+                    ("predicted label", "label"),
+                    ("UNKNOWN reason", "reason"),
+                    ("cluster", "cluster"),
+                    ("Top-1 class", "class"),
+                ],
+                value="label",
+                label="Colour by",
+                elem_id="review-map-color",
+            )
+            make_button = gr.Button("Make / update the map", elem_id="review-map-make")
+            clear_button = gr.Button("Clear the map selection", elem_id="review-map-clear")
+        map_status = gr.Markdown(elem_id="review-map-status")
+        drawn: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        picks: OrderedDict[str, list[int]] = OrderedDict()
+
+        def map_data(asked: list[str]) -> dict[str, Any]:
+            """The points of the map shown at (stamp, colour), as made when it was asked for.
+
+            A server function takes one argument: the browser's arguments as a list.
+            """
+            stamp, color = (list(asked) + ["", "label"])[:2]
+            doc = drawn.pop(str(stamp), None)
+            return doc if doc is not None else service.embedding_map(str(color))
+
+        def remember_pick(ids: list[int]) -> str:
+            """Keep a map selection on the server; the browser sends back only its token."""
+            token = uuid.uuid4().hex
+            picks[token] = [int(i) for i in list(ids)[:MAX_PICKED]]
+            while len(picks) > 16:
+                picks.popitem(last=False)
+            return token
+
+        emap = gr.HTML(
+            value={"stamp": "", "color": "label", "picked": "", "count": 0},
+            html_template=MAP_TEMPLATE,
+            css_template=MAP_CSS,
+            js_on_load=MAP_JS,
+            server_functions=[map_data, remember_pick],
+            elem_id="review-map",
+        )
     audit = gr.Markdown(elem_id="review-audit")
     confirmed = gr.Checkbox(value=False, visible=False)
+    sel_ids = gr.State(None)
 
     filters = [f_label, f_reason, f_class, f_person, f_conf, f_dist, f_cluster, f_batch, f_sort]
+    filters.append(sel_ids)
     outputs = [grid, summary, page, audit]
 
     def to_first(*args: Any) -> tuple:
@@ -378,6 +540,48 @@ def review_tab(service: Service) -> Panel:
         show_progress="hidden",
     )
     undo_button.click(undo, [page, size, *filters], outputs, show_progress="hidden")
+
+    def map_words(doc: dict[str, Any]) -> str:
+        making = service.map_status
+        if making.get("running"):
+            return "The map is being made (about a minute per 50,000 images)…"
+        if making.get("error"):
+            return f"The map could not be made: {html.escape(making['error'])}"
+        if not doc["points"]:
+            return "No map yet for this model: **Make / update the map** (runs in the background)."
+        grown = doc["stored"] - doc["stored_when_made"]
+        text = f"{doc['points']:,} of {doc['stored']:,} stored images"
+        return text + (f" · {grown:,} stored since it was made: update it" if grown > 0 else "")
+
+    @user_errors
+    def show_map(color: str) -> tuple:
+        doc = service.embedding_map(color)
+        stamp = f"{time.time():.6f}"
+        drawn[stamp] = doc  # handed to the browser by map_data, once
+        while len(drawn) > 8:
+            drawn.popitem(last=False)
+        return {"stamp": stamp, "color": color, "picked": "", "count": 0}, map_words(doc)
+
+    @user_errors
+    def make_map(color: str, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+        service.make_map(progress=progress_relay(progress, unit="steps"))
+        return show_map(color)
+
+    @user_errors
+    def pick_on_map(value: dict, size: float, *filters: Any) -> tuple:
+        ids = picks.pop(str((value or {}).get("picked", "")), None)
+        if ids is None:
+            return (gr.skip(),) * 5
+        *rest, _ = filters
+        return (ids, *show(1, size, *rest, ids))
+
+    map_panel.expand(show_map, color_by, [emap, map_status], show_progress="hidden")
+    color_by.change(show_map, color_by, [emap, map_status], show_progress="hidden")
+    make_button.click(make_map, color_by, [emap, map_status])
+    emap.submit(pick_on_map, [emap, size, *filters], [sel_ids, *outputs], show_progress="hidden")
+    clear_button.click(lambda: None, None, sel_ids).then(
+        to_first, [size, *filters], outputs, show_progress="hidden"
+    )
 
     def refresh_all(
         current: str | None, page_now: float, size_now: float, *filter_values: Any

@@ -103,7 +103,7 @@ def reason_words(reason: str | None) -> list[str]:
 
 def _thumb(service: Service, id_: int, side: int = THUMB) -> Any:
     try:
-        return service.image(id_, max_side=side)
+        return service.thumbnail_of(id_, side)  # a file: Gradio serves a copy made once
     except Exception:  # a thumbnail that cannot be made is left out, not an error
         log.debug("no thumbnail for %s", id_, exc_info=True)
         return None

@@ -616,12 +616,20 @@ def test_unknowns__promote_a_cluster_into_the_training_folder(page, app):
     page.wait_text(f"#cluster-{cid}", "1 left out of promotion")
 
     page.page.fill(f"#cluster-{cid}-name textarea, #cluster-{cid}-name input", "poly")
+    # Promote asks first, with the count; cancelled, nothing is copied
+    page.page.once("dialog", lambda d: d.dismiss())
+    page.page.click(f"#cluster-{cid}-promote")
+    page.page.wait_for_timeout(500)
+    assert not (training / "poly").exists()
+    dialogs = []
+    page.page.once("dialog", lambda d: (dialogs.append(d.message), d.accept()))
     page.page.click(f"#cluster-{cid}-promote")
     page.page.wait_for_function(
         "() => [...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes('copied'))"
     )
     toast = next(t for t in page.toasts() if "copied" in t)
     assert f"{len(members) - 1} images copied into {training / 'poly'}" in toast
+    assert dialogs[0].startswith(f"Promote {len(members) - 1} images of cluster {cid} as poly?")
 
     copied = sorted(p.name for p in (training / "poly").iterdir())
     # Files keep their names: the last part of a path, an upload's or a zip member's name.
@@ -655,6 +663,7 @@ def test_unknowns__reject_a_cluster_copies_nothing_and_files_it_as_rejected(
 
     page.tab("Unknowns")
     page.page.wait_for_selector(f"#cluster-{cid}-gallery img")
+    page.page.once("dialog", lambda d: d.accept())
     page.page.click(f"#cluster-{cid}-reject")
     page.page.wait_for_function(
         "m => [...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes(m))",

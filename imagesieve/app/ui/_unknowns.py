@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from typing import Any
@@ -186,10 +187,12 @@ def _cluster_panel(service: Service, c: dict[str, Any], clusters: gr.State, into
         return done(f"cluster {cid}: {row['excluded']} members left out of promotion")
 
     @user_errors
-    def promote(name: str | None, folder: str | None, request: gr.Request) -> Any:
+    def promote(name: str | None, folder: str | None, confirmed: bool, request: gr.Request) -> Any:
         name = (name or "").strip() or (c.get("name") or "")
         if not name:
             raise gr.Error("name the cluster (its new class) first", print_exception=False)
+        if not confirmed:
+            return gr.skip()
         result = service.promote_cluster(
             cid, name, (folder or "").strip() or None, who=app_user(request)
         )
@@ -198,7 +201,9 @@ def _cluster_panel(service: Service, c: dict[str, Any], clusters: gr.State, into
         return done(f"cluster {cid}: {result.copied} images copied into {result.dest}{extra}")
 
     @user_errors
-    def reject(request: gr.Request) -> Any:
+    def reject(confirmed: bool, request: gr.Request) -> Any:
+        if not confirmed:
+            return gr.skip()
         service.update_cluster(cid, reject=True, who=app_user(request))
         return done(f"cluster {cid} rejected")
 
@@ -247,5 +252,22 @@ def _cluster_panel(service: Service, c: dict[str, Any], clusters: gr.State, into
             )
     name_button.click(name_it, name_box, clusters)
     leave_button.click(leave_out, ids_box, clusters)
-    promote_button.click(promote, [name_box, into], clusters)
-    reject_button.click(reject, None, clusters)
+    # Promote copies files and reject files the cluster away: both ask first, with the count.
+    taking = max(0, int(c["size"]) - int(c.get("excluded") or 0))
+    confirmed = gr.Checkbox(value=False, visible=False)
+    promote_button.click(
+        promote,
+        [name_box, into, confirmed],
+        clusters,
+        js=f"""(name, into, c) => {{
+            const n = (name || '').trim() || {json.dumps(c.get("name") or "")};
+            return [name, into, !n || confirm(`Promote {taking} images of cluster {cid} as ${{n}}?`
+              + ' They are copied into the training data (undo: the Review tab).')];
+        }}""",
+    )
+    reject_button.click(
+        reject,
+        confirmed,
+        clusters,
+        js=f"(c) => [confirm('Reject cluster {cid} ({c['size']} images): not a new kind?')]",
+    )

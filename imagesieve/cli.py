@@ -732,6 +732,46 @@ def cmd_map(args: argparse.Namespace, ws: Workspace) -> None:
     _emit(args, summary, human)
 
 
+def cmd_batches(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `batches` verb: past scoring batches; one with its failures; its CSV report."""
+    from imagesieve.ingest import batch_detail, list_batches, write_batch_report
+
+    if args.csv and args.id is None:
+        raise UserError("--csv writes one batch's report: give its --id")
+    if args.id is not None:
+        doc = batch_detail(ws, args.id)
+        if args.csv:
+            with open(args.csv, "w", newline="") as f:
+                write_batch_report(ws, args.id, f)
+
+        def one() -> None:
+            print(
+                f"batch {doc['batch_id']} ({doc['status']}) with {doc['model_version']}, "
+                f"started {doc['started_at']}: {doc['items']} items, {doc['scored']} scored, "
+                f"{doc['failed']} failed, {doc['unknown']} UNKNOWN"
+            )
+            for f in doc["failures"][:50]:
+                print(f"  {f['source']}: {f['kind']}: {f['message']}")
+            if args.csv:
+                print(f"  report: {args.csv}")
+
+        _emit(args, doc, one)
+        return
+    doc = list_batches(ws, limit=args.limit)
+
+    def human() -> None:
+        if not doc["batches"]:
+            print("no batches yet")
+        for b in doc["batches"]:
+            rate = "" if b["unknown_rate"] is None else f" ({b['unknown_rate']:.1%})"
+            print(
+                f"{b['batch_id']:>6}  {b['started_at']}  {b['status']:<11} {b['model_version']:<6} "
+                f"{b['items']:>7} items {b['failed']:>5} failed {b['unknown']:>6} UNKNOWN{rate}"
+            )
+
+    _emit(args, doc, human)
+
+
 def cmd_relabel(args: argparse.Namespace, ws: Workspace) -> None:
     """The `relabel` verb: give stored images a class; they join its training data."""
     from imagesieve.search import relabel_images
@@ -1063,6 +1103,14 @@ def _parser() -> argparse.ArgumentParser:
     mp.add_argument("--out", metavar="CSV", help="write id, x, y and the colour's value")
     mp.add_argument("--model", help="model version (default: the active one)")
     mp.set_defaults(func=cmd_map)
+
+    bt = sub.add_parser(
+        "batches", parents=[common], help="past scoring batches; --id one; --csv its report"
+    )
+    bt.add_argument("--id", type=int, help="one batch: its counts and failures")
+    bt.add_argument("--csv", metavar="OUT", help="write that batch's stored rows as CSV")
+    bt.add_argument("--limit", type=int, default=50, help="newest batches listed (default 50)")
+    bt.set_defaults(func=cmd_batches)
 
     rl = sub.add_parser(
         "relabel",

@@ -24,7 +24,7 @@ from imagesieve.app._server import start_server
 from imagesieve.classifier import UNKNOWN
 from imagesieve.cli import main
 from imagesieve.data import scan_image_folder
-from imagesieve.ingest import score_inputs
+from imagesieve.ingest import batch_detail, list_batches, score_inputs
 from imagesieve.models import active_version, get_version
 from imagesieve.search import (
     ClusterParams,
@@ -453,3 +453,49 @@ def test_map__projected_once_coloured_by_the_store_now(review, tmp_path, capsys)
     assert "40 of 40 stored images" in capsys.readouterr().out
     lines = out.read_text().splitlines()
     assert lines[0] == "id,x,y,class" and len(lines) == 41
+
+
+def test_batches__listed_opened_and_reported_by_every_door(review, tmp_path, capsys):
+    ws, data, mono, poly = review
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    summary = score_inputs(
+        ws, [str(broken), str(Path(stored(ws, "SELECT source FROM predictions")[0][0]))]
+    )
+    listed = list_batches(ws)
+    assert listed["total"] == 2 and [b["batch_id"] for b in listed["batches"]] == [2, 1]
+    first = listed["batches"][1]
+    assert (first["items"], first["scored"], first["failed"]) == (40, 40, 0)
+    second = batch_detail(ws, summary.batch_id)
+    assert second["failed"] == 1 and second["failures"][0]["source"] == str(broken)
+    assert second["failures"][0]["kind"] == "not_image"
+
+    out = tmp_path / "report.csv"
+    args = ["batches", "--workspace", str(ws.root), "--id", "1", "--csv", str(out)]
+    assert main(args) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("id,source,sha256,model_version,scored_at") and len(lines) == 41
+    assert [int(line.split(",")[0]) for line in lines[1:]] == sorted(mono + poly)  # stored order
+    assert main(["batches", "--workspace", str(ws.root), "--id", "9"]) == 2
+    assert "no batch 9" in capsys.readouterr().err
+
+    with Service(ws) as service:
+        server = start_server(service, ui=False)
+        base = server.url + "/api/v1"
+        try:
+            assert requests.get(f"{base}/batches", timeout=30).json()["total"] == 2
+            one = requests.get(f"{base}/batches/2", timeout=30).json()
+            assert one["failures"][0]["kind"] == "not_image"
+            r = requests.get(f"{base}/batches/1/report", timeout=30)
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+            day = first["started_at"][:10]
+            assert f'filename="batch-1-{day}.csv"' in r.headers["content-disposition"]
+            assert r.text.replace("\r\n", "\n") == out.read_text().replace("\r\n", "\n")
+            for path, status in [
+                ("/batches/99", 400),
+                ("/batches/99/report", 400),
+                ("/batches/0", 422),
+            ]:
+                assert requests.get(base + path, timeout=30).status_code == status, path
+        finally:
+            server.stop()

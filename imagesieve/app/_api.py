@@ -28,7 +28,7 @@ from fastapi import (
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
@@ -489,6 +489,32 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
     async def make_map() -> dict[str, Any]:
         """Project the stored embeddings to 2-D in the background (cached per model version)."""
         return await _call(service.make_map, background=True)
+
+    @router.get("/batches", responses=errors())
+    async def batches(
+        limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0, le=10_000_000)
+    ) -> dict[str, Any]:
+        """Scoring batches, newest first: when, model, items, scored, failed, UNKNOWN rate."""
+        return await _call(service.batches, limit, offset)
+
+    @router.get("/batches/{batch_id}", responses=errors(400))
+    async def batch(batch_id: int = Path(..., ge=1, le=2**31 - 1)) -> dict[str, Any]:
+        """One batch: its counts, what it was asked to score, each failure and its reason."""
+        return await _call(service.batch, batch_id)
+
+    @router.get(
+        "/batches/{batch_id}/report",
+        responses=errors(400) | {200: {"content": {"text/csv": {}}, "description": "CSV"}},
+        response_class=StreamingResponse,
+    )
+    async def batch_report(batch_id: int = Path(..., ge=1, le=2**31 - 1)) -> StreamingResponse:
+        """A batch's stored rows as CSV, with the stored id; named by batch and day."""
+        name, chunks = await _call(service.batch_report, batch_id)
+        return StreamingResponse(
+            chunks,
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
 
     @router.get("/versions", responses=errors())
     async def versions() -> dict[str, Any]:

@@ -48,6 +48,10 @@ from imagesieve.ingest import (
     ScoreOptions,
     ScoreSummary,
     ScoringSession,
+    batch_detail,
+    batch_report,
+    batch_report_name,
+    list_batches,
     read_history,
     score_history,
     score_inputs,
@@ -869,6 +873,19 @@ class Service:
             model=self.version.name,
             store=self.store,
         )
+
+    def batches(self, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        """The scoring batches, newest first, with their counts."""
+        return list_batches(self.ws, limit=limit, offset=offset, store=self.store)
+
+    def batch(self, batch_id: int) -> dict[str, Any]:
+        """One batch with its failures."""
+        return batch_detail(self.ws, batch_id, store=self.store)
+
+    def batch_report(self, batch_id: int) -> tuple[str, Any]:
+        """(file name, CSV text chunks) of a batch's stored rows."""
+        name = batch_report_name(self.batch(batch_id))
+        return name, batch_report(self.ws, batch_id, store=self.store)
 
     def audit(self, limit: int = 100, offset: int = 0) -> dict[str, Any]:
         """The recorded review actions, newest first."""

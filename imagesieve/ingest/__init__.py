@@ -1,5 +1,12 @@
 """Ingestion: any pile of images (files, folders, zips, lists, URLs) scored into the store."""
 
+from imagesieve.ingest._batches import (
+    batch_detail,
+    batch_report,
+    batch_report_name,
+    list_batches,
+    write_batch_report,
+)
 from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import ArchiveLimits, InputError, expand_inputs
 from imagesieve.ingest._score import (
@@ -14,6 +21,11 @@ from imagesieve.ingest._score import (
 from imagesieve.ingest._session import ScoringSession
 
 __all__ = [
+    "batch_detail",
+    "batch_report",
+    "batch_report_name",
+    "list_batches",
+    "write_batch_report",
     "HISTORY_FILE",
     "ArchiveLimits",
     "FetchOptions",

@@ -20,10 +20,17 @@ from imagesieve.store._sql import (
     run_sql,
     run_store_sql,
 )
-from imagesieve.store._store import STORE_FILE, Store, StoreBusyError, using_store
+from imagesieve.store._store import (
+    BATCH_REPORT_COLUMNS,
+    STORE_FILE,
+    Store,
+    StoreBusyError,
+    using_store,
+)
 from imagesieve.store._vectors import VectorIndex
 
 __all__ = [
+    "BATCH_REPORT_COLUMNS",
     "AuditEntry",
     "AuditFile",
     "HumanLabel",

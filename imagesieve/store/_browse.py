@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from imagesieve._errors import UserError
 from imagesieve.store._rows import utc_text
+from imagesieve.store._schema import PREDICTION_COLUMNS
 
 if TYPE_CHECKING:
     from imagesieve.store._store import Store
 
-__all__ = ["MAX_PAGE", "SORTS", "ImageQuery", "browse"]
+__all__ = ["MAX_PAGE", "ROW_FIELDS", "SORTS", "ImageQuery", "browse"]
 
 #: Most rows one page returns.
 MAX_PAGE = 500
@@ -145,30 +146,15 @@ class ImageQuery:
         return out
 
 
-_COLUMNS = (
-    "p.id, p.source, p.sha256, p.label, p.reason, p.top1_class, p.top1_prob, p.top2_class, "
-    "p.top2_prob, p.top3_class, p.top3_prob, p.neighbor_distance, p.cluster_id, "
-    "p.cluster_outlier, p.batch_id, epoch_us(p.scored_at), h.label"
-)
-_KEYS = (
-    "id",
-    "source",
-    "sha256",
-    "label",
-    "reason",
-    "top1_class",
-    "top1_prob",
-    "top2_class",
-    "top2_prob",
-    "top3_class",
-    "top3_prob",
-    "neighbor_distance",
-    "cluster_id",
+#: The fields of a stored row that browsing and batch reports show, in this order.
+ROW_FIELDS = tuple(c for c in PREDICTION_COLUMNS if c not in ("width", "height", "neighbor_id")) + (
     "cluster_outlier",
-    "batch_id",
-    "scored_at",
-    "human_label",
 )
+_COLUMNS = (
+    ", ".join("epoch_us(p.scored_at)" if c == "scored_at" else f"p.{c}" for c in ROW_FIELDS)
+    + ", h.label"
+)
+_KEYS = (*ROW_FIELDS, "human_label")
 
 
 def browse(

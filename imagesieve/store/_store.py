@@ -35,6 +35,7 @@ from imagesieve.classifier import (
     UnknownRule,
 )
 from imagesieve.store._audit import AuditLog
+from imagesieve.store._browse import ROW_FIELDS
 from imagesieve.store._clusters import Clusters
 from imagesieve.store._images import remove_partial_images
 from imagesieve.store._indexes import IndexSet, locked
@@ -79,6 +80,8 @@ CONNECTION_CONFIG = {
 BATCH_COUNTS = ("n_items", "n_scored", "n_skipped", "n_unknown", "n_failed")
 #: Rows read per chunk when rebuilding or catching up an index from DuckDB.
 READ_CHUNK = 8192
+#: The columns of a batch's report (``Store.batch_rows``): what browsing shows of a row.
+BATCH_REPORT_COLUMNS = ROW_FIELDS
 #: Neighbour rows kept in memory at most (~0.3 KB each); past it, the newest are kept.
 ROWS_KEPT = 200_000
 
@@ -314,6 +317,58 @@ class Store:
             f"UPDATE batches SET status = ?, finished_at = ?, {sets} WHERE batch_id = ?",
             [status, now(), *values, batch_id],
         )
+
+    def batches(
+        self, limit: int = 50, offset: int = 0, batch_id: int | None = None
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """(how many, the batches newest first, or the one ``batch_id``), with their counts.
+
+        The counts are ``unknown_rate_per_batch``'s.
+        """
+        which, params = (
+            ("WHERE v.batch_id = ?", [int(batch_id)]) if batch_id is not None else ("", [])
+        )
+        with self.cursor() as cur:
+            total = int(cur.execute("SELECT count(*) FROM batches").fetchall()[0][0])
+            table = cur.sql(
+                "SELECT v.batch_id, v.started_at, b.finished_at, v.status, v.model_version, "
+                "v.items, v.scored, v.failed, v.unknown, v.unknown_rate, b.inputs "
+                f"FROM unknown_rate_per_batch v JOIN batches b USING (batch_id) {which} "
+                "ORDER BY v.batch_id DESC LIMIT ? OFFSET ?",
+                params=[*params, int(limit), int(offset)],
+            ).to_arrow_table()
+        rows = table.to_pylist()
+        for r in rows:
+            for k in ("started_at", "finished_at"):
+                r[k] = utc_text(r[k]) if r[k] is not None else None
+            if r["unknown_rate"] is not None:
+                r["unknown_rate"] = round(float(r["unknown_rate"]), 4)
+        return total, rows
+
+    def batch_rows(self, batch_id: int) -> Iterator[list[tuple]]:
+        """A batch's stored rows in the order stored (a batch stores in input order), in chunks.
+
+        Rows a later batch scored again carry that batch's id; images already stored when the
+        batch ran are the earlier batch's rows.
+        """
+        with self.cursor() as cur:
+            result = cur.execute(
+                f"SELECT {', '.join(BATCH_REPORT_COLUMNS)} FROM predictions WHERE batch_id = ? "
+                "ORDER BY id",
+                [int(batch_id)],
+            )
+            while chunk := result.fetchmany(READ_CHUNK):
+                yield chunk
+
+    def batch_failures(self, batch_id: int) -> list[Failure]:
+        """The failures a batch recorded (source, kind, one-line reason)."""
+        with self.cursor() as cur:
+            rows = cur.execute(
+                "SELECT source, kind, message FROM failures WHERE batch_id = ? AND kind <> 'ignored' "
+                "ORDER BY failed_at, source",
+                [int(batch_id)],
+            ).fetchall()
+        return [Failure(*r) for r in rows]
 
     # -- rows -----------------------------------------------------------------------------
     @locked

@@ -22,6 +22,8 @@ from imagesieve.app.ui._widgets import (
 )
 from imagesieve.classifier import UNKNOWN
 
+#: Most members a cluster's promotion is counted over (its confirmation says how many).
+MAX_MEMBERS = 1_000_000
 #: Clusters shown with their galleries (largest first); members shown per cluster.
 MAX_CLUSTERS_SHOWN = 20
 MEMBERS_SHOWN = 24
@@ -253,7 +255,8 @@ def _cluster_panel(service: Service, c: dict[str, Any], clusters: gr.State, into
     name_button.click(name_it, name_box, clusters)
     leave_button.click(leave_out, ids_box, clusters)
     # Promote copies files and reject files the cluster away: both ask first, with the count.
-    taking = max(0, int(c["size"]) - int(c.get("excluded") or 0))
+    # its members now (new UNKNOWNs join a cluster between runs), less those left out
+    taking = sum(not m["excluded"] for m in service.cluster_members(cid, limit=MAX_MEMBERS))
     confirmed = gr.Checkbox(value=False, visible=False)
     promote_button.click(
         promote,

@@ -14,7 +14,13 @@ import gradio as gr
 import pandas as pd
 
 from imagesieve.app._service import Service
-from imagesieve.app.ui._widgets import Panel, progress_relay, reason_words, user_errors
+from imagesieve.app.ui._widgets import (
+    Panel,
+    progress_relay,
+    reason_words,
+    table_frame,
+    user_errors,
+)
 
 #: Rows of a batch report shown in its table (the CSV download has them all).
 MAX_TABLE_ROWS = 5000
@@ -65,9 +71,7 @@ def _rows_frame(rows: list[dict[str, Any]], label: str) -> pd.DataFrame:
     columns = ["source", "label", "reason", "top1", "top1_prob", "top2", "top2_prob"]
     columns += ["top3", "top3_prob", "distance", "error"]
     shown = [r for r in rows if label in (ALL, None, "") or r["label"] == label]
-    return pd.DataFrame(
-        [[r.get(c) for c in columns] for r in shown[:MAX_TABLE_ROWS]], columns=columns
-    )
+    return table_frame(columns, ([r.get(c) for c in columns] for r in shown[:MAX_TABLE_ROWS]))
 
 
 def _summary_md(summary: Any, rows: int) -> str:

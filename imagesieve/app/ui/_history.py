@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import decimal
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -12,23 +9,8 @@ import gradio as gr
 import pandas as pd
 
 from imagesieve.app._service import Service
-from imagesieve.app.ui._widgets import Downloads, Panel, user_errors, version_or_none
+from imagesieve.app.ui._widgets import Downloads, Panel, table_cell, user_errors, version_or_none
 from imagesieve.store import VIEWS
-
-
-def _cell(v: Any) -> Any:
-    """A SQL value as a table cell: numbers stay numbers, everything else becomes text."""
-    if v is None or isinstance(v, bool | int | str):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, decimal.Decimal):
-        return float(v)
-    if isinstance(v, dt.datetime | dt.date | dt.time):
-        return v.isoformat()
-    if isinstance(v, bytes | bytearray | memoryview):
-        return "\\x" + bytes(v).hex()
-    return str(v)
 
 
 def _unique_headers(columns: Sequence[str]) -> list[str]:
@@ -42,7 +24,9 @@ def _unique_headers(columns: Sequence[str]) -> list[str]:
 
 
 def _frame(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> pd.DataFrame:
-    return pd.DataFrame([[_cell(v) for v in r] for r in rows], columns=_unique_headers(columns))
+    return pd.DataFrame(
+        [[table_cell(v) for v in r] for r in rows], columns=_unique_headers(columns)
+    )
 
 
 def history_tab(service: Service, downloads: Downloads) -> Panel:

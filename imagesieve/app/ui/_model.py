@@ -6,7 +6,6 @@ import csv
 from typing import Any
 
 import gradio as gr
-import pandas as pd
 
 from imagesieve.app._service import Service
 from imagesieve.app.ui._widgets import (
@@ -14,6 +13,7 @@ from imagesieve.app.ui._widgets import (
     Panel,
     app_user,
     pct,
+    table_frame,
     user_errors,
     version_or_none,
 )
@@ -155,9 +155,9 @@ def model_tab(service: Service) -> Panel:
     def refresh() -> tuple:
         versions = service.versions()
         columns = ["version", "active", "kind", "backbone", "classes", "accuracy", "macro_f1"]
-        table = pd.DataFrame(
-            [[v.get(c) for c in columns + ["created_at"]] for v in versions],
-            columns=[*columns, "created_at"],
+        table = table_frame(
+            [*columns, "created_at"],
+            ([v.get(c) for c in [*columns, "created_at"]] for v in versions),
         )
         names = [v["version"] for v in versions if v.get("kind") == "trained"]
         version = version_or_none(service)

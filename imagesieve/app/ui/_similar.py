@@ -15,6 +15,7 @@ from imagesieve.app.ui._widgets import (
     distance_caption,
     gallery_value,
     reason_words,
+    table_frame,
     user_errors,
 )
 
@@ -42,7 +43,7 @@ def similar_tab(service: Service) -> Panel:
             p = info.prediction
             why = " and ".join(reason_words(p.get("reason")))
             text += f" The uploaded image scores **{p['label']}**" + (f" ({why})." if why else ".")
-        table = pd.DataFrame([[r[c] for c in columns] for r in rows], columns=columns)
+        table = table_frame(columns, ([r[c] for c in columns] for r in rows))
         return text, gallery, table, [r["id"] for r in rows]
 
     @user_errors

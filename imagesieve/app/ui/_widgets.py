@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import functools
 import logging
+import math
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 
 from imagesieve._errors import classify_error, first_line
 from imagesieve.app._service import Service, ServiceError
@@ -32,6 +36,38 @@ THUMB = 192
 def app_user(request: gr.Request | None) -> str:
     """Who acts in the app, for the audit log: its login user (``--auth``), else anonymous."""
     return f"app:{getattr(request, 'username', None) or 'anonymous'}"
+
+
+def table_cell(v: Any) -> Any:
+    """A value as a table shows it: floats to 4 decimals, times to the second, no NaN.
+
+    Numbers stay numbers (the table sorts them); bytes, decimals and times become text or
+    floats. Downloads (CSV) keep the full values.
+    """
+    if v is None or isinstance(v, bool | int | str):
+        return v
+    if isinstance(v, decimal.Decimal):
+        v = float(v)
+    if isinstance(v, float | np.floating):
+        return round(float(v), 4) if math.isfinite(v) else None
+    if isinstance(v, dt.datetime):
+        return (
+            v.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+            if v.tzinfo
+            else v.strftime("%Y-%m-%d %H:%M:%S")
+        )
+    if isinstance(v, dt.date | dt.time):
+        return v.isoformat(timespec="seconds") if isinstance(v, dt.time) else v.isoformat()
+    if isinstance(v, bytes | bytearray | memoryview):
+        return "\\x" + bytes(v).hex()
+    return str(v)
+
+
+def table_frame(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Any:
+    """A DataFrame of ``rows`` whose cells go through :func:`table_cell`."""
+    import pandas as pd
+
+    return pd.DataFrame([[table_cell(v) for v in r] for r in rows], columns=list(columns))
 
 
 def one_line(e: BaseException | str) -> str:

@@ -762,11 +762,15 @@ def test_build_app__without_a_model_every_tab_says_how_to_get_one(browser, elpv,
         page = None
         try:
             page = Page(browser, server.url, ready="no trained model yet")
-            for name in ("Predict", "Batch", "Similar", "History", "Unknowns", "Model"):
+            for name in ("Predict", "Batch", "Review", "Similar", "History", "Unknowns", "Model"):
                 page.tab(name)
             page.wait_text("#model-metrics", "No trained model yet: run imagesieve train DATA_DIR")
             page.wait_text("#unknowns-status", "No trained model yet")
+            page.tab("Review")
+            page.wait_text("#review-summary", "No trained model yet")
             page.tab("History")
+            page.wait_text("#history-chart-note", "No scored images yet")  # no empty chart
+            assert not page.page.is_visible("#history-chart")
             page.page.fill("#history-sql textarea", "SELECT count(*) AS n FROM predictions")
             page.page.click("#history-run")
             page.wait_text("#history-status", "1 row in")  # SQL works on an empty store

@@ -53,16 +53,20 @@ def history_tab(service: Service, downloads: Downloads) -> Panel:
 
         return show
 
-    def chart() -> pd.DataFrame:
-        empty = pd.DataFrame({"day": [], "label": [], "n": []})
-        if version_or_none(service) is None:
-            return empty
-        result = service.sql(
-            "SELECT CAST(day AS VARCHAR) AS day, label, CAST(sum(n) AS BIGINT) AS n "
-            "FROM predictions_per_day GROUP BY ALL ORDER BY day, label",
-            limit=100_000,
-        )
-        return pd.DataFrame(result.rows, columns=["day", "label", "n"]) if result.rows else empty
+    def chart() -> tuple:
+        """The chart, or, with nothing stored yet, a line saying so (never an empty chart)."""
+        rows = []
+        if version_or_none(service) is not None:
+            rows = service.sql(
+                "SELECT CAST(day AS VARCHAR) AS day, label, CAST(sum(n) AS BIGINT) AS n "
+                "FROM predictions_per_day WHERE n > 0 GROUP BY ALL ORDER BY day, label",
+                limit=100_000,
+            ).rows
+        if not rows:
+            return gr.BarPlot(
+                visible=False
+            ), "No scored images yet: the chart per day appears then."
+        return gr.BarPlot(value=pd.DataFrame(rows, columns=["day", "label", "n"]), visible=True), ""
 
     gr.Markdown(
         "Read-only SQL over everything stored (tables `predictions`, `batches`, `failures`, "
@@ -98,9 +102,11 @@ def history_tab(service: Service, downloads: Downloads) -> Panel:
         x_title="day",
         y_title="images",
         height=300,
+        visible=False,
         elem_id="history-chart",
     )
+    chart_note = gr.Markdown(elem_id="history-chart-note")
     start.click(run, [sql, limit], [status, table, csv_button])
     for name, button in buttons.items():
         button.click(user_errors(view(name)), limit, [sql, status, table, csv_button])
-    return Panel(user_errors(chart), [plot])
+    return Panel(user_errors(chart), [plot, chart_note])

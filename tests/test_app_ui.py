@@ -718,6 +718,26 @@ def test_model__threshold_sliders_preview_what_would_be_unknown(page, app):
     page.assert_no_errors()
 
 
+def test_model__a_confusion_cell_click_shows_its_images(page, app):
+    _, service, _ = app
+    doc = service.confusion()
+    page.tab("Model")
+    page.page.wait_for_selector("#model-confusion-table [role=gridcell]")
+    _, rows = page.table("#model-confusion-table")
+    assert [r[0] for r in rows] == doc["classes"]
+    assert [[int(x) for x in r[1:]] for r in rows] == doc["counts"]
+    # the diagonal cell of the first class: its correctly predicted evaluation images
+    page.page.locator("#model-confusion-table [role=row].virtual-row").nth(0).locator(
+        "[role=gridcell]"
+    ).nth(1).click()
+    first = doc["classes"][0]
+    words = page.wait_text("#model-cell-words", f"predicted **{first}**".replace("**", ""))
+    assert f"{doc['counts'][0][0]} evaluation images of {first}" in words
+    page.page.wait_for_selector("#model-cell-gallery img")
+    assert page.page.locator("#model-cell-gallery img").count() == min(48, doc["counts"][0][0])
+    page.assert_no_errors()
+
+
 def test_retrain_then_activate__the_new_version_serves_then_the_old_one_again(page, app):
     """Last on the shared app: it leaves another version active (v1 again, by the test's end)."""
     _, service, cells = app

@@ -7,6 +7,7 @@ exactly (every file's path and content).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import shutil
@@ -497,5 +498,36 @@ def test_batches__listed_opened_and_reported_by_every_door(review, tmp_path, cap
                 ("/batches/0", 422),
             ]:
                 assert requests.get(base + path, timeout=30).status_code == status, path
+        finally:
+            server.stop()
+
+
+def test_confusion__counts_and_a_cells_images_by_the_service_and_the_api(review):
+    ws, data, mono, poly = review
+    version = get_version(ws, None)
+    with Service(ws) as service:
+        doc = service.confusion()
+        rows = list(csv.DictReader(open(version.report_dir / "audit.csv", encoding="utf-8")))
+        assert doc["classes"] == version.classes
+        assert sum(map(sum, doc["counts"])) == len(rows) > 0
+        true = predicted = version.classes[0]
+        cell = service.confusion(None, true, predicted)["images"]
+        assert len(cell) == doc["counts"][0][0]
+        probs = [im["top1_prob"] for im in cell]
+        assert probs == sorted(probs, reverse=True)
+        assert service.file_thumbnail(cell[0]["path"]).suffix == ".webp"
+        server = start_server(service, ui=False)
+        base = server.url + "/api/v1/versions"
+        try:
+            r = requests.get(
+                f"{base}/{version.name}/confusion",
+                params={"true": true, "predicted": predicted},
+                timeout=30,
+            )
+            assert r.status_code == 200 and r.json()["images"] == cell
+            for params in ({"true": "nope", "predicted": true}, {"true": true}):
+                r = requests.get(f"{base}/{version.name}/confusion", params=params, timeout=30)
+                assert r.status_code == 400, params
+            assert requests.get(f"{base}/v9/confusion", timeout=30).status_code == 400
         finally:
             server.stop()

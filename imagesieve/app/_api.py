@@ -575,6 +575,21 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
         """Undo a recorded action (default: the latest not undone); store and files restored."""
         return await _call(service.undo, body.action_id, who=_who(request))
 
+    @router.get("/versions/{name}/confusion", responses=errors(400))
+    async def confusion(
+        name: str = Path(
+            ..., max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="a model version, e.g. v2"
+        ),
+        true: str | None = Query(None, max_length=100, description="a true class"),
+        predicted: str | None = Query(None, max_length=100, description="a predicted class"),
+    ) -> dict[str, Any]:
+        """A version's evaluation counts by true and predicted class; with both, that cell's images.
+
+        The images are the evaluation images' paths with their Top-1 probability, most
+        confident first (the version's ``audit.csv``).
+        """
+        return await _call(service.confusion, name, true, predicted)
+
     @router.get("/versions/{name}/history", responses=errors(400))
     async def history(
         name: str = Path(

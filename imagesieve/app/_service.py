@@ -11,6 +11,7 @@ cost little more than one batch job (measured in ``bench/bench_api.py``).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import logging
 import os
@@ -39,7 +40,9 @@ from imagesieve.classifier import (
     Progress,
     TrainOptions,
     UnknownRule,
+    confusion_counts,
     grad_cam,
+    read_audit,
     train_model,
 )
 from imagesieve.ingest import (
@@ -978,6 +981,35 @@ class Service:
             self.training_status = {"running": False, "error": str(e)}
             raise
 
+    def confusion(
+        self, version: str | None = None, true: str | None = None, predicted: str | None = None
+    ) -> dict[str, Any]:
+        """A version's evaluation by true and Top-1 class; with both, that cell's images.
+
+        From the version's evaluation report (``audit.csv``): ``classes``, ``counts`` (true x
+        predicted) and, for a cell, ``images`` (path, Top-1 probability), most confident first.
+        """
+        name = version or self.version.name
+        if name not in {v["version"] for v in self.versions()}:
+            raise ServiceError(f"no model version named {name!r}: see the Model tab's versions")
+        info = get_version(self.ws, name)
+        rows = read_audit(info.report_dir)
+        out: dict[str, Any] = {
+            "version": name,
+            "classes": info.classes,
+            "counts": confusion_counts(rows, info.classes),
+        }
+        if true is not None or predicted is not None:
+            for given in (true, predicted):
+                if given not in info.classes:
+                    raise ServiceError(
+                        f"{given!r} is not a class of {name}: {', '.join(info.classes)}"
+                    )
+            cell = [r for r in rows if r["true"] == true and r["top1"] == predicted]
+            cell.sort(key=lambda r: -float(r.get("top1_prob") or 0))
+            out["images"] = [{"path": r["path"], "top1_prob": float(r["top1_prob"])} for r in cell]
+        return out
+
     def history(self, version: str | None = None) -> dict[str, Any] | None:
         """What a version said about the history when it was trained (None: not scored).
 
@@ -1098,6 +1130,18 @@ class Service:
             log.warning("thumbnail not written: %s", e)
             return None
         return path
+
+    def file_thumbnail(self, path: str | os.PathLike, side: int = THUMB_SIDE) -> Path | None:
+        """The cached thumbnail of an image file on this machine (a version's evaluation image).
+
+        Only for paths the workspace itself names (its reports), never a path from a request.
+        """
+        try:
+            with open(path, "rb") as f:
+                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            return None
+        return self.thumbnail_file(sha256, str(path), side)
 
     def thumbnail_of(self, id: int, side: int = THUMB_SIDE) -> Path | None:  # noqa: A002
         """The cached thumbnail file of a stored row (None: no such row, or no longer available)."""

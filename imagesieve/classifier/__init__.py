@@ -22,6 +22,7 @@ from imagesieve.classifier._predict import (
     write_predictions_csv,
 )
 from imagesieve.classifier._reference import ReferenceSet
+from imagesieve.classifier._report import confusion_counts, read_audit
 from imagesieve.classifier._train import CLASS_WEIGHTS, FLIPS, TrainOptions, train_model
 from imagesieve.classifier._unknown import UnknownRule
 
@@ -44,7 +45,9 @@ __all__ = [
     "ScoringEngine",
     "TrainOptions",
     "UnknownRule",
+    "confusion_counts",
     "evaluate_model",
+    "read_audit",
     "grad_cam",
     "softmax",
     "top_k",

@@ -223,6 +223,25 @@ def _write_audit(
             writer.writerow([str(src), classes[t], *cells, top3[0][1], *flags])
 
 
+def read_audit(report_dir: Path) -> list[dict[str, str]]:
+    """The rows of a report's ``audit.csv`` (empty when the version has none)."""
+    path = Path(report_dir) / "audit.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def confusion_counts(rows: Sequence[dict[str, str]], classes: Sequence[str]) -> list[list[int]]:
+    """Counts of evaluated images by true class (rows) and Top-1 class (columns)."""
+    at = {c: i for i, c in enumerate(classes)}
+    counts = [[0] * len(classes) for _ in classes]
+    for r in rows:
+        if r.get("true") in at and r.get("top1") in at:
+            counts[at[r["true"]]][at[r["top1"]]] += 1
+    return counts
+
+
 def _flag(value: bool) -> str:
     return "true" if value else "false"
 

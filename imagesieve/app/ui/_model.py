@@ -75,6 +75,19 @@ def _metrics_md(version: Any) -> str:
     return "\n".join(lines)
 
 
+#: Images shown for a clicked confusion cell.
+CELL_IMAGES = 48
+
+
+def _confusion_frame(doc: dict[str, Any]) -> Any:
+    """The confusion counts as a table: one row per true class, one column per prediction."""
+    classes = doc["classes"]
+    return table_frame(
+        ["true \\ predicted", *classes],
+        ([c, *row] for c, row in zip(classes, doc["counts"], strict=True)),
+    )
+
+
 def _misclassified(version: Any, limit: int = 48) -> list[tuple[Any, str]]:
     """The misclassified evaluation images (from the audit CSV), or the report's montage."""
     from PIL import Image
@@ -173,6 +186,7 @@ def model_tab(service: Service) -> Panel:
                 gr.Checkbox(),
                 gr.Slider(),
                 "",
+                None,
             )
         confidence, use_distance, distance, maximum = _threshold_controls(version)
         return (
@@ -190,7 +204,35 @@ def model_tab(service: Service) -> Panel:
                 label=f"{_score_words(version.mix).capitalize()} further than",
             ),
             preview(confidence, use_distance, distance),
+            _confusion_frame(service.confusion()),
         )
+
+    @user_errors
+    def cell_images(evt: gr.SelectData) -> tuple:
+        """A click on a confusion cell: that cell's evaluation images, most confident first."""
+        row, col = evt.index if isinstance(evt.index, list | tuple) else (None, None)
+        doc = service.confusion()
+        classes = doc["classes"]
+        if row is None or col is None or not 0 < col <= len(classes) or row >= len(classes):
+            return gr.skip(), gr.skip()
+        true, predicted = classes[row], classes[col - 1]
+        doc = service.confusion(None, true, predicted)
+        shown = doc["images"][:CELL_IMAGES]
+        items = []
+        for im in shown:
+            path = service.file_thumbnail(im["path"])
+            if path is not None:
+                items.append((path, f"{true} → {predicted} {pct(im['top1_prob'])}"))
+        words = (
+            f"**{len(doc['images'])}** evaluation images of **{true}** predicted **{predicted}**"
+            + (
+                f" (the {len(shown)} most confident shown)"
+                if len(doc["images"]) > len(shown)
+                else ""
+            )
+            + (f"; {len(shown) - len(items)} no longer on disk" if len(items) < len(shown) else "")
+        )
+        return items, words
 
     @user_errors
     def activate(name: str | None, request: gr.Request) -> None:
@@ -212,6 +254,20 @@ def model_tab(service: Service) -> Panel:
         curves = gr.Image(
             label="Training curves", interactive=False, format="png", elem_id="model-curves"
         )
+    confusion_table = gr.Dataframe(
+        interactive=False,
+        label="Confusion by class (rows: true, columns: predicted): click a cell to see its images",
+        elem_id="model-confusion-table",
+    )
+    cell_words = gr.Markdown(elem_id="model-cell-words")
+    cell_gallery = gr.Gallery(
+        label="The cell's images (true → predicted, Top-1 probability)",
+        columns=8,
+        height=260,
+        object_fit="contain",
+        elem_id="model-cell-gallery",
+    )
+    confusion_table.select(cell_images, None, [cell_gallery, cell_words])
     misclassified = gr.Gallery(
         label="Misclassified evaluation images (true → predicted)",
         columns=8,
@@ -248,7 +304,7 @@ def model_tab(service: Service) -> Panel:
     counts = gr.Markdown(elem_id="model-threshold-preview")
     apply_button = gr.Button("Apply these thresholds", elem_id="model-apply-thresholds")
     outputs = [versions, pick, metrics, confusion, curves, misclassified]
-    outputs += [confidence, use_distance, distance, counts]
+    outputs += [confidence, use_distance, distance, counts, confusion_table]
     activated = activate_button.click(activate, pick, None)
 
     @user_errors

@@ -597,6 +597,24 @@ def test_history__sql_query_view_buttons_and_csv(page, app):
 # -- Unknowns ---------------------------------------------------------------------------------
 
 
+def test_unknowns__review_all_members_opens_the_cluster_paged_in_the_review_tab(page, app):
+    _, service, _ = app
+    cluster = max(
+        (c for c in service.clusters() if c["status"] == "new" and c["size"] > 0),
+        key=lambda c: c["size"],
+    )
+    cid = cluster["cluster_id"]
+    members = service.cluster_members(cid, limit=1000)
+    page.tab("Unknowns")
+    page.page.click(f"#cluster-{cid}-review")
+    page.wait_text("#review-summary", f"of {len(members)} ")
+    assert page.page.is_visible("#review-grid")
+    shown = grid_ids(page)
+    # least typical first: the Unknowns order (outlier score), all of them a page at a time
+    assert shown == [m["id"] for m in members][: len(shown)]
+    page.assert_no_errors()
+
+
 def test_unknowns__promote_a_cluster_into_the_training_folder(page, app):
     _, service, cells = app
     training = cells["training_dir"]

@@ -45,18 +45,21 @@ def build_app(service: Service) -> gr.Blocks:
     with gr.Blocks(title="imagesieve", delete_cache=(3600, 86400)) as demo:
         header = gr.Markdown(elem_id="app-header")
         panels: list[tuple[Any, Panel]] = []
-        with gr.Tabs(elem_id="tabs"):
+        with gr.Tabs(elem_id="tabs") as tabs:
+            review: dict[str, Any] = {}  # the Review tab's filters, for Unknowns to open it with
             for title, make in (
                 ("Predict", predict_tab),
                 ("Batch", batch_tab),
                 ("Review", review_tab),
                 ("Similar", similar_tab),
                 ("History", lambda service: history_tab(service, downloads)),
-                ("Unknowns", unknowns_tab),
+                ("Unknowns", lambda service: unknowns_tab(service, (tabs, review))),
                 ("Model", model_tab),
             ):
                 with gr.Tab(title, id=title.lower(), elem_id=f"tab-{title.lower()}") as tab:
                     panels.append((tab, make(service)))
+                    if title == "Review":
+                        review.update(panels[-1][1].handles)
 
         def header_now() -> str:
             return _header_md(service)

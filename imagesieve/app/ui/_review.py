@@ -601,6 +601,7 @@ def review_tab(service: Service) -> Panel:
         refresh_all,
         outputs=[f_label, f_class, target, f_person, keys, *outputs],
         inputs=[target, page, size, *filters],
+        handles={"cluster": f_cluster, "sort": f_sort, "page": page},
     )
 
 

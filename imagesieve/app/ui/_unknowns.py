@@ -11,6 +11,7 @@ import gradio as gr
 
 from imagesieve._errors import UserError
 from imagesieve.app._service import Service
+from imagesieve.app.ui._review import SORT_WORDS
 from imagesieve.app.ui._widgets import (
     Panel,
     app_user,
@@ -68,7 +69,9 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def unknowns_tab(service: Service) -> Panel:
+def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = None) -> Panel:
+    """The tab; ``review`` (the app's Tabs, the Review tab's filters) lets a cluster open there."""
+
     def refresh() -> tuple:
         rows = service.clusters() if version_or_none(service) is not None else []
         return _unknowns_status(service), rows
@@ -143,15 +146,24 @@ def unknowns_tab(service: Service) -> Panel:
         if len(shown) > MAX_CLUSTERS_SHOWN:
             gr.Markdown(f"Showing the {MAX_CLUSTERS_SHOWN} largest of {len(shown)} clusters.")
         for c in shown[:MAX_CLUSTERS_SHOWN]:
-            _cluster_panel(service, c, clusters, into)
+            _cluster_panel(service, c, clusters, into, review)
 
     run_button.click(cluster, min_size, [status, clusters], show_progress_on=[status])
     retrained = retrain_button.click(retrain, None, [status, clusters], show_progress_on=[status])
     return Panel(user_errors(refresh), [status, clusters], model_changes=[retrained])
 
 
-def _cluster_panel(service: Service, c: dict[str, Any], clusters: gr.State, into: Any) -> None:
-    """One cluster: its members as a gallery, Top-1/Top-2 histograms and the review actions."""
+def _cluster_panel(
+    service: Service,
+    c: dict[str, Any],
+    clusters: gr.State,
+    into: Any,
+    review: tuple[Any, dict[str, Any]] | None = None,
+) -> None:
+    """One cluster: its members as a gallery, Top-1/Top-2 histograms and the review actions.
+
+    With ``review``, a button opens all its members in the Review tab, least typical first.
+    """
     cid = c["cluster_id"]
     members = service.cluster_members(cid, limit=MEMBERS_SHOWN)
     captions = (
@@ -252,11 +264,24 @@ def _cluster_panel(service: Service, c: dict[str, Any], clusters: gr.State, into
             reject_button = gr.Button(
                 "Reject", size="sm", variant="stop", elem_id=f"cluster-{cid}-reject"
             )
+    # its members now (new UNKNOWNs join a cluster between runs), and those not left out
+    everyone = service.cluster_members(cid, limit=MAX_MEMBERS)
+    taking = sum(not m["excluded"] for m in everyone)
+    if review is not None and review[1]:
+        tabs, handles = review
+        review_button = gr.Button(
+            f"Review all {len(everyone)} members (least typical first)",
+            size="sm",
+            elem_id=f"cluster-{cid}-review",
+        )
+        review_button.click(
+            lambda: (gr.Tabs(selected="review"), str(cid), SORT_WORDS["outlier"], 1),
+            None,
+            [tabs, handles["cluster"], handles["sort"], handles["page"]],
+        )
     name_button.click(name_it, name_box, clusters)
     leave_button.click(leave_out, ids_box, clusters)
     # Promote copies files and reject files the cluster away: both ask first, with the count.
-    # its members now (new UNKNOWNs join a cluster between runs), less those left out
-    taking = sum(not m["excluded"] for m in service.cluster_members(cid, limit=MAX_MEMBERS))
     confirmed = gr.Checkbox(value=False, visible=False)
     promote_button.click(
         promote,

@@ -191,3 +191,5 @@ class Panel:
     inputs: list[Any] = field(default_factory=list)
     on_open: Callable[[Any], None] | None = None
     model_changes: list[Any] = field(default_factory=list)
+    #: Components other tabs may set to open this one on something (e.g. the Review filters).
+    handles: dict[str, Any] = field(default_factory=dict)

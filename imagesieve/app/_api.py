@@ -78,6 +78,11 @@ class SqlRequest(BaseModel):
     limit: int = Field(1000, ge=1, le=100_000, description="rows returned at most")
 
 
+#: A model version's name in a path: a plain folder name of this workspace's models.
+VersionName = Annotated[
+    str,
+    Path(max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="a model version, e.g. v2"),
+]
 #: A stored id as requests give it: bounded, so no value overflows the store's integers.
 StoredId = Annotated[int, Field(ge=0, le=2**53)]
 _NAME = {"min_length": 1, "max_length": 100, "description": "a class name (one folder name)"}
@@ -524,9 +529,7 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
     @router.post("/versions/{name}/activate", responses=errors(400, 503))
     async def activate(
         request: Request,
-        name: str = Path(
-            ..., max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="a model version"
-        ),
+        name: VersionName,
     ) -> dict[str, Any]:
         """Serve this version from now on (recorded, undoable)."""
         version = await _call(service.activate, name, who=_who(request))
@@ -577,9 +580,7 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
 
     @router.get("/versions/{name}/confusion", responses=errors(400))
     async def confusion(
-        name: str = Path(
-            ..., max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="a model version, e.g. v2"
-        ),
+        name: VersionName,
         true: str | None = Query(None, max_length=100, description="a true class"),
         predicted: str | None = Query(None, max_length=100, description="a predicted class"),
     ) -> dict[str, Any]:
@@ -592,9 +593,7 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
 
     @router.get("/versions/{name}/history", responses=errors(400))
     async def history(
-        name: str = Path(
-            ..., max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="a model version, e.g. v2"
-        ),
+        name: VersionName,
     ) -> dict[str, Any]:
         """What a version said about the images stored with the version before it.
 

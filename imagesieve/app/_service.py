@@ -39,7 +39,6 @@ from imagesieve.classifier import (
     Predictor,
     Progress,
     TrainOptions,
-    UnknownRule,
     confusion_counts,
     grad_cam,
     read_audit,
@@ -53,7 +52,6 @@ from imagesieve.ingest import (
     ScoringSession,
     batch_detail,
     batch_report,
-    batch_report_name,
     list_batches,
     read_history,
     score_history,
@@ -78,6 +76,7 @@ from imagesieve.search import (
     map_points,
     nearest_stored,
     promote_cluster,
+    record_activation,
     relabel_images,
     run_clustering,
     threshold_counts,
@@ -445,16 +444,7 @@ class Service:
                 if version.name != current:
                     log.info("serving %s: it was made active outside this server", version.name)
                     self._use(version)
-                    self.store.audit.record(
-                        "activate",
-                        who="outside the server",
-                        summary=f"activated {version.name} (was {current})",
-                        model_version=version.name,
-                        target=version.name,
-                        before={"version": current},
-                        after={"version": version.name},
-                        touches=["active"],
-                    )
+                    record_activation(self.store, version.name, current, "outside the server")
             self._active = stamp
 
     def reload_clusters(self) -> None:
@@ -887,8 +877,7 @@ class Service:
 
     def batch_report(self, batch_id: int) -> tuple[str, Any]:
         """(file name, CSV text chunks) of a batch's stored rows."""
-        name = batch_report_name(self.batch(batch_id))
-        return name, batch_report(self.ws, batch_id, store=self.store)
+        return batch_report(self.ws, batch_id, store=self.store)
 
     def audit(self, limit: int = 100, offset: int = 0) -> dict[str, Any]:
         """The recorded review actions, newest first."""
@@ -923,10 +912,16 @@ class Service:
             for v in list_versions(self.ws)
         ]
 
+    def _named_version(self, name: str) -> ModelVersion:
+        """A version of this workspace by name (a name from a request reaches no other folder)."""
+        for version in list_versions(self.ws):
+            if version.name == name:
+                return version
+        raise ServiceError(f"no model version named {name!r}: see the Model tab's versions")
+
     def activate(self, name: str, who: str | None = None) -> ModelVersion:
         """Make a version the active one and serve it (recorded as ``who``)."""
-        if name not in {v.name for v in list_versions(self.ws)}:
-            raise ServiceError(f"no model version named {name!r}: see the Model tab's versions")
+        self._named_version(name)
         version = get_version(self.ws, activate_model(self.ws, name, who=who, store=self.store))
         with self._switch:
             self._use(version)
@@ -989,10 +984,8 @@ class Service:
         From the version's evaluation report (``audit.csv``): ``classes``, ``counts`` (true x
         predicted) and, for a cell, ``images`` (path, Top-1 probability), most confident first.
         """
-        name = version or self.version.name
-        if name not in {v["version"] for v in self.versions()}:
-            raise ServiceError(f"no model version named {name!r}: see the Model tab's versions")
-        info = get_version(self.ws, name)
+        info = self._named_version(version or self.version.name)
+        name = info.name
         rows = read_audit(info.report_dir)
         out: dict[str, Any] = {
             "version": name,
@@ -1016,10 +1009,7 @@ class Service:
         ``version`` must name a version of this workspace (a name from a request reaches no
         other directory).
         """
-        name = version or self.version.name
-        if name not in {v["version"] for v in self.versions()}:
-            raise ServiceError(f"no model version named {name!r}: see the Model tab's versions")
-        return read_history(get_version(self.ws, name))
+        return read_history(self._named_version(version or self.version.name))
 
     def set_thresholds(
         self, confidence: float, distance: float | None, who: str | None = None
@@ -1030,7 +1020,6 @@ class Service:
         stored row's label and reason are recomputed from its stored Top-1 probability and
         training distance. Returns the counts of ``threshold_preview`` after the change.
         """
-        self._rule(confidence, distance)  # checked here: one message for every door
         counts = apply_thresholds(
             self.ws, confidence, distance, model=self.version.name, who=who, store=self.store
         )
@@ -1065,28 +1054,21 @@ class Service:
 
         def run() -> None:
             try:
-                self._retrain(data_dir, progress)
-            except Exception:  # kept in training_status; the log keeps its traceback
-                log.exception("retrain started by %s failed", who)
+                self._retrain(data_dir, progress)  # a failure is kept in training_status too
             finally:
                 self._training.release()
 
         self.training_status = {"running": True, "data_dir": str(data_dir)}
-        threading.Thread(target=run, name="retrain", daemon=True).start()
+        threading.Thread(
+            target=_logged(run, f"retrain started by {who}"), name="retrain", daemon=True
+        ).start()
         return dict(self.training_status)
 
     def threshold_preview(self, confidence: float, distance: float | None) -> dict[str, Any]:
         """How many stored images of the active version each rule would mark UNKNOWN."""
-        self._rule(confidence, distance)  # checked here: one message for every door
         return threshold_counts(
             self.ws, confidence, distance, keep=False, model=self.version.name, store=self.store
         )["counts"]
-
-    def _rule(self, confidence: float, distance: float | None) -> UnknownRule:
-        try:
-            return UnknownRule(confidence, distance, self.version.mix)
-        except ValueError as e:
-            raise ServiceError(str(e)) from None
 
     # -- images ----------------------------------------------------------------------------
     def thumbnail(self, sha256: str, source: str, side: int = THUMB_SIDE) -> bytes | None:
@@ -1203,7 +1185,7 @@ class Service:
             try:
                 rows = self.browse(query, limit=limit, offset=offset, facets=False)["rows"]
                 for r in rows:
-                    self.thumbnail(r["sha256"], r["source"])
+                    self.thumbnail_file(r["sha256"], r["source"])
             except Exception as e:  # only a head start: the page makes what is missing
                 log.debug("prefetch of a review page: %s", e)
 

@@ -96,7 +96,7 @@ class TrainOptions:
             base = {k: v for k, v in stored.items() if k in known}
             th = version.meta.get("thresholds", {})
             asked = th.get("calibration", {}).get("confidence_requested")
-            if th.get("tuned") or asked is None:
+            if version.thresholds_tuned or asked is None:
                 asked = th.get("confidence", 0.5)
             base["confidence_threshold"] = asked
         return cls(**(base | given))

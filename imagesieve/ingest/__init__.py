@@ -3,7 +3,6 @@
 from imagesieve.ingest._batches import (
     batch_detail,
     batch_report,
-    batch_report_name,
     list_batches,
     write_batch_report,
 )
@@ -23,7 +22,6 @@ from imagesieve.ingest._session import ScoringSession
 __all__ = [
     "batch_detail",
     "batch_report",
-    "batch_report_name",
     "list_batches",
     "write_batch_report",
     "HISTORY_FILE",

@@ -13,12 +13,11 @@ from typing import IO, Any
 
 from imagesieve._errors import NotFoundError
 from imagesieve._workspace import Workspace
-from imagesieve.store import BATCH_REPORT_COLUMNS, STORE_FILE, Store, using_store
+from imagesieve.store import ROW_FIELDS, STORE_FILE, Store, using_store
 
 __all__ = [
     "batch_detail",
     "batch_report",
-    "batch_report_name",
     "list_batches",
     "write_batch_report",
 ]
@@ -45,48 +44,40 @@ def batch_detail(ws: Workspace, batch_id: int, *, store: Store | None = None) ->
     return rows[0] | {"failures": [f.__dict__ for f in failures]}
 
 
-def batch_report_name(batch: dict[str, Any]) -> str:
+def _report_name(batch: dict[str, Any]) -> str:
     """The report's file name: batch id and day, e.g. ``batch-12-2026-12-04.csv``."""
     day = str(batch.get("started_at") or dt.date.today().isoformat())[:10]
     return f"batch-{int(batch['batch_id'])}-{day}.csv"
 
 
-def batch_report(ws: Workspace, batch_id: int, *, store: Store | None = None) -> Iterator[str]:
-    """A batch's stored rows as CSV text, a chunk at a time (one header; in the order stored).
+def batch_report(
+    ws: Workspace, batch_id: int, *, store: Store | None = None
+) -> tuple[str, Iterator[str]]:
+    """(file name, CSV text chunks) of a batch's stored rows: one header, in the order stored.
 
     The stored id is in each row, so the report joins back to SQL, Similar and Review. Raises
-    NotFoundError before the first chunk for a batch that does not exist.
+    NotFoundError at once for a batch that does not exist.
     """
-    opened = using_store(ws, store, read_only=store is None)
-    store = opened.__enter__()
-    try:
-        _, found = store.batches(1, 0, batch_id=batch_id)
-        if not found:
-            raise NotFoundError(f"no batch {batch_id}: see the list of batches")
-    except BaseException:
-        opened.__exit__(None, None, None)
-        raise
+    name = _report_name(batch_detail(ws, batch_id, store=store))
 
     def chunks() -> Iterator[str]:
-        try:
+        with using_store(ws, store, read_only=store is None) as opened:
             buf = io.StringIO()
             w = csv.writer(buf)
-            w.writerow(BATCH_REPORT_COLUMNS)
-            for rows in store.batch_rows(batch_id):
+            w.writerow(ROW_FIELDS)
+            for rows in opened.batch_rows(batch_id):
                 w.writerows(rows)
                 yield buf.getvalue()
                 buf.seek(0)
                 buf.truncate()
             yield buf.getvalue()
-        finally:
-            opened.__exit__(None, None, None)
 
-    return chunks()
+    return name, chunks()
 
 
 def write_batch_report(
     ws: Workspace, batch_id: int, out: IO[str], *, store: Store | None = None
 ) -> None:
-    """Write :func:`batch_report` to ``out``."""
-    for text in batch_report(ws, batch_id, store=store):
+    """Write :func:`batch_report`'s CSV to ``out``."""
+    for text in batch_report(ws, batch_id, store=store)[1]:
         out.write(text)

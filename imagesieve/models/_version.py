@@ -147,6 +147,11 @@ class ModelVersion:
         return None if value is None else float(value)
 
     @property
+    def thresholds_tuned(self) -> bool:
+        """Whether an operator set the thresholds (``set_thresholds``), not the calibration."""
+        return bool(self.meta.get("thresholds", {}).get("tuned"))
+
+    @property
     def mix(self) -> float:
         """Weight of (1 - Top-1 probability) added to the distance before its threshold."""
         return float(self.meta.get("thresholds", {}).get("mix") or 0.0)

@@ -17,14 +17,14 @@ from typing import Any
 
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import UNKNOWN, UnknownRule
-from imagesieve.data import sort_into
 from imagesieve.models import activate_version, active_version, get_version, set_thresholds
 from imagesieve.search._review import (
     ReviewError,
     class_folder,
     class_name,
-    filename_of,
+    label_dict,
     local_user,
+    place_in_class,
     training_folder,
 )
 from imagesieve.store import (
@@ -32,7 +32,6 @@ from imagesieve.store import (
     AuditFile,
     HumanLabel,
     Store,
-    image_source,
     using_store,
 )
 
@@ -42,7 +41,7 @@ __all__ = [
     "activate_model",
     "apply_thresholds",
     "audit_log",
-    "local_user",
+    "record_activation",
     "relabel_images",
     "threshold_counts",
     "undo_action",
@@ -135,19 +134,7 @@ def relabel_images(
                     os.replace(prev.file, away)
                     files.append(AuditFile(prev.file, "removed", r.sha256, str(away)))
                     result.moved += 1
-                content = image_source(ws, r.sha256, r.source)
-                target = None
-                if content is None:
-                    result.missing.append(r.source)
-                else:
-                    target = sort_into(dest.parent, label, filename_of(r.source), content, r.sha256)
-                    if target.name in names:
-                        result.already_there += 1
-                    else:
-                        names.add(target.name)
-                        files.append(AuditFile(str(target), "added", r.sha256))
-                        result.copied += 1
-                given.append(HumanLabel(r.sha256, label, r.id, 0, str(target) if target else None))
+                given.append(place_in_class(ws, dest, r, names, files, result))
             result.labelled = len(given)
             result.action_id = store.audit.record(
                 "relabel",
@@ -157,7 +144,7 @@ def relabel_images(
                 target=label,
                 images=len(given),
                 before={
-                    "labels": {g.sha256: _label_dict(before.get(g.sha256)) for g in given},
+                    "labels": {g.sha256: label_dict(before.get(g.sha256)) for g in given},
                     "created_dir": str(dest) if created and dest.exists() else None,
                 },
                 after={"label": label},
@@ -186,11 +173,10 @@ def apply_thresholds(
         rule = UnknownRule(confidence, distance, version.mix)
     except ValueError as e:
         raise ReviewError(str(e)) from None
-    th = version.info.thresholds
     before = {
         "confidence": version.confidence_threshold,
         "distance": version.distance_threshold,
-        "tuned": bool(th is not None and th.extra.get("tuned")),
+        "tuned": version.thresholds_tuned,
     }
     with using_store(ws, store, check=False) as store:
         with store.atomic():
@@ -228,7 +214,6 @@ def threshold_counts(
     ``confidence`` and ``distance`` (None: off) are previewed. Nothing changes.
     """
     version = get_version(ws, model)
-    th = version.info.thresholds
     if keep:
         confidence, distance = version.confidence_threshold, version.distance_threshold
     try:
@@ -242,7 +227,7 @@ def threshold_counts(
         "confidence": rule.confidence,
         "distance": rule.distance,
         "mix": version.mix,
-        "tuned": bool(keep and th is not None and th.extra.get("tuned")),
+        "tuned": keep and version.thresholds_tuned,
         "counts": counts,
     }
 
@@ -257,19 +242,25 @@ def activate_model(
     previous = active_version(ws)
     with using_store(ws, store, check=False) as store:
         with store.atomic():
-            store.audit.record(
-                "activate",
-                who=who or local_user(),
-                summary=f"activated {version.name}"
-                + (f" (was {previous.name})" if previous is not None else ""),
-                model_version=version.name,
-                target=version.name,
-                before={"version": previous.name if previous is not None else None},
-                after={"version": version.name},
-                touches=["active"],
+            record_activation(
+                store, version.name, previous.name if previous else None, who or local_user()
             )
             activate_version(ws, version.name)
     return version.name
+
+
+def record_activation(store: Store, name: str, previous: str | None, who: str) -> None:
+    """Record that ``name`` became the active version after ``previous`` (undo goes back)."""
+    store.audit.record(
+        "activate",
+        who=who,
+        summary=f"activated {name}" + (f" (was {previous})" if previous is not None else ""),
+        model_version=name,
+        target=name,
+        before={"version": previous},
+        after={"version": name},
+        touches=["active"],
+    )
 
 
 def audit_log(
@@ -333,10 +324,6 @@ def _undoable(store: Store, action_id: int | None) -> AuditEntry:
             f"action {action_id} was already undone (by {entry.undone_by})", kind="conflict"
         )
     return entry
-
-
-def _label_dict(h: HumanLabel | None) -> dict[str, Any] | None:
-    return None if h is None else asdict(h)
 
 
 def _restore_files(store: Store, entry: AuditEntry) -> None:

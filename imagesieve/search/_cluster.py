@@ -657,23 +657,30 @@ def _pca(xb: np.ndarray, params: ClusterParams) -> tuple[Any, np.ndarray]:
 
 def _umap(z: np.ndarray, params: ClusterParams) -> np.ndarray:
     """UMAP of the PCA coordinates: tight clumps (``min_dist=0``), as clustering wants."""
+    return umap_reduce(z, params.umap_dims, params.umap_neighbors, params.seed, min_dist=0.0)
+
+
+def umap_reduce(
+    z: np.ndarray, dims: int, neighbours: int, seed: int, min_dist: float = 0.0
+) -> np.ndarray:
+    """Seeded UMAP of the rows of ``z`` to ``dims`` dimensions, on exact FAISS neighbours."""
     try:
         import umap
     except ImportError:
         raise ImportError(
-            f"umap_dims={params.umap_dims} needs the umap-learn package: pip install umap-learn "
+            f"umap_dims={dims} needs the umap-learn package: pip install umap-learn "
             "(or umap_dims=None to cluster the PCA projection)"
         ) from None
     n = len(z)
-    k = min(params.umap_neighbors, n - 1)
+    k = min(neighbours, n - 1)
     nn, dist = _neighbours(z, k)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "n_jobs overridden by random_state": seeded is serial
         reducer = umap.UMAP(
-            n_components=min(params.umap_dims, n - 2),
+            n_components=min(dims, n - 2),
             n_neighbors=k,
-            min_dist=0.0,
-            random_state=params.seed,
+            min_dist=min_dist,
+            random_state=seed,
             precomputed_knn=(nn, dist, None),
         )
         return reducer.fit_transform(z).astype(np.float32)

@@ -19,7 +19,7 @@ import numpy as np
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import Progress
 from imagesieve.models import get_version
-from imagesieve.search._cluster import _neighbours
+from imagesieve.search._cluster import umap_reduce
 from imagesieve.store import STORE_FILE, Store, using_store
 
 __all__ = ["COLOR_BY", "MAX_POINTS", "EmbeddingMap", "compute_map", "load_map", "map_points"]
@@ -98,9 +98,10 @@ def compute_map(
     progress("projecting", 1, 3)
     xy = _project_in_child(ws, x, seed)
     del x
+    progress("saving", 2, 3)
     made = EmbeddingMap(version, ids, xy, stored, time.time(), time.perf_counter() - t0)
     made.save(map_path(ws, version))
-    progress("projecting", 3, 3)
+    progress("saving", 3, 3)
     return made
 
 
@@ -143,24 +144,8 @@ def project_2d(vectors: str | np.ndarray, seed: int) -> np.ndarray:
     z = np.concatenate(
         [pca.transform(np.asarray(x[i : i + 8192])) for i in range(0, n, 8192)]
     ).astype(np.float32)
-    if n <= 15:
-        xy = z[:, :2]
-    else:
-        import warnings
-
-        import umap
-
-        neighbours = 15
-        nn, dist = _neighbours(z, neighbours)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            xy = umap.UMAP(
-                n_components=2,
-                n_neighbors=neighbours,
-                min_dist=0.1,
-                random_state=seed,
-                precomputed_knn=(nn, dist, None),
-            ).fit_transform(z)
+    # UMAP as clustering runs it, on exact neighbours; points spread a little for the eye
+    xy = z[:, :2] if n <= 15 else umap_reduce(z, 2, 15, seed, min_dist=0.1)
     lo, hi = xy.min(axis=0), xy.max(axis=0)
     return ((xy - lo) / np.where(hi > lo, hi - lo, 1)).astype(np.float32)
 

@@ -47,8 +47,10 @@ __all__ = [
     "class_name",
     "export_clusters",
     "filename_of",
+    "label_dict",
     "list_clusters",
     "local_user",
+    "place_in_class",
     "promote_cluster",
     "run_clustering",
     "training_folder",
@@ -335,6 +337,39 @@ def class_name(name: str) -> str:
     return clean
 
 
+def place_in_class(
+    ws: Workspace,
+    dest: Path,
+    row: Any,
+    names: set[str],
+    files: list[AuditFile],
+    result: PromoteResult | Any,
+) -> HumanLabel:
+    """Copy a stored image (``id``, ``source``, ``sha256``) into the class folder ``dest``.
+
+    ``names`` are the file names already there (it grows); a file written is added to
+    ``files`` for undo; ``result`` counts copied, already there and missing. Returns the
+    label the image now carries (its file, or None when its content is gone).
+    """
+    content = image_source(ws, row.sha256, row.source)
+    if content is None:
+        result.missing.append(row.source)
+        return HumanLabel(row.sha256, dest.name, row.id, 0, None)
+    target = sort_into(dest.parent, dest.name, filename_of(row.source), content, row.sha256)
+    if target.name in names:
+        result.already_there += 1
+    else:
+        names.add(target.name)
+        files.append(AuditFile(str(target), "added", row.sha256))
+        result.copied += 1
+    return HumanLabel(row.sha256, dest.name, row.id, 0, str(target))
+
+
+def label_dict(label: HumanLabel | None) -> dict[str, Any] | None:
+    """A person's label as the audit log keeps it for undo (None: there was none)."""
+    return None if label is None else asdict(label)
+
+
 def class_folder(into: Path, name: str) -> Path:
     """Where a class's images go in a training folder: ``into/train/<name>`` if it is pre-split."""
     return into / "train" / name if (into / "train").is_dir() else into / name
@@ -390,21 +425,8 @@ def promote_cluster(
         taken = [m for m in members if m.id not in excluded]
         result.excluded = len(members) - len(taken)
         labels_before = store.audit.labels([m.sha256 for m in taken])
-        files, given = [], []
-        for m in taken:
-            content = image_source(ws, m.sha256, m.source)
-            if content is None:
-                result.missing.append(m.source)
-                given.append(HumanLabel(m.sha256, name, m.id, 0, None))
-                continue
-            target = sort_into(dest.parent, name, filename_of(m.source), content, m.sha256)
-            if target.name in before:
-                result.already_there += 1
-            else:
-                before.add(target.name)
-                files.append(AuditFile(str(target), "added", m.sha256))
-                result.copied += 1
-            given.append(HumanLabel(m.sha256, name, m.id, 0, str(target)))
+        files: list[AuditFile] = []
+        given = [place_in_class(ws, dest, m, before, files, result) for m in taken]
         store.audit.record(
             "promote",
             who=who or local_user(),
@@ -415,10 +437,7 @@ def promote_cluster(
             before={
                 "state": state,
                 "excluded": added,
-                "labels": {
-                    g.sha256: (None if (h := labels_before.get(g.sha256)) is None else asdict(h))
-                    for g in given
-                },
+                "labels": {g.sha256: label_dict(labels_before.get(g.sha256)) for g in given},
                 "created_dir": str(dest) if created else None,
             },
             after={"name": name, "dest": str(dest)},

@@ -7,7 +7,7 @@ images are files by content. User SQL runs read-only through ``run_sql``.
 """
 
 from imagesieve.store._audit import AuditEntry, AuditFile, HumanLabel
-from imagesieve.store._browse import MAX_PAGE, SORTS, ImageQuery, browse
+from imagesieve.store._browse import MAX_PAGE, ROW_FIELDS, SORTS, ImageQuery, browse
 from imagesieve.store._clusters import CLUSTER_FIELDS, PreviousCluster
 from imagesieve.store._images import KEEP_POLICIES, ZIP_MEMBER, image_source, keep_image, kept_path
 from imagesieve.store._rows import Failure, IndexCheck, PredictionRow, ResultRow, StoredHeadInputs
@@ -21,7 +21,6 @@ from imagesieve.store._sql import (
     run_store_sql,
 )
 from imagesieve.store._store import (
-    BATCH_REPORT_COLUMNS,
     STORE_FILE,
     Store,
     StoreBusyError,
@@ -30,7 +29,6 @@ from imagesieve.store._store import (
 from imagesieve.store._vectors import VectorIndex
 
 __all__ = [
-    "BATCH_REPORT_COLUMNS",
     "AuditEntry",
     "AuditFile",
     "HumanLabel",
@@ -39,6 +37,7 @@ __all__ = [
     "KEEP_POLICIES",
     "MAX_PAGE",
     "MIGRATIONS",
+    "ROW_FIELDS",
     "PREDICTION_COLUMNS",
     "SAFE_CONFIG",
     "SCHEMA_VERSION",

@@ -80,10 +80,25 @@ CONNECTION_CONFIG = {
 BATCH_COUNTS = ("n_items", "n_scored", "n_skipped", "n_unknown", "n_failed")
 #: Rows read per chunk when rebuilding or catching up an index from DuckDB.
 READ_CHUNK = 8192
-#: The columns of a batch's report (``Store.batch_rows``): what browsing shows of a row.
-BATCH_REPORT_COLUMNS = ROW_FIELDS
 #: Neighbour rows kept in memory at most (~0.3 KB each); past it, the newest are kept.
 ROWS_KEPT = 200_000
+
+
+def _fill_vectors(relation: Any, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, (rows, dim) float32) of a DuckDB relation of (id, embedding), at most ``n`` rows.
+
+    Read in Arrow chunks straight into one preallocated array.
+    """
+    import pyarrow as pa
+
+    ids = np.zeros(n, np.int64)
+    vectors = np.zeros((n, dim), np.float32)
+    i = 0
+    for batch in relation.to_arrow_reader(READ_CHUNK):
+        got_ids, got = embedding_matrix(pa.Table.from_batches([batch]), dim)
+        ids[i : i + len(got_ids)], vectors[i : i + len(got_ids)] = got_ids, got
+        i += len(got_ids)
+    return ids[:i], vectors[:i]
 
 
 class StoreBusyError(SieveError):
@@ -353,8 +368,7 @@ class Store:
         """
         with self.cursor() as cur:
             result = cur.execute(
-                f"SELECT {', '.join(BATCH_REPORT_COLUMNS)} FROM predictions WHERE batch_id = ? "
-                "ORDER BY id",
+                f"SELECT {', '.join(ROW_FIELDS)} FROM predictions WHERE batch_id = ? ORDER BY id",
                 [int(batch_id)],
             )
             while chunk := result.fetchmany(READ_CHUNK):
@@ -986,21 +1000,12 @@ class Store:
 
     def _vectors_all(self, model_version: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """All of a version's (ids, embeddings) from DuckDB, read in chunks into one array."""
-        import pyarrow as pa
-
         n = self._vector_stats(model_version)[0]
-        ids = np.zeros(n, np.int64)
-        vectors = np.zeros((n, dim), np.float32)
         query = (
             f"SELECT e.id, e.embedding FROM {self._embeddings_of(dim)} e "
             "JOIN predictions p USING (id) WHERE p.model_version = ?"
         )
-        i = 0
-        for batch in self._db.sql(query, params=[model_version]).to_arrow_reader(READ_CHUNK):
-            got_ids, got = embedding_matrix(pa.Table.from_batches([batch]), dim)
-            ids[i : i + len(got_ids)], vectors[i : i + len(got_ids)] = got_ids, got
-            i += len(got_ids)
-        return ids[:i], vectors[:i]
+        return _fill_vectors(self._db.sql(query, params=[model_version]), n, dim)
 
     def sample_vectors(
         self, model_version: str, max_rows: int, seed: int = 0
@@ -1020,18 +1025,10 @@ class Store:
             return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
         if len(ids) > max_rows:
             ids = np.sort(np.random.default_rng(seed).choice(ids, max_rows, replace=False))
-        out = np.zeros((len(ids), dim), np.float32)
-        got_ids = np.zeros(len(ids), np.int64)
         with self.cursor() as cur:
             cur.register("_sample_ids", pa.table({"id": pa.array(ids, pa.int64())}))
             query = f"SELECT e.id, e.embedding FROM {table} e JOIN _sample_ids USING (id)"
-            i = 0
-            for batch in cur.sql(query).to_arrow_reader(READ_CHUNK):
-                chunk_ids, got = embedding_matrix(pa.Table.from_batches([batch]), dim)
-                out[i : i + len(chunk_ids)] = got
-                got_ids[i : i + len(chunk_ids)] = chunk_ids
-                i += len(chunk_ids)
-        got_ids, out = got_ids[:i], out[:i]
+            got_ids, out = _fill_vectors(cur.sql(query), len(ids), dim)
         if len(got_ids) > 1 and not np.all(got_ids[1:] > got_ids[:-1]):  # rarely: no copy
             order = np.argsort(got_ids, kind="stable")
             got_ids, out = got_ids[order], out[order]

@@ -13,6 +13,7 @@ import html
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import gradio as gr
@@ -291,8 +292,12 @@ def review_tab(service: Service) -> Panel:
             ids=tuple(ids) if ids is not None else None,
         )
 
-    def page_of(query: ImageQuery, page: int, size: int, selected: list[int]) -> tuple:
-        size = int(size)
+    def view(page: float, size: float, filters: Any, selected: Sequence[int] = ()) -> tuple:
+        """The tab's outputs for a page: the grid (keeping ``selected``), summary, pager, actions."""
+        query, page, size = query_of(*filters), int(page or 1), int(size)
+        return (*page_of(query, page, size, selected), _audit_md(service))
+
+    def page_of(query: ImageQuery, page: int, size: int, selected: Sequence[int]) -> tuple:
         found = service.browse(query, limit=size, offset=max(0, int(page) - 1) * size, facets=False)
         pages = max(1, -(-found["total"] // size))
         if found["total"] and not found["rows"] and page > 1:  # past the end: the last page
@@ -317,13 +322,11 @@ def review_tab(service: Service) -> Panel:
         )
         if query.ids is not None:
             summary += f" · within the {len(query.ids):,} selected on the map"
-        return value, summary, gr.Number(value=int(page), maximum=pages), pages
+        return value, summary, gr.Number(value=int(page), maximum=pages)
 
     @user_errors
     def show(page: float, size: float, *filters: Any) -> tuple:
-        query = query_of(*filters)
-        value, summary, pager, _ = page_of(query, int(page or 1), int(size), [])
-        return value, summary, pager, _audit_md(service)
+        return view(page, size, filters)
 
     @user_errors
     def act(grid: dict, page: float, size: float, request: gr.Request, *filters: Any) -> tuple:
@@ -343,8 +346,7 @@ def review_tab(service: Service) -> Panel:
             if name and selected:
                 result = service.relabel(selected, name, who=app_user(request))
                 gr.Info(_relabel_words(result))
-        value, summary, pager, _ = page_of(query_of(*filters), page, int(size), selected)
-        return value, summary, pager, _audit_md(service)
+        return view(page, size, filters, selected)
 
     @user_errors
     def relabel(
@@ -369,15 +371,13 @@ def review_tab(service: Service) -> Panel:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         result = service.relabel(selected, name, who=app_user(request))
         gr.Info(_relabel_words(result))
-        value, summary, pager, _ = page_of(query_of(*filters), int(page or 1), int(size), selected)
-        return value, summary, pager, _audit_md(service)
+        return view(page, size, filters, selected)
 
     @user_errors
     def undo(page: float, size: float, request: gr.Request, *filters: Any) -> tuple:
         entry = service.undo(who=app_user(request))
         gr.Info(entry["summary"])
-        value, summary, pager, _ = page_of(query_of(*filters), int(page or 1), int(size), [])
-        return value, summary, pager, _audit_md(service)
+        return view(page, size, filters)
 
     def refresh(current: str | None) -> tuple:
         classes = class_names(service)

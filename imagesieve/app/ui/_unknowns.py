@@ -165,7 +165,10 @@ def _cluster_panel(
     With ``review``, a button opens all its members in the Review tab, least typical first.
     """
     cid = c["cluster_id"]
-    members = service.cluster_members(cid, limit=MEMBERS_SHOWN)
+    # every member now (new UNKNOWNs join a cluster between runs); the gallery shows the first
+    everyone = service.cluster_members(cid, limit=MAX_MEMBERS)
+    taking = sum(not m["excluded"] for m in everyone)  # what a promotion copies
+    members = everyone[:MEMBERS_SHOWN]
     captions = (
         f"#{m['id']} · {m['top1_class']} {pct(m['top1_prob'])}"
         + (" · left out" if m["excluded"] else "")
@@ -264,9 +267,6 @@ def _cluster_panel(
             reject_button = gr.Button(
                 "Reject", size="sm", variant="stop", elem_id=f"cluster-{cid}-reject"
             )
-    # its members now (new UNKNOWNs join a cluster between runs), and those not left out
-    everyone = service.cluster_members(cid, limit=MAX_MEMBERS)
-    taking = sum(not m["excluded"] for m in everyone)
     if review is not None and review[1]:
         tabs, handles = review
         review_button = gr.Button(

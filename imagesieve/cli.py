@@ -736,13 +736,14 @@ def cmd_batches(args: argparse.Namespace, ws: Workspace) -> None:
     """The `batches` verb: past scoring batches; one with its failures; its CSV report."""
     from imagesieve.ingest import batch_detail, list_batches, write_batch_report
 
-    if args.csv and args.id is None:
-        raise UserError("--csv writes one batch's report: give its --id")
+    outs = {fmt: path for fmt in ("csv", "xlsx") if (path := getattr(args, fmt))}
+    if outs and args.id is None:
+        raise UserError(f"--{next(iter(outs))} writes one batch's report: give its --id")
     if args.id is not None:
         doc = batch_detail(ws, args.id)
-        if args.csv:
-            with open(args.csv, "w", newline="") as f:
-                write_batch_report(ws, args.id, f)
+        for fmt, path in outs.items():
+            with open(path, "wb") as f:
+                write_batch_report(ws, args.id, f, fmt=fmt)
 
         def one() -> None:
             print(
@@ -752,8 +753,8 @@ def cmd_batches(args: argparse.Namespace, ws: Workspace) -> None:
             )
             for f in doc["failures"][:50]:
                 print(f"  {f['source']}: {f['kind']}: {f['message']}")
-            if args.csv:
-                print(f"  report: {args.csv}")
+            for path in outs.values():
+                print(f"  report: {path}")
 
         _emit(args, doc, one)
         return
@@ -1108,7 +1109,10 @@ def _parser() -> argparse.ArgumentParser:
         "batches", parents=[common], help="past scoring batches; --id one; --csv its report"
     )
     bt.add_argument("--id", type=int, help="one batch: its counts and failures")
-    bt.add_argument("--csv", metavar="OUT", help="write that batch's stored rows as CSV")
+    bt.add_argument(
+        "--csv", metavar="OUT", help="write that batch's report (its inputs in order) as CSV"
+    )
+    bt.add_argument("--xlsx", metavar="OUT", help="write that batch's report as an Excel workbook")
     bt.add_argument("--limit", type=int, default=50, help="newest batches listed (default 50)")
     bt.set_defaults(func=cmd_batches)
 

@@ -15,6 +15,7 @@ import re
 import zipfile
 from pathlib import Path
 
+import openpyxl
 import pytest
 from httpserver import ImageServer  # tests/ is on sys.path under pytest
 
@@ -438,24 +439,39 @@ def test_batch__scores_with_progress_and_downloads_the_csv_and_label_folders(pag
     with zipfile.ZipFile(archive, "w") as zf:
         for p in zipped:
             zf.write(p, f"cells/{p.name}")
+    tree = tmp_path / "site"  # a folder with sub-folders: their names reach the report
+    for sub, cell in [("north", cells["fresh_mono"][17]), ("south/roof", cells["fresh_mono"][18])]:
+        (tree / sub).mkdir(parents=True)
+        (tree / sub / cell.name).write_bytes(cell.read_bytes())
     page.tab("Batch")
     page.page.set_input_files("#batch-files input[type=file]", [*map(str, loose), str(archive)])
     page.wait_text("#batch-files", "more cells")  # uploaded and listed
+    page.page.set_input_files("#batch-folder input[type=file]", str(tree))
+    page.wait_text("#batch-folder", cells["fresh_mono"][18].name)
     page.watch_progress()
     page.page.click("#batch-run")
 
     summary = page.wait_text("#batch-summary", "Batch")
-    n = len(loose) + len(zipped)
+    n = len(loose) + len(zipped) + 2
     assert f"{n} items" in summary and "0 failed" in summary
     seen = page.progress_seen()
     assert any(f"/{n} images" in t for t in seen), seen  # a bar with the known total
     assert any(t.startswith("scoring") for t in seen), seen
     assert page.table_size("#batch-table") == n
+    headers, rows = page.table("#batch-table")
+    shown = {r[headers.index("source")] for r in rows}
+    assert f"site/south/roof/{cells['fresh_mono'][18].name}" in shown, shown
+    assert f"site/north/{cells['fresh_mono'][17].name}" in shown, shown
 
     report = list(csv.DictReader(io.StringIO(page.download("#batch-csv").read_text())))
     assert len(report) == n
+    assert [int(r["item"]) for r in report] == list(range(1, n + 1))  # input order
+    assert {r["outcome"] for r in report} == {"scored"}
     names = {r["source"].replace("\\", "/").rsplit("/", 1)[-1].rsplit(":", 1)[-1] for r in report}
-    assert names == {p.name for p in loose + zipped}
+    assert names == {p.name for p in loose + zipped} | {
+        cells["fresh_mono"][17].name,
+        cells["fresh_mono"][18].name,
+    }
     in_store = dict(service.sql("SELECT source, label FROM predictions", limit=100_000).rows)
     assert {r["source"]: in_store.get(r["source"]) for r in report} == {
         r["source"]: r["label"] for r in report
@@ -472,8 +488,8 @@ def test_batch__scores_with_progress_and_downloads_the_csv_and_label_folders(pag
         " === n + 1",
         arg=unknown,
     )
-    _, rows = page.table("#batch-table")
-    assert rows and {r[1] for r in rows} == {"UNKNOWN"}
+    headers, rows = page.table("#batch-table")
+    assert rows and {r[headers.index("label")] for r in rows} == {"UNKNOWN"}
 
     # The zip holds one folder per label with the images under their own names.
     with zipfile.ZipFile(page.download("#batch-zip")) as zf:
@@ -489,21 +505,25 @@ def test_batch__scores_with_progress_and_downloads_the_csv_and_label_folders(pag
     page.assert_no_errors()
 
 
-def test_batch__csv_of_urls_scores_the_live_ones_and_stores_why_the_others_failed(
-    page, app, tmp_path
-):
+def test_batch__excel_list_round_trip_keeps_its_columns_and_order_and_reopens(page, app, tmp_path):
     _, service, cells = app
     images = cells["fresh_mono"][12:16]
     files = {p.name: p.read_bytes() for p in images}
     with ImageServer(files, host="127.0.0.2") as srv, ImageServer(files) as inside:
         dead, html = f"{srv.base}/status/404", f"{srv.base}/html"
         loopback = inside.url(images[0].name)  # not allowed: refused, never fetched
-        sheet = tmp_path / "meter photos.csv"
-        with sheet.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["meter", "photo"])
-            urls = [*map(srv.url, (p.name for p in images)), dead, html, loopback]
-            w.writerows([i, u] for i, u in enumerate(urls))
+        urls = [*map(srv.url, (p.name for p in images)), dead, html, loopback]
+        urls.insert(2, urls[0])  # the same photo twice: stored once, reported twice
+        meters = [f"{i:05d}" for i in range(len(urls), 0, -1)]  # ids with leading zeros
+        book = openpyxl.Workbook()
+        book.active.append(["meter", "site", "photo"])
+        for meter, u in zip(meters, urls, strict=True):
+            book.active.append([meter, f"=site {meter}", u])
+            book.active.cell(
+                book.active.max_row, 2
+            ).data_type = "s"  # text that looks like a formula
+        sheet = tmp_path / "meter photos.xlsx"
+        book.save(sheet)
         page.tab("Batch")
         page.page.set_input_files("#batch-files input[type=file]", str(sheet))
         page.wait_text("#batch-files", "meter photos")
@@ -511,9 +531,11 @@ def test_batch__csv_of_urls_scores_the_live_ones_and_stores_why_the_others_faile
         page.page.click("#batch-run")
         summary = page.wait_text("#batch-summary", "Batch")
         assert sum(inside.hits.values()) == 0
-    assert "7 items" in summary and "4 scored" in summary and "3 failed" in summary, summary
+    assert "8 items" in summary and "4 scored" in summary and "3 failed" in summary, summary
     assert dead in summary and html in summary and loopback in summary
-    assert page.table_size("#batch-table") == 7
+    assert page.table_size("#batch-table") == 8
+    headers, _ = page.table("#batch-table")
+    assert headers[:5] == ["meter", "site", "photo", "item", "source"], headers
     failures = dict(
         service.sql(
             "SELECT source, message FROM failures WHERE source IN "
@@ -523,6 +545,36 @@ def test_batch__csv_of_urls_scores_the_live_ones_and_stores_why_the_others_faile
     assert "404" in failures[dead] and "\n" not in failures[dead]
     assert failures[html] and "\n" not in failures[html]
     assert "is not a public address" in failures[loopback]
+
+    # The Excel report: the sheet's columns as they were (text stays text), in input order.
+    book = openpyxl.load_workbook(io.BytesIO(page.download("#batch-xlsx").read_bytes()))
+    rows = list(book.active.iter_rows(values_only=True))
+    head, body = rows[0], [dict(zip(rows[0], r, strict=True)) for r in rows[1:]]
+    assert head[:3] == ("meter", "site", "photo")
+    assert [r["meter"] for r in body] == meters and [r["photo"] for r in body] == urls
+    assert [r["site"] for r in body] == [f"=site {m}" for m in meters]  # never a formula
+    assert [r["item"] for r in body] == list(range(1, 9))
+    outcomes = [r["outcome"] for r in body]  # downloads finish in any order: either twin first
+    assert sorted([outcomes[0], outcomes[2]]) == ["already_scored", "scored"]
+    assert outcomes[1] == outcomes[3] == outcomes[4] == "scored" and outcomes[5:] == ["failed"] * 3
+    assert body[2]["id"] == body[0]["id"] and isinstance(body[0]["top1_prob"], float)
+    assert "404" in body[5]["error"] and body[5]["id"] is None
+    batch_id = int(re.search(r"Batch (\d+)", summary).group(1))
+
+    # A past batch opens again from the list, after a reload.
+    page.page.reload()
+    page.tab("Batch")
+    page.page.click("#batch-past input")
+    page.page.get_by_role("option", name=re.compile(rf"^Batch {batch_id} ·")).click()
+    again = page.wait_text("#batch-summary", f"Batch {batch_id}")
+    assert "8 items" in again and "3 failed" in again, again
+    page.page.wait_for_function(
+        "() => +document.querySelector('#batch-table [role=grid]')?.getAttribute('aria-rowcount')"
+        " === 9"
+    )
+    assert page.table("#batch-table")[0][:3] == ["meter", "site", "photo"]
+    csv_rows = list(csv.DictReader(io.StringIO(page.download("#batch-csv").read_text())))
+    assert [r["meter"] for r in csv_rows] == meters
     page.assert_no_errors()
 
 

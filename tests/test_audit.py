@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import openpyxl
 import pytest
 import requests
 
@@ -474,9 +476,22 @@ def test_batches__listed_opened_and_reported_by_every_door(review, tmp_path, cap
     out = tmp_path / "report.csv"
     args = ["batches", "--workspace", str(ws.root), "--id", "1", "--csv", str(out)]
     assert main(args) == 0
-    lines = out.read_text().splitlines()
-    assert lines[0].startswith("id,source,sha256,model_version,scored_at") and len(lines) == 41
-    assert [int(line.split(",")[0]) for line in lines[1:]] == sorted(mono + poly)  # stored order
+    report = list(csv.DictReader(out.open()))
+    assert len(report) == 40 and [int(r["item"]) for r in report] == list(range(1, 41))
+    assert sorted(int(r["id"]) for r in report) == sorted(mono + poly)
+    assert {r["outcome"] for r in report} == {"scored"}
+    again = tmp_path / "again.csv"
+    assert main([*args[:-2], "--csv", str(again)]) == 0 and again.read_text() == out.read_text()
+    mixed = tmp_path / "mixed.xlsx"
+    assert main([*args[:-2], "--xlsx", str(mixed)]) == 0
+    book = openpyxl.load_workbook(mixed, read_only=True)
+    first_rows = list(book.active.iter_rows(values_only=True))
+    assert first_rows[0][:3] == ("item", "source", "outcome") and len(first_rows) == 41
+    second_report = tmp_path / "second.csv"
+    assert main([*args[:-4], "--id", "2", "--csv", str(second_report)]) == 0
+    two = list(csv.DictReader(second_report.open()))
+    assert [r["outcome"] for r in two] == ["failed", "already_scored"]
+    assert two[0]["error"].startswith("not_image:") and int(two[1]["id"]) in mono + poly
     assert main(["batches", "--workspace", str(ws.root), "--id", "9"]) == 2
     assert "no batch 9" in capsys.readouterr().err
 
@@ -492,6 +507,24 @@ def test_batches__listed_opened_and_reported_by_every_door(review, tmp_path, cap
             day = first["started_at"][:10]
             assert f'filename="batch-1-{day}.csv"' in r.headers["content-disposition"]
             assert r.text.replace("\r\n", "\n") == out.read_text().replace("\r\n", "\n")
+            r = requests.get(f"{base}/batches/1/report?format=xlsx", timeout=30)
+            assert r.status_code == 200 and "spreadsheetml" in r.headers["content-type"]
+            assert f'filename="batch-1-{day}.xlsx"' in r.headers["content-disposition"]
+            book = openpyxl.load_workbook(io.BytesIO(r.content), read_only=True)
+            assert list(book.active.iter_rows(values_only=True)) == first_rows
+            assert (
+                requests.get(f"{base}/batches/1/report?format=xls", timeout=30).status_code == 422
+            )
+            # An uploaded folder keeps its sub-folders; nothing climbs out of the upload.
+            cell = Path(stored(ws, "SELECT source FROM predictions")[1][0])
+            parts = [("site/north/a.png", cell), ("../../outside.png", cell)]
+            files = [("files", (name, p.read_bytes(), "image/png")) for name, p in parts]
+            doc = requests.post(f"{base}/score", files=files, timeout=60).json()
+            upload = Path(doc["upload_dir"])
+            assert (upload / "site/north/a.png").is_file() and (upload / "outside.png").is_file()
+            r = requests.get(f"{base}/batches/{doc['batch_id']}/report", timeout=30)
+            sources = [row["source"] for row in csv.DictReader(io.StringIO(r.text))]
+            assert sources == [str(upload / "outside.png"), str(upload / "site/north/a.png")]
             for path, status in [
                 ("/batches/99", 400),
                 ("/batches/99/report", 400),

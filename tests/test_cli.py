@@ -52,13 +52,17 @@ def test_main__score_json_and_csv(scoring_ws, small_folder, tmp_path, capsys):
     assert doc["failures"][0]["kind"] == "not_image"
     assert sum(doc["labels"].values()) == n_images
     rows = list(csv.DictReader(out_csv.open()))
-    assert len(rows) == n_images + 1
-    bad = [r for r in rows if r["source"].endswith("bad.jpg")][0]
-    assert bad["error"] == "not a recognised image format" and bad["label"] == ""
+    assert len(rows) == n_images + 2  # and the folder's notes.txt, left out, last
+    assert [int(r["item"]) for r in rows] == list(range(1, n_images + 3))  # input order
+    bad, ignored = rows[-2:]
+    assert bad["source"].endswith("bad.jpg") and bad["outcome"] == "failed"
+    assert bad["error"] == "not_image: not a recognised image format"
+    assert bad["label"] == "" and bad["id"] == ""
+    assert ignored["source"].endswith("notes.txt") and ignored["outcome"] == "ignored"
     good = rows[0]
-    assert (
-        good["top1"] in ("defective", "functional", "lonely") and 0 < float(good["top1_prob"]) <= 1
-    )
+    assert good["outcome"] == "scored" and int(good["id"]) >= 1
+    assert good["top1_class"] in ("defective", "functional", "lonely")
+    assert 0 < float(good["top1_prob"]) <= 1
 
 
 def test_main__evaluate_json_reports_unseen_class(trained, small_folder, tmp_path, capsys, elpv):

@@ -184,7 +184,8 @@ def test_score__url_list_csv_with_failures_per_row(scoring_ws, cells, tmp_path):
     assert kinds == {urls[4]: "http_error", urls[5]: "not_image", urls[7]: "bad_url"}
     report = list(csv.DictReader(out.open()))
     assert len(report) == len(urls)
-    assert {r["source"] for r in report} == set(urls)
+    assert [r["source"] for r in report] == urls  # in the list's order
+    assert [r["id (input)"] for r in report] == [str(i) for i in range(len(urls))]
     redirected = next(r for r in report if r["source"] == urls[6])
     first = next(r for r in report if r["source"] == urls[0])
     assert redirected["label"] == first["label"] and redirected["top1_prob"] == first["top1_prob"]

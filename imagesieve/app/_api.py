@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from datetime import date
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import (
     APIRouter,
@@ -39,6 +39,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from imagesieve._errors import KINDS, classify_error
 from imagesieve.app._service import Limits, Service
+from imagesieve.ingest import REPORT_FORMATS, report_media_type
 from imagesieve.search import MAX_RELABEL
 from imagesieve.store import MAX_PAGE, SORTS, ImageQuery
 
@@ -509,15 +510,30 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
 
     @router.get(
         "/batches/{batch_id}/report",
-        responses=errors(400) | {200: {"content": {"text/csv": {}}, "description": "CSV"}},
+        responses=errors(400)
+        | {
+            200: {
+                "content": {report_media_type(f): {} for f in REPORT_FORMATS},
+                "description": "the report file, named by batch and day",
+            }
+        },
         response_class=StreamingResponse,
     )
-    async def batch_report(batch_id: int = Path(..., ge=1, le=2**31 - 1)) -> StreamingResponse:
-        """A batch's stored rows as CSV, with the stored id; named by batch and day."""
-        name, chunks = await _call(service.batch_report, batch_id)
+    async def batch_report(
+        batch_id: int = Path(..., ge=1, le=2**31 - 1),
+        format: Literal["csv", "xlsx"] = Query(  # noqa: A002 - the query parameter's name
+            "csv", description="csv, or xlsx for Excel (numbers as numbers, ids as text)"
+        ),
+    ) -> StreamingResponse:
+        """A batch's report: its inputs in input order, each with what became of it.
+
+        The input sheet's own columns first, then outcome, stored id, label, Top-3, distance,
+        cluster, a person's label or why it failed.
+        """
+        name, chunks = await _call(service.batch_report, batch_id, format)
         return StreamingResponse(
             chunks,
-            media_type="text/csv",
+            media_type=report_media_type(format),
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )
 

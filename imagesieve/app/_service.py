@@ -188,6 +188,26 @@ class PredictResult:
         }
 
 
+#: Most folder levels an uploaded file's name keeps (``site/2026-12/meter.jpg``).
+MAX_UPLOAD_DEPTH = 8
+
+
+def safe_relative_path(name: str) -> str:
+    """An upload's name with its sub-folders kept, each part a safe file name.
+
+    Never absolute and never above the upload folder (``..`` and empty parts are dropped).
+    """
+    parts = [p for p in re.split(r"[\\/]", name or "") if p.strip(" .")]
+    parts = [safe_filename(p) for p in parts][-(MAX_UPLOAD_DEPTH + 1) :]
+    return "/".join(parts) or "upload"
+
+
+def _parents(path: str) -> list[str]:
+    """The folders a relative path lies in: ``a/b/c.png`` -> ``a``, ``a/b``."""
+    parts = path.split("/")
+    return ["/".join(parts[:k]) for k in range(1, len(parts))]
+
+
 def safe_filename(name: str) -> str:
     """A display/file name without directories or odd characters ('upload' if nothing is left)."""
     base = re.split(r"[\\/]", name or "")[-1]
@@ -646,7 +666,9 @@ class Service:
     def save_uploads(self, files: Sequence[tuple[str, bytes | str | os.PathLike]]) -> Path:
         """Copy uploaded files (name, bytes or temp path) into a new folder of the workspace.
 
-        Names are reduced to a safe file name, so nothing lands outside the folder; limits apply.
+        A name's sub-folders are kept (``site/meter.jpg``: an uploaded folder's structure shows
+        in the report), each part reduced to a safe file name, so nothing lands outside the
+        folder; limits apply.
         """
         if len(files) > self.limits.max_files:
             raise ServiceError(
@@ -656,7 +678,7 @@ class Service:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         folder = self.ws.root / UPLOADS / f"{stamp}-{uuid.uuid4().hex[:8]}"
         folder.mkdir(parents=True)
-        total, used = 0, set()
+        total, used, dirs = 0, set(), set()
         for name, content in files:
             size = len(content) if isinstance(content, bytes) else os.path.getsize(content)
             total += size
@@ -670,14 +692,18 @@ class Service:
                     f"upload over the {self.limits.max_request_bytes:,}-byte total limit",
                     "too_large",
                 )
-            safe = safe_filename(name)
+            safe = safe_relative_path(name)
+            if any(p in used for p in _parents(safe.lower())):  # a file has that folder's name
+                safe = safe.replace("/", "_")
             stem, ext = os.path.splitext(safe)
             n = 1
-            while safe.lower() in used:
+            while safe.lower() in used or safe.lower() in dirs:
                 n += 1
                 safe = f"{stem}_{n}{ext}"
             used.add(safe.lower())
+            dirs.update(_parents(safe.lower()))
             dest = folder / safe
+            dest.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, bytes):
                 dest.write_bytes(content)
             else:
@@ -875,9 +901,27 @@ class Service:
         """One batch with its failures."""
         return batch_detail(self.ws, batch_id, store=self.store)
 
-    def batch_report(self, batch_id: int) -> tuple[str, Any]:
-        """(file name, CSV text chunks) of a batch's stored rows."""
-        return batch_report(self.ws, batch_id, store=self.store)
+    def batch_report(self, batch_id: int, fmt: str = "csv") -> tuple[str, Any]:
+        """(file name, content chunks) of a batch's report: its inputs in order, CSV or XLSX."""
+        return batch_report(self.ws, batch_id, fmt=fmt, store=self.store)
+
+    def report_file(self, batch_id: int, fmt: str = "csv") -> Path:
+        """A batch's report written to ``<workspace>/.cache/reports/`` (for the app's download).
+
+        Written again each time (a relabel or rescore changes it), whole and then renamed.
+        """
+        name, chunks = self.batch_report(batch_id, fmt)
+        path = self.ws.cache_dir / "reports" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        try:
+            with open(part, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
+        return path
 
     def audit(self, limit: int = 100, offset: int = 0) -> dict[str, Any]:
         """The recorded review actions, newest first."""

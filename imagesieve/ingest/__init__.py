@@ -1,9 +1,11 @@
 """Ingestion: any pile of images (files, folders, zips, lists, URLs) scored into the store."""
 
 from imagesieve.ingest._batches import (
+    REPORT_FORMATS,
     batch_detail,
     batch_report,
     list_batches,
+    report_media_type,
     write_batch_report,
 )
 from imagesieve.ingest._fetch import FetchOptions, fetch_items
@@ -20,9 +22,11 @@ from imagesieve.ingest._score import (
 from imagesieve.ingest._session import ScoringSession
 
 __all__ = [
+    "REPORT_FORMATS",
     "batch_detail",
     "batch_report",
     "list_batches",
+    "report_media_type",
     "write_batch_report",
     "HISTORY_FILE",
     "ArchiveLimits",

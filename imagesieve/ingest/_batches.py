@@ -8,17 +8,22 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import itertools
+import json
+import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-from imagesieve._errors import NotFoundError
+from imagesieve._errors import NotFoundError, UserError
 from imagesieve._workspace import Workspace
-from imagesieve.store import ROW_FIELDS, STORE_FILE, Store, using_store
+from imagesieve.store import BATCH_ITEM_FIELDS, ROW_FIELDS, STORE_FILE, Store, using_store
 
 __all__ = [
     "batch_detail",
     "batch_report",
+    "REPORT_FORMATS",
     "list_batches",
+    "report_media_type",
     "write_batch_report",
 ]
 
@@ -44,40 +49,113 @@ def batch_detail(ws: Workspace, batch_id: int, *, store: Store | None = None) ->
     return rows[0] | {"failures": [f.__dict__ for f in failures]}
 
 
-def _report_name(batch: dict[str, Any]) -> str:
+#: Formats a batch report is written in: CSV (streamed), or an Excel workbook where numbers are
+#: numbers and a sheet's cells stay text (meter ids keep their leading zeros).
+REPORT_FORMATS = ("csv", "xlsx")
+_MEDIA = {
+    "csv": "text/csv; charset=utf-8",
+    "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+}
+
+
+def _report_name(batch: dict[str, Any], fmt: str) -> str:
     """The report's file name: batch id and day, e.g. ``batch-12-2026-12-04.csv``."""
     day = str(batch.get("started_at") or dt.date.today().isoformat())[:10]
-    return f"batch-{int(batch['batch_id'])}-{day}.csv"
+    return f"batch-{int(batch['batch_id'])}-{day}.{fmt}"
+
+
+def report_media_type(fmt: str) -> str:
+    """The HTTP media type of a report format."""
+    return _MEDIA[fmt]
 
 
 def batch_report(
-    ws: Workspace, batch_id: int, *, store: Store | None = None
-) -> tuple[str, Iterator[str]]:
-    """(file name, CSV text chunks) of a batch's stored rows: one header, in the order stored.
+    ws: Workspace, batch_id: int, *, fmt: str = "csv", store: Store | None = None
+) -> tuple[str, Iterator[bytes]]:
+    """(file name, content chunks) of a batch's report: one row per input, in input order.
 
-    The stored id is in each row, so the report joins back to SQL, Similar and Review. Raises
-    NotFoundError at once for a batch that does not exist.
+    A CSV/XLSX list's own columns (meter id, site...) come first, as in the sheet, then what
+    became of the item: outcome, stored id, label, Top-3, distance, cluster, a person's label,
+    or why it failed. The stored id joins the report back to SQL, Similar and Review. Batches
+    scored before inputs were kept list their stored rows instead. Raises NotFoundError at once
+    for a batch that does not exist.
     """
-    name = _report_name(batch_detail(ws, batch_id, store=store))
+    if fmt not in REPORT_FORMATS:
+        raise UserError(f"a report is one of {', '.join(REPORT_FORMATS)}, not {fmt!r}")
+    name = _report_name(batch_detail(ws, batch_id, store=store), fmt)
 
-    def chunks() -> Iterator[str]:
+    def chunks() -> Iterator[bytes]:
         with using_store(ws, store, read_only=store is None) as opened:
-            buf = io.StringIO()
-            w = csv.writer(buf)
-            w.writerow(ROW_FIELDS)
-            for rows in opened.batch_rows(batch_id):
-                w.writerows(rows)
-                yield buf.getvalue()
-                buf.seek(0)
-                buf.truncate()
-            yield buf.getvalue()
+            header, parts = _report_rows(opened, batch_id)
+            yield from (_csv_chunks if fmt == "csv" else _xlsx_chunks)(header, parts)
 
     return name, chunks()
 
 
+def _report_rows(store: Store, batch_id: int) -> tuple[list[str], Iterator[list[tuple]]]:
+    """(header, chunks of rows) of a batch's report (see :func:`batch_report`)."""
+    columns, items = store.batch_items(batch_id)
+    first = next(items, None)
+    if first is None:
+        return list(ROW_FIELDS), store.batch_rows(batch_id)
+    shown = [f"{c} (input)" if c in BATCH_ITEM_FIELDS else c for c in columns]
+    parts = (_with_sheet(columns, rows) for rows in itertools.chain([first], items))
+    return [*shown, *BATCH_ITEM_FIELDS], parts
+
+
+def _with_sheet(columns: list[str], rows: list[tuple]) -> list[tuple]:
+    """Rows of ``Store.batch_items`` with their sheet row (JSON, first) spread into ``columns``."""
+    out = []
+    for input_row, *rest in rows:
+        cells = json.loads(input_row) if input_row else {}
+        out.append((*(cells.get(c, "") for c in columns), *rest))
+    return out
+
+
+def _csv_chunks(header: list[str], parts: Iterator[list[tuple]]) -> Iterator[bytes]:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for rows in parts:
+        w.writerows(rows)
+        yield buf.getvalue().encode()
+        buf.seek(0)
+        buf.truncate()
+    yield buf.getvalue().encode()
+
+
+def _xlsx_chunks(header: list[str], parts: Iterator[list[tuple]]) -> Iterator[bytes]:
+    """The workbook, written row by row (openpyxl's write-only mode) to a temporary file."""
+    import openpyxl
+
+    wb = openpyxl.Workbook(write_only=True)
+    sheet = wb.create_sheet("report")
+    sheet.freeze_panes = "A2"
+    sheet.append(header)
+    for rows in parts:
+        for row in rows:
+            sheet.append([_cell(sheet, v) for v in row])
+    with tempfile.TemporaryFile() as f:
+        wb.save(f)
+        f.seek(0)
+        while chunk := f.read(1 << 20):
+            yield chunk
+
+
+def _cell(sheet: Any, value: Any) -> Any:
+    """A cell that keeps its value: text starting with ``=`` stays text, never a formula."""
+    if isinstance(value, str) and value.startswith("="):
+        from openpyxl.cell import WriteOnlyCell
+
+        cell = WriteOnlyCell(sheet, value=value)
+        cell.data_type = "s"
+        return cell
+    return value
+
+
 def write_batch_report(
-    ws: Workspace, batch_id: int, out: IO[str], *, store: Store | None = None
+    ws: Workspace, batch_id: int, out: IO[bytes], *, fmt: str = "csv", store: Store | None = None
 ) -> None:
-    """Write :func:`batch_report`'s CSV to ``out``."""
-    for text in batch_report(ws, batch_id, store=store)[1]:
-        out.write(text)
+    """Write :func:`batch_report`'s file to ``out``."""
+    for chunk in batch_report(ws, batch_id, fmt=fmt, store=store)[1]:
+        out.write(chunk)

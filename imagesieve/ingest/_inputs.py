@@ -35,6 +35,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: A list row kept for the batch report: at most this many columns, of at most this many chars.
+ROW_LIMITS = (64, 1000)
 #: Headers tried, in order and case-insensitively, when a list is given without ``--column``.
 LIST_COLUMNS = ("url", "image_url", "image", "path", "file", "filename", "source")
 
@@ -107,6 +109,7 @@ class InputItem:
     url: str | None = None
     error: ImageLoadError | None = None
     member: str | None = None  # path inside the archive, for zip members
+    row: dict[str, str] | None = None  # its row of a CSV/XLSX list: header -> cell (bounded)
 
     def content(self) -> str | bytes:
         """The item's file path or bytes (a zip member is read again, within its limits)."""
@@ -151,6 +154,18 @@ class _Sheet:
     column: str  # as written in the header
     encoding: str | None = None  # CSV only
     delimiter: str | None = None  # CSV only
+    header: tuple[str, ...] = ()  # the header's cells; empty for a bare list of URLs
+
+    def row_values(self, row: Sequence[str]) -> dict[str, str]:
+        """One row's cells by header, kept for the batch report (bounded: see ROW_LIMITS)."""
+        max_columns, max_chars = ROW_LIMITS
+        out: dict[str, str] = {}
+        for i, name in enumerate(self.header[:max_columns]):
+            key = name or f"column {i + 1}"
+            while key in out:
+                key += "_"
+            out[key] = (row[i] if i < len(row) else "")[:max_chars]
+        return out
 
 
 def _csv_encoding(path: Path) -> str:
@@ -228,7 +243,7 @@ def _open_sheet(arg: str, path: Path, column: str | None) -> _Sheet:
     for name in wanted:
         if name in lower:
             col = lower.index(name)
-            return _Sheet(path, number, col, header[col], encoding, delimiter)
+            return _Sheet(path, number, col, header[col], encoding, delimiter, tuple(header))
     if column is None and _is_http(header[0]):  # a bare list of URLs, no header
         return _Sheet(path, number - 1, 0, "1", encoding, delimiter)
     columns = ", ".join(h for h in header if h) or "none"
@@ -409,7 +424,10 @@ class InputExpander:
                 if number <= sheet.header_row or not any(cell.strip() for cell in row):
                     continue
                 cell = row[sheet.col].strip() if sheet.col < len(row) else ""
-                yield _cell_item(cell, sheet, number, self.local_paths)
+                item = _cell_item(cell, sheet, number, self.local_paths)
+                if sheet.header:
+                    item.row = sheet.row_values(row)
+                yield item
         finally:
             rows.close()
 

@@ -20,13 +20,13 @@ from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     INFER_BATCH,
-    PREDICTION_CSV_COLUMNS,
     UNKNOWN,
     Prediction,
     Predictor,
     Progress,
 )
 from imagesieve.data import ImageLoadError, read_zip_member, sort_into
+from imagesieve.ingest._batches import write_batch_report
 from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import ArchiveLimits, InputItem, expand_inputs
 from imagesieve.ingest._session import ScoringSession
@@ -34,6 +34,7 @@ from imagesieve.models import get_version
 from imagesieve.store import (
     KEEP_POLICIES,
     ZIP_MEMBER,
+    BatchItem,
     Failure,
     IndexCheck,
     Store,
@@ -56,6 +57,9 @@ HISTORY_FILE = "history.json"
 
 #: Failure kind of files left out on purpose (non-image extensions inside folders and zips).
 IGNORED = "ignored"
+#: What became of each input (``batch_items.outcome``): stored new, stored again over an earlier
+#: prediction, already stored (by an earlier run or earlier in this one), failed; or IGNORED.
+SCORED, RESCORED, ALREADY, FAILED = "scored", "rescored", "already_scored", "failed"
 #: How many outputs a summary keeps for display.
 SHOW = 50
 #: Stored rows a head-only retrain re-decides per transaction: ~400 MB of arrays at 1280-d.
@@ -351,17 +355,9 @@ class _Run:
         self.new: list[Prediction] = []
         self.rescored: list[Prediction] = []
         self.failures: list[Failure] = []
-        self.sources: list[str] = []
+        self.items: list[BatchItem] = []
         self.lookup: list[tuple[InputItem, Prediction]] = []
         self.last_commit = time.monotonic()
-        self.csv = None
-        if opts.csv:
-            Path(opts.csv).parent.mkdir(parents=True, exist_ok=True)
-            self.csv_file = open(opts.csv, "w", newline="")  # noqa: SIM115 - closed in close()
-            import csv
-
-            self.csv = csv.writer(self.csv_file)
-            self.csv.writerow(PREDICTION_CSV_COLUMNS)
 
     def skip(self, sha256: str) -> bool:
         """Engine hook: content already stored (or scored earlier in this run) is not decoded."""
@@ -371,15 +367,17 @@ class _Run:
         """Route one engine batch into pending rows and outputs."""
         for item, pred in batch:
             self.summary.items += 1
-            self.sources.append(item.name)
+            outcome = ALREADY
             if pred.skipped:
                 earlier = self.this_run.get(pred.sha256)
                 self.summary.already_scored += 1
                 if earlier is None:  # stored by an earlier run: its row is read at commit
                     self.lookup.append((item, pred))
+                    self._item(item, pred, outcome)
                     continue
                 pred = _copy_for(item.name, earlier)
             elif not pred.ok:
+                outcome = FAILED
                 self.failures.append(
                     Failure(item.name, pred.error_kind or "error", pred.error or "")
                 )
@@ -390,11 +388,14 @@ class _Run:
             else:
                 self.this_run[pred.sha256] = pred
                 if self.session.stored(pred.sha256):
+                    outcome = RESCORED
                     self.rescored.append(pred)
                     self.summary.rescored += 1
                 else:
+                    outcome = SCORED
                     self.new.append(pred)
                     self.summary.scored += 1
+            self._item(item, pred, outcome)
             self._output(item, pred)
         pending = len(self.new) + len(self.rescored) + len(self.failures) + len(self.lookup)
         if (
@@ -403,6 +404,27 @@ class _Run:
         ):
             self.commit()
 
+    def _item(self, item: InputItem, pred: Prediction, outcome: str) -> None:
+        """Keep the batch's record of one input: where it was, what became of it, its sheet row.
+
+        Not for a version's view of the history, whose report lists the rows it stored.
+        """
+        if self.opts.history_of is not None:
+            return
+        error = None
+        if outcome == FAILED:
+            error = f"{pred.error_kind or 'error'}: {pred.error or ''}".rstrip(": ")
+        self.items.append(
+            BatchItem(item.index, item.name, outcome, pred.sha256 or None, error, item.row)
+        )
+
+    def ignore(self, ignored: Sequence[tuple[str, str]]) -> None:
+        """Record files left out on purpose (after the scored items, in the order met)."""
+        for k, (name, reason) in enumerate(ignored):
+            self.failures.append(Failure(name, IGNORED, reason))
+            seq, error = self.summary.items + k, f"{IGNORED}: {reason}"
+            self.items.append(BatchItem(seq, name, IGNORED, error=error))
+
     def _output(self, item: InputItem, pred: Prediction) -> None:
         if pred.ok:
             self.summary.labels[pred.label] += 1
@@ -410,8 +432,6 @@ class _Run:
                 self.summary.unknown_reasons[pred.reason] += 1
         if len(self.summary.shown) < SHOW:
             self.summary.shown.append(pred)
-        if self.csv is not None:
-            self.csv.writerow(pred.csv_row())
         if pred.ok and item.source is not None:
             keeping = self.session.keeps(pred.label)
             if not (self.opts.sort_into or keeping):
@@ -434,7 +454,7 @@ class _Run:
             for item, pred in self.lookup:
                 self._output(item, rows[pred.sha256].to_prediction(item.name))
             self.lookup = []
-        if self.new or self.rescored or self.failures or self.sources:
+        if self.new or self.rescored or self.failures or self.items:
             delta = Counter(self.summary.counts())
             delta.subtract(self.session.counts)
             self.session.write(
@@ -442,19 +462,12 @@ class _Run:
                 new=self.new,
                 rescored=self.rescored,
                 failures=self.failures,
-                sources=self.sources,
+                items=self.items,
             )
             for p in self.new + self.rescored:  # stored now: keep only what reports need
                 p.embedding = p.probs = p.max_pooled = None
-        self.new, self.rescored, self.failures, self.sources = [], [], [], []
+        self.new, self.rescored, self.failures, self.items = [], [], [], []
         self.last_commit = time.monotonic()
-        if self.csv is not None:
-            self.csv_file.flush()
-
-    def close(self) -> None:
-        """Close the CSV report."""
-        if self.csv is not None:
-            self.csv_file.close()
 
 
 def _copy_for(name: str, pred: Prediction) -> Prediction:
@@ -557,11 +570,10 @@ def score_inputs(
                 progress("scoring", summary.items, 0)
             if expander is not None:
                 summary.ignored = list(expander.ignored)
-                run.failures += [Failure(n, IGNORED, r) for n, r in summary.ignored]
+                run.ignore(summary.ignored)
             run.commit()
             summary.status = "done"
         finally:
-            run.close()
             if summary.status != "done":
                 summary.status = "interrupted"
                 try:
@@ -570,4 +582,8 @@ def score_inputs(
                     pass
             summary.seconds = time.perf_counter() - t0
             session.finish(summary.status, summary.counts())
+            if opts.csv:  # the store's report of the batch: its inputs in order
+                Path(opts.csv).parent.mkdir(parents=True, exist_ok=True)
+                with open(opts.csv, "wb") as f:
+                    write_batch_report(ws, summary.batch_id, f, store=store)
     return summary

@@ -19,7 +19,7 @@ import numpy as np
 
 from imagesieve.classifier import UNKNOWN, Prediction
 from imagesieve.search import ClusterModel, assign_to_clusters, cluster_model_path
-from imagesieve.store import Failure, Store, StoredHeadInputs, keep_image
+from imagesieve.store import BatchItem, Failure, Store, StoredHeadInputs, keep_image
 
 __all__ = ["ScoringSession", "assign_unknowns"]
 
@@ -113,22 +113,30 @@ class ScoringSession:
         rescored: Sequence[Prediction] = (),
         failures: Sequence[Failure] = (),
         sources: Iterable[str] = (),
+        items: Sequence[BatchItem] = (),
     ) -> None:
         """Store rows and add ``delta`` to the batch's counters; new UNKNOWNs join clusters.
 
         New rows alone go through the journal when the session journals; anything else is one
-        DuckDB transaction (see ``Store.commit``), which also resolves earlier failures of
-        ``sources``.
+        DuckDB transaction (see ``Store.commit``), which also records ``items`` and resolves
+        earlier failures of ``sources`` and of the items' sources.
         """
         assign_unknowns(new, self.clusters, self.model)
         with self._lock:
             due = time.monotonic() - self._counts_at >= self.counts_every
             counts = dict(self.counts + delta) if due else None
-        if self.journal and not (rescored or failures or sources):
+        if self.journal and not (rescored or failures or sources or items):
             self.store.append(self.batch_id, self.version, new, counts=counts)
         else:
             self.store.commit(
-                self.batch_id, self.version, new, rescored, failures, sources, counts=counts
+                self.batch_id,
+                self.version,
+                new,
+                rescored,
+                failures,
+                sources,
+                counts=counts,
+                items=items,
             )
         with self._lock:
             self.counts.update(delta)

@@ -10,7 +10,14 @@ from imagesieve.store._audit import AuditEntry, AuditFile, HumanLabel
 from imagesieve.store._browse import MAX_PAGE, ROW_FIELDS, SORTS, ImageQuery, browse
 from imagesieve.store._clusters import CLUSTER_FIELDS, PreviousCluster
 from imagesieve.store._images import KEEP_POLICIES, ZIP_MEMBER, image_source, keep_image, kept_path
-from imagesieve.store._rows import Failure, IndexCheck, PredictionRow, ResultRow, StoredHeadInputs
+from imagesieve.store._rows import (
+    BatchItem,
+    Failure,
+    IndexCheck,
+    PredictionRow,
+    ResultRow,
+    StoredHeadInputs,
+)
 from imagesieve.store._schema import MIGRATIONS, PREDICTION_COLUMNS, SCHEMA_VERSION, VIEWS
 from imagesieve.store._sql import (
     SAFE_CONFIG,
@@ -21,6 +28,7 @@ from imagesieve.store._sql import (
     run_store_sql,
 )
 from imagesieve.store._store import (
+    BATCH_ITEM_FIELDS,
     STORE_FILE,
     Store,
     StoreBusyError,
@@ -29,6 +37,7 @@ from imagesieve.store._store import (
 from imagesieve.store._vectors import VectorIndex
 
 __all__ = [
+    "BATCH_ITEM_FIELDS",
     "AuditEntry",
     "AuditFile",
     "HumanLabel",
@@ -45,6 +54,7 @@ __all__ = [
     "STORE_FILE",
     "VIEWS",
     "ZIP_MEMBER",
+    "BatchItem",
     "Failure",
     "ImageQuery",
     "IndexCheck",

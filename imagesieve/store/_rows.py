@@ -11,6 +11,7 @@ import numpy as np
 from imagesieve.classifier import Prediction
 
 __all__ = [
+    "BatchItem",
     "Failure",
     "IndexCheck",
     "PredictionRow",
@@ -39,6 +40,18 @@ class Failure:
     source: str
     kind: str
     message: str
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One input of a batch and what became of it: a row of the batch report, in input order."""
+
+    seq: int
+    source: str
+    outcome: str  # scored, rescored, already_scored, failed, ignored
+    sha256: str | None = None
+    error: str | None = None
+    row: dict[str, str] | None = None  # its row of a CSV/XLSX list
 
 
 @dataclass

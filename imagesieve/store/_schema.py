@@ -407,6 +407,23 @@ CREATE TABLE IF NOT EXISTS labels (
     )
 
 
+def _batch_items(con: Any) -> None:
+    """Each batch's inputs in input order with what became of each: the batch report's rows."""
+    con.execute(
+        """
+CREATE TABLE IF NOT EXISTS batch_items (
+    batch_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,               -- the item's place in the batch's inputs: 0, 1, 2, ...
+    source VARCHAR NOT NULL,            -- as in predictions and failures
+    outcome VARCHAR NOT NULL,           -- scored, rescored, already_scored, failed, ignored
+    sha256 VARCHAR,                     -- its content: joins predictions (NULL when it failed)
+    error VARCHAR,                      -- why it failed, one line (the failures row's message)
+    input_row VARCHAR                   -- JSON: its row of a CSV/XLSX list, header -> cell
+)
+"""
+    )
+
+
 #: The schema's history, oldest first: (name, step). Append only; a step must be safe to run
 #: on a store that already has its change (stores older than ``schema_version`` record none).
 MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
@@ -415,6 +432,7 @@ MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
     ("cluster outlier scores", _cluster_outlier),
     ("head inputs", _head_inputs),
     ("review record", _review_record),
+    ("batch items", _batch_items),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

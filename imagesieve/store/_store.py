@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import re
 import threading
@@ -41,6 +42,7 @@ from imagesieve.store._images import remove_partial_images
 from imagesieve.store._indexes import IndexSet, locked
 from imagesieve.store._journal import Journal
 from imagesieve.store._rows import (
+    BatchItem,
     Failure,
     PredictionRow,
     ResultRow,
@@ -80,6 +82,38 @@ CONNECTION_CONFIG = {
 BATCH_COUNTS = ("n_items", "n_scored", "n_skipped", "n_unknown", "n_failed")
 #: Rows read per chunk when rebuilding or catching up an index from DuckDB.
 READ_CHUNK = 8192
+#: A batch report's own columns, after the input sheet's (``Store.batch_items``).
+BATCH_ITEM_FIELDS = (
+    "item",
+    "source",
+    "outcome",
+    "id",
+    "label",
+    "reason",
+    "top1_class",
+    "top1_prob",
+    "top2_class",
+    "top2_prob",
+    "top3_class",
+    "top3_prob",
+    "neighbor_distance",
+    "cluster_id",
+    "person_label",
+    "sha256",
+    "scored_at",
+    "error",
+)
+_BATCH_ITEMS_SQL = (
+    "SELECT bi.input_row, bi.seq + 1, bi.source, bi.outcome, p.id, p.label, p.reason, "
+    "p.top1_class, round(p.top1_prob::DOUBLE, 4), p.top2_class, round(p.top2_prob::DOUBLE, 4), "
+    "p.top3_class, round(p.top3_prob::DOUBLE, 4), round(p.neighbor_distance::DOUBLE, 4), p.cluster_id, "
+    "h.label, bi.sha256, strftime(p.scored_at AT TIME ZONE 'UTC', '%Y-%m-%d %H:%M:%S'), "
+    "bi.error "
+    "FROM batch_items bi JOIN batches b USING (batch_id) "
+    "LEFT JOIN predictions p ON p.model_version = b.model_version AND p.sha256 = bi.sha256 "
+    "LEFT JOIN labels h ON h.sha256 = bi.sha256 "
+    "WHERE bi.batch_id = ? ORDER BY bi.seq"
+)
 #: Neighbour rows kept in memory at most (~0.3 KB each); past it, the newest are kept.
 ROWS_KEPT = 200_000
 
@@ -374,6 +408,30 @@ class Store:
             while chunk := result.fetchmany(READ_CHUNK):
                 yield chunk
 
+    def batch_items(self, batch_id: int) -> tuple[list[str], Iterator[list[tuple]]]:
+        """(the input sheets' columns, chunks of ``BATCH_ITEM_FIELDS`` rows) of a batch, in input order.
+
+        Each input with what became of it and the prediction stored for its content now (an
+        image already stored before the batch has the earlier row's). No columns and no rows for
+        a batch scored before batch items were kept (see ``batch_rows``).
+        """
+        with self.cursor() as cur:
+            keys = cur.execute(
+                "SELECT k FROM (SELECT json_keys(input_row) AS k, min(seq) AS first "
+                "FROM batch_items WHERE batch_id = ? AND input_row IS NOT NULL GROUP BY k) "
+                "ORDER BY first",
+                [int(batch_id)],
+            ).fetchall()
+        columns = list(dict.fromkeys(c for (k,) in keys for c in k))
+
+        def chunks() -> Iterator[list[tuple]]:
+            with self.cursor() as cur:
+                result = cur.execute(_BATCH_ITEMS_SQL, [int(batch_id)])
+                while chunk := result.fetchmany(READ_CHUNK):
+                    yield chunk
+
+        return columns, chunks()
+
     def batch_failures(self, batch_id: int) -> list[Failure]:
         """The failures a batch recorded (source, kind, one-line reason)."""
         with self.cursor() as cur:
@@ -497,13 +555,15 @@ class Store:
         failures: Sequence[Failure] = (),
         processed_sources: Iterable[str] = (),
         counts: dict[str, int] | None = None,
+        items: Sequence[BatchItem] = (),
     ) -> np.ndarray:
         """Write one chunk of a batch in one transaction; returns the ids given to ``new``.
 
         ``new`` rows are inserted with their embeddings; ``rescored`` rows (content already
         stored with this version) have their prediction replaced in place; ``failures`` are
         recorded; earlier failures of every processed source are marked resolved; ``counts``
-        (the batch's counters so far) land with the rows, so a batch that dies keeps them. The FAISS
+        (the batch's counters so far) land with the rows, so a batch that dies keeps them, as do
+        ``items`` (its inputs and what became of each, for the batch report). The FAISS
         index follows in memory once DuckDB has committed. Each new prediction gets its ``id``;
         content another writer of this process stored meanwhile is not inserted twice.
         """
@@ -536,7 +596,21 @@ class Store:
                     "resolved": pa.array([False] * len(failures), pa.bool_()),
                 }
             )
-        sources = sorted(set(processed_sources))
+        if items:
+            tables["_items"] = pa.table(
+                {
+                    "batch_id": pa.array([batch_id] * len(items), pa.int32()),
+                    "seq": pa.array([i.seq for i in items], pa.int32()),
+                    "source": pa.array([i.source for i in items], pa.string()),
+                    "outcome": pa.array([i.outcome for i in items], pa.string()),
+                    "sha256": pa.array([i.sha256 for i in items], pa.string()),
+                    "error": pa.array([i.error for i in items], pa.string()),
+                    "input_row": pa.array(
+                        [None if i.row is None else json.dumps(i.row) for i in items], pa.string()
+                    ),
+                }
+            )
+        sources = sorted(set(processed_sources) | {i.source for i in items})
         if sources:
             tables["_seen"] = pa.table({"source": pa.array(sources, pa.string())})
         con = self._db  # folds the journal first, and forgets kept rows (rescored ones change)
@@ -560,6 +634,8 @@ class Store:
                 )
             if "_fail" in tables:
                 con.execute("INSERT INTO failures SELECT * FROM _fail")
+            if "_items" in tables:
+                con.execute("INSERT INTO batch_items SELECT * FROM _items")
             if counts is not None:
                 self._update_counts(batch_id, counts)
         self._next_id += len(new)

@@ -1,11 +1,13 @@
-"""The Batch tab: many images scored at once, their CSV report and label folders."""
+"""The Batch tab: many images scored at once; past batches re-opened; reports for Excel."""
 
 from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import zipfile
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from imagesieve.app._service import Service
+from imagesieve.app._service import UPLOADS, Service
 from imagesieve.app.ui._widgets import (
     Panel,
     progress_relay,
@@ -22,12 +24,44 @@ from imagesieve.app.ui._widgets import (
     user_errors,
 )
 
-#: Rows of a batch report shown in its table (the CSV download has them all).
+#: Rows of a batch report shown in its table (the downloads have them all).
 MAX_TABLE_ROWS = 5000
+#: Past batches offered in the picker (the API and ``imagesieve batches`` page through all).
+PAST_BATCHES = 200
 #: Suffixes of inputs whose number of images is unknown before they are read.
 LIST_SUFFIXES = (".csv", ".tsv", ".txt", ".xlsx", ".xlsm", ".xls")
 ALL = "All"
 FAILED = "failed"
+#: The report's columns the table shows, after the input sheet's own.
+SHOWN = (
+    "item",
+    "source",
+    "outcome",
+    "id",
+    "label",
+    "reason",
+    "top1_class",
+    "top1_prob",
+    "top2_class",
+    "top2_prob",
+    "neighbor_distance",
+    "person_label",
+    "error",
+)
+_NUMERIC = ("top1_prob", "top2_prob", "neighbor_distance")
+_INTEGER = ("item", "id")
+
+#: Remembers the path inside the chosen folder of each file (the browser knows it, the upload
+#: does not carry it), so sub-folder names reach the report: ``site-a/2026-12/meter.jpg``.
+FOLDER_PATHS_JS = """
+document.addEventListener('change', (ev) => {
+  const input = ev.target;
+  if (!input || input.type !== 'file' || !input.closest('#batch-folder')) return;
+  const files = Array.from(input.files || []).map(f => (
+    {name: f.name, size: f.size, path: f.webkitRelativePath || f.name}));
+  props.value = {files: files};
+}, true);
+"""
 
 
 def _count_items(paths: Sequence[Path]) -> int | None:
@@ -35,9 +69,11 @@ def _count_items(paths: Sequence[Path]) -> int | None:
     n = 0
     for p in paths:
         suffix = p.suffix.lower()
-        if suffix in LIST_SUFFIXES:
+        if p.is_dir():
+            n += sum(len(files) for _, _, files in os.walk(p))
+        elif suffix in LIST_SUFFIXES:
             return None
-        if suffix == ".zip":
+        elif suffix == ".zip":
             try:
                 with zipfile.ZipFile(p) as zf:
                     n += sum(not info.is_dir() for info in zf.infolist())
@@ -48,33 +84,56 @@ def _count_items(paths: Sequence[Path]) -> int | None:
     return n
 
 
-_NUMERIC = ("top1_prob", "top2_prob", "top3_prob", "distance")
+def upload_names(folder_files: Sequence[str], chosen: dict[str, Any] | None) -> list[str]:
+    """Each uploaded file of a folder named by its path inside it, else by its file name.
+
+    The browser tells the paths (``FOLDER_PATHS_JS``); they are matched by name and size, in order.
+    """
+    paths: dict[tuple[str, int], deque[str]] = defaultdict(deque)
+    for f in (chosen or {}).get("files") or []:
+        try:
+            paths[(str(f["name"]), int(f["size"]))].append(str(f["path"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    names = []
+    for p in folder_files:
+        key = (Path(p).name, os.path.getsize(p))
+        names.append(paths[key].popleft() if paths.get(key) else Path(p).name)
+    return names
 
 
-def _report_rows(csv_path: Path, upload_dir: Path) -> list[dict[str, Any]]:
-    """The rows of a batch's CSV report, sources shown relative to the upload folder."""
-    prefix = str(upload_dir) + os.sep
-    rows = []
+def _shown_source(source: str) -> str:
+    """A source without the server's upload folder: what the user uploaded, sub-folders kept."""
+    m = re.search(rf"[\\/]{UPLOADS}[\\/][^\\/]+[\\/](.*)$", source)
+    return m.group(1).replace("\\", "/") if m else source
+
+
+def report_rows(csv_path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """(the input sheet's columns, the rows) of a batch report, sources shown as uploaded."""
     with open(csv_path, newline="", encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            source = r["source"]
-            r["source"] = source[len(prefix) :] if source.startswith(prefix) else source
+        reader = csv.DictReader(f)
+        fields = list(reader.fieldnames or [])
+        sheet = fields[: fields.index("item")] if "item" in fields else []
+        rows = []
+        for r in reader:
+            r["source"] = _shown_source(r.get("source") or "")
             if not r.get("label"):
                 r["label"] = FAILED
             for key in _NUMERIC:
                 r[key] = float(r[key]) if r.get(key) else None
+            for key in _INTEGER:
+                r[key] = int(r[key]) if r.get(key) else None
             rows.append(r)
-    return rows
+    return sheet, rows
 
 
-def _rows_frame(rows: list[dict[str, Any]], label: str) -> pd.DataFrame:
-    columns = ["source", "label", "reason", "top1", "top1_prob", "top2", "top2_prob"]
-    columns += ["top3", "top3_prob", "distance", "error"]
+def _rows_frame(sheet: list[str], rows: list[dict[str, Any]], label: str) -> pd.DataFrame:
+    columns = [*sheet, *SHOWN]
     shown = [r for r in rows if label in (ALL, None, "") or r["label"] == label]
     return table_frame(columns, ([r.get(c) for c in columns] for r in shown[:MAX_TABLE_ROWS]))
 
 
-def _summary_md(summary: Any, rows: int) -> str:
+def _summary_md(summary: Any) -> str:
     d = summary.to_dict()
     labels = ", ".join(f"**{k}** {v}" for k, v in d["labels"].items()) or "none"
     reasons = ", ".join(
@@ -87,33 +146,85 @@ def _summary_md(summary: Any, rows: int) -> str:
         f"{d['failed']} failed.",
         f"Labels: {labels}." + (f" UNKNOWN because: {reasons}." if reasons else ""),
     ]
-    for f in d["failures"][:10]:
-        lines.append(f"- failed: `{f['source']}` — {f['message'] or f['kind']}")
-    if d["failed"] > 10:
-        lines.append(f"- … and {d['failed'] - 10} more (see the CSV report)")
-    for item in d["ignored"][:5]:
-        lines.append(f"- ignored: `{item['source']}` — {item['reason']}")
-    if rows > MAX_TABLE_ROWS:
-        lines.append(f"The table shows the first {MAX_TABLE_ROWS:,} of {rows:,} rows.")
-    return "\n\n".join(lines[:2]) + ("\n\n" + "\n".join(lines[2:]) if lines[2:] else "")
+    failures = [(f["source"], f["message"] or f["kind"]) for f in d["failures"]]
+    return _with_failures(lines, failures, d["failed"], d["ignored"])
+
+
+def _detail_md(d: dict[str, Any]) -> str:
+    """A past batch as the store keeps it."""
+    rate = "" if d.get("unknown_rate") is None else f" ({d['unknown_rate']:.1%})"
+    lines = [
+        f"**Batch {d['batch_id']}** ({d['status']}, model {d['model_version']}), started "
+        f"{(d['started_at'] or '')[:19].replace('T', ' ')} UTC: {d['items']} items — "
+        f"{d['scored']} scored, {d['failed']} failed, {d['unknown']} UNKNOWN{rate}.",
+    ]
+    failures = [(f["source"], f["message"] or f["kind"]) for f in d["failures"]]
+    return _with_failures(lines, failures, len(failures), [])
+
+
+def _with_failures(
+    lines: list[str], failures: list[tuple[str, str]], n: int, ignored: list[dict[str, str]]
+) -> str:
+    more = [f"- failed: `{_shown_source(s)}` — {why}" for s, why in failures[:10]]
+    if n > 10:
+        more.append(f"- … and {n - 10} more (see the report)")
+    more += [f"- ignored: `{_shown_source(i['source'])}` — {i['reason']}" for i in ignored[:5]]
+    return "\n\n".join(lines) + ("\n\n" + "\n".join(more) if more else "")
+
+
+def _batch_choice(b: dict[str, Any]) -> tuple[str, int]:
+    when = (b["started_at"] or "")[:16].replace("T", " ")
+    return (
+        f"Batch {b['batch_id']} · {when} UTC · {b['items']} items · {b['failed']} failed · "
+        f"{b['model_version']}",
+        int(b["batch_id"]),
+    )
 
 
 def batch_tab(service: Service) -> Panel:
+    def past(value: int | None = None) -> Any:
+        batches = service.batches(PAST_BATCHES)["batches"]
+        return gr.Dropdown(choices=[_batch_choice(b) for b in batches], value=value)
+
+    def show(batch_id: int, summary_md: str, zip_path: str | None = None) -> tuple:
+        """The outputs that show one batch: summary, filter, table, downloads."""
+        csv_path = service.report_file(batch_id, "csv")
+        xlsx_path = service.report_file(batch_id, "xlsx")
+        sheet, rows = report_rows(csv_path)
+        labels = sorted({r["label"] for r in rows})
+        if len(rows) > MAX_TABLE_ROWS:
+            summary_md += (
+                f"\n\nThe table shows the first {MAX_TABLE_ROWS:,} of {len(rows):,} rows; "
+                "the downloads have them all."
+            )
+        return (
+            summary_md,
+            gr.Dropdown(choices=[ALL, *labels], value=ALL),
+            _rows_frame(sheet, rows, ALL),
+            {"sheet": sheet, "rows": rows},
+            gr.DownloadButton(value=str(csv_path), visible=True),
+            gr.DownloadButton(value=str(xlsx_path), visible=True),
+            gr.DownloadButton(value=zip_path, visible=zip_path is not None),
+        )
+
     @user_errors
     def run(
         files: list[str] | None,
         folder_files: list[str] | None,
+        chosen: dict[str, Any] | None,
         column: str | None,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio hands out its bar
     ) -> tuple:
-        paths = [*(files or []), *(folder_files or [])]
-        if not paths:
+        if not files and not folder_files:
             raise gr.Error(
                 "add images, a zip of a folder, or a CSV/XLSX list of URLs first",
                 print_exception=False,
             )
         progress(0, desc="saving uploads")
-        folder = service.save_uploads([(Path(p).name, p) for p in paths])
+        named = [(Path(p).name, p) for p in files or []]
+        if folder_files:
+            named += list(zip(upload_names(folder_files, chosen), folder_files, strict=True))
+        folder = service.save_uploads(named)
         inputs = sorted(folder.iterdir())
         # Next to the upload folder, not in it: scoring that folder again must not see them.
         report_dir = folder.with_name(folder.name + "-report")
@@ -127,25 +238,26 @@ def batch_tab(service: Service) -> Panel:
         zip_path = None
         if sorted_dir.is_dir() and any(sorted_dir.iterdir()):
             zip_path = shutil.make_archive(str(report_dir / "labels"), "zip", sorted_dir)
-        csv_path = report_dir / "report.csv"
-        rows = _report_rows(csv_path, folder) if csv_path.is_file() else []
-        labels = sorted({r["label"] for r in rows})
         return (
-            _summary_md(summary, len(rows)),
-            gr.Dropdown(choices=[ALL, *labels], value=ALL),
-            _rows_frame(rows, ALL),
-            rows,
-            gr.DownloadButton(value=str(csv_path) if rows else None, visible=bool(rows)),
-            gr.DownloadButton(value=zip_path, visible=zip_path is not None),
+            *show(summary.batch_id, _summary_md(summary), zip_path),
+            past(summary.batch_id),
         )
 
-    def filter_rows(rows: list[dict[str, Any]], label: str) -> pd.DataFrame:
-        return _rows_frame(rows or [], label)
+    @user_errors
+    def reopen(batch_id: int | None) -> tuple:
+        if batch_id is None:
+            return (gr.skip(),) * 7
+        return show(int(batch_id), _detail_md(service.batch(int(batch_id))))
+
+    def filter_rows(shown: dict[str, Any], label: str) -> pd.DataFrame:
+        shown = shown or {}
+        return _rows_frame(shown.get("sheet") or [], shown.get("rows") or [], label)
 
     gr.Markdown(
         "Score many images at once: image files, a folder (or a zip of one), or a CSV/XLSX "
-        "list of image URLs. Every image is stored; the CSV report and the images sorted into "
-        "one folder per label can be downloaded."
+        "list of image URLs. Every image is stored. The report lists every input in input "
+        "order, a list's own columns (meter id, site...) first; download it as CSV or Excel, "
+        "with the images sorted into one folder per label."
     )
     with gr.Row():
         files = gr.File(
@@ -154,6 +266,14 @@ def batch_tab(service: Service) -> Panel:
             elem_id="batch-files",
         )
         folder = gr.File(label="…or a folder", file_count="directory", elem_id="batch-folder")
+    chosen = gr.HTML(
+        value={"files": []},
+        html_template="",
+        js_on_load=FOLDER_PATHS_JS,
+        elem_id="batch-folder-paths",
+        container=False,
+        padding=False,
+    )
     with gr.Row():
         column = gr.Textbox(
             label="URL column of a CSV/XLSX (optional)",
@@ -162,29 +282,40 @@ def batch_tab(service: Service) -> Panel:
             scale=3,
         )
         start = gr.Button("Score", variant="primary", elem_id="batch-run", scale=1)
+    earlier = gr.Dropdown(
+        label="…or open a past batch",
+        choices=[],
+        value=None,
+        elem_id="batch-past",
+    )
     summary = gr.Markdown(elem_id="batch-summary")
     with gr.Row():
         label = gr.Dropdown(label="Show label", choices=[ALL], value=ALL, elem_id="batch-label")
         csv_button = gr.DownloadButton(
-            "Download CSV report", visible=False, variant="primary", elem_id="batch-csv"
+            "Download report (CSV)", visible=False, variant="primary", elem_id="batch-csv"
+        )
+        xlsx_button = gr.DownloadButton(
+            "Download report (Excel)", visible=False, elem_id="batch-xlsx"
         )
         zip_button = gr.DownloadButton(
             "Download label folders (zip)", visible=False, elem_id="batch-zip"
         )
     table = gr.Dataframe(
-        value=_rows_frame([], ALL),
-        label="Results (click a column header to sort)",
+        value=_rows_frame([], [], ALL),
+        label="Results in input order (click a column header to sort)",
         interactive=False,
         show_search="search",
         max_height=520,
         elem_id="batch-table",
     )
-    rows = gr.State([])
+    shown = gr.State({})
+    outputs = [summary, label, table, shown, csv_button, xlsx_button, zip_button]
     start.click(
         run,
-        [files, folder, column],
-        [summary, label, table, rows, csv_button, zip_button],
+        [files, folder, chosen, column],
+        [*outputs, earlier],
         show_progress_on=[summary, table],
     )
-    label.input(filter_rows, [rows, label], table)
-    return Panel()
+    earlier.input(reopen, earlier, outputs, show_progress_on=[summary, table])
+    label.input(filter_rows, [shown, label], table)
+    return Panel(user_errors(past), [earlier])

@@ -664,6 +664,38 @@ def test_unknowns__review_all_members_opens_the_cluster_paged_in_the_review_tab(
     shown = grid_ids(page)
     # least typical first: the Unknowns order (outlier score), all of them a page at a time
     assert shown == [m["id"] for m in members][: len(shown)]
+
+    # X leaves the selection out of the cluster's promotion (asked first); Z undoes it
+    tiles = page.page.locator("#review-grid .rv-tile")
+    tiles.nth(0).click()
+    tiles.nth(1).click()
+    page.page.click("#review-summary")  # focus outside any text box
+    dialogs = []
+    page.page.once("dialog", lambda d: (dialogs.append(d.message), d.accept()))
+    page.page.keyboard.press("x")
+    page.wait_text("#review-audit", f"left 2 images out of cluster {cid}")
+    assert dialogs == ["Leave 2 images out of their cluster's promotion?"]
+    row = next(c for c in service.clusters() if c["cluster_id"] == cid)
+    assert row["excluded"] == 2, row
+    recorded = service.audit(limit=1)["total"]
+    page.page.keyboard.press("z")
+    page.wait_text("#review-audit", f"({recorded + 1:,} recorded)")
+    assert next(c for c in service.clusters() if c["cluster_id"] == cid)["excluded"] == 0
+
+    # U marks one image UNKNOWN by a person's word (no class gets it); Z undoes it
+    page.page.keyboard.press("Escape")
+    tiles.nth(2).click()
+    page.page.click("#review-summary")
+    page.page.keyboard.press("u")
+    page.wait_text("#review-grid", "✔ UNKNOWN")
+    assert service.sql("SELECT id, label FROM labels").rows in (
+        [(shown[2], "UNKNOWN")],
+        [[shown[2], "UNKNOWN"]],
+    )
+    recorded = service.audit(limit=1)["total"]
+    page.page.keyboard.press("z")
+    page.wait_text("#review-audit", f"({recorded + 1:,} recorded)")
+    assert service.sql("SELECT count(*) FROM labels").rows[0][0] == 0
     page.assert_no_errors()
 
 

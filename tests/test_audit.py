@@ -122,6 +122,21 @@ def test_relabel__copies_into_the_class_and_undo_restores_the_folder_exactly(rev
         undo_action(ws)
 
 
+def test_relabel__unknown_takes_an_image_out_of_its_class_and_undo_puts_it_back(review):
+    ws, data, mono, poly = review
+    relabel_images(ws, poly[:3], "poly", into=data)
+    after_poly = tree(data)
+    result = relabel_images(ws, poly[:2] + mono[:1], "unknown", into=data, who="app:ana")
+    assert (result.label, result.labelled, result.moved, result.copied) == (UNKNOWN, 3, 2, 0)
+    assert len(list((data / "poly").iterdir())) == 1  # no class keeps them; none gets them
+    labels = dict(stored(ws, "SELECT id, label FROM labels"))
+    assert [labels[i] for i in poly[:3] + mono[:1]] == [UNKNOWN, UNKNOWN, "poly", UNKNOWN]
+    assert not any(p.name == UNKNOWN for p in data.iterdir())
+    undo_action(ws)
+    assert tree(data) == after_poly
+    assert dict(stored(ws, "SELECT id, label FROM labels")) == {i: "poly" for i in poly[:3]}
+
+
 def test_relabel__bad_requests_are_refused_and_change_nothing(review):
     ws, data, mono, poly = review
     before = tree(data)
@@ -130,7 +145,6 @@ def test_relabel__bad_requests_are_refused_and_change_nothing(review):
         ([999_999], "poly", "no stored image"),
         (poly[:1], "../up", "cannot be a class name"),
         (poly[:1], ".hidden", "cannot be a class name"),
-        (poly[:1], "unknown", "UNKNOWN is not a class"),
     ]:
         with pytest.raises(ReviewError, match=message):
             relabel_images(ws, ids, label, into=data)
@@ -257,11 +271,17 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
             ).json()
             everyone = requests.get(f"{base}/clusters/{cid}/members", timeout=30).json()
             assert [m["id"] for m in page["members"]] == [m["id"] for m in everyone["members"]][1:3]
+            left_out = everyone["members"][0]["id"]
+            r = requests.post(f"{base}/images/exclude", json={"ids": [left_out]}, timeout=30)
+            assert r.status_code == 200 and r.json() == {
+                "clusters": {str(cid): 1},
+                "not_in_cluster": 0,
+            }
             r = requests.post(f"{base}/clusters/{cid}/name", json={"name": "poly"}, timeout=30)
             assert r.status_code == 200 and r.json()["name"] == "poly"
             r = requests.post(f"{base}/clusters/{cid}/promote", json={}, timeout=60)
             assert r.status_code == 200, r.text
-            assert r.json()["copied"] == len(everyone["members"])
+            assert r.json()["copied"] == len(everyone["members"]) - 1
             assert (data / "poly").is_dir()
             r = requests.post(
                 f"{base}/images/relabel", json={"ids": mono[:2], "label": "functional"}, timeout=30
@@ -283,9 +303,10 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
                 "relabel",
                 "promote",
                 "name",
+                "exclude",
             ]
             assert all(a["who"] == "api:127.0.0.1" for a in log["actions"])
-            for _ in range(4):
+            for _ in range(5):
                 r = requests.post(f"{base}/audit/undo", json={}, timeout=60)
                 assert r.status_code == 200, r.text
             assert tree(data) == before
@@ -300,6 +321,8 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
                 ("/images/relabel", {"ids": [1], "label": "a/b"}, 400),
                 ("/images/relabel", {"ids": [1], "label": "x" * 101}, 422),
                 ("/images/relabel", {"ids": list(range(50_001)), "label": "x"}, 422),
+                ("/images/exclude", {"ids": []}, 422),
+                ("/images/exclude", {"ids": [999_999]}, 400),
                 (f"/clusters/{cid}/name", {"name": ".."}, 400),
                 ("/clusters/9999/name", {"name": "x"}, 400),
                 ("/clusters/9999/promote", {"name": "x"}, 400),
@@ -320,6 +343,7 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
             schema = requests.get(f"{base}/openapi.json", timeout=30).json()
             for path in (
                 "/api/v1/images/relabel",
+                "/api/v1/images/exclude",
                 "/api/v1/clusters/{cluster_id}/promote",
                 "/api/v1/audit/undo",
                 "/api/v1/thresholds",

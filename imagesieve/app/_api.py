@@ -91,7 +91,7 @@ _IDS = {"min_length": 1, "max_length": MAX_RELABEL, "description": "stored image
 
 
 class RelabelRequest(BaseModel):
-    """Stored images and the class they belong to."""
+    """Stored images and the class they belong to (``UNKNOWN``: none; they leave any class)."""
 
     ids: list[StoredId] = Field(**_IDS)
     label: str = Field(**_NAME)
@@ -430,6 +430,14 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
         """Give stored images a class; they join its training data (recorded, undoable)."""
         result = await _call(service.relabel, body.ids, body.label, who=_who(request))
         return result.to_dict()
+
+    @router.post("/images/exclude", responses=errors(400, 503))
+    async def exclude_images(body: ExcludeRequest, request: Request) -> dict[str, Any]:
+        """Leave stored images out of the promotion of the clusters they are in (recorded).
+
+        One recorded exclusion per cluster; images in no cluster are counted, not changed.
+        """
+        return await _call(service.exclude_images, body.ids, who=_who(request))
 
     @router.get("/images", responses=errors(400, 503))
     async def images(

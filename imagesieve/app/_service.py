@@ -71,6 +71,7 @@ from imagesieve.search import (
     audit_log,
     browse_images,
     compute_map,
+    exclude_images,
     find_similar,
     list_clusters,
     map_points,
@@ -834,6 +835,12 @@ class Service:
         )
         self.reload_clusters()
         return row
+
+    def exclude_images(self, ids: Sequence[int], who: str | None = None) -> dict[str, Any]:
+        """Leave images out of the promotion of the clusters they are in (recorded)."""
+        done = exclude_images(self.ws, ids, model=self.version.name, who=who, store=self.store)
+        self.reload_clusters()
+        return done
 
     def training_dir(self) -> Path | None:
         """The active version's training folder (where promoted clusters go), if it still exists."""

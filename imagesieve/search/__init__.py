@@ -20,6 +20,7 @@ from imagesieve.search._review import (
     browse_images,
     class_folder,
     cluster_model_path,
+    exclude_images,
     list_clusters,
     local_user,
     promote_cluster,
@@ -70,5 +71,6 @@ __all__ = [
     "nearest_stored",
     "promote_cluster",
     "run_clustering",
+    "exclude_images",
     "update_cluster",
 ]

@@ -86,13 +86,15 @@ def relabel_images(
     The label is kept per image content (it follows the image into later versions), and the
     image is copied into ``into/<label>/`` (default: the version's training folder), so the
     next training run learns it, as promote does. An image a person labelled before moves out
-    of its old class folder. Recorded in the audit log; undone by :func:`undo_action`.
+    of its old class folder. ``UNKNOWN`` says a person found the images belong to no class:
+    they join no folder (and leave one a person put them in). Recorded in the audit log;
+    undone by :func:`undo_action`.
     """
     info = get_version(ws, model)
     version = info.name
     label = class_name(label)
     if label.upper() == UNKNOWN:
-        raise ReviewError(f"{UNKNOWN} is not a class: give the class the images belong to")
+        label = UNKNOWN
     wanted = sorted({int(i) for i in ids})
     if not wanted:
         raise ReviewError("no images given to relabel")
@@ -101,13 +103,13 @@ def relabel_images(
     if len(wanted) > MAX_RELABEL:
         raise ReviewError(f"at most {MAX_RELABEL} images per relabel, got {len(wanted)}")
     root = Path(into) if into is not None else training_folder(info)
-    if root is None or not root.is_dir():
+    if label != UNKNOWN and (root is None or not root.is_dir()):
         raise ReviewError(
             f"training data folder not found: {root}"
             if root is not None
             else f"the training folder of {version} is gone; give the folder to add the images to"
         )
-    dest = class_folder(root, label)
+    dest = class_folder(root, label) if label != UNKNOWN else None
     with using_store(ws, store, check=False) as store:
         with store.atomic():
             rows = store.rows(version, ids=wanted)
@@ -116,9 +118,9 @@ def relabel_images(
                 shown = ", ".join(map(str, strangers[:10])) + (" ..." * (len(strangers) > 10))
                 raise ReviewError(f"no stored image of {version} has id {shown}")
             before = store.audit.labels([r.sha256 for r in rows])
-            result = RelabelResult(None, label, str(dest), len(rows))
-            created = not dest.exists()
-            names = {p.name for p in dest.iterdir()} if not created else set()
+            result = RelabelResult(None, label, "" if dest is None else str(dest), len(rows))
+            created = dest is not None and not dest.exists()
+            names = {p.name for p in dest.iterdir()} if dest is not None and not created else set()
             trash = ws.root / "trash" / uuid.uuid4().hex
             files: list[AuditFile] = []
             given: list[HumanLabel] = []
@@ -134,7 +136,10 @@ def relabel_images(
                     os.replace(prev.file, away)
                     files.append(AuditFile(prev.file, "removed", r.sha256, str(away)))
                     result.moved += 1
-                given.append(place_in_class(ws, dest, r, names, files, result))
+                if dest is None:
+                    given.append(HumanLabel(r.sha256, UNKNOWN, r.id, 0, None))
+                else:
+                    given.append(place_in_class(ws, dest, r, names, files, result))
             result.labelled = len(given)
             result.action_id = store.audit.record(
                 "relabel",

@@ -11,13 +11,14 @@ import csv
 import getpass
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imagesieve._errors import SieveError
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import Progress, ReferenceSet
+from imagesieve.classifier import UNKNOWN, Progress, ReferenceSet
 from imagesieve.data import sort_into
 from imagesieve.models import get_version
 from imagesieve.search._cluster import (
@@ -302,6 +303,41 @@ def update_cluster(
             )
             store.clusters.exclude(version, cluster_id, added)
         return next(c for c in store.clusters.listing(version) if c["cluster_id"] == cluster_id)
+
+
+def exclude_images(
+    ws: Workspace,
+    ids: Sequence[int],
+    *,
+    model: str | None = None,
+    who: str | None = None,
+    store: Store | None = None,
+) -> dict[str, Any]:
+    """Leave stored images out of the promotion of whatever clusters they are in.
+
+    The grid's X: a selection may span clusters, each gets its own recorded ``exclude``.
+    Returns ``{"clusters": {cluster_id: images}, "not_in_cluster": n}``; ReviewError when none
+    of the images is in a cluster.
+    """
+    version = get_version(ws, model).name
+    with using_store(ws, store, check=False) as store:
+        rows = store.rows(version, ids=sorted({int(i) for i in ids}))
+        by_cluster: dict[int, list[int]] = {}
+        for r in rows:
+            if r.cluster_id is not None and r.cluster_id >= 0:
+                by_cluster.setdefault(int(r.cluster_id), []).append(int(r.id))
+        if not by_cluster:
+            raise ReviewError(
+                f"none of the {len(ids)} selected images is in a cluster: only cluster members "
+                "can be left out of a promotion (to keep an image out of training, label it "
+                f"{UNKNOWN})"
+            )
+        for cid, members in sorted(by_cluster.items()):
+            update_cluster(ws, cid, exclude=tuple(members), model=version, who=who, store=store)
+    return {
+        "clusters": {cid: len(m) for cid, m in sorted(by_cluster.items())},
+        "not_in_cluster": len(set(ids)) - sum(map(len, by_cluster.values())),
+    }
 
 
 def _record_state(

@@ -49,8 +49,9 @@ SORT_WORDS = {
 KEYS_HELP = (
     "**Keys** (grid focused or anywhere outside a text box): click selects, shift-click "
     "selects a range, **A** selects the page, **Esc** clears; **1-9** relabel the selection to "
-    "class 1-9 (listed under *Relabel*); **J** / **K** next / previous page; **Z** undo the "
-    "last action."
+    "class 1-9 (listed under *Relabel*); **U** marks it UNKNOWN (no class: it leaves any "
+    "class a person put it in); **X** leaves it out of its cluster's promotion; **J** / **K** "
+    "next / previous page; **Z** undo the last action."
 )
 
 GRID_TEMPLATE = """
@@ -108,12 +109,16 @@ window.imagesieveReviewKey = (key) => {
   key = key.toLowerCase();
   if (key === 'a') { setSelection(new Set(ids())); return true; }
   if (key === 'escape') { setSelection(new Set()); return true; }
-  if (!/^[1-9jkz]$/.test(key)) return false;
+  if (!/^[1-9jkzux]$/.test(key)) return false;
   const n = (props.value.selected || []).length;
-  if (/^[1-9]$/.test(key)) {
-    const name = (props.value.classes || [])[Number(key) - 1];
+  if (/^[1-9u]$/.test(key)) {
+    const name = key === 'u' ? 'UNKNOWN' : (props.value.classes || [])[Number(key) - 1];
     if (!name || !n) return true;
     if (n > 1 && !confirm(`Relabel ${n} images as ${name}?`)) return true;
+  }
+  if (key === 'x') {
+    if (!n) return true;
+    if (n > 1 && !confirm(`Leave ${n} images out of their cluster's promotion?`)) return true;
   }
   props.value = {...props.value, key: key, nonce: Date.now()};
   trigger('submit');
@@ -330,7 +335,7 @@ def review_tab(service: Service) -> Panel:
 
     @user_errors
     def act(grid: dict, page: float, size: float, request: gr.Request, *filters: Any) -> tuple:
-        """A key pressed on the grid: relabel to class 1-9, next/previous page, undo."""
+        """A key pressed on the grid: relabel to class 1-9 or UNKNOWN, exclude, page, undo."""
         key = (grid or {}).get("key", "")
         selected = list((grid or {}).get("selected", []))
         page = int(page or 1)
@@ -340,9 +345,12 @@ def review_tab(service: Service) -> Panel:
         elif key == "z":
             entry = service.undo(who=app_user(request))
             gr.Info(entry["summary"])
-        elif key.isdigit():
+        elif key == "x" and selected:
+            done = service.exclude_images(selected, who=app_user(request))
+            gr.Info(_exclude_words(done))
+        elif key.isdigit() or key == "u":
             classes = class_names(service)
-            name = classes[int(key) - 1] if int(key) <= len(classes) else None
+            name = UNKNOWN if key == "u" else dict(enumerate(classes, 1)).get(int(key))
             if name and selected:
                 result = service.relabel(selected, name, who=app_user(request))
                 gr.Info(_relabel_words(result))
@@ -387,7 +395,7 @@ def review_tab(service: Service) -> Panel:
             gr.Dropdown(choices=[*classes, UNKNOWN], value=None),
             gr.Dropdown(choices=classes, value=None),
             gr.Dropdown(choices=classes, value=current if current in classes else None),
-            gr.Dropdown(choices=["any", "nobody", *classes], value="any"),
+            gr.Dropdown(choices=["any", "nobody", *classes, UNKNOWN], value="any"),
             help_md,
         )
 
@@ -619,6 +627,14 @@ def _relabel_words(result: Any) -> str:
     if result.missing:
         text += f"; {len(result.missing)} no longer available to copy"
     return text + f" · undo: Z or action {result.action_id}"
+
+
+def _exclude_words(done: dict[str, Any]) -> str:
+    parts = [f"{n} from cluster {cid}" for cid, n in done["clusters"].items()]
+    text = "left out of promotion: " + ", ".join(parts)
+    if done["not_in_cluster"]:
+        text += f" ({done['not_in_cluster']} in no cluster, left as they are)"
+    return text + " · undo: Z"
 
 
 def _audit_md(service: Service) -> str:

@@ -483,7 +483,9 @@ def cmd_demo(args: argparse.Namespace, ws: Workspace) -> None:
 def cmd_serve(args: argparse.Namespace, ws: Workspace) -> None:
     """The `serve` verb: the Gradio app and the REST API until Ctrl-C."""
     from imagesieve.app import Limits, Service, serve
+    from imagesieve.app._server import parse_tokens
 
+    tokens = parse_tokens(args.token or (), args.token_file)  # a bad file: before the store opens
     limits = Limits(
         max_file_bytes=args.max_upload_mb * 2**20,
         allow_fetch=tuple(args.allow_fetch or ()),
@@ -501,7 +503,7 @@ def cmd_serve(args: argparse.Namespace, ws: Workspace) -> None:
             args.host,
             args.port,
             auth=args.auth,
-            token=args.token,
+            token=tokens,
             ui=args.ui,
             on_ready=ready,
         )
@@ -521,7 +523,15 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--token",
-        help="bearer token for the API (default $IMAGESIEVE_API_TOKEN; required beyond loopback)",
+        action="append",
+        metavar="[NAME=]SECRET",
+        help="bearer token for the API, repeatable; a NAME is who the audit log records "
+        "(default $IMAGESIEVE_API_TOKEN; required beyond loopback)",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="API tokens, one NAME=SECRET per line (kept out of the process list)",
     )
     parser.add_argument(
         "--max-upload-mb", type=int, default=50, help="largest file accepted per upload (MB)"

@@ -23,7 +23,7 @@ import requests
 from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.app import Service
-from imagesieve.app._server import start_server
+from imagesieve.app._server import parse_tokens, start_server
 from imagesieve.classifier import UNKNOWN
 from imagesieve.cli import main
 from imagesieve.data import scan_image_folder
@@ -586,5 +586,39 @@ def test_confusion__counts_and_a_cells_images_by_the_service_and_the_api(review)
                 r = requests.get(f"{base}/{version.name}/confusion", params=params, timeout=30)
                 assert r.status_code == 400, params
             assert requests.get(f"{base}/v9/confusion", timeout=30).status_code == 400
+        finally:
+            server.stop()
+
+
+def test_api__named_tokens_are_who_the_audit_log_records(review, tmp_path):
+    ws, data, mono, poly = review
+    token_file = tmp_path / "tokens"
+    token_file.write_text("# who may drive the API\nci-bot=s2\n\n")
+    tokens = parse_tokens(["ana=s1", "plain-secret"], token_file)
+    assert tokens == {"s1": "ana", "plain-secret": None, "s2": "ci-bot"}
+    with pytest.raises(UserError, match="same name"):
+        parse_tokens(["ana=a", "ana=b"])
+    with pytest.raises(UserError, match="cannot read the token file"):
+        parse_tokens([], tmp_path / "missing")
+    with Service(ws) as service:
+        server = start_server(service, token=tokens, ui=False)
+        base = server.url + "/api/v1"
+        try:
+            for secret, label in [("s1", "poly"), ("s2", "defective"), ("plain-secret", "poly")]:
+                r = requests.post(
+                    f"{base}/images/relabel",
+                    json={"ids": poly[:1], "label": label},
+                    headers={"Authorization": f"Bearer {secret}"},
+                    timeout=30,
+                )
+                assert r.status_code == 200, r.text
+            r = requests.get(f"{base}/audit", headers={"Authorization": "Bearer s1"}, timeout=30)
+            assert [a["who"] for a in r.json()["actions"]] == [
+                "api:127.0.0.1",
+                "api:ci-bot",
+                "api:ana",
+            ]
+            r = requests.get(f"{base}/audit", headers={"Authorization": "Bearer ana"}, timeout=30)
+            assert r.status_code == 401  # a name is not a secret
         finally:
             server.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from datetime import date
 from typing import Annotated, Any, Literal
@@ -272,20 +272,33 @@ class _AnyMethod:
 
 
 def _who(request: Request) -> str:
-    """Who acts through the API, for the audit log: ``api:<client address>``."""
-    return f"api:{request.client.host if request.client else 'unknown'}"
+    """Who acts through the API, for the audit log: ``api:<token name>``, else the address."""
+    name = getattr(request.state, "token_name", None)
+    return f"api:{name or (request.client.host if request.client else 'unknown')}"
 
 
-def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None:
-    """Mount ``/api/v1`` on ``app``: predict, score, similar, sql, clusters, history, health, docs."""
+def add_api(
+    app: FastAPI, service: Service, *, token: str | Mapping[str, str | None] | None = None
+) -> None:
+    """Mount ``/api/v1`` on ``app``: predict, score, similar, sql, clusters, history, health, docs.
+
+    ``token``: one secret, or secrets mapped to names (``parse_tokens``); a named token's name
+    is who the audit log records for its requests.
+    """
     bearer = HTTPBearer(auto_error=False, description="the server's API token (--token)")
+    tokens = {token: None} if isinstance(token, str) else dict(token or {})
 
     def check_token(
+        request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     ) -> None:
-        given = credentials.credentials if credentials is not None else ""
-        if not hmac.compare_digest(given.encode(), (token or "").encode()):
+        given = (credentials.credentials if credentials is not None else "").encode()
+        found = [
+            name for secret, name in tokens.items() if hmac.compare_digest(given, secret.encode())
+        ]
+        if not found:
             raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer TOKEN'")
+        request.state.token_name = found[0]
 
     def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         """The documented error answers of a route: ``statuses``, 500, and 401 with a token."""
@@ -646,7 +659,7 @@ def add_api(app: FastAPI, service: Service, *, token: str | None = None) -> None
         # Anything else under /api/v1: the error shape, not the UI's (mounted at "/") 404
         if token:
             try:
-                check_token(await bearer(request))
+                check_token(request, await bearer(request))
             except ApiError as e:
                 return _error(e.status, e.message)
         path, method = request.url.path, request.method

@@ -11,10 +11,13 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -56,7 +59,40 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def check_exposure(host: str, auth: tuple[str, str] | None, token: str | None) -> None:
+#: One API secret, or secrets mapped to the names the audit log records (None: unnamed).
+Tokens = str | Mapping[str, str | None] | None
+_TOKEN_NAME = re.compile(r"[A-Za-z][\w.-]{0,63}")
+
+
+def parse_tokens(values: Sequence[str] = (), file: str | os.PathLike | None = None) -> Tokens:
+    """API tokens from ``--token`` values and a ``--token-file`` (one per line, ``#`` comments).
+
+    Each is ``NAME=SECRET`` (the audit log records ``api:NAME`` for its requests) or a bare
+    SECRET (recorded as the client's address). Returns secret -> name, or None for no token.
+    """
+    lines = list(values)
+    if file is not None:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot read the token file {file}: {e.strerror}") from None
+        lines += [
+            ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+        ]
+    tokens: dict[str, str | None] = {}
+    for value in lines:
+        name, sep, secret = value.partition("=")
+        if sep and secret and _TOKEN_NAME.fullmatch(name):
+            tokens[secret] = name
+        elif value:
+            tokens[value] = None
+    names = [n for n in tokens.values() if n is not None]
+    if len(names) != len(set(names)):
+        raise UserError("two API tokens have the same name: give each its own")
+    return tokens or None
+
+
+def check_exposure(host: str, auth: tuple[str, str] | None, token: Tokens) -> None:
     """Refuse to listen beyond loopback without a UI login and an API token."""
     if is_loopback(host):
         return
@@ -150,7 +186,7 @@ def build_server(
     service: Service,
     *,
     auth: tuple[str, str] | None = None,
-    token: str | None = None,
+    token: Tokens = None,
     ui: bool = True,
 ) -> Any:
     """The FastAPI app: ``/api/v1`` (OpenAPI at ``/api/v1/openapi.json``) and the Gradio UI at ``/``."""
@@ -228,7 +264,7 @@ def start_server(
     port: int = 0,
     *,
     auth: tuple[str, str] | None = None,
-    token: str | None = None,
+    token: Tokens = None,
     ui: bool = True,
 ) -> RunningServer:
     """Start the server on a thread (port 0: a free one); returns once it accepts connections."""
@@ -258,7 +294,7 @@ def serve(
     port: int = 7860,
     *,
     auth: str | None = None,
-    token: str | None = None,
+    token: Tokens = None,
     ui: bool = True,
     on_ready: Any = None,
 ) -> None:
@@ -267,7 +303,7 @@ def serve(
     Both signals are handled even when the parent started us with SIGINT ignored (a shell's
     background job, nohup), so ``kill`` and Ctrl-C always close the store properly.
     """
-    token = token or os.environ.get(TOKEN_ENV) or None
+    token = token or parse_tokens([os.environ.get(TOKEN_ENV) or ""])
     running = start_server(service, host, port, auth=parse_auth(auth), token=token, ui=ui)
     stop = threading.Event()
     previous = {}

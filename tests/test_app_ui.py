@@ -390,6 +390,17 @@ def test_predict__upload_shows_label_top3_gradcam_and_neighbours(page, app):
     assert [c.split(" · ")[0] for c in captions] == [f"#{r.id}" for r in neighbours]
     page.page.wait_for_selector("#predict-gradcam img")
     assert "Grad-CAM" in page.text("#predict-gradcam")
+
+    # examples from the training data: one per class, a click scores it
+    examples = service.example_images()
+    assert [name for _, name in examples] == ["defective", "functional"]
+    page.page.wait_for_function(
+        "() => document.querySelectorAll('#predict-examples .thumbnail-item').length === 2"
+    )
+    assert page.captions("#predict-examples") == ["defective", "functional"]
+    page.page.locator("#predict-examples .thumbnail-item").nth(1).click()
+    page.wait_text("#predict-details", "this content was stored before")  # a training image
+    assert page.page.get_attribute("#predict-verdict [data-label]", "data-label") == "functional"
     page.assert_no_errors()
 
 
@@ -597,6 +608,11 @@ def test_similar__by_id_and_by_class_show_the_gallery(page, app):
     captions = page.captions("#similar-gallery")
     assert [c.split(" · ")[0] for c in captions] == [f"#{r.id}" for r in expected]
     assert all(re.search(r"d=\d\.\d{3}$", c) for c in captions)
+
+    # a click on a result searches from it
+    page.page.locator("#similar-gallery .thumbnail-item").nth(1).click()
+    page.wait_text("#similar-info", f"image #{expected[1].id}")
+    assert page.page.input_value("#similar-id input") == str(expected[1].id)
 
     page.page.get_by_role("tab", name="By class", exact=True).click()
     page.page.fill("#similar-where textarea, #similar-where input", "label <> 'UNKNOWN'")

@@ -70,6 +70,7 @@ from imagesieve.search import (
     apply_thresholds,
     audit_log,
     browse_images,
+    class_folder,
     compute_map,
     exclude_images,
     find_similar,
@@ -658,6 +659,29 @@ class Service:
             if p.id is not None:
                 p.embedding = None  # stored now: keep only what the response needs
         return out
+
+    def example_images(self, per_class: int = 1, limit: int = 8) -> list[tuple[str, str]]:
+        """(path, class) of a few training images of the active model, one per class first.
+
+        For the Predict tab's examples; empty without a model or its training folder.
+        """
+        from imagesieve.data import IMAGE_EXTENSIONS
+
+        root = training_folder(self.version) if self.predictor is not None else None
+        if root is None:
+            return []
+        found = []
+        for name in self.version.classes:
+            folder = class_folder(root, name)
+            if not folder.is_dir():
+                continue
+            files = sorted(
+                e.path
+                for e in os.scandir(folder)
+                if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS
+            )
+            found += [(f, name) for f in files[:per_class]]
+        return found[:limit]
 
     def gradcam(self, data: bytes | Any, class_name: str | None = None) -> Any:
         """Grad-CAM of the active model on an image: a ``GradCam`` (heatmap, ``overlay()``)."""

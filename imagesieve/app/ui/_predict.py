@@ -159,9 +159,24 @@ def predict_tab(service: Service) -> Panel:
             label=f"Grad-CAM: where the model saw “{cam.class_name}” ({pct(cam.probability)})",
         )
 
-    def refresh(current: str | None) -> Any:
+    @user_errors
+    def score_example(found: list[str], evt: gr.SelectData) -> tuple:
+        i = evt.index if isinstance(evt.index, int) else None
+        if not found or i is None or i >= len(found):
+            return (gr.skip(),) * (len(outputs) + 1)
+        return (found[i], *score_upload(found[i]))
+
+    def refresh(current: str | None) -> tuple:
         choices = [TOP1_CHOICE, *class_names(service)]
-        return gr.Dropdown(choices=choices, value=current if current in choices else TOP1_CHOICE)
+        found = service.example_images()
+        return (
+            gr.Dropdown(choices=choices, value=current if current in choices else TOP1_CHOICE),
+            gr.Gallery(
+                value=[(str(service.file_thumbnail(p)), name) for p, name in found],
+                visible=bool(found),
+            ),
+            [p for p, _ in found],
+        )
 
     with gr.Row():
         with gr.Column(scale=1):
@@ -173,6 +188,15 @@ def predict_tab(service: Service) -> Panel:
                         image_mode=None,  # the file as uploaded: scored and stored as sent
                         sources=["upload", "clipboard"],
                         elem_id="predict-image",
+                    )
+                    examples = gr.Gallery(
+                        label="Examples from the training data: click one to score it",
+                        columns=4,
+                        height=180,
+                        object_fit="contain",
+                        allow_preview=False,
+                        visible=False,
+                        elem_id="predict-examples",
                     )
                 with gr.Tab("Camera"):
                     camera = gr.Image(
@@ -209,6 +233,7 @@ def predict_tab(service: Service) -> Panel:
             )
     source = gr.State(None)  # the scored image (upload path or frame bytes), for Grad-CAM
     frame = gr.State(None)  # the latest camera frame (JPEG bytes)
+    example_paths = gr.State([])
 
     outputs = [verdict, top3, details, neighbours, source, cam_image]
     image.upload(score_upload, image, outputs).success(explain, [source, cam_class], cam_image)
@@ -224,4 +249,7 @@ def predict_tab(service: Service) -> Panel:
     )
     store_button.click(store_frame, frame, outputs).success(explain, [source, cam_class], cam_image)
     cam_class.input(explain, [source, cam_class], cam_image)
-    return Panel(refresh, [cam_class], [cam_class])
+    examples.select(score_example, example_paths, [image, *outputs]).success(
+        explain, [source, cam_class], cam_image
+    )
+    return Panel(refresh, [cam_class, examples, example_paths], [cam_class])

@@ -112,7 +112,7 @@ def similar_tab(service: Service) -> Panel:
             )
     info = gr.Markdown(elem_id="similar-info")
     gallery = gr.Gallery(
-        label="Similar stored images (click one to search from it by id)",
+        label="Similar stored images (click one to search from it)",
         columns=6,
         height=420,
         object_fit="contain",
@@ -131,5 +131,5 @@ def similar_tab(service: Service) -> Panel:
     id_button.click(by_id, [id_box, *controls], outputs)
     id_box.submit(by_id, [id_box, *controls], outputs)
     class_button.click(by_class, [class_box, *controls], outputs)
-    gallery.select(pick, ids, id_box)
+    gallery.select(pick, ids, id_box).success(by_id, [id_box, *controls], outputs)
     return Panel(refresh, [class_box], [class_box])

@@ -212,7 +212,7 @@ def test_build_app__every_tab_renders_without_browser_errors(page, app):
     page.tab("Batch")
     page.page.wait_for_selector("#batch-files", state="visible")
     headers, _ = page.table("#batch-table")
-    assert headers[:3] == ["source", "label", "reason"]
+    assert headers[:3] == ["item", "source", "outcome"]
 
     page.tab("Similar")
     page.page.wait_for_selector("#similar-gallery", state="visible")
@@ -299,6 +299,7 @@ def test_review__filter_page_select_relabel_with_keys_and_undo(page, app):
     ]
     assert len(list((training / "functional").iterdir())) >= 2
     page.wait_text("#review-grid", "✔ functional")
+    page.wait_text("#app-header", "2 labelled by people")  # the header follows every action
 
     # the button asks too; dismissing it changes nothing
     page.page.once("dialog", lambda d: d.dismiss())
@@ -314,6 +315,7 @@ def test_review__filter_page_select_relabel_with_keys_and_undo(page, app):
     page.wait_text("#review-audit", "undone")
     assert service.sql("SELECT count(*) FROM labels").rows[0][0] == 0
     assert sorted(str(p.relative_to(training)) for p in training.rglob("*")) == before
+    page.wait_text("#app-header", "0 labelled by people")
     page.assert_no_errors()
 
 

@@ -1266,6 +1266,27 @@ class Service:
 
         self._thumbs.submit(make)
 
+    def counts(self) -> dict[str, int]:
+        """What the app's header counts for the active model.
+
+        Stored images, UNKNOWN ones, clusters to review (new or named, with members) and
+        images a person labelled.
+        """
+        name = self.version.name
+        with self.store.cursor() as cur:
+            stored, unknown = cur.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE label = '{UNKNOWN}') "
+                "FROM predictions WHERE model_version = ?",
+                [name],
+            ).fetchall()[0]
+            clusters = cur.execute(
+                "SELECT count(*) FROM clusters WHERE model_version = ? "
+                "AND status IN ('new', 'named') AND size > 0",
+                [name],
+            ).fetchall()[0][0]
+            labelled = cur.execute("SELECT count(*) FROM labels").fetchall()[0][0]
+        return {"stored": stored, "unknown": unknown, "clusters": clusters, "labelled": labelled}
+
     def health(self) -> dict[str, Any]:
         """Liveness and what is loaded."""
         self.follow_active()

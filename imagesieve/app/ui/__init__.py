@@ -33,9 +33,11 @@ def _header_md(service: Service) -> str:
             "`imagesieve train DATA_DIR` or `imagesieve demo`"
         )
     classes = ", ".join(health.get("classes", []))
+    n = service.counts()
     return (
         f"**imagesieve** · workspace `{health['workspace']}` · model **{health['model_version']}**"
-        f" ({classes}) · {health.get('stored_images', 0):,} stored images"
+        f" ({classes}) · **{n['stored']:,}** stored images · **{n['unknown']:,}** UNKNOWN · "
+        f"**{n['clusters']:,}** clusters to review · **{n['labelled']:,}** labelled by people"
     )
 
 
@@ -73,6 +75,8 @@ def build_app(service: Service) -> gr.Blocks:
                 panel.on_open(tab)
             elif panel.refresh is not None:
                 tab.select(panel.refresh, panel.inputs, panel.outputs)
+        for event in (e for _, panel in panels for e in panel.store_changes):
+            event.then(header_now, None, header, show_progress="hidden")
         for changed in (event for _, panel in panels for event in panel.model_changes):
             changed.success(header_now, None, header)
             for _, panel in panels:

@@ -310,7 +310,7 @@ def batch_tab(service: Service) -> Panel:
     )
     shown = gr.State({})
     outputs = [summary, label, table, shown, csv_button, xlsx_button, zip_button]
-    start.click(
+    scored = start.click(
         run,
         [files, folder, chosen, column],
         [*outputs, earlier],
@@ -318,4 +318,4 @@ def batch_tab(service: Service) -> Panel:
     )
     earlier.input(reopen, earlier, outputs, show_progress_on=[summary, table])
     label.input(filter_rows, [shown, label], table)
-    return Panel(user_errors(past), [earlier])
+    return Panel(user_errors(past), [earlier], store_changes=[scored])

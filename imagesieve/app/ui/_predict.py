@@ -236,7 +236,8 @@ def predict_tab(service: Service) -> Panel:
     example_paths = gr.State([])
 
     outputs = [verdict, top3, details, neighbours, source, cam_image]
-    image.upload(score_upload, image, outputs).success(explain, [source, cam_class], cam_image)
+    uploaded = image.upload(score_upload, image, outputs)
+    uploaded.success(explain, [source, cam_class], cam_image)
     image.clear(score_upload, image, outputs)
     camera.stream(
         live_frame,
@@ -247,9 +248,14 @@ def predict_tab(service: Service) -> Panel:
         concurrency_limit=4,
         show_progress="hidden",
     )
-    store_button.click(store_frame, frame, outputs).success(explain, [source, cam_class], cam_image)
+    kept = store_button.click(store_frame, frame, outputs)
+    kept.success(explain, [source, cam_class], cam_image)
     cam_class.input(explain, [source, cam_class], cam_image)
-    examples.select(score_example, example_paths, [image, *outputs]).success(
-        explain, [source, cam_class], cam_image
+    tried = examples.select(score_example, example_paths, [image, *outputs])
+    tried.success(explain, [source, cam_class], cam_image)
+    return Panel(
+        refresh,
+        [cam_class, examples, example_paths],
+        [cam_class],
+        store_changes=[uploaded, kept, tried],
     )
-    return Panel(refresh, [cam_class, examples, example_paths], [cam_class])

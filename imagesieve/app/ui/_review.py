@@ -539,15 +539,15 @@ def review_tab(service: Service) -> Panel:
     prev_button.click(lambda p: max(1, int(p or 1) - 1), page, page, show_progress="hidden").then(
         show, [page, size, *filters], outputs, show_progress="hidden"
     )
-    grid.submit(act, [grid, page, size, *filters], outputs, show_progress="hidden")
-    relabel_button.click(
+    acted = grid.submit(act, [grid, page, size, *filters], outputs, show_progress="hidden")
+    relabelled = relabel_button.click(
         relabel,
         [grid, target, new_type, confirmed, page, size, *filters],
         outputs,
         js=CONFIRM_RELABEL,
         show_progress="hidden",
     )
-    undo_button.click(undo, [page, size, *filters], outputs, show_progress="hidden")
+    undone = undo_button.click(undo, [page, size, *filters], outputs, show_progress="hidden")
 
     def map_words(doc: dict[str, Any]) -> str:
         making = service.map_status
@@ -610,6 +610,7 @@ def review_tab(service: Service) -> Panel:
         outputs=[f_label, f_class, target, f_person, keys, *outputs],
         inputs=[target, page, size, *filters],
         handles={"cluster": f_cluster, "sort": f_sort, "page": page},
+        store_changes=[acted, relabelled, undone],
     )
 
 

@@ -193,3 +193,5 @@ class Panel:
     model_changes: list[Any] = field(default_factory=list)
     #: Components other tabs may set to open this one on something (e.g. the Review filters).
     handles: dict[str, Any] = field(default_factory=dict)
+    #: Events after which the store's counts may have changed (the header follows them).
+    store_changes: list[Any] = field(default_factory=list)

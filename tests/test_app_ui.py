@@ -261,6 +261,17 @@ def test_review__filter_page_select_relabel_with_keys_and_undo(page, app):
     assert page.page.locator("#review-grid img").count() >= 40  # thumbnails drawn
     assert "1-9" in page.text("#review-keys") and "2: functional" in page.text("#review-keys")
 
+    # the day filter: a day with nothing, then an open range from today
+    page.page.fill("#review-days input, #review-days textarea", "2000-01-01")
+    page.page.keyboard.press("Enter")
+    page.wait_text("#review-summary", "No stored images match")
+    today = service.sql("SELECT CAST(max(scored_at) AS DATE) FROM predictions").rows[0][0]
+    page.page.fill("#review-days input, #review-days textarea", f"{today}..")
+    page.page.keyboard.press("Enter")
+    page.wait_text("#review-summary", f"of {total}")
+    page.page.fill("#review-days input, #review-days textarea", "")
+    page.page.keyboard.press("Enter")
+
     # a facet: UNKNOWN only
     page.page.click("#review-label input")
     page.page.keyboard.type("UNKNOWN")

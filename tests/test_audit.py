@@ -57,6 +57,10 @@ def tree(root: Path) -> dict[str, str]:
     return out
 
 
+def existing_classes(data: Path) -> list[str]:
+    return [p.name for p in data.iterdir() if p.is_dir()]
+
+
 def stored(ws: Workspace, sql: str, params=()) -> list[tuple]:
     with Store(ws, check=False) as store:
         return store._db.execute(sql, list(params)).fetchall()
@@ -189,6 +193,17 @@ def test_cluster_actions__promote_name_reject_exclude_are_undone(review):
     assert state()[0][0] == "rejected"
     undo_action(ws)
     assert state() == fresh
+
+    # merge: promoted under an existing class's name, it joins that class's folder
+    existing = sorted(p.name for p in (data / "functional").iterdir())
+    merged = promote_cluster(ws, cid, "functional", data)
+    assert merged.dest == str(data / "functional") and merged.copied == len(members)
+    added = sorted(p.name for p in (data / "functional").iterdir())
+    assert set(existing) < set(added) and len(added) - len(existing) == merged.copied
+    assert state()[0] == ("promoted", "functional", str(data / "functional"))
+    assert [c for c in scan_image_folder(data).classes] == sorted(existing_classes(data))
+    undo_action(ws)
+    assert tree(data) == before_tree and state() == fresh
 
 
 def test_thresholds_and_activation__undone_exactly(review):

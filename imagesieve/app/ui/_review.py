@@ -9,6 +9,7 @@ from ``Service.relabel`` and ``Service.undo``: the calls the REST API and the CL
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import html
 import time
 import uuid
@@ -279,9 +280,11 @@ def review_tab(service: Service) -> Panel:
         distance: float | None,
         cluster: str | None,
         batch: str | None,
+        days: str | None,
         sort: str,
         ids: list[int] | None = None,
     ) -> ImageQuery:
+        day_from, day_to = _days(days)
         return ImageQuery(
             labels=tuple(labels) if labels else None,
             reasons=tuple(reasons) if reasons else None,
@@ -293,6 +296,8 @@ def review_tab(service: Service) -> Panel:
             min_distance=float(distance) if distance else None,
             cluster_ids=(_ints(cluster, "cluster"),) if cluster else None,
             batch_ids=(_ints(batch, "batch"),) if batch else None,
+            day_from=day_from,
+            day_to=day_to,
             sort=next((k for k, w in SORT_WORDS.items() if w == sort), "id"),
             ids=tuple(ids) if ids is not None else None,
         )
@@ -431,6 +436,11 @@ def review_tab(service: Service) -> Panel:
             label="Cluster id", placeholder="e.g. 3 (-1: noise)", elem_id="review-cluster"
         )
         f_batch = gr.Textbox(label="Batch id", placeholder="e.g. 12", elem_id="review-batch")
+        f_days = gr.Textbox(
+            label="Scored on (UTC day or range)",
+            placeholder="2026-12-04 or 2026-12-01..2026-12-04",
+            elem_id="review-days",
+        )
         f_sort = gr.Dropdown(
             label="Order",
             choices=list(SORT_WORDS.values()),
@@ -519,7 +529,18 @@ def review_tab(service: Service) -> Panel:
     confirmed = gr.Checkbox(value=False, visible=False)
     sel_ids = gr.State(None)
 
-    filters = [f_label, f_reason, f_class, f_person, f_conf, f_dist, f_cluster, f_batch, f_sort]
+    filters = [
+        f_label,
+        f_reason,
+        f_class,
+        f_person,
+        f_conf,
+        f_dist,
+        f_cluster,
+        f_batch,
+        f_days,
+        f_sort,
+    ]
     filters.append(sel_ids)
     outputs = [grid, summary, page, audit]
 
@@ -528,7 +549,7 @@ def review_tab(service: Service) -> Panel:
 
     for control in (f_label, f_reason, f_class, f_person, f_sort):
         control.change(to_first, [size, *filters], outputs, show_progress="hidden")
-    for control in (f_dist, f_cluster, f_batch):
+    for control in (f_dist, f_cluster, f_batch, f_days):
         control.submit(to_first, [size, *filters], outputs, show_progress="hidden")
     f_conf.release(to_first, [size, *filters], outputs, show_progress="hidden")
     size.change(to_first, [size, *filters], outputs, show_progress="hidden")
@@ -612,6 +633,21 @@ def review_tab(service: Service) -> Panel:
         handles={"cluster": f_cluster, "sort": f_sort, "page": page},
         store_changes=[acted, relabelled, undone],
     )
+
+
+def _days(text: str | None) -> tuple[dt.date | None, dt.date | None]:
+    """``2026-12-04`` (one day) or ``2026-12-01..2026-12-04`` (either end may be left open)."""
+    text = (text or "").strip()
+    if not text:
+        return None, None
+    first, sep, last = (part.strip() for part in text.partition(".."))
+    try:
+        ends = [dt.date.fromisoformat(x) if x else None for x in (first, last if sep else first)]
+    except ValueError:
+        raise gr.Error(
+            "a day is written 2026-12-04; a range 2026-12-01..2026-12-04", print_exception=False
+        ) from None
+    return ends[0], ends[1]
 
 
 def _ints(text: str, what: str) -> int:

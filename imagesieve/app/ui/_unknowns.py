@@ -15,6 +15,7 @@ from imagesieve.app.ui._review import SORT_WORDS
 from imagesieve.app.ui._widgets import (
     Panel,
     app_user,
+    class_names,
     gallery_value,
     pct,
     progress_relay,
@@ -247,7 +248,7 @@ def _cluster_panel(
         with gr.Row():
             name_box = gr.Textbox(
                 value=c.get("name") or "",
-                label="Name (the new class)",
+                label="Name: a new class, or an existing class to merge into",
                 elem_id=f"cluster-{cid}-name",
             )
             ids_box = gr.Textbox(
@@ -289,7 +290,10 @@ def _cluster_panel(
         clusters,
         js=f"""(name, into, c) => {{
             const n = (name || '').trim() || {json.dumps(c.get("name") or "")};
-            return [name, into, !n || confirm(`Promote {taking} images of cluster {cid} as ${{n}}?`
+            const merge = {json.dumps(class_names(service))}.includes(n);
+            return [name, into, !n || confirm((merge
+                ? `Merge {taking} images of cluster {cid} into the existing class ${{n}}?`
+                : `Promote {taking} images of cluster {cid} as ${{n}}?`)
               + ' They are copied into the training data (undo: the Review tab).')];
         }}""",
     )

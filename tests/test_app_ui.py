@@ -330,6 +330,37 @@ def test_review__filter_page_select_relabel_with_keys_and_undo(page, app):
     page.assert_no_errors()
 
 
+def test_review__an_image_links_to_its_row_look_alikes_cluster_and_batch(page, app):
+    _, service, _ = app
+    row = service.sql(
+        "SELECT id, cluster_id, batch_id FROM predictions WHERE cluster_id >= 0 ORDER BY id"
+    ).rows[0]
+    image_id, cluster_id, batch_id = (int(v) for v in row)
+    page.tab("Review")
+    page.wait_text("#review-summary", "of ")
+    page.page.fill("#review-cluster input, #review-cluster textarea", str(cluster_id))
+    page.page.keyboard.press("Enter")
+    in_cluster = service.sql(f"SELECT count(*) FROM predictions WHERE cluster_id = {cluster_id}")
+    page.wait_text("#review-summary", f"of {in_cluster.rows[0][0]} ")
+    page.page.locator(f"#review-grid .rv-tile[data-id='{image_id}']").dblclick()
+    details = page.wait_text("#review-details", f"#{image_id}")
+    assert f"cluster {cluster_id}" in details and f"batch {batch_id}" in details
+    assert "Top-3:" in details and "scored 20" in details  # a time, to the second
+
+    page.page.click("#review-its-batch")  # its batch: the grid filtered on it
+    in_batch = service.sql(f"SELECT count(*) FROM predictions WHERE batch_id = {batch_id}")
+    page.wait_text("#review-summary", f"of {in_batch.rows[0][0]} ")
+    assert page.page.input_value("#review-batch input, #review-batch textarea") == str(batch_id)
+
+    page.page.click("#review-similar")  # its look-alikes: the Similar tab, searched by its id
+    page.wait_text("#similar-info", f"image #{image_id}")
+    assert page.page.input_value("#similar-id input") == str(image_id)
+    page.tab("Review")
+    page.page.fill("#review-batch input, #review-batch textarea", "")
+    page.page.keyboard.press("Enter")
+    page.assert_no_errors()
+
+
 def test_review__embedding_map_made_drawn_and_a_box_opens_in_the_grid(page, app):
     _, service, _ = app
     total = count(service, "predictions")
@@ -600,6 +631,25 @@ def test_batch__excel_list_round_trip_keeps_its_columns_and_order_and_reopens(pa
     csv_rows = list(csv.DictReader(io.StringIO(page.download("#batch-csv").read_text())))
     assert [r["meter"] for r in csv_rows] == meters
     page.assert_no_errors()
+
+
+def test_batch__a_list_without_its_column_is_an_error_in_the_apps_words_that_stays(
+    page, app, tmp_path
+):
+    sheet = tmp_path / "meters.csv"
+    sheet.write_text("meter,site\n1,north\n")
+    page.tab("Batch")
+    page.page.set_input_files("#batch-files input[type=file]", str(sheet))
+    page.wait_text("#batch-files", "meters")
+    page.page.click("#batch-run")
+    page.page.wait_for_function(
+        "() => [...document.querySelectorAll('.toast-body')].some(t => t.innerText.includes("
+        "'no column'))"
+    )
+    page.page.wait_for_timeout(11_000)  # longer than a toast lasts: an error stays until closed
+    toast = next(t for t in page.toasts() if "no column" in t)
+    assert "URL column box" in toast and "--column" not in toast
+    assert "uploads" not in toast and str(tmp_path) not in toast  # no server path
 
 
 # -- Similar ----------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def build_app(service: Service) -> gr.Blocks:
     with gr.Blocks(title="imagesieve", delete_cache=(3600, 86400)) as demo:
         header = gr.Markdown(elem_id="app-header")
         panels: list[tuple[Any, Panel]] = []
+        handles: dict[str, dict[str, Any]] = {}
         with gr.Tabs(elem_id="tabs") as tabs:
             review: dict[str, Any] = {}  # the Review tab's filters, for Unknowns to open it with
             for title, make in (
@@ -60,8 +61,22 @@ def build_app(service: Service) -> gr.Blocks:
             ):
                 with gr.Tab(title, id=title.lower(), elem_id=f"tab-{title.lower()}") as tab:
                     panels.append((tab, make(service)))
+                    handles[title] = panels[-1][1].handles
                     if title == "Review":
                         review.update(panels[-1][1].handles)
+
+        # An image in the Review tab links to its look-alikes in the Similar tab.
+        rv, sm = handles["Review"], handles["Similar"]
+        search, inputs, outputs = sm["search"]
+        rv["similar"].click(
+            lambda row: (
+                (gr.Tabs(selected="similar"), gr.Tabs(selected="by-id"), row["id"])
+                if row
+                else (gr.skip(),) * 3
+            ),
+            rv["focus"],
+            [tabs, sm["ways"], sm["id"]],
+        ).then(search, inputs, outputs)
 
         def header_now() -> str:
             return _header_md(service)

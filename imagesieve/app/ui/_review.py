@@ -52,7 +52,8 @@ KEYS_HELP = (
     "selects a range, **A** selects the page, **Esc** clears; **1-9** relabel the selection to "
     "class 1-9 (listed under *Relabel*); **U** marks it UNKNOWN (no class: it leaves any "
     "class a person put it in); **X** leaves it out of its cluster's promotion; **J** / **K** "
-    "next / previous page; **Z** undo the last action."
+    "next / previous page; **Z** undo the last action. A double-click shows an image's row "
+    "with links to its look-alikes, its cluster and its batch."
 )
 
 GRID_TEMPLATE = """
@@ -104,6 +105,12 @@ element.addEventListener('click', (ev) => {
   }
   anchor = id;
   setSelection(set);
+});
+element.addEventListener('dblclick', (ev) => {
+  const tile = ev.target.closest('.rv-tile');
+  if (!tile) return;
+  props.value = {...props.value, focus: Number(tile.dataset.id), key: ''};
+  trigger('double_click');
 });
 // The page-wide key listener is installed once; it calls the grid mounted last.
 window.imagesieveReviewKey = (key) => {
@@ -448,6 +455,14 @@ def review_tab(service: Service) -> Panel:
             elem_id="review-sort",
         )
     summary = gr.Markdown(elem_id="review-summary")
+    with gr.Group(visible=False, elem_id="review-details-box") as details_box:
+        details = gr.Markdown(elem_id="review-details")
+        with gr.Row():
+            similar_button = gr.Button("Look-alikes (Similar)", size="sm", elem_id="review-similar")
+            cluster_button = gr.Button("Its cluster", size="sm", elem_id="review-its-cluster")
+            batch_button = gr.Button("Its batch", size="sm", elem_id="review-its-batch")
+            close_button = gr.Button("Close", size="sm", elem_id="review-details-close")
+    focus = gr.State(None)  # the stored row shown in the details
     grid = gr.HTML(
         value={"tiles": [], "selected": [], "classes": [], "key": ""},
         html_template=GRID_TEMPLATE,
@@ -570,6 +585,45 @@ def review_tab(service: Service) -> Panel:
     )
     undone = undo_button.click(undo, [page, size, *filters], outputs, show_progress="hidden")
 
+    @user_errors
+    def show_details(grid_value: dict) -> tuple:
+        id_ = (grid_value or {}).get("focus")
+        if id_ is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        found = service.browse(ImageQuery(ids=(int(id_),)), limit=1, facets=False)["rows"]
+        if not found:
+            raise gr.Error(f"image #{id_} is no longer stored", print_exception=False)
+        r = found[0]
+        clustered = r["cluster_id"] is not None and r["cluster_id"] >= 0
+        return (
+            r,
+            gr.Group(visible=True),
+            _details_md(r),
+            gr.Button(visible=clustered, value=f"Its cluster ({r['cluster_id']})"),
+            gr.Button(value=f"Its batch ({r['batch_id']})"),
+        )
+
+    def filter_on(what: str) -> Any:
+        def pick(row: dict | None) -> tuple:
+            if not row:
+                return gr.skip(), gr.skip()
+            value = str(row["cluster_id"] if what == "cluster" else row["batch_id"])
+            return (value, "") if what == "cluster" else ("", value)
+
+        return pick
+
+    grid.double_click(
+        show_details,
+        grid,
+        [focus, details_box, details, cluster_button, batch_button],
+        show_progress="hidden",
+    )
+    close_button.click(lambda: gr.Group(visible=False), None, details_box)
+    for button, what in ((cluster_button, "cluster"), (batch_button, "batch")):
+        button.click(filter_on(what), focus, [f_cluster, f_batch]).then(
+            to_first, [size, *filters], outputs, show_progress="hidden"
+        )
+
     def map_words(doc: dict[str, Any]) -> str:
         making = service.map_status
         if making.get("running"):
@@ -630,9 +684,47 @@ def review_tab(service: Service) -> Panel:
         refresh_all,
         outputs=[f_label, f_class, target, f_person, keys, *outputs],
         inputs=[target, page, size, *filters],
-        handles={"cluster": f_cluster, "sort": f_sort, "page": page},
+        handles={
+            "cluster": f_cluster,
+            "sort": f_sort,
+            "page": page,
+            "focus": focus,
+            "similar": similar_button,
+        },
         store_changes=[acted, relabelled, undone],
     )
+
+
+def _details_md(r: dict[str, Any]) -> str:
+    """One stored image's row, in words."""
+    top = " · ".join(
+        f"{r[f'top{k}_class']} {r[f'top{k}_prob']:.1%}"
+        for k in (1, 2, 3)
+        if r.get(f"top{k}_class") is not None and r.get(f"top{k}_prob") is not None
+    )
+    why = " and ".join(reason_words(r["reason"])) if r["label"] == UNKNOWN else ""
+    lines = [
+        f"**#{r['id']}** · `{html.escape(r['source'])}`",
+        f"Label **{r['label']}**" + (f" ({why})" if why else "") + f" · Top-3: {top}",
+    ]
+    more = []
+    if r["neighbor_distance"] is not None:
+        more.append(f"distance to training data {r['neighbor_distance']:.3f}")
+    if r["cluster_id"] is not None:
+        more.append("noise (no cluster)" if r["cluster_id"] < 0 else f"cluster {r['cluster_id']}")
+    more.append(f"batch {r['batch_id']}")
+    more.append(f"scored {_when(r['scored_at'])} UTC")
+    if r["human_label"]:
+        more.append(f"labelled **{r['human_label']}** by a person")
+    more.append(f"SHA-256 `{r['sha256'][:12]}…`")
+    return "  \n".join([*lines, " · ".join(more)])
+
+
+def _when(value: Any) -> str:
+    """A stored time (epoch microseconds or a datetime) to the second."""
+    if isinstance(value, int | float):
+        value = dt.datetime.fromtimestamp(value / 1e6, dt.UTC)
+    return value.strftime("%Y-%m-%d %H:%M:%S") if isinstance(value, dt.datetime) else str(value)
 
 
 def _days(text: str | None) -> tuple[dt.date | None, dt.date | None]:

@@ -75,8 +75,8 @@ def similar_tab(service: Service) -> Panel:
 
     with gr.Row():
         with gr.Column(scale=1):
-            with gr.Tabs():
-                with gr.Tab("By image"):
+            with gr.Tabs() as ways:
+                with gr.Tab("By image", id="by-image"):
                     image = gr.Image(
                         label="Image",
                         type="filepath",
@@ -87,10 +87,10 @@ def similar_tab(service: Service) -> Panel:
                     image_button = gr.Button(
                         "Search", variant="primary", elem_id="similar-by-image"
                     )
-                with gr.Tab("By id"):
+                with gr.Tab("By id", id="by-id"):
                     id_box = gr.Number(label="Stored image id", precision=0, elem_id="similar-id")
                     id_button = gr.Button("Search", variant="primary", elem_id="similar-by-id")
-                with gr.Tab("By class"):
+                with gr.Tab("By class", id="by-class"):
                     class_box = gr.Dropdown(label="Class", choices=[], elem_id="similar-class")
                     class_button = gr.Button(
                         "Search", variant="primary", elem_id="similar-by-class"
@@ -132,4 +132,9 @@ def similar_tab(service: Service) -> Panel:
     id_box.submit(by_id, [id_box, *controls], outputs)
     class_button.click(by_class, [class_box, *controls], outputs)
     gallery.select(pick, ids, id_box).success(by_id, [id_box, *controls], outputs)
-    return Panel(refresh, [class_box], [class_box])
+    return Panel(
+        refresh,
+        [class_box],
+        [class_box],
+        handles={"ways": ways, "id": id_box, "search": (by_id, [id_box, *controls], outputs)},
+    )

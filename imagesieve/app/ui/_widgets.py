@@ -7,6 +7,7 @@ import decimal
 import functools
 import logging
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -86,7 +87,8 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
+        except gr.Error as e:
+            e.duration = None  # stays until the user closes it, not 10 seconds
             raise
         except Exception as e:
             kind, message = classify_error(e, server=True)
@@ -94,9 +96,27 @@ def user_errors(fn: Callable) -> Callable:
                 log.exception("app: unexpected error in %s", fn.__name__)
             else:
                 log.info("app: %s", one_line(e))
-            raise gr.Error(one_line(message), print_exception=False) from None
+            text = app_words(one_line(message))
+            raise gr.Error(text, duration=None, print_exception=False) from None
 
     return wrapper
+
+
+#: The library's words for the command line, and what the app calls the same thing.
+_APP_WORDS = (
+    (re.compile(r"\(?choose one with --column\)?"), "(type it in the URL column box)"),
+    (re.compile(r"bad --where filter"), "bad filter"),
+    (re.compile(r"--id"), "an image id"),
+    (re.compile(r"--class"), "a class"),
+    (re.compile(r"\S*[\\/]uploads[\\/][^\\/\s]+[\\/]"), ""),  # the server's upload folder
+)
+
+
+def app_words(text: str) -> str:
+    """A library message in the app's words: no command-line flags, no server upload paths."""
+    for pattern, words in _APP_WORDS:
+        text = pattern.sub(words, text)
+    return text
 
 
 def progress_relay(

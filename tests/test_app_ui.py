@@ -448,6 +448,53 @@ def test_predict__upload_shows_label_top3_gradcam_and_neighbours(page, app):
     page.assert_no_errors()
 
 
+CONTRAST_JS = """
+(sel) => {
+  const rgb = (c) => (c.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => [r, g, b].map(v => {
+    v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+  }).reduce((a, v, i) => a + v * [0.2126, 0.7152, 0.0722][i], 0);
+  const backdrop = (el) => {
+    for (let e = el; e; e = e.parentElement) {
+      const c = rgb(getComputedStyle(e).backgroundColor);
+      if (c.length === 3 || (c.length === 4 && c[3] > 0.5)) return c.slice(0, 3);
+    }
+    return [255, 255, 255];
+  };
+  return [...document.querySelectorAll(sel)].filter(e => e.offsetParent && e.innerText.trim())
+    .map(e => {
+      const a = lum(rgb(getComputedStyle(e).color)), b = lum(backdrop(e));
+      return [e.innerText.trim().slice(0, 30), (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)];
+    });
+}
+"""
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_contrast__our_own_texts_meet_wcag_aa_in_light_and_dark_mode(browser, app, theme):
+    url, service, cells = app
+    page = Page(browser, f"{url}/?__theme={theme}")
+    try:
+        assert (theme == "dark") == page.page.evaluate("() => !!document.querySelector('.dark') ")
+        page.page.set_input_files("#predict-image input[type=file]", str(cells["fresh_poly"][0]))
+        page.page.wait_for_selector("#predict-verdict [data-label=UNKNOWN]")
+        found = []
+        for sel in ("#app-header p", "#predict-verdict .verdict-label", ".verdict-detail"):
+            found += [(sel, *r) for r in page.page.evaluate(CONTRAST_JS, sel)]
+        page.tab("Review")
+        page.wait_text("#review-summary", "of ")
+        for sel in ("#review-summary p", "#review-grid figcaption", "#review-grid figcaption b"):
+            found += [(sel, *r) for r in page.page.evaluate(CONTRAST_JS, sel)]
+        assert {sel for sel, *_ in found} >= {
+            "#predict-verdict .verdict-label",
+            "#review-grid figcaption b",
+        }
+        low = [(sel, text, round(ratio, 2)) for sel, text, ratio in found if ratio < 4.5]
+        assert not low, low
+    finally:
+        page.context.close()
+
+
 def test_predict__broken_image_is_one_line_error_and_stored_as_failure(page, app, tmp_path):
     _, service, cells = app
     data = cells["fresh_mono"][0].read_bytes()

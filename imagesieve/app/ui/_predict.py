@@ -25,17 +25,31 @@ from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE, UNKNOWN, Pr
 #: The Grad-CAM class choice meaning "the Top-1 class of the image".
 TOP1_CHOICE = "Top-1 class"
 
-_GREEN, _RED, _GREY = "#15803d", "#b91c1c", "#6b7280"
+#: The badge's colours, light and dark (the app's dark mode sets ``.dark`` on the page): each
+#: at least 4.5:1 (WCAG AA) against the page's background in its mode.
+VERDICT_CSS = """<style>
+.imagesieve-verdict { --verdict: #15803d; }
+.imagesieve-verdict.unknown { --verdict: #b91c1c; }
+.imagesieve-verdict.empty { --verdict: #4b5563; }
+.dark .imagesieve-verdict { --verdict: #4ade80; }
+.dark .imagesieve-verdict.unknown { --verdict: #f87171; }
+.dark .imagesieve-verdict.empty { --verdict: #9ca3af; }
+.imagesieve-verdict { border: 3px solid var(--verdict); border-radius: 10px; padding: 10px 14px;
+  background: color-mix(in srgb, var(--verdict) 8%, transparent); }
+.imagesieve-verdict.empty { border: 2px dashed var(--verdict); background: none;
+  color: var(--verdict); }
+.imagesieve-verdict .verdict-label { font-size: 1.8em; font-weight: 800; letter-spacing: .03em;
+  color: var(--verdict); }
+.imagesieve-verdict .verdict-detail { margin-top: 2px; }
+</style>"""
 
 
-def _badge(text: str, detail: str, colour: str, **data: str) -> str:
+def _badge(text: str, detail: str, kind: str, **data: str) -> str:
     attrs = "".join(f' data-{k}="{html.escape(v)}"' for k, v in data.items())
     return (
-        f'<div class="imagesieve-verdict"{attrs} style="border:3px solid {colour};'
-        f'border-radius:10px;padding:10px 14px;background:{colour}14">'
-        f'<div class="verdict-label" style="font-size:1.8em;font-weight:800;color:{colour};'
-        f'letter-spacing:.03em">{html.escape(text)}</div>'
-        f'<div class="verdict-detail" style="margin-top:2px">{html.escape(detail)}</div></div>'
+        f'<div class="imagesieve-verdict {kind}"{attrs}>'
+        f'<div class="verdict-label">{html.escape(text)}</div>'
+        f'<div class="verdict-detail">{html.escape(detail)}</div></div>'
     )
 
 
@@ -45,7 +59,7 @@ def verdict_html(pred: Prediction, threshold: float | None, distance: float | No
         return _badge(
             pred.label or "",
             f"Top-1 confidence {pct(pred.confidence)}",
-            _GREEN,
+            "known",
             label=pred.label or "",
         )
     details = []
@@ -65,17 +79,14 @@ def verdict_html(pred: Prediction, threshold: float | None, distance: float | No
     return _badge(
         UNKNOWN,
         "; ".join(details) or "not like any known class",
-        _RED,
+        "unknown",
         label=UNKNOWN,
         reason=pred.reason or "",
     )
 
 
 def _empty_badge(text: str = "Upload an image to score it") -> str:
-    return (
-        f'<div class="imagesieve-verdict" style="border:2px dashed {_GREY};border-radius:10px;'
-        f'padding:10px 14px;color:{_GREY}">{html.escape(text)}</div>'
-    )
+    return f'<div class="imagesieve-verdict empty">{html.escape(text)}</div>'
 
 
 def _top3(pred: Prediction) -> dict[str, float]:
@@ -212,7 +223,7 @@ def predict_tab(service: Service) -> Panel:
                     live_top3 = gr.Label(label="Live Top-3", num_top_classes=3, show_heading=False)
                     store_button = gr.Button("Store this frame", elem_id="predict-store-frame")
         with gr.Column(scale=1):
-            verdict = gr.HTML(_empty_badge(), elem_id="predict-verdict")
+            verdict = gr.HTML(_empty_badge(), head=VERDICT_CSS, elem_id="predict-verdict")
             top3 = gr.Label(
                 label="Top-3", num_top_classes=3, show_heading=False, elem_id="predict-top3"
             )

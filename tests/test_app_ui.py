@@ -432,6 +432,8 @@ def test_predict__upload_shows_label_top3_gradcam_and_neighbours(page, app):
     )
     captions = page.captions("#predict-neighbours")
     assert [c.split(" · ")[0] for c in captions] == [f"#{r.id}" for r in neighbours]
+    assert page.page.locator("#predict-gradcam img").count() == 0  # on request only
+    page.page.click("#predict-explain")
     page.page.wait_for_selector("#predict-gradcam img")
     assert "Grad-CAM" in page.text("#predict-gradcam")
 

@@ -8,7 +8,7 @@ from imagesieve.classifier._engine import (
     ScoringEngine,
 )
 from imagesieve.classifier._evaluate import evaluate_model
-from imagesieve.classifier._gradcam import GradCam, grad_cam
+from imagesieve.classifier._gradcam import GradCam, grad_cam, grad_cam_loaded
 from imagesieve.classifier._predict import (
     FAR_FROM_TRAINING,
     LOW_CONFIDENCE,
@@ -49,6 +49,7 @@ __all__ = [
     "evaluate_model",
     "read_audit",
     "grad_cam",
+    "grad_cam_loaded",
     "softmax",
     "top_k",
     "train_model",

@@ -74,6 +74,10 @@ class _CamModel:
     lock: threading.Lock
 
 
+#: (checkpoint, mtime) of the models ``_cam_model`` has loaded (a hint for progress messages).
+_LOADED: set[tuple[str, int]] = set()
+
+
 @functools.lru_cache(maxsize=2)
 def _cam_model(checkpoint: str, mtime_ns: int) -> _CamModel:
     """Load a checkpoint once per file version (``mtime_ns`` is part of the cache key)."""
@@ -83,6 +87,7 @@ def _cam_model(checkpoint: str, mtime_ns: int) -> _CamModel:
     for p in model.parameters():  # gradients are needed w.r.t. the feature map only
         p.requires_grad_(False)
     log.info("loaded %s for Grad-CAM", checkpoint)
+    _LOADED.add((checkpoint, mtime_ns))
     return _CamModel(model.eval(), classes, threading.Lock())
 
 
@@ -145,6 +150,15 @@ def _cam(cm: _CamModel, x: np.ndarray, class_index: int | None) -> tuple[np.ndar
         cam = torch.relu(torch.einsum("d,dhw->hw", weights, fmap[0]))
         prob = float(torch.softmax(logits[0].double(), 0)[c])
     return cam.double().numpy(), c, prob
+
+
+def grad_cam_loaded(version: ModelVersion) -> bool:
+    """True when ``version``'s Grad-CAM model is in memory (the next one is quick)."""
+    ckpt = version.checkpoint_path
+    if not ckpt.is_file():
+        return False
+    key = (str(ckpt), ckpt.stat().st_mtime_ns)
+    return key in _LOADED
 
 
 def grad_cam(

@@ -152,11 +152,18 @@ def predict_tab(service: Service) -> Panel:
         return (*show(service.predict(data, f"webcam-{stamp}.jpg")), data, None)
 
     @user_errors
-    def explain(source: str | bytes | None, class_name: str | None) -> Any:
+    def explain(
+        source: str | bytes | None,
+        class_name: str | None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio hands out its bar
+    ) -> Any:
         if source is None:
-            return None
+            raise gr.Error("score an image first (upload one or click an example)")
+        from imagesieve.classifier import grad_cam_loaded
         from imagesieve.data import load_image
 
+        if not grad_cam_loaded(service.version):
+            progress(0, desc="loading the model for Grad-CAM (the first time: about 15 s)")
         wanted = None if class_name in (None, "", TOP1_CHOICE) else class_name
         try:
             cam = service.gradcam(source, wanted)
@@ -230,7 +237,13 @@ def predict_tab(service: Service) -> Panel:
             details = gr.Markdown(elem_id="predict-details")
     with gr.Row():
         with gr.Column(scale=1):
-            cam_class = gr.Dropdown(label="Explain class", choices=[TOP1_CHOICE], value=TOP1_CHOICE)
+            with gr.Row():
+                cam_class = gr.Dropdown(
+                    label="Explain class", choices=[TOP1_CHOICE], value=TOP1_CHOICE, scale=2
+                )
+                cam_button = gr.Button(
+                    "Explain (Grad-CAM)", elem_id="predict-explain", scale=1, size="sm"
+                )
             cam_image = gr.Image(
                 label="Grad-CAM", interactive=False, format="png", elem_id="predict-gradcam"
             )
@@ -248,7 +261,8 @@ def predict_tab(service: Service) -> Panel:
 
     outputs = [verdict, top3, details, neighbours, source, cam_image]
     uploaded = image.upload(score_upload, image, outputs)
-    uploaded.success(explain, [source, cam_class], cam_image)
+    # Grad-CAM on request: it costs a torch model in memory and a backward pass per image.
+    cam_button.click(explain, [source, cam_class], cam_image)
     image.clear(score_upload, image, outputs)
     camera.stream(
         live_frame,
@@ -260,10 +274,10 @@ def predict_tab(service: Service) -> Panel:
         show_progress="hidden",
     )
     kept = store_button.click(store_frame, frame, outputs)
-    kept.success(explain, [source, cam_class], cam_image)
-    cam_class.input(explain, [source, cam_class], cam_image)
+    cam_class.input(
+        lambda src, c: explain(src, c) if src is not None else None, [source, cam_class], cam_image
+    )
     tried = examples.select(score_example, example_paths, [image, *outputs])
-    tried.success(explain, [source, cam_class], cam_image)
     return Panel(
         refresh,
         [cam_class, examples, example_paths],

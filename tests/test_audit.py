@@ -205,6 +205,18 @@ def test_cluster_actions__promote_name_reject_exclude_are_undone(review):
     undo_action(ws)
     assert tree(data) == before_tree and state() == fresh
 
+    # a member a person had put in another class leaves it when the cluster is promoted
+    relabel_images(ws, members[:1], "defective", into=data)
+    in_defective = tree(data)
+    moved = promote_cluster(ws, cid, "poly", data)
+    assert moved.moved == 1 and moved.copied == len(members)
+    assert tree(data).keys() - in_defective.keys() == {
+        p for p in tree(data) if p.startswith("poly")
+    }
+    assert len(in_defective.keys() - tree(data).keys()) == 1  # out of defective/
+    undo_action(ws)
+    assert tree(data) == in_defective
+
 
 def test_thresholds_and_activation__undone_exactly(review):
     ws, data, mono, poly = review

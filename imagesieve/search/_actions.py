@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,11 @@ from imagesieve.search._review import (
     class_folder,
     class_name,
     label_dict,
+    leave_old_class,
     local_user,
     place_in_class,
     training_folder,
+    trash_folder,
 )
 from imagesieve.store import (
     AuditEntry,
@@ -121,7 +122,7 @@ def relabel_images(
             result = RelabelResult(None, label, "" if dest is None else str(dest), len(rows))
             created = dest is not None and not dest.exists()
             names = {p.name for p in dest.iterdir()} if dest is not None and not created else set()
-            trash = ws.root / "trash" / uuid.uuid4().hex
+            trash = trash_folder(ws)
             files: list[AuditFile] = []
             given: list[HumanLabel] = []
             for r in rows:
@@ -130,12 +131,7 @@ def relabel_images(
                 if prev is not None and prev.label == label and (kept or prev.file is None):
                     result.unchanged += 1
                     continue
-                if kept and Path(prev.file).parent != dest:
-                    away = trash / f"{len(files)}-{Path(prev.file).name}"
-                    away.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(prev.file, away)
-                    files.append(AuditFile(prev.file, "removed", r.sha256, str(away)))
-                    result.moved += 1
+                result.moved += leave_old_class(prev, dest, trash, files)
                 if dest is None:
                     given.append(HumanLabel(r.sha256, UNKNOWN, r.id, 0, None))
                 else:

@@ -11,6 +11,7 @@ import csv
 import getpass
 import os
 import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,6 +94,7 @@ class PromoteResult:
     copied: int = 0
     already_there: int = 0
     excluded: int = 0
+    moved: int = 0  # out of another class folder a person had put them in
     missing: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -401,6 +403,29 @@ def place_in_class(
     return HumanLabel(row.sha256, dest.name, row.id, 0, str(target))
 
 
+def leave_old_class(
+    prev: HumanLabel | None, dest: Path | None, trash: Path, files: list[AuditFile]
+) -> bool:
+    """Move an image's copy out of the class folder a person put it in, if it is not ``dest``.
+
+    The file waits in ``trash`` (recorded in ``files``) for an undo. Returns whether it moved.
+    """
+    if prev is None or prev.file is None or not Path(prev.file).is_file():
+        return False
+    if dest is not None and Path(prev.file).parent == dest:
+        return False
+    away = trash / f"{len(files)}-{Path(prev.file).name}"
+    away.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(prev.file, away)
+    files.append(AuditFile(prev.file, "removed", prev.sha256, str(away)))
+    return True
+
+
+def trash_folder(ws: Workspace) -> Path:
+    """A new folder under ``<workspace>/trash/`` for the files one action sets aside."""
+    return ws.root / "trash" / uuid.uuid4().hex
+
+
 def label_dict(label: HumanLabel | None) -> dict[str, Any] | None:
     """A person's label as the audit log keeps it for undo (None: there was none)."""
     return None if label is None else asdict(label)
@@ -462,6 +487,9 @@ def promote_cluster(
         result.excluded = len(members) - len(taken)
         labels_before = store.audit.labels([m.sha256 for m in taken])
         files: list[AuditFile] = []
+        trash = trash_folder(ws)
+        for m in taken:  # as a relabel does: an image is in one class folder at most
+            result.moved += leave_old_class(labels_before.get(m.sha256), dest, trash, files)
         given = [place_in_class(ws, dest, m, before, files, result) for m in taken]
         store.audit.record(
             "promote",

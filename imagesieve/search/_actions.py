@@ -196,7 +196,13 @@ def apply_thresholds(
                 touches=[f"thresholds:{version.name}"],
             )
             set_thresholds(version, rule.confidence, rule.distance)
-            store.redecide(version.name, rule)
+            try:
+                store.redecide(version.name, rule)
+            except BaseException:  # the store rolls back: meta.json goes back with it
+                set_thresholds(
+                    version, before["confidence"], before["distance"], tuned=before["tuned"]
+                )
+                raise
         return store.unknown_counts(version.name, rule)
 
 
@@ -370,8 +376,13 @@ def _undo_thresholds(ws: Workspace, store: Store, entry: AuditEntry) -> None:
     version = get_version(ws, entry.model_version)
     b = entry.before
     rule = UnknownRule(b["confidence"], b["distance"], version.mix)
+    now = (version.confidence_threshold, version.distance_threshold, version.thresholds_tuned)
     set_thresholds(version, rule.confidence, rule.distance, tuned=b["tuned"])
-    store.redecide(version.name, rule)
+    try:
+        store.redecide(version.name, rule)
+    except BaseException:  # the store rolls back: meta.json goes back with it
+        set_thresholds(version, now[0], now[1], tuned=now[2])
+        raise
 
 
 def _undo_activate(ws: Workspace, store: Store, entry: AuditEntry) -> None:

@@ -113,7 +113,9 @@ class Page:
         )
 
     def tab(self, name: str) -> None:
-        self.page.get_by_role("tab", name=name, exact=True).click()
+        """Open a tab by its name (a count may follow it: 'Unknowns (3)')."""
+        label = re.compile(rf"^{re.escape(name)}( \(\d[\d,]*\))?$")
+        self.page.get_by_role("tab", name=label).click()
 
     def text(self, selector: str) -> str:
         return self.page.inner_text(selector)
@@ -845,6 +847,18 @@ def test_unknowns__promote_a_cluster_into_the_training_folder(page, app):
     page.page.click(f"#cluster-{cid}-exclude-button")
     page.wait_text(f"#cluster-{cid}", "1 left out of promotion")
 
+    # Under an existing class's name, promote says it merges (dismissed here: nothing copied)
+    page.page.fill(f"#cluster-{cid}-name textarea, #cluster-{cid}-name input", "functional")
+    asked = []
+    page.page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+    page.page.click(f"#cluster-{cid}-promote")
+    page.page.wait_for_timeout(500)
+    assert asked and asked[0].startswith(
+        f"Merge {len(members) - 1} images of cluster {cid} into the existing class functional?"
+    )
+    open_clusters = service.counts()["clusters"]
+    assert page.page.get_by_role("tab", name=f"Unknowns ({open_clusters})").is_visible()
+
     page.page.fill(f"#cluster-{cid}-name textarea, #cluster-{cid}-name input", "poly")
     # Promote asks first, with the count; cancelled, nothing is copied
     page.page.once("dialog", lambda d: d.dismiss())
@@ -867,8 +881,10 @@ def test_unknowns__promote_a_cluster_into_the_training_folder(page, app):
     assert copied == sorted(name for id_, name in names.items() if id_ != left_out)
     row = next(c for c in service.clusters() if c["cluster_id"] == cid)
     assert (row["status"], row["name"]) == ("promoted", "poly")
-    # Promoted clusters leave the default ("open") list.
+    # Promoted clusters leave the default ("open") list, and the tab's count.
     page.page.wait_for_selector(f"#cluster-{cid}", state="detached")
+    left = f"Unknowns ({open_clusters - 1})" if open_clusters > 1 else "Unknowns"
+    page.page.get_by_role("tab", name=left, exact=True).wait_for()
     page.assert_no_errors()
 
 

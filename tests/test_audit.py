@@ -575,7 +575,7 @@ def test_batches__listed_opened_and_reported_by_every_door(review, tmp_path, cap
             assert (upload / "site/north/a.png").is_file() and (upload / "outside.png").is_file()
             r = requests.get(f"{base}/batches/{doc['batch_id']}/report", timeout=30)
             sources = [row["source"] for row in csv.DictReader(io.StringIO(r.text))]
-            assert sources == [str(upload / "outside.png"), str(upload / "site/north/a.png")]
+            assert sources == [str(upload / "site/north/a.png"), str(upload / "outside.png")]
             for path, status in [
                 ("/batches/99", 400),
                 ("/batches/99/report", 400),

@@ -342,10 +342,8 @@ def add_api(
             files = [await _read_upload(u, service, "files") for u in uploads]
         finally:
             await form.close()
-        folder = await _call(service.save_uploads, files)
-        summary = await _call(
-            service.score, [folder / p.name for p in sorted(folder.iterdir())], column=column
-        )
+        folder, saved = await _call(service.save_uploads, files)
+        summary = await _call(service.score, saved, column=column)
         return {**summary.to_dict(), "upload_dir": str(folder)}
 
     @router.get("/similar", responses=errors(400, 422, 503))

@@ -688,12 +688,16 @@ class Service:
         return grad_cam(self.version, data, class_name)
 
     # -- batches ---------------------------------------------------------------------------
-    def save_uploads(self, files: Sequence[tuple[str, bytes | str | os.PathLike]]) -> Path:
+    def save_uploads(
+        self, files: Sequence[tuple[str, bytes | str | os.PathLike]]
+    ) -> tuple[Path, list[Path]]:
         """Copy uploaded files (name, bytes or temp path) into a new folder of the workspace.
 
-        A name's sub-folders are kept (``site/meter.jpg``: an uploaded folder's structure shows
-        in the report), each part reduced to a safe file name, so nothing lands outside the
-        folder; limits apply.
+        Returns the folder and the files saved, in upload order: score those (each one an
+        input, so the report keeps the upload's order and every file is an item). A name's
+        sub-folders are kept (``site/meter.jpg``: an uploaded folder's structure shows in the
+        report), each part reduced to a safe file name, so nothing lands outside the folder;
+        limits apply.
         """
         if len(files) > self.limits.max_files:
             raise ServiceError(
@@ -703,7 +707,7 @@ class Service:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
         folder = self.ws.root / UPLOADS / f"{stamp}-{uuid.uuid4().hex[:8]}"
         folder.mkdir(parents=True)
-        total, used, dirs = 0, set(), set()
+        total, used, dirs, saved = 0, set(), set(), []
         for name, content in files:
             size = len(content) if isinstance(content, bytes) else os.path.getsize(content)
             total += size
@@ -729,11 +733,12 @@ class Service:
             dirs.update(_parents(safe.lower()))
             dest = folder / safe
             dest.parent.mkdir(parents=True, exist_ok=True)
+            saved.append(dest)
             if isinstance(content, bytes):
                 dest.write_bytes(content)
             else:
                 shutil.copyfile(content, dest)
-        return folder
+        return folder, saved
 
     def score(
         self,

@@ -25,20 +25,21 @@ from imagesieve.app.ui._widgets import Downloads, Panel
 __all__ = ["build_app"]
 
 
-def _header_md(service: Service) -> str:
+def _header_md(service: Service) -> tuple[str, dict[str, int]]:
+    """The header's text and its counts (the Unknowns tab shows the clusters to review)."""
     health = service.health()
     if health.get("model_version") is None:
         return (
             f"**imagesieve** · workspace `{health['workspace']}` · no trained model yet: run "
             "`imagesieve train DATA_DIR` or `imagesieve demo`"
-        )
+        ), {}
     classes = ", ".join(health.get("classes", []))
     n = service.counts()
     return (
         f"**imagesieve** · workspace `{health['workspace']}` · model **{health['model_version']}**"
         f" ({classes}) · **{n['stored']:,}** stored images · **{n['unknown']:,}** UNKNOWN · "
         f"**{n['clusters']:,}** clusters to review · **{n['labelled']:,}** labelled by people"
-    )
+    ), n
 
 
 def build_app(service: Service) -> gr.Blocks:
@@ -78,9 +79,14 @@ def build_app(service: Service) -> gr.Blocks:
             [tabs, sm["ways"], sm["id"]],
         ).then(search, inputs, outputs)
 
-        def header_now() -> str:
-            return _header_md(service)
+        unknowns = next(tab for tab, _ in panels if tab.id == "unknowns")
 
+        def header_now() -> tuple:
+            text, counts = _header_md(service)
+            n = counts.get("clusters", 0)
+            return text, gr.Tab(label=f"Unknowns ({n})" if n else "Unknowns")
+
+        header = [header, unknowns]
         demo.load(header_now, None, header)
         for tab, panel in panels:
             tab.select(header_now, None, header, show_progress="hidden")

@@ -224,8 +224,7 @@ def batch_tab(service: Service) -> Panel:
         named = [(Path(p).name, p) for p in files or []]
         if folder_files:
             named += list(zip(upload_names(folder_files, chosen), folder_files, strict=True))
-        folder = service.save_uploads(named)
-        inputs = sorted(folder.iterdir())
+        folder, inputs = service.save_uploads(named)
         # Next to the upload folder, not in it: scoring that folder again must not see them.
         report_dir = folder.with_name(folder.name + "-report")
         report = progress_relay(progress, _count_items(inputs))

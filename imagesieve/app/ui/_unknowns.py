@@ -151,7 +151,11 @@ def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = N
 
     run_button.click(cluster, min_size, [status, clusters], show_progress_on=[status])
     retrained = retrain_button.click(retrain, None, [status, clusters], show_progress_on=[status])
-    return Panel(user_errors(refresh), [status, clusters], model_changes=[retrained])
+    # Any cluster action leaves a new list here: the header's counts follow it.
+    listed = clusters.change(None, None, None, show_progress="hidden")
+    return Panel(
+        user_errors(refresh), [status, clusters], model_changes=[retrained], store_changes=[listed]
+    )
 
 
 def _cluster_panel(

@@ -482,8 +482,7 @@ def cmd_demo(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_serve(args: argparse.Namespace, ws: Workspace) -> None:
     """The `serve` verb: the Gradio app and the REST API until Ctrl-C."""
-    from imagesieve.app import Limits, Service, serve
-    from imagesieve.app._server import parse_tokens
+    from imagesieve.app import Limits, Service, parse_tokens, serve
 
     tokens = parse_tokens(args.token or (), args.token_file)  # a bad file: before the store opens
     limits = Limits(

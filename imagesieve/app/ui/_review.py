@@ -129,7 +129,7 @@ window.imagesieveReviewKey = (key) => {
     if (n > 1 && !confirm(`Leave ${n} images out of their cluster's promotion?`)) return true;
   }
   props.value = {...props.value, key: key, nonce: Date.now()};
-  trigger('submit');
+  trigger(key === 'j' || key === 'k' ? 'input' : 'submit');  // paging changes nothing stored
   return true;
 };
 if (!window.imagesieveReviewKeys) {
@@ -575,6 +575,7 @@ def review_tab(service: Service) -> Panel:
     prev_button.click(lambda p: max(1, int(p or 1) - 1), page, page, show_progress="hidden").then(
         show, [page, size, *filters], outputs, show_progress="hidden"
     )
+    grid.input(act, [grid, page, size, *filters], outputs, show_progress="hidden")  # J / K
     acted = grid.submit(act, [grid, page, size, *filters], outputs, show_progress="hidden")
     relabelled = relabel_button.click(
         relabel,

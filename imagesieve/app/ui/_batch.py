@@ -23,6 +23,7 @@ from imagesieve.app.ui._widgets import (
     table_frame,
     user_errors,
 )
+from imagesieve.store import BATCH_ITEM_FIELDS
 
 #: Rows of a batch report shown in its table (the downloads have them all).
 MAX_TABLE_ROWS = 5000
@@ -32,21 +33,11 @@ PAST_BATCHES = 200
 LIST_SUFFIXES = (".csv", ".tsv", ".txt", ".xlsx", ".xlsm", ".xls")
 ALL = "All"
 FAILED = "failed"
-#: The report's columns the table shows, after the input sheet's own.
-SHOWN = (
-    "item",
-    "source",
-    "outcome",
-    "id",
-    "label",
-    "reason",
-    "top1_class",
-    "top1_prob",
-    "top2_class",
-    "top2_prob",
-    "neighbor_distance",
-    "person_label",
-    "error",
+#: The report's columns the table shows, after the input sheet's own (the downloads have all).
+SHOWN = tuple(
+    c
+    for c in BATCH_ITEM_FIELDS
+    if c not in ("top3_class", "top3_prob", "cluster_id", "sha256", "scored_at")
 )
 _NUMERIC = ("top1_prob", "top2_prob", "neighbor_distance")
 _INTEGER = ("item", "id")

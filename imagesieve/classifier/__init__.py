@@ -21,6 +21,13 @@ from imagesieve.classifier._predict import (
     top_k,
     write_predictions_csv,
 )
+from imagesieve.classifier._quality import (
+    QUALITY_KINDS,
+    QualityMetrics,
+    QualityRule,
+    calibrate_quality,
+    measure_quality,
+)
 from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.classifier._report import confusion_counts, read_audit
 from imagesieve.classifier._train import CLASS_WEIGHTS, FLIPS, TrainOptions, train_model
@@ -33,6 +40,7 @@ __all__ = [
     "FAR_FROM_TRAINING",
     "LOW_CONFIDENCE",
     "PREDICTION_CSV_COLUMNS",
+    "QUALITY_KINDS",
     "TOP3_COLUMNS",
     "UNKNOWN",
     "EngineItem",
@@ -41,15 +49,19 @@ __all__ = [
     "Prediction",
     "Progress",
     "Predictor",
+    "QualityMetrics",
+    "QualityRule",
     "ReferenceSet",
     "ScoringEngine",
     "TrainOptions",
     "UnknownRule",
+    "calibrate_quality",
     "confusion_counts",
     "evaluate_model",
     "read_audit",
     "grad_cam",
     "grad_cam_loaded",
+    "measure_quality",
     "softmax",
     "top_k",
     "train_model",

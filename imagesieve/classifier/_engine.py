@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imagesieve.classifier._quality import QualityMetrics, measure_quality
 from imagesieve.data import ImageLoadError, ImageSource, load_image, read_image_bytes, source_name
 from imagesieve.models import BackboneConfig
 
@@ -53,6 +54,7 @@ class EngineResult:
     outputs: dict[str, np.ndarray] | None = None
     error: ImageLoadError | None = None
     skipped: bool = False
+    quality: QualityMetrics | None = None
 
 
 def _split_item(item: EngineItem) -> tuple[str, ImageSource]:
@@ -78,10 +80,12 @@ class ScoringEngine:
         batch_size: int = INFER_BATCH,
         workers: int | None = None,
         streams: int | None = None,
+        quality: bool = True,
     ):
         import onnxruntime as ort
 
         self.config = config
+        self.quality = quality  # measure each image's photo quality on its decoded pixels
         self.batch_size = batch_size
         cpus = os.cpu_count() or 1
         self.workers = workers or cpus
@@ -132,7 +136,10 @@ class ScoringEngine:
             log.exception("unexpected error preparing %s", name)
             error = ImageLoadError(name, "error", f"{type(e).__name__}: {e}")
             return EngineResult(source=name, error=error), None
-        return EngineResult(name, decoded.width, decoded.height, decoded.sha256), x
+        result = EngineResult(name, decoded.width, decoded.height, decoded.sha256)
+        if self.quality:
+            result.quality = measure_quality(x, decoded.width, decoded.height)
+        return result, x
 
     def run(
         self, items: Iterable[EngineItem], skip: SkipContent | None = None

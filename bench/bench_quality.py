@@ -149,7 +149,7 @@ def detection(name: str, config, per_level: int, seed: int = 0) -> dict:
 
     def measure(img: Image.Image):
         img = img.convert("RGB")
-        return measure_quality(config.preprocess(img), *img.size)
+        return measure_quality(config.resize_and_crop(img), *img.size)
 
     t = time.perf_counter()
     rule = calibrate_quality([measure(Image.open(p)) for p in train])

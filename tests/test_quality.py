@@ -17,7 +17,7 @@ def config() -> BackboneConfig:
 
 def measure(img: Image.Image, config: BackboneConfig):
     img = img.convert("RGB")
-    return measure_quality(config.preprocess(img), *img.size)
+    return measure_quality(config.resize_and_crop(img), *img.size)
 
 
 @pytest.fixture(scope="module")

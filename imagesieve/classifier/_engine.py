@@ -128,7 +128,8 @@ class ScoringEngine:
                 if skip(digest):
                     return EngineResult(source=name, sha256=digest, skipped=True), None
             decoded = load_image(source, min_side=self.config.resize_side, name=name, sha256=digest)
-            x = self.config.preprocess(decoded.image)
+            crop = self.config.resize_and_crop(decoded.image)
+            x = np.asarray(crop, dtype=np.uint8)  # what config.preprocess gives
         except ImageLoadError as e:
             # kept while the batch waits: without the failed decode's frames
             return EngineResult(source=name, error=e.detached()), None
@@ -138,7 +139,7 @@ class ScoringEngine:
             return EngineResult(source=name, error=error), None
         result = EngineResult(name, decoded.width, decoded.height, decoded.sha256)
         if self.quality:
-            result.quality = measure_quality(x, decoded.width, decoded.height)
+            result.quality = measure_quality(crop, decoded.width, decoded.height)
         return result, x
 
     def run(

@@ -1,7 +1,7 @@
 """Photo quality, measured on the pixels the model reads: blur, exposure, glare, information, size.
 
-Every measure runs on the preprocessed square crop the engine already holds (``(s, s, 3)``
-uint8, ``s`` the model's input size), so it costs a few milliseconds per image and is
+Every measure runs on the preprocessed square crop the engine already holds (``s`` by ``s``,
+the model's input size), so it costs a fraction of a millisecond per image and is
 resolution-normalised by construction; size and shape come from the decoded image's width and
 height. Thresholds are calibrated on a version's training images (percentiles, see
 :func:`calibrate_quality`) and can be overridden: what counts as blurred for close-ups of meter
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+from PIL import Image
 
 __all__ = [
     "QUALITY_KINDS",
@@ -60,24 +61,18 @@ class QualityMetrics:
 
 
 def _box_along(g: np.ndarray, n: int, axis: int) -> np.ndarray:
-    """Mean over a window of ``n`` pixels along ``axis`` (shrinking at the borders)."""
-    c = np.cumsum(g, axis=axis, dtype=np.float32)
+    """Mean over a window of ``n`` pixels along ``axis``, edges repeated (cumulative sums)."""
     pad = [(0, 0), (0, 0)]
-    pad[axis] = (1, 0)
-    c = np.pad(c, pad)
+    pad[axis] = (n // 2 + 1, n // 2)
+    c = np.cumsum(np.pad(g, pad, mode="edge"), axis=axis, dtype=np.float32)
     m = g.shape[axis]
-    idx = np.arange(m)
-    lo, hi = np.clip(idx - n // 2, 0, m), np.clip(idx + n // 2 + 1, 0, m)
-    counts = (hi - lo).astype(np.float32)
-    shape = [1, 1]
-    shape[axis] = m
-    return (np.take(c, hi, axis=axis) - np.take(c, lo, axis=axis)) / counts.reshape(shape)
+    hi, lo = [slice(None)] * 2, [slice(None)] * 2
+    hi[axis], lo[axis] = slice(n, n + m), slice(0, m)
+    return (c[tuple(hi)] - c[tuple(lo)]) / n
 
 
-def _blur(gray: np.ndarray) -> float:
-    """Crété-Roffet et al.'s blur effect (2007) on a 2x2-averaged image, the worse axis."""
-    h, w = gray.shape[0] // 2 * 2, gray.shape[1] // 2 * 2
-    g = gray[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+def _blur(g: np.ndarray) -> float:
+    """Crété-Roffet et al.'s blur effect (2007) on the 2x2-averaged luma ``g``, the worse axis."""
     worst = 0.0
     for axis in (0, 1):
         d = np.abs(np.diff(g, axis=axis))
@@ -90,17 +85,23 @@ def _blur(gray: np.ndarray) -> float:
     return worst
 
 
-def measure_quality(x: np.ndarray, width: int, height: int) -> QualityMetrics:
-    """The quality measures of one preprocessed image ``x`` ((s, s, 3) uint8) of that size."""
-    gray = np.asarray(x, np.float32) @ _LUMA
-    hist = np.bincount((gray.astype(np.uint8) >> 2).ravel(), minlength=64).astype(np.float64)
+def measure_quality(image: Image.Image, width: int, height: int) -> QualityMetrics:
+    """The quality measures of one preprocessed RGB image (the model's square crop) of that size.
+
+    Everything but size and shape reads the crop averaged over 2x2 pixels (PIL's ``reduce``:
+    a quarter of the work, and quantisation noise no longer reads as detail): ~0.4 ms.
+    """
+    a = np.asarray(image.reduce(2))
+    gray = a.astype(np.float32) @ _LUMA
+    hist = np.bincount(gray.astype(np.uint8).ravel() >> 2, minlength=64).astype(np.float64)
     p = hist[hist > 0] / gray.size
+    brightest = np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
     short, long = min(width, height), max(width, height)
     return QualityMetrics(
         blur=_blur(gray),
         brightness=float(gray.mean()) / 255.0,
         saturated=float((gray >= SATURATED).mean()),
-        clipped=float((np.asarray(x).max(axis=2) >= SATURATED).mean()),
+        clipped=float((brightest >= SATURATED).mean()),
         entropy=float(-(p * np.log2(p)).sum()),
         min_side=int(short),
         aspect=float(long) / max(short, 1),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -73,3 +75,33 @@ def test_measure__a_flat_image_has_no_detail_and_no_information(config):
     m = measure(Image.new("RGB", (300, 300), (30, 30, 30)), config)
     assert m.blur == 1.0 and m.entropy == 0.0 and m.saturated == 0.0
     assert m.brightness == pytest.approx(30 / 255, abs=1e-3) and m.min_side == 300 and m.aspect == 1
+
+
+def test_training_calibrates_the_rule_and_predictions_report_their_flags(trained, small_folder):
+    from imagesieve.classifier import Predictor
+    from imagesieve.models import get_version
+
+    ws, _ = trained
+    version = get_version(ws)
+    rule = QualityRule.from_dict(version.meta["quality"])
+    assert rule is not None and 0 < rule.blur_max < 1 and rule.min_side == 150
+    cell = sorted((small_folder / "functional").glob("*.png"))[0]
+    sharp = Image.open(cell).convert("RGB")
+    dark = Image.fromarray((np.asarray(sharp) * 0.1).astype(np.uint8))
+    blurred = sharp.filter(ImageFilter.GaussianBlur(6))
+    data = []
+    for img in (sharp, dark, blurred):
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        data.append(buf.getvalue())
+    preds = list(
+        Predictor(version).score(
+            [("sharp.png", data[0]), ("dark.png", data[1]), ("blur.png", data[2])]
+        )
+    )
+    assert preds[0].quality_flags == [] and preds[2].quality_flags == ["blurred"]
+    assert preds[1].quality_flags[0] == "dark"  # (so dark its histogram holds little too)
+    doc = preds[1].to_dict()["quality"]
+    assert (
+        doc["flags"][0] == "dark" and doc["brightness"] < rule.dark_max and doc["min_side"] == 300
+    )

@@ -60,11 +60,13 @@ def extract_features(
     *,
     batch_size: int = 32,
     progress: Progress | None = None,
+    qualities: list | None = None,
 ) -> tuple[dict[str, np.ndarray], list[ImageLoadError | None]]:
     """Run an ONNX model over ``paths`` and keep the named outputs, one (n, dim) array each.
 
     Returns the arrays and, per path, the load error or None; rows of failed images are zero.
-    Phase 1 reads the backbone's ``features`` (the head's input) and ``embedding``.
+    Phase 1 reads the backbone's ``features`` (the head's input) and ``embedding``. A
+    ``qualities`` list gets each image's ``QualityMetrics`` (None when it failed).
     """
     engine = ScoringEngine(onnx_path, config, batch_size=batch_size)
     dims = {o.name: o.shape[1] for o in engine.session.get_outputs() if o.name in outputs}
@@ -77,6 +79,8 @@ def extract_features(
                 for k, a in arrays.items():
                     a[i] = r.outputs[k]
             errors.append(r.error)
+            if qualities is not None:
+                qualities.append(r.quality)
             i += 1
         if progress:
             progress("embedding", i, len(paths))

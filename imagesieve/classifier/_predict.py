@@ -17,6 +17,7 @@ from imagesieve.classifier._engine import (
     ScoringEngine,
     SkipContent,
 )
+from imagesieve.classifier._quality import QualityMetrics, QualityRule
 from imagesieve.classifier._unknown import FAR_FROM_TRAINING, LOW_CONFIDENCE, UNKNOWN, UnknownRule
 from imagesieve.models import ModelVersion
 
@@ -76,6 +77,10 @@ class Prediction:
     #: and the max-pooled features (float16), kept so a head-only retrain needs no decoding.
     avg_norm: float | None = None
     max_pooled: np.ndarray | None = field(default=None, repr=False)
+    #: Photo quality: the measures, and what the version's calibrated rule flags (reported;
+    #: not yet part of the UNKNOWN decision).
+    quality: QualityMetrics | None = None
+    quality_flags: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -122,6 +127,11 @@ class Prediction:
             ),
             "error_kind": self.error_kind,
             "error": self.error,
+            "quality": (
+                None
+                if self.quality is None
+                else {"flags": list(self.quality_flags), **self.quality.to_dict()}
+            ),
         }
 
 
@@ -155,6 +165,8 @@ class Predictor:
             raise UserError(str(e)) from None
         self.threshold, self.distance_threshold, self.mix = rule.confidence, rule.distance, rule.mix
         self.reference = ReferenceSet.load(version.path)
+        #: The version's photo quality thresholds (None: trained before they were calibrated).
+        self.quality_rule = QualityRule.from_dict(version.meta.get("quality"))
         self._head: tuple[np.ndarray, np.ndarray] | None = None  # head.npz, read on first use
         self._subset: dict[str, np.ndarray | None] = {}  # for nearest_since, per older version
         self.engine = ScoringEngine(
@@ -236,6 +248,12 @@ class Predictor:
                         r.outputs["max_pooled"].astype(np.float16)
                         if "max_pooled" in r.outputs
                         else None
+                    ),
+                    quality=r.quality,
+                    quality_flags=(
+                        self.quality_rule.flags(r.quality)
+                        if self.quality_rule is not None and r.quality is not None
+                        else []
                     ),
                 )
             )

@@ -18,6 +18,7 @@ from imagesieve.classifier._engine import Progress
 from imagesieve.classifier._features import HEAD_POOLING, backbone_onnx, extract_features
 from imagesieve.classifier._openset import Refit, held_out, report_card
 from imagesieve.classifier._predict import softmax
+from imagesieve.classifier._quality import calibrate_quality
 from imagesieve.classifier._reference import DEFAULT_FALSE_UNKNOWN_RATE, ReferenceSet
 from imagesieve.classifier._split import SplitPlan, adaptive_split
 from imagesieve.data import ImageFolder, load_image, scan_image_folder
@@ -421,8 +422,9 @@ def train_model(
     onnx = backbone_onnx(ws, opts.backbone, opts.weights)
     paths = [s.path for s in folder.samples]
     config = get_backbone_spec(opts.backbone).config
+    qualities: list = []
     arrays, errors = extract_features(
-        onnx, config, paths, batch_size=opts.batch_size, progress=progress
+        onnx, config, paths, batch_size=opts.batch_size, progress=progress, qualities=qualities
     )
     feats, embeddings = arrays["features"], arrays["embedding"]
     keep = np.array([e is None for e in errors], bool)
@@ -537,6 +539,10 @@ def train_model(
                 "calibration": calibration,
             },
             "open_set": card,
+            # Photo quality thresholds from the training images themselves (reported for now).
+            "quality": calibrate_quality(
+                [q for q, k in zip(qualities, keep, strict=True) if k and q is not None]
+            ).to_dict(),
             "data": {
                 "root": str(Path(data_dir).resolve()),
                 "fingerprint": folder.fingerprint(),

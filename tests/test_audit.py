@@ -27,7 +27,7 @@ from imagesieve.app._server import parse_tokens, start_server
 from imagesieve.classifier import UNKNOWN
 from imagesieve.cli import main
 from imagesieve.data import scan_image_folder
-from imagesieve.ingest import batch_detail, list_batches, score_inputs
+from imagesieve.ingest import batch_detail, batch_report, list_batches, score_inputs
 from imagesieve.models import active_version, get_version
 from imagesieve.search import (
     ClusterParams,
@@ -649,3 +649,16 @@ def test_api__named_tokens_are_who_the_audit_log_records(review, tmp_path):
             assert r.status_code == 401  # a name is not a secret
         finally:
             server.stop()
+
+
+def test_batch_report__xlsx_survives_control_characters_in_names(review, tmp_path):
+    ws, data, mono, poly = review
+    cell = Path(stored(ws, "SELECT source FROM predictions")[0][0])
+    odd = tmp_path / "meter\x1b\x07.png"
+    odd.write_bytes(cell.read_bytes())
+    summary = score_inputs(ws, [str(odd)])
+    name, chunks = batch_report(ws, summary.batch_id, fmt="xlsx")
+    book = openpyxl.load_workbook(io.BytesIO(b"".join(chunks)), read_only=True)
+    rows = list(book.active.iter_rows(values_only=True))
+    source = rows[1][rows[0].index("source")]
+    assert name.endswith(".xlsx") and source.endswith("meter\\x1b\\x07.png")

@@ -86,10 +86,19 @@ def batch_report(
 
     def chunks() -> Iterator[bytes]:
         with using_store(ws, store, read_only=store is None) as opened:
-            header, parts = _report_rows(opened, batch_id)
-            yield from (_csv_chunks if fmt == "csv" else _xlsx_chunks)(header, parts)
+            yield from _csv_chunks(*_report_rows(opened, batch_id))
 
-    return name, chunks()
+    if fmt == "csv":
+        return name, chunks()
+    # A workbook is a zip written whole: made now, so a failure is an error, not a cut download.
+    f = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the chunks' reader
+    try:
+        with using_store(ws, store, read_only=store is None) as opened:
+            _write_xlsx(*_report_rows(opened, batch_id), f)
+    except BaseException:
+        f.close()
+        raise
+    return name, _read_chunks(f)
 
 
 def _report_rows(store: Store, batch_id: int) -> tuple[list[str], Iterator[list[tuple]]]:
@@ -124,8 +133,8 @@ def _csv_chunks(header: list[str], parts: Iterator[list[tuple]]) -> Iterator[byt
     yield buf.getvalue().encode()
 
 
-def _xlsx_chunks(header: list[str], parts: Iterator[list[tuple]]) -> Iterator[bytes]:
-    """The workbook, written row by row (openpyxl's write-only mode) to a temporary file."""
+def _write_xlsx(header: list[str], parts: Iterator[list[tuple]], out: IO[bytes]) -> None:
+    """The workbook, written row by row (openpyxl's write-only mode) to ``out``."""
     import openpyxl
 
     wb = openpyxl.Workbook(write_only=True)
@@ -135,15 +144,29 @@ def _xlsx_chunks(header: list[str], parts: Iterator[list[tuple]]) -> Iterator[by
     for rows in parts:
         for row in rows:
             sheet.append([_cell(sheet, v) for v in row])
-    with tempfile.TemporaryFile() as f:
-        wb.save(f)
-        f.seek(0)
+    wb.save(out)
+    out.seek(0)
+
+
+def _read_chunks(f: IO[bytes]) -> Iterator[bytes]:
+    """A file's bytes a megabyte at a time; the file is closed at the end (or when dropped)."""
+    with f:
         while chunk := f.read(1 << 20):
             yield chunk
 
 
 def _cell(sheet: Any, value: Any) -> Any:
-    """A cell that keeps its value: text starting with ``=`` stays text, never a formula."""
+    """A cell that keeps its value: text starting with ``=`` stays text, never a formula.
+
+    Control characters XML cannot hold (a hostile file name may carry them) are written as
+    their hex escape (backslash, x, two digits).
+    """
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:  # Excel has no time zones
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
+    if isinstance(value, str):
+        from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+        value = ILLEGAL_CHARACTERS_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
     if isinstance(value, str) and value.startswith("="):
         from openpyxl.cell import WriteOnlyCell
 

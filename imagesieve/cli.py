@@ -317,6 +317,11 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
                 f"  {summary.unknown} UNKNOWN: "
                 + ", ".join(f"{k} {v}" for k, v in sorted(summary.unknown_reasons.items()))
             )
+        if summary.poor_quality:
+            print(
+                f"  {summary.poor_quality} photos of poor quality (reported only): "
+                + ", ".join(f"{k} {v}" for k, v in sorted(summary.quality_flags.items()))
+            )
         if summary.csv:
             print(f"  report: {summary.csv}")
         if summary.sort_into:

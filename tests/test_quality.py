@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -105,3 +106,24 @@ def test_training_calibrates_the_rule_and_predictions_report_their_flags(trained
     assert (
         doc["flags"][0] == "dark" and doc["brightness"] < rule.dark_max and doc["min_side"] == 300
     )
+
+
+def test_score_summary_counts_poor_photos_in_the_cli_and_json(
+    scoring_ws, small_folder, tmp_path, capsys
+):
+    from imagesieve.cli import main
+
+    cells = sorted((small_folder / "functional").glob("*.png"))[:3]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, cell in enumerate(cells):
+        img = Image.open(cell).convert("RGB")
+        if i == 1:
+            img = img.filter(ImageFilter.GaussianBlur(6))
+        img.save(folder / f"{i}.png")
+    assert main(["score", str(folder), "--workspace", str(scoring_ws.root)]) == 0
+    out = capsys.readouterr().out
+    assert "1 photos of poor quality (reported only): blurred 1" in out
+    assert main(["score", str(folder), "--workspace", str(scoring_ws.root), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["poor_quality"] == 0 and doc["already_scored"] == 3  # not decoded again

@@ -166,7 +166,8 @@ def calibrate_quality(measured: Sequence[QualityMetrics]) -> QualityRule:
     """Thresholds from a version's training images: each flags a small share of them.
 
     Percentiles (``CALIBRATION``) rather than fixed numbers, so a set of dim close-ups is not
-    all "dark": what is poor is judged against what the model was trained on. Glare is never
+    all "dark": what is poor is judged against what the model was trained on. Each threshold is
+    a training image's own value (no interpolation), so a small set flags none of its images. Glare is never
     flagged below 1% of saturated pixels (a training set without highlights would flag any).
     """
     if not measured:
@@ -175,15 +176,21 @@ def calibrate_quality(measured: Sequence[QualityMetrics]) -> QualityRule:
     def col(name: str) -> np.ndarray:
         return np.array([getattr(m, name) for m in measured], np.float64)
 
+    def low(a: np.ndarray, q: float) -> float:  # a training image's own value: it is not flagged
+        return float(np.quantile(a, q, method="lower"))
+
+    def high(a: np.ndarray, q: float) -> float:
+        return float(np.quantile(a, 1 - q, method="higher"))
+
     c = CALIBRATION
     blur, bright, sat, ent = col("blur"), col("brightness"), col("saturated"), col("entropy")
     return QualityRule(
-        blur_max=float(np.quantile(blur, 1 - c["blur"])),
-        dark_max=float(np.quantile(bright, c["dark"])),
-        bright_min=float(np.quantile(bright, 1 - c["bright"])),
-        clipped_min=max(0.05, float(np.quantile(col("clipped"), 1 - c["bright"]))),
-        glare_min=max(0.01, float(np.quantile(sat, 1 - c["glare"]))),
-        entropy_min=float(np.quantile(ent, c["entropy"])),
+        blur_max=high(blur, c["blur"]),
+        dark_max=low(bright, c["dark"]),
+        bright_min=high(bright, c["bright"]),
+        clipped_min=max(0.05, high(col("clipped"), c["bright"])),
+        glare_min=max(0.01, high(sat, c["glare"])),
+        entropy_min=low(ent, c["entropy"]),
         min_side=int(np.quantile(col("min_side"), 0.01) * SIZE_MARGIN),
         aspect_max=float(np.quantile(col("aspect"), 0.99) * SHAPE_MARGIN),
     )

@@ -105,6 +105,9 @@ class ScoreSummary:
     already_scored: int = 0
     labels: Counter = field(default_factory=Counter)
     unknown_reasons: Counter = field(default_factory=Counter)
+    #: Photo quality flags of the images decoded in this run (reported; not yet a decision).
+    quality_flags: Counter = field(default_factory=Counter)
+    poor_quality: int = 0
     failures: list[Failure] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)
     shown: list[Prediction] = field(default_factory=list)
@@ -142,6 +145,8 @@ class ScoreSummary:
             "labels": dict(sorted(self.labels.items())),
             "unknown": self.unknown,
             "unknown_reasons": dict(sorted(self.unknown_reasons.items())),
+            "poor_quality": self.poor_quality,
+            "quality_flags": dict(sorted(self.quality_flags.items())),
             "failed": len(self.failures),
             "failures": [f.__dict__ for f in self.failures],
             "ignored": [{"source": n, "reason": r} for n, r in self.ignored],
@@ -430,6 +435,9 @@ class _Run:
             self.summary.labels[pred.label] += 1
             if pred.label == UNKNOWN and pred.reason:
                 self.summary.unknown_reasons[pred.reason] += 1
+            if pred.quality_flags:
+                self.summary.poor_quality += 1
+                self.summary.quality_flags.update(pred.quality_flags)
         if len(self.summary.shown) < SHOW:
             self.summary.shown.append(pred)
         if pred.ok and item.source is not None:

@@ -137,6 +137,9 @@ def _summary_md(summary: Any) -> str:
         f"{d['failed']} failed.",
         f"Labels: {labels}." + (f" UNKNOWN because: {reasons}." if reasons else ""),
     ]
+    if d["poor_quality"]:
+        flags = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d["quality_flags"].items())
+        lines.append(f"Photos of poor quality: {d['poor_quality']} ({flags}).")
     failures = [(f["source"], f["message"] or f["kind"]) for f in d["failures"]]
     return _with_failures(lines, failures, d["failed"], d["ignored"])
 

@@ -42,11 +42,17 @@ def list_batches(
 def batch_detail(ws: Workspace, batch_id: int, *, store: Store | None = None) -> dict[str, Any]:
     """One batch: its counts, what it was asked to score, and each failure with its reason."""
     with using_store(ws, store, read_only=store is None) as store:
-        _, rows = store.batches(1, 0, batch_id=batch_id)
-        if not rows:
-            raise NotFoundError(f"no batch {batch_id}: see the list of batches")
+        row = _batch_row(store, batch_id)
         failures = store.batch_failures(batch_id)
-    return rows[0] | {"failures": [f.__dict__ for f in failures]}
+    return row | {"failures": [f.__dict__ for f in failures]}
+
+
+def _batch_row(store: Store, batch_id: int) -> dict[str, Any]:
+    """One batch's row with its counts; NotFoundError when there is no such batch."""
+    _, rows = store.batches(1, 0, batch_id=batch_id)
+    if not rows:
+        raise NotFoundError(f"no batch {batch_id}: see the list of batches")
+    return rows[0]
 
 
 #: Formats a batch report is written in: CSV (streamed), or an Excel workbook where numbers are
@@ -82,7 +88,8 @@ def batch_report(
     """
     if fmt not in REPORT_FORMATS:
         raise UserError(f"a report is one of {', '.join(REPORT_FORMATS)}, not {fmt!r}")
-    name = _report_name(batch_detail(ws, batch_id, store=store), fmt)
+    with using_store(ws, store, read_only=store is None) as opened:
+        name = _report_name(_batch_row(opened, batch_id), fmt)  # its failures are not needed
 
     def chunks() -> Iterator[bytes]:
         with using_store(ws, store, read_only=store is None) as opened:

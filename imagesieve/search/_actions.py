@@ -16,7 +16,13 @@ from typing import Any
 
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import UNKNOWN, UnknownRule
-from imagesieve.models import activate_version, active_version, get_version, set_thresholds
+from imagesieve.models import (
+    ModelVersion,
+    activate_version,
+    active_version,
+    get_version,
+    set_thresholds,
+)
 from imagesieve.search._review import (
     ReviewError,
     class_folder,
@@ -195,15 +201,23 @@ def apply_thresholds(
                 after={"confidence": rule.confidence, "distance": rule.distance, "tuned": True},
                 touches=[f"thresholds:{version.name}"],
             )
-            set_thresholds(version, rule.confidence, rule.distance)
-            try:
-                store.redecide(version.name, rule)
-            except BaseException:  # the store rolls back: meta.json goes back with it
-                set_thresholds(
-                    version, before["confidence"], before["distance"], tuned=before["tuned"]
-                )
-                raise
+            _decide_with(store, version, rule, tuned=True)
         return store.unknown_counts(version.name, rule)
+
+
+def _decide_with(store: Store, version: ModelVersion, rule: UnknownRule, *, tuned: bool) -> None:
+    """Write ``rule`` into the version's ``meta.json`` and re-decide its stored rows with it.
+
+    Inside the caller's transaction: if re-deciding fails, the store rolls back and
+    ``meta.json`` goes back to what it held.
+    """
+    was = (version.confidence_threshold, version.distance_threshold, version.thresholds_tuned)
+    set_thresholds(version, rule.confidence, rule.distance, tuned=tuned)
+    try:
+        store.redecide(version.name, rule)
+    except BaseException:
+        set_thresholds(version, was[0], was[1], tuned=was[2])
+        raise
 
 
 def threshold_counts(
@@ -375,14 +389,9 @@ def _undo_cluster(ws: Workspace, store: Store, entry: AuditEntry) -> None:
 def _undo_thresholds(ws: Workspace, store: Store, entry: AuditEntry) -> None:
     version = get_version(ws, entry.model_version)
     b = entry.before
-    rule = UnknownRule(b["confidence"], b["distance"], version.mix)
-    now = (version.confidence_threshold, version.distance_threshold, version.thresholds_tuned)
-    set_thresholds(version, rule.confidence, rule.distance, tuned=b["tuned"])
-    try:
-        store.redecide(version.name, rule)
-    except BaseException:  # the store rolls back: meta.json goes back with it
-        set_thresholds(version, now[0], now[1], tuned=now[2])
-        raise
+    _decide_with(
+        store, version, UnknownRule(b["confidence"], b["distance"], version.mix), tuned=b["tuned"]
+    )
 
 
 def _undo_activate(ws: Workspace, store: Store, entry: AuditEntry) -> None:

@@ -50,21 +50,19 @@ def build_app(service: Service) -> gr.Blocks:
         panels: list[tuple[Any, Panel]] = []
         handles: dict[str, dict[str, Any]] = {}
         with gr.Tabs(elem_id="tabs") as tabs:
-            review: dict[str, Any] = {}  # the Review tab's filters, for Unknowns to open it with
             for title, make in (
                 ("Predict", predict_tab),
                 ("Batch", batch_tab),
                 ("Review", review_tab),
                 ("Similar", similar_tab),
                 ("History", lambda service: history_tab(service, downloads)),
-                ("Unknowns", lambda service: unknowns_tab(service, (tabs, review))),
+                # the Review tab's filters, for Unknowns to open a cluster there
+                ("Unknowns", lambda service: unknowns_tab(service, (tabs, handles["Review"]))),
                 ("Model", model_tab),
             ):
                 with gr.Tab(title, id=title.lower(), elem_id=f"tab-{title.lower()}") as tab:
                     panels.append((tab, make(service)))
                     handles[title] = panels[-1][1].handles
-                    if title == "Review":
-                        review.update(panels[-1][1].handles)
 
         # An image in the Review tab links to its look-alikes in the Similar tab.
         rv, sm = handles["Review"], handles["Similar"]

@@ -714,18 +714,11 @@ def _details_md(r: dict[str, Any]) -> str:
     if r["cluster_id"] is not None:
         more.append("noise (no cluster)" if r["cluster_id"] < 0 else f"cluster {r['cluster_id']}")
     more.append(f"batch {r['batch_id']}")
-    more.append(f"scored {_when(r['scored_at'])} UTC")
+    more.append(f"scored {r['scored_at']}")  # UTC text to the second, as browsing gives it
     if r["human_label"]:
         more.append(f"labelled **{r['human_label']}** by a person")
     more.append(f"SHA-256 `{r['sha256'][:12]}…`")
     return "  \n".join([*lines, " · ".join(more)])
-
-
-def _when(value: Any) -> str:
-    """A stored time (epoch microseconds or a datetime) to the second."""
-    if isinstance(value, int | float):
-        value = dt.datetime.fromtimestamp(value / 1e6, dt.UTC)
-    return value.strftime("%Y-%m-%d %H:%M:%S") if isinstance(value, dt.datetime) else str(value)
 
 
 def _days(text: str | None) -> tuple[dt.date | None, dt.date | None]:

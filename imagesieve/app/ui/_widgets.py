@@ -21,7 +21,7 @@ import gradio as gr
 import numpy as np
 
 from imagesieve._errors import classify_error, first_line
-from imagesieve.app._service import Service, ServiceError
+from imagesieve.app._service import UPLOADS, Service, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ _APP_WORDS = (
     (re.compile(r"bad --where filter"), "bad filter"),
     (re.compile(r"--id"), "an image id"),
     (re.compile(r"--class"), "a class"),
-    (re.compile(r"\S*[\\/]uploads[\\/][^\\/\s]+[\\/]"), ""),  # the server's upload folder
+    (re.compile(rf"\S*[\\/]{UPLOADS}[\\/][^\\/\s]+[\\/]"), ""),  # the server's upload folder
 )
 
 

@@ -10,6 +10,7 @@ from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     FAR_FROM_TRAINING,
     LOW_CONFIDENCE,
+    POOR_QUALITY,
     UNKNOWN,
     Progress,
     TrainOptions,
@@ -80,7 +81,8 @@ def run_demo(
     thresholds = version.meta["thresholds"]
     found = len(clusters.clusters)
     lines += [
-        f"  {UNKNOWN}: Top-1 below {thresholds['confidence']:.0%} ({LOW_CONFIDENCE}) or nearest "
+        f"  {UNKNOWN}: a photo of poor quality ({POOR_QUALITY}), Top-1 below "
+        f"{thresholds['confidence']:.0%} ({LOW_CONFIDENCE}) or nearest "
         f"training image further than {thresholds.get('distance', float('nan')):.3f} "
         f"({FAR_FROM_TRAINING})",
         f"stored in {store.path} (batch {summary.batch_id}: {summary.scored} newly scored, "

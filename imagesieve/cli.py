@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from imagesieve import __version__
@@ -88,6 +89,14 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
     }
     given = {k: v for k, v in given.items() if v is not None}
     previous = active_version(ws)
+    if args.quality:
+        from imagesieve.classifier import merge_overrides
+
+        base = TrainOptions.from_version(previous).quality
+        try:
+            given["quality"] = merge_overrides(base, _quality_args(args.quality))
+        except ValueError as e:
+            raise UserError(str(e)) from None
     opts = TrainOptions.from_version(previous, activate=not args.no_activate, **given)
     with _progress(not args.json) as progress:
         result = train_model(args.data_dir, ws, opts, progress)
@@ -106,6 +115,7 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         "split": v.meta["split"],
         "thresholds": v.meta["thresholds"],
         "open_set": v.meta["open_set"],
+        "label_check": v.meta.get("label_check"),
         "training": v.meta["training"],
         "history": history,
     }
@@ -125,7 +135,8 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         print(
             f"  UNKNOWN when Top-1 < {th['confidence']:.3g} or nearest training distance{mix} > "
             f"{th['distance']:.4f}: {real['unknown']:.1%} of {cal['n']} held-out known images "
-            f"(target {cal['false_unknown_rate']:.0%}; low confidence {real['low_confidence']:.1%}, "
+            f"(target {cal['false_unknown_rate']:.0%}; poor photo {real.get('poor_quality', 0):.1%}, "
+            f"low confidence {real['low_confidence']:.1%}, "
             f"far from training {real['far_from_training']:.1%})"
         )
         if card["mean_recall"] is not None:
@@ -135,6 +146,17 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
                 f"UNKNOWN on average (each class left out in turn; worst {worst['class']!r} "
                 f"{worst['recall']:.0%})"
             )
+        check = v.meta.get("label_check") or {}
+        if check.get("found"):
+            print(
+                f"  label check: {check['found']} of {check['checked']} training images may be "
+                f"mislabelled (`imagesieve suspects` lists them; likeliest first):"
+            )
+            for sus in check["suspects"][:5]:
+                print(
+                    f"    {sus['path']}: labelled {sus['given']}, looks like {sus['suggested']} "
+                    f"({sus['suggested_confidence']:.0%})"
+                )
         if result.skipped:
             print(
                 f"  skipped {len(result.skipped)} unreadable files (listed in {v.path / 'meta.json'}):"
@@ -271,7 +293,13 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
     if args.imagenet:
         _score_imagenet(args, ws)
         return
-    from imagesieve.ingest import FetchOptions, ScoreOptions, score_inputs
+    from imagesieve.ingest import (
+        POOR_QUALITY_FOLDER,
+        FetchOptions,
+        ScoreOptions,
+        drift_words,
+        score_inputs,
+    )
 
     opts = ScoreOptions(
         model=args.model,
@@ -319,13 +347,18 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
             )
         if summary.poor_quality:
             print(
-                f"  {summary.poor_quality} photos of poor quality (reported only): "
+                f"  {summary.poor_quality} photos of poor quality (UNKNOWN: reshoot them): "
                 + ", ".join(f"{k} {v}" for k, v in sorted(summary.quality_flags.items()))
             )
+        if summary.drift and summary.drift.get("ks_d") is not None:
+            print(f"  {drift_words(summary.drift)}")
         if summary.csv:
             print(f"  report: {summary.csv}")
         if summary.sort_into:
-            print(f"  sorted into: {summary.sort_into}/<label>/")
+            where = f"{summary.sort_into}/<label>/"
+            if summary.poor_quality:
+                where += f", poor photos in {summary.sort_into}/{POOR_QUALITY_FOLDER}/"
+            print(f"  sorted into: {where}")
         if code == EXIT_SOME_FAILED:
             print(f"  exit code {code}: some items failed (see above)")
         elif code == EXIT_NONE_SCORED:
@@ -637,6 +670,7 @@ def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
         pca_dims=args.pca_dims,
         umap_dims=args.umap_dims or None,
         allow_single_cluster=args.single_cluster,
+        poor_quality=args.poor_quality,
     )
     with _progress(not args.json) as progress:
         run = run_clustering(ws, params, model=args.model, export=args.export, progress=progress)
@@ -684,6 +718,7 @@ def cmd_images(args: argparse.Namespace, ws: Workspace) -> None:
         reasons=args.reason,
         top1_classes=args.top1_class,
         human_labels=args.human_label,
+        quality=args.quality,
         min_confidence=args.min_confidence,
         max_confidence=args.max_confidence,
         min_distance=args.min_distance,
@@ -748,7 +783,13 @@ def cmd_map(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_batches(args: argparse.Namespace, ws: Workspace) -> None:
     """The `batches` verb: past scoring batches; one with its failures; its CSV report."""
-    from imagesieve.ingest import batch_detail, list_batches, write_batch_report
+    from imagesieve.ingest import (
+        batch_detail,
+        drift_history,
+        drift_words,
+        list_batches,
+        write_batch_report,
+    )
 
     outs = {fmt: path for fmt in ("csv", "xlsx") if (path := getattr(args, fmt))}
     if outs and args.id is None:
@@ -765,12 +806,27 @@ def cmd_batches(args: argparse.Namespace, ws: Workspace) -> None:
                 f"started {doc['started_at']}: {doc['items']} items, {doc['scored']} scored, "
                 f"{doc['failed']} failed, {doc['unknown']} UNKNOWN"
             )
+            if doc["drift"] and doc["drift"]["ks_d"] is not None:
+                print(f"  {drift_words(doc['drift'])}")
             for f in doc["failures"][:50]:
                 print(f"  {f['source']}: {f['kind']}: {f['message']}")
             for path in outs.values():
                 print(f"  report: {path}")
 
         _emit(args, doc, one)
+        return
+    if args.drift:
+        rows = drift_history(ws, args.drift, limit=args.limit)
+        key = "batch_id" if args.drift == "batch" else "day"
+
+        def drifts() -> None:
+            if not rows:
+                print("nothing to test yet (a version trained before drift has no reference)")
+            for r in rows:
+                words = drift_words(r) if r["ks_d"] is not None else "drift: no distances"
+                print(f"{r[key]!s:>10}  {r['model_version']:<6} {r['images']:>7} images  {words}")
+
+        _emit(args, {"drift": rows}, drifts)
         return
     doc = list_batches(ws, limit=args.limit)
 
@@ -782,6 +838,40 @@ def cmd_batches(args: argparse.Namespace, ws: Workspace) -> None:
             print(
                 f"{b['batch_id']:>6}  {b['started_at']}  {b['status']:<11} {b['model_version']:<6} "
                 f"{b['items']:>7} items {b['failed']:>5} failed {b['unknown']:>6} UNKNOWN{rate}"
+            )
+
+    _emit(args, doc, human)
+
+
+def cmd_suspects(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `suspects` verb: training images whose label looks wrong; move or remove them."""
+    from imagesieve.search import fix_training_labels, label_suspects
+
+    if args.relabel or args.remove:
+        label, paths = (args.relabel[0], args.relabel[1:]) if args.relabel else (None, args.remove)
+        if not paths:
+            raise UserError("--relabel CLASS PATH...: give the images to move")
+        doc = fix_training_labels(
+            ws, [str(Path(p).resolve()) for p in paths], label, model=args.model
+        )
+
+        def moved() -> None:
+            where = f"into {doc['label']}" if doc["label"] else "out of the training data"
+            print(f"moved {doc['moved']} images {where} (action {doc['action_id']}; audit --undo)")
+
+        _emit(args, doc, moved)
+        return
+    doc = label_suspects(ws, model=args.model)
+
+    def human() -> None:
+        print(
+            f"{doc['version']}: {len(doc['suspects'])} training images of {doc['checked']} may be "
+            f"mislabelled, likeliest first ({doc['method']})"
+        )
+        for sus in doc["suspects"][: args.limit]:
+            print(
+                f"  {sus['path']}: labelled {sus['given']} ({sus['self_confidence']:.0%}), "
+                f"looks like {sus['suggested']} ({sus['suggested_confidence']:.0%})"
             )
 
     _emit(args, doc, human)
@@ -838,17 +928,24 @@ def cmd_audit(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
     """The `thresholds` verb: a version's UNKNOWN thresholds and counts; --preview or --set."""
+    from imagesieve.models import get_version
     from imagesieve.search import apply_thresholds, threshold_counts
 
+    version = get_version(ws, args.model)
+    confidence, distance = version.confidence_threshold, version.distance_threshold
     given = args.set or args.preview
     if given:
         confidence = _float_arg(given[0], "confidence")
         distance = None if given[1].lower() == "off" else _float_arg(given[1], "distance")
-    if args.set:
-        apply_thresholds(ws, confidence, distance, model=args.model)
+    quality = _quality_args(args.quality) if args.quality else None  # checked by the library
+    applying = bool(args.set) or (quality is not None and not args.preview)
+    if applying:
+        apply_thresholds(ws, confidence, distance, quality=quality, model=args.model)
         doc = threshold_counts(ws, model=args.model)
     elif args.preview:
-        doc = threshold_counts(ws, confidence, distance, keep=False, model=args.model)
+        doc = threshold_counts(
+            ws, confidence, distance, quality=quality, keep=False, model=args.model
+        )
     else:
         doc = threshold_counts(ws, model=args.model)
 
@@ -858,14 +955,32 @@ def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
         verb = "would mark" if args.preview else "mark"
         print(
             f"{doc['version']}: confidence below {doc['confidence']:.4g} or distance above "
-            f"{distance_s}{' (tuned)' * doc['tuned']}{' (applied)' * bool(args.set)}"
+            f"{distance_s}{' (tuned)' * doc['tuned']}{' (applied)' * applying}"
         )
         print(
             f"  {verb} {c['unknown']:,} of {c['stored']:,} stored images UNKNOWN "
-            f"({c['low_confidence']:,} by confidence, {c['far_from_training']:,} by distance)"
+            f"({c['poor_quality']:,} poor photos, {c['low_confidence']:,} by confidence, "
+            f"{c['far_from_training']:,} by distance)"
         )
+        if doc["quality"]:
+            bounds = ", ".join(
+                f"{k} {'off' if v is None else f'{v:.4g}'}"
+                + (" (set)" if k in doc["quality_overrides"] else "")
+                for k, v in doc["quality"].items()
+            )
+            print(f"  photo quality bounds: {bounds}")
 
     _emit(args, doc, human)
+
+
+def _quality_args(given: list[str]) -> dict[str, Any]:
+    """``--quality KEY=VALUE`` arguments as bounds (VALUE: a number, off, or auto)."""
+    from imagesieve.classifier import parse_bounds
+
+    try:
+        return parse_bounds(given)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _float_arg(text: str, what: str) -> float:
@@ -950,6 +1065,13 @@ def _parser() -> argparse.ArgumentParser:
         help="share of held-out known images the UNKNOWN decision may flag (default 0.05)",
     )
     t.add_argument("--seed", type=int)
+    t.add_argument(
+        "--quality",
+        action="append",
+        metavar="KEY=VALUE",
+        help="photo quality bound over the calibrated one, e.g. blur_max=0.8 (off; auto); "
+        "repeatable",
+    )
     t.add_argument("--no-activate", action="store_true", help="keep the current active version")
     t.add_argument(
         "--no-history",
@@ -1063,6 +1185,11 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="the whole UNKNOWN set may come back as one cluster (default; --no-single-cluster: plain HDBSCAN)",
     )
+    c.add_argument(
+        "--poor-quality",
+        action="store_true",
+        help="cluster photos of poor quality too (left out by default: they are to be reshot)",
+    )
     c.add_argument("--export", metavar="DIR", help="cluster folders here (default sieve/clusters)")
     c.add_argument("--list", action="store_true", help="list the clusters without re-running")
     c.add_argument("--name", nargs=2, metavar=("CLUSTER", "NAME"), help="name a cluster")
@@ -1088,11 +1215,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     im.add_argument("--label", action="append", help="predicted label (repeat for any of them)")
     im.add_argument(
-        "--reason", action="append", help="UNKNOWN reason: low_confidence, far_from_training"
+        "--reason",
+        action="append",
+        help="UNKNOWN reason: poor_quality, low_confidence, far_from_training",
     )
     im.add_argument("--class", dest="top1_class", action="append", help="Top-1 class")
     im.add_argument(
         "--human-label", action="append", help="label a person gave ('' for none given)"
+    )
+    im.add_argument(
+        "--quality",
+        action="append",
+        help="photo quality flag: blurred, dark, bright, glare, low_information, too_small, "
+        "odd_shape ('' for none)",
     )
     im.add_argument("--min-confidence", type=float)
     im.add_argument("--max-confidence", type=float)
@@ -1127,8 +1262,38 @@ def _parser() -> argparse.ArgumentParser:
         "--csv", metavar="OUT", help="write that batch's report (its inputs in order) as CSV"
     )
     bt.add_argument("--xlsx", metavar="OUT", help="write that batch's report as an Excel workbook")
+    bt.add_argument(
+        "--drift",
+        nargs="?",
+        const="batch",
+        choices=["batch", "day"],
+        help="whether each batch (or UTC day) departed from the training data: KS test of the "
+        "distances to it against held-out known images'",
+    )
     bt.add_argument("--limit", type=int, default=50, help="newest batches listed (default 50)")
     bt.set_defaults(func=cmd_batches)
+
+    su = sub.add_parser(
+        "suspects",
+        parents=[common],
+        help="training images whose label looks wrong (found at training); move or remove them",
+    )
+    how_su = su.add_mutually_exclusive_group()
+    how_su.add_argument(
+        "--relabel",
+        nargs="+",
+        metavar=("CLASS", "PATH"),
+        help="move these suspected images into CLASS's folder (recorded, undoable)",
+    )
+    how_su.add_argument(
+        "--remove",
+        nargs="+",
+        metavar="PATH",
+        help="take these suspected images out of the training data (kept in trash for undo)",
+    )
+    su.add_argument("--limit", type=int, default=50, help="suspects listed (default 50)")
+    su.add_argument("--model", help="model version (default: the active one)")
+    su.set_defaults(func=cmd_suspects)
 
     rl = sub.add_parser(
         "relabel",
@@ -1172,6 +1337,13 @@ def _parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("CONFIDENCE", "DISTANCE"),
         help="apply: stored images are re-decided (recorded, undoable)",
+    )
+    th.add_argument(
+        "--quality",
+        action="append",
+        metavar="KEY=VALUE",
+        help="photo quality bound, e.g. blur_max=0.8, glare_min=off, dark_max=auto "
+        "(calibrated); repeatable; applied unless --preview",
     )
     th.add_argument("--model", help="model version (default: the active one)")
     th.set_defaults(func=cmd_thresholds)

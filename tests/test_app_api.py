@@ -573,3 +573,49 @@ def test_serve__kill_9_after_answering_keeps_every_answered_image_once(ws, elpv,
         assert store.indexes.check("v1").action == "in_sync"
     assert sorted(rows) == sorted((answered[i], f"upload:k{i}.png") for i in range(24))
     assert journal.stat().st_size == 0
+
+
+def test_photo_quality__flagged_filtered_and_bounded_over_http(ws, elpv):
+    from PIL import Image, ImageFilter
+
+    cells = [im for im in elpv if im.cell_type == "mono"][200:203]
+    sharp, blurred = png_bytes(cells[0].path), io.BytesIO()
+    Image.open(cells[1].path).convert("RGB").filter(ImageFilter.GaussianBlur(6)).save(
+        blurred, "PNG"
+    )
+    service = Service(ws)
+    server = start_server(service, ui=False)
+    base = server.url + "/api/v1"
+    try:
+        good = post_image(base, sharp, "good.png").json()
+        bad = post_image(base, blurred.getvalue(), "blurred.png").json()
+        assert bad["label"] == "UNKNOWN" and bad["reason"].startswith("poor_quality")
+        assert bad["quality"]["flags"] == ["blurred"] and good["quality"]["flags"] == []
+        page = requests.get(f"{base}/images", params={"quality": "blurred"}, timeout=30).json()
+        assert [r["id"] for r in page["rows"]] == [bad["id"]]
+        assert page["rows"][0]["quality_flags"] == "blurred"
+        page = requests.get(f"{base}/images", params={"reason": "poor_quality"}, timeout=30)
+        assert page.json()["total"] == 1
+        th = requests.get(f"{base}/thresholds", timeout=30).json()
+        assert th["counts"]["poor_quality"] == 1 and th["quality"]["blur_max"] > 0
+        body = {"confidence": th["confidence"], "distance": th["distance"]}
+        r = requests.post(
+            f"{base}/thresholds/preview", json=body | {"quality": {"blur_max": None}}, timeout=30
+        )
+        assert r.status_code == 200 and r.json()["poor_quality"] == 0
+        for bad_bound, status in (({"blur": 1}, 422), ({"blur_max": -1}, 422)):
+            r = requests.put(f"{base}/thresholds", json=body | {"quality": bad_bound}, timeout=30)
+            assert r.status_code == status
+        r = requests.put(
+            f"{base}/thresholds", json=body | {"quality": {"blur_max": None}}, timeout=30
+        )
+        assert r.status_code == 200 and r.json()["poor_quality"] == 0
+        again = post_image(base, blurred.getvalue(), "blurred-again.png").json()
+        assert again["quality"]["flags"] == [] and "poor_quality" not in (again["reason"] or "")
+        r = requests.put(
+            f"{base}/thresholds", json=body | {"quality": {"blur_max": "auto"}}, timeout=30
+        )
+        assert r.json()["poor_quality"] == 1
+    finally:
+        server.stop()
+        service.close()

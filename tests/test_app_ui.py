@@ -964,6 +964,57 @@ def test_model__threshold_sliders_preview_what_would_be_unknown(page, app):
     page.assert_no_errors()
 
 
+def test_model__photo_quality_bounds_previewed_applied_and_put_back(page, app):
+    _, service, _ = app
+    version = service.version
+    confidence, distance = version.confidence_threshold, version.distance_threshold
+    page.tab("Model")
+    box = "#model-quality-bounds input, #model-quality-bounds textarea"
+    bounds = page.page.locator(box)
+    page.page.wait_for_function(
+        "(box) => document.querySelector(box)?.value.includes('blur_max=')", arg=box
+    )
+    text = bounds.input_value()
+    off = ", ".join("blur_max=off" if t.startswith("blur_max=") else t for t in text.split(", "))
+    bounds.fill(off)
+    bounds.press("Enter")
+    loose = service.threshold_preview(confidence, distance, {"blur_max": None})
+    page.wait_text("#model-threshold-preview", f"poor photo: {loose['poor_quality']:,};")
+    try:
+        page.page.click("#model-apply-thresholds")
+        page.page.wait_for_selector(".toast-body")
+        assert service.version.meta["quality_overrides"] == {"blur_max": None}
+        page.page.wait_for_function(
+            "(box) => document.querySelector(box)?.value.includes('blur_max=off')", arg=box
+        )
+    finally:
+        service.set_thresholds(confidence, distance, quality={"blur_max": "auto"})
+    assert service.version.meta["quality_overrides"] == {}
+    page.assert_no_errors()
+
+
+def test_review__suspected_label_errors_listed_and_one_taken_out(page, app):
+    _, service, cells = app
+    doc = service.label_suspects()
+    page.tab("Review")
+    page.page.click("#review-suspects button, #review-suspects .label-wrap")
+    if not doc["suspects"]:
+        page.wait_text("#review-suspects-words", "No suspected label errors")
+        return
+    page.wait_text("#review-suspects-words", f"{len(doc['suspects'])} of {doc['checked']:,}")
+    first = doc["suspects"][0]
+    page.page.locator("#review-suspects-gallery button.thumbnail-item").first.click()
+    page.wait_text("#review-suspects-chosen", first["path"].rsplit("/", 1)[-1])
+    page.page.click("#review-suspects-remove")
+    page.wait_text(".toast-body", "taken out of the training data")
+    from pathlib import Path
+
+    assert not Path(first["path"]).exists()
+    service.undo()
+    assert Path(first["path"]).is_file()
+    page.assert_no_errors()
+
+
 def test_model__a_confusion_cell_click_shows_its_images(page, app):
     _, service, _ = app
     doc = service.confusion()

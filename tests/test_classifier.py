@@ -82,7 +82,7 @@ def test_train_model__version_files_split_and_skipped(trained):
     assert thresholds["mix"] >= 0.0
     assert 0.0 < thresholds["distance"] < 2.0 + thresholds["mix"]
     realised = calibration["realised"]
-    assert set(realised) == {"unknown", "low_confidence", "far_from_training"}
+    assert set(realised) == {"unknown", "poor_quality", "low_confidence", "far_from_training"}
     assert realised["low_confidence"] <= 0.025
     assert max(realised["low_confidence"], realised["far_from_training"]) <= realised["unknown"]
     if calibration["n"] >= 50:
@@ -99,7 +99,7 @@ def test_train_model__version_files_split_and_skipped(trained):
     # the test metrics count the whole decision, and each rule's share
     metrics = meta["metrics"]
     by_rule = metrics["unknown_by_rule"]
-    assert set(by_rule) == {"low_confidence", "far_from_training"}
+    assert set(by_rule) == {"poor_quality", "low_confidence", "far_from_training"}
     rate = metrics["unknown_rate"]
     assert max(by_rule.values()) - 1e-9 <= rate <= sum(by_rule.values()) + 1e-9
     reference = ReferenceSet.load(v.path)

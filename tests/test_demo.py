@@ -33,14 +33,16 @@ def test_main__demo_trains_flags_poly_cells_unknown_then_reuses(tmp_path, capsys
     )
     assert poly_far >= 0.95 * 600, poly
     mono_known = sum(n for k, n in mono.items() if not k.startswith("UNKNOWN"))
-    mono_unknown = 150 - mono_known
     assert mono_known >= 0.8 * 150, mono
     # ... which softmax confidence alone does not: most poly cells get a confident Top-1, and
     # are UNKNOWN only because they are far from the training images.
     assert poly.get("UNKNOWN (far_from_training)", 0) >= 0.5 * 600, poly
     # ... and the UNKNOWNs are clustered, exported as folders with a summary
     clusters = first["clusters"]["clusters"]
-    assert first["clusters"]["images"] == mono_unknown + poly_far
+    unknown = [(k, n) for k, n in [*mono.items(), *poly.items()] if k.startswith("UNKNOWN")]
+    poor = sum(n for k, n in unknown if "poor_quality" in k)
+    assert poor <= 0.05 * 750, (mono, poly)  # photos of poor quality: left out of clustering
+    assert first["clusters"]["images"] == sum(n for _, n in unknown) - poor
     assert clusters and clusters[0]["size"] >= 50
     assert (tmp_path / "sieve" / "clusters" / "summary.csv").is_file()
 

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from test_unknown_rule import assert_python_and_sql_agree, float_table
 
-from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE, TrainOptions, UnknownRule
+from imagesieve.classifier import (
+    FAR_FROM_TRAINING,
+    LOW_CONFIDENCE,
+    POOR_QUALITY,
+    TrainOptions,
+    UnknownRule,
+)
 from imagesieve.classifier._openset import (
     FOLDS,
     MIN_GAIN,
@@ -68,6 +74,7 @@ def test_calibrate_rule__whole_decision_flags_the_rate_on_held_and_fresh_rows(
     assert abs(flagged - RATE * n) <= 1  # the whole decision, within one row
     assert info["realised"] == {
         "unknown": round(unknown, 4),
+        POOR_QUALITY: 0.0,
         LOW_CONFIDENCE: round(low, 4),
         FAR_FROM_TRAINING: round(far, 4),
     }
@@ -90,6 +97,29 @@ def test_calibrate_rule__whole_decision_flags_the_rate_on_held_and_fresh_rows(
     assert abs(fresh_unknown - RATE) <= 0.02
     if lowered:
         assert fresh_low <= RATE / 2 + 0.01
+
+
+@pytest.mark.parametrize(("poor_share", "floor"), [(0.02, False), (0.045, True), (0.10, True)])
+def test_calibrate_rule__poor_photos_spend_their_share_first(poor_share, floor):
+    rng = np.random.default_rng(3)
+    n = 4000
+    p, d = _sample(rng, n, 0.03)
+    poor = rng.random(n) < poor_share
+    held = HeldOut(p, d, np.zeros(n, int), "synthetic", poor)
+    rule, info = calibrate_rule(held, 0.5, RATE, 0.0)
+
+    reasons = rule.reasons(p, d, poor)
+    flagged = np.array([r is not None for r in reasons])
+    assert all(POOR_QUALITY in reasons[i] for i in np.flatnonzero(poor))
+    content = np.mean(flagged & ~poor)  # flagged by confidence or distance alone
+    far = np.mean([r is not None and FAR_FROM_TRAINING in r for r in reasons])
+    assert info["realised"][POOR_QUALITY] == round(poor.mean(), 4)
+    if floor:  # poor photos would take the whole rate: the search for new types keeps a quarter
+        assert content == pytest.approx(RATE / 4, abs=1.5 / n)
+        assert far > 0
+    else:  # the whole decision flags the rate
+        assert abs(flagged.sum() - RATE * n) <= 1
+    assert info["realised"]["unknown"] == round(flagged.mean(), 4)
 
 
 def test_calibrate_rule__edges():

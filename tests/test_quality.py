@@ -108,22 +108,185 @@ def test_training_calibrates_the_rule_and_predictions_report_their_flags(trained
     )
 
 
-def test_score_summary_counts_poor_photos_in_the_cli_and_json(
-    scoring_ws, small_folder, tmp_path, capsys
-):
-    from imagesieve.cli import main
-
-    cells = sorted((small_folder / "functional").glob("*.png"))[:3]
-    folder = tmp_path / "photos"
+def _photos(small_folder, folder) -> None:
+    """Three sharp functional cells, one of them blurred, one darkened, in ``folder``."""
+    cells = sorted((small_folder / "functional").glob("*.png"))[:5]
     folder.mkdir()
     for i, cell in enumerate(cells):
         img = Image.open(cell).convert("RGB")
         if i == 1:
             img = img.filter(ImageFilter.GaussianBlur(6))
+        if i == 3:
+            img = Image.fromarray((np.asarray(img) * 0.1).astype(np.uint8))
         img.save(folder / f"{i}.png")
-    assert main(["score", str(folder), "--workspace", str(scoring_ws.root)]) == 0
+
+
+def _cli_json(capsys, *args) -> dict:
+    from imagesieve.cli import main
+
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_score__a_poor_photo_is_unknown_in_the_summary_csv_and_sorted_folders(
+    scoring_ws, small_folder, tmp_path, capsys
+):
+    from imagesieve.cli import main
+
+    folder = tmp_path / "photos"
+    _photos(small_folder, folder)
+    wsa = ["--workspace", str(scoring_ws.root)]
+    report, sorted_dir = tmp_path / "out.csv", tmp_path / "sorted"
+    args = ["score", str(folder), *wsa, "--csv", str(report), "--sort-into", str(sorted_dir)]
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "1 photos of poor quality (reported only): blurred 1" in out
-    assert main(["score", str(folder), "--workspace", str(scoring_ws.root), "--json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
-    assert doc["poor_quality"] == 0 and doc["already_scored"] == 3  # not decoded again
+    assert "2 photos of poor quality (UNKNOWN: reshoot them): blurred 1, dark 1" in out
+    assert f"poor photos in {sorted_dir}/POOR_QUALITY/" in out
+    import csv
+
+    rows = {r["source"].rsplit("/", 1)[-1]: r for r in csv.DictReader(report.open())}
+    assert rows["1.png"]["label"] == "UNKNOWN" and rows["1.png"]["quality_flags"] == "blurred"
+    assert rows["1.png"]["reason"].split("+")[0] == "poor_quality"
+    assert (
+        rows["3.png"]["reason"].startswith("poor_quality")
+        and "dark" in rows["3.png"]["quality_flags"]
+    )
+    assert rows["0.png"]["quality_flags"] == "" and "poor_quality" not in rows["0.png"]["reason"]
+    assert sorted(p.name for p in (sorted_dir / "POOR_QUALITY").iterdir()) == ["1.png", "3.png"]
+    others = [p.name for p in sorted_dir.glob("*/*.png") if p.parent.name != "POOR_QUALITY"]
+    assert sorted(others) == ["0.png", "2.png", "4.png"]
+    doc = _cli_json(capsys, "score", str(folder), *wsa)
+    assert doc["poor_quality"] == 2 and doc["already_scored"] == 5  # stored flags, not decoded
+
+
+def test_stored_quality__columns_in_sql_filters_overrides_undo_and_clustering(
+    scoring_ws, small_folder, tmp_path, capsys
+):
+    from imagesieve.cli import main
+    from imagesieve.models import get_version
+    from imagesieve.store import Store
+
+    folder = tmp_path / "photos"
+    _photos(small_folder, folder)
+    wsa = ["--workspace", str(scoring_ws.root)]
+    assert main(["score", str(folder), *wsa]) == 0
+    version = get_version(scoring_ws)
+    rule = QualityRule.of_version(version.meta)
+
+    # the measures and flags are columns any read-only query sees, and agree with the rule
+    sql = (
+        "SELECT regexp_extract(source, '[0-9]+[.]png') AS f, quality_flags, blur, brightness, "
+        "saturated, clipped, entropy, width, height, label, reason FROM predictions ORDER BY f"
+    )
+    got = _cli_json(capsys, "sql", sql, *wsa)
+    stored = [dict(zip(got["columns"], r, strict=True)) for r in got["rows"]]
+    assert [r["quality_flags"] for r in stored][:2] == [None, "blurred"]
+    assert stored[3]["quality_flags"].startswith("dark")
+    columns = {
+        k: np.array([r[k] for r in stored], np.float64)
+        for k in stored[0]
+        if k in ("blur", "brightness", "saturated", "clipped", "entropy")
+    }
+    columns["min_side"] = np.array([min(r["width"], r["height"]) for r in stored], np.float64)
+    columns["aspect"] = np.array(
+        [max(r["width"], r["height"]) / min(r["width"], r["height"]) for r in stored]
+    )
+    assert rule.flag_columns(columns) == [r["quality_flags"] for r in stored]
+    with Store(scoring_ws) as store:  # the SQL form of the rule gives the same flags
+        expr, params = rule.sql_flags()
+        again = store._db.execute(
+            f"SELECT {expr} FROM predictions ORDER BY regexp_extract(source, '[0-9]+[.]png')",
+            params,
+        ).fetchall()
+    assert [f for (f,) in again] == [r["quality_flags"] for r in stored]
+
+    # browse filters and facets on the flags ('' : none)
+    page = _cli_json(capsys, "images", "--quality", "blurred", *wsa)
+    assert [r["source"].rsplit("/", 1)[-1] for r in page["rows"]] == ["1.png"]
+    assert _cli_json(capsys, "images", "--quality", "", *wsa)["total"] == 3
+    assert _cli_json(capsys, "images", "--reason", "poor_quality", *wsa)["total"] == 2
+    facet = dict(map(tuple, _cli_json(capsys, "images", *wsa)["facets"]["quality"]))
+    assert facet["blurred"] == 1 and facet[None] == 3
+
+    # an operator switches the blur check off: previewed, applied (re-decided), undone
+    before = _cli_json(capsys, "thresholds", *wsa)
+    assert before["counts"]["poor_quality"] == 2 and before["quality"]["blur_max"] == rule.blur_max
+    preview = _cli_json(
+        capsys,
+        "thresholds",
+        "--preview",
+        str(before["confidence"]),
+        str(before["distance"]),
+        "--quality",
+        "blur_max=off",
+        *wsa,
+    )
+    assert preview["counts"]["poor_quality"] == 1
+    assert _cli_json(capsys, "thresholds", *wsa)["counts"]["poor_quality"] == 2  # nothing changed
+    applied = _cli_json(capsys, "thresholds", "--quality", "blur_max=off", *wsa)
+    assert applied["counts"]["poor_quality"] == 1 and applied["quality"]["blur_max"] is None
+    assert applied["quality_overrides"] == {"blur_max": None}
+    blurred = _cli_json(capsys, "images", "--quality", "blurred", *wsa)
+    assert blurred["total"] == 0
+    assert get_version(scoring_ws).meta["quality_overrides"] == {"blur_max": None}
+    assert main(["thresholds", "--quality", "blur=0.5", *wsa]) != 0
+    assert "unknown photo quality bound 'blur'" in capsys.readouterr().err
+    assert main(["audit", "--undo", *wsa]) == 0
+    after = _cli_json(capsys, "thresholds", *wsa)
+    assert after["counts"] == before["counts"] and after["quality_overrides"] == {}
+    assert get_version(scoring_ws).meta["quality_overrides"] == {}
+
+    # clustering leaves poor photos out unless asked
+    with Store(scoring_ws) as store:
+        unknown = store.clusters.unknowns(version.name)[0]
+        everything = store.clusters.unknowns(version.name, poor_quality=True)[0]
+        poor_ids = {
+            i
+            for (i,) in store._db.execute(
+                "SELECT id FROM predictions WHERE quality_flags IS NOT NULL"
+            ).fetchall()
+        }
+    assert len(poor_ids) == 2 and poor_ids <= set(everything.tolist())
+    assert not poor_ids & set(unknown.tolist())
+
+
+def test_quality_overrides__checked_and_kept_by_a_retrain():
+    from dataclasses import fields
+    from typing import get_args
+
+    from imagesieve.app._api import QualityBound
+    from imagesieve.classifier import TrainOptions, merge_overrides
+    from imagesieve.models import ModelVersion
+
+    assert set(get_args(QualityBound)) == {f.name for f in fields(QualityRule)}
+    rule = QualityRule(blur_max=0.6, dark_max=0.2, min_side=100)
+    assert rule.with_overrides({"blur_max": None, "min_side": 50.0}) == QualityRule(
+        dark_max=0.2, min_side=50
+    )
+    for bad, message in [
+        ({"blur": 1}, "unknown photo quality bound 'blur'"),
+        ({"blur_max": -1}, "must be >= 0"),
+        ({"blur_max": "high"}, "must be a number"),
+        ({"blur_max": float("nan")}, "must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            rule.with_overrides(bad)
+    assert merge_overrides({"blur_max": 0.7, "dark_max": 0.1}, {"blur_max": "auto"}) == {
+        "dark_max": 0.1
+    }
+    meta = {"quality": rule.to_dict(), "quality_overrides": {"dark_max": None}}
+    assert QualityRule.of_version(meta).dark_max is None
+    assert QualityRule.of_version({}) is None
+    version = ModelVersion(
+        None,
+        {
+            "kind": "trained",
+            "classes": ["a", "b"],
+            "preprocessing": {},
+            "quality_overrides": {"glare_min": 0.2},
+            "training": {"options": {"seed": 3}},
+        },
+    )
+    assert TrainOptions.from_version(version).quality == {"glare_min": 0.2}
+    assert TrainOptions.from_version(version, quality={}).quality == {}

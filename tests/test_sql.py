@@ -452,8 +452,8 @@ def test_views__no_embedding_column(con):
 def test_views_sql__persistent_and_idempotent(ws, tmp_path):
     ws2 = copy_ws(ws, tmp_path / "ws")
     w = duckdb.connect(str(ws2.root / "store.duckdb"))
-    w.execute(views_sql())
-    w.execute(views_sql())  # as Store.__init__ does on every writable open
+    for statement in views_sql() + views_sql():  # as Store.__init__ does on every writable open
+        w.execute(statement)
     w.close()
     with open_readonly(ws2) as con, open_readonly(ws) as con_temp:
         views = con.execute(

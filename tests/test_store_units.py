@@ -12,7 +12,13 @@ from test_store import assert_index_matches_db, embedded, query
 
 from imagesieve._errors import SieveError
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE, UNKNOWN, UnknownRule
+from imagesieve.classifier import (
+    FAR_FROM_TRAINING,
+    LOW_CONFIDENCE,
+    POOR_QUALITY,
+    UNKNOWN,
+    UnknownRule,
+)
 from imagesieve.search import Cluster
 from imagesieve.store import (
     MIGRATIONS,
@@ -103,6 +109,8 @@ def test_migrate__a_previous_release_store_records_every_migration_and_keeps_its
         "class_confusion": 1,
         "unknowns": 4,
         "failures_open": 0,
+        "drift_per_batch": 1,  # its batch, untested: the old version has no drift reference
+        "drift_per_day": 1,
     }
 
 
@@ -337,16 +345,20 @@ def test_redecide__counted_then_labelled_as_the_rule_says(store, rule):
     for i, (p, (prob, distance)) in enumerate(zip(preds, grid, strict=True)):
         p.top3, p.neighbor_id, p.neighbor_distance = [(f"c{i % 3}", prob)], 0, distance
         p.label, p.reason = (UNKNOWN, "stale") if i % 2 else ("wrong", None)
+        p.quality_flags = ["dark", "low_information"] if i % 5 == 0 else []
     write(store, "v1", preds)
     write(store, "v2", unknown(embedded(np.random.default_rng(1), 100, 2, DIM), "stale"))
     stored = store.rows("v1")
     # as the rule decides the float32 values the store holds
+    poor = np.array([r.quality_flags is not None for r in stored])
+    assert poor.sum() == 5 and stored[5].quality_flags == "dark+low_information"
     want = rule.reasons(
-        np.array([r.top1_prob for r in stored]), [r.neighbor_distance for r in stored]
+        np.array([r.top1_prob for r in stored]), [r.neighbor_distance for r in stored], poor
     )
-    assert len(set(want)) == (4 if rule.distance else 2)
+    assert len(set(want)) == (8 if rule.distance else 4)
     assert store.unknown_counts("v1", rule) == {
         "stored": len(grid),
+        POOR_QUALITY: 5,
         LOW_CONFIDENCE: sum(r is not None and LOW_CONFIDENCE in r for r in want),
         FAR_FROM_TRAINING: sum(r is not None and FAR_FROM_TRAINING in r for r in want),
         "unknown": sum(r is not None for r in want),

@@ -9,6 +9,7 @@ from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     FAR_FROM_TRAINING,
     LOW_CONFIDENCE,
+    POOR_QUALITY,
     UNKNOWN,
     Predictor,
     UnknownRule,
@@ -24,17 +25,20 @@ RULES = [UnknownRule(c, d) for c in (0.0, 0.5, 0.7, 1.0) for d in (None, 0.3, 2.
 def float_table() -> duckdb.DuckDBPyConnection:
     """Every (probability, distance) pair in a table ``t`` with the store's FLOAT columns.
 
-    Shared with tests/test_openset.py.
+    Every third row is a photo of poor quality (``quality_flags`` set). Shared with
+    tests/test_openset.py.
     """
     probs = PROBS + np.random.default_rng(0).random(5, np.float32).tolist()
     rows = [
-        (i, f"class{i}", p, d) for i, (p, d) in enumerate((p, d) for p in probs for d in DISTANCES)
+        (i, f"class{i}", p, d, "blurred" if i % 3 == 0 else None)
+        for i, (p, d) in enumerate((p, d) for p in probs for d in DISTANCES)
     ]
     con = duckdb.connect()
     con.execute(
-        "CREATE TABLE t (id INTEGER, top1_class VARCHAR, top1_prob FLOAT, neighbor_distance FLOAT)"
+        "CREATE TABLE t (id INTEGER, top1_class VARCHAR, top1_prob FLOAT, neighbor_distance FLOAT, "
+        "quality_flags VARCHAR)"
     )
-    con.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", rows)
+    con.executemany("INSERT INTO t VALUES (?, ?, ?, ?, ?)", rows)
     return con
 
 
@@ -51,10 +55,11 @@ def assert_python_and_sql_agree(con, rule: UnknownRule) -> None:
     Python sees what re-deciding stored rows sees: the float32 values read back from the
     FLOAT columns. Shared with tests/test_openset.py.
     """
-    ids, top1, probs, dists = zip(
+    ids, top1, probs, dists, flags = zip(
         *con.execute("SELECT * FROM t ORDER BY id").fetchall(), strict=True
     )
-    expected = rule.reasons(np.array(probs, np.float32), list(dists))
+    poor = np.array([f is not None for f in flags])
+    expected = rule.reasons(np.array(probs, np.float32), list(dists), poor)
     labels = [c if r is None else UNKNOWN for c, r in zip(top1, expected, strict=True)]
 
     reason_sql, reason_params = rule.sql_reason()
@@ -67,6 +72,7 @@ def assert_python_and_sql_agree(con, rule: UnknownRule) -> None:
 
     counts_sql, counts_params = rule.sql_counts()
     assert con.execute(f"SELECT {counts_sql} FROM t", counts_params).fetchone() == (
+        sum(r is not None and POOR_QUALITY in r for r in expected),
         sum(r is not None and LOW_CONFIDENCE in r for r in expected),
         sum(r is not None and FAR_FROM_TRAINING in r for r in expected),
         sum(r is not None for r in expected),
@@ -107,6 +113,14 @@ def test_unknown_rule__reasons():
         f"{LOW_CONFIDENCE}+{FAR_FROM_TRAINING}"
     ]
     assert rule.reasons(np.zeros(0), np.zeros(0)) == []
+    # a poor photo is UNKNOWN whatever the model says, and says so first
+    poor = np.array([True, True, True, True, False, False, False])
+    assert rule.reasons(probs, dists, poor)[:4] == [
+        f"{POOR_QUALITY}+{LOW_CONFIDENCE}",
+        f"{POOR_QUALITY}+{LOW_CONFIDENCE}+{FAR_FROM_TRAINING}",
+        f"{POOR_QUALITY}+{FAR_FROM_TRAINING}",
+        POOR_QUALITY,
+    ]
 
 
 @pytest.mark.parametrize(

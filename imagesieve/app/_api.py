@@ -48,6 +48,17 @@ __all__ = ["API_PREFIX", "add_api"]
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+#: A photo quality bound an operator may set (``classifier.QualityRule``'s fields).
+QualityBound = Literal[
+    "blur_max",
+    "dark_max",
+    "bright_min",
+    "clipped_min",
+    "glare_min",
+    "entropy_min",
+    "min_side",
+    "aspect_max",
+]
 
 
 class ApiError(Exception):
@@ -126,6 +137,26 @@ class ThresholdsRequest(BaseModel):
     confidence: float = Field(ge=0, le=1, description="Top-1 probability below which it is UNKNOWN")
     distance: float | None = Field(
         None, ge=0, le=10, description="distance score above which it is UNKNOWN (null: off)"
+    )
+    quality: (
+        dict[QualityBound, Annotated[float, Field(ge=0, le=1e6)] | Literal["auto"] | None] | None
+    ) = Field(
+        None,
+        description=(
+            "photo quality bounds over the calibrated ones: a number, null to switch the check "
+            'off, "auto" for the calibrated value (omitted: unchanged)'
+        ),
+    )
+
+
+class FixLabelsRequest(BaseModel):
+    """Suspected label errors to move into a class's folder, or out of the training data."""
+
+    paths: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        min_length=1, max_length=500, description="paths as GET /label-suspects lists them"
+    )
+    label: str | None = Field(
+        None, min_length=1, max_length=100, description="the class (null: remove from the data)"
     )
 
 
@@ -458,6 +489,12 @@ def add_api(
         human_label: list[str] | None = Query(
             None, max_length=100, description="labels people gave ('' : nobody labelled it)"
         ),
+        quality: list[str] | None = Query(
+            None,
+            max_length=10,
+            description="photo quality flags: blurred, dark, bright, glare, low_information, "
+            "too_small, odd_shape ('' : none)",
+        ),
         min_confidence: float | None = Query(None, ge=0, le=1),
         max_confidence: float | None = Query(None, ge=0, le=1),
         min_distance: float | None = Query(None, ge=0, le=10),
@@ -484,6 +521,7 @@ def add_api(
                 reasons=reason,
                 top1_classes=top1_class,
                 human_labels=human_label,
+                quality=quality,
                 min_confidence=min_confidence,
                 max_confidence=max_confidence,
                 min_distance=min_distance,
@@ -524,8 +562,41 @@ def add_api(
 
     @router.get("/batches/{batch_id}", responses=errors(400))
     async def batch(batch_id: int = Path(..., ge=1, le=2**31 - 1)) -> dict[str, Any]:
-        """One batch: its counts, what it was asked to score, each failure and its reason."""
+        """One batch: counts, what it was asked to score, each failure and its reason, drift.
+
+        ``drift``: whether its images departed from the training data (their distances to it
+        against held-out known images', two-sample KS test), as the ``drift_per_batch`` view.
+        """
         return await _call(service.batch, batch_id)
+
+    @router.get("/label-suspects", responses=errors(503))
+    async def suspects() -> dict[str, Any]:
+        """Training images whose label looks wrong, likeliest first.
+
+        Found at training (confident learning): path, given class, suggested class and both
+        probabilities.
+        """
+        return await _call(service.label_suspects)
+
+    @router.post("/label-suspects/fix", responses=errors(400, 503))
+    async def fix_labels(body: FixLabelsRequest, request: Request) -> dict[str, Any]:
+        """Move suspected images into a class's folder, or out of the training data.
+
+        Only images the label check named; recorded and undoable.
+        """
+        return await _call(service.fix_training_labels, body.paths, body.label, who=_who(request))
+
+    @router.get("/drift", responses=errors(400))
+    async def drift(
+        per: Literal["batch", "day"] = Query("batch", description="per batch or per UTC day"),
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> dict[str, Any]:
+        """Whether each batch (or UTC day) departed from the training data, newest first.
+
+        Per batch or day: UNKNOWN and poor-quality rates, the median distance to the training
+        data against held-out known images', the two-sample KS test and ``drifted``.
+        """
+        return {"per": per, "drift": await _call(service.drift, per, limit)}
 
     @router.get(
         "/batches/{batch_id}/report",
@@ -578,13 +649,17 @@ def add_api(
     @router.post("/thresholds/preview", responses=errors(400, 503))
     async def thresholds_preview(body: ThresholdsRequest) -> dict[str, Any]:
         """How many stored images these thresholds would mark UNKNOWN, by rule; changes nothing."""
-        return await _call(service.threshold_preview, body.confidence, body.distance)
+        return await _call(service.threshold_preview, body.confidence, body.distance, body.quality)
 
     @router.put("/thresholds", responses=errors(400, 503))
     async def set_thresholds(body: ThresholdsRequest, request: Request) -> dict[str, Any]:
         """Apply thresholds: stored images are re-decided (recorded, undoable)."""
         return await _call(
-            service.set_thresholds, body.confidence, body.distance, who=_who(request)
+            service.set_thresholds,
+            body.confidence,
+            body.distance,
+            who=_who(request),
+            quality=body.quality,
         )
 
     @router.post("/retrain", status_code=202, responses=errors(409, 503))

@@ -52,6 +52,7 @@ from imagesieve.ingest import (
     ScoringSession,
     batch_detail,
     batch_report,
+    drift_history,
     list_batches,
     read_history,
     score_history,
@@ -74,6 +75,8 @@ from imagesieve.search import (
     compute_map,
     exclude_images,
     find_similar,
+    fix_training_labels,
+    label_suspects,
     list_clusters,
     map_points,
     nearest_stored,
@@ -443,7 +446,10 @@ class Service:
         predictor = Predictor(version, batch_size=MAX_BATCH)  # batches of 8 here too: memory
         if predictor.reference is not None:
             self.store.register_version(
-                version.name, predictor.reference.sources, predictor.reference.labels
+                version.name,
+                predictor.reference.sources,
+                predictor.reference.labels,
+                version.drift_reference,
             )
         with self._state:
             self._finish_session()
@@ -934,8 +940,24 @@ class Service:
         return list_batches(self.ws, limit=limit, offset=offset, store=self.store)
 
     def batch(self, batch_id: int) -> dict[str, Any]:
-        """One batch with its failures."""
+        """One batch with its failures and its drift."""
         return batch_detail(self.ws, batch_id, store=self.store)
+
+    def label_suspects(self) -> dict[str, Any]:
+        """The active version's training images whose label looks wrong, likeliest first."""
+        return label_suspects(self.ws, model=self.version.name)
+
+    def fix_training_labels(
+        self, paths: list[str], label: str | None, who: str | None = None
+    ) -> dict[str, Any]:
+        """Move suspected training images into ``label``'s folder, or out of the data (None)."""
+        return fix_training_labels(
+            self.ws, paths, label, model=self.version.name, who=who, store=self.store
+        )
+
+    def drift(self, per: str = "batch", limit: int = 100) -> list[dict[str, Any]]:
+        """The newest batches' (or UTC days') drift against their version's training data."""
+        return drift_history(self.ws, per, limit=limit, store=self.store)
 
     def batch_report(self, batch_id: int, fmt: str = "csv") -> tuple[str, Any]:
         """(file name, content chunks) of a batch's report: its inputs in order, CSV or XLSX."""
@@ -1092,16 +1114,27 @@ class Service:
         return read_history(self._named_version(version or self.version.name))
 
     def set_thresholds(
-        self, confidence: float, distance: float | None, who: str | None = None
+        self,
+        confidence: float,
+        distance: float | None,
+        who: str | None = None,
+        quality: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Make these the active version's UNKNOWN thresholds and re-decide its stored images.
 
         The version's ``meta.json`` keeps them (the CLI and later servers use them too); each
-        stored row's label and reason are recomputed from its stored Top-1 probability and
-        training distance. Returns the counts of ``threshold_preview`` after the change.
+        stored row's label and reason are recomputed from its stored Top-1 probability,
+        training distance and (with ``quality`` bounds) photo quality measures. Returns the
+        counts of ``threshold_preview`` after the change.
         """
         counts = apply_thresholds(
-            self.ws, confidence, distance, model=self.version.name, who=who, store=self.store
+            self.ws,
+            confidence,
+            distance,
+            quality=quality,
+            model=self.version.name,
+            who=who,
+            store=self.store,
         )
         self._use(get_version(self.ws, self.version.name))
         return counts
@@ -1144,10 +1177,18 @@ class Service:
         ).start()
         return dict(self.training_status)
 
-    def threshold_preview(self, confidence: float, distance: float | None) -> dict[str, Any]:
+    def threshold_preview(
+        self, confidence: float, distance: float | None, quality: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """How many stored images of the active version each rule would mark UNKNOWN."""
         return threshold_counts(
-            self.ws, confidence, distance, keep=False, model=self.version.name, store=self.store
+            self.ws,
+            confidence,
+            distance,
+            quality=quality,
+            keep=False,
+            model=self.version.name,
+            store=self.store,
         )["counts"]
 
     # -- images ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from imagesieve.classifier._gradcam import GradCam, grad_cam, grad_cam_loaded
 from imagesieve.classifier._predict import (
     FAR_FROM_TRAINING,
     LOW_CONFIDENCE,
+    POOR_QUALITY,
     PREDICTION_CSV_COLUMNS,
     TOP3_COLUMNS,
     UNKNOWN,
@@ -22,25 +23,34 @@ from imagesieve.classifier._predict import (
     write_predictions_csv,
 )
 from imagesieve.classifier._quality import (
+    CALIBRATED,
     QUALITY_KINDS,
+    STORED_MEASURES,
     QualityMetrics,
     QualityRule,
     calibrate_quality,
     measure_quality,
+    merge_overrides,
+    parse_bounds,
+    quality_columns,
 )
 from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.classifier._report import confusion_counts, read_audit
 from imagesieve.classifier._train import CLASS_WEIGHTS, FLIPS, TrainOptions, train_model
-from imagesieve.classifier._unknown import UnknownRule
+from imagesieve.classifier._unknown import REASONS, UnknownRule
 
 __all__ = [
+    "CALIBRATED",
     "CLASS_WEIGHTS",
     "FLIPS",
     "INFER_BATCH",
     "FAR_FROM_TRAINING",
     "LOW_CONFIDENCE",
+    "POOR_QUALITY",
     "PREDICTION_CSV_COLUMNS",
     "QUALITY_KINDS",
+    "REASONS",
+    "STORED_MEASURES",
     "TOP3_COLUMNS",
     "UNKNOWN",
     "EngineItem",
@@ -62,6 +72,9 @@ __all__ = [
     "grad_cam",
     "grad_cam_loaded",
     "measure_quality",
+    "merge_overrides",
+    "parse_bounds",
+    "quality_columns",
     "softmax",
     "top_k",
     "train_model",

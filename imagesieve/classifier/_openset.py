@@ -52,6 +52,7 @@ class HeldOut:
     distance: np.ndarray
     label: np.ndarray
     on: str
+    poor: np.ndarray | None = None  # photos the quality rule flags: UNKNOWN whatever else
 
 
 def held_out(
@@ -62,11 +63,12 @@ def held_out(
     val_top1: np.ndarray,
     refit: Refit,
     seed: int = 0,
+    poor: np.ndarray | None = None,
 ) -> HeldOut:
     """Out-of-fold Top-1 probabilities and leave-one-out distances of ``train``, plus ``val``.
 
-    ``embeddings`` and ``y`` cover all rows; ``val_top1`` is the trained model's Top-1
-    probability of each ``val`` row.
+    ``embeddings``, ``y`` and ``poor`` (photos of poor quality, bool) cover all rows;
+    ``val_top1`` is the trained model's Top-1 probability of each ``val`` row.
     """
     top1 = np.empty(len(y))
     order = np.random.default_rng(seed).permutation(train)
@@ -86,6 +88,7 @@ def held_out(
         distance.astype(np.float64),
         np.concatenate([y[train], y[val]]),
         on,
+        None if poor is None else np.concatenate([poor[train], poor[val]]).astype(bool),
     )
 
 
@@ -94,21 +97,26 @@ def calibrate_rule(
 ) -> tuple[UnknownRule, dict]:
     """The rule whose whole decision flags ``false_unknown_rate`` of the held-out images.
 
-    Low confidence takes at most half the rate: when more held-out images than that are under
-    ``confidence``, the confidence threshold is lowered until they are not. The distance
-    threshold takes the rest. Returns the rule and a record of how it was set.
+    Photos of poor quality are UNKNOWN whatever the thresholds, so they spend their share of
+    the rate first; low confidence takes at most half of what is left: when more held-out
+    images than that are under ``confidence``, the confidence threshold is lowered until they
+    are not. The distance threshold takes the rest, and never less than a quarter of the rate
+    (poor quality cannot switch the search for new types off). Returns the rule and a record
+    of how it was set.
     """
     p, d = held.top1_prob, held.distance
-    measured = ~np.isnan(d)
     n = len(p)
+    poor = np.zeros(n, bool) if held.poor is None else held.poor
+    measured = ~np.isnan(d)
+    rate = max(false_unknown_rate - poor.mean(), false_unknown_rate / 4) if n else 0.0
     low = p < confidence
     used = confidence
-    if n and low.mean() > false_unknown_rate / 2:
-        used = float(np.quantile(p, false_unknown_rate / 2, method="lower"))
+    if n and (low & ~poor).mean() > rate / 2:
+        used = float(np.quantile(p[~poor], rate / 2 * n / max((~poor).sum(), 1), method="lower"))
         low = p < used
     score = d + mix * (1.0 - p)
-    rest = np.sort(score[~low & measured])
-    allowed = int(np.floor(false_unknown_rate * n)) - int(low.sum())
+    rest = np.sort(score[~low & ~poor & measured])
+    allowed = int(np.floor(rate * n)) - int((low & ~poor).sum())
     top = 2.0 + mix
     if len(rest) == 0:
         threshold = top
@@ -123,7 +131,9 @@ def calibrate_rule(
         "on": held.on,
         "n": n,
         "false_unknown_rate": false_unknown_rate,
-        "realised": {k: round(v, 4) for k, v in reason_shares(rule.reasons(p, d)).items()},
+        "realised": {
+            k: round(v, 4) for k, v in reason_shares(rule.reasons(p, d, held.poor)).items()
+        },
     }
     if used != confidence:
         info["confidence_requested"] = confidence
@@ -140,11 +150,13 @@ def report_card(
     refit: Refit,
     confidence: float,
     false_unknown_rate: float,
+    poor: np.ndarray | None = None,
 ) -> tuple[UnknownRule, dict, dict]:
     """Leave each class out in turn; choose the mix; the calibrated rule, its record, the card.
 
     A class's recall is the share of its training and validation images that the decision,
     calibrated on all held-out images, calls UNKNOWN once the model has never seen the class.
+    ``poor`` (all rows, bool): photos of poor quality, UNKNOWN whatever the model says.
     """
     spread_d = _spread(held.distance[~np.isnan(held.distance)])
     spread_u = _spread(1.0 - held.top1_prob)
@@ -160,7 +172,8 @@ def report_card(
         top1 = refit(rest, True)[unseen]
         ref = ReferenceSet(embeddings[rest], [""] * len(rest), [""] * len(rest))
         dist = ref.nearest(embeddings[unseen])[1][:, 0]
-        recall[name] = [_flagged(rule, top1, dist) for rule, _ in rules]
+        bad = None if poor is None else poor[unseen]
+        recall[name] = [_flagged(rule, top1, dist, bad) for rule, _ in rules]
     means = np.mean(list(recall.values()), axis=0) if recall else np.zeros(len(mixes))
     best = int(np.argmax(means))
     if means[best] < means[0] + MIN_GAIN:
@@ -178,9 +191,14 @@ def report_card(
     return rule, info, card
 
 
-def _flagged(rule: UnknownRule, top1_prob: np.ndarray, distance: np.ndarray) -> float:
+def _flagged(
+    rule: UnknownRule,
+    top1_prob: np.ndarray,
+    distance: np.ndarray,
+    poor: np.ndarray | None = None,
+) -> float:
     """Share of the rows ``rule`` calls UNKNOWN."""
-    return reason_shares(rule.reasons(top1_prob, distance))["unknown"]
+    return reason_shares(rule.reasons(top1_prob, distance, poor))["unknown"]
 
 
 def _spread(a: np.ndarray) -> float:

@@ -17,13 +17,20 @@ from imagesieve.classifier._engine import (
     ScoringEngine,
     SkipContent,
 )
-from imagesieve.classifier._quality import QualityMetrics, QualityRule
-from imagesieve.classifier._unknown import FAR_FROM_TRAINING, LOW_CONFIDENCE, UNKNOWN, UnknownRule
+from imagesieve.classifier._quality import QualityMetrics, QualityRule, quality_columns
+from imagesieve.classifier._unknown import (
+    FAR_FROM_TRAINING,
+    LOW_CONFIDENCE,
+    POOR_QUALITY,
+    UNKNOWN,
+    UnknownRule,
+)
 from imagesieve.models import ModelVersion
 
 __all__ = [
     "FAR_FROM_TRAINING",
     "LOW_CONFIDENCE",
+    "POOR_QUALITY",
     "PREDICTION_CSV_COLUMNS",
     "TOP3_COLUMNS",
     "UNKNOWN",
@@ -35,7 +42,15 @@ __all__ = [
 ]
 
 TOP3_COLUMNS = ["top1", "top1_prob", "top2", "top2_prob", "top3", "top3_prob"]
-PREDICTION_CSV_COLUMNS = ["source", "label", "reason", *TOP3_COLUMNS, "distance", "error"]
+PREDICTION_CSV_COLUMNS = [
+    "source",
+    "label",
+    "reason",
+    *TOP3_COLUMNS,
+    "distance",
+    "quality",
+    "error",
+]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -77,8 +92,8 @@ class Prediction:
     #: and the max-pooled features (float16), kept so a head-only retrain needs no decoding.
     avg_norm: float | None = None
     max_pooled: np.ndarray | None = field(default=None, repr=False)
-    #: Photo quality: the measures, and what the version's calibrated rule flags (reported;
-    #: not yet part of the UNKNOWN decision).
+    #: Photo quality: the measures, and what the version's calibrated rule flags (any flag
+    #: makes the prediction UNKNOWN with reason ``poor_quality``).
     quality: QualityMetrics | None = None
     quality_flags: list[str] = field(default_factory=list)
 
@@ -106,6 +121,7 @@ class Prediction:
             self.reason or "",
             *self.top3_cells(),
             distance,
+            "+".join(self.quality_flags),
             self.error or "",
         ]
 
@@ -166,7 +182,7 @@ class Predictor:
         self.threshold, self.distance_threshold, self.mix = rule.confidence, rule.distance, rule.mix
         self.reference = ReferenceSet.load(version.path)
         #: The version's photo quality thresholds (None: trained before they were calibrated).
-        self.quality_rule = QualityRule.from_dict(version.meta.get("quality"))
+        self.quality_rule = QualityRule.of_version(version.meta)
         self._head: tuple[np.ndarray, np.ndarray] | None = None  # head.npz, read on first use
         self._subset: dict[str, np.ndarray | None] = {}  # for nearest_since, per older version
         self.engine = ScoringEngine(
@@ -179,27 +195,34 @@ class Predictor:
         return UnknownRule(self.threshold, self.distance_threshold, self.mix)
 
     def decide(
-        self, probs: np.ndarray, distances: np.ndarray | None = None
+        self,
+        probs: np.ndarray,
+        distances: np.ndarray | None = None,
+        poor: np.ndarray | None = None,
     ) -> list[tuple[str, str | None, list[tuple[str, float]]]]:
         """(n, c) probabilities, (n,) training distances -> per row (label, reason or None, Top-3).
 
-        Without distances (or a distance threshold) only confidence counts.
+        Without distances (or a distance threshold) only confidence counts; ``poor`` (bool)
+        marks photos of poor quality.
         """
-        idx, p, reasons, labels = self.decide_columns(probs, distances)
+        idx, p, reasons, labels = self.decide_columns(probs, distances, poor)
         return [
             (label, reason, [(self.classes[i], float(q)) for i, q in zip(ri, rp, strict=True)])
             for label, reason, ri, rp in zip(labels.tolist(), reasons, idx, p, strict=True)
         ]
 
     def decide_columns(
-        self, probs: np.ndarray, distances: np.ndarray | None = None
+        self,
+        probs: np.ndarray,
+        distances: np.ndarray | None = None,
+        poor: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[str | None], np.ndarray]:
         """``decide`` as columns: Top-3 class indices and probabilities (n, <=3), reasons, labels.
 
         For many rows at once (re-deciding a stored history): no per-row Python tuples.
         """
         idx, p = top_k(probs, 3)
-        reasons = self.rule.reasons(p[:, 0], distances)
+        reasons = self.rule.reasons(p[:, 0], distances, poor)
         unknown = np.array([r is not None for r in reasons], bool)
         names = np.asarray(self.classes, dtype=object)
         labels = np.where(unknown, UNKNOWN, names[idx[:, 0]] if len(idx) else names[:0])
@@ -216,7 +239,9 @@ class Predictor:
         ids, dist = self.nearest(
             np.stack([r.outputs["embedding"] for r in ok]) if ok else np.zeros((0, 1), np.float32)
         )
-        decisions = iter(enumerate(zip(self.decide(probs, dist), probs, strict=True)))
+        flags = self.quality_flags([r.quality for r in ok])
+        poor = np.array([f is not None for f in flags], bool)
+        decisions = iter(enumerate(zip(self.decide(probs, dist, poor), probs, strict=True)))
         preds = []
         for r in batch:
             if r.skipped:
@@ -250,14 +275,19 @@ class Predictor:
                         else None
                     ),
                     quality=r.quality,
-                    quality_flags=(
-                        self.quality_rule.flags(r.quality)
-                        if self.quality_rule is not None and r.quality is not None
-                        else []
-                    ),
+                    quality_flags=flags[j].split("+") if flags[j] else [],
                 )
             )
         return preds
+
+    def quality_flags(self, measured: list[QualityMetrics | None]) -> list[str | None]:
+        """Per image its quality flags by the version's rule, joined by ``+`` (None: good).
+
+        None for every image when the version has no quality rule or nothing was measured.
+        """
+        if self.quality_rule is None:
+            return [None] * len(measured)
+        return self.quality_rule.flag_columns(quality_columns(measured))
 
     def nearest(self, embeddings: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(n, d) embeddings -> the nearest training image's id and distance each.

@@ -11,7 +11,8 @@ dials is not what counts for wide shots of a roof.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -22,6 +23,9 @@ __all__ = [
     "QualityRule",
     "calibrate_quality",
     "measure_quality",
+    "merge_overrides",
+    "parse_bounds",
+    "quality_columns",
 ]
 
 #: What a photo can be flagged for, in the order flags are listed.
@@ -58,6 +62,24 @@ class QualityMetrics:
     def to_dict(self) -> dict[str, float]:
         """JSON-ready form, rounded."""
         return {k: round(float(v), 4) for k, v in asdict(self).items()}
+
+
+#: The measures stored as ``predictions`` columns (size and shape come from width and height).
+STORED_MEASURES = ("blur", "brightness", "saturated", "clipped", "entropy")
+
+
+def quality_columns(measured: Sequence[QualityMetrics | None]) -> dict[str, np.ndarray]:
+    """Measures as columns, one (n,) float64 array per ``QualityMetrics`` field; NaN: not measured.
+
+    Values are rounded to float32, as the store keeps them, so flags decided now and flags
+    re-decided later from stored measures agree, borderline values included.
+    """
+    names = [f.name for f in fields(QualityMetrics)]
+    out = np.full((len(names), len(measured)), np.nan, np.float32)
+    for j, m in enumerate(measured):
+        if m is not None:
+            out[:, j] = [getattr(m, k) for k in names]
+    return dict(zip(names, out.astype(np.float64), strict=True))
 
 
 def _box_along(g: np.ndarray, n: int, axis: int) -> np.ndarray:
@@ -128,23 +150,91 @@ class QualityRule:
     min_side: int | None = None
     aspect_max: float | None = None
 
+    def _tests(self) -> list[tuple[str, list[tuple[str, str, float]]]]:
+        """Per kind, its bounds as (measure, comparison, bound): the one statement of the rule."""
+        bounds = (
+            ("blurred", [("blur", ">", self.blur_max)]),
+            ("dark", [("brightness", "<", self.dark_max)]),
+            ("bright", [("brightness", ">", self.bright_min), ("clipped", ">", self.clipped_min)]),
+            ("glare", [("saturated", ">", self.glare_min)]),
+            ("low_information", [("entropy", "<", self.entropy_min)]),
+            ("too_small", [("min_side", "<", self.min_side)]),
+            ("odd_shape", [("aspect", ">", self.aspect_max)]),
+        )
+        return [(k, [(m, op, float(b)) for m, op, b in t if b is not None]) for k, t in bounds]
+
+    def flag_columns(self, columns: dict[str, np.ndarray]) -> list[str | None]:
+        """Per row of measure columns (``QualityMetrics`` names), its flags joined by ``+``.
+
+        None for a good photo, or a row not measured (NaN measures are never flagged).
+        """
+        n = len(next(iter(columns.values()))) if columns else 0
+        hits = []
+        for kind, tests in self._tests():
+            hit = np.zeros(n, bool)
+            for name, op, bound in tests:
+                v = np.asarray(columns[name], np.float64)
+                hit |= v > bound if op == ">" else v < bound  # NaN compares False
+            hits.append((kind, hit))
+        out: list[str | None] = []
+        for row in zip(*(h.tolist() for _, h in hits), strict=True) if hits else [()] * n:
+            kinds = [k for (k, _), hit in zip(hits, row, strict=True) if hit]
+            out.append("+".join(kinds) or None)
+        return out
+
     def flags(self, m: QualityMetrics) -> list[str]:
         """The kinds ``m`` is flagged for, in QUALITY_KINDS order (empty: a good photo)."""
-        tests = (
-            self.blur_max is not None and m.blur > self.blur_max,
-            self.dark_max is not None and m.brightness < self.dark_max,
-            (self.bright_min is not None and m.brightness > self.bright_min)
-            or (self.clipped_min is not None and m.clipped > self.clipped_min),
-            self.glare_min is not None and m.saturated > self.glare_min,
-            self.entropy_min is not None and m.entropy < self.entropy_min,
-            self.min_side is not None and m.min_side < self.min_side,
-            self.aspect_max is not None and m.aspect > self.aspect_max,
-        )
-        return [k for k, hit in zip(QUALITY_KINDS, tests, strict=True) if hit]
+        found = self.flag_columns(quality_columns([m]))[0]
+        return found.split("+") if found else []
+
+    def sql_flags(self) -> tuple[str, list[float]]:
+        """A DuckDB expression over ``predictions``' columns giving ``flag_columns``' value.
+
+        ``min_side`` and ``aspect`` come from the stored width and height; comparisons run in
+        double precision, as ``flag_columns`` does on float32 values.
+        """
+        expr = {
+            "min_side": "least(width, height)",
+            "aspect": "greatest(width, height)::DOUBLE / greatest(least(width, height), 1)",
+        }
+        parts, params = [], []
+        for kind, tests in self._tests():
+            if not tests:
+                continue
+            test = " OR ".join(
+                f"{expr.get(name, f'CAST({name} AS DOUBLE)')} {op} ?" for name, op, _ in tests
+            )
+            parts.append(f"CASE WHEN {test} THEN '{kind}' END")
+            params += [bound for _, _, bound in tests]
+        if not parts:
+            return "NULL::VARCHAR", []
+        return f"nullif(concat_ws('+', {', '.join(parts)}), '')", params
 
     def to_dict(self) -> dict[str, float | int | None]:
         """JSON-ready form (``meta.json``'s ``quality``)."""
         return asdict(self)
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> QualityRule:
+        """This rule with some bounds set by an operator (None switches a check off).
+
+        ValueError, in the user's words, for an unknown bound or a value that is not a
+        number >= 0.
+        """
+        names = [f.name for f in fields(self)]
+        checked: dict[str, Any] = {}
+        for key, value in (overrides or {}).items():
+            if key not in names:
+                raise ValueError(
+                    f"unknown photo quality bound {key!r}: use one of {', '.join(names)}"
+                )
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"photo quality bound {key} must be a number, got {value!r}")
+                if not 0 <= value < float("inf"):
+                    raise ValueError(f"photo quality bound {key} must be >= 0, got {value}")
+                value = int(value) if key == "min_side" else float(value)
+            checked[key] = value
+        return replace(self, **checked)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> QualityRule | None:
@@ -154,10 +244,63 @@ class QualityRule:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @classmethod
+    def of_version(cls, meta: dict[str, Any]) -> QualityRule | None:
+        """A version's rule: its calibrated bounds (``quality``) with an operator's overrides.
+
+        None for a version trained before photo quality was measured.
+        """
+        rule = cls.from_dict(meta.get("quality"))
+        return None if rule is None else rule.with_overrides(meta.get("quality_overrides"))
+
+
+#: In an override, this value puts the calibrated bound back.
+CALIBRATED = "auto"
+
+
+def parse_bounds(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` texts as quality bounds: a number, ``off`` (None) or ``auto``.
+
+    ValueError, in the user's words, for text that is not of that form.
+    """
+    asked: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(
+                f"a photo quality bound is KEY=VALUE (e.g. blur_max=0.8), got {item!r}"
+            )
+        v = value.strip().lower()
+        if v in ("off", CALIBRATED):
+            asked[key.strip()] = None if v == "off" else CALIBRATED
+            continue
+        try:
+            asked[key.strip()] = float(v)
+        except ValueError:
+            raise ValueError(
+                f"photo quality bound {key.strip()} must be a number, off or auto, got {value!r}"
+            ) from None
+    return asked
+
+
+def merge_overrides(current: dict[str, Any] | None, given: dict[str, Any]) -> dict[str, Any]:
+    """An operator's quality overrides after setting ``given`` (``"auto"``: calibrated again).
+
+    Checked: ValueError for an unknown bound or a bad value.
+    """
+    merged = dict(current or {}) | given
+    merged = {k: v for k, v in merged.items() if v != CALIBRATED}
+    QualityRule().with_overrides(merged)
+    return merged
+
 
 #: Calibration: the share of training images each check may flag (it flags beyond that
 #: percentile of the training images' own measures), and margins for size and shape.
 CALIBRATION = {"blur": 0.02, "dark": 0.005, "bright": 0.005, "glare": 0.005, "entropy": 0.005}
+#: Each bound then moves out by MARGIN interquartile ranges over sqrt(images): a small
+#: training set's extremes fall short of what ordinary photos reach (80 images: 0.34 IQR;
+#: 1,500: 0.08), so its first version does not call ordinary photos poor.
+MARGIN = 3.0
 SIZE_MARGIN = 0.5  # too small: under half the smallest usual training image's shorter side
 SHAPE_MARGIN = 1.5  # odd shape: 1.5x more elongated than the most elongated usual one
 
@@ -167,14 +310,18 @@ def calibrate_quality(measured: Sequence[QualityMetrics]) -> QualityRule:
 
     Percentiles (``CALIBRATION``) rather than fixed numbers, so a set of dim close-ups is not
     all "dark": what is poor is judged against what the model was trained on. Each threshold is
-    a training image's own value (no interpolation), so a small set flags none of its images. Glare is never
-    flagged below 1% of saturated pixels (a training set without highlights would flag any).
+    a training image's own value (no interpolation) moved out by a margin that shrinks with the
+    number of images (``MARGIN``), so a small set flags none of its images and few ordinary
+    photos. Glare is never flagged below 1% of saturated pixels (a training set without
+    highlights would flag any).
     """
     if not measured:
         return QualityRule()
 
+    columns = quality_columns(measured)
+
     def col(name: str) -> np.ndarray:
-        return np.array([getattr(m, name) for m in measured], np.float64)
+        return columns[name]
 
     def low(a: np.ndarray, q: float) -> float:  # a training image's own value: it is not flagged
         return float(np.quantile(a, q, method="lower"))
@@ -182,15 +329,20 @@ def calibrate_quality(measured: Sequence[QualityMetrics]) -> QualityRule:
     def high(a: np.ndarray, q: float) -> float:
         return float(np.quantile(a, 1 - q, method="higher"))
 
+    def margin(a: np.ndarray) -> float:  # how far a small set's extremes fall short
+        q1, q3 = np.quantile(a, [0.25, 0.75])
+        return float(MARGIN * (q3 - q1) / np.sqrt(len(a)))
+
     c = CALIBRATION
     blur, bright, sat, ent = col("blur"), col("brightness"), col("saturated"), col("entropy")
+    clipped = col("clipped")
     return QualityRule(
-        blur_max=high(blur, c["blur"]),
-        dark_max=low(bright, c["dark"]),
-        bright_min=high(bright, c["bright"]),
-        clipped_min=max(0.05, high(col("clipped"), c["bright"])),
-        glare_min=max(0.01, high(sat, c["glare"])),
-        entropy_min=low(ent, c["entropy"]),
+        blur_max=high(blur, c["blur"]) + margin(blur),
+        dark_max=low(bright, c["dark"]) - margin(bright),
+        bright_min=high(bright, c["bright"]) + margin(bright),
+        clipped_min=max(0.05, high(clipped, c["bright"]) + margin(clipped)),
+        glare_min=max(0.01, high(sat, c["glare"]) + margin(sat)),
+        entropy_min=low(ent, c["entropy"]) - margin(ent),
         min_side=int(np.quantile(col("min_side"), 0.01) * SIZE_MARGIN),
         aspect_max=float(np.quantile(col("aspect"), 0.99) * SHAPE_MARGIN),
     )

@@ -16,9 +16,9 @@ from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier._engine import Progress
 from imagesieve.classifier._features import HEAD_POOLING, backbone_onnx, extract_features
-from imagesieve.classifier._openset import Refit, held_out, report_card
+from imagesieve.classifier._openset import HeldOut, Refit, held_out, report_card
 from imagesieve.classifier._predict import softmax
-from imagesieve.classifier._quality import calibrate_quality
+from imagesieve.classifier._quality import QualityRule, calibrate_quality, quality_columns
 from imagesieve.classifier._reference import DEFAULT_FALSE_UNKNOWN_RATE, ReferenceSet
 from imagesieve.classifier._split import SplitPlan, adaptive_split
 from imagesieve.data import ImageFolder, load_image, scan_image_folder
@@ -60,6 +60,9 @@ class TrainOptions:
     batch_size: int = 32
     seed: int = 0
     activate: bool = True
+    #: An operator's photo quality bounds over the calibrated ones (``QualityRule`` field ->
+    #: value; None switches a check off).
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         get_backbone_spec(self.backbone)  # unknown names fail here with the list of known ones
@@ -81,13 +84,18 @@ class TrainOptions:
             raise UserError(
                 f"false-UNKNOWN rate must be within (0, 1), got {self.false_unknown_rate}"
             )
+        try:
+            QualityRule().with_overrides(self.quality)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     @classmethod
     def from_version(cls, version: ModelVersion | None, **given: Any) -> TrainOptions:
         """The options ``version`` was trained with and its confidence threshold, then ``given``.
 
-        So a retrain keeps what the operator chose (backbone, fine-tuning, the UNKNOWN target
-        and a confidence threshold set in the Model tab) unless told otherwise. The threshold
+        So a retrain keeps what the operator chose (backbone, fine-tuning, the UNKNOWN target,
+        a confidence threshold set in the Model tab and photo quality bounds) unless told
+        otherwise. The threshold
         asked for counts, not one calibration lowered. Without a trained version: defaults.
         """
         base: dict[str, Any] = {}
@@ -100,6 +108,7 @@ class TrainOptions:
             if version.thresholds_tuned or asked is None:
                 asked = th.get("confidence", 0.5)
             base["confidence_threshold"] = asked
+            base["quality"] = dict(version.meta.get("quality_overrides") or {})
         return cls(**(base | given))
 
 
@@ -383,6 +392,60 @@ def _finetune(model, images, y, train, val, n_classes, opts: TrainOptions, progr
     return model, info, hist
 
 
+#: Most label suspects a version keeps (the likeliest first).
+MAX_SUSPECTS = 500
+
+
+def check_labels(
+    feats: np.ndarray,
+    y: np.ndarray,
+    classes: list[str],
+    paths: list[Path],
+    phase1: dict[str, Any],
+    opts: TrainOptions,
+) -> dict[str, Any]:
+    """Training images whose label looks wrong, by confident learning on out-of-fold probabilities.
+
+    Every image is predicted by a phase-1 head refitted without its fold (cached features:
+    seconds); ``classifier._label_errors`` ranks them. ``meta.json`` "label_check".
+    """
+    from imagesieve.classifier._label_errors import find_label_errors, out_of_fold_probs
+
+    t = time.perf_counter()
+    rows = np.arange(len(y))
+    probs = out_of_fold_probs(
+        feats, y, rows, len(classes), phase1["weight_decay"], opts.class_weight, seed=opts.seed
+    )
+    suspects = find_label_errors(probs, y, classes)
+    return {
+        "method": "confident learning (prune by class, ranked by self-confidence) on "
+        "out-of-fold probabilities of the phase-1 head, 5 folds",
+        "checked": int(len(y)),
+        "found": len(suspects),
+        "suspects": [
+            {"path": str(paths[s.index]), **{k: v for k, v in s.to_dict().items() if k != "index"}}
+            for s in suspects[:MAX_SUSPECTS]
+        ],
+        "seconds": round(time.perf_counter() - t, 2),
+    }
+
+
+#: Held-out distances kept as the drift reference (quantiles past this many).
+DRIFT_SAMPLE = 2000
+
+
+def drift_sample(held: HeldOut, calibration: dict[str, Any]) -> dict[str, Any]:
+    """``meta.json`` "drift": held-out distances (quantiles past DRIFT_SAMPLE) and UNKNOWN rate."""
+    d = np.sort(held.distance[~np.isnan(held.distance)])
+    if len(d) > DRIFT_SAMPLE:
+        d = np.quantile(d, (np.arange(DRIFT_SAMPLE) + 0.5) / DRIFT_SAMPLE)
+    return {
+        "distance": [round(float(v), 6) for v in d],
+        "unknown_rate": calibration["realised"]["unknown"],
+        "on": held.on,
+    }
+
+
 def _merge_history(h1: dict, h2: dict | None) -> dict[str, list[float]]:
     """Phase-1 then phase-2 curves, with the epoch where phase 2 starts marked."""
     if not h2:
@@ -465,6 +528,9 @@ def train_model(
     head, phase1, history = _fit_head(feats, y, plan.train, plan.val, len(classes), opts)
     head1 = copy.deepcopy(head)  # phase 2 trains ``head`` in place; refits start from this one
     progress("training head", 1, 1)
+    progress("checking labels", 0, 1)
+    label_check = check_labels(feats, y, classes, [s.path for s in samples], phase1, opts)
+    progress("checking labels", 1, 1)
     backbone = create_backbone(opts.backbone, weights=opts.weights)
     model = make_model(backbone, head, pooling=HEAD_POOLING)
     phase2 = None
@@ -513,7 +579,13 @@ def train_model(
         progress("calibrating UNKNOWN", 0, 1)
         refit = _refit_top1(feats, y, plan.train, head1, opts, phase1["weight_decay"])
         val_top1 = softmax(val_logits).max(1) if len(plan.val) else np.zeros(0)
-        held = held_out(embeddings, y, plan.train, plan.val, val_top1, refit, opts.seed)
+        # Photo quality thresholds from the training images themselves; a poor photo is
+        # UNKNOWN, so the decision is calibrated with it.
+        measured = [q for q, k in zip(qualities, keep, strict=True) if k]
+        quality = calibrate_quality([q for q in measured if q is not None])
+        effective = quality.with_overrides(opts.quality)
+        poor = np.array([f is not None for f in effective.flag_columns(quality_columns(measured))])
+        held = held_out(embeddings, y, plan.train, plan.val, val_top1, refit, opts.seed, poor)
         rule, calibration, card = report_card(
             embeddings,
             y,
@@ -524,6 +596,7 @@ def train_model(
             refit,
             opts.confidence_threshold,
             opts.false_unknown_rate,
+            poor,
         )
         progress("calibrating UNKNOWN", 1, 1)
         meta: dict[str, Any] = {
@@ -539,10 +612,12 @@ def train_model(
                 "calibration": calibration,
             },
             "open_set": card,
-            # Photo quality thresholds from the training images themselves (reported for now).
-            "quality": calibrate_quality(
-                [q for q, k in zip(qualities, keep, strict=True) if k and q is not None]
-            ).to_dict(),
+            "label_check": label_check,
+            # The held-out known images' distances to the training data (at most
+            # DRIFT_SAMPLE, as quantiles): what scored batches are tested against for drift.
+            "drift": drift_sample(held, calibration),
+            "quality": quality.to_dict(),
+            "quality_overrides": dict(opts.quality),
             "data": {
                 "root": str(Path(data_dir).resolve()),
                 "fingerprint": folder.fingerprint(),

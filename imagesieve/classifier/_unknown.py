@@ -7,25 +7,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FAR_FROM_TRAINING", "LOW_CONFIDENCE", "UNKNOWN", "UnknownRule", "reason_shares"]
+__all__ = [
+    "FAR_FROM_TRAINING",
+    "LOW_CONFIDENCE",
+    "POOR_QUALITY",
+    "REASONS",
+    "UNKNOWN",
+    "UnknownRule",
+    "reason_shares",
+]
 
 UNKNOWN = "UNKNOWN"
-#: Why a prediction is UNKNOWN: Top-1 under the confidence threshold, and/or the nearest
-#: training image further than the distance threshold; both fire -> "low_confidence+far_from_training".
+#: A stored row's photo is poor: its quality flags, set when it was stored, are not empty.
+POOR_SQL = "(quality_flags IS NOT NULL)"
+#: Why a prediction is UNKNOWN, in the order a reason lists them (joined by "+" when several
+#: fire): a photo too poor to judge (reshoot it: the version's photo quality rule flagged it),
+#: Top-1 under the confidence threshold (unsure between known classes), the nearest training
+#: image further than the distance threshold (unlike anything trained on).
+POOR_QUALITY = "poor_quality"
 LOW_CONFIDENCE = "low_confidence"
 FAR_FROM_TRAINING = "far_from_training"
-_REASONS = {
-    (True, False): LOW_CONFIDENCE,
-    (False, True): FAR_FROM_TRAINING,
-    (True, True): f"{LOW_CONFIDENCE}+{FAR_FROM_TRAINING}",
-}
+REASONS = (POOR_QUALITY, LOW_CONFIDENCE, FAR_FROM_TRAINING)
 
 
 def reason_shares(reasons: Sequence[str | None]) -> dict[str, float]:
     """Share of rows UNKNOWN (``unknown``), and of rows each rule fires on (both may)."""
     n = max(len(reasons), 1)
     shares = {"unknown": sum(r is not None for r in reasons) / n}
-    for rule in (LOW_CONFIDENCE, FAR_FROM_TRAINING):
+    for rule in REASONS:
         shares[rule] = sum(r is not None and rule in r for r in reasons) / n
     return shares
 
@@ -37,7 +46,8 @@ class UnknownRule:
     Low confidence: Top-1 probability ``p < confidence``. Far from training: ``distance`` is set
     and the score ``d + mix * (1 - p)`` is above it, ``d`` being the nearest-training cosine
     distance (a missing or NaN ``d`` never is far). ``mix`` is 0 unless training found that
-    low confidence also marks new types (``classifier._openset``).
+    low confidence also marks new types (``classifier._openset``). Poor quality: the photo's
+    quality flags (``QualityRule``, stored in ``quality_flags``) are not empty.
     Both forms compare in double precision, so a probability stored as FLOAT gets the same
     decision from the SQL as from ``reasons`` applied to that float32 value.
     """
@@ -55,10 +65,16 @@ class UnknownRule:
         if self.distance is not None and not 0.0 <= self.distance <= top:
             raise ValueError(f"distance threshold must be within [0, {top:g}], got {self.distance}")
 
-    def reasons(self, top1_prob: np.ndarray, distance: np.ndarray | None) -> list[str | None]:
+    def reasons(
+        self,
+        top1_prob: np.ndarray,
+        distance: np.ndarray | None,
+        poor: np.ndarray | None = None,
+    ) -> list[str | None]:
         """Per row the UNKNOWN reason, or None when the prediction is known.
 
-        ``distance`` may hold NaN (or None) for rows without a nearest training image.
+        ``distance`` may hold NaN (or None) for rows without a nearest training image;
+        ``poor`` (bool) marks photos of poor quality (None: none are).
         """
         p = np.asarray(top1_prob, np.float64)
         low = p < self.confidence
@@ -68,10 +84,17 @@ class UnknownRule:
             if self.mix:
                 score = score + self.mix * (1.0 - p)
             far = score > self.distance  # NaN > x is False
-        return [_REASONS.get(k) for k in zip(low.tolist(), far.tolist(), strict=True)]
+        bad = np.zeros(len(low), bool) if poor is None else np.asarray(poor, bool)
+        return [
+            "+".join(r for r, hit in zip(REASONS, k, strict=True) if hit) or None
+            for k in zip(bad.tolist(), low.tolist(), far.tolist(), strict=True)
+        ]
 
     def _sql(self) -> tuple[str, str, list, list]:
-        """The two tests over ``predictions``' columns in DuckDB, and their parameters."""
+        """The two tests over ``predictions``' columns in DuckDB, and their parameters.
+
+        Poor quality is the stored ``quality_flags`` column (``POOR_SQL``), set when stored.
+        """
         low = "CAST(top1_prob AS DOUBLE) < ?"
         if self.distance is None:
             return low, "false", [self.confidence], []
@@ -85,23 +108,35 @@ class UnknownRule:
         )
         return low, far, [self.confidence], [self.mix, self.distance]
 
-    def sql_reason(self) -> tuple[str, list]:
-        """A DuckDB expression giving ``reasons``' value (NULL when known), and its parameters."""
+    def sql_reason(self, poor: tuple[str, list] | None = None) -> tuple[str, list]:
+        """A DuckDB expression giving ``reasons``' value (NULL when known), and its parameters.
+
+        ``poor``: a boolean expression and its parameters telling photos of poor quality
+        (default: the stored ``quality_flags`` column is set).
+        """
+        bad, bp = poor or (POOR_SQL, [])
         low, far, lp, fp = self._sql()
         return (
-            f"nullif(concat_ws('+', CASE WHEN {low} THEN '{LOW_CONFIDENCE}' END, "
+            f"nullif(concat_ws('+', CASE WHEN {bad} THEN '{POOR_QUALITY}' END, "
+            f"CASE WHEN {low} THEN '{LOW_CONFIDENCE}' END, "
             f"CASE WHEN {far} THEN '{FAR_FROM_TRAINING}' END), '')"
-        ), lp + fp
+        ), bp + lp + fp
 
-    def sql_label(self) -> tuple[str, list]:
+    def sql_label(self, poor: tuple[str, list] | None = None) -> tuple[str, list]:
         """A DuckDB expression giving the label: the Top-1 class when known, else UNKNOWN."""
+        bad, bp = poor or (POOR_SQL, [])
         low, far, lp, fp = self._sql()
-        return f"CASE WHEN ({low}) OR ({far}) THEN '{UNKNOWN}' ELSE top1_class END", lp + fp
-
-    def sql_counts(self) -> tuple[str, list]:
-        """Select list counting rows that are low-confidence, far from training, and either."""
-        low, far, lp, fp = self._sql()
-        either = f"count(*) FILTER (WHERE ({low}) OR ({far}))"
-        return f"count(*) FILTER (WHERE {low}), count(*) FILTER (WHERE {far}), {either}", (
-            lp + fp + lp + fp
+        return (
+            f"CASE WHEN {bad} OR ({low}) OR ({far}) THEN '{UNKNOWN}' ELSE top1_class END",
+            bp + lp + fp,
         )
+
+    def sql_counts(self, poor: tuple[str, list] | None = None) -> tuple[str, list]:
+        """Select list counting rows of poor quality, low-confidence, far from training, any."""
+        bad, bp = poor or (POOR_SQL, [])
+        low, far, lp, fp = self._sql()
+        anyone = f"count(*) FILTER (WHERE {bad} OR ({low}) OR ({far}))"
+        return (
+            f"count(*) FILTER (WHERE {bad}), count(*) FILTER (WHERE {low}), "
+            f"count(*) FILTER (WHERE {far}), {anyone}"
+        ), bp + lp + fp + bp + lp + fp

@@ -20,6 +20,8 @@ from imagesieve.store import BATCH_ITEM_FIELDS, ROW_FIELDS, STORE_FILE, Store, u
 
 __all__ = [
     "batch_detail",
+    "drift_history",
+    "drift_words",
     "batch_report",
     "REPORT_FORMATS",
     "list_batches",
@@ -40,11 +42,39 @@ def list_batches(
 
 
 def batch_detail(ws: Workspace, batch_id: int, *, store: Store | None = None) -> dict[str, Any]:
-    """One batch: its counts, what it was asked to score, and each failure with its reason."""
+    """One batch: counts, inputs, each failure with its reason, and ``drift``.
+
+    ``drift`` is its ``drift_per_batch`` row: whether it departed from the training data.
+    """
     with using_store(ws, store, read_only=store is None) as store:
         row = _batch_row(store, batch_id)
         failures = store.batch_failures(batch_id)
-    return row | {"failures": [f.__dict__ for f in failures]}
+        drift = store.drift("batch", int(batch_id), limit=1)
+    return row | {"failures": [f.__dict__ for f in failures], "drift": drift[0] if drift else None}
+
+
+def drift_words(d: dict[str, Any]) -> str:
+    """A drift row (``drift_per_batch``/``_per_day``) in one line for people."""
+    p = d["p_value"]
+    test = f"KS D {d['ks_d']:.2f}, p {'< 0.001' if p < 0.001 else f'{p:.3f}'}"
+    distances = (
+        f"median distance to the training data {d['median_distance']:.3f} against "
+        f"{d['reference_median']:.3f} for held-out known images"
+    )
+    verdict = (
+        "DEPARTED from the training data" if d["drifted"] else "in line with the training data"
+    )
+    return f"drift: {verdict} ({distances}; {test}; UNKNOWN {d['unknown_rate']:.0%})"
+
+
+def drift_history(
+    ws: Workspace, per: str = "batch", *, limit: int = 100, store: Store | None = None
+) -> list[dict[str, Any]]:
+    """The newest batches' (or UTC days') drift against their version's training data."""
+    if store is None and not (ws.root / STORE_FILE).is_file():
+        return []
+    with using_store(ws, store, read_only=store is None) as store:
+        return store.drift(per, limit=limit)
 
 
 def _batch_row(store: Store, batch_id: int) -> dict[str, Any]:

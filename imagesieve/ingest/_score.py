@@ -20,6 +20,8 @@ from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     INFER_BATCH,
+    POOR_QUALITY,
+    STORED_MEASURES,
     UNKNOWN,
     Prediction,
     Predictor,
@@ -44,6 +46,7 @@ from imagesieve.store import (
 
 __all__ = [
     "HISTORY_FILE",
+    "POOR_QUALITY_FOLDER",
     "ScoreOptions",
     "ScoreSummary",
     "describe_history",
@@ -55,6 +58,8 @@ __all__ = [
 #: The before/after diff of a version's scoring of the history, in its version directory.
 HISTORY_FILE = "history.json"
 
+#: Where ``--sort-into`` puts photos too poor to judge (beside one folder per label).
+POOR_QUALITY_FOLDER = "POOR_QUALITY"
 #: Failure kind of files left out on purpose (non-image extensions inside folders and zips).
 IGNORED = "ignored"
 #: What became of each input (``batch_items.outcome``): stored new, stored again over an earlier
@@ -105,7 +110,7 @@ class ScoreSummary:
     already_scored: int = 0
     labels: Counter = field(default_factory=Counter)
     unknown_reasons: Counter = field(default_factory=Counter)
-    #: Photo quality flags of the images decoded in this run (reported; not yet a decision).
+    #: Photo quality flags of the images decoded in this run (each such image is UNKNOWN).
     quality_flags: Counter = field(default_factory=Counter)
     poor_quality: int = 0
     failures: list[Failure] = field(default_factory=list)
@@ -116,6 +121,8 @@ class ScoreSummary:
     sort_into: str | None = None
     seconds: float = 0.0
     status: str = "running"
+    #: Whether the batch departed from the training data: its ``drift_per_batch`` row.
+    drift: dict[str, Any] | None = None
 
     @property
     def unknown(self) -> int:
@@ -154,6 +161,7 @@ class ScoreSummary:
             "sort_into": self.sort_into,
             "seconds": round(self.seconds, 3),
             "index": [c.__dict__ for c in self.index_checks],
+            "drift": self.drift,
             "predictions": [p.to_dict() for p in self.shown],
         }
 
@@ -279,7 +287,17 @@ def _redecide_stored(
             stored["neighbor_id"].fillna(-1).to_numpy(np.int64),
             stored["neighbor_distance"].to_numpy(np.float32),
         )
-        idx, top, reasons, labels = predictor.decide_columns(probs, distance)
+        measured = {m: _floats(rows.table.column(m)) for m in STORED_MEASURES}
+        width, height = _floats(rows.table.column("width")), _floats(rows.table.column("height"))
+        measured["min_side"] = np.minimum(width, height)
+        measured["aspect"] = np.maximum(width, height) / np.maximum(measured["min_side"], 1)
+        flags = (
+            predictor.quality_rule.flag_columns(measured)
+            if predictor.quality_rule is not None
+            else [None] * len(rows.ids)
+        )
+        poor = np.array([f is not None for f in flags], bool)
+        idx, top, reasons, labels = predictor.decide_columns(probs, distance, poor)
         names = np.asarray(predictor.classes, dtype=object)
         n = len(labels)
         columns: dict[str, Any] = {}
@@ -295,6 +313,7 @@ def _redecide_stored(
         columns["reason"] = pa.array(reasons, pa.string())
         columns["neighbor_id"] = pa.array(neighbor, pa.int32())
         columns["neighbor_distance"] = pa.array(distance, pa.float32())
+        columns["quality_flags"] = pa.array(flags, pa.string())
         table = pa.table(columns)
         before = Counter(summary.counts())
         summary.items += n
@@ -312,6 +331,24 @@ def _redecide_stored(
         store.indexes.adopt(
             old, version.name, *(np.concatenate(part) for part in zip(*copied, strict=True))
         )
+
+
+def sort_folder(pred: Prediction) -> str:
+    """The ``--sort-into`` folder of a prediction: its label, or POOR_QUALITY for a bad photo.
+
+    A photo too poor to judge goes to be reshot, whatever else its UNKNOWN reason says.
+    """
+    if pred.reason and POOR_QUALITY in pred.reason.split("+"):
+        return POOR_QUALITY_FOLDER
+    return pred.label
+
+
+def _floats(column: Any) -> Any:
+    """An Arrow column as (n,) float64, NaN where null (a measure not taken)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.cast(column, pa.float64()), float("nan")).to_numpy()
 
 
 def _keep_redecided(
@@ -446,7 +483,8 @@ class _Run:
                 return
             content = item.content()  # a zip member is read again: only now is it needed
             if self.opts.sort_into:
-                sort_into(self.opts.sort_into, pred.label, item.filename, content, pred.sha256)
+                folder = sort_folder(pred)
+                sort_into(self.opts.sort_into, folder, item.filename, content, pred.sha256)
             if keeping:
                 self.session.keep(pred.sha256, content)
 
@@ -528,7 +566,10 @@ def score_inputs(
     with using_store(ws, store) as store:
         if predictor.reference is not None:
             store.register_version(
-                version.name, predictor.reference.sources, predictor.reference.labels
+                version.name,
+                predictor.reference.sources,
+                predictor.reference.labels,
+                version.drift_reference,
             )
         if opts.history_of is not None:
             items: Iterator[InputItem] = iter(())  # after the rows re-decided without decoding
@@ -590,6 +631,8 @@ def score_inputs(
                     pass
             summary.seconds = time.perf_counter() - t0
             session.finish(summary.status, summary.counts())
+            drift = store.drift("batch", summary.batch_id, limit=1)
+            summary.drift = drift[0] if drift else None
             if opts.csv:  # the store's report of the batch: its inputs in order
                 Path(opts.csv).parent.mkdir(parents=True, exist_ok=True)
                 with open(opts.csv, "wb") as f:

@@ -31,8 +31,11 @@ def assign_unknowns(
 
     With the last run's ``model``, as HDBSCAN would have placed them in that run
     (``approximate_predict``); without, the nearest centroid whose radius covers them.
+    Photos of poor quality join none, as clustering leaves them out by default.
     """
-    unknown = [p for p in preds if p.label == UNKNOWN and p.embedding is not None]
+    unknown = [
+        p for p in preds if p.label == UNKNOWN and p.embedding is not None and not p.quality_flags
+    ]
     if not clusters or not unknown:
         return
     found = cluster_of(np.stack([p.embedding for p in unknown]), clusters, model)

@@ -157,6 +157,12 @@ class ModelVersion:
         return float(self.meta.get("thresholds", {}).get("mix") or 0.0)
 
     @property
+    def drift_reference(self) -> list[float] | None:
+        """Held-out known images' distances to the training data (None: trained before drift)."""
+        found = (self.meta.get("drift") or {}).get("distance")
+        return None if found is None else [float(d) for d in found]
+
+    @property
     def info(self) -> VersionMeta:
         """``meta`` as a typed ``VersionMeta``."""
         return VersionMeta.from_dict(self.meta)
@@ -265,22 +271,31 @@ def write_version(
 
 
 def set_thresholds(
-    version: ModelVersion, confidence: float, distance: float | None, *, tuned: bool = True
+    version: ModelVersion,
+    confidence: float,
+    distance: float | None,
+    *,
+    tuned: bool = True,
+    quality_overrides: dict[str, Any] | None = None,
 ) -> ModelVersion:
     """Rewrite the version's UNKNOWN thresholds in ``meta.json`` (atomically); the reloaded version.
 
     ``tuned`` marks them as the operator's, which a retrain starts from (False: the calibrated
-    ones again, as an undo puts them back).
+    ones again, as an undo puts them back). ``quality_overrides``, when given, replaces the
+    operator's photo quality bounds (``meta.json``'s ``quality_overrides``).
 
     Nothing else in it changes. The values are not checked here: build a
-    ``classifier.UnknownRule`` from them first, which validates them.
+    ``classifier.UnknownRule`` (and ``QualityRule``) from them first, which validates them.
     """
     info = version.info
     th = info.thresholds or Thresholds()
     extra = {k: v for k, v in th.extra.items() if k != "tuned"} | ({"tuned": True} if tuned else {})
     th = replace(th, confidence=confidence, distance=distance, extra=extra)
+    info = replace(info, thresholds=th)
+    if quality_overrides is not None:
+        info = replace(info, extra=info.extra | {"quality_overrides": dict(quality_overrides)})
     tmp = version.path / "meta.json.tmp"
-    tmp.write_text(_meta_text(replace(info, thresholds=th).to_dict()))
+    tmp.write_text(_meta_text(info.to_dict()))
     os.replace(tmp, version.path / "meta.json")
     return ModelVersion.load(version.path)
 

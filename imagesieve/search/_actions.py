@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import UNKNOWN, UnknownRule
+from imagesieve.classifier import CALIBRATED, UNKNOWN, QualityRule, UnknownRule, merge_overrides
+from imagesieve.data import sort_into
 from imagesieve.models import (
     ModelVersion,
     activate_version,
@@ -48,6 +49,8 @@ __all__ = [
     "activate_model",
     "apply_thresholds",
     "audit_log",
+    "fix_training_labels",
+    "label_suspects",
     "record_activation",
     "relabel_images",
     "threshold_counts",
@@ -167,24 +170,31 @@ def apply_thresholds(
     confidence: float,
     distance: float | None,
     *,
+    quality: dict[str, Any] | None = None,
     model: str | None = None,
     who: str | None = None,
     store: Store | None = None,
 ) -> dict[str, Any]:
     """Make these a version's UNKNOWN thresholds and re-decide its stored images; recorded.
 
-    Returns the rows' counts by rule after the change (``Store.unknown_counts``).
+    ``quality`` sets photo quality bounds over the calibrated ones (a bound -> a number,
+    None to switch its check off, ``"auto"`` for the calibrated value again); the stored
+    images' quality flags follow. Returns the rows' counts by rule after the change
+    (``Store.unknown_counts``).
     """
     version = get_version(ws, model)
-    try:
-        rule = UnknownRule(confidence, distance, version.mix)
-    except ValueError as e:
-        raise ReviewError(str(e)) from None
+    rule, overrides, quality_rule = _rules(version, confidence, distance, quality)
     before = {
         "confidence": version.confidence_threshold,
         "distance": version.distance_threshold,
         "tuned": version.thresholds_tuned,
+        "quality_overrides": version.meta.get("quality_overrides") or {},
     }
+    changed = ", ".join(
+        f"{k} {'off' if v is None else f'{v:g}'}"
+        for k, v in (quality or {}).items()
+        if v != CALIBRATED
+    )
     with using_store(ws, store, check=False) as store:
         with store.atomic():
             store.audit.record(
@@ -193,30 +203,80 @@ def apply_thresholds(
                 summary=(
                     f"UNKNOWN thresholds of {version.name}: confidence {rule.confidence:g}, "
                     f"distance {'off' if rule.distance is None else f'{rule.distance:g}'}"
+                    + (f"; photo quality {changed or 'as calibrated'}" if quality else "")
                 ),
                 model_version=version.name,
                 target=version.name,
                 images=0,
                 before=before,
-                after={"confidence": rule.confidence, "distance": rule.distance, "tuned": True},
+                after={
+                    "confidence": rule.confidence,
+                    "distance": rule.distance,
+                    "tuned": True,
+                    "quality_overrides": overrides,
+                },
                 touches=[f"thresholds:{version.name}"],
             )
-            _decide_with(store, version, rule, tuned=True)
-        return store.unknown_counts(version.name, rule)
+            _decide_with(store, version, rule, tuned=True, quality_overrides=overrides)
+        return store.unknown_counts(version.name, rule, quality_rule)
 
 
-def _decide_with(store: Store, version: ModelVersion, rule: UnknownRule, *, tuned: bool) -> None:
-    """Write ``rule`` into the version's ``meta.json`` and re-decide its stored rows with it.
+def _rules(
+    version: ModelVersion,
+    confidence: float,
+    distance: float | None,
+    quality: dict[str, Any] | None,
+) -> tuple[UnknownRule, dict[str, Any] | None, QualityRule | None]:
+    """The UNKNOWN rule, quality overrides and quality rule a change asks for; checked.
+
+    The overrides are the version's after ``quality`` (None: ``quality`` is None, unchanged);
+    the quality rule is what they give (None when unchanged).
+    """
+    try:
+        rule = UnknownRule(confidence, distance, version.mix)
+        if quality is None:
+            return rule, None, None
+        if QualityRule.of_version(version.meta) is None:
+            raise ValueError(
+                f"{version.name} was trained before photo quality was measured: retrain it "
+                "to judge photo quality"
+            )
+        overrides = merge_overrides(version.meta.get("quality_overrides"), quality)
+        meta = version.meta | {"quality_overrides": overrides}
+        return rule, overrides, QualityRule.of_version(meta)
+    except ValueError as e:
+        raise ReviewError(str(e)) from None
+
+
+def _decide_with(
+    store: Store,
+    version: ModelVersion,
+    rule: UnknownRule,
+    *,
+    tuned: bool,
+    quality_overrides: dict[str, Any] | None = None,
+) -> None:
+    """Write ``rule`` and quality overrides into ``meta.json``; re-decide the stored rows.
 
     Inside the caller's transaction: if re-deciding fails, the store rolls back and
     ``meta.json`` goes back to what it held.
     """
     was = (version.confidence_threshold, version.distance_threshold, version.thresholds_tuned)
-    set_thresholds(version, rule.confidence, rule.distance, tuned=tuned)
+    had = version.meta.get("quality_overrides")
+    now = set_thresholds(
+        version, rule.confidence, rule.distance, tuned=tuned, quality_overrides=quality_overrides
+    )
     try:
-        store.redecide(version.name, rule)
+        quality = None if quality_overrides is None else QualityRule.of_version(now.meta)
+        store.redecide(version.name, rule, quality)
     except BaseException:
-        set_thresholds(version, was[0], was[1], tuned=was[2])
+        set_thresholds(
+            version,
+            was[0],
+            was[1],
+            tuned=was[2],
+            quality_overrides=None if quality_overrides is None else (had or {}),
+        )
         raise
 
 
@@ -225,6 +285,7 @@ def threshold_counts(
     confidence: float | None = None,
     distance: float | None = None,
     *,
+    quality: dict[str, Any] | None = None,
     keep: bool = True,
     model: str | None = None,
     store: Store | None = None,
@@ -232,23 +293,28 @@ def threshold_counts(
     """A version's thresholds and how many of its stored images they mark UNKNOWN, by rule.
 
     With ``keep`` (the default) the version's own thresholds are counted; otherwise the given
-    ``confidence`` and ``distance`` (None: off) are previewed. Nothing changes.
+    ``confidence``, ``distance`` (None: off) and ``quality`` bounds (as ``apply_thresholds``
+    takes them) are previewed. Nothing changes.
     """
     version = get_version(ws, model)
     if keep:
-        confidence, distance = version.confidence_threshold, version.distance_threshold
-    try:
-        rule = UnknownRule(confidence, distance, version.mix)
-    except ValueError as e:
-        raise ReviewError(str(e)) from None
+        confidence, distance, quality = (
+            version.confidence_threshold,
+            version.distance_threshold,
+            None,
+        )
+    rule, _, quality_rule = _rules(version, confidence, distance, quality)
     with using_store(ws, store, check=False, read_only=store is None) as store:
-        counts = store.unknown_counts(version.name, rule)
+        counts = store.unknown_counts(version.name, rule, quality_rule)
+    shown = quality_rule or QualityRule.of_version(version.meta)
     return {
         "version": version.name,
         "confidence": rule.confidence,
         "distance": rule.distance,
         "mix": version.mix,
         "tuned": keep and version.thresholds_tuned,
+        "quality": None if shown is None else shown.to_dict(),
+        "quality_overrides": version.meta.get("quality_overrides") or {},
         "counts": counts,
     }
 
@@ -390,8 +456,105 @@ def _undo_thresholds(ws: Workspace, store: Store, entry: AuditEntry) -> None:
     version = get_version(ws, entry.model_version)
     b = entry.before
     _decide_with(
-        store, version, UnknownRule(b["confidence"], b["distance"], version.mix), tuned=b["tuned"]
+        store,
+        version,
+        UnknownRule(b["confidence"], b["distance"], version.mix),
+        tuned=b["tuned"],
+        quality_overrides=b.get("quality_overrides")
+        if "quality_overrides" in entry.after
+        else None,
     )
+
+
+def label_suspects(ws: Workspace, *, model: str | None = None) -> dict[str, Any]:
+    """The training images a version's label check suspects, likeliest first, still in place.
+
+    Each has its path, given class (its folder), the class the model suggests and both
+    probabilities (out of fold). Images since moved or removed are left out.
+    """
+    version = get_version(ws, model)
+    check = version.meta.get("label_check") or {}
+    here = [
+        s
+        for s in check.get("suspects", [])
+        if Path(s["path"]).is_file() and Path(s["path"]).parent.name == s["given"]
+    ]
+    return {
+        "version": version.name,
+        "method": check.get("method"),
+        "checked": check.get("checked", 0),
+        "found": check.get("found", 0),
+        "classes": version.classes,
+        "suspects": here,
+    }
+
+
+def fix_training_labels(
+    ws: Workspace,
+    paths: list[str] | tuple[str, ...],
+    label: str | None,
+    *,
+    model: str | None = None,
+    who: str | None = None,
+    store: Store | None = None,
+) -> dict[str, Any]:
+    """Move suspected training images into class ``label``'s folder, or (None) out of the data.
+
+    Only images the version's label check named can be moved (a request cannot reach other
+    files). An image taken out waits in ``trash/`` for an undo; recorded, undone by
+    :func:`undo_action`.
+    """
+    version = get_version(ws, model)
+    named = {s["path"]: s for s in label_suspects(ws, model=version.name)["suspects"]}
+    wanted = list(dict.fromkeys(str(p) for p in paths))
+    if not wanted:
+        raise ReviewError("no images given")
+    strangers = [p for p in wanted if p not in named]
+    if strangers:
+        raise ReviewError(
+            f"not a suspected label error of {version.name} (or no longer in place): {strangers[0]}"
+        )
+    root = training_folder(version)
+    if root is None:
+        raise ReviewError(f"the training folder of {version.name} is gone")
+    dest = None
+    if label is not None:
+        label = class_name(label)
+        dest = class_folder(root, label)
+    trash = trash_folder(ws)
+    files: list[AuditFile] = []
+    with using_store(ws, store, check=False) as store:
+        with store.atomic():
+            created = dest is not None and not dest.exists()
+            for path in wanted:
+                with open(path, "rb") as f:
+                    sha = hashlib.file_digest(f, "sha256").hexdigest()
+                away = trash / f"{len(files)}-{Path(path).name}"
+                away.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, away)
+                files.append(AuditFile(path, "removed", sha, str(away)))
+                if dest is not None:
+                    target = sort_into(dest.parent, dest.name, Path(path).name, str(away), sha)
+                    files.append(AuditFile(str(target), "added", sha))
+            where = f"into {label}" if label is not None else "out of the training data"
+            action_id = store.audit.record(
+                "fix_labels",
+                who=who or local_user(),
+                summary=f"moved {len(wanted)} suspected label error{'s' * (len(wanted) != 1)} "
+                + where,
+                model_version=version.name,
+                target=label,
+                images=len(wanted),
+                before={"created_dir": str(dest) if created and dest is not None else None},
+                after={"label": label, "paths": wanted},
+                touches=[f"file:{p}" for p in wanted],
+                files=files,
+            )
+    return {"action_id": action_id, "label": label, "moved": len(wanted)}
+
+
+def _undo_fix_labels(ws: Workspace, store: Store, entry: AuditEntry) -> None:
+    _restore_files(store, entry)
 
 
 def _undo_activate(ws: Workspace, store: Store, entry: AuditEntry) -> None:
@@ -409,4 +572,5 @@ _UNDO = {
     "promote": _undo_cluster,
     "thresholds": _undo_thresholds,
     "activate": _undo_activate,
+    "fix_labels": _undo_fix_labels,
 }

@@ -120,6 +120,8 @@ class ClusterParams:
         seed: Seed of the randomized PCA and of UMAP; the same seed gives the same clusters.
         allow_single_cluster: Let the whole input be one cluster (see the module docstring);
             False is plain HDBSCAN, which never returns the whole input as one cluster.
+        poor_quality: Cluster photos of poor quality too (by default they are left out: a
+            blurred or dark photo is to be reshot, not a new type to name).
     """
 
     min_cluster_size: int | None = None
@@ -129,6 +131,7 @@ class ClusterParams:
     umap_neighbors: int = 15
     seed: int = 0
     allow_single_cluster: bool = True
+    poor_quality: bool = False
 
     def __post_init__(self):
         if self.min_cluster_size is not None and int(self.min_cluster_size) < 2:

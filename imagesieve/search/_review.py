@@ -127,7 +127,7 @@ def run_clustering(
     with using_store(ws, store) as store:
         progress("clustering", 0, 1)
         with store.lock:
-            ids, x, top1, top2 = store.clusters.unknowns(version)
+            ids, x, top1, top2 = store.clusters.unknowns(version, params.poor_quality)
             previous, next_id = store.clusters.previous(version)
         # Seconds at scale, so without the store's lock: a server keeps storing predictions,
         # and the UNKNOWNs it stores meanwhile stay unclustered until the next run.

@@ -44,6 +44,7 @@ FACETS = {
     "cluster_id": "p.cluster_id",
     "batch_id": "p.batch_id",
     "human_label": "h.label",
+    "quality": "p.quality_flags",
     "day": "CAST(timezone('UTC', p.scored_at) AS DATE)",
 }
 
@@ -57,6 +58,8 @@ class ImageQuery:
         reasons: UNKNOWN reasons (``low_confidence``, ``far_from_training``), any of them.
         top1_classes: Top-1 classes, any of them.
         human_labels: Labels people gave; ``""`` matches images nobody labelled.
+        quality: Photo quality flags (``blurred``, ``dark``...), any of them; ``""`` matches
+            photos with none (good, or not measured).
         min_confidence, max_confidence: Range of the Top-1 probability.
         min_distance, max_distance: Range of the distance to the nearest training image.
         batch_ids: Batches, any of them.
@@ -70,6 +73,7 @@ class ImageQuery:
     reasons: tuple[str, ...] | None = None
     top1_classes: tuple[str, ...] | None = None
     human_labels: tuple[str, ...] | None = None
+    quality: tuple[str, ...] | None = None
     min_confidence: float | None = None
     max_confidence: float | None = None
     min_distance: float | None = None
@@ -112,6 +116,11 @@ class ImageQuery:
             any_of("p.top1_class", self.top1_classes, "VARCHAR")
         if self.human_labels is not None:
             any_of("coalesce(h.label, '')", self.human_labels, "VARCHAR")
+        if self.quality is not None:
+            parts.append(
+                "list_has_any(string_split(coalesce(p.quality_flags, ''), '+'), ?::VARCHAR[])"
+            )
+            params.append(list(self.quality))
         for expr, lo, hi in (
             ("p.top1_prob", self.min_confidence, self.max_confidence),
             ("p.neighbor_distance", self.min_distance, self.max_distance),

@@ -98,14 +98,21 @@ class Clusters:
         ]
         return previous, next_id
 
-    def unknowns(self, model_version: str) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-        """Ids, embeddings, Top-1 and Top-2 classes of the version's UNKNOWN images."""
+    def unknowns(
+        self, model_version: str, poor_quality: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+        """Ids, embeddings, Top-1 and Top-2 classes of the version's UNKNOWN images.
+
+        Photos of poor quality only with ``poor_quality``.
+        """
         import pyarrow as pa
 
         query = (
             "SELECT p.id, coalesce(p.top1_class, '') AS top1, coalesce(p.top2_class, '') AS top2, "
             "e.embedding FROM predictions p JOIN embeddings e USING (id) "
-            "WHERE p.model_version = ? AND p.label = ? ORDER BY p.id"
+            "WHERE p.model_version = ? AND p.label = ? "
+            + ("" if poor_quality else "AND p.quality_flags IS NULL ")
+            + "ORDER BY p.id"
         )
         with self.store._connection() as con:
             reader = con.sql(query, params=[model_version, UNKNOWN]).to_arrow_reader(8192)

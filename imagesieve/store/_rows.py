@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from imagesieve.classifier import Prediction
+from imagesieve.classifier import STORED_MEASURES, Prediction, QualityMetrics, quality_columns
 
 __all__ = [
     "BatchItem",
@@ -90,6 +90,12 @@ class PredictionRow:
     neighbor_id: int | None
     neighbor_distance: float | None
     cluster_id: int | None
+    quality_flags: str | None = None  # "+"-joined; None: a good photo, or not measured
+    blur: float | None = None
+    brightness: float | None = None
+    saturated: float | None = None
+    clipped: float | None = None
+    entropy: float | None = None
 
     def to_prediction(self, name: str) -> Prediction:
         """This row as a Prediction reported under ``name`` (no embedding): already stored."""
@@ -115,6 +121,24 @@ class PredictionRow:
             skipped=True,
             cluster_id=self.cluster_id,
             id=self.id,
+            quality=self.quality,
+            quality_flags=self.quality_flags.split("+") if self.quality_flags else [],
+        )
+
+    @property
+    def quality(self) -> QualityMetrics | None:
+        """The photo quality measures stored with the row (None: not measured)."""
+        if self.blur is None:
+            return None
+        w, h = self.width or 0, self.height or 0
+        return QualityMetrics(
+            self.blur,
+            self.brightness,
+            self.saturated,
+            self.clipped,
+            self.entropy,
+            min(w, h),
+            max(w, h) / max(min(w, h), 1),
         )
 
 
@@ -223,6 +247,14 @@ def prediction_table(ids, preds, model_version, batch_id, stamp) -> Any:
             "neighbor_id": pa.array([p.neighbor_id for p in preds], pa.int32()),
             "neighbor_distance": pa.array([p.neighbor_distance for p in preds], pa.float32()),
             "cluster_id": pa.array([p.cluster_id for p in preds], pa.int32()),
+            "quality_flags": pa.array(
+                ["+".join(p.quality_flags) or None for p in preds], pa.string()
+            ),
+            **{
+                k: pa.array(v, pa.float32(), mask=np.isnan(v))
+                for k, v in quality_columns([p.quality for p in preds]).items()
+                if k in STORED_MEASURES
+            },
         }
     )
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from imagesieve._errors import SieveError
-from imagesieve.classifier import UNKNOWN
+from imagesieve.classifier import STORED_MEASURES, UNKNOWN
 
 __all__ = [
     "EMBEDDINGS_TABLE",
@@ -147,6 +147,8 @@ PREDICTION_COLUMNS = [
     "neighbor_id",
     "neighbor_distance",
     "cluster_id",
+    "quality_flags",
+    *STORED_MEASURES,
 ]
 
 
@@ -231,14 +233,108 @@ ORDER BY failed_at, source""",
     ),
 ]
 
+#: Drift: a group of images (a batch, a day) departed from the version's training data when
+#: the two-sample Kolmogorov-Smirnov test of their distances to the nearest training image
+#: against the held-out known images' (``drift_reference``) gives p below DRIFT_P and the
+#: statistic D (the largest gap between the two distributions) is at least DRIFT_D: a large
+#: batch's p is tiny for any shift, so D keeps a shift too small to matter from counting.
+DRIFT_P, DRIFT_D = 0.001, 0.2
+
+
+def _drift_view(key: str, observed: str) -> str:
+    """A drift view's SQL: per ``key`` group, its counts, rates and KS test against the reference.
+
+    ``observed`` gives rows (key, model_version, unknown, poor, d: the distance). p is the
+    asymptotic two-sided Kolmogorov distribution with Stephens' small-sample term, as
+    ``scipy.stats.kstwobign`` with the effective size n m / (n + m).
+    """
+    return f"""
+WITH obs AS ({observed}),
+ref AS (SELECT model_version, CAST(distance AS DOUBLE) AS d FROM drift_reference),
+rn AS (SELECT model_version, count(*) AS n_ref, median(d) AS ref_median FROM ref GROUP BY ALL),
+g AS (
+    SELECT {key}, model_version, count(*) AS n,
+        count(*) FILTER (WHERE unknown) AS unknown, count(*) FILTER (WHERE poor) AS poor,
+        count(d) AS n_d, median(d) AS median_distance
+    FROM obs GROUP BY ALL
+),
+pts AS (
+    SELECT {key}, model_version, d, 1 AS o FROM obs WHERE d IS NOT NULL
+    UNION ALL
+    SELECT g.{key}, g.model_version, ref.d, 0 FROM g JOIN ref USING (model_version)
+    WHERE g.n_d > 0
+),
+cdf AS (
+    SELECT {key}, model_version, d,
+        sum(o) OVER w AS below_obs, sum(1 - o) OVER w AS below_ref
+    FROM pts
+    WINDOW w AS (PARTITION BY {key}, model_version ORDER BY d RANGE UNBOUNDED PRECEDING)
+),
+ks AS (
+    SELECT c.{key}, c.model_version,
+        max(abs(c.below_obs / g.n_d - c.below_ref / rn.n_ref)) AS ks_d,
+        any_value(g.n_d * rn.n_ref / (g.n_d + rn.n_ref)) AS ne
+    FROM cdf c JOIN g USING ({key}, model_version) JOIN rn USING (model_version)
+    GROUP BY ALL
+),
+tested AS (
+    SELECT ks.*, least(1.0, greatest(0.0, 2 * sum(
+        (CASE WHEN k % 2 = 1 THEN 1 ELSE -1 END)
+        * exp(-2 * k * k * power((sqrt(ne) + 0.12 + 0.11 / sqrt(ne)) * ks_d, 2))
+    ))) AS p_value
+    FROM ks, range(1, 101) AS t(k) GROUP BY ALL
+)
+SELECT g.{key}, g.model_version, g.n AS images, g.unknown, g.unknown / g.n AS unknown_rate,
+    g.poor / g.n AS poor_quality_rate, g.median_distance, rn.ref_median AS reference_median,
+    t.ks_d, CASE WHEN t.ks_d = 0 THEN 1.0 ELSE t.p_value END AS p_value,
+    coalesce(t.ks_d >= {DRIFT_D} AND t.p_value < {DRIFT_P}, false) AS drifted
+FROM g LEFT JOIN rn USING (model_version) LEFT JOIN tested t USING ({key}, model_version)
+ORDER BY g.{key}, g.model_version"""
+
+
+_VIEWS += [
+    (
+        "drift_per_batch",
+        "per batch and model version: images, UNKNOWN rate, poor-quality rate, median distance "
+        "to the training data against the held-out known images', and the KS test of the "
+        "distances (ks_d, p_value, drifted)",
+        _drift_view(
+            "batch_id",
+            f"""
+    SELECT bi.batch_id, b.model_version, p.label = '{UNKNOWN}' AS unknown,
+        p.quality_flags IS NOT NULL AS poor,
+        CASE WHEN NOT isnan(p.neighbor_distance) THEN CAST(p.neighbor_distance AS DOUBLE) END AS d
+    FROM batch_items bi JOIN batches b USING (batch_id)
+    JOIN predictions p ON p.model_version = b.model_version AND p.sha256 = bi.sha256
+    WHERE bi.outcome IN ('scored', 'rescored', 'already_scored')
+    UNION ALL  -- a batch that keeps no items (a server's live predictions): its stored rows
+    SELECT p.batch_id, p.model_version, p.label = '{UNKNOWN}', p.quality_flags IS NOT NULL,
+        CASE WHEN NOT isnan(p.neighbor_distance) THEN CAST(p.neighbor_distance AS DOUBLE) END
+    FROM predictions p
+    WHERE p.batch_id NOT IN (SELECT DISTINCT batch_id FROM batch_items)""",
+        ),
+    ),
+    (
+        "drift_per_day",
+        "per UTC day of scoring and model version: as drift_per_batch",
+        _drift_view(
+            "day",
+            f"""
+    SELECT CAST(timezone('UTC', scored_at) AS DATE) AS day, model_version,
+        label = '{UNKNOWN}' AS unknown, quality_flags IS NOT NULL AS poor,
+        CASE WHEN NOT isnan(neighbor_distance) THEN CAST(neighbor_distance AS DOUBLE) END AS d
+    FROM predictions""",
+        ),
+    ),
+]
 #: Ready-made views: name -> one-line description.
 VIEWS: dict[str, str] = {name: description for name, description, _ in _VIEWS}
 
 
-def views_sql(temporary: bool = False) -> str:
-    """The statements creating (or updating) the ready-made views."""
+def views_sql(temporary: bool = False) -> list[str]:
+    """The statements creating (or updating) the ready-made views, one per view."""
     kind = "TEMP VIEW" if temporary else "VIEW"
-    return "".join(f"CREATE OR REPLACE {kind} {name} AS{body};\n" for name, _, body in _VIEWS)
+    return [f"CREATE OR REPLACE {kind} {name} AS{body}" for name, _, body in _VIEWS]
 
 
 # -- embedding tables -----------------------------------------------------------------------
@@ -424,6 +520,24 @@ CREATE TABLE IF NOT EXISTS batch_items (
     )
 
 
+def _drift_reference(con: Any) -> None:
+    """Each version's held-out known images' distances to the training data, for drift tests."""
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS drift_reference (model_version VARCHAR NOT NULL, "
+        "distance FLOAT NOT NULL)"
+    )
+
+
+def _photo_quality(con: Any) -> None:
+    """Each image's photo quality: the flags its version's rule gave, and the measures behind them.
+
+    Rows stored before have NULL: not measured, never flagged.
+    """
+    con.execute("ALTER TABLE predictions ADD COLUMN IF NOT EXISTS quality_flags VARCHAR")
+    for name in STORED_MEASURES:
+        con.execute(f"ALTER TABLE predictions ADD COLUMN IF NOT EXISTS {name} FLOAT")
+
+
 #: The schema's history, oldest first: (name, step). Append only; a step must be safe to run
 #: on a store that already has its change (stores older than ``schema_version`` record none).
 MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
@@ -433,6 +547,8 @@ MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
     ("head inputs", _head_inputs),
     ("review record", _review_record),
     ("batch items", _batch_items),
+    ("photo quality", _photo_quality),
+    ("drift reference", _drift_reference),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -476,5 +592,6 @@ def migrate(con: Any) -> list[str]:
         )
         ran.append(name)
     _create_embeddings_view(con)
-    con.execute(views_sql())
+    for statement in views_sql():
+        con.execute(statement)
     return ran

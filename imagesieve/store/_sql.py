@@ -295,8 +295,13 @@ def open_readonly(ws: Workspace) -> duckdb.DuckDBPyConnection:
         ) from None
     try:
         have = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-        if not set(VIEWS) <= have:  # a store written before the views existed
-            con.execute(views_sql(temporary=True))
+        for name, statement in zip(VIEWS, views_sql(temporary=True), strict=True):
+            if name in have:  # a store written before a view existed lacks it
+                continue
+            try:
+                con.execute(statement)
+            except (duckdb.CatalogException, duckdb.BinderException):  # newer than the store
+                log.info("view %s left out: this store predates its tables", name)
     except duckdb.Error as e:
         con.close()
         raise SieveError(f"cannot open the store {path}: {_message(e)}", "store") from e

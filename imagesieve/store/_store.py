@@ -31,8 +31,11 @@ from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     FAR_FROM_TRAINING,
     LOW_CONFIDENCE,
+    POOR_QUALITY,
+    STORED_MEASURES,
     UNKNOWN,
     Prediction,
+    QualityRule,
     UnknownRule,
 )
 from imagesieve.store._audit import AuditLog
@@ -69,6 +72,8 @@ __all__ = ["STORE_FILE", "Store", "StoreBusyError", "fold_stopped_journal", "usi
 log = logging.getLogger(__name__)
 
 STORE_FILE = "store.duckdb"
+#: A row whose photo quality was measured (rows stored before measuring have NULL measures).
+MEASURED = "(blur IS NOT NULL)"
 #: Rows appended but not yet folded into DuckDB (see ``Store.append``).
 JOURNAL_FILE = "store.journal"
 #: The store never reads or writes files through DuckDB (rows arrive as Arrow tables), so
@@ -97,6 +102,7 @@ BATCH_ITEM_FIELDS = (
     "top3_class",
     "top3_prob",
     "neighbor_distance",
+    "quality_flags",
     "cluster_id",
     "person_label",
     "sha256",
@@ -106,7 +112,8 @@ BATCH_ITEM_FIELDS = (
 _BATCH_ITEMS_SQL = (
     "SELECT bi.input_row, bi.seq + 1, bi.source, bi.outcome, p.id, p.label, p.reason, "
     "p.top1_class, round(p.top1_prob::DOUBLE, 4), p.top2_class, round(p.top2_prob::DOUBLE, 4), "
-    "p.top3_class, round(p.top3_prob::DOUBLE, 4), round(p.neighbor_distance::DOUBLE, 4), p.cluster_id, "
+    "p.top3_class, round(p.top3_prob::DOUBLE, 4), round(p.neighbor_distance::DOUBLE, 4), "
+    "p.quality_flags, p.cluster_id, "
     "h.label, bi.sha256, strftime(p.scored_at AT TIME ZONE 'UTC', '%Y-%m-%d %H:%M:%S'), "
     "bi.error "
     "FROM batch_items bi JOIN batches b USING (batch_id) "
@@ -394,6 +401,38 @@ class Store:
                 r["unknown_rate"] = round(float(r["unknown_rate"]), 4)
         return total, rows
 
+    def drift(self, per: str = "batch", key: Any = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Drift of each batch (``per="batch"``) or UTC day (``"day"``), newest first.
+
+        ``drift_per_batch``'s or ``drift_per_day``'s rows (one per model version), for one
+        ``key`` (a batch id, a date) or the newest ``limit``; none before a version has a
+        drift reference.
+        """
+        if per not in ("batch", "day"):
+            raise ValueError(f"drift is per batch or per day, not {per!r}")
+        column = "batch_id" if per == "batch" else "day"
+        which, params = (f"WHERE {column} = ?", [key]) if key is not None else ("", [])
+        with self.cursor() as cur:
+            if not cur.execute(
+                "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'drift_reference'"
+            ).fetchall()[0][0]:
+                return []  # a read-only store of an older release
+            rows = (
+                cur.sql(
+                    f"SELECT * FROM drift_per_{per} {which} ORDER BY {column} DESC LIMIT ?",
+                    params=[*params, int(limit)],
+                )
+                .to_arrow_table()
+                .to_pylist()
+            )
+        for r in rows:
+            if per == "day":
+                r["day"] = r["day"].isoformat()
+            for k, v in r.items():
+                if isinstance(v, float):
+                    r[k] = round(v, 6) if np.isfinite(v) else None
+        return rows
+
     def batch_rows(self, batch_id: int) -> Iterator[list[tuple]]:
         """A batch's stored rows in the order stored (a batch stores in input order), in chunks.
 
@@ -521,11 +560,28 @@ class Store:
 
     @locked
     def register_version(
-        self, model_version: str, sources: Sequence[str], labels: Sequence[str]
+        self,
+        model_version: str,
+        sources: Sequence[str],
+        labels: Sequence[str],
+        drift: Sequence[float] | None = None,
     ) -> None:
-        """Record a version's training (reference) images once, so neighbour ids join in SQL."""
+        """Record a version's training (reference) images once, so neighbour ids join in SQL.
+
+        ``drift``: its held-out known images' distances to the training data, recorded once
+        too, which the drift views test each batch's and day's distances against.
+        """
         import pyarrow as pa
 
+        if drift is not None and len(drift):
+            have = self._db.execute(
+                "SELECT count(*) FROM drift_reference WHERE model_version = ?", [model_version]
+            ).fetchall()[0][0]
+            if not have:
+                self._db.execute(
+                    "INSERT INTO drift_reference SELECT ?, unnest(?::FLOAT[])",
+                    [model_version, [float(d) for d in drift]],
+                )
         have = self._db.execute(
             "SELECT count(*) FROM reference_images WHERE model_version = ?", [model_version]
         ).fetchall()[0][0]
@@ -698,7 +754,8 @@ class Store:
         """
         dim = table.schema.field("embedding").type.list_size
         head = "max_pooled" in table.schema.names
-        cols = ", ".join(PREDICTION_COLUMNS)
+        # a journal written by an earlier release may lack later columns: they stay NULL
+        cols = ", ".join(c for c in PREDICTION_COLUMNS if c in table.schema.names)
         vectors = EMBEDDINGS_TABLE.format(dim=dim) if dim in self._dims else "embeddings"
         skip = " WHERE id NOT IN (SELECT id FROM {})" if only_missing else ""
         inserted = self._con.execute(
@@ -872,8 +929,20 @@ class Store:
         return [Failure(*r) for r in rows]
 
     @locked
-    def redecide(self, model_version: str, rule: UnknownRule) -> None:
-        """Re-decide the label and reason of every stored row of a version by ``rule``."""
+    def redecide(
+        self, model_version: str, rule: UnknownRule, quality: QualityRule | None = None
+    ) -> None:
+        """Re-decide the label and reason of every stored row of a version by ``rule``.
+
+        With ``quality``, the quality flags of its measured rows are first set by that rule.
+        """
+        if quality is not None:
+            flags, params = quality.sql_flags()
+            self._db.execute(
+                f"UPDATE predictions SET quality_flags = {flags} "
+                f"WHERE model_version = ? AND {MEASURED}",
+                [*params, model_version],
+            )
         reason, params = rule.sql_reason()
         label, label_params = rule.sql_label()
         self._db.execute(
@@ -882,15 +951,24 @@ class Store:
         )
 
     @locked
-    def unknown_counts(self, model_version: str, rule: UnknownRule) -> dict[str, int]:
-        """How many stored rows of a version ``rule`` marks UNKNOWN, by reason, and how many are now."""
-        counts, params = rule.sql_counts()
+    def unknown_counts(
+        self, model_version: str, rule: UnknownRule, quality: QualityRule | None = None
+    ) -> dict[str, int]:
+        """How many stored rows of a version ``rule`` marks UNKNOWN, by reason, and how many are now.
+
+        With ``quality``, photos are judged by that rule instead of their stored flags.
+        """
+        poor = None
+        if quality is not None:
+            flags, params = quality.sql_flags()
+            poor = (f"({MEASURED} AND {flags} IS NOT NULL)", params)
+        counts, params = rule.sql_counts(poor)
         row = self._db.execute(
             f"SELECT count(*), {counts}, count(*) FILTER (WHERE label = '{UNKNOWN}') "
             "FROM predictions WHERE model_version = ?",
             [*params, model_version],
         ).fetchall()[0]
-        keys = ("stored", LOW_CONFIDENCE, FAR_FROM_TRAINING, "unknown", "unknown_now")
+        keys = ("stored", POOR_QUALITY, LOW_CONFIDENCE, FAR_FROM_TRAINING, "unknown", "unknown_now")
         return dict(zip(keys, row, strict=True))
 
     @locked
@@ -929,7 +1007,8 @@ class Store:
                 return
             rows = self._db.sql(
                 "SELECT p.id, p.source, p.sha256, p.width, p.height, p.neighbor_id, "
-                "p.neighbor_distance, coalesce(s.of_id, p.id) AS owner FROM predictions p "
+                f"p.neighbor_distance, {', '.join('p.' + m for m in STORED_MEASURES)}, "
+                "coalesce(s.of_id, p.id) AS owner FROM predictions p "
                 "LEFT JOIN shared_features s USING (id) "
                 "SEMI JOIN head_inputs h ON h.id = coalesce(s.of_id, p.id) "
                 "WHERE p.model_version = $old AND p.sha256 NOT IN "
@@ -964,7 +1043,8 @@ class Store:
         """Store ``new``'s decisions on ``rows`` stored with another version, in one transaction.
 
         ``decided`` (Arrow) holds the decided prediction columns (Top-3, label, reason,
-        neighbour, cluster); source and size are ``rows``', and the new rows share the
+        neighbour, cluster, quality flags); source, size and quality measures are ``rows``',
+        and the new rows share the
         embedding and head input of ``rows.owner`` (``shared_features``: nothing copied).
         Returns the new rows' ids. They join the version's FAISS index as committed rows do;
         without ``index`` it catches up from DuckDB when next used (or ``IndexSet.adopt``
@@ -979,7 +1059,10 @@ class Store:
         vectors = self.indexes.get(new, dim=dim) if index else None  # before the rows land
         columns = {
             "id": pa.array(ids),
-            **{c: rows.table.column(c) for c in ("source", "sha256", "width", "height")},
+            **{
+                c: rows.table.column(c)
+                for c in ("source", "sha256", "width", "height", *STORED_MEASURES)
+            },
             "model_version": pa.array([new] * n, pa.string()),
             "scored_at": pa.array([now()] * n, pa.timestamp("us", tz="UTC")),
             "batch_id": pa.array([batch_id] * n, pa.int32()),

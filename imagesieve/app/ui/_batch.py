@@ -23,6 +23,7 @@ from imagesieve.app.ui._widgets import (
     table_frame,
     user_errors,
 )
+from imagesieve.ingest import drift_words
 from imagesieve.store import BATCH_ITEM_FIELDS
 
 #: Rows of a batch report shown in its table (the downloads have them all).
@@ -140,8 +141,17 @@ def _summary_md(summary: Any) -> str:
     if d["poor_quality"]:
         flags = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d["quality_flags"].items())
         lines.append(f"Photos of poor quality: {d['poor_quality']} ({flags}).")
+    lines += _drift_lines(d.get("drift"))
     failures = [(f["source"], f["message"] or f["kind"]) for f in d["failures"]]
     return _with_failures(lines, failures, d["failed"], d["ignored"])
+
+
+def _drift_lines(drift: dict[str, Any] | None) -> list[str]:
+    """The batch's drift in words, marked when it departed from the training data."""
+    if not drift or drift.get("ks_d") is None:
+        return []
+    words = drift_words(drift).removeprefix("drift: ")
+    return [f"{'⚠ **Drift**' if drift['drifted'] else 'Drift'}: {words}."]
 
 
 def _detail_md(d: dict[str, Any]) -> str:
@@ -151,6 +161,7 @@ def _detail_md(d: dict[str, Any]) -> str:
         f"**Batch {d['batch_id']}** ({d['status']}, model {d['model_version']}), started "
         f"{(d['started_at'] or '')[:19].replace('T', ' ')} UTC: {d['items']} items — "
         f"{d['scored']} scored, {d['failed']} failed, {d['unknown']} UNKNOWN{rate}.",
+        *_drift_lines(d.get("drift")),
     ]
     failures = [(f["source"], f["message"] or f["kind"]) for f in d["failures"]]
     return _with_failures(lines, failures, len(failures), [])

@@ -10,6 +10,7 @@ import pandas as pd
 
 from imagesieve.app._service import Service
 from imagesieve.app.ui._widgets import Downloads, Panel, table_cell, user_errors, version_or_none
+from imagesieve.ingest import drift_words
 from imagesieve.store import VIEWS
 
 
@@ -52,6 +53,27 @@ def history_tab(service: Service, downloads: Downloads) -> Panel:
             return (sql, *run(sql, limit))
 
         return show
+
+    def drift_md() -> str:
+        """The newest batches' drift: those that departed from the training data marked."""
+        rows = [r for r in service.drift("batch", limit=200) if r["ks_d"] is not None]
+        if not rows:
+            return ""
+        departed = [r for r in rows if r["drifted"]]
+        lines = [
+            f"**Drift** (each batch's distances to the training data against held-out known "
+            f"images', KS test; view `drift_per_batch`): **{len(departed)}** of the "
+            f"{len(rows)} newest batches departed."
+        ]
+        lines += [
+            f"- ⚠ batch **{r['batch_id']}** ({r['model_version']}, {r['images']:,} images): "
+            f"{drift_words(r).removeprefix('drift: ')}"
+            for r in departed[:10]
+        ]
+        return "\n".join(lines)
+
+    def refresh() -> tuple:
+        return (*chart(), drift_md())
 
     def chart() -> tuple:
         """The chart, or, with nothing stored yet, a line saying so (never an empty chart)."""
@@ -106,7 +128,8 @@ def history_tab(service: Service, downloads: Downloads) -> Panel:
         elem_id="history-chart",
     )
     chart_note = gr.Markdown(elem_id="history-chart-note")
+    drift = gr.Markdown(elem_id="history-drift")
     start.click(run, [sql, limit], [status, table, csv_button])
     for name, button in buttons.items():
         button.click(user_errors(view(name)), limit, [sql, status, table, csv_button])
-    return Panel(user_errors(chart), [plot, chart_note])
+    return Panel(user_errors(refresh), [plot, chart_note, drift])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from typing import Any
 
 import gradio as gr
@@ -17,7 +18,13 @@ from imagesieve.app.ui._widgets import (
     user_errors,
     version_or_none,
 )
-from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE
+from imagesieve.classifier import (
+    FAR_FROM_TRAINING,
+    LOW_CONFIDENCE,
+    POOR_QUALITY,
+    QualityRule,
+    parse_bounds,
+)
 from imagesieve.ingest import describe_history, read_history
 
 
@@ -43,7 +50,8 @@ def _metrics_md(version: Any) -> str:
     if by_rule:
         lines += [
             f"UNKNOWN on these known-class images: **{pct(m['unknown_rate'])}** "
-            f"(low confidence {pct(by_rule.get(LOW_CONFIDENCE, 0))}, far from training "
+            f"(poor photo {pct(by_rule.get(POOR_QUALITY, 0))}, "
+            f"low confidence {pct(by_rule.get(LOW_CONFIDENCE, 0))}, far from training "
             f"{pct(by_rule.get(FAR_FROM_TRAINING, 0))})",
             "",
         ]
@@ -146,12 +154,44 @@ def _threshold_controls(version: Any) -> tuple[float, bool, float, float]:
     )
 
 
+def _bound_words(value: float | None) -> str:
+    return "off" if value is None else f"{value:.4g}"
+
+
+def _bounds_text(version: Any) -> str:
+    """A version's photo quality bounds as the text the Model tab edits ('' without a rule)."""
+    rule = None if version is None else QualityRule.of_version(version.meta)
+    if rule is None:
+        return ""
+    return ", ".join(f"{k}={_bound_words(v)}" for k, v in rule.to_dict().items())
+
+
+def _bounds_asked(version: Any, text: str) -> dict[str, Any] | None:
+    """The bounds ``text`` changes from the version's, as shown (None: none); gr.Error if bad."""
+    if version is None or not (text or "").strip():
+        return None
+    try:
+        asked = parse_bounds([t for t in re.split(r"[,\s]+", text.strip()) if t])
+    except ValueError as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    rule = QualityRule.of_version(version.meta)
+    current = {} if rule is None else rule.to_dict()
+    changed = {
+        k: v
+        for k, v in asked.items()
+        if v == "auto" or k not in current or _bound_words(v) != _bound_words(current[k])
+    }
+    return changed or None
+
+
 def model_tab(service: Service) -> Panel:
-    def preview(confidence: float, use_distance: bool, distance: float) -> str:
+    def preview(confidence: float, use_distance: bool, distance: float, bounds: str) -> str:
         if version_or_none(service) is None:
             return ""
         counts = service.threshold_preview(
-            float(confidence), float(distance) if use_distance else None
+            float(confidence),
+            float(distance) if use_distance else None,
+            _bounds_asked(service.version, bounds),
         )
         rule = f"Top-1 below {pct(confidence)}"
         if use_distance:
@@ -159,8 +199,9 @@ def model_tab(service: Service) -> Panel:
         stored = counts["stored"]
         return (
             f"With **{rule}**, **{counts['unknown']:,} of {stored:,}** stored images would be "
-            f"UNKNOWN (low confidence: {counts[LOW_CONFIDENCE]:,}; far from the training "
-            f"data: {counts[FAR_FROM_TRAINING]:,}). Marked UNKNOWN now: "
+            f"UNKNOWN (poor photo: {counts[POOR_QUALITY]:,}; low confidence: "
+            f"{counts[LOW_CONFIDENCE]:,}; far from the training data: "
+            f"{counts[FAR_FROM_TRAINING]:,}). Marked UNKNOWN now: "
             f"{counts['unknown_now']:,}. **Apply** makes these the model's thresholds and "
             "re-decides the stored images."
         )
@@ -186,6 +227,7 @@ def model_tab(service: Service) -> Panel:
                 gr.Checkbox(),
                 gr.Slider(),
                 "",
+                "",
                 None,
             )
         confidence, use_distance, distance, maximum = _threshold_controls(version)
@@ -203,7 +245,8 @@ def model_tab(service: Service) -> Panel:
                 maximum=maximum,
                 label=f"{_score_words(version.mix).capitalize()} further than",
             ),
-            preview(confidence, use_distance, distance),
+            _bounds_text(version),
+            preview(confidence, use_distance, distance, ""),
             _confusion_frame(service.confusion()),
         )
 
@@ -301,26 +344,39 @@ def model_tab(service: Service) -> Panel:
             label="Nearest training image further than (cosine distance)",
             elem_id="model-distance",
         )
+    bounds = gr.Textbox(
+        value=_bounds_text(version_or_none(service)),
+        label="Photo quality bounds (a poor photo is UNKNOWN): change a value, 'off' switches a "
+        "check off, 'auto' puts the calibrated one back; Enter previews",
+        elem_id="model-quality-bounds",
+    )
     counts = gr.Markdown(elem_id="model-threshold-preview")
     apply_button = gr.Button("Apply these thresholds", elem_id="model-apply-thresholds")
     outputs = [versions, pick, metrics, confusion, curves, misclassified]
-    outputs += [confidence, use_distance, distance, counts, confusion_table]
+    outputs += [confidence, use_distance, distance, bounds, counts, confusion_table]
     activated = activate_button.click(activate, pick, None)
 
     @user_errors
-    def apply(confidence: float, use_distance: bool, distance: float, request: gr.Request) -> None:
+    def apply(
+        confidence: float, use_distance: bool, distance: float, text: str, request: gr.Request
+    ) -> str:
         counts = service.set_thresholds(
-            float(confidence), float(distance) if use_distance else None, who=app_user(request)
+            float(confidence),
+            float(distance) if use_distance else None,
+            who=app_user(request),
+            quality=_bounds_asked(service.version, text),
         )
         gr.Info(
             f"thresholds applied: {counts['unknown']:,} of {counts['stored']:,} stored images UNKNOWN"
         )
+        return _bounds_text(service.version)
 
-    applied = apply_button.click(apply, [confidence, use_distance, distance], None)
+    applied = apply_button.click(apply, [confidence, use_distance, distance, bounds], bounds)
     # One queue for everything that writes the preview, so results land in the order asked.
     thresholds = {"concurrency_id": "model-thresholds", "concurrency_limit": 1}
-    sliders = [confidence, use_distance, distance]
-    for control in sliders:
+    sliders = [confidence, use_distance, distance, bounds]
+    bounds.submit(user_errors(preview), sliders, counts, show_progress="hidden", **thresholds)
+    for control in sliders[:3]:
         control.input(
             user_errors(preview),
             sliders,

@@ -20,7 +20,9 @@ from typing import Any
 import gradio as gr
 
 from imagesieve.app._service import Service
+from imagesieve.app.ui._suspects import suspects_section
 from imagesieve.app.ui._widgets import (
+    REASON_WORDS,
     Panel,
     app_user,
     class_names,
@@ -29,7 +31,7 @@ from imagesieve.app.ui._widgets import (
     user_errors,
     version_or_none,
 )
-from imagesieve.classifier import FAR_FROM_TRAINING, LOW_CONFIDENCE, UNKNOWN
+from imagesieve.classifier import QUALITY_KINDS, REASONS, UNKNOWN
 from imagesieve.store import ImageQuery
 
 #: Most images a map selection opens in the grid.
@@ -281,6 +283,7 @@ def review_tab(service: Service) -> Panel:
     def query_of(
         labels: list[str] | None,
         reasons: list[str] | None,
+        quality: list[str] | None,
         classes: list[str] | None,
         person: str | None,
         max_conf: float | None,
@@ -295,6 +298,7 @@ def review_tab(service: Service) -> Panel:
         return ImageQuery(
             labels=tuple(labels) if labels else None,
             reasons=tuple(reasons) if reasons else None,
+            quality=tuple(quality) if quality else None,
             top1_classes=tuple(classes) if classes else None,
             human_labels=None
             if person in (None, "any")
@@ -420,8 +424,14 @@ def review_tab(service: Service) -> Panel:
         f_reason = gr.Dropdown(
             label="UNKNOWN reason",
             multiselect=True,
-            choices=[("low confidence", LOW_CONFIDENCE), ("far from training", FAR_FROM_TRAINING)],
+            choices=[(REASON_WORDS[r], r) for r in REASONS],
             elem_id="review-reason",
+        )
+        f_quality = gr.Dropdown(
+            label="Photo quality",
+            multiselect=True,
+            choices=[(k.replace("_", " "), k) for k in QUALITY_KINDS] + [("good", "")],
+            elem_id="review-quality",
         )
         f_class = gr.Dropdown(
             label="Top-1 class", multiselect=True, choices=[], elem_id="review-class"
@@ -540,6 +550,7 @@ def review_tab(service: Service) -> Panel:
             server_functions=[map_data, remember_pick],
             elem_id="review-map",
         )
+    suspect_changes = suspects_section(service)
     audit = gr.Markdown(elem_id="review-audit")
     confirmed = gr.Checkbox(value=False, visible=False)
     sel_ids = gr.State(None)
@@ -547,6 +558,7 @@ def review_tab(service: Service) -> Panel:
     filters = [
         f_label,
         f_reason,
+        f_quality,
         f_class,
         f_person,
         f_conf,
@@ -562,7 +574,7 @@ def review_tab(service: Service) -> Panel:
     def to_first(*args: Any) -> tuple:
         return show(1, *args)
 
-    for control in (f_label, f_reason, f_class, f_person, f_sort):
+    for control in (f_label, f_reason, f_quality, f_class, f_person, f_sort):
         control.change(to_first, [size, *filters], outputs, show_progress="hidden")
     for control in (f_dist, f_cluster, f_batch, f_days):
         control.submit(to_first, [size, *filters], outputs, show_progress="hidden")
@@ -692,7 +704,7 @@ def review_tab(service: Service) -> Panel:
             "focus": focus,
             "similar": similar_button,
         },
-        store_changes=[acted, relabelled, undone],
+        store_changes=[acted, relabelled, undone, *suspect_changes],
     )
 
 

@@ -80,11 +80,14 @@ def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = N
     @user_errors
     def cluster(
         min_size: float,
+        poor: bool,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio hands out its bar
     ) -> tuple:
         progress(0, desc="clustering")
         run = service.run_clustering(
-            progress=progress_relay(progress, unit="steps"), min_cluster_size=int(min_size) or None
+            progress=progress_relay(progress, unit="steps"),
+            min_cluster_size=int(min_size) or None,
+            poor_quality=bool(poor),
         )
         if run.clusters:
             gr.Info(f"{len(run.clusters)} clusters among {run.images} UNKNOWN images")
@@ -120,6 +123,11 @@ def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = N
             label="Smallest cluster (images; 0 adapts to the number of UNKNOWNs)",
             elem_id="unknowns-min-size",
         )
+        poor = gr.Checkbox(
+            value=False,
+            label="Include photos of poor quality (left out: they are to be reshot)",
+            elem_id="unknowns-poor",
+        )
         run_button = gr.Button("Run clustering", variant="primary", elem_id="unknowns-run")
         retrain_button = gr.Button("Retrain on the training folder", elem_id="unknowns-retrain")
     status = gr.Markdown(elem_id="unknowns-status")
@@ -149,7 +157,7 @@ def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = N
         for c in shown[:MAX_CLUSTERS_SHOWN]:
             _cluster_panel(service, c, clusters, into, review)
 
-    run_button.click(cluster, min_size, [status, clusters], show_progress_on=[status])
+    run_button.click(cluster, [min_size, poor], [status, clusters], show_progress_on=[status])
     retrained = retrain_button.click(retrain, None, [status, clusters], show_progress_on=[status])
     # Any cluster action leaves a new list here: the header's counts follow it.
     listed = clusters.change(None, None, None, show_progress="hidden")

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 #: What the UNKNOWN reasons mean, in the user's words.
 REASON_WORDS = {
+    "poor_quality": "poor photo quality",
     "low_confidence": "low confidence",
     "far_from_training": "far from the training data",
 }

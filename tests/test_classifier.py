@@ -26,6 +26,28 @@ def test_softmax_top_k__against_reference():
     np.testing.assert_allclose(probs, np.take_along_axis(ref, idx, 1), rtol=1e-6)
 
 
+def test_adaptive_split__near_duplicates_stay_on_one_side():
+    labels = np.array([0] * 100 + [1] * 100)
+    plain = adaptive_split(labels, ["a", "b"], seed=3)
+    groups = np.arange(200)
+    groups[[5, 50, 99]] = 5  # three near-duplicates of class a, likely split apart
+    groups[[150, 160]] = 150
+    groups[[10, 110]] = 10  # a near-duplicate pair filed under both classes
+    plan = adaptive_split(labels, ["a", "b"], seed=3, groups=groups)
+    side = {i: k for k in ("train", "val", "test") for i in getattr(plan, k).tolist()}
+    for members in ([5, 50, 99], [150, 160], [10, 110]):
+        assert len({side[i] for i in members}) == 1, members
+    assert sorted(side) == list(range(200))  # still a partition
+    for k in ("train", "val", "test"):  # sizes move by at most the groups' members
+        assert abs(len(getattr(plan, k)) - len(getattr(plain, k))) <= 4
+        for c in ("a", "b"):
+            got = plan.per_class[c][k]
+            assert got == int((labels[getattr(plan, k)] == ("ab".index(c))).sum())
+    # without groups of two or more, the split is the plain one
+    again = adaptive_split(labels, ["a", "b"], seed=3, groups=np.arange(200))
+    assert np.array_equal(again.test, plain.test) and np.array_equal(again.val, plain.val)
+
+
 def test_adaptive_split__rules_per_class_size():
     labels = np.array([0] * 2 + [1] * 10 + [2] * 100)
     plan = adaptive_split(labels, ["rare", "medium", "many"], test_size=0.2, val_size=0.1, seed=0)

@@ -36,11 +36,17 @@ from imagesieve.classifier._quality import (
 )
 from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.classifier._report import confusion_counts, read_audit
+from imagesieve.classifier._signature import (
+    SIGNATURE_BYTES,
+    image_signature,
+    signature_similarity,
+)
 from imagesieve.classifier._train import CLASS_WEIGHTS, FLIPS, TrainOptions, train_model
 from imagesieve.classifier._unknown import REASONS, UnknownRule
 
 __all__ = [
     "CALIBRATED",
+    "SIGNATURE_BYTES",
     "CLASS_WEIGHTS",
     "FLIPS",
     "INFER_BATCH",
@@ -71,10 +77,12 @@ __all__ = [
     "read_audit",
     "grad_cam",
     "grad_cam_loaded",
+    "image_signature",
     "measure_quality",
     "merge_overrides",
     "parse_bounds",
     "quality_columns",
+    "signature_similarity",
     "softmax",
     "top_k",
     "train_model",

@@ -42,11 +42,14 @@ def adaptive_split(
     test_size: float = 0.2,
     val_size: float = 0.1,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> SplitPlan:
     """Split indices per class: very few images -> train only; some -> train + test; many -> all.
 
     ``test_size`` and ``val_size`` are shares of each class; every split that a class gets
-    receives at least one image, and train always keeps at least one.
+    receives at least one image, and train always keeps at least one. ``groups`` (one id per
+    image; near-duplicates share one) keeps each group of near-duplicates on one side, so a
+    copy of a training image cannot inflate the test accuracy (leakage).
     """
     if not 0 <= test_size < 1 or not 0 <= val_size < 1 or test_size + val_size >= 1:
         raise UserError(
@@ -88,4 +91,29 @@ def adaptive_split(
         k: np.sort(np.concatenate(v)).astype(np.int64) if v else np.zeros(0, np.int64)
         for k, v in parts.items()
     }
+    if groups is not None and len(np.unique(groups)) < len(groups):
+        cat = _keep_groups_together(cat, np.asarray(groups))
+        for c, name in enumerate(classes):
+            for k in ("train", "val", "test"):
+                per_class[name][k] = int((labels[cat[k]] == c).sum())
     return SplitPlan(cat["train"], cat["val"], cat["test"], per_class)
+
+
+def _keep_groups_together(cat: dict[str, np.ndarray], groups: np.ndarray) -> dict[str, np.ndarray]:
+    """Move every member of a group of near-duplicates to the side most of it is on.
+
+    Ties go to the side first of test, val, train; the class-wise shuffle already drawn decides
+    the rest, so split sizes stay as near as whole groups allow.
+    """
+    side = np.empty(len(groups), np.int64)
+    names = ("test", "val", "train")
+    for k, name in enumerate(names):
+        side[cat[name]] = k
+    order = np.argsort(groups, kind="stable")
+    bounds = np.flatnonzero(np.diff(groups[order])) + 1
+    for members in np.split(order, bounds):
+        if len(members) < 2 or len(set(side[members].tolist())) == 1:
+            continue
+        counts = np.bincount(side[members], minlength=3)
+        side[members] = int(np.argmax(counts))
+    return {name: np.flatnonzero(side == k).astype(np.int64) for k, name in enumerate(names)}

@@ -130,7 +130,7 @@ def main() -> None:
 
     print(
         "\n| set | trained on | shift | false alarms (known batches) | KS D known: median / max "
-        "| shifted batches marked | KS D shifted: min | half-shifted marked | KS D half: min |"
+        "| p known: min | shifted batches marked | KS D shifted: min | half-shifted marked | KS D half: min |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     met = True

@@ -43,12 +43,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _openset_sets import image_set  # noqa: E402
 
-from imagesieve.classifier._signature import (  # noqa: E402
-    SIGNATURE_BYTES,
-    image_signature,
-    signature_similarity,
-)
-from imagesieve.search._duplicates import (  # noqa: E402
+from imagesieve.classifier._duplicates import (  # noqa: E402
     VARIANT_KINDS,
     VARIANT_STRENGTHS,
     DuplicateRule,
@@ -57,6 +52,11 @@ from imagesieve.search._duplicates import (  # noqa: E402
     calibrate_duplicate_rule,
     near_duplicate_groups,
     near_duplicate_variants,
+)
+from imagesieve.classifier._signature import (  # noqa: E402
+    SIGNATURE_BYTES,
+    image_signature,
+    signature_similarity,
 )
 
 HERE = Path(__file__).resolve().parent

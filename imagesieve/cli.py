@@ -116,6 +116,7 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         "thresholds": v.meta["thresholds"],
         "open_set": v.meta["open_set"],
         "label_check": v.meta.get("label_check"),
+        "duplicates": v.meta.get("duplicates"),
         "training": v.meta["training"],
         "history": history,
     }
@@ -145,6 +146,18 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
                 f"  open-set report card: a never-seen type would be {card['mean_recall']:.0%} "
                 f"UNKNOWN on average (each class left out in turn; worst {worst['class']!r} "
                 f"{worst['recall']:.0%})"
+            )
+        dups = v.meta.get("duplicates") or {}
+        if dups.get("groups"):
+            where = (
+                "kept on one side of the split"
+                if dups["kept_together"]
+                else f"{dups['across_splits']} of them across your train/val/test folders: "
+                "leakage, listed in meta.json"
+            )
+            print(
+                f"  near-duplicates: {dups['groups']} groups of {dups['images']} training images, "
+                + where
             )
         check = v.meta.get("label_check") or {}
         if check.get("found"):

@@ -9,12 +9,7 @@ from PIL import Image
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from imagesieve.classifier._signature import (
-    SIGNATURE_BYTES,
-    image_signature,
-    signature_similarity,
-)
-from imagesieve.search._duplicates import (
+from imagesieve.classifier._duplicates import (
     VARIANT_KINDS,
     DuplicateRule,
     NearDuplicateIndex,
@@ -23,6 +18,11 @@ from imagesieve.search._duplicates import (
     calibrate_duplicate_rule,
     near_duplicate_groups,
     near_duplicate_variants,
+)
+from imagesieve.classifier._signature import (
+    SIGNATURE_BYTES,
+    image_signature,
+    signature_similarity,
 )
 from imagesieve.store._vectors import VectorIndex
 
@@ -367,3 +367,42 @@ def _as_png(images: list[Image.Image]) -> list[tuple[str, bytes]]:
         img.save(buf, "PNG")
         out.append((f"{i}.png", buf.getvalue()))
     return out
+
+
+def test_training__near_duplicates_found_kept_on_one_side_and_reported(
+    small_folder, tmp_path, capsys
+):
+    """Re-encoded and resized copies of training cells: training groups them with their
+    originals and keeps each group on one side of the split; pre-split folders report it."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from imagesieve._workspace import Workspace
+    from imagesieve.cli import main
+    from imagesieve.models import get_version
+
+    data = tmp_path / "data"
+    shutil.copytree(small_folder, data)
+    originals = sorted((data / "functional").glob("cell*.png"))[:6]
+    for k, p in enumerate(originals):
+        img = Image.open(p).convert("RGB")
+        if k % 2:
+            img.save(p.with_name(f"copy-{p.stem}.jpg"), "JPEG", quality=75)
+        else:
+            img.resize((240, 240)).save(p.with_name(f"copy-{p.stem}.png"))
+    ws = Workspace(tmp_path / "ws")
+    assert main(["train", str(data), "--workspace", str(ws.root), "--no-history"]) == 0
+    assert "near-duplicates:" in capsys.readouterr().out
+    meta = get_version(ws).meta
+    dups = meta["duplicates"]
+    pairs = {str(p.resolve()) for p in originals}
+    found = [g for g in dups["listed"] if any(str(p.resolve()) in g for p in originals)]
+    # at least one copy is found with its original; on 80 alike ELPV cells the calibration is
+    # strict (precision first: no two different cells may pass), so some copies are missed
+    assert len(found) >= 1, dups
+    assert all(any("copy-" in p for p in g) for g in found)
+    assert dups["kept_together"] and dups["across_splits"] == 0
+    assert pairs and dups["rule"]["distance"] > 0 and dups["seconds"] < 60
+    assert json.dumps(dups)  # JSON-ready

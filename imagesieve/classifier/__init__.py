@@ -1,5 +1,13 @@
 """Scoring (ONNX Runtime, no torch), training and evaluation of the classifier head, the UNKNOWN rule."""
 
+from imagesieve.classifier._duplicates import (
+    DuplicateRule,
+    NearDuplicateIndex,
+    assign_near_duplicates,
+    calibrate_duplicate_rule,
+    near_duplicate_groups,
+    near_duplicate_variants,
+)
 from imagesieve.classifier._engine import (
     INFER_BATCH,
     EngineItem,
@@ -45,6 +53,12 @@ from imagesieve.classifier._train import CLASS_WEIGHTS, FLIPS, TrainOptions, tra
 from imagesieve.classifier._unknown import REASONS, UnknownRule
 
 __all__ = [
+    "DuplicateRule",
+    "NearDuplicateIndex",
+    "assign_near_duplicates",
+    "calibrate_duplicate_rule",
+    "near_duplicate_groups",
+    "near_duplicate_variants",
     "CALIBRATED",
     "SIGNATURE_BYTES",
     "CLASS_WEIGHTS",

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from imagesieve.classifier._quality import QualityMetrics, measure_quality
+from imagesieve.classifier._signature import image_signature
 from imagesieve.data import ImageLoadError, ImageSource, load_image, read_image_bytes, source_name
 from imagesieve.models import BackboneConfig
 
@@ -55,6 +56,7 @@ class EngineResult:
     error: ImageLoadError | None = None
     skipped: bool = False
     quality: QualityMetrics | None = None
+    signature: np.ndarray | None = None  # (SIGNATURE_BYTES,) int8: near-duplicate check
 
 
 def _split_item(item: EngineItem) -> tuple[str, ImageSource]:
@@ -81,11 +83,13 @@ class ScoringEngine:
         workers: int | None = None,
         streams: int | None = None,
         quality: bool = True,
+        signature: bool = False,
     ):
         import onnxruntime as ort
 
         self.config = config
         self.quality = quality  # measure each image's photo quality on its decoded pixels
+        self.signature = signature  # a pixel signature of the crop, for near-duplicates
         self.batch_size = batch_size
         cpus = os.cpu_count() or 1
         self.workers = workers or cpus
@@ -140,6 +144,8 @@ class ScoringEngine:
         result = EngineResult(name, decoded.width, decoded.height, decoded.sha256)
         if self.quality:
             result.quality = measure_quality(crop, decoded.width, decoded.height)
+        if self.signature:
+            result.signature = image_signature(crop)
         return result, x
 
     def run(

@@ -61,14 +61,18 @@ def extract_features(
     batch_size: int = 32,
     progress: Progress | None = None,
     qualities: list | None = None,
+    signatures: list | None = None,
 ) -> tuple[dict[str, np.ndarray], list[ImageLoadError | None]]:
     """Run an ONNX model over ``paths`` and keep the named outputs, one (n, dim) array each.
 
     Returns the arrays and, per path, the load error or None; rows of failed images are zero.
     Phase 1 reads the backbone's ``features`` (the head's input) and ``embedding``. A
-    ``qualities`` list gets each image's ``QualityMetrics`` (None when it failed).
+    ``qualities`` list gets each image's ``QualityMetrics`` and a ``signatures`` list its pixel
+    signature (None when it failed).
     """
-    engine = ScoringEngine(onnx_path, config, batch_size=batch_size)
+    engine = ScoringEngine(
+        onnx_path, config, batch_size=batch_size, signature=signatures is not None
+    )
     dims = {o.name: o.shape[1] for o in engine.session.get_outputs() if o.name in outputs}
     arrays = {k: np.zeros((len(paths), dims[k]), np.float32) for k in outputs}
     errors: list[ImageLoadError | None] = []
@@ -81,6 +85,8 @@ def extract_features(
             errors.append(r.error)
             if qualities is not None:
                 qualities.append(r.quality)
+            if signatures is not None:
+                signatures.append(r.signature)
             i += 1
         if progress:
             progress("embedding", i, len(paths))

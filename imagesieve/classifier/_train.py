@@ -16,6 +16,7 @@ from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier._engine import Progress
 from imagesieve.classifier._features import HEAD_POOLING, backbone_onnx, extract_features
+from imagesieve.classifier._leakage import find_training_duplicates
 from imagesieve.classifier._openset import HeldOut, Refit, held_out, report_card
 from imagesieve.classifier._predict import softmax
 from imagesieve.classifier._quality import QualityRule, calibrate_quality, quality_columns
@@ -486,8 +487,15 @@ def train_model(
     paths = [s.path for s in folder.samples]
     config = get_backbone_spec(opts.backbone).config
     qualities: list = []
+    signatures: list = []
     arrays, errors = extract_features(
-        onnx, config, paths, batch_size=opts.batch_size, progress=progress, qualities=qualities
+        onnx,
+        config,
+        paths,
+        batch_size=opts.batch_size,
+        progress=progress,
+        qualities=qualities,
+        signatures=signatures,
     )
     feats, embeddings = arrays["features"], arrays["embedding"]
     keep = np.array([e is None for e in errors], bool)
@@ -504,6 +512,17 @@ def train_model(
             f"need at least 2 classes with readable images in {data_dir}, found {len(classes)}: {classes}"
         )
     y = np.array([classes.index(s.label) for s in samples], np.int64)
+    progress("finding near-duplicates", 0, 1)
+    dups = find_training_duplicates(
+        onnx,
+        config,
+        [s.path for s in samples],
+        embeddings,
+        np.stack([s for s, k in zip(signatures, keep, strict=True) if k]),
+        opts.seed,
+        opts.batch_size,
+    )
+    progress("finding near-duplicates", 1, 1)
 
     if folder.presplit:
         by = {
@@ -521,7 +540,12 @@ def train_model(
         )
     else:
         plan = adaptive_split(
-            y, classes, test_size=opts.test_size, val_size=opts.val_size, seed=opts.seed
+            y,
+            classes,
+            test_size=opts.test_size,
+            val_size=opts.val_size,
+            seed=opts.seed,
+            groups=dups.groups,
         )
 
     progress("training head", 0, 1)
@@ -613,6 +637,7 @@ def train_model(
             },
             "open_set": card,
             "label_check": label_check,
+            "duplicates": dups.report(plan, [s.path for s in samples], folder.presplit),
             # The held-out known images' distances to the training data (at most
             # DRIFT_SAMPLE, as quantiles): what scored batches are tested against for drift.
             "drift": drift_sample(held, calibration),

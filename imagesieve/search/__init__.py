@@ -14,14 +14,6 @@ from imagesieve.search._actions import (
     undo_action,
 )
 from imagesieve.search._cluster import Cluster, ClusterModel, ClusterParams, assign_to_clusters
-from imagesieve.search._duplicates import (
-    DuplicateRule,
-    NearDuplicateIndex,
-    assign_near_duplicates,
-    calibrate_duplicate_rule,
-    near_duplicate_groups,
-    near_duplicate_variants,
-)
 from imagesieve.search._map import COLOR_BY, MAX_POINTS, EmbeddingMap, compute_map, map_points
 from imagesieve.search._review import (
     ClusterRun,
@@ -47,12 +39,6 @@ from imagesieve.search._similar import (
 )
 
 __all__ = [
-    "DuplicateRule",
-    "NearDuplicateIndex",
-    "assign_near_duplicates",
-    "calibrate_duplicate_rule",
-    "near_duplicate_groups",
-    "near_duplicate_variants",
     "COLOR_BY",
     "MAX_POINTS",
     "EmbeddingMap",

@@ -34,7 +34,7 @@ from imagesieve.store._store import (
     StoreBusyError,
     using_store,
 )
-from imagesieve.store._vectors import VectorIndex, top_k_of_chunks
+from imagesieve.store._vectors import VectorIndex
 
 __all__ = [
     "BATCH_ITEM_FIELDS",
@@ -67,7 +67,6 @@ __all__ = [
     "Store",
     "StoreBusyError",
     "VectorIndex",
-    "top_k_of_chunks",
     "image_source",
     "keep_image",
     "kept_path",

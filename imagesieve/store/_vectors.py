@@ -15,13 +15,14 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from imagesieve._faiss import search as faiss_search
+from imagesieve._faiss import top_k_of_chunks
 
 __all__ = ["FLAT_MAX", "IndexFileError", "VectorIndex"]
 
@@ -58,29 +59,6 @@ def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 6
     """Row indices of the ``k`` largest inner products of each query, by chunked brute force."""
     chunks = ((a, vectors[a : a + chunk]) for a in range(0, len(vectors), chunk))
     return top_k_of_chunks(queries, chunks, k)[0]
-
-
-def top_k_of_chunks(
-    queries: np.ndarray, chunks: Iterable[tuple[int, np.ndarray]], k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, inner products) of each query's ``k`` best over ``(first row, vectors)`` chunks.
-
-    Best first. Only one chunk is in memory at a time, so the chunks can be read from an index
-    as they are needed.
-    """
-    m = len(queries)
-    best_s = np.zeros((m, 0), np.float32)
-    best_i = np.zeros((m, 0), np.int64)
-    for start, x in chunks:
-        s = queries @ x.T
-        cand_s = np.concatenate([best_s, s], axis=1)
-        rows = np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)
-        cand_i = np.concatenate([best_i, rows], axis=1)
-        kk = min(k, cand_s.shape[1])
-        top = np.argpartition(-cand_s, kk - 1, axis=1)[:, :kk]
-        best_s, best_i = np.take_along_axis(cand_s, top, 1), np.take_along_axis(cand_i, top, 1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_i, order, 1), np.take_along_axis(best_s, order, 1)
 
 
 class VectorIndex:

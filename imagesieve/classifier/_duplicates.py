@@ -26,12 +26,12 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from imagesieve._faiss import search as faiss_search
-from imagesieve.store import VectorIndex, top_k_of_chunks
+from imagesieve._faiss import top_k_of_chunks
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -195,7 +195,7 @@ Verifier = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def _check_signatures(signatures: np.ndarray, n: int) -> np.ndarray:
-    from imagesieve.classifier import SIGNATURE_BYTES
+    from imagesieve.classifier._signature import SIGNATURE_BYTES
 
     signatures = np.asarray(signatures)
     if signatures.shape != (n, SIGNATURE_BYTES) or signatures.dtype != np.int8:
@@ -208,7 +208,7 @@ def _check_signatures(signatures: np.ndarray, n: int) -> np.ndarray:
 
 def _verifier(rule: DuplicateRule, signatures: np.ndarray) -> Verifier:
     """``keep(a, b, sim)``: which candidate pairs (rows, inner products) the rule accepts."""
-    from imagesieve.classifier import signature_similarity
+    from imagesieve.classifier._signature import signature_similarity
 
     close = 1 - rule.distance - TOLERANCE
 
@@ -371,7 +371,7 @@ def _components(a: np.ndarray, b: np.ndarray, ids: np.ndarray) -> list[np.ndarra
 
 def assign_near_duplicates(
     xq: np.ndarray,
-    xb: np.ndarray | VectorIndex,
+    xb: np.ndarray | Any,
     threshold: float,
     ids: np.ndarray | None = None,
     k: int = 1,
@@ -383,7 +383,7 @@ def assign_near_duplicates(
     cosine distances, nearest first, inf where fewer are within reach; ``I`` the ids, -1 there.
     """
     xq = _as_matrix(xq, "xq")
-    if isinstance(xb, VectorIndex):
+    if hasattr(xb, "ntotal"):
         if ids is not None:
             raise ValueError("ids name the rows of a matrix; a VectorIndex has its own")
         if xb.ntotal == 0:
@@ -624,7 +624,7 @@ def calibrate_duplicate_rule(
     it decides (between the two distances) when that is higher, else just above that cap
     (precision first).
     """
-    from imagesieve.classifier import signature_similarity
+    from imagesieve.classifier._signature import signature_similarity
 
     distance = calibrate_duplicate_distance(originals, copies, source, false_rate, recall)
     xb = _as_matrix(originals, "originals")

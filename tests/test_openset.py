@@ -122,6 +122,14 @@ def test_calibrate_rule__poor_photos_spend_their_share_first(poor_share, floor):
     assert info["realised"]["unknown"] == round(flagged.mean(), 4)
 
 
+def test_calibrate_rule__every_held_out_photo_poor():
+    p = np.linspace(0.3, 1.0, 50)
+    held = HeldOut(p, np.linspace(0.1, 0.5, 50), np.zeros(50, int), "x", np.ones(50, bool))
+    rule, info = calibrate_rule(held, 0.5, RATE)
+    assert info["realised"]["unknown"] == 1.0 and info["realised"][POOR_QUALITY] == 1.0
+    assert rule.confidence == 0.5  # nothing left to lower it on
+
+
 def test_calibrate_rule__edges():
     # nothing measured (e.g. one training image): the distance threshold is the top of its range
     p = np.linspace(0.3, 1.0, 100)

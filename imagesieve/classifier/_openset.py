@@ -111,8 +111,9 @@ def calibrate_rule(
     rate = max(false_unknown_rate - poor.mean(), false_unknown_rate / 4) if n else 0.0
     low = p < confidence
     used = confidence
-    if n and (low & ~poor).mean() > rate / 2:
-        used = float(np.quantile(p[~poor], rate / 2 * n / max((~poor).sum(), 1), method="lower"))
+    if n and (~poor).any() and (low & ~poor).mean() > rate / 2:
+        share = min(1.0, rate / 2 * n / (~poor).sum())  # of the photos not poor
+        used = float(np.quantile(p[~poor], share, method="lower"))
         low = p < used
     score = d + mix * (1.0 - p)
     rest = np.sort(score[~low & ~poor & measured])

@@ -108,31 +108,29 @@ class UnknownRule:
         )
         return low, far, [self.confidence], [self.mix, self.distance]
 
-    def sql_reason(self, poor: tuple[str, list] | None = None) -> tuple[str, list]:
-        """A DuckDB expression giving ``reasons``' value (NULL when known), and its parameters.
-
-        ``poor``: a boolean expression and its parameters telling photos of poor quality
-        (default: the stored ``quality_flags`` column is set).
-        """
-        bad, bp = poor or (POOR_SQL, [])
+    def sql_reason(self) -> tuple[str, list]:
+        """A DuckDB expression giving ``reasons``' value (NULL when known), and its parameters."""
         low, far, lp, fp = self._sql()
         return (
-            f"nullif(concat_ws('+', CASE WHEN {bad} THEN '{POOR_QUALITY}' END, "
+            f"nullif(concat_ws('+', CASE WHEN {POOR_SQL} THEN '{POOR_QUALITY}' END, "
             f"CASE WHEN {low} THEN '{LOW_CONFIDENCE}' END, "
             f"CASE WHEN {far} THEN '{FAR_FROM_TRAINING}' END), '')"
-        ), bp + lp + fp
+        ), lp + fp
 
-    def sql_label(self, poor: tuple[str, list] | None = None) -> tuple[str, list]:
+    def sql_label(self) -> tuple[str, list]:
         """A DuckDB expression giving the label: the Top-1 class when known, else UNKNOWN."""
-        bad, bp = poor or (POOR_SQL, [])
         low, far, lp, fp = self._sql()
         return (
-            f"CASE WHEN {bad} OR ({low}) OR ({far}) THEN '{UNKNOWN}' ELSE top1_class END",
-            bp + lp + fp,
+            f"CASE WHEN {POOR_SQL} OR ({low}) OR ({far}) THEN '{UNKNOWN}' ELSE top1_class END",
+            lp + fp,
         )
 
     def sql_counts(self, poor: tuple[str, list] | None = None) -> tuple[str, list]:
-        """Select list counting rows of poor quality, low-confidence, far from training, any."""
+        """Select list counting rows of poor quality, low-confidence, far from training, any.
+
+        ``poor``: a boolean expression and its parameters telling photos of poor quality, to
+        preview other quality bounds (default: the stored ``quality_flags`` column is set).
+        """
         bad, bp = poor or (POOR_SQL, [])
         low, far, lp, fp = self._sql()
         anyone = f"count(*) FILTER (WHERE {bad} OR ({low}) OR ({far}))"

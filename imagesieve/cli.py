@@ -364,7 +364,7 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
                 + ", ".join(f"{k} {v}" for k, v in sorted(summary.quality_flags.items()))
             )
         if summary.drift and summary.drift.get("ks_d") is not None:
-            print(f"  {drift_words(summary.drift)}")
+            print(f"  drift: {drift_words(summary.drift)}")
         if summary.csv:
             print(f"  report: {summary.csv}")
         if summary.sort_into:
@@ -820,7 +820,7 @@ def cmd_batches(args: argparse.Namespace, ws: Workspace) -> None:
                 f"{doc['failed']} failed, {doc['unknown']} UNKNOWN"
             )
             if doc["drift"] and doc["drift"]["ks_d"] is not None:
-                print(f"  {drift_words(doc['drift'])}")
+                print(f"  drift: {drift_words(doc['drift'])}")
             for f in doc["failures"][:50]:
                 print(f"  {f['source']}: {f['kind']}: {f['message']}")
             for path in outs.values():
@@ -836,8 +836,10 @@ def cmd_batches(args: argparse.Namespace, ws: Workspace) -> None:
             if not rows:
                 print("nothing to test yet (a version trained before drift has no reference)")
             for r in rows:
-                words = drift_words(r) if r["ks_d"] is not None else "drift: no distances"
-                print(f"{r[key]!s:>10}  {r['model_version']:<6} {r['images']:>7} images  {words}")
+                words = drift_words(r) if r["ks_d"] is not None else "no distances"
+                print(
+                    f"{r[key]!s:>10}  {r['model_version']:<6} {r['images']:>7} images  drift: {words}"
+                )
 
         _emit(args, {"drift": rows}, drifts)
         return
@@ -941,6 +943,7 @@ def cmd_audit(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
     """The `thresholds` verb: a version's UNKNOWN thresholds and counts; --preview or --set."""
+    from imagesieve.classifier import bound_text
     from imagesieve.models import get_version
     from imagesieve.search import apply_thresholds, threshold_counts
 
@@ -977,8 +980,7 @@ def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
         )
         if doc["quality"]:
             bounds = ", ".join(
-                f"{k} {'off' if v is None else f'{v:.4g}'}"
-                + (" (set)" if k in doc["quality_overrides"] else "")
+                f"{k} {bound_text(v)}" + (" (set)" if k in doc["quality_overrides"] else "")
                 for k, v in doc["quality"].items()
             )
             print(f"  photo quality bounds: {bounds}")

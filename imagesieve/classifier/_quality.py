@@ -21,7 +21,9 @@ __all__ = [
     "QUALITY_KINDS",
     "QualityMetrics",
     "QualityRule",
+    "bound_text",
     "calibrate_quality",
+    "image_shape",
     "measure_quality",
     "merge_overrides",
     "parse_bounds",
@@ -82,6 +84,16 @@ def quality_columns(measured: Sequence[QualityMetrics | None]) -> dict[str, np.n
     return dict(zip(names, out.astype(np.float64), strict=True))
 
 
+def image_shape(width: Any, height: Any) -> tuple[Any, Any]:
+    """Shorter side and elongation (long side / short side) of images of these sizes.
+
+    Numbers or arrays alike: ``QualityMetrics.min_side`` and ``aspect``, whether measured on a
+    decoded image or derived from a stored row's width and height.
+    """
+    short = np.minimum(width, height)
+    return short, np.maximum(width, height) / np.maximum(short, 1)
+
+
 def _box_along(g: np.ndarray, n: int, axis: int) -> np.ndarray:
     """Mean over a window of ``n`` pixels along ``axis``, edges repeated (cumulative sums)."""
     pad = [(0, 0), (0, 0)]
@@ -118,7 +130,7 @@ def measure_quality(image: Image.Image, width: int, height: int) -> QualityMetri
     hist = np.bincount(gray.astype(np.uint8).ravel() >> 2, minlength=64).astype(np.float64)
     p = hist[hist > 0] / gray.size
     brightest = np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
-    short, long = min(width, height), max(width, height)
+    short, aspect = image_shape(width, height)
     return QualityMetrics(
         blur=_blur(gray),
         brightness=float(gray.mean()) / 255.0,
@@ -126,7 +138,7 @@ def measure_quality(image: Image.Image, width: int, height: int) -> QualityMetri
         clipped=float((brightest >= SATURATED).mean()),
         entropy=float(-(p * np.log2(p)).sum()),
         min_side=int(short),
-        aspect=float(long) / max(short, 1),
+        aspect=float(aspect),
     )
 
 
@@ -256,6 +268,11 @@ class QualityRule:
 
 #: In an override, this value puts the calibrated bound back.
 CALIBRATED = "auto"
+
+
+def bound_text(value: float | None) -> str:
+    """A quality bound as people read and type it: 4 significant digits, or ``off``."""
+    return "off" if value is None else f"{value:.4g}"
 
 
 def parse_bounds(items: Sequence[str]) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def batch_detail(ws: Workspace, batch_id: int, *, store: Store | None = None) ->
 
 
 def drift_words(d: dict[str, Any]) -> str:
-    """A drift row (``drift_per_batch``/``_per_day``) in one line for people."""
+    """A drift row (``drift_per_batch``/``_per_day``) in one line for people: the verdict first."""
     p = d["p_value"]
     test = f"KS D {d['ks_d']:.2f}, p {'< 0.001' if p < 0.001 else f'{p:.3f}'}"
     distances = (
@@ -64,7 +64,7 @@ def drift_words(d: dict[str, Any]) -> str:
     verdict = (
         "DEPARTED from the training data" if d["drifted"] else "in line with the training data"
     )
-    return f"drift: {verdict} ({distances}; {test}; UNKNOWN {d['unknown_rate']:.0%})"
+    return f"{verdict} ({distances}; {test}; UNKNOWN {d['unknown_rate']:.0%})"
 
 
 def drift_history(

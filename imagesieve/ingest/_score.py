@@ -20,12 +20,12 @@ from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     INFER_BATCH,
-    POOR_QUALITY,
     STORED_MEASURES,
     UNKNOWN,
     Prediction,
     Predictor,
     Progress,
+    image_shape,
 )
 from imagesieve.data import ImageLoadError, read_zip_member, sort_into
 from imagesieve.ingest._batches import write_batch_report
@@ -288,9 +288,9 @@ def _redecide_stored(
             stored["neighbor_distance"].to_numpy(np.float32),
         )
         measured = {m: _floats(rows.table.column(m)) for m in STORED_MEASURES}
-        width, height = _floats(rows.table.column("width")), _floats(rows.table.column("height"))
-        measured["min_side"] = np.minimum(width, height)
-        measured["aspect"] = np.maximum(width, height) / np.maximum(measured["min_side"], 1)
+        measured["min_side"], measured["aspect"] = image_shape(
+            _floats(rows.table.column("width")), _floats(rows.table.column("height"))
+        )
         flags = (
             predictor.quality_rule.flag_columns(measured)
             if predictor.quality_rule is not None
@@ -338,7 +338,7 @@ def sort_folder(pred: Prediction) -> str:
 
     A photo too poor to judge goes to be reshot, whatever else its UNKNOWN reason says.
     """
-    if pred.reason and POOR_QUALITY in pred.reason.split("+"):
+    if pred.quality_flags:  # its reason starts with poor_quality
         return POOR_QUALITY_FOLDER
     return pred.label
 

@@ -8,7 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from imagesieve.classifier import STORED_MEASURES, Prediction, QualityMetrics, quality_columns
+from imagesieve.classifier import (
+    STORED_MEASURES,
+    Prediction,
+    QualityMetrics,
+    image_shape,
+    quality_columns,
+)
 
 __all__ = [
     "BatchItem",
@@ -130,15 +136,15 @@ class PredictionRow:
         """The photo quality measures stored with the row (None: not measured)."""
         if self.blur is None:
             return None
-        w, h = self.width or 0, self.height or 0
+        short, aspect = image_shape(self.width or 0, self.height or 0)
         return QualityMetrics(
             self.blur,
             self.brightness,
             self.saturated,
             self.clipped,
             self.entropy,
-            min(w, h),
-            max(w, h) / max(min(w, h), 1),
+            int(short),
+            float(aspect),
         )
 
 

@@ -150,8 +150,7 @@ def _drift_lines(drift: dict[str, Any] | None) -> list[str]:
     """The batch's drift in words, marked when it departed from the training data."""
     if not drift or drift.get("ks_d") is None:
         return []
-    words = drift_words(drift).removeprefix("drift: ")
-    return [f"{'⚠ **Drift**' if drift['drifted'] else 'Drift'}: {words}."]
+    return [f"{'⚠ **Drift**' if drift['drifted'] else 'Drift'}: {drift_words(drift)}."]
 
 
 def _detail_md(d: dict[str, Any]) -> str:

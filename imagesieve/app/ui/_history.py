@@ -67,7 +67,7 @@ def history_tab(service: Service, downloads: Downloads) -> Panel:
         ]
         lines += [
             f"- ⚠ batch **{r['batch_id']}** ({r['model_version']}, {r['images']:,} images): "
-            f"{drift_words(r).removeprefix('drift: ')}"
+            f"{drift_words(r)}"
             for r in departed[:10]
         ]
         return "\n".join(lines)

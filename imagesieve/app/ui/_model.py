@@ -23,6 +23,7 @@ from imagesieve.classifier import (
     LOW_CONFIDENCE,
     POOR_QUALITY,
     QualityRule,
+    bound_text,
     parse_bounds,
 )
 from imagesieve.ingest import describe_history, read_history
@@ -154,16 +155,12 @@ def _threshold_controls(version: Any) -> tuple[float, bool, float, float]:
     )
 
 
-def _bound_words(value: float | None) -> str:
-    return "off" if value is None else f"{value:.4g}"
-
-
 def _bounds_text(version: Any) -> str:
     """A version's photo quality bounds as the text the Model tab edits ('' without a rule)."""
     rule = None if version is None else QualityRule.of_version(version.meta)
     if rule is None:
         return ""
-    return ", ".join(f"{k}={_bound_words(v)}" for k, v in rule.to_dict().items())
+    return ", ".join(f"{k}={bound_text(v)}" for k, v in rule.to_dict().items())
 
 
 def _bounds_asked(version: Any, text: str) -> dict[str, Any] | None:
@@ -179,7 +176,7 @@ def _bounds_asked(version: Any, text: str) -> dict[str, Any] | None:
     changed = {
         k: v
         for k, v in asked.items()
-        if v == "auto" or k not in current or _bound_words(v) != _bound_words(current[k])
+        if v == "auto" or k not in current or bound_text(v) != bound_text(current[k])
     }
     return changed or None
 

@@ -365,6 +365,11 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
             )
         if summary.drift and summary.drift.get("ks_d") is not None:
             print(f"  drift: {drift_words(summary.drift)}")
+        if summary.near_duplicates:
+            print(
+                f"  {summary.near_duplicates} images nearly duplicate other stored images "
+                "(imagesieve duplicates)"
+            )
         if summary.csv:
             print(f"  report: {summary.csv}")
         if summary.sort_into:
@@ -714,8 +719,11 @@ def cmd_promote(args: argparse.Namespace, ws: Workspace) -> None:
         print(
             f"promoted cluster {result.cluster_id} as '{result.name}': {result.copied} images copied "
             f"into {result.dest} ({result.already_there} already there, {result.excluded} excluded, "
-            f"{len(result.missing)} no longer available)"
+            f"{len(result.missing)} no longer available"
+            + (f", {result.set_aside} near-duplicates set aside" if result.set_aside else "")
+            + ")"
         )
+        _print_near_training(result.near_training)
         print(f"  next: imagesieve train {args.into}")
 
     _emit(args, doc, human)
@@ -907,7 +915,64 @@ def cmd_relabel(args: argparse.Namespace, ws: Workspace) -> None:
             f"{result.already_there} already there, {result.moved} moved from another class, "
             f"{len(result.missing)} no longer available"
         )
+        _print_near_training(result.near_training, result.label)
         print(f"  undo: imagesieve audit --undo {result.action_id}")
+
+    _emit(args, doc, human)
+
+
+def _print_near_training(near: list[dict[str, Any]], label: str | None = None) -> None:
+    """Warn of images that nearly duplicate a training image (a relabel: labelled otherwise)."""
+    if not near:
+        return
+    other = [n for n in near if label is not None and n["training_label"] != label]
+    print(
+        f"  {len(near)} of them nearly duplicate a training image"
+        + (f", {len(other)} of one labelled otherwise" if other else "")
+        + ":"
+    )
+    for n in (other or near)[:5]:
+        print(
+            f"    {n['id']} {n['source']} ~ {n['training_source']} ({n['training_label']}, "
+            f"distance {n['distance']:.4f})"
+        )
+
+
+def cmd_duplicates(args: argparse.Namespace, ws: Workspace) -> None:
+    """The `duplicates` verb: groups of near-duplicate stored images; keep one of a group."""
+    from imagesieve.search import keep_one, list_duplicates
+
+    if args.keep is not None:
+        doc = keep_one(ws, args.keep, model=args.model)
+        _emit(
+            args,
+            doc,
+            lambda: print(
+                f"kept image {doc['kept']}, set {doc['set_aside']} near-duplicates aside (not "
+                f"clustered or promoted; action {doc['action_id']}; audit --undo)"
+            ),
+        )
+        return
+    doc = list_duplicates(ws, model=args.model, limit=args.limit, offset=args.offset)
+
+    def human() -> None:
+        near, exact = doc["near"], doc["exact"]
+        print(
+            f"{doc['model_version']}: {near['total']} groups of near-duplicate images, "
+            f"{exact['total']} contents that arrived under several names"
+        )
+        for g in near["groups"]:
+            kept = f", kept {g['kept']}" if g["kept"] else ""
+            print(f"  group {g['group_id']} ({g['size']} images{kept}):")
+            for m in g["members"][:10]:
+                aside = " (set aside)" if m["duplicate_of"] else ""
+                print(f"    {m['id']:>8}  {m['label']:<16} {m['source']}{aside}")
+            if g["size"] > 10:
+                print(f"    ... {g['size'] - 10} more")
+        for e in exact["groups"]:
+            print(f"  same content {e['sha256'][:12]}: " + ", ".join(e["sources"][:5]))
+        if near["groups"]:
+            print("  keep one of a group: imagesieve duplicates --keep ID")
 
     _emit(args, doc, human)
 
@@ -1309,6 +1374,24 @@ def _parser() -> argparse.ArgumentParser:
     su.add_argument("--limit", type=int, default=50, help="suspects listed (default 50)")
     su.add_argument("--model", help="model version (default: the active one)")
     su.set_defaults(func=cmd_suspects)
+
+    du = sub.add_parser(
+        "duplicates",
+        parents=[common],
+        help="groups of near-duplicate stored images, and contents stored under several names; "
+        "keep one of a group",
+    )
+    du.add_argument(
+        "--keep",
+        type=int,
+        metavar="ID",
+        help="keep this image and set the rest of its group aside: not clustered or promoted "
+        "(recorded, undoable)",
+    )
+    du.add_argument("--limit", type=int, default=20, help="groups listed (default 20, at most 100)")
+    du.add_argument("--offset", type=int, default=0, help="groups skipped (default 0)")
+    du.add_argument("--model", help="model version (default: the active one)")
+    du.set_defaults(func=cmd_duplicates)
 
     rl = sub.add_parser(
         "relabel",

@@ -1101,3 +1101,39 @@ def test_build_app__without_a_model_every_tab_says_how_to_get_one(browser, elpv,
             if page is not None:
                 page.context.close()
             server.stop()
+
+
+def test_review__near_duplicates_grouped_and_one_kept(page, app, tmp_path):
+    """Last in this module: it stores two more images (a cell and its near-copy)."""
+    import numpy as np
+    from PIL import Image
+
+    _, service, cells = app
+    src = cells["fresh_mono"][-1]
+    img = np.array(Image.open(src).convert("RGB"))
+    img[0, 0] = 255 - img[0, 0]  # one pixel: other bytes, the same look
+    Image.fromarray(img).save(tmp_path / "near-copy.png")
+    service.score([str(src), str(tmp_path / "near-copy.png")])
+    doc = service.duplicates()
+    group = next(
+        g for g in doc["near"]["groups"] if any(m["source"] == str(src) for m in g["members"])
+    )
+    keep = next(m for m in group["members"] if m["source"].endswith("near-copy.png"))
+    page.tab("Review")
+    page.page.click("#review-duplicates button, #review-duplicates .label-wrap")
+    page.wait_text("#review-duplicates-words", f"{doc['near']['total']} groups of near-duplicate")
+    page.page.wait_for_selector("#review-duplicates-gallery button.thumbnail-item")
+    if group["group_id"] != doc["near"]["groups"][0]["group_id"]:
+        page.page.locator("#review-duplicates-group input").fill(f"group {group['group_id']}:")
+        page.page.keyboard.press("Enter")
+    items = page.page.locator("#review-duplicates-gallery button.thumbnail-item")
+    items.nth([m["id"] for m in group["members"]].index(keep["id"])).click()
+    page.wait_text("#review-duplicates-chosen", f"Keep {keep['id']}")
+    page.page.click("#review-duplicates-keep")
+    page.wait_text(".toast-body", f"kept {keep['id']}")
+    now = next(
+        g for g in service.duplicates()["near"]["groups"] if g["group_id"] == group["group_id"]
+    )
+    assert now["kept"] == keep["id"]
+    service.undo()
+    page.assert_no_errors()

@@ -111,6 +111,8 @@ def test_migrate__a_previous_release_store_records_every_migration_and_keeps_its
         "failures_open": 0,
         "drift_per_batch": 1,  # its batch, untested: the old version has no drift reference
         "drift_per_day": 1,
+        "near_duplicates": 0,  # rows of a release without signatures: none grouped yet
+        "exact_duplicates": 0,
     }
 
 

@@ -160,6 +160,12 @@ class FixLabelsRequest(BaseModel):
     )
 
 
+class KeepOneRequest(BaseModel):
+    """Which stored image of a near-duplicate group to keep."""
+
+    keep: int = Field(ge=1, le=2**62, description="the stored image kept (predictions.id)")
+
+
 class UndoRequest(BaseModel):
     """Which action to undo."""
 
@@ -585,6 +591,27 @@ def add_api(
         Only images the label check named; recorded and undoable.
         """
         return await _call(service.fix_training_labels, body.paths, body.label, who=_who(request))
+
+    @router.get("/duplicates", responses=errors(400))
+    async def duplicates(
+        limit: int = Query(20, ge=1, le=100, description="groups per page"),
+        offset: int = Query(0, ge=0, le=10_000_000, description="groups skipped"),
+    ) -> dict[str, Any]:
+        """Groups of near-duplicate stored images, and contents that arrived under several names.
+
+        Largest group first; exact duplicates share a SHA-256 and are stored once. The active
+        version's calibrated rule; images stored since the last look are linked first. Each
+        group: group_id, size, kept, and members (id, source, label, duplicate_of).
+        """
+        return await _call(service.duplicates, limit, offset)
+
+    @router.post("/duplicates/keep", responses=errors(400, 409))
+    async def keep_one(body: KeepOneRequest, request: Request) -> dict[str, Any]:
+        """Keep one image of its near-duplicate group and set the others aside.
+
+        Set-aside images are not clustered and not promoted; recorded and undoable.
+        """
+        return await _call(service.keep_one, body.keep, who=_who(request))
 
     @router.get("/drift", responses=errors(400))
     async def drift(

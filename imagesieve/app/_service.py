@@ -76,8 +76,10 @@ from imagesieve.search import (
     exclude_images,
     find_similar,
     fix_training_labels,
+    keep_one,
     label_suspects,
     list_clusters,
+    list_duplicates,
     map_points,
     nearest_stored,
     promote_cluster,
@@ -954,6 +956,16 @@ class Service:
         return fix_training_labels(
             self.ws, paths, label, model=self.version.name, who=who, store=self.store
         )
+
+    def duplicates(self, limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        """The active version's groups of near-duplicate stored images, and exact ones."""
+        return list_duplicates(
+            self.ws, model=self.version.name, limit=limit, offset=offset, store=self.store
+        )
+
+    def keep_one(self, keep: int, who: str | None = None) -> dict[str, Any]:
+        """Keep one stored image of its near-duplicate group and set the others aside."""
+        return keep_one(self.ws, keep, model=self.version.name, who=who, store=self.store)
 
     def drift(self, per: str = "batch", limit: int = 100) -> list[dict[str, Any]]:
         """The newest batches' (or UTC days') drift against their version's training data."""

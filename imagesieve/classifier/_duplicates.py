@@ -110,6 +110,22 @@ class DuplicateRule:
                 f"{self.candidate_distance}"
             )
 
+    @classmethod
+    def of_version(cls, meta: dict[str, Any]) -> DuplicateRule | None:
+        """A version's rule, as training calibrated it (``meta.json`` duplicates.rule).
+
+        None for a version trained before near-duplicates were checked, or when it could not
+        be calibrated (too few training images).
+        """
+        d = (meta.get("duplicates") or {}).get("rule")
+        if not d:
+            return None
+        return cls(
+            float(d["distance"]),
+            None if d.get("candidate_distance") is None else float(d["candidate_distance"]),
+            None if d.get("similarity") is None else float(d["similarity"]),
+        )
+
     @property
     def reach(self) -> float:
         """The largest distance at which a pair can be a near-duplicate."""

@@ -96,6 +96,8 @@ class Prediction:
     #: makes the prediction UNKNOWN with reason ``poor_quality``).
     quality: QualityMetrics | None = None
     quality_flags: list[str] = field(default_factory=list)
+    #: The crop's pixel signature (``image_signature``): confirms near-duplicates in the store.
+    signature: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -186,7 +188,11 @@ class Predictor:
         self._head: tuple[np.ndarray, np.ndarray] | None = None  # head.npz, read on first use
         self._subset: dict[str, np.ndarray | None] = {}  # for nearest_since, per older version
         self.engine = ScoringEngine(
-            version.onnx_path, version.config, batch_size=batch_size, workers=workers
+            version.onnx_path,
+            version.config,
+            batch_size=batch_size,
+            workers=workers,
+            signature=True,
         )
 
     @property
@@ -276,6 +282,7 @@ class Predictor:
                     ),
                     quality=r.quality,
                     quality_flags=flags[j].split("+") if flags[j] else [],
+                    signature=r.signature,
                 )
             )
         return preds

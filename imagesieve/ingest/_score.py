@@ -22,6 +22,7 @@ from imagesieve.classifier import (
     INFER_BATCH,
     STORED_MEASURES,
     UNKNOWN,
+    DuplicateRule,
     Prediction,
     Predictor,
     Progress,
@@ -32,7 +33,7 @@ from imagesieve.ingest._batches import write_batch_report
 from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import ArchiveLimits, InputItem, expand_inputs
 from imagesieve.ingest._session import ScoringSession
-from imagesieve.models import get_version
+from imagesieve.models import ModelVersion, get_version
 from imagesieve.store import (
     KEEP_POLICIES,
     ZIP_MEMBER,
@@ -123,6 +124,8 @@ class ScoreSummary:
     status: str = "running"
     #: Whether the batch departed from the training data: its ``drift_per_batch`` row.
     drift: dict[str, Any] | None = None
+    #: Images of this batch that nearly duplicate another stored image (None: not checked).
+    near_duplicates: int | None = None
 
     @property
     def unknown(self) -> int:
@@ -162,8 +165,25 @@ class ScoreSummary:
             "seconds": round(self.seconds, 3),
             "index": [c.__dict__ for c in self.index_checks],
             "drift": self.drift,
+            "near_duplicates": self.near_duplicates,
             "predictions": [p.to_dict() for p in self.shown],
         }
+
+
+def _link_duplicates(
+    store: Store, version: ModelVersion, summary: ScoreSummary, progress: Progress
+) -> int | None:
+    """Link the rows stored since the last look to their near-duplicates; this batch's count.
+
+    None when the version has no near-duplicate rule (trained before they were checked).
+    """
+    rule = DuplicateRule.of_version(version.meta)
+    if rule is None:
+        return None
+    store.duplicates.catch_up(
+        version.name, rule, lambda done, total: progress("finding near-duplicates", done, total)
+    )
+    return store.duplicates.in_batch(version.name, summary.batch_id)
 
 
 def _retry_items(failures: Sequence[Failure]) -> Iterator[InputItem]:
@@ -621,6 +641,7 @@ def score_inputs(
                 summary.ignored = list(expander.ignored)
                 run.ignore(summary.ignored)
             run.commit()
+            summary.near_duplicates = _link_duplicates(store, version, summary, progress)
             summary.status = "done"
         finally:
             if summary.status != "done":

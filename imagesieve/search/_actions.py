@@ -24,6 +24,7 @@ from imagesieve.models import (
     get_version,
     set_thresholds,
 )
+from imagesieve.search._duplicates import near_training, undo_keep_one
 from imagesieve.search._review import (
     ReviewError,
     class_folder,
@@ -75,6 +76,8 @@ class RelabelResult:
     already_there: int = 0
     moved: int = 0
     missing: list[str] = field(default_factory=list)
+    #: Images that nearly duplicate a training image (``near_training``), with its label.
+    near_training: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -146,6 +149,7 @@ def relabel_images(
                 else:
                     given.append(place_in_class(ws, dest, r, names, files, result))
             result.labelled = len(given)
+            result.near_training = near_training(store, info, [r.id for r in rows])
             result.action_id = store.audit.record(
                 "relabel",
                 who=who or local_user(),
@@ -573,4 +577,5 @@ _UNDO = {
     "thresholds": _undo_thresholds,
     "activate": _undo_activate,
     "fix_labels": _undo_fix_labels,
+    "keep_one": undo_keep_one,
 }

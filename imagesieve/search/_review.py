@@ -96,6 +96,9 @@ class PromoteResult:
     excluded: int = 0
     moved: int = 0  # out of another class folder a person had put them in
     missing: list[str] = field(default_factory=list)
+    set_aside: int = 0  # near-duplicates a person set aside (keep-one): not copied
+    #: Copied images that nearly duplicate a training image (``near_training``).
+    near_training: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -455,11 +458,17 @@ def promote_cluster(
 ) -> PromoteResult:
     """Copy a cluster's images (minus excluded ids) into the training data; mark it promoted.
 
+    Near-duplicates a person set aside are not copied; those that nearly duplicate a training
+    image are copied and listed (``near_training``).
+
     Images go to ``into/<name>/`` (``into/train/<name>/`` for a pre-split folder); naming an
     existing class merges into its folder. Identical content already there is not copied again.
     The promoted images carry the label (as a relabel gives it); one audit entry, undoable.
     """
-    version = get_version(ws, model).name
+    from imagesieve.search._duplicates import near_training  # it imports this module
+
+    info = get_version(ws, model)
+    version = info.name
     name = class_name(name)
     into = Path(into)
     if not into.is_dir():
@@ -483,8 +492,11 @@ def promote_cluster(
         created = not dest.exists()
         dest.mkdir(parents=True, exist_ok=True)
         before = {p.name for p in dest.iterdir()}
-        taken = [m for m in members if m.id not in excluded]
-        result.excluded = len(members) - len(taken)
+        aside = store.duplicates.set_aside_among(version, [m.id for m in members])
+        taken = [m for m in members if m.id not in excluded and m.id not in aside]
+        result.set_aside = len([m for m in members if m.id in aside and m.id not in excluded])
+        result.excluded = len(members) - len(taken) - result.set_aside
+        result.near_training = near_training(store, info, [m.id for m in taken])
         labels_before = store.audit.labels([m.sha256 for m in taken])
         files: list[AuditFile] = []
         trash = trash_folder(ws)

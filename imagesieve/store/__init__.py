@@ -9,6 +9,7 @@ images are files by content. User SQL runs read-only through ``run_sql``.
 from imagesieve.store._audit import AuditEntry, AuditFile, HumanLabel
 from imagesieve.store._browse import MAX_PAGE, ROW_FIELDS, SORTS, ImageQuery, browse
 from imagesieve.store._clusters import CLUSTER_FIELDS, PreviousCluster
+from imagesieve.store._duplicates import DuplicateGroup
 from imagesieve.store._images import KEEP_POLICIES, ZIP_MEMBER, image_source, keep_image, kept_path
 from imagesieve.store._rows import (
     BatchItem,
@@ -55,6 +56,7 @@ __all__ = [
     "VIEWS",
     "ZIP_MEMBER",
     "BatchItem",
+    "DuplicateGroup",
     "Failure",
     "ImageQuery",
     "IndexCheck",

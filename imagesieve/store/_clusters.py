@@ -103,7 +103,7 @@ class Clusters:
     ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
         """Ids, embeddings, Top-1 and Top-2 classes of the version's UNKNOWN images.
 
-        Photos of poor quality only with ``poor_quality``.
+        Photos of poor quality only with ``poor_quality``; never near-duplicates set aside.
         """
         import pyarrow as pa
 
@@ -112,6 +112,7 @@ class Clusters:
             "e.embedding FROM predictions p JOIN embeddings e USING (id) "
             "WHERE p.model_version = ? AND p.label = ? "
             + ("" if poor_quality else "AND p.quality_flags IS NULL ")
+            + "AND p.duplicate_of IS NULL "  # set aside: a near-duplicate was kept instead
             + "ORDER BY p.id"
         )
         with self.store._connection() as con:

@@ -270,7 +270,7 @@ def new_table(ids, preds, emb, model_version, batch_id, stamp) -> Any:
 
     One registered table feeds the inserts: each registration costs a catalog change.
     Rows whose model gave them (``Prediction.max_pooled``) add ``avg_norm`` and ``max_pooled``
-    (float16 bytes) for ``head_inputs``.
+    (float16 bytes) for ``head_inputs``; rows with a pixel signature add ``signature`` bytes.
     """
     import pyarrow as pa
 
@@ -278,6 +278,14 @@ def new_table(ids, preds, emb, model_version, batch_id, stamp) -> Any:
         "embedding",
         pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()), emb.shape[1]),
     )
+    if any(p.signature is not None for p in preds):
+        table = table.append_column(
+            "signature",
+            pa.array(
+                [None if p.signature is None else p.signature.tobytes() for p in preds],
+                pa.binary(),
+            ),
+        )
     if all(p.max_pooled is None for p in preds):
         return table
     table = table.append_column("avg_norm", pa.array([p.avg_norm for p in preds], pa.float32()))

@@ -327,6 +327,32 @@ _VIEWS += [
         ),
     ),
 ]
+_VIEWS += [
+    (
+        "near_duplicates",
+        "images with near-duplicates among the stored ones, per model version: the group (its "
+        "smallest id), its size, and the row a person kept in its place (duplicate_of)",
+        """
+SELECT duplicate_group, count(*) OVER (PARTITION BY model_version, duplicate_group) AS group_size,
+    id, source, sha256, model_version, label, reason, scored_at, duplicate_of
+FROM predictions
+WHERE duplicate_group IS NOT NULL
+ORDER BY model_version, duplicate_group, id""",
+    ),
+    (
+        "exact_duplicates",
+        "contents that arrived under more than one name (same SHA-256): stored once, each "
+        "name listed with the batches it came in",
+        """
+SELECT sha256, count(DISTINCT source) AS names, list(DISTINCT source ORDER BY source) AS sources,
+    list(DISTINCT batch_id ORDER BY batch_id) AS batches
+FROM batch_items
+WHERE sha256 IS NOT NULL AND outcome IN ('scored', 'rescored', 'already_scored')
+GROUP BY sha256
+HAVING count(DISTINCT source) > 1
+ORDER BY names DESC, sha256""",
+    ),
+]
 #: Ready-made views: name -> one-line description.
 VIEWS: dict[str, str] = {name: description for name, description, _ in _VIEWS}
 
@@ -538,6 +564,26 @@ def _photo_quality(con: Any) -> None:
         con.execute(f"ALTER TABLE predictions ADD COLUMN IF NOT EXISTS {name} FLOAT")
 
 
+def _near_duplicates(con: Any) -> None:
+    """Near-duplicates among stored images: pixel signatures, groups, and the rows set aside.
+
+    ``signatures`` holds each row's ``image_signature`` (192 bytes; rows copied by a head-only
+    retrain share their owner's, as embeddings do). ``duplicate_group`` is the smallest id of a
+    row's group of near-duplicates (NULL: none found); ``duplicate_of`` the row a person kept
+    in its place (the row is set aside: not clustered, not promoted). ``duplicate_checks``
+    says up to which id each version's rows were linked.
+    """
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS signatures (id BIGINT PRIMARY KEY, signature BLOB NOT NULL)"
+    )
+    con.execute("ALTER TABLE predictions ADD COLUMN IF NOT EXISTS duplicate_group BIGINT")
+    con.execute("ALTER TABLE predictions ADD COLUMN IF NOT EXISTS duplicate_of BIGINT")
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS duplicate_checks (model_version VARCHAR PRIMARY KEY, "
+        "checked_upto BIGINT NOT NULL)"
+    )
+
+
 #: The schema's history, oldest first: (name, step). Append only; a step must be safe to run
 #: on a store that already has its change (stores older than ``schema_version`` record none).
 MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
@@ -549,6 +595,7 @@ MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
     ("batch items", _batch_items),
     ("photo quality", _photo_quality),
     ("drift reference", _drift_reference),
+    ("near duplicates", _near_duplicates),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -41,6 +41,7 @@ from imagesieve.classifier import (
 from imagesieve.store._audit import AuditLog
 from imagesieve.store._browse import ROW_FIELDS
 from imagesieve.store._clusters import Clusters
+from imagesieve.store._duplicates import NearDuplicates
 from imagesieve.store._images import remove_partial_images
 from imagesieve.store._indexes import IndexSet, locked
 from imagesieve.store._journal import Journal
@@ -260,6 +261,7 @@ class Store:
         self._content: dict[str, set[str]] = {}
         self.indexes = IndexSet(self, ws.root, read_only=read_only)
         self.clusters = Clusters(self)
+        self.duplicates = NearDuplicates(self)
         self.audit = AuditLog(self)
         if read_only:
             check_version(self._con)
@@ -765,6 +767,12 @@ class Store:
         self._con.execute(
             f"INSERT INTO {vectors} SELECT id, embedding FROM {name}" + skip.format(vectors)
         ).fetchall()
+        if "signature" in table.schema.names:
+            self._con.execute(
+                f"INSERT INTO signatures SELECT id, signature FROM {name} "
+                "WHERE signature IS NOT NULL"
+                + skip.format("signatures").replace(" WHERE ", " AND ")
+            ).fetchall()
         if head:
             self._con.execute(
                 f"INSERT INTO head_inputs SELECT id, avg_norm, max_pooled FROM {name} "

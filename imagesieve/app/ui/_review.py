@@ -20,6 +20,7 @@ from typing import Any
 import gradio as gr
 
 from imagesieve.app._service import Service
+from imagesieve.app.ui._duplicates import duplicates_section
 from imagesieve.app.ui._suspects import suspects_section
 from imagesieve.app.ui._widgets import (
     REASON_WORDS,
@@ -551,6 +552,7 @@ def review_tab(service: Service) -> Panel:
             elem_id="review-map",
         )
     suspect_changes = suspects_section(service)
+    duplicate_changes = duplicates_section(service)
     audit = gr.Markdown(elem_id="review-audit")
     confirmed = gr.Checkbox(value=False, visible=False)
     sel_ids = gr.State(None)
@@ -704,7 +706,7 @@ def review_tab(service: Service) -> Panel:
             "focus": focus,
             "similar": similar_button,
         },
-        store_changes=[acted, relabelled, undone, *suspect_changes],
+        store_changes=[acted, relabelled, undone, *suspect_changes, *duplicate_changes],
     )
 
 

@@ -1,0 +1,346 @@
+# ruff: noqa: E741 - faiss vocabulary: D, I = index.search(xq, k)
+"""The near-duplicates repository: ``signatures``, ``predictions.duplicate_group`` and ``duplicate_of``.
+
+Rows are linked as they arrive: ``catch_up`` takes a version's rows stored since its last run
+(``duplicate_checks``), finds each one's nearest stored rows in the version's FAISS index within
+the version's ``DuplicateRule``, confirms the looser pairs by their pixel signatures, and merges
+the groups they touch (a group is named by its smallest id), in one transaction per chunk, so a
+killed run resumes where it stopped. Keep-one (``set_aside``) marks a group's other rows as
+duplicates of the row kept: they are not clustered and not promoted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from imagesieve.classifier import (
+    DuplicateRule,
+    assign_near_duplicates,
+    signature_similarity,
+)
+
+if TYPE_CHECKING:
+    from imagesieve.store._store import Store
+
+__all__ = ["DuplicateGroup", "NearDuplicates"]
+
+#: Stored rows each new row is compared with (its nearest in the index): a row with more
+#: near-duplicates than this still joins their group through the others.
+NEIGHBOURS = 16
+#: New rows linked per transaction (and per hold of the store's lock).
+CATCH_UP_CHUNK = 2048
+#: Members a group listing returns at most.
+MAX_MEMBERS = 100
+#: What a group listing gives of each member.
+MEMBER_FIELDS = (
+    "id",
+    "source",
+    "sha256",
+    "label",
+    "reason",
+    "top1_class",
+    "top1_prob",
+    "scored_at",
+    "duplicate_of",
+)
+#: Distances within this of the rule's count (float32 inner products of equal vectors).
+TOLERANCE = 1e-5
+
+
+@dataclass
+class DuplicateGroup:
+    """One group of near-duplicate stored rows: its id (smallest member id), size and members."""
+
+    group_id: int
+    size: int
+    members: list[dict[str, Any]] = field(default_factory=list)
+    kept: int | None = None  # the row a person kept, when the others are set aside
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "group_id": self.group_id,
+            "size": self.size,
+            "kept": self.kept,
+            "members": self.members,
+        }
+
+
+class NearDuplicates:
+    """One store's groups of near-duplicate images, per model version."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def checked_upto(self, model_version: str) -> int:
+        """The largest id whose near-duplicates were looked for (0: none yet)."""
+        with self.store._connection() as con:
+            row = con.execute(
+                "SELECT checked_upto FROM duplicate_checks WHERE model_version = ?",
+                [model_version],
+            ).fetchall()
+        return int(row[0][0]) if row else 0
+
+    def catch_up(
+        self,
+        model_version: str,
+        rule: DuplicateRule | None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Link the version's rows stored since the last catch-up to their near-duplicates.
+
+        Returns how many rows were checked (0 without a rule or new rows). Each chunk commits
+        its groups with the new mark, and releases the lock between chunks (a server keeps
+        storing meanwhile).
+        """
+        store = self.store
+        if rule is None or store.read_only:
+            return 0
+        upto = self.checked_upto(model_version)
+        with store._connection() as con:
+            ids = np.asarray(
+                con.execute(
+                    "SELECT id FROM predictions WHERE model_version = ? AND id > ? ORDER BY id",
+                    [model_version, upto],
+                ).fetchnumpy()["id"],
+                np.int64,
+            )
+            dim = store._vector_dim(model_version) if len(ids) else None
+        if dim is None:
+            return 0
+        for s in range(0, len(ids), CATCH_UP_CHUNK):
+            part = ids[s : s + CATCH_UP_CHUNK]
+            with store.lock:
+                index = store.indexes.get(model_version, dim=dim)
+                a, b = [], []
+                for got, emb in list(store._vectors_of(part, dim)):  # read, then query more
+                    pa_, pb_ = self._pairs(rule, index, got, emb)
+                    a.append(pa_)
+                    b.append(pb_)
+                self._merge(model_version, np.concatenate(a), np.concatenate(b), int(part[-1]))
+            if progress is not None:
+                progress(s + len(part), len(ids))
+        return len(ids)
+
+    def _pairs(
+        self, rule: DuplicateRule, index: Any, ids: np.ndarray, emb: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The (a, b) id pairs of new rows ``ids`` and stored rows that the rule calls duplicates."""
+        D, I = assign_near_duplicates(emb, index, rule.reach, k=NEIGHBOURS + 1)
+        a = np.repeat(ids, I.shape[1])
+        b, d = I.ravel(), D.ravel()
+        found = (b >= 0) & (b != a)
+        a, b, d = a[found], b[found], d[found]
+        close = d <= rule.distance + TOLERANCE
+        loose = np.flatnonzero(~close)
+        if len(loose) and rule.similarity is not None:
+            sig = self._signatures(np.unique(np.concatenate([a[loose], b[loose]])))
+            have = np.array(
+                [x in sig and y in sig for x, y in zip(a[loose], b[loose], strict=True)], bool
+            )
+            checked = loose[have]
+            if len(checked):
+                sa = np.stack([sig[x] for x in a[checked].tolist()])
+                sb = np.stack([sig[y] for y in b[checked].tolist()])
+                close[checked] = signature_similarity(sa, sb) >= rule.similarity
+        return a[close], b[close]
+
+    def _signatures(self, ids: np.ndarray) -> dict[int, np.ndarray]:
+        """Stored signatures by row id; a row copied by a head-only retrain has its owner's."""
+        import pyarrow as pa
+
+        con = self.store._con
+        con.register("_sig_ids", pa.table({"id": pa.array(ids, pa.int64())}))
+        try:
+            owner = (
+                "coalesce((SELECT of_id FROM shared_features f WHERE f.id = w.id), w.id)"
+                if self.store._shared
+                else "w.id"
+            )
+            rows = con.execute(
+                f"SELECT w.id, s.signature FROM _sig_ids w JOIN signatures s ON s.id = {owner}"
+            ).fetchall()
+        finally:
+            con.unregister("_sig_ids")
+        return {int(i): np.frombuffer(s, np.int8) for i, s in rows}
+
+    def _merge(self, model_version: str, a: np.ndarray, b: np.ndarray, upto: int) -> None:
+        """Join the groups of each pair (a, b) (a group is named by its smallest id); mark ``upto``."""
+        import pyarrow as pa
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        con = self.store._con
+        tables: dict[str, Any] = {}
+        if len(a):
+            touched = np.unique(np.concatenate([a, b]))
+            con.register("_dup_ids", pa.table({"id": pa.array(touched, pa.int64())}))
+            try:
+                rows = con.execute(
+                    "SELECT id, duplicate_group FROM predictions WHERE model_version = ? "
+                    "AND duplicate_group IN (SELECT p.duplicate_group FROM predictions p "
+                    "JOIN _dup_ids USING (id) WHERE p.duplicate_group IS NOT NULL)",
+                    [model_version],
+                ).fetchnumpy()
+            finally:
+                con.unregister("_dup_ids")
+            old_id = np.asarray(rows["id"], np.int64)
+            old_group = np.asarray(rows["duplicate_group"], np.int64)
+            # each existing member is linked to its group's first row, itself a member
+            ea = np.concatenate([a, old_id])
+            eb = np.concatenate([b, old_group])
+            nodes, inverse = np.unique(np.concatenate([ea, eb]), return_inverse=True)
+            m = len(ea)
+            graph = coo_matrix(
+                (np.ones(m, np.int8), (inverse[:m], inverse[m:])), shape=(len(nodes), len(nodes))
+            )
+            _, label = connected_components(graph, directed=False)
+            first = np.full(label.max() + 1, np.iinfo(np.int64).max, np.int64)
+            np.minimum.at(first, label, nodes)
+            group = first[label]
+            before = dict(zip(old_id.tolist(), old_group.tolist(), strict=True))
+            change = np.array(
+                [before.get(int(i)) != int(g) for i, g in zip(nodes, group, strict=True)], bool
+            )
+            tables["_dup_groups"] = pa.table(
+                {
+                    "id": pa.array(nodes[change], pa.int64()),
+                    "g": pa.array(group[change], pa.int64()),
+                }
+            )
+        with self.store._transaction(tables):
+            if "_dup_groups" in tables:
+                con.execute(
+                    "UPDATE predictions SET duplicate_group = _dup_groups.g FROM _dup_groups "
+                    "WHERE predictions.id = _dup_groups.id"
+                )
+            con.execute(
+                "INSERT OR REPLACE INTO duplicate_checks VALUES (?, ?)", [model_version, upto]
+            )
+
+    def groups(
+        self, model_version: str, limit: int = 20, offset: int = 0
+    ) -> tuple[int, list[DuplicateGroup]]:
+        """(how many groups, a page of them): largest first, then by id; members by id.
+
+        Each member: MEMBER_FIELDS, ``duplicate_of`` being the row kept in its place (when set
+        aside); at most MAX_MEMBERS a group.
+        """
+        with self.store._connection() as con:
+            total = con.execute(
+                "SELECT count(DISTINCT duplicate_group) FROM predictions "
+                "WHERE model_version = ? AND duplicate_group IS NOT NULL",
+                [model_version],
+            ).fetchall()[0][0]
+            page = con.execute(
+                "SELECT duplicate_group, count(*) AS n FROM predictions "
+                "WHERE model_version = ? AND duplicate_group IS NOT NULL "
+                "GROUP BY duplicate_group ORDER BY n DESC, duplicate_group LIMIT ? OFFSET ?",
+                [model_version, int(limit), int(offset)],
+            ).fetchall()
+            out = []
+            for gid, n in page:
+                rows = con.execute(
+                    "SELECT id, source, sha256, label, reason, top1_class, top1_prob, "
+                    "strftime(timezone('UTC', scored_at), '%Y-%m-%dT%H:%M:%SZ'), duplicate_of "
+                    "FROM predictions WHERE model_version = ? AND duplicate_group = ? "
+                    "ORDER BY id LIMIT ?",
+                    [model_version, gid, MAX_MEMBERS],
+                ).fetchall()
+                members = [dict(zip(MEMBER_FIELDS, r, strict=True)) for r in rows]
+                kept = next((m["duplicate_of"] for m in members if m["duplicate_of"]), None)
+                out.append(DuplicateGroup(int(gid), int(n), members, kept))
+        return int(total), out
+
+    def group_of(self, model_version: str, row_id: int) -> dict[int, int | None] | None:
+        """The members of ``row_id``'s group with their ``duplicate_of``; None if it has none."""
+        with self.store._connection() as con:
+            rows = con.execute(
+                "SELECT id, duplicate_of FROM predictions WHERE model_version = ? AND "
+                "duplicate_group = (SELECT duplicate_group FROM predictions "
+                "WHERE model_version = ? AND id = ?) ORDER BY id",
+                [model_version, model_version, int(row_id)],
+            ).fetchall()
+        return {int(i): (None if d is None else int(d)) for i, d in rows} or None
+
+    def set_aside(self, model_version: str, duplicate_of: dict[int, int | None]) -> None:
+        """Set each row's ``duplicate_of`` (None: not set aside), in one statement."""
+        import pyarrow as pa
+
+        table = pa.table(
+            {
+                "id": pa.array(list(duplicate_of), pa.int64()),
+                "d": pa.array(list(duplicate_of.values()), pa.int64()),
+            }
+        )
+        with self.store._connection() as con:  # one statement: atomic, or part of ``atomic``
+            con.register("_aside", table)
+            try:
+                con.execute(
+                    "UPDATE predictions SET duplicate_of = _aside.d FROM _aside "
+                    "WHERE predictions.id = _aside.id AND predictions.model_version = ?",
+                    [model_version],
+                )
+            finally:
+                con.unregister("_aside")
+
+    def set_aside_among(self, model_version: str, ids: list[int]) -> set[int]:
+        """Which of ``ids`` are set aside (a near-duplicate kept in their place)."""
+        if not ids:
+            return set()
+        with self.store._connection() as con:
+            rows = con.execute(
+                "SELECT id FROM predictions WHERE model_version = ? AND id IN "
+                "(SELECT unnest(?)) AND duplicate_of IS NOT NULL",
+                [model_version, [int(i) for i in ids]],
+            ).fetchall()
+        return {int(r[0]) for r in rows}
+
+    def near_training(
+        self, model_version: str, ids: list[int], distance: float, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Which of ``ids`` nearly duplicate one of the version's training images.
+
+        By the stored distance to the nearest training image (at most ``distance``, the rule's
+        embedding-only bound), nearest first: id, source, distance, and that image's source
+        and label.
+        """
+        if not ids:
+            return []
+        with self.store._connection() as con:
+            rows = con.execute(
+                "SELECT p.id, p.source, p.neighbor_distance, r.source, r.label FROM predictions p "
+                "LEFT JOIN reference_images r ON r.model_version = p.model_version "
+                "AND r.id = p.neighbor_id WHERE p.model_version = ? AND p.id IN (SELECT unnest(?)) "
+                "AND p.neighbor_distance <= ? ORDER BY p.neighbor_distance, p.id LIMIT ?",
+                [model_version, [int(i) for i in ids], float(distance) + TOLERANCE, int(limit)],
+            ).fetchall()
+        keys = ("id", "source", "distance", "training_source", "training_label")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def exact(self, limit: int = 20, offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
+        """Contents that arrived under several names (the ``exact_duplicates`` view), paged."""
+        with self.store._connection() as con:
+            total = con.execute("SELECT count(*) FROM exact_duplicates").fetchall()[0][0]
+            rows = con.execute(
+                "SELECT sha256, names, sources[1:20], batches[1:20] FROM exact_duplicates "
+                "LIMIT ? OFFSET ?",
+                [int(limit), int(offset)],
+            ).fetchall()
+        keys = ("sha256", "names", "sources", "batches")
+        return int(total), [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def in_batch(self, model_version: str, batch_id: int) -> int:
+        """How many of a batch's images have near-duplicates among the stored ones."""
+        with self.store._connection() as con:
+            return int(
+                con.execute(
+                    "SELECT count(DISTINCT p.id) FROM predictions p WHERE p.model_version = ? "
+                    "AND p.duplicate_group IS NOT NULL AND (p.batch_id = ? OR p.sha256 IN "
+                    "(SELECT sha256 FROM batch_items WHERE batch_id = ? AND sha256 IS NOT NULL))",
+                    [model_version, batch_id, batch_id],
+                ).fetchall()[0][0]
+            )

@@ -1,0 +1,228 @@
+"""Near-duplicates among stored images: linked as they arrive, listed, kept one of, flagged at
+relabel and promote; the same through the CLI, the REST API and read-only SQL."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from imagesieve.app import Service, start_server
+from imagesieve.cli import main
+from imagesieve.ingest import score_inputs
+from imagesieve.models import get_version
+from imagesieve.search import (
+    ReviewError,
+    keep_one,
+    list_duplicates,
+    relabel_images,
+    undo_action,
+)
+from imagesieve.store import Store, open_readonly, run_sql
+
+
+def near_copy(src: Path, dest: Path) -> Path:
+    """The same picture with one pixel changed: other bytes, other SHA-256, same look."""
+    img = np.array(Image.open(src).convert("RGB"))
+    img[0, 0] = 255 - img[0, 0]
+    Image.fromarray(img).save(dest)
+    return dest
+
+
+@pytest.fixture
+def batches(scoring_ws, elpv, small_folder, tmp_path):
+    """Batch 1: 12 held-out mono cells. Batch 2: near-copies of 3 of them and of 2 training
+    cells, 2 other cells, and one cell's exact bytes under a second name."""
+    mono = [im for im in elpv if im.cell_type == "mono"]
+    fresh = [im.path for im in mono if im.defect_probability == 0.0][60:72]
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    for p in fresh:
+        shutil.copyfile(p, first / p.name)
+    copies = {near_copy(p, second / f"copy-{p.stem}.png").name: p.name for p in fresh[:3]}
+    training = sorted((small_folder / "functional").glob("*.png"))[:2]
+    for p in training:
+        near_copy(p, second / f"train-{p.stem}.png")
+    for im in [im for im in mono if im.defect_probability == 1.0][60:62]:
+        shutil.copyfile(im.path, second / im.path.name)
+    shutil.copyfile(fresh[5], second / f"same-{fresh[5].name}")
+    return scoring_ws, first, second, copies, training
+
+
+def test_near_duplicates__linked_as_batches_arrive_and_listed(batches):
+    ws, first, second, copies, _ = batches
+    assert get_version(ws).meta["duplicates"]["rule"]  # training calibrated the version's rule
+    with Store(ws) as store:
+        one = score_inputs(ws, [str(first)], store=store)
+        assert one.near_duplicates == 0 and one.to_dict()["near_duplicates"] == 0
+        two = score_inputs(ws, [str(second)], store=store)
+        ids = dict(
+            store._db.execute(
+                "SELECT regexp_extract(source, '[^/]+$'), id FROM predictions"
+            ).fetchall()
+        )
+        assert store.duplicates.checked_upto(get_version(ws).name) == max(ids.values())
+    # each copy joins the group of the cell it copies, from the earlier batch; nothing else
+    want = sorted(sorted([ids[c], ids[o]]) for c, o in copies.items())
+    doc = list_duplicates(ws)
+    got = sorted(sorted(m["id"] for m in g["members"]) for g in doc["near"]["groups"])
+    assert got == want, doc
+    assert two.near_duplicates == 3 + 0  # the copies; the originals came in the first batch
+    assert doc["near"]["total"] == 3 and all(g["size"] == 2 for g in doc["near"]["groups"])
+    assert all(g["group_id"] == min(m["id"] for m in g["members"]) for g in doc["near"]["groups"])
+    assert doc["exact"]["total"] == 1  # one content under two names, stored once
+    (exact,) = doc["exact"]["groups"]
+    assert len(exact["sources"]) == 2 and exact["names"] == 2
+
+    # scoring the same again adds no rows and changes no group
+    again = score_inputs(ws, [str(second)])
+    assert again.scored == 0 and again.near_duplicates == 3
+    assert list_duplicates(ws)["near"] == doc["near"]
+
+
+def test_near_duplicates__keep_one_sets_aside_and_undo_restores(batches):
+    ws, first, second, copies, _ = batches
+    with Store(ws) as store:
+        score_inputs(ws, [str(first)], store=store)
+        score_inputs(ws, [str(second)], store=store)
+    group = list_duplicates(ws)["near"]["groups"][0]
+    keep, other = (m["id"] for m in group["members"])
+    done = keep_one(ws, other)
+    assert done == {"kept": other, "set_aside": 1, "action_id": done["action_id"]}
+    group = list_duplicates(ws)["near"]["groups"][0]
+    aside = {m["id"]: m["duplicate_of"] for m in group["members"]}
+    assert aside == {keep: other, other: None} and group["kept"] == other
+    with pytest.raises(ReviewError, match="already the one kept"):
+        keep_one(ws, other)
+    with pytest.raises(ReviewError, match="has no near-duplicates"):
+        keep_one(ws, 10**9)
+    # a set-aside image is not clustered (nor, then, promoted)
+    version = get_version(ws).name
+    with Store(ws) as store:
+        store._db.execute("UPDATE predictions SET label = 'UNKNOWN'")
+        ids = store.clusters.unknowns(version, poor_quality=True)[0].tolist()
+        assert keep not in ids and other in ids
+        assert store.duplicates.set_aside_among(version, [keep, other]) == {keep}
+    undo_action(ws, done["action_id"])
+    group = list_duplicates(ws)["near"]["groups"][0]
+    assert all(m["duplicate_of"] is None for m in group["members"]) and group["kept"] is None
+
+
+def test_near_duplicates__relabel_flags_copies_of_training_images(batches):
+    ws, first, second, _, training = batches
+    score_inputs(ws, [str(second)])
+    with Store(ws) as store:
+        rows = dict(
+            store._db.execute(
+                "SELECT regexp_extract(source, '[^/]+$'), id FROM predictions"
+            ).fetchall()
+        )
+    copies = [rows[f"train-{p.stem}.png"] for p in training]
+    others = [i for n, i in rows.items() if not n.startswith("train-")]
+    result = relabel_images(ws, [*copies, *others[:2]], "defective")
+    flagged = {n["id"]: n for n in result.near_training}
+    assert set(flagged) == set(copies)  # the others are not copies of training images
+    for p, i in zip(training, copies, strict=True):
+        assert Path(flagged[i]["training_source"]).name == p.name
+        assert flagged[i]["training_label"] == "functional" and flagged[i]["distance"] < 0.01
+    assert result.to_dict()["near_training"]
+
+
+def test_near_duplicates__cli_api_and_sql(batches, capsys):
+    ws, first, second, _, _ = batches
+    wsa = ["--workspace", str(ws.root)]
+    assert main(["score", str(first), *wsa]) == 0
+    assert main(["score", str(second), *wsa]) == 0
+    assert "3 images nearly duplicate other stored images" in capsys.readouterr().out
+    assert main(["duplicates", *wsa]) == 0
+    out = capsys.readouterr().out
+    assert "3 groups of near-duplicate images" in out and "1 contents" in out
+    assert main(["duplicates", *wsa, "--json", "--limit", "1"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["near"]["total"] == 3 and len(doc["near"]["groups"]) == 1
+    keep = doc["near"]["groups"][0]["members"][0]["id"]
+    assert main(["duplicates", "--keep", str(keep), *wsa]) == 0
+    assert "set 1 near-duplicates aside" in capsys.readouterr().out
+
+    # every new table, column and view through the read-only SQL
+    con = open_readonly(ws)
+    for sql, want in [
+        ("SELECT count(*) FROM near_duplicates", 6),
+        ("SELECT count(*) FROM near_duplicates WHERE duplicate_of IS NOT NULL", 1),
+        ("SELECT count(*) FROM exact_duplicates", 1),
+        ("SELECT count(*) FROM signatures WHERE octet_length(signature) = 192", 19),  # 12 + 7 new
+        ("SELECT count(DISTINCT duplicate_group) FROM predictions", 3),
+    ]:
+        assert run_sql(con, sql).rows == [(want,)], sql
+    con.close()
+
+    service = Service(ws)
+    server = start_server(service, ui=False)
+    try:
+        base = server.url + "/api/v1"
+        r = requests.get(f"{base}/duplicates", params={"limit": 2}, timeout=30)
+        assert r.status_code == 200 and r.json()["near"]["total"] == 3
+        assert len(r.json()["near"]["groups"]) == 2
+        assert (
+            requests.get(f"{base}/duplicates", params={"limit": 0}, timeout=30).status_code == 422
+        )
+        assert (
+            requests.get(f"{base}/duplicates", params={"limit": 10**6}, timeout=30).status_code
+            == 422
+        )
+        group = r.json()["near"]["groups"][-1]
+        other = group["members"][1]["id"]
+        r = requests.post(f"{base}/duplicates/keep", json={"keep": other}, timeout=30)
+        assert r.status_code == 200 and r.json()["set_aside"] == 1
+        r = requests.post(f"{base}/duplicates/keep", json={"keep": other}, timeout=30)
+        assert r.status_code == 400 and "already the one kept" in r.json()["error"]["message"]
+        r = requests.post(f"{base}/duplicates/keep", json={"keep": "1; DROP"}, timeout=30)
+        assert r.status_code == 422
+        schema = requests.get(server.url + "/api/v1/openapi.json", timeout=30).json()
+        assert "/api/v1/duplicates" in schema["paths"]
+        assert "/api/v1/duplicates/keep" in schema["paths"]
+    finally:
+        server.stop()
+        service.close()
+
+
+def test_near_duplicates__promote_leaves_set_aside_out_and_flags_training_copies(
+    batches, small_folder, tmp_path
+):
+    """A cluster of a copy of a training cell and a pair of near-copies, one set aside."""
+    from imagesieve.search import promote_cluster
+    from imagesieve.search._cluster import Cluster
+
+    ws, first, second, copies, training = batches
+    version = get_version(ws).name
+    with Store(ws) as store:
+        score_inputs(ws, [str(first)], store=store)
+        score_inputs(ws, [str(second)], store=store)
+        ids = dict(
+            store._db.execute(
+                "SELECT regexp_extract(source, '[^/]+$'), id FROM predictions"
+            ).fetchall()
+        )
+    copy, original = next(iter(copies.items()))
+    twin = ids[f"train-{training[0].stem}.png"]
+    members = np.array(sorted([ids[copy], ids[original], twin]), np.int64)
+    keep_one(ws, ids[copy])  # its original is set aside
+    with Store(ws) as store:
+        x = np.concatenate([e for _, e in store._vectors_of(members, 1280)])
+        centroid = x.mean(0) / np.linalg.norm(x.mean(0))
+        cluster = Cluster(7, members, centroid, int(members[0]), 0.1, 0.9, {}, {})
+        store.clusters.save_run(version, members, np.full(3, 7), np.zeros(3), [cluster], 0, {}, {})
+    data = tmp_path / "data"  # a copy: the session's training folder stays as it is
+    shutil.copytree(small_folder, data)
+    result = promote_cluster(ws, 7, "newtype", data)
+    assert result.copied == 2 and result.set_aside == 1 and result.excluded == 0
+    assert [n["id"] for n in result.near_training] == [twin]
+    assert result.near_training[0]["training_label"] == "functional"
+    assert not (data / "newtype" / original).exists()
+    undo_action(ws)

@@ -114,7 +114,7 @@ def test_near_duplicates__keep_one_sets_aside_and_undo_restores(batches):
     assert all(m["duplicate_of"] is None for m in group["members"]) and group["kept"] is None
 
 
-def test_near_duplicates__relabel_flags_copies_of_training_images(batches):
+def test_near_duplicates__relabel_flags_copies_of_training_images(batches, small_folder, tmp_path):
     ws, first, second, _, training = batches
     score_inputs(ws, [str(second)])
     with Store(ws) as store:
@@ -125,7 +125,9 @@ def test_near_duplicates__relabel_flags_copies_of_training_images(batches):
         )
     copies = [rows[f"train-{p.stem}.png"] for p in training]
     others = [i for n, i in rows.items() if not n.startswith("train-")]
-    result = relabel_images(ws, [*copies, *others[:2]], "defective")
+    data = tmp_path / "data"  # a copy: the session's training folder stays as it is
+    shutil.copytree(small_folder, data)
+    result = relabel_images(ws, [*copies, *others[:2]], "defective", into=data)
     flagged = {n["id"]: n for n in result.near_training}
     assert set(flagged) == set(copies)  # the others are not copies of training images
     for p, i in zip(training, copies, strict=True):

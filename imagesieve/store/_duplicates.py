@@ -17,11 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imagesieve.classifier import (
-    DuplicateRule,
-    assign_near_duplicates,
-    signature_similarity,
-)
+from imagesieve.classifier import DuplicateRule, signature_similarity
 
 if TYPE_CHECKING:
     from imagesieve.store._store import Store
@@ -129,10 +125,10 @@ class NearDuplicates:
         self, rule: DuplicateRule, index: Any, ids: np.ndarray, emb: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """The (a, b) id pairs of new rows ``ids`` and stored rows that the rule calls duplicates."""
-        D, I = assign_near_duplicates(emb, index, rule.reach, k=NEIGHBOURS + 1)
+        I, D = index.search(emb, NEIGHBOURS + 1)
         a = np.repeat(ids, I.shape[1])
         b, d = I.ravel(), D.ravel()
-        found = (b >= 0) & (b != a)
+        found = (b >= 0) & (b != a) & (d <= rule.reach + TOLERANCE)
         a, b, d = a[found], b[found], d[found]
         close = d <= rule.distance + TOLERANCE
         loose = np.flatnonzero(~close)
@@ -155,14 +151,13 @@ class NearDuplicates:
         con = self.store._con
         con.register("_sig_ids", pa.table({"id": pa.array(ids, pa.int64())}))
         try:
-            owner = (
-                "coalesce((SELECT of_id FROM shared_features f WHERE f.id = w.id), w.id)"
+            shared = (
+                "LEFT JOIN shared_features f ON f.id = w.id "
+                "JOIN signatures s ON s.id = coalesce(f.of_id, w.id)"
                 if self.store._shared
-                else "w.id"
+                else "JOIN signatures s ON s.id = w.id"
             )
-            rows = con.execute(
-                f"SELECT w.id, s.signature FROM _sig_ids w JOIN signatures s ON s.id = {owner}"
-            ).fetchall()
+            rows = con.execute(f"SELECT w.id, s.signature FROM _sig_ids w {shared}").fetchall()
         finally:
             con.unregister("_sig_ids")
         return {int(i): np.frombuffer(s, np.int8) for i, s in rows}

@@ -740,6 +740,7 @@ def cmd_images(args: argparse.Namespace, ws: Workspace) -> None:
         top1_classes=args.top1_class,
         human_labels=args.human_label,
         quality=args.quality,
+        duplicates=args.duplicates,
         min_confidence=args.min_confidence,
         max_confidence=args.max_confidence,
         min_distance=args.min_distance,
@@ -1308,6 +1309,12 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         help="photo quality flag: blurred, dark, bright, glare, low_information, too_small, "
         "odd_shape ('' for none)",
+    )
+    im.add_argument(
+        "--duplicates",
+        action="append",
+        choices=["none", "kept", "set_aside"],
+        help="near-duplicate state: none, kept (in a group, not set aside), set_aside",
     )
     im.add_argument("--min-confidence", type=float)
     im.add_argument("--max-confidence", type=float)

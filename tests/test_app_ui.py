@@ -1135,5 +1135,13 @@ def test_review__near_duplicates_grouped_and_one_kept(page, app, tmp_path):
         g for g in service.duplicates()["near"]["groups"] if g["group_id"] == group["group_id"]
     )
     assert now["kept"] == keep["id"]
+    # the grid's filter: only the images set aside
+    aside = service.sql("SELECT count(*) FROM predictions WHERE duplicate_of IS NOT NULL")
+    assert aside.rows[0][0] >= 1
+    page.page.click("#review-duplicates-filter input")
+    page.page.keyboard.type("set aside")
+    page.page.keyboard.press("Enter")
+    page.page.keyboard.press("Escape")
+    page.wait_text("#review-summary", f"of {aside.rows[0][0]} ")
     service.undo()
     page.assert_no_errors()

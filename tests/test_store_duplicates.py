@@ -12,18 +12,20 @@ import pytest
 import requests
 from PIL import Image
 
+from imagesieve._errors import UserError
 from imagesieve.app import Service, start_server
 from imagesieve.cli import main
 from imagesieve.ingest import score_inputs
 from imagesieve.models import get_version
 from imagesieve.search import (
     ReviewError,
+    browse_images,
     keep_one,
     list_duplicates,
     relabel_images,
     undo_action,
 )
-from imagesieve.store import Store, open_readonly, run_sql
+from imagesieve.store import ImageQuery, Store, open_readonly, run_sql
 
 
 def near_copy(src: Path, dest: Path) -> Path:
@@ -109,6 +111,15 @@ def test_near_duplicates__keep_one_sets_aside_and_undo_restores(batches):
         ids = store.clusters.unknowns(version, poor_quality=True)[0].tolist()
         assert keep not in ids and other in ids
         assert store.duplicates.set_aside_among(version, [keep, other]) == {keep}
+    # the review grid's filter and facet
+    aside = browse_images(ws, ImageQuery(duplicates=("set_aside",)))
+    assert [r["id"] for r in aside["rows"]] == [keep] and aside["rows"][0]["duplicate_of"] == other
+    facet = dict(map(tuple, browse_images(ws)["facets"]["duplicates"]))
+    assert facet == {"none": 13, "kept": 5, "set_aside": 1}  # 19 rows, 3 groups of 2
+    shown = browse_images(ws, ImageQuery(duplicates=("none", "kept")), limit=100)
+    assert shown["total"] == 18 and keep not in {r["id"] for r in shown["rows"]}
+    with pytest.raises(UserError, match="duplicates must be among"):
+        ImageQuery(duplicates=("gone",))
     undo_action(ws, done["action_id"])
     group = list_duplicates(ws)["near"]["groups"][0]
     assert all(m["duplicate_of"] is None for m in group["members"]) and group["kept"] is None
@@ -151,6 +162,8 @@ def test_near_duplicates__cli_api_and_sql(batches, capsys):
     keep = doc["near"]["groups"][0]["members"][0]["id"]
     assert main(["duplicates", "--keep", str(keep), *wsa]) == 0
     assert "set 1 near-duplicates aside" in capsys.readouterr().out
+    assert main(["images", "--duplicates", "set_aside", "--json", *wsa]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 1
 
     # every new table, column and view through the read-only SQL
     con = open_readonly(ws)
@@ -185,6 +198,10 @@ def test_near_duplicates__cli_api_and_sql(batches, capsys):
         r = requests.post(f"{base}/duplicates/keep", json={"keep": other}, timeout=30)
         assert r.status_code == 400 and "already the one kept" in r.json()["error"]["message"]
         r = requests.post(f"{base}/duplicates/keep", json={"keep": "1; DROP"}, timeout=30)
+        assert r.status_code == 422
+        r = requests.get(f"{base}/images", params={"duplicates": "set_aside"}, timeout=30)
+        assert r.status_code == 200 and r.json()["total"] == 2  # the CLI's and this one
+        r = requests.get(f"{base}/images", params={"duplicates": "gone"}, timeout=30)
         assert r.status_code == 422
         schema = requests.get(server.url + "/api/v1/openapi.json", timeout=30).json()
         assert "/api/v1/duplicates" in schema["paths"]

@@ -501,6 +501,12 @@ def add_api(
             description="photo quality flags: blurred, dark, bright, glare, low_information, "
             "too_small, odd_shape ('' : none)",
         ),
+        duplicates: list[Literal["none", "kept", "set_aside"]] | None = Query(
+            None,
+            max_length=3,
+            description="near-duplicate states: none (no near-duplicate stored), kept (in a "
+            "group, not set aside), set_aside (a near-duplicate was kept instead)",
+        ),
         min_confidence: float | None = Query(None, ge=0, le=1),
         max_confidence: float | None = Query(None, ge=0, le=1),
         min_distance: float | None = Query(None, ge=0, le=10),
@@ -528,6 +534,7 @@ def add_api(
                 top1_classes=top1_class,
                 human_labels=human_label,
                 quality=quality,
+                duplicates=duplicates,
                 min_confidence=min_confidence,
                 max_confidence=max_confidence,
                 min_distance=min_distance,

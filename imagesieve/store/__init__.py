@@ -7,7 +7,14 @@ images are files by content. User SQL runs read-only through ``run_sql``.
 """
 
 from imagesieve.store._audit import AuditEntry, AuditFile, HumanLabel
-from imagesieve.store._browse import MAX_PAGE, ROW_FIELDS, SORTS, ImageQuery, browse
+from imagesieve.store._browse import (
+    DUPLICATE_STATES,
+    MAX_PAGE,
+    ROW_FIELDS,
+    SORTS,
+    ImageQuery,
+    browse,
+)
 from imagesieve.store._clusters import CLUSTER_FIELDS, PreviousCluster
 from imagesieve.store._duplicates import DuplicateGroup
 from imagesieve.store._images import KEEP_POLICIES, ZIP_MEMBER, image_source, keep_image, kept_path
@@ -39,6 +46,7 @@ from imagesieve.store._vectors import VectorIndex
 
 __all__ = [
     "BATCH_ITEM_FIELDS",
+    "DUPLICATE_STATES",
     "AuditEntry",
     "AuditFile",
     "HumanLabel",

@@ -45,8 +45,14 @@ FACETS = {
     "batch_id": "p.batch_id",
     "human_label": "h.label",
     "quality": "p.quality_flags",
+    "duplicates": "CASE WHEN p.duplicate_of IS NOT NULL THEN 'set_aside' "
+    "WHEN p.duplicate_group IS NOT NULL THEN 'kept' ELSE 'none' END",
     "day": "CAST(timezone('UTC', p.scored_at) AS DATE)",
 }
+
+
+#: A stored image's near-duplicate states, as the ``duplicates`` filter and facet name them.
+DUPLICATE_STATES = ("none", "kept", "set_aside")
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class ImageQuery:
         human_labels: Labels people gave; ``""`` matches images nobody labelled.
         quality: Photo quality flags (``blurred``, ``dark``...), any of them; ``""`` matches
             photos with none (good, or not measured).
+        duplicates: Near-duplicate states (``DUPLICATE_STATES``), any of them: ``none`` (no
+            near-duplicate stored), ``kept`` (in a group, not set aside), ``set_aside``.
         min_confidence, max_confidence: Range of the Top-1 probability.
         min_distance, max_distance: Range of the distance to the nearest training image.
         batch_ids: Batches, any of them.
@@ -74,6 +82,7 @@ class ImageQuery:
     top1_classes: tuple[str, ...] | None = None
     human_labels: tuple[str, ...] | None = None
     quality: tuple[str, ...] | None = None
+    duplicates: tuple[str, ...] | None = None
     min_confidence: float | None = None
     max_confidence: float | None = None
     min_distance: float | None = None
@@ -94,6 +103,11 @@ class ImageQuery:
                 object.__setattr__(self, f.name, tuple(value))
             if isinstance(value, (list, tuple)) and len(value) > 100_000:
                 raise UserError(f"{f.name}: at most 100,000 values")
+        unknown = set(self.duplicates or ()) - set(DUPLICATE_STATES)
+        if unknown:
+            raise UserError(
+                f"duplicates must be among {', '.join(DUPLICATE_STATES)}, got {sorted(unknown)}"
+            )
         for lo, hi in (("min_confidence", "max_confidence"), ("min_distance", "max_distance")):
             a, b = getattr(self, lo), getattr(self, hi)
             if a is not None and b is not None and a > b:
@@ -121,6 +135,8 @@ class ImageQuery:
                 "list_has_any(string_split(coalesce(p.quality_flags, ''), '+'), ?::VARCHAR[])"
             )
             params.append(list(self.quality))
+        if self.duplicates is not None:
+            any_of(f"({FACETS['duplicates']})", self.duplicates, "VARCHAR")
         for expr, lo, hi in (
             ("p.top1_prob", self.min_confidence, self.max_confidence),
             ("p.neighbor_distance", self.min_distance, self.max_distance),
@@ -161,9 +177,9 @@ ROW_FIELDS = tuple(c for c in PREDICTION_COLUMNS if c not in ("width", "height",
 )
 _COLUMNS = (
     ", ".join("epoch_us(p.scored_at)" if c == "scored_at" else f"p.{c}" for c in ROW_FIELDS)
-    + ", h.label"
+    + ", h.label, p.duplicate_group, p.duplicate_of"
 )
-_KEYS = (*ROW_FIELDS, "human_label")
+_KEYS = (*ROW_FIELDS, "human_label", "duplicate_group", "duplicate_of")
 
 
 def browse(
@@ -193,8 +209,17 @@ def browse(
             ).fetchall()[0][0]
             else "(SELECT NULL::VARCHAR AS sha256, NULL::VARCHAR AS label WHERE false)"
         )  # a read-only store of an older release has no labels yet
+        rows_of = (
+            "predictions"
+            if cur.execute(
+                "SELECT count(*) FROM duckdb_columns() WHERE table_name = 'predictions' "
+                "AND column_name = 'duplicate_of'"
+            ).fetchall()[0][0]
+            else "(SELECT *, NULL::BIGINT AS duplicate_group, NULL::BIGINT AS duplicate_of "
+            "FROM predictions)"
+        )  # nor near-duplicates
         base = (
-            f"FROM predictions p LEFT JOIN {labels} h ON h.sha256 = p.sha256 "
+            f"FROM {rows_of} p LEFT JOIN {labels} h ON h.sha256 = p.sha256 "
             f"WHERE p.model_version = ? AND {where}"
         )
         total = int(cur.execute(f"SELECT count(*) {base}", params).fetchall()[0][0])

@@ -285,6 +285,7 @@ def review_tab(service: Service) -> Panel:
         labels: list[str] | None,
         reasons: list[str] | None,
         quality: list[str] | None,
+        duplicates: list[str] | None,
         classes: list[str] | None,
         person: str | None,
         max_conf: float | None,
@@ -300,6 +301,7 @@ def review_tab(service: Service) -> Panel:
             labels=tuple(labels) if labels else None,
             reasons=tuple(reasons) if reasons else None,
             quality=tuple(quality) if quality else None,
+            duplicates=tuple(duplicates) if duplicates else None,
             top1_classes=tuple(classes) if classes else None,
             human_labels=None
             if person in (None, "any")
@@ -434,6 +436,16 @@ def review_tab(service: Service) -> Panel:
             choices=[(k.replace("_", " "), k) for k in QUALITY_KINDS] + [("good", "")],
             elem_id="review-quality",
         )
+        f_dups = gr.Dropdown(
+            label="Near-duplicates",
+            multiselect=True,
+            choices=[
+                ("no near-duplicate", "none"),
+                ("kept of a group", "kept"),
+                ("set aside", "set_aside"),
+            ],
+            elem_id="review-duplicates-filter",
+        )
         f_class = gr.Dropdown(
             label="Top-1 class", multiselect=True, choices=[], elem_id="review-class"
         )
@@ -561,6 +573,7 @@ def review_tab(service: Service) -> Panel:
         f_label,
         f_reason,
         f_quality,
+        f_dups,
         f_class,
         f_person,
         f_conf,
@@ -576,7 +589,7 @@ def review_tab(service: Service) -> Panel:
     def to_first(*args: Any) -> tuple:
         return show(1, *args)
 
-    for control in (f_label, f_reason, f_quality, f_class, f_person, f_sort):
+    for control in (f_label, f_reason, f_quality, f_dups, f_class, f_person, f_sort):
         control.change(to_first, [size, *filters], outputs, show_progress="hidden")
     for control in (f_dist, f_cluster, f_batch, f_days):
         control.submit(to_first, [size, *filters], outputs, show_progress="hidden")

@@ -116,12 +116,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def cost(version, paths: list[str], pairs: int) -> dict:
-    """Engine throughput with and without the quality measures, alternated; median ratio."""
+def cost(version, paths: list[str], pairs: int, of: str = "quality") -> dict:
+    """Engine throughput with and without ``of`` (the quality measures, or the pixel signature
+    with the measures on in both, as scoring runs), alternated; median ratio."""
     from imagesieve.classifier import ScoringEngine
 
+    base = {"quality": True} if of == "signature" else {}
     engines = {
-        q: ScoringEngine(version.onnx_path, version.config, quality=q) for q in (False, True)
+        q: ScoringEngine(version.onnx_path, version.config, **base, **{of: q})
+        for q in (False, True)
     }
     for e in engines.values():  # warm-up: sessions, page cache
         sum(len(b) for b in e.run(paths[:64]))
@@ -133,7 +136,7 @@ def cost(version, paths: list[str], pairs: int) -> dict:
             for batch in engines[q].run(paths):
                 n += sum(r.error is None for r in batch)
                 if q:
-                    assert all(r.quality is not None for r in batch if r.error is None)
+                    assert all(getattr(r, of) is not None for r in batch if r.error is None)
             assert n == len(paths)
             rates[q].append(n / (time.perf_counter() - t))
     ratios = [w / wo for w, wo in zip(rates[True], rates[False], strict=True)]
@@ -198,7 +201,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=5, help="alternated engine runs with / without")
     ap.add_argument("--per-level", type=int, default=100, help="held-out images per strength")
-    ap.add_argument("--sets", default=",".join(SETS))
+    ap.add_argument("--sets", default=",".join(SETS), help="sets to detect on ('' for none)")
+    ap.add_argument(
+        "--cost-of",
+        choices=["quality", "signature"],
+        default="quality",
+        help="what section 1 times: the quality measures, or the near-duplicate pixel signature "
+        "(measures on in both runs)",
+    )
     args = ap.parse_args()
 
     from imagesieve._workspace import Workspace
@@ -212,24 +222,27 @@ def main() -> None:
     )
     elpv = [str(p) for p, _ in image_set("elpv", DATA)]
     c = (
-        cost(version, elpv, args.pairs)
+        cost(version, elpv, args.pairs, args.cost_of)
         if args.pairs
         else {"rates": {False: [0], True: [0]}, "ratios": [], "ratio": float("nan")}
     )
-    print(f"\n## 1. Cost: the engine over {len(elpv)} ELPV images, with and without quality")
+    of = args.cost_of
+    print(f"\n## 1. Cost: the engine over {len(elpv)} ELPV images, with and without {of}")
     print("| run | img/s per run | median |")
     print("|---|---|---|")
-    for q, label in ((False, "without quality"), (True, "with quality")):
+    for q, label in ((False, f"without {of}"), (True, f"with {of}")):
         runs = ", ".join(f"{r:.1f}" for r in c["rates"][q])
         print(f"| {label} | {runs} | {statistics.median(c['rates'][q]):.1f} |")
     ratios = ", ".join(f"{r:.3f}" for r in c["ratios"])
     print(
         f"\nwith / without, per pair: {ratios}; median **{c['ratio']:.3f}** "
-        f"(cost {1 - c['ratio']:+.1%}; target: cost <= 5%). Peak RSS {peak_rss_mb():.0f} MB."
+        f"(cost {1 - c['ratio']:+.1%}"
+        + ("; target: cost <= 5%" if of == "quality" else "")
+        + f"). Peak RSS {peak_rss_mb():.0f} MB."
     )
 
     print("\n## 2. Detection: calibrated on 60% of each set, tried on the other 40%")
-    results = [detection(s, version.config, args.per_level) for s in args.sets.split(",")]
+    results = [detection(s, version.config, args.per_level) for s in args.sets.split(",") if s]
     for r in results:
         print(
             f"\n### {r['set']}: calibrated on {r['train']} images in {r['calibrate_s']:.1f} s, "

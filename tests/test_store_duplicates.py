@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,24 @@ def test_near_duplicates__cli_api_and_sql(batches, capsys):
         assert r.status_code == 200 and r.json()["total"] == 2  # the CLI's and this one
         r = requests.get(f"{base}/images", params={"duplicates": "gone"}, timeout=30)
         assert r.status_code == 422
+        # predictions a server stores are linked when its writer folds them into DuckDB
+        version = get_version(ws).name
+        original = sorted(first.glob("*.png"))[-1]
+        copy = near_copy(original, first.parent / "live-copy.png")
+        r = requests.post(
+            f"{base}/predict", files={"file": (copy.name, copy.read_bytes())}, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["already_stored"] is False, r.text
+        new = r.json()["id"]
+        deadline = time.monotonic() + 30
+        while service.store._pending or service.store.duplicates.checked_upto(version) < new:
+            assert time.monotonic() < deadline, "the writer did not link the new row"
+            time.sleep(0.2)
+        linked = service.sql(
+            f"SELECT p.duplicate_group = o.duplicate_group FROM predictions p, predictions o "
+            f"WHERE p.id = {new} AND o.source = '{original}'"
+        ).rows
+        assert linked == [(True,)]
         schema = requests.get(server.url + "/api/v1/openapi.json", timeout=30).json()
         assert "/api/v1/duplicates" in schema["paths"]
         assert "/api/v1/duplicates/keep" in schema["paths"]

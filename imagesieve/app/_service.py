@@ -34,6 +34,7 @@ from imagesieve._errors import SieveError, UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     UNKNOWN,
+    DuplicateRule,
     EngineResult,
     Prediction,
     Predictor,
@@ -623,11 +624,20 @@ class Service:
         self._upgrade_soon(version)
 
     def _fold(self) -> None:
-        """Fold the journaled groups into DuckDB (the writer thread); a failure waits for the next."""
+        """Fold the journaled groups into DuckDB (the writer thread); a failure waits for the next.
+
+        The folded rows are then linked to their near-duplicates, as a scoring batch's are.
+        """
         try:
             self.store.fold()
         except Exception:  # the rows stay in the journal and in memory; the next fold retries
             log.exception("moving journaled rows into the store failed")
+            return
+        version = self.version
+        try:
+            self.store.duplicates.catch_up(version.name, DuplicateRule.of_version(version.meta))
+        except Exception:  # the next fold (or a listing) links them
+            log.exception("linking near-duplicates failed")
 
     def _upgrade_soon(self, version: str) -> bool:
         """Upkeep of the version's index on a thread: HNSW past FLAT_MAX, re-tuned when doubled.

@@ -113,3 +113,27 @@ def test_vector_index__build_picks_the_kind_by_size(tmp_path, monkeypatch, n, ki
     monkeypatch.setattr(_vectors, "FLAT_MAX", 500)
     index = VectorIndex.build(tmp_path / "v.faiss", 64, np.arange(n), blobs(n))
     assert index.kind == kind and index.ntotal == n
+
+
+@pytest.mark.parametrize("n", [900, 1600])
+def test_vector_index__built_from_chunks_as_from_one_array(tmp_path, monkeypatch, n):
+    """A rebuild streams DuckDB's rows in chunks: the same index as built from one array."""
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 1000)
+    x, q = blobs(n), blobs(20, seed=5)
+    ids = np.arange(n) * 3 + 1
+    chunks = [(ids[a : a + 256], x[a : a + 256]) for a in range(0, n, 256)]
+    streamed = VectorIndex.build_chunks(tmp_path / "s.faiss", 64, iter(chunks), n)
+    whole = VectorIndex.build(tmp_path / "w.faiss", 64, ids, x)
+    assert streamed.kind == whole.kind == ("flat" if n <= 1000 else "hnsw")
+    assert np.array_equal(streamed.ids(), ids) and streamed.ntotal == n
+    assert np.array_equal(streamed.vectors()[1], x)
+    got, _ = streamed.search(q, 10)
+    want, _ = whole.search(q, 10)
+    if streamed.kind == "flat":
+        assert np.array_equal(got, want)
+    else:  # both graphs find the exact neighbours (almost all)
+        exact = ids[exact_top_k(q, x, 10)]
+        assert np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, exact, strict=True)]) >= 0.97
+    assert [c[0].tolist() for c in streamed.chunks(size=500)] == [
+        ids[a : a + 500].tolist() for a in range(0, n, 500)
+    ]

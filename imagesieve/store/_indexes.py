@@ -118,12 +118,15 @@ class IndexSet:
 
     @locked
     def rebuild(self, model_version: str) -> IndexCheck:
-        """Build a version's FAISS index afresh from the embeddings in DuckDB, and save it."""
+        """Build a version's FAISS index afresh from the embeddings in DuckDB, and save it.
+
+        The rows are streamed in chunks into the index: the index and one chunk in memory.
+        """
         t0 = time.perf_counter()
         dim = self.store._vector_dim(model_version)
-        ids, vectors = self.store._vectors_all(model_version, dim or 1)
-        index = VectorIndex.build(self.path(model_version), dim or 1, ids, vectors)
-        del vectors
+        n = self.store._vector_stats(model_version)[0]
+        chunks = self.store._vector_chunks(model_version, dim or 1)
+        index = VectorIndex.build_chunks(self.path(model_version), dim or 1, chunks, n)
         if not self.read_only:
             index.save()
         self._loaded[model_version] = index

@@ -88,6 +88,8 @@ CONNECTION_CONFIG = {
 BATCH_COUNTS = ("n_items", "n_scored", "n_skipped", "n_unknown", "n_failed")
 #: Rows read per chunk when rebuilding or catching up an index from DuckDB.
 READ_CHUNK = 8192
+#: DuckDB's memory limit while every embedding of a version streams out (an index rebuild).
+STREAM_MEMORY = "128MB"
 #: A batch report's own columns, after the input sheet's (``Store.batch_items``).
 BATCH_ITEM_FIELDS = (
     "item",
@@ -1165,14 +1167,28 @@ class Store:
         ).fetchnumpy()["id"]
         return np.asarray(ids, dtype=np.int64)
 
-    def _vectors_all(self, model_version: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """All of a version's (ids, embeddings) from DuckDB, read in chunks into one array."""
-        n = self._vector_stats(model_version)[0]
+    def _vector_chunks(
+        self, model_version: str, dim: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """A version's (ids, embeddings) from DuckDB, READ_CHUNK rows at a time (holds the lock).
+
+        DuckDB's memory limit is lowered meanwhile: a one-off read of every embedding would
+        otherwise stay cached beside the index being built (``release_cache``).
+        """
+        import pyarrow as pa
+
         query = (
             f"SELECT e.id, e.embedding FROM {self._embeddings_of(dim)} e "
             "JOIN predictions p USING (id) WHERE p.model_version = ?"
         )
-        return _fill_vectors(self._db.sql(query, params=[model_version]), n, dim)
+        with self._connection() as con:
+            limit = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+            con.execute(f"SET memory_limit = '{STREAM_MEMORY}'")
+            try:
+                for batch in con.sql(query, params=[model_version]).to_arrow_reader(READ_CHUNK):
+                    yield embedding_matrix(pa.Table.from_batches([batch]), dim)
+            finally:
+                con.execute(f"SET memory_limit = '{limit}'")
 
     def sample_vectors(
         self, model_version: str, max_rows: int, seed: int = 0

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,13 +161,30 @@ class VectorIndex:
 
         An HNSW graph is built on ``threads`` threads (default: every core).
         """
+        return cls.build_chunks(path, dim, [(ids, vectors)], len(ids), threads)
+
+    @classmethod
+    def build_chunks(
+        cls,
+        path: Path,
+        dim: int,
+        chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+        n: int,
+        threads: int | None = None,
+    ) -> VectorIndex:
+        """``build`` from (ids, vectors) chunks of ``n`` vectors in all, added as they come.
+
+        Only the index and one chunk are in memory at a time (a rebuild streams DuckDB's rows).
+        """
         index = cls(path, dim)
-        if len(ids) > FLAT_MAX:
-            index._make_hnsw(
-                np.asarray(ids, np.int64), np.ascontiguousarray(vectors, np.float32), threads
-            )
+        if n > FLAT_MAX:
+            index._make_hnsw_chunks(chunks, threads, n)
         else:
-            index.add(ids, vectors)
+            import faiss
+
+            _reserve(faiss.downcast_index(index.index.index), n)
+            for ids, vectors in chunks:
+                index.add(ids, vectors)
         index.dirty = True
         return index
 
@@ -186,6 +203,16 @@ class VectorIndex:
         return self.ids()[start:], inner.reconstruct_n(start, n) if n else np.zeros(
             (0, self.dim), np.float32
         )
+
+    def chunks(self, size: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The (ids, vectors) held, ``size`` at a time in insertion order (no full copy)."""
+        import faiss
+
+        inner = faiss.downcast_index(self.index.index)
+        ids = self.ids()
+        for a in range(0, len(ids), size):
+            m = min(size, len(ids) - a)
+            yield ids[a : a + m], inner.reconstruct_n(a, m)
 
     @property
     def outgrown(self) -> bool:
@@ -223,16 +250,35 @@ class VectorIndex:
         self.dirty = True
 
     def _make_hnsw(self, ids: np.ndarray, vectors: np.ndarray, threads: int | None = None) -> None:
+        self._make_hnsw_chunks([(ids, vectors)], threads)
+
+    def _make_hnsw_chunks(
+        self,
+        chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+        threads: int | None = None,
+        n: int | None = None,
+    ) -> None:
+        """Replace the index by an HNSW graph of the (ids, vectors) chunks, then tune it.
+
+        ``n``, the vectors to come, sizes the graph's vector storage once up front.
+        """
         import faiss
 
         t0 = time.perf_counter()
         faiss.omp_set_num_threads(threads or os.cpu_count() or 1)  # this thread's OpenMP team
         inner = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        if n:
+            _reserve(faiss.downcast_index(inner.storage), n)
         index = faiss.IndexIDMap2(inner)
-        index.add_with_ids(vectors, ids)
+        for ids, vectors in chunks:
+            if len(ids):
+                index.add_with_ids(
+                    np.ascontiguousarray(vectors, np.float32).reshape(len(ids), self.dim),
+                    np.ascontiguousarray(ids, np.int64),
+                )
         self.index = index
-        self.info = {"built_at": len(ids), "build_seconds": round(time.perf_counter() - t0, 2)}
+        self.info = {"built_at": index.ntotal, "build_seconds": round(time.perf_counter() - t0, 2)}
         self.tune()
 
     def tune(self, guard: contextlib.AbstractContextManager | None = None) -> None:
@@ -338,8 +384,8 @@ class VectorIndex:
         """Write the index atomically (temp file + rename), then its sidecar."""
         import faiss
 
-        if self.outgrown:
-            self._make_hnsw(*self.vectors())  # once, when a run ends, not while it scores
+        if self.outgrown:  # once, when a run ends, not while it scores
+            self._make_hnsw_chunks(self.chunks(), n=self.ntotal)
         elif self.retune_due:
             self.tune()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +421,18 @@ class VectorIndex:
             return int(side["count"]), int(side["max_id"]), int(side["id_sum"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+
+def _reserve(flat: Any, n: int) -> None:
+    """Size an empty flat index's vector storage for ``n`` vectors before they are added.
+
+    Added chunk by chunk, the storage would grow by doubling, each time holding the old and
+    the new copy at once (twice the vectors, measured in ``bench/bench_rebuild.py``). Growing
+    it once and shrinking it back keeps the capacity (a C++ vector's never shrinks).
+    """
+    if flat.ntotal == 0 and n > 0:
+        flat.codes.resize(n * flat.code_size)
+        flat.codes.resize(0)
 
 
 def _file_crc32(path: Path) -> tuple[int, int]:

@@ -629,14 +629,16 @@ class Service:
         The folded rows are then linked to their near-duplicates, as a scoring batch's are.
         """
         try:
-            self.store.fold()
+            folded = self.store.fold()
         except Exception:  # the rows stay in the journal and in memory; the next fold retries
             log.exception("moving journaled rows into the store failed")
             return
-        version = self.version
+        if not folded:  # an idle tick: nothing new to link
+            return
         try:
+            version = self.version
             self.store.duplicates.catch_up(version.name, DuplicateRule.of_version(version.meta))
-        except Exception:  # the next fold (or a listing) links them
+        except Exception:  # the next fold, batch or listing links them
             log.exception("linking near-duplicates failed")
 
     def _upgrade_soon(self, version: str) -> bool:

@@ -7,6 +7,7 @@ Keep-one sets a group's other images aside (not clustered, not promoted), record
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from imagesieve._workspace import Workspace
@@ -50,14 +51,14 @@ def list_duplicates(
     rule = _rule(version)
     if store is None and not (ws.root / STORE_FILE).is_file():
         empty: dict[str, Any] = {"total": 0, "groups": []}
-        return {"model_version": version.name, "rule": rule.__dict__, "near": empty, "exact": empty}
+        return {"model_version": version.name, "rule": asdict(rule), "near": empty, "exact": empty}
     with using_store(ws, store, check=False) as store:
         store.duplicates.catch_up(version.name, rule)
         total, groups = store.duplicates.groups(version.name, limit, offset)
         exact_total, exact = store.duplicates.exact(limit, offset)
     return {
         "model_version": version.name,
-        "rule": rule.__dict__,
+        "rule": asdict(rule),
         "near": {"total": total, "groups": [g.to_dict() for g in groups]},
         "exact": {"total": exact_total, "groups": exact},
     }

@@ -494,7 +494,7 @@ def promote_cluster(
         before = {p.name for p in dest.iterdir()}
         aside = store.duplicates.set_aside_among(version, [m.id for m in members])
         taken = [m for m in members if m.id not in excluded and m.id not in aside]
-        result.set_aside = len([m for m in members if m.id in aside and m.id not in excluded])
+        result.set_aside = len(aside - excluded)
         result.excluded = len(members) - len(taken) - result.set_aside
         result.near_training = near_training(store, info, [m.id for m in taken])
         labels_before = store.audit.labels([m.sha256 for m in taken])

@@ -12,12 +12,13 @@ duplicates of the row kept: they are not clustered and not promoted.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from imagesieve.classifier import DuplicateRule, signature_similarity
+from imagesieve.classifier import DuplicateRule, assign_near_duplicates, signature_similarity
+from imagesieve.store._schema import shared_sql
 
 if TYPE_CHECKING:
     from imagesieve.store._store import Store
@@ -57,12 +58,8 @@ class DuplicateGroup:
     kept: int | None = None  # the row a person kept, when the others are set aside
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "group_id": self.group_id,
-            "size": self.size,
-            "kept": self.kept,
-            "members": self.members,
-        }
+        """JSON-ready form."""
+        return asdict(self)
 
 
 class NearDuplicates:
@@ -125,10 +122,10 @@ class NearDuplicates:
         self, rule: DuplicateRule, index: Any, ids: np.ndarray, emb: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """The (a, b) id pairs of new rows ``ids`` and stored rows that the rule calls duplicates."""
-        I, D = index.search(emb, NEIGHBOURS + 1)
+        D, I = assign_near_duplicates(emb, index, rule.reach, k=NEIGHBOURS + 1)
         a = np.repeat(ids, I.shape[1])
         b, d = I.ravel(), D.ravel()
-        found = (b >= 0) & (b != a) & (d <= rule.reach + TOLERANCE)
+        found = (b >= 0) & (b != a)
         a, b, d = a[found], b[found], d[found]
         close = d <= rule.distance + TOLERANCE
         loose = np.flatnonzero(~close)
@@ -151,13 +148,10 @@ class NearDuplicates:
         con = self.store._con
         con.register("_sig_ids", pa.table({"id": pa.array(ids, pa.int64())}))
         try:
-            shared = (
-                "LEFT JOIN shared_features f ON f.id = w.id "
-                "JOIN signatures s ON s.id = coalesce(f.of_id, w.id)"
-                if self.store._shared
-                else "JOIN signatures s ON s.id = w.id"
-            )
-            rows = con.execute(f"SELECT w.id, s.signature FROM _sig_ids w {shared}").fetchall()
+            table = shared_sql("signatures", "signature", self.store._shared)
+            rows = con.execute(
+                f"SELECT w.id, s.signature FROM _sig_ids w JOIN {table} s USING (id)"
+            ).fetchall()
         finally:
             con.unregister("_sig_ids")
         return {int(i): np.frombuffer(s, np.int8) for i, s in rows}

@@ -1181,14 +1181,9 @@ class Store:
             f"SELECT e.id, e.embedding FROM {self._embeddings_of(dim)} e "
             "JOIN predictions p USING (id) WHERE p.model_version = ?"
         )
-        with self._connection() as con:
-            limit = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
-            con.execute(f"SET memory_limit = '{STREAM_MEMORY}'")
-            try:
-                for batch in con.sql(query, params=[model_version]).to_arrow_reader(READ_CHUNK):
-                    yield embedding_matrix(pa.Table.from_batches([batch]), dim)
-            finally:
-                con.execute(f"SET memory_limit = '{limit}'")
+        with self._connection() as con, self._memory_limit(STREAM_MEMORY):
+            for batch in con.sql(query, params=[model_version]).to_arrow_reader(READ_CHUNK):
+                yield embedding_matrix(pa.Table.from_batches([batch]), dim)
 
     def sample_vectors(
         self, model_version: str, max_rows: int, seed: int = 0
@@ -1225,9 +1220,21 @@ class Store:
         embeddings would otherwise keep ~230 MB that nothing else reads soon. Lowering the
         limit for a moment evicts them; the limit is then put back.
         """
-        limit = self._con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
-        self._con.execute("SET memory_limit = '16MB'")
+        with self._memory_limit("16MB"):
+            pass
+
+    @contextlib.contextmanager
+    def _memory_limit(self, limit: str) -> Iterator[None]:
+        """Hold DuckDB's memory limit at ``limit`` for the block, then put it back.
+
+        Lowering it evicts the cached pages beyond it. The caller holds the lock.
+        """
+        was = self._con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
         self._con.execute(f"SET memory_limit = '{limit}'")
+        try:
+            yield
+        finally:
+            self._con.execute(f"SET memory_limit = '{was}'")
 
     def point_fields(self, model_version: str, ids: np.ndarray) -> dict[str, list]:
         """Label, reason, Top-1 class and cluster of stored rows, in the order of ``ids``."""

@@ -309,6 +309,7 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
     from imagesieve.ingest import (
         POOR_QUALITY_FOLDER,
         FetchOptions,
+        RayOptions,
         ScoreOptions,
         drift_words,
         score_inputs,
@@ -325,6 +326,7 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
         sort_into=args.sort_into,
         keep_images=args.keep_images,
         fetch=FetchOptions(workers=args.fetch_workers, read_timeout=args.timeout),
+        ray=None if args.ray is None else RayOptions(args.ray or None, args.ray_actors),
     )
     with _progress(not args.json) as progress:
         summary = score_inputs(ws, args.inputs, opts, progress)
@@ -1219,6 +1221,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--timeout", type=float, default=15.0, help="URL read timeout in seconds (default 15)"
+    )
+    s.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="score on Ray: alone, a Ray started for the run; 'auto' or HOST:PORT, a cluster",
+    )
+    s.add_argument(
+        "--ray-actors",
+        type=int,
+        metavar="N",
+        help="model actors on Ray, one CPU each (default: the cluster's CPUs)",
     )
     s.add_argument(
         "--imagenet",

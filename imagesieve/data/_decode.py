@@ -62,6 +62,10 @@ class ImageLoadError(SieveError, ValueError):
         self.kind = kind
         self.reason = reason
 
+    def __reduce__(self) -> tuple:
+        """Pickle by its three fields (scoring on Ray ships items that failed already)."""
+        return type(self), (self.source, self.kind, self.reason)
+
     def detached(self) -> ImageLoadError:
         """This error without its traceback, cause and context.
 

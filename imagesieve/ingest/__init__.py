@@ -12,6 +12,7 @@ from imagesieve.ingest._batches import (
 )
 from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import ArchiveLimits, InputError, expand_inputs
+from imagesieve.ingest._ray import RayOptions
 from imagesieve.ingest._score import (
     HISTORY_FILE,
     POOR_QUALITY_FOLDER,
@@ -38,6 +39,7 @@ __all__ = [
     "ArchiveLimits",
     "FetchOptions",
     "InputError",
+    "RayOptions",
     "ScoreOptions",
     "ScoreSummary",
     "ScoringSession",

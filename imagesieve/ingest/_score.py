@@ -32,6 +32,7 @@ from imagesieve.data import ImageLoadError, read_zip_member, sort_into
 from imagesieve.ingest._batches import write_batch_report
 from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import ArchiveLimits, InputItem, expand_inputs
+from imagesieve.ingest._ray import RayOptions
 from imagesieve.ingest._session import ScoringSession
 from imagesieve.models import ModelVersion, get_version
 from imagesieve.store import (
@@ -97,6 +98,8 @@ class ScoreOptions:
     #: Score the images stored with this version (their kept copy, else the original file or
     #: zip member) instead of ``inputs``: a new version's view of the history.
     history_of: str | None = None
+    #: Score on a Ray cluster (``ingest._ray``) instead of this machine's engine.
+    ray: RayOptions | None = None
 
 
 @dataclass
@@ -126,6 +129,8 @@ class ScoreSummary:
     drift: dict[str, Any] | None = None
     #: Images of this batch that nearly duplicate another stored image (None: not checked).
     near_duplicates: int | None = None
+    #: Where a ``--ray`` run scored (``ingest._ray.ray_plan``); None on this machine.
+    ray: dict[str, Any] | None = None
 
     @property
     def unknown(self) -> int:
@@ -166,6 +171,7 @@ class ScoreSummary:
             "index": [c.__dict__ for c in self.index_checks],
             "drift": self.drift,
             "near_duplicates": self.near_duplicates,
+            "ray": self.ray,
             "predictions": [p.to_dict() for p in self.shown],
         }
 
@@ -543,6 +549,34 @@ def _copy_for(name: str, pred: Prediction) -> Prediction:
     return replace(pred, source=name, embedding=None, probs=None, max_pooled=None, skipped=True)
 
 
+def _scored(
+    predictor: Predictor, items: Iterator[InputItem], opts: ScoreOptions, run: _Run
+) -> Iterator[list[tuple[InputItem, Prediction]]]:
+    """Each item paired with its prediction, a group at a time: here, or on Ray (``opts.ray``)."""
+    if opts.ray is not None:
+        from imagesieve.ingest._ray import ray_batches, ray_plan, ray_session
+
+        store, version = run.session.store, run.session.version
+        stored = [] if opts.rescore else store.stored_content(version)
+        wants = (run.session.keep_policy, bool(opts.sort_into))
+        with ray_session(opts.ray) as ray:
+            run.summary.ray = ray_plan(ray, opts.ray)
+            actors = run.summary.ray["actors"]
+            yield from ray_batches(
+                ray, predictor, items, stored, opts.ray, opts.fetch, wants, actors
+            )
+        return
+    queue: deque[InputItem] = deque()
+
+    def feed() -> Iterator[tuple[str, Any]]:
+        for item in fetch_items(items, opts.fetch):
+            queue.append(item)
+            yield item.name, item.error if item.error is not None else item.source
+
+    for batch in predictor.score_batches(feed(), skip=run.skip):
+        yield [(queue.popleft(), pred) for pred in batch]
+
+
 def score_inputs(
     ws: Workspace,
     inputs: Sequence[str],
@@ -626,16 +660,9 @@ def score_inputs(
             items = _history_items(
                 ws, store.stored_images(opts.history_of, missing_from=version.name)
             )
-        queue: deque[InputItem] = deque()
-
-        def feed() -> Iterator[tuple[str, Any]]:
-            for item in fetch_items(items, opts.fetch):
-                queue.append(item)
-                yield item.name, item.error if item.error is not None else item.source
-
         try:
-            for batch in predictor.score_batches(feed(), skip=run.skip):
-                run.handle([(queue.popleft(), pred) for pred in batch])
+            for group in _scored(predictor, items, opts, run):
+                run.handle(group)
                 progress("scoring", summary.items, 0)
             if expander is not None:
                 summary.ignored = list(expander.ignored)

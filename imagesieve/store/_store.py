@@ -512,6 +512,11 @@ class Store:
                 content = self._stored_content(model_version)
         return sha256 in content
 
+    @locked
+    def stored_content(self, model_version: str) -> list[str]:
+        """The content (SHA-256 hex) stored with ``model_version``, as of now."""
+        return list(self._stored_content(model_version))
+
     def _stored_content(self, model_version: str) -> set[str]:
         """The live set behind ``has_content``, read once and kept up to date by ``commit``."""
         if model_version not in self._content:

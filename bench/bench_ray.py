@@ -5,7 +5,7 @@ images into a fresh store: the local engine, then Ray (order alternating per pai
 speed drifts by up to 25% within minutes). Reported: images/s, the median of the pairs' ratios,
 whether both stored the same predictions, the driver's peak memory and CPU per image (its
 ceiling: the driver alone expands inputs, receives results and writes the store), and Ray with
-one actor (images/s per worker core).
+one actor (images/s per worker core), and Ray with Parquet shards (``--ray-shards``).
 
 Usage: python bench/bench_ray.py [--pairs 3] [--n 2624]
 """
@@ -52,7 +52,8 @@ def child(kind: str, ws: str, address: str, actors: int, n: int) -> None:
     from imagesieve.ingest import RayOptions, ScoreOptions, score_inputs
 
     paths = [str(im.path) for im in elpv_images()][:n]
-    ray = RayOptions(address, actors or None) if kind == "ray" else None
+    shards = str(Path(ws) / "shards") if kind == "shards" else None
+    ray = RayOptions(address, actors or None, shards=shards) if kind != "local" else None
     start, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     summary = score_inputs(Workspace(ws), paths, ScoreOptions(keep_images="none", ray=ray))
     seconds = time.perf_counter() - start
@@ -160,6 +161,8 @@ def main() -> None:
                 f"ray {got['ray']['rate']:.1f}/s, ratio {ratios[-1]:.3f}"
             )
         one = run("ray", address, args.n, actors=1)
+        sharded = run("shards", address, args.n)
+        halves = {kind: run(kind, address, args.n // 2) for kind in ("ray", "shards")}
     finally:
         subprocess.run([str(RAY), "stop", "--force"], capture_output=True)
 
@@ -178,18 +181,35 @@ def main() -> None:
         f"| ray, 1 actor | {one['rate']:.1f} | {one['driver_cpu_ms']:.2f} | "
         f"{one['driver_peak_mb']:.0f} |"
     )
+    print(
+        f"| ray, Parquet shards | {sharded['rate']:.1f} | {sharded['driver_cpu_ms']:.2f} | "
+        f"{sharded['driver_peak_mb']:.0f} |"
+    )
     print()
     print(
         f"Ray / local throughput: median {statistics.median(ratios):.3f} "
         f"(pairs {', '.join(f'{r:.3f}' for r in ratios)}; target >= 0.6)"
     )
     print(compare(docs["local"][-1]["ws"], docs["ray"][-1]["ws"]))
-    ceiling = 1000 / med("ray", "driver_cpu_ms")
-    print(
-        f"scaling: one actor {one['rate']:.1f} images/s per worker core; the driver (inputs, "
-        f"results, the store writer) spends {med('ray', 'driver_cpu_ms'):.2f} ms CPU an image: "
-        f"ceiling ~{ceiling:.0f} images/s, about {ceiling / one['rate']:.0f} worker cores"
-    )
+    print("shards: " + compare(docs["local"][-1]["ws"], sharded["ws"]))
+
+    def marginal(full: dict, half: dict) -> float:
+        """Driver CPU ms per image past the fixed start (imports, Ray, model, index, report)."""
+        cpu = full["driver_cpu_ms"] * full["scored"] - half["driver_cpu_ms"] * half["scored"]
+        return cpu / (full["scored"] - half["scored"])
+
+    for what, full, half in (
+        ("results streamed", docs["ray"][-1], halves["ray"]),
+        ("Parquet shards", sharded, halves["shards"]),
+    ):
+        ms = marginal(full, half)
+        ceiling = 1000 / ms
+        print(
+            f"scaling, {what}: one actor {one['rate']:.1f} images/s per worker core; the driver "
+            f"(inputs, results, the store writer) spends {ms:.3f} ms CPU an image past its "
+            f"fixed start ({args.n} vs {args.n // 2} images): ceiling ~{ceiling:,.0f} images/s, "
+            f"about {ceiling / one['rate']:.0f} worker cores"
+        )
 
 
 if __name__ == "__main__":

@@ -315,6 +315,8 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
         score_inputs,
     )
 
+    if args.ray_shards and args.ray is None:
+        raise UserError("--ray-shards goes with --ray")
     opts = ScoreOptions(
         model=args.model,
         threshold=args.threshold,
@@ -326,7 +328,9 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
         sort_into=args.sort_into,
         keep_images=args.keep_images,
         fetch=FetchOptions(workers=args.fetch_workers, read_timeout=args.timeout),
-        ray=None if args.ray is None else RayOptions(args.ray or None, args.ray_actors),
+        ray=None
+        if args.ray is None
+        else RayOptions(args.ray or None, args.ray_actors, shards=args.ray_shards),
     )
     with _progress(not args.json) as progress:
         summary = score_inputs(ws, args.inputs, opts, progress)
@@ -1234,6 +1238,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="model actors on Ray, one CPU each (default: the cluster's CPUs)",
+    )
+    s.add_argument(
+        "--ray-shards",
+        metavar="DIR",
+        help="with --ray: actors write vectors as Parquet shards in DIR (shared by all nodes), "
+        "which the store inserts in bulk",
     )
     s.add_argument(
         "--imagenet",

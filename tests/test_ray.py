@@ -19,6 +19,7 @@ from httpserver import ImageServer
 
 from imagesieve._workspace import Workspace
 from imagesieve.ingest import RayOptions, ScoreOptions, score_inputs
+from imagesieve.store import VectorIndex
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).with_name("ray")
@@ -176,3 +177,53 @@ def test_ray__killed_driver_then_rerun_scores_every_image_once(
         (1, "interrupted"),
         (2, "done"),
     ]
+
+
+def vectors(ws) -> dict[str, list]:
+    """Each stored image's embedding, signature and head inputs, by content."""
+    return {
+        "embeddings": query(
+            ws,
+            "SELECT sha256, e.embedding FROM predictions JOIN embeddings e USING (id) ORDER BY 1",
+        ),
+        "signatures": query(
+            ws,
+            "SELECT sha256, s.signature FROM predictions JOIN signatures s USING (id) ORDER BY 1",
+        ),
+        "heads": query(
+            ws,
+            "SELECT sha256, h.avg_norm, h.max_pooled FROM predictions JOIN head_inputs h "
+            "USING (id) ORDER BY 1",
+        ),
+    }
+
+
+def test_ray__parquet_shards_store_the_same_rows_and_vectors(
+    ray_cluster, trained, small_folder, elpv, tmp_path
+):
+    inputs = [str(small_folder), *(str(im.path) for im in elpv[600:640])]
+    local_ws = fresh_ws(trained, tmp_path / "local")
+    ray_ws = fresh_ws(trained, tmp_path / "ray")
+    local = score_inputs(local_ws, inputs, ScoreOptions(commit_rows=32))
+    shards = tmp_path / "shards"
+    opts = RayOptions(ray_cluster, batch_size=8, shards=str(shards))
+    on_ray = score_inputs(ray_ws, inputs, ScoreOptions(commit_rows=32, ray=opts))
+    assert on_ray.scored == local.scored > 100
+    a, b = stored(local_ws), stored(ray_ws)
+    assert a["rows"] == b["rows"] and a["failures"] == b["failures"]
+    assert a["kept"] == b["kept"] and a["kept"]  # the UNKNOWNs' copies, written by the driver
+    assert [i[:2] + i[3:] for i in a["items"]] == [i[:2] + i[3:] for i in b["items"]]
+    assert (on_ray.labels, on_ray.unknown_reasons) == (local.labels, local.unknown_reasons)
+    assert len(on_ray.failures) == len(local.failures) == 1 and len(on_ray.shown) == 50
+    index = VectorIndex.load(ray_ws.root / "index" / "v1.faiss")  # caught up at the end
+    assert sorted(index.ids().tolist()) == [
+        r[0] for r in query(ray_ws, "SELECT id FROM predictions ORDER BY 1")
+    ]
+    va, vb = vectors(local_ws), vectors(ray_ws)
+    assert all(len(va[k]) == on_ray.scored for k in va)
+    assert va == vb
+    assert shards.is_dir() and not any(shards.iterdir())  # the run's shards, stored, are gone
+    # every content once, and the index holds the rows DuckDB holds
+    assert query(ray_ws, "SELECT count(*) = count(DISTINCT sha256) FROM predictions") == [(True,)]
+    rerun = score_inputs(ray_ws, inputs, ScoreOptions(ray=opts))
+    assert rerun.scored == 0 and rerun.already_scored == on_ray.scored + on_ray.already_scored

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import uuid
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 #: Items per Ray Data dataset. Each window starts its actors once (the model loads in ~1 s); a
 #: window bounds what the driver holds of a huge input list.
 WINDOW = 20_000
+#: Predictions a shard's block sends back for the run's report.
+SHOW = 50
 #: Version files an actor needs to score (not the torch checkpoint nor the report).
 VERSION_FILES = ("meta.json", "model.onnx", "reference.csv", "reference.npy", "head.npz")
 
@@ -52,6 +55,11 @@ class RayOptions:
     actors: int | None = None
     batch_size: int = 32
     window: int = WINDOW
+    #: A folder every node can write and the driver read: actors write their blocks of
+    #: ``shard_rows`` scored items there as Parquet shards, which the store ingests in bulk
+    #: (None: results stream back to the driver item by item). Shards go once stored.
+    shards: str | None = None
+    shard_rows: int = 1024
     #: Arguments for ``ray.init`` when it starts Ray here (tests: a small object store).
     init: dict[str, Any] = field(default_factory=dict)
 
@@ -139,7 +147,8 @@ class _ScoreActor:
     """One Ray actor: the version's Predictor, fed a block of items at a time.
 
     Hashes are checked against the stored content before decoding; URLs are fetched here;
-    fetched bytes go back only for images the driver keeps or sorts.
+    fetched bytes go back only for images the driver keeps or sorts. With ``shards``, a block's
+    items go to a Parquet shard there instead (``_to_shard``).
     """
 
     def __init__(
@@ -151,6 +160,7 @@ class _ScoreActor:
         fetch: FetchOptions,
         stored: np.ndarray,
         wants: tuple[str, bool],
+        shards: str | None = None,
     ):
         from imagesieve.classifier import Predictor
         from imagesieve.models import ModelVersion
@@ -170,6 +180,10 @@ class _ScoreActor:
         self.stored = stored  # sorted (n,) S32 digests
         self.fetch = fetch
         self.keep_policy, self.sorting = wants
+        self.shards = shards
+        self.dim = next(
+            o.shape[1] for o in self.predictor.engine.session.get_outputs() if o.name == "embedding"
+        )
 
     def _skip(self, sha256: str) -> bool:
         digest = np.frombuffer(bytes.fromhex(sha256), "S32")[0]
@@ -182,6 +196,28 @@ class _ScoreActor:
             or self.keep_policy == "all"
             or (self.keep_policy == "unknown" and label == UNKNOWN)
         )
+
+    def _to_shard(self, fetched: list[InputItem], preds: list[Prediction]) -> dict[str, Any]:
+        """Write a block's items to a new shard; what the driver still needs of them.
+
+        That is the shard's path, the images to keep (content hash, bytes or a file's path) and
+        up to ``SHOW`` predictions without their vectors, for the run's report.
+        """
+        from imagesieve.store import write_shard
+
+        path = os.path.join(self.shards, f"{uuid.uuid4().hex}.parquet")
+        rows = [i.row for i in fetched]
+        write_shard(path, [i.index for i in fetched], preds, self.dim, rows)
+        kept = [
+            (p.sha256, i.source)
+            for i, p in zip(fetched, preds, strict=True)
+            if p.ok and self._wants(p.label) and i.source is not None
+        ]
+        shown = [
+            replace(p, embedding=None, probs=None, max_pooled=None, signature=None)
+            for p in preds[:SHOW]
+        ]
+        return {"path": path, "rows": len(fetched), "kept": kept, "shown": shown}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A block of items -> (index, Prediction, fetched bytes of URLs kept or sorted) each."""
@@ -198,6 +234,8 @@ class _ScoreActor:
         preds: list[Prediction] = []
         for part in self.predictor.score_batches(stream, skip=self._skip):
             preds.extend(part)
+        if self.shards is not None:
+            return {"row": np.array([self._to_shard(fetched, preds), None], dtype=object)[:-1]}
         content = [
             i.source if i.url is not None and p.ok and self._wants(p.label) else None
             for i, p in zip(fetched, preds, strict=True)
@@ -227,6 +265,42 @@ def _windows(items: Iterable[InputItem], size: int) -> Iterator[list[InputItem]]
         yield window
 
 
+def _dataset(
+    ray: Any,
+    predictor: Any,
+    window: list[InputItem],
+    digests: np.ndarray,
+    bundle: dict[str, bytes],
+    opts: RayOptions,
+    fetch: FetchOptions,
+    wants: tuple[str, bool],
+    actors: int,
+    shards: Path | None,
+) -> Any:
+    """The Ray Data dataset scoring one window of items on ``actors`` model actors."""
+    per_call = opts.batch_size if shards is None else opts.shard_rows
+    blocks = max(1, min(len(window) // per_call, actors * 8))
+    return ray.data.from_items(
+        [{"item": _shippable(item)} for item in window], override_num_blocks=blocks
+    ).map_batches(
+        _ScoreActor,
+        fn_constructor_kwargs={
+            "bundle": bundle,
+            "name": predictor.version.name,
+            "thresholds": (predictor.threshold, predictor.distance_threshold),
+            "batch_size": opts.batch_size,
+            "fetch": fetch,
+            "stored": digests,
+            "wants": wants,
+            "shards": None if shards is None else str(shards),
+        },
+        concurrency=actors,
+        num_cpus=1,
+        batch_size=per_call,
+        batch_format="numpy",
+    )
+
+
 def ray_batches(
     ray: Any,
     predictor: Any,
@@ -236,40 +310,27 @@ def ray_batches(
     fetch: FetchOptions,
     wants: tuple[str, bool],
     actors: int,
-) -> Iterator[list[tuple[InputItem, Prediction]]]:
-    """Score ``items`` on Ray with ``actors`` model actors; yields (item, prediction) groups.
+    shards: Path | None = None,
+) -> Iterator[Any]:
+    """Score ``items`` on Ray with ``actors`` model actors, as results come (not input order).
 
-    Groups come as actors finish them, not in input order.
-
+    Yields groups of (item, prediction); with ``shards`` (a folder the actors write their
+    blocks to, ``RayOptions.shards``), one dict per shard instead (``_ScoreActor._to_shard``).
     ``stored`` is the content (SHA-256 hex) to skip undecoded; ``wants`` the keep policy and
     whether images are sorted into folders (fetched bytes come back for those). An item whose
     URL was fetched on an actor comes back with its bytes as ``source`` when they are wanted.
     """
     digests = np.sort(np.array([bytes.fromhex(s) for s in stored], dtype="S32"))
     bundle = version_bundle(predictor.version.path)
-    thresholds = (predictor.threshold, predictor.distance_threshold)
+    if shards is not None:
+        shards.mkdir(parents=True, exist_ok=True)
     for window in _windows(items, opts.window):
         by_index = {item.index: item for item in window}
-        blocks = max(1, min(len(window) // opts.batch_size, actors * 8))
-        ds = ray.data.from_items(
-            [{"item": _shippable(item)} for item in window], override_num_blocks=blocks
-        ).map_batches(
-            _ScoreActor,
-            fn_constructor_kwargs={
-                "bundle": bundle,
-                "name": predictor.version.name,
-                "thresholds": thresholds,
-                "batch_size": opts.batch_size,
-                "fetch": fetch,
-                "stored": digests,
-                "wants": wants,
-            },
-            concurrency=actors,
-            num_cpus=1,
-            batch_size=opts.batch_size,
-            batch_format="numpy",
-        )
+        ds = _dataset(ray, predictor, window, digests, bundle, opts, fetch, wants, actors, shards)
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if shards is not None:
+                yield from out["row"]
+                continue
             group = []
             for index, pred, content in out["row"]:
                 item = by_index.pop(int(index))

@@ -8,6 +8,7 @@ so a killed run loses nothing committed and re-running the same command complete
 
 from __future__ import annotations
 
+import shutil
 import time
 import zipfile
 from collections import Counter, deque
@@ -69,6 +70,10 @@ IGNORED = "ignored"
 SCORED, RESCORED, ALREADY, FAILED = "scored", "rescored", "already_scored", "failed"
 #: How many outputs a summary keeps for display.
 SHOW = 50
+#: Shards' rows the store ingests per transaction at most (a DuckDB row group: 122,880), or
+#: what came in this many seconds (bench_ingest.py: 131,072 rows a transaction 2x as fast as
+#: 32,768).
+INGEST_ROWS, INGEST_SECONDS = 131_072, 30.0
 #: Stored rows a head-only retrain re-decides per transaction: ~400 MB of arrays at 1280-d.
 #: Fewer, larger transactions checkpoint less (100,000 rows: 33 s at 20,000, 27 s at 50,000).
 REDECIDE_CHUNK = 50_000
@@ -549,6 +554,74 @@ def _copy_for(name: str, pred: Prediction) -> Prediction:
     return replace(pred, source=name, embedding=None, probs=None, max_pooled=None, skipped=True)
 
 
+def _shard_folder(opts: ScoreOptions, batch_id: int) -> Path | None:
+    """Where a ``--ray-shards`` run's actors write its shards (None: no shards)."""
+    if opts.ray is None or opts.ray.shards is None:
+        return None
+    return Path(opts.ray.shards) / f"batch-{batch_id}"
+
+
+def _score_sharded(
+    predictor: Predictor,
+    items: Iterator[InputItem],
+    opts: ScoreOptions,
+    run: _Run,
+    progress: Progress,
+) -> None:
+    """Score on Ray with actors writing Parquet shards that the store ingests whole, in bulk.
+
+    No item passes through the driver one by one: each shard is one transaction (exactly once
+    by content, its failures and batch items with it), the index catches up from DuckDB at the
+    end, and the run's counts come from the store.
+    """
+    from imagesieve.ingest._ray import ray_batches, ray_plan, ray_session
+
+    session, summary = run.session, run.summary
+    store, version = session.store, session.version
+    folder = _shard_folder(opts, summary.batch_id)
+    stored = store.stored_content(version)
+    with ray_session(opts.ray) as ray:
+        summary.ray = ray_plan(ray, opts.ray)
+        actors = summary.ray["actors"]
+        wants = (session.keep_policy, False)
+        pending: list[dict[str, Any]] = []
+        last = time.monotonic()
+
+        def ingest() -> None:
+            got = store.ingest_shards(
+                summary.batch_id, version, [p["path"] for p in pending], session.counts
+            )
+            session.counts.update(got.counts())
+            session.join_clusters(got.unknown_ids, got.unknown_vectors)
+            summary.items += got.items
+            summary.scored += got.scored
+            summary.already_scored += got.already_scored
+            for shard in pending:
+                for sha256, content in shard["kept"]:
+                    session.keep(sha256, content)
+                Path(shard["path"]).unlink()
+            pending.clear()
+            progress("scoring", summary.items, 0)
+
+        for shard in ray_batches(
+            ray, predictor, items, stored, opts.ray, opts.fetch, wants, actors, folder
+        ):
+            pending.append(shard)
+            summary.shown.extend(shard["shown"][: SHOW - len(summary.shown)])
+            rows = sum(p["rows"] for p in pending)
+            if rows >= INGEST_ROWS or time.monotonic() - last >= INGEST_SECONDS:
+                ingest()
+                last = time.monotonic()
+        if pending:
+            ingest()
+    store.indexes.check(version)  # the shards' rows join the index in bulk
+    outputs = store.batch_outputs(summary.batch_id)
+    summary.labels, summary.unknown_reasons = outputs["labels"], outputs["reasons"]
+    summary.quality_flags = outputs["quality_flags"]
+    summary.poor_quality = outputs["poor_quality"]["images"]
+    summary.failures = store.batch_failures(summary.batch_id)
+
+
 def _scored(
     predictor: Predictor, items: Iterator[InputItem], opts: ScoreOptions, run: _Run
 ) -> Iterator[list[tuple[InputItem, Prediction]]]:
@@ -595,6 +668,10 @@ def score_inputs(
     if opts.keep_images not in KEEP_POLICIES:
         raise UserError(
             f"keep-images must be one of {', '.join(KEEP_POLICIES)}, got {opts.keep_images!r}"
+        )
+    if opts.ray is not None and opts.ray.shards is not None and (opts.sort_into or opts.rescore):
+        raise UserError(
+            "--ray-shards stores in bulk and does not --sort-into or --rescore: leave it out"
         )
     progress = progress or (lambda stage, done, total: None)
     t0 = time.perf_counter()
@@ -661,13 +738,19 @@ def score_inputs(
                 ws, store.stored_images(opts.history_of, missing_from=version.name)
             )
         try:
-            for group in _scored(predictor, items, opts, run):
-                run.handle(group)
-                progress("scoring", summary.items, 0)
+            if _shard_folder(opts, summary.batch_id) is not None:
+                _score_sharded(predictor, items, opts, run, progress)
+            else:
+                for group in _scored(predictor, items, opts, run):
+                    run.handle(group)
+                    progress("scoring", summary.items, 0)
             if expander is not None:
                 summary.ignored = list(expander.ignored)
                 run.ignore(summary.ignored)
             run.commit()
+            shards = _shard_folder(opts, summary.batch_id)
+            if shards is not None:  # stored: a re-run writes its own
+                shutil.rmtree(shards, ignore_errors=True)
             summary.near_duplicates = _link_duplicates(store, version, summary, progress)
             summary.status = "done"
         finally:

@@ -146,6 +146,16 @@ class ScoringSession:
             if due:
                 self._counts_at = time.monotonic()
 
+    def join_clusters(self, ids: np.ndarray, vectors: np.ndarray | None) -> None:
+        """Stored new UNKNOWNs (ids, embeddings) join existing clusters, as ``write`` has them.
+
+        For rows a bulk ingest stored (``Store.ingest_shards``) without going through ``write``.
+        """
+        if vectors is None or not len(ids) or not self.clusters:
+            return
+        found = cluster_of(vectors, self.clusters, self.model)
+        self.store.clusters.join(ids[found >= 0], found[found >= 0])
+
     def write_copied(
         self, delta: Counter, rows: StoredHeadInputs, decided: Any, index: bool = True
     ) -> np.ndarray:

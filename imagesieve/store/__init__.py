@@ -24,7 +24,9 @@ from imagesieve.store._rows import (
     IndexCheck,
     PredictionRow,
     ResultRow,
+    ShardIngest,
     StoredHeadInputs,
+    write_shard,
 )
 from imagesieve.store._schema import MIGRATIONS, PREDICTION_COLUMNS, SCHEMA_VERSION, VIEWS
 from imagesieve.store._sql import (
@@ -45,6 +47,8 @@ from imagesieve.store._store import (
 from imagesieve.store._vectors import VectorIndex
 
 __all__ = [
+    "ShardIngest",
+    "write_shard",
     "BATCH_ITEM_FIELDS",
     "DUPLICATE_STATES",
     "AuditEntry",

@@ -317,6 +317,15 @@ class Clusters:
                 [*values, now(), model_version, cluster_id],
             )
 
+    def join(self, ids: Sequence[int], cluster_ids: Sequence[int]) -> None:
+        """Stored new UNKNOWNs join existing clusters (a bulk ingest's, decided after it)."""
+        with self.store._connection() as con:
+            con.execute(
+                "UPDATE predictions SET cluster_id = j.c FROM (SELECT unnest(?::BIGINT[]) AS id, "
+                "unnest(?::INTEGER[]) AS c) j WHERE predictions.id = j.id",
+                [[int(i) for i in ids], [int(c) for c in cluster_ids]],
+            )
+
     def exclude(self, model_version: str, cluster_id: int, ids: Sequence[int]) -> None:
         """Record ids to leave out of a cluster's promotion (idempotent)."""
         with self.store._connection() as con:

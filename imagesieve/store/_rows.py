@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +27,11 @@ __all__ = [
     "StoredHeadInputs",
     "embedding_matrix",
     "new_table",
+    "SHARD_VECTORS",
+    "ShardIngest",
     "prediction_table",
+    "read_shards",
+    "write_shard",
 ]
 
 
@@ -265,6 +271,31 @@ def prediction_table(ids, preds, model_version, batch_id, stamp) -> Any:
     )
 
 
+def _heavy_columns(preds: Sequence[Any], emb: np.ndarray, always: bool = False) -> dict[str, Any]:
+    """The embedding, pixel signature and head inputs of ``preds`` as Arrow columns.
+
+    ``always``: every column, null where missing; otherwise signature and head inputs only
+    when some row has them.
+    """
+    import pyarrow as pa
+
+    cols = {
+        "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(emb.ravel(), pa.float32()), emb.shape[1]
+        )
+    }
+    if always or any(p.signature is not None for p in preds):
+        cols["signature"] = pa.array(
+            [None if p.signature is None else p.signature.tobytes() for p in preds], pa.binary()
+        )
+    if always or any(p.max_pooled is not None for p in preds):
+        cols["avg_norm"] = pa.array([p.avg_norm for p in preds], pa.float32())
+        cols["max_pooled"] = pa.array(
+            [None if p.max_pooled is None else p.max_pooled.tobytes() for p in preds], pa.binary()
+        )
+    return cols
+
+
 def new_table(ids, preds, emb, model_version, batch_id, stamp) -> Any:
     """New rows as one Arrow table: prediction columns, then the embedding (``FLOAT[d]``).
 
@@ -272,26 +303,108 @@ def new_table(ids, preds, emb, model_version, batch_id, stamp) -> Any:
     Rows whose model gave them (``Prediction.max_pooled``) add ``avg_norm`` and ``max_pooled``
     (float16 bytes) for ``head_inputs``; rows with a pixel signature add ``signature`` bytes.
     """
-    import pyarrow as pa
+    table = prediction_table(ids, preds, model_version, batch_id, stamp)
+    for name, column in _heavy_columns(preds, emb).items():
+        table = table.append_column(name, column)
+    return table
 
-    table = prediction_table(ids, preds, model_version, batch_id, stamp).append_column(
-        "embedding",
-        pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel(), pa.float32()), emb.shape[1]),
+
+#: A shard's vector columns, as ``new_table`` carries them.
+SHARD_VECTORS = ("embedding", "signature", "avg_norm", "max_pooled")
+#: ``prediction_table`` columns a shard leaves to the store.
+_STORE_FILLS = ("id", "model_version", "scored_at", "batch_id", "cluster_id")
+
+
+@dataclass
+class ShardIngest:
+    """What one shard added to its batch (``Store.ingest_shard``)."""
+
+    items: int
+    scored: int
+    already_scored: int
+    failed: int
+    unknown: int
+    #: The new rows labelled UNKNOWN for their own content (not a poor photo): their ids and
+    #: embeddings, (n, d), to join existing clusters as a scoring session's new rows do.
+    unknown_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    unknown_vectors: np.ndarray | None = None
+
+    def counts(self) -> dict[str, int]:
+        """As the batch row's counters."""
+        return {
+            "n_items": self.items,
+            "n_scored": self.scored,
+            "n_skipped": self.already_scored,
+            "n_unknown": self.unknown,
+            "n_failed": self.failed,
+        }
+
+
+def write_shard(
+    path: str | Path,
+    seqs: Sequence[int],
+    preds: Sequence[Prediction],
+    dim: int,
+    rows: Sequence[dict[str, str] | None] | None = None,
+) -> None:
+    """Write scored items, failures included, to a Parquet shard that ``Store.ingest_shard`` takes.
+
+    One row per item: its place in the run (``seq``), source, content hash, whether it was
+    ``skipped`` (already stored), its error, its list row (``rows``), the ``predictions``
+    columns and the vectors (embedding as ``dim`` floats in fixed-size bytes, zeros where the
+    item has none: Parquet's nested lists decode ~10x slower than flat values). Written to a
+    temporary name and renamed: a shard that exists is whole.
+    """
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(preds)
+    emb = np.zeros((n, dim), np.float32)
+    for i, p in enumerate(preds):
+        if p.embedding is not None:
+            emb[i] = p.embedding
+    table = prediction_table(np.zeros(n, np.int64), preds, "", 0, now())
+    table = table.drop_columns(list(_STORE_FILLS))
+    columns = _heavy_columns(preds, emb, always=True)
+    columns["embedding"] = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(dim * 4), n, [None, pa.py_buffer(emb)]
     )
-    if any(p.signature is not None for p in preds):
-        table = table.append_column(
-            "signature",
-            pa.array(
-                [None if p.signature is None else p.signature.tobytes() for p in preds],
-                pa.binary(),
-            ),
+    rows = rows or [None] * n
+    for name, column in {
+        "seq": pa.array(seqs, pa.int32()),
+        "skipped": pa.array([p.skipped for p in preds], pa.bool_()),
+        "error_kind": pa.array([p.error_kind if not p.ok else None for p in preds], pa.string()),
+        "error": pa.array([p.error if not p.ok else None for p in preds], pa.string()),
+        "input_row": pa.array([None if r is None else json.dumps(r) for r in rows], pa.string()),
+        **columns,
+    }.items():
+        table = table.append_column(name, column)
+    table = table.set_column(
+        table.schema.get_field_index("sha256"),
+        "sha256",
+        pa.array([p.sha256 or None for p in preds], pa.string()),
+    )
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="none", use_dictionary=False)
+    tmp.replace(path)
+
+
+def read_shards(paths: Sequence[str]) -> Any:
+    """The rows of ``write_shard`` files as one Arrow table, ``embedding`` as ``FLOAT[d]``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(list(paths), memory_map=True)
+    chunks = []
+    for raw in table.column("embedding").chunks:  # each viewed as floats in place: no copy
+        dim = raw.type.byte_width // 4
+        values = pa.Array.from_buffers(
+            pa.float32(), len(raw) * dim, [None, raw.buffers()[1]], offset=raw.offset * dim
         )
-    if all(p.max_pooled is None for p in preds):
-        return table
-    table = table.append_column("avg_norm", pa.array([p.avg_norm for p in preds], pa.float32()))
-    return table.append_column(
-        "max_pooled",
-        pa.array(
-            [None if p.max_pooled is None else p.max_pooled.tobytes() for p in preds], pa.binary()
-        ),
-    )
+        chunks.append(pa.FixedSizeListArray.from_arrays(values, dim))
+    dim = table.schema.field("embedding").type.byte_width // 4
+    emb = pa.chunked_array(chunks, pa.list_(pa.float32(), dim))
+    return table.set_column(table.schema.get_field_index("embedding"), "embedding", emb)

@@ -30,6 +30,7 @@ from imagesieve.store import (
     ResultRow,
     Store,
     VectorIndex,
+    _vectors,
 )
 
 DIM = 16
@@ -372,3 +373,29 @@ def test_redecide__counted_then_labelled_as_the_rule_says(store, rule):
     ]
     assert store.unknown_counts("v1", rule)["unknown_now"] == sum(r is not None for r in want)
     assert [(r.label, r.reason) for r in store.rows("v2")] == [(UNKNOWN, "stale")] * 2
+
+
+def test_index_set__past_hnsw_max_ivf_rebuilt_from_a_duckdb_sample_and_on_repair(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 50)
+    monkeypatch.setattr(_vectors, "HNSW_MAX", 200)
+    ws = Workspace(tmp_path / "ws")
+    preds = embedded(np.random.default_rng(4), 0, 400, DIM)
+    with Store(ws) as store:
+        write(store, "v1", preds)
+    path = ws.root / "index" / "v1.faiss"
+    assert VectorIndex.load(path).kind == "ivfpq"  # the flat index outgrew both on save
+    path.unlink()
+    with Store(ws) as store:
+        (check,) = store.indexes.checks
+        assert (check.action, check.details["kind"]) == ("rebuilt", "ivfpq")
+        assert check.details["train_rows"] == 400  # all of them: fewer than PQ asks for
+        found, distance = store.indexes.get("v1").search(preds[17].embedding, 1)
+        assert found.tolist() == [[18]] and distance[0, 0] < 0.01
+    index = VectorIndex.load(path)
+    index.add(np.array([9999]), preds[0].embedding[None])
+    index.save()
+    with Store(ws) as store:  # an id DuckDB lacks: codes cannot be taken out, so rebuilt
+        assert store.indexes.checks[0].action == "rebuilt"
+    assert_index_matches_db(ws, "v1")

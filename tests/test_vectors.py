@@ -137,3 +137,70 @@ def test_vector_index__built_from_chunks_as_from_one_array(tmp_path, monkeypatch
     assert [c[0].tolist() for c in streamed.chunks(size=500)] == [
         ids[a : a + 500].tolist() for a in range(0, n, 500)
     ]
+
+
+def test_vector_index__hnsw_grows_into_ivf_tuned_on_neighbours_gathered_while_filled(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 300)
+    monkeypatch.setattr(_vectors, "HNSW_MAX", 1000)
+    x, q = blobs(2400), blobs(50, seed=2)
+    ids = np.arange(5000, 7400)
+    index = VectorIndex(tmp_path / "v1.faiss", 64)
+    index.add(ids[:900], x[:900])
+    index.save()
+    assert index.kind == "hnsw"
+    index.add(ids[900:], x[900:])
+    index.save()  # past HNSW_MAX: IVF-PQ from the graph's own vectors, nprobe tuned
+    assert index.kind == "ivfpq" and index.ntotal == 2400 and index.l2
+    info = index.info
+    assert info["recipe"] == _vectors.ivf_recipe(2400, 64) and info["tuned_at"] == 2400
+    assert info["nprobe"] in _vectors.NPROBE_CANDIDATES and info["recall_at_10"] >= 0.97
+    assert np.array_equal(np.sort(index.ids()), ids)
+
+    got, dist = index.search(q, 10)
+    exact = exact_top_k(q, x, 10)
+    recall = np.mean([len(set(g) & set(ids[e])) / 10 for g, e in zip(got, exact, strict=True)])
+    assert recall >= 0.95
+    true_dist = 1 - np.take_along_axis(q @ x.T, exact, 1)
+    assert np.abs(dist[:, 0] - true_dist[:, 0]).max() < 0.01  # re-ranked: cosine, not codes
+
+    side = json.loads(index.sidecar_path.read_text())
+    assert side["kind"] == "ivfpq" and side["info"]["nprobe"] == info["nprobe"]
+    again = VectorIndex.load(index.path)
+    assert again.kind == "ivfpq" and np.array_equal(again.search(q, 10)[0], got)
+    again.add(np.array([1]), q[:1])  # new vectors join the trained lists
+    assert again.search(q[:1], 1)[0].tolist() == [[1]]
+    with pytest.raises(ValueError, match="rebuild"):
+        again.remove(ids[:3])
+
+
+def test_vector_index__ivf_on_real_embeddings_meets_recall_against_exact(
+    tmp_path, monkeypatch, trained, elpv
+):
+    """IVF-PQ's recall@10 on the backbone's embeddings of real photos and flipped copies."""
+    import io
+
+    from PIL import Image
+
+    from imagesieve.classifier._predict import Predictor
+
+    monkeypatch.setattr(_vectors, "HNSW_MAX", 1000)
+    _, result = trained
+    items = []
+    for im in elpv[::2]:
+        items.append(str(im.path))
+        buf = io.BytesIO()
+        Image.open(im.path).transpose(Image.FLIP_LEFT_RIGHT).save(buf, "PNG")
+        items.append((f"{im.path.name}#flip", buf.getvalue()))
+    x = np.stack([p.embedding for p in Predictor(result.version).score(items)]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    held = np.random.default_rng(0).choice(len(x), 200, replace=False)
+    keep = np.setdiff1d(np.arange(len(x)), held)
+    index = VectorIndex.build(tmp_path / "v.faiss", x.shape[1], keep, x[keep])
+    assert index.kind == "ivfpq" and index.info["recall_at_10"] >= _vectors.TARGET_RECALL
+    got, _ = index.search(x[held], 10)
+    sims = x[held] @ x[keep].T
+    tenth = np.sort(sims, axis=1)[:, -10]
+    found = np.take_along_axis(sims, np.searchsorted(keep, got), 1)
+    assert np.mean(found >= tenth[:, None] - 1e-5) >= 0.90  # the issue's target, held-out queries

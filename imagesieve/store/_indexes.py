@@ -2,8 +2,8 @@
 
 DuckDB is the source of truth; an index is checked against it (row count, largest id, id sum,
 and on first use the file's checksum), then caught up, repaired or rebuilt from the stored
-embeddings. A flat index that outgrows FLAT_MAX becomes HNSW, and HNSW is re-tuned as it
-doubles, while the store stays in use.
+embeddings. A flat index that outgrows FLAT_MAX becomes HNSW, an HNSW that outgrows HNSW_MAX
+becomes IVF-PQ, and HNSW is re-tuned as it doubles, while the store stays in use.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from imagesieve._errors import UserError
 from imagesieve.store._rows import IndexCheck
-from imagesieve.store._vectors import IndexFileError, VectorIndex
+from imagesieve.store._vectors import IndexFileError, VectorIndex, train_rows
 
 if TYPE_CHECKING:
     from imagesieve.store._store import Store
@@ -104,6 +104,10 @@ class IndexSet:
         want = self.store._vector_ids(model_version)
         extra = np.setdiff1d(have, want, assume_unique=True)
         missing = np.setdiff1d(want, have, assume_unique=True)
+        if len(extra) and index.kind == "ivfpq":  # holds codes: rebuilt from DuckDB's vectors
+            check = self.rebuild(model_version)
+            check.seconds = time.perf_counter() - t0
+            return check
         index.remove(extra)
         for ids, vectors in self.store._vectors_of(missing, index.dim):
             index.add(ids, vectors)
@@ -125,8 +129,12 @@ class IndexSet:
         t0 = time.perf_counter()
         dim = self.store._vector_dim(model_version)
         n = self.store._vector_stats(model_version)[0]
+        want = train_rows(n)  # the IVF kind trains on a seeded sample of the whole version
+        sample = self.store.sample_vectors(model_version, want) if want else None
         chunks = self.store._vector_chunks(model_version, dim or 1)
-        index = VectorIndex.build_chunks(self.path(model_version), dim or 1, chunks, n)
+        index = VectorIndex.build_chunks(
+            self.path(model_version), dim or 1, chunks, n, sample=sample
+        )
         if not self.read_only:
             index.save()
         self._loaded[model_version] = index

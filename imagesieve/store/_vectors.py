@@ -1,17 +1,21 @@
 """The FAISS side of the store: one ID-mapped index per model version, ids = DuckDB row ids.
 
-The index type follows the collection's size: exact (flat) search while it is small, and past
+The index type follows the collection's size: exact (flat) search while it is small, past
 FLAT_MAX vectors an HNSW graph, built from the stored vectors, with ``efSearch`` tuned at build
 time until recall@10 against exact search reaches TARGET_RECALL (measured and stored; a
-neighbour as similar as the true 10th counts, so identical embeddings tie). New
-vectors are added to either kind incrementally; the HNSW is re-tuned when it has doubled.
+neighbour as similar as the true 10th counts, so identical embeddings tie), and past HNSW_MAX
+an IVF-PQ index re-ranked on 8-bit codes (``ivf_recipe``), trained on a sample and filled in
+chunks, its ``nprobe`` tuned the same way against exact answers gathered while it is filled.
+New vectors are added to every kind incrementally; the HNSW is re-tuned when it has doubled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
+import math
 import os
 import time
 import zlib
@@ -24,7 +28,7 @@ import numpy as np
 from imagesieve._faiss import search as faiss_search
 from imagesieve._faiss import top_k_of_chunks
 
-__all__ = ["FLAT_MAX", "IndexFileError", "VectorIndex"]
+__all__ = ["FLAT_MAX", "HNSW_MAX", "IndexFileError", "VectorIndex", "ivf_recipe", "train_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,21 @@ HNSW_EF_CONSTRUCTION = 40
 #: recall@10 against exact search the HNSW's efSearch is tuned to reach.
 TARGET_RECALL = 0.97
 EF_SEARCH_CANDIDATES = (16, 32, 64, 128, 256, 512)
+#: Largest collection held as an HNSW graph of float32 vectors (~5.4 GB at 1280-d with its
+#: graph); beyond it the index is IVF-PQ (``ivf_recipe``): ~1.4 KB a vector instead of ~5.4 KB.
+HNSW_MAX = 1_000_000
+#: The IVF kind: PQ code bytes for the inverted-file scan, and the codes its candidates are
+#: re-ranked on, per vector. Chosen on real embeddings in bench_index_scale.py: a PCA
+#: projection to 256/384/512 dimensions capped recall@10 at 0.88/0.92/0.94 whatever the rest;
+#: full-size 8-bit codes keep 0.99 at a quarter of float32 (6-bit: 0.976, 4-bit: 0.91).
+IVF_PQ_BYTES, IVF_REFINE = 32, "SQ8"
+#: Candidates re-ranked on the refine codes per result wanted.
+IVF_K_FACTOR = 8
+NPROBE_CANDIDATES = (4, 8, 16, 32, 64, 128, 256)
+#: Training vectors per inverted list (FAISS asks for 39 or more), and at most.
+IVF_TRAIN_PER_LIST, IVF_TRAIN_MAX = 40, 262_144
+#: Exact neighbours kept per recall query (ties with the 10th beyond it are not counted).
+TRUTH_K = 32
 #: Query batches up to this size search on one thread (measured: 0.3 ms vs 3.5 ms p50 with two).
 SINGLE_QUERY_BATCH = 4
 #: Queries (sampled stored vectors) recall is measured on.
@@ -59,6 +78,32 @@ def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int, chunk: int = 6
     """Row indices of the ``k`` largest inner products of each query, by chunked brute force."""
     chunks = ((a, vectors[a : a + chunk]) for a in range(0, len(vectors), chunk))
     return top_k_of_chunks(queries, chunks, k)[0]
+
+
+def ivf_lists(n: int) -> int:
+    """Inverted lists for ``n`` vectors: the power of two nearest sqrt(n), 16 to 65,536."""
+    return int(min(65_536, max(16, 2 ** round(math.log2(math.sqrt(max(n, 1)))))))
+
+
+def ivf_recipe(n: int, dim: int = 1280) -> str:
+    """The FAISS factory string of the IVF kind for ``n`` vectors (L2 on unit vectors).
+
+    For unit vectors L2 ranks as inner product does (cosine distance = L2^2 / 2), and it is
+    the metric PQ's residual codes are made for. ``np``: no polysemous training, which took
+    25 s of a 26 s training on 10,000 vectors and serves a search mode not used here.
+    """
+    pq = math.gcd(dim, IVF_PQ_BYTES)  # PQ splits the vector into equal parts
+    return f"IVF{ivf_lists(n)},PQ{pq}np,Refine({IVF_REFINE})"
+
+
+def ivf_train_rows(n: int) -> int:
+    """Vectors the IVF kind is trained on when it will hold ``n`` (PQ's 256 codes ask ~10,000)."""
+    return int(min(n, IVF_TRAIN_MAX, max(IVF_TRAIN_PER_LIST * ivf_lists(n), 10_000)))
+
+
+def train_rows(n: int) -> int:
+    """Vectors to sample for training an index of ``n`` (0: a kind that needs none)."""
+    return ivf_train_rows(n) if n > HNSW_MAX else 0
 
 
 class VectorIndex:
@@ -93,14 +138,20 @@ class VectorIndex:
 
     @property
     def kind(self) -> str:
-        """``flat`` (exact) or ``hnsw`` (approximate)."""
+        """``flat`` (exact), ``hnsw`` or ``ivfpq`` (approximate)."""
         import faiss
 
-        return (
-            "hnsw"
-            if isinstance(faiss.downcast_index(self.index.index), faiss.IndexHNSW)
-            else "flat"
-        )
+        inner = faiss.downcast_index(self.index.index)
+        if isinstance(inner, faiss.IndexHNSW):
+            return "hnsw"
+        return "flat" if isinstance(inner, faiss.IndexFlat) else "ivfpq"
+
+    @property
+    def l2(self) -> bool:
+        """True when FAISS answers squared L2 distances (the IVF kind), not inner products."""
+        import faiss
+
+        return self.index.metric_type == faiss.METRIC_L2
 
     @classmethod
     def load(cls, path: Path) -> VectorIndex | None:
@@ -159,9 +210,14 @@ class VectorIndex:
     ) -> VectorIndex:
         """A new index over these vectors, of the kind their number calls for.
 
-        An HNSW graph is built on ``threads`` threads (default: every core).
+        An HNSW graph is built on ``threads`` threads (default: every core); the IVF kind is
+        trained on a seeded sample of them.
         """
-        return cls.build_chunks(path, dim, [(ids, vectors)], len(ids), threads)
+        sample = None
+        if want := train_rows(len(ids)):
+            pick = np.sort(np.random.default_rng(0).choice(len(ids), want, replace=False))
+            sample = (np.asarray(ids)[pick], np.asarray(vectors)[pick])
+        return cls.build_chunks(path, dim, [(ids, vectors)], len(ids), threads, sample)
 
     @classmethod
     def build_chunks(
@@ -171,13 +227,18 @@ class VectorIndex:
         chunks: Iterable[tuple[np.ndarray, np.ndarray]],
         n: int,
         threads: int | None = None,
+        sample: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> VectorIndex:
         """``build`` from (ids, vectors) chunks of ``n`` vectors in all, added as they come.
 
         Only the index and one chunk are in memory at a time (a rebuild streams DuckDB's rows).
+        Past HNSW_MAX the IVF kind is trained on ``sample`` (ids, vectors; default: the first
+        chunks' ``ivf_train_rows``).
         """
         index = cls(path, dim)
-        if n > FLAT_MAX:
+        if n > HNSW_MAX:
+            index._make_ivf_chunks(chunks, n, sample, threads)
+        elif n > FLAT_MAX:
             index._make_hnsw_chunks(chunks, threads, n)
         else:
             import faiss
@@ -216,8 +277,11 @@ class VectorIndex:
 
     @property
     def outgrown(self) -> bool:
-        """True for a flat index holding more than FLAT_MAX vectors: due to become HNSW."""
-        return self.kind == "flat" and self.ntotal > FLAT_MAX
+        """True for a flat index past FLAT_MAX or an HNSW past HNSW_MAX: due for the next kind."""
+        kind = self.kind
+        return (kind == "flat" and self.ntotal > FLAT_MAX) or (
+            kind == "hnsw" and self.ntotal > HNSW_MAX
+        )
 
     @property
     def retune_due(self) -> bool:
@@ -241,6 +305,8 @@ class VectorIndex:
         """Remove vectors by DuckDB id (missing ids are ignored); HNSW is rebuilt without them."""
         if len(ids) == 0:
             return
+        if self.kind == "ivfpq":  # its vectors are codes: a rebuild reads DuckDB's
+            raise ValueError("an IVF index removes vectors by a rebuild from the store")
         if self.kind == "flat":
             self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
         else:
@@ -281,22 +347,80 @@ class VectorIndex:
         self.info = {"built_at": index.ntotal, "build_seconds": round(time.perf_counter() - t0, 2)}
         self.tune()
 
-    def tune(self, guard: contextlib.AbstractContextManager | None = None) -> None:
-        """HNSW: the smallest efSearch whose recall@10 against exact search reaches the target.
+    def _make_ivf_chunks(
+        self,
+        chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+        n: int,
+        sample: tuple[np.ndarray, np.ndarray] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        """Replace the index by the IVF kind over the (ids, vectors) chunks, then tune nprobe.
 
-        The exact answers come from the index's own vectors, read TUNE_CHUNK at a time (memory
-        stays bounded). A server passes its store's lock as ``guard``: held only while a chunk
-        is read, around each search of the live index and for the final setting, so requests
-        and adds go on meanwhile.
+        Trained on ``sample`` (default: the first chunks' ``ivf_train_rows``), filled chunk by
+        chunk into storage sized up front; the exact neighbours of RECALL_QUERIES sampled
+        vectors are gathered from the same chunks as they pass, so tuning needs no second read.
         """
         import faiss
 
-        if self.kind != "hnsw":
-            return
-        guard = guard or contextlib.nullcontext()
-        inner = faiss.downcast_index(self.index.index)
-        # Queries are stored vectors; each one's own match is left out of both lists, so the
-        # figure is the recall of its 10 true neighbours, as for a new image near the data.
+        t0 = time.perf_counter()
+        faiss.omp_set_num_threads(threads or os.cpu_count() or 1)
+        it = iter(chunks)
+        head: list[tuple[np.ndarray, np.ndarray]] = []
+        if sample is None:
+            want, got = ivf_train_rows(n), 0
+            while got < want and (chunk := next(it, None)) is not None:
+                head.append(chunk)
+                got += len(chunk[0])
+            sample = (
+                np.concatenate([c[0] for c in head])[:want],
+                np.concatenate([c[1] for c in head])[:want],
+            )
+        sample_ids, train = sample
+        recipe = ivf_recipe(n, self.dim)
+        inner = faiss.index_factory(self.dim, recipe, faiss.METRIC_L2)
+        inner.train(np.ascontiguousarray(train, np.float32).reshape(len(sample_ids), self.dim))
+        trained = time.perf_counter() - t0
+        refine = faiss.downcast_index(inner.refine_index)
+        _reserve(refine, n)
+        index = faiss.IndexIDMap2(inner)
+        pick = np.random.default_rng(0).choice(
+            len(sample_ids), min(RECALL_QUERIES, len(sample_ids)), replace=False
+        )
+        queries = np.ascontiguousarray(train[pick], np.float32)
+        own = np.asarray(sample_ids, np.int64)[pick]
+        seen: list[np.ndarray] = []
+
+        def fill() -> Iterator[tuple[int, np.ndarray]]:
+            at = 0
+            for ids, vectors in itertools.chain(head, it):
+                if not len(ids):
+                    continue
+                x = np.ascontiguousarray(vectors, np.float32).reshape(len(ids), self.dim)
+                index.add_with_ids(x, np.ascontiguousarray(ids, np.int64))
+                seen.append(np.asarray(ids, np.int64))
+                yield at, x
+                at += len(ids)
+
+        rows, sims = top_k_of_chunks(queries, fill(), TRUTH_K + 1)
+        self.index = index
+        self.info = {
+            "built_at": index.ntotal,
+            "recipe": recipe,
+            "train_rows": len(sample_ids),
+            "train_seconds": round(trained, 2),
+            "build_seconds": round(time.perf_counter() - t0, 2),
+        }
+        self.tune(truth=(queries, own, np.concatenate(seen)[rows], sims))
+
+    def _truth(
+        self, guard: contextlib.AbstractContextManager
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Recall queries (sampled stored vectors), their ids, and their exact neighbours.
+
+        The exact answers come from the index's own vectors, read TUNE_CHUNK at a time
+        (memory stays bounded), ``guard`` held while a chunk is read.
+        """
+        inner = self._inner()
         with guard:
             n = self.ntotal
             ids = self.ids()[:n]
@@ -309,43 +433,102 @@ class VectorIndex:
                     x = inner.reconstruct_n(a, min(TUNE_CHUNK, n - a))
                 yield a, x
 
-        rows, sims = top_k_of_chunks(queries, chunks(), 11)
-        tenth = np.array(
-            [s[r != own][:10].min() for s, r, own in zip(sims, ids[rows], ids[sample], strict=True)]
-        )
+        rows, sims = top_k_of_chunks(queries, chunks(), TRUTH_K + 1)
+        return queries, ids[sample], ids[rows], sims
 
-        def recall_at(ef: int) -> float:
+    def _inner(self) -> Any:
+        import faiss
+
+        return faiss.downcast_index(self.index.index)
+
+    def _search_at(self, queries: np.ndarray, k: int, setting: int) -> tuple[np.ndarray, ...]:
+        """(similarities, ids) of a search at an efSearch (HNSW) or nprobe (IVF) ``setting``."""
+        import faiss
+
+        if self.kind == "hnsw":
+            return self.index.search(
+                queries, k, params=faiss.SearchParametersHNSW(efSearch=setting)
+            )
+        self._set_nprobe(setting)
+        d, found = self.index.search(queries, k)
+        return 1.0 - d / 2.0, found
+
+    def _set_nprobe(self, nprobe: int) -> None:
+        import faiss
+
+        space = faiss.ParameterSpace()
+        space.set_index_parameter(self._inner(), "nprobe", int(nprobe))
+        space.set_index_parameter(self._inner(), "k_factor_rf", IVF_K_FACTOR)
+
+    def tune(
+        self,
+        guard: contextlib.AbstractContextManager | None = None,
+        truth: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """The smallest efSearch (HNSW) or nprobe (IVF) whose recall@10 reaches the target.
+
+        ``truth`` is (queries, their ids, exact neighbours' ids, their similarities); without
+        it an HNSW reads its own vectors for them (an IVF holds codes: it is tuned when built).
+        A server passes its store's lock as ``guard``: held only while a chunk is read,
+        around each search of the live index and for the final setting, so requests and adds
+        go on meanwhile.
+        """
+        kind = self.kind
+        if kind == "flat" or (kind == "ivfpq" and truth is None):
+            return
+        guard = guard or contextlib.nullcontext()
+        # Queries are stored vectors; each one's own match is left out of both lists, so the
+        # figure is the recall of its 10 true neighbours, as for a new image near the data.
+        queries, own, truth_ids, truth_sims = truth or self._truth(guard)
+        n = self.ntotal
+        tenth, accept = [], []  # per query: its 10th true similarity, the ids as similar
+        for ids, sims, me in zip(truth_ids, truth_sims, own, strict=True):
+            keep = ids != me
+            ids, sims = ids[keep], sims[keep]
+            tenth.append(sims[:10].min())
+            accept.append(set(ids[sims >= tenth[-1] - TIE_TOLERANCE].tolist()))
+        # HNSW answers exact similarities: a result as similar as the 10th counts, which also
+        # holds for vectors added while a live index is tuned. The IVF kind's are re-ranked
+        # on 8-bit codes: its results count by id (it is tuned when built, before any adds).
+        exact = kind == "hnsw"
+
+        def recall_at(setting: int) -> float:
             with guard:
-                found, got = self.index.search(
-                    queries, 11, params=faiss.SearchParametersHNSW(efSearch=ef)
-                )
+                found, got = self._search_at(queries, 11, setting)
             hits = [
-                np.count_nonzero(s[g != own][:10] >= t - TIE_TOLERANCE) / 10
-                for s, g, own, t in zip(found, got, ids[sample], tenth, strict=True)
+                np.count_nonzero(s[g != me][:10] >= t - TIE_TOLERANCE) / 10
+                if exact
+                else len(accept_i.intersection(g[g != me][:10].tolist())) / 10
+                for s, g, me, t, accept_i in zip(found, got, own, tenth, accept, strict=True)
             ]
             return float(np.mean(hits))
 
-        ef = EF_SEARCH_CANDIDATES[-1]
-        for candidate in EF_SEARCH_CANDIDATES:
+        candidates = EF_SEARCH_CANDIDATES if kind == "hnsw" else NPROBE_CANDIDATES
+        setting = candidates[-1]
+        for candidate in candidates:
             if recall_at(candidate) >= TARGET_RECALL:
-                ef = candidate
+                setting = candidate
                 break
         # Stored vectors are easier queries than new images (measured: at 1M vectors the
         # first passing efSearch gave 0.985 on stored but 0.951 on held-out queries), so keep
-        # a margin of one step: twice the efSearch, at a fraction of a millisecond more.
-        ef = min(2 * ef, EF_SEARCH_CANDIDATES[-1])
-        recall = recall_at(ef)
+        # a margin of one step: twice the setting, at a fraction of a millisecond more.
+        setting = min(2 * setting, candidates[-1])
+        recall = recall_at(setting)
+        name = "ef_search" if kind == "hnsw" else "nprobe"
         with guard:
-            inner.hnsw.efSearch = ef
-            self.info.update(
-                {"ef_search": int(ef), "recall_at_10": round(recall, 4), "tuned_at": n}
-            )
+            if kind == "hnsw":
+                self._inner().hnsw.efSearch = setting
+            else:
+                self._set_nprobe(setting)
+            self.info.update({name: int(setting), "recall_at_10": round(recall, 4), "tuned_at": n})
             self.dirty = True
         log.log(
             logging.INFO if recall >= TARGET_RECALL else logging.WARNING,
-            "HNSW over %d vectors: efSearch %d, recall@10 %.4f (target %.2f)",
+            "%s over %d vectors: %s %d, recall@10 %.4f (target %.2f)",
+            kind.upper(),
             n,
-            ef,
+            name,
+            setting,
             recall,
             TARGET_RECALL,
         )
@@ -378,6 +561,8 @@ class VectorIndex:
             if threads is None:  # one query: threads cost more than they save
                 threads = 1 if len(x) <= SINGLE_QUERY_BATCH else (os.cpu_count() or 1)
             out_sims, out_ids = faiss_search(self.index, x, k, threads)
+            if self.l2:  # squared L2 between unit vectors: twice the cosine distance
+                out_sims = 1.0 - out_sims / 2.0
         return out_ids, np.where(out_ids >= 0, np.clip(1.0 - out_sims, 0.0, 2.0), np.inf)
 
     def save(self) -> None:
@@ -385,7 +570,11 @@ class VectorIndex:
         import faiss
 
         if self.outgrown:  # once, when a run ends, not while it scores
-            self._make_hnsw_chunks(self.chunks(), n=self.ntotal)
+            n = self.ntotal
+            if n > HNSW_MAX:
+                self._make_ivf_chunks(self.chunks(), n)
+            else:
+                self._make_hnsw_chunks(self.chunks(), n=n)
         elif self.retune_due:
             self.tune()
         self.path.parent.mkdir(parents=True, exist_ok=True)

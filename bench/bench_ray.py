@@ -81,7 +81,7 @@ def child(kind: str, ws: str, address: str, actors: int, n: int) -> None:
 
 
 def run(kind: str, address: str, n: int, actors: int = 0) -> dict:
-    ws = OUT / f"ws-{kind}-{actors}"
+    ws = OUT / f"ws-{kind}-{actors}-{n}"
     shutil.rmtree(ws, ignore_errors=True)
     shutil.copytree(MODEL_WS / "models", ws / "models")
     out = subprocess.run(

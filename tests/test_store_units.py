@@ -399,3 +399,26 @@ def test_index_set__past_hnsw_max_ivf_rebuilt_from_a_duckdb_sample_and_on_repair
     with Store(ws) as store:  # an id DuckDB lacks: codes cannot be taken out, so rebuilt
         assert store.indexes.checks[0].action == "rebuilt"
     assert_index_matches_db(ws, "v1")
+
+
+def test_index_set__a_grown_store_saves_a_delta_and_a_damaged_delta_is_rebuilt(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 50)
+    ws = Workspace(tmp_path / "ws")
+    rng = np.random.default_rng(5)
+    with Store(ws) as store:
+        write(store, "v1", embedded(rng, 0, 300, DIM))
+    path = ws.root / "index" / "v1.faiss"
+    before = path.stat().st_mtime_ns
+    with Store(ws) as store:
+        write(store, "v1", embedded(rng, 300, 20, DIM))
+    delta = path.parent / "v1.faiss.delta-1"
+    assert path.stat().st_mtime_ns == before and delta.is_file()  # only the 20 rows written
+    assert_index_matches_db(ws, "v1")
+    with Store(ws) as store:
+        assert store.indexes.checks[0].action == "in_sync"
+    delta.write_bytes(b"garbage")
+    with Store(ws) as store:
+        assert store.indexes.checks[0].action == "rebuilt"
+    assert_index_matches_db(ws, "v1")

@@ -204,3 +204,54 @@ def test_vector_index__ivf_on_real_embeddings_meets_recall_against_exact(
     tenth = np.sort(sims, axis=1)[:, -10]
     found = np.take_along_axis(sims, np.searchsorted(keep, got), 1)
     assert np.mean(found >= tenth[:, None] - 1e-5) >= 0.90  # the target, held-out queries
+
+
+def test_vector_index__save_writes_only_the_added_rows_until_they_outweigh_the_index(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 300)
+    x = blobs(1600)
+    ids = np.arange(1600) + 1
+    index = VectorIndex.build(tmp_path / "v1.faiss", 64, ids[:1000], x[:1000])
+    index.save()
+    whole = index.path.stat()
+    index.add(ids[1000:1050], x[1000:1050])
+    index.save()  # 50 rows: a delta beside the untouched index
+    assert index.path.stat().st_mtime_ns == whole.st_mtime_ns
+    side = json.loads(index.sidecar_path.read_text())
+    assert side["delta"]["count"] == 50 and side["count"] == 1050
+    assert VectorIndex.saved_stats(index.path) == (1050, 1050, int(ids[:1050].sum()))
+    index.add(ids[1050:1100], x[1050:1100])
+    index.save()  # the delta holds all 100 added since; the previous delta is gone
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["v1.faiss", "v1.faiss.delta-2", "v1.json"]
+
+    again = VectorIndex.load(index.path)  # the index and its delta
+    assert again.ntotal == 1100 and again.verified and again.kind == "hnsw"
+    q = x[1060:1070]
+    assert again.search(q, 1)[0][:, 0].tolist() == ids[1060:1070].tolist()
+    again.add(ids[1100:], x[1100:])  # 500 more: past the fraction, written whole
+    again.save()
+    assert again.path.stat().st_mtime_ns != whole.st_mtime_ns
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1.faiss", "v1.json"]
+    assert json.loads(again.sidecar_path.read_text())["delta"] is None
+    assert VectorIndex.load(again.path).ntotal == 1600
+
+
+def test_vector_index__damaged_or_missing_delta_is_an_index_file_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 300)
+    x = blobs(1050)
+    index = VectorIndex.build(tmp_path / "v1.faiss", 64, np.arange(1000), x[:1000])
+    index.save()
+    index.add(np.arange(1000, 1050), x[1000:])
+    index.save()
+    delta = tmp_path / "v1.faiss.delta-1"
+    data = bytearray(delta.read_bytes())
+    data[-9] ^= 0xFF
+    delta.write_bytes(bytes(data))
+    with pytest.raises(_vectors.IndexFileError, match="delta-1.*damaged"):
+        VectorIndex.open(index.path)
+    delta.unlink()
+    assert VectorIndex.saved_stats(index.path) is None  # a check loads it, fails, rebuilds
+    with pytest.raises(_vectors.IndexFileError, match="missing"):
+        VectorIndex.open(index.path)

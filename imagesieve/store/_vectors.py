@@ -66,6 +66,10 @@ TUNE_CHUNK = 16_384
 #: them comes back is a coin toss that would otherwise cap recall (ann-benchmarks counts ties
 #: the same way, with a looser 1e-3).
 TIE_TOLERANCE = 1e-5
+#: A save appends to a delta file beside the index, not the index itself, while the rows added
+#: since the index was last written whole (float32, in the delta) stay under this fraction of
+#: its size (and it is HNSW or IVF: a flat index is small, re-written whole).
+DELTA_MAX_FRACTION = 0.25
 #: Bytes read at a time to checksum a saved index.
 CHECKSUM_CHUNK = 1 << 24
 
@@ -112,7 +116,9 @@ class VectorIndex:
     DuckDB is the source of truth; this index is derived from it and can always be rebuilt.
     ``save`` writes the index and a small sidecar (count, max id, id sum, file size, CRC-32 of
     the file, kind and tuning) so that a check against DuckDB needs no load when nothing
-    changed, and a load can tell a damaged file from a good one.
+    changed, and a load can tell a damaged file from a good one. A graph or IVF index that
+    only grew since it was written whole saves just the added rows, to a delta file the
+    sidecar names and checksums (``DELTA_MAX_FRACTION``); loading adds them back.
     """
 
     def __init__(self, path: Path, dim: int, index=None, info: dict[str, Any] | None = None):
@@ -125,6 +131,10 @@ class VectorIndex:
         self.dirty = index is None
         #: Loaded from a file whose checksum matched its sidecar's (older sidecars have none).
         self.verified = False
+        #: The sidecar of the whole index on disk that this one only added to since (None:
+        #: the next save writes it whole), and the (ids, vectors) added since.
+        self._base: dict[str, Any] | None = None
+        self._appended: list[tuple[np.ndarray, np.ndarray]] = []
 
     @property
     def sidecar_path(self) -> Path:
@@ -202,6 +212,14 @@ class VectorIndex:
             raise IndexFileError(f"{path}: not an ID-mapped index ({type(index).__name__})")
         loaded = cls(path, index.d, index, side.get("info", {}))
         loaded.verified = want is not None
+        delta = side.get("delta")
+        if delta:
+            ids, vectors = _read_delta(path.with_name(delta["file"]), delta, index.d)
+            loaded.add(ids, vectors)
+            loaded._appended = [(ids, vectors)]
+            loaded.dirty = False
+        if want is not None:
+            loaded._base = side
         return loaded
 
     @classmethod
@@ -298,7 +316,10 @@ class VectorIndex:
         if len(ids) == 0:
             return
         x = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
-        self.index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self.index.add_with_ids(x, ids)
+        if self._base is not None:
+            self._appended.append((ids.copy(), x.copy()))
         self.dirty = True
 
     def remove(self, ids: np.ndarray) -> None:
@@ -307,6 +328,7 @@ class VectorIndex:
             return
         if self.kind == "ivfpq":  # its vectors are codes: a rebuild reads DuckDB's
             raise ValueError("an IVF index removes vectors by a rebuild from the store")
+        self._base = None
         if self.kind == "flat":
             self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
         else:
@@ -521,7 +543,7 @@ class VectorIndex:
             else:
                 self._set_nprobe(setting)
             self.info.update({name: int(setting), "recall_at_10": round(recall, 4), "tuned_at": n})
-            self.dirty = True
+            self.dirty, self._base = True, None
         log.log(
             logging.INFO if recall >= TARGET_RECALL else logging.WARNING,
             "%s over %d vectors: %s %d, recall@10 %.4f (target %.2f)",
@@ -566,11 +588,18 @@ class VectorIndex:
         return out_ids, np.where(out_ids >= 0, np.clip(1.0 - out_sims, 0.0, 2.0), np.inf)
 
     def save(self) -> None:
-        """Write the index atomically (temp file + rename), then its sidecar."""
+        """Write what changed atomically (temp file + rename), then the sidecar.
+
+        The rows added since the index was last written whole go to a new delta file while
+        they are few (``DELTA_MAX_FRACTION``); otherwise the index is written whole. The
+        sidecar, written last, names the files it describes: a save cut short leaves the
+        previous pair valid (or a mismatch that a check repairs).
+        """
         import faiss
 
         if self.outgrown:  # once, when a run ends, not while it scores
             n = self.ntotal
+            self._base = None
             if n > HNSW_MAX:
                 self._make_ivf_chunks(self.chunks(), n)
             else:
@@ -578,24 +607,44 @@ class VectorIndex:
         elif self.retune_due:
             self.tune()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        faiss.write_index(self.index, str(tmp))
-        crc, size = _file_crc32(tmp)  # of the bytes on disk, read back (from the page cache)
-        os.replace(tmp, self.path)
+        old = _delta_files(self.path)
+        base, delta = self._base, None
+        added = sum(v.nbytes + i.nbytes for i, v in self._appended)
+        if (
+            base is not None
+            and self.kind != "flat"
+            and added <= DELTA_MAX_FRACTION * base["bytes"]
+            and _size(self.path) == base["bytes"]
+        ):
+            delta = _write_delta(self.path, self._appended, (base.get("delta") or {}).get("gen", 0))
+            side = dict(base)
+        else:
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            faiss.write_index(self.index, str(tmp))
+            crc, size = _file_crc32(tmp)  # of the bytes on disk, read back (from the page cache)
+            os.replace(tmp, self.path)
+            side = {"bytes": size, "crc32": crc}
         count, max_id, id_sum = self.stats()
-        side = {
-            "count": count,
-            "max_id": max_id,
-            "id_sum": id_sum,
-            "bytes": size,
-            "crc32": crc,
-            "dim": self.dim,
-            "kind": self.kind,
-            "info": self.info,
-        }
+        side.update(
+            {
+                "count": count,
+                "max_id": max_id,
+                "id_sum": id_sum,
+                "dim": self.dim,
+                "kind": self.kind,
+                "info": self.info,
+                "delta": delta,
+            }
+        )
         tmp = self.sidecar_path.with_name(f".{self.sidecar_path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(side))
         os.replace(tmp, self.sidecar_path)
+        for stale in old:  # described by no sidecar now
+            if delta is None or stale.name != delta["file"]:
+                stale.unlink(missing_ok=True)
+        if delta is None:
+            self._appended = []
+        self._base = side
         self.dirty = False
         self.verified = True
 
@@ -606,6 +655,9 @@ class VectorIndex:
         try:
             side = json.loads(path.with_suffix(".json").read_text())
             if path.stat().st_size != side["bytes"]:
+                return None
+            delta = side.get("delta")
+            if delta and _size(path.with_name(delta["file"])) != delta["bytes"]:
                 return None
             return int(side["count"]), int(side["max_id"]), int(side["id_sum"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -622,6 +674,47 @@ def _reserve(flat: Any, n: int) -> None:
     if flat.ntotal == 0 and n > 0:
         flat.codes.resize(n * flat.code_size)
         flat.codes.resize(0)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _delta_files(path: Path) -> list[Path]:
+    """The delta files saved beside the index at ``path`` (a sidecar names the current one)."""
+    return sorted(path.parent.glob(f"{path.name}.delta-*"))
+
+
+def _write_delta(path: Path, appended: list[tuple[np.ndarray, np.ndarray]], gen: int) -> dict:
+    """Write the rows added since ``path`` was written whole as a new delta file; its entry."""
+    ids = np.concatenate([i for i, _ in appended]) if appended else np.zeros(0, np.int64)
+    dim = appended[0][1].shape[1] if appended else 0
+    x = np.concatenate([v for _, v in appended]) if appended else np.zeros((0, dim), np.float32)
+    target = path.with_name(f"{path.name}.delta-{gen + 1}")
+    tmp = path.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, ids=ids, vectors=x)
+    crc, size = _file_crc32(tmp)
+    os.replace(tmp, target)
+    return {"file": target.name, "gen": gen + 1, "count": len(ids), "bytes": size, "crc32": crc}
+
+
+def _read_delta(path: Path, entry: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (ids, vectors) of a delta file, checked against its sidecar entry."""
+    try:
+        crc, size = _file_crc32(path)
+    except OSError:
+        raise IndexFileError(f"{path}: missing (its sidecar names it)") from None
+    if (crc, size) != (entry.get("crc32"), entry.get("bytes")):
+        raise IndexFileError(f"{path}: checksum or size differs from its sidecar's (damaged)")
+    with np.load(path, allow_pickle=False) as z:
+        ids, x = z["ids"].astype(np.int64), z["vectors"].astype(np.float32)
+    if len(ids) != entry.get("count") or (len(ids) and x.shape != (len(ids), dim)):
+        raise IndexFileError(f"{path}: {len(ids)} rows where its sidecar says {entry.get('count')}")
+    return ids, x.reshape(len(ids), dim)
 
 
 def _file_crc32(path: Path) -> tuple[int, int]:

@@ -16,7 +16,10 @@ regenerated from their seed, but the target is read on the real embeddings (part
 synthetic neighbours of a query are near-ties by construction.
 
 Usage: python bench/bench_index_scale.py [--part real|scale|both] [--n 10000000]
-       [--augment 3] [--queries 1000]
+       [--augment 3] [--queries 1000] [--synthetic noise|between] [--reuse]
+
+Part 2 saves the index it builds under bench/_out/scale/ (13 GB at 10,000,000) and, with
+``--reuse``, loads it instead of building again; it times each nprobe of a sweep.
 """
 
 from __future__ import annotations
@@ -288,67 +291,98 @@ def decision_effect(x, origin) -> None:
 CHUNK = 100_000
 
 
-def synthetic_chunk(i: int, seeds, noise: float, n: int):
-    """Chunk ``i`` of the synthetic set: a real embedding + Gaussian noise (bench_search's)."""
+def synthetic_chunk(i: int, seeds, noise: float, n: int, kind: str = "noise"):
+    """Chunk ``i`` of the synthetic set, from a seed of its own.
+
+    ``noise``: a real embedding + Gaussian noise of norm ``noise`` (bench_search's recipe;
+    a query's neighbours are near-ties, ~N/len(seeds) copies of one embedding). ``between``:
+    a point on the segment between two real embeddings + noise of a tenth of that norm
+    (neighbour distances spread as between real photos).
+    """
     import numpy as np
 
     rng = np.random.default_rng([7, i])
     x = seeds[rng.integers(0, len(seeds), n)]
+    if kind == "between":
+        a = rng.random((n, 1), dtype=np.float32)
+        x = a * x + (1 - a) * seeds[rng.integers(0, len(seeds), n)]
+        noise = noise / 10
     x += (noise / np.sqrt(x.shape[1])) * rng.standard_normal(x.shape, dtype=np.float32)
     np.maximum(x, 0, out=x)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
 
-def child_scale(n: int, queries: int, noise: float, augment: int) -> dict:
+SWEEP = (8, 16, 32, 64, 128, 256)
+
+
+def child_scale(n: int, queries: int, noise: float, augment: int, kind: str, reuse: bool) -> dict:
+    """Build (or load, ``reuse``) the index over ``n`` synthetic vectors; time and score it."""
     import faiss
     import numpy as np
 
     from imagesieve._faiss import top_k_of_chunks
+    from imagesieve.store import _vectors
     from imagesieve.store._vectors import VectorIndex
 
+    _vectors.HNSW_MAX = min(_vectors.HNSW_MAX, n - 1)  # the IVF kind at any --n (a quick try)
     seeds, _ = real_embeddings(augment)
     sizes = [min(CHUNK, n - a) for a in range(0, n, CHUNK)]
-    out: dict = {"n": n}
+    out: dict = {"n": n, "synthetic": kind}
+    path = OUT / f"scale-{kind}-{n}.faiss"
 
     def chunks():
         for i, m in enumerate(sizes):
             yield (
                 np.arange(i * CHUNK, i * CHUNK + m, dtype=np.int64),
-                synthetic_chunk(i, seeds, noise, m),
+                synthetic_chunk(i, seeds, noise, m, kind),
             )
 
     reset_vm_hwm()
     t = time.perf_counter()
-    index = VectorIndex.build_chunks(OUT / "scale.faiss", seeds.shape[1], chunks(), n)
-    out["build_s"] = time.perf_counter() - t
-    out["build_peak_mb"] = vm_hwm_mb()
-    out["index_mb"] = faiss.serialize_index(index.index).nbytes / 2**20 if n <= 2_000_000 else None
-    out["kind"], out["info"] = index.kind, index.info
-    xq = synthetic_chunk(10**6, seeds, noise, queries)  # held out: a chunk never stored
-    reset_vm_hwm()
-    faiss.omp_set_num_threads(1)
-    ms = single_query_ms(lambda q: index.search(q, K), xq)
-    out["p50"], out["p99"], out["mean"] = pct(ms, 50), pct(ms, 99), float(np.mean(ms))
-    got, dist = index.search(xq, K, threads=os.cpu_count())
-    out["search_peak_mb"] = vm_hwm_mb()
+    if reuse and VectorIndex.saved_stats(path) is not None:
+        index = VectorIndex.open(path)
+        out["loaded_s"] = time.perf_counter() - t
+    else:
+        index = VectorIndex.build_chunks(path, seeds.shape[1], chunks(), n)
+        out["build_s"] = time.perf_counter() - t
+        out["build_peak_mb"] = vm_hwm_mb()
+        index.save()  # kept for --reuse: a build costs tens of minutes
+    out["kind"], out["info"] = index.kind, dict(index.info)
+    xq = synthetic_chunk(10**6, seeds, noise, queries, kind)  # held out: never stored
+    tuned = index.info.get("nprobe")
+    settings = sorted({*SWEEP, tuned} - {None})
+    gots, timing = {}, {}
+    for nprobe in settings:
+        index._set_nprobe(nprobe)
+        faiss.omp_set_num_threads(1)
+        ms = single_query_ms(lambda q: index.search(q, K), xq[:300])
+        timing[nprobe] = (pct(ms, 50), pct(ms, 99), float(np.mean(ms)))
+        gots[nprobe] = index.search(xq, K, threads=os.cpu_count())[0]
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     t = time.perf_counter()
-    got_sims = np.full(got.shape, -np.inf, np.float32)  # exact similarity of what was found
+    found = np.stack([gots[p] for p in settings])  # (settings, queries, K)
+    found_sims = np.full(found.shape, -np.inf, np.float32)  # their exact similarities
 
     def passing():
         for i, (ids, x) in enumerate(chunks()):
-            here = (got >= ids[0]) & (got <= ids[-1])
-            q, j = np.nonzero(here)
-            got_sims[q, j] = np.einsum("md,md->m", xq[q], x[got[q, j] - ids[0]])
+            s, q, j = np.nonzero((found >= ids[0]) & (found <= ids[-1]))
+            found_sims[s, q, j] = np.einsum("md,md->m", xq[q], x[found[s, q, j] - ids[0]])
             yield i * CHUNK, x
 
     rows, sims = top_k_of_chunks(xq, passing(), K)
     out["exact_s"] = time.perf_counter() - t
-    out["recall"] = recall_ties(got_sims, got, sims)
-    out["recall_ids"] = float(
-        np.mean([len(set(a) & set(b)) / K for a, b in zip(got, rows, strict=True)])
-    )
+    out["sweep"] = [
+        {
+            "nprobe": p,
+            "p50": timing[p][0],
+            "p99": timing[p][1],
+            "mean": timing[p][2],
+            "recall": recall_ties(found_sims[k], found[k], sims),
+            "tuned": p == tuned,
+        }
+        for k, p in enumerate(settings)
+    ]
     out["tenth_dist_median"] = float(np.median(1 - sims[:, K - 1]))
     out["first_dist_median"] = float(np.median(1 - sims[:, 0]))
     return out
@@ -356,32 +390,44 @@ def child_scale(n: int, queries: int, noise: float, augment: int) -> dict:
 
 def part_scale(args) -> None:
     cmd = [sys.executable, __file__, "--child-scale", str(args.n), "--queries", str(args.queries)]
-    cmd += ["--augment", str(args.augment)]
+    cmd += ["--augment", str(args.augment), "--synthetic", args.synthetic]
+    cmd += ["--reuse"] if args.reuse else []
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     info = r["info"]
+    how = {
+        "noise": "a random real embedding of part 1 + Gaussian noise of norm 0.25",
+        "between": "a random point between two real embeddings of part 1 + noise of norm 0.025",
+    }[r["synthetic"]]
     print(
-        f"\n## 2. {r['n']:,} synthetic vectors (1280-d; a random real embedding of part 1 + "
-        f"Gaussian noise of norm 0.25, clipped at 0, unit length; generated {CHUNK:,} at a "
-        "time from a seed, so only the index and one chunk are in memory)\n"
-        f"`VectorIndex.build_chunks`: **{r['build_s'] / 60:.1f} min** in all (training "
-        f"{info['train_seconds']} s on {info['train_rows']:,} vectors, the first chunks), "
-        f"kind {r['kind']}, recipe `{info['recipe']}`, nprobe {info['nprobe']} tuned to "
-        f"recall@10 {info['recall_at_10']} on 200 stored vectors, exact neighbours gathered "
-        f"while filling; **peak RSS {r['build_peak_mb'] / 1024:.1f} GB** (VmHWM of the build "
-        "process).\n"
+        f"\n## 2. {r['n']:,} synthetic vectors (1280-d; {how}, clipped at 0, unit length; "
+        f"generated {CHUNK:,} at a time from a seed, so only the index and one chunk are in "
+        "memory)"
     )
-    print("| queries | p50 ms | p99 ms | mean ms | recall@10 (ties) | recall@10 (ids) |")
-    print("|---|---|---|---|---|---|")
+    if "build_s" in r:
+        print(
+            f"`VectorIndex.build_chunks`: **{r['build_s'] / 60:.1f} min** in all (training "
+            f"{info['train_seconds']} s on {info['train_rows']:,} vectors, the first chunks), "
+            f"kind {r['kind']}, recipe `{info['recipe']}`, nprobe {info['nprobe']} tuned to "
+            f"recall@10 {info['recall_at_10']} on 200 stored vectors, exact neighbours gathered "
+            f"while filling; **peak RSS {r['build_peak_mb'] / 1024:.1f} GB** (VmHWM of the "
+            "build process). Saved for `--reuse`."
+        )
+    else:
+        print(f"Loaded the saved index in {r['loaded_s']:.0f} s (`--reuse`); built as: {info}.")
     print(
-        f"| {args.queries:,} held out, 1 per call, 1 thread | **{r['p50']:.2f}** | "
-        f"**{r['p99']:.2f}** | {r['mean']:.2f} | {r['recall']:.3f} | {r['recall_ids']:.3f} |"
+        f"\nMedian cosine distance of a held-out query's 1st / 10th true neighbour: "
+        f"{r['first_dist_median']:.4f} / {r['tenth_dist_median']:.4f}. Latency: 300 queries, "
+        f"one per call, 1 thread; recall@10 over {args.queries:,} (ties count), against exact "
+        f"search streamed over the regenerated chunks ({r['exact_s']:.0f} s).\n"
     )
-    print(
-        f"\nExact truth streamed over the regenerated chunks in {r['exact_s']:.0f} s. Median "
-        f"cosine distance of a query's 1st / 10th true neighbour: {r['first_dist_median']:.4f} "
-        f"/ {r['tenth_dist_median']:.4f}: the synthetic neighbours are near-ties by "
-        "construction, which PQ's codes cannot order; recall is read on part 1's real set."
-    )
+    print("| nprobe | p50 ms | p99 ms | mean ms | recall@10 |")
+    print("|---|---|---|---|---|")
+    for row in r["sweep"]:
+        mark = " (tuned at build)" if row["tuned"] else ""
+        print(
+            f"| {row['nprobe']}{mark} | {row['p50']:.2f} | {row['p99']:.2f} | {row['mean']:.2f} "
+            f"| {row['recall']:.3f} |"
+        )
 
 
 def main() -> None:
@@ -391,10 +437,15 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--n", type=int, default=10_000_000)
     p.add_argument("--noise", type=float, default=0.25)
+    p.add_argument("--synthetic", choices=("noise", "between"), default="noise")
+    p.add_argument("--reuse", action="store_true", help="load part 2's saved index if there")
     p.add_argument("--child-scale", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_scale:
-        print(json.dumps(child_scale(args.child_scale, args.queries, args.noise, args.augment)))
+        doc = child_scale(
+            args.child_scale, args.queries, args.noise, args.augment, args.synthetic, args.reuse
+        )
+        print(json.dumps(doc))
         return
     import faiss
     import numpy as np

@@ -13,9 +13,9 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-import duckdb
 import pytest
 from httpserver import ImageServer
+from test_store import query
 
 from imagesieve._workspace import Workspace
 from imagesieve.ingest import RayOptions, ScoreOptions, score_inputs
@@ -23,14 +23,6 @@ from imagesieve.store import VectorIndex
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).with_name("ray")
-
-
-def query(ws, sql: str, params=()) -> list[tuple]:
-    con = duckdb.connect(str(ws.root / "store.duckdb"), read_only=True)
-    try:
-        return con.execute(sql, list(params)).fetchall()
-    finally:
-        con.close()
 
 
 @pytest.fixture(scope="module")

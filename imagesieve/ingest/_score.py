@@ -567,8 +567,9 @@ def _score_sharded(
     opts: ScoreOptions,
     run: _Run,
     progress: Progress,
+    folder: Path,
 ) -> None:
-    """Score on Ray with actors writing Parquet shards that the store ingests whole, in bulk.
+    """Score on Ray with actors writing Parquet shards in ``folder``, stored whole, in bulk.
 
     No item passes through the driver one by one: each shard is one transaction (exactly once
     by content, its failures and batch items with it), the index catches up from DuckDB at the
@@ -578,7 +579,6 @@ def _score_sharded(
 
     session, summary = run.session, run.summary
     store, version = session.store, session.version
-    folder = _shard_folder(opts, summary.batch_id)
     stored = store.stored_content(version)
     with ray_session(opts.ray) as ray:
         summary.ray = ray_plan(ray, opts.ray)
@@ -737,9 +737,10 @@ def score_inputs(
             items = _history_items(
                 ws, store.stored_images(opts.history_of, missing_from=version.name)
             )
+        shards = _shard_folder(opts, summary.batch_id)
         try:
-            if _shard_folder(opts, summary.batch_id) is not None:
-                _score_sharded(predictor, items, opts, run, progress)
+            if shards is not None:
+                _score_sharded(predictor, items, opts, run, progress, shards)
             else:
                 for group in _scored(predictor, items, opts, run):
                     run.handle(group)
@@ -748,7 +749,6 @@ def score_inputs(
                 summary.ignored = list(expander.ignored)
                 run.ignore(summary.ignored)
             run.commit()
-            shards = _shard_folder(opts, summary.batch_id)
             if shards is not None:  # stored: a re-run writes its own
                 shutil.rmtree(shards, ignore_errors=True)
             summary.near_duplicates = _link_duplicates(store, version, summary, progress)

@@ -317,7 +317,7 @@ _STORE_FILLS = ("id", "model_version", "scored_at", "batch_id", "cluster_id")
 
 @dataclass
 class ShardIngest:
-    """What one shard added to its batch (``Store.ingest_shard``)."""
+    """What one shard added to its batch (``Store.ingest_shards``)."""
 
     items: int
     scored: int
@@ -347,7 +347,7 @@ def write_shard(
     dim: int,
     rows: Sequence[dict[str, str] | None] | None = None,
 ) -> None:
-    """Write scored items, failures included, to a Parquet shard that ``Store.ingest_shard`` takes.
+    """Write scored items, failures included, to a Parquet shard that ``Store.ingest_shards`` takes.
 
     One row per item: its place in the run (``seq``), source, content hash, whether it was
     ``skipped`` (already stored), its error, its list row (``rows``), the ``predictions``

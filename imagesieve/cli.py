@@ -580,7 +580,9 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--port", type=int, default=7860, help="port (default 7860; 0: any free one)"
     )
     parser.add_argument(
-        "--auth", metavar="USER:PASSWORD", help="login for the app (required beyond loopback)"
+        "--auth",
+        metavar="USER:PASSWORD",
+        help="login for the app (default $IMAGESIEVE_AUTH; required beyond loopback)",
     )
     parser.add_argument(
         "--token",

@@ -326,7 +326,7 @@ def test_start_server__token_required_when_set(ws):
     [
         ("0.0.0.0", None, None, "refusing to listen on 0.0.0.0 (not loopback) without --auth"),
         ("0.0.0.0", ("u", "p"), None, "without --token or $IMAGESIEVE_API_TOKEN (API)"),
-        ("192.168.1.5", None, "t", "without --auth USER:PASSWORD (UI)"),
+        ("192.168.1.5", None, "t", "without --auth USER:PASSWORD or $IMAGESIEVE_AUTH (UI)"),
     ],
 )
 def test_check_exposure__beyond_loopback_needs_login_and_token(host, auth, token, message):
@@ -338,6 +338,12 @@ def test_check_exposure__beyond_loopback_needs_login_and_token(host, auth, token
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
 def test_check_exposure__loopback_needs_nothing(host):
     check_exposure(host, None, None)
+
+
+def test_check_exposure__api_alone_needs_only_the_token():
+    check_exposure("0.0.0.0", None, "t", ui=False)
+    with pytest.raises(ValueError, match=r"without --token or \$IMAGESIEVE_API_TOKEN \(API\)$"):
+        check_exposure("0.0.0.0", None, None, ui=False)
 
 
 def test_service_predict__live_frames_are_not_stored(api, elpv):

@@ -79,7 +79,7 @@ def app(tmp_path_factory, elpv):
 def browser():
     if not Path(CHROMIUM).is_file():
         pytest.fail(
-            f"no chromium at {CHROMIUM}: run 'sh tests/install-chromium.sh' "
+            f"no chromium at {CHROMIUM}: run 'sh tests/install-system.sh' "
             "(or set IMAGESIEVE_CHROMIUM)"
         )
     from playwright.sync_api import sync_playwright

@@ -36,6 +36,7 @@ EXPECTED = {
     "disk_full": (507, 2),
     "disk": (500, 2),
     "store": (500, 2),
+    "full_install": (501, 2),
     "internal": (500, 1),
 }
 DISK_FULL = "the server's disk is full: nothing was stored; retry once space is freed on it"
@@ -101,6 +102,19 @@ def test_kinds__the_readme_table_is_the_contract():
 def test_classify_error__a_library_error_by_its_kind(error, kind):
     assert classify_error(error) == (kind, str(error))
     assert classify_error(error, server=True) == (kind, str(error))
+
+
+@pytest.mark.parametrize("name", ["torch", "torchvision.transforms", "matplotlib.figure"])
+def test_classify_error__a_full_install_package_missing_is_the_slim_install(name):
+    e = ModuleNotFoundError(f"No module named '{name}'", name=name)
+    kind, line = classify_error(e)
+    assert kind == "full_install"
+    assert line == f"{name} is not installed: this is the slim serving install" + (
+        " (the full install: pip install 'imagesieve[train]')"
+    )
+    assert classify_error(e, server=True) == ("full_install", KINDS["full_install"].message)
+    other = ModuleNotFoundError("No module named 'yaml'", name="yaml")
+    assert classify_error(other)[0] == "internal"
 
 
 def test_classify_error__errors_the_library_raises(tmp_path):

@@ -182,6 +182,7 @@ ERROR_WHEN = {
     413: "An upload over a limit: bytes per file, files per request or bytes per request.",
     422: "A missing or invalid parameter, or a file that is not a readable image.",
     500: "An unexpected error, or the server could not read or write a file; see its log.",
+    501: "Asked of the slim install (no torch): training is done where the full install is.",
     503: "No trained model or backbone weights yet, the store is busy, the server cannot write "
     "to its workspace, or it is stopping.",
     507: "The server's disk is full.",
@@ -696,7 +697,7 @@ def add_api(
             quality=body.quality,
         )
 
-    @router.post("/retrain", status_code=202, responses=errors(409, 503))
+    @router.post("/retrain", status_code=202, responses=errors(409, 501, 503))
     async def retrain(request: Request) -> dict[str, Any]:
         """Retrain in the background; poll ``GET /retrain`` for its progress.
 

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Where the API token comes from when ``--token`` is not given.
 TOKEN_ENV = "IMAGESIEVE_API_TOKEN"
+#: Where ``serve`` finds the app's USER:PASSWORD login when ``--auth`` is not given (containers).
+AUTH_ENV = "IMAGESIEVE_AUTH"
 #: Multipart framing allowed on top of a file's own size limit.
 FORM_OVERHEAD = 1 * 2**20
 #: How often the app's idle event queue looks for work, and sends progress (s). Gradio's
@@ -92,14 +94,16 @@ def parse_tokens(values: Sequence[str] = (), file: str | os.PathLike | None = No
     return tokens or None
 
 
-def check_exposure(host: str, auth: tuple[str, str] | None, token: Tokens) -> None:
-    """Refuse to listen beyond loopback without a UI login and an API token."""
+def check_exposure(
+    host: str, auth: tuple[str, str] | None, token: Tokens, *, ui: bool = True
+) -> None:
+    """Refuse to listen beyond loopback without an API token, and a login when the app is on."""
     if is_loopback(host):
         return
     missing = [
         what
         for what, given in (
-            ("--auth USER:PASSWORD (UI)", auth),
+            (f"--auth USER:PASSWORD or ${AUTH_ENV} (UI)", auth or not ui),
             (f"--token or ${TOKEN_ENV} (API)", token),
         )
         if not given
@@ -270,7 +274,7 @@ def start_server(
     """Start the server on a thread (port 0: a free one); returns once it accepts connections."""
     import uvicorn
 
-    check_exposure(host, auth, token)
+    check_exposure(host, auth, token, ui=ui)
     app = build_server(service, auth=auth, token=token, ui=ui)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_keep_alive=30, access_log=False
@@ -304,6 +308,7 @@ def serve(
     background job, nohup), so ``kill`` and Ctrl-C always close the store properly.
     """
     token = token or parse_tokens([os.environ.get(TOKEN_ENV) or ""])
+    auth = auth or os.environ.get(AUTH_ENV) or None
     running = start_server(service, host, port, auth=parse_auth(auth), token=token, ui=ui)
     stop = threading.Event()
     previous = {}

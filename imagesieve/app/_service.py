@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from imagesieve._errors import SieveError, UserError
+from imagesieve._errors import SieveError, UserError, require_full_install
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     UNKNOWN,
@@ -1172,6 +1172,7 @@ class Service:
 
         Progress (stage, done, total, ETA) is in ``training_status`` as it runs.
         """
+        require_full_install("retraining")  # here, not in the background run's status
         data_dir = self.training_dir()
         if data_dir is None:
             raise ServiceError("the active model's training folder is gone; retrain from the CLI")

@@ -23,7 +23,6 @@ import argparse
 import json
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,12 +53,6 @@ TOKEN = "bench-token"
 NAME = "imagesieve-bench"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def vm_hwm_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -74,18 +67,18 @@ def workspace(name: str) -> Path:
     return root
 
 
-def start_outside(ws: Path, port: int) -> subprocess.Popen:
+def start_outside(ws: Path) -> tuple[subprocess.Popen, int]:
     """``imagesieve serve`` from this checkout's venv, app and API, as the container runs it."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "imagesieve.cli", "serve", "--workspace", str(ws)]
-        + ["--port", str(port), "--token", TOKEN],
+        + ["--port", "0", "--token", TOKEN],
         stdout=subprocess.PIPE,
         stderr=(OUT / "outside.log").open("w"),
         text=True,
     )
     for line in proc.stdout:
         if line.startswith("serving "):
-            return proc
+            return proc, int(line.split(" on ", 1)[1].split()[0].rsplit(":", 1)[1])
     raise SystemExit(f"the outside server did not start: {(OUT / 'outside.log').read_text()}")
 
 
@@ -144,9 +137,9 @@ def main() -> None:
 
     print("\n(c) POST /api/v1/predict, one client, container vs outside")
     inside_ws, outside_ws = writable_workspace(workspace("ws-in")), workspace("ws-out")
-    in_port, out_port = free_port(), free_port()
-    run_server(NAME, inside_ws, in_port, TOKEN, IMAGE_TAG, "--env", "IMAGESIEVE_AUTH=bench:bench")
-    outside = start_outside(outside_ws, out_port)
+    url = run_server(NAME, inside_ws, TOKEN, IMAGE_TAG, "--env", "IMAGESIEVE_AUTH=bench:bench")
+    in_port = int(url.rsplit(":", 1)[1])
+    outside, out_port = start_outside(outside_ws)
     try:
         in_pid = json.loads(podman("inspect", NAME).stdout)[0]["State"]["Pid"]
         pngs = [Path(p).read_bytes() for p in elpv_paths(200)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -98,11 +99,15 @@ def writable_workspace(path: Path) -> Path:
     return path
 
 
-def run_server(
-    name: str, workspace: Path, port: int, token: str, tag: str = IMAGE_TAG, *extra: str
-) -> str:
-    """Start the image's server detached, the workspace mounted; its URL once health answers."""
+def run_server(name: str, workspace: Path, token: str, tag: str = IMAGE_TAG, *extra: str) -> str:
+    """Start the image's server detached, the workspace mounted; its URL once health answers.
+
+    Published on a free port of 127.0.0.1; ``extra`` are more ``podman run`` options.
+    """
     podman("rm", "--force", "--ignore", name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     podman(
         "run", "--detach", "--name", name, *RUNTIME, *ULIMITS,
         "--publish", f"127.0.0.1:{port}:7860",

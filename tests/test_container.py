@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 
 import pytest
@@ -39,12 +38,6 @@ TOKEN = "container-s3cret"
 NAME = "imagesieve-test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def image(tmp_path_factory) -> str:
     """The project's image, built (layers cached between runs) on the local base."""
@@ -61,7 +54,7 @@ def served(image, trained, tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("container") / "ws")
     shutil.copytree(ws_trained.models_dir, ws.models_dir)
     writable_workspace(ws.root)
-    url = run_server(NAME, ws.root, free_port(), TOKEN, image, "--env", "IMAGESIEVE_AUTH=op:pw")
+    url = run_server(NAME, ws.root, TOKEN, image, "--env", "IMAGESIEVE_AUTH=op:pw")
     yield url, ws
     podman("rm", "--force", "--ignore", NAME)
 

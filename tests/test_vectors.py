@@ -259,9 +259,10 @@ def test_vector_index__damaged_or_missing_delta_is_an_index_file_error(tmp_path,
 
 def test_tuning__out_of_reach_target_stops_where_recall_stops_improving(tmp_path, monkeypatch):
     # 2,400 vectors make 64 lists: from nprobe 64 on every list is read and recall is flat.
-    # A target no setting reaches took the slowest (256) before; now the plateau's start.
+    # A target no setting reaches took the slowest (256) before; now the plateau's start,
+    # without the margin a reached target gets (twice the setting).
     monkeypatch.setattr(_vectors, "HNSW_MAX", 1000)
     monkeypatch.setattr(_vectors, "TARGET_RECALL", 1.01)
     index = VectorIndex.build(tmp_path / "v.faiss", 64, np.arange(2400), blobs(2400))
     assert index.kind == "ivfpq" and _vectors.ivf_lists(2400) == 64
-    assert index.info["nprobe"] <= 2 * 64 < _vectors.NPROBE_CANDIDATES[-1]
+    assert index.info["nprobe"] <= 64 < _vectors.NPROBE_CANDIDATES[-1]

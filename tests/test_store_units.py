@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
+from synthstore import fill
 from test_store import assert_index_matches_db, embedded, query
 
 from imagesieve._errors import SieveError
@@ -422,3 +427,31 @@ def test_index_set__a_grown_store_saves_a_delta_and_a_damaged_delta_is_rebuilt(
     with Store(ws) as store:
         assert store.indexes.checks[0].action == "rebuilt"
     assert_index_matches_db(ws, "v1")
+
+
+def _measured_rebuild(root: Path, rows: int) -> dict:
+    """Fill a store of ``rows`` synthetic rows, rebuild its index in a fresh process: its figures."""
+    fill(root, rows)
+    code = (
+        f"import sys, pathlib; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"from synthstore import rebuild_measured; rebuild_measured(pathlib.Path({str(root)!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (r["rows"], r["kind"]) == (rows, "hnsw")
+    return r
+
+
+@pytest.mark.slow
+def test_index_set__rebuild_from_duckdb_grows_by_about_the_index_not_the_vectors(tmp_path):
+    # A rebuild streams DuckDB's rows into the index in chunks: past a fixed part (DuckDB's
+    # streaming memory, a chunk, the tuning's queries: ~450 MB measured), the process grows
+    # with the index alone, so at 1,000,000 rows its peak is ~1.1x the index (bench_rebuild).
+    # Measured here as the growth per added row between two sizes against the index's own:
+    # reading the embeddings whole (Arrow, then a float32 copy) would add twice the vectors
+    # (10 KB a row beside the index's ~5.2 KB), a ratio near 3.
+    small = _measured_rebuild(tmp_path / "small", 50_000)
+    large = _measured_rebuild(tmp_path / "large", 125_000)
+    grew = [r["peak_mb"] - r["before_mb"] for r in (small, large)]
+    ratio = (grew[1] - grew[0]) / (large["index_mb"] - small["index_mb"])
+    assert ratio <= 1.5, (small, large)

@@ -111,7 +111,7 @@ def require_full_install(what: str) -> None:
 
     if importlib.util.find_spec("torch") is None:
         raise SieveError(
-            f"{what} needs the full install (torch): pip install 'imagesieve[train]'",
+            f"{what} needs torch, which this slim install leaves out",
             "full_install",
         )
 
@@ -162,8 +162,8 @@ def classify_error(e: BaseException, *, server: bool = False) -> tuple[str, str]
     line = first_line(e)
     if kind == "internal":
         line = name if line == name else f"{name}: {line}"
-    elif kind == "full_install":
-        line = f"{getattr(e, 'name', None)} is not installed: this is the slim serving install"
+    elif isinstance(e, ModuleNotFoundError):  # a full_install package, imported anyway
+        line = f"{e.name} is not installed: this is the slim serving install"
     elif isinstance(e, OSError) and e.strerror:  # the file, then the cause
         line = (f"{e.filename}: " if e.filename else "") + e.strerror.lower()
     return kind, line + ("" if server else spec.hint)

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from imagesieve import cli
-from imagesieve._errors import KINDS, SieveError, UserError, classify_error
+from imagesieve._errors import KINDS, SieveError, UserError, classify_error, require_full_install
 from imagesieve._workspace import Workspace
 from imagesieve.app import Service, ServiceError, start_server
 from imagesieve.data import ImageLoadError, load_image
@@ -115,6 +115,23 @@ def test_classify_error__a_full_install_package_missing_is_the_slim_install(name
     assert classify_error(e, server=True) == ("full_install", KINDS["full_install"].message)
     other = ModuleNotFoundError("No module named 'yaml'", name="yaml")
     assert classify_error(other)[0] == "internal"
+
+
+def test_require_full_install__refuses_in_one_line_where_torch_is_missing(monkeypatch):
+    import importlib.util
+
+    require_full_install("Grad-CAM")  # this install has torch
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    with pytest.raises(SieveError) as e:
+        require_full_install("Grad-CAM")
+    assert classify_error(e.value) == (
+        "full_install",
+        "Grad-CAM needs torch, which this slim install leaves out"
+        " (the full install: pip install 'imagesieve[train]')",
+    )
 
 
 def test_classify_error__errors_the_library_raises(tmp_path):

@@ -705,6 +705,7 @@ class Service:
 
     def gradcam(self, data: bytes | Any, class_name: str | None = None) -> Any:
         """Grad-CAM of the active model on an image: a ``GradCam`` (heatmap, ``overlay()``)."""
+        require_full_install("Grad-CAM")
         return grad_cam(self.version, data, class_name)
 
     # -- batches ---------------------------------------------------------------------------

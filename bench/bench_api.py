@@ -73,17 +73,15 @@ def multipart(png: bytes, name: str) -> bytes:
 class Client:
     """One keep-alive connection posting pre-built bodies."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, token: str | None = None):
         self.conn = http.client.HTTPConnection(host, port, timeout=60)
+        self.headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
 
     def post(self, body: bytes, neighbours: int = 5) -> tuple[int, float]:
         t = time.perf_counter()
-        self.conn.request(
-            "POST",
-            f"/api/v1/predict?neighbours={neighbours}",
-            body,
-            {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
-        )
+        self.conn.request("POST", f"/api/v1/predict?neighbours={neighbours}", body, self.headers)
         r = self.conn.getresponse()
         r.read()
         return r.status, time.perf_counter() - t

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from bench_api import Client, multipart, pct, with_counter  # noqa: E402
-from bench_store import MODEL_WS, child_train, elpv_paths  # noqa: E402
+from bench_store import MODEL_WS, child_train, elpv_paths, fresh_ws, peak_rss_mb  # noqa: E402
 from podman import (  # noqa: E402
     BASE_TAG,
     IMAGE_TAG,
@@ -51,20 +50,6 @@ from podman import (  # noqa: E402
 OUT = HERE / "_out" / "container"
 TOKEN = "bench-token"
 NAME = "imagesieve-bench"
-
-
-def vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def workspace(name: str) -> Path:
-    root = OUT / name
-    shutil.rmtree(root, ignore_errors=True)
-    shutil.copytree(MODEL_WS / "models", root / "models")
-    return root
 
 
 def start_outside(ws: Path) -> tuple[subprocess.Popen, int]:
@@ -84,22 +69,13 @@ def start_outside(ws: Path) -> tuple[subprocess.Popen, int]:
 
 def timed_posts(port: int, bodies: list[bytes]) -> list[float]:
     """Post each body on one kept-alive connection: the seconds each took."""
-    from bench_api import BOUNDARY
-
-    c = Client("127.0.0.1", port)
-    headers = {
-        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
-        "Authorization": f"Bearer {TOKEN}",
-    }
+    c = Client("127.0.0.1", port, TOKEN)
     out = []
     for body in bodies:
-        t = time.perf_counter()
-        c.conn.request("POST", "/api/v1/predict?neighbours=5", body, headers)
-        r = c.conn.getresponse()
-        r.read()
-        if r.status != 200:
-            raise SystemExit(f"predict answered {r.status} on port {port}")
-        out.append(time.perf_counter() - t)
+        status, seconds = c.post(body)
+        if status != 200:
+            raise SystemExit(f"predict answered {status} on port {port}")
+        out.append(seconds)
     c.conn.close()
     return out
 
@@ -136,7 +112,8 @@ def main() -> None:
     print(f"  whole image (base included): {image_megabytes():.0f} MiB")
 
     print("\n(c) POST /api/v1/predict, one client, container vs outside")
-    inside_ws, outside_ws = writable_workspace(workspace("ws-in")), workspace("ws-out")
+    inside_ws = writable_workspace(fresh_ws("container-in"))
+    outside_ws = fresh_ws("container-out")
     url = run_server(NAME, inside_ws, TOKEN, IMAGE_TAG, "--env", "IMAGESIEVE_AUTH=bench:bench")
     in_port = int(url.rsplit(":", 1)[1])
     outside, out_port = start_outside(outside_ws)
@@ -172,8 +149,8 @@ def main() -> None:
         ratio = statistics.median(ratios)
         print(f"  container / outside p50, median of {args.rounds} rounds: {ratio:.3f} "
               f"(target <= 1.2: {'met' if ratio <= 1.2 else 'MISSED'})")  # fmt: skip
-        print(f"  peak RSS: container's server {vm_hwm_mb(in_pid):.0f} MB, "
-              f"outside {vm_hwm_mb(outside.pid):.0f} MB")  # fmt: skip
+        print(f"  peak RSS: container's server {peak_rss_mb(in_pid):.0f} MB, "
+              f"outside {peak_rss_mb(outside.pid):.0f} MB")  # fmt: skip
 
         print("\n(d) stop")
         t = time.perf_counter()

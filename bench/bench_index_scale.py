@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import platform
@@ -376,7 +377,7 @@ def child_scale(n: int, queries: int, noise: float, augment: int, kind: str, reu
     stored_q, own = None, None
     if "loaded_s" in out:
         want = _vectors.ivf_train_rows(n)
-        head = [synthetic_chunk(i, seeds, noise, sizes[i], kind) for i in range(-(-want // CHUNK))]
+        head = [x for _, x in itertools.islice(chunks(), -(-want // CHUNK))]
         stored_q, own = _vectors.recall_queries(np.arange(want), np.concatenate(head)[:want])
     both = xq if stored_q is None else np.vstack([xq, stored_q])
     rows, sims = top_k_of_chunks(both, passing(), max(K, _vectors.TRUTH_K + 1))
@@ -385,7 +386,7 @@ def child_scale(n: int, queries: int, noise: float, augment: int, kind: str, reu
         index.tune(truth=(stored_q, own, rows[len(xq) :], sims[len(xq) :]))
         out["retuned"] = {k: index.info[k] for k in ("nprobe", "recall_at_10")}
         tuned = index.info["nprobe"]
-    rows, sims = rows[: len(xq), :K], sims[: len(xq), :K]
+    sims = sims[: len(xq), :K]
     out["sweep"] = [
         {
             "nprobe": p,

@@ -35,12 +35,13 @@ SEED_NOISE = 0.3
 
 
 # -- helpers shared by parent and children -------------------------------------------------
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM; ru_maxrss survives exec and lies)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """Peak resident memory of a process, this one by default (VmHWM; ru_maxrss survives exec
+    and lies)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if pid == "self" else -1.0
 
 
 def elpv_paths(n: int | None = None) -> list[str]:

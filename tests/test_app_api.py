@@ -25,6 +25,8 @@ from imagesieve.store import Store, _vectors
 from imagesieve.store._images import kept_path
 
 MAX_FILE = 2 * 2**20
+#: Both blur bounds off: the blur check as a whole.
+NO_BLUR_CHECK = {"blur_max": None, "edge_blur_max": None}
 
 
 @pytest.fixture(scope="module")
@@ -606,21 +608,18 @@ def test_photo_quality__flagged_filtered_and_bounded_over_http(ws, elpv):
         assert th["counts"]["poor_quality"] == 1 and th["quality"]["blur_max"] > 0
         body = {"confidence": th["confidence"], "distance": th["distance"]}
         r = requests.post(
-            f"{base}/thresholds/preview", json=body | {"quality": {"blur_max": None}}, timeout=30
+            f"{base}/thresholds/preview", json=body | {"quality": NO_BLUR_CHECK}, timeout=30
         )
         assert r.status_code == 200 and r.json()["poor_quality"] == 0
         for bad_bound, status in (({"blur": 1}, 422), ({"blur_max": -1}, 422)):
             r = requests.put(f"{base}/thresholds", json=body | {"quality": bad_bound}, timeout=30)
             assert r.status_code == status
-        r = requests.put(
-            f"{base}/thresholds", json=body | {"quality": {"blur_max": None}}, timeout=30
-        )
+        r = requests.put(f"{base}/thresholds", json=body | {"quality": NO_BLUR_CHECK}, timeout=30)
         assert r.status_code == 200 and r.json()["poor_quality"] == 0
         again = post_image(base, blurred.getvalue(), "blurred-again.png").json()
         assert again["quality"]["flags"] == [] and "poor_quality" not in (again["reason"] or "")
-        r = requests.put(
-            f"{base}/thresholds", json=body | {"quality": {"blur_max": "auto"}}, timeout=30
-        )
+        auto = dict.fromkeys(NO_BLUR_CHECK, "auto")
+        r = requests.put(f"{base}/thresholds", json=body | {"quality": auto}, timeout=30)
         assert r.json()["poor_quality"] == 1
     finally:
         server.stop()

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from imagesieve.classifier import QualityRule, calibrate_quality, measure_quality
+from imagesieve.classifier import (
+    STORED_MEASURES,
+    QualityRule,
+    calibrate_quality,
+    measure_quality,
+)
 from imagesieve.models import DEFAULT_BACKBONE, BackboneConfig, get_backbone_spec
 
 
@@ -72,6 +78,56 @@ def test_flags__each_kind_on_its_degradation_and_rarely_on_clean_cells(
     assert np.mean([kind in f for f in clean]) <= 0.05
 
 
+def _noisy_stripes(n: int, seed: int) -> list[Image.Image]:
+    """Stripes of random colours, period and angle, slightly blurred and noisy, 160 pixels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:160, 0:160].astype(np.float32)
+    out = []
+    for _ in range(n):
+        bg, fg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        while np.abs(bg - fg).sum() < 120:  # stripes that can be seen
+            fg = rng.integers(0, 256, 3)
+        angle, period = rng.uniform(0, np.pi), rng.uniform(10, 32)
+        on = np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period) > 0
+        img = Image.fromarray(np.where(on[..., None], fg, bg).astype(np.uint8))
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.2))))  # a camera's
+        a = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(2, 10), (160, 160, 3))
+        out.append(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stripes(config):
+    """A rule calibrated on 300 noisy coloured stripes, and 60 others to degrade."""
+    images = _noisy_stripes(360, 7)
+    return calibrate_quality([measure(im, config) for im in images[:300]]), images[300:]
+
+
+def test_flags__blur_that_noise_hides_is_found_by_the_edges(stripes, config):
+    """Noise reads as detail to the re-blur measure; the spread of the strongest edges does not."""
+    rule, images = stripes
+    blurred = [measure(im.filter(ImageFilter.GaussianBlur(2.5)), config) for im in images]
+    found = np.mean(["blurred" in rule.flags(m) for m in blurred])
+    by_detail = np.mean(["blurred" in replace(rule, edge_blur_max=None).flags(m) for m in blurred])
+    assert found >= 0.9 and by_detail < found - 0.1, (found, by_detail)
+    clean = [rule.flags(measure(im, config)) for im in images]
+    assert np.mean(["blurred" in f for f in clean]) <= 0.05
+
+
+def test_flags__under_exposure_of_dark_colours_is_found_by_the_highlights(stripes, config):
+    """Dark colours are ordinary here, so mean brightness alone misses photos at 30% of their
+    light; its brightest part gives it away. Dark photos are not called blurred."""
+    rule, images = stripes
+    dim = [
+        measure(Image.fromarray((np.asarray(im) * 0.3).astype(np.uint8)), config) for im in images
+    ]
+    flags = [rule.flags(m) for m in dim]
+    by_mean = np.mean(["dark" in replace(rule, highlights_min=None).flags(m) for m in dim])
+    assert np.mean(["dark" in f for f in flags]) >= 0.9 and by_mean < 0.8, by_mean
+    assert not any("blurred" in f for f in flags)
+    assert np.mean(["dark" in rule.flags(measure(im, config)) for im in images]) <= 0.05
+
+
 def test_measure__a_flat_image_has_no_detail_and_no_information(config):
     m = measure(Image.new("RGB", (300, 300), (30, 30, 30)), config)
     assert m.blur == 1.0 and m.entropy == 0.0 and m.saturated == 0.0
@@ -102,6 +158,7 @@ def test_training_calibrates_the_rule_and_predictions_report_their_flags(trained
     )
     assert preds[0].quality_flags == [] and preds[2].quality_flags == ["blurred"]
     assert preds[1].quality_flags[0] == "dark"  # (so dark its histogram holds little too)
+    assert "blurred" not in preds[1].quality_flags  # its edges are faint, not spread
     doc = preds[1].to_dict()["quality"]
     assert (
         doc["flags"][0] == "dark" and doc["brightness"] < rule.dark_max and doc["min_side"] == 300
@@ -176,17 +233,16 @@ def test_stored_quality__columns_in_sql_filters_overrides_undo_and_clustering(
 
     # the measures and flags are columns any read-only query sees, and agree with the rule
     sql = (
-        "SELECT regexp_extract(source, '[0-9]+[.]png') AS f, quality_flags, blur, brightness, "
-        "saturated, clipped, entropy, width, height, label, reason FROM predictions ORDER BY f"
+        "SELECT regexp_extract(source, '[0-9]+[.]png') AS f, quality_flags, blur, edge_blur, "
+        "brightness, highlights, saturated, clipped, entropy, width, height, label, reason "
+        "FROM predictions ORDER BY f"
     )
     got = _cli_json(capsys, "sql", sql, *wsa)
     stored = [dict(zip(got["columns"], r, strict=True)) for r in got["rows"]]
     assert [r["quality_flags"] for r in stored][:2] == [None, "blurred"]
     assert stored[3]["quality_flags"].startswith("dark")
     columns = {
-        k: np.array([r[k] for r in stored], np.float64)
-        for k in stored[0]
-        if k in ("blur", "brightness", "saturated", "clipped", "entropy")
+        k: np.array([r[k] for r in stored], np.float64) for k in stored[0] if k in STORED_MEASURES
     }
     columns["min_side"] = np.array([min(r["width"], r["height"]) for r in stored], np.float64)
     columns["aspect"] = np.array(
@@ -220,16 +276,22 @@ def test_stored_quality__columns_in_sql_filters_overrides_undo_and_clustering(
         str(before["distance"]),
         "--quality",
         "blur_max=off",
+        "--quality",
+        "edge_blur_max=off",
         *wsa,
     )
     assert preview["counts"]["poor_quality"] == 1
     assert _cli_json(capsys, "thresholds", *wsa)["counts"]["poor_quality"] == 2  # nothing changed
-    applied = _cli_json(capsys, "thresholds", "--quality", "blur_max=off", *wsa)
+    off = ("--quality", "blur_max=off", "--quality", "edge_blur_max=off")
+    applied = _cli_json(capsys, "thresholds", *off, *wsa)
     assert applied["counts"]["poor_quality"] == 1 and applied["quality"]["blur_max"] is None
-    assert applied["quality_overrides"] == {"blur_max": None}
+    assert applied["quality_overrides"] == {"blur_max": None, "edge_blur_max": None}
     blurred = _cli_json(capsys, "images", "--quality", "blurred", *wsa)
     assert blurred["total"] == 0
-    assert get_version(scoring_ws).meta["quality_overrides"] == {"blur_max": None}
+    assert get_version(scoring_ws).meta["quality_overrides"] == {
+        "blur_max": None,
+        "edge_blur_max": None,
+    }
     assert main(["thresholds", "--quality", "blur=0.5", *wsa]) != 0
     assert "unknown photo quality bound 'blur'" in capsys.readouterr().err
     assert main(["audit", "--undo", *wsa]) == 0

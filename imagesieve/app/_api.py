@@ -51,7 +51,9 @@ API_PREFIX = "/api/v1"
 #: A photo quality bound an operator may set (``classifier.QualityRule``'s fields).
 QualityBound = Literal[
     "blur_max",
+    "edge_blur_max",
     "dark_max",
+    "highlights_min",
     "bright_min",
     "clipped_min",
     "glare_min",

@@ -37,6 +37,12 @@ _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 #: Blur: the image is averaged over 2x2 pixels (quantisation noise would otherwise read as
 #: detail in a smooth image), then re-blurred over BLUR_BOX pixels along each axis.
 BLUR_BOX = 5
+#: Edge blur: an edge is a step over EDGE_STEP pixels (of the 2x2-averaged crop) among the
+#: EDGE_SHARE largest along an axis, of at least EDGE_MIN of the image's range of R+G+B (so an
+#: under-exposed photo's edges still count, and edges between colours of one luma do too).
+EDGE_STEP, EDGE_SHARE, EDGE_MIN = 3, 0.1, 0.15
+#: Highlights: the share of pixels below the brightest ones.
+HIGHLIGHTS = 0.99
 #: A pixel at or above this luma is saturated (glare, blown highlights).
 SATURATED = 250
 
@@ -47,27 +53,42 @@ class QualityMetrics:
 
     ``blur``: the share of the image's detail that survives re-blurring along its blurriest
     axis (0 sharp .. 1 as blurred as re-blurring can make it; motion blur shows on one axis).
-    ``brightness``: mean luma, 0..1. ``saturated``: share of pixels at luma >= 250 (white:
+    ``edge_blur``: how spread the image's strongest edges are along its blurrier axis (0: each
+    happens within one pixel .. 1: none found); it reads the edges alone, so sensor noise and
+    flat areas, which move ``blur``, do not hide a blurred photo.
+    ``brightness``: mean luma, 0..1. ``highlights``: the brightest 1% of the image's pixels start
+    at this value of their brightest channel, 0..1 (an under-exposed photo has no bright part;
+    a dark subject in a well-exposed photo still has some). ``saturated``: share of pixels at luma >= 250 (white:
     glare). ``clipped``: share of pixels with any channel at >= 250 (a colour burnt out).
     ``entropy``: bits of the 64-bin luma histogram (0 for a flat image, 6 at most).
     ``min_side`` and ``aspect``: of the decoded image, in pixels and long side / short side.
     """
 
     blur: float
+    edge_blur: float
     brightness: float
+    highlights: float
     saturated: float
     clipped: float
     entropy: float
     min_side: int
     aspect: float
 
-    def to_dict(self) -> dict[str, float]:
-        """JSON-ready form, rounded."""
-        return {k: round(float(v), 4) for k, v in asdict(self).items()}
+    def to_dict(self) -> dict[str, float | None]:
+        """JSON-ready form, rounded; None for a measure the row was stored without."""
+        return {k: None if v != v else round(float(v), 4) for k, v in asdict(self).items()}
 
 
 #: The measures stored as ``predictions`` columns (size and shape come from width and height).
-STORED_MEASURES = ("blur", "brightness", "saturated", "clipped", "entropy")
+STORED_MEASURES = (
+    "blur",
+    "edge_blur",
+    "brightness",
+    "highlights",
+    "saturated",
+    "clipped",
+    "entropy",
+)
 
 
 def quality_columns(measured: Sequence[QualityMetrics | None]) -> dict[str, np.ndarray]:
@@ -95,14 +116,19 @@ def image_shape(width: Any, height: Any) -> tuple[Any, Any]:
 
 
 def _box_along(g: np.ndarray, n: int, axis: int) -> np.ndarray:
-    """Mean over a window of ``n`` pixels along ``axis``, edges repeated (cumulative sums)."""
-    pad = [(0, 0), (0, 0)]
-    pad[axis] = (n // 2 + 1, n // 2)
-    c = np.cumsum(np.pad(g, pad, mode="edge"), axis=axis, dtype=np.float32)
-    m = g.shape[axis]
-    hi, lo = [slice(None)] * 2, [slice(None)] * 2
-    hi[axis], lo[axis] = slice(n, n + m), slice(0, m)
-    return (c[tuple(hi)] - c[tuple(lo)]) / n
+    """Mean over a centred window of ``n`` (odd) pixels along ``axis``, edges repeated.
+
+    A sum of ``n`` shifted views: for the small windows used here, faster than cumulative sums.
+    """
+    b = g if axis == 0 else g.T
+    h = n // 2
+    p = np.concatenate([np.repeat(b[:1], h, 0), b, np.repeat(b[-1:], h, 0)])
+    m = b.shape[0]
+    out = p[:m].copy()
+    for s in range(1, n):
+        out += p[s : s + m]
+    out /= n
+    return out if axis == 0 else out.T
 
 
 def _blur(g: np.ndarray) -> float:
@@ -119,6 +145,35 @@ def _blur(g: np.ndarray) -> float:
     return worst
 
 
+def _edge_blur(rgb: np.ndarray) -> float:
+    """How spread the strongest edges are along the blurrier axis (1.0 when no axis has one).
+
+    1 - the median, over an axis's strongest EDGE_STEP-pixel steps, of the largest one-pixel
+    step inside each over the whole step. A sharp edge rises in one pixel (ratio 1); blur
+    spreads it over several (ratio 1/width). Contrast cancels, and only strong steps count, so
+    noise and texture barely move it: a no-reference edge-width measure in the manner of
+    Marziliano et al. (2002), ~0.15 ms.
+    """
+    a = rgb.astype(np.int16)
+    total = a[..., 0] + a[..., 1] + a[..., 2]
+    least = max(6, int(EDGE_MIN * (int(total.max()) - int(total.min()))))
+    k = EDGE_STEP
+    worst = -1.0
+    for b in (a, a.transpose(1, 0, 2)):
+        d1, dk = np.abs(b[1:] - b[:-1]), np.abs(b[k:] - b[:-k])
+        one = d1[..., 0] + d1[..., 1] + d1[..., 2]  # channel sums: a small last-axis sum is slow
+        step = (dk[..., 0] + dk[..., 1] + dk[..., 2]).ravel()
+        j = int(step.size * (1 - EDGE_SHARE))
+        edges = np.flatnonzero(step >= max(int(np.partition(step, j)[j]), least))
+        if edges.size == 0:
+            continue
+        steepest = one[: one.shape[0] - k + 1]
+        for s in range(1, k):
+            steepest = np.maximum(steepest, one[s : one.shape[0] - k + 1 + s])
+        worst = max(worst, 1.0 - float(np.median(steepest.ravel()[edges] / step[edges])))
+    return 1.0 if worst < 0 else worst
+
+
 def measure_quality(image: Image.Image, width: int, height: int) -> QualityMetrics:
     """The quality measures of one preprocessed RGB image (the model's square crop) of that size.
 
@@ -130,10 +185,14 @@ def measure_quality(image: Image.Image, width: int, height: int) -> QualityMetri
     hist = np.bincount(gray.astype(np.uint8).ravel() >> 2, minlength=64).astype(np.float64)
     p = hist[hist > 0] / gray.size
     brightest = np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
+    levels = np.cumsum(np.bincount(brightest.ravel(), minlength=256))
+    highlights = int(np.searchsorted(levels, HIGHLIGHTS * levels[-1]))
     short, aspect = image_shape(width, height)
     return QualityMetrics(
         blur=_blur(gray),
+        edge_blur=_edge_blur(a),
         brightness=float(gray.mean()) / 255.0,
+        highlights=highlights / 255.0,
         saturated=float((gray >= SATURATED).mean()),
         clipped=float((brightest >= SATURATED).mean()),
         entropy=float(-(p * np.log2(p)).sum()),
@@ -146,7 +205,8 @@ def measure_quality(image: Image.Image, width: int, height: int) -> QualityMetri
 class QualityRule:
     """When a photo is poor: each bound flags its kind; None switches a check off.
 
-    ``blur_max``: blur above it is ``blurred``; ``dark_max``: brightness below it is ``dark``;
+    ``blur_max`` / ``edge_blur_max``: blur or edge blur above it is ``blurred``;
+    ``dark_max`` / ``highlights_min``: brightness or highlights below it is ``dark``;
     ``bright_min`` / ``clipped_min``: brightness or clipped share above it is ``bright``
     (over-exposed); ``glare_min``: saturated share above; ``entropy_min``: histogram bits below
     (``low_information``); ``min_side``: shorter side below, in pixels (``too_small``);
@@ -154,7 +214,9 @@ class QualityRule:
     """
 
     blur_max: float | None = None
+    edge_blur_max: float | None = None
     dark_max: float | None = None
+    highlights_min: float | None = None
     bright_min: float | None = None
     clipped_min: float | None = None
     glare_min: float | None = None
@@ -165,8 +227,11 @@ class QualityRule:
     def _tests(self) -> list[tuple[str, list[tuple[str, str, float]]]]:
         """Per kind, its bounds as (measure, comparison, bound): the one statement of the rule."""
         bounds = (
-            ("blurred", [("blur", ">", self.blur_max)]),
-            ("dark", [("brightness", "<", self.dark_max)]),
+            ("blurred", [("blur", ">", self.blur_max), ("edge_blur", ">", self.edge_blur_max)]),
+            (
+                "dark",
+                [("brightness", "<", self.dark_max), ("highlights", "<", self.highlights_min)],
+            ),
             ("bright", [("brightness", ">", self.bright_min), ("clipped", ">", self.clipped_min)]),
             ("glare", [("saturated", ">", self.glare_min)]),
             ("low_information", [("entropy", "<", self.entropy_min)]),
@@ -313,7 +378,15 @@ def merge_overrides(current: dict[str, Any] | None, given: dict[str, Any]) -> di
 
 #: Calibration: the share of training images each check may flag (it flags beyond that
 #: percentile of the training images' own measures), and margins for size and shape.
-CALIBRATION = {"blur": 0.02, "dark": 0.005, "bright": 0.005, "glare": 0.005, "entropy": 0.005}
+CALIBRATION = {
+    "blur": 0.01,
+    "edge_blur": 0.015,
+    "dark": 0.005,
+    "highlights": 0.0025,
+    "bright": 0.005,
+    "glare": 0.005,
+    "entropy": 0.005,
+}
 #: Each bound then moves out by MARGIN interquartile ranges over sqrt(images): a small
 #: training set's extremes fall short of what ordinary photos reach (80 images: 0.34 IQR;
 #: 1,500: 0.08), so its first version does not call ordinary photos poor.
@@ -352,10 +425,12 @@ def calibrate_quality(measured: Sequence[QualityMetrics]) -> QualityRule:
 
     c = CALIBRATION
     blur, bright, sat, ent = col("blur"), col("brightness"), col("saturated"), col("entropy")
-    clipped = col("clipped")
+    clipped, edges, lights = col("clipped"), col("edge_blur"), col("highlights")
     return QualityRule(
         blur_max=high(blur, c["blur"]) + margin(blur),
+        edge_blur_max=high(edges, c["edge_blur"]) + margin(edges),
         dark_max=low(bright, c["dark"]) - margin(bright),
+        highlights_min=low(lights, c["highlights"]) - margin(lights),
         bright_min=high(bright, c["bright"]) + margin(bright),
         clipped_min=max(0.05, high(clipped, c["bright"]) + margin(clipped)),
         glare_min=max(0.01, high(sat, c["glare"]) + margin(sat)),

@@ -104,7 +104,9 @@ class PredictionRow:
     cluster_id: int | None
     quality_flags: str | None = None  # "+"-joined; None: a good photo, or not measured
     blur: float | None = None
+    edge_blur: float | None = None
     brightness: float | None = None
+    highlights: float | None = None
     saturated: float | None = None
     clipped: float | None = None
     entropy: float | None = None
@@ -145,7 +147,9 @@ class PredictionRow:
         short, aspect = image_shape(self.width or 0, self.height or 0)
         return QualityMetrics(
             self.blur,
+            np.nan if self.edge_blur is None else self.edge_blur,
             self.brightness,
+            np.nan if self.highlights is None else self.highlights,
             self.saturated,
             self.clipped,
             self.entropy,

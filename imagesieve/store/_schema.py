@@ -560,7 +560,13 @@ def _photo_quality(con: Any) -> None:
     Rows stored before have NULL: not measured, never flagged.
     """
     con.execute("ALTER TABLE predictions ADD COLUMN IF NOT EXISTS quality_flags VARCHAR")
-    for name in STORED_MEASURES:
+    for name in ("blur", "brightness", "saturated", "clipped", "entropy"):
+        con.execute(f"ALTER TABLE predictions ADD COLUMN IF NOT EXISTS {name} FLOAT")
+
+
+def _edges_and_highlights(con: Any) -> None:
+    """Photo quality's edge blur and highlights (``QualityMetrics``); NULL for rows before."""
+    for name in ("edge_blur", "highlights"):
         con.execute(f"ALTER TABLE predictions ADD COLUMN IF NOT EXISTS {name} FLOAT")
 
 
@@ -596,6 +602,7 @@ MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
     ("photo quality", _photo_quality),
     ("drift reference", _drift_reference),
     ("near duplicates", _near_duplicates),
+    ("edge blur and highlights", _edges_and_highlights),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

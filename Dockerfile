@@ -26,16 +26,21 @@ RUN python3 -m venv /opt/imagesieve \
     && find /opt/imagesieve -depth -type d -name tests -exec rm -rf {} + \
     && find /opt/imagesieve -type f \( -name "*.so" -o -name "*.so.*" \) -not -path "*.libs/*" \
         -exec strip --strip-unneeded {} + \
-    && PYTHONDONTWRITEBYTECODE= /opt/imagesieve/bin/python -c \
-        "import imagesieve.cli, imagesieve.app.ui, imagesieve.search, imagesieve.ingest, umap, hdbscan"
+    && PYTHONDONTWRITEBYTECODE= NUMBA_CACHE_DIR=/opt/imagesieve/numba /opt/imagesieve/bin/python -c \
+        "import imagesieve.cli, imagesieve.app.ui, imagesieve.search, imagesieve.ingest, umap, hdbscan; \
+import numpy; from imagesieve.classifier import measure_quality as m; \
+m(numpy.zeros((224, 224, 3), numpy.uint8), 224, 224)"
 
 FROM ${BASE}
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/imagesieve imagesieve \
     && mkdir /workspace && chown imagesieve:imagesieve /workspace
 COPY --from=build /opt/imagesieve /opt/imagesieve
+# numba's cache: photo quality's kernel compiled at build time (else ~8 s at the first image),
+# and room for what UMAP compiles when it first runs.
+COPY --from=build --chown=imagesieve:imagesieve /opt/imagesieve/numba /opt/imagesieve/numba
 ENV PATH=/opt/imagesieve/bin:$PATH \
     IMAGESIEVE_WORKSPACE=/workspace \
-    NUMBA_CACHE_DIR=/tmp/numba \
+    NUMBA_CACHE_DIR=/opt/imagesieve/numba \
     PYTHONUNBUFFERED=1
 USER imagesieve
 WORKDIR /home/imagesieve

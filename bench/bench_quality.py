@@ -175,14 +175,20 @@ def detection(name: str, config, per_level: int, seed: int = 0) -> dict:
     any_false = float(np.mean([bool(f) for f in clean]))
     sample = held[:per_level]
     recall: dict[str, list[float]] = {}
+    psnr: dict[str, list[float]] = {}  # how much each strength changes the pixels, median dB
     for kind, (flag, strengths, degrade) in DEGRADATIONS.items():
-        recall[kind] = []
+        recall[kind], psnr[kind] = [], []
         for s in strengths:
-            hits = [
-                flag in rule.flags(measure(degrade(Image.open(p).convert("RGB"), s, rng)))
-                for p in sample
-            ]
+            hits, change = [], []
+            for p in sample:
+                clean = Image.open(p).convert("RGB")
+                bad = degrade(clean, s, rng)
+                hits.append(flag in rule.flags(measure(bad)))
+                if bad.size == clean.size:
+                    diff = np.asarray(bad, np.float32) - np.asarray(clean, np.float32)
+                    change.append(10 * np.log10(255**2 / max(float((diff**2).mean()), 1e-6)))
             recall[kind].append(float(np.mean(hits)))
+            psnr[kind].append(float(np.median(change)) if change else float("nan"))
     return {
         "set": name,
         "train": len(train),
@@ -193,6 +199,7 @@ def detection(name: str, config, per_level: int, seed: int = 0) -> dict:
         "any_false": any_false,
         "small_any_false": small,
         "recall": recall,
+        "psnr": psnr,
         "strong": {k: float(np.mean(v[LEVELS // 2 :])) for k, v in recall.items()},
     }
 
@@ -253,15 +260,18 @@ def main() -> None:
         }
         print(f"rule: {rule}")
         print(
-            "| degradation (flag) | recall per strength, weakest first | strong half | false flags on clean |"
+            "| degradation (flag) | recall per strength, weakest first | strong half | false flags on clean "
+            "| PSNR of the copies per strength, dB (median; 40+: hard to see) |"
         )
-        print("|---|---|---|---|")
+        print("|---|---|---|---|---|")
         for kind, (flag, strengths, _) in DEGRADATIONS.items():
             per = ", ".join(
                 f"{s:g}: {v:.2f}" for s, v in zip(strengths, r["recall"][kind], strict=True)
             )
+            change = ", ".join(f"{v:.0f}" if v == v else "-" for v in r["psnr"][kind])
             print(
-                f"| {kind} ({flag}) | {per} | **{r['strong'][kind]:.2f}** | {r['false'][flag]:.1%} |"
+                f"| {kind} ({flag}) | {per} | **{r['strong'][kind]:.2f}** | {r['false'][flag]:.1%} "
+                f"| {change} |"
             )
 
     print(

@@ -55,6 +55,10 @@ FIGURES: dict[str, dict[str, str]] = {
         "3. (ii) open + catch up 1,000 (s)": r"\| 3\. \(ii\) [^|]*\| ([\d.]+) s",
         "3. (iii) reindex --rebuild (s)": r"\| 3\. \(iii\) [^|]*\| ([\d.]+) s",
     },
+    "bench_quality.py": {
+        "with / without quality (x)": r"median \*\*([\d.]+)\*\* \(cost",
+        "engine with quality (img/s)": r"\| with quality \|[^|]*\| ([\d.]+) \|",
+    },
 }
 
 

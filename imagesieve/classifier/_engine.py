@@ -143,7 +143,7 @@ class ScoringEngine:
             return EngineResult(source=name, error=error), None
         result = EngineResult(name, decoded.width, decoded.height, decoded.sha256)
         if self.quality:
-            result.quality = measure_quality(crop, decoded.width, decoded.height)
+            result.quality = measure_quality(x, decoded.width, decoded.height)
         if self.signature:
             result.signature = image_signature(crop)
         return result, x

@@ -352,3 +352,19 @@ def test_quality_overrides__checked_and_kept_by_a_retrain():
     )
     assert TrainOptions.from_version(version).quality == {"glare_min": 0.2}
     assert TrainOptions.from_version(version, quality={}).quality == {}
+
+
+def test_serve_compiles_the_quality_kernel_before_the_first_image():
+    """``serve`` warms photo quality's numba kernel on a thread, so no request waits for it."""
+    import subprocess
+    import sys
+
+    code = (
+        "from imagesieve.app._server import _warm_quality\n"
+        "from imagesieve.classifier._quality_kernel import measures\n"
+        "assert not measures.signatures\n"
+        "_warm_quality()\n"
+        "assert measures.signatures, 'not compiled'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from starlette.exceptions import HTTPException
 
 from imagesieve._errors import UserError
@@ -292,6 +293,19 @@ def start_server(
     return RunningServer(f"http://{shown}:{bound}", server, thread)
 
 
+def _warm_quality() -> None:
+    """Compile (or load from numba's cache) photo quality's kernel before the first image needs it.
+
+    Compiling takes ~8 s once per install; a request that comes first waits for it otherwise.
+    """
+    from imagesieve.classifier import measure_quality
+
+    try:
+        measure_quality(np.zeros((224, 224, 3), np.uint8), 224, 224)
+    except Exception:  # the first image then compiles it, and reports what went wrong
+        log.exception("photo quality's kernel did not compile at start")
+
+
 def serve(
     service: Service,
     host: str = "127.0.0.1",
@@ -310,6 +324,7 @@ def serve(
     token = token or parse_tokens([os.environ.get(TOKEN_ENV) or ""])
     auth = auth or os.environ.get(AUTH_ENV) or None
     running = start_server(service, host, port, auth=parse_auth(auth), token=token, ui=ui)
+    threading.Thread(target=_warm_quality, name="imagesieve-warm", daemon=True).start()
     stop = threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():

@@ -282,6 +282,20 @@ def link_folder(root: Path, items, rows) -> Path:
     return root
 
 
+def training_groups(version, items: list, rows: np.ndarray) -> np.ndarray:
+    """The near-duplicate groups training kept on one side of its split, one id per row of
+    ``rows`` (from ``meta.json``, which lists them all when they are few, as here)."""
+    dups = version.meta.get("duplicates") or {}
+    listed = dups.get("listed") or []
+    assert sum(map(len, listed)) == dups.get("images", 0), "meta.json lists only some groups"
+    at = {(items[i][0].parent.name, items[i][0].name): k for k, i in enumerate(rows)}
+    groups = np.arange(len(rows))
+    for members in listed:
+        ids = [at[(Path(m).parent.name, Path(m).name)] for m in members]
+        groups[ids] = ids[0]
+    return groups
+
+
 def run_set(name: str, ws: Workspace) -> tuple[dict, list[dict]]:
     items = image_set(name, DATA)
     arrays = features(name, items, ws)
@@ -308,7 +322,9 @@ def run_set(name: str, ws: Workspace) -> tuple[dict, list[dict]]:
             sorted(fit_rows, key=lambda i: (labels[i], str(items[i][0].name))), np.int64
         )
         y_fit = np.array([known.index(c) for c in labels[fit_sorted]])
-        plan = adaptive_split(y_fit, known, seed=0)
+        plan = adaptive_split(
+            y_fit, known, seed=0, groups=training_groups(version, items, fit_sorted)
+        )
         reference = ReferenceSet.load(version.path)
         assert reference.sources == [str(items[i][0]) for i in fit_sorted[plan.train]] or [
             Path(x).name for x in reference.sources

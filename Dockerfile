@@ -28,8 +28,7 @@ RUN python3 -m venv /opt/imagesieve \
         -exec strip --strip-unneeded {} + \
     && PYTHONDONTWRITEBYTECODE= NUMBA_CACHE_DIR=/opt/imagesieve/numba /opt/imagesieve/bin/python -c \
         "import imagesieve.cli, imagesieve.app.ui, imagesieve.search, imagesieve.ingest, umap, hdbscan; \
-import numpy; from imagesieve.classifier import measure_quality as m; \
-m(numpy.zeros((224, 224, 3), numpy.uint8), 224, 224)"
+from imagesieve.classifier import compile_quality; compile_quality()"
 
 FROM ${BASE}
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/imagesieve imagesieve \

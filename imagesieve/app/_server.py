@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from starlette.exceptions import HTTPException
 
 from imagesieve._errors import UserError
@@ -298,10 +297,10 @@ def _warm_quality() -> None:
 
     Compiling takes ~8 s once per install; a request that comes first waits for it otherwise.
     """
-    from imagesieve.classifier import measure_quality
+    from imagesieve.classifier import compile_quality
 
     try:
-        measure_quality(np.zeros((224, 224, 3), np.uint8), 224, 224)
+        compile_quality()
     except Exception:  # the first image then compiles it, and reports what went wrong
         log.exception("photo quality's kernel did not compile at start")
 

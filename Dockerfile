@@ -45,9 +45,10 @@ USER imagesieve
 WORKDIR /home/imagesieve
 VOLUME /workspace
 EXPOSE 7860
-# The API answers health with the token the server was given in $IMAGESIEVE_API_TOKEN.
-HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["python", "-c", \
-    "import os, urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:7860/api/v1/health', headers={'Authorization': 'Bearer ' + os.environ.get('IMAGESIEVE_API_TOKEN', '')}), timeout=8)"]
+# The probe calls the API's health with the token the server reads too: $IMAGESIEVE_API_TOKEN
+# (SECRET or NAME=SECRET) or the file $IMAGESIEVE_API_TOKEN_FILE names (a mounted secret).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
+    CMD ["python", "-m", "imagesieve._access"]
 # The server closes the store and exits 0 on SIGTERM (docker stop, podman stop).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["imagesieve"]

@@ -544,9 +544,11 @@ def cmd_demo(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_serve(args: argparse.Namespace, ws: Workspace) -> None:
     """The `serve` verb: the Gradio app and the REST API until Ctrl-C."""
+    from imagesieve._access import tokens_from_env
     from imagesieve.app import Limits, Service, parse_tokens, serve
 
-    tokens = parse_tokens(args.token or (), args.token_file)  # a bad file: before the store opens
+    # A bad token file: said before the store opens.
+    tokens = parse_tokens(args.token or (), args.token_file) or tokens_from_env()
     limits = Limits(
         max_file_bytes=args.max_upload_mb * 2**20,
         allow_fetch=tuple(args.allow_fetch or ()),
@@ -594,7 +596,8 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file",
         metavar="FILE",
-        help="API tokens, one NAME=SECRET per line (kept out of the process list)",
+        help="API tokens, one NAME=SECRET per line (kept out of the process list; "
+        "default $IMAGESIEVE_API_TOKEN_FILE)",
     )
     parser.add_argument(
         "--max-upload-mb", type=int, default=50, help="largest file accepted per upload (MB)"

@@ -99,11 +99,26 @@ def writable_workspace(path: Path) -> Path:
     return path
 
 
-def run_server(name: str, workspace: Path, token: str, tag: str = IMAGE_TAG, *extra: str) -> str:
+def run_server(
+    name: str,
+    workspace: Path,
+    token: str,
+    tag: str = IMAGE_TAG,
+    *extra: str,
+    token_file: Path | None = None,
+) -> str:
     """Start the image's server detached, the workspace mounted; its URL once health answers.
 
-    Published on a free port of 127.0.0.1; ``extra`` are more ``podman run`` options.
+    Published on a free port of 127.0.0.1; ``extra`` are more ``podman run`` options. The
+    server gets ``token`` in $IMAGESIEVE_API_TOKEN, or with ``token_file`` (which holds it) that
+    file mounted read-only as a secret and named by $IMAGESIEVE_API_TOKEN_FILE.
     """
+    secret = ["--env", f"IMAGESIEVE_API_TOKEN={token}"]
+    if token_file is not None:
+        secret = [
+            "--volume", f"{token_file}:/run/secrets/imagesieve-tokens:ro",
+            "--env", "IMAGESIEVE_API_TOKEN_FILE=/run/secrets/imagesieve-tokens",
+        ]  # fmt: skip
     podman("rm", "--force", "--ignore", name)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,8 +127,7 @@ def run_server(name: str, workspace: Path, token: str, tag: str = IMAGE_TAG, *ex
         "run", "--detach", "--name", name, *RUNTIME, *ULIMITS,
         "--publish", f"127.0.0.1:{port}:7860",
         "--volume", f"{workspace}:/workspace",
-        "--env", f"IMAGESIEVE_API_TOKEN={token}",
-        *extra, tag,
+        *secret, *extra, tag,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

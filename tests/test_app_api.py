@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -327,7 +328,12 @@ def test_start_server__token_required_when_set(ws):
     ("host", "auth", "token", "message"),
     [
         ("0.0.0.0", None, None, "refusing to listen on 0.0.0.0 (not loopback) without --auth"),
-        ("0.0.0.0", ("u", "p"), None, "without --token or $IMAGESIEVE_API_TOKEN (API)"),
+        (
+            "0.0.0.0",
+            ("u", "p"),
+            None,
+            "without --token or $IMAGESIEVE_API_TOKEN or $IMAGESIEVE_API_TOKEN_FILE (API)",
+        ),
         ("192.168.1.5", None, "t", "without --auth USER:PASSWORD or $IMAGESIEVE_AUTH (UI)"),
     ],
 )
@@ -344,8 +350,61 @@ def test_check_exposure__loopback_needs_nothing(host):
 
 def test_check_exposure__api_alone_needs_only_the_token():
     check_exposure("0.0.0.0", None, "t", ui=False)
-    with pytest.raises(ValueError, match=r"without --token or \$IMAGESIEVE_API_TOKEN \(API\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"without --token or \$IMAGESIEVE_API_TOKEN or \$IMAGESIEVE_API_TOKEN_FILE \(API\)$",
+    ):
         check_exposure("0.0.0.0", None, None, ui=False)
+
+
+def probe(url: str, **env: str) -> subprocess.CompletedProcess:
+    """The container's health check (``python -m imagesieve._access URL``) with only ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("IMAGESIEVE_API_TOKEN")}
+    return subprocess.run(
+        [sys.executable, "-m", "imagesieve._access", url],
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_health_probe__passes_with_every_form_of_the_servers_token(ws, tmp_path, monkeypatch):
+    """The server reads its tokens from $IMAGESIEVE_API_TOKEN_FILE too (enough to listen beyond
+    loopback), and the probe passes with the token in any form the server takes."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# mounted secret\nops=s3cret\nci=other\n")
+    monkeypatch.delenv("IMAGESIEVE_API_TOKEN", raising=False)
+    monkeypatch.setenv("IMAGESIEVE_API_TOKEN_FILE", str(tokens))
+    proc, url = start_cli_server(
+        ["serve", "--workspace", str(ws.root), "--host", "0.0.0.0", "--port", "0", "--no-ui"],
+        tmp_path / "serve.log",
+    )
+    url = url.replace("0.0.0.0", "127.0.0.1")
+    try:
+        ok = {"Authorization": "Bearer other"}
+        assert requests.get(f"{url}/api/v1/health", headers=ok, timeout=30).status_code == 200
+        assert probe(url, IMAGESIEVE_API_TOKEN_FILE=str(tokens)).returncode == 0
+        assert probe(url, IMAGESIEVE_API_TOKEN="ops=s3cret").returncode == 0
+        assert probe(url, IMAGESIEVE_API_TOKEN="s3cret").returncode == 0
+        wrong = probe(url, IMAGESIEVE_API_TOKEN="ops=nope")
+        assert (
+            wrong.returncode == 1
+            and wrong.stderr == f"unhealthy: {url} answered 401 Unauthorized\n"
+        )
+        missing = probe(url, IMAGESIEVE_API_TOKEN_FILE=str(tmp_path / "gone"))
+        assert missing.returncode == 1 and "cannot read the token file" in missing.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    down = probe(url, IMAGESIEVE_API_TOKEN="s3cret")
+    assert down.returncode == 1 and down.stderr.startswith(f"unhealthy: {url} did not answer")
+    light = subprocess.run(
+        [sys.executable, "-c", "import sys, imagesieve._access; print(sorted(m for m in "
+         "('imagesieve.app', 'numpy', 'starlette') if m in sys.modules))"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert light.stdout.strip() == "[]"  # every 30 s in a container: no heavy imports
 
 
 def test_service_predict__live_frames_are_not_stored(api, elpv):

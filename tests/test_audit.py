@@ -20,10 +20,11 @@ import openpyxl
 import pytest
 import requests
 
+from imagesieve._access import parse_tokens
 from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.app import Service
-from imagesieve.app._server import parse_tokens, start_server
+from imagesieve.app._server import start_server
 from imagesieve.classifier import UNKNOWN
 from imagesieve.cli import main
 from imagesieve.data import scan_image_folder

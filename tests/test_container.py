@@ -54,7 +54,12 @@ def served(image, trained, tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("container") / "ws")
     shutil.copytree(ws_trained.models_dir, ws.models_dir)
     writable_workspace(ws.root)
-    url = run_server(NAME, ws.root, TOKEN, image, "--env", "IMAGESIEVE_AUTH=op:pw")
+    tokens = ws.root.parent / "tokens"  # a named token in a mounted file: what the probe must read
+    tokens.write_text(f"# API tokens\nops={TOKEN}\n")
+    tokens.chmod(0o644)
+    url = run_server(
+        NAME, ws.root, TOKEN, image, "--env", "IMAGESIEVE_AUTH=op:pw", token_file=tokens
+    )
     yield url, ws
     podman("rm", "--force", "--ignore", NAME)
 
@@ -66,7 +71,7 @@ def test_image__is_the_documented_slim_non_root_image(image):
     assert "/workspace" in config["Volumes"]
     assert config["Env"].count("IMAGESIEVE_WORKSPACE=/workspace") == 1
     health = info.get("Healthcheck") or config["Healthcheck"]  # where podman 4 puts it
-    assert any("/api/v1/health" in part for part in health["Test"])
+    assert health["Test"][-3:] == ["python", "-m", "imagesieve._access"]  # the API health probe
     assert config["StopSignal"] in ("SIGTERM", "15")
     assert venv_megabytes(image) * 2**20 <= 1e9  # the slim install: at most 1 GB on disk
     code = "import importlib.util as u; print([m for m in ('torch', 'matplotlib', 'onnxruntime', 'faiss', 'umap') if u.find_spec(m)])"  # noqa: E501
@@ -164,7 +169,8 @@ def test_container__stops_cleanly_on_sigterm_and_its_store_reads_back(served):
 def test_compose__runs_the_dockerfile_with_its_port_volume_and_secrets():
     import yaml
 
-    from imagesieve.app._server import AUTH_ENV, TOKEN_ENV
+    from imagesieve._access import TOKEN_ENV
+    from imagesieve.app._server import AUTH_ENV
 
     dockerfile = (ROOT / "Dockerfile").read_text()
     service = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["imagesieve"]

@@ -11,17 +11,15 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from imagesieve._access import TOKEN_ENV, TOKEN_FILE_ENV, Tokens, tokens_from_env
 from imagesieve._errors import UserError
 from imagesieve.app._service import Service
 
@@ -29,8 +27,6 @@ __all__ = ["RunningServer", "build_server", "check_exposure", "serve", "start_se
 
 log = logging.getLogger(__name__)
 
-#: Where the API token comes from when ``--token`` is not given.
-TOKEN_ENV = "IMAGESIEVE_API_TOKEN"
 #: Where ``serve`` finds the app's USER:PASSWORD login when ``--auth`` is not given (containers).
 AUTH_ENV = "IMAGESIEVE_AUTH"
 #: Multipart framing allowed on top of a file's own size limit.
@@ -61,39 +57,6 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-#: One API secret, or secrets mapped to the names the audit log records (None: unnamed).
-Tokens = str | Mapping[str, str | None] | None
-_TOKEN_NAME = re.compile(r"[A-Za-z][\w.-]{0,63}")
-
-
-def parse_tokens(values: Sequence[str] = (), file: str | os.PathLike | None = None) -> Tokens:
-    """API tokens from ``--token`` values and a ``--token-file`` (one per line, ``#`` comments).
-
-    Each is ``NAME=SECRET`` (the audit log records ``api:NAME`` for its requests) or a bare
-    SECRET (recorded as the client's address). Returns secret -> name, or None for no token.
-    """
-    lines = list(values)
-    if file is not None:
-        try:
-            text = Path(file).read_text(encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"cannot read the token file {file}: {e.strerror}") from None
-        lines += [
-            ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
-        ]
-    tokens: dict[str, str | None] = {}
-    for value in lines:
-        name, sep, secret = value.partition("=")
-        if sep and secret and _TOKEN_NAME.fullmatch(name):
-            tokens[secret] = name
-        elif value:
-            tokens[value] = None
-    names = [n for n in tokens.values() if n is not None]
-    if len(names) != len(set(names)):
-        raise UserError("two API tokens have the same name: give each its own")
-    return tokens or None
-
-
 def check_exposure(
     host: str, auth: tuple[str, str] | None, token: Tokens, *, ui: bool = True
 ) -> None:
@@ -104,7 +67,7 @@ def check_exposure(
         what
         for what, given in (
             (f"--auth USER:PASSWORD or ${AUTH_ENV} (UI)", auth or not ui),
-            (f"--token or ${TOKEN_ENV} (API)", token),
+            (f"--token or ${TOKEN_ENV} or ${TOKEN_FILE_ENV} (API)", token),
         )
         if not given
     ]
@@ -320,7 +283,7 @@ def serve(
     Both signals are handled even when the parent started us with SIGINT ignored (a shell's
     background job, nohup), so ``kill`` and Ctrl-C always close the store properly.
     """
-    token = token or parse_tokens([os.environ.get(TOKEN_ENV) or ""])
+    token = token or tokens_from_env()
     auth = auth or os.environ.get(AUTH_ENV) or None
     running = start_server(service, host, port, auth=parse_auth(auth), token=token, ui=ui)
     threading.Thread(target=_warm_quality, name="imagesieve-warm", daemon=True).start()

@@ -292,11 +292,16 @@ def speed(n: int, rule: DuplicateRule) -> dict:
     }
 
 
+def floor_text(rule: DuplicateRule) -> str:
+    return "none" if rule.floor is None else f"{rule.floor:.3f}"
+
+
 def print_table(results: list[dict], strength: str) -> bool:
     met = True
     print(
         "| set | images | calibration: originals / copied | embedding alone: threshold, "
-        "precision / recall | **rule**: distance / candidate distance / signature similarity "
+        "precision / recall | **rule**: distance (signature floor) / candidate distance / signature "
+        "similarity "
         "| true-pair distance p50 / p90 / p99 | nearest-different p1 / p5 / p50 | true-pair "
         "signature p1 / p10 / p50 | held out: originals / copied | groups | **precision** | "
         "**recall** | met |"
@@ -312,7 +317,8 @@ def print_table(results: list[dict], strength: str) -> bool:
         print(
             f"| {r['set']} | {r['images']} | {r['calib'][0]} / {r['calib'][1]} | "
             f"{r['threshold']:.4f}, {r['alone'][0]:.3f} / {r['alone'][1]:.3f} | "
-            f"{rule.distance:.4f} / {rule.candidate_distance:.4f} / {rule.similarity:.4f} | "
+            f"{rule.distance:.4f} ({floor_text(rule)}) / {rule.candidate_distance:.4f} / "
+            f"{rule.similarity:.4f} | "
             f"{tq} | {fq} | {ts} | {r['test'][0]} / {r['test'][1]} | {r['groups']} | "
             f"**{r['precision']:.3f}** | **{r['recall']:.3f}** | "
             f"{('yes' if ok else '**no**') if strength == 'realistic' else '(stress)'} |"
@@ -376,8 +382,12 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",") if int(s)]
     rule_path = OUT / "median-rule.json"
     if rules:  # saved, so a speed-only run (--sets '') times the same rule
-        fields = DuplicateRule.__annotations__
-        rule = DuplicateRule(*(float(np.median([getattr(r, f) for r in rules])) for f in fields))
+
+        def median(field: str) -> float | None:  # of the sets that have it (floor: some)
+            values = [getattr(r, field) for r in rules if getattr(r, field) is not None]
+            return float(np.median(values)) if values else None
+
+        rule = DuplicateRule(*(median(f) for f in DuplicateRule.__annotations__))
         rule_path.write_text(json.dumps(dataclasses.asdict(rule)))
     elif rule_path.exists():
         rule = DuplicateRule(**json.loads(rule_path.read_text()))
@@ -387,7 +397,8 @@ def main() -> None:
         print(
             f"\n## 2. Speed: synthetic 1280-d unit vectors, 1% planted copies at 0.1-0.9 x the "
             f"candidate distance; median realistic rule: distance {rule.distance:.4f}, candidate "
-            f"distance {rule.candidate_distance:.4f}, signature similarity {rule.similarity:.4f}"
+            f"distance {rule.candidate_distance:.4f}, signature similarity {rule.similarity:.4f}, "
+            f"signature floor {floor_text(rule)}"
         )
         print(
             "| n | load average before | generate s | **group s** | peak RSS (process) | "

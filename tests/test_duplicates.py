@@ -293,9 +293,12 @@ def brute_force_rule_groups(xb: np.ndarray, sig: np.ndarray, rule: DuplicateRule
     dist = 1 - xb.astype(np.float64) @ xb.T.astype(np.float64)
     s = sig.astype(np.float64)
     s /= np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-12)
-    ok = (dist <= rule.distance + 1e-5) | (
-        (dist <= rule.candidate_distance + 1e-5) & (s @ s.T >= rule.similarity)
-    )
+    sim = s @ s.T
+    close = dist <= rule.distance + 1e-5
+    if rule.floor is not None:
+        close &= sim >= rule.floor
+    loose = (dist > rule.distance + 1e-5) & (dist <= rule.candidate_distance + 1e-5)
+    ok = close | (loose & (sim >= rule.similarity))
     _, labels = connected_components(csr_matrix(ok), directed=False)
     groups = [np.flatnonzero(labels == g).tolist() for g in np.unique(labels)]
     return sorted((g for g in groups if len(g) >= 2), key=lambda g: (-len(g), g[0]))
@@ -356,6 +359,55 @@ def test_calibrate_duplicate_rule__between_copies_and_confusable_strangers(plant
     assert np.mean(label[originals] == label[originals + 1]) >= 0.97  # by the signature
     assert np.all(label[originals] == label[originals + 3])  # by the distance alone
     assert np.mean(label[originals] == label[originals + 2]) < 0.05  # strangers stay out
+
+
+def test_duplicate_rule__floor_vetoes_close_pairs_whose_pixels_differ():
+    rule = DuplicateRule(0.01, 0.2, 0.98, floor=0.5)
+    d = np.array([0.005, 0.005, 0.005, 0.1, 0.1, 0.3])
+    sim = np.array([0.9, 0.2, np.nan, 0.99, np.nan, 0.999], np.float32)
+    assert rule.needs_signature(d).tolist() == [True] * 6
+    # close: kept at the floor, vetoed below it, decided by distance without a signature;
+    # loose: kept by the signature, never without one; beyond the candidate distance: never
+    assert rule.accepts(d, sim).tolist() == [True, False, True, True, False, False]
+    plain = DuplicateRule(0.01, 0.2, 0.98)
+    assert plain.needs_signature(d).tolist() == [False] * 3 + [True] * 3
+    assert plain.accepts(d, sim).tolist() == [True, True, True, True, False, False]
+    assert DuplicateRule(0.01).accepts(d, sim).tolist() == [True] * 3 + [False] * 3
+    meta = {"duplicates": {"rule": {"distance": 0.01, "candidate_distance": 0.2}}}
+    meta["duplicates"]["rule"] |= {"similarity": 0.98}
+    assert DuplicateRule.of_version(meta) == plain  # a version from before the floor
+    meta["duplicates"]["rule"]["floor"] = 0.5
+    assert DuplicateRule.of_version(meta) == rule
+
+
+def test_calibrate_duplicate_rule__floor_keeps_look_alike_renderings_apart(planted_signatures):
+    """Renderings of one design (a needle moved) are as close in the embedding as copies, but
+    their pixels differ: calibration sets a floor that keeps them apart and the copies in."""
+    x, sig, _ = planted_signatures
+    x, sig = x.copy(), sig.copy()
+    rng = np.random.default_rng(3)
+    originals = np.arange(400, 1000, 3)  # 200 originals, each with a copy and a rendering
+    for i in originals:
+        x[i + 1] = at_distance(x[i], rng.uniform(0.001, 0.1), rng)  # a copy: signature agrees
+        sig[i + 1] = np.clip(sig[i] + rng.standard_normal(SIGNATURE_BYTES) * 3, -127, 127)
+        x[i + 2] = at_distance(x[i], rng.uniform(0.001, 0.004), rng)  # a rendering: its own
+    calib, test = originals[:100], originals[100:]
+    copies = calib + 1
+    # calibration sees renderings of only 2 of its originals: under the distance's 0.3% of
+    # different images, so the embedding distance alone lets them in
+    drop = np.r_[copies, calib[2:] + 2, test + 1, test + 2, np.arange(400)]
+    rest = np.setdiff1d(np.arange(3000), drop)
+    rule = calibrate_duplicate_rule(
+        x[rest], x[copies], np.searchsorted(rest, calib), sig[rest], sig[copies]
+    )
+    worst = signature_similarity(sig[calib[:2]], sig[calib[:2] + 2]).max()
+    assert rule.distance > 0.004 and rule.floor is not None and worst < rule.floor < 0.9, rule
+    held = np.r_[test, test + 1, test + 2]
+    groups = near_duplicate_groups(x[held], rule, signatures=sig[held])
+    assert as_lists(groups) == brute_force_rule_groups(x[held], sig[held], rule)
+    assert sorted(map(sorted, as_lists(groups))) == [[i, i + 100] for i in range(100)]
+    without = DuplicateRule(rule.distance, rule.candidate_distance, rule.similarity)
+    assert len(near_duplicate_groups(x[held], without, signatures=sig[held])[0]) == 3
 
 
 def _as_png(images: list[Image.Image]) -> list[tuple[str, bytes]]:

@@ -89,6 +89,22 @@ def test_near_duplicates__linked_as_batches_arrive_and_listed(batches):
     assert list_duplicates(ws)["near"] == doc["near"]
 
 
+def test_near_duplicates__the_versions_signature_floor_vetoes_close_pairs(batches):
+    """The store links by the rule in ``meta.json``: a floor no signature reaches (above 1)
+    vetoes every pair the embedding alone would link; identical bytes stay exact duplicates."""
+    ws, first, second, _, _ = batches
+    meta_path = get_version(ws).path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["duplicates"]["rule"]["floor"] = 1.01
+    meta_path.write_text(json.dumps(meta))
+    with Store(ws) as store:
+        score_inputs(ws, [str(first)], store=store)
+        two = score_inputs(ws, [str(second)], store=store)
+    assert two.near_duplicates == 0
+    doc = list_duplicates(ws)
+    assert doc["near"]["total"] == 0 and doc["exact"]["total"] == 1
+
+
 def test_near_duplicates__keep_one_sets_aside_and_undo_restores(batches):
     ws, first, second, copies, _ = batches
     with Store(ws) as store:

@@ -4,7 +4,8 @@
 Two images are near-duplicates when the cosine distance (1 - inner product) of their
 L2-normalised embeddings is at most a threshold, or, given their pixel signatures
 (``imagesieve.classifier._signature``), when it is within a looser candidate distance and the
-signatures agree (a ``DuplicateRule``): the embedding proposes, the pixels confirm. Groups are
+signatures agree (a ``DuplicateRule``): the embedding proposes, the pixels confirm; the rule's
+floor also lets the pixels veto a close pair that plainly differs. Groups are
 the connected components of that relation, so chains (A~B, B~C) make one group. The rule is
 calibrated per training set from generated copies of its images (``near_duplicate_variants``,
 ``calibrate_duplicate_rule``). Pure math: nothing here reads or writes the store.
@@ -15,7 +16,7 @@ cells of a PCA projection, and each vector compared, on the full vectors, with t
 its NPROBE nearest cells (a near-duplicate within a tight threshold almost always shares a cell
 with its original or lies in the next one; at a loose candidate distance some fall further
 away: measured in ``bench/bench_duplicates.py``). Signatures are compared only for the pairs
-within reach that the embedding alone does not accept.
+within reach that the embedding alone does not decide (``DuplicateRule.needs_signature``).
 """
 
 from __future__ import annotations
@@ -94,14 +95,19 @@ VERIFY_CHUNK = 512
 class DuplicateRule:
     """When two images are near-duplicates, from their embeddings and pixel signatures.
 
-    A pair is one when its cosine distance is at most ``distance``, or at most
-    ``candidate_distance`` with a ``signature_similarity`` of at least ``similarity``. With
+    A pair is one when its cosine distance is at most ``distance`` (and, with ``floor``, its
+    ``signature_similarity`` at least ``floor``), or beyond it but at most
+    ``candidate_distance`` with a signature similarity of at least ``similarity``. With
     ``similarity`` None (or no signatures) the embedding decides alone, at ``distance``.
+    ``floor`` (None: none) vetoes the pairs the embedding alone would accept whose pixels
+    plainly differ: renderings of one design that differ in a needle or a digit are as close in
+    the embedding as a copy is.
     """
 
     distance: float
     candidate_distance: float | None = None
     similarity: float | None = None
+    floor: float | None = None
 
     def __post_init__(self):
         if self.distance < 0 or (self.candidate_distance or 0) < 0:
@@ -124,7 +130,43 @@ class DuplicateRule:
             float(d["distance"]),
             None if d.get("candidate_distance") is None else float(d["candidate_distance"]),
             None if d.get("similarity") is None else float(d["similarity"]),
+            None if d.get("floor") is None else float(d["floor"]),
         )
+
+    @property
+    def uses_signatures(self) -> bool:
+        """True when signatures decide some pairs (else the embedding decides alone)."""
+        return self.similarity is not None or self.floor is not None
+
+    def needs_signature(self, distance: np.ndarray) -> np.ndarray:
+        """Which pairs, by cosine distance, the signatures must decide (the rest: ``accepts``)."""
+        close = np.asarray(distance) <= self.distance + TOLERANCE
+        need = np.zeros(close.shape, bool)
+        if self.floor is not None:
+            need |= close
+        if self.similarity is not None:
+            need |= ~close
+        return need
+
+    def accepts(self, distance: np.ndarray, similarity: np.ndarray | None = None) -> np.ndarray:
+        """Which pairs are near-duplicates, by cosine distance and signature similarity.
+
+        ``similarity`` is NaN where a signature is missing (and may be None when
+        ``needs_signature`` is False everywhere): such a pair is decided by its distance alone.
+        """
+        distance = np.asarray(distance)
+        close = distance <= self.distance + TOLERANCE
+        if similarity is None or not self.uses_signatures:
+            return close
+        similarity = np.asarray(similarity, np.float32)
+        known = ~np.isnan(similarity)
+        ok = close.copy()
+        if self.floor is not None:
+            ok &= ~known | (similarity >= np.float32(self.floor))
+        if self.similarity is not None and self.candidate_distance is not None:
+            loose = ~close & (distance <= self.candidate_distance + TOLERANCE)
+            ok |= loose & known & (similarity >= np.float32(self.similarity))
+        return ok
 
     @property
     def reach(self) -> float:
@@ -193,7 +235,7 @@ def near_duplicate_groups(
         raise ValueError(f"xb must be an (n, d) matrix, got shape {xb.shape}")
     threads = threads or os.cpu_count() or 1
     verify = None
-    if signatures is not None and rule.similarity is not None:
+    if signatures is not None and rule.uses_signatures:
         verify = _verifier(rule, _check_signatures(signatures, n))
         chunk = min(chunk, VERIFY_CHUNK) if n <= exact_max else chunk
     reach = rule.reach if verify is not None else rule.distance
@@ -226,16 +268,14 @@ def _verifier(rule: DuplicateRule, signatures: np.ndarray) -> Verifier:
     """``keep(a, b, sim)``: which candidate pairs (rows, inner products) the rule accepts."""
     from imagesieve.classifier._signature import signature_similarity
 
-    close = 1 - rule.distance - TOLERANCE
-
     def keep(a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> np.ndarray:
-        ok = sim >= close
-        rest = np.flatnonzero(~ok)
-        for s in range(0, len(rest), VERIFY_BATCH):
-            r = rest[s : s + VERIFY_BATCH]
-            sig = signature_similarity(signatures[a[r]], signatures[b[r]])
-            ok[r] = sig >= rule.similarity
-        return ok
+        distance = 1 - sim
+        sigs = np.full(len(sim), np.nan, np.float32)
+        need = np.flatnonzero(rule.needs_signature(distance))
+        for s in range(0, len(need), VERIFY_BATCH):
+            r = need[s : s + VERIFY_BATCH]
+            sigs[r] = signature_similarity(signatures[a[r]], signatures[b[r]])
+        return rule.accepts(distance, sigs)
 
     return keep
 
@@ -638,7 +678,10 @@ def calibrate_duplicate_rule(
     together): at most ``false_rate`` of the images may have a different one beyond
     ``distance`` whose signature passes; midway to the ``1 - recall`` quantile of the copies
     it decides (between the two distances) when that is higher, else just above that cap
-    (precision first).
+    (precision first). ``floor`` vetoes different images within ``distance``: midway between the
+    most alike of those whose signature similarity is below the ``1 - recall`` quantile of the
+    copies within ``distance`` and that quantile (so it costs at most that share of them); None
+    when no such pair is among the calibration images.
     """
     from imagesieve.classifier._signature import signature_similarity
 
@@ -665,14 +708,27 @@ def calibrate_duplicate_rule(
     true_s = signature_similarity(csig[decided], sig[source[decided]])
     want = float(np.quantile(true_s, 1 - recall, method="inverted_cdf")) if len(true_s) else 1.0
     similarity = (want + cap) / 2 if want > cap else float(np.nextafter(np.float32(cap), 2))
+    # The floor: different images within ``distance`` whose signatures differ more than all
+    # but 1 - recall of the copies there do are vetoed, midway between the most alike of them
+    # and those copies (never above a ``similarity`` that decides copies: a closer pair never
+    # needs more).
+    within = (I >= 0) & (src[np.maximum(I, 0)] != src[:, None]) & (D <= distance + TOLERANCE)
+    close_s = signature_similarity(s_all[rows[within]], s_all[I[within]])
+    copies_s = signature_similarity(csig[true_d <= distance], sig[source[true_d <= distance]])
+    bar = float(np.quantile(copies_s, 1 - recall, method="inverted_cdf")) if len(copies_s) else -1.0
+    if decided.any():  # the signature decides some copies beyond ``distance``
+        bar = min(bar, similarity)
+    vetoed = close_s[close_s < bar]
+    floor = (float(vetoed.max()) + bar) / 2 if len(vetoed) else None
     log.info(
-        "duplicate rule: distance %.4f, or within %.4f with signature similarity >= %.4f "
-        "(copies' %.2f quantile %.4f; different images' cap %.4f)",
+        "duplicate rule: distance %.4f (signature similarity >= %s), or within %.4f with "
+        "signature similarity >= %.4f (copies' %.2f quantile %.4f; different images' cap %.4f)",
         distance,
+        "any" if floor is None else f"{floor:.4f}",
         candidate,
         similarity,
         1 - recall,
         want,
         cap,
     )
-    return DuplicateRule(distance, candidate, similarity)
+    return DuplicateRule(distance, candidate, similarity, floor)

@@ -127,19 +127,20 @@ class NearDuplicates:
         b, d = I.ravel(), D.ravel()
         found = (b >= 0) & (b != a)
         a, b, d = a[found], b[found], d[found]
-        close = d <= rule.distance + TOLERANCE
-        loose = np.flatnonzero(~close)
-        if len(loose) and rule.similarity is not None:
-            sig = self._signatures(np.unique(np.concatenate([a[loose], b[loose]])))
+        sims = np.full(len(d), np.nan, np.float32)  # NaN: not compared, or a signature missing
+        need = np.flatnonzero(rule.needs_signature(d))
+        if len(need):
+            sig = self._signatures(np.unique(np.concatenate([a[need], b[need]])))
             have = np.array(
-                [x in sig and y in sig for x, y in zip(a[loose], b[loose], strict=True)], bool
+                [x in sig and y in sig for x, y in zip(a[need], b[need], strict=True)], bool
             )
-            checked = loose[have]
+            checked = need[have]
             if len(checked):
                 sa = np.stack([sig[x] for x in a[checked].tolist()])
                 sb = np.stack([sig[y] for y in b[checked].tolist()])
-                close[checked] = signature_similarity(sa, sb) >= rule.similarity
-        return a[close], b[close]
+                sims[checked] = signature_similarity(sa, sb)
+        ok = rule.accepts(d, sims)
+        return a[ok], b[ok]
 
     def _signatures(self, ids: np.ndarray) -> dict[int, np.ndarray]:
         """Stored signatures by row id; a row copied by a head-only retrain has its owner's."""

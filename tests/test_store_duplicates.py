@@ -164,6 +164,42 @@ def test_near_duplicates__relabel_flags_copies_of_training_images(batches, small
     assert result.to_dict()["near_training"]
 
 
+def test_near_duplicates__the_floor_checks_flags_against_the_training_files(
+    batches, small_folder, tmp_path
+):
+    """At relabel, a copy of a training image is flagged by its distance and the rule's floor,
+    against the signature of the training image's file; a file that cannot be read leaves the
+    distance to decide."""
+    ws, _, second, _, training = batches
+    score_inputs(ws, [str(second)])
+    with Store(ws) as store:
+        rows = dict(
+            store._db.execute(
+                "SELECT regexp_extract(source, '[^/]+$'), id FROM predictions"
+            ).fetchall()
+        )
+    copies = [rows[f"train-{p.stem}.png"] for p in training]
+    meta_path = get_version(ws).path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    data = tmp_path / "data"
+    shutil.copytree(small_folder, data)
+
+    def flagged(floor: float) -> set[int]:
+        meta["duplicates"]["rule"]["floor"] = floor
+        meta_path.write_text(json.dumps(meta))
+        result = relabel_images(ws, copies, "defective", into=data)
+        return {n["id"] for n in result.near_training}
+
+    assert flagged(0.99) == set(copies)  # one pixel changed: the signatures agree
+    assert flagged(1.01) == set()  # no signature reaches it: vetoed
+    aside = training[0].with_suffix(".aside")
+    training[0].rename(aside)  # the session's folder: put back below
+    try:
+        assert flagged(1.01) == {copies[0]}  # its file is gone: the distance decides
+    finally:
+        aside.rename(training[0])
+
+
 def test_near_duplicates__cli_api_and_sql(batches, capsys):
     ws, first, second, _, _ = batches
     wsa = ["--workspace", str(ws.root)]

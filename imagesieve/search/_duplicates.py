@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import DuplicateRule
+from imagesieve.classifier import DuplicateRule, image_signature, signature_similarity
+from imagesieve.data import ImageLoadError, load_image
 from imagesieve.models import ModelVersion, get_version
 from imagesieve.search._review import ReviewError, local_user
 from imagesieve.store import STORE_FILE, AuditEntry, Store, using_store
@@ -112,9 +115,36 @@ def near_training(store: Store, version: ModelVersion, ids: list[int]) -> list[d
     """Which stored images among ``ids`` nearly duplicate a training image of ``version``.
 
     For promote and relabel: such an image adds little, and one labelled otherwise than its
-    twin contradicts the training data. Empty without a near-duplicate rule.
+    twin contradicts the training data. By the rule's distance to the nearest training image,
+    and its signature floor: the training image's signature is computed from its file (when it
+    cannot be read, the distance decides alone). Empty without a near-duplicate rule.
     """
     rule = DuplicateRule.of_version(version.meta)
     if rule is None:
         return []
-    return store.duplicates.near_training(version.name, ids, rule.distance)
+    found = store.duplicates.near_training(version.name, ids, rule.distance)
+    if rule.floor is None or not found:
+        return found
+    stored = store.duplicates.signatures([f["id"] for f in found])
+    training: dict[str, np.ndarray | None] = {}
+    sims = np.full(len(found), np.nan, np.float32)
+    for k, f in enumerate(found):
+        source = f["training_source"]
+        if source not in training:
+            training[source] = _file_signature(version, source)
+        if f["id"] in stored and training[source] is not None:
+            sims[k] = signature_similarity(stored[f["id"]], training[source])
+    keep = rule.accepts(np.array([f["distance"] for f in found], np.float64), sims)
+    return [f for f, ok in zip(found, keep, strict=True) if ok]
+
+
+def _file_signature(version: ModelVersion, source: str | None) -> np.ndarray | None:
+    """The pixel signature of an image file as scoring computes it (None: it cannot be read)."""
+    if not source:
+        return None
+    config = version.config
+    try:
+        image = load_image(source, min_side=config.resize_side).image
+    except ImageLoadError:
+        return None
+    return image_signature(config.resize_and_crop(image))

@@ -142,8 +142,13 @@ class NearDuplicates:
         ok = rule.accepts(d, sims)
         return a[ok], b[ok]
 
-    def _signatures(self, ids: np.ndarray) -> dict[int, np.ndarray]:
+    def signatures(self, ids: np.ndarray | list[int]) -> dict[int, np.ndarray]:
         """Stored signatures by row id; a row copied by a head-only retrain has its owner's."""
+        with self.store._connection():
+            return self._signatures(ids)
+
+    def _signatures(self, ids: np.ndarray | list[int]) -> dict[int, np.ndarray]:
+        """``signatures``, for a caller that holds the lock (the journal not folded again)."""
         import pyarrow as pa
 
         con = self.store._con

@@ -37,6 +37,13 @@ def near_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
+def ids_by_name(store: Store) -> dict[str, int]:
+    """Stored row ids by the file name of their source."""
+    return dict(
+        store._db.execute("SELECT regexp_extract(source, '[^/]+$'), id FROM predictions").fetchall()
+    )
+
+
 @pytest.fixture
 def batches(scoring_ws, elpv, small_folder, tmp_path):
     """Batch 1: 12 held-out mono cells. Batch 2: near-copies of 3 of them and of 2 training
@@ -65,11 +72,7 @@ def test_near_duplicates__linked_as_batches_arrive_and_listed(batches):
         one = score_inputs(ws, [str(first)], store=store)
         assert one.near_duplicates == 0 and one.to_dict()["near_duplicates"] == 0
         two = score_inputs(ws, [str(second)], store=store)
-        ids = dict(
-            store._db.execute(
-                "SELECT regexp_extract(source, '[^/]+$'), id FROM predictions"
-            ).fetchall()
-        )
+        ids = ids_by_name(store)
         assert store.duplicates.checked_upto(get_version(ws).name) == max(ids.values())
     # each copy joins the group of the cell it copies, from the earlier batch; nothing else
     want = sorted(sorted([ids[c], ids[o]]) for c, o in copies.items())
@@ -146,11 +149,7 @@ def test_near_duplicates__relabel_flags_copies_of_training_images(batches, small
     ws, first, second, _, training = batches
     score_inputs(ws, [str(second)])
     with Store(ws) as store:
-        rows = dict(
-            store._db.execute(
-                "SELECT regexp_extract(source, '[^/]+$'), id FROM predictions"
-            ).fetchall()
-        )
+        rows = ids_by_name(store)
     copies = [rows[f"train-{p.stem}.png"] for p in training]
     others = [i for n, i in rows.items() if not n.startswith("train-")]
     data = tmp_path / "data"  # a copy: the session's training folder stays as it is
@@ -173,11 +172,7 @@ def test_near_duplicates__the_floor_checks_flags_against_the_training_files(
     ws, _, second, _, training = batches
     score_inputs(ws, [str(second)])
     with Store(ws) as store:
-        rows = dict(
-            store._db.execute(
-                "SELECT regexp_extract(source, '[^/]+$'), id FROM predictions"
-            ).fetchall()
-        )
+        rows = ids_by_name(store)
     copies = [rows[f"train-{p.stem}.png"] for p in training]
     meta_path = get_version(ws).path / "meta.json"
     meta = json.loads(meta_path.read_text())
@@ -294,11 +289,7 @@ def test_near_duplicates__promote_leaves_set_aside_out_and_flags_training_copies
     with Store(ws) as store:
         score_inputs(ws, [str(first)], store=store)
         score_inputs(ws, [str(second)], store=store)
-        ids = dict(
-            store._db.execute(
-                "SELECT regexp_extract(source, '[^/]+$'), id FROM predictions"
-            ).fetchall()
-        )
+        ids = ids_by_name(store)
     copy, original = next(iter(copies.items()))
     twin = ids[f"train-{training[0].stem}.png"]
     members = np.array(sorted([ids[copy], ids[original], twin]), np.int64)

@@ -380,6 +380,19 @@ def test_duplicate_rule__floor_vetoes_close_pairs_whose_pixels_differ():
     assert DuplicateRule.of_version(meta) == rule
 
 
+def test_duplicate_rule__a_flat_image_leaves_the_floor_to_the_distance():
+    """A flat image's signature (all zeros) cannot tell: the embedding alone decides its pair."""
+    rng = np.random.default_rng(4)
+    x = unit(rng.standard_normal((4, D)))
+    x[1], x[3] = at_distance(x[0], 0.002, rng), at_distance(x[2], 0.002, rng)
+    sig = np.zeros((4, SIGNATURE_BYTES), np.int8)
+    sig[2:] = np.clip(np.rint(rng.standard_normal((2, SIGNATURE_BYTES)) * 32), -127, 127)
+    assert np.isnan(signature_similarity(sig[0], sig[1], flat=np.nan))
+    assert signature_similarity(sig[0], sig[1]) == 0  # the default: it matches nothing
+    rule = DuplicateRule(0.01, 0.2, 0.98, floor=0.5)
+    assert as_lists(near_duplicate_groups(x, rule, signatures=sig)) == [[0, 1]]
+
+
 def test_calibrate_duplicate_rule__floor_keeps_look_alike_renderings_apart(planted_signatures):
     """Renderings of one design (a needle moved) are as close in the embedding as copies, but
     their pixels differ: calibration sets a floor that keeps them apart and the copies in."""

@@ -151,8 +151,9 @@ class DuplicateRule:
     def accepts(self, distance: np.ndarray, similarity: np.ndarray | None = None) -> np.ndarray:
         """Which pairs are near-duplicates, by cosine distance and signature similarity.
 
-        ``similarity`` is NaN where a signature is missing (and may be None when
-        ``needs_signature`` is False everywhere): such a pair is decided by its distance alone.
+        ``similarity`` is NaN where a signature is missing or flat (``signature_similarity``
+        with ``flat=np.nan``; None when ``needs_signature`` is False everywhere): such a pair is
+        decided by its distance alone.
         """
         distance = np.asarray(distance)
         close = distance <= self.distance + TOLERANCE
@@ -274,7 +275,7 @@ def _verifier(rule: DuplicateRule, signatures: np.ndarray) -> Verifier:
         need = np.flatnonzero(rule.needs_signature(distance))
         for s in range(0, len(need), VERIFY_BATCH):
             r = need[s : s + VERIFY_BATCH]
-            sigs[r] = signature_similarity(signatures[a[r]], signatures[b[r]])
+            sigs[r] = signature_similarity(signatures[a[r]], signatures[b[r]], flat=np.nan)
         return rule.accepts(distance, sigs)
 
     return keep

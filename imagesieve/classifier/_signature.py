@@ -45,10 +45,11 @@ def image_signature(image: Image.Image) -> np.ndarray:
     return np.clip(np.rint(x * (_SCALE / sd)), -127, 127).astype(np.int8)
 
 
-def signature_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def signature_similarity(a: np.ndarray, b: np.ndarray, flat: float = 0.0) -> np.ndarray:
     """Correlation of signatures ``a`` (..., SIGNATURE_BYTES) and ``b`` (broadcast): float32 in [-1, 1].
 
-    0 when either is all zeros (a flat image).
+    ``flat`` (0 by default: it matches nothing) when either is all zeros (a flat image); a
+    ``DuplicateRule`` check passes NaN, so the embedding alone decides such a pair.
     """
     a = np.asarray(a)
     b = np.asarray(b)
@@ -61,4 +62,4 @@ def signature_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = b.astype(np.float32)
     dot = np.einsum("...i,...i->...", a, b)
     norms = np.sqrt(np.einsum("...i,...i->...", a, a) * np.einsum("...i,...i->...", b, b))
-    return np.where(norms > 0, dot / np.maximum(norms, 1e-12), 0).astype(np.float32)
+    return np.where(norms > 0, dot / np.maximum(norms, 1e-12), flat).astype(np.float32)

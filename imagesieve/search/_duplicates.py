@@ -133,7 +133,7 @@ def near_training(store: Store, version: ModelVersion, ids: list[int]) -> list[d
         if source not in training:
             training[source] = _file_signature(version, source)
         if f["id"] in stored and training[source] is not None:
-            sims[k] = signature_similarity(stored[f["id"]], training[source])
+            sims[k] = signature_similarity(stored[f["id"]], training[source], flat=np.nan)
     keep = rule.accepts(np.array([f["distance"] for f in found], np.float64), sims)
     return [f for f, ok in zip(found, keep, strict=True) if ok]
 

@@ -127,7 +127,7 @@ class NearDuplicates:
         b, d = I.ravel(), D.ravel()
         found = (b >= 0) & (b != a)
         a, b, d = a[found], b[found], d[found]
-        sims = np.full(len(d), np.nan, np.float32)  # NaN: not compared, or a signature missing
+        sims = np.full(len(d), np.nan, np.float32)  # NaN: not compared, missing or flat
         need = np.flatnonzero(rule.needs_signature(d))
         if len(need):
             sig = self._signatures(np.unique(np.concatenate([a[need], b[need]])))
@@ -138,7 +138,7 @@ class NearDuplicates:
             if len(checked):
                 sa = np.stack([sig[x] for x in a[checked].tolist()])
                 sb = np.stack([sig[y] for y in b[checked].tolist()])
-                sims[checked] = signature_similarity(sa, sb)
+                sims[checked] = signature_similarity(sa, sb, flat=np.nan)
         ok = rule.accepts(d, sims)
         return a[ok], b[ok]
 

@@ -47,6 +47,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from _memory import peak_mb
 from bench_store import MODEL_WS, OUT, child_train, elpv_paths
 
 API_WS = OUT.parent / "api" / "ws"
@@ -287,13 +288,6 @@ def process_cpu(proc: subprocess.Popen) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def server_peak_mb(proc: subprocess.Popen) -> float:
-    for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, default=16)
@@ -431,7 +425,7 @@ def main() -> None:
         )
         print(
             f"    store after the run: {health['stored_images']} images "
-            f"(expected {20 + args.single + len(ok)}); server peak RSS {server_peak_mb(proc):.0f} MB",
+            f"(expected {20 + args.single + len(ok)}); server peak RSS {peak_mb(proc.pid):.0f} MB",
             flush=True,
         )
         engine, windows, errors, aside = paired_rounds(

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _memory import peak_mb, reset_peak
 from sklearn.metrics import adjusted_rand_score
 
 from imagesieve.search._cluster import (
@@ -37,22 +38,6 @@ from imagesieve.search._cluster import (
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "_out" / "cluster"
-
-
-def reset_vm_hwm() -> bool:
-    """Reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def elpv_embeddings() -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +183,7 @@ def main() -> None:
     top2 = np.where(kind == "junk", "defective", "functional")
     params = ClusterParams()
     print(f"params: {params}")
-    hwm_before, rss_reset = vm_hwm_mb(), reset_vm_hwm()
+    hwm_before, rss_reset = peak_mb(), reset_peak()
 
     t = time.perf_counter()
     first = cluster_embeddings(ids, xb, top1, top2, params)
@@ -209,7 +194,7 @@ def main() -> None:
     print(quality(first.labels, kind))
     during = "during clustering" if rss_reset else "whole process"
     print(
-        f"peak memory (VmHWM) {during}: {vm_hwm_mb():.0f} MB "
+        f"peak memory (VmHWM) {during}: {peak_mb():.0f} MB "
         f"(data {xb.nbytes / 2**20:.0f} MB; peak while making the data {hwm_before:.0f} MB)"
     )
 
@@ -261,7 +246,7 @@ def main() -> None:
         f"{dt * 1000:.0f} ms; {(placed >= 0).mean():.1%} placed; agrees with the re-run on "
         f"{np.mean(placed == second.labels[np.argsort(order)][-1000:]):.1%}"
     )
-    print(f"peak memory (VmHWM) {during}, both runs: {vm_hwm_mb():.0f} MB")
+    print(f"peak memory (VmHWM) {during}, both runs: {peak_mb():.0f} MB")
 
     if args.compare:
         compare(xb, kind, first.labels, params)

@@ -32,8 +32,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+from _memory import peak_mb  # noqa: E402
 from bench_api import Client, multipart, pct, with_counter  # noqa: E402
-from bench_store import MODEL_WS, child_train, elpv_paths, fresh_ws, peak_rss_mb  # noqa: E402
+from bench_store import MODEL_WS, child_train, elpv_paths, fresh_ws  # noqa: E402
 from podman import (  # noqa: E402
     BASE_TAG,
     IMAGE_TAG,
@@ -149,8 +150,8 @@ def main() -> None:
         ratio = statistics.median(ratios)
         print(f"  container / outside p50, median of {args.rounds} rounds: {ratio:.3f} "
               f"(target <= 1.2: {'met' if ratio <= 1.2 else 'MISSED'})")  # fmt: skip
-        print(f"  peak RSS: container's server {peak_rss_mb(in_pid):.0f} MB, "
-              f"outside {peak_rss_mb(outside.pid):.0f} MB")  # fmt: skip
+        print(f"  peak RSS: container's server {peak_mb(in_pid):.0f} MB, "
+              f"outside {peak_mb(outside.pid):.0f} MB")  # fmt: skip
 
         print("\n(d) stop")
         t = time.perf_counter()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import shutil
 import statistics
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _memory import peak_mb  # noqa: E402
 from _openset_sets import image_set  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -50,10 +50,6 @@ SHIFT_WORDS = {
     "textures": "waves and rings",
     "gauges": "LCDs and bars",
 }
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_set(name: str, root: Path, seed: int = 0) -> dict:
@@ -158,7 +154,7 @@ def main() -> None:
             f"{d['ks_d']:.3f}, p {d['p_value']:.2g}."
         )
     print(
-        f"\nwhole run {time.perf_counter() - t0:.0f} s, peak RSS {peak_rss_mb():.0f} MB"
+        f"\nwhole run {time.perf_counter() - t0:.0f} s, peak RSS {peak_mb():.0f} MB"
         f"\ntarget (ELPV: poly batches marked, held-out mono batches not; false alarms reported): "
         f"{'met' if met else 'not met'}"
     )

@@ -32,7 +32,6 @@ import io
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import peak_mb  # noqa: E402
 from _openset_sets import image_set  # noqa: E402
 
 from imagesieve.classifier._duplicates import (  # noqa: E402
@@ -65,10 +65,6 @@ OUT = HERE / "_out" / "duplicates"
 OPENSET_OUT = HERE / "_out" / "openset"
 SETS = ("elpv", "digits", "shapes", "textures", "gauges")
 BACKBONE = "efficientnet_lite0"
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def embed(sources: list) -> np.ndarray:
@@ -282,7 +278,7 @@ def speed(n: int, rule: DuplicateRule) -> dict:
         "n": n,
         "gen_s": gen_s,
         "seconds": seconds,
-        "rss": peak_rss_gb(),
+        "rss": peak_mb() / 1024,
         "recall": float(found.mean()),
         "planted": len(a),
         "groups": len(groups),

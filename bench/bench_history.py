@@ -43,17 +43,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _memory import peak_mb
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "_out" / "history"
-
-
-def vm_hwm_mb() -> float:
-    """Peak resident memory of this process (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def label(im) -> str:
@@ -178,7 +171,7 @@ def child(kind: str, src: Path, work: Path) -> dict:
     diff = score_history(ws, "v2", "v1")
     seconds = time.perf_counter() - t0
     out = {"kind": kind, "seconds": seconds, "rows": diff["scored"], "failed": diff["failed"]}
-    out["rss_mb"] = vm_hwm_mb()
+    out["rss_mb"] = peak_mb()
     from imagesieve.store import Store
 
     with Store(ws, check=False) as store:  # the real images' rows, to compare the two paths

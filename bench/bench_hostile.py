@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
+from _memory import reset_peak, status_mb
 from bench_api import BOUNDARY, Client, multipart, pct, start_cli, with_counter
 from PIL import Image
 
@@ -359,15 +360,6 @@ class Loopback:
 
 
 # -- the server, one measured request at a time -------------------------------------------------
-def status_mb(pid: int, key: str) -> float:
-    """A /proc/PID/status memory figure (VmRSS, VmHWM) in MB; 0 once the process is gone."""
-    try:
-        m = re.search(rf"^{key}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
-    except OSError:
-        return 0.0
-    return int(m[1]) / 1024 if m else 0.0
-
-
 def form(field: str, name: str, data: bytes) -> tuple[bytes, dict[str, str]]:
     """A multipart/form-data body of one file part, and its headers."""
     head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
@@ -412,7 +404,7 @@ class Server:
         self.ws, self.log, self.extra, self.guard_mb = ws, log, extra, guard_mb
         self.deaths: list[tuple[str, str]] = []  # (crash or guard, the request)
         self.start()
-        self.hwm = self.reset_peak()
+        self.hwm = reset_peak(self.proc.pid)
         self.method = "VmHWM reset by clear_refs" if self.hwm else "VmRSS sampled every 10 ms"
 
     def start(self) -> None:
@@ -429,16 +421,9 @@ class Server:
             self.proc.kill()
             self.proc.wait()
 
-    def reset_peak(self) -> bool:
-        try:
-            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
-            return True
-        except OSError:
-            return False
-
     def _watch(self, stop: threading.Event, seen: list) -> None:
         while not stop.wait(0.01):
-            seen[0] = max(seen[0], rss := status_mb(self.proc.pid, "VmRSS"))
+            seen[0] = max(seen[0], rss := status_mb("VmRSS", self.proc.pid, missing=0.0))
             if rss > self.guard_mb and not seen[1]:
                 seen[1] = True
                 self.proc.kill()
@@ -455,8 +440,9 @@ class Server:
 
     def request(self, what: str, method: str, path: str, body: bytes = b"", headers=None) -> Reply:
         """One request with the server's peak RSS during it; the server restarted if it died."""
-        self.hwm = self.hwm and self.reset_peak()
-        start, seen, stop = status_mb(self.proc.pid, "VmRSS"), [0.0, False], threading.Event()
+        self.hwm = self.hwm and reset_peak(self.proc.pid)
+        start = status_mb("VmRSS", self.proc.pid, missing=0.0)
+        seen, stop = [0.0, False], threading.Event()
         watcher = threading.Thread(target=self._watch, args=(stop, seen), daemon=True)
         watcher.start()
         status, data, fault, t = None, b"", "", time.perf_counter()
@@ -467,7 +453,7 @@ class Server:
         except (OSError, http.client.HTTPException):
             fault = "dropped"
         seconds = time.perf_counter() - t
-        hwm = status_mb(self.proc.pid, "VmHWM") if self.hwm else 0.0
+        hwm = status_mb("VmHWM", self.proc.pid, missing=0.0) if self.hwm else 0.0
         stop.set()
         watcher.join()
         if seen[1]:
@@ -512,7 +498,8 @@ def corpus_phase(server: Server, corpus: dict, lists: dict[str, Path], loop: Loo
     jobs = [("predict", "file", p) for p in corpus["files"]]
     jobs += [("score", "files", p) for p in corpus["files"] + corpus["zips"] + list(lists.values())]
     replies, kept, rows = {}, {}, {}
-    hits0, before, rss0 = loop.count(), failure_rows(server), status_mb(server.proc.pid, "VmRSS")
+    hits0, before = loop.count(), failure_rows(server)
+    rss0 = status_mb("VmRSS", server.proc.pid, missing=0.0)
     for route, field, path in jobs:
         what = f"POST /api/v1/{route} {path.parent.name}/{path.name}"
         replies[what] = r = server.upload(what, f"/api/v1/{route}", field, path)
@@ -549,7 +536,7 @@ def corpus_phase(server: Server, corpus: dict, lists: dict[str, Path], loop: Loo
     tried = f"{len(replies)} ({len(corpus['files'])} files x /predict and /score, "
     tried += f"{len(corpus['zips'])} zips, {len(lists)} lists)"
     failed = f"{sum(n > 0 for n in rows.values())} ({sum(rows.values())} rows)"
-    rss = f"{rss0:.0f} / {status_mb(server.proc.pid, 'VmRSS'):.0f} MB"
+    rss = f"{rss0:.0f} / {status_mb('VmRSS', server.proc.pid, missing=0.0):.0f} MB"
     return [
         ("requests tried", tried, "", None),
         ("answered 4xx with a one-line JSON error", str(len(shaped)), "", None),
@@ -775,7 +762,7 @@ def cli_phase(ws: Path, inputs: list[str], guard_mb: float, cap_s: float, work: 
             pid = proc.pid
             if wrap and kids.exists():  # the CLI is time's child
                 pid = int(next(iter(kids.read_text().split()), pid))
-            polled = max(polled, status_mb(pid, "VmHWM"))
+            polled = max(polled, status_mb("VmHWM", pid, missing=0.0))
             if not fault and (polled > guard_mb or time.perf_counter() - t > cap_s):
                 fault = "past the RSS guard" if polled > guard_mb else f"over {cap_s:.0f} s"
                 subprocess.run(["kill", "-9", str(pid)], check=False)

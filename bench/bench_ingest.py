@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _memory import peak_mb
 
 DIM = 1280
 
@@ -105,11 +106,7 @@ def child(kind: str, root: str, ws: str, rows: int, shard_rows: int, commit_rows
     start = time.perf_counter()
     store.close()
     close_s = time.perf_counter() - start
-    peak = next(
-        int(line.split()[1]) / 1024
-        for line in Path("/proc/self/status").read_text().splitlines()
-        if line.startswith("VmHWM:")
-    )
+    peak = peak_mb()
     doc = {"kind": kind, "commit_s": commit_s, "index_s": index_s, "close_s": close_s}
     print(json.dumps(doc | {"peak_mb": peak}))
 

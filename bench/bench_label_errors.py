@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import peak_mb  # noqa: E402
 from _openset_sets import image_set  # noqa: E402
 
 from imagesieve._demo import demo_split  # noqa: E402
@@ -206,8 +206,7 @@ def main() -> None:
         ws = Workspace(tmp)
         for name in args.sets:
             results[name] = run_set(name, ws, args.seeds)
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            results[name]["_"]["peak_mb"] = peak
+            results[name]["_"]["peak_mb"] = peak_mb()
     print(
         f"\n## Flipped labels ({SHARE:.0%}) found among the top 2k suspects, means over seeds {args.seeds}"
     )
@@ -229,8 +228,7 @@ def main() -> None:
     for v in VARIANTS:
         r = [results[s][v]["recall"] for s in results]
         print(f"| {v} | " + " | ".join(f"{x:.3f}" for x in r) + f" | {np.mean(r):.3f} |")
-    print(f"\n# whole run {time.perf_counter() - t0:.0f} s, peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")  # fmt: skip
+    print(f"\n# whole run {time.perf_counter() - t0:.0f} s, peak RSS {peak_mb():.0f} MB")
     default = next(iter(VARIANTS))
     if "elpv-demo" in results:
         got = results["elpv-demo"][default]["recall"]

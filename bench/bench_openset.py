@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import shutil
 import sys
 import time
@@ -45,6 +44,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import peak_mb  # noqa: E402
 from _openset_sets import SETS, image_set  # noqa: E402
 
 from imagesieve._workspace import Workspace  # noqa: E402
@@ -476,8 +476,7 @@ def main() -> None:
         )
     print("\n## One new type plus strays (gauges: 'counter' unseen, 30 of them + 4 strays)")
     print(strays_case(ws))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\n# whole run {time.perf_counter() - t0:.0f} s, peak RSS {peak:.0f} MB")
+    print(f"\n# whole run {time.perf_counter() - t0:.0f} s, peak RSS {peak_mb():.0f} MB")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _memory import peak_mb  # noqa: E402
 from _openset_sets import image_set  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -110,10 +110,6 @@ DEGRADATIONS: dict[str, tuple[str, tuple[float, ...], Callable]] = {
 
 #: Calibration on a small training set: this many images, this many random draws.
 SMALL, SMALL_DRAWS = 80, 5
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cost(version, paths: list[str], pairs: int, of: str = "quality") -> dict:
@@ -245,7 +241,7 @@ def main() -> None:
         f"\nwith / without, per pair: {ratios}; median **{c['ratio']:.3f}** "
         f"(cost {1 - c['ratio']:+.1%}"
         + ("; target: cost <= 5%" if of == "quality" else "")
-        + f"). Peak RSS {peak_rss_mb():.0f} MB."
+        + f"). Peak RSS {peak_mb():.0f} MB."
     )
 
     print("\n## 2. Detection: calibrated on 60% of each set, tried on the other 40%")

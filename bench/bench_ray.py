@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from _memory import peak_mb
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "_out" / "ray"
 MODEL_WS = OUT / "model"
@@ -59,11 +61,6 @@ def child(kind: str, ws: str, address: str, actors: int, n: int) -> None:
     seconds = time.perf_counter() - start
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    peak_kb = next(
-        int(line.split()[1])
-        for line in Path("/proc/self/status").read_text().splitlines()
-        if line.startswith("VmHWM:")
-    )
     print(
         json.dumps(
             {
@@ -73,7 +70,7 @@ def child(kind: str, ws: str, address: str, actors: int, n: int) -> None:
                 "scored": summary.scored,
                 "rate": summary.scored / seconds,
                 "driver_cpu_ms": 1000 * cpu / summary.scored,
-                "driver_peak_mb": peak_kb / 1024,
+                "driver_peak_mb": peak_mb(),
                 "ray": summary.ray,
             }
         )

@@ -49,15 +49,9 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "_out" / "review"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
+from _memory import peak_mb, status_mb  # noqa: E402
 
 CHROMIUM = os.environ.get("IMAGESIEVE_CHROMIUM", "/usr/bin/chromium")
-
-
-def rss_mb(pid: int, key: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def prepare(rows: int) -> Path:
@@ -141,13 +135,13 @@ def main() -> None:
         api = url + "/api/v1"
         requests.get(f"{api}/health", timeout=60).raise_for_status()
         time.sleep(2)
-        idle = rss_mb(proc.pid)
+        idle = status_mb("VmRSS", proc.pid)
         t = time.perf_counter()
         requests.post(f"{api}/map", timeout=60).raise_for_status()
         while requests.get(f"{api}/map", timeout=60).json()["making"].get("running"):
             time.sleep(1)
         map_made = time.perf_counter() - t
-        map_peak = rss_mb(proc.pid, "VmHWM")
+        map_peak = peak_mb(proc.pid)
         print(f"  map of {args.rows:,} made in {map_made:.0f} s (server peak {map_peak:.0f} MB)")
         with sync_playwright() as p:
             browser = p.chromium.launch(
@@ -172,7 +166,7 @@ def main() -> None:
             total_pages = int(summary.rsplit(" of ", 1)[1].split(")")[0].replace(",", ""))
             todo = total_pages - 1 if args.pages <= 0 else min(args.pages, total_pages - 1)
             page.click("#review-summary")
-            before_browsing = rss_mb(proc.pid)
+            before_browsing = status_mb("VmRSS", proc.pid)
             most = before_browsing
             changes = []
             for n in range(2, todo + 2):
@@ -180,11 +174,11 @@ def main() -> None:
                 page.keyboard.press("j")
                 wait_page(page, n)
                 changes.append(time.perf_counter() - t)
-                most = max(most, rss_mb(proc.pid))
+                most = max(most, status_mb("VmRSS", proc.pid))
                 if n % 100 == 0:
                     print(
                         f"  page {n}: median so far {statistics.median(changes) * 1000:.0f} ms, "
-                        f"server RSS {rss_mb(proc.pid):.0f} MB",
+                        f"server RSS {status_mb('VmRSS', proc.pid):.0f} MB",
                         flush=True,
                     )
             browsed_peak = most

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _memory import peak_mb
 from PIL import Image
 
 from imagesieve.classifier._engine import INFER_BATCH
@@ -167,15 +167,6 @@ def engine_vs_forward(version, paths: list[str], batch_size: int, repeats: int) 
     }
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM). Not ru_maxrss: that survives exec, so a
-    child started by a big parent would report the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def memory_child(ws: str, n: int) -> None:
     """Score n images (ELPV cycled) streaming; print peak RSS and whether torch was imported."""
     import itertools
@@ -190,13 +181,13 @@ def memory_child(ws: str, n: int) -> None:
     t = time.perf_counter()
     done = sum(1 for p in Predictor(version).score(items) if p.ok)
     seconds = time.perf_counter() - t
-    peak_mb = peak_rss_mb()
+    peak = peak_mb()
     print(
         json.dumps(
             {
                 "n": done,
                 "seconds": seconds,
-                "peak_mb": peak_mb,
+                "peak_mb": peak,
                 "torch_imported": "torch" in sys.modules,
             }
         )

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from _memory import peak_mb, reset_peak, status_mb
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "_out" / "search"
 EMB = OUT / "elpv_emb.npy"  # backbone embeddings of the 2,624 ELPV images
@@ -42,30 +44,6 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 # -- helpers shared by parent and children -------------------------------------------------
-def vm_hwm_mb() -> float:
-    """Peak resident memory of this process since start or the last reset (VmHWM)."""
-    return _status_mb("VmHWM")
-
-
-def vm_rss_mb() -> float:
-    return _status_mb("VmRSS")
-
-
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_vm_hwm() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so the next reading is one phase's peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 def machine_busy_seconds() -> float:
     """CPU seconds spent by the whole machine (all processes, all cores) since boot."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -85,7 +63,7 @@ class Phase:
         self.record, self.name = record, name
 
     def __enter__(self) -> Phase:
-        reset_vm_hwm()
+        reset_peak()
         self.t, self.busy, self.own = time.perf_counter(), machine_busy_seconds(), own_cpu_seconds()
         return self
 
@@ -94,8 +72,8 @@ class Phase:
         other = (machine_busy_seconds() - self.busy) - (own_cpu_seconds() - self.own)
         self.record[self.name] = {
             "seconds": wall,
-            "peak_mb": vm_hwm_mb(),
-            "rss_mb": vm_rss_mb(),
+            "peak_mb": peak_mb(),
+            "rss_mb": status_mb("VmRSS"),
             "other_cores": max(0.0, other / wall) if wall else 0.0,
         }
 
@@ -213,7 +191,7 @@ def child_embed() -> dict:
     bad = [str(im.path) for im, e in zip(images, errors, strict=True) if e is not None]
     assert not bad, f"{len(bad)} images failed: {bad[:3]}"
     np.save(EMB, arrays["embedding"].astype(np.float32))
-    return {"n": len(images), "seconds": time.perf_counter() - t, "peak_mb": vm_hwm_mb()}
+    return {"n": len(images), "seconds": time.perf_counter() - t, "peak_mb": peak_mb()}
 
 
 def child_real(noise: float, queries: int, seed: int) -> dict:
@@ -292,7 +270,7 @@ def child_real(noise: float, queries: int, seed: int) -> dict:
         "hnsw_queries_below_target": float(np.mean(np.array(per_hnsw) < TARGET_RECALL)),
         "latency": {name: latency_stats(s) for name, s in lat.items()},
         "phases": phases,
-        "peak_mb": vm_hwm_mb(),
+        "peak_mb": peak_mb(),
     }
 
 
@@ -385,7 +363,7 @@ def child_scale(n: int, queries: int, noise: float, seed: int, exact_budget: flo
         "sweep": sweep,
         "sweep_stored": min(queries, 500),
         "phases": phases,
-        "peak_mb": vm_hwm_mb(),
+        "peak_mb": peak_mb(),
     }
 
 
@@ -511,7 +489,7 @@ def child_find(ws: str, calls: int, queries: int, seed: int) -> dict:
         "steps": {k: latency_stats(v) for k, v in steps.items()},
         "membership_np": latency_stats(alt),
         "phases": phases,
-        "peak_mb": vm_hwm_mb(),
+        "peak_mb": peak_mb(),
     }
 
 

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from _memory import peak_mb
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "_out" / "store"
 MODEL_WS = OUT / "model-ws"  # the trained version, reused between runs
@@ -35,15 +37,6 @@ SEED_NOISE = 0.3
 
 
 # -- helpers shared by parent and children -------------------------------------------------
-def peak_rss_mb(pid: int | str = "self") -> float:
-    """Peak resident memory of a process, this one by default (VmHWM; ru_maxrss survives exec
-    and lies)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if pid == "self" else -1.0
-
-
 def elpv_paths(n: int | None = None) -> list[str]:
     from imagesieve.data._elpv import elpv_images
 
@@ -122,7 +115,7 @@ def child_engine(paths: list[str]) -> dict:
         "n": n,
         "seconds": seconds,
         "cpu_seconds": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
-        "peak_mb": peak_rss_mb(),
+        "peak_mb": peak_mb(),
     }
 
 
@@ -173,7 +166,7 @@ def child_score(ws: str, inputs: list[str], expect: int) -> dict:
         "already": s.already_scored,
         "seconds": seconds,
         "cpu_seconds": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
-        "peak_mb": peak_rss_mb(),
+        "peak_mb": peak_mb(),
         "workers": opts.fetch.workers,
         "store_seconds": {k: sum(v) for k, v in spent.items()},
         "store_calls": {k: len(v) for k, v in spent.items()},
@@ -327,7 +320,7 @@ def child_build_rows(
         "tail_open_seconds": opened,
         "tail_commit_seconds": tail_commit,
         "close_seconds": close,
-        "peak_mb": peak_rss_mb(),
+        "peak_mb": peak_mb(),
     }
 
 
@@ -349,7 +342,7 @@ def child_open(ws: str) -> dict:
         "seconds": seconds,
         "open_seconds": opened,
         "checks": [c.__dict__ for c in store.indexes.checks],
-        "peak_mb": peak_rss_mb(),
+        "peak_mb": peak_mb(),
     }
 
 
@@ -366,7 +359,7 @@ def child_reindex(ws: str) -> dict:
         rc = main(["reindex", "--rebuild", "--workspace", ws, "--json"])
     seconds = time.perf_counter() - t
     assert not rc, rc
-    return {"seconds": seconds, "cli": json.loads(buf.getvalue()), "peak_mb": peak_rss_mb()}
+    return {"seconds": seconds, "cli": json.loads(buf.getvalue()), "peak_mb": peak_mb()}
 
 
 CHILDREN = {

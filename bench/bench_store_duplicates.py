@@ -17,7 +17,6 @@ Recall of the planted pairs and the peak memory are printed. Run alone:
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from imagesieve.classifier import DuplicateRule, Prediction
 from imagesieve.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _memory import peak_mb  # noqa: E402
 from bench_duplicates import synthetic, synthetic_signatures  # noqa: E402
 
 ROUNDS = 3
@@ -38,10 +38,6 @@ ROUNDS = 3
 BATCH = 1000
 D = 1280
 RULE = DuplicateRule(0.03, 0.25, 0.99)  # about the median of bench_duplicates' realistic rules
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def predictions(x: np.ndarray, sig: np.ndarray, start: int, stop: int) -> list[Prediction]:
@@ -111,7 +107,7 @@ def main() -> None:
     print(
         f"| {args.rows:,} | {kind} | {fill:.1f} | {backlog:,}, {first:.1f}, {backlog / first:,.0f} "
         f"| {1000 * step / more:.2f} "
-        f"| {found}/{len(planted)} | {grouped:,} | {peak_rss_gb():.2f} GB |"
+        f"| {found}/{len(planted)} | {grouped:,} | {peak_mb() / 1024:.2f} GB |"
     )
 
 

@@ -15,6 +15,8 @@ from PIL import Image
 
 from imagesieve._errors import UserError
 from imagesieve.app import Service, start_server
+from imagesieve.classifier._reference import REFERENCE_SIGNATURES, ReferenceSet
+from imagesieve.classifier._signature import SIGNATURE_BYTES
 from imagesieve.cli import main
 from imagesieve.ingest import score_inputs
 from imagesieve.models import get_version
@@ -163,34 +165,45 @@ def test_near_duplicates__relabel_flags_copies_of_training_images(batches, small
     assert result.to_dict()["near_training"]
 
 
-def test_near_duplicates__the_floor_checks_flags_against_the_training_files(
+def test_near_duplicates__relabel_applies_the_whole_rule_to_training_images(
     batches, small_folder, tmp_path
 ):
-    """At relabel, a copy of a training image is flagged by its distance and the rule's floor,
-    against the signature of the training image's file; a file that cannot be read leaves the
-    distance to decide."""
+    """At relabel, a copy of a training image is flagged by the version's whole rule against
+    the training image's kept signature: the floor within the distance, the signature in the
+    looser band. A version without kept signatures compares with the training file for the
+    floor, and leaves the distance to decide when that file cannot be read."""
     ws, _, second, _, training = batches
     score_inputs(ws, [str(second)])
     with Store(ws) as store:
         rows = ids_by_name(store)
     copies = [rows[f"train-{p.stem}.png"] for p in training]
-    meta_path = get_version(ws).path / "meta.json"
+    version = get_version(ws)
+    kept = version.path / REFERENCE_SIGNATURES
+    assert np.load(kept).shape == (len(ReferenceSet.load(version.path)), SIGNATURE_BYTES)
+    meta_path = version.path / "meta.json"
     meta = json.loads(meta_path.read_text())
     data = tmp_path / "data"
     shutil.copytree(small_folder, data)
 
-    def flagged(floor: float) -> set[int]:
-        meta["duplicates"]["rule"]["floor"] = floor
+    def flagged(**rule: float) -> set[int]:
+        meta["duplicates"]["rule"] |= rule
         meta_path.write_text(json.dumps(meta))
         result = relabel_images(ws, copies, "defective", into=data)
         return {n["id"] for n in result.near_training}
 
-    assert flagged(0.99) == set(copies)  # one pixel changed: the signatures agree
-    assert flagged(1.01) == set()  # no signature reaches it: vetoed
+    assert flagged(floor=0.99) == set(copies)  # one pixel changed: the signatures agree
+    assert flagged(floor=1.01) == set()  # no signature reaches it: vetoed
+    # beyond the distance (0 here), within the candidate distance: the signature decides
+    tight = {"distance": 0.0, "candidate_distance": 0.5, "floor": None}
+    assert flagged(**tight, similarity=0.999) == set(copies)
+    assert flagged(similarity=1.01) == set()
+    kept.rename(kept.with_suffix(".aside"))  # a version from before signatures were kept
+    assert flagged(similarity=0.999) == set()  # no looser band without them
+    assert flagged(distance=0.01, floor=1.01) == set()  # the floor against the files
     aside = training[0].with_suffix(".aside")
     training[0].rename(aside)  # the session's folder: put back below
     try:
-        assert flagged(1.01) == {copies[0]}  # its file is gone: the distance decides
+        assert flagged(floor=1.01) == {copies[0]}  # its file is gone: the distance decides
     finally:
         aside.rename(training[0])
 

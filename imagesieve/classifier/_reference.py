@@ -19,22 +19,31 @@ from imagesieve._faiss import search as faiss_search
 __all__ = [
     "DEFAULT_FALSE_UNKNOWN_RATE",
     "REFERENCE_EMBEDDINGS",
+    "REFERENCE_SIGNATURES",
     "REFERENCE_TABLE",
     "ReferenceSet",
+    "reference_signatures",
 ]
 
 REFERENCE_EMBEDDINGS = "reference.npy"
 REFERENCE_TABLE = "reference.csv"
+#: The training images' pixel signatures (``image_signature``), row i for reference id i:
+#: what promote and relabel compare a stored image's with (versions before it have none).
+REFERENCE_SIGNATURES = "reference-signatures.npy"
 DEFAULT_FALSE_UNKNOWN_RATE = 0.05
 
 
 @dataclass
 class ReferenceSet:
-    """Training images of one version: embeddings (row i is reference id i), sources, labels."""
+    """Training images of one version: embeddings (row i is reference id i), sources, labels.
+
+    ``signatures``: their pixel signatures, for the near-duplicate rule (None: not kept).
+    """
 
     embeddings: np.ndarray
     sources: list[str]
     labels: list[str]
+    signatures: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         import faiss
@@ -92,9 +101,13 @@ class ReferenceSet:
         return np.where(own, dist[:, 1], dist[:, 0])
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write ``reference.npy`` and ``reference.csv`` (id, source, label) into a version dir."""
+        """Write the reference files (embeddings, id/source/label table, signatures) into a dir."""
         directory = Path(directory)
         np.save(directory / REFERENCE_EMBEDDINGS, self.embeddings)
+        if self.signatures is not None:
+            if len(self.signatures) != len(self.embeddings):
+                raise ValueError("one signature per reference image")
+            np.save(directory / REFERENCE_SIGNATURES, np.asarray(self.signatures, np.int8))
         with open(directory / REFERENCE_TABLE, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["id", "source", "label"])
@@ -117,4 +130,18 @@ class ReferenceSet:
                 f"{directory}: {REFERENCE_TABLE} has {len(rows)} rows but "
                 f"{REFERENCE_EMBEDDINGS} has {len(emb)}"
             )
-        return cls(emb, [r["source"] for r in rows], [r["label"] for r in rows])
+        return cls(
+            emb,
+            [r["source"] for r in rows],
+            [r["label"] for r in rows],
+            reference_signatures(directory),
+        )
+
+
+def reference_signatures(directory: str | os.PathLike) -> np.ndarray | None:
+    """A version's training images' signatures (memory-mapped; row = reference id), or None.
+
+    None when it kept none: trained before they were kept, or ImageNet mode.
+    """
+    path = Path(directory) / REFERENCE_SIGNATURES
+    return np.load(path, mmap_mode="r") if path.is_file() else None

@@ -512,13 +512,14 @@ def train_model(
             f"need at least 2 classes with readable images in {data_dir}, found {len(classes)}: {classes}"
         )
     y = np.array([classes.index(s.label) for s in samples], np.int64)
+    kept_signatures = np.stack([s for s, k in zip(signatures, keep, strict=True) if k])
     progress("finding near-duplicates", 0, 1)
     dups = find_training_duplicates(
         onnx,
         config,
         [s.path for s in samples],
         embeddings,
-        np.stack([s for s, k in zip(signatures, keep, strict=True) if k]),
+        kept_signatures,
         opts.seed,
         opts.batch_size,
     )
@@ -597,6 +598,7 @@ def train_model(
             embeddings[plan.train],
             [str(samples[i].path) for i in plan.train],
             [samples[i].label for i in plan.train],
+            kept_signatures[plan.train],
         )
         reference.save(build)
         # The whole UNKNOWN decision calibrated on held-out known images, and the report card.

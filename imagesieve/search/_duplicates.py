@@ -14,6 +14,7 @@ import numpy as np
 
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import DuplicateRule, image_signature, signature_similarity
+from imagesieve.classifier._reference import reference_signatures
 from imagesieve.data import ImageLoadError, load_image
 from imagesieve.models import ModelVersion, get_version
 from imagesieve.search._review import ReviewError, local_user
@@ -23,6 +24,10 @@ __all__ = ["keep_one", "list_duplicates", "near_training", "undo_keep_one"]
 
 #: Most groups (or exact contents) one listing returns.
 MAX_GROUPS = 100
+#: Most near-duplicates of training images promote and relabel list.
+LISTED = 100
+#: Most candidates (nearest training image within the rule's reach) checked for them.
+NEAR_TRAINING_CHECKED = 10_000
 
 
 def _rule(version: ModelVersion) -> DuplicateRule:
@@ -115,27 +120,39 @@ def near_training(store: Store, version: ModelVersion, ids: list[int]) -> list[d
     """Which stored images among ``ids`` nearly duplicate a training image of ``version``.
 
     For promote and relabel: such an image adds little, and one labelled otherwise than its
-    twin contradicts the training data. By the rule's distance to the nearest training image,
-    and its signature floor: the training image's signature is computed from its file (when it
-    cannot be read, the distance decides alone). Empty without a near-duplicate rule.
+    twin contradicts the training data. The version's whole rule, between each image and its
+    nearest training image: the distance, the signature floor and, where the version kept its
+    training images' signatures, the looser band the signatures confirm (a re-encoded or
+    resized copy). A version from before that compares with the training image's file for the
+    floor (the distance alone when it cannot be read). Empty without a near-duplicate rule;
+    at most LISTED images, nearest first.
     """
     rule = DuplicateRule.of_version(version.meta)
     if rule is None:
         return []
-    found = store.duplicates.near_training(version.name, ids, rule.distance)
-    if rule.floor is None or not found:
-        return found
-    stored = store.duplicates.signatures([f["id"] for f in found])
-    training: dict[str, np.ndarray | None] = {}
-    sims = np.full(len(found), np.nan, np.float32)
-    for k, f in enumerate(found):
-        source = f["training_source"]
-        if source not in training:
-            training[source] = _file_signature(version, source)
-        if f["id"] in stored and training[source] is not None:
-            sims[k] = signature_similarity(stored[f["id"]], training[source], flat=np.nan)
-    keep = rule.accepts(np.array([f["distance"] for f in found], np.float64), sims)
-    return [f for f, ok in zip(found, keep, strict=True) if ok]
+    kept = reference_signatures(version.path)
+    loose = kept is not None and rule.similarity is not None
+    reach, limit = (rule.reach, NEAR_TRAINING_CHECKED) if loose else (rule.distance, LISTED)
+    found = store.duplicates.near_training(version.name, ids, reach, limit=limit)
+    if not found:
+        return []
+    distance = np.array([f["distance"] for f in found], np.float64)
+    sims = np.full(len(found), np.nan, np.float32)  # NaN: not compared, missing or flat
+    need = np.flatnonzero(rule.needs_signature(distance))
+    stored = store.duplicates.signatures([found[k]["id"] for k in need]) if len(need) else {}
+    from_files: dict[str, np.ndarray | None] = {}
+    for k in need:
+        f = found[k]
+        if kept is not None and f["training_id"] is not None and f["training_id"] < len(kept):
+            train = np.asarray(kept[f["training_id"]])
+        else:  # a version that kept no signatures: its training image's file
+            if f["training_source"] not in from_files:
+                from_files[f["training_source"]] = _file_signature(version, f["training_source"])
+            train = from_files[f["training_source"]]
+        if f["id"] in stored and train is not None:
+            sims[k] = signature_similarity(stored[f["id"]], train, flat=np.nan)
+    keep = rule.accepts(distance, sims)
+    return [f for f, ok in zip(found, keep, strict=True) if ok][:LISTED]
 
 
 def _file_signature(version: ModelVersion, source: str | None) -> np.ndarray | None:

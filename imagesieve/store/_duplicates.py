@@ -297,23 +297,24 @@ class NearDuplicates:
     def near_training(
         self, model_version: str, ids: list[int], distance: float, limit: int = 100
     ) -> list[dict[str, Any]]:
-        """Which of ``ids`` nearly duplicate one of the version's training images.
+        """Which of ``ids`` have their nearest training image within ``distance``.
 
-        By the stored distance to the nearest training image (at most ``distance``, the rule's
-        embedding-only bound), nearest first: id, source, distance, and that image's source
-        and label.
+        By the stored distance to the nearest training image, nearest first: id, source,
+        distance, and that image's reference id, source and label. The caller applies the rest
+        of the near-duplicate rule (``search.near_training``).
         """
         if not ids:
             return []
         with self.store._connection() as con:
             rows = con.execute(
-                "SELECT p.id, p.source, p.neighbor_distance, r.source, r.label FROM predictions p "
+                "SELECT p.id, p.source, p.neighbor_distance, r.id, r.source, r.label "
+                "FROM predictions p "
                 "LEFT JOIN reference_images r ON r.model_version = p.model_version "
                 "AND r.id = p.neighbor_id WHERE p.model_version = ? AND p.id IN (SELECT unnest(?)) "
                 "AND p.neighbor_distance <= ? ORDER BY p.neighbor_distance, p.id LIMIT ?",
                 [model_version, [int(i) for i in ids], float(distance) + TOLERANCE, int(limit)],
             ).fetchall()
-        keys = ("id", "source", "distance", "training_source", "training_label")
+        keys = ("id", "source", "distance", "training_id", "training_source", "training_label")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
     def exact(self, limit: int = 20, offset: int = 0) -> tuple[int, list[dict[str, Any]]]:

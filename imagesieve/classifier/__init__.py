@@ -45,7 +45,7 @@ from imagesieve.classifier._quality import (
     parse_bounds,
     quality_columns,
 )
-from imagesieve.classifier._reference import ReferenceSet
+from imagesieve.classifier._reference import ReferenceSet, reference_signatures
 from imagesieve.classifier._report import confusion_counts, read_audit
 from imagesieve.classifier._signature import (
     SIGNATURE_BYTES,
@@ -102,6 +102,7 @@ __all__ = [
     "merge_overrides",
     "parse_bounds",
     "quality_columns",
+    "reference_signatures",
     "signature_similarity",
     "softmax",
     "top_k",

@@ -13,8 +13,12 @@ from typing import Any
 import numpy as np
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import DuplicateRule, image_signature, signature_similarity
-from imagesieve.classifier._reference import reference_signatures
+from imagesieve.classifier import (
+    DuplicateRule,
+    image_signature,
+    reference_signatures,
+    signature_similarity,
+)
 from imagesieve.data import ImageLoadError, load_image
 from imagesieve.models import ModelVersion, get_version
 from imagesieve.search._review import ReviewError, local_user

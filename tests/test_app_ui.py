@@ -120,11 +120,13 @@ class Page:
     def text(self, selector: str) -> str:
         return self.page.inner_text(selector)
 
-    def wait_text(self, selector: str, text: str) -> str:
-        """Wait until the element's text contains ``text``; returns the whole text."""
+    def wait_text(self, selector: str, text: str, timeout: float | None = None) -> str:
+        """Wait until the element's text contains ``text`` (``timeout`` ms: the page's default
+        when None); returns the whole text."""
         self.page.wait_for_function(
             "([sel, text]) => document.querySelector(sel)?.innerText.includes(text)",
             arg=[selector, text],
+            timeout=timeout,
         )
         return self.text(selector)
 
@@ -553,7 +555,8 @@ def test_batch__scores_with_progress_and_downloads_the_csv_and_label_folders(pag
     page.page.set_input_files("#batch-files input[type=file]", [*map(str, loose), str(archive)])
     page.wait_text("#batch-files", "more cells")  # uploaded and listed
     page.page.set_input_files("#batch-folder input[type=file]", str(tree))
-    page.wait_text("#batch-folder", cells["fresh_mono"][18].name)
+    # listed once uploaded; once in CI (1 of 4 runs) not within a minute: waits longer
+    page.wait_text("#batch-folder", cells["fresh_mono"][18].name, timeout=180_000)
     page.watch_progress()
     page.page.click("#batch-run")
 

@@ -1,0 +1,214 @@
+"""Which depth of the backbone should the embedding come from? (issue 20, a study)
+
+The product's embedding is the average-pooled output of EfficientNet-Lite0's last conv (1280-d,
+after the 320-channel stage): ImageNet's most class-specific layer. Our sets are not ImageNet
+(digits, cells, shapes), where a shallower stage may keep what tells a new kind apart. This
+pools (average and max) the output of each stage's last block and the final conv for every
+image of ``bench_openset``'s five sets (torch, the product's decode and preprocessing; cached in
+``bench/_out/layers``) and measures, on ``bench_openset``'s leave-classes-out splits (the known
+classes cut 75/25: the 75% is the reference, no training involved):
+
+* detection of the unseen classes by nearest-neighbour cosine distance (the product's score
+  family) and class-conditional Mahalanobis (shared Ledoit-Wolf covariance) on each layer's
+  L2-normalised pooled features: AUROC, and recall of unseen at a threshold set at 5% on
+  5-fold out-of-fold reference scores, with the realised false rate on the held-out known;
+* clustering (``cluster_embeddings`` at defaults, the reference's class tightness) of every
+  unseen image plus 5% of the held-out known (stand-ins for false UNKNOWNs): ARI, noise as
+  singletons, and the noise share;
+* look-alike search: leave-one-out precision@1 and @10 of the same class over each whole set.
+
+Usage: python bench/bench_layers.py [--sets elpv digits shapes textures gauges]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import adjusted_rand_score, roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import peak_mb  # noqa: E402
+from _openset_sets import SETS, image_set  # noqa: E402
+from bench_openset import DATA, KNOWN_SHARE, TARGET, Mahalanobis, splits  # noqa: E402
+
+from imagesieve.data import load_image  # noqa: E402
+from imagesieve.models import DEFAULT_BACKBONE, create_backbone, get_backbone_spec  # noqa: E402
+from imagesieve.search._cluster import class_tightness, cluster_embeddings  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "_out" / "layers"
+#: The last block of each stage of EfficientNet-Lite0 (40, 80, 112, 192, 320 channels; maps of
+#: 28, 14, 14, 7, 7 at 224 input), and the final conv (1280, the product's embedding today).
+TAPS = {"s3-40": 4, "s4-80": 7, "s5-112": 10, "s6-192": 14, "s7-320": 15}
+FOLDS = 5
+
+
+def pooled_features(name: str, items: list[tuple[Path, str]]) -> dict[str, np.ndarray]:
+    """Average- and max-pooled output of each tapped block and of the final conv, cached."""
+    path = OUT / f"{name}.npz"
+    if path.exists():
+        z = np.load(path)
+        if len(z["final"]) == len(items):
+            return dict(z)
+    import torch
+
+    net = create_backbone(DEFAULT_BACKBONE)
+    body = net.body.eval()
+    config = get_backbone_spec(DEFAULT_BACKBONE).config
+    taps: dict[str, torch.Tensor] = {}
+    for key, block in TAPS.items():
+        body.net._blocks[block].register_forward_hook(
+            lambda _m, _i, out, key=key: taps.__setitem__(key, out)
+        )
+    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.std).view(1, 3, 1, 1)
+    parts: dict[str, list[np.ndarray]] = {"final": [], "final max": []}
+    t = time.perf_counter()
+    for s in range(0, len(items), 64):
+        x = np.stack([config.preprocess(load_image(p).image) for p, _ in items[s : s + 64]])
+        x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - mean) / std
+        with torch.no_grad():
+            maps = {"final": body(x)} | taps
+        for key, m in maps.items():
+            parts.setdefault(key, []).append(m.mean((2, 3)).numpy())
+            parts.setdefault(f"{key} max", []).append(m.amax((2, 3)).numpy())
+    arrays = {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+    print(f"  {name}: {len(items)} images through the backbone in {time.perf_counter() - t:.0f} s")
+    OUT.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn1(ref: np.ndarray, _y: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return 1 - (q @ ref.T).max(1)
+
+
+def mahalanobis(ref: np.ndarray, y: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return Mahalanobis(ref, y)(q)
+
+
+SCORES = {"knn1": knn1, "mahalanobis": mahalanobis}
+
+
+def split_rows(labels: np.ndarray, classes: list[str], s: int, left: list[str]):
+    """``bench_openset``'s cut of one split: reference (75% of known), held-out known, unseen."""
+    known = [c for c in classes if c not in left]
+    rows = np.random.default_rng(s).permutation(np.flatnonzero(~np.isin(labels, left)))
+    by_class = [rows[labels[rows] == c] for c in known]
+    fit = np.concatenate([r[: int(len(r) * KNOWN_SHARE)] for r in by_class])
+    known_test = np.concatenate([r[int(len(r) * KNOWN_SHARE) :] for r in by_class])
+    return fit, known_test, np.flatnonzero(np.isin(labels, left))
+
+
+def detection(x: np.ndarray, labels: np.ndarray, fit, known_test, unseen, score) -> dict:
+    y = np.unique(labels[fit], return_inverse=True)[1]
+    q = np.r_[known_test, unseen]
+    s = score(x[fit], y, x[q])
+    held = np.zeros(len(fit))
+    fold = np.random.default_rng(1).permutation(len(fit)) % FOLDS
+    for f in range(FOLDS):
+        held[fold == f] = score(x[fit[fold != f]], y[fold != f], x[fit[fold == f]])
+    t = np.quantile(held, 1 - TARGET)
+    n = len(known_test)
+    truth = np.r_[np.zeros(n), np.ones(len(unseen))]
+    return {
+        "auroc": roc_auc_score(truth, s),
+        "recall": float((s[n:] > t).mean()),
+        "false": float((s[:n] > t).mean()),
+    }
+
+
+def clustering(x: np.ndarray, labels: np.ndarray, fit, known_test, unseen) -> dict:
+    strays = np.random.default_rng(9).choice(known_test, max(1, len(known_test) // 20), False)
+    rows = np.r_[unseen, strays]
+    truth = [str(labels[r]) for r in unseen] + [f"stray{i}" for i in range(len(strays))]
+    xs = np.ascontiguousarray(x[rows], np.float32)
+    result = cluster_embeddings(
+        np.arange(len(rows), dtype=np.int64),
+        xs,
+        ["?"] * len(rows),
+        ["?"] * len(rows),
+        tightness=class_tightness(x[fit].astype(np.float32), labels[fit].tolist()),
+    )
+    assigned = np.full(len(rows), -1)
+    for c in result.clusters:
+        assigned[c.member_ids] = c.cluster_id
+    singletons = [c if c != -1 else -2 - i for i, c in enumerate(assigned)]
+    return {"ari": adjusted_rand_score(truth, singletons), "noise": float((assigned == -1).mean())}
+
+
+def search(x: np.ndarray, labels: np.ndarray) -> dict:
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    top = np.argsort(-sim, 1)[:, :10]
+    return {
+        "p@1": float((labels[top[:, 0]] == labels).mean()),
+        "p@10": float((labels[top] == labels[:, None]).mean()),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    args = ap.parse_args()
+    print("$ python bench/bench_layers.py", " ".join(sys.argv[1:]))
+    print(f"# {platform.node()}, {platform.processor() or platform.machine()}, target {TARGET:.0%}")
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, dict[str, float]]] = {}  # layer -> set -> metric
+    for name in args.sets:
+        items = image_set(name, DATA)
+        feats = pooled_features(name, items)
+        labels = np.array([c for _, c in items])
+        classes = sorted(set(labels))
+        for layer, raw in feats.items():
+            x = unit(raw)
+            rows = []
+            for s, left in enumerate(splits(name, classes)):
+                cut = split_rows(labels, classes, s, left)
+                row = {}
+                for sname, score in SCORES.items():
+                    d = detection(x, labels, *cut, score)
+                    row |= {f"{sname} {k}": v for k, v in d.items()}
+                if not layer.endswith("max"):
+                    row |= clustering(x, labels, *cut)
+                rows.append(row)
+            mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            results.setdefault(layer, {})[name] = mean | search(x, labels)
+        print(f"  {name} measured ({time.perf_counter() - t0:.0f} s)", flush=True)
+    metrics = [
+        ("knn1 auroc", "knn1 AUROC"),
+        ("knn1 recall", "knn1 recall at 5%"),
+        ("knn1 false", "knn1 realised false"),
+        ("mahalanobis auroc", "Mahalanobis AUROC"),
+        ("mahalanobis recall", "Mahalanobis recall at 5%"),
+        ("mahalanobis false", "Mahalanobis realised false"),
+        ("ari", "clustering ARI"),
+        ("noise", "noise"),
+        ("p@1", "search p@1"),
+        ("p@10", "search p@10"),
+    ]
+    for key, title in metrics:
+        over = "each whole set" if key.startswith("p@") else "each set's splits"
+        print(f"\n## {title} (means over {over})")
+        print("| layer | " + " | ".join(args.sets) + " | **mean** |")
+        print("|---|" + "---|" * (len(args.sets) + 1))
+        for layer, by_set in results.items():
+            if key not in by_set[args.sets[0]]:
+                continue
+            values = [by_set[n][key] for n in args.sets]
+            cells = " | ".join(f"{v:.3f}" for v in values)
+            print(f"| {layer} | {cells} | **{np.mean(values):.3f}** |")
+    print(f"\n# whole run {time.perf_counter() - t0:.0f} s, peak RSS {peak_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,9 @@ Two tables per set, means over its splits:
   (sums of scores standardised on the held-out training scores). AUROC and FPR at 95% known
   kept, of unseen vs held-out known; and each score's recall of unseen at a threshold set on
   out-of-fold training scores for the target false-UNKNOWN rate, with the realised rate.
+  Beside them, ``bench_layers.py``'s study: knn1 and Mahalanobis on the 192-channel stage's
+  average-pooled features (torch, cached in ``bench/_out/layers``), and the whole decision
+  (confidence OR the distance, calibrated together by ``calibrate_rule``) with each distance.
 * *Product*: the version's own decision at its calibrated thresholds (what an operator gets):
   realised false-UNKNOWN on held-out known, recall of unseen, the mix and report card the
   version chose, and clustering of the UNKNOWNs (``cluster_embeddings``, default parameters,
@@ -50,7 +53,7 @@ from _openset_sets import SETS, image_set  # noqa: E402
 from imagesieve._workspace import Workspace  # noqa: E402
 from imagesieve.classifier import Predictor, TrainOptions, train_model  # noqa: E402
 from imagesieve.classifier._features import backbone_onnx, extract_features  # noqa: E402
-from imagesieve.classifier._openset import FOLDS  # noqa: E402
+from imagesieve.classifier._openset import FOLDS, HeldOut, calibrate_rule  # noqa: E402
 from imagesieve.classifier._reference import ReferenceSet  # noqa: E402
 from imagesieve.classifier._split import adaptive_split  # noqa: E402
 from imagesieve.models import DEFAULT_BACKBONE, get_backbone_spec  # noqa: E402
@@ -139,6 +142,13 @@ def feature_scores(emb_fit, y_fit, emb_q, skip_self=False) -> dict[str, np.ndarr
 
 
 FUSIONS = [("knn1", "msp"), ("knn1", "energy"), ("mahalanobis", "energy")]
+#: ``bench_layers.py``'s finding, tried here on the trained versions: the same scores on the
+#: 192-channel stage's average-pooled features (the product's embedding is the last conv's), and
+#: the whole decision (confidence OR the score, calibrated together, mix 0, no quality rule) with
+#: each distance.
+ALTERNATIVE = "s6-192"
+DECISION_SCORES = ("knn1", f"{ALTERNATIVE} knn1", f"{ALTERNATIVE} mahalanobis")
+CONFIDENCE = 0.5
 
 
 def head_logits(feats, y, train, head, rows, weight_decay):
@@ -160,14 +170,25 @@ def head_logits(feats, y, train, head, rows, weight_decay):
         return lin(torch.from_numpy(z)).numpy().astype(np.float64)
 
 
-def score_table(feats, emb, y, plan, head, wd, known_test, unseen) -> dict[str, dict]:
-    """Each score on one split: AUROC, FPR@95, and recall / realised rate at an OOF threshold."""
+def score_table(feats, emb, alt, y, plan, head, wd, known_test, unseen) -> dict[str, dict]:
+    """Each score on one split: AUROC, FPR@95, and recall / realised rate at an OOF threshold.
+
+    ``alt``: the alternative features (unit rows); their scores and the ``decision: <score>``
+    rows (recall and realised rate of the whole decision with that distance) are added.
+    """
     w = head.weight.detach().numpy().astype(np.float64)
     b = head.bias.detach().numpy().astype(np.float64)
     tr, cal = plan.train, np.concatenate([plan.train, plan.val])
     f64 = feats.astype(np.float64)
     q = np.concatenate([known_test, unseen])
-    scores = feature_scores(emb[tr], y[tr], emb[q]) | logit_scores(f64[q] @ w.T + b)
+
+    def distances(fit: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+        out = feature_scores(emb[fit], y[fit], emb[rows])
+        out[f"{ALTERNATIVE} knn1"] = knn(alt[fit], alt[rows], 1)
+        out[f"{ALTERNATIVE} mahalanobis"] = Mahalanobis(alt[fit], y[fit])(alt[rows])
+        return out
+
+    scores = distances(tr, q) | logit_scores(f64[q] @ w.T + b)
     scores["vim"] = ViM(f64[tr], w, b)(f64[q])
     # Held-out scores of the training images: out of fold, and the validation images as is.
     held: dict[str, np.ndarray] = {}
@@ -176,10 +197,10 @@ def score_table(feats, emb, y, plan, head, wd, known_test, unseen) -> dict[str, 
     oof_logits = np.zeros((len(y), w.shape[0]))
     for f in range(FOLDS):
         fit, hold = order[fold != f], order[fold == f]
-        for k, v in feature_scores(emb[fit], y[fit], emb[hold]).items():
+        for k, v in distances(fit, hold).items():
             held.setdefault(k, np.zeros(len(y)))[hold] = v
         oof_logits[hold] = head_logits(feats, y, tr, head, fit, wd)[hold]
-    for k, v in feature_scores(emb[tr], y[tr], emb[plan.val]).items():
+    for k, v in distances(tr, plan.val).items():
         held[k][plan.val] = v
     oof_logits[plan.val] = f64[plan.val] @ w.T + b
     held |= logit_scores(oof_logits)
@@ -204,6 +225,21 @@ def score_table(feats, emb, y, plan, head, wd, known_test, unseen) -> dict[str, 
             t = np.quantile(held[k], 1 - TARGET)
             row |= {"recall": float((su > t).mean()), "false": float((sk > t).mean())}
         out[k] = row
+    for k in DECISION_SCORES:
+        # calibrate_rule's distance thresholds live in [0, 2]: Mahalanobis is scaled into it
+        scale = min(1.0, 0.5 / held[k].max())
+        rule, _ = calibrate_rule(
+            HeldOut(1 - held["msp"], held[k] * scale, np.zeros(len(cal)), "bench"),
+            CONFIDENCE,
+            TARGET,
+        )
+        flagged = np.array(
+            [r is not None for r in rule.reasons(1 - scores["msp"], scores[k] * scale)]
+        )
+        out[f"decision: {k}"] = {
+            "recall": float(flagged[n:].mean()),
+            "false": float(flagged[:n].mean()),
+        }
     return out
 
 
@@ -314,6 +350,9 @@ def run_set(name: str, ws: Workspace) -> tuple[dict, list[dict]]:
     items = image_set(name, DATA)
     arrays = features(name, items, ws)
     feats, emb = arrays["features"], arrays["embedding"]
+    from bench_layers import pooled_features, unit
+
+    alt = unit(pooled_features(name, items)[ALTERNATIVE]).astype(np.float32)
     labels = np.array([c for _, c in items])
     classes = sorted(set(labels))
     tables, products = [], []
@@ -350,6 +389,7 @@ def run_set(name: str, ws: Workspace) -> tuple[dict, list[dict]]:
         table = score_table(
             feats[rows_all],
             emb[rows_all],
+            alt[rows_all],
             y_all[rows_all],
             plan,
             model.head,
@@ -436,6 +476,8 @@ def main() -> None:
         print("| score | AUROC | FPR@95 | recall at 5% | realised false |")
         print("|---|---|---|---|---|")
         for k, m in table.items():
+            if k.startswith("decision: "):
+                continue
             tail = f"{m['recall']:.3f} | {m['false']:.3f}" if "recall" in m else "- | -"
             print(f"| {k} | {m['auroc']:.3f} | {m['fpr95']:.3f} | {tail} |")
     print("\n## The product's decision and clustering (means over each set's splits)")
@@ -466,7 +508,7 @@ def main() -> None:
     print("| score | AUROC | FPR@95 | recall at 5% | realised false | beats knn1 on every set |")
     print("|---|---|---|---|---|---|")
     first = next(iter(results.values()))[0]
-    for k in first:
+    for k in (k for k in first if not k.startswith("decision: ")):
         rows = [results[n][0][k] for n in results]
         m = {a: float(np.mean([r[a] for r in rows])) for a in rows[0]}
         beats = all(results[n][0][k]["auroc"] >= results[n][0]["knn1"]["auroc"] for n in results)
@@ -474,6 +516,17 @@ def main() -> None:
         print(
             f"| {k} | {m['auroc']:.3f} | {m['fpr95']:.3f} | {tail} | {'yes' if beats else 'no'} |"
         )
+    print(
+        f"\n## The whole decision with each distance (Top-1 below {CONFIDENCE} OR the distance, "
+        f"calibrated together at {TARGET:.0%} on the out-of-fold scores; mix 0, no quality rule)"
+    )
+    print("| distance | " + " | ".join(f"{n}: recall / false" for n in results) + " | **mean** |")
+    print("|---|" + "---|" * (len(results) + 1))
+    for k in DECISION_SCORES:
+        rows = [results[n][0][f"decision: {k}"] for n in results]
+        cells = " | ".join(f"{r['recall']:.3f} / {r['false']:.3f}" for r in rows)
+        mean = [float(np.mean([r[a] for r in rows])) for a in ("recall", "false")]
+        print(f"| {k} | {cells} | **{mean[0]:.3f} / {mean[1]:.3f}** |")
     print("\n## One new type plus strays (gauges: 'counter' unseen, 30 of them + 4 strays)")
     print(strays_case(ws))
     print(f"\n# whole run {time.perf_counter() - t0:.0f} s, peak RSS {peak_mb():.0f} MB")

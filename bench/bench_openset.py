@@ -350,7 +350,7 @@ def run_set(name: str, ws: Workspace) -> tuple[dict, list[dict]]:
     items = image_set(name, DATA)
     arrays = features(name, items, ws)
     feats, emb = arrays["features"], arrays["embedding"]
-    from bench_layers import pooled_features, unit
+    from bench_layers import pooled_features, unit  # here: bench_layers imports this module
 
     alt = unit(pooled_features(name, items)[ALTERNATIVE]).astype(np.float32)
     labels = np.array([c for _, c in items])

@@ -34,7 +34,7 @@ from sklearn.metrics import adjusted_rand_score, roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _memory import peak_mb  # noqa: E402
 from _openset_sets import SETS, image_set  # noqa: E402
-from bench_openset import DATA, KNOWN_SHARE, TARGET, Mahalanobis, splits  # noqa: E402
+from bench_openset import DATA, TARGET, Mahalanobis, knn, split_rows, splits  # noqa: E402
 
 from imagesieve.data import load_image  # noqa: E402
 from imagesieve.models import DEFAULT_BACKBONE, create_backbone, get_backbone_spec  # noqa: E402
@@ -89,7 +89,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def knn1(ref: np.ndarray, _y: np.ndarray, q: np.ndarray) -> np.ndarray:
-    return 1 - (q @ ref.T).max(1)
+    return knn(ref, q, 1)  # the product's distance: its ReferenceSet (float32, FAISS)
 
 
 def mahalanobis(ref: np.ndarray, y: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -97,16 +97,6 @@ def mahalanobis(ref: np.ndarray, y: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 SCORES = {"knn1": knn1, "mahalanobis": mahalanobis}
-
-
-def split_rows(labels: np.ndarray, classes: list[str], s: int, left: list[str]):
-    """``bench_openset``'s cut of one split: reference (75% of known), held-out known, unseen."""
-    known = [c for c in classes if c not in left]
-    rows = np.random.default_rng(s).permutation(np.flatnonzero(~np.isin(labels, left)))
-    by_class = [rows[labels[rows] == c] for c in known]
-    fit = np.concatenate([r[: int(len(r) * KNOWN_SHARE)] for r in by_class])
-    known_test = np.concatenate([r[int(len(r) * KNOWN_SHARE) :] for r in by_class])
-    return fit, known_test, np.flatnonzero(np.isin(labels, left))
 
 
 def detection(x: np.ndarray, labels: np.ndarray, fit, known_test, unseen, score) -> dict:

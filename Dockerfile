@@ -13,7 +13,7 @@ FROM ${BASE} AS build
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install --yes --no-install-recommends binutils \
     && rm -rf /var/lib/apt/lists/*
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md constraints.txt /src/
 COPY imagesieve /src/imagesieve
 # Kept to what serving runs (~850 MB, from 1.3 GB as pip leaves it): no pip cache, no pip or
 # setuptools, no test suites of the packages, the packages' own shared libraries stripped of
@@ -21,7 +21,7 @@ COPY imagesieve /src/imagesieve
 # which patchelf rewrote and strip would break), and bytecode written only for the modules one
 # import of the serving path loads.
 RUN python3 -m venv /opt/imagesieve \
-    && /opt/imagesieve/bin/pip install --no-cache-dir --no-compile /src \
+    && /opt/imagesieve/bin/pip install --no-cache-dir --no-compile -c /src/constraints.txt /src \
     && /opt/imagesieve/bin/pip uninstall --yes setuptools pip \
     && find /opt/imagesieve -depth -type d -name tests -exec rm -rf {} + \
     && find /opt/imagesieve -type f \( -name "*.so" -o -name "*.so.*" \) -not -path "*.libs/*" \

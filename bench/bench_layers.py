@@ -277,7 +277,8 @@ def main() -> None:
         "--backbones",
         nargs="+",
         default=[DEFAULT_BACKBONE],
-        help="efficientnet_lite0 (the product's, default), efficientnet_lite1, efficientnet_lite2",
+        choices=[DEFAULT_BACKBONE, "efficientnet_lite1", "efficientnet_lite2"],
+        help="the product's (default) and the larger EfficientNet-Lites to compare",
     )
     ap.add_argument("--layers", nargs="+", help="only these layers (default: every tap)")
     ap.add_argument(

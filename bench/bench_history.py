@@ -86,13 +86,16 @@ def build(rows: int) -> Path:
     with Store(ws, check=False) as store:
         con = store._db
         base = con.execute(
-            "SELECT p.*, e.embedding, h.avg_norm, h.max_pooled FROM predictions p "
+            "SELECT p.*, e.embedding, h.avg_norm, h.max_pooled, h.ood_features FROM predictions p "
             "JOIN embeddings_1280 e USING (id) JOIN head_inputs h USING (id) ORDER BY id"
         ).to_arrow_table()
         emb = np.asarray(base.column("embedding").combine_chunks().flatten()).reshape(-1, 1280)
         top = np.stack(
             [np.frombuffer(b, np.float16) for b in base.column("max_pooled").to_pylist()]
         ).astype(np.float32)
+        ood = np.stack(
+            [np.frombuffer(b, np.float32) for b in base.column("ood_features").to_pylist()]
+        )
         next_id = int(con.execute("SELECT max(id) FROM predictions").fetchall()[0][0]) + 1
         chunk = 10_000
         for a in range(len(elpv), rows, chunk):
@@ -101,6 +104,8 @@ def build(rows: int) -> Path:
             e = emb[pick] + rng.normal(0, 0.01 / np.sqrt(1280), (n, 1280)).astype(np.float32)
             e /= np.linalg.norm(e, axis=1, keepdims=True)
             m = top[pick] * (1 + rng.normal(0, 0.01, (n, top.shape[1]))).astype(np.float32)
+            f = ood[pick] + rng.normal(0, 0.01 / np.sqrt(ood.shape[1]), (n, ood.shape[1]))
+            f = (f / np.linalg.norm(f, axis=1, keepdims=True)).astype(np.float32)
             ids = np.arange(next_id, next_id + n, dtype=np.int64)
             next_id += n
             t = base.take(pa.array(pick))
@@ -125,16 +130,26 @@ def build(rows: int) -> Path:
                 "max_pooled",
                 pa.array([r.astype(np.float16).tobytes() for r in m], pa.binary()),
             )
+            t = t.set_column(
+                t.schema.get_field_index("ood_features"),
+                "ood_features",
+                pa.array([r.tobytes() for r in f], pa.binary()),
+            )
             con.register("_syn", t)
             con.execute("BEGIN")
             cols = [
-                c for c in base.column_names if c not in ("embedding", "avg_norm", "max_pooled")
+                c
+                for c in base.column_names
+                if c not in ("embedding", "avg_norm", "max_pooled", "ood_features")
             ]
             con.execute(
                 f"INSERT INTO predictions ({', '.join(cols)}) SELECT {', '.join(cols)} FROM _syn"
             )
             con.execute("INSERT INTO embeddings_1280 SELECT id, embedding FROM _syn")
-            con.execute("INSERT INTO head_inputs SELECT id, avg_norm, max_pooled FROM _syn")
+            con.execute(
+                "INSERT INTO head_inputs (id, avg_norm, max_pooled, ood_features) "
+                "SELECT id, avg_norm, max_pooled, ood_features FROM _syn"
+            )
             con.execute("COMMIT")
             con.unregister("_syn")
         t0 = time.perf_counter()

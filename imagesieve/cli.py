@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         cal, real = th["calibration"], th["calibration"]["realised"]
         mix = f" + {th['mix']:.3g} x (1 - Top-1)" if th["mix"] else ""
         print(
-            f"  UNKNOWN when Top-1 < {th['confidence']:.3g} or nearest training distance{mix} > "
+            f"  UNKNOWN when Top-1 < {th['confidence']:.3g} or {v.distance_words}{mix} > "
             f"{th['distance']:.4f}: {real['unknown']:.1%} of {cal['n']} held-out known images "
             f"(target {cal['false_unknown_rate']:.0%}; poor photo {real.get('poor_quality', 0):.1%}, "
             f"low confidence {real['low_confidence']:.1%}, "
@@ -1196,7 +1196,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--distance-threshold",
         type=float,
-        help="override the version's nearest-training-image distance threshold (0-2)",
+        help="override the version's threshold on the distance to its training data (0-2)",
     )
     s.add_argument(
         "--csv", metavar="OUT", help="write source, label, reason, Top-3 and distance to OUT"

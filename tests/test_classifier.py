@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from imagesieve.classifier import UNKNOWN, Predictor, ScoringEngine, softmax, top_k
+from imagesieve.classifier._far import FAR_MAHALANOBIS, Mahalanobis
 from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.classifier._split import adaptive_split
 from imagesieve.classifier._train import TrainOptions, train_model
@@ -128,6 +129,11 @@ def test_train_model__version_files_split_and_skipped(trained):
     assert len(reference) == n_train and reference.embeddings.shape == (n_train, 1280)
     assert np.allclose(np.linalg.norm(reference.embeddings, axis=1), 1.0, atol=1e-4)
     assert "lonely" in reference.labels
+    # the distance to the training data: Mahalanobis on the 192-channel stage, one mean a class
+    assert thresholds["far"] == FAR_MAHALANOBIS
+    assert v.distance_words == "Mahalanobis distance to the nearest class"
+    far = Mahalanobis.load(v.path)
+    assert far.means.shape == (3, 192) and far.precision.shape == (192, 192)
     assert len(meta["data"]["fingerprint"]) == 64
     reasons = {Path(s["path"]).name: s["reason"] for s in result.skipped}
     assert reasons["notes.txt"] == "not an image file extension (.txt)"
@@ -154,6 +160,15 @@ def test_predictor__onnx_top1_matches_torch_checkpoint(trained, small_folder):
     np.testing.assert_allclose(
         np.stack([p.probs for p in preds]), logits.softmax(1).numpy(), atol=1e-4
     )
+    # the far rule's distance: the version's Mahalanobis distance of the tapped block's output;
+    # the nearest training image's cosine distance is kept beside it
+    with torch.no_grad():
+        tap = model.outputs(torch.from_numpy(x))["ood_features"].numpy()
+    far = Mahalanobis.load(v.path)
+    np.testing.assert_allclose([p.neighbor_distance for p in preds], far(tap), atol=1e-4)
+    reference = ReferenceSet.load(v.path)
+    cosine = [1.0 - float(reference.embeddings[p.neighbor_id] @ p.embedding) for p in preds]
+    np.testing.assert_allclose([p.neighbor_cosine for p in preds], cosine, atol=1e-5)
 
 
 def test_predictor__threshold_marks_unknown_and_keeps_top3(trained, small_folder):
@@ -252,6 +267,11 @@ def test_train_model__finetune_phase_records_curves(tmp_path, small_folder):
     assert active_version(ws) is None
     assert (result.version.report_dir / "training_curves.png").stat().st_size > 1000
     assert get_version(ws, "v1").meta["training"]["phase1"]["selected_on"] == "val split"
+    # the distance is fitted on the fine-tuned model's features of the training images
+    reference = ReferenceSet.load(result.version.path)
+    ood = np.stack([p.ood_features for p in Predictor(result.version).score(reference.sources)])
+    far = Mahalanobis.load(result.version.path)
+    np.testing.assert_allclose(far.means, Mahalanobis.fit(ood, reference.labels).means, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -95,6 +95,39 @@ def test_export_onnx__matches_torch_for_every_backbone(name, tmp_path):
     np.testing.assert_allclose(logits_o, logits_t, atol=1e-3, rtol=1e-3)
 
 
+def test_export_onnx__ood_features_are_the_tapped_blocks_pooled_output(tmp_path):
+    from imagesieve.models import OOD_FEATURES
+    from imagesieve.models.export import model_outputs
+
+    backbone = create_backbone("efficientnet_lite0")
+    assert backbone.ood_tap == "net._blocks.14"
+    model = make_model(backbone, torch.nn.Linear(2 * 1280, 3), pooling="avgmax").eval()
+    names = model_outputs(model)
+    assert names == ("embedding", "logits", "avg_norm", "max_pooled", OOD_FEATURES)
+    export_onnx(model, tmp_path / "m.onnx", names)
+    x = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    grabbed = []
+    hook = backbone.body.net._blocks[14].register_forward_hook(lambda m, i, o: grabbed.append(o))
+    with torch.no_grad():
+        emb_t, logits_t = (t.numpy() for t in model(torch.from_numpy(x)))
+    hook.remove()
+    tap = grabbed[0].mean(dim=(2, 3))
+    want = (tap / tap.norm(dim=1, keepdim=True)).numpy()
+    assert want.shape == (2, 192)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == list(names)
+    emb_o, logits_o, _, _, ood_o = sess.run(None, {"image": x})
+    np.testing.assert_allclose(ood_o, want, atol=1e-4)
+    np.testing.assert_allclose(emb_o, emb_t, atol=1e-4)
+    np.testing.assert_allclose(logits_o, logits_t, atol=1e-3, rtol=1e-3)
+    # exporting leaves the model as it was (in eval mode): it gives the same outputs after
+    assert not model.training
+    # a backbone without a tap has no such output
+    other = create_backbone("resnet18", weights=_weights_file("resnet18", tmp_path))
+    assert other.ood_tap is None
+    assert OOD_FEATURES not in model_outputs(make_model(other, torch.nn.Linear(512, 3)))
+
+
 def test_backbone_config__preprocess_keeps_square_images_whole():
     cfg = get_backbone_spec("efficientnet_lite0").config
     im = Image.new("RGB", (300, 300), (10, 20, 30))

@@ -15,6 +15,7 @@ from imagesieve.classifier import (
     TrainOptions,
     UnknownRule,
 )
+from imagesieve.classifier._far import Mahalanobis
 from imagesieve.classifier._openset import (
     FOLDS,
     MIN_GAIN,
@@ -332,6 +333,92 @@ def test_report_card__a_class_far_from_the_others_is_found(digits):
     _, _, (rule, _, card) = _card(pixels, moved, y, train, val)
     assert card["per_class"][f"digit{DIGITS[far]}"] >= 0.95
     assert card["worst"]["class"] != f"digit{DIGITS[far]}"
+
+
+# --- the Mahalanobis distance (versions with tapped features) --------------------------------
+
+
+def _squared_by_definition(x, y, q) -> np.ndarray:
+    """Smallest squared Mahalanobis distance, written out: class means, shrunk shared covariance."""
+    from sklearn.covariance import ledoit_wolf
+
+    means = np.stack([x[y == c].mean(0) for c in np.unique(y)])
+    centred = x - means[np.searchsorted(np.unique(y), y)]
+    cov, _ = ledoit_wolf(centred, assume_centered=True)
+    inv = np.linalg.inv(cov)
+    return np.stack([np.einsum("nd,de,ne->n", q - m, inv, q - m) for m in means], 1).min(1)
+
+
+def test_mahalanobis__the_definition_mapped_onto_zero_to_two(digits, tmp_path):
+    _, emb, y, train, val = digits
+    x = emb.astype(np.float64)
+    far = Mahalanobis.fit(x[train], y[train])
+    np.testing.assert_allclose(
+        far.squared(x[val]), _squared_by_definition(x[train], y[train], x[val]), rtol=1e-6
+    )
+    # the scale: the training images' median, each measured by a fit without its fold
+    fold = np.random.default_rng(0).permutation(len(train)) % 5
+    held = np.concatenate(
+        [
+            _squared_by_definition(x[train][fold != f], y[train][fold != f], x[train][fold == f])
+            for f in range(5)
+        ]
+    )
+    assert far.scale == pytest.approx(np.median(held), rel=1e-6)
+    mapped = far(x[train])
+    assert mapped.dtype == np.float32 and np.all((mapped >= 0) & (mapped < 2))
+    # so held-out known images map around 1; the training images themselves nearer
+    assert 0.8 <= np.median(far(x[val])) <= 1.2
+    assert np.median(mapped) < np.median(far(x[val]))
+    # the map keeps the order; far away tends to 2
+    order = np.argsort(far.squared(x[val]))
+    assert np.all(np.diff(far(x[val])[order]) >= 0)
+    assert far(x[val][:1] * 1e3)[0] > 1.99
+    # a fixed scale is kept (folds are scored on the version's)
+    assert Mahalanobis.fit(x[val], y[val], scale=far.scale).scale == far.scale
+    far.save(tmp_path)
+    again = Mahalanobis.load(tmp_path)
+    np.testing.assert_array_equal(again(x[val]), far(x[val]))
+    assert Mahalanobis.load(tmp_path / "nothing") is None
+
+
+def test_held_out__mahalanobis_out_of_fold(digits):
+    pixels, emb, y, train, val = digits
+    refit = _refit(pixels, y)
+    val_top1 = refit(train)[val]
+    version = Mahalanobis.fit(emb[train], y[train])
+    held = held_out(emb, y, train, val, val_top1, refit, far=(emb, version))
+
+    # validation images: the version's own fit
+    np.testing.assert_allclose(held.distance[len(train) :], version(emb[val]), rtol=1e-6)
+    # training images: the fit without their fold (the head's folds), on the version's scale
+    order = np.random.default_rng(0).permutation(train)
+    fold = np.arange(len(order)) % FOLDS
+    hold = order[fold == 1]
+    without = Mahalanobis.fit(emb[order[fold != 1]], y[order[fold != 1]], scale=version.scale)
+    at = np.searchsorted(train, hold)
+    np.testing.assert_allclose(held.distance[at], without(emb[hold]), rtol=1e-6)
+    # held out, a training image is further than in its own fit
+    assert np.median(held.distance[: len(train)]) > np.median(version(emb[train]))
+
+
+def test_report_card__mahalanobis_refitted_without_the_class(digits):
+    pixels, emb, y, train, val = digits
+    refit = _refit(pixels, y)
+    version = Mahalanobis.fit(emb[train], y[train])
+    held = held_out(emb, y, train, val, refit(train)[val], refit, far=(emb, version))
+    classes = [f"digit{d}" for d in DIGITS]
+    rule, _, card = report_card(
+        emb, y, classes, train, val, held, refit, 0.5, RATE, far=(emb, version)
+    )
+    n = len(held.label)
+    assert abs(_shares(rule, held.top1_prob, held.distance)[0] - RATE * n) <= 1
+    c = 1
+    rest = train[y[train] != c]
+    unseen = np.concatenate([train[y[train] == c], val[y[val] == c]])
+    dist = Mahalanobis.fit(emb[rest], y[rest], scale=version.scale)(emb[unseen])
+    recall = _shares(rule, refit(rest)[unseen], dist)[1]
+    assert recall == pytest.approx(card["per_class"][classes[c]], abs=1 / len(unseen) + 1e-4)
 
 
 def _trained_meta(**thresholds) -> ModelVersion:

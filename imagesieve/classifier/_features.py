@@ -21,7 +21,10 @@ HEAD_POOLING = "avgmax"
 
 
 def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> Path:
-    """ONNX of the pretrained backbone alone: ``embedding`` and ``features`` (avg + max pooled).
+    """ONNX of the pretrained backbone alone: embedding, avg + max pooled features, ood features.
+
+    ``embedding``, ``features`` and, for a backbone with an ``ood_tap``, ``ood_features``
+    (what the far-from-training distance reads).
 
     Exported once per backbone and weights file into the workspace cache, then reused.
     """
@@ -34,20 +37,20 @@ def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> P
                 f"{os.path.abspath(weights)}:{st.st_size}:{st.st_mtime_ns}".encode()
             ).hexdigest()[:12]
         )
-    path = ws.cache_dir / f"backbone-{key}-{HEAD_POOLING}.onnx"
+    path = ws.cache_dir / f"backbone-{key}-{HEAD_POOLING}-ood.onnx"
     if path.is_file():
         return path
     from torch import nn
 
-    from imagesieve.models import create_backbone
+    from imagesieve.models import OOD_FEATURES, create_backbone
     from imagesieve.models.export import export_onnx, make_model
 
     ws.cache_dir.mkdir(parents=True, exist_ok=True)
-    model = make_model(
-        create_backbone(backbone, weights=weights), nn.Identity(), pooling=HEAD_POOLING
-    )
+    net = create_backbone(backbone, weights=weights)
+    model = make_model(net, nn.Identity(), pooling=HEAD_POOLING)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    export_onnx(model, tmp, output_names=("embedding", "features"))
+    names = ("embedding", "features") + (() if net.ood_tap is None else (OOD_FEATURES,))
+    export_onnx(model, tmp, output_names=names)
     os.replace(tmp, path)
     return path
 
@@ -66,6 +69,7 @@ def extract_features(
     """Run an ONNX model over ``paths`` and keep the named outputs, one (n, dim) array each.
 
     Returns the arrays and, per path, the load error or None; rows of failed images are zero.
+    An output the model does not have is left out of the arrays.
     Phase 1 reads the backbone's ``features`` (the head's input) and ``embedding``. A
     ``qualities`` list gets each image's ``QualityMetrics`` and a ``signatures`` list its pixel
     signature (None when it failed).
@@ -74,7 +78,7 @@ def extract_features(
         onnx_path, config, batch_size=batch_size, signature=signatures is not None
     )
     dims = {o.name: o.shape[1] for o in engine.session.get_outputs() if o.name in outputs}
-    arrays = {k: np.zeros((len(paths), dims[k]), np.float32) for k in outputs}
+    arrays = {k: np.zeros((len(paths), dims[k]), np.float32) for k in outputs if k in dims}
     errors: list[ImageLoadError | None] = []
     i = 0
     for batch in engine.run(paths):

@@ -1,12 +1,15 @@
 """Open-set calibration: thresholds set for the whole UNKNOWN decision, and the report card.
 
 The decision (``UnknownRule``) is "Top-1 probability below ``confidence``, OR far-from-training
-score above ``distance``", the score being the cosine distance to the nearest training image
-plus ``mix`` times (1 - Top-1 probability). Both thresholds are set on held-out images of the
-known classes so that the whole decision, not each rule alone, calls the target share of them
-UNKNOWN. Held out: each training image predicted by a head refitted without its fold (on the
-cached features: no decoding) and its distance to its nearest *other* training image, plus
-the validation images as the model sees them.
+score above ``distance``", the score being the distance to the training data (the cosine
+distance to the nearest training image, or for a version with tapped features its
+``Mahalanobis`` distance, ``_far``) plus ``mix`` times (1 - Top-1 probability). Both
+thresholds are set on held-out images of the known classes so that the whole decision, not
+each rule alone, calls the target share of them UNKNOWN. Held out: each training image
+predicted by a head refitted without its fold (on the cached features: no decoding) and its
+distance to the training data without it (its nearest *other* training image, or the
+Mahalanobis distance refitted without its fold), plus the validation images as the model sees
+them.
 
 The report card simulates a never-seen type on the operator's own data: each class in turn is
 left out (head refitted without it, its images out of the reference set), and the share of its
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imagesieve.classifier._far import Mahalanobis
 from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.classifier._unknown import UnknownRule, reason_shares
 
@@ -64,24 +68,36 @@ def held_out(
     refit: Refit,
     seed: int = 0,
     poor: np.ndarray | None = None,
+    far: tuple[np.ndarray, Mahalanobis] | None = None,
 ) -> HeldOut:
-    """Out-of-fold Top-1 probabilities and leave-one-out distances of ``train``, plus ``val``.
+    """Out-of-fold Top-1 probabilities and distances of ``train``, plus ``val``.
 
     ``embeddings``, ``y`` and ``poor`` (photos of poor quality, bool) cover all rows;
-    ``val_top1`` is the trained model's Top-1 probability of each ``val`` row.
+    ``val_top1`` is the trained model's Top-1 probability of each ``val`` row. ``far``: the
+    tapped features of all rows and the version's Mahalanobis fit on ``train``'s (None: the
+    cosine distance, leave-one-out).
     """
     top1 = np.empty(len(y))
     order = np.random.default_rng(seed).permutation(train)
     fold = np.arange(len(order)) % FOLDS
+    distance = np.full(len(y), np.nan)
     for f in range(min(FOLDS, len(order))):
-        top1[order[fold == f]] = refit(order[fold != f], False)[order[fold == f]]
-    reference = ReferenceSet(embeddings[train], [""] * len(train), [""] * len(train))
-    distance = reference.leave_one_out()
-    if len(distance) != len(train):  # one training image: nothing to measure it against
-        distance = np.full(len(train), np.nan)
+        fit, hold = order[fold != f], order[fold == f]
+        top1[hold] = refit(fit, False)[hold]
+        if far is not None and len(fit):
+            distance[hold] = _refitted(far, y, fit)(far[0][hold])
+    if far is None:
+        reference = ReferenceSet(embeddings[train], [""] * len(train), [""] * len(train))
+        loo = reference.leave_one_out()
+        if len(loo) == len(train):  # one training image: nothing to measure it against
+            distance[train] = loo
     on = f"{len(train)} training images out of fold"
+    distance = distance[train]
     if len(val):
-        distance = np.concatenate([distance, reference.nearest(embeddings[val])[1][:, 0]])
+        seen = (
+            far[1](far[0][val]) if far is not None else reference.nearest(embeddings[val])[1][:, 0]
+        )
+        distance = np.concatenate([distance, seen])
         on += f" + {len(val)} validation images"
     return HeldOut(
         np.concatenate([top1[train], val_top1]).astype(np.float64),
@@ -152,12 +168,14 @@ def report_card(
     confidence: float,
     false_unknown_rate: float,
     poor: np.ndarray | None = None,
+    far: tuple[np.ndarray, Mahalanobis] | None = None,
 ) -> tuple[UnknownRule, dict, dict]:
     """Leave each class out in turn; choose the mix; the calibrated rule, its record, the card.
 
     A class's recall is the share of its training and validation images that the decision,
     calibrated on all held-out images, calls UNKNOWN once the model has never seen the class.
     ``poor`` (all rows, bool): photos of poor quality, UNKNOWN whatever the model says.
+    ``far``: as for ``held_out`` (the Mahalanobis distance is refitted without the class).
     """
     spread_d = _spread(held.distance[~np.isnan(held.distance)])
     spread_u = _spread(1.0 - held.top1_prob)
@@ -171,8 +189,11 @@ def report_card(
             continue
         unseen = np.concatenate([train[y[train] == c], val[y[val] == c]])
         top1 = refit(rest, True)[unseen]
-        ref = ReferenceSet(embeddings[rest], [""] * len(rest), [""] * len(rest))
-        dist = ref.nearest(embeddings[unseen])[1][:, 0]
+        if far is None:
+            ref = ReferenceSet(embeddings[rest], [""] * len(rest), [""] * len(rest))
+            dist = ref.nearest(embeddings[unseen])[1][:, 0]
+        else:
+            dist = _refitted(far, y, rest)(far[0][unseen])
         bad = None if poor is None else poor[unseen]
         recall[name] = [_flagged(rule, top1, dist, bad) for rule, _ in rules]
     means = np.mean(list(recall.values()), axis=0) if recall else np.zeros(len(mixes))
@@ -190,6 +211,11 @@ def report_card(
         "mix_tried": {f"{m:.4g}": round(float(r), 4) for m, r in zip(mixes, means, strict=True)},
     }
     return rule, info, card
+
+
+def _refitted(far: tuple[np.ndarray, Mahalanobis], y: np.ndarray, rows: np.ndarray) -> Mahalanobis:
+    """The Mahalanobis distance fitted on ``rows`` alone, on the version's scale."""
+    return Mahalanobis.fit(far[0][rows], y[rows], scale=far[1].scale)
 
 
 def _flagged(

@@ -17,6 +17,7 @@ from imagesieve.classifier._engine import (
     ScoringEngine,
     SkipContent,
 )
+from imagesieve.classifier._far import Mahalanobis
 from imagesieve.classifier._quality import QualityMetrics, QualityRule, quality_columns
 from imagesieve.classifier._unknown import (
     FAR_FROM_TRAINING,
@@ -25,7 +26,7 @@ from imagesieve.classifier._unknown import (
     UNKNOWN,
     UnknownRule,
 )
-from imagesieve.models import ModelVersion
+from imagesieve.models import OOD_FEATURES, ModelVersion
 
 __all__ = [
     "FAR_FROM_TRAINING",
@@ -84,7 +85,11 @@ class Prediction:
     error: str | None = None
     probs: np.ndarray | None = field(default=None, repr=False)
     neighbor_id: int | None = None
+    #: The distance to the training data that the far-from-training rule reads: the cosine
+    #: distance to ``neighbor_id``, or the version's Mahalanobis distance (``classifier._far``).
     neighbor_distance: float | None = None
+    #: The cosine distance to ``neighbor_id`` (what the near-duplicate rule compares).
+    neighbor_cosine: float | None = None
     skipped: bool = False
     cluster_id: int | None = None
     id: int | None = None  # the store's row id, once stored
@@ -92,6 +97,9 @@ class Prediction:
     #: and the max-pooled features (float16), kept so a head-only retrain needs no decoding.
     avg_norm: float | None = None
     max_pooled: np.ndarray | None = field(default=None, repr=False)
+    #: The features the version's Mahalanobis distance reads, kept for the same reason (float32:
+    #: a re-decided row gets the distance scoring gave it, 768 bytes).
+    ood_features: np.ndarray | None = field(default=None, repr=False)
     #: Photo quality: the measures, and what the version's calibrated rule flags (any flag
     #: makes the prediction UNKNOWN with reason ``poor_quality``).
     quality: QualityMetrics | None = None
@@ -143,6 +151,9 @@ class Prediction:
             "neighbor_distance": (
                 None if self.neighbor_distance is None else round(self.neighbor_distance, 6)
             ),
+            "neighbor_cosine": (
+                None if self.neighbor_cosine is None else round(self.neighbor_cosine, 6)
+            ),
             "error_kind": self.error_kind,
             "error": self.error,
             "quality": (
@@ -183,6 +194,8 @@ class Predictor:
             raise UserError(str(e)) from None
         self.threshold, self.distance_threshold, self.mix = rule.confidence, rule.distance, rule.mix
         self.reference = ReferenceSet.load(version.path)
+        #: The version's Mahalanobis distance (None: the cosine distance to the nearest image).
+        self.far = Mahalanobis.load(version.path)
         #: The version's photo quality thresholds (None: trained before they were calibrated).
         self.quality_rule = QualityRule.of_version(version.meta)
         self._head: tuple[np.ndarray, np.ndarray] | None = None  # head.npz, read on first use
@@ -242,9 +255,13 @@ class Predictor:
             if ok
             else np.zeros((0, len(self.classes)))
         )
-        ids, dist = self.nearest(
+        ids, cosine = self.nearest(
             np.stack([r.outputs["embedding"] for r in ok]) if ok else np.zeros((0, 1), np.float32)
         )
+        ood = (
+            np.stack([r.outputs[OOD_FEATURES] for r in ok]) if ok and self.far is not None else None
+        )
+        dist = self.far_distance(cosine, ood)
         flags = self.quality_flags([r.quality for r in ok])
         poor = np.array([f is not None for f in flags], bool)
         decisions = iter(enumerate(zip(self.decide(probs, dist, poor), probs, strict=True)))
@@ -274,10 +291,16 @@ class Predictor:
                     probs=p,
                     neighbor_id=None if ids is None else int(ids[j]),
                     neighbor_distance=None if dist is None else float(dist[j]),
+                    neighbor_cosine=None if cosine is None else float(cosine[j]),
                     avg_norm=float(r.outputs["avg_norm"]) if "avg_norm" in r.outputs else None,
                     max_pooled=(
                         r.outputs["max_pooled"].astype(np.float16)
                         if "max_pooled" in r.outputs
+                        else None
+                    ),
+                    ood_features=(
+                        r.outputs[OOD_FEATURES].astype(np.float32)
+                        if OOD_FEATURES in r.outputs
                         else None
                     ),
                     quality=r.quality,
@@ -295,6 +318,18 @@ class Predictor:
         if self.quality_rule is None:
             return [None] * len(measured)
         return self.quality_rule.flag_columns(quality_columns(measured))
+
+    def far_distance(self, cosine: np.ndarray | None, ood: np.ndarray | None) -> np.ndarray | None:
+        """The distance to the training data the far rule reads, per row.
+
+        The version's Mahalanobis distance of the tapped features ``ood`` where it has one,
+        else the cosine distance to the nearest training image (None without a reference set).
+        """
+        if self.far is None or cosine is None:
+            return cosine
+        if ood is None:
+            raise ValueError(f"version {self.version.name} needs {OOD_FEATURES} for its distance")
+        return self.far(ood)
 
     def nearest(self, embeddings: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(n, d) embeddings -> the nearest training image's id and distance each.

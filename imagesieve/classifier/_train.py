@@ -15,6 +15,7 @@ import numpy as np
 from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier._engine import Progress
+from imagesieve.classifier._far import FAR_COSINE, FAR_MAHALANOBIS, Mahalanobis
 from imagesieve.classifier._features import HEAD_POOLING, backbone_onnx, extract_features
 from imagesieve.classifier._leakage import find_training_duplicates
 from imagesieve.classifier._openset import HeldOut, Refit, held_out, report_card
@@ -23,7 +24,13 @@ from imagesieve.classifier._quality import QualityRule, calibrate_quality, quali
 from imagesieve.classifier._reference import DEFAULT_FALSE_UNKNOWN_RATE, ReferenceSet
 from imagesieve.classifier._split import SplitPlan, adaptive_split
 from imagesieve.data import ImageFolder, load_image, scan_image_folder
-from imagesieve.models import DEFAULT_BACKBONE, ModelVersion, activate_version, get_backbone_spec
+from imagesieve.models import (
+    DEFAULT_BACKBONE,
+    OOD_FEATURES,
+    ModelVersion,
+    activate_version,
+    get_backbone_spec,
+)
 
 __all__ = ["TrainOptions", "TrainResult", "train_model"]
 
@@ -492,12 +499,14 @@ def train_model(
         onnx,
         config,
         paths,
+        ("features", "embedding", OOD_FEATURES),
         batch_size=opts.batch_size,
         progress=progress,
         qualities=qualities,
         signatures=signatures,
     )
     feats, embeddings = arrays["features"], arrays["embedding"]
+    ood = arrays.get(OOD_FEATURES)  # None: the backbone has no ood_tap
     keep = np.array([e is None for e in errors], bool)
     skipped += [
         {"path": str(p), "reason": e.reason}
@@ -506,6 +515,7 @@ def train_model(
     ]
     samples = [s for s, k in zip(folder.samples, keep, strict=True) if k]
     feats, embeddings = feats[keep], embeddings[keep]
+    ood = None if ood is None else ood[keep]
     classes = sorted({s.label for s in samples})
     if len(classes) < 2:
         raise UserError(
@@ -585,11 +595,14 @@ def train_model(
                 build / "model.onnx",
                 config,
                 [samples[i].path for i in need],
-                ("embedding", "logits"),
+                ("embedding", "logits", OOD_FEATURES),
                 batch_size=opts.batch_size,
                 progress=progress,
             )
             embeddings[need] = arrays["embedding"]
+            if ood is not None:
+                ood = np.zeros_like(ood)
+                ood[need] = arrays[OOD_FEATURES]
             val_logits = arrays["logits"][len(plan.train) :]
         else:
             with torch.no_grad():
@@ -601,6 +614,11 @@ def train_model(
             kept_signatures[plan.train],
         )
         reference.save(build)
+        # The far-from-training distance on the tapped features, where the backbone has them.
+        far = None
+        if ood is not None:
+            far = (ood, Mahalanobis.fit(ood[plan.train], y[plan.train]))
+            far[1].save(build)
         # The whole UNKNOWN decision calibrated on held-out known images, and the report card.
         progress("calibrating UNKNOWN", 0, 1)
         refit = _refit_top1(feats, y, plan.train, head1, opts, phase1["weight_decay"])
@@ -611,7 +629,7 @@ def train_model(
         quality = calibrate_quality([q for q in measured if q is not None])
         effective = quality.with_overrides(opts.quality)
         poor = np.array([f is not None for f in effective.flag_columns(quality_columns(measured))])
-        held = held_out(embeddings, y, plan.train, plan.val, val_top1, refit, opts.seed, poor)
+        held = held_out(embeddings, y, plan.train, plan.val, val_top1, refit, opts.seed, poor, far)
         rule, calibration, card = report_card(
             embeddings,
             y,
@@ -623,6 +641,7 @@ def train_model(
             opts.confidence_threshold,
             opts.false_unknown_rate,
             poor,
+            far,
         )
         progress("calibrating UNKNOWN", 1, 1)
         meta: dict[str, Any] = {
@@ -636,6 +655,7 @@ def train_model(
                 "distance": rule.distance,
                 "mix": rule.mix,
                 "calibration": calibration,
+                "far": FAR_COSINE if far is None else FAR_MAHALANOBIS,
             },
             "open_set": card,
             "label_check": label_check,

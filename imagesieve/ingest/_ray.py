@@ -28,6 +28,7 @@ from imagesieve.classifier import UNKNOWN, Prediction
 from imagesieve.data import ImageLoadError, read_zip_member
 from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import InputItem, ZipMember
+from imagesieve.models import FAR_FILE
 
 __all__ = ["RayOptions", "ray_batches", "ray_plan", "ray_session"]
 
@@ -39,7 +40,14 @@ WINDOW = 20_000
 #: Predictions a shard's block sends back for the run's report.
 SHOW = 50
 #: Version files an actor needs to score (not the torch checkpoint nor the report).
-VERSION_FILES = ("meta.json", "model.onnx", "reference.csv", "reference.npy", "head.npz")
+VERSION_FILES = (
+    "meta.json",
+    "model.onnx",
+    "reference.csv",
+    "reference.npy",
+    "head.npz",
+    FAR_FILE,
+)
 
 
 @dataclass(frozen=True)
@@ -214,7 +222,9 @@ class _ScoreActor:
             if p.ok and self._wants(p.label) and i.source is not None
         ]
         shown = [
-            replace(p, embedding=None, probs=None, max_pooled=None, signature=None)
+            replace(
+                p, embedding=None, probs=None, max_pooled=None, ood_features=None, signature=None
+            )
             for p in preds[:SHOW]
         ]
         return {"path": path, "rows": len(fetched), "kept": kept, "shown": shown}

@@ -294,8 +294,9 @@ def _redecide_stored(
 
     When both versions embed with the same untouched backbone (a head-only retrain), an image's
     embedding and head input are what decoding it again would give: only the head, the
-    nearest training image and the decision are computed, REDECIDE_CHUNK rows per transaction
-    (seconds for 100,000 rows). Rows without stored head inputs are left to decoding.
+    nearest training image, the distance to the training data and the decision are computed,
+    REDECIDE_CHUNK rows per transaction (seconds for 100,000 rows). Rows without stored head
+    inputs (or without the features the new version's distance reads) are left to decoding.
     """
     import numpy as np
     import pyarrow as pa
@@ -309,15 +310,16 @@ def _redecide_stored(
     summary = run.summary
     for rows in store.head_input_chunks(old, version.name, REDECIDE_CHUNK):
         probs = predictor.head_probs(rows.embedding, rows.avg_norm, rows.max_pooled)
-        if probs is None:
+        if probs is None or (predictor.far is not None and rows.ood is None):
             return
-        stored = rows.table.select(["neighbor_id", "neighbor_distance"]).to_pandas()
-        neighbor, distance = predictor.nearest_since(
+        stored = rows.table.select(["neighbor_id", "neighbor_cosine"]).to_pandas()
+        neighbor, cosine = predictor.nearest_since(
             old_version,
             rows.embedding,
             stored["neighbor_id"].fillna(-1).to_numpy(np.int64),
-            stored["neighbor_distance"].to_numpy(np.float32),
+            stored["neighbor_cosine"].to_numpy(np.float32),
         )
+        distance = predictor.far_distance(cosine, rows.ood)
         measured = {m: _floats(rows.table.column(m)) for m in STORED_MEASURES}
         measured["min_side"], measured["aspect"] = image_shape(
             _floats(rows.table.column("width")), _floats(rows.table.column("height"))
@@ -344,6 +346,7 @@ def _redecide_stored(
         columns["reason"] = pa.array(reasons, pa.string())
         columns["neighbor_id"] = pa.array(neighbor, pa.int32())
         columns["neighbor_distance"] = pa.array(distance, pa.float32())
+        columns["neighbor_cosine"] = pa.array(cosine, pa.float32())
         columns["quality_flags"] = pa.array(flags, pa.string())
         table = pa.table(columns)
         before = Counter(summary.counts())
@@ -542,7 +545,7 @@ class _Run:
                 items=self.items,
             )
             for p in self.new + self.rescored:  # stored now: keep only what reports need
-                p.embedding = p.probs = p.max_pooled = None
+                p.embedding = p.probs = p.max_pooled = p.ood_features = None
         self.new, self.rescored, self.failures, self.items = [], [], [], []
         self.last_commit = time.monotonic()
 
@@ -551,7 +554,15 @@ def _copy_for(name: str, pred: Prediction) -> Prediction:
     """The prediction of identical content, reported under another source name."""
     from dataclasses import replace
 
-    return replace(pred, source=name, embedding=None, probs=None, max_pooled=None, skipped=True)
+    return replace(
+        pred,
+        source=name,
+        embedding=None,
+        probs=None,
+        max_pooled=None,
+        ood_features=None,
+        skipped=True,
+    )
 
 
 def _shard_folder(opts: ScoreOptions, batch_id: int) -> Path | None:

@@ -14,6 +14,7 @@ from imagesieve.models._registry import (
     register_backbone,
 )
 from imagesieve.models._version import (
+    FAR_FILE,
     ModelVersion,
     VersionMeta,
     activate_version,
@@ -28,9 +29,14 @@ from imagesieve.models._version import (
 )
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+#: The ONNX output of a version whose backbone has an ``ood_tap``: the tapped block's
+#: average-pooled features, unit length, which its far-from-training distance reads.
+OOD_FEATURES = "ood_features"
 
 __all__ = [
     "DEFAULT_BACKBONE",
+    "FAR_FILE",
+    "OOD_FEATURES",
     "BackboneConfig",
     "BackboneSpec",
     "MissingWeightsError",

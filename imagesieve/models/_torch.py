@@ -14,14 +14,25 @@ class Backbone(nn.Module):
 
     ``body`` maps images to the last feature map, ``imagenet_head`` is the original ImageNet
     classifier and ``tail`` names the last block(s), the part fine-tuning unfreezes.
+    ``ood_tap`` names the block of ``body`` whose average-pooled output the far-from-training
+    score reads (EfficientNet-Lite0: the 192-channel stage, ``bench/bench_layers.py``); None:
+    the score reads the embedding.
     """
 
-    def __init__(self, name: str, body: nn.Module, imagenet_head: nn.Linear, tail: list[str]):
+    def __init__(
+        self,
+        name: str,
+        body: nn.Module,
+        imagenet_head: nn.Linear,
+        tail: list[str],
+        ood_tap: str | None = None,
+    ):
         super().__init__()
         self.name = name
         self.body = body
         self.imagenet_head = imagenet_head
         self.tail = tail
+        self.ood_tap = ood_tap
 
     @property
     def embed_dim(self) -> int:
@@ -31,6 +42,20 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(n, 3, s, s) float32 -> (n, d) pooled features."""
         return torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
+
+    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n, 3, s, s) normalised images -> the last feature map and ``ood_tap``'s (or None)."""
+        if self.ood_tap is None:
+            return self.body(x), None
+        grabbed: list[torch.Tensor] = []
+        hook = self.body.get_submodule(self.ood_tap).register_forward_hook(
+            lambda _m, _i, out: grabbed.append(out)
+        )
+        try:
+            fmap = self.body(x)
+        finally:
+            hook.remove()
+        return fmap, grabbed[-1]
 
     def tail_modules(self) -> list[nn.Module]:
         """The modules fine-tuning trains (the last block and what follows it)."""
@@ -80,19 +105,27 @@ class SieveModel(nn.Module):
         """Size of the head's input vector."""
         return self.backbone.embed_dim * (2 if self.pooling == "avgmax" else 1)
 
-    def outputs(
-        self, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``forward``'s embedding and logits, then the pooled features the head read.
+    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output a version's graph can give, by its ONNX name.
 
-        The average-pooled features, and for ``avgmax`` the max-pooled ones (else None).
+        ``embedding`` and ``logits`` (``forward``'s); the rest of the head's input for
+        ``avgmax`` (``avg_norm``: the average-pooled features' length, ``max_pooled``); and with
+        an ``ood_tap``, ``ood_features``: that block's average-pooled output, unit length.
         """
-        fmap = self.backbone.body(self.normalize(x))
+        fmap, tap = self.backbone.maps(self.normalize(x))
         avg = fmap.mean(dim=(2, 3))
-        top = fmap.amax(dim=(2, 3)) if self.pooling == "avgmax" else None
-        feats = avg if top is None else torch.cat([avg, top], dim=1)
-        return F.normalize(avg, dim=1), self.head(feats), avg, top
+        out = {"embedding": F.normalize(avg, dim=1)}
+        if self.pooling == "avgmax":
+            top = fmap.amax(dim=(2, 3))
+            out |= {"avg_norm": avg.norm(dim=1), "max_pooled": top}
+            out["logits"] = self.head(torch.cat([avg, top], dim=1))
+        else:
+            out["logits"] = self.head(avg)
+        if tap is not None:
+            out["ood_features"] = F.normalize(tap.mean(dim=(2, 3)), dim=1)
+        return out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, s, s, 3) pixels -> ((n, d) unit-norm embedding, (n, c) logits)."""
-        return self.outputs(x)[:2]
+        out = self.outputs(x)
+        return out["embedding"], out["logits"]

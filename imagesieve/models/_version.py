@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 _ACTIVE_FILE = "ACTIVE"
+#: A version's fitted Mahalanobis distance (``classifier._far``): when present, its distance to
+#: the training data; otherwise the cosine distance to the nearest training image.
+FAR_FILE = "far.npz"
 _NAME_RE = re.compile(r"^v(\d+)$")
 
 
@@ -142,7 +145,7 @@ class ModelVersion:
 
     @property
     def distance_threshold(self) -> float | None:
-        """Nearest-training-image distance above which a prediction is UNKNOWN (None: no rule)."""
+        """Distance to the training data above which a prediction is UNKNOWN (None: no rule)."""
         value = self.meta.get("thresholds", {}).get("distance")
         return None if value is None else float(value)
 
@@ -150,6 +153,13 @@ class ModelVersion:
     def thresholds_tuned(self) -> bool:
         """Whether an operator set the thresholds (``set_thresholds``), not the calibration."""
         return bool(self.meta.get("thresholds", {}).get("tuned"))
+
+    @property
+    def distance_words(self) -> str:
+        """What this version's distance to its training data is, in a few words."""
+        if (self.path / FAR_FILE).is_file():
+            return "Mahalanobis distance to the nearest class"
+        return "nearest training image's cosine distance"
 
     @property
     def mix(self) -> float:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from imagesieve._workspace import Workspace
+from imagesieve.models import OOD_FEATURES
 from imagesieve.models._registry import create_backbone, get_backbone_spec
 from imagesieve.models._torch import Backbone, SieveModel
 from imagesieve.models._version import (
@@ -27,6 +28,7 @@ __all__ = [
     "imagenet_version",
     "load_checkpoint",
     "make_model",
+    "model_outputs",
     "save_model_files",
 ]
 
@@ -38,16 +40,34 @@ ONNX_OUTPUTS = ("embedding", "logits")
 HEAD_INPUTS = ("avg_norm", "max_pooled")
 
 
-class _WithHeadInputs(nn.Module):
-    """The graph exported for an ``avgmax`` model: its embedding and logits, then HEAD_INPUTS."""
+class _Graph(nn.Module):
+    """The graph exported: the named outputs of ``SieveModel.outputs`` in order.
 
-    def __init__(self, model: SieveModel):
+    ``features`` is another name for the logits, for a backbone exported with an identity head.
+    """
+
+    def __init__(self, model: SieveModel, names: tuple[str, ...]):
         super().__init__()
         self.model = model
+        self.names = tuple("logits" if n == "features" else n for n in names)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        embedding, logits, avg, top = self.model.outputs(x)
-        return embedding, logits, avg.norm(dim=1), top
+        out = self.model.outputs(x)
+        return tuple(out[n] for n in self.names)
+
+
+def model_outputs(model: SieveModel) -> tuple[str, ...]:
+    """The outputs a version's ``model.onnx`` has, in order.
+
+    ONNX_OUTPUTS, then HEAD_INPUTS for an ``avgmax`` linear head, then OOD_FEATURES when the
+    backbone has an ``ood_tap``.
+    """
+    names = ONNX_OUTPUTS
+    if model.pooling == "avgmax" and isinstance(model.head, nn.Linear):
+        names += HEAD_INPUTS
+    if model.backbone.ood_tap is not None:
+        names += (OOD_FEATURES,)
+    return names
 
 
 def make_model(backbone: Backbone, head: nn.Module, pooling: str = "avg") -> SieveModel:
@@ -65,7 +85,7 @@ def export_onnx(model: SieveModel, path: Path, output_names=ONNX_OUTPUTS) -> Non
     size = get_backbone_spec(model.backbone.name).config.input_size
     dummy = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     axes = {ONNX_INPUT: {0: "n"}, **{o: {0: "n"} for o in output_names}}
-    graph = _WithHeadInputs(model) if HEAD_INPUTS[-1] in output_names else model
+    graph = _Graph(model, tuple(output_names)).eval()  # export restores its mode after
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -85,6 +105,7 @@ def save_model_files(model: SieveModel, classes: list[str], build_dir: Path) -> 
 
     An ``avgmax`` model's graph also outputs HEAD_INPUTS, and its linear head goes to
     ``head.npz`` (weight, bias): what re-deciding stored images without decoding needs.
+    The graph's outputs are ``model_outputs``'.
     """
     torch.save(
         {
@@ -102,9 +123,7 @@ def save_model_files(model: SieveModel, classes: list[str], build_dir: Path) -> 
             weight=model.head.weight.detach().numpy(),
             bias=model.head.bias.detach().numpy(),
         )
-        export_onnx(model, build_dir / "model.onnx", ONNX_OUTPUTS + HEAD_INPUTS)
-    else:
-        export_onnx(model, build_dir / "model.onnx")
+    export_onnx(model, build_dir / "model.onnx", model_outputs(model))
 
 
 def load_checkpoint(path: Path) -> tuple[SieveModel, list[str]]:

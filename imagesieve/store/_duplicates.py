@@ -299,7 +299,7 @@ class NearDuplicates:
     ) -> list[dict[str, Any]]:
         """Which of ``ids`` have their nearest training image within ``distance``.
 
-        By the stored distance to the nearest training image, nearest first: id, source,
+        By the stored cosine distance to the nearest training image, nearest first: id, source,
         distance, and that image's reference id, source and label. The caller applies the rest
         of the near-duplicate rule (``search.near_training``).
         """
@@ -307,11 +307,11 @@ class NearDuplicates:
             return []
         with self.store._connection() as con:
             rows = con.execute(
-                "SELECT p.id, p.source, p.neighbor_distance, r.id, r.source, r.label "
-                "FROM predictions p "
+                "SELECT p.id, p.source, coalesce(p.neighbor_cosine, p.neighbor_distance) AS d, "
+                "r.id, r.source, r.label FROM predictions p "
                 "LEFT JOIN reference_images r ON r.model_version = p.model_version "
                 "AND r.id = p.neighbor_id WHERE p.model_version = ? AND p.id IN (SELECT unnest(?)) "
-                "AND p.neighbor_distance <= ? ORDER BY p.neighbor_distance, p.id LIMIT ?",
+                "AND d <= ? ORDER BY d, p.id LIMIT ?",
                 [model_version, [int(i) for i in ids], float(distance) + TOLERANCE, int(limit)],
             ).fetchall()
         keys = ("id", "source", "distance", "training_id", "training_source", "training_label")

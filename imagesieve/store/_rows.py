@@ -110,6 +110,7 @@ class PredictionRow:
     saturated: float | None = None
     clipped: float | None = None
     entropy: float | None = None
+    neighbor_cosine: float | None = None  # NULL before the far distance: neighbor_distance
 
     def to_prediction(self, name: str) -> Prediction:
         """This row as a Prediction reported under ``name`` (no embedding): already stored."""
@@ -132,6 +133,9 @@ class PredictionRow:
             sha256=self.sha256,
             neighbor_id=self.neighbor_id,
             neighbor_distance=self.neighbor_distance,
+            neighbor_cosine=(
+                self.neighbor_distance if self.neighbor_cosine is None else self.neighbor_cosine
+            ),
             skipped=True,
             cluster_id=self.cluster_id,
             id=self.id,
@@ -182,6 +186,7 @@ class StoredHeadInputs:
     embedding: np.ndarray  # (n, d) float32, unit length: the average-pooled features' direction
     avg_norm: np.ndarray  # (n,) their length
     max_pooled: np.ndarray  # (n, d') float16
+    ood: np.ndarray | None = None  # (n, d'') float32: what a Mahalanobis distance reads
 
     @property
     def sha256(self) -> list[str]:
@@ -194,22 +199,29 @@ class StoredHeadInputs:
 
         Other rows in that range are left out.
         """
-        import pyarrow as pa
-
         owners = rows.column("owner").to_numpy()
         ids, emb = embedding_matrix(embeddings, dim)
         emb = emb[_positions(ids, owners)]
-        blobs = heads.column("max_pooled").combine_chunks()
-        wide = pa.types.is_large_binary(blobs.type)
-        ends = np.frombuffer(blobs.buffers()[1], np.int64 if wide else np.int32)
-        ends = ends[blobs.offset : blobs.offset + len(blobs) + 1]
-        data = np.frombuffer(blobs.buffers()[2], np.uint8)[ends[0] : ends[-1]]
         at = _positions(heads.column("id").to_numpy(), owners)
-        top = data.view(np.float16).reshape(len(blobs), -1)[at]
-        if not top.flags.aligned:  # numpy converts unaligned float16 ~8x slower
-            top = top.copy()
+        top = _blob_rows(heads.column("max_pooled"), np.float16)[at]
+        ood = None
+        if "ood_features" in heads.column_names and heads.column("ood_features").null_count == 0:
+            ood = _blob_rows(heads.column("ood_features"), np.float32)[at]
         norm = heads.column("avg_norm").to_numpy().astype(np.float32)[at]
-        return cls(rows, rows.column("id").to_numpy(), emb, norm, top)
+        return cls(rows, rows.column("id").to_numpy(), emb, norm, top, ood)
+
+
+def _blob_rows(column: Any, dtype: Any) -> np.ndarray:
+    """An Arrow column of equal-length blobs of ``dtype`` -> (n, d), without a copy per row."""
+    import pyarrow as pa
+
+    blobs = column.combine_chunks()
+    wide = pa.types.is_large_binary(blobs.type)
+    ends = np.frombuffer(blobs.buffers()[1], np.int64 if wide else np.int32)
+    ends = ends[blobs.offset : blobs.offset + len(blobs) + 1]
+    data = np.frombuffer(blobs.buffers()[2], np.uint8)[ends[0] : ends[-1]]
+    rows = data.view(dtype).reshape(len(blobs), -1)
+    return rows if rows.flags.aligned else rows.copy()  # unaligned float16 converts ~8x slower
 
 
 def _positions(have: np.ndarray, want: np.ndarray) -> np.ndarray | slice:
@@ -262,6 +274,7 @@ def prediction_table(ids, preds, model_version, batch_id, stamp) -> Any:
             "reason": pa.array([p.reason for p in preds], pa.string()),
             "neighbor_id": pa.array([p.neighbor_id for p in preds], pa.int32()),
             "neighbor_distance": pa.array([p.neighbor_distance for p in preds], pa.float32()),
+            "neighbor_cosine": pa.array([p.neighbor_cosine for p in preds], pa.float32()),
             "cluster_id": pa.array([p.cluster_id for p in preds], pa.int32()),
             "quality_flags": pa.array(
                 ["+".join(p.quality_flags) or None for p in preds], pa.string()
@@ -297,6 +310,11 @@ def _heavy_columns(preds: Sequence[Any], emb: np.ndarray, always: bool = False) 
         cols["max_pooled"] = pa.array(
             [None if p.max_pooled is None else p.max_pooled.tobytes() for p in preds], pa.binary()
         )
+    if always or any(p.ood_features is not None for p in preds):
+        cols["ood_features"] = pa.array(
+            [None if p.ood_features is None else p.ood_features.tobytes() for p in preds],
+            pa.binary(),
+        )
     return cols
 
 
@@ -305,7 +323,8 @@ def new_table(ids, preds, emb, model_version, batch_id, stamp) -> Any:
 
     One registered table feeds the inserts: each registration costs a catalog change.
     Rows whose model gave them (``Prediction.max_pooled``) add ``avg_norm`` and ``max_pooled``
-    (float16 bytes) for ``head_inputs``; rows with a pixel signature add ``signature`` bytes.
+    (float16 bytes) for ``head_inputs``, and ``ood_features`` (float32 bytes) where the model
+    has them; rows with a pixel signature add ``signature`` bytes.
     """
     table = prediction_table(ids, preds, model_version, batch_id, stamp)
     for name, column in _heavy_columns(preds, emb).items():
@@ -314,7 +333,7 @@ def new_table(ids, preds, emb, model_version, batch_id, stamp) -> Any:
 
 
 #: A shard's vector columns, as ``new_table`` carries them.
-SHARD_VECTORS = ("embedding", "signature", "avg_norm", "max_pooled")
+SHARD_VECTORS = ("embedding", "signature", "avg_norm", "max_pooled", "ood_features")
 #: ``prediction_table`` columns a shard leaves to the store.
 _STORE_FILLS = ("id", "model_version", "scored_at", "batch_id", "cluster_id")
 

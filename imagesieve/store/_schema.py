@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     label VARCHAR NOT NULL,             -- a class, or UNKNOWN
     reason VARCHAR,                     -- why UNKNOWN: low_confidence, far_from_training, both
     neighbor_id INTEGER,                -- nearest training image (reference_images.id)
-    neighbor_distance FLOAT,            -- its cosine distance
+    neighbor_distance FLOAT,            -- distance to the training data (_far_distance)
     cluster_id INTEGER,                 -- clusters.cluster_id; -1 noise; NULL not clustered
     cluster_outlier FLOAT               -- GLOSH outlier score in its clustering run (0..1)
 );
@@ -149,6 +149,7 @@ PREDICTION_COLUMNS = [
     "cluster_id",
     "quality_flags",
     *STORED_MEASURES,
+    "neighbor_cosine",
 ]
 
 
@@ -570,6 +571,18 @@ def _edges_and_highlights(con: Any) -> None:
         con.execute(f"ALTER TABLE predictions ADD COLUMN IF NOT EXISTS {name} FLOAT")
 
 
+def _far_distance(con: Any) -> None:
+    """Versions whose distance to the training data is not the cosine to the nearest image.
+
+    ``neighbor_distance`` is the distance the far-from-training rule reads (a version's
+    Mahalanobis distance, ``classifier._far``, where it has one); ``neighbor_cosine`` the cosine
+    distance to ``neighbor_id`` (NULL for rows before: the two were one). ``head_inputs``
+    keeps the features that distance reads (float32), for head-only retrains.
+    """
+    con.execute("ALTER TABLE predictions ADD COLUMN IF NOT EXISTS neighbor_cosine FLOAT")
+    con.execute("ALTER TABLE head_inputs ADD COLUMN IF NOT EXISTS ood_features BLOB")
+
+
 def _near_duplicates(con: Any) -> None:
     """Near-duplicates among stored images: pixel signatures, groups, and the rows set aside.
 
@@ -603,6 +616,7 @@ MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
     ("drift reference", _drift_reference),
     ("near duplicates", _near_duplicates),
     ("edge blur and highlights", _edges_and_highlights),
+    ("far distance", _far_distance),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

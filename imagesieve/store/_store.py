@@ -951,8 +951,10 @@ class Store:
                 + skip.format("signatures").replace(" WHERE ", " AND ")
             ).fetchall()
         if head:
+            ood = "ood_features" if "ood_features" in table.schema.names else "NULL"
             self._con.execute(
-                f"INSERT INTO head_inputs SELECT id, avg_norm, max_pooled FROM {name} "
+                f"INSERT INTO head_inputs (id, avg_norm, max_pooled, ood_features) "
+                f"SELECT id, avg_norm, max_pooled, {ood} FROM {name} "
                 "WHERE max_pooled IS NOT NULL"
                 + skip.format("head_inputs").replace(" WHERE ", " AND ")
             ).fetchall()
@@ -1181,10 +1183,10 @@ class Store:
     def head_input_chunks(self, old: str, new: str, chunk: int) -> Iterator[StoredHeadInputs]:
         """``old``'s rows whose content ``new`` lacks, ``chunk`` at a time, by owner.
 
-        With what their head read (embedding, average-pooled length, max-pooled features) and
-        the row that holds them (``owner``: itself, or the row it shares them with); rows
-        stored without head inputs are left out. The lock is held per chunk, so the caller
-        may write between chunks.
+        With what their head read (embedding, average-pooled length, max-pooled features), the
+        features a Mahalanobis distance reads (where stored), and the row that holds them
+        (``owner``: itself, or the row it shares them with); rows stored without head inputs
+        are left out. The lock is held per chunk, so the caller may write between chunks.
         """
         with self.lock:
             dim = self._vector_dim(old)
@@ -1192,7 +1194,8 @@ class Store:
                 return
             rows = self._db.sql(
                 "SELECT p.id, p.source, p.sha256, p.width, p.height, p.neighbor_id, "
-                f"p.neighbor_distance, {', '.join('p.' + m for m in STORED_MEASURES)}, "
+                "coalesce(p.neighbor_cosine, p.neighbor_distance) AS neighbor_cosine, "
+                f"{', '.join('p.' + m for m in STORED_MEASURES)}, "
                 "coalesce(s.of_id, p.id) AS owner FROM predictions p "
                 "LEFT JOIN shared_features s USING (id) "
                 "SEMI JOIN head_inputs h ON h.id = coalesce(s.of_id, p.id) "
@@ -1211,7 +1214,8 @@ class Store:
                     f"WHERE id BETWEEN {lo} AND {hi}"
                 ).to_arrow_table()
                 head = self._con.sql(
-                    f"SELECT id, avg_norm, max_pooled FROM head_inputs WHERE id BETWEEN {lo} AND {hi}"
+                    "SELECT id, avg_norm, max_pooled, ood_features FROM head_inputs "
+                    f"WHERE id BETWEEN {lo} AND {hi}"
                 ).to_arrow_table()
             yield StoredHeadInputs.from_arrow(part, emb, head, dim)
 

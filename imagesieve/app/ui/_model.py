@@ -133,25 +133,25 @@ def _report_image(version: Any, name: str) -> Any:
         return im.convert("RGB")
 
 
-def _score_words(mix: float) -> str:
+def _score_words(version: Any) -> str:
     """The far-from-training score in words: the distance, plus the mix of low confidence."""
-    words = "nearest training image's cosine distance"
+    words, mix = version.distance_words, version.mix
     return f"{words} + {mix:.2f} x (1 - Top-1)" if mix else words
 
 
 def _threshold_controls(version: Any) -> tuple[float, bool, float, float]:
     """A version's threshold controls (None: defaults): confidence, distance rule on, distance.
 
-    Then the distance slider's maximum: the distance plus ``mix``'s share.
+    Then the distance slider's maximum: the distance's (2) plus ``mix``'s share.
     """
     if version is None:
-        return 0.5, True, 0.3, 1.0
+        return 0.5, True, 0.3, 2.0
     distance = version.distance_threshold
     return (
         version.confidence_threshold,
         distance is not None,
         distance if distance is not None else 0.3,
-        1.0 + version.mix,
+        2.0 + version.mix,
     )
 
 
@@ -192,7 +192,7 @@ def model_tab(service: Service) -> Panel:
         )
         rule = f"Top-1 below {pct(confidence)}"
         if use_distance:
-            rule += f" or {_score_words(service.version.mix)} beyond {distance:.3f}"
+            rule += f" or {_score_words(service.version)} beyond {distance:.3f}"
         stored = counts["stored"]
         return (
             f"With **{rule}**, **{counts['unknown']:,} of {stored:,}** stored images would be "
@@ -240,7 +240,7 @@ def model_tab(service: Service) -> Panel:
             gr.Slider(
                 value=distance,
                 maximum=maximum,
-                label=f"{_score_words(version.mix).capitalize()} further than",
+                label=f"{_score_words(version).capitalize()} further than",
             ),
             _bounds_text(version),
             preview(confidence, use_distance, distance, ""),

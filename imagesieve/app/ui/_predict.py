@@ -70,7 +70,7 @@ def verdict_html(pred: Prediction, threshold: float | None, distance: float | No
         elif reason == FAR_FROM_TRAINING:
             bits = []
             if pred.neighbor_distance is not None:
-                bits.append(f"nearest at distance {pred.neighbor_distance:.3f}")
+                bits.append(f"distance {pred.neighbor_distance:.3f}")
             if distance is not None:
                 bits.append(f"limit {distance:.3f}")
             details.append("far from the training data" + (f" ({', '.join(bits)})" if bits else ""))
@@ -120,7 +120,7 @@ def predict_tab(service: Service) -> Panel:
             parts.append("this content was stored before")
         parts.append(f"model {result.model_version}")
         if pred.neighbor_distance is not None:
-            parts.append(f"nearest training image at distance {pred.neighbor_distance:.3f}")
+            parts.append(f"distance to the training data {pred.neighbor_distance:.3f}")
         if pred.cluster_id is not None and pred.cluster_id >= 0:
             parts.append(f"in UNKNOWN cluster {pred.cluster_id}")
         parts.append(f"{pred.width}×{pred.height} px, {result.seconds:.2f} s")

@@ -182,10 +182,18 @@ def child(kind: str, src: Path, work: Path) -> dict:
     shutil.copytree(src, work)
     os.sync()  # the copy's write-back would otherwise compete with the timed run
     ws = Workspace(work)
+    linking: list[float] = []  # when the near-duplicate phase began
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "finding near-duplicates" and not linking:
+            linking.append(time.perf_counter())
+
     t0 = time.perf_counter()
-    diff = score_history(ws, "v2", "v1")
-    seconds = time.perf_counter() - t0
+    diff = score_history(ws, "v2", "v1", progress)
+    end = time.perf_counter()
+    seconds = end - t0
     out = {"kind": kind, "seconds": seconds, "rows": diff["scored"], "failed": diff["failed"]}
+    out["linking"] = end - linking[0] if linking else 0.0
     out["rss_mb"] = peak_mb()
     from imagesieve.store import Store
 
@@ -233,7 +241,8 @@ def main() -> None:
             got = run_child(kind, src)
             runs[kind].append(got)
             print(
-                f"  round {r + 1} {kind}: {got['rows']} rows in {got['seconds']:.2f} s, "
+                f"  round {r + 1} {kind}: {got['rows']} rows in {got['seconds']:.2f} s "
+                f"(near-duplicate linking {got['linking']:.2f} s of it), "
                 f"failed {got['failed']}, peak RSS {got['rss_mb']:.0f} MB",
                 flush=True,
             )
@@ -242,16 +251,21 @@ def main() -> None:
     slow = statistics.median(g["seconds"] for g in runs["decode"])
     slow_at = slow / slow_rows * args.rows
     print()
-    print("| path | rows | median s | per 100,000 rows | peak RSS MB |")
-    print("|---|---|---|---|---|")
+    link = statistics.median(g["linking"] for g in runs["redecide"])
     print(
-        f"| re-decided from stored head inputs | {args.rows} | {fast:.2f} | "
+        "| path | rows | median s | of it, near-duplicate linking | per 100,000 rows | peak RSS MB |"
+    )
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| re-decided from stored head inputs | {args.rows} | {fast:.2f} | {link:.2f} | "
         f"{fast / args.rows * 1e5:.1f} s | "
         f"{statistics.median(g['rss_mb'] for g in runs['redecide']):.0f} |"
     )
     print(
-        f"| decoded again | {slow_rows} | {slow:.1f} | {slow / slow_rows * 1e5:.0f} s "
-        f"(projected) | {statistics.median(g['rss_mb'] for g in runs['decode']):.0f} |"
+        f"| decoded again | {slow_rows} | {slow:.1f} | "
+        f"{statistics.median(g['linking'] for g in runs['decode']):.2f} | "
+        f"{slow / slow_rows * 1e5:.0f} s (projected) | "
+        f"{statistics.median(g['rss_mb'] for g in runs['decode']):.0f} |"
     )
     print(
         f"\nratio decode / re-decide at {args.rows} rows: {slow_at / fast:.0f}x; "
@@ -268,8 +282,14 @@ def main() -> None:
         f"difference {diff:.2e} (float16 max-pooled features); {neighbours}/{len(same)} "
         f"same nearest training image, largest distance difference {far:.1e}"
     )
-    target = "met" if fast / args.rows * 1e5 <= 10 else "NOT met"
-    print(f"target <= 10 s per 100,000 rows: {target}")
+    per = 1e5 / args.rows
+    redecide = statistics.median((g["seconds"] - g["linking"]) * per for g in runs["redecide"])
+    print(
+        f"target <= 10 s per 100,000 rows: the whole call {fast * per:.1f} s "
+        f"({'met' if fast * per <= 10 else 'NOT met'}); re-deciding alone, without the "
+        f"near-duplicate linking issue 22 added, {redecide:.1f} s "
+        f"({'met' if redecide <= 10 else 'NOT met'})"
+    )
     print(f"# whole run {time.perf_counter() - t0:.0f} s")
 
 

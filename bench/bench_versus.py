@@ -34,6 +34,10 @@ FIGURES: dict[str, dict[str, str]] = {
         "one client p99 (ms)": r"\(b\) 1 client.*?p99 ([\d.]+) ms",
         "server peak RSS (MB)": r"server peak RSS (\d+) MB",
     },
+    "bench_history.py": {
+        "re-decide 100,000 rows, whole call (s)": r"\| re-decided from stored head inputs \| \d+ \| ([\d.]+) \|",
+        "decode 2,624 rows (s)": r"\| decoded again \| \d+ \| ([\d.]+) \|",
+    },
     "bench_scoring.py": {
         "engine / forward (x)": r"engine / forward = \*\*([\d.]+)x",
         "engine / plain loop (x)": r"engine / plain = \*\*([\d.]+)x\*\* \(target >= 3.5",

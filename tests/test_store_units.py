@@ -22,6 +22,7 @@ from imagesieve.classifier import (
     LOW_CONFIDENCE,
     POOR_QUALITY,
     UNKNOWN,
+    DuplicateRule,
     UnknownRule,
 )
 from imagesieve.search import Cluster
@@ -404,6 +405,31 @@ def test_index_set__past_hnsw_max_ivf_rebuilt_from_a_duckdb_sample_and_on_repair
     with Store(ws) as store:  # an id DuckDB lacks: codes cannot be taken out, so rebuilt
         assert store.indexes.checks[0].action == "rebuilt"
     assert_index_matches_db(ws, "v1")
+
+
+@pytest.mark.parametrize("limits", [None, (50, 200)], ids=["vectors", "codes"])
+def test_near_duplicates__linked_alike_whether_the_index_holds_vectors_or_codes(
+    tmp_path, monkeypatch, limits
+):
+    if limits is not None:  # past HNSW_MAX: IVF-PQ, whose vectors are read from DuckDB
+        monkeypatch.setattr(_vectors, "FLAT_MAX", limits[0])
+        monkeypatch.setattr(_vectors, "HNSW_MAX", limits[1])
+    rng = np.random.default_rng(7)
+    preds = embedded(rng, 0, 400, DIM)
+    for a, b in ((3, 250), (10, 11), (399, 0), (250, 120)):  # b becomes a copy of a
+        e = preds[a].embedding + 1e-4 * rng.normal(size=DIM)
+        preds[b].embedding = (e / np.linalg.norm(e)).astype(np.float32)
+    ws = Workspace(tmp_path / "ws")
+    with Store(ws) as store:
+        write(store, "v1", preds)  # the index takes its kind when saved, at close
+    with Store(ws) as store:
+        kind = store.indexes.get("v1").kind
+        assert store.duplicates.catch_up("v1", DuplicateRule(0.001)) == 400
+        assert store.duplicates.catch_up("v1", DuplicateRule(0.001)) == 0  # all checked
+    assert kind == ("flat" if limits is None else "ivfpq")
+    rows = query(ws, "SELECT id, duplicate_group FROM predictions WHERE duplicate_group > 0")
+    # ids are 1-based; a group is named by its smallest id
+    assert sorted(rows) == [(1, 1), (4, 4), (11, 11), (12, 11), (121, 4), (251, 4), (400, 1)]
 
 
 def test_index_set__a_grown_store_saves_a_delta_and_a_damaged_delta_is_rebuilt(

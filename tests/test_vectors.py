@@ -72,6 +72,21 @@ def test_vector_index__flat_grows_into_tuned_hnsw(tmp_path, monkeypatch):
     assert again.kind == "hnsw" and again.ntotal == 1100 and not set(ids[:100]) & set(again.ids())
 
 
+def test_vector_index__vectors_of_ids_are_the_added_vectors_in_the_order_asked(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 500)
+    x, ids = blobs(800), np.arange(100, 900)
+    index = VectorIndex(tmp_path / "v1.faiss", 64)
+    index.add(ids, x)
+    want = np.array([850, 100, 420, 421])
+    for kind in ("flat", "hnsw"):
+        assert index.kind == kind
+        assert np.array_equal(index.vectors_of(want), x[want - 100])
+        assert index.vectors_of(np.array([100, 5])) is None  # 5 is not held
+        index.save()  # past FLAT_MAX: HNSW, whose graph keeps the vectors too
+
+
 def test_hnsw_tuning__identical_embeddings_tie_instead_of_capping_recall(tmp_path, monkeypatch):
     # Re-encoded or re-uploaded photos: different content, the same embedding. Which of two
     # equal neighbours comes back is a coin toss; counted by id it capped recall below the
@@ -169,6 +184,7 @@ def test_vector_index__hnsw_grows_into_ivf_tuned_on_neighbours_gathered_while_fi
     assert side["kind"] == "ivfpq" and side["info"]["nprobe"] == info["nprobe"]
     again = VectorIndex.load(index.path)
     assert again.kind == "ivfpq" and np.array_equal(again.search(q, 10)[0], got)
+    assert again.vectors_of(ids[:3]) is None  # codes, not vectors: read them from DuckDB
     again.add(np.array([1]), q[:1])  # new vectors join the trained lists
     assert again.search(q[:1], 1)[0].tolist() == [[1]]
     with pytest.raises(ValueError, match="rebuild"):

@@ -331,23 +331,30 @@ class Predictor:
             raise ValueError(f"version {self.version.name} needs {OOD_FEATURES} for its distance")
         return self.far(ood)
 
-    def nearest(self, embeddings: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def nearest(
+        self, embeddings: np.ndarray, threads: int = 1
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(n, d) embeddings -> the nearest training image's id and distance each.
 
         (None, None) without a reference set or rows.
         """
         if self.reference is None or not len(embeddings):
             return None, None
-        ids, dist = self.reference.nearest(embeddings)
+        ids, dist = self.reference.nearest(embeddings, threads=threads)
         return ids[:, 0], dist[:, 0]
 
     def nearest_since(
-        self, old: ModelVersion, embeddings: np.ndarray, near: np.ndarray, dist: np.ndarray
+        self,
+        old: ModelVersion,
+        embeddings: np.ndarray,
+        near: np.ndarray,
+        dist: np.ndarray,
+        threads: int = 1,
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """``nearest``, given each row's nearest training image of ``old`` (id, distance).
 
         When ``old``'s training images are all among this version's (same backbone), only the
-        ones added since are searched (``ReferenceSet.nearest_since``).
+        ones added since are searched (``ReferenceSet.nearest_since``), on ``threads``.
         """
         from imagesieve.classifier._reference import ReferenceSet
 
@@ -359,8 +366,12 @@ class Predictor:
                 else None
             )
         here = self._subset[old.name]
-        found = None if here is None else self.reference.nearest_since(here, embeddings, near, dist)
-        return found or self.nearest(embeddings)
+        found = (
+            None
+            if here is None
+            else self.reference.nearest_since(here, embeddings, near, dist, threads)
+        )
+        return found or self.nearest(embeddings, threads)
 
     def head_probs(
         self, embeddings: np.ndarray, avg_norm: np.ndarray, max_pooled: np.ndarray

@@ -55,13 +55,18 @@ class ReferenceSet:
     def __len__(self) -> int:
         return len(self.sources)
 
-    def nearest(self, embeddings: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """(m, d) normalised embeddings -> (m, k) reference ids and cosine distances, nearest first."""
+    def nearest(
+        self, embeddings: np.ndarray, k: int = 1, threads: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(m, d) normalised embeddings -> (m, k) reference ids and cosine distances, nearest first.
+
+        One thread by default: scoring runs one inference stream per core, and calls this from
+        each. A caller with the machine to itself (re-deciding stored rows) passes more.
+        """
         x = np.ascontiguousarray(np.atleast_2d(embeddings), dtype=np.float32)
         if len(x) == 0 or len(self) == 0:
             return np.zeros((len(x), k), np.int64), np.full((len(x), k), np.inf, np.float32)
-        # One thread: scoring runs one inference stream per core, and calls this from each.
-        sims, ids = faiss_search(self._index, x, min(k, len(self)))
+        sims, ids = faiss_search(self._index, x, min(k, len(self)), threads)
         return ids, np.clip(1.0 - sims, 0.0, 2.0)
 
     def ids_of(self, old: ReferenceSet) -> np.ndarray | None:
@@ -71,7 +76,12 @@ class ReferenceSet:
         return None if len(old) == 0 or (mapped < 0).any() else mapped
 
     def nearest_since(
-        self, old_ids_here: np.ndarray, embeddings: np.ndarray, near: np.ndarray, dist: np.ndarray
+        self,
+        old_ids_here: np.ndarray,
+        embeddings: np.ndarray,
+        near: np.ndarray,
+        dist: np.ndarray,
+        threads: int = 1,
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """The nearest of this set (ids, distances) from the nearest of an older subset.
 
@@ -86,7 +96,7 @@ class ReferenceSet:
         ids, dist = old_ids_here[near], dist.astype(np.float32)
         if len(added):
             found, d = ReferenceSet(self.embeddings[added], [""] * len(added), []).nearest(
-                embeddings
+                embeddings, threads=threads
             )
             closer = d[:, 0] < dist
             ids[closer], dist[closer] = added[found[closer, 0]], d[closer, 0]

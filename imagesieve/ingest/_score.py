@@ -8,6 +8,7 @@ so a killed run loses nothing committed and re-running the same command complete
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import zipfile
@@ -318,6 +319,7 @@ def _redecide_stored(
             rows.embedding,
             stored["neighbor_id"].fillna(-1).to_numpy(np.int64),
             stored["neighbor_cosine"].to_numpy(np.float32),
+            threads=os.cpu_count() or 1,  # one batch job, not a scoring stream per core
         )
         distance = predictor.far_distance(cosine, rows.ood)
         measured = {m: _floats(rows.table.column(m)) for m in STORED_MEASURES}

@@ -104,12 +104,17 @@ class NearDuplicates:
             dim = store._vector_dim(model_version) if len(ids) else None
         if dim is None:
             return 0
+        if progress is not None:  # the phase shows from its start
+            progress(0, len(ids))
         for s in range(0, len(ids), CATCH_UP_CHUNK):
             part = ids[s : s + CATCH_UP_CHUNK]
             with store.lock:
                 index = store.indexes.get(model_version, dim=dim)
+                held = index.vectors_of(part)  # a copy in memory: no DuckDB read
+                # DuckDB's chunks are read whole before the index is queried
+                chunks = [(part, held)] if held is not None else list(store._vectors_of(part, dim))
                 a, b = [], []
-                for got, emb in list(store._vectors_of(part, dim)):  # read, then query more
+                for got, emb in chunks:
                     pa_, pb_ = self._pairs(rule, index, got, emb)
                     a.append(pa_)
                     b.append(pb_)
@@ -196,10 +201,12 @@ class NearDuplicates:
             first = np.full(label.max() + 1, np.iinfo(np.int64).max, np.int64)
             np.minimum.at(first, label, nodes)
             group = first[label]
-            before = dict(zip(old_id.tolist(), old_group.tolist(), strict=True))
-            change = np.array(
-                [before.get(int(i)) != int(g) for i, g in zip(nodes, group, strict=True)], bool
-            )
+            # a node changes group unless it was a member of the group it now has
+            change = np.ones(len(nodes), bool)
+            if len(old_id):
+                order = np.argsort(old_id)
+                at = order[np.searchsorted(old_id, nodes, sorter=order).clip(0, len(old_id) - 1)]
+                change = (old_id[at] != nodes) | (old_group[at] != group)
             tables["_dup_groups"] = pa.table(
                 {
                     "id": pa.array(nodes[change], pa.int64()),

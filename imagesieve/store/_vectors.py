@@ -316,6 +316,19 @@ class VectorIndex:
             (0, self.dim), np.float32
         )
 
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray | None:
+        """The vectors held under DuckDB ``ids``, in their order.
+
+        None when the index holds codes rather than vectors (IVF-PQ) or lacks one of ``ids``:
+        read them from DuckDB then.
+        """
+        if self.kind == "ivfpq":
+            return None
+        try:
+            return self.index.reconstruct_batch(np.ascontiguousarray(ids, np.int64))
+        except RuntimeError:  # an id not held
+            return None
+
     def chunks(self, size: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The (ids, vectors) held, ``size`` at a time in insertion order (no full copy)."""
         import faiss

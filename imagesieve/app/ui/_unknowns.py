@@ -144,7 +144,14 @@ def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = N
         )
     clusters = gr.State([])
 
-    @gr.render(inputs=[clusters, show], triggers=[clusters.change, show.change])
+    # One render at a time: Gradio's render iterates the session's blocks while another render
+    # of them adds its own ("dictionary changed size during iteration", seen in CI).
+    @gr.render(
+        inputs=[clusters, show],
+        triggers=[clusters.change, show.change],
+        concurrency_limit=1,
+        concurrency_id="unknowns-panels",
+    )
     def panels(rows: list[dict[str, Any]] | None, which: str) -> None:
         wanted = {"open": ("new", "named"), "all": ("new", "named", "promoted", "rejected")}
         statuses = wanted.get(which, (which,))

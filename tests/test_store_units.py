@@ -123,6 +123,24 @@ def test_migrate__a_previous_release_store_records_every_migration_and_keeps_its
     }
 
 
+def test_migrate__rows_stored_before_the_far_distance_get_their_cosine(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    with Store(ws) as store:
+        write(store, "v1", embedded(np.random.default_rng(0), 0, 5, DIM))
+    # as the release before left them: the distance was the cosine, no cosine column filled
+    sql(ws, "UPDATE predictions SET neighbor_id = 0, neighbor_distance = id / 8 WHERE id <= 3")
+    sql(ws, "UPDATE predictions SET neighbor_cosine = NULL")
+    sql(ws, "DELETE FROM schema_version WHERE name = 'cosine of older rows'")
+    Store(ws).close()
+    assert query(ws, "SELECT id, neighbor_cosine FROM predictions ORDER BY id") == [
+        (1, 0.125),
+        (2, 0.25),
+        (3, 0.375),
+        (4, None),  # no nearest training image: none to measure
+        (5, None),
+    ]
+
+
 def test_migrate__an_up_to_date_store_runs_nothing_again(tmp_path):
     ws = Workspace(tmp_path / "ws")
     with Store(ws) as store:

@@ -314,7 +314,7 @@ class NearDuplicates:
             return []
         with self.store._connection() as con:
             rows = con.execute(
-                "SELECT p.id, p.source, coalesce(p.neighbor_cosine, p.neighbor_distance) AS d, "
+                "SELECT p.id, p.source, p.neighbor_cosine AS d, "
                 "r.id, r.source, r.label FROM predictions p "
                 "LEFT JOIN reference_images r ON r.model_version = p.model_version "
                 "AND r.id = p.neighbor_id WHERE p.model_version = ? AND p.id IN (SELECT unnest(?)) "

@@ -110,7 +110,7 @@ class PredictionRow:
     saturated: float | None = None
     clipped: float | None = None
     entropy: float | None = None
-    neighbor_cosine: float | None = None  # NULL before the far distance: neighbor_distance
+    neighbor_cosine: float | None = None  # cosine distance to neighbor_id
 
     def to_prediction(self, name: str) -> Prediction:
         """This row as a Prediction reported under ``name`` (no embedding): already stored."""
@@ -133,9 +133,7 @@ class PredictionRow:
             sha256=self.sha256,
             neighbor_id=self.neighbor_id,
             neighbor_distance=self.neighbor_distance,
-            neighbor_cosine=(
-                self.neighbor_distance if self.neighbor_cosine is None else self.neighbor_cosine
-            ),
+            neighbor_cosine=self.neighbor_cosine,
             skipped=True,
             cluster_id=self.cluster_id,
             id=self.id,

@@ -211,12 +211,13 @@ ORDER BY n DESC, model_version, top1_class, top2_class""",
     ),
     (
         "unknowns",
-        "UNKNOWN predictions with reason, Top-3, nearest training image and distance, cluster",
+        "UNKNOWN predictions with reason, Top-3, distance to the training data, nearest "
+        "training image and its cosine distance, cluster",
         f"""
 SELECT p.id, p.source, p.model_version, p.scored_at, p.batch_id, p.reason,
     p.top1_class, p.top1_prob, p.top2_class, p.top2_prob, p.top3_class, p.top3_prob,
     p.neighbor_distance, p.neighbor_id, r.label AS neighbor_label,
-    r.source AS neighbor_source, p.cluster_id
+    r.source AS neighbor_source, p.neighbor_cosine, p.cluster_id
 FROM predictions p
 LEFT JOIN reference_images r ON r.model_version = p.model_version AND r.id = p.neighbor_id
 WHERE p.label = '{UNKNOWN}'
@@ -576,11 +577,23 @@ def _far_distance(con: Any) -> None:
 
     ``neighbor_distance`` is the distance the far-from-training rule reads (a version's
     Mahalanobis distance, ``classifier._far``, where it has one); ``neighbor_cosine`` the cosine
-    distance to ``neighbor_id`` (NULL for rows before: the two were one). ``head_inputs``
+    distance to ``neighbor_id`` (filled for older rows by ``_older_cosine``). ``head_inputs``
     keeps the features that distance reads (float32), for head-only retrains.
     """
     con.execute("ALTER TABLE predictions ADD COLUMN IF NOT EXISTS neighbor_cosine FLOAT")
     con.execute("ALTER TABLE head_inputs ADD COLUMN IF NOT EXISTS ood_features BLOB")
+
+
+def _older_cosine(con: Any) -> None:
+    """Rows stored before the far distance get their ``neighbor_cosine``: it was their distance.
+
+    So every row with a nearest training image has its cosine distance, and readers need no
+    fallback.
+    """
+    con.execute(
+        "UPDATE predictions SET neighbor_cosine = neighbor_distance "
+        "WHERE neighbor_cosine IS NULL AND neighbor_distance IS NOT NULL"
+    )
 
 
 def _near_duplicates(con: Any) -> None:
@@ -617,6 +630,7 @@ MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
     ("near duplicates", _near_duplicates),
     ("edge blur and highlights", _edges_and_highlights),
     ("far distance", _far_distance),
+    ("cosine of older rows", _older_cosine),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1194,7 +1194,7 @@ class Store:
                 return
             rows = self._db.sql(
                 "SELECT p.id, p.source, p.sha256, p.width, p.height, p.neighbor_id, "
-                "coalesce(p.neighbor_cosine, p.neighbor_distance) AS neighbor_cosine, "
+                "p.neighbor_cosine, "
                 f"{', '.join('p.' + m for m in STORED_MEASURES)}, "
                 "coalesce(s.of_id, p.id) AS owner FROM predictions p "
                 "LEFT JOIN shared_features s USING (id) "

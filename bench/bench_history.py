@@ -22,7 +22,9 @@ Measured, each in a fresh child process on a fresh copy of the store, alternated
 Each child copies the store, syncs it to disk, then times ``score_history`` alone.
 
 v1's training images are a subset of v2's (the split is per class and seeded), so only the
-images added are searched for each row's nearest. Printed: medians, the ratio, peak RSS
+images added are searched for each row's nearest. Printed: medians, the share of each spent
+linking the new rows to their near-duplicates (from the progress callback's first "finding
+near-duplicates" to the end), the target with and without that share, the ratio, peak RSS
 (VmHWM) of each child, and how far the re-decided rows are from the decoded ones on the 2,624
 real images (labels, Top-1 probability, nearest training image and its distance).
 

@@ -38,6 +38,11 @@ FIGURES: dict[str, dict[str, str]] = {
         "re-decide 100,000 rows, whole call (s)": r"\| re-decided from stored head inputs \| \d+ \| ([\d.]+) \|",
         "decode 2,624 rows (s)": r"\| decoded again \| \d+ \| ([\d.]+) \|",
     },
+    "bench_store_duplicates.py": {
+        "backlog: link every row (s)": r"\| [\d,]+ \| \w+ \| [\d.]+ \| [\d,]+, ([\d.]+), [\d,]+ \|",
+        "one batch of 1,000 (ms/row)": r"\| [\d,]+, [\d.]+, [\d,]+ \| ([\d.]+) \|",
+        "planted pairs found": r"\| (\d+)/\d+ \|",
+    },
     "bench_scoring.py": {
         "engine / forward (x)": r"engine / forward = \*\*([\d.]+)x",
         "engine / plain loop (x)": r"engine / plain = \*\*([\d.]+)x\*\* \(target >= 3.5",

@@ -151,13 +151,21 @@ def feature_scores(emb_fit, y_fit, emb_q, skip_self=False) -> dict[str, np.ndarr
     return out
 
 
-FUSIONS = [("knn1", "msp"), ("knn1", "energy"), ("mahalanobis", "energy")]
 #: ``bench_layers.py``'s finding, tried here on the trained versions: the same scores on the
 #: 192-channel stage's average-pooled features (the product's embedding is the last conv's), and
 #: the whole decision (confidence OR the score, calibrated together, mix 0, no quality rule) with
 #: each distance.
 ALTERNATIVE = "s6-192"
 DECISION_SCORES = ("knn1", f"{ALTERNATIVE} knn1", f"{ALTERNATIVE} mahalanobis")
+#: Feature + logit fusions (each score standardised on the held-out known images, then summed),
+#: the product's distance (the 192-channel Mahalanobis) with energy and with max-softmax among them.
+FUSIONS = [
+    ("knn1", "msp"),
+    ("knn1", "energy"),
+    ("mahalanobis", "energy"),
+    (f"{ALTERNATIVE} mahalanobis", "energy"),
+    (f"{ALTERNATIVE} mahalanobis", "msp"),
+]
 CONFIDENCE = 0.5
 
 

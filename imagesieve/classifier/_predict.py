@@ -33,6 +33,7 @@ __all__ = [
     "LOW_CONFIDENCE",
     "POOR_QUALITY",
     "PREDICTION_CSV_COLUMNS",
+    "STORED_ARRAYS",
     "TOP3_COLUMNS",
     "UNKNOWN",
     "Prediction",
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 TOP3_COLUMNS = ["top1", "top1_prob", "top2", "top2_prob", "top3", "top3_prob"]
+#: The ``Prediction`` arrays that only the store needs: a prediction kept for a report, or
+#: reported again under another name, drops them.
+STORED_ARRAYS = ("embedding", "probs", "max_pooled", "ood_features")
 PREDICTION_CSV_COLUMNS = [
     "source",
     "label",

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from imagesieve._errors import UserError
-from imagesieve.classifier import UNKNOWN, Prediction
+from imagesieve.classifier import STORED_ARRAYS, UNKNOWN, Prediction
 from imagesieve.data import ImageLoadError, read_zip_member
 from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import InputItem, ZipMember
@@ -221,12 +221,7 @@ class _ScoreActor:
             for i, p in zip(fetched, preds, strict=True)
             if p.ok and self._wants(p.label) and i.source is not None
         ]
-        shown = [
-            replace(
-                p, embedding=None, probs=None, max_pooled=None, ood_features=None, signature=None
-            )
-            for p in preds[:SHOW]
-        ]
+        shown = [replace(p, signature=None, **dict.fromkeys(STORED_ARRAYS)) for p in preds[:SHOW]]
         return {"path": path, "rows": len(fetched), "kept": kept, "shown": shown}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     INFER_BATCH,
+    STORED_ARRAYS,
     STORED_MEASURES,
     UNKNOWN,
     DuplicateRule,
@@ -547,7 +548,8 @@ class _Run:
                 items=self.items,
             )
             for p in self.new + self.rescored:  # stored now: keep only what reports need
-                p.embedding = p.probs = p.max_pooled = p.ood_features = None
+                for name in STORED_ARRAYS:
+                    setattr(p, name, None)
         self.new, self.rescored, self.failures, self.items = [], [], [], []
         self.last_commit = time.monotonic()
 
@@ -556,15 +558,7 @@ def _copy_for(name: str, pred: Prediction) -> Prediction:
     """The prediction of identical content, reported under another source name."""
     from dataclasses import replace
 
-    return replace(
-        pred,
-        source=name,
-        embedding=None,
-        probs=None,
-        max_pooled=None,
-        ood_features=None,
-        skipped=True,
-    )
+    return replace(pred, source=name, skipped=True, **dict.fromkeys(STORED_ARRAYS))
 
 
 def _shard_folder(opts: ScoreOptions, batch_id: int) -> Path | None:

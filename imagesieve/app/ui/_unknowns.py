@@ -145,7 +145,9 @@ def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = N
     clusters = gr.State([])
 
     # One render at a time: Gradio's render iterates the session's blocks while another render
-    # of them adds its own ("dictionary changed size during iteration", seen in CI).
+    # of them adds its own ("dictionary changed size during iteration", seen in CI). Gradio fires
+    # a State's change twice (gradio#12346), so every page renders the panels twice: the panels
+    # key their buttons and listeners, or a click between the two renders would reach nothing.
     @gr.render(
         inputs=[clusters, show],
         triggers=[clusters.change, show.change],
@@ -185,6 +187,11 @@ def _cluster_panel(
     With ``review``, a button opens all its members in the Review tab, least typical first.
     """
     cid = c["cluster_id"]
+
+    def key(part: str) -> str:
+        """The same key on every render: a re-render keeps the ids a page already holds."""
+        return f"cluster-{cid}-{part}"
+
     # every member now (new UNKNOWNs join a cluster between runs); the gallery shows the first
     everyone = service.cluster_members(cid, limit=MAX_MEMBERS)
     taking = sum(not m["excluded"] for m in everyone)  # what a promotion copies
@@ -269,23 +276,37 @@ def _cluster_panel(
                 value=c.get("name") or "",
                 label="Name: a new class, or an existing class to merge into",
                 elem_id=f"cluster-{cid}-name",
+                key=key("name"),
             )
             ids_box = gr.Textbox(
-                label="Leave out ids", placeholder="12, 15", elem_id=f"cluster-{cid}-exclude"
+                label="Leave out ids",
+                placeholder="12, 15",
+                elem_id=f"cluster-{cid}-exclude",
+                key=key("exclude"),
             )
         with gr.Row():
-            name_button = gr.Button("Name", size="sm", elem_id=f"cluster-{cid}-name-button")
+            name_button = gr.Button(
+                "Name", size="sm", elem_id=f"cluster-{cid}-name-button", key=key("name-button")
+            )
             leave_button = gr.Button(
-                "Leave out", size="sm", elem_id=f"cluster-{cid}-exclude-button"
+                "Leave out",
+                size="sm",
+                elem_id=f"cluster-{cid}-exclude-button",
+                key=key("exclude-button"),
             )
             promote_button = gr.Button(
                 "Promote into the training data",
                 size="sm",
                 variant="primary",
                 elem_id=f"cluster-{cid}-promote",
+                key=key("promote"),
             )
             reject_button = gr.Button(
-                "Reject", size="sm", variant="stop", elem_id=f"cluster-{cid}-reject"
+                "Reject",
+                size="sm",
+                variant="stop",
+                elem_id=f"cluster-{cid}-reject",
+                key=key("reject"),
             )
     if review is not None and review[1]:
         tabs, handles = review
@@ -293,20 +314,23 @@ def _cluster_panel(
             f"Review all {len(everyone)} members (least typical first)",
             size="sm",
             elem_id=f"cluster-{cid}-review",
+            key=key("review"),
         )
         review_button.click(
             lambda: (gr.Tabs(selected="review"), str(cid), SORT_WORDS["outlier"], 1),
             None,
             [tabs, handles["cluster"], handles["sort"], handles["page"]],
+            key=key("review-click"),
         )
-    name_button.click(name_it, name_box, clusters)
-    leave_button.click(leave_out, ids_box, clusters)
+    name_button.click(name_it, name_box, clusters, key=key("name-click"))
+    leave_button.click(leave_out, ids_box, clusters, key=key("exclude-click"))
     # Promote copies files and reject files the cluster away: both ask first, with the count.
-    confirmed = gr.Checkbox(value=False, visible=False)
+    confirmed = gr.Checkbox(value=False, visible=False, key=key("confirmed"))
     promote_button.click(
         promote,
         [name_box, into, confirmed],
         clusters,
+        key=key("promote-click"),
         js=f"""(name, into, c) => {{
             const n = (name || '').trim() || {json.dumps(c.get("name") or "")};
             const merge = {json.dumps(class_names(service))}.includes(n);
@@ -320,5 +344,6 @@ def _cluster_panel(
         reject,
         confirmed,
         clusters,
+        key=key("reject-click"),
         js=f"(c) => [confirm('Reject cluster {cid} ({c['size']} images): not a new kind?')]",
     )

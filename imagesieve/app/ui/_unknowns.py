@@ -188,9 +188,10 @@ def _cluster_panel(
     """
     cid = c["cluster_id"]
 
-    def key(part: str) -> str:
-        """The same key on every render: a re-render keeps the ids a page already holds."""
-        return f"cluster-{cid}-{part}"
+    def named(part: str) -> dict[str, str]:
+        """A part's elem_id and key: the same key on every render keeps the ids a page holds."""
+        name = f"cluster-{cid}-{part}"
+        return {"elem_id": name, "key": name}
 
     # every member now (new UNKNOWNs join a cluster between runs); the gallery shows the first
     everyone = service.cluster_members(cid, limit=MAX_MEMBERS)
@@ -275,62 +276,54 @@ def _cluster_panel(
             name_box = gr.Textbox(
                 value=c.get("name") or "",
                 label="Name: a new class, or an existing class to merge into",
-                elem_id=f"cluster-{cid}-name",
-                key=key("name"),
+                **named("name"),
             )
             ids_box = gr.Textbox(
                 label="Leave out ids",
                 placeholder="12, 15",
-                elem_id=f"cluster-{cid}-exclude",
-                key=key("exclude"),
+                **named("exclude"),
             )
         with gr.Row():
-            name_button = gr.Button(
-                "Name", size="sm", elem_id=f"cluster-{cid}-name-button", key=key("name-button")
-            )
+            name_button = gr.Button("Name", size="sm", **named("name-button"))
             leave_button = gr.Button(
                 "Leave out",
                 size="sm",
-                elem_id=f"cluster-{cid}-exclude-button",
-                key=key("exclude-button"),
+                **named("exclude-button"),
             )
             promote_button = gr.Button(
                 "Promote into the training data",
                 size="sm",
                 variant="primary",
-                elem_id=f"cluster-{cid}-promote",
-                key=key("promote"),
+                **named("promote"),
             )
             reject_button = gr.Button(
                 "Reject",
                 size="sm",
                 variant="stop",
-                elem_id=f"cluster-{cid}-reject",
-                key=key("reject"),
+                **named("reject"),
             )
     if review is not None and review[1]:
         tabs, handles = review
         review_button = gr.Button(
             f"Review all {len(everyone)} members (least typical first)",
             size="sm",
-            elem_id=f"cluster-{cid}-review",
-            key=key("review"),
+            **named("review"),
         )
         review_button.click(
             lambda: (gr.Tabs(selected="review"), str(cid), SORT_WORDS["outlier"], 1),
             None,
             [tabs, handles["cluster"], handles["sort"], handles["page"]],
-            key=key("review-click"),
+            key=review_button.key,  # listeners are keyed apart from components
         )
-    name_button.click(name_it, name_box, clusters, key=key("name-click"))
-    leave_button.click(leave_out, ids_box, clusters, key=key("exclude-click"))
+    name_button.click(name_it, name_box, clusters, key=name_button.key)
+    leave_button.click(leave_out, ids_box, clusters, key=leave_button.key)
     # Promote copies files and reject files the cluster away: both ask first, with the count.
-    confirmed = gr.Checkbox(value=False, visible=False, key=key("confirmed"))
+    confirmed = gr.Checkbox(value=False, visible=False, **named("confirmed"))
     promote_button.click(
         promote,
         [name_box, into, confirmed],
         clusters,
-        key=key("promote-click"),
+        key=promote_button.key,
         js=f"""(name, into, c) => {{
             const n = (name || '').trim() || {json.dumps(c.get("name") or "")};
             const merge = {json.dumps(class_names(service))}.includes(n);
@@ -344,6 +337,6 @@ def _cluster_panel(
         reject,
         confirmed,
         clusters,
-        key=key("reject-click"),
+        key=reject_button.key,
         js=f"(c) => [confirm('Reject cluster {cid} ({c['size']} images): not a new kind?')]",
     )

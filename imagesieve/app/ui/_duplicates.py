@@ -22,7 +22,7 @@ def duplicates_section(service: Service) -> list[Any]:
 
     def show(chosen: int | None = None) -> tuple:
         if version_or_none(service) is None:
-            return gr.Dropdown(choices=[], value=None), "No trained model yet.", [], [], None
+            return gr.Dropdown(choices=[], value=None), "No trained model yet.", [], [], None, ""
         doc = service.duplicates(limit=LISTED)
         groups = doc["near"]["groups"]
         choices = [
@@ -53,7 +53,7 @@ def duplicates_section(service: Service) -> list[Any]:
                 aside = " · set aside" if m["duplicate_of"] else ""
                 items.append((str(path), f"{m['id']} {m['label']}{aside}"))
                 shown.append(m)
-        return gr.Dropdown(choices=choices, value=value), words, items, shown, None
+        return gr.Dropdown(choices=choices, value=value), words, items, shown, None, ""
 
     def pick_group(group_id: int | None) -> tuple:
         return show(group_id)
@@ -70,7 +70,7 @@ def duplicates_section(service: Service) -> list[Any]:
             raise gr.Error("click the image to keep first", print_exception=False)
         doc = service.keep_one(int(picked), who=app_user(request))
         gr.Info(f"kept {doc['kept']}, set {doc['set_aside']} aside (action {doc['action_id']})")
-        return (*show(group_id), "")
+        return show(group_id)
 
     with gr.Accordion("Near-duplicate images", open=False, elem_id="review-duplicates") as section:
         words = gr.Markdown(elem_id="review-duplicates-words")
@@ -89,9 +89,10 @@ def duplicates_section(service: Service) -> list[Any]:
         )
     members = gr.State([])
     picked = gr.State(None)
-    outputs = [group, words, gallery, members, picked]
+    # every redraw of the group clears the pick: a pick is an image of the group on screen
+    outputs = [group, words, gallery, members, picked, chosen]
     section.expand(user_errors(show), None, outputs, show_progress="hidden")
     group.input(user_errors(pick_group), group, outputs, show_progress="hidden")
     gallery.select(pick, members, [picked, chosen], show_progress="hidden")
-    kept = keep_btn.click(user_errors(keep), [group, picked], [*outputs, chosen])
+    kept = keep_btn.click(user_errors(keep), [group, picked], outputs)
     return [kept]

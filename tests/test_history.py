@@ -112,6 +112,36 @@ def test_head_only_retrain__history_redecided_without_the_images(history, tmp_pa
     assert again["already_scored"] == 80 and again["scored"] == 0
 
 
+def test_head_inputs_read_with_the_old_index_are_the_stored_ones(history):
+    """Re-deciding takes the embeddings from the old version's index, which a fresh version
+    takes over; a saved index that disagrees with DuckDB is not read (DuckDB is)."""
+    ws, _, _ = history
+    with Store(ws, check=False) as store:
+        store.indexes.save()
+        peeked = store.indexes.peek("v1")
+        assert peeked is not None and "v1" not in store.indexes._loaded  # read, not kept
+        plain = list(store.head_input_chunks("v1", "none", 32))
+        fast = list(store.head_input_chunks("v1", "none", 32, peeked))
+        assert [len(c.ids) for c in fast] == [len(c.ids) for c in plain] and sum(
+            len(c.ids) for c in plain
+        ) == store.row_count("v1")
+        for a, b in zip(plain, fast, strict=True):
+            assert np.array_equal(a.ids, b.ids)
+            assert np.array_equal(a.embedding, b.embedding)
+            assert np.array_equal(a.max_pooled, b.max_pooled)
+        # one more stored row than the saved index holds: the file is stale, not peeked
+        store._db.execute("BEGIN")
+        try:
+            store._db.execute(
+                "INSERT INTO predictions SELECT * REPLACE (10000000 AS id, 'x' AS sha256) "
+                "FROM predictions WHERE model_version = 'v1' LIMIT 1"
+            )
+            assert store.indexes.peek("v1") is None
+        finally:
+            store._db.execute("ROLLBACK")
+        assert store.indexes.peek("v1") is not None
+
+
 def test_rows_without_head_inputs_are_decoded_and_a_live_index_follows(history):
     ws, data, pics = history
     # rows stored by a release that kept no head inputs

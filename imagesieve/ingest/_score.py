@@ -310,7 +310,9 @@ def _redecide_stored(
     total, fresh = store.row_count(old), not store.row_count(version.name)
     copied: list[tuple[np.ndarray, np.ndarray]] = []
     summary = run.summary
-    for rows in store.head_input_chunks(old, version.name, REDECIDE_CHUNK):
+    # a fresh version takes over old's index at the end: its vectors are the embeddings
+    source = store.indexes.peek(old) if fresh else None
+    for rows in store.head_input_chunks(old, version.name, REDECIDE_CHUNK, source):
         probs = predictor.head_probs(rows.embedding, rows.avg_norm, rows.max_pooled)
         if probs is None or (predictor.far is not None and rows.ood is None):
             return
@@ -366,7 +368,10 @@ def _redecide_stored(
         progress("scoring", summary.items, total)
     if fresh and copied:
         store.indexes.adopt(
-            old, version.name, *(np.concatenate(part) for part in zip(*copied, strict=True))
+            old,
+            version.name,
+            *(np.concatenate(part) for part in zip(*copied, strict=True)),
+            peeked=source,
         )
 
 

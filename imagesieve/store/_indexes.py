@@ -175,13 +175,39 @@ class IndexSet:
         return index
 
     @locked
-    def adopt(self, source: str, target: str, from_ids: np.ndarray, to_ids: np.ndarray) -> bool:
+    def peek(self, model_version: str) -> VectorIndex | None:
+        """The version's index as loaded, or as saved when its file agrees with DuckDB.
+
+        An index read from its file is not kept (``adopt`` may take it over); None when there
+        is none to read as it is: nothing is repaired or rebuilt here.
+        """
+        index = self._loaded.get(model_version)
+        if index is not None:
+            return index
+        try:
+            index = VectorIndex.open(self.path(model_version))
+        except IndexFileError:
+            return None
+        if index is None or index.stats() != self.store._vector_stats(model_version):
+            return None
+        return index
+
+    @locked
+    def adopt(
+        self,
+        source: str,
+        target: str,
+        from_ids: np.ndarray,
+        to_ids: np.ndarray,
+        peeked: VectorIndex | None = None,
+    ) -> bool:
         """Give ``target`` a copy of ``source``'s index, its rows having been copied to ``target``.
 
         Row ``from_ids[i]`` of ``source`` is row ``to_ids[i]`` of ``target``, same embedding:
         the copy is the same graph under the new ids, in milliseconds where building an HNSW
-        graph takes minutes. False (nothing done) unless ``target`` holds exactly those rows
-        and they are all of ``source``'s.
+        graph takes minutes. ``peeked``: what ``peek(source)`` gave, so its file is not read
+        twice. False (nothing done) unless ``target`` holds exactly those rows and they are all
+        of ``source``'s.
         """
         import faiss
 
@@ -194,10 +220,7 @@ class IndexSet:
             return False
         index = self._loaded.get(source)
         if index is None:  # read from its file: this copy becomes the target's own
-            try:
-                index = VectorIndex.open(self.path(source))
-            except IndexFileError:
-                return False
+            index = peeked if peeked is not None else self.peek(source)
             if index is None or index.stats() != self.store._vector_stats(source):
                 return False
             graph = index.index

@@ -195,11 +195,15 @@ class StoredHeadInputs:
     def from_arrow(cls, rows: Any, embeddings: Any, heads: Any, dim: int) -> StoredHeadInputs:
         """Rows, sorted by owner, with the features of an id range holding their owners.
 
-        Other rows in that range are left out.
+        Other rows in that range are left out. ``embeddings``: the range's (id, embedding)
+        table, or the rows' own (n, d) matrix in their order.
         """
         owners = rows.column("owner").to_numpy()
-        ids, emb = embedding_matrix(embeddings, dim)
-        emb = emb[_positions(ids, owners)]
+        if isinstance(embeddings, np.ndarray):
+            emb = embeddings
+        else:
+            ids, emb = embedding_matrix(embeddings, dim)
+            emb = emb[_positions(ids, owners)]
         at = _positions(heads.column("id").to_numpy(), owners)
         top = _blob_rows(heads.column("max_pooled"), np.float16)[at]
         ood = None

@@ -70,6 +70,7 @@ from imagesieve.store._schema import (
     migrate,
     shared_sql,
 )
+from imagesieve.store._vectors import VectorIndex
 
 __all__ = ["STORE_FILE", "Store", "StoreBusyError", "fold_stopped_journal", "using_store"]
 
@@ -1180,13 +1181,17 @@ class Store:
             ).fetchall()
         ]
 
-    def head_input_chunks(self, old: str, new: str, chunk: int) -> Iterator[StoredHeadInputs]:
+    def head_input_chunks(
+        self, old: str, new: str, chunk: int, vectors: VectorIndex | None = None
+    ) -> Iterator[StoredHeadInputs]:
         """``old``'s rows whose content ``new`` lacks, ``chunk`` at a time, by owner.
 
         With what their head read (embedding, average-pooled length, max-pooled features), the
         features a Mahalanobis distance reads (where stored), and the row that holds them
         (``owner``: itself, or the row it shares them with); rows stored without head inputs
         are left out. The lock is held per chunk, so the caller may write between chunks.
+        ``vectors``: ``old``'s index (``IndexSet.peek``), which holds the embeddings a DuckDB
+        read would decompress (5 KB a row); DuckDB is read where it does not.
         """
         with self.lock:
             dim = self._vector_dim(old)
@@ -1209,10 +1214,12 @@ class Store:
             want = owners[a : a + chunk]
             lo, hi = int(want[0]), int(want[-1])  # sorted: DuckDB skips row groups outside
             with self.lock:  # plain range scans: a join with the wanted ids costs 6x more
-                emb = self._db.sql(
-                    f"SELECT id, embedding FROM {EMBEDDINGS_TABLE.format(dim=dim)} "
-                    f"WHERE id BETWEEN {lo} AND {hi}"
-                ).to_arrow_table()
+                emb = None if vectors is None else vectors.vectors_of(part.column("id").to_numpy())
+                if emb is None:
+                    emb = self._db.sql(
+                        f"SELECT id, embedding FROM {EMBEDDINGS_TABLE.format(dim=dim)} "
+                        f"WHERE id BETWEEN {lo} AND {hi}"
+                    ).to_arrow_table()
                 head = self._con.sql(
                     "SELECT id, avg_norm, max_pooled, ood_features FROM head_inputs "
                     f"WHERE id BETWEEN {lo} AND {hi}"

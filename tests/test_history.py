@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import Predictor
+from imagesieve.classifier import DuplicateRule, Predictor
 from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.data._elpv import export_elpv
 from imagesieve.ingest import ScoreOptions, score_history, score_inputs
@@ -140,6 +140,52 @@ def test_head_inputs_read_with_the_old_index_are_the_stored_ones(history):
         finally:
             store._db.execute("ROLLBACK")
         assert store.indexes.peek("v1") is not None
+
+
+def test_head_only_retrain__near_duplicates_judged_again_from_the_kept_candidates(
+    history, tmp_path
+):
+    """The copies hold v1's embeddings, so v1's kept candidates stand in for a search: the new
+    rule judges them without the index, and the groups are the ones a search gives."""
+    from PIL import Image
+
+    src, data, pics = history
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(src.root, ws.root)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for p in sorted(pics.iterdir())[:3]:  # one pixel changed: other bytes, the same look
+        img = np.array(Image.open(p).convert("RGB"))
+        img[0, 0] = 255 - img[0, 0]
+        Image.fromarray(img).save(copies / f"copy-{p.name}")
+    score_inputs(ws, [str(copies)], ScoreOptions(model="v1"))
+    name = train_model(data, ws, TrainOptions(seed=3, activate=False)).version.name
+    rule = DuplicateRule.of_version(get_version(ws, name).meta)
+    diff = score_history(ws, name, "v1")
+    assert diff["scored"] == 83 and diff["failed"] == 0
+    groups = "SELECT list(sha256 ORDER BY sha256) FROM predictions WHERE model_version = ? "
+    groups += "AND duplicate_group IS NOT NULL GROUP BY duplicate_group ORDER BY 1"
+    got = rows(ws, groups, [name])
+    assert len(got) >= 3 and all(len(g[0]) == 2 for g in got)  # each copy with its original
+
+    def relink(like) -> list[tuple]:
+        with Store(ws, check=False) as store:
+            store._db.execute(
+                "UPDATE predictions SET duplicate_group = NULL WHERE model_version = ?", [name]
+            )
+            store._db.execute(
+                "DELETE FROM duplicate_pairs WHERE a IN "
+                "(SELECT id FROM predictions WHERE model_version = ?)",
+                [name],
+            )
+            store._db.execute("DELETE FROM duplicate_checks WHERE model_version = ?", [name])
+            assert store.duplicates.catch_up(name, rule, like=like) == 83
+            searched = name in store.indexes._loaded
+        assert searched == (like is None)  # the kept candidates need no index
+        return rows(ws, groups, [name])
+
+    assert relink(("v1", DuplicateRule.of_version(get_version(ws, "v1").meta))) == got
+    assert relink(None) == got
 
 
 def test_rows_without_head_inputs_are_decoded_and_a_live_index_follows(history):

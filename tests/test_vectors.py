@@ -80,10 +80,14 @@ def test_vector_index__vectors_of_ids_are_the_added_vectors_in_the_order_asked(
     index = VectorIndex(tmp_path / "v1.faiss", 64)
     index.add(ids, x)
     want = np.array([850, 100, 420, 421])
+    many = np.random.default_rng(1).permutation(ids)[:700]
     for kind in ("flat", "hnsw"):
         assert index.kind == kind
-        assert np.array_equal(index.vectors_of(want), x[want - 100])
-        assert index.vectors_of(np.array([100, 5])) is None  # 5 is not held
+        for view in (False, True):  # id by id, or gathered from a view of the stored vectors
+            monkeypatch.setattr(_vectors, "VIEW_MIN_IDS", 1 if view else 10**9)
+            assert np.array_equal(index.vectors_of(want), x[want - 100])
+            assert np.array_equal(index.vectors_of(many), x[many - 100])
+            assert index.vectors_of(np.array([100, 5])) is None  # 5 is not held
         index.save()  # past FLAT_MAX: HNSW, whose graph keeps the vectors too
 
 

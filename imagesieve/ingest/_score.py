@@ -184,17 +184,32 @@ class ScoreSummary:
 
 
 def _link_duplicates(
-    store: Store, version: ModelVersion, summary: ScoreSummary, progress: Progress
+    store: Store,
+    version: ModelVersion,
+    summary: ScoreSummary,
+    progress: Progress,
+    history_of: ModelVersion | None = None,
 ) -> int | None:
     """Link the rows stored since the last look to their near-duplicates; this batch's count.
 
     None when the version has no near-duplicate rule (trained before they were checked).
+    ``history_of``: the version whose history this run scored; when both embed alike, the
+    candidates it kept stand in for searching its rows again.
     """
     rule = DuplicateRule.of_version(version.meta)
     if rule is None:
         return None
+    old = None if history_of is None else DuplicateRule.of_version(history_of.meta)
+    like = (
+        (history_of.name, old)
+        if history_of is not None and old is not None and _same_embeddings(version, history_of)
+        else None
+    )
     store.duplicates.catch_up(
-        version.name, rule, lambda done, total: progress("finding near-duplicates", done, total)
+        version.name,
+        rule,
+        lambda done, total: progress("finding near-duplicates", done, total),
+        like,
     )
     return store.duplicates.in_batch(version.name, summary.batch_id)
 
@@ -305,7 +320,7 @@ def _redecide_stored(
 
     version, store = predictor.version, run.session.store
     old_version = get_version(ws, old)
-    if version.frozen_backbone is None or version.frozen_backbone != old_version.frozen_backbone:
+    if not _same_embeddings(version, old_version):
         return
     total, fresh = store.row_count(old), not store.row_count(version.name)
     copied: list[tuple[np.ndarray, np.ndarray]] = []
@@ -373,6 +388,11 @@ def _redecide_stored(
             *(np.concatenate(part) for part in zip(*copied, strict=True)),
             peeked=source,
         )
+
+
+def _same_embeddings(version: ModelVersion, other: ModelVersion) -> bool:
+    """True when both versions embed with the same untouched backbone (a head-only retrain)."""
+    return version.frozen_backbone is not None and version.frozen_backbone == other.frozen_backbone
 
 
 def sort_folder(pred: Prediction) -> str:
@@ -763,7 +783,13 @@ def score_inputs(
             run.commit()
             if shards is not None:  # stored: a re-run writes its own
                 shutil.rmtree(shards, ignore_errors=True)
-            summary.near_duplicates = _link_duplicates(store, version, summary, progress)
+            summary.near_duplicates = _link_duplicates(
+                store,
+                version,
+                summary,
+                progress,
+                None if opts.history_of is None else get_version(ws, opts.history_of),
+            )
             summary.status = "done"
         finally:
             if summary.status != "done":

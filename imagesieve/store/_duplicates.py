@@ -5,8 +5,11 @@ Rows are linked as they arrive: ``catch_up`` takes a version's rows stored since
 (``duplicate_checks``), finds each one's nearest stored rows in the version's FAISS index within
 the version's ``DuplicateRule``, confirms the looser pairs by their pixel signatures, and merges
 the groups they touch (a group is named by its smallest id), in one transaction per chunk, so a
-killed run resumes where it stopped. Keep-one (``set_aside``) marks a group's other rows as
-duplicates of the row kept: they are not clustered and not promoted.
+killed run resumes where it stopped. The candidates each search found within the rule's reach
+are kept (``duplicate_pairs``): a head-only retrain's copies of those rows hold the same
+embeddings, so their candidates are the old ones, re-judged by the new rule without a search.
+Keep-one (``set_aside``) marks a group's other rows as duplicates of the row kept: they are not
+clustered and not promoted.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ __all__ = ["DuplicateGroup", "NearDuplicates"]
 NEIGHBOURS = 16
 #: New rows linked per transaction (and per hold of the store's lock).
 CATCH_UP_CHUNK = 2048
+#: The same, for rows whose candidates are another version's (no search: a lock hold is short).
+REUSE_CHUNK = 32_768
 #: Members a group listing returns at most.
 MAX_MEMBERS = 100
 #: What a group listing gives of each member.
@@ -77,17 +82,32 @@ class NearDuplicates:
             ).fetchall()
         return int(row[0][0]) if row else 0
 
+    def pairs_from(self, model_version: str) -> int | None:
+        """The largest id checked before candidates were kept (None: the version has no mark).
+
+        Rows after it and up to ``checked_upto`` have their candidates in ``duplicate_pairs``.
+        """
+        with self.store._connection() as con:
+            row = con.execute(
+                "SELECT pairs_from FROM duplicate_checks WHERE model_version = ?", [model_version]
+            ).fetchall()
+        return None if not row or row[0][0] is None else int(row[0][0])
+
     def catch_up(
         self,
         model_version: str,
         rule: DuplicateRule | None,
         progress: Callable[[int, int], None] | None = None,
+        like: tuple[str, DuplicateRule] | None = None,
     ) -> int:
         """Link the version's rows stored since the last catch-up to their near-duplicates.
 
         Returns how many rows were checked (0 without a rule or new rows). Each chunk commits
-        its groups with the new mark, and releases the lock between chunks (a server keeps
-        storing meanwhile).
+        its groups and candidates with the new mark, and releases the lock between chunks (a
+        server keeps storing meanwhile). ``like``: (a version whose rows hold the same
+        embeddings, its rule), a head-only retrain's source. When every new row has its
+        content stored there with its candidates kept, within a reach as long as ``rule``'s,
+        those candidates are re-judged instead of searching the index.
         """
         store = self.store
         if rule is None or store.read_only:
@@ -106,32 +126,115 @@ class NearDuplicates:
             return 0
         if progress is not None:  # the phase shows from its start
             progress(0, len(ids))
-        for s in range(0, len(ids), CATCH_UP_CHUNK):
-            part = ids[s : s + CATCH_UP_CHUNK]
+        twins = None if like is None else self._twins(model_version, upto, like, rule)
+        step = CATCH_UP_CHUNK if twins is None else REUSE_CHUNK
+        for s in range(0, len(ids), step):
+            part = ids[s : s + step]
             with store.lock:
-                index = store.indexes.get(model_version, dim=dim)
-                held = index.vectors_of(part)  # a copy in memory: no DuckDB read
-                # DuckDB's chunks are read whole before the index is queried
-                chunks = [(part, held)] if held is not None else list(store._vectors_of(part, dim))
-                a, b = [], []
-                for got, emb in chunks:
-                    pa_, pb_ = self._pairs(rule, index, got, emb)
-                    a.append(pa_)
-                    b.append(pb_)
-                self._merge(model_version, np.concatenate(a), np.concatenate(b), int(part[-1]))
+                if twins is not None:
+                    a, b, d = self._reused(part, like[0], twins, rule)
+                else:
+                    a, b, d = self._searched(model_version, part, dim, rule)
+                ok = self._accepts(rule, a, b, d)
+                self._merge(model_version, a[ok], b[ok], int(part[-1]), (a, b, d))
             if progress is not None:
                 progress(s + len(part), len(ids))
         return len(ids)
 
-    def _pairs(
+    def _searched(
+        self, model_version: str, part: np.ndarray, dim: int, rule: DuplicateRule
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidates (a, b, distance) of rows ``part``: their nearest in the version's index."""
+        index = self.store.indexes.get(model_version, dim=dim)
+        held = index.vectors_of(part)  # a copy in memory: no DuckDB read
+        # DuckDB's chunks are read whole before the index is queried
+        chunks = [(part, held)] if held is not None else list(self.store._vectors_of(part, dim))
+        found = [self._candidates(rule, index, got, emb) for got, emb in chunks]
+        return tuple(np.concatenate(c) for c in zip(*found, strict=True))  # type: ignore[return-value]
+
+    def _twins(
+        self, model_version: str, upto: int, like: tuple[str, DuplicateRule], rule: DuplicateRule
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(old ids sorted, the new id of each) of every row both versions hold, or None.
+
+        None unless ``like``'s kept candidates can stand in for a search of every row after
+        ``upto``: its reach covers ``rule``'s, and each of those rows has a twin (same content)
+        there among the rows checked since candidates were kept.
+        """
+        old, old_rule = like
+        first = self.pairs_from(old)
+        if first is None or old_rule.reach + TOLERANCE < rule.reach:
+            return None
+        last = self.checked_upto(old)
+        with self.store._connection() as con:
+            rows = con.execute(
+                "SELECT n.id, o.id AS old, n.id > ? AS new_row FROM predictions n "
+                "LEFT JOIN predictions o ON o.sha256 = n.sha256 AND o.model_version = ? "
+                "WHERE n.model_version = ?",
+                [upto, old, model_version],
+            ).fetchnumpy()
+        new_row = np.asarray(rows["new_row"], bool)
+        if not new_row.any():
+            return None
+        twin = rows["old"]
+        if np.ma.is_masked(twin):
+            twin_ok = ~np.ma.getmaskarray(twin)
+            twin = np.ma.getdata(twin)
+        else:
+            twin_ok = np.ones(len(twin), bool)
+        twin = np.asarray(twin, np.int64)
+        checked = twin_ok & (twin > first) & (twin <= last)
+        if not checked[new_row].all():
+            return None
+        ids = np.asarray(rows["id"], np.int64)[twin_ok]
+        twin = twin[twin_ok]
+        order = np.argsort(twin)
+        return twin[order], ids[order]
+
+    def _reused(
+        self,
+        part: np.ndarray,
+        old: str,
+        twins: tuple[np.ndarray, np.ndarray],
+        rule: DuplicateRule,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidates (a, b, distance) of rows ``part``: their twins' kept ones within ``rule``."""
+        import pyarrow as pa
+
+        old_ids, new_ids = twins
+        by_new = np.argsort(new_ids)
+        at = by_new[np.searchsorted(new_ids, part, sorter=by_new)]
+        con = self.store._con
+        con.register("_twin", pa.table({"old": old_ids[at], "new": part}))
+        try:
+            got = con.execute(
+                "SELECT t.new AS a, c.b, c.distance FROM duplicate_pairs c "
+                "JOIN _twin t ON c.a = t.old WHERE c.distance <= ?",
+                [rule.reach + TOLERANCE],
+            ).fetchnumpy()
+        finally:
+            con.unregister("_twin")
+        a = np.asarray(got["a"], np.int64)
+        b_old = np.asarray(got["b"], np.int64)
+        d = np.asarray(got["distance"], np.float32)
+        at = np.searchsorted(old_ids, b_old).clip(0, max(len(old_ids) - 1, 0))
+        held = old_ids[at] == b_old if len(old_ids) else np.zeros(len(b_old), bool)
+        return a[held], new_ids[at][held], d[held]
+
+    def _candidates(
         self, rule: DuplicateRule, index: Any, ids: np.ndarray, emb: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The (a, b) id pairs of new rows ``ids`` and stored rows that the rule calls duplicates."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(a, b, distance) of new rows ``ids`` and their nearest stored rows within reach."""
         D, I = assign_near_duplicates(emb, index, rule.reach, k=NEIGHBOURS + 1)
         a = np.repeat(ids, I.shape[1])
         b, d = I.ravel(), D.ravel()
         found = (b >= 0) & (b != a)
-        a, b, d = a[found], b[found], d[found]
+        return a[found], b[found], d[found]
+
+    def _accepts(
+        self, rule: DuplicateRule, a: np.ndarray, b: np.ndarray, d: np.ndarray
+    ) -> np.ndarray:
+        """Which candidate pairs the rule calls duplicates (signatures read where it needs them)."""
         sims = np.full(len(d), np.nan, np.float32)  # NaN: not compared, missing or flat
         need = np.flatnonzero(rule.needs_signature(d))
         if len(need):
@@ -144,8 +247,7 @@ class NearDuplicates:
                 sa = np.stack([sig[x] for x in a[checked].tolist()])
                 sb = np.stack([sig[y] for y in b[checked].tolist()])
                 sims[checked] = signature_similarity(sa, sb, flat=np.nan)
-        ok = rule.accepts(d, sims)
-        return a[ok], b[ok]
+        return rule.accepts(d, sims)
 
     def signatures(self, ids: np.ndarray | list[int]) -> dict[int, np.ndarray]:
         """Stored signatures by row id; a row copied by a head-only retrain has its owner's."""
@@ -167,8 +269,18 @@ class NearDuplicates:
             con.unregister("_sig_ids")
         return {int(i): np.frombuffer(s, np.int8) for i, s in rows}
 
-    def _merge(self, model_version: str, a: np.ndarray, b: np.ndarray, upto: int) -> None:
-        """Join the groups of each pair (a, b) (a group is named by its smallest id); mark ``upto``."""
+    def _merge(
+        self,
+        model_version: str,
+        a: np.ndarray,
+        b: np.ndarray,
+        upto: int,
+        candidates: tuple[np.ndarray, np.ndarray, np.ndarray],
+    ) -> None:
+        """Join the groups of each pair (a, b) (a group is named by its smallest id); mark ``upto``.
+
+        ``candidates`` (a, b, distance): what was judged, kept with the mark.
+        """
         import pyarrow as pa
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
@@ -213,14 +325,29 @@ class NearDuplicates:
                     "g": pa.array(group[change], pa.int64()),
                 }
             )
+        ca, cb, cd = candidates
+        if len(ca):
+            tables["_dup_pairs"] = pa.table(
+                {
+                    "a": pa.array(ca, pa.int64()),
+                    "b": pa.array(cb, pa.int64()),
+                    "distance": pa.array(cd, pa.float32()),
+                }
+            )
         with self.store._transaction(tables):
             if "_dup_groups" in tables:
                 con.execute(
                     "UPDATE predictions SET duplicate_group = _dup_groups.g FROM _dup_groups "
                     "WHERE predictions.id = _dup_groups.id"
                 )
+            if "_dup_pairs" in tables:
+                con.execute("INSERT INTO duplicate_pairs SELECT a, b, distance FROM _dup_pairs")
+            # a version's first mark: its candidates are kept from its first row on
             con.execute(
-                "INSERT OR REPLACE INTO duplicate_checks VALUES (?, ?)", [model_version, upto]
+                "INSERT INTO duplicate_checks (model_version, checked_upto, pairs_from) "
+                "VALUES (?, ?, 0) ON CONFLICT (model_version) "
+                "DO UPDATE SET checked_upto = excluded.checked_upto",
+                [model_version, upto],
             )
 
     def groups(

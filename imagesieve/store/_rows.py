@@ -214,15 +214,25 @@ class StoredHeadInputs:
 
 
 def _blob_rows(column: Any, dtype: Any) -> np.ndarray:
-    """An Arrow column of equal-length blobs of ``dtype`` -> (n, d), without a copy per row."""
+    """An Arrow column of equal-length blobs of ``dtype`` -> (n, d), without a copy per row.
+
+    One chunk is viewed in place; several are copied once (Arrow's ``combine_chunks`` copies
+    even one chunk: 0.35 s for 128 MB).
+    """
     import pyarrow as pa
 
-    blobs = column.combine_chunks()
-    wide = pa.types.is_large_binary(blobs.type)
-    ends = np.frombuffer(blobs.buffers()[1], np.int64 if wide else np.int32)
-    ends = ends[blobs.offset : blobs.offset + len(blobs) + 1]
-    data = np.frombuffer(blobs.buffers()[2], np.uint8)[ends[0] : ends[-1]]
-    rows = data.view(dtype).reshape(len(blobs), -1)
+    parts = []
+    for blobs in column.chunks:
+        if not len(blobs):
+            continue
+        wide = pa.types.is_large_binary(blobs.type)
+        ends = np.frombuffer(blobs.buffers()[1], np.int64 if wide else np.int32)
+        ends = ends[blobs.offset : blobs.offset + len(blobs) + 1]
+        data = np.frombuffer(blobs.buffers()[2], np.uint8)[ends[0] : ends[-1]]
+        parts.append(data.view(dtype).reshape(len(blobs), -1))
+    if len(parts) != 1:
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype)
+    rows = parts[0]
     return rows if rows.flags.aligned else rows.copy()  # unaligned float16 converts ~8x slower
 
 

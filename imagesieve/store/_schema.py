@@ -616,6 +616,21 @@ def _near_duplicates(con: Any) -> None:
     )
 
 
+def _duplicate_pairs(con: Any) -> None:
+    """The candidates each near-duplicate search found within its rule's reach, kept.
+
+    ``duplicate_pairs`` holds (a, b, cosine distance) for a row ``a`` checked and a stored row
+    ``b`` near it, before the signatures judged the pair; ``duplicate_checks.pairs_from`` the
+    largest id a version had checked before they were kept (its later rows have them).
+    """
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS duplicate_pairs "
+        "(a BIGINT NOT NULL, b BIGINT NOT NULL, distance FLOAT NOT NULL)"
+    )
+    con.execute("ALTER TABLE duplicate_checks ADD COLUMN IF NOT EXISTS pairs_from BIGINT")
+    con.execute("UPDATE duplicate_checks SET pairs_from = checked_upto WHERE pairs_from IS NULL")
+
+
 #: The schema's history, oldest first: (name, step). Append only; a step must be safe to run
 #: on a store that already has its change (stores older than ``schema_version`` record none).
 MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
@@ -631,6 +646,7 @@ MIGRATIONS: list[tuple[str, Callable[[Any], None]]] = [
     ("edge blur and highlights", _edges_and_highlights),
     ("far distance", _far_distance),
     ("cosine of older rows", _older_cosine),
+    ("near-duplicate candidates", _duplicate_pairs),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

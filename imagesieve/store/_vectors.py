@@ -76,6 +76,8 @@ TIE_TOLERANCE = 1e-5
 DELTA_MAX_FRACTION = 0.25
 #: Bytes read at a time to checksum a saved index.
 CHECKSUM_CHUNK = 1 << 24
+#: From this many ids, ``vectors_of`` gathers from a view of the stored vectors, not id by id.
+VIEW_MIN_IDS = 4096
 
 
 class IndexFileError(Exception):
@@ -320,14 +322,32 @@ class VectorIndex:
         """The vectors held under DuckDB ``ids``, in their order.
 
         None when the index holds codes rather than vectors (IVF-PQ) or lacks one of ``ids``:
-        read them from DuckDB then.
+        read them from DuckDB then. Many ids are gathered from a view of the stored vectors
+        (FAISS's per-id reconstruct: 0.38 s for 50,000 of 100,000 1280-d vectors, the view
+        0.07 s); a few by id (the view's id lookup costs a sort of every id held).
         """
-        if self.kind == "ivfpq":
+        import faiss
+
+        inner = faiss.downcast_index(self.index.index)
+        if isinstance(inner, faiss.IndexHNSW):
+            inner = faiss.downcast_index(inner.storage)
+        if not isinstance(inner, faiss.IndexFlat):
+            return None  # codes, not vectors
+        want = np.ascontiguousarray(ids, np.int64)
+        if len(want) < VIEW_MIN_IDS:
+            try:
+                return self.index.reconstruct_batch(want)
+            except RuntimeError:  # an id not held
+                return None
+        held = self.ids()
+        if not len(held):
             return None
-        try:
-            return self.index.reconstruct_batch(np.ascontiguousarray(ids, np.int64))
-        except RuntimeError:  # an id not held
+        order = np.argsort(held)
+        at = order[np.searchsorted(held, want, sorter=order).clip(0, len(held) - 1)]
+        if not np.array_equal(held[at], want):
             return None
+        stored = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * self.dim)
+        return stored.reshape(inner.ntotal, self.dim)[at]  # a copy: the view ends here
 
     def chunks(self, size: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The (ids, vectors) held, ``size`` at a time in insertion order (no full copy)."""

@@ -237,16 +237,18 @@ class NearDuplicates:
         """Which candidate pairs the rule calls duplicates (signatures read where it needs them)."""
         sims = np.full(len(d), np.nan, np.float32)  # NaN: not compared, missing or flat
         need = np.flatnonzero(rule.needs_signature(d))
-        if len(need):
-            sig = self._signatures(np.unique(np.concatenate([a[need], b[need]])))
-            have = np.array(
-                [x in sig and y in sig for x, y in zip(a[need], b[need], strict=True)], bool
-            )
-            checked = need[have]
-            if len(checked):
-                sa = np.stack([sig[x] for x in a[checked].tolist()])
-                sb = np.stack([sig[y] for y in b[checked].tolist()])
-                sims[checked] = signature_similarity(sa, sb, flat=np.nan)
+        sig = self._signatures(np.unique(np.concatenate([a[need], b[need]]))) if len(need) else {}
+        if sig:
+            held = np.fromiter(sig, np.int64, len(sig))
+            held.sort()
+            matrix = np.stack([sig[i] for i in held.tolist()])
+            at_a = np.searchsorted(held, a[need]).clip(0, len(held) - 1)
+            at_b = np.searchsorted(held, b[need]).clip(0, len(held) - 1)
+            have = (held[at_a] == a[need]) & (held[at_b] == b[need])
+            if have.any():
+                sims[need[have]] = signature_similarity(
+                    matrix[at_a[have]], matrix[at_b[have]], flat=np.nan
+                )
         return rule.accepts(d, sims)
 
     def signatures(self, ids: np.ndarray | list[int]) -> dict[int, np.ndarray]:

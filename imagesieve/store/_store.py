@@ -1340,10 +1340,27 @@ class Store:
         return int(count), int(max_id), int(id_sum)
 
     def _vector_dim(self, model_version: str) -> int | None:
-        row = self._db.execute(
-            "SELECT len(embedding) FROM embeddings "
-            "WHERE id = (SELECT min(id) FROM predictions WHERE model_version = ?)",
-            [model_version],
+        """The size of a version's embeddings (None: it has no rows).
+
+        Read from the per-size table that holds its first row's embedding (or its owner's): the
+        ``embeddings`` view joins every shared row with its owner's table first (0.4 s at
+        100,000 rows).
+        """
+        first = self._db.execute(
+            "SELECT min(id) FROM predictions WHERE model_version = ?", [model_version]
+        ).fetchall()[0][0]
+        if first is None:
+            return None
+        owner = first
+        if self._shared:
+            row = self._db.execute("SELECT of_id FROM shared_features WHERE id = ?", [first])
+            owner = next(iter(row.fetchall()), (first,))[0]
+        for dim in sorted(self._dims):
+            table = EMBEDDINGS_TABLE.format(dim=dim)
+            if self._db.execute(f"SELECT 1 FROM {table} WHERE id = ?", [owner]).fetchall():
+                return dim
+        row = self._db.execute(  # a store not yet migrated: its old table
+            "SELECT len(embedding) FROM embeddings WHERE id = ?", [first]
         ).fetchall()
         return int(row[0][0]) if row else None
 

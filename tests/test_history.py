@@ -15,8 +15,9 @@ from imagesieve._workspace import Workspace
 from imagesieve.classifier import DuplicateRule, Predictor
 from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.data._elpv import export_elpv
-from imagesieve.ingest import ScoreOptions, score_history, score_inputs
+from imagesieve.ingest import ScoreOptions, describe_history, score_history, score_inputs
 from imagesieve.models import ModelVersion, get_version
+from imagesieve.search import keep_one
 from imagesieve.store import Store, kept_path
 
 
@@ -159,6 +160,17 @@ def test_head_only_retrain__near_duplicates_judged_again_from_the_kept_candidate
         img[0, 0] = 255 - img[0, 0]
         Image.fromarray(img).save(copies / f"copy-{p.name}")
     score_inputs(ws, [str(copies)], ScoreOptions(model="v1"))
+    # a person kept the copy of the first picture, setting its original aside
+    first = sorted(pics.iterdir())[0]
+    with Store(ws, check=False) as store:
+        by_name = dict(
+            store._db.execute(
+                "SELECT regexp_extract(source, '[^/]+$'), id FROM predictions "
+                "WHERE model_version = 'v1'"
+            ).fetchall()
+        )
+        store.duplicates.catch_up("v1", DuplicateRule.of_version(get_version(ws, "v1").meta))
+    keep_one(ws, by_name[f"copy-{first.name}"], model="v1")
     name = train_model(data, ws, TrainOptions(seed=3, activate=False)).version.name
     rule = DuplicateRule.of_version(get_version(ws, name).meta)
     diff = score_history(ws, name, "v1")
@@ -167,6 +179,13 @@ def test_head_only_retrain__near_duplicates_judged_again_from_the_kept_candidate
     groups += "AND duplicate_group IS NOT NULL GROUP BY duplicate_group ORDER BY 1"
     got = rows(ws, groups, [name])
     assert len(got) >= 3 and all(len(g[0]) == 2 for g in got)  # each copy with its original
+    # the new version keeps the same picture of that group, and says so
+    aside = "SELECT regexp_extract(p.source, '[^/]+$'), regexp_extract(k.source, '[^/]+$') "
+    aside += "FROM predictions p JOIN predictions k ON k.id = p.duplicate_of "
+    aside += "WHERE p.model_version = ?"
+    assert rows(ws, aside, [name]) == [(first.name, f"copy-{first.name}")]
+    assert diff["set_aside"] == 1
+    assert "still set aside: 1" in "\n".join(describe_history(diff))
 
     def relink(like) -> list[tuple]:
         with Store(ws, check=False) as store:

@@ -745,8 +745,10 @@ def add_api(
         """What a version said about the images stored with the version before it.
 
         Scored when it was trained (or by ``imagesieve score --history-of``): images compared,
-        labels changed, UNKNOWNs resolved by class and by old cluster, images newly UNKNOWN.
-        ``history`` is null when the version scored no history.
+        labels changed, UNKNOWNs resolved by class and by old cluster, images newly UNKNOWN,
+        and ``set_aside``: the near-duplicates a person set aside with the old version that
+        stay set aside (in favour of the same image). ``history`` is null when the version
+        scored no history.
         """
         return {"version": name, "history": await _call(service.history, name)}
 

@@ -251,8 +251,10 @@ def score_history(
 
     Run after a retrain, so History, Similar, Unknowns and the threshold preview of the new
     version start with yesterday's images, and the operator sees what changed (``Store.
-    history_diff``: labels changed, UNKNOWNs resolved, by class and by cluster). The diff goes
-    to ``HISTORY_FILE`` in the new version's directory, with the scoring run's counts.
+    history_diff``: labels changed, UNKNOWNs resolved, by class and by cluster). Near-
+    duplicates a person set aside with ``old`` stay set aside where the new version groups
+    them alike (``set_aside``: how many). The diff goes to ``HISTORY_FILE`` in the new
+    version's directory, with the scoring run's counts.
     """
     import json
 
@@ -263,6 +265,7 @@ def score_history(
             return None
         summary = score_inputs(ws, [], opts, progress, store=store, predictor=predictor)
         diff = store.history_diff(old, version.name)
+        diff["set_aside"] = store.duplicates.carry_set_aside(old, version.name)
     diff |= {
         "batch_id": summary.batch_id,
         "scored": summary.scored + summary.rescored,
@@ -301,6 +304,10 @@ def describe_history(h: dict[str, Any]) -> list[str]:
             lines.append(f"cluster {cluster} of {h['old']} is now: {now}")
     if h["new_unknown"]:
         lines.append("newly UNKNOWN: " + ", ".join(f"{k} {v}" for k, v in h["new_unknown"].items()))
+    if h.get("set_aside"):  # a diff stored before keep-one decisions were carried has none
+        lines.append(
+            f"near-duplicates set aside with {h['old']}, still set aside: {h['set_aside']}"
+        )
     return lines
 
 

@@ -418,6 +418,33 @@ class NearDuplicates:
             finally:
                 con.unregister("_aside")
 
+    def carry_set_aside(self, old: str, new: str) -> int:
+        """Set aside in ``new`` the images a person set aside in ``old``, kept in favour of the same.
+
+        By content: a row set aside in ``old`` in favour of a kept row is set aside in ``new``
+        in favour of the kept row's twin, where ``new`` groups the two together and the group
+        has no other image kept (two groups of ``old`` joined in ``new`` are left for a person
+        to look at again). Returns how many rows were set aside.
+        """
+        with self.store._connection() as con:
+            rows = con.execute(
+                "SELECT n.id, nk.id, n.duplicate_group FROM predictions o "
+                "JOIN predictions k ON k.id = o.duplicate_of "
+                "JOIN predictions n ON n.sha256 = o.sha256 AND n.model_version = $new "
+                "JOIN predictions nk ON nk.sha256 = k.sha256 AND nk.model_version = $new "
+                "WHERE o.model_version = $old AND o.duplicate_of IS NOT NULL "
+                "AND n.duplicate_of IS NULL AND nk.duplicate_of IS NULL "
+                "AND n.duplicate_group = nk.duplicate_group",
+                {"old": old, "new": new},
+            ).fetchall()
+            kept: dict[int, set[int]] = {}
+            for _, keep, group in rows:
+                kept.setdefault(group, set()).add(keep)
+            carried = {i: keep for i, keep, group in rows if len(kept[group]) == 1}
+            if carried:
+                self.set_aside(new, carried)
+        return len(carried)
+
     def set_aside_among(self, model_version: str, ids: list[int]) -> set[int]:
         """Which of ``ids`` are set aside (a near-duplicate kept in their place)."""
         if not ids:

@@ -149,8 +149,10 @@ class NearDuplicates:
         held = index.vectors_of(part)  # a copy in memory: no DuckDB read
         # DuckDB's chunks are read whole before the index is queried
         chunks = [(part, held)] if held is not None else list(self.store._vectors_of(part, dim))
-        found = [self._candidates(rule, index, got, emb) for got, emb in chunks]
-        return tuple(np.concatenate(c) for c in zip(*found, strict=True))  # type: ignore[return-value]
+        a, b, d = zip(
+            *(self._candidates(rule, index, got, emb) for got, emb in chunks), strict=True
+        )
+        return np.concatenate(a), np.concatenate(b), np.concatenate(d)
 
     def _twins(
         self, model_version: str, upto: int, like: tuple[str, DuplicateRule], rule: DuplicateRule

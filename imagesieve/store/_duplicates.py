@@ -207,12 +207,13 @@ class NearDuplicates:
         by_new = np.argsort(new_ids)
         at = by_new[np.searchsorted(new_ids, part, sorter=by_new)]
         con = self.store._con
-        con.register("_twin", pa.table({"old": old_ids[at], "new": part}))
-        try:
+        twin = old_ids[at]
+        con.register("_twin", pa.table({"old": twin, "new": part}))
+        try:  # the id range lets DuckDB skip the row groups of other rows' candidates
             got = con.execute(
                 "SELECT t.new AS a, c.b, c.distance FROM duplicate_pairs c "
-                "JOIN _twin t ON c.a = t.old WHERE c.distance <= ?",
-                [rule.reach + TOLERANCE],
+                "JOIN _twin t ON c.a = t.old WHERE c.a BETWEEN ? AND ? AND c.distance <= ?",
+                [int(twin.min()), int(twin.max()), rule.reach + TOLERANCE],
             ).fetchnumpy()
         finally:
             con.unregister("_twin")

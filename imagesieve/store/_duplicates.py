@@ -169,27 +169,18 @@ class NearDuplicates:
             return None
         last = self.checked_upto(old)
         with self.store._connection() as con:
-            rows = con.execute(
-                "SELECT n.id, o.id AS old, n.id > ? AS new_row FROM predictions n "
+            rows = con.execute(  # -1: no twin
+                "SELECT n.id, coalesce(o.id, -1) AS old, n.id > ? AS new_row FROM predictions n "
                 "LEFT JOIN predictions o ON o.sha256 = n.sha256 AND o.model_version = ? "
                 "WHERE n.model_version = ?",
                 [upto, old, model_version],
             ).fetchnumpy()
         new_row = np.asarray(rows["new_row"], bool)
-        if not new_row.any():
+        twin = np.asarray(rows["old"], np.int64)
+        if not new_row.any() or not ((twin > first) & (twin <= last))[new_row].all():
             return None
-        twin = rows["old"]
-        if np.ma.is_masked(twin):
-            twin_ok = ~np.ma.getmaskarray(twin)
-            twin = np.ma.getdata(twin)
-        else:
-            twin_ok = np.ones(len(twin), bool)
-        twin = np.asarray(twin, np.int64)
-        checked = twin_ok & (twin > first) & (twin <= last)
-        if not checked[new_row].all():
-            return None
-        ids = np.asarray(rows["id"], np.int64)[twin_ok]
-        twin = twin[twin_ok]
+        ids = np.asarray(rows["id"], np.int64)[twin >= 0]
+        twin = twin[twin >= 0]
         order = np.argsort(twin)
         return twin[order], ids[order]
 

@@ -237,12 +237,14 @@ def _blob_rows(column: Any, dtype: Any) -> np.ndarray:
 
 
 def _positions(have: np.ndarray, want: np.ndarray) -> np.ndarray | slice:
-    """Where each of ``want`` (sorted) is in ``have``; ValueError if one is not there."""
+    """Where each of ``want`` is in ``have``; ValueError if one is not there."""
     if len(have) == len(want) and np.array_equal(have, want):
         return slice(None)  # the usual case: the range holds exactly the owners, no copy
+    if not len(have):  # and some wanted
+        raise ValueError("stored features changed while they were read")
     order = np.argsort(have, kind="stable")
     at = order[np.searchsorted(have, want, sorter=order).clip(0, len(have) - 1)]
-    if len(want) and (not len(have) or not np.array_equal(have[at], want)):
+    if not np.array_equal(have[at], want):
         raise ValueError("stored features changed while they were read")
     return at
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from imagesieve._faiss import search as faiss_search
 from imagesieve._faiss import top_k_of_chunks
+from imagesieve.store._rows import _positions
 
 __all__ = ["FLAT_MAX", "HNSW_MAX", "IndexFileError", "VectorIndex", "ivf_recipe", "train_rows"]
 
@@ -339,15 +340,13 @@ class VectorIndex:
                 return self.index.reconstruct_batch(want)
             except RuntimeError:  # an id not held
                 return None
-        held = self.ids()
-        if not len(held):
-            return None
-        order = np.argsort(held)
-        at = order[np.searchsorted(held, want, sorter=order).clip(0, len(held) - 1)]
-        if not np.array_equal(held[at], want):
+        try:
+            at = _positions(self.ids(), want)
+        except ValueError:  # an id not held
             return None
         stored = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * self.dim)
-        return stored.reshape(inner.ntotal, self.dim)[at]  # a copy: the view ends here
+        rows = stored.reshape(inner.ntotal, self.dim)[at]
+        return rows.copy() if isinstance(at, slice) else rows  # a copy: the view ends here
 
     def chunks(self, size: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The (ids, vectors) held, ``size`` at a time in insertion order (no full copy)."""

@@ -250,6 +250,41 @@ def test_only_an_untouched_backbone_is_shared(history):
     assert ModelVersion(v1.path, other).frozen_backbone != v1.frozen_backbone
 
 
+@pytest.mark.parametrize("rank", [8, 96])  # bounds tight (low rank) / loose (isotropic)
+@pytest.mark.parametrize("dims", [4, 16, 200])  # 200 >= the 96 dimensions: no projection
+def test_nearest_above__exact_where_the_nearest_beats_the_floor(rank: int, dims: int):
+    from imagesieve._faiss import nearest_above
+
+    rng = np.random.default_rng(rank + dims)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    mix = rng.normal(size=(rank, 96))
+    vectors = unit(rng.normal(size=(700, rank)) @ mix + 0.01 * rng.normal(size=(700, 96)))
+    queries = np.concatenate(
+        [
+            unit(vectors[rng.integers(0, 700, 1500)] + 0.05 * rng.normal(size=(1500, 96))),
+            unit(rng.normal(size=(1000, rank)) @ mix),
+            vectors[:300],  # exact copies
+        ]
+    )
+    sims = queries @ vectors.T
+    want, top = sims.argmax(1), sims.max(1)
+    # the inner product each query has elsewhere: a mix of beaten and unbeaten floors
+    floor = np.where(rng.random(len(queries)) < 0.5, top - 0.02, top + 0.02).astype(np.float32)
+    floor[:100], floor[100:200] = -np.inf, np.inf
+    found, best = nearest_above(queries, vectors, floor, dims=dims, block=500)
+    beaten = top > floor
+    assert 0 < beaten.sum() < len(queries)
+    assert (found[~beaten] == -1).all()
+    assert (found[beaten] == want[beaten]).all()
+    np.testing.assert_allclose(best[beaten], top[beaten], atol=1e-5)
+    assert (best[~beaten] <= floor[~beaten] + 1e-5).all()
+    empty = nearest_above(queries[:0], vectors, floor[:0])
+    assert empty[0].shape == (0,) and empty[1].shape == (0,)
+
+
 def test_nearest_since__the_nearer_of_the_old_nearest_and_the_added_images():
     from imagesieve.classifier._reference import ReferenceSet
 

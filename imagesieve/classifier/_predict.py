@@ -358,7 +358,8 @@ class Predictor:
         """``nearest``, given each row's nearest training image of ``old`` (id, distance).
 
         When ``old``'s training images are all among this version's (same backbone), only the
-        ones added since are searched (``ReferenceSet.nearest_since``), on ``threads``.
+        ones added since are searched (``ReferenceSet.nearest_since``, on the BLAS library's
+        threads); otherwise all are, on ``threads``.
         """
         from imagesieve.classifier._reference import ReferenceSet
 
@@ -370,11 +371,7 @@ class Predictor:
                 else None
             )
         here = self._subset[old.name]
-        found = (
-            None
-            if here is None
-            else self.reference.nearest_since(here, embeddings, near, dist, threads)
-        )
+        found = None if here is None else self.reference.nearest_since(here, embeddings, near, dist)
         return found or self.nearest(embeddings, threads)
 
     def head_probs(

@@ -92,8 +92,10 @@ def test_head_only_retrain__history_redecided_without_the_images(history, tmp_pa
         assert distance == pytest.approx(want.neighbor_distance, abs=1e-5)
         if abs(want.top3[0][1] - threshold) > 2e-3:
             assert label == want.label
-    # v2's index is v1's graph under v2's ids: in sync, and a search finds v2's rows
+    # v2's index is v1's graph under v2's ids, saved as a link to v1's file and v2's ids: in
+    # sync, and a search finds v2's rows
     with Store(ws) as store:
+        assert store.indexes.path("v2").samefile(store.indexes.path("v1"))
         assert [c.action for c in store.indexes.checks] == ["in_sync", "in_sync"]
         index = store.indexes.get("v2")
         ids = {

@@ -277,6 +277,65 @@ def test_vector_index__damaged_or_missing_delta_is_an_index_file_error(tmp_path,
         VectorIndex.open(index.path)
 
 
+def test_vector_index__saved_linked_to_the_file_of_the_index_it_relabels(tmp_path, monkeypatch):
+    import faiss
+
+    monkeypatch.setattr(_vectors, "FLAT_MAX", 300)
+    x = blobs(1100)
+    ids = np.arange(1000) + 1
+    v1 = VectorIndex.build(tmp_path / "v1.faiss", 64, ids, x[:1000])
+    v1.save()
+    source = VectorIndex.open(v1.path)
+    graph, new_ids = source.index, ids + 5000  # what IndexSet.adopt does
+    faiss.copy_array_to_vector(new_ids, graph.id_map)
+    graph.construct_rev_map()
+    v2 = VectorIndex(tmp_path / "v2.faiss", 64, graph, source.info)
+    assert v2.save_linked(source)
+    assert v2.path.samefile(v1.path)  # no second copy of the graph
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "v1.faiss",
+        "v1.json",
+        "v2.faiss",
+        "v2.faiss.ids",
+        "v2.json",
+    ]
+    assert VectorIndex.saved_stats(v2.path) == (1000, 6000, int(new_ids.sum()))
+    again = VectorIndex.open(v2.path)
+    assert again.verified and np.array_equal(again.ids(), new_ids)
+    assert again.search(x[10:20], 1)[0][:, 0].tolist() == new_ids[10:20].tolist()
+    assert np.array_equal(VectorIndex.open(v1.path).ids(), ids)  # v1 keeps its own
+
+    again.add(np.arange(7000, 7050), x[1000:1050])
+    again.save()  # a delta beside the linked file and its ids
+    v1 = VectorIndex.open(v1.path)
+    v1.remove(ids[:5])
+    v1.save()  # written whole: a new file, v2's stays
+    assert not v2.path.samefile(v1.path)
+    grown = VectorIndex.open(v2.path)
+    assert grown.ntotal == 1050 and grown.search(x[1040:1041], 1)[0][0, 0] == 7040
+    assert np.array_equal(np.sort(grown.ids())[:1000], new_ids)
+    assert VectorIndex.open(v1.path).ntotal == 995
+
+    ids_file = tmp_path / "v2.faiss.ids"
+    data = bytearray(ids_file.read_bytes())
+    data[-3] ^= 0xFF
+    ids_file.write_bytes(bytes(data))
+    with pytest.raises(_vectors.IndexFileError, match="ids.*damaged"):
+        VectorIndex.open(v2.path)
+    grown.remove(np.array([7000]))
+    grown.save()  # whole: its own file, the ids file goes
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("v2")) == [
+        "v2.faiss",
+        "v2.json",
+    ]
+    assert VectorIndex.open(v2.path).ntotal == 1049
+
+    changed = VectorIndex.open(v2.path)
+    changed.add(np.array([9000]), x[1099:1100])  # differs from its file: not linkable
+    other = VectorIndex(tmp_path / "v3.faiss", 64, changed.index, changed.info)
+    assert not other.save_linked(changed) and not other.path.exists()
+
+
 def test_tuning__out_of_reach_target_stops_where_recall_stops_improving(tmp_path, monkeypatch):
     # 2,400 vectors make 64 lists: from nprobe 64 on every list is read and recall is flat.
     # A target no setting reaches took the slowest (256) before; now the plateau's start,

@@ -205,7 +205,8 @@ class IndexSet:
 
         Row ``from_ids[i]`` of ``source`` is row ``to_ids[i]`` of ``target``, same embedding:
         the copy is the same graph under the new ids, in milliseconds where building an HNSW
-        graph takes minutes. ``peeked``: what ``peek(source)`` gave, so its file is not read
+        graph takes minutes, saved as a link to ``source``'s file where that file holds it
+        (``VectorIndex.save_linked``). ``peeked``: what ``peek(source)`` gave, so its file is not read
         twice. False (nothing done) unless ``target`` holds exactly those rows and they are all
         of ``source``'s.
         """
@@ -235,7 +236,7 @@ class IndexSet:
         graph.construct_rev_map()
         copy = VectorIndex(self.path(target), index.dim, graph, index.info)
         copy.dirty = True
-        if not self.read_only:
+        if not self.read_only and not copy.save_linked(index):
             copy.save()
         self._loaded[target] = copy
         return True

@@ -225,6 +225,12 @@ class VectorIndex:
             raise IndexFileError(f"{path}: FAISS cannot read it ({reason})") from None
         if not isinstance(index, faiss.IndexIDMap2):
             raise IndexFileError(f"{path}: not an ID-mapped index ({type(index).__name__})")
+        relabel = side.get("ids") if want is not None else None
+        if relabel:  # the file is another version's (``save_linked``): these ids are this one's
+            faiss.copy_array_to_vector(
+                _read_ids(path.with_name(relabel["file"]), relabel, index.ntotal), index.id_map
+            )
+            index.construct_rev_map()
         loaded = cls(path, index.d, index, side.get("info", {}))
         loaded.verified = want is not None
         delta = side.get("delta")
@@ -667,7 +673,6 @@ class VectorIndex:
         elif self.retune_due:
             self.tune()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        old = _delta_files(self.path)
         base, delta = self._base, None
         added = sum(v.nbytes + i.nbytes for i, v in self._appended)
         if (
@@ -684,6 +689,44 @@ class VectorIndex:
             crc, size = _file_crc32(tmp)  # of the bytes on disk, read back (from the page cache)
             os.replace(tmp, self.path)
             side = {"bytes": size, "crc32": crc}
+        self._commit(side | {"delta": delta})
+
+    def save_linked(self, source: VectorIndex) -> bool:
+        """Save this index, ``source`` under other ids (``IndexSet.adopt``), as ``source``'s file.
+
+        The file is hard-linked and only the ids are written (8 bytes a row; writing 100,000
+        1280-d rows whole took 0.9-1.1 s and reading them back for the checksum 0.3 s). Saves
+        replace files and never write into them, so a later save of either version leaves the
+        other's intact. False (nothing written) when ``source`` differs from its saved file,
+        or the filesystem cannot link.
+        """
+        base, ids = source._base, self.ids()
+        if (
+            base is None
+            or base.get("delta")
+            or source.dirty
+            or source._appended
+            or len(ids) != base.get("count")
+            or _size(source.path) != base.get("bytes")
+        ):
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source.path, tmp)
+        except OSError:
+            return False
+        entry = _write_ids(self.path, ids)
+        os.replace(tmp, self.path)
+        self._commit({"bytes": base["bytes"], "crc32": base["crc32"], "ids": entry, "delta": None})
+        return True
+
+    def _commit(self, side: dict[str, Any]) -> None:
+        """Write the sidecar ``side`` (the files saved, completed with this index's figures).
+
+        Written last: it names the files it describes, and those it no longer names go.
+        """
         count, max_id, id_sum = self.stats()
         side.update(
             {
@@ -693,16 +736,17 @@ class VectorIndex:
                 "dim": self.dim,
                 "kind": self.kind,
                 "info": self.info,
-                "delta": delta,
             }
         )
+        old = _side_files(self.path)
         tmp = self.sidecar_path.with_name(f".{self.sidecar_path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(side))
         os.replace(tmp, self.sidecar_path)
+        named = {e["file"] for e in (side.get("delta"), side.get("ids")) if e}
         for stale in old:  # described by no sidecar now
-            if delta is None or stale.name != delta["file"]:
+            if stale.name not in named:
                 stale.unlink(missing_ok=True)
-        if delta is None:
+        if side.get("delta") is None:
             self._appended = []
         self._base = side
         self.dirty = False
@@ -716,9 +760,9 @@ class VectorIndex:
             side = json.loads(path.with_suffix(".json").read_text())
             if path.stat().st_size != side["bytes"]:
                 return None
-            delta = side.get("delta")
-            if delta and _size(path.with_name(delta["file"])) != delta["bytes"]:
-                return None
+            for entry in (side.get("delta"), side.get("ids")):
+                if entry and _size(path.with_name(entry["file"])) != entry["bytes"]:
+                    return None
             return int(side["count"]), int(side["max_id"]), int(side["id_sum"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -743,9 +787,36 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def _delta_files(path: Path) -> list[Path]:
-    """The delta files saved beside the index at ``path`` (a sidecar names the current one)."""
-    return sorted(path.parent.glob(f"{path.name}.delta-*"))
+def _side_files(path: Path) -> list[Path]:
+    """The delta and ids files saved beside the index at ``path`` (its sidecar names its own)."""
+    return sorted(path.parent.glob(f"{path.name}.delta-*")) + sorted(
+        path.parent.glob(f"{path.name}.ids")
+    )
+
+
+def _write_ids(path: Path, ids: np.ndarray) -> dict:
+    """Write the ids of a linked index (``save_linked``) beside ``path``; its sidecar entry."""
+    target = path.with_name(f"{path.name}.ids")
+    tmp = path.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(ids, np.int64), allow_pickle=False)
+    crc, size = _file_crc32(tmp)
+    os.replace(tmp, target)
+    return {"file": target.name, "count": len(ids), "bytes": size, "crc32": crc}
+
+
+def _read_ids(path: Path, entry: dict, count: int) -> np.ndarray:
+    """The ids of a linked index, checked against its sidecar entry and the file's row count."""
+    try:
+        crc, size = _file_crc32(path)
+    except OSError:
+        raise IndexFileError(f"{path}: missing (its sidecar names it)") from None
+    if (crc, size) != (entry.get("crc32"), entry.get("bytes")):
+        raise IndexFileError(f"{path}: checksum or size differs from its sidecar's (damaged)")
+    ids = np.load(path, allow_pickle=False)
+    if ids.shape != (count,) or ids.dtype != np.int64:
+        raise IndexFileError(f"{path}: {ids.shape} ids where the index holds {count} rows")
+    return ids
 
 
 def _write_delta(path: Path, appended: list[tuple[np.ndarray, np.ndarray]], gen: int) -> dict:

@@ -115,9 +115,14 @@ def test_head_only_retrain__history_redecided_without_the_images(history, tmp_pa
     assert again["already_scored"] == 80 and again["scored"] == 0
 
 
-def test_head_inputs_read_with_the_old_index_are_the_stored_ones(history):
+def test_head_inputs_read_with_the_old_index_are_the_stored_ones(history, monkeypatch):
     """Re-deciding takes the embeddings from the old version's index, which a fresh version
-    takes over; a saved index that disagrees with DuckDB is not read (DuckDB is)."""
+    takes over; a saved index that disagrees with DuckDB is not read (DuckDB is). A copy read
+    from the file lends views of its vectors; the loaded index, which scoring may grow
+    meanwhile, gives copies."""
+    from imagesieve.store import _vectors
+
+    monkeypatch.setattr(_vectors, "VIEW_MIN_IDS", 1)  # every chunk from the stored vectors
     ws, _, _ = history
     with Store(ws, check=False) as store:
         store.indexes.save()
@@ -132,6 +137,7 @@ def test_head_inputs_read_with_the_old_index_are_the_stored_ones(history):
             assert np.array_equal(a.ids, b.ids)
             assert np.array_equal(a.embedding, b.embedding)
             assert np.array_equal(a.max_pooled, b.max_pooled)
+            assert not b.embedding.flags.writeable  # a view of the copy's vectors
         # one more stored row than the saved index holds: the file is stale, not peeked
         store._db.execute("BEGIN")
         try:
@@ -143,6 +149,10 @@ def test_head_inputs_read_with_the_old_index_are_the_stored_ones(history):
         finally:
             store._db.execute("ROLLBACK")
         assert store.indexes.peek("v1") is not None
+        loaded = store.indexes.get("v1")
+        shared = store.head_input_chunks("v1", "none", 32, loaded)
+        for a, c in zip(plain, shared, strict=True):
+            assert np.array_equal(a.embedding, c.embedding) and c.embedding.flags.owndata
 
 
 def test_head_only_retrain__near_duplicates_judged_again_from_the_kept_candidates(

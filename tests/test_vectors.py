@@ -277,6 +277,21 @@ def test_vector_index__damaged_or_missing_delta_is_an_index_file_error(tmp_path,
         VectorIndex.open(index.path)
 
 
+def test_vector_index__vectors_of_a_run_of_ids_as_a_read_only_view(tmp_path, monkeypatch):
+    monkeypatch.setattr(_vectors, "VIEW_MIN_IDS", 1)
+    x, ids = blobs(800), np.arange(100, 900)
+    index = VectorIndex(tmp_path / "v1.faiss", 64)
+    index.add(ids, x)
+    run = index.vectors_of(ids[200:700], view=True)
+    assert np.array_equal(run, x[200:700]) and not run.flags.owndata
+    with pytest.raises(ValueError, match="read-only"):
+        run[0, 0] = 2.0  # would change the index
+    copied = index.vectors_of(ids[200:700])
+    assert np.array_equal(copied, x[200:700]) and copied.flags.writeable
+    gaps = index.vectors_of(ids[200:700:2], view=True)  # not one run: gathered, a copy
+    assert np.array_equal(gaps, x[200:700:2]) and gaps.flags.writeable
+
+
 def test_vector_index__saved_linked_to_the_file_of_the_index_it_relabels(tmp_path, monkeypatch):
     import faiss
 

@@ -192,6 +192,13 @@ class IndexSet:
             return None
         return index
 
+    def in_use(self, index: VectorIndex) -> bool:
+        """True when ``index`` is a version's loaded one, which searches and scoring may change.
+
+        A copy ``peek`` read from a file is the caller's alone.
+        """
+        return any(index is loaded for loaded in self._loaded.values())
+
     @locked
     def adopt(
         self,

@@ -1191,7 +1191,9 @@ class Store:
         (``owner``: itself, or the row it shares them with); rows stored without head inputs
         are left out. The lock is held per chunk, so the caller may write between chunks.
         ``vectors``: ``old``'s index (``IndexSet.peek``), which holds the embeddings a DuckDB
-        read would decompress (5 KB a row); DuckDB is read where it does not.
+        read would decompress (5 KB a row); DuckDB is read where it does not. Embeddings read
+        from a copy of it (not the loaded index a server may grow meanwhile) may be views of its
+        storage: the caller keeps it, unchanged, while it uses them.
         """
         with self.lock:
             dim = self._vector_dim(old)
@@ -1214,7 +1216,9 @@ class Store:
             want = owners[a : a + chunk]
             lo, hi = int(want[0]), int(want[-1])  # sorted: DuckDB skips row groups outside
             with self.lock:  # plain range scans: a join with the wanted ids costs 6x more
-                emb = None if vectors is None else vectors.vectors_of(part.column("id").to_numpy())
+                ids, emb = part.column("id").to_numpy(), None
+                if vectors is not None:
+                    emb = vectors.vectors_of(ids, view=not self.indexes.in_use(vectors))
                 if emb is None:
                     emb = self._db.sql(
                         f"SELECT id, embedding FROM {EMBEDDINGS_TABLE.format(dim=dim)} "

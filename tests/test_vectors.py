@@ -351,6 +351,29 @@ def test_vector_index__saved_linked_to_the_file_of_the_index_it_relabels(tmp_pat
     assert not other.save_linked(changed) and not other.path.exists()
 
 
+def test_vector_index__saved_whole_where_the_filesystem_cannot_link(tmp_path, monkeypatch):
+    import os
+
+    import faiss
+
+    v1 = VectorIndex(tmp_path / "v1.faiss", 64)
+    v1.add(np.arange(50), blobs(50))
+    v1.save()
+    source = VectorIndex.open(v1.path)
+    faiss.copy_array_to_vector(np.arange(100, 150), source.index.id_map)
+    source.index.construct_rev_map()
+    v2 = VectorIndex(tmp_path / "v2.faiss", 64, source.index, source.info)
+
+    def refuse(src: object, dst: object) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    assert not v2.save_linked(source)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1.faiss", "v1.json"]
+    v2.save()  # what IndexSet.adopt does then
+    assert np.array_equal(VectorIndex.open(v2.path).ids(), np.arange(100, 150))
+
+
 def test_tuning__out_of_reach_target_stops_where_recall_stops_improving(tmp_path, monkeypatch):
     # 2,400 vectors make 64 lists: from nprobe 64 on every list is read and recall is flat.
     # A target no setting reaches took the slowest (256) before; now the plateau's start,

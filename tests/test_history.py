@@ -17,7 +17,7 @@ from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.data._elpv import export_elpv
 from imagesieve.ingest import ScoreOptions, describe_history, score_history, score_inputs
 from imagesieve.models import ModelVersion, get_version
-from imagesieve.search import keep_one
+from imagesieve.search import audit_log, keep_one, undo_action
 from imagesieve.store import Store, kept_path
 
 
@@ -185,7 +185,7 @@ def test_head_only_retrain__near_duplicates_judged_again_from_the_kept_candidate
     keep_one(ws, by_name[f"copy-{first.name}"], model="v1")
     name = train_model(data, ws, TrainOptions(seed=3, activate=False)).version.name
     rule = DuplicateRule.of_version(get_version(ws, name).meta)
-    diff = score_history(ws, name, "v1")
+    diff = score_history(ws, name, "v1", who="ops")
     assert diff["scored"] == 83 and diff["failed"] == 0
     groups = "SELECT list(sha256 ORDER BY sha256) FROM predictions WHERE model_version = ? "
     groups += "AND duplicate_group IS NOT NULL GROUP BY duplicate_group ORDER BY 1"
@@ -198,6 +198,14 @@ def test_head_only_retrain__near_duplicates_judged_again_from_the_kept_candidate
     assert rows(ws, aside, [name]) == [(first.name, f"copy-{first.name}")]
     assert diff["set_aside"] == 1
     assert "still set aside: 1" in "\n".join(describe_history(diff))
+    # recorded as the new version's keep-one, by whom retrained, and undone as one
+    carried = audit_log(ws, limit=1)["actions"][0]
+    assert carried["action"] == "keep_one" and carried["model_version"] == name
+    assert carried["who"] == "ops" and carried["target"] == "v1" and carried["images"] == 1
+    undo_action(ws, carried["action_id"])
+    assert rows(ws, aside, [name]) == []
+    undo_action(ws)  # the latest left: the keep-one made with v1
+    assert rows(ws, aside, ["v1"]) == []
 
     def relink(like) -> list[tuple]:
         with Store(ws, check=False) as store:

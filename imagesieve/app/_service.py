@@ -1059,23 +1059,29 @@ class Service:
         self,
         data_dir: str | os.PathLike | None = None,
         progress: Progress | None = None,
+        who: str | None = None,
         **options: Any,
     ) -> ModelVersion:
         """Train a new version on the training folder (default: the active one's) and serve it.
 
         It starts from the active version's options and thresholds, and then scores the images
         stored with the active version, so it serves with the history scored; the before/after
-        diff is kept with it (``history.json``, :meth:`history`).
+        diff is kept with it (``history.json``, :meth:`history`). ``who`` is recorded for the
+        near-duplicate decisions the new version takes over.
         """
         if not self._training.acquire(blocking=False):
             raise ServiceError("a training run is already going", kind="conflict")
         try:
-            return self._retrain(data_dir, progress, **options)
+            return self._retrain(data_dir, progress, who, **options)
         finally:
             self._training.release()
 
     def _retrain(
-        self, data_dir: str | os.PathLike | None, progress: Progress | None, **options: Any
+        self,
+        data_dir: str | os.PathLike | None,
+        progress: Progress | None,
+        who: str | None = None,
+        **options: Any,
     ) -> ModelVersion:
         """``retrain``'s work; the caller holds ``_training``."""
         try:
@@ -1096,6 +1102,7 @@ class Service:
                     progress,
                     store=self.store,
                     predictor=self.predictor,
+                    who=who,
                 )
             self.training_status = {"running": False, "version": result.version.name}
             return result.version
@@ -1193,7 +1200,7 @@ class Service:
 
         def run() -> None:
             try:
-                self._retrain(data_dir, progress)  # a failure is kept in training_status too
+                self._retrain(data_dir, progress, who)  # a failure is kept in training_status too
             finally:
                 self._training.release()
 

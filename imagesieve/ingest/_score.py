@@ -38,6 +38,7 @@ from imagesieve.ingest._inputs import ArchiveLimits, InputItem, expand_inputs
 from imagesieve.ingest._ray import RayOptions
 from imagesieve.ingest._session import ScoringSession
 from imagesieve.models import ModelVersion, get_version
+from imagesieve.search import carry_keep_one
 from imagesieve.store import (
     KEEP_POLICIES,
     ZIP_MEMBER,
@@ -244,6 +245,7 @@ def score_history(
     *,
     store: Store | None = None,
     predictor: Predictor | None = None,
+    who: str | None = None,
 ) -> dict[str, Any] | None:
     """Score what ``old`` stored with the version ``new``; store and return the before/after diff.
 
@@ -253,8 +255,9 @@ def score_history(
     version start with yesterday's images, and the operator sees what changed (``Store.
     history_diff``: labels changed, UNKNOWNs resolved, by class and by cluster). Near-
     duplicates a person set aside with ``old`` stay set aside where the new version groups
-    them alike (``set_aside``: how many). The diff goes to ``HISTORY_FILE`` in the new
-    version's directory, with the scoring run's counts.
+    them alike (``set_aside``: how many; one ``keep_one`` in the audit log, by ``who``,
+    undoable). The diff goes to ``HISTORY_FILE`` in the new version's directory, with the
+    scoring run's counts.
     """
     import json
 
@@ -265,7 +268,7 @@ def score_history(
             return None
         summary = score_inputs(ws, [], opts, progress, store=store, predictor=predictor)
         diff = store.history_diff(old, version.name)
-        diff["set_aside"] = store.duplicates.carry_set_aside(old, version.name)
+        diff["set_aside"] = carry_keep_one(store, old, version.name, who)
     diff |= {
         "batch_id": summary.batch_id,
         "scored": summary.scored + summary.rescored,

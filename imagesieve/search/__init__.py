@@ -14,7 +14,7 @@ from imagesieve.search._actions import (
     undo_action,
 )
 from imagesieve.search._cluster import Cluster, ClusterModel, ClusterParams, assign_to_clusters
-from imagesieve.search._duplicates import keep_one, list_duplicates
+from imagesieve.search._duplicates import carry_keep_one, keep_one, list_duplicates
 from imagesieve.search._map import COLOR_BY, MAX_POINTS, EmbeddingMap, compute_map, map_points
 from imagesieve.search._review import (
     ClusterRun,
@@ -77,6 +77,7 @@ __all__ = [
     "promote_cluster",
     "run_clustering",
     "exclude_images",
+    "carry_keep_one",
     "keep_one",
     "list_duplicates",
     "update_cluster",

@@ -114,6 +114,32 @@ def keep_one(
     return {"kept": int(keep), "set_aside": len(members) - 1, "action_id": action_id}
 
 
+def carry_keep_one(store: Store, old: str, new: str, who: str | None = None) -> int:
+    """Set aside in ``new`` the near-duplicates a person set aside in ``old``; how many.
+
+    After a retrain, where ``new`` groups an image with the twin of the one kept in its place
+    (``Duplicates.set_asides_to_carry``). Recorded as one ``keep_one`` for ``new`` (undo puts
+    them back), touching each group it sets, so a later keep-one there is seen by undo.
+    """
+    with store.atomic():
+        carried = store.duplicates.set_asides_to_carry(old, new)
+        if not carried:
+            return 0
+        store.audit.record(
+            "keep_one",
+            who=who or local_user(),
+            summary=f"set {len(carried)} near-duplicates aside as they were with {old}",
+            model_version=new,
+            target=old,
+            images=len(carried),
+            before={"duplicate_of": dict.fromkeys(map(str, carried))},
+            after={"duplicate_of": {str(i): keep for i, (keep, _) in carried.items()}},
+            touches=sorted({f"duplicates:{new}:{group}" for _, group in carried.values()}),
+        )
+        store.duplicates.set_aside(new, {i: keep for i, (keep, _) in carried.items()})
+    return len(carried)
+
+
 def undo_keep_one(ws: Workspace, store: Store, entry: AuditEntry) -> None:
     """Put a group's ``duplicate_of`` back as it was before a keep-one."""
     before = entry.before["duplicate_of"]

@@ -412,13 +412,13 @@ class NearDuplicates:
             finally:
                 con.unregister("_aside")
 
-    def carry_set_aside(self, old: str, new: str) -> int:
-        """Set aside in ``new`` the images a person set aside in ``old``, kept in favour of the same.
+    def set_asides_to_carry(self, old: str, new: str) -> dict[int, tuple[int, int]]:
+        """What ``new`` sets aside as a person did in ``old``: row id -> (id kept, its group).
 
-        By content: a row set aside in ``old`` in favour of a kept row is set aside in ``new``
-        in favour of the kept row's twin, where ``new`` groups the two together and the group
-        has no other image kept (two groups of ``old`` joined in ``new`` are left for a person
-        to look at again). Returns how many rows were set aside.
+        By content: a row set aside in ``old`` in favour of a kept row is to be set aside in
+        ``new`` in favour of the kept row's twin, where ``new`` groups the two together and the
+        group has no other image kept (two groups of ``old`` joined in ``new`` are left for a
+        person to look at again).
         """
         with self.store._connection() as con:
             rows = con.execute(
@@ -431,13 +431,10 @@ class NearDuplicates:
                 "AND n.duplicate_group = nk.duplicate_group",
                 {"old": old, "new": new},
             ).fetchall()
-            kept: dict[int, set[int]] = {}
-            for _, keep, group in rows:
-                kept.setdefault(group, set()).add(keep)
-            carried = {i: keep for i, keep, group in rows if len(kept[group]) == 1}
-            if carried:
-                self.set_aside(new, carried)
-        return len(carried)
+        kept: dict[int, set[int]] = {}
+        for _, keep, group in rows:
+            kept.setdefault(group, set()).add(keep)
+        return {int(i): (int(keep), int(group)) for i, keep, group in rows if len(kept[group]) == 1}
 
     def set_aside_among(self, model_version: str, ids: list[int]) -> set[int]:
         """Which of ``ids`` are set aside (a near-duplicate kept in their place)."""

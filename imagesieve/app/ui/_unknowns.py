@@ -99,9 +99,11 @@ def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = N
         return refresh()
 
     @user_errors
-    def retrain(progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
+    def retrain(request: gr.Request, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008
         progress(0, desc="training")
-        version = service.retrain(progress=progress_relay(progress, unit="steps"))
+        version = service.retrain(
+            progress=progress_relay(progress, unit="steps"), who=app_user(request)
+        )
         accuracy = version.meta.get("metrics", {}).get("accuracy")
         gr.Info(
             f"trained and activated {version.name}"

@@ -19,9 +19,9 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -807,23 +807,14 @@ def _side_files(path: Path) -> list[Path]:
 
 def _write_ids(path: Path, ids: np.ndarray) -> dict:
     """Write the ids of a linked index (``save_linked``) beside ``path``; its sidecar entry."""
-    target = path.with_name(f"{path.name}.ids")
-    tmp = path.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(ids, np.int64), allow_pickle=False)
-    crc, size = _file_crc32(tmp)
-    os.replace(tmp, target)
-    return {"file": target.name, "count": len(ids), "bytes": size, "crc32": crc}
+    ids = np.ascontiguousarray(ids, np.int64)
+    entry = _write_beside(path, f"{path.name}.ids", lambda f: np.save(f, ids, allow_pickle=False))
+    return entry | {"count": len(ids)}
 
 
 def _read_ids(path: Path, entry: dict, count: int) -> np.ndarray:
     """The ids of a linked index, checked against its sidecar entry and the file's row count."""
-    try:
-        crc, size = _file_crc32(path)
-    except OSError:
-        raise IndexFileError(f"{path}: missing (its sidecar names it)") from None
-    if (crc, size) != (entry.get("crc32"), entry.get("bytes")):
-        raise IndexFileError(f"{path}: checksum or size differs from its sidecar's (damaged)")
+    _check_beside(path, entry)
     ids = np.load(path, allow_pickle=False)
     if ids.shape != (count,) or ids.dtype != np.int64:
         raise IndexFileError(f"{path}: {ids.shape} ids where the index holds {count} rows")
@@ -835,28 +826,44 @@ def _write_delta(path: Path, appended: list[tuple[np.ndarray, np.ndarray]], gen:
     ids = np.concatenate([i for i, _ in appended]) if appended else np.zeros(0, np.int64)
     dim = appended[0][1].shape[1] if appended else 0
     x = np.concatenate([v for _, v in appended]) if appended else np.zeros((0, dim), np.float32)
-    target = path.with_name(f"{path.name}.delta-{gen + 1}")
-    tmp = path.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, ids=ids, vectors=x)
-    crc, size = _file_crc32(tmp)
-    os.replace(tmp, target)
-    return {"file": target.name, "gen": gen + 1, "count": len(ids), "bytes": size, "crc32": crc}
+    entry = _write_beside(
+        path, f"{path.name}.delta-{gen + 1}", lambda f: np.savez(f, ids=ids, vectors=x)
+    )
+    return entry | {"gen": gen + 1, "count": len(ids)}
 
 
 def _read_delta(path: Path, entry: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """The (ids, vectors) of a delta file, checked against its sidecar entry."""
+    _check_beside(path, entry)
+    with np.load(path, allow_pickle=False) as z:
+        ids, x = z["ids"].astype(np.int64), z["vectors"].astype(np.float32)
+    if len(ids) != entry.get("count") or (len(ids) and x.shape != (len(ids), dim)):
+        raise IndexFileError(f"{path}: {len(ids)} rows where its sidecar says {entry.get('count')}")
+    return ids, x.reshape(len(ids), dim)
+
+
+def _write_beside(path: Path, name: str, write: Callable[[BinaryIO], object]) -> dict:
+    """Write a file ``name`` beside the index at ``path`` (temp file + rename); its entry.
+
+    The entry (file name, size, CRC-32) is what the sidecar keeps of it.
+    """
+    target = path.with_name(name)
+    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    crc, size = _file_crc32(tmp)
+    os.replace(tmp, target)
+    return {"file": name, "bytes": size, "crc32": crc}
+
+
+def _check_beside(path: Path, entry: dict) -> None:
+    """IndexFileError unless the file at ``path`` has the size and CRC-32 of its ``entry``."""
     try:
         crc, size = _file_crc32(path)
     except OSError:
         raise IndexFileError(f"{path}: missing (its sidecar names it)") from None
     if (crc, size) != (entry.get("crc32"), entry.get("bytes")):
         raise IndexFileError(f"{path}: checksum or size differs from its sidecar's (damaged)")
-    with np.load(path, allow_pickle=False) as z:
-        ids, x = z["ids"].astype(np.int64), z["vectors"].astype(np.float32)
-    if len(ids) != entry.get("count") or (len(ids) and x.shape != (len(ids), dim)):
-        raise IndexFileError(f"{path}: {len(ids)} rows where its sidecar says {entry.get('count')}")
-    return ids, x.reshape(len(ids), dim)
 
 
 def _file_crc32(path: Path) -> tuple[int, int]:

@@ -272,9 +272,17 @@ def test_only_an_untouched_backbone_is_shared(history):
 
 @pytest.mark.parametrize("rank", [8, 96])  # bounds tight (low rank) / loose (isotropic)
 @pytest.mark.parametrize("dims", [4, 16, 200])  # 200 >= the 96 dimensions: no projection
-def test_nearest_above__exact_where_the_nearest_beats_the_floor(rank: int, dims: int):
+@pytest.mark.parametrize("small", [False, True])  # memory bounds that bite at this size
+def test_nearest_above__exact_where_the_nearest_beats_the_floor(
+    rank: int, dims: int, small: bool, monkeypatch
+):
+    from imagesieve import _faiss
     from imagesieve._faiss import nearest_above
 
+    if small:  # blocks of 37 queries, 5 pairs at a time, the basis from 100 vectors
+        monkeypatch.setattr(_faiss, "_BLOCK_FLOATS", 700 * 37)
+        monkeypatch.setattr(_faiss, "_PAIRS_AT_ONCE", 5)
+        monkeypatch.setattr(_faiss, "_BASIS_SAMPLE", 100)
     rng = np.random.default_rng(rank + dims)
 
     def unit(x: np.ndarray) -> np.ndarray:

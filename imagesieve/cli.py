@@ -657,9 +657,11 @@ def _print_clusters(clusters: list[dict[str, Any]]) -> None:
         looks = ", ".join(f"{k} {v}" for k, v in list(c["top1"].items())[:2])
         second = ", ".join(f"{k} {v}" for k, v in list(c["top2"].items())[:2])
         name = f" '{c['name']}'" if c["name"] else ""
+        pending = c.get("pending") if c["status"] == "promoted" else 0
+        waiting = f" ({pending} not promoted yet)" if pending else ""
         print(
-            f"  cluster {c['cluster_id']:<4} {c['status']:<9}{name} {c['size']:>5} images, "
-            f"cohesion {c['cohesion']:.3f}; Top-1: {looks}; Top-2: {second}"
+            f"  cluster {c['cluster_id']:<4} {c['status']:<9}{name} {c['size']:>5} images"
+            f"{waiting}, cohesion {c['cohesion']:.3f}; Top-1: {looks}; Top-2: {second}"
         )
 
 

@@ -101,6 +101,23 @@ def test_review_loop__poly_cells_become_a_class(loop, tmp_path, capsys):
     assert copied == len(list((data / "poly").glob("*.png"))) >= 40
     statuses = {c["cluster_id"]: c["status"] for c in list_clusters(ws)}
     assert all(statuses[c] == "promoted" for c in poly_clusters)
+    # ... and leave the open work; a poly cell joining one later (as scoring places new
+    # UNKNOWNs) brings it back to the open list: promoting again adds that one
+    listed = {c["cluster_id"]: c for c in list_clusters(ws)}
+    assert not any(listed[c]["open"] or listed[c]["pending"] for c in poly_clusters)
+    noise = rows(
+        ws,
+        "SELECT id, source FROM predictions WHERE cluster_id = -1 AND duplicate_of IS NULL "
+        "AND sha256 NOT IN (SELECT sha256 FROM labels) ORDER BY id",
+    )
+    late = next(i for i, s in noise if kind[s] == "poly")
+    with Store(ws, check=False) as store:
+        store.clusters.join([late], [poly_clusters[0]])
+    back = next(c for c in list_clusters(ws) if c["cluster_id"] == poly_clusters[0])
+    assert (back["status"], back["pending"], back["open"]) == ("promoted", 1, True)
+    assert promote_cluster(ws, poly_clusters[0], "poly", data).copied == 1  # only the newcomer
+    back = next(c for c in list_clusters(ws) if c["cluster_id"] == poly_clusters[0])
+    assert (back["pending"], back["open"]) == (0, False)
 
     # The operator tuned v1's confidence threshold; the retrain (the CLI's, as an operator runs
     # it) asks for a non-default option and keeps the tuned threshold.

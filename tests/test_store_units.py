@@ -32,6 +32,7 @@ from imagesieve.store import (
     SCHEMA_VERSION,
     STORE_FILE,
     VIEWS,
+    HumanLabel,
     PredictionRow,
     ResultRow,
     Store,
@@ -258,10 +259,16 @@ def test_clusters__unknowns_runs_review_and_a_second_run(store):
     labels = np.array([0, 0, -1, -1, -1, -1])
     assert store.clusters.save_run("v1", ids, labels, np.zeros(len(ids)), again, 4, {}, {}) == 2
     listing = store.clusters.listing("v1")
-    kept = ("cluster_id", "status", "name", "size", "promoted_into", "excluded")
+    kept = ("cluster_id", "status", "name", "size", "promoted_into", "excluded", "pending", "open")
+    # member 1 is neither left out nor labelled: the promoted cluster has work again
     assert [tuple(c[k] for k in kept) for c in listing] == [
-        (0, "promoted", "cracks", 2, "/data/cracks", 2),
-        (1, "rejected", None, 0, None, 0),
+        (0, "promoted", "cracks", 2, "/data/cracks", 2, 1, True),
+        (1, "rejected", None, 0, None, 0, 0, False),
+    ]
+    store.audit.set_labels([HumanLabel(preds[0].sha256, "cracks", 1, 0, None)])
+    assert [(c["pending"], c["open"]) for c in store.clusters.listing("v1")] == [
+        (0, False),
+        (0, False),
     ]
     assert cluster_ids(store)[:6] == [0, 0, -1, -1, -1, -1]
     previous, next_id = store.clusters.previous("v1")

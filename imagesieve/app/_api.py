@@ -412,7 +412,12 @@ def add_api(
 
     @router.get("/clusters", responses=errors(503))
     async def clusters() -> dict[str, Any]:
-        """The UNKNOWN clusters of the active model, largest first."""
+        """The UNKNOWN clusters of the active model, largest first.
+
+        Each with its status, name, size, medoid, Top-1/Top-2 histograms, ``pending`` (members
+        no person has labelled, left out or set aside yet) and ``open`` (work for review: new or
+        named, or promoted with members pending).
+        """
         return {"clusters": await _call(service.clusters)}
 
     @router.get("/clusters/{cluster_id}/members", responses=errors(400, 503))

@@ -1348,8 +1348,8 @@ class Service:
     def counts(self) -> dict[str, int]:
         """What the app's header counts for the active model.
 
-        Stored images, UNKNOWN ones, clusters to review (new or named, with members) and
-        images a person labelled.
+        Stored images, UNKNOWN ones, clusters to review (the listing's ``open``) and images a
+        person labelled.
         """
         name = self.version.name
         with self.store.cursor() as cur:
@@ -1358,12 +1358,8 @@ class Service:
                 "FROM predictions WHERE model_version = ?",
                 [name],
             ).fetchall()[0]
-            clusters = cur.execute(
-                "SELECT count(*) FROM clusters WHERE model_version = ? "
-                "AND status IN ('new', 'named') AND size > 0",
-                [name],
-            ).fetchall()[0][0]
             labelled = cur.execute("SELECT count(*) FROM labels").fetchall()[0][0]
+        clusters = sum(c["open"] for c in self.store.clusters.listing(name))
         return {"stored": stored, "unknown": unknown, "clusters": clusters, "labelled": labelled}
 
     def health(self) -> dict[str, Any]:

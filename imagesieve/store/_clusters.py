@@ -211,18 +211,34 @@ class Clusters:
         return run_id
 
     def listing(self, model_version: str) -> list[dict[str, Any]]:
-        """The version's clusters, largest first: CLUSTER_FIELDS, promoted_into, excluded."""
+        """The version's clusters, largest first: CLUSTER_FIELDS and four more.
+
+        ``promoted_into``: the folder of its last promotion; ``excluded``: members left out of
+        promotion; ``pending``: members a promotion would take that no person has labelled yet
+        (not left out, not set aside), such as UNKNOWNs that joined a promoted cluster since;
+        ``open``: work for review, a cluster found in the last run that is new or named, or
+        promoted with members pending (a promotion adds them to the same class).
+        """
         with self.store._connection() as con:
             rows = con.execute(
                 "SELECT c.cluster_id, c.status, c.name, c.size, c.cohesion, c.radius, c.medoid_id, "
                 "m.source, c.top1, c.top2, c.promoted_into, "
                 "(SELECT count(*) FROM cluster_exclusions x WHERE x.model_version = c.model_version "
-                "AND x.cluster_id = c.cluster_id) AS excluded "
+                "AND x.cluster_id = c.cluster_id) AS excluded, coalesce(w.pending, 0) AS pending, "
+                "c.size > 0 AND (c.status IN ('new', 'named') "
+                "OR (c.status = 'promoted' AND coalesce(w.pending, 0) > 0)) "
                 "FROM clusters c LEFT JOIN predictions m ON m.id = c.medoid_id "
-                "WHERE c.model_version = ? ORDER BY c.size DESC, c.cluster_id",
-                [model_version],
+                "LEFT JOIN (SELECT p.cluster_id, count(*) AS pending FROM predictions p "
+                "WHERE p.model_version = $v AND p.cluster_id IS NOT NULL "
+                "AND p.duplicate_of IS NULL "
+                "AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = p.sha256) "
+                "AND NOT EXISTS (SELECT 1 FROM cluster_exclusions x WHERE x.model_version = $v "
+                "AND x.cluster_id = p.cluster_id AND x.id = p.id) GROUP BY p.cluster_id) w "
+                "ON w.cluster_id = c.cluster_id "
+                "WHERE c.model_version = $v ORDER BY c.size DESC, c.cluster_id",
+                {"v": model_version},
             ).fetchall()
-        keys = (*CLUSTER_FIELDS, "promoted_into", "excluded")
+        keys = (*CLUSTER_FIELDS, "promoted_into", "excluded", "pending", "open")
         out = []
         for r in rows:
             d = dict(zip(keys, r, strict=True))

@@ -157,9 +157,7 @@ def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = N
         concurrency_id="unknowns-panels",
     )
     def panels(rows: list[dict[str, Any]] | None, which: str) -> None:
-        wanted = {"open": ("new", "named"), "all": ("new", "named", "promoted", "rejected")}
-        statuses = wanted.get(which, (which,))
-        shown = [c for c in rows or [] if c["size"] > 0 and c["status"] in statuses]
+        shown = [c for c in rows or [] if c["size"] > 0 and _listed(c, which)]
         if not shown:
             gr.Markdown("No clusters to show here. Run clustering after scoring some images.")
             return
@@ -175,6 +173,13 @@ def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = N
     return Panel(
         user_errors(refresh), [status, clusters], model_changes=[retrained], store_changes=[listed]
     )
+
+
+def _listed(c: dict[str, Any], which: str) -> bool:
+    """Whether the "Show clusters" choice ``which`` lists cluster ``c`` (``open``: the store's)."""
+    if which == "open":
+        return bool(c["open"])
+    return which == "all" or c["status"] == which
 
 
 def _cluster_panel(
@@ -206,6 +211,8 @@ def _cluster_panel(
     )
     gallery = gallery_value(service, zip([m["id"] for m in members], captions, strict=True))
     title = f"Cluster {cid} · {c['size']} images · {c['status']}"
+    if c["status"] == "promoted" and c.get("pending"):
+        title += f" · {c['pending']} not promoted yet"
     if c.get("name"):
         title += f" · “{c['name']}”"
     notes = [f"medoid #{c['medoid_id']}"]

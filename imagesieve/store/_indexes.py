@@ -213,9 +213,9 @@ class IndexSet:
         Row ``from_ids[i]`` of ``source`` is row ``to_ids[i]`` of ``target``, same embedding:
         the copy is the same graph under the new ids, in milliseconds where building an HNSW
         graph takes minutes, saved as a link to ``source``'s file where that file holds it
-        (``VectorIndex.save_linked``). ``peeked``: what ``peek(source)`` gave, so its file is not read
-        twice. False (nothing done) unless ``target`` holds exactly those rows and they are all
-        of ``source``'s.
+        (``VectorIndex.save_linked``). ``peeked``: what ``peek(source)`` gave, so its file is
+        not read twice. False (nothing done) unless ``target`` holds exactly those rows and
+        they are all of ``source``'s.
         """
         import faiss
 

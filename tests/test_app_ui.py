@@ -991,6 +991,29 @@ def test_unknowns__promote_a_cluster_into_the_training_folder(page, app):
     page.page.wait_for_selector(f"#cluster-{cid}", state="detached")
     left = f"Unknowns ({open_clusters - 1})" if open_clusters > 1 else "Unknowns"
     page.page.get_by_role("tab", name=left, exact=True).wait_for()
+
+    # An UNKNOWN joining it later (as scoring places new ones) brings it back to the open list,
+    # and promoting again adds just that one.
+    late, source = service.sql(
+        "SELECT id, source FROM predictions WHERE label = 'UNKNOWN' "
+        "AND coalesce(cluster_id, -1) = -1 AND duplicate_of IS NULL "
+        "AND sha256 NOT IN (SELECT sha256 FROM labels) ORDER BY id",
+        limit=1,
+    ).rows[0]
+    service.store.clusters.join([late], [cid])
+    page.tab("Model")
+    page.tab("Unknowns")
+    page.wait_text(f"#cluster-{cid}", "1 not promoted yet")
+    page.page.get_by_role("tab", name=f"Unknowns ({open_clusters})", exact=True).wait_for()
+    page.page.once("dialog", lambda d: d.accept())
+    page.page.click(f"#cluster-{cid}-promote")
+    page.page.wait_for_function(
+        "() => [...document.querySelectorAll('.toast-body')]"
+        ".some(t => t.innerText.includes('1 images copied'))"
+    )
+    assert (training / "poly" / Path(source.rsplit(":", 1)[-1]).name).is_file()
+    page.page.wait_for_selector(f"#cluster-{cid}", state="detached")
+    page.page.get_by_role("tab", name=left, exact=True).wait_for()
     page.assert_no_errors()
 
 

@@ -19,6 +19,13 @@ def blobs(n: int, d: int = 64, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def flip_byte(path, at: int) -> None:
+    """Damage a file: one byte inverted."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_exact_top_k__matches_full_sort():
     x, q = blobs(1000), blobs(7, seed=1)
     want = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
@@ -266,9 +273,7 @@ def test_vector_index__damaged_or_missing_delta_is_an_index_file_error(tmp_path,
     index.add(np.arange(1000, 1050), x[1000:])
     index.save()
     delta = tmp_path / "v1.faiss.delta-1"
-    data = bytearray(delta.read_bytes())
-    data[-9] ^= 0xFF
-    delta.write_bytes(bytes(data))
+    flip_byte(delta, -9)
     with pytest.raises(_vectors.IndexFileError, match="delta-1.*damaged"):
         VectorIndex.open(index.path)
     delta.unlink()
@@ -331,10 +336,7 @@ def test_vector_index__saved_linked_to_the_file_of_the_index_it_relabels(tmp_pat
     assert np.array_equal(np.sort(grown.ids())[:1000], new_ids)
     assert VectorIndex.open(v1.path).ntotal == 995
 
-    ids_file = tmp_path / "v2.faiss.ids"
-    data = bytearray(ids_file.read_bytes())
-    data[-3] ^= 0xFF
-    ids_file.write_bytes(bytes(data))
+    flip_byte(tmp_path / "v2.faiss.ids", -3)
     with pytest.raises(_vectors.IndexFileError, match="ids.*damaged"):
         VectorIndex.open(v2.path)
     grown.remove(np.array([7000]))

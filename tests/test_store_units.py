@@ -231,6 +231,7 @@ def test_clusters__unknowns_runs_review_and_a_second_run(store):
         (0, "new", 3, "img0.png"),
         (1, "new", 2, "img3.png"),
     ]
+    assert [c["open"] for c in listing] == [True, True] and store.clusters.open_count("v1") == 2
     top = listing[0]
     assert (top["top1"], top["top2"], top["radius"]) == ({"a": 3}, {"b": 3}, 0.25)
     with store.cursor() as cur:
@@ -265,11 +266,13 @@ def test_clusters__unknowns_runs_review_and_a_second_run(store):
         (0, "promoted", "cracks", 2, "/data/cracks", 2, 1, True),
         (1, "rejected", None, 0, None, 0, 0, False),
     ]
+    assert store.clusters.open_count("v1") == 1
     store.audit.set_labels([HumanLabel(preds[0].sha256, "cracks", 1, 0, None)])
     assert [(c["pending"], c["open"]) for c in store.clusters.listing("v1")] == [
         (0, False),
         (0, False),
     ]
+    assert store.clusters.open_count("v1") == 0
     assert cluster_ids(store)[:6] == [0, 0, -1, -1, -1, -1]
     previous, next_id = store.clusters.previous("v1")
     assert next_id == 2 and [p.cluster_id for p in previous] == [0]  # cluster 1 is gone

@@ -1359,7 +1359,7 @@ class Service:
                 [name],
             ).fetchall()[0]
             labelled = cur.execute("SELECT count(*) FROM labels").fetchall()[0][0]
-        clusters = sum(c["open"] for c in self.store.clusters.listing(name))
+        clusters = self.store.clusters.open_count(name)
         return {"stored": stored, "unknown": unknown, "clusters": clusters, "labelled": labelled}
 
     def health(self) -> dict[str, Any]:

@@ -66,6 +66,24 @@ class ClusterMember:
     excluded: bool = False
 
 
+#: Per cluster of version ``$v``, its members no person has labelled, left out or set aside
+#: yet (``pending``); ``{only}``: more conditions on ``p``.
+_PENDING = (
+    "SELECT p.cluster_id, count(*) AS pending FROM predictions p "
+    "WHERE p.model_version = $v AND p.cluster_id IS NOT NULL {only}"
+    "AND p.duplicate_of IS NULL "
+    "AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = p.sha256) "
+    "AND NOT EXISTS (SELECT 1 FROM cluster_exclusions x WHERE x.model_version = $v "
+    "AND x.cluster_id = p.cluster_id AND x.id = p.id) GROUP BY p.cluster_id"
+)
+#: Work for review, of a cluster ``c`` joined with its ``_PENDING`` row ``w``: found in the
+#: last run, and new or named, or promoted with members pending.
+_OPEN = (
+    "(c.size > 0 AND (c.status IN ('new', 'named') "
+    "OR (c.status = 'promoted' AND coalesce(w.pending, 0) > 0)))"
+)
+
+
 class Clusters:
     """One store's clusters of UNKNOWN images, per model version."""
 
@@ -225,16 +243,8 @@ class Clusters:
                 "m.source, c.top1, c.top2, c.promoted_into, "
                 "(SELECT count(*) FROM cluster_exclusions x WHERE x.model_version = c.model_version "
                 "AND x.cluster_id = c.cluster_id) AS excluded, coalesce(w.pending, 0) AS pending, "
-                "c.size > 0 AND (c.status IN ('new', 'named') "
-                "OR (c.status = 'promoted' AND coalesce(w.pending, 0) > 0)) "
-                "FROM clusters c LEFT JOIN predictions m ON m.id = c.medoid_id "
-                "LEFT JOIN (SELECT p.cluster_id, count(*) AS pending FROM predictions p "
-                "WHERE p.model_version = $v AND p.cluster_id IS NOT NULL "
-                "AND p.duplicate_of IS NULL "
-                "AND NOT EXISTS (SELECT 1 FROM labels l WHERE l.sha256 = p.sha256) "
-                "AND NOT EXISTS (SELECT 1 FROM cluster_exclusions x WHERE x.model_version = $v "
-                "AND x.cluster_id = p.cluster_id AND x.id = p.id) GROUP BY p.cluster_id) w "
-                "ON w.cluster_id = c.cluster_id "
+                f"{_OPEN} FROM clusters c LEFT JOIN predictions m ON m.id = c.medoid_id "
+                f"LEFT JOIN ({_PENDING.format(only='')}) w ON w.cluster_id = c.cluster_id "
                 "WHERE c.model_version = $v ORDER BY c.size DESC, c.cluster_id",
                 {"v": model_version},
             ).fetchall()
@@ -247,6 +257,23 @@ class Clusters:
             d["radius"] = None if d["radius"] is None else round(float(d["radius"]), 4)
             out.append(d)
         return out
+
+    def open_count(self, model_version: str) -> int:
+        """How many of the version's clusters ``listing`` says are ``open`` (the app's header).
+
+        Only promoted clusters' members are read. A listing reads every clustered row: 70-110
+        ms for 1,000,000 rows, 333,000 of them in 500 clusters, a quarter promoted; this 22 ms.
+        """
+        promoted = (
+            "AND p.cluster_id IN (SELECT cluster_id FROM clusters "
+            "WHERE model_version = $v AND status = 'promoted') "
+        )
+        with self.store._connection() as con:
+            return con.execute(
+                f"SELECT count(*) FROM clusters c LEFT JOIN ({_PENDING.format(only=promoted)}) w "
+                f"ON w.cluster_id = c.cluster_id WHERE c.model_version = $v AND {_OPEN}",
+                {"v": model_version},
+            ).fetchall()[0][0]
 
     def members(
         self,

@@ -174,7 +174,7 @@ def test_store__leftover_image_tmp_files_removed_on_open(tmp_path):
     left = folder / f".{sha}.0.140.tmp"  # a process that died mid-copy (no pid is 0)
     left.write_bytes(data[:10])
     other = ws.images_dir / "ff" / f".{'f' * 64}.0.7.tmp"
-    other.parent.mkdir()
+    other.parent.mkdir(exist_ok=True)  # the kept image may be in "ff" too (1 in 256)
     other.write_bytes(b"x")
     busy = folder / f".{sha}.{os.getpid()}.9.tmp"  # this process, maybe mid-copy: left alone
     busy.write_bytes(b"y")

@@ -132,9 +132,8 @@ def nearest_above(
 
 def _most_similar(q: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each query's most similar vector (row, inner product), from one matrix product."""
-    sims = q @ vectors.T
-    j = sims.argmax(1)
-    return j, sims[np.arange(len(q)), j]
+    rows, sims = top_k_of_chunks(q, [(0, vectors)], 1)
+    return rows[:, 0], sims[:, 0]
 
 
 def _range_basis(vectors: np.ndarray, dims: int) -> np.ndarray:

@@ -7,7 +7,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BLAS_MIN_QUERIES", "BOUND_DIMS", "nearest_above", "search", "top_k_of_chunks"]
+__all__ = [
+    "BLAS_MIN_QUERIES",
+    "BOUND_DIMS",
+    "cosine_distance",
+    "nearest_above",
+    "search",
+    "top_k_of_chunks",
+]
 
 #: Queries from which one matrix product (BLAS) beats FAISS's query-by-query kernel on a flat
 #: index. Measured on 5,000 x 1280-d vectors, one thread: 1 query 2.6 ms vs 6.0 ms with BLAS,
@@ -31,6 +38,11 @@ _BLOCK_FLOATS = 1 << 24
 _PAIRS_AT_ONCE = 8192
 #: The range basis is found on at most this many of the vectors (a seeded sample).
 _BASIS_SAMPLE = 4096
+
+
+def cosine_distance(sims: np.ndarray) -> np.ndarray:
+    """Inner products of unit vectors -> cosine distances ``1 - cos``, kept in [0, 2]."""
+    return np.clip(1.0 - sims, 0.0, 2.0)
 
 
 def search(index: Any, x: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:

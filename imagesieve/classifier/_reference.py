@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imagesieve._faiss import nearest_above
+from imagesieve._faiss import cosine_distance, nearest_above
 from imagesieve._faiss import search as faiss_search
 
 __all__ = [
@@ -68,7 +68,7 @@ class ReferenceSet:
         if len(x) == 0 or len(self) == 0:
             return np.zeros((len(x), k), np.int64), np.full((len(x), k), np.inf, np.float32)
         sims, ids = faiss_search(self._index, x, min(k, len(self)), threads)
-        return ids, np.clip(1.0 - sims, 0.0, 2.0)
+        return ids, cosine_distance(sims)
 
     def ids_of(self, old: ReferenceSet) -> np.ndarray | None:
         """Each of ``old``'s images' id in this set (same embedding), or None if one is missing."""
@@ -98,7 +98,7 @@ class ReferenceSet:
         ids, dist = old_ids_here[near], dist.astype(np.float32)
         if len(added):
             found, sims = nearest_above(embeddings, self.embeddings[added], 1.0 - dist)
-            d = np.clip(1.0 - sims, 0.0, 2.0)
+            d = cosine_distance(sims)
             closer = (found >= 0) & (d < dist)
             ids[closer], dist[closer] = added[found[closer]], d[closer]
         return ids, dist

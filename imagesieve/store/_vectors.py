@@ -25,8 +25,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from imagesieve._faiss import cosine_distance, top_k_of_chunks
 from imagesieve._faiss import search as faiss_search
-from imagesieve._faiss import top_k_of_chunks
 from imagesieve.store._rows import _positions
 
 __all__ = ["FLAT_MAX", "HNSW_MAX", "IndexFileError", "VectorIndex", "ivf_recipe", "train_rows"]
@@ -667,7 +667,7 @@ class VectorIndex:
             out_sims, out_ids = faiss_search(self.index, x, k, threads)
             if self.l2:  # squared L2 between unit vectors: twice the cosine distance
                 out_sims = 1.0 - out_sims / 2.0
-        return out_ids, np.where(out_ids >= 0, np.clip(1.0 - out_sims, 0.0, 2.0), np.inf)
+        return out_ids, np.where(out_ids >= 0, cosine_distance(out_sims), np.inf)
 
     def save(self) -> None:
         """Write what changed atomically (temp file + rename), then the sidecar.

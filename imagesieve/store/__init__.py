@@ -17,7 +17,14 @@ from imagesieve.store._browse import (
 )
 from imagesieve.store._clusters import CLUSTER_FIELDS, PreviousCluster
 from imagesieve.store._duplicates import DuplicateGroup
-from imagesieve.store._images import KEEP_POLICIES, ZIP_MEMBER, image_source, keep_image, kept_path
+from imagesieve.store._images import (
+    KEEP_POLICIES,
+    ZIP_MEMBER,
+    image_source,
+    keep_image,
+    kept_path,
+    original_source,
+)
 from imagesieve.store._rows import (
     BatchItem,
     Failure,
@@ -85,6 +92,7 @@ __all__ = [
     "keep_image",
     "kept_path",
     "open_readonly",
+    "original_source",
     "run_sql",
     "run_store_sql",
     "using_store",

@@ -27,6 +27,7 @@ __all__ = [
     "image_source",
     "keep_image",
     "kept_path",
+    "original_source",
     "remove_partial_images",
     "sync_folder",
 ]
@@ -176,6 +177,11 @@ def image_source(ws: Workspace, sha256: str, source: str) -> str | bytes | None:
     path = kept_path(ws, sha256)
     if path.is_file():
         return str(path)
+    return original_source(source)
+
+
+def original_source(source: str) -> str | bytes | None:
+    """The image's content where it was scored from: the file or zip member; None if gone."""
     if os.path.isfile(source):
         return source
     m = ZIP_MEMBER.match(source)

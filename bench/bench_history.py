@@ -5,8 +5,9 @@ Issue 20's target: re-deciding 100,000 stored rows after a head-only retrain in 
 Set-up (once, cached under bench/_out/history/): v1 is trained on ELPV's mono cells
 (functional / defective) and scores all 2,624 ELPV images into a store, the real scoring path,
 so every row carries its real embedding and head input. The store then grows to ``--rows``
-rows of v1: each extra row is a real row's embedding and max-pooled features moved by Gaussian
-noise (sigma 0.01 of each vector's scale), renormalised, under a content hash and a source
+rows of v1: each extra row is a real row's embedding, max-pooled and ood features moved by
+Gaussian noise (sigma 0.01 of each vector's scale), brought back to the real row's length
+(the ood features' taps are unit length each), under a content hash and a source
 of its own that name no file (the keep policy finds nothing to read for them); v1's FAISS
 index is rebuilt over all of them (HNSW past 5,000), and its rows are linked to their
 near-duplicates, as scoring them would have (every extra row nearly copies a real one). v2 is
@@ -63,12 +64,15 @@ def build(rows: int) -> Path:
 
     from imagesieve._workspace import Workspace
     from imagesieve.classifier import TrainOptions, train_model
+    from imagesieve.classifier._far import FAR_MAHALANOBIS
     from imagesieve.data._elpv import elpv_images, export_elpv
     from imagesieve.ingest import score_inputs
     from imagesieve.store import Store
 
     root = OUT / f"ws-{rows}"
-    if (root / "ready").is_file():
+    # "ready" names the distance the set-up's versions measure: versions of other features
+    # (an older tap) would not share the embedding, and the bench would time another path.
+    if (root / "ready").is_file() and (root / "ready").read_text() == FAR_MAHALANOBIS:
         if not (root / "linked").is_file():  # a set-up cached before v1's rows were linked
             link_v1(root)
         return root
@@ -111,7 +115,9 @@ def build(rows: int) -> Path:
             e /= np.linalg.norm(e, axis=1, keepdims=True)
             m = top[pick] * (1 + rng.normal(0, 0.01, (n, top.shape[1]))).astype(np.float32)
             f = ood[pick] + rng.normal(0, 0.01 / np.sqrt(ood.shape[1]), (n, ood.shape[1]))
-            f = (f / np.linalg.norm(f, axis=1, keepdims=True)).astype(np.float32)
+            # back to the real row's length: its taps are unit length each, not the whole
+            scale = np.linalg.norm(ood[pick], axis=1, keepdims=True)
+            f = (f * scale / np.linalg.norm(f, axis=1, keepdims=True)).astype(np.float32)
             ids = np.arange(next_id, next_id + n, dtype=np.int64)
             next_id += n
             t = base.take(pa.array(pick))
@@ -175,7 +181,7 @@ def build(rows: int) -> Path:
     shutil.copytree(ws.models_dir, root / "real" / "models", dirs_exist_ok=True)
     with Store(Workspace(root / "real"), check=False) as store:
         store._db.execute("DELETE FROM head_inputs")
-    (root / "ready").write_text("")
+    (root / "ready").write_text(FAR_MAHALANOBIS)
     link_v1(root)
     return root
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from imagesieve.classifier import UNKNOWN, Predictor, ScoringEngine, softmax, top_k
-from imagesieve.classifier._far import FAR_MAHALANOBIS, Mahalanobis
+from imagesieve.classifier._far import FAR_MAHALANOBIS, RELATIVE, Mahalanobis
 from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.classifier._split import adaptive_split
 from imagesieve.classifier._train import TrainOptions, train_model
@@ -129,11 +129,14 @@ def test_train_model__version_files_split_and_skipped(trained):
     assert len(reference) == n_train and reference.embeddings.shape == (n_train, 1280)
     assert np.allclose(np.linalg.norm(reference.embeddings, axis=1), 1.0, atol=1e-4)
     assert "lonely" in reference.labels
-    # the distance to the training data: Mahalanobis on the 192-channel stage, one mean a class
+    # the distance to the training data: Mahalanobis on the 112- and 192-channel stages, one
+    # mean a class, less a share of the distance to one Gaussian of all training images
     assert thresholds["far"] == FAR_MAHALANOBIS
     assert v.distance_words == "Mahalanobis distance to the nearest class"
     far = Mahalanobis.load(v.path)
-    assert far.means.shape == (3, 192) and far.precision.shape == (192, 192)
+    assert far.means.shape == (3, 304) and far.precision.shape == (304, 304)
+    assert far.center.shape == (304,) and far.total_precision.shape == (304, 304)
+    assert far.relative == RELATIVE > 0
     assert len(meta["data"]["fingerprint"]) == 64
     reasons = {Path(s["path"]).name: s["reason"] for s in result.skipped}
     assert reasons["notes.txt"] == "not an image file extension (.txt)"

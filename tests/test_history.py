@@ -13,6 +13,7 @@ import pytest
 
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import DuplicateRule, Predictor
+from imagesieve.classifier._far import FAR_MAHALANOBIS
 from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.data._elpv import export_elpv
 from imagesieve.ingest import ScoreOptions, describe_history, score_history, score_inputs
@@ -51,9 +52,8 @@ def test_scoring_stores_what_the_head_read(history):
     n, size = rows(ws, "SELECT count(*), min(octet_length(max_pooled)) FROM head_inputs")[0]
     assert n == 80 and size == 1280 * 2  # every row: 1280 float16 max-pooled features
     v1 = get_version(ws, "v1")
-    assert v1.head_path.is_file() and v1.frozen_backbone == "efficientnet_lite0:" + str(
-        v1.meta["weights"]
-    )
+    assert v1.head_path.is_file()
+    assert v1.frozen_backbone == f"efficientnet_lite0:{v1.meta['weights']}:{FAR_MAHALANOBIS}"
 
 
 def test_head_only_retrain__history_redecided_without_the_images(history, tmp_path):
@@ -268,6 +268,9 @@ def test_only_an_untouched_backbone_is_shared(history):
     assert ModelVersion(v1.path, meta).frozen_backbone is None  # fine-tuned
     other = {**v1.meta, "backbone": "resnet18"}
     assert ModelVersion(v1.path, other).frozen_backbone != v1.frozen_backbone
+    # a version of other taps (the 192-channel stage alone, before) has other features
+    older = {**v1.meta, "thresholds": {**v1.meta["thresholds"], "far": "Mahalanobis (192)"}}
+    assert ModelVersion(v1.path, older).frozen_backbone != v1.frozen_backbone
 
 
 @pytest.mark.parametrize("rank", [8, 96])  # bounds tight (low rank) / loose (isotropic)

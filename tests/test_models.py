@@ -100,20 +100,26 @@ def test_export_onnx__ood_features_are_the_tapped_blocks_pooled_output(tmp_path)
     from imagesieve.models.export import model_outputs
 
     backbone = create_backbone("efficientnet_lite0")
-    assert backbone.ood_tap == "net._blocks.14"
+    assert backbone.ood_taps == ("net._blocks.10", "net._blocks.14")  # 112 and 192 channels
     model = make_model(backbone, torch.nn.Linear(2 * 1280, 3), pooling="avgmax").eval()
     names = model_outputs(model)
     assert names == ("embedding", "logits", "avg_norm", "max_pooled", OOD_FEATURES)
     export_onnx(model, tmp_path / "m.onnx", names)
     x = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
-    grabbed = []
-    hook = backbone.body.net._blocks[14].register_forward_hook(lambda m, i, o: grabbed.append(o))
+    grabbed = {}
+    hooks = [
+        backbone.body.net._blocks[i].register_forward_hook(
+            lambda m, inp, o, i=i: grabbed.__setitem__(i, o)
+        )
+        for i in (10, 14)
+    ]
     with torch.no_grad():
         emb_t, logits_t = (t.numpy() for t in model(torch.from_numpy(x)))
-    hook.remove()
-    tap = grabbed[0].mean(dim=(2, 3))
-    want = (tap / tap.norm(dim=1, keepdim=True)).numpy()
-    assert want.shape == (2, 192)
+    for hook in hooks:
+        hook.remove()
+    taps = [grabbed[i].mean(dim=(2, 3)) for i in (10, 14)]
+    want = np.concatenate([(t / t.norm(dim=1, keepdim=True)).numpy() for t in taps], 1)
+    assert want.shape == (2, 112 + 192)
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == list(names)
     emb_o, logits_o, _, _, ood_o = sess.run(None, {"image": x})
@@ -124,7 +130,7 @@ def test_export_onnx__ood_features_are_the_tapped_blocks_pooled_output(tmp_path)
     assert not model.training
     # a backbone without a tap has no such output
     other = create_backbone("resnet18", weights=_weights_file("resnet18", tmp_path))
-    assert other.ood_tap is None
+    assert other.ood_taps == ()
     assert OOD_FEATURES not in model_outputs(make_model(other, torch.nn.Linear(512, 3)))
 
 

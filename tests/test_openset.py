@@ -15,7 +15,7 @@ from imagesieve.classifier import (
     TrainOptions,
     UnknownRule,
 )
-from imagesieve.classifier._far import Mahalanobis
+from imagesieve.classifier._far import RELATIVE, Mahalanobis
 from imagesieve.classifier._openset import (
     FOLDS,
     MIN_GAIN,
@@ -338,15 +338,23 @@ def test_report_card__a_class_far_from_the_others_is_found(digits):
 # --- the Mahalanobis distance (versions with tapped features) --------------------------------
 
 
-def _squared_by_definition(x, y, q) -> np.ndarray:
-    """Smallest squared Mahalanobis distance, written out: class means, shrunk shared covariance."""
+def _squared_by_definition(x, y, q, relative: float = RELATIVE) -> np.ndarray:
+    """Smallest squared Mahalanobis distance, written out, less the relative term.
+
+    Class means and a shrunk shared covariance; the term is ``relative`` times the squared
+    distance to one Gaussian of all of ``x``.
+    """
     from sklearn.covariance import ledoit_wolf
 
     means = np.stack([x[y == c].mean(0) for c in np.unique(y)])
     centred = x - means[np.searchsorted(np.unique(y), y)]
-    cov, _ = ledoit_wolf(centred, assume_centered=True)
-    inv = np.linalg.inv(cov)
-    return np.stack([np.einsum("nd,de,ne->n", q - m, inv, q - m) for m in means], 1).min(1)
+    inv = np.linalg.inv(ledoit_wolf(centred, assume_centered=True)[0])
+    nearest = np.stack([np.einsum("nd,de,ne->n", q - m, inv, q - m) for m in means], 1).min(1)
+    center = x.mean(0)
+    total = np.linalg.inv(ledoit_wolf(x - center, assume_centered=True)[0])
+    return np.maximum(
+        nearest - relative * np.einsum("nd,de,ne->n", q - center, total, q - center), 0
+    )
 
 
 def test_mahalanobis__the_definition_mapped_onto_zero_to_two(digits, tmp_path):
@@ -367,9 +375,11 @@ def test_mahalanobis__the_definition_mapped_onto_zero_to_two(digits, tmp_path):
     assert far.scale == pytest.approx(np.median(held), rel=1e-6)
     mapped = far(x[train])
     assert mapped.dtype == np.float32 and np.all((mapped >= 0) & (mapped < 2))
-    # so held-out known images map around 1; the training images themselves nearer
+    # so held-out known images map around 1; by the class means alone (the term taken off
+    # fits the training images too), the training images themselves are nearer
     assert 0.8 <= np.median(far(x[val])) <= 1.2
-    assert np.median(mapped) < np.median(far(x[val]))
+    plain = Mahalanobis(far.means, far.precision, far.scale)
+    assert np.median(plain(x[train])) < np.median(plain(x[val]))
     # the map keeps the order; far away tends to 2
     order = np.argsort(far.squared(x[val]))
     assert np.all(np.diff(far(x[val])[order]) >= 0)
@@ -380,6 +390,13 @@ def test_mahalanobis__the_definition_mapped_onto_zero_to_two(digits, tmp_path):
     again = Mahalanobis.load(tmp_path)
     np.testing.assert_array_equal(again(x[val]), far(x[val]))
     assert Mahalanobis.load(tmp_path / "nothing") is None
+    # a version fitted before the relative term (its file has no center) keeps its own distance
+    np.savez(tmp_path / "far.npz", means=far.means, precision=far.precision, scale=far.scale)
+    older = Mahalanobis.load(tmp_path)
+    assert older.relative == 0 and older.center is None
+    np.testing.assert_allclose(
+        older.squared(x[val]), _squared_by_definition(x[train], y[train], x[val], 0), rtol=1e-6
+    )
 
 
 def test_held_out__mahalanobis_out_of_fold(digits):

@@ -18,12 +18,15 @@ __all__ = ["HEAD_POOLING", "backbone_onnx", "extract_features"]
 
 #: Pooling of trained heads: average and max pooled features concatenated.
 HEAD_POOLING = "avgmax"
+#: Names the backbones' ``ood_taps`` in the cached export's file name (``-ood`` was the
+#: 192-channel stage alone): a change of taps must not reuse an older export.
+OOD_LAYOUT = "ood2"
 
 
 def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> Path:
     """ONNX of the pretrained backbone alone: embedding, avg + max pooled features, ood features.
 
-    ``embedding``, ``features`` and, for a backbone with an ``ood_tap``, ``ood_features``
+    ``embedding``, ``features`` and, for a backbone with ``ood_taps``, ``ood_features``
     (what the far-from-training distance reads).
 
     Exported once per backbone and weights file into the workspace cache, then reused.
@@ -37,7 +40,7 @@ def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> P
                 f"{os.path.abspath(weights)}:{st.st_size}:{st.st_mtime_ns}".encode()
             ).hexdigest()[:12]
         )
-    path = ws.cache_dir / f"backbone-{key}-{HEAD_POOLING}-ood.onnx"
+    path = ws.cache_dir / f"backbone-{key}-{HEAD_POOLING}-{OOD_LAYOUT}.onnx"
     if path.is_file():
         return path
     from torch import nn
@@ -49,7 +52,7 @@ def backbone_onnx(ws: Workspace, backbone: str, weights: str | None = None) -> P
     net = create_backbone(backbone, weights=weights)
     model = make_model(net, nn.Identity(), pooling=HEAD_POOLING)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    names = ("embedding", "features") + (() if net.ood_tap is None else (OOD_FEATURES,))
+    names = ("embedding", "features") + ((OOD_FEATURES,) if net.ood_taps else ())
     export_onnx(model, tmp, output_names=names)
     os.replace(tmp, path)
     return path

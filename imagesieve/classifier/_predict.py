@@ -102,7 +102,7 @@ class Prediction:
     avg_norm: float | None = None
     max_pooled: np.ndarray | None = field(default=None, repr=False)
     #: The features the version's Mahalanobis distance reads, kept for the same reason (float32:
-    #: a re-decided row gets the distance scoring gave it, 768 bytes).
+    #: a re-decided row gets the distance scoring gave it, 1,216 bytes for EfficientNet-Lite0).
     ood_features: np.ndarray | None = field(default=None, repr=False)
     #: Photo quality: the measures, and what the version's calibrated rule flags (any flag
     #: makes the prediction UNKNOWN with reason ``poor_quality``).

@@ -506,7 +506,7 @@ def train_model(
         signatures=signatures,
     )
     feats, embeddings = arrays["features"], arrays["embedding"]
-    ood = arrays.get(OOD_FEATURES)  # None: the backbone has no ood_tap
+    ood = arrays.get(OOD_FEATURES)  # None: the backbone has no ood_taps
     keep = np.array([e is None for e in errors], bool)
     skipped += [
         {"path": str(p), "reason": e.reason}

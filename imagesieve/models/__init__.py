@@ -29,8 +29,9 @@ from imagesieve.models._version import (
 )
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
-#: The ONNX output of a version whose backbone has an ``ood_tap``: the tapped block's
-#: average-pooled features, unit length, which its far-from-training distance reads.
+#: The ONNX output of a version whose backbone has ``ood_taps``: the tapped blocks'
+#: average-pooled features, each unit length, concatenated: what its far-from-training
+#: distance reads.
 OOD_FEATURES = "ood_features"
 
 __all__ = [

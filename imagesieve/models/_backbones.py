@@ -80,10 +80,11 @@ def _efficientnet_lite0(weights: str | None = None, pretrained: bool = True):
     # than the last 5 blocks (with flips="all") lifted test accuracy from 0.864 to 0.887.
     n = len(net._blocks)
     tail = [f"net._blocks.{i}" for i in range(n - 8, n)] + ["net._conv_head", "net._bn1"]
-    # The far-from-training score reads the 192-channel stage's last block (7x7 maps): with
-    # class-conditional Mahalanobis it beat the final conv's nearest-neighbour distance on
-    # every set of bench_openset (mean recall 0.768 vs 0.690 at 5%; bench/RESULTS.md).
-    return Backbone("efficientnet_lite0", _Body(net), head, tail, ood_tap=f"net._blocks.{n - 2}")
+    # The far-from-training score reads the 112- and 192-channel stages' last blocks (14x14
+    # and 7x7 maps): with class-conditional Mahalanobis they beat the final conv's
+    # nearest-neighbour distance on every set of bench_openset (bench/RESULTS.md).
+    taps = (f"net._blocks.{n - 6}", f"net._blocks.{n - 2}")
+    return Backbone("efficientnet_lite0", _Body(net), head, tail, ood_taps=taps)
 
 
 def _resnet(name: str, enum_name: str, weights: str | None, pretrained: bool):

@@ -14,9 +14,9 @@ class Backbone(nn.Module):
 
     ``body`` maps images to the last feature map, ``imagenet_head`` is the original ImageNet
     classifier and ``tail`` names the last block(s), the part fine-tuning unfreezes.
-    ``ood_tap`` names the block of ``body`` whose average-pooled output the far-from-training
-    score reads (EfficientNet-Lite0: the 192-channel stage, ``bench/bench_layers.py``); None:
-    the score reads the embedding.
+    ``ood_taps`` name the blocks of ``body`` whose average-pooled outputs (each unit length,
+    concatenated) the far-from-training score reads (EfficientNet-Lite0: the 112- and
+    192-channel stages, ``bench/bench_layers.py``); none: the score reads the embedding.
     """
 
     def __init__(
@@ -25,14 +25,14 @@ class Backbone(nn.Module):
         body: nn.Module,
         imagenet_head: nn.Linear,
         tail: list[str],
-        ood_tap: str | None = None,
+        ood_taps: tuple[str, ...] = (),
     ):
         super().__init__()
         self.name = name
         self.body = body
         self.imagenet_head = imagenet_head
         self.tail = tail
-        self.ood_tap = ood_tap
+        self.ood_taps = tuple(ood_taps)
 
     @property
     def embed_dim(self) -> int:
@@ -43,19 +43,21 @@ class Backbone(nn.Module):
         """(n, 3, s, s) float32 -> (n, d) pooled features."""
         return torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
 
-    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(n, 3, s, s) normalised images -> the last feature map and ``ood_tap``'s (or None)."""
-        if self.ood_tap is None:
-            return self.body(x), None
-        grabbed: list[torch.Tensor] = []
-        hook = self.body.get_submodule(self.ood_tap).register_forward_hook(
-            lambda _m, _i, out: grabbed.append(out)
-        )
+    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(n, 3, s, s) normalised images -> the last feature map and ``ood_taps``' maps."""
+        grabbed: dict[str, torch.Tensor] = {}
+        hooks = [
+            self.body.get_submodule(tap).register_forward_hook(
+                lambda _m, _i, out, tap=tap: grabbed.__setitem__(tap, out)
+            )
+            for tap in self.ood_taps
+        ]
         try:
             fmap = self.body(x)
         finally:
-            hook.remove()
-        return fmap, grabbed[-1]
+            for hook in hooks:
+                hook.remove()
+        return fmap, [grabbed[tap] for tap in self.ood_taps]
 
     def tail_modules(self) -> list[nn.Module]:
         """The modules fine-tuning trains (the last block and what follows it)."""
@@ -110,9 +112,10 @@ class SieveModel(nn.Module):
 
         ``embedding`` and ``logits`` (``forward``'s); the rest of the head's input for
         ``avgmax`` (``avg_norm``: the average-pooled features' length, ``max_pooled``); and with
-        an ``ood_tap``, ``ood_features``: that block's average-pooled output, unit length.
+        ``ood_taps``, ``ood_features``: those blocks' average-pooled outputs, each unit length,
+        concatenated.
         """
-        fmap, tap = self.backbone.maps(self.normalize(x))
+        fmap, taps = self.backbone.maps(self.normalize(x))
         avg = fmap.mean(dim=(2, 3))
         out = {"embedding": F.normalize(avg, dim=1)}
         if self.pooling == "avgmax":
@@ -121,8 +124,10 @@ class SieveModel(nn.Module):
             out["logits"] = self.head(torch.cat([avg, top], dim=1))
         else:
             out["logits"] = self.head(avg)
-        if tap is not None:
-            out["ood_features"] = F.normalize(tap.mean(dim=(2, 3)), dim=1)
+        if taps:
+            out["ood_features"] = torch.cat(
+                [F.normalize(t.mean(dim=(2, 3)), dim=1) for t in taps], 1
+            )
         return out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

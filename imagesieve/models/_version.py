@@ -117,11 +117,14 @@ class ModelVersion:
     def frozen_backbone(self) -> str | None:
         """The pretrained backbone this version embeds with, untouched; None when fine-tuned.
 
-        Versions with the same one give an image the same embedding and head input.
+        Versions with the same one give an image the same embedding, head input and features
+        for the distance to the training data (which ``thresholds.far`` names: versions of
+        other taps differ there).
         """
         if self.meta.get("kind") != "trained" or (self.meta.get("training") or {}).get("phase2"):
             return None
-        return f"{self.meta['backbone']}:{self.meta.get('weights')}"
+        far = self.meta.get("thresholds", {}).get("far")
+        return f"{self.meta['backbone']}:{self.meta.get('weights')}:{far}"
 
     @property
     def report_dir(self) -> Path:

@@ -60,12 +60,12 @@ def model_outputs(model: SieveModel) -> tuple[str, ...]:
     """The outputs a version's ``model.onnx`` has, in order.
 
     ONNX_OUTPUTS, then HEAD_INPUTS for an ``avgmax`` linear head, then OOD_FEATURES when the
-    backbone has an ``ood_tap``.
+    backbone has ``ood_taps``.
     """
     names = ONNX_OUTPUTS
     if model.pooling == "avgmax" and isinstance(model.head, nn.Linear):
         names += HEAD_INPUTS
-    if model.backbone.ood_tap is not None:
+    if model.backbone.ood_taps:
         names += (OOD_FEATURES,)
     return names
 

@@ -115,6 +115,50 @@ def test_head_only_retrain__history_redecided_without_the_images(history, tmp_pa
     assert again["already_scored"] == 80 and again["scored"] == 0
 
 
+def test_retrain_from_a_version_of_other_far_features__history_scored_from_the_images(
+    history, tmp_path
+):
+    """A version fitted before the far distance's features changed (here: its meta names
+    another distance) holds rows whose stored features the new version cannot read: its
+    history is scored from the images, and an image no longer there is a stored failure."""
+    import json
+
+    ws0, data, pics = history
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(ws0.root, ws.root)
+    meta_path = get_version(ws, "v1").path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["thresholds"]["far"] = "Mahalanobis distance to the nearest class (192-channel stage)"
+    meta_path.write_text(json.dumps(meta))
+    train_model(data, ws, TrainOptions(seed=1, activate=False))
+    v1, v2 = get_version(ws, "v1"), get_version(ws, "v2")
+    assert v1.frozen_backbone != v2.frozen_backbone
+    kept = {
+        sha
+        for (sha,) in rows(ws, "SELECT sha256 FROM predictions WHERE model_version = 'v1'")
+        if kept_path(ws, sha).is_file()
+    }
+    assert 0 < len(kept) < 80  # the UNKNOWNs' images are kept, the others' are not
+    gone = pics.rename(tmp_path / "moved")  # no original: only the kept copies can be read
+    try:
+        diff = score_history(ws, "v2", "v1")
+    finally:
+        gone.rename(pics)
+    assert diff["scored"] == len(kept) and diff["failed"] == 80 - len(kept)
+    assert rows(ws, "SELECT count(*) FROM shared_features")[0][0] == 0  # nothing shared
+    failed = rows(ws, "SELECT kind, message FROM failures WHERE model_version = 'v2'")
+    assert len(failed) == 80 - len(kept)
+    assert {kind for kind, _ in failed} == {"missing"}
+    assert all("no kept copy" in message for _, message in failed)
+    # the rows scored carry the new version's features (the 112- and 192-channel stages)
+    sizes = rows(
+        ws,
+        "SELECT DISTINCT octet_length(h.ood_features) FROM head_inputs h "
+        "JOIN predictions p USING (id) WHERE p.model_version = 'v2'",
+    )
+    assert sizes == [(4 * (112 + 192),)]
+
+
 def test_head_inputs_read_with_the_old_index_are_the_stored_ones(history, monkeypatch):
     """Re-deciding takes the embeddings from the old version's index, which a fresh version
     takes over; a saved index that disagrees with DuckDB is not read (DuckDB is). A copy read

@@ -17,8 +17,10 @@ Two tables per set, means over its splits:
   kept, of unseen vs held-out known; and each score's recall of unseen at a threshold set on
   out-of-fold training scores for the target false-UNKNOWN rate, with the realised rate.
   Beside them, ``bench_layers.py``'s study: knn1 and Mahalanobis on the 192-channel stage's
-  average-pooled features (torch, cached in ``bench/_out/layers``), and the whole decision
-  (confidence OR the distance, calibrated together by ``calibrate_rule``) with each distance.
+  average-pooled features (torch, cached in ``bench/_out/layers``), the product's distance
+  since stop 44 on the same cache (the 112- and 192-channel stages, less a share of the
+  one-Gaussian distance: ``classifier._far``), and the whole decision (confidence OR the
+  distance, calibrated together by ``calibrate_rule``) with each distance.
 * *Product*: the version's own decision at its calibrated thresholds (what an operator gets):
   realised false-UNKNOWN on held-out known, recall of unseen, the mix and report card the
   version chose, and clustering of the UNKNOWNs (``cluster_embeddings``, default parameters,
@@ -52,6 +54,7 @@ from _openset_sets import SETS, image_set  # noqa: E402
 
 from imagesieve._workspace import Workspace  # noqa: E402
 from imagesieve.classifier import Predictor, TrainOptions, train_model  # noqa: E402
+from imagesieve.classifier._far import Mahalanobis as ProductMahalanobis  # noqa: E402
 from imagesieve.classifier._features import backbone_onnx, extract_features  # noqa: E402
 from imagesieve.classifier._openset import FOLDS, HeldOut, calibrate_rule  # noqa: E402
 from imagesieve.classifier._reference import ReferenceSet  # noqa: E402
@@ -156,7 +159,11 @@ def feature_scores(emb_fit, y_fit, emb_q, skip_self=False) -> dict[str, np.ndarr
 #: the whole decision (confidence OR the score, calibrated together, mix 0, no quality rule) with
 #: each distance.
 ALTERNATIVE = "s6-192"
-DECISION_SCORES = ("knn1", f"{ALTERNATIVE} knn1", f"{ALTERNATIVE} mahalanobis")
+#: The product's distance since stop 44 (``classifier._far``, unscaled): the 112- and
+#: 192-channel stages concatenated, less ``RELATIVE`` x the one-Gaussian distance.
+PRODUCT = "s5+s6 relative mahalanobis"
+PRODUCT_LAYERS = ("s5-112", "s6-192")
+DECISION_SCORES = ("knn1", f"{ALTERNATIVE} knn1", f"{ALTERNATIVE} mahalanobis", PRODUCT)
 #: Feature + logit fusions (each score standardised on the held-out known images, then summed),
 #: the product's distance (the 192-channel Mahalanobis) with energy and with max-softmax among them.
 FUSIONS = [
@@ -188,11 +195,12 @@ def head_logits(feats, y, train, head, rows, weight_decay):
         return lin(torch.from_numpy(z)).numpy().astype(np.float64)
 
 
-def score_table(feats, emb, alt, y, plan, head, wd, known_test, unseen) -> dict[str, dict]:
+def score_table(feats, emb, alt, prod, y, plan, head, wd, known_test, unseen) -> dict[str, dict]:
     """Each score on one split: AUROC, FPR@95, and recall / realised rate at an OOF threshold.
 
-    ``alt``: the alternative features (unit rows); their scores and the ``decision: <score>``
-    rows (recall and realised rate of the whole decision with that distance) are added.
+    ``alt``: the alternative features (unit rows), ``prod`` the product's (``PRODUCT_LAYERS``,
+    each unit length, concatenated); their scores and the ``decision: <score>`` rows (recall
+    and realised rate of the whole decision with that distance) are added.
     """
     w = head.weight.detach().numpy().astype(np.float64)
     b = head.bias.detach().numpy().astype(np.float64)
@@ -204,6 +212,7 @@ def score_table(feats, emb, alt, y, plan, head, wd, known_test, unseen) -> dict[
         out = feature_scores(emb[fit], y[fit], emb[rows])
         out[f"{ALTERNATIVE} knn1"] = knn(alt[fit], alt[rows], 1)
         out[f"{ALTERNATIVE} mahalanobis"] = Mahalanobis(alt[fit], y[fit])(alt[rows])
+        out[PRODUCT] = ProductMahalanobis.fit(prod[fit], y[fit], scale=1.0).squared(prod[rows])
         return out
 
     scores = distances(tr, q) | logit_scores(f64[q] @ w.T + b)
@@ -370,7 +379,9 @@ def run_set(name: str, ws: Workspace) -> tuple[dict, list[dict]]:
     feats, emb = arrays["features"], arrays["embedding"]
     from bench_layers import pooled_features, unit  # here: bench_layers imports this module
 
-    alt = unit(pooled_features(name, items)[ALTERNATIVE]).astype(np.float32)
+    layers = pooled_features(name, items)
+    alt = unit(layers[ALTERNATIVE]).astype(np.float32)
+    prod = np.concatenate([unit(layers[k]) for k in PRODUCT_LAYERS], 1).astype(np.float32)
     labels = np.array([c for _, c in items])
     classes = sorted(set(labels))
     tables, products = [], []
@@ -403,6 +414,7 @@ def run_set(name: str, ws: Workspace) -> tuple[dict, list[dict]]:
             feats[rows_all],
             emb[rows_all],
             alt[rows_all],
+            prod[rows_all],
             y_all[rows_all],
             plan,
             model.head,

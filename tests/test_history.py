@@ -130,8 +130,8 @@ def test_retrain_from_a_version_of_other_far_features__history_scored_from_the_i
     meta = json.loads(meta_path.read_text())
     meta["thresholds"]["far"] = "Mahalanobis distance to the nearest class (192-channel stage)"
     meta_path.write_text(json.dumps(meta))
-    train_model(data, ws, TrainOptions(seed=1, activate=False))
-    v1, v2 = get_version(ws, "v1"), get_version(ws, "v2")
+    v2 = train_model(data, ws, TrainOptions(seed=1, activate=False)).version  # the module's
+    v1 = get_version(ws, "v1")  # earlier tests may have trained versions in the copied store
     assert v1.frozen_backbone != v2.frozen_backbone
     kept = {
         sha
@@ -141,12 +141,13 @@ def test_retrain_from_a_version_of_other_far_features__history_scored_from_the_i
     assert 0 < len(kept) < 80  # the UNKNOWNs' images are kept, the others' are not
     gone = pics.rename(tmp_path / "moved")  # no original: only the kept copies can be read
     try:
-        diff = score_history(ws, "v2", "v1")
+        diff = score_history(ws, v2.name, "v1")
     finally:
         gone.rename(pics)
     assert diff["scored"] == len(kept) and diff["failed"] == 80 - len(kept)
-    assert rows(ws, "SELECT count(*) FROM shared_features")[0][0] == 0  # nothing shared
-    failed = rows(ws, "SELECT kind, message FROM failures WHERE model_version = 'v2'")
+    shared = "SELECT count(*) FROM shared_features s JOIN predictions p USING (id) "
+    assert rows(ws, shared + "WHERE p.model_version = ?", [v2.name])[0][0] == 0
+    failed = rows(ws, "SELECT kind, message FROM failures WHERE model_version = ?", [v2.name])
     assert len(failed) == 80 - len(kept)
     assert {kind for kind, _ in failed} == {"missing"}
     assert all("no kept copy" in message for _, message in failed)
@@ -154,7 +155,8 @@ def test_retrain_from_a_version_of_other_far_features__history_scored_from_the_i
     sizes = rows(
         ws,
         "SELECT DISTINCT octet_length(h.ood_features) FROM head_inputs h "
-        "JOIN predictions p USING (id) WHERE p.model_version = 'v2'",
+        "JOIN predictions p USING (id) WHERE p.model_version = ?",
+        [v2.name],
     )
     assert sizes == [(4 * (112 + 192),)]
 

@@ -1138,8 +1138,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--flips",
         choices=FLIPS,
-        help="phase-2 flips: horizontal (default), or all flips and quarter turns for images "
-        "with no up or down (cells, tiles, micrographs)",
+        help="phase-2 flips: horizontal (default); all flips and quarter turns for images "
+        "with no up or down (cells, tiles, micrographs); none for text, digits and dials",
     )
     t.add_argument("--test-size", type=float, help="share of each class held out for test")
     t.add_argument(

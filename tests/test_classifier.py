@@ -278,9 +278,12 @@ def test_train_model__finetune_phase_records_curves(tmp_path, small_folder):
 
 
 @pytest.mark.parametrize(
-    ("flips", "corners"), [("horizontal", {"top-left", "top-right"}), ("all", None)]
+    ("flips", "corners"),
+    [("horizontal", {"top-left", "top-right"}), ("all", None), ("none", {"top-left"})],
 )
-def test_augment__flips_all_turns_and_flips_images_horizontal_only_mirrors(flips, corners):
+def test_augment__flips_all_turns_and_flips_images_horizontal_only_mirrors_none_keeps(
+    flips, corners
+):
     from PIL import Image
 
     from imagesieve.classifier._train import _augment_transform
@@ -297,7 +300,7 @@ def test_augment__flips_all_turns_and_flips_images_horizontal_only_mirrors(flips
         quads = out.reshape(2, 32, 2, 32).mean(axis=(1, 3))
         seen.add(names[np.unravel_index(quads.argmax(), quads.shape)])
     assert seen == (corners or set(names.values()))
-    with pytest.raises(ValueError, match="flips must be one of horizontal, all"):
+    with pytest.raises(ValueError, match="flips must be one of horizontal, all, none"):
         TrainOptions(flips="vertical")
 
 

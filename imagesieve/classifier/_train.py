@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 CLASS_WEIGHTS = ("sqrt", "balanced", "none")
-FLIPS = ("horizontal", "all")
+FLIPS = ("horizontal", "all", "none")
 #: Per-step decay of the fine-tuned weights' moving average (a horizon of ~50 steps).
 EMA_DECAY = 0.98
 WEIGHT_DECAYS = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)
@@ -59,7 +59,8 @@ class TrainOptions:
     finetune_epochs: int = 0
     finetune_lr: float = 1e-4
     patience: int = 3
-    flips: str = "horizontal"  # phase-2 augmentation: "horizontal", or "all" (no up or down)
+    #: Phase-2 flips: "horizontal", "all" (no up or down) or "none" (text, digits, dials).
+    flips: str = "horizontal"
     test_size: float = 0.2
     val_size: float = 0.1
     class_weight: str = "sqrt"
@@ -281,7 +282,8 @@ def _augment_transform(size: int, flips: str = "horizontal"):
 
     Strong crops would cut defects out of "defective" images and teach label noise.
     ``flips="all"`` adds vertical flips and quarter turns (the 8 symmetries of a square), for
-    images with no up or down: cells, tiles, micrographs, aerial views.
+    images with no up or down: cells, tiles, micrographs, aerial views; ``flips="none"`` keeps
+    every image the way round it was taken, for what a mirror changes: text, digits, dials.
     """
     import torch
     from torchvision.transforms import v2
@@ -291,7 +293,7 @@ def _augment_transform(size: int, flips: str = "horizontal"):
             k = int(torch.randint(4, ()))
             return v2.functional.rotate(x, 90 * k) if k else x
 
-    symmetries = [v2.RandomHorizontalFlip()]
+    symmetries = [] if flips == "none" else [v2.RandomHorizontalFlip()]
     if flips == "all":
         symmetries += [v2.RandomVerticalFlip(), QuarterTurn()]
     return v2.Compose(

@@ -64,6 +64,12 @@ FIGURES: dict[str, dict[str, str]] = {
         "3. (ii) open + catch up 1,000 (s)": r"\| 3\. \(ii\) [^|]*\| ([\d.]+) s",
         "3. (iii) reindex --rebuild (s)": r"\| 3\. \(iii\) [^|]*\| ([\d.]+) s",
     },
+    "bench_finetune.py": {
+        "phase 1: realised false UNKNOWN": r"phase 1 / fine-tuned: realised false UNKNOWN ([\d.]+) /",
+        "fine-tuned: realised false UNKNOWN": r"realised false UNKNOWN [\d.]+ / ([\d.]+)",
+        "fine-tuned: worst distance from 5%": r"worst distance from 5%: [\d.]+ / ([\d.]+)",
+        "fine-tuned: recall of unseen": r"recall of unseen [\d.]+ / ([\d.]+);",
+    },
     "bench_quality.py": {
         "with / without quality (x)": r"median \*\*([\d.]+)\*\* \(cost",
         "engine with quality (img/s)": r"\| with quality \|[^|]*\| ([\d.]+) \|",

@@ -15,8 +15,6 @@ Usage: python bench/bench_finetune.py [--sets elpv digits ...] [--splits 2] [--e
 from __future__ import annotations
 
 import argparse
-import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -63,11 +61,7 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=2, help="the first N splits of each set")
     ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
     args = ap.parse_args()
-    print("$ python bench/bench_finetune.py", " ".join(sys.argv[1:]))
-    print(f"# {platform.node()}, {platform.processor() or platform.machine()}, target 5%")
-    OUT.mkdir(parents=True, exist_ok=True)
-    ws = Workspace(OUT / "ws")
-    shutil.rmtree(ws.models_dir, ignore_errors=True)
+    ws = bo.fresh_workspace(OUT, "bench_finetune.py")
     t0 = time.perf_counter()
     rows = []
     for name in args.sets:

@@ -481,15 +481,21 @@ def strays_case(ws: Workspace) -> dict:
     }
 
 
+def fresh_workspace(out: Path, script: str) -> Workspace:
+    """Print the command and the machine; a workspace under ``out`` with no versions yet."""
+    print(f"$ python bench/{script}", " ".join(sys.argv[1:]))
+    print(f"# {platform.node()}, {platform.processor() or platform.machine()}, target {TARGET:.0%}")
+    out.mkdir(parents=True, exist_ok=True)
+    ws = Workspace(out / "ws")
+    shutil.rmtree(ws.models_dir, ignore_errors=True)
+    return ws
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     args = ap.parse_args()
-    print("$ python bench/bench_openset.py", " ".join(sys.argv[1:]))
-    print(f"# {platform.node()}, {platform.processor() or platform.machine()}, target {TARGET:.0%}")
-    OUT.mkdir(parents=True, exist_ok=True)
-    ws = Workspace(OUT / "ws")
-    shutil.rmtree(ws.models_dir, ignore_errors=True)
+    ws = fresh_workspace(OUT, "bench_openset.py")
     t0 = time.perf_counter()
     results = {}
     for name in args.sets:

@@ -17,7 +17,7 @@ from typing import Any
 from imagesieve import __version__
 from imagesieve._errors import KINDS, UserError, classify_error
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import CLASS_WEIGHTS, FLIPS, Progress
+from imagesieve.classifier import CLASS_WEIGHTS, FLIPS, Progress, off_target_words
 
 __all__ = ["main"]
 
@@ -66,6 +66,9 @@ def _print_metrics(m: dict[str, Any]) -> None:
         by = m.get("unknown_by_rule") or {}
         rules = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" for k, v in by.items())
         print(f"  UNKNOWN {m['unknown_rate']:.1%} of them" + (f" ({rules})" if rules else ""))
+    off = m.get("unknown_vs_target") or {}
+    if off.get("verdict", "within") != "within":
+        print(f"  note: {off_target_words(off)}")
 
 
 def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:

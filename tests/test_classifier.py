@@ -125,6 +125,14 @@ def test_train_model__version_files_split_and_skipped(trained):
     assert set(by_rule) == {"poor_quality", "low_confidence", "far_from_training"}
     rate = metrics["unknown_rate"]
     assert max(by_rule.values()) - 1e-9 <= rate <= sum(by_rule.values()) + 1e-9
+    # ... and whether the test images' rate is off the target beyond chance
+    off = metrics["unknown_vs_target"]
+    assert (off["n"], off["flagged"], off["target"]) == (
+        metrics["n"],
+        round(rate * metrics["n"]),
+        0.05,
+    )
+    assert off["verdict"] in ("within", "above", "below") and 0.0 <= off["p"] <= 1.0
     reference = ReferenceSet.load(v.path)
     assert len(reference) == n_train and reference.embeddings.shape == (n_train, 1280)
     assert np.allclose(np.linalg.norm(reference.embeddings, axis=1), 1.0, atol=1e-4)

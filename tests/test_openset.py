@@ -19,9 +19,12 @@ from imagesieve.classifier._far import RELATIVE, Mahalanobis
 from imagesieve.classifier._openset import (
     FOLDS,
     MIN_GAIN,
+    OFF_TARGET,
     HeldOut,
+    against_target,
     calibrate_rule,
     held_out,
+    off_target_words,
     report_card,
 )
 from imagesieve.models import ModelVersion
@@ -470,3 +473,35 @@ def test_train_options_from_version__a_retrain_starts_from_the_active_versions_c
     assert TrainOptions.from_version(None) == TrainOptions()
     imagenet = ModelVersion(Path("v0"), {"kind": "imagenet", "classes": [], "preprocessing": {}})
     assert TrainOptions.from_version(imagenet, seed=3) == TrainOptions(seed=3)
+
+
+@pytest.mark.parametrize(
+    ("n", "flagged", "verdict"),
+    [
+        (187, 9, "within"),
+        (187, 14, "within"),
+        (187, 20, "above"),
+        (400, 6, "below"),
+        (20, 3, "within"),
+    ],
+)
+def test_against_target__off_target_only_beyond_chance(n, flagged, verdict, capsys, tmp_path):
+    from imagesieve.app.ui._model import _metrics_md
+    from imagesieve.cli import _print_metrics
+
+    off = against_target(flagged / n, n, 0.05)
+    assert (off["n"], off["flagged"], off["target"], off["verdict"]) == (n, flagged, 0.05, verdict)
+    assert (off["p"] < OFF_TARGET) == (verdict != "within")
+    # the train summary and the Model tab say so, in the same words, only when off target
+    m = {"n": n, "accuracy": 0.9, "macro_f1": 0.9, "unknown_rate": flagged / n}
+    m |= {"unknown_by_rule": {"far_from_training": flagged / n}, "unknown_vs_target": off}
+    _print_metrics(m)
+    printed = capsys.readouterr().out
+    tab = _metrics_md(ModelVersion(tmp_path, {"metrics": m}))
+    words = off_target_words(off) if verdict != "within" else None
+    assert (words is not None and words in printed and words in tab) or (
+        verdict == "within" and "chance" not in printed + tab
+    )
+    if words:
+        more = "more" if verdict == "above" else "fewer"
+        assert f"{flagged} of {n} test images" in words and f"{more} than chance" in words

@@ -17,6 +17,7 @@ from imagesieve.classifier._engine import (
 )
 from imagesieve.classifier._evaluate import evaluate_model
 from imagesieve.classifier._gradcam import GradCam, grad_cam, grad_cam_loaded
+from imagesieve.classifier._openset import off_target_words
 from imagesieve.classifier._predict import (
     FAR_FROM_TRAINING,
     LOW_CONFIDENCE,
@@ -68,6 +69,7 @@ __all__ = [
     "SIGNATURE_BYTES",
     "CLASS_WEIGHTS",
     "FLIPS",
+    "off_target_words",
     "INFER_BATCH",
     "FAR_FROM_TRAINING",
     "LOW_CONFIDENCE",

@@ -31,7 +31,17 @@ from imagesieve.classifier._far import Mahalanobis
 from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.classifier._unknown import UnknownRule, reason_shares
 
-__all__ = ["FOLDS", "MIX_GRID", "HeldOut", "Refit", "calibrate_rule", "held_out", "report_card"]
+__all__ = [
+    "FOLDS",
+    "MIX_GRID",
+    "HeldOut",
+    "Refit",
+    "against_target",
+    "calibrate_rule",
+    "held_out",
+    "off_target_words",
+    "report_card",
+]
 
 #: Folds of the out-of-fold predictions over the training images.
 FOLDS = 5
@@ -40,6 +50,9 @@ FOLDS = 5
 MIX_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 #: A mix other than 0 is chosen only if it raises the card's mean recall by this much.
 MIN_GAIN = 0.01
+#: A test count of false UNKNOWNs less likely than this under the target rate (either side) is
+#: reported as off target rather than chance.
+OFF_TARGET = 0.01
 
 #: Fits the head on the given rows alone; returns every row's Top-1 probability under that head
 #: (all ones when the rows hold one class only). ``warm``: start from the trained head (for
@@ -211,6 +224,31 @@ def report_card(
         "mix_tried": {f"{m:.4g}": round(float(r), 4) for m, r in zip(mixes, means, strict=True)},
     }
     return rule, info, card
+
+
+def against_target(rate: float, n: int, target: float) -> dict:
+    """Whether ``rate`` of ``n`` test images of known classes flagged is off ``target``.
+
+    A version calibrates on held-out training images and is tested on others; with few of
+    them a rate far from the target can be chance (a two-sided binomial test says when it is
+    not). Fine-tuned versions can land off target, since their calibration reads phase-1 refits.
+    """
+    from scipy.stats import binom
+
+    k = int(round(rate * n))
+    above, below = float(binom.sf(k - 1, n, target)), float(binom.cdf(k, n, target))
+    verdict = "above" if above < OFF_TARGET else "below" if below < OFF_TARGET else "within"
+    return {"target": target, "n": n, "flagged": k, "verdict": verdict, "p": min(above, below)}
+
+
+def off_target_words(off: dict) -> str:
+    """One line for an ``against_target`` record that is not "within"."""
+    more = "more" if off["verdict"] == "above" else "fewer"
+    return (
+        f"{off['flagged']} of {off['n']} test images of known classes are UNKNOWN against a "
+        f"{off['target']:.0%} target, {more} than chance explains (p {off['p']:.2g}); "
+        "`imagesieve thresholds --preview` shows what other thresholds would mark"
+    )
 
 
 def _refitted(far: tuple[np.ndarray, Mahalanobis], y: np.ndarray, rows: np.ndarray) -> Mahalanobis:

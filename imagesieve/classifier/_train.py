@@ -18,7 +18,13 @@ from imagesieve.classifier._engine import Progress
 from imagesieve.classifier._far import FAR_COSINE, FAR_MAHALANOBIS, Mahalanobis
 from imagesieve.classifier._features import HEAD_POOLING, backbone_onnx, extract_features
 from imagesieve.classifier._leakage import find_training_duplicates
-from imagesieve.classifier._openset import HeldOut, Refit, held_out, report_card
+from imagesieve.classifier._openset import (
+    HeldOut,
+    Refit,
+    against_target,
+    held_out,
+    report_card,
+)
 from imagesieve.classifier._predict import softmax
 from imagesieve.classifier._quality import QualityRule, calibrate_quality, quality_columns
 from imagesieve.classifier._reference import DEFAULT_FALSE_UNKNOWN_RATE, ReferenceSet
@@ -709,6 +715,10 @@ def train_model(
             if k in metrics
         }
         meta["metrics"]["evaluated_on"] = eval_on
+        if eval_on == "test":  # images the calibration did not see
+            meta["metrics"]["unknown_vs_target"] = against_target(
+                metrics["unknown_rate"], metrics["n"], opts.false_unknown_rate
+            )
         meta["training"]["seconds"] = round(time.perf_counter() - t0, 1)
         version = write_version(ws, build, meta)
     except BaseException:

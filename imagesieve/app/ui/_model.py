@@ -24,6 +24,7 @@ from imagesieve.classifier import (
     POOR_QUALITY,
     QualityRule,
     bound_text,
+    off_target_words,
     parse_bounds,
 )
 from imagesieve.ingest import describe_history, read_history
@@ -56,6 +57,9 @@ def _metrics_md(version: Any) -> str:
             f"{pct(by_rule.get(FAR_FROM_TRAINING, 0))})",
             "",
         ]
+    off = m.get("unknown_vs_target") or {}
+    if off.get("verdict", "within") != "within":
+        lines += [f"**Off target**: {off_target_words(off)}.", ""]
     card = version.meta.get("open_set") or {}
     if card.get("per_class"):
         worst = card["worst"]

@@ -482,6 +482,8 @@ def test_service_score__batch_past_flat_max_builds_hnsw_beside_the_requests(ws, 
 
 @pytest.mark.slow
 def test_service_retrain__serves_the_new_version_then_activate_goes_back(ws, small_folder, elpv):
+    from imagesieve.models import get_version
+
     cell = png_bytes([im for im in elpv if im.cell_type == "mono"][500].path)
     with Service(ws) as service:
         first = service.predict(cell, "cell.png")
@@ -500,6 +502,12 @@ def test_service_retrain__serves_the_new_version_then_activate_goes_back(ws, sma
                 "history": history,
             }
             assert requests.get(f"{base}/v1/history", timeout=30).json()["history"] is None
+            # each version with its test images' UNKNOWN rate and whether it is off target
+            listed = {v["version"]: v for v in requests.get(base, timeout=30).json()["versions"]}
+            own = get_version(ws, "v2").meta["metrics"]
+            assert listed["v2"]["unknown_rate"] == own["unknown_rate"]
+            assert listed["v2"]["unknown_vs_target"] == own["unknown_vs_target"]
+            assert listed["v2"]["unknown_vs_target"]["verdict"] in ("within", "above", "below")
             assert_error(requests.get(f"{base}/v9/history", timeout=30), 400, "no model version")
             for hostile in ("..", "%2e%2e%2fmodels", "v1%00", "x" * 65):
                 r = requests.get(f"{base}/{hostile}/history", timeout=30)

@@ -1034,6 +1034,9 @@ class Service:
                 "classes": ", ".join(v.classes),
                 "accuracy": v.meta.get("metrics", {}).get("accuracy"),
                 "macro_f1": v.meta.get("metrics", {}).get("macro_f1"),
+                # the test images' UNKNOWN rate, and whether it is off the target beyond chance
+                "unknown_rate": v.meta.get("metrics", {}).get("unknown_rate"),
+                "unknown_vs_target": v.meta.get("metrics", {}).get("unknown_vs_target"),
                 "created_at": v.meta.get("created_at"),
             }
             for v in list_versions(self.ws)

@@ -66,9 +66,9 @@ def _print_metrics(m: dict[str, Any]) -> None:
         by = m.get("unknown_by_rule") or {}
         rules = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" for k, v in by.items())
         print(f"  UNKNOWN {m['unknown_rate']:.1%} of them" + (f" ({rules})" if rules else ""))
-    off = m.get("unknown_vs_target") or {}
-    if off.get("verdict", "within") != "within":
-        print(f"  note: {off_target_words(off)}")
+    off = off_target_words(m.get("unknown_vs_target"))
+    if off:
+        print(f"  note: {off}")
 
 
 def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:

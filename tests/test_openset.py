@@ -498,7 +498,8 @@ def test_against_target__off_target_only_beyond_chance(n, flagged, verdict, caps
     _print_metrics(m)
     printed = capsys.readouterr().out
     tab = _metrics_md(ModelVersion(tmp_path, {"metrics": m}))
-    words = off_target_words(off) if verdict != "within" else None
+    words = off_target_words(off)
+    assert (words is None) == (verdict == "within") and off_target_words(None) is None
     assert (words is not None and words in printed and words in tab) or (
         verdict == "within" and "chance" not in printed + tab
     )

@@ -147,13 +147,8 @@ class Mahalanobis:
         if not path.is_file():
             return None
         with np.load(path) as z:
-            if "center" not in z:
-                return cls(z["means"], z["precision"], float(z["scale"]))
-            return cls(
-                z["means"],
-                z["precision"],
-                float(z["scale"]),
-                z["center"],
-                z["total_precision"],
-                float(z["relative"]),
-            )
+            term = {}  # versions fitted before the relative term have none of it
+            if "center" in z:
+                term = {k: z[k] for k in ("center", "total_precision")}
+                term["relative"] = float(z["relative"])
+            return cls(z["means"], z["precision"], float(z["scale"]), **term)

@@ -241,8 +241,10 @@ def against_target(rate: float, n: int, target: float) -> dict:
     return {"target": target, "n": n, "flagged": k, "verdict": verdict, "p": min(above, below)}
 
 
-def off_target_words(off: dict) -> str:
-    """One line for an ``against_target`` record that is not "within"."""
+def off_target_words(off: dict | None) -> str | None:
+    """One line for an ``against_target`` record off target; None when within (or none)."""
+    if not off or off["verdict"] == "within":
+        return None
     more = "more" if off["verdict"] == "above" else "fewer"
     return (
         f"{off['flagged']} of {off['n']} test images of known classes are UNKNOWN against a "

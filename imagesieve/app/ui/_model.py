@@ -57,9 +57,9 @@ def _metrics_md(version: Any) -> str:
             f"{pct(by_rule.get(FAR_FROM_TRAINING, 0))})",
             "",
         ]
-    off = m.get("unknown_vs_target") or {}
-    if off.get("verdict", "within") != "within":
-        lines += [f"**Off target**: {off_target_words(off)}.", ""]
+    off = off_target_words(m.get("unknown_vs_target"))
+    if off:
+        lines += [f"**Off target**: {off}.", ""]
     card = version.meta.get("open_set") or {}
     if card.get("per_class"):
         worst = card["worst"]

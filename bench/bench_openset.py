@@ -303,6 +303,7 @@ def product(version, items, known_test, unseen, dump: Path) -> tuple[dict, dict]
         "recall": float(unknown[n:].mean()),
         "mix": version.mix,
         "card_mean": version.meta["open_set"]["mean_recall"],
+        "top1_p5": float(np.quantile([p.confidence for p in preds[:n]], 0.05)),  # held-out known
     }
     flagged = np.flatnonzero(unknown)
     truth = [items[rows[i]][1] for i in flagged]

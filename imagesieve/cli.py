@@ -1025,7 +1025,7 @@ def cmd_audit(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
     """The `thresholds` verb: a version's UNKNOWN thresholds and counts; --preview or --set."""
-    from imagesieve.classifier import bound_text
+    from imagesieve.classifier import bound_text, held_out_words
     from imagesieve.models import get_version
     from imagesieve.search import apply_thresholds, threshold_counts
 
@@ -1060,6 +1060,8 @@ def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
             f"({c['poor_quality']:,} poor photos, {c['low_confidence']:,} by confidence, "
             f"{c['far_from_training']:,} by distance)"
         )
+        if c["held_out"]:
+            print(f"  {verb} {held_out_words(c['held_out'])} UNKNOWN")
         if doc["quality"]:
             bounds = ", ".join(
                 f"{k} {bound_text(v)}" + (" (set)" if k in doc["quality_overrides"] else "")

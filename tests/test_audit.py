@@ -25,6 +25,7 @@ from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.app import Service
 from imagesieve.app._server import start_server
+from imagesieve.app.ui._model import _metrics_md
 from imagesieve.classifier import UNKNOWN
 from imagesieve.cli import main
 from imagesieve.data import scan_image_folder
@@ -229,11 +230,23 @@ def test_thresholds_and_activation__undone_exactly(review):
     n = counts["unknown"]
     assert n == counts["low_confidence"] and 30 <= n > was_unknown and counts["stored"] == 40
     assert stored(ws, f"SELECT count(*) FROM predictions WHERE label = '{UNKNOWN}'") == [(n,)]
+    # ... and on the version's held-out test images, all of known classes: every one
+    tested = version.meta["metrics"]["n"]
+    assert (counts["held_out"]["images"], counts["held_out"]["unknown"]) == (tested, tested)
+    assert counts["held_out"]["vs_target"]["verdict"] == "above"
     preview = threshold_counts(ws, 0.0, None, keep=False)
     assert preview["counts"]["unknown"] == 0 and preview["counts"]["unknown_now"] == n
+    assert preview["counts"]["held_out"]["by_rule"]["low_confidence"] == 0
     assert threshold_counts(ws)["tuned"] is True
+    # the Model tab judges the operator's thresholds, beside what training measured
+    tab = _metrics_md(get_version(ws, None))
+    assert f"At the thresholds an operator set: {tested} of the {tested} held-out" in tab
+    assert "**Off target**" in tab and "more than chance explains" in tab
     undo_action(ws)
     assert (version.path / "meta.json").read_text() == meta_before
+    own = threshold_counts(ws)["counts"]["held_out"]
+    assert own["vs_target"] == version.meta["metrics"]["unknown_vs_target"]
+    assert "At the thresholds an operator set" not in _metrics_md(get_version(ws, None))
     assert stored(ws, "SELECT id, label, reason FROM predictions ORDER BY id") == labels_before
 
     # a second version to switch between (a copy of the first, as a retrain would add)
@@ -262,7 +275,10 @@ def test_cli__relabel_audit_undo_thresholds(review, capsys):
     n = doc["counts"]["unknown"]
     assert n >= 30 and doc["distance"] is None and doc["counts"]["stored"] == 40
     assert main(["thresholds", "--set", "1", "off", *args]) == 0
-    assert f"mark {n} of 40 stored images UNKNOWN" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"mark {n} of 40 stored images UNKNOWN" in out
+    tested = get_version(ws, None).meta["metrics"]["n"]
+    assert f"mark {tested:,} of the {tested:,} held-out test images of known classes" in out
     assert main(["thresholds", "--set", "1.5", "off", *args]) == 2
     assert "confidence" in capsys.readouterr().err
 
@@ -323,7 +339,13 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
             assert n >= 30
             r = requests.put(f"{base}/thresholds", json={"confidence": 1.0}, timeout=30)
             assert r.status_code == 200 and r.json()["unknown_now"] == n
+            assert r.json()["held_out"]["rate"] == 1.0
             assert requests.get(f"{base}/thresholds", timeout=30).json()["tuned"] is True
+            # the version list judges the test images at the thresholds the version has now
+            listed = requests.get(f"{base}/versions", timeout=30).json()["versions"]
+            now = next(v for v in listed if v["version"] == version.name)
+            assert now["thresholds_tuned"] and now["unknown_rate"] == 1.0
+            assert now["unknown_vs_target"]["verdict"] == "above"
 
             log = requests.get(f"{base}/audit", timeout=30).json()
             assert [a["action"] for a in log["actions"]] == [

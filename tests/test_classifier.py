@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from imagesieve.classifier import UNKNOWN, Predictor, ScoringEngine, softmax, top_k
+from imagesieve.classifier import (
+    UNKNOWN,
+    Predictor,
+    ScoringEngine,
+    UnknownRule,
+    held_out_unknowns,
+    held_out_words,
+    read_audit,
+    softmax,
+    top_k,
+)
 from imagesieve.classifier._far import FAR_MAHALANOBIS, RELATIVE, Mahalanobis
 from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.classifier._split import adaptive_split
@@ -152,6 +162,40 @@ def test_train_model__version_files_split_and_skipped(trained):
     assert reasons["README.txt"] == "not inside a class folder"
     assert meta["data"]["images"] == 81
     assert 0.5 <= result.metrics["accuracy"] <= 1.0
+
+
+def test_held_out_unknowns__any_thresholds_judged_on_the_test_images(trained):
+    """audit.csv keeps what the decision read, so other thresholds are judged without scoring."""
+    ws, result = trained
+    v = result.version
+    rows = read_audit(v.report_dir)
+    assert len(rows) == v.meta["metrics"]["n"]
+    assert all((r["reason"] != "") == (r["unknown"] == "true") for r in rows)
+    assert all(r["distance"] and float(r["distance"]) >= 0 and r["entropy"] for r in rows)
+    # at the version's own thresholds: exactly what training measured on its test images
+    m = v.meta["metrics"]
+    own = held_out_unknowns(v)
+    assert (own["images"], own["rate"], own["vs_target"]) == (
+        m["n"],
+        round(m["unknown_rate"], 4),
+        m["unknown_vs_target"],
+    )
+    assert own["by_rule"] == {k: round(share, 4) for k, share in m["unknown_by_rule"].items()}
+    # every image below a Top-1 of 1: all UNKNOWN, far above the 5% target
+    every = held_out_unknowns(v, UnknownRule(1.0, None))
+    assert (every["unknown"], every["by_rule"]["low_confidence"]) == (m["n"], 1.0)
+    assert every["vs_target"]["verdict"] == "above" and every["vs_target"]["flagged"] == m["n"]
+    assert f"{m['n']} of the {m['n']} held-out test images" in held_out_words(every)
+    assert "more than chance explains" in held_out_words(every)
+    # no confidence or distance rule: only poor photos, by the version's quality bounds
+    quality_only = held_out_unknowns(v, UnknownRule(0.0, None))
+    poor = sum("poor_quality" in r["reason"] for r in rows)
+    assert quality_only["unknown"] == poor and quality_only["by_rule"]["far_from_training"] == 0
+    # the distance rule alone at a threshold half the test images pass
+    d = np.array([float(r["distance"]) for r in rows])
+    half = held_out_unknowns(v, UnknownRule(0.0, float(np.median(d)), v.mix))
+    far = d + v.mix * (1 - np.array([float(r["confidence"]) for r in rows])) > np.median(d)
+    assert half["by_rule"]["far_from_training"] == round(far.mean(), 4)
 
 
 def test_predictor__onnx_top1_matches_torch_checkpoint(trained, small_folder):

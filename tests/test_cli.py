@@ -79,6 +79,9 @@ def test_main__evaluate_json_reports_unseen_class(trained, small_folder, tmp_pat
     doc = json.loads(capsys.readouterr().out)
     assert doc["n"] == 10
     assert doc["unseen_classes"]["poly"]["images"] == 3
+    # the known images' UNKNOWN share, judged against the target the thresholds aim at
+    off = doc["unknown_vs_target"]
+    assert (off["n"], off["flagged"], off["target"]) == (10, round(doc["unknown_rate"] * 10), 0.05)
     assert (ws.root / "models" / "v1" / "evaluations").is_dir()
 
 

@@ -178,8 +178,24 @@ def test_write_report__audit_csv_rows(tmp_path):
         "confidence": "0.450000",
         "correct": "false",
         "unknown": "true",
+        "reason": "low_confidence",
     }
-    assert (rows[0]["correct"], rows[0]["unknown"]) == ("true", "false")
+    assert (rows[0]["correct"], rows[0]["unknown"], rows[0]["reason"]) == ("true", "false", "")
+
+
+def test_write_report__audit_csv_keeps_the_decisions_inputs_exactly(tmp_path):
+    distance = np.array([0.1, 1 / 3, np.nan, 2.5e-8, 0.7, 1e6])
+    blur = np.float32([0.25, 0.5, 0.1, np.nan, 0.3, 0.9]).astype(np.float64)
+    _report(tmp_path, inputs={"distance": distance, "blur": blur})
+    with open(tmp_path / "report" / "audit.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == [*AUDIT_COLUMNS, "distance", "blur"]
+    for name, column in (("distance", distance), ("blur", blur)):
+        read = np.array([float(r[name]) if r[name] else np.nan for r in rows])
+        np.testing.assert_array_equal(read, column)  # NaN (not measured) as an empty cell
+    with pytest.raises(ValueError, match="input 'blur' has 2 rows, not 6"):
+        _report(tmp_path, inputs={"blur": blur[:2]})
 
 
 def test_write_report__audit_csv_blank_top3_for_two_classes(tmp_path):

@@ -671,7 +671,11 @@ def add_api(
 
     @router.get("/versions", responses=errors())
     async def versions() -> dict[str, Any]:
-        """Every model version with its metrics; the active one marked."""
+        """Every model version with its metrics; the active one marked.
+
+        ``unknown_rate`` and ``unknown_vs_target``: the version's test images (all of known
+        classes) at the thresholds it has now, an operator's once ``thresholds_tuned``.
+        """
         return {"versions": await _call(service.versions)}
 
     @router.post("/versions/{name}/activate", responses=errors(400, 503))
@@ -685,12 +689,19 @@ def add_api(
 
     @router.get("/thresholds", responses=errors(503))
     async def thresholds() -> dict[str, Any]:
-        """The active model's UNKNOWN thresholds and how many stored images are UNKNOWN."""
+        """The active model's UNKNOWN thresholds and how many stored images are UNKNOWN.
+
+        ``counts.held_out``: how many of the version's held-out test images, all of known
+        classes, the thresholds mark UNKNOWN (false alarms), against the calibration's target.
+        """
         return await _call(service.thresholds)
 
     @router.post("/thresholds/preview", responses=errors(400, 503))
     async def thresholds_preview(body: ThresholdsRequest) -> dict[str, Any]:
-        """How many stored images these thresholds would mark UNKNOWN, by rule; changes nothing."""
+        """How many stored images these thresholds would mark UNKNOWN, by rule; changes nothing.
+
+        ``held_out``: how many of the version's held-out test images (known classes) they would.
+        """
         return await _call(service.threshold_preview, body.confidence, body.distance, body.quality)
 
     @router.put("/thresholds", responses=errors(400, 503))

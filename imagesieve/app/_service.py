@@ -42,6 +42,7 @@ from imagesieve.classifier import (
     TrainOptions,
     confusion_counts,
     grad_cam,
+    held_out_unknowns,
     read_audit,
     train_model,
 )
@@ -1025,22 +1026,28 @@ class Service:
     def versions(self) -> list[dict[str, Any]]:
         """Every model version with its metrics; the active one marked."""
         active = self.predictor.version.name if self.predictor else None
-        return [
-            {
-                "version": v.name,
-                "active": v.name == active,
-                "kind": v.meta.get("kind"),
-                "backbone": v.meta.get("backbone"),
-                "classes": ", ".join(v.classes),
-                "accuracy": v.meta.get("metrics", {}).get("accuracy"),
-                "macro_f1": v.meta.get("metrics", {}).get("macro_f1"),
-                # the test images' UNKNOWN rate, and whether it is off the target beyond chance
-                "unknown_rate": v.meta.get("metrics", {}).get("unknown_rate"),
-                "unknown_vs_target": v.meta.get("metrics", {}).get("unknown_vs_target"),
-                "created_at": v.meta.get("created_at"),
-            }
-            for v in list_versions(self.ws)
-        ]
+        out = []
+        for v in list_versions(self.ws):
+            m = v.meta.get("metrics", {})
+            # the test images' UNKNOWN rate, and whether it is off the target beyond chance, at
+            # the thresholds the version has now (an operator's, once tuned: judged again)
+            now = held_out_unknowns(v) if v.thresholds_tuned else None
+            out.append(
+                {
+                    "version": v.name,
+                    "active": v.name == active,
+                    "kind": v.meta.get("kind"),
+                    "backbone": v.meta.get("backbone"),
+                    "classes": ", ".join(v.classes),
+                    "accuracy": m.get("accuracy"),
+                    "macro_f1": m.get("macro_f1"),
+                    "thresholds_tuned": v.thresholds_tuned,
+                    "unknown_rate": now["rate"] if now else m.get("unknown_rate"),
+                    "unknown_vs_target": now["vs_target"] if now else m.get("unknown_vs_target"),
+                    "created_at": v.meta.get("created_at"),
+                }
+            )
+        return out
 
     def _named_version(self, name: str) -> ModelVersion:
         """A version of this workspace by name (a name from a request reaches no other folder)."""

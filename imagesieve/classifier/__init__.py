@@ -15,7 +15,7 @@ from imagesieve.classifier._engine import (
     Progress,
     ScoringEngine,
 )
-from imagesieve.classifier._evaluate import evaluate_model
+from imagesieve.classifier._evaluate import evaluate_model, held_out_unknowns, held_out_words
 from imagesieve.classifier._gradcam import GradCam, grad_cam, grad_cam_loaded
 from imagesieve.classifier._openset import off_target_words
 from imagesieve.classifier._predict import (
@@ -70,6 +70,8 @@ __all__ = [
     "CLASS_WEIGHTS",
     "FLIPS",
     "off_target_words",
+    "held_out_unknowns",
+    "held_out_words",
     "INFER_BATCH",
     "FAR_FROM_TRAINING",
     "LOW_CONFIDENCE",

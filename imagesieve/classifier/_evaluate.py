@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,19 @@ import numpy as np
 from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier._engine import Progress
+from imagesieve.classifier._openset import against_target
 from imagesieve.classifier._predict import UNKNOWN, Predictor
-from imagesieve.classifier._report import write_report
+from imagesieve.classifier._quality import QualityMetrics, QualityRule, quality_columns
+from imagesieve.classifier._report import read_audit, write_report
+from imagesieve.classifier._unknown import UnknownRule, reason_shares
 from imagesieve.data import load_image, scan_image_folder
 from imagesieve.models import ModelVersion, get_version
 
-__all__ = ["evaluate_model", "evaluate_version_on"]
+__all__ = ["evaluate_model", "evaluate_version_on", "held_out_unknowns", "held_out_words"]
+
+#: The columns of a report's audit.csv that ``held_out_unknowns`` decides from, beside the
+#: Top-1 probability: the distance to the training data and the photo quality measures.
+DECISION_INPUTS = ("distance", *(f.name for f in fields(QualityMetrics)))
 
 
 def _thumbnail(path: str):
@@ -36,16 +44,19 @@ def evaluate_version_on(
     extra: dict[str, Any] | None = None,
     batch_size: int = 32,
     progress: Progress | None = None,
+    target: float | None = None,
 ) -> dict[str, Any]:
     """Score ``paths`` with ``version`` and write metrics, plots, audit CSV and gallery.
 
     Images of classes the model does not know are kept out of the metrics and reported under
     ``unseen_classes`` with the share marked UNKNOWN; unreadable files under ``failed``.
+    ``target``: the false-UNKNOWN rate to judge the known images' UNKNOWN share against.
     """
     classes = version.classes
     index = {c: i for i, c in enumerate(classes)}
     predictor = Predictor(version, batch_size=batch_size)
     y_true, probs, sources, reasons, failed = [], [], [], [], []
+    distances, measured = [], []
     unseen: dict[str, dict[str, int]] = {}
     done = 0
     for batch in predictor.score_batches([str(p) for p in paths]):
@@ -63,6 +74,10 @@ def evaluate_version_on(
                 probs.append(pred.probs)
                 sources.append(pred.source)
                 reasons.append(pred.reason)
+                distances.append(
+                    np.nan if pred.neighbor_distance is None else pred.neighbor_distance
+                )
+                measured.append(pred.quality)
         if progress:
             progress("evaluating", done, len(paths))
     if not sources:
@@ -87,6 +102,8 @@ def evaluate_version_on(
         load_thumbnail=_thumbnail,
         extra=extra,
         reasons=reasons,
+        inputs={"distance": np.asarray(distances, np.float64), **quality_columns(measured)},
+        target=target,
     )
 
 
@@ -121,5 +138,69 @@ def evaluate_model(
         },
         batch_size=batch_size,
         progress=progress,
+        target=_target(v),
     )
     return metrics, out_dir
+
+
+def _target(version: ModelVersion) -> float | None:
+    """The false-UNKNOWN rate the version's thresholds were calibrated for (None: not)."""
+    calibration = (version.meta.get("thresholds") or {}).get("calibration") or {}
+    return calibration.get("false_unknown_rate")
+
+
+def held_out_unknowns(
+    version: ModelVersion,
+    rule: UnknownRule | None = None,
+    quality: QualityRule | None = None,
+) -> dict[str, Any] | None:
+    """What ``rule`` (default: the version's thresholds) marks UNKNOWN among its test images.
+
+    The version's held-out test images are all of known classes, so this is the false-UNKNOWN
+    rate other thresholds would realise, judged from its report's audit.csv with no scoring:
+    ``images``, ``unknown``, ``rate``, ``by_rule`` (share each rule fires on) and ``vs_target``
+    (``against_target`` the calibration's target). ``quality``: other photo quality bounds
+    (default: the version's). None when the version was not evaluated on a test split, or its
+    report predates the decision's inputs in audit.csv.
+    """
+    metrics = version.meta.get("metrics") or {}
+    target = _target(version)
+    rows = read_audit(version.report_dir) if metrics.get("evaluated_on") == "test" else []
+    if not rows or any(k not in rows[0] for k in DECISION_INPUTS):
+        return None
+
+    def column(name: str) -> np.ndarray:
+        return np.array([float(r[name]) if r[name] else np.nan for r in rows], np.float64)
+
+    rule = rule or UnknownRule(
+        version.confidence_threshold, version.distance_threshold, version.mix
+    )
+    quality = quality or QualityRule.of_version(version.meta)
+    poor = None
+    if quality is not None:
+        measures = {k: column(k) for k in DECISION_INPUTS[1:]}
+        poor = np.array([f is not None for f in quality.flag_columns(measures)], bool)
+    reasons = rule.reasons(column("confidence"), column("distance"), poor)
+    n, k = len(reasons), sum(r is not None for r in reasons)
+    return {
+        "images": n,
+        "unknown": k,
+        "rate": round(k / n, 4),
+        "by_rule": {r: round(v, 4) for r, v in reason_shares(reasons).items() if r != "unknown"},
+        "vs_target": None if target is None else against_target(k / n, n, target),
+    }
+
+
+def held_out_words(held: dict[str, Any]) -> str:
+    """``held_out_unknowns``' figure in words, for the CLI and the app alike."""
+    t = held["vs_target"]
+    words = (
+        f"{held['unknown']:,} of the {held['images']:,} held-out test images of known classes "
+        f"({held['rate']:.1%}"
+    )
+    if t is not None:
+        words += f"; target {t['target']:.0%}"
+        if t["verdict"] != "within":
+            more = "more" if t["verdict"] == "above" else "fewer"
+            words += f", {more} than chance explains (p {t['p']:.2g})"
+    return words + ")"

@@ -227,7 +227,7 @@ def report_card(
 
 
 def against_target(rate: float, n: int, target: float) -> dict:
-    """Whether ``rate`` of ``n`` test images of known classes flagged is off ``target``.
+    """Whether ``rate`` of ``n`` held-out images of known classes flagged is off ``target``.
 
     A version calibrates on held-out training images and is tested on others; with few of
     them a rate far from the target can be chance (a two-sided binomial test says when it is
@@ -247,7 +247,7 @@ def off_target_words(off: dict | None) -> str | None:
         return None
     more = "more" if off["verdict"] == "above" else "fewer"
     return (
-        f"{off['flagged']} of {off['n']} test images of known classes are UNKNOWN against a "
+        f"{off['flagged']} of {off['n']} held-out images of known classes are UNKNOWN against a "
         f"{off['target']:.0%} target, {more} than chance explains (p {off['p']:.2g}); "
         "`imagesieve thresholds --preview` shows what other thresholds would mark"
     )

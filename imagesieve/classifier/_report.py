@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imagesieve.classifier._openset import against_target
 from imagesieve.classifier._predict import TOP3_COLUMNS, top_k
 from imagesieve.classifier._unknown import LOW_CONFIDENCE, reason_shares
 
@@ -39,6 +40,7 @@ RESERVED_KEYS = frozenset(
         "ece",
         "unknown_rate",
         "unknown_by_rule",
+        "unknown_vs_target",
         "accuracy_known",
         "threshold",
         "classes",
@@ -47,7 +49,7 @@ RESERVED_KEYS = frozenset(
         "files",
     }
 )
-AUDIT_COLUMNS = ["path", "true", *TOP3_COLUMNS, "confidence", "correct", "unknown"]
+AUDIT_COLUMNS = ["path", "true", *TOP3_COLUMNS, "confidence", "correct", "unknown", "reason"]
 
 
 def write_report(
@@ -62,12 +64,19 @@ def write_report(
     load_thumbnail: Callable[[str], Image.Image] | None = None,
     extra: dict[str, Any] | None = None,
     reasons: Sequence[str | None] | None = None,
+    inputs: dict[str, np.ndarray] | None = None,
+    target: float | None = None,
 ) -> dict[str, Any]:
     """Write metrics.json, plots, audit.csv and the misclassified gallery into ``out_dir``.
 
     ``y_true`` is (n,) int class indices, ``probs`` (n, c) softmax rows; ``reasons`` the
     model's UNKNOWN reason per row (None: known), so that the UNKNOWN rate is the whole
-    decision's; without them only ``probs[top1] < threshold`` counts. Returns the metrics.
+    decision's; without them only ``probs[top1] < threshold`` counts. ``inputs``: the rest of
+    what the decision read, as (n,) columns (``distance``, the photo quality measures) that
+    audit.csv keeps, so other thresholds can be judged on these images later
+    (``classifier.held_out_unknowns``). ``target``: the false-UNKNOWN rate the thresholds aim
+    at, which these known-class images' UNKNOWN share is judged against (``unknown_vs_target``,
+    ``against_target``). Returns the metrics.
     """
     y_true, probs = _check_inputs(classes, y_true, probs, sources, threshold, extra)
     out_dir = Path(out_dir)
@@ -78,10 +87,12 @@ def write_report(
     if len(reasons) != len(y_true):
         raise ValueError(f"reasons ({len(reasons)}) need one entry per probs row ({len(y_true)})")
     metrics = _metrics(classes, y_true, probs, idx[:, 0], top_p[:, 0], threshold, reasons)
+    if target is not None:
+        metrics["unknown_vs_target"] = against_target(metrics["unknown_rate"], len(y_true), target)
     metrics.update(_plain(extra or {}))
 
     files = ["metrics.json", "audit.csv", "confusion_matrix.png"]
-    _write_audit(out_dir / "audit.csv", classes, y_true, idx, top_p, sources, reasons)
+    _write_audit(out_dir / "audit.csv", classes, y_true, idx, top_p, sources, reasons, inputs)
     cm = np.asarray(metrics["confusion_matrix"])
     _plot_confusion(out_dir / "confusion_matrix.png", classes, cm)
     if _plot_curves(out_dir / "training_curves.png", history or {}):
@@ -210,17 +221,29 @@ def _write_audit(
     top_p: np.ndarray,
     sources: list[str],
     reasons: Sequence[str | None],
+    inputs: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """One CSV row per image: truth, Top-3 with probabilities, confidence, correct, unknown."""
+    """One CSV row per image: truth, Top-3, confidence, correct, unknown, reason, ``inputs``.
+
+    ``inputs``' numbers are written so they read back exactly; empty: not measured.
+    """
+    inputs = inputs or {}
+    for name, column in inputs.items():
+        if len(column) != len(sources):
+            raise ValueError(f"input {name!r} has {len(column)} rows, not {len(sources)}")
+    extra = [np.asarray(c, np.float64).tolist() for c in inputs.values()]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(AUDIT_COLUMNS)
-        for src, t, row_i, row_p, why in zip(sources, y_true, idx, top_p, reasons, strict=True):
+        writer.writerow([*AUDIT_COLUMNS, *inputs])
+        for j, (src, t, row_i, row_p, why) in enumerate(
+            zip(sources, y_true, idx, top_p, reasons, strict=True)
+        ):
             top3 = [(classes[i], f"{p:.6f}") for i, p in zip(row_i, row_p, strict=True)]
             top3 += [("", "")] * (3 - len(top3))
             flags = [_flag(row_i[0] == t), _flag(why is not None)]
             cells = [v for pair in top3 for v in pair]
-            writer.writerow([str(src), classes[t], *cells, top3[0][1], *flags])
+            more = ["" if c[j] != c[j] else repr(c[j]) for c in extra]  # NaN: not measured
+            writer.writerow([str(src), classes[t], *cells, top3[0][1], *flags, why or "", *more])
 
 
 def read_audit(report_dir: Path) -> list[dict[str, str]]:

@@ -21,7 +21,6 @@ from imagesieve.classifier._leakage import find_training_duplicates
 from imagesieve.classifier._openset import (
     HeldOut,
     Refit,
-    against_target,
     held_out,
     report_card,
 )
@@ -700,6 +699,8 @@ def train_model(
             history=history,
             extra={"evaluated_on": eval_on, "split": plan.to_dict(), "open_set": card},
             batch_size=opts.batch_size,
+            # images the calibration did not see: whether their rate is off target means something
+            target=opts.false_unknown_rate if eval_on == "test" else None,
         )
         meta["metrics"] = {
             k: metrics[k]
@@ -711,14 +712,11 @@ def train_model(
                 "ece",
                 "unknown_rate",
                 "unknown_by_rule",
+                "unknown_vs_target",
             )
             if k in metrics
         }
         meta["metrics"]["evaluated_on"] = eval_on
-        if eval_on == "test":  # images the calibration did not see
-            meta["metrics"]["unknown_vs_target"] = against_target(
-                metrics["unknown_rate"], metrics["n"], opts.false_unknown_rate
-            )
         meta["training"]["seconds"] = round(time.perf_counter() - t0, 1)
         version = write_version(ws, build, meta)
     except BaseException:

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import CALIBRATED, UNKNOWN, QualityRule, UnknownRule, merge_overrides
+from imagesieve.classifier import (
+    CALIBRATED,
+    UNKNOWN,
+    QualityRule,
+    UnknownRule,
+    held_out_unknowns,
+    merge_overrides,
+)
 from imagesieve.data import sort_into
 from imagesieve.models import (
     ModelVersion,
@@ -183,8 +190,8 @@ def apply_thresholds(
 
     ``quality`` sets photo quality bounds over the calibrated ones (a bound -> a number,
     None to switch its check off, ``"auto"`` for the calibrated value again); the stored
-    images' quality flags follow. Returns the rows' counts by rule after the change
-    (``Store.unknown_counts``).
+    images' quality flags follow. Returns the rows' counts by rule after the change, and what
+    the change does to the version's held-out known images (``unknown_counts``).
     """
     version = get_version(ws, model)
     rule, overrides, quality_rule = _rules(version, confidence, distance, quality)
@@ -222,7 +229,21 @@ def apply_thresholds(
                 touches=[f"thresholds:{version.name}"],
             )
             _decide_with(store, version, rule, tuned=True, quality_overrides=overrides)
-        return store.unknown_counts(version.name, rule, quality_rule)
+        return unknown_counts(store, version, rule, quality_rule)
+
+
+def unknown_counts(
+    store: Store, version: ModelVersion, rule: UnknownRule, quality: QualityRule | None
+) -> dict[str, Any]:
+    """What ``rule`` (and ``quality``, None: the version's) marks UNKNOWN, by reason.
+
+    Among the version's stored images (``Store.unknown_counts``), and under ``held_out``
+    among its held-out test images, all of known classes: the false-UNKNOWN rate these
+    thresholds would realise (``held_out_unknowns``; None when the version has none).
+    """
+    counts: dict[str, Any] = store.unknown_counts(version.name, rule, quality)
+    counts["held_out"] = held_out_unknowns(version, rule, quality)
+    return counts
 
 
 def _rules(
@@ -298,7 +319,8 @@ def threshold_counts(
 
     With ``keep`` (the default) the version's own thresholds are counted; otherwise the given
     ``confidence``, ``distance`` (None: off) and ``quality`` bounds (as ``apply_thresholds``
-    takes them) are previewed. Nothing changes.
+    takes them) are previewed. ``counts`` also holds the held-out known images' figure
+    (``unknown_counts``). Nothing changes.
     """
     version = get_version(ws, model)
     if keep:
@@ -309,7 +331,7 @@ def threshold_counts(
         )
     rule, _, quality_rule = _rules(version, confidence, distance, quality)
     with using_store(ws, store, check=False, read_only=store is None) as store:
-        counts = store.unknown_counts(version.name, rule, quality_rule)
+        counts = unknown_counts(store, version, rule, quality_rule)
     shown = quality_rule or QualityRule.of_version(version.meta)
     return {
         "version": version.name,

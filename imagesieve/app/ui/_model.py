@@ -24,10 +24,21 @@ from imagesieve.classifier import (
     POOR_QUALITY,
     QualityRule,
     bound_text,
+    held_out_unknowns,
+    held_out_words,
     off_target_words,
     parse_bounds,
 )
 from imagesieve.ingest import describe_history, read_history
+
+
+def _rule_shares(by_rule: dict[str, float]) -> str:
+    """The share of images each UNKNOWN rule fires on, in words."""
+    return (
+        f"poor photo {pct(by_rule.get(POOR_QUALITY, 0))}, "
+        f"low confidence {pct(by_rule.get(LOW_CONFIDENCE, 0))}, far from training "
+        f"{pct(by_rule.get(FAR_FROM_TRAINING, 0))}"
+    )
 
 
 def _metrics_md(version: Any) -> str:
@@ -52,12 +63,18 @@ def _metrics_md(version: Any) -> str:
     if by_rule:
         lines += [
             f"UNKNOWN on these known-class images: **{pct(m['unknown_rate'])}** "
-            f"(poor photo {pct(by_rule.get(POOR_QUALITY, 0))}, "
-            f"low confidence {pct(by_rule.get(LOW_CONFIDENCE, 0))}, far from training "
-            f"{pct(by_rule.get(FAR_FROM_TRAINING, 0))})",
+            f"({_rule_shares(by_rule)})",
             "",
         ]
     off = off_target_words(m.get("unknown_vs_target"))
+    now = held_out_unknowns(version) if version.thresholds_tuned else None
+    if now:  # the figures above are the calibrated thresholds'; these the operator's
+        off = off_target_words(now["vs_target"])
+        lines += [
+            f"At the thresholds an operator set: {held_out_words(now)} are UNKNOWN "
+            f"({_rule_shares(now['by_rule'])})",
+            "",
+        ]
     if off:
         lines += [f"**Off target**: {off}.", ""]
     card = version.meta.get("open_set") or {}
@@ -198,13 +215,15 @@ def model_tab(service: Service) -> Panel:
         if use_distance:
             rule += f" or {_score_words(service.version)} beyond {distance:.3f}"
         stored = counts["stored"]
+        held = counts["held_out"]
         return (
             f"With **{rule}**, **{counts['unknown']:,} of {stored:,}** stored images would be "
             f"UNKNOWN (poor photo: {counts[POOR_QUALITY]:,}; low confidence: "
             f"{counts[LOW_CONFIDENCE]:,}; far from the training data: "
             f"{counts[FAR_FROM_TRAINING]:,}). Marked UNKNOWN now: "
-            f"{counts['unknown_now']:,}. **Apply** makes these the model's thresholds and "
-            "re-decides the stored images."
+            f"{counts['unknown_now']:,}. "
+            + (f"False alarms: {held_out_words(held)} would be UNKNOWN. " if held else "")
+            + "**Apply** makes these the model's thresholds and re-decides the stored images."
         )
 
     def refresh() -> tuple:

@@ -1,4 +1,6 @@
+import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +22,11 @@ from imagesieve.classifier import (
 )
 from imagesieve.classifier._far import FAR_MAHALANOBIS, RELATIVE, Mahalanobis
 from imagesieve.classifier._reference import ReferenceSet
+from imagesieve.classifier._report import AUDIT_COLUMNS
 from imagesieve.classifier._split import adaptive_split
 from imagesieve.classifier._train import TrainOptions, train_model
 from imagesieve.data import load_image
-from imagesieve.models import active_version, get_version
+from imagesieve.models import ModelVersion, active_version, get_version
 from imagesieve.models.export import imagenet_version, load_checkpoint
 
 
@@ -196,6 +199,24 @@ def test_held_out_unknowns__any_thresholds_judged_on_the_test_images(trained):
     half = held_out_unknowns(v, UnknownRule(0.0, float(np.median(d)), v.mix))
     far = d + v.mix * (1 - np.array([float(r["confidence"]) for r in rows])) > np.median(d)
     assert half["by_rule"]["far_from_training"] == round(far.mean(), 4)
+
+
+def test_held_out_unknowns__none_for_a_report_without_the_decisions_inputs(trained, tmp_path):
+    """A version trained before audit.csv kept them: nothing to judge, and no error."""
+    ws, result = trained
+    old = tmp_path / "v1"
+    shutil.copytree(result.version.path, old)
+    audit = old / "report" / "audit.csv"
+    with open(audit, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    with open(audit, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(AUDIT_COLUMNS[:-1])
+        writer.writerows([r[k] for k in AUDIT_COLUMNS[:-1]] for r in rows)
+    assert held_out_unknowns(ModelVersion.load(old)) is None
+    audit.unlink()
+    assert held_out_unknowns(ModelVersion.load(old)) is None
+    assert held_out_unknowns(ModelVersion.load(result.version.path)) is not None
 
 
 def test_predictor__onnx_top1_matches_torch_checkpoint(trained, small_folder):

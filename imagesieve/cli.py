@@ -61,7 +61,8 @@ def _print_metrics(m: dict[str, Any]) -> None:
         parts.append(f"ROC-AUC {m['roc_auc']:.4f}")
     if m.get("ece") is not None:
         parts.append(f"ECE {m['ece']:.4f}")
-    print(f"  {', '.join(parts)} on {m['n']} {m.get('evaluated_on', '')} images")
+    on = f"{m['evaluated_on']} " if m.get("evaluated_on") else ""
+    print(f"  {', '.join(parts)} on {m['n']} {on}images")
     if m.get("unknown_rate") is not None:
         by = m.get("unknown_by_rule") or {}
         rules = ", ".join(f"{k.replace('_', ' ')} {v:.1%}" for k, v in by.items())
@@ -1049,19 +1050,23 @@ def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
 
     def human() -> None:
         c = doc["counts"]
-        distance_s = "off" if doc["distance"] is None else f"{doc['distance']:.4g}"
+        far = (
+            " (distance rule off)"
+            if doc["distance"] is None
+            else f" or distance above {doc['distance']:.4g}"
+        )
         verb = "would mark" if args.preview else "mark"
         print(
-            f"{doc['version']}: confidence below {doc['confidence']:.4g} or distance above "
-            f"{distance_s}{' (tuned)' * doc['tuned']}{' (applied)' * applying}"
+            f"{doc['version']}: confidence below {doc['confidence']:.4g}{far}"
+            f"{' (tuned)' * doc['tuned']}{' (applied)' * applying}"
         )
         print(
             f"  {verb} {c['unknown']:,} of {c['stored']:,} stored images UNKNOWN "
-            f"({c['poor_quality']:,} poor photos, {c['low_confidence']:,} by confidence, "
-            f"{c['far_from_training']:,} by distance)"
+            f"({c['poor_quality']:,} poor photo{'s' * (c['poor_quality'] != 1)}, "
+            f"{c['low_confidence']:,} by confidence, {c['far_from_training']:,} by distance)"
         )
         if c["held_out"]:
-            print(f"  {verb} {held_out_words(c['held_out'])} UNKNOWN")
+            print(f"  {verb} {held_out_words(c['held_out'])}")
         if doc["quality"]:
             bounds = ", ".join(
                 f"{k} {bound_text(v)}" + (" (set)" if k in doc["quality_overrides"] else "")

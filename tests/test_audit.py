@@ -240,13 +240,13 @@ def test_thresholds_and_activation__undone_exactly(review):
     assert threshold_counts(ws)["tuned"] is True
     # the Model tab judges the operator's thresholds, beside what training measured
     tab = _metrics_md(get_version(ws, None))
-    assert f"At the thresholds an operator set: {tested} of the {tested} held-out" in tab
+    assert f"The thresholds an operator set mark {tested} of the {tested} held-out" in tab
     assert "**Off target**" in tab and "more than chance explains" in tab
     undo_action(ws)
     assert (version.path / "meta.json").read_text() == meta_before
     own = threshold_counts(ws)["counts"]["held_out"]
     assert own["vs_target"] == version.meta["metrics"]["unknown_vs_target"]
-    assert "At the thresholds an operator set" not in _metrics_md(get_version(ws, None))
+    assert "The thresholds an operator set" not in _metrics_md(get_version(ws, None))
     assert stored(ws, "SELECT id, label, reason FROM predictions ORDER BY id") == labels_before
 
     # a second version to switch between (a copy of the first, as a retrain would add)

@@ -505,4 +505,6 @@ def test_against_target__off_target_only_beyond_chance(n, flagged, verdict, caps
     )
     if words:
         more = "more" if verdict == "above" else "fewer"
-        assert f"{flagged} of {n} held-out images" in words and f"{more} than chance" in words
+        assert (
+            f"{flagged} of {n} images of known classes" in words and f"{more} than chance" in words
+        )

@@ -216,7 +216,7 @@ def held_out_words(held: dict[str, Any]) -> str:
     t = held["vs_target"]
     words = (
         f"{held['unknown']:,} of the {held['images']:,} held-out test images of known classes "
-        f"({held['rate']:.1%}"
+        f"UNKNOWN ({held['rate']:.1%}"
     )
     if t is not None:
         words += f"; target {t['target']:.0%}"

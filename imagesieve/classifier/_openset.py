@@ -247,7 +247,7 @@ def off_target_words(off: dict | None) -> str | None:
         return None
     more = "more" if off["verdict"] == "above" else "fewer"
     return (
-        f"{off['flagged']} of {off['n']} held-out images of known classes are UNKNOWN against a "
+        f"{off['flagged']} of {off['n']} images of known classes are UNKNOWN against a "
         f"{off['target']:.0%} target, {more} than chance explains (p {off['p']:.2g}); "
         "`imagesieve thresholds --preview` shows what other thresholds would mark"
     )

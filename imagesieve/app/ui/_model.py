@@ -71,8 +71,8 @@ def _metrics_md(version: Any) -> str:
     if now:  # the figures above are the calibrated thresholds'; these the operator's
         off = off_target_words(now["vs_target"])
         lines += [
-            f"At the thresholds an operator set: {held_out_words(now)} are UNKNOWN "
-            f"({_rule_shares(now['by_rule'])})",
+            f"The thresholds an operator set mark {held_out_words(now)}: "
+            f"{_rule_shares(now['by_rule'])}",
             "",
         ]
     if off:
@@ -222,7 +222,7 @@ def model_tab(service: Service) -> Panel:
             f"{counts[LOW_CONFIDENCE]:,}; far from the training data: "
             f"{counts[FAR_FROM_TRAINING]:,}). Marked UNKNOWN now: "
             f"{counts['unknown_now']:,}. "
-            + (f"False alarms: {held_out_words(held)} would be UNKNOWN. " if held else "")
+            + (f"False alarms: they would mark {held_out_words(held)}. " if held else "")
             + "**Apply** makes these the model's thresholds and re-decides the stored images."
         )
 

@@ -70,6 +70,14 @@ def _print_metrics(m: dict[str, Any]) -> None:
     off = off_target_words(m.get("unknown_vs_target"))
     if off:
         print(f"  note: {off}")
+    twins = m.get("near_training")
+    if twins:
+        without = twins["accuracy_without"]
+        print(
+            f"  note: {twins['images']} of them nearly duplicate a training image (leakage: the "
+            "metrics overstate; metrics.json near_training lists them)"
+            + ("" if without is None else f"; accuracy without them {without:.4f}")
+        )
 
 
 def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from tmpfs import remount_read_only, tmpfs
 
+from imagesieve.classifier import ReferenceSet
 from imagesieve.cli import main
 
 
@@ -82,6 +83,14 @@ def test_main__evaluate_json_reports_unseen_class(trained, small_folder, tmp_pat
     # the known images' UNKNOWN share, judged against the target the thresholds aim at
     off = doc["unknown_vs_target"]
     assert (off["n"], off["flagged"], off["target"]) == (10, round(doc["unknown_rate"] * 10), 0.05)
+    # the ones the model trained on are copies of training images: leakage, listed
+    trained_on = {Path(p).name for p in ReferenceSet.load(result.version.path).sources}
+    copies = {p.name for p in data.glob("*/cell*.png") if p.parent.name != "poly"} & trained_on
+    assert copies and doc["near_training"]["images"] >= len(copies)
+    assert copies <= {Path(p).name for p in doc["near_training"]["paths"]}
+    assert main(["evaluate", str(data), "--workspace", str(ws.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"{doc['near_training']['images']} of them nearly duplicate a training image" in out
     assert (ws.root / "models" / "v1" / "evaluations").is_dir()
 
 

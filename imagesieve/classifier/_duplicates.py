@@ -169,6 +169,26 @@ class DuplicateRule:
             ok |= loose & known & (similarity >= np.float32(self.similarity))
         return ok
 
+    def judge(
+        self,
+        distance: np.ndarray,
+        signatures: Callable[[int], tuple[np.ndarray | None, np.ndarray | None]],
+    ) -> np.ndarray:
+        """``accepts``, reading pair ``k``'s two signatures (``signatures(k)``) only if needed.
+
+        Only pairs ``needs_signature`` picks are read; a missing one (None) leaves that pair to
+        its distance.
+        """
+        from imagesieve.classifier._signature import signature_similarity
+
+        distance = np.asarray(distance, np.float64)
+        sims = np.full(len(distance), np.nan, np.float32)
+        for k in np.flatnonzero(self.needs_signature(distance)):
+            a, b = signatures(int(k))
+            if a is not None and b is not None:
+                sims[k] = signature_similarity(a, b, flat=np.nan)
+        return self.accepts(distance, sims)
+
     @property
     def reach(self) -> float:
         """The largest distance at which a pair can be a near-duplicate."""

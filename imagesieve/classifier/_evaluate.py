@@ -13,10 +13,12 @@ import numpy as np
 
 from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
+from imagesieve.classifier._duplicates import DuplicateRule
 from imagesieve.classifier._engine import Progress
 from imagesieve.classifier._openset import against_target
 from imagesieve.classifier._predict import UNKNOWN, Predictor
 from imagesieve.classifier._quality import QualityMetrics, QualityRule, quality_columns
+from imagesieve.classifier._reference import reference_signatures
 from imagesieve.classifier._report import read_audit, write_report
 from imagesieve.classifier._unknown import UnknownRule, reason_shares
 from imagesieve.data import load_image, scan_image_folder
@@ -24,6 +26,8 @@ from imagesieve.models import ModelVersion, get_version
 
 __all__ = ["evaluate_model", "evaluate_version_on", "held_out_unknowns", "held_out_words"]
 
+#: Paths of near-duplicates of training images a report lists at most.
+LISTED = 20
 #: The columns of a report's audit.csv that ``held_out_unknowns`` decides from, beside the
 #: Top-1 probability: the distance to the training data and the photo quality measures.
 DECISION_INPUTS = ("distance", *(f.name for f in fields(QualityMetrics)))
@@ -57,7 +61,7 @@ def evaluate_version_on(
     index = {c: i for i, c in enumerate(classes)}
     predictor = Predictor(version, batch_size=batch_size)
     y_true, probs, sources, reasons, failed = [], [], [], [], []
-    distances, measured = [], []
+    distances, measured, nearest = [], [], []
     unseen: dict[str, dict[str, int]] = {}
     done = 0
     for batch in predictor.score_batches([str(p) for p in paths]):
@@ -79,6 +83,7 @@ def evaluate_version_on(
                     np.nan if pred.neighbor_distance is None else pred.neighbor_distance
                 )
                 measured.append(pred.quality)
+                nearest.append((pred.neighbor_cosine, pred.neighbor_id, pred.signature))
         if progress:
             progress("evaluating", done, len(paths))
     if not sources:
@@ -87,6 +92,15 @@ def evaluate_version_on(
         )
     extra = dict(extra or {})
     extra["model_version"] = version.meta.get("version", version.name)
+    twins = _near_training(version, nearest)
+    if twins.any():  # leakage: the metrics overstate what the model does on new images
+        y, top1 = np.asarray(y_true), np.stack(probs).argmax(1)
+        others = ~twins
+        extra["near_training"] = {
+            "images": int(twins.sum()),
+            "accuracy_without": float((top1 == y)[others].mean()) if others.any() else None,
+            "paths": [s for s, t in zip(sources, twins.tolist(), strict=True) if t][:LISTED],
+        }
     extra["failed"] = failed
     extra["unseen_classes"] = {
         c: {**u, "unknown_rate": round(u["unknown"] / u["images"], 4)}
@@ -142,6 +156,26 @@ def evaluate_model(
         target=_target(v),
     )
     return metrics, out_dir
+
+
+def _near_training(version: ModelVersion, nearest: list[tuple]) -> np.ndarray:
+    """Which scored images nearly duplicate their nearest training image, by the version's rule.
+
+    ``nearest``: per image (cosine distance to its nearest training image, that image's
+    reference id, the image's signature). All False without a rule (or a reference set).
+    """
+    rule = DuplicateRule.of_version(version.meta)
+    distance = np.array([np.nan if d is None else d for d, _, _ in nearest], np.float64)
+    if rule is None or not len(nearest):
+        return np.zeros(len(nearest), bool)
+    kept = reference_signatures(version.path)
+
+    def pair(k: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        _, ref, signature = nearest[k]
+        known = kept is not None and ref is not None and ref < len(kept)
+        return signature, np.asarray(kept[ref]) if known else None
+
+    return rule.judge(distance, pair)
 
 
 def _target(version: ModelVersion) -> float | None:

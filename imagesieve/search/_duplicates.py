@@ -17,7 +17,6 @@ from imagesieve.classifier import (
     DuplicateRule,
     image_signature,
     reference_signatures,
-    signature_similarity,
 )
 from imagesieve.data import ImageLoadError, load_image
 from imagesieve.models import ModelVersion, get_version
@@ -167,11 +166,11 @@ def near_training(store: Store, version: ModelVersion, ids: list[int]) -> list[d
     if not found:
         return []
     distance = np.array([f["distance"] for f in found], np.float64)
-    sims = np.full(len(found), np.nan, np.float32)  # NaN: not compared, missing or flat
     need = np.flatnonzero(rule.needs_signature(distance))
     stored = store.duplicates.signatures([found[k]["id"] for k in need]) if len(need) else {}
     from_files: dict[str, np.ndarray | None] = {}
-    for k in need:
+
+    def pair(k: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         f = found[k]
         if kept is not None and f["training_id"] is not None and f["training_id"] < len(kept):
             train = np.asarray(kept[f["training_id"]])
@@ -179,9 +178,9 @@ def near_training(store: Store, version: ModelVersion, ids: list[int]) -> list[d
             if f["training_source"] not in from_files:
                 from_files[f["training_source"]] = _file_signature(version, f["training_source"])
             train = from_files[f["training_source"]]
-        if f["id"] in stored and train is not None:
-            sims[k] = signature_similarity(stored[f["id"]], train, flat=np.nan)
-    keep = rule.accepts(distance, sims)
+        return stored.get(f["id"]), train
+
+    keep = rule.judge(distance, pair)
     return [f for f, ok in zip(found, keep, strict=True) if ok][:LISTED]
 
 

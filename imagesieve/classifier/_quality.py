@@ -194,6 +194,24 @@ class QualityRule:
 
         None for a good photo, or a row not measured (NaN measures are never flagged).
         """
+        hits = self._hits(columns)
+        n = len(next(iter(columns.values()))) if columns else 0
+        out: list[str | None] = []
+        for row in zip(*(h.tolist() for _, h in hits), strict=True) if hits else [()] * n:
+            kinds = [k for (k, _), hit in zip(hits, row, strict=True) if hit]
+            out.append("+".join(kinds) or None)
+        return out
+
+    def poor(self, columns: dict[str, np.ndarray]) -> np.ndarray:
+        """Per row of measure columns whether any check flags it: ``flag_columns`` not None."""
+        n = len(next(iter(columns.values()))) if columns else 0
+        out = np.zeros(n, bool)
+        for _, hit in self._hits(columns):
+            out |= hit
+        return out
+
+    def _hits(self, columns: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        """Per kind of check, which rows of measure columns it flags (NaN: never)."""
         n = len(next(iter(columns.values()))) if columns else 0
         hits = []
         for kind, tests in self._tests():
@@ -202,11 +220,7 @@ class QualityRule:
                 v = np.asarray(columns[name], np.float64)
                 hit |= v > bound if op == ">" else v < bound  # NaN compares False
             hits.append((kind, hit))
-        out: list[str | None] = []
-        for row in zip(*(h.tolist() for _, h in hits), strict=True) if hits else [()] * n:
-            kinds = [k for (k, _), hit in zip(hits, row, strict=True) if hit]
-            out.append("+".join(kinds) or None)
-        return out
+        return hits
 
     def flags(self, m: QualityMetrics) -> list[str]:
         """The kinds ``m`` is flagged for, in QUALITY_KINDS order (empty: a good photo)."""

@@ -76,6 +76,22 @@ class UnknownRule:
         ``distance`` may hold NaN (or None) for rows without a nearest training image;
         ``poor`` (bool) marks photos of poor quality (None: none are).
         """
+        hits = self.hits(top1_prob, distance, poor)
+        return [
+            "+".join(r for r, hit in zip(REASONS, k, strict=True) if hit) or None
+            for k in zip(*(h.tolist() for h in hits), strict=True)
+        ]
+
+    def hits(
+        self,
+        top1_prob: np.ndarray,
+        distance: np.ndarray | None,
+        poor: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row whether each rule fires, as (n,) bool arrays in ``REASONS`` order.
+
+        What ``reasons`` joins into words; for counting many rows without building them.
+        """
         p = np.asarray(top1_prob, np.float64)
         low = p < self.confidence
         far = np.zeros(len(low), bool)
@@ -85,10 +101,7 @@ class UnknownRule:
                 score = score + self.mix * (1.0 - p)
             far = score > self.distance  # NaN > x is False
         bad = np.zeros(len(low), bool) if poor is None else np.asarray(poor, bool)
-        return [
-            "+".join(r for r, hit in zip(REASONS, k, strict=True) if hit) or None
-            for k in zip(bad.tolist(), low.tolist(), far.tolist(), strict=True)
-        ]
+        return bad, low, far
 
     def _sql(self) -> tuple[str, str, list, list]:
         """The two tests over ``predictions``' columns in DuckDB, and their parameters.

@@ -1033,10 +1033,14 @@ def cmd_audit(args: argparse.Namespace, ws: Workspace) -> None:
 
 
 def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
-    """The `thresholds` verb: a version's UNKNOWN thresholds and counts; --preview or --set."""
+    """The `thresholds` verb: a version's UNKNOWN thresholds and counts; --preview or --set.
+
+    ``--target`` / ``--set-target``: the thresholds calibration gives for another
+    false-UNKNOWN rate, previewed or applied.
+    """
     from imagesieve.classifier import bound_text, held_out_words
     from imagesieve.models import get_version
-    from imagesieve.search import apply_thresholds, threshold_counts
+    from imagesieve.search import apply_thresholds, threshold_counts, thresholds_for_target
 
     version = get_version(ws, args.model)
     confidence, distance = version.confidence_threshold, version.distance_threshold
@@ -1044,26 +1048,48 @@ def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
     if given:
         confidence = _float_arg(given[0], "confidence")
         distance = None if given[1].lower() == "off" else _float_arg(given[1], "distance")
+    target = args.target if args.target is not None else args.set_target
+    calibrated = None
+    if target is not None:
+        calibrated = thresholds_for_target(ws, _rate_arg(target), model=args.model)
+        confidence, distance = calibrated["confidence"], calibrated["distance"]
+    previewing = bool(args.preview) or args.target is not None
     quality = _quality_args(args.quality) if args.quality else None  # checked by the library
-    applying = bool(args.set) or (quality is not None and not args.preview)
+    applying = bool(args.set) or args.set_target is not None
+    applying = applying or (quality is not None and not previewing)
     if applying:
-        apply_thresholds(ws, confidence, distance, quality=quality, model=args.model)
+        rate = calibrated["target"] if calibrated else None
+        apply_thresholds(ws, confidence, distance, quality=quality, model=args.model, target=rate)
         doc = threshold_counts(ws, model=args.model)
-    elif args.preview:
+    elif previewing:
         doc = threshold_counts(
-            ws, confidence, distance, quality=quality, keep=False, model=args.model
+            ws,
+            confidence,
+            distance,
+            quality=quality,
+            keep=False,
+            model=args.model,
+            target=calibrated["target"] if calibrated else None,
         )
     else:
         doc = threshold_counts(ws, model=args.model)
+    if calibrated is not None:
+        doc["calibrated"] = calibrated
 
     def human() -> None:
         c = doc["counts"]
+        if calibrated is not None:
+            real = calibrated["calibration"]["realised"]
+            print(
+                f"calibrated for {calibrated['target']:.1%} false UNKNOWN: realised "
+                f"{real['unknown']:.1%} of {calibrated['calibration']['n']} held-out known images"
+            )
         far = (
             " (distance rule off)"
             if doc["distance"] is None
             else f" or distance above {doc['distance']:.4g}"
         )
-        verb = "would mark" if args.preview else "mark"
+        verb = "would mark" if previewing else "mark"
         print(
             f"{doc['version']}: confidence below {doc['confidence']:.4g}{far}"
             f"{' (tuned)' * doc['tuned']}{' (applied)' * applying}"
@@ -1093,6 +1119,12 @@ def _quality_args(given: list[str]) -> dict[str, Any]:
         return parse_bounds(given)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def _rate_arg(text: str) -> float:
+    """A false-UNKNOWN rate as a share (0.03) or a percentage (3%)."""
+    share = _float_arg(text.strip().removesuffix("%"), "the target rate")
+    return share / 100 if text.strip().endswith("%") else share
 
 
 def _float_arg(text: str, what: str) -> float:
@@ -1492,6 +1524,17 @@ def _parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("CONFIDENCE", "DISTANCE"),
         help="apply: stored images are re-decided (recorded, undoable)",
+    )
+    how.add_argument(
+        "--target",
+        metavar="RATE",
+        help="count only, with the thresholds training would calibrate for this false-UNKNOWN "
+        "rate (0.03 or 3%%)",
+    )
+    how.add_argument(
+        "--set-target",
+        metavar="RATE",
+        help="apply the thresholds training would calibrate for this false-UNKNOWN rate",
     )
     th.add_argument(
         "--quality",

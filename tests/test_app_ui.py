@@ -1046,6 +1046,43 @@ def test_model__threshold_sliders_preview_what_would_be_unknown(page, app):
     page.assert_no_errors()
 
 
+def test_model__thresholds_calibrated_for_a_rate_previewed_and_applied(page, app):
+    _, service, _ = app
+    version = service.version
+    before = (version.confidence_threshold, version.distance_threshold)
+    found = service.thresholds_for_target(0.1)
+    page.tab("Model")
+    page.wait_text("#model-threshold-preview", "stored images would be UNKNOWN")
+    page.page.fill("#model-target input", "10")
+    page.page.click("#model-calibrate")
+    held = service.threshold_preview(*(found[k] for k in ("confidence", "distance")), None, 0.1)
+    text = page.wait_text("#model-threshold-preview", "target 10%")
+    assert f"{held['unknown']:,} of {held['stored']:,} stored images" in text
+    assert f"{held['held_out']['unknown']} of the {held['held_out']['images']} held-out" in text
+    shown = float(page.page.locator("#model-confidence input[type=number]").input_value())
+    assert shown == pytest.approx(found["confidence"], abs=0.006)  # the slider's step
+    # moving a slider by hand: no longer that rate's thresholds, judged against training's
+    page.page.fill("#model-confidence input[type=number]", "0.97")
+    page.page.press("#model-confidence input[type=number]", "Enter")
+    assert "target 5%" in page.wait_text("#model-threshold-preview", "Top-1 below 97%")
+    page.page.click("#model-calibrate")
+    page.wait_text("#model-threshold-preview", "target 10%")
+    try:
+        page.page.click("#model-apply-thresholds")
+        page.page.wait_for_selector(".toast-body")
+        now = service.version
+        # exactly the calibrated values, not the sliders' rounding, and the rate they aim at
+        assert (now.confidence_threshold, now.distance_threshold) == (
+            found["confidence"],
+            found["distance"],
+        )
+        assert now.meta["thresholds"]["target"] == 0.1
+    finally:
+        service.set_thresholds(*before)
+    assert "target" not in service.version.meta["thresholds"]
+    page.assert_no_errors()
+
+
 def test_model__photo_quality_bounds_previewed_applied_and_put_back(page, app):
     _, service, _ = app
     version = service.version

@@ -281,11 +281,33 @@ def test_cli__relabel_audit_undo_thresholds(review, capsys):
     assert f"mark {tested:,} of the {tested:,} held-out test images of known classes" in out
     assert main(["thresholds", "--set", "1.5", "off", *args]) == 2
     assert "confidence" in capsys.readouterr().err
+    # thresholds for another false-UNKNOWN rate, as training would calibrate them
+    assert main(["thresholds", "--target", "20%", *args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    found = doc["calibrated"]
+    assert (doc["confidence"], doc["distance"]) == (found["confidence"], found["distance"])
+    assert found["target"] == 0.2 and doc["counts"]["held_out"]["vs_target"]["target"] == 0.2
+    assert get_version(ws, None).confidence_threshold == 1.0  # a preview changes nothing
+    assert main(["thresholds", "--set-target", "0.2", *args]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated for 20.0% false UNKNOWN" in out and "(applied)" in out
+    now = get_version(ws, None)
+    assert (now.confidence_threshold, now.distance_threshold) == (
+        found["confidence"],
+        found["distance"],
+    )
+    assert now.meta["thresholds"]["target"] == 0.2
+    assert main(["thresholds", "--target", "150%", *args]) == 2
+    assert "must be a share within (0, 1)" in capsys.readouterr().err
 
     assert main(["audit", *args, "--json"]) == 0
     log = json.loads(capsys.readouterr().out)
-    assert [a["action"] for a in log["actions"]] == ["thresholds", "relabel"]
+    assert [a["action"] for a in log["actions"]] == ["thresholds", "thresholds", "relabel"]
     assert all(a["who"].startswith("local:") for a in log["actions"])
+    assert main(["audit", "--undo", *args]) == 0  # the rate's thresholds: the 1 / off ones back
+    assert "undid 3" in capsys.readouterr().out
+    back = get_version(ws, None)
+    assert back.confidence_threshold == 1.0 and "target" not in back.meta["thresholds"]
     assert main(["audit", "--undo", *args]) == 0
     assert "undid 2" in capsys.readouterr().out
     assert main(["audit", "--undo", "1", *args]) == 0
@@ -346,9 +368,24 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
             now = next(v for v in listed if v["version"] == version.name)
             assert now["thresholds_tuned"] and now["unknown_rate"] == 1.0
             assert now["unknown_vs_target"]["verdict"] == "above"
+            # thresholds for another rate: previewed and applied like any, the rate recorded
+            found = requests.get(f"{base}/thresholds/calibrated?target=0.2", timeout=30).json()
+            assert found["target"] == 0.2 and found["calibration"]["false_unknown_rate"] == 0.2
+            asked = {k: found[k] for k in ("confidence", "distance", "target")}
+            r = requests.post(f"{base}/thresholds/preview", json=asked, timeout=30)
+            assert r.status_code == 200 and r.json()["held_out"]["vs_target"]["target"] == 0.2
+            r = requests.put(f"{base}/thresholds", json=asked, timeout=30)
+            assert r.status_code == 200, r.text
+            assert get_version(ws, None).meta["thresholds"]["target"] == 0.2
+            for bad in ("0", "1", "2", "x", "nan"):
+                r = requests.get(f"{base}/thresholds/calibrated?target={bad}", timeout=30)
+                assert r.status_code == 422, (bad, r.status_code)
+            r = requests.put(f"{base}/thresholds", json={**asked, "target": 1.5}, timeout=30)
+            assert r.status_code == 422
 
             log = requests.get(f"{base}/audit", timeout=30).json()
             assert [a["action"] for a in log["actions"]] == [
+                "thresholds",
                 "thresholds",
                 "relabel",
                 "promote",
@@ -356,7 +393,7 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
                 "exclude",
             ]
             assert all(a["who"] == "api:127.0.0.1" for a in log["actions"])
-            for _ in range(5):
+            for _ in range(6):
                 r = requests.post(f"{base}/audit/undo", json={}, timeout=60)
                 assert r.status_code == 200, r.text
             assert tree(data) == before

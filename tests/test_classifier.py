@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from imagesieve._errors import UserError
 from imagesieve.classifier import (
     UNKNOWN,
     Predictor,
     ScoringEngine,
     UnknownRule,
+    calibrate_at,
     held_out_unknowns,
     held_out_words,
     read_audit,
@@ -199,6 +201,32 @@ def test_held_out_unknowns__any_thresholds_judged_on_the_test_images(trained):
     half = held_out_unknowns(v, UnknownRule(0.0, float(np.median(d)), v.mix))
     far = d + v.mix * (1 - np.array([float(r["confidence"]) for r in rows])) > np.median(d)
     assert half["by_rule"]["far_from_training"] == round(far.mean(), 4)
+
+
+def test_calibrate_at__training_again_at_another_rate_without_retraining(trained, tmp_path):
+    """The held-out images training calibrated on are kept: another rate needs no retraining."""
+    ws, result = trained
+    v = result.version
+    calibration = v.meta["thresholds"]["calibration"]
+    rule, info = calibrate_at(v, 0.05)  # training's own rate: training's own thresholds
+    assert (rule.confidence, rule.distance, rule.mix) == (
+        v.confidence_threshold,
+        v.distance_threshold,
+        v.mix,
+    )
+    assert info == calibration
+    looser, loose_info = calibrate_at(v, 0.20)
+    assert looser.distance <= rule.distance and looser.confidence >= rule.confidence
+    assert abs(loose_info["realised"]["unknown"] - 0.20) <= 0.02
+    assert held_out_unknowns(v, looser, target=0.2)["vs_target"]["target"] == 0.2
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(UserError, match="must be a share within"):
+            calibrate_at(v, bad)
+    old = tmp_path / "v1"
+    shutil.copytree(v.path, old)
+    (old / "calibration.npz").unlink()
+    with pytest.raises(UserError, match="trained before its calibration images were kept"):
+        calibrate_at(ModelVersion.load(old), 0.1)
 
 
 def test_held_out_unknowns__none_for_a_report_without_the_decisions_inputs(trained, tmp_path):

@@ -149,6 +149,15 @@ class ThresholdsRequest(BaseModel):
             'off, "auto" for the calibrated value (omitted: unchanged)'
         ),
     )
+    target: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "the false-UNKNOWN rate these thresholds were calibrated for (GET "
+            "/thresholds/calibrated): the held-out check judges against it, PUT records it"
+        ),
+    )
 
 
 class FixLabelsRequest(BaseModel):
@@ -696,13 +705,29 @@ def add_api(
         """
         return await _call(service.thresholds)
 
+    @router.get("/thresholds/calibrated", responses=errors(400, 503))
+    async def thresholds_calibrated(
+        target: float = Query(
+            ..., gt=0, lt=1, description="false-UNKNOWN rate on held-out known images, e.g. 0.03"
+        ),
+    ) -> dict[str, Any]:
+        """The thresholds calibration gives for another false-UNKNOWN target; changes nothing.
+
+        As training would set them with that ``--false-unknown-rate``, on the held-out images
+        of known classes it was calibrated on (``calibration.realised``: each rule's share
+        there); preview them with ``POST /thresholds/preview``, apply with ``PUT /thresholds``.
+        """
+        return await _call(service.thresholds_for_target, target)
+
     @router.post("/thresholds/preview", responses=errors(400, 503))
     async def thresholds_preview(body: ThresholdsRequest) -> dict[str, Any]:
         """How many stored images these thresholds would mark UNKNOWN, by rule; changes nothing.
 
         ``held_out``: how many of the version's held-out test images (known classes) they would.
         """
-        return await _call(service.threshold_preview, body.confidence, body.distance, body.quality)
+        return await _call(
+            service.threshold_preview, body.confidence, body.distance, body.quality, body.target
+        )
 
     @router.put("/thresholds", responses=errors(400, 503))
     async def set_thresholds(body: ThresholdsRequest, request: Request) -> dict[str, Any]:
@@ -713,6 +738,7 @@ def add_api(
             body.distance,
             who=_who(request),
             quality=body.quality,
+            target=body.target,
         )
 
     @router.post("/retrain", status_code=202, responses=errors(409, 501, 503))

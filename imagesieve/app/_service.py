@@ -89,6 +89,7 @@ from imagesieve.search import (
     relabel_images,
     run_clustering,
     threshold_counts,
+    thresholds_for_target,
     training_folder,
     undo_action,
     update_cluster,
@@ -1161,6 +1162,7 @@ class Service:
         distance: float | None,
         who: str | None = None,
         quality: dict[str, Any] | None = None,
+        target: float | None = None,
     ) -> dict[str, Any]:
         """Make these the active version's UNKNOWN thresholds and re-decide its stored images.
 
@@ -1177,9 +1179,14 @@ class Service:
             model=self.version.name,
             who=who,
             store=self.store,
+            target=target,
         )
         self._use(get_version(self.ws, self.version.name))
         return counts
+
+    def thresholds_for_target(self, target: float) -> dict[str, Any]:
+        """The active version's thresholds calibrated for another false-UNKNOWN ``target``."""
+        return thresholds_for_target(self.ws, target, model=self.version.name)
 
     def thresholds(self) -> dict[str, Any]:
         """The active version's UNKNOWN thresholds, whether an operator tuned them, and counts."""
@@ -1221,9 +1228,17 @@ class Service:
         return dict(self.training_status)
 
     def threshold_preview(
-        self, confidence: float, distance: float | None, quality: dict[str, Any] | None = None
+        self,
+        confidence: float,
+        distance: float | None,
+        quality: dict[str, Any] | None = None,
+        target: float | None = None,
     ) -> dict[str, Any]:
-        """How many stored images of the active version each rule would mark UNKNOWN."""
+        """How many stored images of the active version each rule would mark UNKNOWN.
+
+        ``target``: the false-UNKNOWN rate these thresholds were calibrated for, which the
+        held-out check judges against (``thresholds_for_target``).
+        """
         return threshold_counts(
             self.ws,
             confidence,
@@ -1232,6 +1247,7 @@ class Service:
             keep=False,
             model=self.version.name,
             store=self.store,
+            target=target,
         )["counts"]
 
     # -- images ----------------------------------------------------------------------------

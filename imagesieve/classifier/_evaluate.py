@@ -179,23 +179,29 @@ def _near_training(version: ModelVersion, nearest: list[tuple]) -> np.ndarray:
 
 
 def _target(version: ModelVersion) -> float | None:
-    """The false-UNKNOWN rate the version's thresholds were calibrated for (None: not)."""
-    calibration = (version.meta.get("thresholds") or {}).get("calibration") or {}
-    return calibration.get("false_unknown_rate")
+    """The false-UNKNOWN rate the version's thresholds were calibrated for (None: not).
+
+    An operator's (``set_thresholds`` with a target) over training's.
+    """
+    thresholds = version.meta.get("thresholds") or {}
+    return thresholds.get("target") or (thresholds.get("calibration") or {}).get(
+        "false_unknown_rate"
+    )
 
 
 def held_out_unknowns(
     version: ModelVersion,
     rule: UnknownRule | None = None,
     quality: QualityRule | None = None,
+    target: float | None = None,
 ) -> dict[str, Any] | None:
     """What ``rule`` (default: the version's thresholds) marks UNKNOWN among its test images.
 
     The version's held-out test images are all of known classes, so this is the false-UNKNOWN
     rate other thresholds would realise, judged from its report's audit.csv with no scoring:
     ``images``, ``unknown``, ``rate``, ``by_rule`` (share each rule fires on) and ``vs_target``
-    (``against_target`` the calibration's target). ``quality``: other photo quality bounds
-    (default: the version's). None when the version was not evaluated on a test split, or its
+    (``against_target`` the version's target, or ``target``). ``quality``: other photo quality
+    bounds (default: the version's). None when the version was not evaluated on a test split, or its
     report predates the decision's inputs in audit.csv.
     """
     if (version.meta.get("metrics") or {}).get("evaluated_on") != "test":
@@ -216,7 +222,7 @@ def held_out_unknowns(
     if quality is not None:
         poor = quality.poor({k: columns[k] for k in DECISION_INPUTS[1:]})
     hits = rule.hits(columns["confidence"], columns["distance"], poor)
-    target = _target(version)
+    target = target or _target(version)
     n, k = len(hits[0]), int((hits[0] | hits[1] | hits[2]).sum())
     return {
         "images": n,

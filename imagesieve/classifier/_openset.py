@@ -22,27 +22,39 @@ from several domains.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imagesieve._errors import UserError
 from imagesieve.classifier._far import Mahalanobis
+from imagesieve.classifier._quality import QualityRule
 from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.classifier._unknown import UnknownRule, reason_shares
 
+if TYPE_CHECKING:
+    from imagesieve.models import ModelVersion
+
 __all__ = [
+    "CALIBRATION_FILE",
     "FOLDS",
     "MIX_GRID",
     "HeldOut",
     "Refit",
     "against_target",
+    "calibrate_at",
     "calibrate_rule",
     "held_out",
     "off_target_words",
     "report_card",
 ]
 
+#: The held-out images a version was calibrated on, in its directory (``HeldOut.save``).
+CALIBRATION_FILE = "calibration.npz"
 #: Folds of the out-of-fold predictions over the training images.
 FOLDS = 5
 #: The mixes the report card tries, in units of the spread of the distance over that of
@@ -70,6 +82,27 @@ class HeldOut:
     label: np.ndarray
     on: str
     poor: np.ndarray | None = None  # photos the quality rule flags: UNKNOWN whatever else
+    #: Their photo quality measures (``quality_columns``), so other bounds can judge them.
+    measures: dict[str, np.ndarray] | None = None
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write them into a version's directory (``CALIBRATION_FILE``): ``calibrate_at`` reads them."""
+        arrays = {"top1_prob": self.top1_prob, "distance": self.distance, "label": self.label}
+        arrays |= {f"q_{k}": v for k, v in (self.measures or {}).items()}
+        if self.poor is not None:
+            arrays["poor"] = self.poor
+        np.savez(Path(directory) / CALIBRATION_FILE, **arrays)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, on: str) -> HeldOut | None:
+        """The held-out images a version was calibrated on (None: it kept none)."""
+        path = Path(directory) / CALIBRATION_FILE
+        if not path.is_file():
+            return None
+        with np.load(path) as z:
+            measures = {k[2:]: z[k] for k in z.files if k.startswith("q_")}
+            poor = z["poor"] if "poor" in z.files else None
+            return cls(z["top1_prob"], z["distance"], z["label"], on, poor, measures or None)
 
 
 def held_out(
@@ -168,6 +201,33 @@ def calibrate_rule(
     if used != confidence:
         info["confidence_requested"] = confidence
     return rule, info
+
+
+def calibrate_at(
+    version: ModelVersion, target: float, quality: QualityRule | None = None
+) -> tuple[UnknownRule, dict[str, Any]]:
+    """The thresholds training would have set for another false-UNKNOWN ``target``, and how.
+
+    ``calibrate_rule`` on the held-out images the version was calibrated on, with the
+    confidence training was asked for and the version's ``mix``; their photos judged by
+    ``quality`` (default: the version's bounds). No retraining: the record kept at training
+    holds their Top-1 probabilities, distances and quality measures.
+    """
+    if not 0.0 < target < 1.0:
+        raise UserError(f"the false-UNKNOWN target must be a share within (0, 1), got {target}")
+    calibration = (version.meta.get("thresholds") or {}).get("calibration") or {}
+    held = HeldOut.load(version.path, calibration.get("on", "held-out images"))
+    if held is None:
+        raise UserError(
+            f"{version.name} was trained before its calibration images were kept: retrain it "
+            "(imagesieve train --false-unknown-rate) to calibrate at another rate"
+        )
+    quality = quality or QualityRule.of_version(version.meta)
+    if quality is not None and held.measures:
+        held = replace(held, poor=quality.poor(held.measures))
+    options = (version.meta.get("training") or {}).get("options") or {}
+    asked = float(options.get("confidence_threshold", version.confidence_threshold))
+    return calibrate_rule(held, asked, target, version.mix)
 
 
 def report_card(

@@ -6,7 +6,7 @@ import copy
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -635,8 +635,12 @@ def train_model(
         measured = [q for q, k in zip(qualities, keep, strict=True) if k]
         quality = calibrate_quality([q for q in measured if q is not None])
         effective = quality.with_overrides(opts.quality)
-        poor = np.array([f is not None for f in effective.flag_columns(quality_columns(measured))])
+        columns = quality_columns(measured)
+        poor = effective.poor(columns)
         held = held_out(embeddings, y, plan.train, plan.val, val_top1, refit, opts.seed, poor, far)
+        rows = np.concatenate([plan.train, plan.val])  # held's order
+        held = replace(held, measures={k: v[rows] for k, v in columns.items()})
+        held.save(build)  # so another target needs no retraining (``calibrate_at``)
         rule, calibration, card = report_card(
             embeddings,
             y,

@@ -290,19 +290,23 @@ def set_thresholds(
     *,
     tuned: bool = True,
     quality_overrides: dict[str, Any] | None = None,
+    target: float | None = None,
 ) -> ModelVersion:
     """Rewrite the version's UNKNOWN thresholds in ``meta.json`` (atomically); the reloaded version.
 
     ``tuned`` marks them as the operator's, which a retrain starts from (False: the calibrated
     ones again, as an undo puts them back). ``quality_overrides``, when given, replaces the
-    operator's photo quality bounds (``meta.json``'s ``quality_overrides``).
+    operator's photo quality bounds (``meta.json``'s ``quality_overrides``). ``target``: the
+    false-UNKNOWN rate they were calibrated for at the operator's asking (``thresholds.target``;
+    None: training's, in ``thresholds.calibration``).
 
     Nothing else in it changes. The values are not checked here: build a
     ``classifier.UnknownRule`` (and ``QualityRule``) from them first, which validates them.
     """
     info = version.info
     th = info.thresholds or Thresholds()
-    extra = {k: v for k, v in th.extra.items() if k != "tuned"} | ({"tuned": True} if tuned else {})
+    extra = {k: v for k, v in th.extra.items() if k not in ("tuned", "target")}
+    extra |= ({"tuned": True} if tuned else {}) | ({"target": target} if target else {})
     th = replace(th, confidence=confidence, distance=distance, extra=extra)
     info = replace(info, thresholds=th)
     if quality_overrides is not None:

@@ -11,6 +11,7 @@ from imagesieve.search._actions import (
     record_activation,
     relabel_images,
     threshold_counts,
+    thresholds_for_target,
     undo_action,
 )
 from imagesieve.search._cluster import Cluster, ClusterModel, ClusterParams, assign_to_clusters
@@ -58,6 +59,7 @@ __all__ = [
     "local_user",
     "relabel_images",
     "threshold_counts",
+    "thresholds_for_target",
     "training_folder",
     "undo_action",
     "Cluster",

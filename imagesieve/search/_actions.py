@@ -20,6 +20,7 @@ from imagesieve.classifier import (
     UNKNOWN,
     QualityRule,
     UnknownRule,
+    calibrate_at,
     held_out_unknowns,
     merge_overrides,
 )
@@ -185,13 +186,16 @@ def apply_thresholds(
     model: str | None = None,
     who: str | None = None,
     store: Store | None = None,
+    target: float | None = None,
 ) -> dict[str, Any]:
     """Make these a version's UNKNOWN thresholds and re-decide its stored images; recorded.
 
     ``quality`` sets photo quality bounds over the calibrated ones (a bound -> a number,
     None to switch its check off, ``"auto"`` for the calibrated value again); the stored
-    images' quality flags follow. Returns the rows' counts by rule after the change, and what
-    the change does to the version's held-out known images (``unknown_counts``).
+    images' quality flags follow. ``target``: the false-UNKNOWN rate the thresholds were
+    calibrated for (``thresholds_for_target``), which the held-out check then judges against.
+    Returns the rows' counts by rule after the change, and what the change does to the
+    version's held-out known images (``unknown_counts``).
     """
     version = get_version(ws, model)
     rule, overrides, quality_rule = _rules(version, confidence, distance, quality)
@@ -200,6 +204,7 @@ def apply_thresholds(
         "distance": version.distance_threshold,
         "tuned": version.thresholds_tuned,
         "quality_overrides": version.meta.get("quality_overrides") or {},
+        "target": version.meta["thresholds"].get("target"),
     }
     changed = ", ".join(
         f"{k} {'off' if v is None else f'{v:g}'}"
@@ -225,24 +230,32 @@ def apply_thresholds(
                     "distance": rule.distance,
                     "tuned": True,
                     "quality_overrides": overrides,
+                    "target": target,
                 },
                 touches=[f"thresholds:{version.name}"],
             )
-            _decide_with(store, version, rule, tuned=True, quality_overrides=overrides)
-        return unknown_counts(store, version, rule, quality_rule)
+            _decide_with(
+                store, version, rule, tuned=True, quality_overrides=overrides, target=target
+            )
+        return unknown_counts(store, version, rule, quality_rule, target)
 
 
 def unknown_counts(
-    store: Store, version: ModelVersion, rule: UnknownRule, quality: QualityRule | None
+    store: Store,
+    version: ModelVersion,
+    rule: UnknownRule,
+    quality: QualityRule | None,
+    target: float | None = None,
 ) -> dict[str, Any]:
     """What ``rule`` (and ``quality``, None: the version's) marks UNKNOWN, by reason.
 
     Among the version's stored images (``Store.unknown_counts``), and under ``held_out``
     among its held-out test images, all of known classes: the false-UNKNOWN rate these
-    thresholds would realise (``held_out_unknowns``; None when the version has none).
+    thresholds would realise (``held_out_unknowns``, against ``target`` when given; None
+    when the version has no such images).
     """
     counts: dict[str, Any] = store.unknown_counts(version.name, rule, quality)
-    counts["held_out"] = held_out_unknowns(version, rule, quality)
+    counts["held_out"] = held_out_unknowns(version, rule, quality, target)
     return counts
 
 
@@ -280,6 +293,7 @@ def _decide_with(
     *,
     tuned: bool,
     quality_overrides: dict[str, Any] | None = None,
+    target: float | None = None,
 ) -> None:
     """Write ``rule`` and quality overrides into ``meta.json``; re-decide the stored rows.
 
@@ -288,8 +302,14 @@ def _decide_with(
     """
     was = (version.confidence_threshold, version.distance_threshold, version.thresholds_tuned)
     had = version.meta.get("quality_overrides")
+    aimed = version.meta["thresholds"].get("target")
     now = set_thresholds(
-        version, rule.confidence, rule.distance, tuned=tuned, quality_overrides=quality_overrides
+        version,
+        rule.confidence,
+        rule.distance,
+        tuned=tuned,
+        quality_overrides=quality_overrides,
+        target=target,
     )
     try:
         quality = None if quality_overrides is None else QualityRule.of_version(now.meta)
@@ -301,6 +321,7 @@ def _decide_with(
             was[1],
             tuned=was[2],
             quality_overrides=None if quality_overrides is None else (had or {}),
+            target=aimed,
         )
         raise
 
@@ -314,13 +335,15 @@ def threshold_counts(
     keep: bool = True,
     model: str | None = None,
     store: Store | None = None,
+    target: float | None = None,
 ) -> dict[str, Any]:
     """A version's thresholds and how many of its stored images they mark UNKNOWN, by rule.
 
     With ``keep`` (the default) the version's own thresholds are counted; otherwise the given
     ``confidence``, ``distance`` (None: off) and ``quality`` bounds (as ``apply_thresholds``
     takes them) are previewed. ``counts`` also holds the held-out known images' figure
-    (``unknown_counts``). Nothing changes.
+    (``unknown_counts``), judged against ``target`` when given (the rate previewed
+    thresholds were calibrated for). Nothing changes.
     """
     version = get_version(ws, model)
     if keep:
@@ -331,7 +354,7 @@ def threshold_counts(
         )
     rule, _, quality_rule = _rules(version, confidence, distance, quality)
     with using_store(ws, store, check=False, read_only=store is None) as store:
-        counts = unknown_counts(store, version, rule, quality_rule)
+        counts = unknown_counts(store, version, rule, quality_rule, target)
     shown = quality_rule or QualityRule.of_version(version.meta)
     return {
         "version": version.name,
@@ -342,6 +365,24 @@ def threshold_counts(
         "quality": None if shown is None else shown.to_dict(),
         "quality_overrides": version.meta.get("quality_overrides") or {},
         "counts": counts,
+    }
+
+
+def thresholds_for_target(ws: Workspace, target: float, *, model: str | None = None) -> dict:
+    """The thresholds a version's calibration gives for another false-UNKNOWN ``target``.
+
+    As training would set them with ``--false-unknown-rate target`` (``calibrate_at``), on the
+    held-out images it kept; preview or apply them like any thresholds. Nothing changes.
+    """
+    version = get_version(ws, model)
+    rule, info = calibrate_at(version, target)
+    return {
+        "version": version.name,
+        "target": target,
+        "confidence": rule.confidence,
+        "distance": rule.distance,
+        "mix": rule.mix,
+        "calibration": info,
     }
 
 
@@ -489,6 +530,7 @@ def _undo_thresholds(ws: Workspace, store: Store, entry: AuditEntry) -> None:
         quality_overrides=b.get("quality_overrides")
         if "quality_overrides" in entry.after
         else None,
+        target=b.get("target"),
     )
 
 

@@ -203,13 +203,24 @@ def _bounds_asked(version: Any, text: str) -> dict[str, Any] | None:
 
 
 def model_tab(service: Service) -> Panel:
-    def preview(confidence: float, use_distance: bool, distance: float, bounds: str) -> str:
+    def preview(
+        confidence: float,
+        use_distance: bool,
+        distance: float,
+        bounds: str,
+        target: float | None = None,
+    ) -> str:
         if version_or_none(service) is None:
             return ""
+        if target:  # the sliders show the calibrated values, rounded to their steps
+            found = service.thresholds_for_target(target)
+            confidence, distance = found["confidence"], found["distance"]
+            use_distance = distance is not None
         counts = service.threshold_preview(
             float(confidence),
             float(distance) if use_distance else None,
             _bounds_asked(service.version, bounds),
+            target,
         )
         rule = f"Top-1 below {pct(confidence)}"
         if use_distance:
@@ -268,6 +279,7 @@ def model_tab(service: Service) -> Panel:
             _bounds_text(version),
             preview(confidence, use_distance, distance, ""),
             _confusion_frame(service.confusion()),
+            None,
         )
 
     @user_errors
@@ -370,43 +382,91 @@ def model_tab(service: Service) -> Panel:
         "check off, 'auto' puts the calibrated one back; Enter previews",
         elem_id="model-quality-bounds",
     )
+    with gr.Row():
+        rate = gr.Number(
+            value=None,
+            minimum=0.1,
+            maximum=50,
+            label="Or set them for a false-UNKNOWN rate (%): the share of known-class images "
+            "to flag, as training calibrates",
+            elem_id="model-target",
+            scale=3,
+        )
+        calibrate_button = gr.Button("Calibrate", elem_id="model-calibrate", scale=1)
+    # The rate the sliders were calibrated for (a share; None once a person moves them).
+    aimed = gr.State(None)
     counts = gr.Markdown(elem_id="model-threshold-preview")
     apply_button = gr.Button("Apply these thresholds", elem_id="model-apply-thresholds")
     outputs = [versions, pick, metrics, confusion, curves, misclassified]
-    outputs += [confidence, use_distance, distance, bounds, counts, confusion_table]
+    outputs += [confidence, use_distance, distance, bounds, counts, confusion_table, aimed]
     activated = activate_button.click(activate, pick, None)
 
     @user_errors
+    def calibrate(percent: float | None, use_distance: bool, distance: float) -> tuple:
+        if percent is None:
+            raise gr.Error("give a false-UNKNOWN rate in percent, e.g. 3", print_exception=False)
+        found = service.thresholds_for_target(float(percent) / 100)
+        on = found["distance"] is not None
+        return (
+            found["confidence"],
+            on,
+            found["distance"] if on else distance,
+            found["target"],
+        )
+
+    @user_errors
     def apply(
-        confidence: float, use_distance: bool, distance: float, text: str, request: gr.Request
+        confidence: float,
+        use_distance: bool,
+        distance: float,
+        text: str,
+        target: float | None,
+        request: gr.Request,
     ) -> str:
+        if target:  # exactly what calibration gives, not the sliders' rounding of it
+            found = service.thresholds_for_target(target)
+            confidence, distance = found["confidence"], found["distance"]
+            use_distance = distance is not None
         counts = service.set_thresholds(
             float(confidence),
             float(distance) if use_distance else None,
             who=app_user(request),
             quality=_bounds_asked(service.version, text),
+            target=target,
         )
         gr.Info(
             f"thresholds applied: {counts['unknown']:,} of {counts['stored']:,} stored images UNKNOWN"
         )
         return _bounds_text(service.version)
 
-    applied = apply_button.click(apply, [confidence, use_distance, distance, bounds], bounds)
+    applied = apply_button.click(apply, [confidence, use_distance, distance, bounds, aimed], bounds)
     # One queue for everything that writes the preview, so results land in the order asked.
     thresholds = {"concurrency_id": "model-thresholds", "concurrency_limit": 1}
     sliders = [confidence, use_distance, distance, bounds]
-    bounds.submit(user_errors(preview), sliders, counts, show_progress="hidden", **thresholds)
+
+    def by_hand(confidence: float, use_distance: bool, distance: float, bounds: str) -> tuple:
+        """A person moved a control: these are no longer a calibrated rate's thresholds."""
+        return user_errors(preview)(confidence, use_distance, distance, bounds), None
+
+    bounds.submit(
+        user_errors(preview), [*sliders, aimed], counts, show_progress="hidden", **thresholds
+    )
     for control in sliders[:3]:
         control.input(
-            user_errors(preview),
+            by_hand,
             sliders,
-            counts,
+            [counts, aimed],
             trigger_mode="always_last",
             show_progress="hidden",
             **thresholds,
         )
+    calibrate_button.click(
+        calibrate, [rate, use_distance, distance], [confidence, use_distance, distance, aimed]
+    ).success(user_errors(preview), [*sliders, aimed], counts, show_progress="hidden", **thresholds)
 
     def on_open(tab: Any) -> None:  # the counts change as images are scored; the sliders stay
-        tab.select(user_errors(preview), sliders, counts, show_progress="hidden", **thresholds)
+        tab.select(
+            user_errors(preview), [*sliders, aimed], counts, show_progress="hidden", **thresholds
+        )
 
     return Panel(user_errors(refresh), outputs, on_open=on_open, model_changes=[activated, applied])

@@ -470,6 +470,12 @@ def test_train_options_from_version__a_retrain_starts_from_the_active_versions_c
     assert TrainOptions.from_version(lowered).confidence_threshold == 0.7
     tuned = _trained_meta(confidence=0.45, tuned=True, calibration={"confidence_requested": 0.7})
     assert TrainOptions.from_version(tuned).confidence_threshold == 0.45
+    # Thresholds calibrated for the operator's rate: a retrain calibrates at that rate, with
+    # the confidence training was asked for (the options' 0.5), not the calibrated 0.42.
+    aimed = _trained_meta(confidence=0.42, tuned=True, target=0.03)
+    opts = TrainOptions.from_version(aimed)
+    assert (opts.false_unknown_rate, opts.confidence_threshold) == (0.03, 0.5)
+    assert TrainOptions.from_version(aimed, false_unknown_rate=0.07).false_unknown_rate == 0.07
     assert TrainOptions.from_version(None) == TrainOptions()
     imagenet = ModelVersion(Path("v0"), {"kind": "imagenet", "classes": [], "preprocessing": {}})
     assert TrainOptions.from_version(imagenet, seed=3) == TrainOptions(seed=3)

@@ -109,8 +109,9 @@ class TrainOptions:
 
         So a retrain keeps what the operator chose (backbone, fine-tuning, the UNKNOWN target,
         a confidence threshold set in the Model tab and photo quality bounds) unless told
-        otherwise. The threshold
-        asked for counts, not one calibration lowered. Without a trained version: defaults.
+        otherwise. The threshold asked for counts, not one calibration lowered. Thresholds an
+        operator had calibrated for another rate (``thresholds.target``) carry that rate, with
+        the confidence training was asked for. Without a trained version: defaults.
         """
         base: dict[str, Any] = {}
         if version is not None and version.meta.get("kind") == "trained":
@@ -119,9 +120,12 @@ class TrainOptions:
             base = {k: v for k, v in stored.items() if k in known}
             th = version.meta.get("thresholds", {})
             asked = th.get("calibration", {}).get("confidence_requested")
-            if version.thresholds_tuned or asked is None:
+            if th.get("target"):  # the operator's rate: calibrated again at it
+                base["false_unknown_rate"] = th["target"]
+                asked = base.get("confidence_threshold", asked)
+            elif version.thresholds_tuned or asked is None:
                 asked = th.get("confidence", 0.5)
-            base["confidence_threshold"] = asked
+            base["confidence_threshold"] = asked if asked is not None else th.get("confidence", 0.5)
             base["quality"] = dict(version.meta.get("quality_overrides") or {})
         return cls(**(base | given))
 

@@ -82,7 +82,7 @@ def _print_metrics(m: dict[str, Any]) -> None:
 
 def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
     """The `train` verb: a new model version from an ImageFolder."""
-    from imagesieve.classifier import TrainOptions, train_model
+    from imagesieve.classifier import TrainOptions, card_words, train_model
     from imagesieve.models import active_version
 
     given = {
@@ -153,12 +153,7 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
             f"far from training {real['far_from_training']:.1%})"
         )
         if card["mean_recall"] is not None:
-            worst = card["worst"]
-            print(
-                f"  open-set report card: a never-seen type would be {card['mean_recall']:.0%} "
-                f"UNKNOWN on average (each class left out in turn; worst {worst['class']!r} "
-                f"{worst['recall']:.0%})"
-            )
+            print(f"  open-set report card: {card_words(card)}")
         dups = v.meta.get("duplicates") or {}
         if dups.get("groups"):
             where = (
@@ -1038,7 +1033,7 @@ def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
     ``--target`` / ``--set-target``: the thresholds calibration gives for another
     false-UNKNOWN rate, previewed or applied.
     """
-    from imagesieve.classifier import bound_text, held_out_words
+    from imagesieve.classifier import bound_text, card_words, held_out_words
     from imagesieve.models import get_version
     from imagesieve.search import apply_thresholds, threshold_counts, thresholds_for_target
 
@@ -1101,6 +1096,8 @@ def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
         )
         if c["held_out"]:
             print(f"  {verb} {held_out_words(c['held_out'])}")
+        if c["report_card"]:
+            print(f"  report card: {card_words(c['report_card'])}")
         if doc["quality"]:
             bounds = ", ".join(
                 f"{k} {bound_text(v)}" + (" (set)" if k in doc["quality_overrides"] else "")

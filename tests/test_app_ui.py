@@ -1059,6 +1059,7 @@ def test_model__thresholds_calibrated_for_a_rate_previewed_and_applied(page, app
     text = page.wait_text("#model-threshold-preview", "target 10%")
     assert f"{held['unknown']:,} of {held['stored']:,} stored images" in text
     assert f"{held['held_out']['unknown']} of the {held['held_out']['images']} held-out" in text
+    assert f"would be {held['report_card']['mean_recall']:.0%} UNKNOWN on average" in text
     shown = float(page.page.locator("#model-confidence input[type=number]").input_value())
     assert shown == pytest.approx(found["confidence"], abs=0.006)  # the slider's step
     # moving a slider by hand: no longer that rate's thresholds, judged against training's

@@ -291,6 +291,7 @@ def test_cli__relabel_audit_undo_thresholds(review, capsys):
     assert main(["thresholds", "--set-target", "0.2", *args]) == 0
     out = capsys.readouterr().out
     assert "calibrated for 20.0% false UNKNOWN" in out and "(applied)" in out
+    assert "report card: a never-seen type would be" in out
     now = get_version(ws, None)
     assert (now.confidence_threshold, now.distance_threshold) == (
         found["confidence"],
@@ -374,6 +375,7 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
             asked = {k: found[k] for k in ("confidence", "distance", "target")}
             r = requests.post(f"{base}/thresholds/preview", json=asked, timeout=30)
             assert r.status_code == 200 and r.json()["held_out"]["vs_target"]["target"] == 0.2
+            assert 0 <= r.json()["report_card"]["mean_recall"] <= 1
             r = requests.put(f"{base}/thresholds", json=asked, timeout=30)
             assert r.status_code == 200, r.text
             assert get_version(ws, None).meta["thresholds"]["target"] == 0.2

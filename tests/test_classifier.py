@@ -16,6 +16,7 @@ from imagesieve.classifier import (
     ScoringEngine,
     UnknownRule,
     calibrate_at,
+    card_at,
     held_out_unknowns,
     held_out_words,
     read_audit,
@@ -219,6 +220,13 @@ def test_calibrate_at__training_again_at_another_rate_without_retraining(trained
     assert looser.distance <= rule.distance and looser.confidence >= rule.confidence
     assert abs(loose_info["realised"]["unknown"] - 0.20) <= 0.02
     assert held_out_unknowns(v, looser, target=0.2)["vs_target"]["target"] == 0.2
+    # the report card of any thresholds: at the version's own, exactly training's card
+    card = v.meta["open_set"]
+    own = card_at(v, UnknownRule(v.confidence_threshold, v.distance_threshold, v.mix))
+    assert own == {k: card[k] for k in ("per_class", "mean_recall", "worst")}
+    loose = card_at(v, looser)
+    assert all(loose["per_class"][c] >= r for c, r in card["per_class"].items())
+    assert card_at(v, UnknownRule(1.0, None))["mean_recall"] == 1.0  # everything flagged
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(UserError, match="must be a share within"):
             calibrate_at(v, bad)

@@ -17,7 +17,7 @@ from imagesieve.classifier._engine import (
 )
 from imagesieve.classifier._evaluate import evaluate_model, held_out_unknowns, held_out_words
 from imagesieve.classifier._gradcam import GradCam, grad_cam, grad_cam_loaded
-from imagesieve.classifier._openset import calibrate_at, off_target_words
+from imagesieve.classifier._openset import calibrate_at, card_at, card_words, off_target_words
 from imagesieve.classifier._predict import (
     FAR_FROM_TRAINING,
     LOW_CONFIDENCE,
@@ -71,6 +71,8 @@ __all__ = [
     "FLIPS",
     "off_target_words",
     "calibrate_at",
+    "card_at",
+    "card_words",
     "held_out_unknowns",
     "held_out_words",
     "INFER_BATCH",

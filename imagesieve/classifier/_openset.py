@@ -48,6 +48,12 @@ __all__ = [
     "against_target",
     "calibrate_at",
     "calibrate_rule",
+    "card_at",
+    "card_of",
+    "card_words",
+    "load_calibration",
+    "new_types",
+    "save_calibration",
     "held_out",
     "off_target_words",
     "report_card",
@@ -85,24 +91,69 @@ class HeldOut:
     #: Their photo quality measures (``quality_columns``), so other bounds can judge them.
     measures: dict[str, np.ndarray] | None = None
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write them into a version's directory (``CALIBRATION_FILE``): ``calibrate_at`` reads them."""
-        arrays = {"top1_prob": self.top1_prob, "distance": self.distance, "label": self.label}
-        arrays |= {f"q_{k}": v for k, v in (self.measures or {}).items()}
+    def arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """Its arrays by name, for ``save_calibration``."""
+        out = {"top1_prob": self.top1_prob, "distance": self.distance, "label": self.label}
+        out |= {f"q_{k}": v for k, v in (self.measures or {}).items()}
         if self.poor is not None:
-            arrays["poor"] = self.poor
-        np.savez(Path(directory) / CALIBRATION_FILE, **arrays)
+            out["poor"] = self.poor
+        return {prefix + k: v for k, v in out.items()}
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, on: str) -> HeldOut | None:
-        """The held-out images a version was calibrated on (None: it kept none)."""
-        path = Path(directory) / CALIBRATION_FILE
-        if not path.is_file():
+    def from_arrays(cls, z: Any, on: str, prefix: str = "") -> HeldOut | None:
+        """``arrays``' inverse (None: no such arrays in ``z``)."""
+        names = [k[len(prefix) :] for k in z.files if k.startswith(prefix)]
+        if prefix and not names or "top1_prob" not in names:
             return None
-        with np.load(path) as z:
-            measures = {k[2:]: z[k] for k in z.files if k.startswith("q_")}
-            poor = z["poor"] if "poor" in z.files else None
-            return cls(z["top1_prob"], z["distance"], z["label"], on, poor, measures or None)
+        measures = {k[2:]: z[prefix + k] for k in names if k.startswith("q_")}
+        poor = z[prefix + "poor"] if "poor" in names else None
+        return cls(
+            z[prefix + "top1_prob"],
+            z[prefix + "distance"],
+            z[prefix + "label"],
+            on,
+            poor,
+            measures or None,
+        )
+
+    def judged_by(self, quality: QualityRule | None) -> HeldOut:
+        """The same images with their photos judged by ``quality`` (None: as they are)."""
+        if quality is None or not self.measures:
+            return self
+        return replace(self, poor=quality.poor(self.measures))
+
+
+#: Prefix of the simulated new types' arrays in ``CALIBRATION_FILE``.
+NEW_TYPES = "new_"
+
+
+def save_calibration(directory: str | os.PathLike, held: HeldOut, new: HeldOut | None) -> None:
+    """Keep what training calibrated on (``CALIBRATION_FILE``) for ``load_calibration``.
+
+    ``held``: the held-out images of the known classes; ``new``: the report card's images as
+    a new type (``label``: the class left out), each seen by a model without its class.
+    """
+    arrays = held.arrays() | ({} if new is None else new.arrays(NEW_TYPES))
+    np.savez(Path(directory) / CALIBRATION_FILE, **arrays)
+
+
+def load_calibration(version: ModelVersion) -> tuple[HeldOut, HeldOut | None]:
+    """What a version was calibrated on, and its simulated new types (None: none kept).
+
+    A version trained before they were kept: a ``UserError`` that says to retrain it.
+    """
+    calibration = (version.meta.get("thresholds") or {}).get("calibration") or {}
+    path = version.path / CALIBRATION_FILE
+    if not path.is_file():
+        raise UserError(
+            f"{version.name} was trained before its calibration images were kept: retrain it "
+            "(imagesieve train --false-unknown-rate) to calibrate at another rate"
+        )
+    with np.load(path) as z:
+        held = HeldOut.from_arrays(z, calibration.get("on", "held-out images"))
+        new = HeldOut.from_arrays(z, "each class left out", NEW_TYPES)
+    assert held is not None, path
+    return held, new
 
 
 def held_out(
@@ -215,19 +266,99 @@ def calibrate_at(
     """
     if not 0.0 < target < 1.0:
         raise UserError(f"the false-UNKNOWN target must be a share within (0, 1), got {target}")
-    calibration = (version.meta.get("thresholds") or {}).get("calibration") or {}
-    held = HeldOut.load(version.path, calibration.get("on", "held-out images"))
-    if held is None:
-        raise UserError(
-            f"{version.name} was trained before its calibration images were kept: retrain it "
-            "(imagesieve train --false-unknown-rate) to calibrate at another rate"
-        )
-    quality = quality or QualityRule.of_version(version.meta)
-    if quality is not None and held.measures:
-        held = replace(held, poor=quality.poor(held.measures))
+    held = load_calibration(version)[0].judged_by(quality or QualityRule.of_version(version.meta))
     options = (version.meta.get("training") or {}).get("options") or {}
     asked = float(options.get("confidence_threshold", version.confidence_threshold))
     return calibrate_rule(held, asked, target, version.mix)
+
+
+def new_types(
+    embeddings: np.ndarray,
+    y: np.ndarray,
+    train: np.ndarray,
+    val: np.ndarray,
+    refit: Refit,
+    poor: np.ndarray | None = None,
+    far: tuple[np.ndarray, Mahalanobis] | None = None,
+    measures: dict[str, np.ndarray] | None = None,
+) -> HeldOut:
+    """Each class as a new type: its training and validation images, seen without the class.
+
+    Per class left out in turn (skipped when nothing else is trained on, or it is not): the
+    head refitted without it, its distance to the rest. ``label``: the class left out; ``on``
+    says so. ``poor`` and ``far`` as for ``held_out``; ``measures``: photo quality columns of
+    all rows, kept for the rows used.
+    """
+    parts: list[tuple[np.ndarray, ...]] = []
+    for c in np.unique(y[train]):
+        rest = train[y[train] != c]
+        if len(rest) == 0:
+            continue
+        unseen = np.concatenate([train[y[train] == c], val[y[val] == c]])
+        top1 = refit(rest, True)[unseen]
+        if far is None:
+            ref = ReferenceSet(embeddings[rest], [""] * len(rest), [""] * len(rest))
+            dist = ref.nearest(embeddings[unseen])[1][:, 0]
+        else:
+            dist = _refitted(far, y, rest)(far[0][unseen])
+        parts.append((unseen, top1, dist))
+    rows = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    return HeldOut(
+        np.concatenate([p[1] for p in parts]).astype(np.float64) if parts else np.zeros(0),
+        np.concatenate([p[2] for p in parts]).astype(np.float64) if parts else np.zeros(0),
+        y[rows],
+        "each class left out",
+        None if poor is None else poor[rows].astype(bool),
+        None if measures is None else {k: v[rows] for k, v in measures.items()},
+    )
+
+
+def _recalls(new: HeldOut, rule: UnknownRule) -> dict[int, float]:
+    """Per class left out (``new_types``), the share of its images ``rule`` flags."""
+    out = {}
+    for c in np.unique(new.label):
+        at = new.label == c
+        bad = None if new.poor is None else new.poor[at]
+        out[int(c)] = _flagged(rule, new.top1_prob[at], new.distance[at], bad)
+    return out
+
+
+def card_of(new: HeldOut, classes: list[str], rule: UnknownRule) -> dict[str, Any]:
+    """The report card of ``rule``: per class left out, the share of its images flagged."""
+    per_class = {classes[c]: round(r, 4) for c, r in _recalls(new, rule).items()}
+    worst = min(per_class, key=per_class.get) if per_class else None
+    return {
+        "per_class": per_class,
+        "mean_recall": round(float(np.mean(list(per_class.values()))), 4) if per_class else None,
+        "worst": {"class": worst, "recall": per_class[worst]} if worst else None,
+    }
+
+
+def card_at(
+    version: ModelVersion, rule: UnknownRule, quality: QualityRule | None = None
+) -> dict[str, Any] | None:
+    """The report card ``rule`` would have: ``card_of`` the new types training kept.
+
+    Photos judged by ``quality`` (default: the version's bounds). None when the version kept
+    none (trained before they were kept, or a class alone).
+    """
+    try:
+        new = load_calibration(version)[1]
+    except UserError:
+        return None
+    if new is None or not len(new.label):
+        return None
+    new = new.judged_by(quality or QualityRule.of_version(version.meta))
+    return card_of(new, version.classes, rule)
+
+
+def card_words(card: dict[str, Any]) -> str:
+    """A report card (``card_of``, meta.json ``open_set``) in words, for the CLI and the app."""
+    worst = card["worst"]
+    return (
+        f"a never-seen type would be {card['mean_recall']:.0%} UNKNOWN on average (each class "
+        f"left out in turn; worst {worst['class']!r} {worst['recall']:.0%})"
+    )
 
 
 def report_card(
@@ -242,6 +373,7 @@ def report_card(
     false_unknown_rate: float,
     poor: np.ndarray | None = None,
     far: tuple[np.ndarray, Mahalanobis] | None = None,
+    new: HeldOut | None = None,
 ) -> tuple[UnknownRule, dict, dict]:
     """Leave each class out in turn; choose the mix; the calibrated rule, its record, the card.
 
@@ -249,26 +381,17 @@ def report_card(
     calibrated on all held-out images, calls UNKNOWN once the model has never seen the class.
     ``poor`` (all rows, bool): photos of poor quality, UNKNOWN whatever the model says.
     ``far``: as for ``held_out`` (the Mahalanobis distance is refitted without the class).
+    ``new``: ``new_types`` of these, when the caller has them already.
     """
     spread_d = _spread(held.distance[~np.isnan(held.distance)])
     spread_u = _spread(1.0 - held.top1_prob)
     scale = spread_d / spread_u if spread_u > 0 else 0.0
     mixes = [0.0] if scale == 0 else [round(m * scale, 6) for m in MIX_GRID]
     rules = [calibrate_rule(held, confidence, false_unknown_rate, m) for m in mixes]
-    recall: dict[str, list[float]] = {}
-    for c, name in enumerate(classes):
-        rest = train[y[train] != c]
-        if len(rest) in (0, len(train)):  # nothing else to train on, or c not trained on
-            continue
-        unseen = np.concatenate([train[y[train] == c], val[y[val] == c]])
-        top1 = refit(rest, True)[unseen]
-        if far is None:
-            ref = ReferenceSet(embeddings[rest], [""] * len(rest), [""] * len(rest))
-            dist = ref.nearest(embeddings[unseen])[1][:, 0]
-        else:
-            dist = _refitted(far, y, rest)(far[0][unseen])
-        bad = None if poor is None else poor[unseen]
-        recall[name] = [_flagged(rule, top1, dist, bad) for rule, _ in rules]
+    if new is None:
+        new = new_types(embeddings, y, train, val, refit, poor, far)
+    by_rule = [_recalls(new, rule) for rule, _ in rules]
+    recall = {classes[c]: [r[c] for r in by_rule] for c in by_rule[0]} if by_rule else {}
     means = np.mean(list(recall.values()), axis=0) if recall else np.zeros(len(mixes))
     best = int(np.argmax(means))
     if means[best] < means[0] + MIN_GAIN:

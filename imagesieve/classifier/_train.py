@@ -22,7 +22,9 @@ from imagesieve.classifier._openset import (
     HeldOut,
     Refit,
     held_out,
+    new_types,
     report_card,
+    save_calibration,
 )
 from imagesieve.classifier._predict import softmax
 from imagesieve.classifier._quality import QualityRule, calibrate_quality, quality_columns
@@ -644,7 +646,9 @@ def train_model(
         held = held_out(embeddings, y, plan.train, plan.val, val_top1, refit, opts.seed, poor, far)
         rows = np.concatenate([plan.train, plan.val])  # held's order
         held = replace(held, measures={k: v[rows] for k, v in columns.items()})
-        held.save(build)  # so another target needs no retraining (``calibrate_at``)
+        new = new_types(embeddings, y, plan.train, plan.val, refit, poor, far, columns)
+        # kept, so another target or other thresholds need no retraining (``calibrate_at``)
+        save_calibration(build, held, new)
         rule, calibration, card = report_card(
             embeddings,
             y,
@@ -657,6 +661,7 @@ def train_model(
             opts.false_unknown_rate,
             poor,
             far,
+            new,
         )
         progress("calibrating UNKNOWN", 1, 1)
         meta: dict[str, Any] = {

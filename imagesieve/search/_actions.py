@@ -21,6 +21,7 @@ from imagesieve.classifier import (
     QualityRule,
     UnknownRule,
     calibrate_at,
+    card_at,
     held_out_unknowns,
     merge_overrides,
 )
@@ -249,13 +250,15 @@ def unknown_counts(
 ) -> dict[str, Any]:
     """What ``rule`` (and ``quality``, None: the version's) marks UNKNOWN, by reason.
 
-    Among the version's stored images (``Store.unknown_counts``), and under ``held_out``
-    among its held-out test images, all of known classes: the false-UNKNOWN rate these
-    thresholds would realise (``held_out_unknowns``, against ``target`` when given; None
-    when the version has no such images).
+    Among the version's stored images (``Store.unknown_counts``); under ``held_out`` among
+    its held-out test images, all of known classes: the false-UNKNOWN rate these thresholds
+    would realise (``held_out_unknowns``, against ``target`` when given); under
+    ``report_card`` the share of a never-seen type they would flag (``card_at``: each class
+    left out in turn, as at training). Either is None when the version kept no such images.
     """
     counts: dict[str, Any] = store.unknown_counts(version.name, rule, quality)
     counts["held_out"] = held_out_unknowns(version, rule, quality, target)
+    counts["report_card"] = card_at(version, rule, quality)
     return counts
 
 

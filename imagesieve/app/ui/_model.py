@@ -24,6 +24,7 @@ from imagesieve.classifier import (
     POOR_QUALITY,
     QualityRule,
     bound_text,
+    card_words,
     held_out_unknowns,
     held_out_words,
     off_target_words,
@@ -234,6 +235,7 @@ def model_tab(service: Service) -> Panel:
             f"{counts[FAR_FROM_TRAINING]:,}). Marked UNKNOWN now: "
             f"{counts['unknown_now']:,}. "
             + (f"False alarms: they would mark {held_out_words(held)}. " if held else "")
+            + (f"New types: {card_words(card)}. " if (card := counts["report_card"]) else "")
             + "**Apply** makes these the model's thresholds and re-decides the stored images."
         )
 

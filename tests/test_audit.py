@@ -242,6 +242,8 @@ def test_thresholds_and_activation__undone_exactly(review):
     tab = _metrics_md(get_version(ws, None))
     assert f"The thresholds an operator set mark {tested} of the {tested} held-out" in tab
     assert "**Off target**" in tab and "more than chance explains" in tab
+    assert "**Open-set report card** at the thresholds an operator set" in tab
+    assert "flagged UNKNOWN **100%** of the time" in tab  # confidence 1: everything
     undo_action(ws)
     assert (version.path / "meta.json").read_text() == meta_before
     own = threshold_counts(ws)["counts"]["held_out"]

@@ -23,7 +23,9 @@ from imagesieve.classifier import (
     LOW_CONFIDENCE,
     POOR_QUALITY,
     QualityRule,
+    UnknownRule,
     bound_text,
+    card_at,
     card_words,
     held_out_unknowns,
     held_out_words,
@@ -40,6 +42,11 @@ def _rule_shares(by_rule: dict[str, float]) -> str:
         f"low confidence {pct(by_rule.get(LOW_CONFIDENCE, 0))}, far from training "
         f"{pct(by_rule.get(FAR_FROM_TRAINING, 0))}"
     )
+
+
+def _rule_of(version: Any) -> UnknownRule:
+    """The UNKNOWN rule of a version's thresholds now."""
+    return UnknownRule(version.confidence_threshold, version.distance_threshold, version.mix)
 
 
 def _metrics_md(version: Any) -> str:
@@ -79,12 +86,16 @@ def _metrics_md(version: Any) -> str:
     if off:
         lines += [f"**Off target**: {off}.", ""]
     card = version.meta.get("open_set") or {}
+    tuned = card_at(version, _rule_of(version)) if now else None
+    if tuned:  # the card at the operator's thresholds, beside training's
+        card = card | tuned
     if card.get("per_class"):
         worst = card["worst"]
+        at = " at the thresholds an operator set" if tuned else ""
         lines += [
-            f"**Open-set report card**: a type the model has never seen would be flagged UNKNOWN "
-            f"**{pct(card['mean_recall'])}** of the time on average (each class left out in "
-            f"turn; worst: {worst['class']} {pct(worst['recall'])}).",
+            f"**Open-set report card**{at}: a type the model has never seen would be flagged "
+            f"UNKNOWN **{pct(card['mean_recall'])}** of the time on average (each class left "
+            f"out in turn; worst: {worst['class']} {pct(worst['recall'])}).",
             "",
             "| left out | flagged UNKNOWN |",
             "|---|---|",

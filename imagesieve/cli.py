@@ -1037,6 +1037,9 @@ def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
     from imagesieve.models import get_version
     from imagesieve.search import apply_thresholds, threshold_counts, thresholds_for_target
 
+    if args.tradeoff:
+        _thresholds_tradeoff(args, ws)
+        return
     version = get_version(ws, args.model)
     confidence, distance = version.confidence_threshold, version.distance_threshold
     given = args.set or args.preview
@@ -1116,6 +1119,35 @@ def _quality_args(given: list[str]) -> dict[str, Any]:
         return parse_bounds(given)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def _thresholds_tradeoff(args: argparse.Namespace, ws: Workspace) -> None:
+    """`thresholds --tradeoff`: per false-UNKNOWN rate, what it costs and catches."""
+    from imagesieve.search import threshold_tradeoff
+
+    doc = threshold_tradeoff(ws, model=args.model)
+
+    def human() -> None:
+        print(
+            f"{doc['version']}: per false-UNKNOWN rate, the thresholds calibration gives, the "
+            "held-out test images (known classes) they flag, and a never-seen type's share flagged"
+        )
+        print(
+            f"  {'rate':>6} {'confidence':>10} {'distance':>9} {'test':>6} {'new type':>8}  worst"
+        )
+        for r in doc["rates"]:
+            dist = "off" if r["distance"] is None else f"{r['distance']:.4g}"
+            test = "-" if r["test_unknown_rate"] is None else f"{r['test_unknown_rate']:.1%}"
+            new = "-" if r["new_type_recall"] is None else f"{r['new_type_recall']:.0%}"
+            w = r["worst_new_type"]
+            worst = "-" if w is None else f"{w['class']} {w['recall']:.0%}"
+            print(
+                f"  {r['target']:>6.1%} {r['confidence']:>10.4g} {dist:>9} {test:>6} {new:>8}  "
+                f"{worst}"
+            )
+        print("  apply one: imagesieve thresholds --set-target RATE")
+
+    _emit(args, doc, human)
 
 
 def _rate_arg(text: str) -> float:
@@ -1527,6 +1559,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RATE",
         help="count only, with the thresholds training would calibrate for this false-UNKNOWN "
         "rate (0.03 or 3%%)",
+    )
+    how.add_argument(
+        "--tradeoff",
+        action="store_true",
+        help="per false-UNKNOWN rate (1-20%%): the calibrated thresholds, the test images they "
+        "flag and the share of a never-seen type they catch",
     )
     how.add_argument(
         "--set-target",

@@ -272,6 +272,22 @@ def test_cli__relabel_audit_undo_thresholds(review, capsys):
     assert main(["relabel", "1,x", "--label", "poly", *args]) == 2
     assert "whole numbers" in capsys.readouterr().err
 
+    # what each rate costs and catches; training's own rate gives training's thresholds
+    assert main(["thresholds", "--tradeoff", *args, "--json"]) == 0
+    table = {r["target"]: r for r in json.loads(capsys.readouterr().out)["rates"]}
+    assert list(table) == [0.01, 0.02, 0.05, 0.1, 0.2]
+    version = get_version(ws, None)
+    own = table[0.05]
+    assert (own["confidence"], own["distance"]) == (
+        version.confidence_threshold,
+        version.distance_threshold,
+    )
+    assert own["test_unknown_rate"] == round(version.meta["metrics"]["unknown_rate"], 4)
+    assert own["new_type_recall"] == version.meta["open_set"]["mean_recall"]
+    rates = [table[r]["test_unknown_rate"] for r in table]
+    assert rates == sorted(rates) and table[0.2]["distance"] <= table[0.01]["distance"]
+    assert main(["thresholds", "--tradeoff", *args]) == 0
+    assert "apply one: imagesieve thresholds --set-target RATE" in capsys.readouterr().out
     assert main(["thresholds", "--preview", "1", "off", *args, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     n = doc["counts"]["unknown"]
@@ -384,6 +400,12 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
             for bad in ("0", "1", "2", "x", "nan"):
                 r = requests.get(f"{base}/thresholds/calibrated?target={bad}", timeout=30)
                 assert r.status_code == 422, (bad, r.status_code)
+                r = requests.get(f"{base}/thresholds/tradeoff?rate=0.05&rate={bad}", timeout=30)
+                assert r.status_code == 422, (bad, r.status_code)
+            r = requests.get(f"{base}/thresholds/tradeoff?rate=0.1&rate=0.05", timeout=30)
+            assert [row["target"] for row in r.json()["rates"]] == [0.05, 0.1]
+            many = "&".join(f"rate=0.{i:02d}" for i in range(1, 22))
+            assert requests.get(f"{base}/thresholds/tradeoff?{many}", timeout=30).status_code == 422
             r = requests.put(f"{base}/thresholds", json={**asked, "target": 1.5}, timeout=30)
             assert r.status_code == 422
 

@@ -40,7 +40,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from imagesieve._errors import KINDS, classify_error
 from imagesieve.app._service import Limits, Service
 from imagesieve.ingest import REPORT_FORMATS, report_media_type
-from imagesieve.search import MAX_RELABEL
+from imagesieve.search import MAX_RELABEL, MAX_TRADEOFF_RATES
 from imagesieve.store import MAX_PAGE, SORTS, ImageQuery
 
 __all__ = ["API_PREFIX", "add_api"]
@@ -718,6 +718,23 @@ def add_api(
         there); preview them with ``POST /thresholds/preview``, apply with ``PUT /thresholds``.
         """
         return await _call(service.thresholds_for_target, target)
+
+    @router.get("/thresholds/tradeoff", responses=errors(400, 503))
+    async def thresholds_tradeoff(
+        rate: list[Annotated[float, Field(gt=0, lt=1)]] | None = Query(
+            None,
+            max_length=MAX_TRADEOFF_RATES,
+            description="false-UNKNOWN rates to calibrate for (repeat; default 1, 2, 5, 10, 20%)",
+        ),
+    ) -> dict[str, Any]:
+        """What each false-UNKNOWN rate costs and catches: the table to pick a rate from.
+
+        Per rate: the calibrated thresholds, the share of the version's held-out test images
+        they flag (``test_unknown_rate``: false alarms on known classes) and the share of a
+        never-seen type they flag (``new_type_recall``, the report card's mean; its worst
+        class). Changes nothing.
+        """
+        return await _call(service.threshold_tradeoff, rate)
 
     @router.post("/thresholds/preview", responses=errors(400, 503))
     async def thresholds_preview(body: ThresholdsRequest) -> dict[str, Any]:

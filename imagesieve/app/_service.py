@@ -68,6 +68,7 @@ from imagesieve.models import (
     list_versions,
 )
 from imagesieve.search import (
+    TRADEOFF_RATES,
     ClusterParams,
     activate_model,
     apply_thresholds,
@@ -89,6 +90,7 @@ from imagesieve.search import (
     relabel_images,
     run_clustering,
     threshold_counts,
+    threshold_tradeoff,
     thresholds_for_target,
     training_folder,
     undo_action,
@@ -1183,6 +1185,10 @@ class Service:
         )
         self._use(get_version(self.ws, self.version.name))
         return counts
+
+    def threshold_tradeoff(self, rates: list[float] | None = None) -> dict[str, Any]:
+        """What each false-UNKNOWN rate costs and catches, for the active version."""
+        return threshold_tradeoff(self.ws, rates or TRADEOFF_RATES, model=self.version.name)
 
     def thresholds_for_target(self, target: float) -> dict[str, Any]:
         """The active version's thresholds calibrated for another false-UNKNOWN ``target``."""

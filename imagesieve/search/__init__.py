@@ -2,6 +2,8 @@
 
 from imagesieve.search._actions import (
     MAX_RELABEL,
+    MAX_TRADEOFF_RATES,
+    TRADEOFF_RATES,
     RelabelResult,
     activate_model,
     apply_thresholds,
@@ -11,6 +13,7 @@ from imagesieve.search._actions import (
     record_activation,
     relabel_images,
     threshold_counts,
+    threshold_tradeoff,
     thresholds_for_target,
     undo_action,
 )
@@ -41,6 +44,8 @@ from imagesieve.search._similar import (
 )
 
 __all__ = [
+    "MAX_TRADEOFF_RATES",
+    "TRADEOFF_RATES",
     "COLOR_BY",
     "MAX_POINTS",
     "EmbeddingMap",
@@ -59,6 +64,7 @@ __all__ = [
     "local_user",
     "relabel_images",
     "threshold_counts",
+    "threshold_tradeoff",
     "thresholds_for_target",
     "training_folder",
     "undo_action",

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import (
     CALIBRATED,
@@ -387,6 +389,44 @@ def thresholds_for_target(ws: Workspace, target: float, *, model: str | None = N
         "mix": rule.mix,
         "calibration": info,
     }
+
+
+#: The false-UNKNOWN rates ``threshold_tradeoff`` calibrates for by default.
+TRADEOFF_RATES = (0.01, 0.02, 0.05, 0.1, 0.2)
+#: Most rates one trade-off table may ask for.
+MAX_TRADEOFF_RATES = 20
+
+
+def threshold_tradeoff(
+    ws: Workspace, rates: Sequence[float] = TRADEOFF_RATES, *, model: str | None = None
+) -> dict[str, Any]:
+    """What each false-UNKNOWN rate costs and catches: the table an operator picks a rate from.
+
+    Per rate, the thresholds calibration gives (``thresholds_for_target``), the share of the
+    version's held-out test images they flag (false alarms on known classes, images the
+    calibration did not see) and their report card (the share of a never-seen type flagged).
+    Nothing changes.
+    """
+    if not 0 < len(rates) <= MAX_TRADEOFF_RATES:
+        raise UserError(f"give 1 to {MAX_TRADEOFF_RATES} rates, got {len(rates)}")
+    version = get_version(ws, model)
+    rows = []
+    for rate in sorted(set(float(r) for r in rates)):
+        rule, info = calibrate_at(version, rate)
+        held = held_out_unknowns(version, rule, target=rate)
+        card = card_at(version, rule)
+        rows.append(
+            {
+                "target": rate,
+                "confidence": rule.confidence,
+                "distance": rule.distance,
+                "calibration_realised": info["realised"]["unknown"],
+                "test_unknown_rate": None if held is None else held["rate"],
+                "new_type_recall": None if card is None else card["mean_recall"],
+                "worst_new_type": None if card is None else card["worst"],
+            }
+        )
+    return {"version": version.name, "mix": version.mix, "rates": rows}
 
 
 def activate_model(

@@ -8,6 +8,7 @@ from typing import Any
 
 import gradio as gr
 
+from imagesieve._errors import SieveError
 from imagesieve.app._service import Service
 from imagesieve.app.ui._widgets import (
     THUMB,
@@ -42,6 +43,32 @@ def _rule_shares(by_rule: dict[str, float]) -> str:
         f"low confidence {pct(by_rule.get(LOW_CONFIDENCE, 0))}, far from training "
         f"{pct(by_rule.get(FAR_FROM_TRAINING, 0))}"
     )
+
+
+def _tradeoff_md(service: Service) -> str:
+    """The active version's ``threshold_tradeoff`` as a table ("" when it kept no records)."""
+    try:
+        doc = service.threshold_tradeoff()
+    except SieveError:  # trained before the records were kept
+        return ""
+    lines = [
+        "**What each false-UNKNOWN rate costs and catches** (thresholds as training would "
+        "calibrate them; *test*: its held-out images of known classes flagged; *new type*: "
+        "the report card's mean, a never-seen type flagged):",
+        "",
+        "| rate | confidence below | distance beyond | test flagged | new type flagged | worst |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in doc["rates"]:
+        w = r["worst_new_type"]
+        lines.append(
+            f"| {r['target']:.0%} | {r['confidence']:.3f} | "
+            + ("off" if r["distance"] is None else f"{r['distance']:.3f}")
+            + f" | {pct(r['test_unknown_rate'])} | {pct(r['new_type_recall'])} | "
+            + ("" if w is None else f"{w['class']} {pct(w['recall'])}")
+            + " |"
+        )
+    return "\n".join(lines)
 
 
 def _rule_of(version: Any) -> UnknownRule:
@@ -273,6 +300,8 @@ def model_tab(service: Service) -> Panel:
                 "",
                 "",
                 None,
+                None,
+                "",
             )
         confidence, use_distance, distance, maximum = _threshold_controls(version)
         return (
@@ -293,6 +322,7 @@ def model_tab(service: Service) -> Panel:
             preview(confidence, use_distance, distance, ""),
             _confusion_frame(service.confusion()),
             None,
+            _tradeoff_md(service),
         )
 
     @user_errors
@@ -395,6 +425,7 @@ def model_tab(service: Service) -> Panel:
         "check off, 'auto' puts the calibrated one back; Enter previews",
         elem_id="model-quality-bounds",
     )
+    tradeoff = gr.Markdown(elem_id="model-tradeoff")
     with gr.Row():
         rate = gr.Number(
             value=None,
@@ -412,6 +443,7 @@ def model_tab(service: Service) -> Panel:
     apply_button = gr.Button("Apply these thresholds", elem_id="model-apply-thresholds")
     outputs = [versions, pick, metrics, confusion, curves, misclassified]
     outputs += [confidence, use_distance, distance, bounds, counts, confusion_table, aimed]
+    outputs += [tradeoff]
     activated = activate_button.click(activate, pick, None)
 
     @user_errors

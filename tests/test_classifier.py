@@ -232,6 +232,10 @@ def test_calibrate_at__training_again_at_another_rate_without_retraining(trained
             calibrate_at(v, bad)
     old = tmp_path / "v1"
     shutil.copytree(v.path, old)
+    (old / "calibration.npz").write_bytes(b"not a zip")  # damaged: one line, no traceback
+    with pytest.raises(UserError, match="calibration.npz cannot be read: retrain v1"):
+        calibrate_at(ModelVersion.load(old), 0.1)
+    assert card_at(ModelVersion.load(old), rule) is None
     (old / "calibration.npz").unlink()
     with pytest.raises(UserError, match="trained before its calibration images were kept"):
         calibrate_at(ModelVersion.load(old), 0.1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,7 +60,7 @@ __all__ = [
     "report_card",
 ]
 
-#: The held-out images a version was calibrated on, in its directory (``HeldOut.save``).
+#: What a version was calibrated on, in its directory (``save_calibration``).
 CALIBRATION_FILE = "calibration.npz"
 #: Folds of the out-of-fold predictions over the training images.
 FOLDS = 5
@@ -103,7 +104,7 @@ class HeldOut:
     def from_arrays(cls, z: Any, on: str, prefix: str = "") -> HeldOut | None:
         """``arrays``' inverse (None: no such arrays in ``z``)."""
         names = [k[len(prefix) :] for k in z.files if k.startswith(prefix)]
-        if prefix and not names or "top1_prob" not in names:
+        if "top1_prob" not in names:
             return None
         measures = {k[2:]: z[prefix + k] for k in names if k.startswith("q_")}
         poor = z[prefix + "poor"] if "poor" in names else None
@@ -149,10 +150,14 @@ def load_calibration(version: ModelVersion) -> tuple[HeldOut, HeldOut | None]:
             f"{version.name} was trained before its calibration images were kept: retrain it "
             "(imagesieve train --false-unknown-rate) to calibrate at another rate"
         )
-    with np.load(path) as z:
-        held = HeldOut.from_arrays(z, calibration.get("on", "held-out images"))
-        new = HeldOut.from_arrays(z, "each class left out", NEW_TYPES)
-    assert held is not None, path
+    try:
+        with np.load(path) as z:
+            held = HeldOut.from_arrays(z, calibration.get("on", "held-out images"))
+            new = HeldOut.from_arrays(z, "each class left out", NEW_TYPES)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        held = None
+    if held is None:
+        raise UserError(f"{path} cannot be read: retrain {version.name} to calibrate it again")
     return held, new
 
 

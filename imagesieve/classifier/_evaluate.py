@@ -20,7 +20,7 @@ from imagesieve.classifier._predict import UNKNOWN, Predictor
 from imagesieve.classifier._quality import QualityMetrics, QualityRule, quality_columns
 from imagesieve.classifier._reference import reference_signatures
 from imagesieve.classifier._report import read_audit, write_report
-from imagesieve.classifier._unknown import REASONS, UnknownRule
+from imagesieve.classifier._unknown import UnknownRule
 from imagesieve.data import load_image, scan_image_folder
 from imagesieve.models import ModelVersion, get_version
 
@@ -221,14 +221,15 @@ def held_out_unknowns(
     poor = None
     if quality is not None:
         poor = quality.poor({k: columns[k] for k in DECISION_INPUTS[1:]})
-    hits = rule.hits(columns["confidence"], columns["distance"], poor)
+    shares = rule.shares(columns["confidence"], columns["distance"], poor)
     target = target or _target(version)
-    n, k = len(hits[0]), int((hits[0] | hits[1] | hits[2]).sum())
+    n = len(columns["confidence"])
+    k = round(shares.pop("unknown") * n)
     return {
         "images": n,
         "unknown": k,
         "rate": round(k / n, 4),
-        "by_rule": {r: round(float(h.mean()), 4) for r, h in zip(REASONS, hits, strict=True)},
+        "by_rule": {r: round(v, 4) for r, v in shares.items()},
         "vs_target": None if target is None else against_target(k / n, n, target),
     }
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 import math
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ from imagesieve._errors import UserError
 from imagesieve.classifier._far import Mahalanobis
 from imagesieve.classifier._quality import QualityRule
 from imagesieve.classifier._reference import ReferenceSet
-from imagesieve.classifier._unknown import UnknownRule, reason_shares
+from imagesieve.classifier._unknown import UnknownRule
 
 if TYPE_CHECKING:
     from imagesieve.models import ModelVersion
@@ -101,9 +102,9 @@ class HeldOut:
         return {prefix + k: v for k, v in out.items()}
 
     @classmethod
-    def from_arrays(cls, z: Any, on: str, prefix: str = "") -> HeldOut | None:
+    def from_arrays(cls, z: Mapping[str, np.ndarray], on: str, prefix: str = "") -> HeldOut | None:
         """``arrays``' inverse (None: no such arrays in ``z``)."""
-        names = [k[len(prefix) :] for k in z.files if k.startswith(prefix)]
+        names = [k[len(prefix) :] for k in z if k.startswith(prefix)]
         if "top1_prob" not in names:
             return None
         measures = {k[2:]: z[prefix + k] for k in names if k.startswith("q_")}
@@ -150,15 +151,28 @@ def load_calibration(version: ModelVersion) -> tuple[HeldOut, HeldOut | None]:
             f"{version.name} was trained before its calibration images were kept: retrain it "
             "(imagesieve train --false-unknown-rate) to calibrate at another rate"
         )
-    try:
-        with np.load(path) as z:
-            held = HeldOut.from_arrays(z, calibration.get("on", "held-out images"))
-            new = HeldOut.from_arrays(z, "each class left out", NEW_TYPES)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        held = None
+    stat = path.stat()
+    z = _calibration_arrays(str(path), stat.st_mtime_ns, stat.st_size)
+    held = None if z is None else HeldOut.from_arrays(z, calibration.get("on", "held-out images"))
     if held is None:
         raise UserError(f"{path} cannot be read: retrain {version.name} to calibrate it again")
-    return held, new
+    return held, HeldOut.from_arrays(z, "each class left out", NEW_TYPES)
+
+
+@lru_cache(maxsize=4)
+def _calibration_arrays(path: str, _mtime_ns: int, _size: int) -> dict[str, np.ndarray] | None:
+    """A ``CALIBRATION_FILE``'s arrays, read-only (None: unreadable), cached by the file's identity.
+
+    A trade-off table calibrates at five rates and scores the card at each: one read.
+    """
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    for a in arrays.values():
+        a.flags.writeable = False  # shared by every caller of the cache
+    return arrays
 
 
 def held_out(
@@ -250,9 +264,7 @@ def calibrate_rule(
         "on": held.on,
         "n": n,
         "false_unknown_rate": false_unknown_rate,
-        "realised": {
-            k: round(v, 4) for k, v in reason_shares(rule.reasons(p, d, held.poor)).items()
-        },
+        "realised": {k: round(v, 4) for k, v in rule.shares(p, d, held.poor).items()},
     }
     if used != confidence:
         info["confidence_requested"] = confidence
@@ -453,7 +465,7 @@ def _flagged(
     poor: np.ndarray | None = None,
 ) -> float:
     """Share of the rows ``rule`` calls UNKNOWN."""
-    return reason_shares(rule.reasons(top1_prob, distance, poor))["unknown"]
+    return rule.shares(top1_prob, distance, poor)["unknown"]
 
 
 def _spread(a: np.ndarray) -> float:

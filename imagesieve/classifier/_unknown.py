@@ -103,6 +103,18 @@ class UnknownRule:
         bad = np.zeros(len(low), bool) if poor is None else np.asarray(poor, bool)
         return bad, low, far
 
+    def shares(
+        self,
+        top1_prob: np.ndarray,
+        distance: np.ndarray | None,
+        poor: np.ndarray | None = None,
+    ) -> dict[str, float]:
+        """``reason_shares`` of ``reasons``, from ``hits``: the share UNKNOWN, and each rule's."""
+        hits = self.hits(top1_prob, distance, poor)
+        n = max(len(hits[0]), 1)
+        out = {"unknown": float((hits[0] | hits[1] | hits[2]).sum() / n)}
+        return out | {r: float(h.sum() / n) for r, h in zip(REASONS, hits, strict=True)}
+
     def _sql(self) -> tuple[str, str, list, list]:
         """The two tests over ``predictions``' columns in DuckDB, and their parameters.
 

@@ -198,7 +198,7 @@ def apply_thresholds(
     images' quality flags follow. ``target``: the false-UNKNOWN rate the thresholds were
     calibrated for (``thresholds_for_target``), which the held-out check then judges against.
     Returns the rows' counts by rule after the change, and what the change does to the
-    version's held-out known images (``unknown_counts``).
+    version's held-out known images (``_judged_counts``).
     """
     version = get_version(ws, model)
     rule, overrides, quality_rule = _rules(version, confidence, distance, quality)
@@ -207,7 +207,7 @@ def apply_thresholds(
         "distance": version.distance_threshold,
         "tuned": version.thresholds_tuned,
         "quality_overrides": version.meta.get("quality_overrides") or {},
-        "target": version.meta["thresholds"].get("target"),
+        "target": (version.meta.get("thresholds") or {}).get("target"),
     }
     changed = ", ".join(
         f"{k} {'off' if v is None else f'{v:g}'}"
@@ -240,10 +240,10 @@ def apply_thresholds(
             _decide_with(
                 store, version, rule, tuned=True, quality_overrides=overrides, target=target
             )
-        return unknown_counts(store, version, rule, quality_rule, target)
+        return _judged_counts(store, version, rule, quality_rule, target)
 
 
-def unknown_counts(
+def _judged_counts(
     store: Store,
     version: ModelVersion,
     rule: UnknownRule,
@@ -307,7 +307,7 @@ def _decide_with(
     """
     was = (version.confidence_threshold, version.distance_threshold, version.thresholds_tuned)
     had = version.meta.get("quality_overrides")
-    aimed = version.meta["thresholds"].get("target")
+    aimed = (version.meta.get("thresholds") or {}).get("target")
     now = set_thresholds(
         version,
         rule.confidence,
@@ -347,7 +347,7 @@ def threshold_counts(
     With ``keep`` (the default) the version's own thresholds are counted; otherwise the given
     ``confidence``, ``distance`` (None: off) and ``quality`` bounds (as ``apply_thresholds``
     takes them) are previewed. ``counts`` also holds the held-out known images' figure
-    (``unknown_counts``), judged against ``target`` when given (the rate previewed
+    (``_judged_counts``), judged against ``target`` when given (the rate previewed
     thresholds were calibrated for). Nothing changes.
     """
     version = get_version(ws, model)
@@ -359,7 +359,7 @@ def threshold_counts(
         )
     rule, _, quality_rule = _rules(version, confidence, distance, quality)
     with using_store(ws, store, check=False, read_only=store is None) as store:
-        counts = unknown_counts(store, version, rule, quality_rule, target)
+        counts = _judged_counts(store, version, rule, quality_rule, target)
     shown = quality_rule or QualityRule.of_version(version.meta)
     return {
         "version": version.name,

@@ -64,7 +64,9 @@ def _tradeoff_md(service: Service) -> str:
         lines.append(
             f"| {r['target']:.0%} | {r['confidence']:.3f} | "
             + ("off" if r["distance"] is None else f"{r['distance']:.3f}")
-            + f" | {pct(r['test_unknown_rate'])} | {pct(r['new_type_recall'])} | "
+            + " | "
+            + ("" if r["test_unknown_rate"] is None else f"{r['test_unknown_rate']:.1%}")
+            + f" | {pct(r['new_type_recall'])} | "
             + ("" if w is None else f"{w['class']} {pct(w['recall'])}")
             + " |"
         )

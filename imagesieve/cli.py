@@ -150,7 +150,8 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
             f"{th['distance']:.4f}: {real['unknown']:.1%} of {cal['n']} held-out known images "
             f"(target {cal['false_unknown_rate']:.0%}; poor photo {real.get('poor_quality', 0):.1%}, "
             f"low confidence {real['low_confidence']:.1%}, "
-            f"far from training {real['far_from_training']:.1%})"
+            f"far from training {real['far_from_training']:.1%}); other rates: "
+            "`imagesieve thresholds --tradeoff`"
         )
         if card["mean_recall"] is not None:
             print(f"  open-set report card: {card_words(card)}")

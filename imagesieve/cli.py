@@ -487,6 +487,7 @@ def cmd_sql(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
     """The `models` verb: list versions, optionally activate one."""
+    from imagesieve.classifier import unknown_now
     from imagesieve.models import activate_version, active_version, list_backbones, list_versions
 
     busy = False
@@ -510,6 +511,7 @@ def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
             "classes": len(v.classes),
             "created_at": v.meta.get("created_at"),
             "metrics": v.meta.get("metrics", {}),
+            **unknown_now(v),
         }
         for v in versions
     ]
@@ -531,6 +533,9 @@ def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
         for r in rows:
             acc = r["metrics"].get("accuracy")
             acc_s = f"accuracy {acc:.4f}" if acc is not None else ""
+            if r["unknown_rate"] is not None:
+                tuned = ", thresholds tuned" if r["thresholds_tuned"] else ""
+                acc_s += f"  test UNKNOWN {r['unknown_rate']:.1%}{tuned}"
             print(
                 f"{'*' if r['active'] else ' '} {r['version']:<28} {r['kind']:<9} {r['backbone']:<20} "
                 f"{r['classes']:>4} classes  {r['created_at'] or ''}  {acc_s}"

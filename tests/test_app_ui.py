@@ -240,8 +240,12 @@ def test_build_app__every_tab_renders_without_browser_errors(page, app):
     assert version.name in metrics
     page.page.wait_for_selector("#model-confusion img")
     page.page.wait_for_selector("#model-curves img")
-    _, rows = page.table("#model-versions")
+    header, rows = page.table("#model-versions")
     assert rows[0][:3] == [version.name, "true", "trained"]
+    # its test images' UNKNOWN rate at the thresholds it has now, as GET /versions gives it
+    rate = rows[0][header.index("unknown_rate")]
+    listed = next(v for v in service.versions() if v["version"] == version.name)
+    assert float(rate) == pytest.approx(listed["unknown_rate"], abs=1e-3)
     page.assert_no_errors()
 
 

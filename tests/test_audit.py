@@ -297,6 +297,12 @@ def test_cli__relabel_audit_undo_thresholds(review, capsys):
     assert f"mark {n} of 40 stored images UNKNOWN" in out
     tested = get_version(ws, None).meta["metrics"]["n"]
     assert f"mark {tested:,} of the {tested:,} held-out test images of known classes" in out
+    # the version list judges its test images at the thresholds it has now
+    assert main(["models", *args, "--json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)["versions"]
+    assert (listed["unknown_rate"], listed["thresholds_tuned"]) == (1.0, True)
+    assert main(["models", *args]) == 0
+    assert "test UNKNOWN 100.0%, thresholds tuned" in capsys.readouterr().out
     assert main(["thresholds", "--set", "1.5", "off", *args]) == 2
     assert "confidence" in capsys.readouterr().err
     # thresholds for another false-UNKNOWN rate, as training would calibrate them

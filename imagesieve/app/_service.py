@@ -42,9 +42,9 @@ from imagesieve.classifier import (
     TrainOptions,
     confusion_counts,
     grad_cam,
-    held_out_unknowns,
     read_audit,
     train_model,
+    unknown_now,
 )
 from imagesieve.ingest import (
     ArchiveLimits,
@@ -1032,9 +1032,6 @@ class Service:
         out = []
         for v in list_versions(self.ws):
             m = v.meta.get("metrics", {})
-            # the test images' UNKNOWN rate, and whether it is off the target beyond chance, at
-            # the thresholds the version has now (an operator's, once tuned: judged again)
-            now = held_out_unknowns(v) if v.thresholds_tuned else None
             out.append(
                 {
                     "version": v.name,
@@ -1044,9 +1041,8 @@ class Service:
                     "classes": ", ".join(v.classes),
                     "accuracy": m.get("accuracy"),
                     "macro_f1": m.get("macro_f1"),
-                    "thresholds_tuned": v.thresholds_tuned,
-                    "unknown_rate": now["rate"] if now else m.get("unknown_rate"),
-                    "unknown_vs_target": now["vs_target"] if now else m.get("unknown_vs_target"),
+                    # the test images' UNKNOWN rate and verdict at the thresholds it has now
+                    **unknown_now(v),
                     "created_at": v.meta.get("created_at"),
                 }
             )

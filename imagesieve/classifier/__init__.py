@@ -15,7 +15,12 @@ from imagesieve.classifier._engine import (
     Progress,
     ScoringEngine,
 )
-from imagesieve.classifier._evaluate import evaluate_model, held_out_unknowns, held_out_words
+from imagesieve.classifier._evaluate import (
+    evaluate_model,
+    held_out_unknowns,
+    held_out_words,
+    unknown_now,
+)
 from imagesieve.classifier._gradcam import GradCam, grad_cam, grad_cam_loaded
 from imagesieve.classifier._openset import calibrate_at, card_at, card_words, off_target_words
 from imagesieve.classifier._predict import (
@@ -75,6 +80,7 @@ __all__ = [
     "card_words",
     "held_out_unknowns",
     "held_out_words",
+    "unknown_now",
     "INFER_BATCH",
     "FAR_FROM_TRAINING",
     "LOW_CONFIDENCE",

@@ -24,7 +24,13 @@ from imagesieve.classifier._unknown import UnknownRule
 from imagesieve.data import load_image, scan_image_folder
 from imagesieve.models import ModelVersion, get_version
 
-__all__ = ["evaluate_model", "evaluate_version_on", "held_out_unknowns", "held_out_words"]
+__all__ = [
+    "evaluate_model",
+    "evaluate_version_on",
+    "held_out_unknowns",
+    "held_out_words",
+    "unknown_now",
+]
 
 #: Paths of near-duplicates of training images a report lists at most.
 LISTED = 20
@@ -259,6 +265,23 @@ def _decision_columns(path: str, _mtime_ns: int, _size: int) -> dict[str, np.nda
         columns[k] = frame[k].to_numpy(np.float64, copy=True)
         columns[k].flags.writeable = False  # shared by every caller of the cache
     return columns
+
+
+def unknown_now(version: ModelVersion) -> dict[str, Any]:
+    """A version's test UNKNOWN rate and its verdict against the target, at its thresholds now.
+
+    ``thresholds_tuned``, ``unknown_rate`` and ``unknown_vs_target``: training's figures, or
+    once an operator set thresholds, ``held_out_unknowns`` at them (training's when the version
+    kept no decision inputs). For the version lists: CLI, REST and app alike.
+    """
+    m = version.meta.get("metrics") or {}
+    tuned = version.thresholds_tuned
+    now = held_out_unknowns(version) if tuned else None
+    return {
+        "thresholds_tuned": tuned,
+        "unknown_rate": now["rate"] if now else m.get("unknown_rate"),
+        "unknown_vs_target": now["vs_target"] if now else m.get("unknown_vs_target"),
+    }
 
 
 def held_out_words(held: dict[str, Any]) -> str:

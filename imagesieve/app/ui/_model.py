@@ -282,6 +282,7 @@ def model_tab(service: Service) -> Panel:
     def refresh() -> tuple:
         versions = service.versions()
         columns = ["version", "active", "kind", "backbone", "classes", "accuracy", "macro_f1"]
+        columns += ["unknown_rate"]  # its test images', at the thresholds it has now
         table = table_frame(
             [*columns, "created_at"],
             ([v.get(c) for c in [*columns, "created_at"]] for v in versions),

@@ -1052,18 +1052,18 @@ def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
     if given:
         confidence = _float_arg(given[0], "confidence")
         distance = None if given[1].lower() == "off" else _float_arg(given[1], "distance")
-    target = args.target if args.target is not None else args.set_target
-    calibrated = None
-    if target is not None:
-        calibrated = thresholds_for_target(ws, _rate_arg(target), model=args.model)
+    given_rate = args.target if args.target is not None else args.set_target
+    calibrated, target = None, None
+    if given_rate is not None:
+        calibrated = thresholds_for_target(ws, _rate_arg(given_rate), model=args.model)
         confidence, distance = calibrated["confidence"], calibrated["distance"]
+        target = calibrated["target"]
     previewing = bool(args.preview) or args.target is not None
     quality = _quality_args(args.quality) if args.quality else None  # checked by the library
     applying = bool(args.set) or args.set_target is not None
     applying = applying or (quality is not None and not previewing)
     if applying:
-        rate = calibrated["target"] if calibrated else None
-        apply_thresholds(ws, confidence, distance, quality=quality, model=args.model, target=rate)
+        apply_thresholds(ws, confidence, distance, quality=quality, model=args.model, target=target)
         doc = threshold_counts(ws, model=args.model)
     elif previewing:
         doc = threshold_counts(
@@ -1073,7 +1073,7 @@ def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
             quality=quality,
             keep=False,
             model=args.model,
-            target=calibrated["target"] if calibrated else None,
+            target=target,
         )
     else:
         doc = threshold_counts(ws, model=args.model)

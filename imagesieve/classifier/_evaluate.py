@@ -220,9 +220,7 @@ def held_out_unknowns(
     columns = _decision_columns(str(path), stat.st_mtime_ns, stat.st_size)
     if columns is None:
         return None
-    rule = rule or UnknownRule(
-        version.confidence_threshold, version.distance_threshold, version.mix
-    )
+    rule = rule or UnknownRule.of_version(version)
     quality = quality or QualityRule.of_version(version.meta)
     poor = None
     if quality is not None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from imagesieve.models import ModelVersion
 
 __all__ = [
     "FAR_FROM_TRAINING",
@@ -64,6 +68,11 @@ class UnknownRule:
         top = 2.0 + self.mix
         if self.distance is not None and not 0.0 <= self.distance <= top:
             raise ValueError(f"distance threshold must be within [0, {top:g}], got {self.distance}")
+
+    @classmethod
+    def of_version(cls, version: ModelVersion) -> UnknownRule:
+        """A ``ModelVersion``'s rule: the thresholds it has now, and its ``mix``."""
+        return cls(version.confidence_threshold, version.distance_threshold, version.mix)
 
     def reasons(
         self,

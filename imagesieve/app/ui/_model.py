@@ -73,11 +73,6 @@ def _tradeoff_md(service: Service) -> str:
     return "\n".join(lines)
 
 
-def _rule_of(version: Any) -> UnknownRule:
-    """The UNKNOWN rule of a version's thresholds now."""
-    return UnknownRule(version.confidence_threshold, version.distance_threshold, version.mix)
-
-
 def _metrics_md(version: Any) -> str:
     m = version.meta.get("metrics", {})
     names = [
@@ -115,7 +110,7 @@ def _metrics_md(version: Any) -> str:
     if off:
         lines += [f"**Off target**: {off}.", ""]
     card = version.meta.get("open_set") or {}
-    tuned = card_at(version, _rule_of(version)) if now else None
+    tuned = card_at(version, UnknownRule.of_version(version)) if now else None
     if tuned:  # the card at the operator's thresholds, beside training's
         card = card | tuned
     if card.get("per_class"):
@@ -244,6 +239,18 @@ def _bounds_asked(version: Any, text: str) -> dict[str, Any] | None:
 
 
 def model_tab(service: Service) -> Panel:
+    def asked(
+        confidence: float, use_distance: bool, distance: float, target: float | None
+    ) -> tuple[float, float | None]:
+        """The thresholds the controls ask for (distance None: off).
+
+        With ``target``, the calibrated rate's exact values: the sliders show them rounded.
+        """
+        if target:
+            found = service.thresholds_for_target(target)
+            return found["confidence"], found["distance"]
+        return float(confidence), float(distance) if use_distance else None
+
     def preview(
         confidence: float,
         use_distance: bool,
@@ -253,18 +260,12 @@ def model_tab(service: Service) -> Panel:
     ) -> str:
         if version_or_none(service) is None:
             return ""
-        if target:  # the sliders show the calibrated values, rounded to their steps
-            found = service.thresholds_for_target(target)
-            confidence, distance = found["confidence"], found["distance"]
-            use_distance = distance is not None
+        confidence, distance = asked(confidence, use_distance, distance, target)
         counts = service.threshold_preview(
-            float(confidence),
-            float(distance) if use_distance else None,
-            _bounds_asked(service.version, bounds),
-            target,
+            confidence, distance, _bounds_asked(service.version, bounds), target
         )
         rule = f"Top-1 below {pct(confidence)}"
-        if use_distance:
+        if distance is not None:
             rule += f" or {_score_words(service.version)} beyond {distance:.3f}"
         stored = counts["stored"]
         held = counts["held_out"]
@@ -471,13 +472,8 @@ def model_tab(service: Service) -> Panel:
         target: float | None,
         request: gr.Request,
     ) -> str:
-        if target:  # exactly what calibration gives, not the sliders' rounding of it
-            found = service.thresholds_for_target(target)
-            confidence, distance = found["confidence"], found["distance"]
-            use_distance = distance is not None
         counts = service.set_thresholds(
-            float(confidence),
-            float(distance) if use_distance else None,
+            *asked(confidence, use_distance, distance, target),
             who=app_user(request),
             quality=_bounds_asked(service.version, text),
             target=target,

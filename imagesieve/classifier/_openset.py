@@ -185,13 +185,15 @@ def held_out(
     seed: int = 0,
     poor: np.ndarray | None = None,
     far: tuple[np.ndarray, Mahalanobis] | None = None,
+    measures: dict[str, np.ndarray] | None = None,
 ) -> HeldOut:
     """Out-of-fold Top-1 probabilities and distances of ``train``, plus ``val``.
 
     ``embeddings``, ``y`` and ``poor`` (photos of poor quality, bool) cover all rows;
     ``val_top1`` is the trained model's Top-1 probability of each ``val`` row. ``far``: the
     tapped features of all rows and the version's Mahalanobis fit on ``train``'s (None: the
-    cosine distance, leave-one-out).
+    cosine distance, leave-one-out). ``measures``: photo quality columns of all rows, kept for
+    the rows used (as ``new_types`` does).
     """
     top1 = np.empty(len(y))
     order = np.random.default_rng(seed).permutation(train)
@@ -221,6 +223,9 @@ def held_out(
         np.concatenate([y[train], y[val]]),
         on,
         None if poor is None else np.concatenate([poor[train], poor[val]]).astype(bool),
+        None
+        if measures is None
+        else {k: np.concatenate([v[train], v[val]]) for k, v in measures.items()},
     )
 
 

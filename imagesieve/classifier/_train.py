@@ -6,7 +6,7 @@ import copy
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -643,9 +643,9 @@ def train_model(
         effective = quality.with_overrides(opts.quality)
         columns = quality_columns(measured)
         poor = effective.poor(columns)
-        held = held_out(embeddings, y, plan.train, plan.val, val_top1, refit, opts.seed, poor, far)
-        rows = np.concatenate([plan.train, plan.val])  # held's order
-        held = replace(held, measures={k: v[rows] for k, v in columns.items()})
+        held = held_out(
+            embeddings, y, plan.train, plan.val, val_top1, refit, opts.seed, poor, far, columns
+        )
         new = new_types(embeddings, y, plan.train, plan.val, refit, poor, far, columns)
         # kept, so another target or other thresholds need no retraining (``calibrate_at``)
         save_calibration(build, held, new)

@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Progress]:
-    """A progress(stage, done, total) callback drawing one tqdm bar per stage on stderr."""
+    """A progress(stage, done, total) callback drawing one tqdm bar per stage on stderr.
+
+    A stage of total 1 is one step (training's phases): it shows its time, not a count or an
+    image rate. A bar closes once its stage is done, so the next one takes its line.
+    """
     from tqdm import tqdm
 
     bars: dict[str, tqdm] = {}
@@ -36,10 +40,13 @@ def _progress(enabled: bool) -> Iterator[Progress]:
             return
         bar = bars.get(stage)
         if bar is None:
+            step = {"bar_format": "{desc}: {elapsed}"} if total == 1 else {"unit": "img"}
             bar = bars[stage] = tqdm(
-                total=total or None, desc=stage, unit="img", leave=False, file=sys.stderr
+                total=total or None, desc=stage, leave=False, file=sys.stderr, **step
             )
         bar.update(done - bar.n)
+        if total and done >= total:
+            bars.pop(stage).close()
 
     try:
         yield update
@@ -750,7 +757,7 @@ def cmd_promote(args: argparse.Namespace, ws: Workspace) -> None:
             + ")"
         )
         _print_near_training(result.near_training)
-        print(f"  next: imagesieve train {args.into}")
+        print(f"  next: imagesieve train {result.into}")
 
     _emit(args, doc, human)
 
@@ -789,10 +796,11 @@ def cmd_images(args: argparse.Namespace, ws: Workspace) -> None:
         for r in rows:
             reason = f" ({r['reason']})" if r["reason"] else ""
             person = f"  labelled {r['human_label']}" if r["human_label"] else ""
-            distance = "" if r["neighbor_distance"] is None else f"{r['neighbor_distance']:.3f}"
+            distance = "-" if r["neighbor_distance"] is None else f"{r['neighbor_distance']:.3f}"
+            cluster = "-" if r["cluster_id"] is None else r["cluster_id"]
             print(
                 f"{r['id']:>8}  {r['label']}{reason}  {r['top1_class']} {r['top1_prob']:.2f}  "
-                f"distance {distance}  cluster {r['cluster_id']}{person}  {r['source']}"
+                f"distance {distance}  cluster {cluster}{person}  {r['source']}"
             )
         first = page["offset"] + 1
         print(f"images {first}-{first + len(rows) - 1} of {page['total']:,}")
@@ -1402,8 +1410,14 @@ def _parser() -> argparse.ArgumentParser:
         "promote", parents=[common], help="copy a cluster's images into the training data"
     )
     pr.add_argument("cluster", type=int, metavar="CLUSTER_ID")
-    pr.add_argument("--name", required=True, help="the class name (an existing one merges)")
-    pr.add_argument("--into", required=True, metavar="DATA_DIR", help="the training ImageFolder")
+    pr.add_argument(
+        "--name", help="the class name; an existing one merges (default: the cluster's name)"
+    )
+    pr.add_argument(
+        "--into",
+        metavar="DATA_DIR",
+        help="the training ImageFolder (default: the model version's training folder)",
+    )
     pr.add_argument("--exclude", metavar="IDS", help="comma-separated ids to leave out")
     pr.add_argument("--model", help="model version (default: the active one)")
     pr.set_defaults(func=cmd_promote)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -170,7 +171,7 @@ def test_review__errors_are_clear(loop, tmp_path):
 
 
 def test_cli__cluster_list_name_reject(loop, capsys):
-    ws, _, _ = loop
+    ws, data, _ = loop
     root = str(ws.root)
     assert (
         main(
@@ -189,24 +190,38 @@ def test_cli__cluster_list_name_reject(loop, capsys):
     assert main(["cluster", "--model", "v1", "--workspace", root, "--list", "--json"]) == 0
     listed = {c["cluster_id"]: c for c in json.loads(capsys.readouterr().out)["clusters"]}
     assert listed[cid]["status"] == "rejected"
-    assert (
-        main(
-            [
-                "promote",
-                str(cid),
-                "--model",
-                "v1",
-                "--name",
-                "x",
-                "--into",
-                root,
-                "--workspace",
-                root,
-            ]
-        )
-        == 2
+    promote = ["promote", str(cid), "--model", "v1", "--workspace", root, "--json"]
+    assert main([*promote, "--name", "x", "--into", root]) == 2
+    assert "was rejected; name it again to promote it" in capsys.readouterr().err
+
+    # As the error says: named again, it is promoted, by its name into v1's training folder
+    # (neither given, as REST and the app default them); undone, the folder is as it was.
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    name = ["cluster", "--model", "v1", "--workspace", root, "--json", "--name", str(cid)]
+    assert main([*name, "oddities"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "named"
+    assert main(promote) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert (done["name"], Path(done["into"]), Path(done["dest"])) == (
+        "oddities",
+        data,
+        data / "oddities",
     )
-    assert "was rejected" in capsys.readouterr().err
+    assert done["copied"] == len(list((data / "oddities").iterdir())) > 0
+    assert main(["audit", "--undo", "--workspace", root]) == 0
+    assert "promoted cluster" in capsys.readouterr().out
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+    # A cluster nobody named: the CLI asks for the name, in one line.
+    with Store(ws, check=False) as store:
+        was = store.clusters.review_state("v1", cid)
+        store.clusters.restore("v1", cid, {"status": "new", "name": None, "promoted_into": None})
+    try:
+        assert main(promote) == 2
+        assert f"cluster {cid} has no name yet: give the class name" in capsys.readouterr().err
+    finally:
+        with Store(ws, check=False) as store:
+            store.clusters.restore("v1", cid, was)
 
 
 def test_score__new_unknowns_join_clusters_and_ids_stay_stable(loop, elpv):

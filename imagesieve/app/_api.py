@@ -477,18 +477,14 @@ def add_api(
 
         An existing class's name merges the cluster into it. Recorded, undoable.
         """
-
-        def run() -> Any:
-            name = body.name or next(
-                (c["name"] for c in service.clusters() if c["cluster_id"] == cluster_id), None
-            )
-            if not name:
-                raise ApiError(400, f"cluster {cluster_id} has no name: give one")
-            return service.promote_cluster(
-                cluster_id, name, exclude=tuple(body.exclude), who=_who(request)
-            )
-
-        return (await _call(run)).to_dict()
+        result = await _call(
+            service.promote_cluster,
+            cluster_id,
+            body.name or None,
+            exclude=tuple(body.exclude),
+            who=_who(request),
+        )
+        return result.to_dict()
 
     @router.post("/images/relabel", responses=errors(400, 503, 507))
     async def relabel(body: RelabelRequest, request: Request) -> dict[str, Any]:

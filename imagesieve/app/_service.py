@@ -903,17 +903,12 @@ class Service:
     def promote_cluster(
         self,
         cluster_id: int,
-        name: str,
+        name: str | None = None,
         into: str | os.PathLike | None = None,
         exclude: tuple[int, ...] = (),
         who: str | None = None,
     ) -> Any:
-        """Copy a cluster into the training data (default: the active version's folder)."""
-        into = into or self.training_dir()
-        if into is None:
-            raise ServiceError(
-                "the active model's training folder is gone; give a folder to promote into"
-            )
+        """Copy a cluster into the training data (defaults: its name, the version's folder)."""
         result = promote_cluster(
             self.ws,
             cluster_id,

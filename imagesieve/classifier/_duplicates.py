@@ -665,8 +665,9 @@ def calibrate_duplicate_distance(
     cap = float(np.nextafter(false[m], 0)) if m < len(false) else 2.0
     want = float(np.quantile(true, recall, method="inverted_cdf"))
     threshold = (want + cap) / 2 if want <= cap else cap
-    log.log(
-        logging.INFO if want <= cap else logging.WARNING,
+    # Not a warning when the recall quantile is beyond the cap: the rule's signature stage
+    # decides the copies between this distance and the candidate distance.
+    log.info(
         "duplicate threshold %.4f: %.3f of %d true pairs within (%.2f quantile %.4f), "
         "%.3f of %d nearest-different pairs (cap %.4f)",
         threshold,

@@ -91,6 +91,7 @@ class PromoteResult:
     cluster_id: int
     name: str
     dest: str
+    into: str  # the training folder ``dest`` is in: what the next training run reads
     copied: int = 0
     already_there: int = 0
     excluded: int = 0
@@ -448,8 +449,8 @@ def training_folder(version: Any) -> Path | None:
 def promote_cluster(
     ws: Workspace,
     cluster_id: int,
-    name: str,
-    into: str | os.PathLike,
+    name: str | None = None,
+    into: str | os.PathLike | None = None,
     *,
     exclude: tuple[int, ...] = (),
     model: str | None = None,
@@ -464,26 +465,34 @@ def promote_cluster(
     Images go to ``into/<name>/`` (``into/train/<name>/`` for a pre-split folder); naming an
     existing class merges into its folder. Identical content already there is not copied again.
     The promoted images carry the label (as a relabel gives it); one audit entry, undoable.
+    ``name`` defaults to the name the cluster was given, ``into`` to the version's training
+    folder (as relabel's does), so every door promotes a named cluster the same way.
     """
     from imagesieve.search._duplicates import near_training  # it imports this module
 
     info = get_version(ws, model)
     version = info.name
-    name = class_name(name)
-    into = Path(into)
-    if not into.is_dir():
-        raise ReviewError(f"training data folder not found: {into}")
-    dest = class_folder(into, name)
+    folder = Path(into) if into is not None else training_folder(info)
+    if folder is None or not folder.is_dir():
+        raise ReviewError(
+            f"training data folder not found: {folder}"
+            if folder is not None
+            else f"the training folder of {version} is gone; give the folder to promote into"
+        )
     with using_store(ws, store, check=False) as store, store.atomic():
-        status, _ = _check_cluster(store, version, cluster_id)
+        status, given_name = _check_cluster(store, version, cluster_id)
         if status == "rejected":
             raise ReviewError(f"cluster {cluster_id} was rejected; name it again to promote it")
+        if not (name or given_name):
+            raise ReviewError(f"cluster {cluster_id} has no name yet: give the class name")
+        name = class_name(name or given_name)
+        dest = class_folder(folder, name)
         state = store.clusters.review_state(version, cluster_id)
         added = sorted(set(map(int, exclude)) - store.clusters.excluded(version, cluster_id))
         if added:
             store.clusters.exclude(version, cluster_id, added)
         excluded = store.clusters.excluded(version, cluster_id)
-        result = PromoteResult(cluster_id, name, str(dest))
+        result = PromoteResult(cluster_id, name, str(dest), str(folder))
         members = store.clusters.members(version, cluster_id)
         if not members:
             raise ReviewError(

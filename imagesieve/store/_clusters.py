@@ -313,9 +313,10 @@ class Clusters:
         return (row[0][0], row[0][1]) if row else None
 
     def name(self, model_version: str, cluster_id: int, name: str) -> None:
-        """Name a cluster (a new one becomes ``named``)."""
+        """Name a cluster: a new or rejected one becomes ``named`` (a person changed their mind)."""
         self._update(
-            "name = ?, status = CASE WHEN status = 'new' THEN 'named' ELSE status END",
+            "name = ?, status = CASE WHEN status IN ('new', 'rejected') THEN 'named' "
+            "ELSE status END",
             [name],
             model_version,
             cluster_id,

@@ -17,7 +17,7 @@ from typing import Any
 from imagesieve import __version__
 from imagesieve._errors import KINDS, UserError, classify_error
 from imagesieve._workspace import Workspace
-from imagesieve.classifier import CLASS_WEIGHTS, FLIPS, Progress, off_target_words
+from imagesieve.classifier import CLASS_WEIGHTS, FLIPS, Progress, off_target_words, untested_words
 
 __all__ = ["main"]
 
@@ -149,6 +149,9 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         _print_metrics(result.metrics)
         s = v.meta["split"]
         print(f"  split: {s['train']} train, {s['val']} val, {s['test']} test")
+        untested = untested_words(s)
+        if untested:
+            print(f"  {untested}")
         th, card = v.meta["thresholds"], v.meta["open_set"]
         cal, real = th["calibration"], th["calibration"]["realised"]
         mix = f" + {th['mix']:.3g} x (1 - Top-1)" if th["mix"] else ""

@@ -22,6 +22,7 @@ from imagesieve.classifier import (
     read_audit,
     softmax,
     top_k,
+    untested_words,
 )
 from imagesieve.classifier._far import FAR_MAHALANOBIS, RELATIVE, Mahalanobis
 from imagesieve.classifier._reference import ReferenceSet
@@ -105,6 +106,15 @@ def test_train_model__version_files_split_and_skipped(trained):
     meta = json.loads((v.path / "meta.json").read_text())
     assert meta["classes"] == ["defective", "functional", "lonely"]
     assert meta["split"]["per_class"]["lonely"]["rule"] == "train only (fewer than 4 images)"
+    lonely = meta["split"]["per_class"]["lonely"]["images"]
+    assert untested_words(meta["split"]) == (
+        f"no accuracy for lonely ({lonely} images): too few images to hold any out"
+    )
+    scores = json.loads((v.report_dir / "metrics.json").read_text())["per_class"]["lonely"]
+    assert (scores["recall"], scores["f1"], scores["support"]) == (None, None, 0)
+    from imagesieve.app.ui._model import _metrics_md  # the Model tab says it too
+
+    assert f"No accuracy for lonely ({lonely} images)" in _metrics_md(v)
     assert meta["split"]["per_class"]["defective"]["test"] == 10
     # the whole UNKNOWN decision calibrated on out-of-fold training images + validation images
     thresholds, split = meta["thresholds"], meta["split"]

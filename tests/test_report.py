@@ -88,9 +88,17 @@ def test_write_report__ece_zero_when_calibrated(tmp_path):
 def test_write_report__absent_class_listed_not_averaged(tmp_path):
     probs = np.hstack([P3, np.zeros((6, 1))])
     m = write_report(tmp_path, classes=[*CLASSES, "owl"], y_true=Y3, probs=probs, sources=SOURCES3)
-    assert m["per_class"]["owl"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    # no test image and never predicted: no score at all, not the zeros scikit-learn fills in
+    assert m["per_class"]["owl"] == {"precision": None, "recall": None, "f1": None, "support": 0}
     assert m["confusion_matrix"][3] == [0, 0, 0, 0]
     assert m["macro_f1"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+
+
+def test_write_report__class_predicted_but_not_tested_has_precision_only(tmp_path):
+    probs = np.hstack([P3, np.zeros((6, 1))])
+    probs[0] = [0.1, 0.1, 0.1, 0.7]  # one image taken for the class with no test images
+    m = write_report(tmp_path, classes=[*CLASSES, "owl"], y_true=Y3, probs=probs, sources=SOURCES3)
+    assert m["per_class"]["owl"] == {"precision": 0.0, "recall": None, "f1": None, "support": 0}
 
 
 def test_write_report__binary_roc_auc_against_pair_count(tmp_path):

@@ -59,6 +59,7 @@ from imagesieve.classifier._signature import (
     image_signature,
     signature_similarity,
 )
+from imagesieve.classifier._split import untested_words
 from imagesieve.classifier._train import CLASS_WEIGHTS, FLIPS, TrainOptions, train_model
 from imagesieve.classifier._unknown import REASONS, UnknownRule
 
@@ -78,6 +79,7 @@ __all__ = [
     "calibrate_at",
     "card_at",
     "card_words",
+    "untested_words",
     "held_out_unknowns",
     "held_out_words",
     "unknown_now",

@@ -159,6 +159,8 @@ def _metrics(
     """Accuracy, F1, per-class scores, ROC-AUC (binary), ECE, UNKNOWN share, confusion matrix.
 
     Macro F1 averages the classes present in ``y_true`` or predicted (scikit-learn's default).
+    A class without test images has no recall or F1, one never predicted no precision (None,
+    not the 0 scikit-learn fills in).
     The UNKNOWN share is the whole decision's, with the share each rule fires on (both may).
     """
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -167,7 +169,8 @@ def _metrics(
     prec, rec, f1, support = precision_recall_fscore_support(
         y_true, top1, labels=labels, zero_division=0
     )
-    present = (support > 0) | np.isin(labels, top1)
+    predicted = np.bincount(top1, minlength=len(classes))[: len(classes)]
+    present = (support > 0) | (predicted > 0)
     correct = top1 == y_true
     known = np.array([r is None for r in reasons], bool)
     metrics: dict[str, Any] = {
@@ -186,8 +189,13 @@ def _metrics(
         "threshold": float(threshold),
         "classes": list(classes),
         "per_class": {
-            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(classes, prec, rec, f1, support, strict=True)
+            name: {
+                "precision": float(p) if k else None,
+                "recall": float(r) if s else None,
+                "f1": float(f) if s else None,
+                "support": int(s),
+            }
+            for name, p, r, f, s, k in zip(classes, prec, rec, f1, support, predicted, strict=True)
         },
         "confusion_matrix": confusion_matrix(y_true, top1, labels=labels).tolist(),
     }

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from imagesieve._errors import UserError
 
-__all__ = ["SplitPlan", "adaptive_split"]
+__all__ = ["SplitPlan", "adaptive_split", "untested_words"]
 
 #: Classes with fewer images than this are train-only.
 MIN_FOR_TEST = 4
@@ -117,3 +118,21 @@ def _keep_groups_together(cat: dict[str, np.ndarray], groups: np.ndarray) -> dic
         counts = np.bincount(side[members], minlength=3)
         side[members] = int(np.argmax(counts))
     return {name: np.flatnonzero(side == k).astype(np.int64) for k, name in enumerate(names)}
+
+
+def untested_words(split: dict[str, Any]) -> str | None:
+    """The classes a split (``meta.json`` ``split``) could not test, in words; None if none.
+
+    A class too small to hold images out is trained on but has no accuracy: say so, where a
+    per-class table would only show it with no test images.
+    """
+    untested = [
+        f"{c} ({r['images']} images)"
+        for c, r in split.get("per_class", {}).items()
+        if not r["test"]
+    ]
+    return (
+        f"no accuracy for {', '.join(untested)}: too few images to hold any out"
+        if untested
+        else None
+    )

@@ -32,6 +32,7 @@ from imagesieve.classifier import (
     held_out_words,
     off_target_words,
     parse_bounds,
+    untested_words,
 )
 from imagesieve.ingest import describe_history, read_history
 
@@ -91,6 +92,9 @@ def _metrics_md(version: Any) -> str:
         f"{m.get('n', '?')} {m.get('evaluated_on', '')} images: {head}",
         "",
     ]
+    untested = untested_words(version.meta.get("split") or {})
+    if untested:
+        lines += [f"{untested[0].upper()}{untested[1:]}.", ""]
     by_rule = m.get("unknown_by_rule") or {}
     if by_rule:
         lines += [

@@ -1057,6 +1057,8 @@ def test_model__thresholds_calibrated_for_a_rate_previewed_and_applied(page, app
     found = service.thresholds_for_target(0.1)
     page.tab("Model")
     page.wait_text("#model-threshold-preview", "stored images would be UNKNOWN")
+    # the rate box starts at the rate the thresholds were calibrated for (training's 5%)
+    assert float(page.page.locator("#model-target input").input_value()) == 5
     row = next(r for r in service.threshold_tradeoff()["rates"] if r["target"] == 0.1)
     table = page.wait_text("#model-tradeoff", "What each false-UNKNOWN rate costs and catches")
     assert f"10% {row['confidence']:.3f} {row['distance']:.3f}" in " ".join(table.split())

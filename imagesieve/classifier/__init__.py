@@ -19,6 +19,7 @@ from imagesieve.classifier._evaluate import (
     evaluate_model,
     held_out_unknowns,
     held_out_words,
+    target_rate,
     unknown_now,
 )
 from imagesieve.classifier._gradcam import GradCam, grad_cam, grad_cam_loaded
@@ -82,6 +83,7 @@ __all__ = [
     "untested_words",
     "held_out_unknowns",
     "held_out_words",
+    "target_rate",
     "unknown_now",
     "INFER_BATCH",
     "FAR_FROM_TRAINING",

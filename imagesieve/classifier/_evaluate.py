@@ -29,6 +29,7 @@ __all__ = [
     "evaluate_version_on",
     "held_out_unknowns",
     "held_out_words",
+    "target_rate",
     "unknown_now",
 ]
 
@@ -159,7 +160,7 @@ def evaluate_model(
         },
         batch_size=batch_size,
         progress=progress,
-        target=_target(v),
+        target=target_rate(v),
     )
     return metrics, out_dir
 
@@ -184,7 +185,7 @@ def _near_training(version: ModelVersion, nearest: list[tuple]) -> np.ndarray:
     return rule.judge(distance, pair)
 
 
-def _target(version: ModelVersion) -> float | None:
+def target_rate(version: ModelVersion) -> float | None:
     """The false-UNKNOWN rate the version's thresholds were calibrated for (None: not).
 
     An operator's (``set_thresholds`` with a target) over training's.
@@ -226,7 +227,7 @@ def held_out_unknowns(
     if quality is not None:
         poor = quality.poor({k: columns[k] for k in DECISION_INPUTS[1:]})
     shares = rule.shares(columns["confidence"], columns["distance"], poor)
-    target = target or _target(version)
+    target = target or target_rate(version)
     n = len(columns["confidence"])
     k = round(shares.pop("unknown") * n)
     return {

@@ -32,6 +32,7 @@ from imagesieve.classifier import (
     held_out_words,
     off_target_words,
     parse_bounds,
+    target_rate,
     untested_words,
 )
 from imagesieve.ingest import describe_history, read_history
@@ -310,8 +311,10 @@ def model_tab(service: Service) -> Panel:
                 None,
                 None,
                 "",
+                None,
             )
         confidence, use_distance, distance, maximum = _threshold_controls(version)
+        aimed = target_rate(version)
         return (
             table,
             gr.Dropdown(choices=names, value=version.name),
@@ -331,6 +334,7 @@ def model_tab(service: Service) -> Panel:
             _confusion_frame(service.confusion()),
             None,
             _tradeoff_md(service),
+            None if aimed is None else round(100 * aimed, 4),  # Calibrate starts from it
         )
 
     @user_errors
@@ -451,7 +455,7 @@ def model_tab(service: Service) -> Panel:
     apply_button = gr.Button("Apply these thresholds", elem_id="model-apply-thresholds")
     outputs = [versions, pick, metrics, confusion, curves, misclassified]
     outputs += [confidence, use_distance, distance, bounds, counts, confusion_table, aimed]
-    outputs += [tradeoff]
+    outputs += [tradeoff, rate]
     activated = activate_button.click(activate, pick, None)
 
     @user_errors

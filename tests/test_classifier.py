@@ -108,13 +108,13 @@ def test_train_model__version_files_split_and_skipped(trained):
     assert meta["split"]["per_class"]["lonely"]["rule"] == "train only (fewer than 4 images)"
     lonely = meta["split"]["per_class"]["lonely"]["images"]
     assert untested_words(meta["split"]) == (
-        f"no accuracy for lonely ({lonely} images): too few images to hold any out"
+        f"no test images, so no accuracy, for lonely ({lonely} images)"
     )
     scores = json.loads((v.report_dir / "metrics.json").read_text())["per_class"]["lonely"]
     assert (scores["recall"], scores["f1"], scores["support"]) == (None, None, 0)
     from imagesieve.app.ui._model import _metrics_md  # the Model tab says it too
 
-    assert f"No accuracy for lonely ({lonely} images)" in _metrics_md(v)
+    assert f"No test images, so no accuracy, for lonely ({lonely} images)." in _metrics_md(v)
     assert meta["split"]["per_class"]["defective"]["test"] == 10
     # the whole UNKNOWN decision calibrated on out-of-fold training images + validation images
     thresholds, split = meta["thresholds"], meta["split"]

@@ -121,18 +121,14 @@ def _keep_groups_together(cat: dict[str, np.ndarray], groups: np.ndarray) -> dic
 
 
 def untested_words(split: dict[str, Any]) -> str | None:
-    """The classes a split (``meta.json`` ``split``) could not test, in words; None if none.
+    """The classes a split (``meta.json`` ``split``) left without test images, in words.
 
-    A class too small to hold images out is trained on but has no accuracy: say so, where a
-    per-class table would only show it with no test images.
+    Such a class (too small to hold images out) is trained on but has no accuracy: say so,
+    where a per-class table would only show it with no test images. None when every class is
+    tested, or when there is no test split at all (the metrics then say what they are on).
     """
-    untested = [
-        f"{c} ({r['images']} images)"
-        for c, r in split.get("per_class", {}).items()
-        if not r["test"]
-    ]
-    return (
-        f"no accuracy for {', '.join(untested)}: too few images to hold any out"
-        if untested
-        else None
-    )
+    per_class = split.get("per_class") or {}
+    untested = [f"{c} ({r['images']} images)" for c, r in per_class.items() if not r["test"]]
+    if not untested or not split.get("test"):
+        return None
+    return f"no test images, so no accuracy, for {', '.join(untested)}"

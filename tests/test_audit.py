@@ -349,13 +349,28 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
     (version.path / "meta.json").write_text(json.dumps(meta))
     with Store(ws, check=False) as store:  # every image UNKNOWN, so there are clusters to review
         store._db.execute("UPDATE predictions SET label = 'UNKNOWN', reason = 'low_confidence'")
-    run_clustering(ws, ClusterParams(min_cluster_size=5))
+        store._db.execute("UPDATE predictions SET quality_flags = 'dark' WHERE id = ?", [mono[0]])
     before = tree(data)
     with Service(ws) as service:
         server = start_server(service, ui=False)
         base = server.url + "/api/v1"
         try:
+            # clustering through the API: in the background, one run at a time
+            with service._clustering:  # as while the app's button runs
+                r = requests.post(f"{base}/clusters/run", json={}, timeout=30)
+                assert r.status_code == 409 and "running already" in r.text
+            r = requests.post(f"{base}/clusters/run", json={"min_cluster_size": 5}, timeout=30)
+            assert r.status_code == 202 and r.json()["running"] is True
+            for _ in range(600):
+                status = requests.get(f"{base}/clusters/run", timeout=30).json()
+                if not status["running"]:
+                    break
+                time.sleep(0.1)
+            run = status["run"]
+            assert (run["images"], run["left_out"]) == (39, {"poor_quality": 1, "set_aside": 0})
+            assert run["params"]["min_cluster_size"] == 5 and run["clusters"]
             clusters = requests.get(f"{base}/clusters", timeout=30).json()["clusters"]
+            assert [c["cluster_id"] for c in clusters] == [c["cluster_id"] for c in run["clusters"]]
             cid = clusters[0]["cluster_id"]
             page = requests.get(
                 f"{base}/clusters/{cid}/members", params={"limit": 2, "offset": 1}, timeout=30
@@ -445,6 +460,8 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
                 (f"/clusters/{cid}/name", {"name": ".."}, 400),
                 ("/clusters/9999/name", {"name": "x"}, 400),
                 ("/clusters/9999/promote", {"name": "x"}, 400),
+                ("/clusters/run", {"min_cluster_size": 1}, 422),
+                ("/clusters/run", {"poor_quality": "maybe"}, 422),
                 ("/audit/undo", {"action_id": 0}, 422),
                 ("/audit/undo", {"action_id": 99}, 400),
             ]:
@@ -464,6 +481,7 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
                 "/api/v1/images/relabel",
                 "/api/v1/images/exclude",
                 "/api/v1/clusters/{cluster_id}/promote",
+                "/api/v1/clusters/run",
                 "/api/v1/audit/undo",
                 "/api/v1/thresholds",
                 "/api/v1/retrain",

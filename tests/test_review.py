@@ -181,6 +181,12 @@ def test_cli__cluster_list_name_reject(loop, capsys):
     )
     run = json.loads(capsys.readouterr().out)
     cid = run["clusters"][-1]["cluster_id"]
+    # every UNKNOWN is clustered or counted as left out, and why
+    (unknown,) = rows(
+        ws, "SELECT count(*) FROM predictions WHERE model_version = 'v1' AND label = 'UNKNOWN'"
+    )[0]
+    assert set(run["left_out"]) == {"poor_quality", "set_aside"}
+    assert run["images"] + sum(run["left_out"].values()) == unknown
     assert (ws.root / "clusters" / "summary.csv").is_file()
     assert (ws.root / "clusters" / f"cluster_{cid}").is_dir()
     assert (

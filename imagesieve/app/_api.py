@@ -133,6 +133,21 @@ class PromoteRequest(BaseModel):
     )
 
 
+class ClusterRunRequest(BaseModel):
+    """Cluster the active model's UNKNOWN images (as `imagesieve cluster` and the app do)."""
+
+    min_cluster_size: int | None = Field(
+        None,
+        ge=2,
+        le=100_000,
+        description="fewest images that make a cluster (default: adapts to the number of "
+        "UNKNOWNs, max(5, sqrt(n) / 4))",
+    )
+    poor_quality: bool = Field(
+        False, description="cluster photos of poor quality too (left out by default: reshoot them)"
+    )
+
+
 class ThresholdsRequest(BaseModel):
     """UNKNOWN thresholds: below this Top-1 probability, or further than this distance."""
 
@@ -428,6 +443,28 @@ def add_api(
         named, or promoted with members pending).
         """
         return {"clusters": await _call(service.clusters)}
+
+    @router.post("/clusters/run", status_code=202, responses=errors(409, 503))
+    async def run_clusters(body: ClusterRunRequest) -> dict[str, Any]:
+        """Cluster the UNKNOWN images in the background; poll ``GET /clusters/run``.
+
+        Cluster ids continue those of the last run, so names stick; the run replaces the
+        clusters ``GET /clusters`` lists. One run at a time (409 while one runs).
+        """
+        return await _call(
+            service.start_clustering,
+            min_cluster_size=body.min_cluster_size,
+            poor_quality=body.poor_quality,
+        )
+
+    @router.get("/clusters/run", responses=errors())
+    async def clustering_status() -> dict[str, Any]:
+        """The clustering run's status: running and stage, then ``run`` or ``error``.
+
+        ``run``: images clustered, noise, the clusters, seconds and ``left_out`` (poor photos
+        and set-aside near-duplicates, not clustered).
+        """
+        return dict(service.clustering_status)
 
     @router.get("/clusters/{cluster_id}/members", responses=errors(400, 503))
     async def cluster_members(

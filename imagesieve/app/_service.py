@@ -405,6 +405,7 @@ class Service:
         self.started = time.time()
         self._training = threading.Lock()
         self._clustering = threading.Lock()
+        self.clustering_status: dict[str, Any] = {"running": False}
         self.training_status: dict[str, Any] = {"running": False}
         self._active = active_stamp(ws)
         self._switch = threading.Lock()
@@ -879,6 +880,44 @@ class Service:
             )
             self.reload_clusters()
         return run
+
+    def start_clustering(self, **params: Any) -> dict[str, Any]:
+        """Cluster the active version's UNKNOWNs in the background; poll ``clustering_status``.
+
+        One run at a time (the app's button included): another while one runs is a conflict.
+        """
+        chosen = ClusterParams(**params)  # bad parameters are an error now, not in the thread
+        if not self._clustering.acquire(blocking=False):
+            raise ServiceError("clustering is running already", kind="conflict")
+        version = self.version.name
+
+        def report(stage: str, done: int, total: int) -> None:
+            self.clustering_status.update(stage=stage, done=done, total=total)
+
+        def run() -> None:
+            try:
+                done = run_clustering(
+                    self.ws, chosen, model=version, store=self.store, progress=report
+                )
+                self.reload_clusters()
+                self.clustering_status = {
+                    "running": False,
+                    "version": version,
+                    "run": done.to_dict(),
+                }
+            except Exception as e:
+                self.clustering_status = {"running": False, "version": version, "error": str(e)}
+                raise
+            finally:
+                self._clustering.release()
+
+        self.clustering_status = {"running": True, "version": version}
+        try:
+            threading.Thread(target=_logged(run, "clustering"), daemon=True).start()
+        except BaseException:
+            self._clustering.release()
+            raise
+        return dict(self.clustering_status)
 
     def update_cluster(
         self, cluster_id: int, who: str | None = None, **change: Any

@@ -78,10 +78,19 @@ class ClusterRun:
     seconds: dict[str, float]
     params: dict[str, Any]
     export_dir: str | None = None
+    #: UNKNOWN images not clustered, by why (``Clusters.left_out``): poor photos, set aside.
+    left_out: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return asdict(self)
+
+    def left_out_words(self) -> str:
+        """What was left out and how to include it, in words ("" when nothing was)."""
+        poor, aside = self.left_out.get("poor_quality", 0), self.left_out.get("set_aside", 0)
+        parts = [f"{poor:,} poor photo{'s' * (poor != 1)} (to be reshot)"] if poor else []
+        parts += [f"{aside:,} near-duplicate{'s' * (aside != 1)} set aside"] if aside else []
+        return f"left out: {', '.join(parts)}" if parts else ""
 
 
 @dataclass
@@ -132,6 +141,7 @@ def run_clustering(
         progress("clustering", 0, 1)
         with store.lock:
             ids, x, top1, top2 = store.clusters.unknowns(version, params.poor_quality)
+            left_out = store.clusters.left_out(version, params.poor_quality)
             previous, next_id = store.clusters.previous(version)
         # Seconds at scale, so without the store's lock: a server keeps storing predictions,
         # and the UNKNOWNs it stores meanwhile stay unclustered until the next run.
@@ -169,6 +179,7 @@ def run_clustering(
         seconds,
         asdict(result.params),
         str(export_dir),
+        left_out,
     )
 
 

@@ -139,6 +139,21 @@ class Clusters:
         ids, x = embedding_matrix(table, 1)
         return ids, x, table.column("top1").to_pylist(), table.column("top2").to_pylist()
 
+    def left_out(self, model_version: str, poor_quality: bool = False) -> dict[str, int]:
+        """The version's UNKNOWN images :meth:`unknowns` leaves out, by why.
+
+        ``poor_quality``: photos of poor quality (0 when they are clustered too);
+        ``set_aside``: near-duplicates a person set aside.
+        """
+        with self.store._connection() as con:
+            poor, aside = con.execute(
+                "SELECT count(*) FILTER (WHERE quality_flags IS NOT NULL AND duplicate_of IS NULL), "
+                "count(*) FILTER (WHERE duplicate_of IS NOT NULL) "
+                "FROM predictions WHERE model_version = ? AND label = ?",
+                [model_version, UNKNOWN],
+            ).fetchone()
+        return {"poor_quality": 0 if poor_quality else int(poor), "set_aside": int(aside)}
+
     def save_run(
         self,
         model_version: str,

@@ -89,11 +89,12 @@ def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = N
             min_cluster_size=int(min_size) or None,
             poor_quality=bool(poor),
         )
+        left = f" ({run.left_out_words()})" if run.left_out_words() else ""
         if run.clusters:
-            gr.Info(f"{len(run.clusters)} clusters among {run.images} UNKNOWN images")
+            gr.Info(f"{len(run.clusters)} clusters among {run.images} UNKNOWN images{left}")
         else:
             gr.Warning(
-                f"no clusters found among {run.images} UNKNOWN images (all are noise): "
+                f"no clusters found among {run.images} UNKNOWN images{left} (all are noise): "
                 "try a smaller cluster size"
             )
         return refresh()

@@ -122,7 +122,20 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
     v = result.version
     history = None
     if not args.no_history and previous is not None:
-        history = _score_history(ws, v.name, previous.name, not args.json)
+        from imagesieve.store import StoreBusyError
+
+        try:
+            history = _score_history(ws, v.name, previous.name, not args.json)
+        except StoreBusyError as e:
+            print(
+                "  history: a server holds the store; it scores the images stored with "
+                f"{previous.name} when it serves {v.name} (from its next request; "
+                "`GET /api/v1/retrain` shows the progress)"
+                if opts.activate
+                else f"  history not scored: {e}; run `imagesieve score --history-of "
+                f"{previous.name} --model {v.name}` when the store is free",
+                file=sys.stderr,
+            )
     doc = {
         "version": v.name,
         "path": str(v.path),
@@ -204,24 +217,15 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
 def _score_history(ws: Workspace, new: str, old: str, show: bool) -> dict[str, Any] | None:
     """Score ``old``'s stored images with ``new`` (after a retrain); None if nothing is stored.
 
-    A store held by a running server is reported, not waited for: the operator runs
-    ``imagesieve score --history-of OLD`` when it is free.
+    A store held by a running server raises ``StoreBusyError`` (not waited for).
     """
     from imagesieve.ingest import score_history
-    from imagesieve.store import STORE_FILE, Store, StoreBusyError
+    from imagesieve.store import STORE_FILE, Store
 
     if not (ws.root / STORE_FILE).is_file():
         return None
-    try:
-        with Store(ws) as store, _progress(show) as progress:
-            return score_history(ws, new, old, progress, store=store)
-    except StoreBusyError as e:
-        print(
-            f"  history not scored: {e}; run `imagesieve score --history-of {old} --model {new}` "
-            "when the store is free",
-            file=sys.stderr,
-        )
-        return None
+    with Store(ws) as store, _progress(show) as progress:
+        return score_history(ws, new, old, progress, store=store)
 
 
 def _print_history(h: dict[str, Any]) -> None:

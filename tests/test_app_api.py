@@ -538,9 +538,54 @@ def test_serve__models_activate_from_the_cli_takes_effect_on_the_running_server(
                 text=True,
             )
             assert r.returncode == 0 and "serves it from its next request" in r.stdout
+            stored = service.store.row_count("v1")
             answer = post_image(base, cell).json()
             assert answer["model_version"] == "v2"
             assert requests.get(base + "/health", timeout=10).json()["model_version"] == "v2"
+            # v2 had nothing stored (trained or activated outside): the server scores v1's
+            # history with it in the background, as its own retrain does
+            for _ in range(600):
+                status = requests.get(base + "/retrain", timeout=10).json()
+                if not status["running"]:
+                    break
+                time.sleep(0.1)
+            assert status == {"running": False, "version": "v2"}
+            history = requests.get(base + "/versions/v2/history", timeout=10).json()["history"]
+            assert (history["old"], history["new"], history["failed"]) == ("v1", "v2", 0)
+            assert history["compared"] == stored >= 1
+            assert service.store.row_count("v2") == stored
+        finally:
+            server.stop()
+
+
+def test_serve__a_version_the_cli_trains_meanwhile_is_served_with_the_history(
+    ws, small_folder, elpv
+):
+    cell = png_bytes([im for im in elpv if im.cell_type == "mono"][502].path)
+    with Service(ws) as service:
+        server = start_server(service, ui=False)
+        base = server.url + "/api/v1"
+        try:
+            assert post_image(base, cell).json()["model_version"] == "v1"
+            r = subprocess.run(
+                [sys.executable, "-m", "imagesieve.cli", "train", str(small_folder)]
+                + ["--workspace", str(ws.root)],
+                capture_output=True,
+                text=True,
+            )
+            assert r.returncode == 0, r.stderr
+            assert "trained v2" in r.stdout
+            assert (
+                "history: a server holds the store; it scores the images stored with v1 when it "
+                "serves v2" in r.stderr
+            )
+            assert post_image(base, cell).json()["model_version"] == "v2"
+            for _ in range(600):
+                if not requests.get(base + "/retrain", timeout=10).json()["running"]:
+                    break
+                time.sleep(0.1)
+            history = requests.get(base + "/versions/v2/history", timeout=10).json()["history"]
+            assert history["compared"] == service.store.row_count("v1") >= 1
         finally:
             server.stop()
 

@@ -481,7 +481,40 @@ class Service:
                     log.info("serving %s: it was made active outside this server", version.name)
                     self._use(version)
                     record_activation(self.store, version.name, current, "outside the server")
+                    if current is not None:
+                        self._score_history_later(current)
             self._active = stamp
+
+    def _score_history_later(self, old: str) -> None:
+        """Score ``old``'s stored images with the version now served, in the background.
+
+        For a version trained outside the server (``imagesieve train`` while it runs could
+        not reach the store): it serves with the history scored, as a retrain here does.
+        Nothing when it has stored images already (it was served before) or ``old`` has none;
+        ``training_status`` shows the progress, as for a retrain.
+        """
+        predictor = self.predictor
+        new = predictor.version.name
+        if self.store.row_count(new) or not self.store.row_count(old):
+            return
+        if not self._training.acquire(blocking=False):
+            log.warning("%s's history not scored: a training run is going", new)
+            return
+        stage = f"scoring the images stored with {old}"
+        progress = self._training_progress()
+
+        def run() -> None:
+            try:
+                score_history(self.ws, new, old, progress, store=self.store, predictor=predictor)
+                self.training_status = {"running": False, "version": new}
+            except Exception as e:
+                self.training_status = {"running": False, "error": f"{stage}: {e}"}
+                raise
+            finally:
+                self._training.release()
+
+        self.training_status = {"running": True, "version": new, "stage": stage}
+        threading.Thread(target=_logged(run, stage), daemon=True).start()
 
     def reload_clusters(self) -> None:
         """Re-read the live batch's clusters (after a clustering run or a review action)."""
@@ -1228,17 +1261,8 @@ class Service:
         """The active version's UNKNOWN thresholds, whether an operator tuned them, and counts."""
         return threshold_counts(self.ws, model=self.version.name, store=self.store)
 
-    def start_retrain(self, who: str | None = None) -> dict[str, Any]:
-        """Retrain on the active version's training folder in the background; its status now.
-
-        Progress (stage, done, total, ETA) is in ``training_status`` as it runs.
-        """
-        require_full_install("retraining")  # here, not in the background run's status
-        data_dir = self.training_dir()
-        if data_dir is None:
-            raise ServiceError("the active model's training folder is gone; retrain from the CLI")
-        if not self._training.acquire(blocking=False):
-            raise ServiceError("a training run is already going", kind="conflict")
+    def _training_progress(self) -> Progress:
+        """A progress callback keeping stage, done, total and ETA in ``training_status``."""
         stage_start = {"stage": None, "at": time.monotonic()}
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -1250,6 +1274,21 @@ class Service:
             self.training_status.update(
                 stage=stage, done=done, total=total, eta_s=None if eta is None else round(eta, 1)
             )
+
+        return progress
+
+    def start_retrain(self, who: str | None = None) -> dict[str, Any]:
+        """Retrain on the active version's training folder in the background; its status now.
+
+        Progress (stage, done, total, ETA) is in ``training_status`` as it runs.
+        """
+        require_full_install("retraining")  # here, not in the background run's status
+        data_dir = self.training_dir()
+        if data_dir is None:
+            raise ServiceError("the active model's training folder is gone; retrain from the CLI")
+        if not self._training.acquire(blocking=False):
+            raise ServiceError("a training run is already going", kind="conflict")
+        progress = self._training_progress()
 
         def run() -> None:
             try:

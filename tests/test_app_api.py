@@ -586,6 +586,17 @@ def test_serve__a_version_the_cli_trains_meanwhile_is_served_with_the_history(
                 time.sleep(0.1)
             history = requests.get(base + "/versions/v2/history", timeout=10).json()["history"]
             assert history["compared"] == service.store.row_count("v1") >= 1
+            # the same for a version with nothing stored activated through the API
+            shutil.copytree(ws.models_dir / "v1", ws.models_dir / "v3")
+            assert requests.post(base + "/versions/v3/activate", timeout=30).status_code == 200
+            for _ in range(600):
+                status = requests.get(base + "/retrain", timeout=10).json()
+                if not status["running"]:
+                    break
+                time.sleep(0.1)
+            assert status == {"running": False, "version": "v3"}
+            history = requests.get(base + "/versions/v3/history", timeout=10).json()["history"]
+            assert (history["old"], history["compared"]) == ("v2", service.store.row_count("v2"))
         finally:
             server.stop()
 

@@ -1123,12 +1123,19 @@ class Service:
         raise ServiceError(f"no model version named {name!r}: see the Model tab's versions")
 
     def activate(self, name: str, who: str | None = None) -> ModelVersion:
-        """Make a version the active one and serve it (recorded as ``who``)."""
+        """Make a version the active one and serve it (recorded as ``who``).
+
+        A version with nothing stored yet gets the served one's history scored in the
+        background (:meth:`_score_history_later`).
+        """
         self._named_version(name)
+        current = self.predictor.version.name if self.predictor else None
         version = get_version(self.ws, activate_model(self.ws, name, who=who, store=self.store))
         with self._switch:
             self._use(version)
             self._active = active_stamp(self.ws)
+            if current is not None and current != version.name:
+                self._score_history_later(current)
         return version
 
     def retrain(

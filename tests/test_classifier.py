@@ -393,11 +393,25 @@ def test_train_model__finetune_phase_records_curves(tmp_path, small_folder):
     assert active_version(ws) is None
     assert (result.version.report_dir / "training_curves.png").stat().st_size > 1000
     assert get_version(ws, "v1").meta["training"]["phase1"]["selected_on"] == "val split"
-    # the distance is fitted on the fine-tuned model's features of the training images
+    # the distance is fitted on the fine-tuned model's features of the training images and
+    # of the near-duplicate check's copies of them (the same copies, embedded again)
+    from imagesieve.classifier._leakage import training_copies
+    from imagesieve.data import scan_image_folder
+
     reference = ReferenceSet.load(result.version.path)
-    ood = np.stack([p.ood_features for p in Predictor(result.version).score(reference.sources)])
+    predictor = Predictor(result.version)
+    ood = np.stack([p.ood_features for p in predictor.score(reference.sources)])
+    unread = {s["path"] for s in meta["data"]["skipped"]}  # training's images: the readable ones
+    paths = [s.path for s in scan_image_folder(small_folder).samples if str(s.path) not in unread]
+    items, source = training_copies(paths, result.version.config, 0)
+    train = set(reference.sources)
+    mine = [k for k, i in enumerate(source) if str(paths[i]) in train]
+    assert mine and meta["thresholds"]["far_copies"] == len(mine)
+    copies = np.stack([p.ood_features for p in predictor.score([items[k] for k in mine])])
+    labels = [*reference.labels, *(paths[source[k]].parent.name for k in mine)]
+    expected = Mahalanobis.fit(np.concatenate([ood, copies]), np.array(labels)).means
     far = Mahalanobis.load(result.version.path)
-    np.testing.assert_allclose(far.means, Mahalanobis.fit(ood, reference.labels).means, atol=1e-5)
+    np.testing.assert_allclose(far.means, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from imagesieve.classifier import (
     TrainOptions,
     UnknownRule,
 )
-from imagesieve.classifier._far import RELATIVE, Mahalanobis
+from imagesieve.classifier._far import RELATIVE, FarFeatures, Mahalanobis
 from imagesieve.classifier._openset import (
     FOLDS,
     MIN_GAIN,
@@ -407,7 +407,7 @@ def test_held_out__mahalanobis_out_of_fold(digits):
     refit = _refit(pixels, y)
     val_top1 = refit(train)[val]
     version = Mahalanobis.fit(emb[train], y[train])
-    held = held_out(emb, y, train, val, val_top1, refit, far=(emb, version))
+    held = held_out(emb, y, train, val, val_top1, refit, far=(FarFeatures(emb), version))
 
     # validation images: the version's own fit
     np.testing.assert_allclose(held.distance[len(train) :], version(emb[val]), rtol=1e-6)
@@ -422,14 +422,39 @@ def test_held_out__mahalanobis_out_of_fold(digits):
     assert np.median(held.distance[: len(train)]) > np.median(version(emb[train]))
 
 
+def test_held_out__a_fold_fits_the_copies_of_its_own_images_only(digits):
+    pixels, emb, y, train, val = digits
+    refit = _refit(pixels, y)
+    rng = np.random.default_rng(1)
+    copy_of = rng.choice(train, 60, replace=False)  # "re-encoded" copies of training images
+    copies = emb[copy_of] + rng.normal(0, 0.05, (60, emb.shape[1])).astype(np.float32)
+    features = FarFeatures(emb, copies, copy_of)
+    version = features.fit(y, train)
+    assert features.copies_of(train) == 60 and features.copies_of(val) == 0
+    plain = Mahalanobis.fit(emb[train], y[train])
+    assert not np.allclose(version.means, plain.means)  # the copies are in the version's fit
+    held = held_out(emb, y, train, val, refit(train)[val], refit, far=(features, version))
+    order = np.random.default_rng(0).permutation(train)
+    fold = np.arange(len(order)) % FOLDS
+    fit, hold = order[fold != 1], order[fold == 1]
+    mine = np.isin(copy_of, fit)  # the copies of a held-out image stay out of its fold's fit
+    assert mine.sum() < 60 and not np.isin(copy_of[mine], hold).any()
+    expected = Mahalanobis.fit(
+        np.concatenate([emb[fit], copies[mine]]),
+        np.concatenate([y[fit], y[copy_of[mine]]]),
+        scale=version.scale,
+    )(emb[hold])
+    np.testing.assert_allclose(held.distance[np.searchsorted(train, hold)], expected, rtol=1e-6)
+
+
 def test_report_card__mahalanobis_refitted_without_the_class(digits):
     pixels, emb, y, train, val = digits
     refit = _refit(pixels, y)
     version = Mahalanobis.fit(emb[train], y[train])
-    held = held_out(emb, y, train, val, refit(train)[val], refit, far=(emb, version))
+    held = held_out(emb, y, train, val, refit(train)[val], refit, far=(FarFeatures(emb), version))
     classes = [f"digit{d}" for d in DIGITS]
     rule, _, card = report_card(
-        emb, y, classes, train, val, held, refit, 0.5, RATE, far=(emb, version)
+        emb, y, classes, train, val, held, refit, 0.5, RATE, far=(FarFeatures(emb), version)
     )
     n = len(held.label)
     assert abs(_shares(rule, held.top1_prob, held.distance)[0] - RATE * n) <= 1

@@ -27,10 +27,11 @@ from imagesieve.classifier._duplicates import (
 from imagesieve.data import ImageLoadError, load_image
 from imagesieve.models import BackboneConfig
 
-__all__ = ["TrainingDuplicates", "find_training_duplicates"]
+__all__ = ["TrainingDuplicates", "find_training_duplicates", "training_copies"]
 
-#: Training images whose generated copies calibrate the rule (4 copies each). 60 cost 3.3 s
-#: on 1,200 shapes (a 1.43x longer training than phase 1 alone); 30, as BMP, about half.
+#: Training images whose generated copies calibrate the rule (4 copies each); the far rule's
+#: fit takes those of the training split too (``FarFeatures``). 60 cost 3.3 s on 1,200 shapes
+#: (a 1.43x longer training than phase 1 alone); 30, as BMP, about half.
 CALIBRATION_IMAGES = 30
 #: Groups (and their paths) a version's meta.json lists.
 LISTED = 50
@@ -45,6 +46,10 @@ class TrainingDuplicates:
     members: list[np.ndarray] = field(default_factory=list)
     seconds: float = 0.0
     note: str | None = None
+    #: The image each embedded copy was made from (m,), and the copies' tapped features
+    #: (m, d; None when the backbone has none): the far rule's fit takes them.
+    copy_of: np.ndarray | None = None
+    copy_ood: np.ndarray | None = None
 
     def report(self, plan: Any, paths: list[Path], presplit: bool) -> dict[str, Any]:
         """``meta.json`` "duplicates": the groups, and those the split has on several sides.
@@ -87,15 +92,58 @@ def find_training_duplicates(
     10 images, or a rule that cannot be calibrated, give no groups and say why.
     """
     from imagesieve.classifier._features import extract_features
+    from imagesieve.models import OOD_FEATURES
 
     t = time.perf_counter()
     n = len(paths)
     if n < 10:
         return TrainingDuplicates(None, None, note="fewer than 10 images: not checked")
+    items, source = training_copies(paths, config, seed)
+    copy_signatures: list = []
+    arrays, errors = extract_features(
+        onnx_path,
+        config,
+        items,
+        ("embedding", OOD_FEATURES),
+        batch_size=batch_size,
+        signatures=copy_signatures,
+    )
+    ok = np.array([e is None for e in errors], bool)
+    copies = {
+        "copy_of": source[ok],
+        "copy_ood": None if OOD_FEATURES not in arrays else arrays[OOD_FEATURES][ok],
+    }
+    try:
+        rule = calibrate_duplicate_rule(
+            embeddings,
+            arrays["embedding"][ok],
+            source[ok],
+            signatures,
+            np.stack([s for s, k in zip(copy_signatures, ok, strict=True) if k]),
+        )
+        members = near_duplicate_groups(embeddings, rule, signatures=signatures)
+    except ValueError as e:  # e.g. too few copies decoded to calibrate on
+        return TrainingDuplicates(
+            None, None, seconds=time.perf_counter() - t, note=str(e), **copies
+        )
+    groups = np.arange(n)
+    for g in members:
+        groups[g] = g[0]
+    return TrainingDuplicates(rule, groups, members, time.perf_counter() - t, **copies)
+
+
+def training_copies(
+    paths: list[Path], config: BackboneConfig, seed: int = 0
+) -> tuple[list[tuple[str, bytes]], np.ndarray]:
+    """Generated copies of up to CALIBRATION_IMAGES of ``paths`` (``near_duplicate_variants``).
+
+    Returns (name, BMP bytes) items to embed and the index of each one's image; the same
+    ``seed`` gives the same copies (a fine-tuned version embeds them again).
+    """
     rng = np.random.default_rng(seed)
     items: list[tuple[str, bytes]] = []
     source: list[int] = []
-    for i in rng.choice(n, min(CALIBRATION_IMAGES, n), replace=False).tolist():
+    for i in rng.choice(len(paths), min(CALIBRATION_IMAGES, len(paths)), replace=False).tolist():
         try:
             image = load_image(paths[i], min_side=config.resize_side).image
         except ImageLoadError:
@@ -105,28 +153,4 @@ def find_training_duplicates(
             copy.save(buf, "BMP")  # no compression: the cheapest to write and to decode
             items.append((f"{paths[i].name} ({kind})", buf.getvalue()))
             source.append(i)
-    copy_signatures: list = []
-    arrays, errors = extract_features(
-        onnx_path,
-        config,
-        items,
-        ("embedding",),
-        batch_size=batch_size,
-        signatures=copy_signatures,
-    )
-    ok = np.array([e is None for e in errors], bool)
-    try:
-        rule = calibrate_duplicate_rule(
-            embeddings,
-            arrays["embedding"][ok],
-            np.asarray(source, np.int64)[ok],
-            signatures,
-            np.stack([s for s, k in zip(copy_signatures, ok, strict=True) if k]),
-        )
-        members = near_duplicate_groups(embeddings, rule, signatures=signatures)
-    except ValueError as e:  # e.g. too few copies decoded to calibrate on
-        return TrainingDuplicates(None, None, seconds=time.perf_counter() - t, note=str(e))
-    groups = np.arange(n)
-    for g in members:
-        groups[g] = g[0]
-    return TrainingDuplicates(rule, groups, members, time.perf_counter() - t)
+    return items, np.asarray(source, np.int64)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imagesieve._errors import UserError
-from imagesieve.classifier._far import Mahalanobis
+from imagesieve.classifier._far import FarFeatures, Mahalanobis
 from imagesieve.classifier._quality import QualityRule
 from imagesieve.classifier._reference import ReferenceSet
 from imagesieve.classifier._unknown import UnknownRule
@@ -184,7 +184,7 @@ def held_out(
     refit: Refit,
     seed: int = 0,
     poor: np.ndarray | None = None,
-    far: tuple[np.ndarray, Mahalanobis] | None = None,
+    far: tuple[FarFeatures, Mahalanobis] | None = None,
     measures: dict[str, np.ndarray] | None = None,
 ) -> HeldOut:
     """Out-of-fold Top-1 probabilities and distances of ``train``, plus ``val``.
@@ -203,7 +203,7 @@ def held_out(
         fit, hold = order[fold != f], order[fold == f]
         top1[hold] = refit(fit, False)[hold]
         if far is not None and len(fit):
-            distance[hold] = _refitted(far, y, fit)(far[0][hold])
+            distance[hold] = _refitted(far, y, fit)(far[0].x[hold])
     if far is None:
         reference = ReferenceSet(embeddings[train], [""] * len(train), [""] * len(train))
         loo = reference.leave_one_out()
@@ -213,7 +213,9 @@ def held_out(
     distance = distance[train]
     if len(val):
         seen = (
-            far[1](far[0][val]) if far is not None else reference.nearest(embeddings[val])[1][:, 0]
+            far[1](far[0].x[val])
+            if far is not None
+            else reference.nearest(embeddings[val])[1][:, 0]
         )
         distance = np.concatenate([distance, seen])
         on += f" + {len(val)} validation images"
@@ -301,7 +303,7 @@ def new_types(
     val: np.ndarray,
     refit: Refit,
     poor: np.ndarray | None = None,
-    far: tuple[np.ndarray, Mahalanobis] | None = None,
+    far: tuple[FarFeatures, Mahalanobis] | None = None,
     measures: dict[str, np.ndarray] | None = None,
 ) -> HeldOut:
     """Each class as a new type: its training and validation images, seen without the class.
@@ -322,7 +324,7 @@ def new_types(
             ref = ReferenceSet(embeddings[rest], [""] * len(rest), [""] * len(rest))
             dist = ref.nearest(embeddings[unseen])[1][:, 0]
         else:
-            dist = _refitted(far, y, rest)(far[0][unseen])
+            dist = _refitted(far, y, rest)(far[0].x[unseen])
         parts.append((unseen, top1, dist))
     rows = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
     return HeldOut(
@@ -394,7 +396,7 @@ def report_card(
     confidence: float,
     false_unknown_rate: float,
     poor: np.ndarray | None = None,
-    far: tuple[np.ndarray, Mahalanobis] | None = None,
+    far: tuple[FarFeatures, Mahalanobis] | None = None,
     new: HeldOut | None = None,
 ) -> tuple[UnknownRule, dict, dict]:
     """Leave each class out in turn; choose the mix; the calibrated rule, its record, the card.
@@ -458,9 +460,9 @@ def off_target_words(off: dict | None) -> str | None:
     )
 
 
-def _refitted(far: tuple[np.ndarray, Mahalanobis], y: np.ndarray, rows: np.ndarray) -> Mahalanobis:
-    """The Mahalanobis distance fitted on ``rows`` alone, on the version's scale."""
-    return Mahalanobis.fit(far[0][rows], y[rows], scale=far[1].scale)
+def _refitted(far: tuple[FarFeatures, Mahalanobis], y: np.ndarray, rows: np.ndarray) -> Mahalanobis:
+    """The Mahalanobis distance fitted on ``rows`` alone (and their copies), on the version's scale."""
+    return far[0].fit(y, rows, scale=far[1].scale)
 
 
 def _flagged(

@@ -15,9 +15,9 @@ import numpy as np
 from imagesieve._errors import UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier._engine import Progress
-from imagesieve.classifier._far import FAR_COSINE, FAR_MAHALANOBIS, Mahalanobis
+from imagesieve.classifier._far import FAR_COSINE, FAR_MAHALANOBIS, FarFeatures
 from imagesieve.classifier._features import HEAD_POOLING, backbone_onnx, extract_features
-from imagesieve.classifier._leakage import find_training_duplicates
+from imagesieve.classifier._leakage import find_training_duplicates, training_copies
 from imagesieve.classifier._openset import (
     HeldOut,
     Refit,
@@ -476,6 +476,24 @@ def _merge_history(h1: dict, h2: dict | None) -> dict[str, list[float]]:
     return out
 
 
+def _copies_again(
+    onnx: Path, config: Any, samples: list, opts: TrainOptions
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The near-duplicate check's copies of training images, through a fine-tuned model.
+
+    The same copies (the same seed), whose tapped features fine-tuning moved as it moved the
+    images': (the image each was made from, their features); (None, None) with under 10 images.
+    """
+    if len(samples) < 10:
+        return None, None
+    items, source = training_copies([s.path for s in samples], config, opts.seed)
+    arrays, errors = extract_features(
+        onnx, config, items, (OOD_FEATURES,), batch_size=opts.batch_size
+    )
+    ok = np.array([e is None for e in errors], bool)
+    return source[ok], arrays[OOD_FEATURES][ok]
+
+
 def train_model(
     data_dir: str | os.PathLike,
     ws: Workspace,
@@ -547,6 +565,7 @@ def train_model(
         opts.batch_size,
     )
     progress("finding near-duplicates", 1, 1)
+    copy_of, copy_ood = dups.copy_of, dups.copy_ood  # the far rule's fit takes them too
 
     if folder.presplit:
         by = {
@@ -616,6 +635,7 @@ def train_model(
             if ood is not None:
                 ood = np.zeros_like(ood)
                 ood[need] = arrays[OOD_FEATURES]
+                copy_of, copy_ood = _copies_again(build / "model.onnx", config, samples, opts)
             val_logits = arrays["logits"][len(plan.train) :]
         else:
             with torch.no_grad():
@@ -627,10 +647,12 @@ def train_model(
             kept_signatures[plan.train],
         )
         reference.save(build)
-        # The far-from-training distance on the tapped features, where the backbone has them.
+        # The far-from-training distance on the tapped features, where the backbone has them,
+        # fitted with the near-duplicate check's copies of training images too.
         far = None
         if ood is not None:
-            far = (ood, Mahalanobis.fit(ood[plan.train], y[plan.train]))
+            features = FarFeatures(ood, copy_ood, copy_of)
+            far = (features, features.fit(y, plan.train))
             far[1].save(build)
         # The whole UNKNOWN decision calibrated on held-out known images, and the report card.
         progress("calibrating UNKNOWN", 0, 1)
@@ -676,6 +698,8 @@ def train_model(
                 "mix": rule.mix,
                 "calibration": calibration,
                 "far": FAR_COSINE if far is None else FAR_MAHALANOBIS,
+                # generated copies of training images the distance's fit also took
+                "far_copies": None if far is None else far[0].copies_of(plan.train),
             },
             "open_set": card,
             "label_check": label_check,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 
 def start_cli_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
@@ -24,3 +26,15 @@ def start_cli_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]
             return proc, re.search(r"on (http://\S+)", line)[1]
     proc.wait(timeout=60)
     raise AssertionError(f"the server did not start:\n{log.read_text()}")
+
+
+def settled(url: str, seconds: float = 60) -> dict[str, Any]:
+    """GET a background job's status (``running``, ...) until it is no longer running."""
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while True:
+        status = requests.get(url, timeout=10).json()
+        if not status["running"] or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)

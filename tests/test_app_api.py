@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import requests
-from cliserver import start_cli_server
+from cliserver import settled, start_cli_server
 from PIL import Image
 
 from imagesieve._workspace import Workspace
@@ -523,6 +523,15 @@ def test_service_retrain__serves_the_new_version_then_activate_goes_back(ws, sma
         assert service.predict(cell, "cell.png").prediction.id == first.prediction.id
 
 
+def cli(ws: Workspace, *args: str) -> subprocess.CompletedProcess:
+    """``imagesieve ARGS --workspace WS`` in a process of its own, as an operator's shell runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "imagesieve.cli", *args, "--workspace", str(ws.root)],
+        capture_output=True,
+        text=True,
+    )
+
+
 def test_serve__models_activate_from_the_cli_takes_effect_on_the_running_server(ws, elpv):
     shutil.copytree(ws.models_dir / "v1", ws.models_dir / "v2")  # a second version, same model
     cell = png_bytes([im for im in elpv if im.cell_type == "mono"][501].path)
@@ -531,12 +540,7 @@ def test_serve__models_activate_from_the_cli_takes_effect_on_the_running_server(
         base = server.url + "/api/v1"
         try:
             assert post_image(base, cell).json()["model_version"] == "v1"
-            r = subprocess.run(
-                [sys.executable, "-m", "imagesieve.cli", "models", "--activate", "v2"]
-                + ["--workspace", str(ws.root)],
-                capture_output=True,
-                text=True,
-            )
+            r = cli(ws, "models", "--activate", "v2")
             assert r.returncode == 0 and "serves it from its next request" in r.stdout
             stored = service.store.row_count("v1")
             answer = post_image(base, cell).json()
@@ -544,11 +548,7 @@ def test_serve__models_activate_from_the_cli_takes_effect_on_the_running_server(
             assert requests.get(base + "/health", timeout=10).json()["model_version"] == "v2"
             # v2 had nothing stored (trained or activated outside): the server scores v1's
             # history with it in the background, as its own retrain does
-            for _ in range(600):
-                status = requests.get(base + "/retrain", timeout=10).json()
-                if not status["running"]:
-                    break
-                time.sleep(0.1)
+            status = settled(base + "/retrain")
             assert status == {"running": False, "version": "v2"}
             history = requests.get(base + "/versions/v2/history", timeout=10).json()["history"]
             assert (history["old"], history["new"], history["failed"]) == ("v1", "v2", 0)
@@ -567,12 +567,7 @@ def test_serve__a_version_the_cli_trains_meanwhile_is_served_with_the_history(
         base = server.url + "/api/v1"
         try:
             assert post_image(base, cell).json()["model_version"] == "v1"
-            r = subprocess.run(
-                [sys.executable, "-m", "imagesieve.cli", "train", str(small_folder)]
-                + ["--workspace", str(ws.root)],
-                capture_output=True,
-                text=True,
-            )
+            r = cli(ws, "train", str(small_folder))
             assert r.returncode == 0, r.stderr
             assert "trained v2" in r.stdout
             assert (
@@ -580,20 +575,13 @@ def test_serve__a_version_the_cli_trains_meanwhile_is_served_with_the_history(
                 "serves v2" in r.stderr
             )
             assert post_image(base, cell).json()["model_version"] == "v2"
-            for _ in range(600):
-                if not requests.get(base + "/retrain", timeout=10).json()["running"]:
-                    break
-                time.sleep(0.1)
+            assert settled(base + "/retrain") == {"running": False, "version": "v2"}
             history = requests.get(base + "/versions/v2/history", timeout=10).json()["history"]
             assert history["compared"] == service.store.row_count("v1") >= 1
             # the same for a version with nothing stored activated through the API
             shutil.copytree(ws.models_dir / "v1", ws.models_dir / "v3")
             assert requests.post(base + "/versions/v3/activate", timeout=30).status_code == 200
-            for _ in range(600):
-                status = requests.get(base + "/retrain", timeout=10).json()
-                if not status["running"]:
-                    break
-                time.sleep(0.1)
+            status = settled(base + "/retrain")
             assert status == {"running": False, "version": "v3"}
             history = requests.get(base + "/versions/v3/history", timeout=10).json()["history"]
             assert (history["old"], history["compared"]) == ("v2", service.store.row_count("v2"))

@@ -19,6 +19,7 @@ import numpy as np
 import openpyxl
 import pytest
 import requests
+from cliserver import settled  # tests/ is on sys.path under pytest
 
 from imagesieve._access import parse_tokens
 from imagesieve._errors import UserError
@@ -361,12 +362,7 @@ def test_api__drives_the_review_loop_with_undo(review, tmp_path):
                 assert r.status_code == 409 and "running already" in r.text
             r = requests.post(f"{base}/clusters/run", json={"min_cluster_size": 5}, timeout=30)
             assert r.status_code == 202 and r.json()["running"] is True
-            for _ in range(600):
-                status = requests.get(f"{base}/clusters/run", timeout=30).json()
-                if not status["running"]:
-                    break
-                time.sleep(0.1)
-            run = status["run"]
+            run = settled(f"{base}/clusters/run")["run"]
             assert (run["images"], run["left_out"]) == (39, {"poor_quality": 1, "set_aside": 0})
             assert run["params"]["min_cluster_size"] == 5 and run["clusters"]
             clusters = requests.get(f"{base}/clusters", timeout=30).json()["clusters"]

@@ -444,7 +444,7 @@ def add_api(
         """
         return {"clusters": await _call(service.clusters)}
 
-    @router.post("/clusters/run", status_code=202, responses=errors(409, 503))
+    @router.post("/clusters/run", status_code=202, responses=errors(400, 409, 503))
     async def run_clusters(body: ClusterRunRequest) -> dict[str, Any]:
         """Cluster the UNKNOWN images in the background; poll ``GET /clusters/run``.
 

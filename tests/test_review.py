@@ -274,3 +274,34 @@ def test_run_clustering__no_unknowns_yet_is_an_empty_run(trained, tmp_path):
     run = run_clustering(ws, model="v1")
     assert (run.images, run.noise, run.clusters) == (0, 0, [])
     assert list_clusters(ws, model="v1") == []
+
+
+def test_run_clustering__a_new_version_continues_the_clusters_of_the_one_before(
+    scoring_ws, elpv, capsys
+):
+    """Same embedding (a head-only retrain): its first run keeps the old ids, names, status."""
+    ws = scoring_ws
+    rng = random.Random(3)
+    poly = rng.sample([im for im in elpv if im.cell_type == "poly"], 60)
+    score_inputs(ws, [str(im.path) for im in poly])
+    before = run_clustering(ws, ClusterParams(min_cluster_size=5), model="v1")
+    assert before.clusters and before.continued_from is None
+    first = before.clusters[0]["cluster_id"]
+    update_cluster(ws, first, name="brand X", model="v1")
+    shutil.copytree(ws.models_dir / "v1", ws.models_dir / "v2")  # the same model again
+    score_history(ws, "v2", "v1")
+    assert (
+        main(["cluster", "--model", "v2", "--min-cluster-size", "5", "--workspace", str(ws.root)])
+        == 0
+    )
+    assert "continuing v1's clusters: their ids and names carry over" in capsys.readouterr().out
+    after = {c["cluster_id"]: c for c in list_clusters(ws, model="v2")}
+    old = {c["cluster_id"]: c for c in list_clusters(ws, model="v1")}
+    assert set(after) == {c for c in old if old[c]["size"]}  # the same groups, the same ids
+    assert (after[first]["name"], after[first]["status"]) == ("brand X", "named")
+    assert all(after[c]["size"] == old[c]["size"] for c in after)
+    # a later run of v2 continues v2's own clusters (nothing more is carried)
+    update_cluster(ws, first, name="brand Y", model="v2")
+    again = run_clustering(ws, ClusterParams(min_cluster_size=5), model="v2")
+    assert again.continued_from is None
+    assert next(c for c in again.clusters if c["cluster_id"] == first)["name"] == "brand Y"

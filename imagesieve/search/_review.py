@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagesieve._errors import SieveError
+from imagesieve._errors import SieveError, UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import UNKNOWN, Progress, ReferenceSet
 from imagesieve.data import sort_into
@@ -80,6 +80,9 @@ class ClusterRun:
     export_dir: str | None = None
     #: UNKNOWN images not clustered, by why (``Clusters.left_out``): poor photos, set aside.
     left_out: dict[str, int] = field(default_factory=dict)
+    #: The earlier version whose clusters this first run of a new version continued (ids,
+    #: names and status carried over), if any.
+    continued_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -143,6 +146,11 @@ def run_clustering(
             ids, x, top1, top2 = store.clusters.unknowns(version, params.poor_quality)
             left_out = store.clusters.left_out(version, params.poor_quality)
             previous, next_id = store.clusters.previous(version)
+            carried, earlier = None, None
+            if next_id == 0:  # never clustered: continue the clusters of the version before
+                earlier = _earlier_in_same_space(ws, info)
+            if earlier is not None:
+                previous, next_id, carried = store.clusters.carried_over(version, earlier)
         # Seconds at scale, so without the store's lock: a server keeps storing predictions,
         # and the UNKNOWNs it stores meanwhile stay unclustered until the next run.
         result: Clustering = cluster_embeddings(
@@ -164,6 +172,7 @@ def run_clustering(
                 len(result.noise_ids),
                 asdict(result.params) | {"min_cluster_size_used": result.min_cluster_size},
                 seconds,
+                carried,
             )
             export_dir = Path(export) if export is not None else ws.root / "clusters"
             if export is None and export_dir.exists():
@@ -180,7 +189,26 @@ def run_clustering(
         asdict(result.params),
         str(export_dir),
         left_out,
+        earlier,
     )
+
+
+def _earlier_in_same_space(ws: Workspace, info: Any) -> str | None:
+    """The version whose stored images ``info`` scored (its history), if they share the embedding.
+
+    Its clusters are what a new version's first clustering continues: ids, names and status
+    carry over where the same images gather again.
+    """
+    from imagesieve.ingest import read_history  # it imports this package
+
+    history = read_history(info)
+    if not history or info.frozen_backbone is None:
+        return None
+    try:
+        earlier = get_version(ws, history["old"])
+    except UserError:  # deleted since, or not a version any more: nothing to continue
+        return None
+    return earlier.name if earlier.frozen_backbone == info.frozen_backbone else None
 
 
 def cluster_model_path(ws: Workspace, version: str) -> Path:

@@ -116,6 +116,41 @@ class Clusters:
         ]
         return previous, next_id
 
+    def carried_over(
+        self, model_version: str, earlier: str
+    ) -> tuple[list[PreviousCluster], int, dict[int, tuple]]:
+        """An earlier version's clusters as this version's ``previous`` (its first run).
+
+        Members are this version's rows of the same images (by content); with the review
+        state (status, name, promoted_into) of each, and the earlier version's next free id.
+        For versions that share the embedding, so that the centroids still apply.
+        """
+        with self.store._connection() as con:
+            rows = con.execute(
+                "SELECT cluster_id, centroid, radius, size, status, name, promoted_into "
+                "FROM clusters WHERE model_version = ?",
+                [earlier],
+            ).fetchall()
+            members = con.execute(
+                "SELECT o.cluster_id, list(n.id ORDER BY n.id) FROM predictions o "
+                "JOIN predictions n ON n.sha256 = o.sha256 AND n.model_version = ? "
+                "WHERE o.model_version = ? AND o.cluster_id >= 0 GROUP BY o.cluster_id",
+                [model_version, earlier],
+            ).fetchall()
+        by_cluster = {c: np.array(ids, np.int64) for c, ids in members}
+        previous = [
+            PreviousCluster(
+                int(cid),
+                by_cluster.get(cid, np.zeros(0, np.int64)),
+                np.array(centroid, np.float32),
+                float(radius),
+            )
+            for cid, centroid, radius, size, *_ in rows
+            if size > 0 and centroid is not None
+        ]
+        states = {int(r[0]): tuple(r[4:]) for r in rows}
+        return previous, max((r[0] for r in rows), default=-1) + 1, states
+
     def unknowns(
         self, model_version: str, poor_quality: bool = False
     ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
@@ -164,13 +199,15 @@ class Clusters:
         noise: int,
         params: dict[str, Any],
         seconds: dict[str, float],
+        carried: dict[int, tuple] | None = None,
     ) -> int:
         """Store one clustering run in one transaction; returns its run id.
 
         ``labels`` give each of ``ids`` its cluster (-1 noise) and ``outlier`` its GLOSH score
         (NaN: none); ``clusters`` (search's
         ``Cluster``) replace their rows, keeping status, name, creation and promotion; clusters
-        not found again keep their row with size 0.
+        not found again keep their row with size 0. ``carried``: the review state (status,
+        name, promoted_into) of an earlier version's clusters a new one continues.
         """
         import pyarrow as pa
 
@@ -189,7 +226,8 @@ class Clusters:
             }
             rows = []
             for c in clusters:
-                status, name, created, into = old.get(c.cluster_id, ("new", None, stamp, None))
+                status, name, into = (carried or {}).get(c.cluster_id, ("new", None, None))
+                status, name, created, into = old.get(c.cluster_id, (status, name, stamp, into))
                 centroid = c.centroid.astype(np.float32).tolist()
                 top1, top2 = json.dumps(c.top1), json.dumps(c.top2)
                 rows.append(

@@ -543,13 +543,13 @@ def test_serve__models_activate_from_the_cli_takes_effect_on_the_running_server(
             r = cli(ws, "models", "--activate", "v2")
             assert r.returncode == 0 and "serves it from its next request" in r.stdout
             stored = service.store.row_count("v1")
-            answer = post_image(base, cell).json()
-            assert answer["model_version"] == "v2"
             assert requests.get(base + "/health", timeout=10).json()["model_version"] == "v2"
             # v2 had nothing stored (trained or activated outside): the server scores v1's
             # history with it in the background, as its own retrain does
             status = settled(base + "/retrain")
             assert status == {"running": False, "version": "v2"}
+            answer = post_image(base, cell).json()
+            assert (answer["model_version"], answer["already_stored"]) == ("v2", True)
             history = requests.get(base + "/versions/v2/history", timeout=10).json()["history"]
             assert (history["old"], history["new"], history["failed"]) == ("v1", "v2", 0)
             assert history["compared"] == stored >= 1
@@ -574,7 +574,7 @@ def test_serve__a_version_the_cli_trains_meanwhile_is_served_with_the_history(
                 "history: a server holds the store; it scores the images stored with v1 when it "
                 "serves v2" in r.stderr
             )
-            assert post_image(base, cell).json()["model_version"] == "v2"
+            assert requests.get(base + "/health", timeout=10).json()["model_version"] == "v2"
             assert settled(base + "/retrain") == {"running": False, "version": "v2"}
             history = requests.get(base + "/versions/v2/history", timeout=10).json()["history"]
             assert history["compared"] == service.store.row_count("v1") >= 1

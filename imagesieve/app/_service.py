@@ -497,7 +497,9 @@ class Service:
         new = predictor.version.name
         if self.store.row_count(new) or not self.store.row_count(old):
             return
-        if not self._training.acquire(blocking=False):
+        # A job that has just published its end may not have let go yet: wait a moment for it
+        # (a retrain that is really running scores its own version's history).
+        if not self._training.acquire(timeout=2):
             log.warning("%s's history not scored: a training run is going", new)
             return
         stage = f"scoring the images stored with {old}"

@@ -37,7 +37,7 @@ from imagesieve.ingest._fetch import FetchOptions, fetch_items
 from imagesieve.ingest._inputs import ArchiveLimits, InputItem, expand_inputs
 from imagesieve.ingest._ray import RayOptions
 from imagesieve.ingest._session import ScoringSession
-from imagesieve.models import ModelVersion, get_version
+from imagesieve.models import HISTORY_FILE, ModelVersion, get_version, read_history
 from imagesieve.search import carry_keep_one
 from imagesieve.store import (
     KEEP_POLICIES,
@@ -61,8 +61,6 @@ __all__ = [
     "score_inputs",
 ]
 
-#: The before/after diff of a version's scoring of the history, in its version directory.
-HISTORY_FILE = "history.json"
 
 #: Where ``--sort-into`` puts photos too poor to judge (beside one folder per label).
 POOR_QUALITY_FOLDER = "POOR_QUALITY"
@@ -281,14 +279,6 @@ def score_history(
     tmp.write_text(json.dumps(diff, indent=2))
     tmp.replace(path)
     return diff
-
-
-def read_history(version: Any) -> dict[str, Any] | None:
-    """The diff :func:`score_history` stored with a ``ModelVersion``, or None if none was."""
-    import json
-
-    path = version.path / HISTORY_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def describe_history(h: dict[str, Any]) -> list[str]:

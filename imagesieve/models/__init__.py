@@ -15,6 +15,7 @@ from imagesieve.models._registry import (
 )
 from imagesieve.models._version import (
     FAR_FILE,
+    HISTORY_FILE,
     ModelVersion,
     VersionMeta,
     activate_version,
@@ -24,6 +25,7 @@ from imagesieve.models._version import (
     get_version,
     list_versions,
     new_build_dir,
+    read_history,
     set_thresholds,
     write_version,
 )
@@ -37,6 +39,7 @@ OOD_FEATURES = "ood_features"
 __all__ = [
     "DEFAULT_BACKBONE",
     "FAR_FILE",
+    "HISTORY_FILE",
     "OOD_FEATURES",
     "BackboneConfig",
     "BackboneSpec",
@@ -53,6 +56,7 @@ __all__ = [
     "list_backbones",
     "list_versions",
     "new_build_dir",
+    "read_history",
     "register_backbone",
     "set_thresholds",
     "write_version",

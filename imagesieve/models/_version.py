@@ -25,6 +25,7 @@ __all__ = [
     "active_version",
     "get_version",
     "list_versions",
+    "read_history",
     "set_thresholds",
     "write_version",
 ]
@@ -33,6 +34,8 @@ _ACTIVE_FILE = "ACTIVE"
 #: A version's fitted Mahalanobis distance (``classifier._far``): when present, its distance to
 #: the training data; otherwise the cosine distance to the nearest training image.
 FAR_FILE = "far.npz"
+#: The before/after diff of a version's scoring of the history (``ingest.score_history``).
+HISTORY_FILE = "history.json"
 _NAME_RE = re.compile(r"^v(\d+)$")
 
 
@@ -326,3 +329,9 @@ def new_build_dir(ws: Workspace) -> Path:
 def discard_build_dir(path: Path) -> None:
     """Remove an unfinished build directory."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def read_history(version: ModelVersion) -> dict[str, Any] | None:
+    """The diff ``ingest.score_history`` stored with a version, or None if none was."""
+    path = version.path / HISTORY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

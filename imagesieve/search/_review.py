@@ -21,7 +21,7 @@ from imagesieve._errors import SieveError, UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import UNKNOWN, Progress, ReferenceSet
 from imagesieve.data import sort_into
-from imagesieve.models import get_version
+from imagesieve.models import get_version, read_history
 from imagesieve.search._cluster import (
     Clustering,
     ClusterParams,
@@ -199,8 +199,6 @@ def _earlier_in_same_space(ws: Workspace, info: Any) -> str | None:
     Its clusters are what a new version's first clustering continues: ids, names and status
     carry over where the same images gather again.
     """
-    from imagesieve.ingest import read_history  # it imports this package
-
     history = read_history(info)
     if not history or info.frozen_backbone is None:
         return None

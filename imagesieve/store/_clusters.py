@@ -103,18 +103,7 @@ class Clusters:
                 [model_version],
             ).fetchall()
         next_id = max((r[0] for r in rows), default=-1) + 1
-        by_cluster = {c: np.array(ids, np.int64) for c, ids in members}
-        previous = [
-            PreviousCluster(
-                int(cid),
-                by_cluster.get(cid, np.zeros(0, np.int64)),
-                np.array(centroid, np.float32),
-                float(radius),
-            )
-            for cid, centroid, radius, size in rows
-            if size > 0 and centroid is not None
-        ]
-        return previous, next_id
+        return _alive(rows, members), next_id
 
     def carried_over(
         self, model_version: str, earlier: str
@@ -137,19 +126,8 @@ class Clusters:
                 "WHERE o.model_version = ? AND o.cluster_id >= 0 GROUP BY o.cluster_id",
                 [model_version, earlier],
             ).fetchall()
-        by_cluster = {c: np.array(ids, np.int64) for c, ids in members}
-        previous = [
-            PreviousCluster(
-                int(cid),
-                by_cluster.get(cid, np.zeros(0, np.int64)),
-                np.array(centroid, np.float32),
-                float(radius),
-            )
-            for cid, centroid, radius, size, *_ in rows
-            if size > 0 and centroid is not None
-        ]
         states = {int(r[0]): tuple(r[4:]) for r in rows}
-        return previous, max((r[0] for r in rows), default=-1) + 1, states
+        return _alive(rows, members), max((r[0] for r in rows), default=-1) + 1, states
 
     def unknowns(
         self, model_version: str, poor_quality: bool = False
@@ -448,3 +426,21 @@ class Clusters:
                 [model_version, cluster_id],
             ).fetchall()
         return {r[0] for r in rows}
+
+
+def _alive(rows: list[tuple], members: list[tuple]) -> list[PreviousCluster]:
+    """``PreviousCluster`` of each cluster row (id, centroid, radius, size, ...) still alive.
+
+    ``members``: (cluster id, its member row ids) pairs.
+    """
+    by_cluster = {c: np.array(ids, np.int64) for c, ids in members}
+    return [
+        PreviousCluster(
+            int(cid),
+            by_cluster.get(cid, np.zeros(0, np.int64)),
+            np.array(centroid, np.float32),
+            float(radius),
+        )
+        for cid, centroid, radius, size, *_ in rows
+        if size > 0 and centroid is not None
+    ]

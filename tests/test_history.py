@@ -385,3 +385,32 @@ def test_nearest_since__the_nearer_of_the_old_nearest_and_the_added_images():
     # not a superset: the caller searches everything
     assert ReferenceSet(unit(40), ["x"] * 40, ["a"] * 40).ids_of(old) is None
     assert new.nearest_since(here, queries, np.full(500, -1), dist[:, 0]) is None
+
+
+def test_an_image_stored_while_the_history_is_copied__kept_once(history, tmp_path, monkeypatch):
+    """A server answers uploads while a new version's history is re-decided: content an upload
+    stored meanwhile is not copied again (it would break the one-row-per-content rule), and the
+    version's index holds every row either way."""
+    src, data, pics = history
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(src.root, ws.root)
+    name = train_model(data, ws, TrainOptions(seed=4, activate=False)).version.name
+    chunks = Store.head_input_chunks
+
+    def upload_first(self, old, new, chunk, vectors=None):
+        for part in chunks(self, old, new, chunk, vectors):
+            first = part.table.column("source")[0].as_py()
+            score_inputs(ws, [first], ScoreOptions(model=name), store=self)
+            yield part
+
+    monkeypatch.setattr(Store, "head_input_chunks", upload_first)
+    with Store(ws) as store:
+        diff = score_history(ws, name, "v1", store=store)
+        assert diff["compared"] == 80 and diff["failed"] == 0
+        assert diff["already_scored"] >= 1 and diff["scored"] + diff["already_scored"] == 80
+        assert store.row_count(name) == 80
+        (n,) = store._db.execute(
+            "SELECT count(DISTINCT sha256) FROM predictions WHERE model_version = ?", [name]
+        ).fetchall()[0]
+        assert n == 80
+        assert store.indexes.get(name).ntotal == 80

@@ -378,7 +378,11 @@ def _redecide_stored(
         delta.subtract(before)
         # a version with no rows yet gets the old index's graph at the end (IndexSet.adopt)
         ids = run.session.write_copied(delta, rows, table, index=not fresh)
-        copied.append((rows.ids, ids))
+        kept = ids >= 0
+        skipped = int((~kept).sum())  # stored meanwhile (a server's upload): already scored
+        summary.scored -= skipped
+        summary.already_scored += skipped
+        copied.append((rows.ids[kept], ids[kept]))
         _keep_redecided(ws, run.session, rows.sha256, rows.table.column("source"), labels)
         progress("scoring", summary.items, total)
     if fresh and copied:

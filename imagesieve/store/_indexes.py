@@ -192,6 +192,10 @@ class IndexSet:
             return None
         return index
 
+    def is_loaded(self, model_version: str) -> bool:
+        """True when the version's index is loaded (kept up to date by every write)."""
+        return model_version in self._loaded
+
     def in_use(self, index: VectorIndex) -> bool:
         """True when ``index`` is a version's loaded one, which searches and scoring may change.
 

@@ -1246,28 +1246,39 @@ class Store:
         neighbour, cluster, quality flags); source, size and quality measures are ``rows``',
         and the new rows share the
         embedding and head input of ``rows.owner`` (``shared_features``: nothing copied).
-        Returns the new rows' ids. They join the version's FAISS index as committed rows do;
-        without ``index`` it catches up from DuckDB when next used (or ``IndexSet.adopt``
-        gives it the other version's).
+        Returns each row's new id, -1 where ``new`` stored its content meanwhile (a server's
+        upload while the history is scored: kept once). They join the version's FAISS index
+        as committed rows do; without ``index`` (and the index not loaded) it catches up from
+        DuckDB when next used (or ``IndexSet.adopt`` gives it the other version's).
         """
         import pyarrow as pa
 
-        n, dim = len(rows.ids), rows.embedding.shape[1]
+        stored = self._stored_content(new)
+        shas = rows.sha256
+        keep = np.array([s not in stored for s in shas], bool)
+        out = np.full(len(shas), -1, np.int64)
+        n, dim = int(keep.sum()), rows.embedding.shape[1]
         if not n:
-            return np.zeros(0, np.int64)
+            return out
+        if n < len(shas):
+            log.info("%d images were stored with %s meanwhile; kept once", len(shas) - n, new)
+        table, chosen = rows.table.filter(keep), decided.filter(keep)
         ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        vectors = self.indexes.get(new, dim=dim) if index else None  # before the rows land
+        if index or self.indexes.is_loaded(new):  # before the rows land
+            vectors = self.indexes.get(new, dim=dim)
+        else:
+            vectors = None
         columns = {
             "id": pa.array(ids),
             **{
-                c: rows.table.column(c)
+                c: table.column(c)
                 for c in ("source", "sha256", "width", "height", *STORED_MEASURES)
             },
             "model_version": pa.array([new] * n, pa.string()),
             "scored_at": pa.array([now()] * n, pa.timestamp("us", tz="UTC")),
             "batch_id": pa.array([batch_id] * n, pa.int32()),
-            **{c: decided.column(c) for c in decided.column_names},
-            "of_id": rows.table.column("owner"),
+            **{c: chosen.column(c) for c in chosen.column_names},
+            "of_id": table.column("owner"),
         }
         cols = ", ".join(c for c in PREDICTION_COLUMNS)
         with self._transaction({"_copied": pa.table(columns)}) as con:
@@ -1275,10 +1286,11 @@ class Store:
             con.execute("INSERT INTO shared_features SELECT id, of_id FROM _copied")
             self._update_counts(batch_id, counts)
         self._next_id += n
-        self._stored_content(new).update(rows.sha256)
+        stored.update(np.asarray(shas, dtype=object)[keep])
         if vectors is not None:
-            vectors.add(ids, rows.embedding)
-        return ids
+            vectors.add(ids, rows.embedding[keep])
+        out[keep] = ids
+        return out
 
     @locked
     def history_diff(self, old: str, new: str) -> dict[str, Any]:

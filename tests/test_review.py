@@ -285,7 +285,7 @@ def test_run_clustering__a_new_version_continues_the_clusters_of_the_one_before(
     poly = rng.sample([im for im in elpv if im.cell_type == "poly"], 60)
     score_inputs(ws, [str(im.path) for im in poly])
     before = run_clustering(ws, ClusterParams(min_cluster_size=5), model="v1")
-    assert before.clusters and before.continued_from is None
+    assert before.clusters and before.continued_from is None and before.continued_words() == ""
     first = before.clusters[0]["cluster_id"]
     update_cluster(ws, first, name="brand X", model="v1")
     shutil.copytree(ws.models_dir / "v1", ws.models_dir / "v2")  # the same model again

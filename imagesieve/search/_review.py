@@ -88,6 +88,12 @@ class ClusterRun:
         """JSON-ready form."""
         return asdict(self)
 
+    def continued_words(self) -> str:
+        """Which version's clusters this run continued, in words ("" when none)."""
+        if not self.continued_from:
+            return ""
+        return f"continuing {self.continued_from}'s clusters: their ids and names carry over"
+
     def left_out_words(self) -> str:
         """What was left out and how to include it, in words ("" when nothing was)."""
         poor, aside = self.left_out.get("poor_quality", 0), self.left_out.get("set_aside", 0)

@@ -89,7 +89,8 @@ def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = N
             min_cluster_size=int(min_size) or None,
             poor_quality=bool(poor),
         )
-        left = f" ({run.left_out_words()})" if run.left_out_words() else ""
+        notes = "; ".join(w for w in (run.continued_words(), run.left_out_words()) if w)
+        left = f" ({notes})" if notes else ""
         if run.clusters:
             gr.Info(f"{len(run.clusters)} clusters among {run.images} UNKNOWN images{left}")
         else:

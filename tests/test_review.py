@@ -21,7 +21,7 @@ from imagesieve.ingest import (
     score_history,
     score_inputs,
 )
-from imagesieve.models import get_version, set_thresholds
+from imagesieve.models import get_version, read_history, set_thresholds
 from imagesieve.search._cluster import ClusterParams
 from imagesieve.search._review import (
     ReviewError,
@@ -150,6 +150,12 @@ def test_review_loop__poly_cells_become_a_class(loop, tmp_path, capsys):
     for cid in poly_clusters:
         assert max(history["clusters"][str(cid)], key=history["clusters"][str(cid)].get) == "poly"
     assert any("UNKNOWNs resolved: poly" in line for line in describe_history(history))
+    # v1's UNKNOWNs were clustered, so v2's are, continuing v1's clusters: the loop goes on
+    clustered = history["clustering"]
+    assert (
+        clustered["continued_from"] == "v1" and 0 < clustered["images"] <= history["unknown_after"]
+    )
+    assert len(list_clusters(ws, model="v2")) >= clustered["clusters"]
     # scoring it again adds nothing: the history is stored once per version
     again = score_history(ws, "v2", "v1")
     assert again["already_scored"] == stored and again["scored"] == 0
@@ -279,17 +285,20 @@ def test_run_clustering__no_unknowns_yet_is_an_empty_run(trained, tmp_path):
 def test_run_clustering__a_new_version_continues_the_clusters_of_the_one_before(
     scoring_ws, elpv, capsys
 ):
-    """Same embedding (a head-only retrain): its first run keeps the old ids, names, status."""
+    """Same embedding (a head-only retrain): its first run keeps the old ids, names, status.
+
+    Scoring the history clusters the new version's UNKNOWNs at once when the old version's
+    were clustered; otherwise its first clustering run (here by the CLI) does it."""
     ws = scoring_ws
     rng = random.Random(3)
     poly = rng.sample([im for im in elpv if im.cell_type == "poly"], 60)
     score_inputs(ws, [str(im.path) for im in poly])
+    shutil.copytree(ws.models_dir / "v1", ws.models_dir / "v2")  # the same model again
+    assert "clustering" not in score_history(ws, "v2", "v1")  # v1 not clustered yet
     before = run_clustering(ws, ClusterParams(min_cluster_size=5), model="v1")
     assert before.clusters and before.continued_from is None and before.continued_words() == ""
     first = before.clusters[0]["cluster_id"]
     update_cluster(ws, first, name="brand X", model="v1")
-    shutil.copytree(ws.models_dir / "v1", ws.models_dir / "v2")  # the same model again
-    score_history(ws, "v2", "v1")
     assert (
         main(["cluster", "--model", "v2", "--min-cluster-size", "5", "--workspace", str(ws.root)])
         == 0
@@ -305,3 +314,18 @@ def test_run_clustering__a_new_version_continues_the_clusters_of_the_one_before(
     again = run_clustering(ws, ClusterParams(min_cluster_size=5), model="v2")
     assert again.continued_from is None
     assert next(c for c in again.clusters if c["cluster_id"] == first)["name"] == "brand Y"
+    # a version scoring the history of a clustered one starts clustered, as that one was
+    shutil.copytree(ws.models_dir / "v1", ws.models_dir / "v3")
+    args = ["score", "--history-of", "v1", "--model", "v3", "--workspace", str(ws.root)]
+    assert main(args) == 0
+    n = len(before.clusters)
+    assert (
+        f"UNKNOWNs clustered as with v1: {n} cluster{'s' * (n != 1)} among {before.images} images, "
+        "continuing v1's" in capsys.readouterr().out
+    )
+    diff = read_history(get_version(ws, "v3"))
+    assert diff["clustering"]["continued_from"] == "v1" and diff["clustering"]["clusters"] == n
+    third = {c["cluster_id"]: c for c in list_clusters(ws, model="v3")}
+    assert set(third) == set(after) and third[first]["name"] == "brand X"
+    with Store(ws, check=False) as store:  # with v1's parameters
+        assert store.clusters.last_params("v3")["min_cluster_size"] == 5

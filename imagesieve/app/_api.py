@@ -838,9 +838,11 @@ def add_api(
 
         Scored when it was trained (or by ``imagesieve score --history-of``): images compared,
         labels changed, UNKNOWNs resolved by class and by old cluster, images newly UNKNOWN,
-        and ``set_aside``: the near-duplicates a person set aside with the old version that
-        stay set aside (in favour of the same image). ``history`` is null when the version
-        scored no history.
+        ``clustering``: the new version's UNKNOWNs clustered as the old version's were (run
+        id, images, clusters, noise, ``continued_from``; absent when the old version was never
+        clustered), and ``set_aside``: the near-duplicates a person set aside with the old
+        version that stay set aside (in favour of the same image). ``history`` is null when
+        the version scored no history.
         """
         return {"version": name, "history": await _call(service.history, name)}
 

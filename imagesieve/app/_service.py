@@ -507,7 +507,16 @@ class Service:
 
         def run() -> None:
             try:
-                score_history(self.ws, new, old, progress, store=self.store, predictor=predictor)
+                score_history(
+                    self.ws,
+                    new,
+                    old,
+                    progress,
+                    store=self.store,
+                    predictor=predictor,
+                    clustering=self._clustering,
+                )
+                self.reload_clusters()
                 self.training_status = {"running": False, "version": new}
             except Exception as e:
                 self.training_status = {"running": False, "error": f"{stage}: {e}"}
@@ -1188,7 +1197,9 @@ class Service:
                     store=self.store,
                     predictor=self.predictor,
                     who=who,
+                    clustering=self._clustering,
                 )
+                self.reload_clusters()
             self.training_status = {"running": False, "version": result.version.name}
             return result.version
         except BaseException as e:

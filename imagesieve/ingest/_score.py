@@ -8,6 +8,7 @@ so a killed run loses nothing committed and re-running the same command complete
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -38,7 +39,7 @@ from imagesieve.ingest._inputs import ArchiveLimits, InputItem, expand_inputs
 from imagesieve.ingest._ray import RayOptions
 from imagesieve.ingest._session import ScoringSession
 from imagesieve.models import HISTORY_FILE, ModelVersion, get_version, read_history
-from imagesieve.search import carry_keep_one
+from imagesieve.search import carry_keep_one, continue_clustering
 from imagesieve.store import (
     KEEP_POLICIES,
     ZIP_MEMBER,
@@ -244,6 +245,7 @@ def score_history(
     store: Store | None = None,
     predictor: Predictor | None = None,
     who: str | None = None,
+    clustering: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, Any] | None:
     """Score what ``old`` stored with the version ``new``; store and return the before/after diff.
 
@@ -254,8 +256,10 @@ def score_history(
     history_diff``: labels changed, UNKNOWNs resolved, by class and by cluster). Near-
     duplicates a person set aside with ``old`` stay set aside where the new version groups
     them alike (``set_aside``: how many; one ``keep_one`` in the audit log, by ``who``,
-    undoable). The diff goes to ``HISTORY_FILE`` in the new version's directory, with the
-    scoring run's counts.
+    undoable). When ``old``'s UNKNOWNs were clustered, ``new``'s are clustered the same way
+    (``continue_clustering``, inside ``clustering``: a server's one-run-at-a-time lock), so
+    the loop goes on where it was. The diff goes to ``HISTORY_FILE`` in the new version's
+    directory, with the scoring run's counts.
     """
     import json
 
@@ -267,6 +271,16 @@ def score_history(
         summary = score_inputs(ws, [], opts, progress, store=store, predictor=predictor)
         diff = store.history_diff(old, version.name)
         diff["set_aside"] = carry_keep_one(store, old, version.name, who)
+        with clustering or contextlib.nullcontext():
+            run = continue_clustering(ws, version.name, old, store=store, progress=progress)
+        if run is not None:
+            diff["clustering"] = {
+                "run_id": run.run_id,
+                "images": run.images,
+                "clusters": len(run.clusters),
+                "noise": run.noise,
+                "continued_from": run.continued_from,
+            }
     diff |= {
         "batch_id": summary.batch_id,
         "scored": summary.scored + summary.rescored,
@@ -297,6 +311,14 @@ def describe_history(h: dict[str, Any]) -> list[str]:
             lines.append(f"cluster {cluster} of {h['old']} is now: {now}")
     if h["new_unknown"]:
         lines.append("newly UNKNOWN: " + ", ".join(f"{k} {v}" for k, v in h["new_unknown"].items()))
+    if h.get("clustering"):  # none when the old version was never clustered
+        c = h["clustering"]
+        carried = f", continuing {c['continued_from']}'s" if c["continued_from"] else ""
+        lines.append(
+            f"UNKNOWNs clustered as with {h['old']}: {c['clusters']} "
+            f"cluster{'s' * (c['clusters'] != 1)} among "
+            f"{c['images']} images{carried}"
+        )
     if h.get("set_aside"):  # a diff stored before keep-one decisions were carried has none
         lines.append(
             f"near-duplicates set aside with {h['old']}, still set aside: {h['set_aside']}"

@@ -13,7 +13,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ __all__ = [
     "ReviewError",
     "browse_images",
     "class_folder",
+    "continue_clustering",
     "class_name",
     "export_clusters",
     "filename_of",
@@ -132,11 +133,14 @@ def run_clustering(
     store: Store | None = None,
     export: str | os.PathLike | None = None,
     progress: Progress | None = None,
+    continues: str | None = None,
 ) -> ClusterRun:
     """Cluster the version's UNKNOWN images, keep ids stable, store the result, export folders.
 
     ``export`` is where ``cluster_<id>/``, ``noise/`` and ``summary.csv`` go (default
-    ``<workspace>/clusters``, rewritten each run).
+    ``<workspace>/clusters``, rewritten each run). A version's first run continues the
+    clusters of ``continues`` (default: the version whose history it scored) when both
+    share the embedding.
     """
     params = params or ClusterParams()
     progress = progress or (lambda stage, done, total: None)
@@ -154,7 +158,7 @@ def run_clustering(
             previous, next_id = store.clusters.previous(version)
             carried, earlier = None, None
             if next_id == 0:  # never clustered: continue the clusters of the version before
-                earlier = _earlier_in_same_space(ws, info)
+                earlier = _earlier_in_same_space(ws, info, continues)
             if earlier is not None:
                 previous, next_id, carried = store.clusters.carried_over(version, earlier)
         # Seconds at scale, so without the store's lock: a server keeps storing predictions,
@@ -199,20 +203,45 @@ def run_clustering(
     )
 
 
-def _earlier_in_same_space(ws: Workspace, info: Any) -> str | None:
-    """The version whose stored images ``info`` scored (its history), if they share the embedding.
+def continue_clustering(
+    ws: Workspace,
+    new: str,
+    old: str,
+    *,
+    store: Store | None = None,
+    progress: Progress | None = None,
+) -> ClusterRun | None:
+    """Cluster ``new``'s UNKNOWNs as ``old`` was last clustered, once ``new`` scored its history.
+
+    So a retrain keeps the Unknowns view: the new version starts with clusters (continuing
+    ``old``'s ids, names and status where they share the embedding), and the UNKNOWNs it
+    scores next join them. None when ``old`` was never clustered or ``new`` has been.
+    """
+    with using_store(ws, store) as store:
+        with store.lock:
+            last = store.clusters.last_params(old)
+            if last is None or store.clusters.last_params(new) is not None:
+                return None
+        known = {f.name for f in fields(ClusterParams)}
+        params = ClusterParams(**{k: v for k, v in last.items() if k in known})
+        return run_clustering(ws, params, model=new, store=store, progress=progress, continues=old)
+
+
+def _earlier_in_same_space(ws: Workspace, info: Any, earlier: str | None = None) -> str | None:
+    """``earlier`` (else the version whose history ``info`` scored), if they share the embedding.
 
     Its clusters are what a new version's first clustering continues: ids, names and status
     carry over where the same images gather again.
     """
-    history = read_history(info)
-    if not history or info.frozen_backbone is None:
+    if earlier is None:
+        earlier = (read_history(info) or {}).get("old")
+    if earlier is None or info.frozen_backbone is None:
         return None
     try:
-        earlier = get_version(ws, history["old"])
+        other = get_version(ws, earlier)
     except UserError:  # deleted since, or not a version any more: nothing to continue
         return None
-    return earlier.name if earlier.frozen_backbone == info.frozen_backbone else None
+    return other.name if other.frozen_backbone == info.frozen_backbone else None
 
 
 def cluster_model_path(ws: Workspace, version: str) -> Path:

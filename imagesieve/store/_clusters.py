@@ -105,6 +105,16 @@ class Clusters:
         next_id = max((r[0] for r in rows), default=-1) + 1
         return _alive(rows, members), next_id
 
+    def last_params(self, model_version: str) -> dict[str, Any] | None:
+        """The parameters of the version's latest clustering run; None when it was never run."""
+        with self.store._connection() as con:
+            row = con.execute(
+                "SELECT params FROM cluster_runs WHERE model_version = ? "
+                "ORDER BY run_id DESC LIMIT 1",
+                [model_version],
+            ).fetchall()
+        return json.loads(row[0][0] or "{}") if row else None
+
     def carried_over(
         self, model_version: str, earlier: str
     ) -> tuple[list[PreviousCluster], int, dict[int, tuple]]:

@@ -25,6 +25,7 @@ from imagesieve.models import get_version, read_history, set_thresholds
 from imagesieve.search._cluster import ClusterParams
 from imagesieve.search._review import (
     ReviewError,
+    cluster_model_path,
     list_clusters,
     promote_cluster,
     run_clustering,
@@ -329,3 +330,11 @@ def test_run_clustering__a_new_version_continues_the_clusters_of_the_one_before(
     assert set(third) == set(after) and third[first]["name"] == "brand X"
     with Store(ws, check=False) as store:  # with v1's parameters
         assert store.clusters.last_params("v3")["min_cluster_size"] == 5
+    # a clustering that fails leaves the history scored and says how to go on
+    shutil.copytree(ws.models_dir / "v1", ws.models_dir / "v4")
+    cluster_model_path(ws, "v4").mkdir(parents=True)  # where its model goes: not writable
+    diff = score_history(ws, "v4", "v1")
+    assert diff["scored"] == 60 and "Is a directory" in diff["clustering"]["error"]
+    assert read_history(get_version(ws, "v4")) == diff
+    assert describe_history(diff)[-1].startswith("UNKNOWNs not clustered (")
+    assert describe_history(diff)[-1].endswith("): run `imagesieve cluster`")

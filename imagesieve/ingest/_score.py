@@ -9,6 +9,7 @@ so a killed run loses nothing committed and re-running the same command complete
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import time
@@ -50,6 +51,8 @@ from imagesieve.store import (
     image_source,
     using_store,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "HISTORY_FILE",
@@ -271,8 +274,12 @@ def score_history(
         summary = score_inputs(ws, [], opts, progress, store=store, predictor=predictor)
         diff = store.history_diff(old, version.name)
         diff["set_aside"] = carry_keep_one(store, old, version.name, who)
-        with clustering or contextlib.nullcontext():
-            run = continue_clustering(ws, version.name, old, store=store, progress=progress)
+        try:
+            with clustering or contextlib.nullcontext():
+                run = continue_clustering(ws, version.name, old, store=store, progress=progress)
+        except Exception as e:  # the history stands; clustering can be run again by hand
+            log.exception("clustering the UNKNOWNs of %s failed", version.name)
+            run, diff["clustering"] = None, {"error": str(e) or type(e).__name__}
         if run is not None:
             diff["clustering"] = {
                 "run_id": run.run_id,
@@ -311,7 +318,11 @@ def describe_history(h: dict[str, Any]) -> list[str]:
             lines.append(f"cluster {cluster} of {h['old']} is now: {now}")
     if h["new_unknown"]:
         lines.append("newly UNKNOWN: " + ", ".join(f"{k} {v}" for k, v in h["new_unknown"].items()))
-    if h.get("clustering"):  # none when the old version was never clustered
+    if h.get("clustering", {}).get("error"):
+        lines.append(
+            f"UNKNOWNs not clustered ({h['clustering']['error']}): run `imagesieve cluster`"
+        )
+    elif h.get("clustering"):  # none when the old version was never clustered
         c = h["clustering"]
         carried = f", continuing {c['continued_from']}'s" if c["continued_from"] else ""
         lines.append(

@@ -317,6 +317,8 @@ def test_run_clustering__a_new_version_continues_the_clusters_of_the_one_before(
     assert next(c for c in again.clusters if c["cluster_id"] == first)["name"] == "brand Y"
     # a version scoring the history of a clustered one starts clustered, as that one was
     shutil.copytree(ws.models_dir / "v1", ws.models_dir / "v3")
+    exported = (ws.root / "clusters" / "summary.csv").read_bytes()
+    assert b"brand Y" in exported  # v2's names; v3 continues v1's ("brand X")
     args = ["score", "--history-of", "v1", "--model", "v3", "--workspace", str(ws.root)]
     assert main(args) == 0
     n = len(before.clusters)
@@ -330,6 +332,8 @@ def test_run_clustering__a_new_version_continues_the_clusters_of_the_one_before(
     assert set(third) == set(after) and third[first]["name"] == "brand X"
     with Store(ws, check=False) as store:  # with v1's parameters
         assert store.clusters.last_params("v3")["min_cluster_size"] == 5
+    # v3 is not active: the exported folders stay the active version's
+    assert (ws.root / "clusters" / "summary.csv").read_bytes() == exported
     # a clustering that fails leaves the history scored and says how to go on
     shutil.copytree(ws.models_dir / "v1", ws.models_dir / "v4")
     cluster_model_path(ws, "v4").mkdir(parents=True)  # where its model goes: not writable

@@ -21,7 +21,7 @@ from imagesieve._errors import SieveError, UserError
 from imagesieve._workspace import Workspace
 from imagesieve.classifier import UNKNOWN, Progress, ReferenceSet
 from imagesieve.data import sort_into
-from imagesieve.models import get_version, read_history
+from imagesieve.models import active_version, get_version, read_history
 from imagesieve.search._cluster import (
     Clustering,
     ClusterParams,
@@ -46,8 +46,8 @@ __all__ = [
     "ReviewError",
     "browse_images",
     "class_folder",
-    "continue_clustering",
     "class_name",
+    "continue_clustering",
     "export_clusters",
     "filename_of",
     "label_dict",
@@ -134,11 +134,13 @@ def run_clustering(
     export: str | os.PathLike | None = None,
     progress: Progress | None = None,
     continues: str | None = None,
+    folders: bool = True,
 ) -> ClusterRun:
     """Cluster the version's UNKNOWN images, keep ids stable, store the result, export folders.
 
     ``export`` is where ``cluster_<id>/``, ``noise/`` and ``summary.csv`` go (default
-    ``<workspace>/clusters``, rewritten each run). A version's first run continues the
+    ``<workspace>/clusters``, rewritten each run; none without ``folders``: a version not
+    active yet, whose folders would replace the active one's). A version's first run continues the
     clusters of ``continues`` (default: the version whose history it scored) when both
     share the embedding.
     """
@@ -185,9 +187,10 @@ def run_clustering(
                 carried,
             )
             export_dir = Path(export) if export is not None else ws.root / "clusters"
-            if export is None and export_dir.exists():
-                shutil.rmtree(export_dir)  # the default export is derived: rewritten each run
-            export_clusters(store, ws, version, export_dir)
+            if folders:
+                if export is None and export_dir.exists():
+                    shutil.rmtree(export_dir)  # the default export is derived: rewritten each run
+                export_clusters(store, ws, version, export_dir)
             listed = store.clusters.listing(version)
     return ClusterRun(
         run_id,
@@ -197,7 +200,7 @@ def run_clustering(
         [c for c in listed if c["size"] > 0],
         seconds,
         asdict(result.params),
-        str(export_dir),
+        str(export_dir) if folders else None,
         left_out,
         earlier,
     )
@@ -215,7 +218,8 @@ def continue_clustering(
 
     So a retrain keeps the Unknowns view: the new version starts with clusters (continuing
     ``old``'s ids, names and status where they share the embedding), and the UNKNOWNs it
-    scores next join them. None when ``old`` was never clustered or ``new`` has been.
+    scores next join them. None when ``old`` was never clustered or ``new`` has been. The
+    folders are exported when ``new`` is the active version.
     """
     with using_store(ws, store) as store:
         with store.lock:
@@ -224,7 +228,16 @@ def continue_clustering(
                 return None
         known = {f.name for f in fields(ClusterParams)}
         params = ClusterParams(**{k: v for k, v in last.items() if k in known})
-        return run_clustering(ws, params, model=new, store=store, progress=progress, continues=old)
+        active = active_version(ws)
+        return run_clustering(
+            ws,
+            params,
+            model=new,
+            store=store,
+            progress=progress,
+            continues=old,
+            folders=active is not None and active.name == new,
+        )
 
 
 def _earlier_in_same_space(ws: Workspace, info: Any, earlier: str | None = None) -> str | None:

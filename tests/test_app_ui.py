@@ -1172,14 +1172,21 @@ def test_retrain_then_activate__the_new_version_serves_then_the_old_one_again(pa
     page.tab("Unknowns")
     page.watch_progress()
     page.page.click("#unknowns-retrain")
-    page.page.wait_for_function(
-        "() => [...document.querySelectorAll('.toast-body')]"
-        ".some(t => t.innerText.includes('trained and activated'))"
-    )
+    toast = page.page.wait_for_function(
+        "() => [...document.querySelectorAll('.toast-body')].map(t => t.innerText)"
+        ".find(t => t.includes('trained and activated'))"
+    ).json_value()
     second = service.version.name
     assert second != first and service.version.classes == classes
     assert any("training" in t for t in page.progress_seen()), page.progress_seen()
     page.wait_text("#app-header", f"model {second}")
+    # the fixture clustered the first version's UNKNOWNs: the new one's are clustered too,
+    # continuing them, and the tab shows its clusters at once
+    alive = [c for c in service.clusters() if c["size"] > 0]
+    assert alive and service.history()["clustering"]["continued_from"] == first
+    assert f"UNKNOWNs clustered as with {first}: " in toast and f"continuing {first}'s" in toast
+    page.wait_text("#unknowns-status", f"Model {second}: ")
+    page.wait_text("#unknowns-status", f"; {len(alive)} clusters (")
 
     page.tab("Model")
     page.wait_text("#model-versions", second)

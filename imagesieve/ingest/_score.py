@@ -60,6 +60,7 @@ __all__ = [
     "ScoreOptions",
     "ScoreSummary",
     "describe_history",
+    "history_clustering_words",
     "read_history",
     "score_history",
     "score_inputs",
@@ -302,6 +303,21 @@ def score_history(
     return diff
 
 
+def history_clustering_words(h: dict[str, Any]) -> str:
+    """How the new version's UNKNOWNs were clustered after its history, in words ("": not)."""
+    c = h.get("clustering")
+    if not c:  # the old version was never clustered
+        return ""
+    if c.get("error"):
+        return f"UNKNOWNs not clustered ({c['error']}): run `imagesieve cluster`"
+    carried = f", continuing {c['continued_from']}'s" if c["continued_from"] else ""
+    n = c["clusters"]
+    return (
+        f"UNKNOWNs clustered as with {h['old']}: {n} cluster{'s' * (n != 1)} among "
+        f"{c['images']} images{carried}"
+    )
+
+
 def describe_history(h: dict[str, Any]) -> list[str]:
     """The diff of :func:`score_history` as lines for people: the summary first, then details."""
     lines = [
@@ -318,18 +334,8 @@ def describe_history(h: dict[str, Any]) -> list[str]:
             lines.append(f"cluster {cluster} of {h['old']} is now: {now}")
     if h["new_unknown"]:
         lines.append("newly UNKNOWN: " + ", ".join(f"{k} {v}" for k, v in h["new_unknown"].items()))
-    if h.get("clustering", {}).get("error"):
-        lines.append(
-            f"UNKNOWNs not clustered ({h['clustering']['error']}): run `imagesieve cluster`"
-        )
-    elif h.get("clustering"):  # none when the old version was never clustered
-        c = h["clustering"]
-        carried = f", continuing {c['continued_from']}'s" if c["continued_from"] else ""
-        lines.append(
-            f"UNKNOWNs clustered as with {h['old']}: {c['clusters']} "
-            f"cluster{'s' * (c['clusters'] != 1)} among "
-            f"{c['images']} images{carried}"
-        )
+    if history_clustering_words(h):
+        lines.append(history_clustering_words(h))
     if h.get("set_aside"):  # a diff stored before keep-one decisions were carried has none
         lines.append(
             f"near-duplicates set aside with {h['old']}, still set aside: {h['set_aside']}"

@@ -23,6 +23,7 @@ from imagesieve.app.ui._widgets import (
     version_or_none,
 )
 from imagesieve.classifier import UNKNOWN
+from imagesieve.ingest import history_clustering_words
 
 #: Most members a cluster's promotion is counted over (its confirmation says how many).
 MAX_MEMBERS = 1_000_000
@@ -107,9 +108,11 @@ def unknowns_tab(service: Service, review: tuple[Any, dict[str, Any]] | None = N
             progress=progress_relay(progress, unit="steps"), who=app_user(request)
         )
         accuracy = version.meta.get("metrics", {}).get("accuracy")
+        clustered = history_clustering_words(service.history(version.name) or {})
         gr.Info(
             f"trained and activated {version.name}"
             + (f": test accuracy {accuracy:.3f}" if accuracy is not None else "")
+            + (f"; {clustered}" if clustered else "")
         )
         return refresh()
 

@@ -1260,9 +1260,10 @@ class Store:
         n, dim = int(keep.sum()), rows.embedding.shape[1]
         if not n:
             return out
-        if n < len(shas):
+        table, embedding = rows.table, rows.embedding
+        if n < len(shas):  # copies only then: a chunk's embeddings are 256 MB
             log.info("%d images were stored with %s meanwhile; kept once", len(shas) - n, new)
-        table, chosen = rows.table.filter(keep), decided.filter(keep)
+            table, decided, embedding = table.filter(keep), decided.filter(keep), embedding[keep]
         ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
         if index or self.indexes.is_loaded(new):  # before the rows land
             vectors = self.indexes.get(new, dim=dim)
@@ -1277,7 +1278,7 @@ class Store:
             "model_version": pa.array([new] * n, pa.string()),
             "scored_at": pa.array([now()] * n, pa.timestamp("us", tz="UTC")),
             "batch_id": pa.array([batch_id] * n, pa.int32()),
-            **{c: chosen.column(c) for c in chosen.column_names},
+            **{c: decided.column(c) for c in decided.column_names},
             "of_id": table.column("owner"),
         }
         cols = ", ".join(c for c in PREDICTION_COLUMNS)
@@ -1288,7 +1289,7 @@ class Store:
         self._next_id += n
         stored.update(np.asarray(shas, dtype=object)[keep])
         if vectors is not None:
-            vectors.add(ids, rows.embedding[keep])
+            vectors.add(ids, embedding)
         out[keep] = ids
         return out
 

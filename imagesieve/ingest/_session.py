@@ -162,7 +162,8 @@ class ScoringSession:
         """Store decisions on images stored with another version (``Store.copy_redecided``).
 
         ``decided`` (Arrow) holds the decided columns; new UNKNOWNs join clusters and ``delta``
-        lands on the counters, as in ``write``. Returns the new rows' ids.
+        lands on the counters, as in ``write``. Returns the new rows' ids (-1: content the
+        version stored meanwhile, not copied).
         """
         import pyarrow as pa
 

@@ -186,12 +186,14 @@ def run_clustering(
                 seconds,
                 carried,
             )
-            export_dir = Path(export) if export is not None else ws.root / "clusters"
-            if folders:
-                if export is None and export_dir.exists():
-                    shutil.rmtree(export_dir)  # the default export is derived: rewritten each run
-                export_clusters(store, ws, version, export_dir)
             listed = store.clusters.listing(version)
+        # Copying the images takes long at scale (each UNKNOWN's file), so without the lock:
+        # a server goes on storing predictions meanwhile.
+        export_dir = Path(export) if export is not None else ws.root / "clusters"
+        if folders:
+            if export is None and export_dir.exists():
+                shutil.rmtree(export_dir)  # the default export is derived: rewritten each run
+            export_clusters(store, ws, version, export_dir)
     return ClusterRun(
         run_id,
         version,

@@ -740,8 +740,9 @@ def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
             f"{len(run.clusters)} cluster{'s' * (len(run.clusters) != 1)}, {run.noise} noise "
             f"({sum(run.seconds.values()):.1f} s); folders and summary.csv in {run.export_dir}"
         )
-        if run.continued_words():
-            print(f"  {run.continued_words()}")
+        continued = run.continued_words()
+        if continued:
+            print(f"  {continued}")
         if run.left_out.get("poor_quality"):
             print(f"  {run.left_out_words()}; --poor-quality clusters the photos too")
         elif run.left_out_words():

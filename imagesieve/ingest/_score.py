@@ -334,8 +334,9 @@ def describe_history(h: dict[str, Any]) -> list[str]:
             lines.append(f"cluster {cluster} of {h['old']} is now: {now}")
     if h["new_unknown"]:
         lines.append("newly UNKNOWN: " + ", ".join(f"{k} {v}" for k, v in h["new_unknown"].items()))
-    if history_clustering_words(h):
-        lines.append(history_clustering_words(h))
+    clustered = history_clustering_words(h)
+    if clustered:
+        lines.append(clustered)
     if h.get("set_aside"):  # a diff stored before keep-one decisions were carried has none
         lines.append(
             f"near-duplicates set aside with {h['old']}, still set aside: {h['set_aside']}"

@@ -11,7 +11,9 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from imagesieve import __version__
@@ -260,16 +262,18 @@ def cmd_evaluate(args: argparse.Namespace, ws: Workspace) -> None:
     _emit(args, doc, human)
 
 
-def _print_prediction(p: Any) -> None:
+def _print_prediction(p: dict[str, Any]) -> None:
+    """One line for a prediction in its JSON form (``Prediction.to_dict``)."""
     from imagesieve.classifier import UNKNOWN
 
-    if not p.ok:
-        print(f"{p.source}: FAILED ({p.error_kind}): {p.error}")
+    if p["error"] is not None:
+        print(f"{p['source']}: FAILED ({p['error_kind']}): {p['error']}")
         return
-    tops = ", ".join(f"{c} {q:.1%}" for c, q in p.top3)
-    flag = f"  [{UNKNOWN}: {p.reason}]" if p.label == UNKNOWN else ""
-    dist = "" if p.neighbor_distance is None else f"  distance {p.neighbor_distance:.3f}"
-    print(f"{p.source}: {p.label}{flag}  ({tops}){dist}")
+    tops = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in p["top3"])
+    flag = f"  [{UNKNOWN}: {p['reason']}]" if p["label"] == UNKNOWN else ""
+    near = p["neighbor_distance"]
+    dist = "" if near is None else f"  distance {near:.3f}"
+    print(f"{p['source']}: {p['label']}{flag}  ({tops}){dist}")
 
 
 def _score_imagenet(args: argparse.Namespace, ws: Workspace) -> None:
@@ -301,7 +305,7 @@ def _score_imagenet(args: argparse.Namespace, ws: Workspace) -> None:
 
     def human() -> None:
         for p in [p for p in preds if p.ok][: args.show] + [p for p in preds if not p.ok]:
-            _print_prediction(p)
+            _print_prediction(p.to_dict())
         print(
             f"scored {len(preds)} images with {version.name} (not stored): "
             + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
@@ -312,6 +316,12 @@ def _score_imagenet(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
     """The `score` verb: images, folders, zips, lists and URLs into the store, with a report."""
+    alone = "--history-of" if args.history_of else "--ray" if args.ray is not None else None
+    if alone and _beside_server(ws) is not None:
+        raise UserError(
+            f"score {alone} does not run through the server holding this workspace's store: "
+            "stop the server first (a server scores the history of each version it activates)"
+        )
     if args.history_of:
         if args.inputs or args.retry_failed:
             raise UserError("--history-of scores stored images: give no inputs with it")
@@ -354,56 +364,62 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
         if args.ray is None
         else RayOptions(args.ray or None, args.ray_actors, shards=args.ray_shards),
     )
+    server = _beside_server(ws) if opts.ray is None else None  # --ray: refused above
     with _progress(not args.json) as progress:
-        summary = score_inputs(ws, args.inputs, opts, progress)
-    code = score_exit_code(summary)
-    doc = {**summary.to_dict(), "exit_code": code}
+        if server is None:
+            doc = score_inputs(ws, args.inputs, opts, progress).to_dict()
+        else:
+            doc = server.call("score", _local_score(args), progress)
+    code = score_exit_code(doc)
+    doc["exit_code"] = code
 
     def human() -> None:
-        for p in [p for p in summary.shown if p.ok][: args.show]:
+        done = [p for p in doc["predictions"] if p["error"] is None]
+        for p in done[: args.show]:
             _print_prediction(p)
-        more = summary.items - len(summary.failures) - args.show
+        more = doc["items"] - doc["failed"] - args.show
         if more > 0:
             print(f"... {more} more (use --csv OUT for all)")
-        for f in summary.failures[:50]:
-            print(f"{f.source}: FAILED ({f.kind}): {f.message}")
-        if len(summary.failures) > 50:
+        for f in doc["failures"][:50]:
+            print(f"{f['source']}: FAILED ({f['kind']}): {f['message']}")
+        if doc["failed"] > 50:
+            print(f"... {doc['failed'] - 50} more failures (imagesieve sql: failures table)")
+        if doc["ignored"]:
             print(
-                f"... {len(summary.failures) - 50} more failures (imagesieve sql: failures table)"
+                f"ignored {len(doc['ignored'])} non-image files "
+                f"(e.g. {doc['ignored'][0]['source']})"
             )
-        if summary.ignored:
-            print(f"ignored {len(summary.ignored)} non-image files (e.g. {summary.ignored[0][0]})")
-        labels = ", ".join(f"{k} {v}" for k, v in sorted(summary.labels.items())) or "none"
+        labels = ", ".join(f"{k} {v}" for k, v in sorted(doc["labels"].items())) or "none"
         print(
-            f"batch {summary.batch_id} with {summary.model_version}: {summary.items} items, "
-            f"{summary.scored} newly scored, {summary.rescored} rescored, "
-            f"{summary.already_scored} already stored, {len(summary.failures)} failed "
-            f"({summary.seconds:.1f} s)"
+            f"batch {doc['batch_id']} with {doc['model_version']}: {doc['items']} items, "
+            f"{doc['scored']} newly scored, {doc['rescored']} rescored, "
+            f"{doc['already_scored']} already stored, {doc['failed']} failed "
+            f"({doc['seconds']:.1f} s)" + (" through the server holding the store" * bool(server))
         )
         print(f"  labels: {labels}")
-        if summary.unknown_reasons:
+        if doc["unknown_reasons"]:
             print(
-                f"  {summary.unknown} UNKNOWN: "
-                + ", ".join(f"{k} {v}" for k, v in sorted(summary.unknown_reasons.items()))
+                f"  {doc['unknown']} UNKNOWN: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(doc["unknown_reasons"].items()))
             )
-        if summary.poor_quality:
+        if doc["poor_quality"]:
             print(
-                f"  {summary.poor_quality} photos of poor quality (UNKNOWN: reshoot them): "
-                + ", ".join(f"{k} {v}" for k, v in sorted(summary.quality_flags.items()))
+                f"  {doc['poor_quality']} photos of poor quality (UNKNOWN: reshoot them): "
+                + ", ".join(f"{k} {v}" for k, v in sorted(doc["quality_flags"].items()))
             )
-        if summary.drift and summary.drift.get("ks_d") is not None:
-            print(f"  drift: {drift_words(summary.drift)}")
-        if summary.near_duplicates:
+        if doc["drift"] and doc["drift"].get("ks_d") is not None:
+            print(f"  drift: {drift_words(doc['drift'])}")
+        if doc["near_duplicates"]:
             print(
-                f"  {summary.near_duplicates} images nearly duplicate other stored images "
+                f"  {doc['near_duplicates']} images nearly duplicate other stored images "
                 "(imagesieve duplicates)"
             )
-        if summary.csv:
-            print(f"  report: {summary.csv}")
-        if summary.sort_into:
-            where = f"{summary.sort_into}/<label>/"
-            if summary.poor_quality:
-                where += f", poor photos in {summary.sort_into}/{POOR_QUALITY_FOLDER}/"
+        if doc["csv"]:
+            print(f"  report: {doc['csv']}")
+        if doc["sort_into"]:
+            where = f"{doc['sort_into']}/<label>/"
+            if doc["poor_quality"]:
+                where += f", poor photos in {doc['sort_into']}/{POOR_QUALITY_FOLDER}/"
             print(f"  sorted into: {where}")
         if code == EXIT_SOME_FAILED:
             print(f"  exit code {code}: some items failed (see above)")
@@ -414,17 +430,71 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
     return code
 
 
+def _beside_server(ws: Workspace) -> Any:
+    """A client of the server holding this workspace's store (``_local``), or None when none runs.
+
+    DuckDB lets no other process open the store meanwhile, so the CLI works through it.
+    """
+    from imagesieve._local import LocalClient, running_server
+
+    record = running_server(ws.root)
+    client = None if record is None else LocalClient(record)
+    return client if client is not None and client.answers(ws.root) else None
+
+
+#: The verbs that work through a server holding the store (``_beside_server``).
+THROUGH_SERVER = ("score", "sql", "similar", "cluster", "promote")
+
+
+def _busy_words(ws: Workspace, verb: str) -> str | None:
+    """Why ``verb`` cannot run while a server holds the store, and what can; None: no server."""
+    from imagesieve._local import running_server
+
+    record = running_server(ws.root)
+    if record is None:
+        return None
+    return (
+        f"`imagesieve serve` (PID {record.pid}) holds the store of {ws.root}, and {verb} "
+        f"does not run through it: use its app or REST API ({record.url}/api/v1/docs), or "
+        f"stop it first ({', '.join(THROUGH_SERVER)} work through it)"
+    )
+
+
+def _local_score(args: argparse.Namespace) -> dict[str, Any]:
+    """``score``'s inputs and options for the server (``_local_api.LocalScore``): paths absolute."""
+
+    def absolute(path: str | None) -> str | None:
+        return None if path is None or "://" in path else os.path.abspath(path)
+
+    return {
+        "inputs": [absolute(i) for i in args.inputs],
+        "model": args.model,
+        "threshold": args.threshold,
+        "distance_threshold": args.distance_threshold,
+        "column": args.column,
+        "rescore": args.rescore,
+        "retry_failed": args.retry_failed,
+        "csv": absolute(args.csv),
+        "sort_into": absolute(args.sort_into),
+        "keep_images": args.keep_images,
+        "fetch_workers": args.fetch_workers,
+        "read_timeout": args.timeout,
+    }
+
+
 #: ``score``'s exit codes beyond 0 (every item scored or already stored) and 2 (a user error).
 EXIT_SOME_FAILED = 3
 EXIT_NONE_SCORED = 4
 
 
-def score_exit_code(summary: Any) -> int:
-    """0 when every item was scored or already stored; 3 when some failed; 4 when none was."""
-    done = summary.items - len(summary.failures)
-    if done <= 0:
+def score_exit_code(summary: dict[str, Any]) -> int:
+    """0 when every item was scored or already stored; 3 when some failed; 4 when none was.
+
+    ``summary``: ``ScoreSummary.to_dict()``.
+    """
+    if summary["items"] - summary["failed"] <= 0:
         return EXIT_NONE_SCORED
-    return EXIT_SOME_FAILED if summary.failures else 0
+    return EXIT_SOME_FAILED if summary["failed"] else 0
 
 
 def cmd_reindex(args: argparse.Namespace, ws: Workspace) -> None:
@@ -452,7 +522,7 @@ def cmd_reindex(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_sql(args: argparse.Namespace, ws: Workspace) -> None:
     """The `sql` verb: one read-only query over the store, as a table, CSV or JSON."""
-    from imagesieve.store import VIEWS, open_readonly, run_sql
+    from imagesieve.store import VIEWS, SqlResult, open_readonly, run_sql
 
     fmt = "json" if args.json else args.format
     if args.views:
@@ -467,13 +537,23 @@ def cmd_sql(args: argparse.Namespace, ws: Workspace) -> None:
         raise UserError("no query: give one SQL statement, '-' to read it from stdin, or --views")
     sql = sys.stdin.read() if args.query == "-" else args.query
     limit = args.limit if args.limit is not None else (1_000_000 if args.out else 1000)
-    with open_readonly(ws) as con:
-        result = run_sql(
-            con, sql, limit=limit or None, timeout=args.timeout if args.timeout > 0 else None
-        )
-    if result.truncated:
+    timeout = args.timeout if args.timeout > 0 else None
+    server = _beside_server(ws)
+    if server is None:
+        with open_readonly(ws) as con:
+            result = run_sql(con, sql, limit=limit or None, timeout=timeout)
+    else:
+        asked = {"sql": sql, "limit": limit or None, "timeout": timeout}
+        result = SqlResult.from_dict(server.call("sql", asked))
+    if result.truncated and limit and len(result.rows) >= limit:
         print(
             f"imagesieve sql: note: stopped at {limit} rows (--limit N for more)", file=sys.stderr
+        )
+    elif result.truncated:  # the server's answer is capped in bytes: its memory is shared
+        print(
+            f"imagesieve sql: note: stopped at {len(result.rows)} rows, as much as the server "
+            "holding the store answers at once (page with LIMIT and OFFSET)",
+            file=sys.stderr,
         )
     if args.out:
         result.to_csv(args.out)
@@ -651,17 +731,25 @@ def cmd_similar(args: argparse.Namespace, ws: Workspace) -> None:
     """The `similar` verb: nearest stored images to an image, a stored id or a class."""
     from imagesieve.search import find_similar
 
-    info, results = find_similar(
-        ws,
-        image=args.image,
-        id=args.id,
-        class_name=args.class_name,
-        k=args.k,
-        max_distance=args.max_distance,
-        where=args.where,
-        model=args.model,
-    )
-    doc = {"query": info.__dict__, "results": [r.to_dict() for r in results]}
+    query = {
+        "image": args.image,
+        "id": args.id,
+        "class_name": args.class_name,
+        "k": args.k,
+        "max_distance": args.max_distance,
+        "where": args.where,
+        "model": args.model,
+    }
+    server = _beside_server(ws)
+    if server is None:
+        info, found = find_similar(ws, **query)
+        doc = {"query": info.__dict__, "results": [r.to_dict() for r in found]}
+    else:
+        if args.image is not None and "://" not in args.image:
+            query["image"] = os.path.abspath(args.image)
+        doc = server.call("similar", query)
+    info = SimpleNamespace(**doc["query"])
+    results = [SimpleNamespace(**r) for r in doc["results"]]
 
     def human() -> None:
         filt = f", {info.matching_rows} rows pass the filter" if info.where else ""
@@ -694,8 +782,15 @@ def _print_clusters(clusters: list[dict[str, Any]]) -> None:
 
 def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
     """The `cluster` verb: cluster the UNKNOWNs, or list / name / reject / trim clusters."""
-    from imagesieve.search import ClusterParams, list_clusters, run_clustering, update_cluster
+    from imagesieve.search import (
+        ClusterParams,
+        ClusterRun,
+        list_clusters,
+        run_clustering,
+        update_cluster,
+    )
 
+    server = _beside_server(ws)
     if args.name or args.reject is not None or args.exclude:
         target = (
             int(args.name[0])
@@ -704,18 +799,23 @@ def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
             if args.reject is not None
             else int(args.exclude[0])
         )
-        row = update_cluster(
-            ws,
-            target,
-            name=args.name[1] if args.name else None,
-            reject=args.reject is not None,
-            exclude=tuple(int(i) for i in args.exclude[1:]) if args.exclude else (),
-            model=args.model,
-        )
+        change = {
+            "cluster_id": target,
+            "name": args.name[1] if args.name else None,
+            "reject": args.reject is not None,
+            "exclude": tuple(int(i) for i in args.exclude[1:]) if args.exclude else (),
+        }
+        if server is None:
+            row = update_cluster(ws, model=args.model, **change)
+        else:
+            row = server.call("cluster", {"model": args.model, "change": change})
         _emit(args, row, lambda: _print_clusters([row]))
         return
     if args.list:
-        rows = list_clusters(ws, model=args.model)
+        if server is None:
+            rows = list_clusters(ws, model=args.model)
+        else:
+            rows = server.call("cluster", {"list": True, "model": args.model})
         _emit(
             args,
             {"clusters": rows},
@@ -731,7 +831,14 @@ def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
         poor_quality=args.poor_quality,
     )
     with _progress(not args.json) as progress:
-        run = run_clustering(ws, params, model=args.model, export=args.export, progress=progress)
+        if server is None:
+            run = run_clustering(
+                ws, params, model=args.model, export=args.export, progress=progress
+            )
+        else:
+            export = None if args.export is None else os.path.abspath(args.export)
+            asked = {"model": args.model, "export": export, "params": asdict(params)}
+            run = ClusterRun(**server.call("cluster", asked, progress))
     doc = run.to_dict()
 
     def human() -> None:
@@ -754,12 +861,19 @@ def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_promote(args: argparse.Namespace, ws: Workspace) -> None:
     """The `promote` verb: a cluster's images into the training data as a (new) class."""
-    from imagesieve.search import promote_cluster
+    from imagesieve.search import PromoteResult, promote_cluster
 
     excluded = tuple(int(i) for i in args.exclude.split(",")) if args.exclude else ()
-    result = promote_cluster(
-        ws, args.cluster, args.name, args.into, exclude=excluded, model=args.model
-    )
+    server = _beside_server(ws)
+    if server is None:
+        result = promote_cluster(
+            ws, args.cluster, args.name, args.into, exclude=excluded, model=args.model
+        )
+    else:
+        into = None if args.into is None else os.path.abspath(args.into)
+        asked = {"cluster_id": args.cluster, "name": args.name, "into": into}
+        asked |= {"exclude": list(excluded), "model": args.model}
+        result = PromoteResult(**server.call("promote", asked))
     doc = result.to_dict()
 
     def human() -> None:
@@ -1696,6 +1810,8 @@ def main(argv: list[str] | None = None) -> int:
         kind, message = classify_error(e)
         if kind == "internal":
             log.exception("imagesieve %s: unexpected error", args.verb)
+        elif kind == "busy":
+            message = _busy_words(ws, args.verb) or message
         label = "internal error" if kind == "internal" else "error"
         print(f"imagesieve {args.verb}: {label}: {message}", file=sys.stderr)
         return KINDS[kind].exit_code

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from imagesieve._errors import KINDS, classify_error
+from imagesieve.app._local_api import add_local_api
 from imagesieve.app._service import Limits, Service
 from imagesieve.ingest import REPORT_FORMATS, report_media_type
 from imagesieve.search import MAX_RELABEL, MAX_TRADEOFF_RATES
@@ -342,12 +343,17 @@ def _who(request: Request) -> str:
 
 
 def add_api(
-    app: FastAPI, service: Service, *, token: str | Mapping[str, str | None] | None = None
+    app: FastAPI,
+    service: Service,
+    *,
+    token: str | Mapping[str, str | None] | None = None,
+    local_secret: str | None = None,
 ) -> None:
     """Mount ``/api/v1`` on ``app``: predict, score, similar, sql, clusters, history, health, docs.
 
     ``token``: one secret, or secrets mapped to names (``parse_tokens``); a named token's name
-    is who the audit log records for its requests.
+    is who the audit log records for its requests. ``local_secret`` opens the routes a CLI
+    beside the server works through (``_local_api``).
     """
     bearer = HTTPBearer(auto_error=False, description="the server's API token (--token)")
     tokens = {token: None} if isinstance(token, str) else dict(token or {})
@@ -860,6 +866,8 @@ def add_api(
         )
 
     app.include_router(router)
+    if local_secret is not None:
+        add_local_api(app, service, local_secret)
 
     async def no_route(request: Request) -> JSONResponse:
         # Anything else under /api/v1: the error shape, not the UI's (mounted at "/") 404

@@ -7,7 +7,6 @@ capped, declared (Content-Length) or streamed (chunked), uploads by the Gradio a
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from imagesieve._access import TOKEN_ENV, TOKEN_FILE_ENV, Tokens, tokens_from_env
 from imagesieve._errors import UserError
+from imagesieve._local import announce, is_loopback, new_secret, withdraw
 from imagesieve.app._service import Service
 
 __all__ = ["RunningServer", "build_server", "check_exposure", "serve", "start_server"]
@@ -35,16 +35,6 @@ FORM_OVERHEAD = 1 * 2**20
 #: defaults, 1 ms and 10 ms, are far beyond what a person sees.
 UI_QUEUE_POLL = 0.02
 UI_PROGRESS_POLL = 0.1
-
-
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and 'localhost'."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:
@@ -155,8 +145,12 @@ def build_server(
     auth: tuple[str, str] | None = None,
     token: Tokens = None,
     ui: bool = True,
+    local_secret: str | None = None,
 ) -> Any:
-    """The FastAPI app: ``/api/v1`` (OpenAPI at ``/api/v1/openapi.json``) and the Gradio UI at ``/``."""
+    """The FastAPI app: ``/api/v1`` (OpenAPI at ``/api/v1/openapi.json``) and the Gradio UI at ``/``.
+
+    ``local_secret``: the routes a CLI beside the server uses (``_local_api``) open to it.
+    """
     from fastapi import FastAPI
 
     import imagesieve
@@ -170,7 +164,7 @@ def build_server(
         docs_url=None,
         redoc_url=None,
     )
-    add_api(app, service, token=token)
+    add_api(app, service, token=token, local_secret=local_secret)
     limits = service.limits
 
     def limit_for(path: str) -> int:
@@ -233,12 +227,13 @@ def start_server(
     auth: tuple[str, str] | None = None,
     token: Tokens = None,
     ui: bool = True,
+    local_secret: str | None = None,
 ) -> RunningServer:
     """Start the server on a thread (port 0: a free one); returns once it accepts connections."""
     import uvicorn
 
     check_exposure(host, auth, token, ui=ui)
-    app = build_server(service, auth=auth, token=token, ui=ui)
+    app = build_server(service, auth=auth, token=token, ui=ui, local_secret=local_secret)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_keep_alive=30, access_log=False
     )
@@ -281,11 +276,16 @@ def serve(
     """Serve until Ctrl-C or SIGTERM, then stop cleanly; ``on_ready(url)`` is called once it listens.
 
     Both signals are handled even when the parent started us with SIGINT ignored (a shell's
-    background job, nohup), so ``kill`` and Ctrl-C always close the store properly.
+    background job, nohup), so ``kill`` and Ctrl-C always close the store properly. While it
+    runs, ``server.json`` in the workspace lets the CLI work through it (``_local``).
     """
     token = token or tokens_from_env()
     auth = auth or os.environ.get(AUTH_ENV) or None
-    running = start_server(service, host, port, auth=parse_auth(auth), token=token, ui=ui)
+    secret = new_secret()
+    running = start_server(
+        service, host, port, auth=parse_auth(auth), token=token, ui=ui, local_secret=secret
+    )
+    record = announce(service.ws.root, running.url, secret)
     threading.Thread(target=_warm_quality, name="imagesieve-warm", daemon=True).start()
     stop = threading.Event()
     previous = {}
@@ -298,6 +298,7 @@ def serve(
         while running.thread.is_alive() and not stop.wait(0.5):
             pass
     finally:
+        withdraw(service.ws.root, record)
         running.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

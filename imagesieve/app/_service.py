@@ -852,28 +852,52 @@ class Service:
         if report_dir is not None:
             opts.csv = str(Path(report_dir) / "report.csv")
             opts.sort_into = str(Path(report_dir) / "sorted")
+        return self._score_into_store([str(i) for i in inputs], opts, progress, predictor)
+
+    def score_local(
+        self, inputs: Sequence[str], opts: ScoreOptions, progress: Progress | None = None
+    ) -> ScoreSummary:
+        """``imagesieve score`` run here for a CLI beside this server (``_local``): its options as given.
+
+        Files, folders and lists anywhere the operator's shell reaches, reports and label
+        folders written where it says. The served predictor scores unless the options ask for
+        another version or thresholds, which load one for this run.
+        """
+        self.follow_active()
+        served = self.predictor or self.version  # the second raises "no model"
+        own = opts.model in (None, served.version.name) and (
+            opts.threshold is None and opts.distance_threshold is None
+        )
+        return self._score_into_store(list(inputs), opts, progress, served if own else None)
+
+    def _score_into_store(
+        self,
+        inputs: list[str],
+        opts: ScoreOptions,
+        progress: Progress | None,
+        predictor: Predictor | None,
+    ) -> ScoreSummary:
         summary = score_inputs(
-            self.ws,
-            [str(i) for i in inputs],
-            opts,
-            progress,
-            store=self.store,
-            predictor=predictor,
+            self.ws, inputs, opts, progress, store=self.store, predictor=predictor
         )
         # Saved now, unless the index has to become HNSW or be re-tuned first: that runs
         # beside the requests (saving would do it holding the store), saved when the server stops.
-        if not self._upgrade_soon(predictor.version.name):
+        if not self._upgrade_soon(summary.model_version):
             self.store.indexes.save()
         return summary
 
     # -- search, SQL -----------------------------------------------------------------------
     def similar(self, **query: Any) -> tuple[Any, list[Any]]:
-        """``find_similar`` over the served store (image, id or class_name; k, max_distance, where)."""
-        self.version  # noqa: B018 - raises the one-line "no model" error
+        """``find_similar`` over the served store (image, id or class_name; k, max_distance, where).
+
+        In the served version, or ``model`` (a CLI beside the server may name another).
+        """
+        served = self.version.name  # raises the one-line "no model" error
+        other = query.get("model") not in (None, served)
         return find_similar(
             self.ws,
             store=self.store,
-            predictor=self.predictor,
+            predictor=None if other else self.predictor,
             filter_timeout=SQL_TIMEOUT,
             filter_memory=SQL_MAX_MEMORY,
             filter_executor=self._sql,
@@ -912,14 +936,26 @@ class Service:
         keys = ("id", "source", "sha256", "top1_class", "top1_prob", "excluded")
         return [{k: getattr(m, k) for k in keys} for m in members]
 
-    def run_clustering(self, progress: Progress | None = None, **params: Any) -> Any:
-        """Cluster the UNKNOWNs of the active version (ClusterParams fields as keywords)."""
+    def run_clustering(
+        self,
+        progress: Progress | None = None,
+        *,
+        model: str | None = None,
+        export: str | os.PathLike | None = None,
+        **params: Any,
+    ) -> Any:
+        """Cluster the UNKNOWNs of the active version, or ``model`` (ClusterParams fields as keywords).
+
+        ``export``: where the folders go (a CLI beside the server names it; default the
+        workspace's ``clusters/``).
+        """
         with self._clustering:  # one run at a time; predictions go on meanwhile
             run = run_clustering(
                 self.ws,
                 ClusterParams(**params),
-                model=self.version.name,
+                model=model or self.version.name,
                 store=self.store,
+                export=export,
                 progress=progress,
             )
             self.reload_clusters()
@@ -964,11 +1000,16 @@ class Service:
         return dict(self.clustering_status)
 
     def update_cluster(
-        self, cluster_id: int, who: str | None = None, **change: Any
+        self, cluster_id: int, who: str | None = None, model: str | None = None, **change: Any
     ) -> dict[str, Any]:
-        """Name, reject or exclude members of a cluster (recorded as ``who``)."""
+        """Name, reject or exclude members of a cluster (recorded as ``who``); ``model``: served."""
         row = update_cluster(
-            self.ws, cluster_id, model=self.version.name, who=who, store=self.store, **change
+            self.ws,
+            cluster_id,
+            model=model or self.version.name,
+            who=who,
+            store=self.store,
+            **change,
         )
         self.reload_clusters()
         return row
@@ -990,15 +1031,19 @@ class Service:
         into: str | os.PathLike | None = None,
         exclude: tuple[int, ...] = (),
         who: str | None = None,
+        model: str | None = None,
     ) -> Any:
-        """Copy a cluster into the training data (defaults: its name, the version's folder)."""
+        """Copy a cluster into the training data (defaults: its name, the version's folder).
+
+        Of the served version's clusters, or ``model``'s.
+        """
         result = promote_cluster(
             self.ws,
             cluster_id,
             name,
             into,
             exclude=exclude,
-            model=self.version.name,
+            model=model or self.version.name,
             who=who,
             store=self.store,
         )

@@ -230,6 +230,17 @@ class SqlResult:
             "seconds": round(self.seconds, 4),
         }
 
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> SqlResult:
+        """The result ``to_dict`` gave (a server's answer to a CLI beside it)."""
+        return cls(
+            list(doc["columns"]),
+            [tuple(row) for row in doc["rows"]],
+            bool(doc["truncated"]),
+            float(doc["seconds"]),
+            list(doc.get("types") or []),
+        )
+
     def to_csv(self, path_or_file: str | os.PathLike | IO[str]) -> None:
         """Write a header and the rows as CSV (NULL as an empty cell, lists as JSON)."""
         if isinstance(path_or_file, str | os.PathLike):

@@ -11,6 +11,7 @@ before it knows whether it needs the rest.
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
 import os
@@ -154,8 +155,9 @@ class LocalClient:
             elif "result" in line:
                 return line["result"]
         raise SieveError(
-            f"the server at {self.record.url} stopped answering before it finished; see its log",
-            "internal",
+            f"the server at {self.record.url} stopped before it finished (see its log); "
+            "run the command again",
+            "stopping",
         )
 
     def _lines(self, route: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -165,8 +167,10 @@ class LocalClient:
             headers={"Content-Type": "application/json", LOCAL_HEADER: self.record.secret},
             method="POST",
         )
+        answered = False
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                answered = True
                 for raw in answer:
                     if raw.strip():
                         yield json.loads(raw)
@@ -176,7 +180,9 @@ class LocalClient:
             except (ValueError, KeyError, TypeError):
                 message = f"HTTP {e.code}"
             raise SieveError(f"the server at {self.record.url} refused: {message}") from None
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            if answered:  # it went away mid-answer (stopped, restarted): call() says so
+                return
             reason = getattr(e, "reason", e)
             raise SieveError(
                 f"the server holding this workspace (PID {self.record.pid}) does not answer at "

@@ -139,7 +139,23 @@ def test_cli__a_dead_servers_file_is_ignored(scoring_ws, small_folder, capsys):
     assert code == 0 and "through the server" not in out, err
 
 
-def test_cli__ctrl_c_stops_the_servers_batch_and_a_rerun_finishes_it(
+def _scoring(args: list[str]) -> subprocess.Popen:
+    """``imagesieve score ARGS`` in a process of its own, returned once its progress bar shows."""
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "imagesieve.cli", "score", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = ""
+    while "scoring" not in seen:  # the server is scoring the batch
+        char = cli.stderr.read(1)
+        assert char, f"the CLI ended before it scored anything: {seen}"
+        seen += char
+    return cli
+
+
+def test_cli__ctrl_c_or_a_server_stopping_ends_the_batch_and_a_rerun_finishes_it(
     scoring_ws, elpv, tmp_path, capsys
 ):
     ws = ["--workspace", str(scoring_ws.root)]
@@ -148,34 +164,37 @@ def test_cli__ctrl_c_stops_the_servers_batch_and_a_rerun_finishes_it(
     for im in elpv[:400]:
         shutil.copyfile(im.path, batch / im.path.name)
     proc, _ = start_cli_server(["serve", "--port", "0", "--no-ui", *ws], tmp_path / "serve.log")
-    status = "SELECT status, n_items FROM batches ORDER BY batch_id DESC LIMIT 1"
+    last = "SELECT status, n_items FROM batches ORDER BY batch_id DESC LIMIT 1"
     try:
-        cli = subprocess.Popen(
-            [sys.executable, "-m", "imagesieve.cli", "score", str(batch), *ws],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        seen = ""
-        while "scoring" not in seen:  # its progress bar: the server is scoring the batch
-            char = cli.stderr.read(1)
-            assert char, f"the CLI ended before it scored anything: {seen}"
-            seen += char
-        cli.send_signal(signal.SIGINT)
+        cli = _scoring([str(batch), *ws])
+        cli.send_signal(signal.SIGINT)  # Ctrl-C
         assert cli.wait(timeout=60) == 130
         for _ in range(100):  # the server stops at its next progress report
-            code, out, _ = _run(capsys, "sql", status, "--json", *ws)
+            code, out, _ = _run(capsys, "sql", last, "--json", *ws)
             rows = json.loads(out)["rows"]
             if rows and rows[0][0] != "running":
                 break
             time.sleep(0.1)
         assert rows[0][0] == "interrupted" and rows[0][1] < 400, rows
-        code, out, _ = _run(capsys, "score", str(batch), "--json", *ws)
-        doc = json.loads(out)
-        assert code == 0 and doc["scored"] + doc["already_scored"] == 400
-        assert doc["already_scored"] == rows[0][1]  # what the first run stored is kept once
-        code, out, _ = _run(capsys, "sql", "SELECT count(*) FROM predictions", "--json", *ws)
-        assert json.loads(out)["rows"] == [[400]]
+        first = rows[0][1]
+
+        cli = _scoring([str(batch), *ws])
+        proc.send_signal(signal.SIGTERM)  # the server stops: so does the batch, promptly
+        assert cli.wait(timeout=60) == 2
+        assert "the server is stopping" in cli.stderr.read()
+        assert proc.wait(timeout=60) == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        proc.kill()
+        proc.wait()
+    code, out, _ = _run(capsys, "score", str(batch), "--json", *ws)  # alone now
+    doc = json.loads(out)
+    assert code == 0 and doc["scored"] + doc["already_scored"] == 400
+    assert first <= doc["already_scored"] < 400  # what each run stored is kept, once
+    code, out, _ = _run(
+        capsys, "sql", "SELECT count(DISTINCT sha256), count(*) FROM predictions", "--json", *ws
+    )
+    assert json.loads(out)["rows"] == [[400, 400]]
+    code, out, _ = _run(
+        capsys, "sql", "SELECT status FROM batches ORDER BY batch_id", "--json", *ws
+    )
+    assert [r[0] for r in json.loads(out)["rows"]][-3:] == ["interrupted", "interrupted", "done"]

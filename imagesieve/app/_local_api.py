@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -96,8 +97,14 @@ class LocalSimilar(BaseModel):
     model: str | None = None
 
 
-def _streamed(work: Callable[[Callable[[str, int, int], None]], Any]) -> StreamingResponse:
-    """Run ``work(progress)`` on a thread; stream its progress, then its result or error."""
+def _streamed(
+    work: Callable[[Callable[[str, int, int], None]], Any], stopping: threading.Event
+) -> StreamingResponse:
+    """Run ``work(progress)`` on a thread; stream its progress, then its result or error.
+
+    The work ends at its next progress report when the client goes away (Ctrl-C) or the
+    server is ``stopping``.
+    """
 
     async def lines() -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
@@ -109,6 +116,12 @@ def _streamed(work: Callable[[Callable[[str, int, int], None]], Any]) -> Streami
             nonlocal last
             if gone.is_set():  # the CLI stopped (Ctrl-C): so does its work, as it would alone
                 raise SieveError("the CLI that asked for this stopped waiting", "conflict")
+            if stopping.is_set():
+                raise SieveError(
+                    "the server is stopping: what was done so far is stored; run the command "
+                    "again (to finish it here alone, or through the server once it is back)",
+                    "stopping",
+                )
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY or (total and done >= total):
                 last = now
@@ -141,7 +154,7 @@ def _streamed(work: Callable[[Callable[[str, int, int], None]], Any]) -> Streami
                 log.exception("a local CLI request failed")
             yield json.dumps({"error": {"kind": kind, "message": message}}) + "\n"
             return
-        yield json.dumps({"result": result}, default=str) + "\n"
+        yield json.dumps({"result": jsonable_encoder(result)}) + "\n"  # as the API encodes
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
@@ -161,9 +174,12 @@ def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
         prefix=LOCAL_PREFIX, dependencies=[Depends(check_local)], include_in_schema=False
     )
 
+    def streamed(work: Callable[[Callable[[str, int, int], None]], Any]) -> StreamingResponse:
+        return _streamed(work, service.stopping)
+
     @router.post("/ping")
     def ping() -> StreamingResponse:
-        return _streamed(lambda p: str(service.ws.root))
+        return streamed(lambda p: str(service.ws.root))
 
     @router.post("/score")
     def score(body: LocalScore) -> StreamingResponse:
@@ -179,17 +195,17 @@ def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
             keep_images=body.keep_images,
             fetch=FetchOptions(workers=body.fetch_workers, read_timeout=body.read_timeout),
         )
-        return _streamed(lambda p: service.score_local(body.inputs, opts, p).to_dict())
+        return streamed(lambda p: service.score_local(body.inputs, opts, p).to_dict())
 
     @router.post("/cluster")
     def cluster(body: LocalCluster) -> StreamingResponse:
         if body.list:
-            return _streamed(
+            return streamed(
                 lambda p: list_clusters(service.ws, model=body.model, store=service.store)
             )
         if body.change is not None:
-            return _streamed(lambda p: service.update_cluster(model=body.model, **body.change))
-        return _streamed(
+            return streamed(lambda p: service.update_cluster(model=body.model, **body.change))
+        return streamed(
             lambda p: service.run_clustering(
                 p, model=body.model, export=body.export, **body.params
             ).to_dict()
@@ -197,7 +213,7 @@ def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
 
     @router.post("/promote")
     def promote(body: LocalPromote) -> StreamingResponse:
-        return _streamed(
+        return streamed(
             lambda p: service.promote_cluster(
                 body.cluster_id, body.name, body.into, tuple(body.exclude), model=body.model
             ).to_dict()
@@ -205,7 +221,7 @@ def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
 
     @router.post("/sql")
     def sql(body: LocalSql) -> StreamingResponse:
-        return _streamed(
+        return streamed(
             lambda p: service.sql(body.sql, limit=body.limit, timeout=body.timeout).to_dict()
         )
 
@@ -215,6 +231,6 @@ def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
             info, results = service.similar(**body.model_dump())
             return {"query": info.__dict__, "results": [r.to_dict() for r in results]}
 
-        return _streamed(work)
+        return streamed(work)
 
     app.include_router(router)

@@ -299,6 +299,7 @@ def serve(
             pass
     finally:
         withdraw(service.ws.root, record)
+        service.stopping.set()
         running.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -423,6 +423,8 @@ class Service:
             2, thread_name_prefix="imagesieve-thumbs", initializer=_lower_priority
         )
         self._upgrade: threading.Thread | None = None  # builds an outgrown index's HNSW
+        #: Set when the server begins to stop: long work a CLI asked for ends at its next step.
+        self.stopping = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:

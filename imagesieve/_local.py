@@ -163,7 +163,7 @@ class LocalClient:
     def _lines(self, route: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         request = urllib.request.Request(
             f"{self.record.url}{LOCAL_PREFIX}/{route}",
-            data=json.dumps(body).encode(),
+            data=json.dumps(body, default=str).encode(),  # dates as ISO text
             headers={"Content-Type": "application/json", LOCAL_HEADER: self.record.secret},
             method="POST",
         )

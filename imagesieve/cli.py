@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -443,7 +443,34 @@ def _beside_server(ws: Workspace) -> Any:
 
 
 #: The verbs that work through a server holding the store (``_beside_server``).
-THROUGH_SERVER = ("score", "sql", "similar", "cluster", "promote")
+THROUGH_SERVER = (
+    "score",
+    "sql",
+    "similar",
+    "cluster",
+    "promote",
+    "images",
+    "relabel",
+    "batches",
+    "duplicates",
+    "audit",
+    "thresholds",
+    "suspects",
+    "map",
+)
+
+
+def _on_store(ws: Workspace, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(ws, *args, **kwargs)``: here, or by the server holding the store (its JSON form).
+
+    ``fn`` is a library function taking ``store=`` that the server offers by name
+    (``app._local_api._library``); dataclass arguments travel as dicts.
+    """
+    server = _beside_server(ws)
+    if server is None:
+        return fn(ws, *args, **kwargs)
+    sent = [asdict(a) if is_dataclass(a) else a for a in args]
+    return server.call("call", {"function": fn.__name__, "args": sent, "kwargs": kwargs})
 
 
 def _busy_words(ws: Workspace, verb: str) -> str | None:
@@ -912,8 +939,14 @@ def cmd_images(args: argparse.Namespace, ws: Workspace) -> None:
         day_to=args.day_to,
         sort=args.sort,
     )
-    page = browse_images(
-        ws, query, limit=args.limit, offset=args.offset, facets=args.json, model=args.model
+    page = _on_store(
+        ws,
+        browse_images,
+        query,
+        limit=args.limit,
+        offset=args.offset,
+        facets=args.json,
+        model=args.model,
     )
 
     def human() -> None:
@@ -942,9 +975,18 @@ def cmd_map(args: argparse.Namespace, ws: Workspace) -> None:
 
     from imagesieve.search import compute_map, map_points
 
+    server = _beside_server(ws)
     with _progress(not args.json) as progress:
-        made = compute_map(ws, model=args.model, max_points=args.max_points, progress=progress)
-    doc = map_points(ws, color_by=args.color_by, model=args.model)
+        if server is None:
+            made = compute_map(ws, model=args.model, max_points=args.max_points, progress=progress)
+            doc = map_points(ws, color_by=args.color_by, model=args.model)
+            made = SimpleNamespace(
+                version=made.version, points=len(made.ids), stored=made.stored, seconds=made.seconds
+            )
+        else:
+            asked = {"model": args.model, "max_points": args.max_points, "color_by": args.color_by}
+            answer = server.call("map", asked, progress)
+            made, doc = SimpleNamespace(**answer["made"]), answer["map"]
     if args.out:
         with open(args.out, "w", newline="") as f:
             w = csv.writer(f)
@@ -956,7 +998,7 @@ def cmd_map(args: argparse.Namespace, ws: Workspace) -> None:
 
     def human() -> None:
         print(
-            f"map of {made.version}: {len(made.ids):,} of {made.stored:,} stored images in "
+            f"map of {made.version}: {made.points:,} of {made.stored:,} stored images in "
             f"{made.seconds:.1f} s" + (f"; written to {args.out}" if args.out else "")
         )
         for name, _, n in doc["legend"][:10]:
@@ -979,10 +1021,15 @@ def cmd_batches(args: argparse.Namespace, ws: Workspace) -> None:
     if outs and args.id is None:
         raise UserError(f"--{next(iter(outs))} writes one batch's report: give its --id")
     if args.id is not None:
-        doc = batch_detail(ws, args.id)
+        doc = _on_store(ws, batch_detail, args.id)
+        server = _beside_server(ws)
         for fmt, path in outs.items():
-            with open(path, "wb") as f:
-                write_batch_report(ws, args.id, f, fmt=fmt)
+            if server is None:
+                with open(path, "wb") as f:
+                    write_batch_report(ws, args.id, f, fmt=fmt)
+            else:  # the server writes it where the CLI would
+                where = [args.id, os.path.abspath(path), fmt]
+                server.call("call", {"function": "write_batch_report_file", "args": where})
 
         def one() -> None:
             print(
@@ -1000,7 +1047,7 @@ def cmd_batches(args: argparse.Namespace, ws: Workspace) -> None:
         _emit(args, doc, one)
         return
     if args.drift:
-        rows = drift_history(ws, args.drift, limit=args.limit)
+        rows = _on_store(ws, drift_history, args.drift, limit=args.limit)
         key = "batch_id" if args.drift == "batch" else "day"
 
         def drifts() -> None:
@@ -1014,7 +1061,7 @@ def cmd_batches(args: argparse.Namespace, ws: Workspace) -> None:
 
         _emit(args, {"drift": rows}, drifts)
         return
-    doc = list_batches(ws, limit=args.limit)
+    doc = _on_store(ws, list_batches, limit=args.limit)
 
     def human() -> None:
         if not doc["batches"]:
@@ -1037,8 +1084,12 @@ def cmd_suspects(args: argparse.Namespace, ws: Workspace) -> None:
         label, paths = (args.relabel[0], args.relabel[1:]) if args.relabel else (None, args.remove)
         if not paths:
             raise UserError("--relabel CLASS PATH...: give the images to move")
-        doc = fix_training_labels(
-            ws, [str(Path(p).resolve()) for p in paths], label, model=args.model
+        doc = _on_store(
+            ws,
+            fix_training_labels,
+            [str(Path(p).resolve()) for p in paths],
+            label,
+            model=args.model,
         )
 
         def moved() -> None:
@@ -1065,10 +1116,12 @@ def cmd_suspects(args: argparse.Namespace, ws: Workspace) -> None:
 
 def cmd_relabel(args: argparse.Namespace, ws: Workspace) -> None:
     """The `relabel` verb: give stored images a class; they join its training data."""
-    from imagesieve.search import relabel_images
+    from imagesieve.search import RelabelResult, relabel_images
 
     ids = _id_list(args.ids)
-    result = relabel_images(ws, ids, args.label, into=args.into, model=args.model)
+    into = None if args.into is None else os.path.abspath(args.into)
+    result = _on_store(ws, relabel_images, ids, args.label, into=into, model=args.model)
+    result = RelabelResult(**result) if isinstance(result, dict) else result  # the server's
     doc = result.to_dict()
 
     def human() -> None:
@@ -1106,7 +1159,7 @@ def cmd_duplicates(args: argparse.Namespace, ws: Workspace) -> None:
     from imagesieve.search import keep_one, list_duplicates
 
     if args.keep is not None:
-        doc = keep_one(ws, args.keep, model=args.model)
+        doc = _on_store(ws, keep_one, args.keep, model=args.model)
         _emit(
             args,
             doc,
@@ -1116,7 +1169,7 @@ def cmd_duplicates(args: argparse.Namespace, ws: Workspace) -> None:
             ),
         )
         return
-    doc = list_duplicates(ws, model=args.model, limit=args.limit, offset=args.offset)
+    doc = _on_store(ws, list_duplicates, model=args.model, limit=args.limit, offset=args.offset)
 
     def human() -> None:
         near, exact = doc["near"], doc["exact"]
@@ -1152,10 +1205,10 @@ def cmd_audit(args: argparse.Namespace, ws: Workspace) -> None:
     from imagesieve.search import audit_log, undo_action
 
     if args.undo is not None:
-        entry = undo_action(ws, args.undo or None)
+        entry = _on_store(ws, undo_action, args.undo or None)
         _emit(args, entry, lambda: print(f"action {entry['action_id']}: {entry['summary']}"))
         return
-    doc = audit_log(ws, limit=args.limit)
+    doc = _on_store(ws, audit_log, limit=args.limit)
 
     def human() -> None:
         if not doc["actions"]:
@@ -1199,11 +1252,20 @@ def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
     applying = bool(args.set) or args.set_target is not None
     applying = applying or (quality is not None and not previewing)
     if applying:
-        apply_thresholds(ws, confidence, distance, quality=quality, model=args.model, target=target)
-        doc = threshold_counts(ws, model=args.model)
-    elif previewing:
-        doc = threshold_counts(
+        _on_store(
             ws,
+            apply_thresholds,
+            confidence,
+            distance,
+            quality=quality,
+            model=args.model,
+            target=target,
+        )
+        doc = _on_store(ws, threshold_counts, model=args.model)
+    elif previewing:
+        doc = _on_store(
+            ws,
+            threshold_counts,
             confidence,
             distance,
             quality=quality,
@@ -1212,7 +1274,7 @@ def cmd_thresholds(args: argparse.Namespace, ws: Workspace) -> None:
             target=target,
         )
     else:
-        doc = threshold_counts(ws, model=args.model)
+        doc = _on_store(ws, threshold_counts, model=args.model)
     if calibrated is not None:
         doc["calibrated"] = calibrated
 

@@ -102,8 +102,34 @@ def test_cli__works_through_the_server_holding_the_store(
         assert code == 0, err
         assert len(list((into / "newtype").iterdir())) == listed[first]["size"] >= 2
 
+        # browse, relabel and undo, a batch's report, thresholds the server then serves
+        code, out, _ = _run(capsys, "images", "--label", "UNKNOWN", "--json", *ws)
+        page = json.loads(out)
+        assert code == 0 and page["total"] == 6
+        picked = str(page["rows"][0]["id"])
+        relabelled = tmp_path / "relabelled"
+        relabelled.mkdir()
+        code, out, err = _run(
+            capsys, "relabel", picked, "--label", "odd", "--into", str(relabelled), *ws
+        )
+        assert code == 0 and len(list((relabelled / "odd").iterdir())) == 1, err
+        code, out, _ = _run(capsys, "audit", "--undo", "--json", *ws)
+        assert code == 0 and json.loads(out)["summary"].startswith("undid")
+        assert not (relabelled / "odd").exists()  # the copy and its new folder taken back out
+        code, _, err = _run(capsys, "batches", "--id", "1", "--csv", "b1.csv", *ws)
+        assert code == 0 and len((tmp_path / "b1.csv").read_text().splitlines()) == 8, err
+        assert _run(capsys, "thresholds", "--set", "0.01", "off", *ws)[0] == 0
+        fresh = [im.path for im in elpv if im.cell_type == "poly"][7]
+        with open(fresh, "rb") as f:
+            served = requests.post(f"{url}/api/v1/predict", files={"file": f}, timeout=60).json()
+        assert served["label"] != "UNKNOWN"  # the server serves the thresholds just set
+
+        code, out, err = _run(capsys, "map", "--out", "map.csv", "--json", *ws)
+        assert code == 0 and json.loads(out)["points"] == 7, err
+        assert len((tmp_path / "map.csv").read_text().splitlines()) == 8
+
         # a verb that does not run through the server: one line naming those that do
-        code, _, err = _run(capsys, "batches", *ws)
+        code, _, err = _run(capsys, "reindex", *ws)
         assert code == 2 and len(err.strip().splitlines()) == 1
         assert f"PID {proc.pid}" in err and "score, sql, similar" in err
         code, _, err = _run(capsys, "score", "--history-of", "v1", *ws)
@@ -124,7 +150,7 @@ def test_cli__works_through_the_server_holding_the_store(
         proc.wait(timeout=60)
     assert not (scoring_ws.root / SERVER_FILE).exists()  # withdrawn when the server stops
     code, out, _ = _run(capsys, "sql", "SELECT count(*) FROM predictions", "--format", "csv", *ws)
-    assert code == 0 and out.splitlines()[1] == "6"  # the CLI opens the store itself again
+    assert code == 0 and out.splitlines()[1] == "7"  # the CLI opens the store itself again
 
 
 def test_cli__a_dead_servers_file_is_ignored(scoring_ws, small_folder, capsys):

@@ -10,6 +10,8 @@ lines: ``{"progress": [stage, done, total]}`` as the work goes, blank keep-alive
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime as dt
 import hmac
 import json
 import logging
@@ -19,15 +21,34 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from imagesieve._errors import SieveError, classify_error
 from imagesieve._local import LOCAL_HEADER, LOCAL_PREFIX, is_loopback
 from imagesieve.app._service import Service
-from imagesieve.ingest import FetchOptions, ScoreOptions
-from imagesieve.search import list_clusters
+from imagesieve.ingest import (
+    FetchOptions,
+    ScoreOptions,
+    batch_detail,
+    drift_history,
+    list_batches,
+    write_batch_report,
+)
+from imagesieve.search import (
+    apply_thresholds,
+    audit_log,
+    browse_images,
+    fix_training_labels,
+    keep_one,
+    list_clusters,
+    list_duplicates,
+    map_points,
+    relabel_images,
+    threshold_counts,
+    undo_action,
+)
+from imagesieve.store import ImageQuery
 
 __all__ = ["add_local_api"]
 
@@ -77,6 +98,22 @@ class LocalPromote(BaseModel):
     model: str | None = None
 
 
+class LocalCall(BaseModel):
+    """One library call of a CLI verb (``_library``), with the server's store."""
+
+    function: str
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class LocalMap(BaseModel):
+    """``imagesieve map``: make a version's map, then its points coloured."""
+
+    model: str | None = None
+    max_points: int | None = None
+    color_by: str = "label"
+
+
 class LocalSql(BaseModel):
     """``imagesieve sql``: one read-only query and its limits (None: none)."""
 
@@ -95,6 +132,18 @@ class LocalSimilar(BaseModel):
     max_distance: float | None = None
     where: str | None = None
     model: str | None = None
+
+
+def _as_cli_writes(value: Any) -> Any:
+    """JSON for what ``json`` cannot write, as the CLI's ``--json`` writes it alone (``str``).
+
+    Numbers stay numbers (numpy's too) and dataclasses objects, so the CLI prints them alike.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if callable(getattr(value, "item", None)):  # a numpy scalar
+        return value.item()
+    return str(value)
 
 
 def _streamed(
@@ -154,9 +203,52 @@ def _streamed(
                 log.exception("a local CLI request failed")
             yield json.dumps({"error": {"kind": kind, "message": message}}) + "\n"
             return
-        yield json.dumps({"result": jsonable_encoder(result)}) + "\n"  # as the API encodes
+        yield json.dumps({"result": result}, default=_as_cli_writes) + "\n"
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def _library(service: Service) -> dict[str, Callable[..., Any]]:
+    """The library calls of the CLI's other verbs, made with the server's store, by name.
+
+    An action that changes what the server serves (labels, thresholds, clusters) is followed
+    (``Service.follow_changes``), as the app's own actions are.
+    """
+    ws, store = service.ws, service.store
+
+    def on_store(fn: Callable[..., Any], *, follows: bool = False) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            done = fn(ws, *args, store=store, **kwargs)
+            if follows:
+                service.follow_changes()
+            return done
+
+        return call
+
+    def browse(query: dict[str, Any], **kwargs: Any) -> Any:
+        days = {k: dt.date.fromisoformat(query[k]) for k in ("day_from", "day_to") if query[k]}
+        return browse_images(ws, ImageQuery(**(query | days)), store=store, **kwargs)
+
+    def report_file(batch_id: int, path: str, fmt: str) -> str:
+        with open(path, "wb") as f:
+            write_batch_report(ws, batch_id, f, fmt=fmt, store=store)
+        return path
+
+    return {
+        "apply_thresholds": on_store(apply_thresholds, follows=True),
+        "audit_log": on_store(audit_log),
+        "batch_detail": on_store(batch_detail),
+        "browse_images": browse,
+        "drift_history": on_store(drift_history),
+        "fix_training_labels": on_store(fix_training_labels, follows=True),
+        "keep_one": on_store(keep_one, follows=True),
+        "list_batches": on_store(list_batches),
+        "list_duplicates": on_store(list_duplicates),
+        "relabel_images": on_store(relabel_images, follows=True),
+        "threshold_counts": on_store(threshold_counts),
+        "undo_action": on_store(undo_action, follows=True),
+        "write_batch_report_file": report_file,
+    }
 
 
 def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
@@ -218,6 +310,24 @@ def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
                 body.cluster_id, body.name, body.into, tuple(body.exclude), model=body.model
             ).to_dict()
         )
+
+    library = _library(service)
+
+    @router.post("/call")
+    def call(body: LocalCall) -> StreamingResponse:
+        fn = library.get(body.function)
+        if fn is None:
+            raise HTTPException(404, f"no local call {body.function!r}")
+        return streamed(lambda p: fn(*body.args, **body.kwargs))
+
+    @router.post("/map")
+    def embedding_map(body: LocalMap) -> StreamingResponse:
+        def work(p: Any) -> dict[str, Any]:
+            made = service.make_map(p, model=body.model, max_points=body.max_points)
+            colour = {"color_by": body.color_by, "model": made["version"]}
+            return {"made": made, "map": map_points(service.ws, store=service.store, **colour)}
+
+        return streamed(work)
 
     @router.post("/sql")
     def sql(body: LocalSql) -> StreamingResponse:

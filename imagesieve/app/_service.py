@@ -1142,13 +1142,17 @@ class Service:
     def undo(self, action_id: int | None = None, who: str | None = None) -> dict[str, Any]:
         """Undo a recorded action (default: the latest); the server serves what it restored."""
         entry = undo_action(self.ws, action_id, who=who, store=self.store)
+        self.follow_changes()
+        return entry
+
+    def follow_changes(self) -> None:
+        """Serve what a review action changed: the active version, its thresholds, its clusters."""
         self.follow_active()
         if self.predictor is not None:
             fresh = get_version(self.ws, self.version.name)
             if fresh.meta.get("thresholds") != self.version.meta.get("thresholds"):
                 self._use(fresh)
         self.reload_clusters()
-        return entry
 
     # -- models ----------------------------------------------------------------------------
     def versions(self) -> list[dict[str, Any]]:
@@ -1467,15 +1471,22 @@ class Service:
             raise ServiceError(str(e)) from None
 
     def make_map(
-        self, progress: Progress | None = None, background: bool = False
+        self,
+        progress: Progress | None = None,
+        background: bool = False,
+        *,
+        model: str | None = None,
+        max_points: int | None = None,
     ) -> dict[str, Any]:
-        """Project the active version's stored embeddings (cached); one at a time.
+        """Project the active version's (or ``model``'s) stored embeddings (cached); one at a time.
 
-        ``background`` returns at once with ``map_status`` (poll it) instead of waiting.
+        ``background`` returns at once with ``map_status`` (poll it) instead of waiting;
+        ``max_points``: a sample of at most that many (default ``compute_map``'s).
         """
         if not self._mapping.acquire(blocking=False):
             raise ServiceError("the map is being made already", kind="conflict")
-        version = self.version.name
+        version = model or self.version.name
+        sample = {} if max_points is None else {"max_points": max_points}
 
         def report(stage: str, done: int, total: int) -> None:
             self.map_status.update(stage=stage, done=done, total=total)
@@ -1485,8 +1496,16 @@ class Service:
         def run() -> dict[str, Any]:
             try:
                 self.map_status = {"running": True, "version": version}
-                made = compute_map(self.ws, model=version, store=self.store, progress=report)
-                self.map_status = {"running": False, "version": version, "points": len(made.ids)}
+                made = compute_map(
+                    self.ws, model=version, store=self.store, progress=report, **sample
+                )
+                self.map_status = {
+                    "running": False,
+                    "version": version,
+                    "points": len(made.ids),
+                    "stored": made.stored,
+                    "seconds": made.seconds,
+                }
                 return self.map_status
             except Exception as e:
                 self.map_status = {"running": False, "version": version, "error": str(e)}

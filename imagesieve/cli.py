@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -369,7 +369,10 @@ def cmd_score(args: argparse.Namespace, ws: Workspace) -> int | None:
         if server is None:
             doc = score_inputs(ws, args.inputs, opts, progress).to_dict()
         else:
-            doc = server.call("score", _local_score(args), progress)
+            absolute = {k: _absolute(getattr(opts, k)) for k in ("csv", "sort_into")}
+            sent = {"inputs": [_absolute(i) for i in args.inputs]}
+            sent["options"] = replace(opts, **absolute).to_dict()
+            doc = server.call("score", sent, progress)
     code = score_exit_code(doc)
     doc["exit_code"] = code
 
@@ -487,26 +490,9 @@ def _busy_words(ws: Workspace, verb: str) -> str | None:
     )
 
 
-def _local_score(args: argparse.Namespace) -> dict[str, Any]:
-    """``score``'s inputs and options for the server (``_local_api.LocalScore``): paths absolute."""
-
-    def absolute(path: str | None) -> str | None:
-        return None if path is None or "://" in path else os.path.abspath(path)
-
-    return {
-        "inputs": [absolute(i) for i in args.inputs],
-        "model": args.model,
-        "threshold": args.threshold,
-        "distance_threshold": args.distance_threshold,
-        "column": args.column,
-        "rescore": args.rescore,
-        "retry_failed": args.retry_failed,
-        "csv": absolute(args.csv),
-        "sort_into": absolute(args.sort_into),
-        "keep_images": args.keep_images,
-        "fetch_workers": args.fetch_workers,
-        "read_timeout": args.timeout,
-    }
+def _absolute(path: str | None) -> str | None:
+    """A path as the server holding the store reads it (its working folder is not ours); a URL."""
+    return None if path is None or "://" in path else os.path.abspath(path)
 
 
 #: ``score``'s exit codes beyond 0 (every item scored or already stored) and 2 (a user error).
@@ -772,8 +758,7 @@ def cmd_similar(args: argparse.Namespace, ws: Workspace) -> None:
         info, found = find_similar(ws, **query)
         doc = {"query": info.__dict__, "results": [r.to_dict() for r in found]}
     else:
-        if args.image is not None and "://" not in args.image:
-            query["image"] = os.path.abspath(args.image)
+        query["image"] = _absolute(args.image)
         doc = server.call("similar", query)
     info = SimpleNamespace(**doc["query"])
     results = [SimpleNamespace(**r) for r in doc["results"]]
@@ -863,7 +848,7 @@ def cmd_cluster(args: argparse.Namespace, ws: Workspace) -> None:
                 ws, params, model=args.model, export=args.export, progress=progress
             )
         else:
-            export = None if args.export is None else os.path.abspath(args.export)
+            export = _absolute(args.export)
             asked = {"model": args.model, "export": export, "params": asdict(params)}
             run = ClusterRun(**server.call("cluster", asked, progress))
     doc = run.to_dict()
@@ -897,7 +882,7 @@ def cmd_promote(args: argparse.Namespace, ws: Workspace) -> None:
             ws, args.cluster, args.name, args.into, exclude=excluded, model=args.model
         )
     else:
-        into = None if args.into is None else os.path.abspath(args.into)
+        into = _absolute(args.into)
         asked = {"cluster_id": args.cluster, "name": args.name, "into": into}
         asked |= {"exclude": list(excluded), "model": args.model}
         result = PromoteResult(**server.call("promote", asked))
@@ -1028,7 +1013,7 @@ def cmd_batches(args: argparse.Namespace, ws: Workspace) -> None:
                 with open(path, "wb") as f:
                     write_batch_report(ws, args.id, f, fmt=fmt)
             else:  # the server writes it where the CLI would
-                where = [args.id, os.path.abspath(path), fmt]
+                where = [args.id, _absolute(path), fmt]
                 server.call("call", {"function": "write_batch_report_file", "args": where})
 
         def one() -> None:
@@ -1119,7 +1104,7 @@ def cmd_relabel(args: argparse.Namespace, ws: Workspace) -> None:
     from imagesieve.search import RelabelResult, relabel_images
 
     ids = _id_list(args.ids)
-    into = None if args.into is None else os.path.abspath(args.into)
+    into = _absolute(args.into)
     result = _on_store(ws, relabel_images, ids, args.label, into=into, model=args.model)
     result = RelabelResult(**result) if isinstance(result, dict) else result  # the server's
     doc = result.to_dict()

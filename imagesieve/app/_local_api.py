@@ -28,7 +28,6 @@ from imagesieve._errors import SieveError, classify_error
 from imagesieve._local import LOCAL_HEADER, LOCAL_PREFIX, is_loopback
 from imagesieve.app._service import Service
 from imagesieve.ingest import (
-    FetchOptions,
     ScoreOptions,
     batch_detail,
     drift_history,
@@ -62,20 +61,10 @@ PROGRESS_EVERY = 0.2
 
 
 class LocalScore(BaseModel):
-    """``imagesieve score``: its inputs (absolute paths, URLs) and options."""
+    """``imagesieve score``: its inputs (absolute paths, URLs) and ``ScoreOptions.to_dict()``."""
 
     inputs: list[str] = Field(default_factory=list)
-    model: str | None = None
-    threshold: float | None = None
-    distance_threshold: float | None = None
-    column: str | None = None
-    rescore: bool = False
-    retry_failed: bool = False
-    csv: str | None = None
-    sort_into: str | None = None
-    keep_images: str = "unknown"
-    fetch_workers: int = 16
-    read_timeout: float = 15.0
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class LocalCluster(BaseModel):
@@ -275,19 +264,11 @@ def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
 
     @router.post("/score")
     def score(body: LocalScore) -> StreamingResponse:
-        opts = ScoreOptions(
-            model=body.model,
-            threshold=body.threshold,
-            distance_threshold=body.distance_threshold,
-            column=body.column,
-            rescore=body.rescore,
-            retry_failed=body.retry_failed,
-            csv=body.csv,
-            sort_into=body.sort_into,
-            keep_images=body.keep_images,
-            fetch=FetchOptions(workers=body.fetch_workers, read_timeout=body.read_timeout),
+        return streamed(
+            lambda p: service.score_local(
+                body.inputs, ScoreOptions.from_dict(body.options), p
+            ).to_dict()
         )
-        return streamed(lambda p: service.score_local(body.inputs, opts, p).to_dict())
 
     @router.post("/cluster")
     def cluster(body: LocalCluster) -> StreamingResponse:

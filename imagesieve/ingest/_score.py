@@ -16,7 +16,7 @@ import time
 import zipfile
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,26 @@ class ScoreOptions:
     history_of: str | None = None
     #: Score on a Ray cluster (``ingest._ray``) instead of this machine's engine.
     ray: RayOptions | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``from_dict`` reads it back): how a CLI hands its run to a server."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> ScoreOptions:
+        """The options ``to_dict`` wrote; a field it did not is a UserError."""
+        try:
+            fetch = doc.get("fetch") or {}
+            nested = {
+                "fetch": FetchOptions(
+                    **fetch | {"allow_networks": tuple(fetch.get("allow_networks") or ())}
+                ),
+                "archives": ArchiveLimits(**doc.get("archives") or {}),
+                "ray": None if doc.get("ray") is None else RayOptions(**doc["ray"]),
+            }
+            return cls(**doc | nested)
+        except TypeError as e:
+            raise UserError(f"not score options: {e}") from None
 
 
 @dataclass

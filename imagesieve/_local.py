@@ -129,12 +129,25 @@ class LocalClient:
         self.record = record
         self.timeout = timeout
 
-    def answers(self, root: Path) -> bool:
-        """Whether the server answers as the one serving ``root`` (not a dead one's reused pid)."""
+    def answers(self, root: Path, version: str) -> bool:
+        """Whether the server answers as the one serving ``root`` (not a dead one's reused pid).
+
+        A server of another release than this CLI (``version``) is an error: restart it.
+        """
         try:
-            return os.path.samefile(self.call("ping", {}), root)
-        except (SieveError, OSError):
+            pong = self.call("ping", {})
+            if not os.path.samefile(pong["root"], root):
+                return False
+        except (SieveError, OSError, TypeError, KeyError):
             return False
+        if pong["version"] != version:
+            raise SieveError(
+                f"`imagesieve serve` (PID {self.record.pid}) holds the store of {root} and runs "
+                f"imagesieve {pong['version']}, this command {version}: restart the server "
+                "to use this release beside it",
+                "conflict",
+            )
+        return True
 
     def call(
         self,

@@ -442,7 +442,7 @@ def _beside_server(ws: Workspace) -> Any:
 
     record = running_server(ws.root)
     client = None if record is None else LocalClient(record)
-    return client if client is not None and client.answers(ws.root) else None
+    return client if client is not None and client.answers(ws.root, __version__) else None
 
 
 #: The verbs that work through a server holding the store (``_beside_server``).

@@ -144,6 +144,16 @@ def test_cli__works_through_the_server_holding_the_store(
             timeout=10,
         )
         assert bare.status_code == wrong.status_code == 403
+        skewed = requests.post(  # a field this server does not know: refused, not dropped
+            f"{url}{LOCAL_PREFIX}/sql",
+            json={"sql": "SELECT 1", "newer_option": True},
+            headers={LOCAL_HEADER: record.secret},
+            timeout=10,
+        )
+        assert skewed.status_code == 422
+        monkeypatch.setattr("imagesieve.cli.__version__", "0.0.1")  # a CLI of another release
+        code, _, err = _run(capsys, "sql", "SELECT 1", *ws)
+        assert code == 2 and "restart the server" in err
         assert LOCAL_PREFIX not in requests.get(f"{url}/api/v1/openapi.json", timeout=10).text
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -22,8 +22,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from imagesieve import __version__
 from imagesieve._errors import SieveError, classify_error
 from imagesieve._local import LOCAL_HEADER, LOCAL_PREFIX, is_loopback
 from imagesieve.app._service import Service
@@ -60,14 +61,20 @@ KEEPALIVE = 5.0
 PROGRESS_EVERY = 0.2
 
 
-class LocalScore(BaseModel):
+class _Body(BaseModel):
+    """A local request's body: a field unknown here is an error (a CLI's options never dropped)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LocalScore(_Body):
     """``imagesieve score``: its inputs (absolute paths, URLs) and ``ScoreOptions.to_dict()``."""
 
     inputs: list[str] = Field(default_factory=list)
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class LocalCluster(BaseModel):
+class LocalCluster(_Body):
     """``imagesieve cluster``: list, change one (``update_cluster``'s keywords), or run one."""
 
     list: bool = False
@@ -77,7 +84,7 @@ class LocalCluster(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class LocalPromote(BaseModel):
+class LocalPromote(_Body):
     """``imagesieve promote``: a cluster into a training folder (an absolute path)."""
 
     cluster_id: int
@@ -87,7 +94,7 @@ class LocalPromote(BaseModel):
     model: str | None = None
 
 
-class LocalCall(BaseModel):
+class LocalCall(_Body):
     """One library call of a CLI verb (``_library``), with the server's store."""
 
     function: str
@@ -95,7 +102,7 @@ class LocalCall(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class LocalMap(BaseModel):
+class LocalMap(_Body):
     """``imagesieve map``: make a version's map, then its points coloured."""
 
     model: str | None = None
@@ -103,7 +110,7 @@ class LocalMap(BaseModel):
     color_by: str = "label"
 
 
-class LocalSql(BaseModel):
+class LocalSql(_Body):
     """``imagesieve sql``: one read-only query and its limits (None: none)."""
 
     sql: str
@@ -111,7 +118,7 @@ class LocalSql(BaseModel):
     timeout: float | None = None
 
 
-class LocalSimilar(BaseModel):
+class LocalSimilar(_Body):
     """``imagesieve similar``: an image file, a stored id or a class, and the search's options."""
 
     image: str | None = None
@@ -260,7 +267,7 @@ def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
 
     @router.post("/ping")
     def ping() -> StreamingResponse:
-        return streamed(lambda p: str(service.ws.root))
+        return streamed(lambda p: {"root": str(service.ws.root), "version": __version__})
 
     @router.post("/score")
     def score(body: LocalScore) -> StreamingResponse:

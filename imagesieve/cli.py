@@ -677,7 +677,11 @@ def cmd_serve(args: argparse.Namespace, ws: Workspace) -> None:
     out = sys.stderr if args.json else sys.stdout
 
     def ready(url: str) -> None:
-        print(f"serving {ws.root} on {url}  (API: {url}/api/v1/docs; Ctrl-C to stop)", file=out)
+        print(
+            f"serving {ws.root} on {url}  (API: {url}/api/v1/docs; the CLI works through it; "
+            "Ctrl-C to stop)",
+            file=out,
+        )
         out.flush()
 
     with Service(ws, limits=limits) as service:

@@ -129,10 +129,11 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         try:
             history = _score_history(ws, v.name, previous.name, not args.json)
         except StoreBusyError as e:
+            when = "now" if opts.activate and _beside_server(ws) else "from its next request"
             print(
-                "  history: a server holds the store; it scores the images stored with "
-                f"{previous.name} when it serves {v.name} (from its next request; "
-                "`GET /api/v1/retrain` shows the progress)"
+                f"  history: the server holding the store serves {v.name} {when} and scores "
+                f"the images stored with {previous.name} in the background "
+                "(`GET /api/v1/retrain` shows the progress)"
                 if opts.activate
                 else f"  history not scored: {e}; run `imagesieve score --history-of "
                 f"{previous.name} --model {v.name}` when the store is free",
@@ -606,7 +607,7 @@ def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
             activate_model(ws, args.activate)
         except StoreBusyError:  # a server holds the store: it follows and records it
             activate_version(ws, args.activate)
-            busy = True
+            busy = "now" if _beside_server(ws) else "from its next request"  # asked: it follows
     active = active_version(ws)
     versions = list_versions(ws)
     rows = [
@@ -633,7 +634,7 @@ def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
         if args.activate:
             print(
                 f"activated {args.activate}"
-                + (": the server on this workspace serves it from its next request" * busy)
+                + (f": the server on this workspace serves it {busy}" if busy else "")
             )
         if not rows:
             print(f"no model versions in {ws.root}; run 'imagesieve train DATA_DIR'")

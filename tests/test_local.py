@@ -128,6 +128,12 @@ def test_cli__works_through_the_server_holding_the_store(
         assert code == 0 and json.loads(out)["points"] == 7, err
         assert len((tmp_path / "map.csv").read_text().splitlines()) == 8
 
+        # a version made active from the CLI: the server serves it at once
+        shutil.copytree(scoring_ws.models_dir / "v1", scoring_ws.models_dir / "v2")
+        code, out, _ = _run(capsys, "models", "--activate", "v2", *ws)
+        assert code == 0 and "serves it now" in out
+        assert requests.get(f"{url}/api/v1/health", timeout=10).json()["model_version"] == "v2"
+
         # a verb that does not run through the server: one line naming those that do
         code, _, err = _run(capsys, "reindex", *ws)
         assert code == 2 and len(err.strip().splitlines()) == 1
@@ -159,8 +165,10 @@ def test_cli__works_through_the_server_holding_the_store(
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert not (scoring_ws.root / SERVER_FILE).exists()  # withdrawn when the server stops
-    code, out, _ = _run(capsys, "sql", "SELECT count(*) FROM predictions", "--format", "csv", *ws)
-    assert code == 0 and out.splitlines()[1] == "7"  # the CLI opens the store itself again
+    code, out, _ = _run(
+        capsys, "sql", "SELECT count(*) FROM predictions WHERE model_version = 'v1'", *ws
+    )
+    assert code == 0 and out.splitlines()[2].strip() == "7"  # the CLI opens the store again
 
 
 def test_cli__a_dead_servers_file_is_ignored(scoring_ws, small_folder, capsys):

@@ -267,7 +267,11 @@ def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
 
     @router.post("/ping")
     def ping() -> StreamingResponse:
-        return streamed(lambda p: {"root": str(service.ws.root), "version": __version__})
+        def work(p: Any) -> dict[str, str]:
+            service.follow_active()  # a version `train` just made: served before the CLI's call
+            return {"root": str(service.ws.root), "version": __version__}
+
+        return streamed(work)
 
     @router.post("/score")
     def score(body: LocalScore) -> StreamingResponse:

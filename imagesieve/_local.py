@@ -2,11 +2,11 @@
 
 DuckDB lets one process open a database file for writing, and no other process even read it
 meanwhile. So while ``imagesieve serve`` holds a workspace's store, the CLI hands its work to
-that server, as git hands work to a running fsmonitor or Jupyter's CLI to a running server.
-The server writes ``<workspace>/server.json`` (its pid, URL and a secret made at start),
-readable by its own user only; a CLI that can read it is the operator's own shell, so its
-requests may name local files as the CLI could. Standard library only: the CLI imports this
-before it knows whether it needs the rest.
+that server, finding it as Jupyter's CLI finds its running server. The server writes
+``<workspace>/server.json`` (its pid, URL and a secret made at start), readable by its own
+user only; a CLI that can read it is the operator's own shell, so its requests may name local
+files as the CLI could. Standard library only: the CLI imports this before it knows whether
+it needs the rest.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def running_server(root: Path) -> ServerRecord | None:
         os.kill(record.pid, 0)
     except ProcessLookupError:
         return None
-    except PermissionError:  # alive, another user's: its secret was readable, so it is ours
+    except PermissionError:  # alive under another user, whose secret we could read: usable
         pass
     return record
 

@@ -571,8 +571,8 @@ def test_serve__a_version_the_cli_trains_meanwhile_is_served_with_the_history(
             assert r.returncode == 0, r.stderr
             assert "trained v2" in r.stdout
             assert (
-                "history: a server holds the store; it scores the images stored with v1 when it "
-                "serves v2" in r.stderr
+                "history: the server holding the store serves v2 from its next request and "
+                "scores the images stored with v1 in the background" in r.stderr
             )
             assert requests.get(base + "/health", timeout=10).json()["model_version"] == "v2"
             assert settled(base + "/retrain") == {"running": False, "version": "v2"}

@@ -747,7 +747,7 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_similar(args: argparse.Namespace, ws: Workspace) -> None:
     """The `similar` verb: nearest stored images to an image, a stored id or a class."""
-    from imagesieve.search import find_similar
+    from imagesieve.search import find_similar, similar_answer
 
     query = {
         "image": args.image,
@@ -760,8 +760,7 @@ def cmd_similar(args: argparse.Namespace, ws: Workspace) -> None:
     }
     server = _beside_server(ws)
     if server is None:
-        info, found = find_similar(ws, **query)
-        doc = {"query": info.__dict__, "results": [r.to_dict() for r in found]}
+        doc = similar_answer(*find_similar(ws, **query))
     else:
         query["image"] = _absolute(args.image)
         doc = server.call("similar", query)
@@ -968,15 +967,11 @@ def cmd_map(args: argparse.Namespace, ws: Workspace) -> None:
     server = _beside_server(ws)
     with _progress(not args.json) as progress:
         if server is None:
-            made = compute_map(ws, model=args.model, max_points=args.max_points, progress=progress)
+            compute_map(ws, model=args.model, max_points=args.max_points, progress=progress)
             doc = map_points(ws, color_by=args.color_by, model=args.model)
-            made = SimpleNamespace(
-                version=made.version, points=len(made.ids), stored=made.stored, seconds=made.seconds
-            )
         else:
             asked = {"model": args.model, "max_points": args.max_points, "color_by": args.color_by}
-            answer = server.call("map", asked, progress)
-            made, doc = SimpleNamespace(**answer["made"]), answer["map"]
+            doc = server.call("map", asked, progress)
     if args.out:
         with open(args.out, "w", newline="") as f:
             w = csv.writer(f)
@@ -988,8 +983,8 @@ def cmd_map(args: argparse.Namespace, ws: Workspace) -> None:
 
     def human() -> None:
         print(
-            f"map of {made.version}: {made.points:,} of {made.stored:,} stored images in "
-            f"{made.seconds:.1f} s" + (f"; written to {args.out}" if args.out else "")
+            f"map of {doc['version']}: {doc['points']:,} of {doc['stored_when_made']:,} stored "
+            f"images in {doc['seconds']:.1f} s" + (f"; written to {args.out}" if args.out else "")
         )
         for name, _, n in doc["legend"][:10]:
             print(f"  {n:>7,}  {name}")

@@ -41,7 +41,7 @@ from imagesieve._errors import KINDS, classify_error
 from imagesieve.app._local_api import add_local_api
 from imagesieve.app._service import Limits, Service
 from imagesieve.ingest import REPORT_FORMATS, report_media_type
-from imagesieve.search import MAX_RELABEL, MAX_TRADEOFF_RATES
+from imagesieve.search import MAX_RELABEL, MAX_TRADEOFF_RATES, similar_answer
 from imagesieve.store import MAX_PAGE, SORTS, ImageQuery
 
 __all__ = ["API_PREFIX", "add_api"]
@@ -433,7 +433,7 @@ def add_api(
             max_distance=max_distance,
             where=where,
         )
-        return {"query": info.__dict__, "results": [r.to_dict() for r in results]}
+        return similar_answer(info, results)
 
     @router.post("/sql", responses=errors(400, 422))
     async def sql(body: SqlRequest) -> dict[str, Any]:

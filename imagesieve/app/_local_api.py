@@ -45,6 +45,7 @@ from imagesieve.search import (
     list_duplicates,
     map_points,
     relabel_images,
+    similar_answer,
     threshold_counts,
     undo_action,
 )
@@ -317,9 +318,9 @@ def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
     @router.post("/map")
     def embedding_map(body: LocalMap) -> StreamingResponse:
         def work(p: Any) -> dict[str, Any]:
-            made = service.make_map(p, model=body.model, max_points=body.max_points)
-            colour = {"color_by": body.color_by, "model": made["version"]}
-            return {"made": made, "map": map_points(service.ws, store=service.store, **colour)}
+            service.make_map(p, model=body.model, max_points=body.max_points)
+            colour = {"color_by": body.color_by, "model": body.model}
+            return map_points(service.ws, store=service.store, **colour)
 
         return streamed(work)
 
@@ -331,10 +332,6 @@ def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
 
     @router.post("/similar")
     def similar(body: LocalSimilar) -> StreamingResponse:
-        def work(p: Any) -> dict[str, Any]:
-            info, results = service.similar(**body.model_dump())
-            return {"query": info.__dict__, "results": [r.to_dict() for r in results]}
-
-        return streamed(work)
+        return streamed(lambda p: similar_answer(*service.similar(**body.model_dump())))
 
     app.include_router(router)

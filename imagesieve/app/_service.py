@@ -1499,13 +1499,7 @@ class Service:
                 made = compute_map(
                     self.ws, model=version, store=self.store, progress=report, **sample
                 )
-                self.map_status = {
-                    "running": False,
-                    "version": version,
-                    "points": len(made.ids),
-                    "stored": made.stored,
-                    "seconds": made.seconds,
-                }
+                self.map_status = {"running": False, "version": version, "points": len(made.ids)}
                 return self.map_status
             except Exception as e:
                 self.map_status = {"running": False, "version": version, "error": str(e)}

@@ -42,6 +42,7 @@ from imagesieve.search._similar import (
     SimilarResult,
     find_similar,
     nearest_stored,
+    similar_answer,
 )
 
 __all__ = [
@@ -82,6 +83,7 @@ __all__ = [
     "cluster_model_path",
     "continue_clustering",
     "find_similar",
+    "similar_answer",
     "list_clusters",
     "nearest_stored",
     "promote_cluster",

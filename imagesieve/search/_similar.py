@@ -85,6 +85,11 @@ def _filter_ids(
     return np.array([r[0] for r in result.rows], np.int64)
 
 
+def similar_answer(query: SimilarQuery, results: Sequence[SimilarResult]) -> dict[str, Any]:
+    """A search's JSON form, as the CLI, the REST API and a server's answer to the CLI give it."""
+    return {"query": query.__dict__, "results": [r.to_dict() for r in results]}
+
+
 def find_similar(
     ws: Workspace,
     *,

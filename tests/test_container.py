@@ -2,8 +2,9 @@
 
 The image holds the slim install (no torch) and serves a workspace mounted from this machine,
 holding the session's trained model; it scores through the API as the user ``imagesieve``,
-answers its health check, refuses training in one line, and stops cleanly on SIGTERM with
-everything it stored readable afterwards.
+lets ``podman exec`` run the CLI through the server that holds the store, answers its health
+check, refuses training in one line, and stops cleanly on SIGTERM with everything it stored
+readable afterwards.
 """
 
 from __future__ import annotations
@@ -133,6 +134,19 @@ def test_container__scores_through_the_api_as_its_own_user(served, elpv):
     ).json()["rows"]
     assert rows == [[3]]
     assert podman("exec", NAME, "id", "-u").stdout.strip() == str(CONTAINER_UID)
+
+
+def test_container__cli_works_through_its_server(served):
+    """``podman exec NAME imagesieve ...`` reaches the server that holds the store."""
+    query = "SELECT count(*) FROM predictions"
+    out = podman("exec", NAME, "imagesieve", "sql", query, "--json", check=False)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["rows"] == [[3]]
+    out = podman("exec", NAME, "imagesieve", "images", "--json", check=False)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["total"] == 3
+    out = podman("exec", NAME, "imagesieve", "reindex", check=False)  # the server owns the indexes
+    assert out.returncode == 2 and "holds the store of /workspace" in out.stderr, out.stderr
 
 
 def test_container__retrain_is_refused_in_one_line(served):

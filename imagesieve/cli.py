@@ -499,6 +499,8 @@ def _absolute(path: str | None) -> str | None:
 #: ``score``'s exit codes beyond 0 (every item scored or already stored) and 2 (a user error).
 EXIT_SOME_FAILED = 3
 EXIT_NONE_SCORED = 4
+#: Any verb stopped by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 
 def score_exit_code(summary: dict[str, Any]) -> int:
@@ -1372,7 +1374,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
 
-    p = argparse.ArgumentParser(prog="imagesieve", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="imagesieve",
+        description="Sort images with a trained classifier, flag those unlike anything it was "
+        "trained on (UNKNOWN), group and review them into the training data, and query every "
+        "scored image in SQL. New here? Run `imagesieve demo`.",
+        epilog="`imagesieve VERB --help` lists a verb's options. Exit codes: 0 done; 2 an error, "
+        f"said in one line on stderr; {EXIT_SOME_FAILED} `score`: some items failed (each "
+        f"reason is stored); {EXIT_NONE_SCORED} `score`: nothing scored; {EXIT_INTERRUPTED} "
+        "interrupted (Ctrl-C); 1 a bug (after its traceback).",
+    )
     p.add_argument("--version", action="version", version=f"imagesieve {__version__}")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -1849,7 +1860,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, ws) or 0
     except KeyboardInterrupt:
         print(f"imagesieve {args.verb}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0

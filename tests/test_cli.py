@@ -222,3 +222,15 @@ def test_cli__full_disk_is_one_line_exit_2(scoring_ws, small_folder, tmp_path):
         assert done.returncode == 2, (done.stdout[-500:], done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
         assert "disk is full" in done.stderr, done.stderr
+
+
+def test_cli__help_says_what_it_is_and_what_its_exit_codes_mean():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "flag those unlike anything it was trained on (UNKNOWN)" in text
+    assert "Run `imagesieve demo`" in text
+    for code in ("0 done", "2 an error", "3 `score`: some items failed", "4 `score`: nothing"):
+        assert code in text
+    assert "130 interrupted (Ctrl-C)" in text and "1 a bug" in text
+    assert "thin layer" not in text  # the module's docstring is for developers

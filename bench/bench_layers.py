@@ -24,6 +24,10 @@ lacks? (Their taps are the same stages: Lite2's are 48, 88, 120, 208 and 352 cha
 ``--crops`` asks instead whether any layer finds crop copies (the near-duplicate rule's miss on
 ELPV and digits, issue 22): ``crop_copies``.
 
+``--patches`` asks instead whether a patch-level score finds what pooling hides: PatchCore's
+nearest-neighbour distance over 14 x 14 patches, beside and fused with the product's distance:
+``patches_table``.
+
 ``--relative`` asks instead how the product's Mahalanobis distance should read its features:
 the 112- and 192-channel stages alone and concatenated (each unit length), each less
 ``w`` times the squared distance to one Gaussian of all the reference images (``w`` = 0: the
@@ -32,7 +36,7 @@ as above, per set: ``relative_table``.
 
 Usage: python bench/bench_layers.py [--sets elpv digits shapes textures gauges]
        [--backbones efficientnet_lite0 efficientnet_lite1 efficientnet_lite2] [--layers final ...]
-       [--crops | --relative]
+       [--crops | --relative | --patches]
 """
 
 from __future__ import annotations
@@ -196,22 +200,37 @@ def mahalanobis(ref: np.ndarray, y: np.ndarray, q: np.ndarray) -> np.ndarray:
 SCORES = {"knn1": knn1, "mahalanobis": mahalanobis}
 
 
-def detection(x: np.ndarray, labels: np.ndarray, fit, known_test, unseen, score) -> dict:
-    y = np.unique(labels[fit], return_inverse=True)[1]
-    q = np.r_[known_test, unseen]
-    s = score(x[fit], y, x[q])
+def oof_scores(score, fit: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``score(fit, q)`` of the queries, and of ``fit`` itself out of fold (5 folds)."""
+    s = score(fit, q)
     held = np.zeros(len(fit))
     fold = np.random.default_rng(1).permutation(len(fit)) % FOLDS
     for f in range(FOLDS):
-        held[fold == f] = score(x[fit[fold != f]], y[fold != f], x[fit[fold == f]])
+        held[fold == f] = score(fit[fold != f], fit[fold == f])
+    return s, held
+
+
+def figures(s: np.ndarray, held: np.ndarray, n: int) -> dict:
+    """AUROC, recall of unseen and realised false at the 5% threshold of the out-of-fold scores.
+
+    ``s``: the held-out known images' scores (the first ``n``), then the unseen ones'.
+    """
     t = np.quantile(held, 1 - TARGET)
-    n = len(known_test)
-    truth = np.r_[np.zeros(n), np.ones(len(unseen))]
+    truth = np.r_[np.zeros(n), np.ones(len(s) - n)]
     return {
         "auroc": roc_auc_score(truth, s),
         "recall": float((s[n:] > t).mean()),
         "false": float((s[:n] > t).mean()),
     }
+
+
+def detection(x: np.ndarray, labels: np.ndarray, fit, known_test, unseen, score) -> dict:
+    """``score(ref, y, q)`` on one split: ``figures`` with its threshold set out of fold."""
+
+    def rows(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return score(x[ref], np.unique(labels[ref], return_inverse=True)[1], x[q])
+
+    return figures(*oof_scores(rows, fit, np.r_[known_test, unseen]), len(known_test))
 
 
 def clustering(x: np.ndarray, labels: np.ndarray, fit, known_test, unseen) -> dict:
@@ -326,6 +345,122 @@ def relative_table(sets: list[str]) -> None:
         print(f"| {key} | {w:g} | {cells} | **{recall:.3f}** | {auroc:.3f} | {worst:+.3f} |")
 
 
+#: Patches a split's memory bank keeps at most (a seeded random draw of the reference's).
+BANK = 80_000
+
+
+def patch_maps(name: str, items: list[tuple[Path, str]]) -> np.ndarray:
+    """Each image's 14 x 14 patches: the 112- and 192-channel maps, cached (float16).
+
+    PatchCore's recipe (Roth et al., 2022) on the product's backbone: each map averaged over
+    3 x 3 neighbourhoods, the 7 x 7 one upsampled to 14 x 14, each unit length, concatenated
+    (304-d): ``(images, 196, 304)``.
+    """
+    path = OUT / f"maps-{name}.npy"
+    if path.exists():
+        maps = np.load(path)
+        if len(maps) == len(items):
+            return maps
+    import torch
+    import torch.nn.functional as F
+
+    body, config = _body(DEFAULT_BACKBONE)
+    tapped: dict[str, torch.Tensor] = {}
+    blocks = taps(body.net._blocks)
+    for key in ("s5-112", "s6-192"):
+        body.net._blocks[blocks[key]].register_forward_hook(
+            lambda _m, _i, out, key=key: tapped.__setitem__(key, out)
+        )
+    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.std).view(1, 3, 1, 1)
+    parts = []
+    for s in range(0, len(items), 64):
+        images = [load_image(p).image.convert("RGB") for p, _ in items[s : s + 64]]
+        x = np.stack([config.preprocess(im) for im in images])
+        x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - mean) / std
+        with torch.no_grad():
+            body(x)
+            a = F.avg_pool2d(tapped["s5-112"], 3, 1, 1)
+            b = F.avg_pool2d(tapped["s6-192"], 3, 1, 1)
+            b = F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
+            m = torch.cat([F.normalize(a, dim=1), F.normalize(b, dim=1)], 1)
+        parts.append(m.permute(0, 2, 3, 1).reshape(len(images), -1, m.shape[1]).numpy())
+    maps = np.concatenate(parts).astype(np.float16)
+    OUT.mkdir(parents=True, exist_ok=True)
+    np.save(path, maps)
+    return maps
+
+
+def patch_distance(maps: np.ndarray):
+    """Score = the largest distance of an image's patches to their nearest reference patch."""
+    import faiss
+
+    def score(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
+        bank = maps[ref].reshape(-1, maps.shape[2]).astype(np.float32)
+        if len(bank) > BANK:
+            bank = bank[np.random.default_rng(0).choice(len(bank), BANK, replace=False)]
+        index = faiss.IndexFlatL2(bank.shape[1])
+        index.add(bank)
+        out = np.empty(len(q))
+        for i in range(0, len(q), 200):
+            d, _ = index.search(
+                maps[q[i : i + 200]].reshape(-1, maps.shape[2]).astype(np.float32), 1
+            )
+            out[i : i + 200] = d[:, 0].reshape(-1, maps.shape[1]).max(1)
+        return out
+
+    return score
+
+
+def patches_table(sets: list[str]) -> None:
+    """Patch-level nearest-neighbour distance vs the product's 192-channel Mahalanobis, fused.
+
+    The fusion standardises each score by its out-of-fold reference scores and sums them.
+    Recall / realised false at 5% per set, and the mean recall and AUROC.
+    """
+    found: dict[str, dict[str, list[dict]]] = {}
+    for name in sets:
+        items = image_set(name, DATA)
+        labels = np.array([c for _, c in items])
+        classes = sorted(set(labels))
+        maps = patch_maps(name, items)
+        x = unit(pooled_features(name, items)["s6-192"])
+
+        def maha(ref: np.ndarray, q: np.ndarray, x=x, labels=labels) -> np.ndarray:
+            return mahalanobis(x[ref], np.unique(labels[ref], return_inverse=True)[1], x[q])
+
+        for s, left in enumerate(splits(name, classes)):
+            fit, known_test, unseen = split_rows(labels, classes, s, left)
+            q, n = np.r_[known_test, unseen], len(known_test)
+            sp, hp = oof_scores(patch_distance(maps), fit, q)
+            sm, hm = oof_scores(maha, fit, q)
+
+            def z(a: np.ndarray, h: np.ndarray) -> np.ndarray:
+                return (a - h.mean()) / h.std()
+
+            for key, (a, h) in {
+                "patch distance (PatchCore)": (sp, hp),
+                "s6-192 Mahalanobis": (sm, hm),
+                "both, standardised and summed": (z(sp, hp) + z(sm, hm), z(hp, hp) + z(hm, hm)),
+            }.items():
+                found.setdefault(key, {}).setdefault(name, []).append(figures(a, h, n))
+        print(f"  {name} measured", flush=True)
+    print("\n## Recall / realised false at 5% (means over each set's splits)")
+    print("| score | " + " | ".join(sets) + " | **mean recall** | AUROC |")
+    print("|---|" + "---|" * (len(sets) + 2))
+    for key, by_set in found.items():
+        mean = {n: {k: np.mean([r[k] for r in by_set[n]]) for k in by_set[n][0]} for n in sets}
+        cells = " | ".join(f"{mean[n]['recall']:.3f} / {mean[n]['false']:.3f}" for n in sets)
+        recall = np.mean([mean[n]["recall"] for n in sets])
+        auroc = " / ".join(f"{mean[n]['auroc']:.3f}" for n in sets)
+        print(f"| {key} | {cells} | **{recall:.3f}** | {auroc} |")
+    print("\n## Per split: recall at 5% (AUROC)")
+    for name in sets:
+        for key, by_set in found.items():
+            cells = ", ".join(f"{r['recall']:.3f} ({r['auroc']:.3f})" for r in by_set[name])
+            print(f"{name}, {key}: {cells}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
@@ -348,12 +483,19 @@ def main() -> None:
         help="only: the product's Mahalanobis distance on which stages, less how much of the "
         "distance to all reference images?",
     )
+    ap.add_argument(
+        "--patches",
+        action="store_true",
+        help="only: a patch-level nearest-neighbour distance (PatchCore) beside the product's",
+    )
     args = ap.parse_args()
     print("$ python bench/bench_layers.py", " ".join(sys.argv[1:]))
     print(f"# {platform.node()}, {platform.processor() or platform.machine()}, target {TARGET:.0%}")
     t0 = time.perf_counter()
-    if args.crops or args.relative:
-        (crops_table if args.crops else relative_table)(args.sets)
+    only = {"crops": crops_table, "relative": relative_table, "patches": patches_table}
+    chosen = [table for key, table in only.items() if getattr(args, key)]
+    if chosen:
+        chosen[0](args.sets)
         print(f"\n# whole run {time.perf_counter() - t0:.0f} s, peak RSS {peak_mb():.0f} MB")
         return
     results: dict[str, dict[str, dict[str, float]]] = {}  # layer -> set -> metric

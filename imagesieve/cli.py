@@ -129,10 +129,9 @@ def cmd_train(args: argparse.Namespace, ws: Workspace) -> None:
         try:
             history = _score_history(ws, v.name, previous.name, not args.json)
         except StoreBusyError as e:
-            when = "now" if opts.activate and _beside_server(ws) else "from its next request"
             print(
-                f"  history: the server holding the store serves {v.name} {when} and scores "
-                f"the images stored with {previous.name} in the background "
+                f"  history: the server holding the store serves {v.name} {_serves_when(ws)} "
+                f"and scores the images stored with {previous.name} in the background "
                 "(`GET /api/v1/retrain` shows the progress)"
                 if opts.activate
                 else f"  history not scored: {e}; run `imagesieve score --history-of "
@@ -446,6 +445,15 @@ def _beside_server(ws: Workspace) -> Any:
     return client if client is not None and client.answers(ws.root, __version__) else None
 
 
+def _serves_when(ws: Workspace) -> str:
+    """When the server holding the store serves a version just made active, in words.
+
+    "now" when it answers the CLI's ping, which makes it follow the active version; else
+    "from its next request" (it follows before each).
+    """
+    return "now" if _beside_server(ws) is not None else "from its next request"
+
+
 #: The verbs that work through a server holding the store (``_beside_server``).
 THROUGH_SERVER = (
     "score",
@@ -609,7 +617,7 @@ def cmd_models(args: argparse.Namespace, ws: Workspace) -> None:
             activate_model(ws, args.activate)
         except StoreBusyError:  # a server holds the store: it follows and records it
             activate_version(ws, args.activate)
-            busy = "now" if _beside_server(ws) else "from its next request"  # asked: it follows
+            busy = _serves_when(ws)
     active = active_version(ws)
     versions = list_versions(ws)
     rows = [

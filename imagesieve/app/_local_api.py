@@ -318,8 +318,8 @@ def add_local_api(app: FastAPI, service: Service, secret: str) -> None:
     @router.post("/map")
     def embedding_map(body: LocalMap) -> StreamingResponse:
         def work(p: Any) -> dict[str, Any]:
-            service.make_map(p, model=body.model, max_points=body.max_points)
-            colour = {"color_by": body.color_by, "model": body.model}
+            made = service.make_map(p, model=body.model, max_points=body.max_points)
+            colour = {"color_by": body.color_by, "model": made["version"]}
             return map_points(service.ws, store=service.store, **colour)
 
         return streamed(work)

@@ -103,8 +103,8 @@ def _body(backbone: str):
     return body.eval(), replace(lite0, name=backbone, input_size=size)
 
 
-def _pooler(backbone: str):
-    """RGB images -> average- and max-pooled output of each tapped block and of the final conv."""
+def _feature_maps(backbone: str):
+    """RGB images -> the output maps of the final conv and of each tapped block (torch)."""
     import torch
 
     body, config = _body(backbone)
@@ -116,27 +116,36 @@ def _pooler(backbone: str):
     mean = torch.tensor(config.mean).view(1, 3, 1, 1)
     std = torch.tensor(config.std).view(1, 3, 1, 1)
 
-    def pool(images: list) -> dict[str, np.ndarray]:
+    def forward(images: list) -> dict[str, torch.Tensor]:
         x = np.stack([config.preprocess(im.convert("RGB")) for im in images])
         x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - mean) / std
         with torch.no_grad():
-            maps = {"final": body(x)} | tapped
+            return {"final": body(x)} | tapped
+
+    return forward
+
+
+def _pooler(backbone: str):
+    """RGB images -> average- and max-pooled output of each tapped block and of the final conv."""
+    forward = _feature_maps(backbone)
+
+    def pool(images: list) -> dict[str, np.ndarray]:
         out = {}
-        for key, m in maps.items():
+        for key, m in forward(images).items():
             out[key], out[f"{key} max"] = m.mean((2, 3)).numpy(), m.amax((2, 3)).numpy()
         return out
 
     return pool
 
 
-def _pool_all(pool, images: list) -> dict[str, np.ndarray]:
+def _pool_all(pool, images: list, dtype=np.float32) -> dict[str, np.ndarray]:
     """``pool`` over ``images`` (PIL, or paths decoded as the product does) 64 at a time."""
     parts: dict[str, list[np.ndarray]] = {}
     for s in range(0, len(images), 64):
         batch = [load_image(im).image if isinstance(im, Path) else im for im in images[s : s + 64]]
         for key, v in pool(batch).items():
-            parts.setdefault(key, []).append(v)
-    return {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
+            parts.setdefault(key, []).append(v.astype(dtype))
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def pooled_features(
@@ -364,28 +373,17 @@ def patch_maps(name: str, items: list[tuple[Path, str]]) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    body, config = _body(DEFAULT_BACKBONE)
-    tapped: dict[str, torch.Tensor] = {}
-    blocks = taps(body.net._blocks)
-    for key in ("s5-112", "s6-192"):
-        body.net._blocks[blocks[key]].register_forward_hook(
-            lambda _m, _i, out, key=key: tapped.__setitem__(key, out)
-        )
-    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.std).view(1, 3, 1, 1)
-    parts = []
-    for s in range(0, len(items), 64):
-        images = [load_image(p).image.convert("RGB") for p, _ in items[s : s + 64]]
-        x = np.stack([config.preprocess(im) for im in images])
-        x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - mean) / std
-        with torch.no_grad():
-            body(x)
-            a = F.avg_pool2d(tapped["s5-112"], 3, 1, 1)
-            b = F.avg_pool2d(tapped["s6-192"], 3, 1, 1)
-            b = F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
-            m = torch.cat([F.normalize(a, dim=1), F.normalize(b, dim=1)], 1)
-        parts.append(m.permute(0, 2, 3, 1).reshape(len(images), -1, m.shape[1]).numpy())
-    maps = np.concatenate(parts).astype(np.float16)
+    forward = _feature_maps(DEFAULT_BACKBONE)
+
+    def patches(images: list) -> dict[str, np.ndarray]:
+        maps = forward(images)
+        a = F.avg_pool2d(maps["s5-112"], 3, 1, 1)
+        b = F.avg_pool2d(maps["s6-192"], 3, 1, 1)
+        b = F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
+        m = torch.cat([F.normalize(a, dim=1), F.normalize(b, dim=1)], 1)
+        return {"patches": m.permute(0, 2, 3, 1).reshape(len(images), -1, m.shape[1]).numpy()}
+
+    maps = _pool_all(patches, [p for p, _ in items], np.float16)["patches"]
     OUT.mkdir(parents=True, exist_ok=True)
     np.save(path, maps)
     return maps
